@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs everything Cairn needs on Debian 12, from Debian's packages only.
+# Idempotent: packages already present are skipped by apt.
+#   ./deps.sh            build + Ceph test bed + tests
+set -euo pipefail
+
+PKGS=(
+  # build
+  cmake ninja-build g++ pkg-config ccache
+  # engine libraries
+  librbd-dev librados-dev liburing-dev libxxhash-dev
+  libboost1.81-dev libprotobuf-dev protobuf-compiler
+  libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libinih-dev
+  # tests
+  libgtest-dev libgmock-dev
+  # the two-site Ceph test bed
+  ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd python3-rados
+  # helpers the scripts use
+  procps iproute2 coreutils
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "deps: installing ${#missing[@]} package(s): ${missing[*]}"
+  SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -q
+  $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+else
+  echo "deps: all packages present"
+fi

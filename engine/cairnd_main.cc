@@ -1,0 +1,74 @@
+// cairnd: Cairn's replicator daemon. See docs/OPERATIONS.md.
+//
+//   cairnd -c /etc/cairn/cairnd.conf [--check]
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include <spdlog/spdlog.h>
+
+#include "engine/daemon.h"
+
+namespace {
+
+int Usage() {
+  std::fprintf(stderr,
+               "usage: cairnd -c CONFIG [--check]\n"
+               "  -c, --config CONFIG  the INI file (see docs/OPERATIONS.md)\n"
+               "  --check              validate the config and the cluster, then exit\n");
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string config_path;
+  bool check_only = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if ((a == "-c" || a == "--config") && i + 1 < argc) {
+      config_path = argv[++i];
+    } else if (a == "--check") {
+      check_only = true;
+    } else {
+      return Usage();
+    }
+  }
+  if (config_path.empty()) return Usage();
+
+  auto cfg = cairn::LoadConfig(config_path);
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "cairnd: %s\n", cfg.status().message().c_str());
+    return 2;
+  }
+  spdlog::set_level(spdlog::level::from_str(cfg->log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [" + cfg->site + "] %v");
+
+  // Block the stop signals in every thread; the main thread waits for them.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGINT);
+  sigaddset(&stop_signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  std::signal(SIGPIPE, SIG_IGN);
+
+  auto daemon = cairn::Daemon::Create(*cfg);
+  if (!daemon.ok()) {
+    std::fprintf(stderr, "cairnd: %s\n", daemon.status().ToString().c_str());
+    return 1;
+  }
+  if (check_only) {
+    std::printf("cairnd: configuration %s is valid\n", config_path.c_str());
+    return 0;
+  }
+  if (cairn::Status st = (*daemon)->Start(); !st.ok()) {
+    std::fprintf(stderr, "cairnd: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  spdlog::info("signal {}: stopping", strsignal(sig));
+  (*daemon)->Stop();
+  return 0;
+}

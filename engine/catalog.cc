@@ -1,0 +1,175 @@
+#include "engine/catalog.h"
+
+#include <charconv>
+#include <cstring>
+
+#include <fmt/format.h>
+#include <xxhash.h>
+
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+namespace {
+
+constexpr uint8_t kCatalogVersion = 1;
+
+std::string PointKey(std::string_view volume, uint64_t seq) {
+  return fmt::format("point/{}/{:020}", volume, seq);
+}
+std::string PointPrefix(std::string_view volume) { return fmt::format("point/{}/", volume); }
+
+}  // namespace
+
+std::string EncodeRestorePoint(const RestorePoint& p) {
+  pb::RestorePoint m;
+  m.set_volume(p.volume);
+  m.set_seq(p.seq);
+  m.set_base_seq(p.base_seq);
+  m.set_source_time_ns(p.source_time_ns);
+  m.set_created_time_ns(p.created_time_ns);
+  m.set_pool(p.pool);
+  m.set_image(p.image);
+  m.set_snap(p.snap);
+  m.set_image_size(p.image_size);
+  m.set_data_bytes(p.data_bytes);
+  m.set_zero_bytes(p.zero_bytes);
+  m.set_epoch_digest(p.epoch_digest.AsBytes());
+  m.set_chain_digest(p.chain_digest.AsBytes());
+  m.set_state(pb::RestorePoint::COMPLETE);
+  m.set_source_site(p.source_site);
+  std::string out(1, static_cast<char>(kCatalogVersion));
+  m.AppendToString(&out);
+  const uint64_t h = XXH3_64bits(out.data(), out.size());
+  out.append(reinterpret_cast<const char*>(&h), sizeof h);
+  return out;
+}
+
+StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_view key) {
+  if (bytes.size() < 1 + sizeof(uint64_t)) {
+    return DataLoss(fmt::format("catalog record {} is truncated ({} bytes)", key, bytes.size()));
+  }
+  uint64_t stored;
+  std::memcpy(&stored, bytes.data() + bytes.size() - sizeof stored, sizeof stored);
+  const std::string_view covered = bytes.substr(0, bytes.size() - sizeof stored);
+  if (XXH3_64bits(covered.data(), covered.size()) != stored) {
+    return DataLoss(fmt::format("catalog record {} checksum mismatch", key));
+  }
+  if (static_cast<uint8_t>(covered[0]) != kCatalogVersion) {
+    return FailedPrecondition(fmt::format("catalog record {} has version {}, this build reads {}",
+                                          key, static_cast<uint8_t>(covered[0]), kCatalogVersion));
+  }
+  pb::RestorePoint m;
+  if (!m.ParseFromArray(covered.data() + 1, static_cast<int>(covered.size() - 1))) {
+    return DataLoss(fmt::format("catalog record {} does not parse", key));
+  }
+  RestorePoint p;
+  p.volume = m.volume();
+  p.seq = m.seq();
+  p.base_seq = m.base_seq();
+  p.source_time_ns = m.source_time_ns();
+  p.created_time_ns = m.created_time_ns();
+  p.pool = m.pool();
+  p.image = m.image();
+  p.snap = m.snap();
+  p.image_size = m.image_size();
+  p.data_bytes = m.data_bytes();
+  p.zero_bytes = m.zero_bytes();
+  p.source_site = m.source_site();
+  if (!EpochDigest::FromString(m.epoch_digest(), &p.epoch_digest) ||
+      !ChainDigest::FromString(m.chain_digest(), &p.chain_digest)) {
+    return DataLoss(fmt::format("catalog record {} has a malformed digest", key));
+  }
+  return p;
+}
+
+Status ValidateVolumeId(std::string_view v) {
+  if (v.empty() || v.size() > 128) {
+    return InvalidArgument(fmt::format("volume id '{}' must be 1 to 128 characters", v));
+  }
+  if (v.front() == '.') return InvalidArgument(fmt::format("volume id '{}' must not start with '.'", v));
+  for (char c : v) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '-';
+    if (!ok) {
+      return InvalidArgument(
+          fmt::format("volume id '{}' has '{}': use only letters, digits, '.', '_' and '-'", v, c));
+    }
+  }
+  return OkStatus();
+}
+
+std::string SnapName(uint64_t seq) { return fmt::format("cairn.{}", seq); }
+
+std::optional<uint64_t> ParseSnapName(std::string_view snap) {
+  constexpr std::string_view kPrefix = "cairn.";
+  if (!snap.starts_with(kPrefix)) return std::nullopt;
+  snap.remove_prefix(kPrefix.size());
+  uint64_t seq = 0;
+  auto [end, ec] = std::from_chars(snap.data(), snap.data() + snap.size(), seq);
+  if (ec != std::errc() || end != snap.data() + snap.size() || seq == 0) return std::nullopt;
+  return seq;
+}
+
+Status Catalog::AddPoint(const RestorePoint& p) {
+  RETURN_IF_ERROR(ValidateVolumeId(p.volume));
+  return kv_.Commit({{PointKey(p.volume, p.seq), EncodeRestorePoint(p)}}, {});
+}
+
+Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
+  return kv_.Commit({}, {PointKey(volume, seq)});
+}
+
+StatusOr<std::vector<RestorePoint>> Catalog::Points(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  ASSIGN_OR_RETURN(auto kvs, kv_.Scan(PointPrefix(volume)));
+  std::vector<RestorePoint> out;
+  out.reserve(kvs.size());
+  for (const auto& [k, v] : kvs) {
+    ASSIGN_OR_RETURN(RestorePoint p, DecodeRestorePoint(v, k));
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+StatusOr<std::optional<RestorePoint>> Catalog::Latest(std::string_view volume) {
+  ASSIGN_OR_RETURN(auto points, Points(volume));
+  if (points.empty()) return std::optional<RestorePoint>();
+  return std::optional<RestorePoint>(std::move(points.back()));
+}
+
+StatusOr<RestorePoint> Catalog::Get(std::string_view volume, uint64_t seq) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  const std::string key = PointKey(volume, seq);
+  auto v = kv_.Get(key);
+  if (!v.ok()) {
+    if (v.status().code() == Code::kNotFound) {
+      return NotFound(fmt::format("volume {} has no restore point {}", volume, seq));
+    }
+    return v.status();
+  }
+  return DecodeRestorePoint(*v, key);
+}
+
+StatusOr<std::vector<std::string>> Catalog::Volumes() {
+  ASSIGN_OR_RETURN(auto kvs, kv_.Scan("point/"));
+  std::vector<std::string> out;
+  for (const auto& [k, v] : kvs) {
+    std::string_view rest = std::string_view(k).substr(6);
+    std::string_view vol = rest.substr(0, rest.find('/'));
+    if (out.empty() || out.back() != vol) out.emplace_back(vol);
+  }
+  return out;
+}
+
+Status Catalog::SetImageOwner(std::string_view pool, std::string_view image,
+                             std::string_view volume) {
+  return kv_.Commit({{fmt::format("owner/{}/{}", pool, image), std::string(volume)}}, {});
+}
+
+StatusOr<std::string> Catalog::ImageOwner(std::string_view pool, std::string_view image) {
+  auto v = kv_.Get(fmt::format("owner/{}/{}", pool, image));
+  if (!v.ok() && v.status().code() == Code::kNotFound) return std::string();
+  return v;
+}
+
+}  // namespace cairn

@@ -1,0 +1,75 @@
+// cairnd's configuration: an INI file, like ceph.conf and cinder.conf.
+//
+//   [cairnd]            site = a; control_socket = PATH; log_level = info
+//   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH
+//   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes
+//   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
+//                       interval = 5s; keep_snapshots = 0; block_size = 1M; window = 8
+//
+// A node is a sink if it has a [sink] section and a source for every
+// [volume NAME] section; it may be both. docs/OPERATIONS.md documents every
+// key. Unknown sections and keys are errors (a typo must not silently
+// fall back to a default).
+//
+// Thread-safety: values.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/status.h"
+
+namespace cairn {
+
+struct CephConfig {
+  std::string conf = "/etc/ceph/ceph.conf";
+  std::string client = "admin";  // cephx user, without "client."
+  std::string keyring;           // empty: from ceph.conf
+};
+
+struct SinkConfig {
+  std::string listen_host = "127.0.0.1";
+  uint16_t listen_port = 7410;
+  std::string spool_dir = "/var/lib/cairn/spool";
+  std::vector<std::string> pools = {"rbd"};
+};
+
+struct VolumeConfig {
+  std::string id;
+  std::string pool = "rbd";
+  std::string image;
+  std::string peer_host;
+  uint16_t peer_port = 0;
+  std::string target_pool;   // default: pool
+  std::string target_image;  // default: image
+  std::chrono::milliseconds interval{5000};  // 0: on demand only
+  uint32_t keep_snapshots = 0;  // older source snapshots kept beyond the base
+  uint32_t block_size = 1u << 20;
+  uint32_t window = 8;
+};
+
+struct DaemonConfig {
+  std::string site = "default";
+  std::string control_socket = "/run/cairn/cairnd.sock";
+  std::string log_level = "info";
+  CephConfig ceph;
+  std::optional<SinkConfig> sink;
+  std::vector<VolumeConfig> volumes;
+};
+
+// Parses INI text. `origin` names the file in errors, which read like
+// "cairnd.conf:12: [volume v1] interval: '0.5x' is not a duration (use 5s, 500ms, 1m)".
+StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origin);
+// Reads and parses a file. kNotFound if it does not exist.
+StatusOr<DaemonConfig> LoadConfig(const std::string& path);
+
+// "5s", "500ms", "1m", "2h", "0" -> milliseconds.
+StatusOr<std::chrono::milliseconds> ParseDuration(std::string_view text);
+// "4096", "64K", "1M", "1G" -> bytes.
+StatusOr<uint64_t> ParseSize(std::string_view text);
+
+}  // namespace cairn

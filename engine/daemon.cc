@@ -1,0 +1,162 @@
+#include "engine/daemon.h"
+
+#include <filesystem>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "engine/rados_kv_store.h"
+
+namespace cairn {
+
+StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
+  std::unique_ptr<Daemon> d(new Daemon(std::move(config)));
+  const CephConfig& ceph = d->config_.ceph;
+  auto cluster = RbdCluster::Connect(ceph.conf, ceph.client, ceph.keyring);
+  if (!cluster.ok()) return cluster.status().Annotate("connecting to the local Ceph cluster");
+  d->cluster_ = *cluster;
+  if (d->config_.sink) {
+    for (const auto& pool : d->config_.sink->pools) {
+      auto p = d->OpenPool(pool);
+      if (!p.ok()) return p.status().Annotate("[sink] pools");
+    }
+  }
+  for (const auto& v : d->config_.volumes) {
+    auto p = d->OpenPool(v.pool);
+    if (!p.ok()) return p.status().Annotate(fmt::format("[volume {}] pool", v.id));
+    auto exists = (*p)->Exists(v.image);
+    if (!exists.ok()) return exists.status().Annotate(fmt::format("[volume {}]", v.id));
+    if (!*exists) {
+      spdlog::warn("volume {}: image {}/{} does not exist (yet); replication starts when it does",
+                   v.id, v.pool, v.image);
+    }
+  }
+  return d;
+}
+
+Daemon::~Daemon() { Stop(); }
+
+StatusOr<std::shared_ptr<Pool>> Daemon::OpenPool(const std::string& name) {
+  std::lock_guard lock(mu_);
+  if (auto it = pools_.find(name); it != pools_.end()) return it->second;
+  ASSIGN_OR_RETURN(auto pool, cluster_->OpenPool(name));
+  pools_[name] = pool;
+  return std::shared_ptr<Pool>(pool);
+}
+
+StatusOr<std::shared_ptr<KvStore>> Daemon::OpenCatalog(const std::string& pool) {
+  std::lock_guard lock(mu_);
+  if (auto it = catalogs_.find(pool); it != catalogs_.end()) return it->second;
+  ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(pool, kCatalogObject));
+  catalogs_[pool] = kv;
+  return std::shared_ptr<KvStore>(kv);
+}
+
+Status Daemon::Start() {
+  if (config_.sink) {
+    const SinkConfig& sc = *config_.sink;
+    std::error_code ec;
+    std::filesystem::create_directories(sc.spool_dir, ec);
+    if (ec) {
+      return FailedPrecondition(fmt::format("[sink] spool_dir {} cannot be created: {}",
+                                            sc.spool_dir, ec.message()));
+    }
+    SinkEnv env;
+    env.site = config_.site;
+    env.spool_dir = sc.spool_dir;
+    env.pools = sc.pools;
+    env.open_pool = [this](const std::string& p) { return OpenPool(p); };
+    env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
+    sink_ = std::make_unique<Sink>(env);
+    auto listener = Listener::ListenTcp(sc.listen_host, sc.listen_port);
+    if (!listener.ok()) return listener.status().Annotate("[sink] listen");
+    sink_server_ = std::make_unique<LinkServer>("sink", std::move(listener).value(), [this](Link& l) {
+      Status st = sink_->Serve(l);
+      if (!st.ok()) spdlog::warn("sink: session with {} ended: {}", l.peer(), st.ToString());
+    });
+    sink_server_->Start();
+    spdlog::info("sink listening on {}:{}, spool {}", sc.listen_host, sink_server_->port(),
+                 sc.spool_dir);
+  }
+
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(config_.control_socket).parent_path(), ec);
+  auto control = Listener::ListenUnix(config_.control_socket);
+  if (!control.ok()) return control.status().Annotate("[cairnd] control_socket");
+  control_server_ =
+      std::make_unique<LinkServer>("control", std::move(control).value(), [this](Link& l) {
+        while (true) {
+          auto f = l.Receive(std::chrono::minutes(10));
+          if (!f.ok()) return;
+          const std::string reply = HandleControl(*this, *f);
+          if (!l.Send(FrameType::kControlReply, reply, {}).ok()) return;
+        }
+      });
+  control_server_->Start();
+
+  for (const auto& v : config_.volumes) {
+    ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
+    LinkOptions lo;
+    lo.connect_timeout = std::chrono::seconds(5);
+    lo.stall_timeout = std::chrono::seconds(120);
+    auto src = std::make_unique<SourceReplicator>(v, config_.site, pool, [v, lo]() {
+      return ConnectTcp(v.peer_host, v.peer_port, lo);
+    });
+    src->Start();
+    spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
+                 v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
+    sources_.push_back(std::move(src));
+  }
+  spdlog::info("cairnd (site {}) ready; control socket {}", config_.site, config_.control_socket);
+  return OkStatus();
+}
+
+void Daemon::Stop() {
+  for (auto& s : sources_) s->Stop();
+  sources_.clear();
+  if (control_server_) control_server_->Stop();
+  control_server_.reset();
+  if (sink_server_) sink_server_->Stop();
+  sink_server_.reset();
+}
+
+StatusOr<std::vector<VolumeStatusInfo>> Daemon::VolumeStatus(const std::string& volume) {
+  std::vector<VolumeStatusInfo> out;
+  for (const auto& s : sources_) {
+    if (volume.empty() || s->config().id == volume) out.push_back(s->Report());
+  }
+  if (sink_) {
+    for (auto& s : sink_->Report()) {
+      if (volume.empty() || s.volume == volume) out.push_back(std::move(s));
+    }
+  }
+  if (!volume.empty() && out.empty()) {
+    return NotFound(fmt::format("volume '{}' is not known to this cairnd", volume));
+  }
+  return out;
+}
+
+StatusOr<std::vector<RestorePoint>> Daemon::Points(const std::string& volume) {
+  if (!sink_) {
+    return FailedPrecondition("this cairnd is not a sink: ask the cairnd of the standby site");
+  }
+  return sink_->Points(volume);
+}
+
+StatusOr<RestoreResult> Daemon::Restore(const std::string& volume, uint64_t seq,
+                                        const std::string& to_image, bool full) {
+  if (!sink_) {
+    return FailedPrecondition("this cairnd is not a sink: restore on the standby site's cairnd");
+  }
+  return sink_->Restore(volume, seq, to_image, full, nullptr);
+}
+
+StatusOr<uint64_t> Daemon::Replicate(const std::string& volume) {
+  for (auto& s : sources_) {
+    if (s->config().id == volume) return s->RequestNow();
+  }
+  return NotFound(fmt::format("volume '{}' is not replicated from this cairnd (no [volume {}])",
+                              volume, volume));
+}
+
+}  // namespace cairn

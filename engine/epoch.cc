@@ -1,0 +1,409 @@
+#include "engine/epoch.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+namespace {
+
+bool IsAllZero(std::span<const char> b) {
+  size_t i = 0;
+  for (; i + 8 <= b.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, b.data() + i, 8);
+    if (w != 0) return false;
+  }
+  for (; i < b.size(); ++i) {
+    if (b[i] != 0) return false;
+  }
+  return true;
+}
+
+struct AlignedFree {
+  void operator()(char* p) const { std::free(p); }
+};
+using AlignedBuffer = std::unique_ptr<char, AlignedFree>;
+
+AlignedBuffer AllocateAligned(size_t n) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, n) != 0) return nullptr;
+  return AlignedBuffer(static_cast<char*>(p));
+}
+
+template <typename Msg>
+Status Parse(const Frame& f, Msg& m) {
+  if (!m.ParseFromString(f.body)) {
+    return DataLoss(fmt::format("{} frame body does not parse", FrameTypeName(f.type)));
+  }
+  return OkStatus();
+}
+
+// Sends the records of one epoch in order while reads complete out of
+// order: a FIFO of records whose data reads may still be in flight.
+class RecordPipeline {
+ public:
+  RecordPipeline(const EpochPlan& plan, const EpochOptions& opt, FrameWriter& out)
+      : plan_(plan), opt_(opt), out_(out), hasher_(plan.seq, plan.image_size) {
+    summary_.seq = plan.seq;
+    summary_.base_seq = plan.base_seq;
+    summary_.image_size = plan.image_size;
+    summary_.snap_time_ns = plan.snap_time_ns;
+    summary_.prev_chain = plan.prev_chain;
+    summary_.source_site = plan.source_site;
+  }
+
+  Status Init() {
+    slots_.resize(opt_.window);
+    for (uint32_t i = 0; i < opt_.window; ++i) {
+      slots_[i].buf = AllocateAligned(opt_.block_size);
+      if (!slots_[i].buf) return ResourceExhausted("cannot allocate read buffers");
+      free_.push_back(i);
+    }
+    return OkStatus();
+  }
+
+  // The I/O is owned here and declared after the slots, so it is destroyed
+  // first: its destructor waits for reads still using slot buffers.
+  void set_io(std::unique_ptr<AsyncIo> io) { io_ = std::move(io); }
+
+  Status AddExtent(const Extent& e) {
+    if (e.kind == RecordKind::kZero) {
+      queue_.push_back({e.offset, e.length, RecordKind::kZero, -1});
+      return Emit();
+    }
+    uint64_t off = e.offset;
+    const uint64_t end = e.offset + e.length;
+    while (off < end) {
+      // Cut blocks at multiples of block_size so they line up with objects.
+      const uint64_t boundary = (off / opt_.block_size + 1) * opt_.block_size;
+      const uint64_t len = std::min(end, boundary) - off;
+      while (free_.empty()) RETURN_IF_ERROR(WaitOne());
+      const int slot = free_.back();
+      free_.pop_back();
+      slots_[slot].done = false;
+      queue_.push_back({off, len, RecordKind::kData, slot});
+      RETURN_IF_ERROR(io_->StartRead(slot, off, std::span<char>(slots_[slot].buf.get(), len)));
+      off += len;
+      RETURN_IF_ERROR(Emit());
+    }
+    return OkStatus();
+  }
+
+  StatusOr<EpochSummary> Finish() {
+    while (io_->InFlight() > 0) RETURN_IF_ERROR(WaitOne());
+    RETURN_IF_ERROR(Emit());
+    summary_.epoch_digest = hasher_.Finish();
+    summary_.chain = NextChain(plan_.prev_chain, summary_.epoch_digest, plan_.seq);
+    pb::EpochEnd end;
+    end.set_seq(plan_.seq);
+    end.set_records(summary_.records);
+    end.set_data_bytes(summary_.data_bytes);
+    end.set_zero_bytes(summary_.zero_bytes);
+    end.set_epoch_digest(summary_.epoch_digest.AsBytes());
+    end.set_prev_chain(plan_.prev_chain.AsBytes());
+    end.set_chain_digest(summary_.chain.AsBytes());
+    RETURN_IF_ERROR(out_.Write(FrameType::kEpochEnd, end.SerializeAsString(), {}));
+    return summary_;
+  }
+
+ private:
+  struct Slot {
+    AlignedBuffer buf;
+    bool done = true;
+  };
+  struct Pending {
+    uint64_t offset;
+    uint64_t length;
+    RecordKind kind;
+    int slot;  // -1: no data to wait for
+  };
+
+  Status WaitOne() {
+    AsyncIo::Completion c = io_->WaitOne();
+    if (!c.status.ok()) return c.status.Annotate("reading the source snapshot");
+    slots_[c.tag].done = true;
+    return Emit();
+  }
+
+  // Sends every record at the head of the queue whose data is in.
+  Status Emit() {
+    while (!queue_.empty()) {
+      Pending& p = queue_.front();
+      if (p.slot >= 0 && !slots_[p.slot].done) break;
+      std::span<const char> payload;
+      RecordKind kind = p.kind;
+      if (p.slot >= 0) {
+        payload = std::span<const char>(slots_[p.slot].buf.get(), p.length);
+        // Blocks that read as zeros travel as zero records: no bytes.
+        if (IsAllZero(payload)) {
+          kind = RecordKind::kZero;
+          payload = {};
+        }
+      }
+      const BlockHash h = kind == RecordKind::kData ? BlockHash::Of(payload) : BlockHash();
+      record_.Clear();
+      record_.set_index(summary_.records);
+      record_.set_offset(p.offset);
+      record_.set_length(p.length);
+      record_.set_kind(kind == RecordKind::kData ? pb::DATA : pb::ZERO);
+      record_.set_xxh3(h.value());
+      record_.set_seq(plan_.seq);
+      record_.SerializeToString(&body_);
+      RETURN_IF_ERROR(out_.Write(FrameType::kRecord, body_, payload));
+      hasher_.Add(p.offset, p.length, kind, h);
+      ++summary_.records;
+      (kind == RecordKind::kData ? summary_.data_bytes : summary_.zero_bytes) += p.length;
+      if (p.slot >= 0) free_.push_back(p.slot);
+      queue_.pop_front();
+    }
+    return OkStatus();
+  }
+
+  const EpochPlan& plan_;
+  const EpochOptions& opt_;
+  FrameWriter& out_;
+  EpochHasher hasher_;
+  EpochSummary summary_;
+  std::vector<Slot> slots_;
+  std::vector<int> free_;
+  std::deque<Pending> queue_;
+  pb::Record record_;
+  std::string body_;
+  std::unique_ptr<AsyncIo> io_;
+};
+
+}  // namespace
+
+StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
+                                 FrameWriter& out) {
+  assert(options.block_size > 0 && options.block_size <= kMaxPayload);
+  assert(options.window > 0);
+  pb::EpochBegin begin;
+  begin.set_volume(plan.volume);
+  begin.set_seq(plan.seq);
+  begin.set_base_seq(plan.base_seq);
+  begin.set_image_size(plan.image_size);
+  begin.set_snap_time_ns(plan.snap_time_ns);
+  begin.set_max_block(options.block_size);
+  begin.set_source_site(plan.source_site);
+
+  RecordPipeline pipe(plan, options, out);
+  RETURN_IF_ERROR(pipe.Init());
+  ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
+  pipe.set_io(std::move(io));
+  RETURN_IF_ERROR(out.Write(FrameType::kEpochBegin, begin.SerializeAsString(), {}));
+  RETURN_IF_ERROR(vol.DiffExtents(plan.from_snap, plan.to_snap,
+                                  [&](const Extent& e) { return pipe.AddExtent(e); }));
+  return pipe.Finish();
+}
+
+EpochVerifier::EpochVerifier(std::string volume, uint64_t base_seq, ChainDigest prev_chain)
+    : volume_(std::move(volume)), base_seq_(base_seq), prev_chain_(prev_chain) {}
+
+StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
+  if (done_) return DataLoss(fmt::format("{} frame after EpochEnd", FrameTypeName(f.type)));
+  switch (f.type) {
+    case FrameType::kEpochBegin: {
+      if (begun_) return DataLoss("second EpochBegin inside an epoch");
+      pb::EpochBegin b;
+      RETURN_IF_ERROR(Parse(f, b));
+      if (!f.payload.empty()) return DataLoss("EpochBegin frame carries a payload");
+      if (b.volume() != volume_) {
+        return DataLoss(fmt::format("epoch of volume '{}' on the stream of volume '{}'", b.volume(),
+                                    volume_));
+      }
+      if (b.base_seq() != base_seq_) {
+        return FailedPrecondition(fmt::format(
+            "epoch {} builds on restore point {}, but the newest restore point here is {}",
+            b.seq(), b.base_seq(), base_seq_));
+      }
+      if (b.seq() <= b.base_seq()) {
+        return DataLoss(fmt::format("epoch {} does not follow its base {}", b.seq(), b.base_seq()));
+      }
+      if (b.max_block() == 0 || b.max_block() > kMaxPayload) {
+        return DataLoss(fmt::format("epoch {} announces blocks of {} bytes", b.seq(), b.max_block()));
+      }
+      begun_ = true;
+      summary_ = EpochSummary{};
+      summary_.seq = b.seq();
+      summary_.base_seq = b.base_seq();
+      summary_.image_size = b.image_size();
+      summary_.snap_time_ns = b.snap_time_ns();
+      summary_.prev_chain = prev_chain_;
+      summary_.source_site = b.source_site();
+      max_block_ = b.max_block();
+      hasher_ = std::make_unique<EpochHasher>(b.seq(), b.image_size());
+      return Step::kBegin;
+    }
+    case FrameType::kRecord: {
+      if (!begun_) return DataLoss("Record frame before EpochBegin");
+      pb::Record r;
+      RETURN_IF_ERROR(Parse(f, r));
+      if (r.seq() != summary_.seq) {
+        return DataLoss(fmt::format("record of epoch {} inside epoch {}", r.seq(), summary_.seq));
+      }
+      if (r.index() != next_index_) {
+        return DataLoss(fmt::format(
+            "record index {} where {} was expected (lost, duplicated or reordered frame)",
+            r.index(), next_index_));
+      }
+      if (r.length() == 0) return DataLoss(fmt::format("record {} has length 0", r.index()));
+      if (r.offset() < next_offset_) {
+        return DataLoss(fmt::format("record {} at offset {} overlaps the previous record (ends at {})",
+                                    r.index(), r.offset(), next_offset_));
+      }
+      if (r.offset() > summary_.image_size || r.length() > summary_.image_size - r.offset()) {
+        return DataLoss(fmt::format("record {} [{}, +{}) lies beyond the image size {}", r.index(),
+                                    r.offset(), r.length(), summary_.image_size));
+      }
+      RecordKind kind;
+      if (r.kind() == pb::DATA) {
+        kind = RecordKind::kData;
+        if (r.length() > max_block_) {
+          return DataLoss(fmt::format("data record {} of {} bytes exceeds the epoch's block size {}",
+                                      r.index(), r.length(), max_block_));
+        }
+        if (f.payload.size() != r.length()) {
+          return DataLoss(fmt::format("data record {} says {} bytes but carries {}", r.index(),
+                                      r.length(), f.payload.size()));
+        }
+        const BlockHash h = BlockHash::Of(f.payload);
+        if (h != BlockHash(r.xxh3())) {
+          return DataLoss(fmt::format("block checksum mismatch at offset {} (record {})", r.offset(),
+                                      r.index()));
+        }
+        hasher_->Add(r.offset(), r.length(), kind, h);
+        summary_.data_bytes += r.length();
+      } else if (r.kind() == pb::ZERO) {
+        kind = RecordKind::kZero;
+        if (!f.payload.empty()) {
+          return DataLoss(fmt::format("zero record {} carries a payload", r.index()));
+        }
+        hasher_->Add(r.offset(), r.length(), kind, BlockHash());
+        summary_.zero_bytes += r.length();
+      } else {
+        return DataLoss(fmt::format("record {} has unknown kind {}", r.index(),
+                                    static_cast<int>(r.kind())));
+      }
+      record_ = VerifiedRecord{r.index(), r.offset(), r.length(), kind};
+      ++next_index_;
+      next_offset_ = r.offset() + r.length();
+      summary_.records = next_index_;
+      return Step::kRecord;
+    }
+    case FrameType::kEpochEnd: {
+      if (!begun_) return DataLoss("EpochEnd frame before EpochBegin");
+      pb::EpochEnd e;
+      RETURN_IF_ERROR(Parse(f, e));
+      if (e.seq() != summary_.seq) {
+        return DataLoss(fmt::format("end of epoch {} inside epoch {}", e.seq(), summary_.seq));
+      }
+      if (e.records() != summary_.records || e.data_bytes() != summary_.data_bytes ||
+          e.zero_bytes() != summary_.zero_bytes) {
+        return DataLoss(fmt::format(
+            "epoch {} end says {} records ({} data, {} zero bytes) but {} ({}, {}) arrived",
+            e.seq(), e.records(), e.data_bytes(), e.zero_bytes(), summary_.records,
+            summary_.data_bytes, summary_.zero_bytes));
+      }
+      EpochDigest digest;
+      ChainDigest prev, chain;
+      if (!EpochDigest::FromString(e.epoch_digest(), &digest) ||
+          !ChainDigest::FromString(e.prev_chain(), &prev) ||
+          !ChainDigest::FromString(e.chain_digest(), &chain)) {
+        return DataLoss(fmt::format("epoch {} end has a malformed digest", e.seq()));
+      }
+      summary_.epoch_digest = hasher_->Finish();
+      if (digest != summary_.epoch_digest) {
+        return DataLoss(fmt::format("epoch {} digest mismatch: sent {}, computed {}", e.seq(),
+                                    digest.ToHex(), summary_.epoch_digest.ToHex()));
+      }
+      if (prev != prev_chain_) {
+        return FailedPrecondition(fmt::format(
+            "epoch {} chains from {}, but restore point {} here has chain {}", e.seq(),
+            prev.ToHex(), base_seq_, prev_chain_.ToHex()));
+      }
+      summary_.chain = NextChain(prev_chain_, summary_.epoch_digest, summary_.seq);
+      if (chain != summary_.chain) {
+        return DataLoss(fmt::format("epoch {} chain digest mismatch", e.seq()));
+      }
+      done_ = true;
+      return Step::kEnd;
+    }
+    default:
+      return DataLoss(fmt::format("unexpected {} frame inside an epoch", FrameTypeName(f.type)));
+  }
+}
+
+StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
+                                  const EpochOptions& options, TargetState state) {
+  // Frames stay alive until their write completes: a ring of `window`.
+  std::vector<Frame> frames(options.window);
+  std::vector<int> free;
+  for (int i = static_cast<int>(options.window) - 1; i >= 0; --i) free.push_back(i);
+  std::unique_ptr<AsyncIo> io;
+  auto wait_one = [&]() -> Status {
+    AsyncIo::Completion c = io->WaitOne();
+    free.push_back(static_cast<int>(c.tag));
+    if (!c.status.ok()) return c.status.Annotate("writing the standby image");
+    return OkStatus();
+  };
+  auto fail = [&](Status st) -> Status {
+    if (io) (void)io->Drain();  // no write may outlive its frame
+    return st;
+  };
+
+  while (true) {
+    while (free.empty()) {
+      Status st = wait_one();
+      if (!st.ok()) return fail(st);
+    }
+    const int slot = free.back();
+    auto next = spool.Next();
+    if (!next.ok()) {
+      if (next.status().code() == Code::kAborted) {
+        return fail(DataLoss(fmt::format("spool ends before the end of epoch {} (incomplete epoch)",
+                                         verifier.begin().seq)));
+      }
+      return fail(next.status());
+    }
+    frames[slot] = std::move(next).value();
+    const Frame& f = frames[slot];
+    auto step = verifier.Check(f);
+    if (!step.ok()) return fail(step.status().Annotate(fmt::format("spool offset {}", spool.offset())));
+    switch (*step) {
+      case EpochVerifier::Step::kBegin: {
+        const uint64_t want = verifier.begin().image_size;
+        ASSIGN_OR_RETURN(uint64_t have, target.Size());
+        if (have != want) RETURN_IF_ERROR(target.Resize(want));
+        ASSIGN_OR_RETURN(io, target.OpenIo(""));
+        break;
+      }
+      case EpochVerifier::Step::kRecord: {
+        const VerifiedRecord& r = verifier.record();
+        Status st;
+        if (r.kind == RecordKind::kData) {
+          free.pop_back();
+          st = io->StartWrite(slot, r.offset, f.payload);
+        } else if (state == TargetState::kHasData) {
+          free.pop_back();
+          st = io->StartZero(slot, r.offset, r.length);
+        }
+        if (!st.ok()) return fail(st);
+        break;
+      }
+      case EpochVerifier::Step::kEnd: {
+        RETURN_IF_ERROR(io->Drain());
+        return verifier.summary();
+      }
+    }
+  }
+}
+
+}  // namespace cairn

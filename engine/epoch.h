@@ -1,0 +1,140 @@
+// Epochs: the changed-block journal of one step of replication.
+//
+// An epoch N of a volume is the set of blocks that differ between the
+// source snapshots cairn.<base> and cairn.<N> (or, for the first epoch,
+// the allocated extents of cairn.<N>). On the wire and in the spool it is
+// a sequence of frames:
+//
+//   EpochBegin  Record(index 0) ... Record(index k-1)  EpochEnd
+//
+// SendEpoch (source) lists the changed extents, reads data extents with a
+// bounded window of concurrent aio reads, hashes each block with XXH3-64,
+// sends blocks that read as all zeros as zero records, and ends with the
+// epoch's XXH3-128 digest and its chain digest.
+//
+// EpochVerifier (sink) checks every frame of an epoch in order: sequence,
+// bounds, payload hash, record order, digest and chain. It is used twice:
+// when frames arrive (before they reach the spool) and when the spool is
+// replayed onto the standby image (ApplyEpoch), so nothing is ever applied
+// that was not verified from the bytes being applied.
+//
+// Memory: SendEpoch holds `window` buffers of `block_size` bytes; ApplyEpoch
+// holds `window` frames. Neither grows with the image.
+//
+// Thread-safety: none; one epoch is handled by one thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "engine/checksum.h"
+#include "engine/frame.h"
+#include "engine/spool.h"
+#include "engine/status.h"
+#include "engine/volume.h"
+
+namespace cairn {
+
+// Where SendEpoch writes its frames: a Link, a spool, a test buffer.
+class FrameWriter {
+ public:
+  virtual ~FrameWriter() = default;
+  virtual Status Write(FrameType type, std::string_view body, std::span<const char> payload) = 0;
+};
+
+struct EpochPlan {
+  std::string volume;
+  uint64_t seq = 0;
+  uint64_t base_seq = 0;       // 0: full epoch (no base)
+  std::string from_snap;       // empty for a full epoch
+  std::string to_snap;
+  uint64_t image_size = 0;     // at to_snap
+  int64_t snap_time_ns = 0;
+  ChainDigest prev_chain;      // chain digest of base_seq (zero if none)
+  std::string source_site;
+};
+
+struct EpochOptions {
+  uint32_t block_size = 1u << 20;  // largest data record payload
+  uint32_t window = 8;             // concurrent reads (source) / writes (sink)
+};
+
+struct EpochSummary {
+  uint64_t seq = 0;
+  uint64_t base_seq = 0;
+  uint64_t image_size = 0;
+  int64_t snap_time_ns = 0;
+  uint64_t records = 0;
+  uint64_t data_bytes = 0;
+  uint64_t zero_bytes = 0;
+  EpochDigest epoch_digest;
+  ChainDigest prev_chain;
+  ChainDigest chain;
+  std::string source_site;
+};
+
+// Streams epoch `plan` of `vol` to `out`. On success returns what was sent.
+// Fails with the volume's or the writer's error; the frames already
+// written then form an incomplete epoch that the receiver must discard.
+StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
+                                 FrameWriter& out);
+
+// One verified item of an epoch, as handed back by EpochVerifier.
+struct VerifiedRecord {
+  uint64_t index = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  RecordKind kind = RecordKind::kData;
+};
+
+class EpochVerifier {
+ public:
+  // `volume`: the volume this epoch must be for. `base_seq`/`prev_chain`:
+  // the newest restore point the receiver holds (0/zero if none); the epoch
+  // must build on exactly that.
+  EpochVerifier(std::string volume, uint64_t base_seq, ChainDigest prev_chain);
+
+  enum class Step { kBegin, kRecord, kEnd };
+  // Checks the next frame of the epoch. kDataLoss (exact messages, see
+  // epoch.cc) for anything that does not verify: the frame must not be
+  // kept. kFailedPrecondition when the epoch does not build on the
+  // receiver's newest point (the source must re-plan).
+  StatusOr<Step> Check(const Frame& frame);
+
+  // Valid after the kBegin step.
+  const EpochSummary& begin() const { return summary_; }
+  // Valid after a kRecord step: the record just checked.
+  const VerifiedRecord& record() const { return record_; }
+  // Valid after the kEnd step: the whole verified epoch.
+  const EpochSummary& summary() const { return summary_; }
+  bool done() const { return done_; }
+
+ private:
+  std::string volume_;
+  uint64_t base_seq_;
+  ChainDigest prev_chain_;
+  bool begun_ = false;
+  bool done_ = false;
+  uint64_t next_index_ = 0;
+  uint64_t next_offset_ = 0;
+  uint32_t max_block_ = 0;
+  EpochSummary summary_;
+  VerifiedRecord record_;
+  std::unique_ptr<EpochHasher> hasher_;
+};
+
+// Replays a whole epoch from `spool` onto `target` (its head), verifying
+// every frame again with `verifier`, resizing the image to the epoch's size
+// first, and flushing at the end. Returns the verified summary. Writes are
+// idempotent: replaying an epoch again after a crash gives the same image.
+// kFreshImage: `target` was just created (reads as zeros), so zero records
+// need no I/O.
+enum class TargetState { kHasData, kFreshImage };
+StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
+                                  const EpochOptions& options, TargetState state);
+
+}  // namespace cairn

@@ -1,0 +1,33 @@
+// Shared vocabulary of the source and sink roles.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace cairn {
+
+// Version of the link protocol (Hello/HelloReply/EpochAck and the journal
+// frames). A peer speaking another version is refused with a clear error.
+inline constexpr uint32_t kProtocolVersion = 1;
+
+// What `cairn status` shows for one volume on one node.
+struct VolumeStatusInfo {
+  std::string volume;
+  std::string role;   // "source" | "sink"
+  std::string state;  // idle, syncing, applying, disconnected, error
+  std::string pool;
+  std::string image;
+  std::string peer;
+  uint64_t last_seq = 0;           // newest restore point
+  int64_t last_point_time_ns = 0;  // source time of that point
+  double lag_seconds = 0;          // now - last_point_time (0 if none)
+  double throughput_bps = 0;       // of the last epoch
+  uint64_t bytes_total = 0;
+  uint64_t epochs_total = 0;
+  uint64_t errors_total = 0;
+  std::string error;  // the last error, empty if the last step succeeded
+};
+
+int64_t NowNs();
+
+}  // namespace cairn

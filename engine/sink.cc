@@ -1,0 +1,371 @@
+#include "engine/sink.h"
+
+#include <chrono>
+#include <system_error>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+namespace {
+
+constexpr auto kHelloTimeout = std::chrono::seconds(30);
+// A source between epochs is silent for up to its interval; a sink keeps
+// the session open for this long before it hangs up.
+constexpr auto kIdleTimeout = std::chrono::hours(1);
+constexpr auto kStallTimeout = std::chrono::seconds(120);
+
+void SendError(Link& link, const Status& st) {
+  pb::LinkError e;
+  e.set_code(static_cast<int>(st.code()));
+  e.set_message(st.message());
+  (void)link.Send(FrameType::kLinkError, e.SerializeAsString(), {});
+}
+
+Status SendAck(Link& link, uint64_t seq, pb::EpochAck::Stage stage, const ChainDigest& chain) {
+  pb::EpochAck ack;
+  ack.set_seq(seq);
+  ack.set_stage(stage);
+  ack.set_chain_digest(chain.AsBytes());
+  return link.Send(FrameType::kEpochAck, ack.SerializeAsString(), {});
+}
+
+}  // namespace
+
+struct Sink::Target {
+  std::string volume;
+  std::string pool_name;
+  std::string image;
+  std::string source_site;
+  std::shared_ptr<Pool> pool;
+  std::shared_ptr<KvStore> kv;
+  std::unique_ptr<Catalog> catalog;
+  uint64_t last_seq = 0;
+  ChainDigest chain;
+  std::filesystem::path dir;
+
+  std::filesystem::path SpoolPath(uint64_t seq) const { return dir / fmt::format("{}.spool", seq); }
+};
+
+Sink::Sink(SinkEnv env) : env_(std::move(env)) {}
+
+void Sink::SetState(const std::string& volume, const std::function<void(VolumeStatusInfo&)>& fn) {
+  std::lock_guard lock(mu_);
+  VolumeStatusInfo& s = status_[volume];
+  s.volume = volume;
+  s.role = "sink";
+  fn(s);
+}
+
+std::vector<VolumeStatusInfo> Sink::Report() const {
+  std::lock_guard lock(mu_);
+  std::vector<VolumeStatusInfo> out;
+  for (const auto& [v, s] : status_) {
+    VolumeStatusInfo c = s;
+    if (c.last_point_time_ns > 0) c.lag_seconds = (NowNs() - c.last_point_time_ns) / 1e9;
+    out.push_back(c);
+  }
+  return out;
+}
+
+uint64_t Sink::corrupt_frames() const {
+  std::lock_guard lock(mu_);
+  return corrupt_frames_;
+}
+
+Status Sink::Serve(Link& link_ref) {
+  Link* link = &link_ref;
+  ASSIGN_OR_RETURN(Frame f, link->Receive(kHelloTimeout));
+  pb::Hello hello;
+  if (f.type != FrameType::kHello || !hello.ParseFromString(f.body)) {
+    Status st = FailedPrecondition(fmt::format(
+        "expected Hello from {}, got a {} frame: is it a Cairn source?", link->peer(),
+        FrameTypeName(f.type)));
+    SendError(*link, st);
+    return st;
+  }
+  if (hello.protocol_version() != kProtocolVersion) {
+    Status st = FailedPrecondition(fmt::format(
+        "source {} speaks protocol {}, this sink speaks {}: upgrade the older side",
+        link->peer(), hello.protocol_version(), kProtocolVersion));
+    SendError(*link, st);
+    return st;
+  }
+  Target t;
+  t.volume = hello.volume();
+  t.pool_name = hello.pool();
+  t.image = hello.image();
+  t.source_site = hello.source_site();
+  auto refuse = [&](const cairn::Status& st) {
+    spdlog::error("refusing source {} for volume '{}': {}", link->peer(), t.volume, st.message());
+    SendError(*link, st);
+    return st;
+  };
+  if (Status st = ValidateVolumeId(t.volume); !st.ok()) return refuse(st);
+  if (t.image.empty()) return refuse(InvalidArgument("Hello names no target image"));
+  if (std::find(env_.pools.begin(), env_.pools.end(), t.pool_name) == env_.pools.end()) {
+    return refuse(FailedPrecondition(fmt::format(
+        "pool '{}' is not served by this sink: add it to [sink] pools", t.pool_name)));
+  }
+  auto pool = env_.open_pool(t.pool_name);
+  if (!pool.ok()) return refuse(pool.status());
+  t.pool = *pool;
+  auto kv = env_.open_catalog(t.pool_name);
+  if (!kv.ok()) return refuse(kv.status());
+  t.kv = *kv;
+  t.catalog = std::make_unique<Catalog>(*t.kv);
+  t.dir = env_.spool_dir / t.volume;
+  std::error_code ec;
+  std::filesystem::create_directories(t.dir, ec);
+  if (ec) {
+    return refuse(FailedPrecondition(
+        fmt::format("cannot create spool directory {}: {}", t.dir.string(), ec.message())));
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (active_.count(t.volume)) {
+      Status st = FailedPrecondition(
+          fmt::format("volume '{}' is already being received from another source", t.volume));
+      SendError(*link, st);
+      return st;
+    }
+    active_.insert(t.volume);
+  }
+  Status st = Session(*link, t);
+  {
+    std::lock_guard lock(mu_);
+    active_.erase(t.volume);
+  }
+  SetState(t.volume, [&](VolumeStatusInfo& s) {
+    s.state = "disconnected";
+    if (!st.ok()) s.error = st.ToString();
+  });
+  if (!st.ok() && st.code() != Code::kAborted) SendError(*link, st);
+  return st.code() == Code::kAborted ? OkStatus() : st;
+}
+
+Status Sink::Session(Link& link, Target& t) {
+  auto latest = t.catalog->Latest(t.volume);
+  if (!latest.ok()) return latest.status();
+  if (*latest) {
+    t.last_seq = (*latest)->seq;
+    t.chain = (*latest)->chain_digest;
+  }
+  RETURN_IF_ERROR(RecoverSpool(t));
+  SetState(t.volume, [&](VolumeStatusInfo& s) {
+    s.state = "idle";
+    s.pool = t.pool_name;
+    s.image = t.image;
+    s.peer = link.peer();
+    s.last_seq = t.last_seq;
+    if (*latest) s.last_point_time_ns = (*latest)->source_time_ns;
+    s.error.clear();
+  });
+  pb::HelloReply reply;
+  reply.set_protocol_version(kProtocolVersion);
+  reply.set_last_applied_seq(t.last_seq);
+  reply.set_last_chain(t.chain.AsBytes());
+  reply.set_sink_site(env_.site);
+  RETURN_IF_ERROR(link.Send(FrameType::kHelloReply, reply.SerializeAsString(), {}));
+  spdlog::info("volume {}: source {} connected; newest restore point {}", t.volume, link.peer(),
+               t.last_seq);
+
+  while (true) {
+    auto f = link.Receive(kIdleTimeout);
+    if (!f.ok()) return f.status();
+    const auto t0 = std::chrono::steady_clock::now();
+    ASSIGN_OR_RETURN(EpochSummary sum, ReceiveEpoch(link, t, std::move(f).value()));
+    RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::DURABLE, sum.chain));
+    SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "applying"; });
+    RETURN_IF_ERROR(ApplyAndCommit(t, sum.seq, sum.snap_time_ns));
+    RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::APPLIED, t.chain));
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    SetState(t.volume, [&](VolumeStatusInfo& s) {
+      s.state = "idle";
+      s.last_seq = sum.seq;
+      s.last_point_time_ns = sum.snap_time_ns;
+      s.bytes_total += sum.data_bytes;
+      s.epochs_total += 1;
+      s.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
+      s.error.clear();
+    });
+  }
+}
+
+StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
+  EpochVerifier verifier(t.volume, t.last_seq, t.chain);
+  std::unique_ptr<SpoolWriter> spool;
+  std::filesystem::path path;
+  Frame f = std::move(begin);
+  auto fail = [&](const cairn::Status& st) -> cairn::Status {
+    if (st.code() == Code::kDataLoss) {
+      std::lock_guard lock(mu_);
+      ++corrupt_frames_;
+    }
+    spdlog::error("volume {}: epoch refused: {}", t.volume, st.message());
+    spool.reset();
+    if (!path.empty()) {
+      std::error_code ec;
+      std::filesystem::remove(path, ec);
+    }
+    return st;
+  };
+  while (true) {
+    auto step = verifier.Check(f);
+    if (!step.ok()) return fail(step.status());
+    if (*step == EpochVerifier::Step::kBegin) {
+      path = t.SpoolPath(verifier.begin().seq);
+      auto w = SpoolWriter::Create(path, SpoolIdentity{t.volume, verifier.begin().seq}, env_.spool);
+      if (!w.ok()) return fail(w.status());
+      spool = std::move(w).value();
+      SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "receiving"; });
+    }
+    const auto header = EncodeHeader(f.type, f.body, static_cast<uint32_t>(f.payload.size()));
+    if (Status st = spool->Append(header, f.body, f.payload); !st.ok()) return fail(st);
+    if (*step == EpochVerifier::Step::kEnd) break;
+    auto next = link.Receive(kStallTimeout);
+    if (!next.ok()) return fail(next.status());
+    f = std::move(next).value();
+  }
+  auto synced = spool->Sync();
+  if (!synced.ok()) return fail(synced.status());
+  return verifier.summary();
+}
+
+Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
+  const auto path = t.SpoolPath(seq);
+  ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, seq}));
+  EpochVerifier verifier(t.volume, t.last_seq, t.chain);
+
+  // Never write over an image this volume did not create.
+  ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
+  TargetState state = TargetState::kHasData;
+  if (!exists) {
+    RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
+    RETURN_IF_ERROR(t.pool->Create(t.image, 0));
+    state = TargetState::kFreshImage;
+  } else {
+    ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
+    if (owner != t.volume) {
+      return FailedPrecondition(fmt::format(
+          "image {}/{} exists at this site but was not created by Cairn for volume '{}'{}: "
+          "remove or rename it, or set another target_image",
+          t.pool_name, t.image, t.volume, owner.empty() ? "" : " (it belongs to '" + owner + "')"));
+    }
+  }
+  ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
+  ASSIGN_OR_RETURN(EpochSummary sum, ApplyEpoch(*reader, verifier, *vol, env_.apply, state));
+
+  // A crash after the snapshot but before the catalog leaves the snapshot:
+  // it was taken after a complete apply, so it is kept.
+  ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
+  const std::string snap = SnapName(seq);
+  if (std::none_of(snaps.begin(), snaps.end(), [&](const SnapInfo& s) { return s.name == snap; })) {
+    RETURN_IF_ERROR(vol->CreateSnap(snap));
+  }
+  RestorePoint p;
+  p.volume = t.volume;
+  p.seq = seq;
+  p.base_seq = sum.base_seq;
+  p.source_time_ns = sum.snap_time_ns;
+  p.created_time_ns = NowNs();
+  p.pool = t.pool_name;
+  p.image = t.image;
+  p.snap = snap;
+  p.image_size = sum.image_size;
+  p.data_bytes = sum.data_bytes;
+  p.zero_bytes = sum.zero_bytes;
+  p.epoch_digest = sum.epoch_digest;
+  p.chain_digest = sum.chain;
+  p.source_site = sum.source_site;
+  RETURN_IF_ERROR(t.catalog->AddPoint(p));
+  t.last_seq = seq;
+  t.chain = sum.chain;
+  std::error_code ec;
+  std::filesystem::remove(path, ec);
+  spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes)", t.volume, seq,
+               sum.data_bytes, sum.zero_bytes);
+  return OkStatus();
+}
+
+Status Sink::RecoverSpool(Target& t) {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(t.dir, ec)) {
+    const auto name = entry.path().filename().string();
+    if (!name.ends_with(".spool")) continue;
+    uint64_t seq = 0;
+    try {
+      seq = std::stoull(name);
+    } catch (...) {
+      continue;
+    }
+    if (seq != t.last_seq + 1) {
+      // Already applied, or not the next epoch: the source re-sends.
+      std::filesystem::remove(entry.path(), ec);
+      continue;
+    }
+    Status st = ApplyAndCommit(t, seq, 0);
+    if (st.ok()) {
+      spdlog::info("volume {}: applied epoch {} from the spool left by a previous run", t.volume, seq);
+    } else if (st.code() == Code::kDataLoss) {
+      // Incomplete or corrupt: discard, the source will send it again.
+      spdlog::warn("volume {}: discarding spool of epoch {}: {}", t.volume, seq, st.message());
+      std::filesystem::remove(entry.path(), ec);
+    } else {
+      return st;
+    }
+  }
+  return OkStatus();
+}
+
+StatusOr<std::string> Sink::FindVolumePool(const std::string& volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  for (const auto& pool : env_.pools) {
+    ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool));
+    Catalog catalog(*kv);
+    ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
+    if (latest) return pool;
+  }
+  return NotFound(fmt::format("volume '{}' has no restore point at this site", volume));
+}
+
+StatusOr<std::vector<RestorePoint>> Sink::Points(const std::string& volume) {
+  ASSIGN_OR_RETURN(std::string pool, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool));
+  return Catalog(*kv).Points(volume);
+}
+
+StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
+                                      const std::string& to_image, bool full,
+                                      const ProgressFn& progress) {
+  if (to_image.empty()) return InvalidArgument("no image name to restore to");
+  ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  RestorePoint point;
+  if (seq == 0) {
+    ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
+    point = *latest;
+  } else {
+    ASSIGN_OR_RETURN(point, catalog.Get(volume, seq));
+  }
+  ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
+  ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
+  if (exists) {
+    return AlreadyExists(fmt::format("image {}/{} already exists: choose another name with --to",
+                                     pool_name, to_image));
+  }
+  if (full) {
+    RETURN_IF_ERROR(pool->Copy(point.image, point.snap, to_image, progress));
+  } else {
+    RETURN_IF_ERROR(pool->Clone(point.image, point.snap, to_image));
+  }
+  spdlog::info("volume {}: restore point {} restored to {}/{} ({})", volume, point.seq, pool_name,
+               to_image, full ? "full copy" : "clone");
+  return RestoreResult{pool_name, to_image, point, full ? "full" : "clone"};
+}
+
+}  // namespace cairn

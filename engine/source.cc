@@ -1,0 +1,292 @@
+#include "engine/source.h"
+
+#include <algorithm>
+#include <chrono>
+#include <map>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "engine/catalog.h"
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+namespace {
+
+constexpr auto kHelloTimeout = std::chrono::seconds(30);
+// Applying a large epoch at the sink takes as long as writing it there.
+constexpr auto kAckTimeout = std::chrono::minutes(30);
+
+}  // namespace
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+SourceReplicator::SourceReplicator(VolumeConfig config, std::string site,
+                                   std::shared_ptr<Pool> pool, Connector connect)
+    : config_(std::move(config)), site_(std::move(site)), pool_(std::move(pool)),
+      connect_(std::move(connect)) {
+  status_.volume = config_.id;
+  status_.role = "source";
+  status_.state = "idle";
+  status_.pool = config_.pool;
+  status_.image = config_.image;
+  status_.peer = fmt::format("{}:{}", config_.peer_host, config_.peer_port);
+}
+
+SourceReplicator::~SourceReplicator() { Stop(); }
+
+void SourceReplicator::Start() {
+  std::lock_guard lock(mu_);
+  if (thread_.joinable()) return;
+  stop_ = false;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void SourceReplicator::Stop() {
+  {
+    std::lock_guard lock(mu_);
+    stop_ = true;
+    if (link_) link_->Close();
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+uint64_t SourceReplicator::RequestNow() {
+  std::lock_guard lock(mu_);
+  // The next snapshot taken is newer than anything that exists now.
+  wanted_seq_ = std::max({wanted_seq_, highest_snap_ + 1, status_.last_seq + 1});
+  cv_.notify_all();
+  return wanted_seq_;
+}
+
+VolumeStatusInfo SourceReplicator::Report() const {
+  std::lock_guard lock(mu_);
+  VolumeStatusInfo s = status_;
+  if (s.last_point_time_ns > 0) s.lag_seconds = (NowNs() - s.last_point_time_ns) / 1e9;
+  return s;
+}
+
+Status SourceReplicator::Connect() {
+  ASSIGN_OR_RETURN(auto link, connect_());
+  pb::Hello hello;
+  hello.set_protocol_version(kProtocolVersion);
+  hello.set_volume(config_.id);
+  hello.set_pool(config_.target_pool);
+  hello.set_image(config_.target_image);
+  hello.set_source_site(site_);
+  RETURN_IF_ERROR(link->Send(FrameType::kHello, hello.SerializeAsString(), {}));
+  ASSIGN_OR_RETURN(Frame f, link->Receive(kHelloTimeout));
+  if (f.type == FrameType::kLinkError) {
+    pb::LinkError e;
+    e.ParseFromString(f.body);
+    return Status(static_cast<Code>(e.code()), "sink refused: " + e.message());
+  }
+  pb::HelloReply reply;
+  if (f.type != FrameType::kHelloReply || !reply.ParseFromString(f.body)) {
+    return FailedPrecondition(fmt::format("{} did not answer Hello with HelloReply (got {}): is it a "
+                                          "Cairn sink?",
+                                          link->peer(), FrameTypeName(f.type)));
+  }
+  if (reply.protocol_version() != kProtocolVersion) {
+    return FailedPrecondition(fmt::format("sink speaks protocol {}, this source {}: upgrade one",
+                                          reply.protocol_version(), kProtocolVersion));
+  }
+  ChainDigest chain;
+  if (!ChainDigest::FromString(reply.last_chain(), &chain)) {
+    return DataLoss("HelloReply carries a malformed chain digest");
+  }
+  sink_seq_ = reply.last_applied_seq();
+  sink_chain_ = chain;
+  std::lock_guard lock(mu_);
+  link_ = std::move(link);
+  return OkStatus();
+}
+
+Status SourceReplicator::AwaitAck(uint64_t seq, int stage, ChainDigest* chain) {
+  ASSIGN_OR_RETURN(Frame f, link_->Receive(kAckTimeout));
+  if (f.type == FrameType::kLinkError) {
+    pb::LinkError e;
+    e.ParseFromString(f.body);
+    return Status(static_cast<Code>(e.code()), "sink: " + e.message());
+  }
+  pb::EpochAck ack;
+  if (f.type != FrameType::kEpochAck || !ack.ParseFromString(f.body)) {
+    return DataLoss(fmt::format("expected EpochAck, got {}", FrameTypeName(f.type)));
+  }
+  if (ack.seq() != seq || ack.stage() != stage) {
+    return DataLoss(fmt::format("ack for epoch {} stage {}, expected epoch {} stage {}", ack.seq(),
+                                static_cast<int>(ack.stage()), seq, stage));
+  }
+  if (chain && !ChainDigest::FromString(ack.chain_digest(), chain)) {
+    return DataLoss("EpochAck carries a malformed chain digest");
+  }
+  return OkStatus();
+}
+
+StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
+  ASSIGN_OR_RETURN(auto snaps, vol.ListSnaps());
+  std::map<uint64_t, SnapInfo> ours;
+  for (auto& s : snaps) {
+    if (auto seq = ParseSnapName(s.name)) ours[*seq] = s;
+  }
+  if (sink_seq_ > 0 && !ours.count(sink_seq_)) {
+    return FailedPrecondition(fmt::format(
+        "the sink's newest restore point is {} but image {}/{} has no snapshot {}: the base of "
+        "the next epoch is lost and a full resync is needed",
+        sink_seq_, config_.pool, config_.image, SnapName(sink_seq_)));
+  }
+  // A snapshot taken but not yet applied at the sink is shipped first.
+  auto pending = ours.upper_bound(sink_seq_);
+  SnapInfo to;
+  uint64_t seq;
+  if (pending != ours.end()) {
+    seq = pending->first;
+    to = pending->second;
+  } else {
+    seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
+    RETURN_IF_ERROR(vol.CreateSnap(SnapName(seq)));
+    ASSIGN_OR_RETURN(auto after, vol.ListSnaps());
+    auto it = std::find_if(after.begin(), after.end(),
+                           [&](const SnapInfo& s) { return s.name == SnapName(seq); });
+    if (it == after.end()) return Internal("snapshot vanished right after it was created");
+    to = *it;
+  }
+  {
+    std::lock_guard lock(mu_);
+    highest_snap_ = std::max(highest_snap_, ours.empty() ? seq : std::max(seq, ours.rbegin()->first));
+    status_.state = "syncing";
+  }
+
+  EpochPlan plan;
+  plan.volume = config_.id;
+  plan.seq = seq;
+  plan.base_seq = sink_seq_;
+  plan.from_snap = sink_seq_ ? SnapName(sink_seq_) : "";
+  plan.to_snap = to.name;
+  plan.image_size = to.size;
+  plan.snap_time_ns = to.time_ns;
+  plan.prev_chain = sink_chain_;
+  plan.source_site = site_;
+  EpochOptions opt;
+  opt.block_size = config_.block_size;
+  opt.window = config_.window;
+
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(EpochSummary sum, SendEpoch(vol, plan, opt, *link_));
+  RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::DURABLE, nullptr));
+  {
+    std::lock_guard lock(mu_);
+    status_.state = "applying";
+  }
+  ChainDigest applied_chain;
+  RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::APPLIED, &applied_chain));
+  if (applied_chain != sum.chain) {
+    return DataLoss(fmt::format("sink applied epoch {} with chain {}, source computed {}", seq,
+                                applied_chain.ToHex(), sum.chain.ToHex()));
+  }
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  sink_seq_ = seq;
+  sink_chain_ = sum.chain;
+  {
+    std::lock_guard lock(mu_);
+    status_.state = "idle";
+    status_.last_seq = seq;
+    status_.last_point_time_ns = to.time_ns;
+    status_.bytes_total += sum.data_bytes;
+    status_.epochs_total += 1;
+    status_.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
+    status_.error.clear();
+  }
+  spdlog::info("volume {}: epoch {} applied at the sink: {} records, {} data bytes, {} zero bytes, "
+               "{:.2f} s",
+               config_.id, seq, sum.records, sum.data_bytes, sum.zero_bytes, secs);
+  PruneSnapshots(vol, seq);
+  return sum;
+}
+
+void SourceReplicator::PruneSnapshots(Volume& vol, uint64_t applied) {
+  auto snaps = vol.ListSnaps();
+  if (!snaps.ok()) return;
+  std::vector<uint64_t> older;
+  for (auto& s : *snaps) {
+    auto seq = ParseSnapName(s.name);
+    if (seq && *seq < applied) older.push_back(*seq);
+  }
+  std::sort(older.begin(), older.end());
+  const size_t drop = older.size() > config_.keep_snapshots ? older.size() - config_.keep_snapshots : 0;
+  for (size_t i = 0; i < drop; ++i) {
+    Status st = vol.RemoveSnap(SnapName(older[i]));
+    if (!st.ok()) spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(older[i]), st.ToString());
+  }
+}
+
+StatusOr<EpochSummary> SourceReplicator::RunOnce() {
+  if (!link_) {
+    Status st = Connect();
+    if (!st.ok()) return st.Annotate(fmt::format("connecting to sink {}", status_.peer));
+    std::lock_guard lock(mu_);
+    if (sink_seq_ > status_.last_seq) status_.last_seq = sink_seq_;
+  }
+  auto vol = pool_->Open(config_.image);
+  if (!vol.ok()) return vol.status().Annotate(fmt::format("opening {}/{}", config_.pool, config_.image));
+  auto sum = ShipEpoch(**vol);
+  if (!sum.ok()) {
+    // After any failure the stream's position is unknown: start afresh.
+    std::lock_guard lock(mu_);
+    if (link_) link_->Close();
+    link_.reset();
+  }
+  return sum;
+}
+
+void SourceReplicator::Loop() {
+  using Clock = std::chrono::steady_clock;
+  const bool periodic = config_.interval.count() > 0;
+  auto next = Clock::now();      // the next periodic epoch
+  auto retry_at = Clock::now();  // no attempt before this (backoff)
+  auto backoff = std::chrono::milliseconds(500);
+  std::string last_error;
+  std::unique_lock lock(mu_);
+  while (!stop_) {
+    const auto now = Clock::now();
+    const bool demand = wanted_seq_ > status_.last_seq;
+    if (now < retry_at || !(demand || (periodic && now >= next))) {
+      if (demand || (now < retry_at && !periodic)) {
+        cv_.wait_until(lock, retry_at);
+      } else if (periodic) {
+        cv_.wait_until(lock, std::max(next, retry_at));
+      } else {
+        cv_.wait(lock);
+      }
+      continue;
+    }
+    lock.unlock();
+    const auto started = Clock::now();
+    auto r = RunOnce();
+    lock.lock();
+    if (r.ok()) {
+      backoff = std::chrono::milliseconds(500);
+      last_error.clear();
+      next = started + config_.interval;
+      retry_at = Clock::now();
+      continue;
+    }
+    const std::string msg = r.status().ToString();
+    status_.error = msg;
+    status_.errors_total++;
+    const Code code = r.status().code();
+    status_.state = code == Code::kUnavailable || code == Code::kAborted ? "disconnected" : "error";
+    if (msg != last_error) spdlog::error("volume {}: {}", config_.id, msg);
+    last_error = msg;
+    retry_at = Clock::now() + backoff;
+    backoff = std::min(backoff * 2, std::chrono::milliseconds(30'000));
+  }
+}
+
+}  // namespace cairn

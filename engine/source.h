@@ -1,0 +1,82 @@
+// SourceReplicator: the source role for one volume.
+//
+// Every `interval` (or on demand) it takes a snapshot cairn.<N> of the
+// primary image, ships the epoch from the sink's newest restore point to
+// cairn.<N>, waits until the sink has made cairn.<N> a restore point, and
+// then drops source snapshots older than N (keeping `keep_snapshots` of
+// them). It keeps no local state: the base of the next epoch is whatever
+// the sink says its newest restore point is, so a restarted source resumes
+// where the sink is. A snapshot taken but never acknowledged (crash, cut
+// link) is shipped on the next attempt instead of taking a new one.
+//
+// The primary never waits on the link: snapshots and the copy are
+// out-of-band reads of the image, and a dead link only means the next
+// epoch is larger.
+//
+// Thread-safety: Start/Stop/RequestNow/Status from any thread. RunOnce is
+// for one thread at a time (the replicator's own, or a test's when not
+// started).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+
+#include "engine/config.h"
+#include "engine/epoch.h"
+#include "engine/link.h"
+#include "engine/replication.h"
+#include "engine/volume.h"
+
+namespace cairn {
+
+class SourceReplicator {
+ public:
+  using Connector = std::function<StatusOr<std::unique_ptr<Link>>()>;
+
+  SourceReplicator(VolumeConfig config, std::string site, std::shared_ptr<Pool> pool,
+                   Connector connect);
+  ~SourceReplicator();
+
+  void Start();
+  void Stop();
+
+  // Asks for a new epoch now. Returns the seq of a restore point that will
+  // contain every write completed before this call (a later point does too).
+  uint64_t RequestNow();
+
+  // One step: connect if needed, ship one epoch, wait until applied.
+  StatusOr<EpochSummary> RunOnce();
+
+  VolumeStatusInfo Report() const;
+  const VolumeConfig& config() const { return config_; }
+
+ private:
+  Status Connect();
+  StatusOr<EpochSummary> ShipEpoch(Volume& vol);
+  Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
+  void PruneSnapshots(Volume& vol, uint64_t applied);
+  void Loop();
+
+  const VolumeConfig config_;
+  const std::string site_;
+  std::shared_ptr<Pool> pool_;
+  Connector connect_;
+
+  std::unique_ptr<Link> link_;
+  uint64_t sink_seq_ = 0;
+  ChainDigest sink_chain_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  uint64_t wanted_seq_ = 0;      // RequestNow's promise still to keep
+  uint64_t highest_snap_ = 0;    // newest cairn.<N> that exists at the source
+  VolumeStatusInfo status_;
+  std::thread thread_;
+};
+
+}  // namespace cairn

@@ -1,0 +1,91 @@
+#include "engine/config.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+namespace cairn {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(Config, FullExample) {
+  auto c = ParseConfig(R"(
+[cairnd]
+site = a
+control_socket = /tmp/a.sock
+log_level = debug
+
+[ceph]
+conf = /etc/ceph/a.conf
+client = client.cairn
+
+[sink]
+listen = 0.0.0.0:7411
+spool_dir = /var/spool/cairn
+pools = rbd, volumes
+
+[volume vol1]
+pool = volumes
+image = volume-1234
+peer = 10.0.0.2:7410
+interval = 1s
+keep_snapshots = 3
+block_size = 512K
+)",
+                       "test.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->site, "a");
+  EXPECT_EQ(c->ceph.client, "cairn");
+  ASSERT_TRUE(c->sink.has_value());
+  EXPECT_EQ(c->sink->listen_port, 7411);
+  EXPECT_EQ(c->sink->pools, (std::vector<std::string>{"rbd", "volumes"}));
+  ASSERT_EQ(c->volumes.size(), 1u);
+  const auto& v = c->volumes[0];
+  EXPECT_EQ(v.id, "vol1");
+  EXPECT_EQ(v.target_pool, "volumes");
+  EXPECT_EQ(v.target_image, "volume-1234");
+  EXPECT_EQ(v.interval.count(), 1000);
+  EXPECT_EQ(v.keep_snapshots, 3u);
+  EXPECT_EQ(v.block_size, 512u * 1024);
+  EXPECT_EQ(v.peer_host, "10.0.0.2");
+}
+
+std::string Error(const std::string& text) {
+  auto c = ParseConfig(text, "f.conf");
+  EXPECT_FALSE(c.ok());
+  return c.status().message();
+}
+
+TEST(Config, ErrorsNameWhatIsWrong) {
+  EXPECT_THAT(Error("[sink]\nlisten = 1.2.3.4\n"), HasSubstr("[sink] listen: '1.2.3.4' is not host:port"));
+  EXPECT_THAT(Error("[sink]\nlisen = 1.2.3.4:1\n"), HasSubstr("[sink] has unknown key 'lisen'"));
+  EXPECT_THAT(Error("[volume v]\nimage = i\n"), HasSubstr("[volume v] needs 'peer'"));
+  EXPECT_THAT(Error("[volume v]\npeer = h:1\n"), HasSubstr("[volume v] needs 'image'"));
+  EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\ninterval=500ms\n"),
+              HasSubstr("interval: must be at least 1s"));
+  EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\ninterval=5x\n"), HasSubstr("is not a duration"));
+  EXPECT_THAT(Error("[volume a/b]\nimage=i\npeer=h:1\n"), HasSubstr("has '/'"));
+  EXPECT_THAT(Error("[sinks]\n"), HasSubstr("unknown section [sinks]"));
+  EXPECT_THAT(Error("[cairnd]\nsite = a\n"), HasSubstr("nothing to do"));
+  EXPECT_THAT(Error("[cairnd]\nlog_level = loud\n[sink]\n"), HasSubstr("log_level 'loud'"));
+  EXPECT_THAT(Error("[sink]\npools = ,\n"), HasSubstr("lists no pool"));
+  EXPECT_THAT(Error("[sink]\nlisten = h:1\nlisten = h:2\n"), HasSubstr("set twice"));
+  EXPECT_THAT(Error("no section line\n"), HasSubstr("not INI syntax"));
+}
+
+TEST(Config, MissingFile) {
+  auto c = LoadConfig("/nonexistent/cairnd.conf");
+  EXPECT_EQ(c.status().code(), Code::kNotFound);
+  EXPECT_THAT(c.status().message(), HasSubstr("/nonexistent/cairnd.conf"));
+}
+
+TEST(Config, Durations) {
+  EXPECT_EQ(ParseDuration("0")->count(), 0);
+  EXPECT_EQ(ParseDuration("250ms")->count(), 250);
+  EXPECT_EQ(ParseDuration("2m")->count(), 120000);
+  EXPECT_FALSE(ParseDuration("5").ok());
+  EXPECT_EQ(*ParseSize("64K"), 65536u);
+}
+
+}  // namespace
+}  // namespace cairn

@@ -1,0 +1,277 @@
+// Epoch building and applying over the in-memory volume, through a real
+// spool file: what the source sends, applied at the sink, must equal the
+// source snapshot by whole-image hash.
+#include "engine/epoch.h"
+
+#include <filesystem>
+#include <random>
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "engine/catalog.h"
+#include "engine/memory_volume.h"
+#include "tests/unit/test_util.h"
+
+namespace cairn {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::ImageHash;
+using testing::Write;
+using testing::Zero;
+
+constexpr uint64_t kMiB = 1 << 20;
+
+// Spools frames to a file, like the sink.
+class SpoolFrameWriter final : public FrameWriter {
+ public:
+  explicit SpoolFrameWriter(std::unique_ptr<SpoolWriter> w) : w_(std::move(w)) {}
+  Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
+    const auto h = EncodeHeader(type, body, static_cast<uint32_t>(payload.size()));
+    ++frames;
+    return w_->Append(h, body, payload);
+  }
+  SpoolWriter& writer() { return *w_; }
+  int frames = 0;
+
+ private:
+  std::unique_ptr<SpoolWriter> w_;
+};
+
+class EpochTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("cairn-epoch-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  // Ships epoch `seq` (from `base` to `seq`) of `src` and applies it to
+  // `dst`. Returns the summary the sink verified.
+  StatusOr<EpochSummary> Ship(Volume& src, Volume& dst, uint64_t base, uint64_t seq,
+                              TargetState state, EpochOptions opt = {}) {
+    EpochPlan plan;
+    plan.volume = "vol";
+    plan.seq = seq;
+    plan.base_seq = base;
+    plan.from_snap = base ? SnapName(base) : "";
+    plan.to_snap = SnapName(seq);
+    ASSIGN_OR_RETURN(auto snaps, src.ListSnaps());
+    for (auto& s : snaps) {
+      if (s.name == plan.to_snap) plan.image_size = s.size;
+    }
+    plan.prev_chain = chain_;
+    const auto path = dir_ / (std::to_string(seq) + ".spool");
+    ASSIGN_OR_RETURN(auto w, SpoolWriter::Create(path, {"vol", seq}));
+    SpoolFrameWriter out(std::move(w));
+    ASSIGN_OR_RETURN(EpochSummary sent, SendEpoch(src, plan, opt, out));
+    RETURN_IF_ERROR(out.writer().Sync().status());
+    ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, {"vol", seq}));
+    EpochVerifier verifier("vol", base, chain_);
+    ASSIGN_OR_RETURN(EpochSummary got, ApplyEpoch(*reader, verifier, dst, opt, state));
+    EXPECT_EQ(got.epoch_digest, sent.epoch_digest);
+    EXPECT_EQ(got.chain, sent.chain);
+    chain_ = got.chain;
+    return got;
+  }
+
+  std::filesystem::path dir_;
+  ChainDigest chain_;
+  MemoryPool pool_;
+};
+
+TEST_F(EpochTest, SparseOddSizedImageFirstEpoch) {
+  const uint64_t size = 10 * kMiB + 12345;  // not a multiple of any block
+  ASSERT_TRUE(pool_.Create("src", size).ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto src = testing::MustOpen(pool_, "src");
+  auto dst = testing::MustOpen(pool_, "dst");
+  std::mt19937_64 rng(1);
+  Write(*src, 0, testing::RandomBytes(rng, 5000));
+  Write(*src, 3 * kMiB + 17, testing::RandomBytes(rng, 2 * kMiB));
+  Write(*src, size - 100, testing::RandomBytes(rng, 100));  // the odd tail
+  Write(*src, 8 * kMiB, std::string(kMiB, '\0'));           // written zeros
+  ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+  auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage);
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(ImageHash(*dst, "", size), ImageHash(*src, "cairn.1", size));
+  // Only allocated data travels; written zeros travel as zero records.
+  EXPECT_LE(sum->data_bytes, 2 * kMiB + 5000 + 100 + 128 * 1024);
+  EXPECT_GE(sum->data_bytes, 2 * kMiB + 5000 + 100);
+}
+
+TEST_F(EpochTest, TenGiBSparseSendsOnlyWhatIsWritten) {
+  const uint64_t size = 10ull << 30;
+  ASSERT_TRUE(pool_.Create("src", size).ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto src = testing::MustOpen(pool_, "src");
+  auto dst = testing::MustOpen(pool_, "dst");
+  std::mt19937_64 rng(2);
+  for (int i = 0; i < 4; ++i) Write(*src, (rng() % (size / kMiB - 1)) * kMiB, testing::RandomBytes(rng, kMiB));
+  ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+  auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage);
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->data_bytes, 4 * kMiB);
+  EXPECT_EQ(*dst->Size(), size);
+  EXPECT_EQ(*pool_.AllocatedBytes("dst"), 4 * kMiB);  // still sparse
+}
+
+TEST_F(EpochTest, IncrementalEpochsWithDiscardsZerosResizes) {
+  uint64_t size = 6 * kMiB + 511;
+  ASSERT_TRUE(pool_.Create("src", size).ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto src = testing::MustOpen(pool_, "src");
+  auto dst = testing::MustOpen(pool_, "dst");
+  std::mt19937_64 rng(3);
+  testing::RandomChanges(*src, rng, size, 20);
+  ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+  ASSERT_TRUE(Ship(*src, *dst, 0, 1, TargetState::kFreshImage).ok());
+  for (uint64_t seq = 2; seq <= 6; ++seq) {
+    if (seq == 3) {
+      size += 3 * kMiB + 7;  // grow
+      ASSERT_TRUE(src->Resize(size).ok());
+    }
+    if (seq == 5) {
+      size -= 4 * kMiB;  // shrink
+      ASSERT_TRUE(src->Resize(size).ok());
+    }
+    testing::RandomChanges(*src, rng, size, 15);
+    Zero(*src, 0, 64 * 1024);  // a discard at the start, every time
+    ASSERT_TRUE(src->CreateSnap(SnapName(seq)).ok());
+    auto sum = Ship(*src, *dst, seq - 1, seq, TargetState::kHasData);
+    ASSERT_TRUE(sum.ok()) << "epoch " << seq << ": " << sum.status().ToString();
+    ASSERT_EQ(ImageHash(*dst, "", size), ImageHash(*src, SnapName(seq), size)) << "epoch " << seq;
+  }
+}
+
+TEST_F(EpochTest, SmallBlocksAndWindowOfOne) {
+  const uint64_t size = 3 * kMiB + 1;
+  ASSERT_TRUE(pool_.Create("src", size).ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto src = testing::MustOpen(pool_, "src");
+  auto dst = testing::MustOpen(pool_, "dst");
+  std::mt19937_64 rng(4);
+  testing::RandomChanges(*src, rng, size, 30);
+  ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+  EpochOptions opt;
+  opt.block_size = 4096;
+  opt.window = 1;
+  ASSERT_TRUE(Ship(*src, *dst, 0, 1, TargetState::kFreshImage, opt).ok());
+  EXPECT_EQ(ImageHash(*dst, "", size), ImageHash(*src, "cairn.1", size));
+}
+
+TEST_F(EpochTest, EmptyEpochIsValid) {
+  ASSERT_TRUE(pool_.Create("src", kMiB).ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto src = testing::MustOpen(pool_, "src");
+  auto dst = testing::MustOpen(pool_, "dst");
+  ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+  auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage);
+  ASSERT_TRUE(sum.ok());
+  EXPECT_EQ(sum->records, 0u);
+  EXPECT_EQ(*dst->Size(), kMiB);
+}
+
+// Frames of an epoch, collected in memory.
+struct Collect final : FrameWriter {
+  Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
+    frames.push_back(Frame{type, std::string(body), std::vector<char>(payload.begin(), payload.end())});
+    return OkStatus();
+  }
+  std::vector<Frame> frames;
+};
+
+class VerifierTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(pool_.Create("src", 4 * kMiB).ok());
+    auto src = testing::MustOpen(pool_, "src");
+    std::mt19937_64 rng(5);
+    Write(*src, 0, testing::RandomBytes(rng, 3 * kMiB));
+    ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+    EpochPlan plan;
+    plan.volume = "vol";
+    plan.seq = 1;
+    plan.to_snap = "cairn.1";
+    plan.image_size = 4 * kMiB;
+    ASSERT_TRUE(SendEpoch(*src, plan, {}, out_).ok());
+    ASSERT_EQ(out_.frames.size(), 5u);  // begin, 3 records, end
+  }
+  Status Run(const std::vector<Frame>& frames) {
+    EpochVerifier v("vol", 0, ChainDigest());
+    for (const Frame& f : frames) {
+      auto s = v.Check(f);
+      if (!s.ok()) return s.status();
+    }
+    return v.done() ? OkStatus() : Aborted("incomplete");
+  }
+  MemoryPool pool_;
+  Collect out_;
+};
+
+TEST_F(VerifierTest, AcceptsTheEpochAsSent) { EXPECT_TRUE(Run(out_.frames).ok()); }
+
+TEST_F(VerifierTest, LostDuplicatedReorderedFrames) {
+  auto f = out_.frames;
+  f.erase(f.begin() + 2);
+  EXPECT_EQ(Run(f).message(),
+            "record index 2 where 1 was expected (lost, duplicated or reordered frame)");
+  f = out_.frames;
+  f.insert(f.begin() + 2, f[1]);
+  EXPECT_EQ(Run(f).message(),
+            "record index 0 where 1 was expected (lost, duplicated or reordered frame)");
+  f = out_.frames;
+  std::swap(f[1], f[2]);
+  EXPECT_EQ(Run(f).code(), Code::kDataLoss);
+}
+
+TEST_F(VerifierTest, FlippedPayloadByte) {
+  auto f = out_.frames;
+  f[2].payload[12345] ^= 1;
+  EXPECT_EQ(Run(f).message(), "block checksum mismatch at offset 1048576 (record 1)");
+}
+
+TEST_F(VerifierTest, WrongVolumeOrBase) {
+  EpochVerifier other("other", 0, ChainDigest());
+  EXPECT_EQ(other.Check(out_.frames[0]).status().message(),
+            "epoch of volume 'vol' on the stream of volume 'other'");
+  EpochVerifier ahead("vol", 3, ChainDigest());
+  auto st = ahead.Check(out_.frames[0]).status();
+  EXPECT_EQ(st.code(), Code::kFailedPrecondition);
+  EXPECT_THAT(st.message(), HasSubstr("newest restore point here is 3"));
+}
+
+TEST_F(VerifierTest, MissingEndOrRecordsAfterEnd) {
+  auto f = out_.frames;
+  f.pop_back();
+  EXPECT_EQ(Run(f).code(), Code::kAborted);  // not done: never applied
+  f = out_.frames;
+  f.push_back(out_.frames[1]);
+  EXPECT_EQ(Run(f).message(), "Record frame after EpochEnd");
+}
+
+TEST_F(VerifierTest, ApplyRefusesAnIncompleteSpool) {
+  const auto dir = std::filesystem::temp_directory_path() / ("cairn-vt-" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  auto w = SpoolWriter::Create(dir / "1.spool", {"vol", 1});
+  ASSERT_TRUE(w.ok());
+  for (size_t i = 0; i + 1 < out_.frames.size(); ++i) {  // no EpochEnd
+    const Frame& f = out_.frames[i];
+    ASSERT_TRUE((*w)->Append(EncodeHeader(f.type, f.body, f.payload.size()), f.body, f.payload).ok());
+  }
+  ASSERT_TRUE((*w)->Sync().ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto dst = testing::MustOpen(pool_, "dst");
+  auto r = SpoolReader::Open(dir / "1.spool", {"vol", 1});
+  ASSERT_TRUE(r.ok());
+  EpochVerifier v("vol", 0, ChainDigest());
+  auto st = ApplyEpoch(**r, v, *dst, {}, TargetState::kFreshImage);
+  EXPECT_EQ(st.status().message(), "spool ends before the end of epoch 1 (incomplete epoch)");
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace cairn

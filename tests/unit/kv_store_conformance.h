@@ -1,0 +1,218 @@
+// The KvStore conformance suite: value-parameterized tests every KvStore
+// must pass (MemoryKvStore in tests/unit/kv_store_memory_test.cc,
+// RadosKvStore in tests/ceph/kv_store_rados_test.cc).
+//
+// Atomicity across a crash is structural (RadosKvStore sends each Commit as
+// one RADOS write operation); what a test can see is that a reader never
+// observes half of a commit, and that is checked here.
+//
+// Usage: include in exactly ONE .cc of a test binary, then
+// INSTANTIATE_TEST_SUITE_P(Name, KvStoreConformanceTest,
+// ::testing::Values(KvStoreConformanceParam{...}), KvStoreParamName).
+//
+// Thread-safety: tests run on gtest's thread, except where a test says.
+#pragma once
+
+#include <atomic>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "engine/kv_store.h"
+#include "engine/status.h"
+
+namespace cairn {
+
+// One empty store for one test.
+struct KvStoreTarget {
+  std::unique_ptr<KvStore> store;
+  // Called after the test (drops the store's backing object); may be empty.
+  std::function<void()> cleanup;
+};
+
+struct KvStoreConformanceParam {
+  std::string label;
+  std::function<StatusOr<KvStoreTarget>()> make;
+};
+
+inline std::string KvStoreParamName(const ::testing::TestParamInfo<KvStoreConformanceParam>& info) {
+  return info.param.label;
+}
+
+class KvStoreConformanceTest : public ::testing::TestWithParam<KvStoreConformanceParam> {
+ protected:
+  void SetUp() override {
+    StatusOr<KvStoreTarget> target = GetParam().make();
+    ASSERT_TRUE(target.ok()) << target.status().ToString();
+    target_ = std::move(*target);
+  }
+  void TearDown() override {
+    target_.store.reset();
+    if (target_.cleanup) target_.cleanup();
+  }
+  KvStore& kv() { return *target_.store; }
+
+  // Commits or fails the test.
+  void Commit(const std::map<std::string, std::string>& set,
+              const std::vector<std::string>& remove = {}) {
+    const Status s = kv().Commit(set, remove);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+  std::map<std::string, std::string> Scan(const std::string& prefix) {
+    StatusOr<std::map<std::string, std::string>> m = kv().Scan(prefix);
+    EXPECT_TRUE(m.ok()) << m.status().ToString();
+    return m.ok() ? *m : std::map<std::string, std::string>{};
+  }
+
+  KvStoreTarget target_;
+};
+
+TEST_P(KvStoreConformanceTest, AnEmptyStoreHasNothing) {
+  EXPECT_TRUE(Scan("").empty());
+  EXPECT_TRUE(Scan("point/").empty());
+  const StatusOr<std::string> v = kv().Get("anything");
+  EXPECT_EQ(v.status().code(), Code::kNotFound) << v.status().ToString();
+}
+
+TEST_P(KvStoreConformanceTest, CommitThenGetAndScan) {
+  Commit({{"point/vol1/0001", "a"}, {"point/vol1/0002", "b"}, {"cursor/vol1", "7"}});
+  StatusOr<std::string> v = kv().Get("point/vol1/0002");
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(*v, "b");
+  EXPECT_EQ(Scan(""), (std::map<std::string, std::string>{
+                          {"cursor/vol1", "7"}, {"point/vol1/0001", "a"}, {"point/vol1/0002", "b"}}));
+  EXPECT_EQ(Scan("point/"), (std::map<std::string, std::string>{{"point/vol1/0001", "a"},
+                                                                 {"point/vol1/0002", "b"}}));
+  EXPECT_TRUE(Scan("point/vol2/").empty());
+}
+
+TEST_P(KvStoreConformanceTest, OverwriteAndRemove) {
+  Commit({{"k1", "v1"}, {"k2", "v2"}});
+  Commit({{"k1", "v1-new"}}, {"k2", "never-existed"});
+  StatusOr<std::string> v = kv().Get("k1");
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, "v1-new");
+  EXPECT_EQ(kv().Get("k2").status().code(), Code::kNotFound);
+  EXPECT_EQ(Scan(""), (std::map<std::string, std::string>{{"k1", "v1-new"}}));
+  Commit({}, {});  // an empty commit is fine
+  Commit({}, {"k1"});
+  EXPECT_TRUE(Scan("").empty());
+}
+
+TEST_P(KvStoreConformanceTest, SetAndRemoveOfOneKeyInOneCommitRemoves) {
+  Commit({{"k", "old"}});
+  Commit({{"k", "new"}}, {"k"});
+  EXPECT_EQ(kv().Get("k").status().code(), Code::kNotFound);
+}
+
+TEST_P(KvStoreConformanceTest, ValuesAreBinarySafe) {
+  const std::string binary("\0\x01\xff\n\0end", 8);
+  Commit({{"bin", binary}, {"empty", ""}});
+  StatusOr<std::string> v = kv().Get("bin");
+  ASSERT_TRUE(v.ok());
+  EXPECT_EQ(*v, binary);
+  v = kv().Get("empty");
+  ASSERT_TRUE(v.ok()) << v.status().ToString();
+  EXPECT_EQ(*v, "");
+  EXPECT_EQ(Scan("bin").at("bin"), binary);
+}
+
+TEST_P(KvStoreConformanceTest, PrefixScanIsExactAndOrdered) {
+  Commit({{"a", "0"}, {"a/", "1"}, {"a/b", "2"}, {"a/b/c", "3"}, {"a0", "4"}, {"a.", "5"},
+          {"b/", "6"}, {"A/", "7"}});
+  EXPECT_EQ(Scan("a/"), (std::map<std::string, std::string>{{"a/", "1"}, {"a/b", "2"},
+                                                              {"a/b/c", "3"}}));
+  EXPECT_EQ(Scan("a").size(), 6u);
+  EXPECT_EQ(Scan("a/b/c"), (std::map<std::string, std::string>{{"a/b/c", "3"}}));
+  EXPECT_TRUE(Scan("a/b/c/").empty());
+  EXPECT_EQ(Scan("").size(), 8u);
+}
+
+// RadosKvStore reads at most 512 pairs per round trip: a scan must page.
+TEST_P(KvStoreConformanceTest, ScanPagesThroughManyKeys) {
+  constexpr int kMatching = 1500;
+  std::map<std::string, std::string> set;
+  for (int i = 0; i < kMatching; ++i) {
+    char key[32];
+    std::snprintf(key, sizeof key, "point/v/%06d", i);
+    set[key] = std::string(1 + i % 50, static_cast<char>('a' + i % 26));
+  }
+  // Neighbours on both sides of the prefix, which must not leak in.
+  for (int i = 0; i < 600; ++i) {
+    set["point/u/" + std::to_string(i)] = "before";
+    set["point/w/" + std::to_string(i)] = "after";
+  }
+  Commit(set);
+  const std::map<std::string, std::string> got = Scan("point/v/");
+  ASSERT_EQ(got.size(), static_cast<size_t>(kMatching));
+  int i = 0;
+  for (const auto& [k, v] : got) {
+    char key[32];
+    std::snprintf(key, sizeof key, "point/v/%06d", i);
+    ASSERT_EQ(k, key);
+    ASSERT_EQ(v, set[key]);
+    ++i;
+  }
+  EXPECT_EQ(Scan("").size(), static_cast<size_t>(kMatching + 1200));
+  EXPECT_EQ(Scan("point/").size(), static_cast<size_t>(kMatching + 1200));
+}
+
+// A reader sees all of a commit or none of it.
+TEST_P(KvStoreConformanceTest, ReadersNeverSeeHalfACommit) {
+  constexpr int kBatches = 20;
+  constexpr int kPerBatch = 100;
+  std::atomic<bool> done{false};
+  std::atomic<int> torn{0};
+  std::atomic<int> scans{0};
+  std::thread reader([&] {
+    while (!done.load()) {
+      for (int b = 0; b < kBatches; ++b) {
+        StatusOr<std::map<std::string, std::string>> m =
+            kv().Scan("batch/" + std::to_string(b) + "/");
+        if (!m.ok()) continue;
+        if (m->size() != 0 && m->size() != kPerBatch) ++torn;
+        ++scans;
+      }
+    }
+  });
+  for (int b = 0; b < kBatches; ++b) {
+    std::map<std::string, std::string> set;
+    for (int k = 0; k < kPerBatch; ++k) {
+      set["batch/" + std::to_string(b) + "/" + std::to_string(k)] = std::to_string(b);
+    }
+    const Status s = kv().Commit(set, {});
+    EXPECT_TRUE(s.ok()) << s.ToString();
+  }
+  done = true;
+  reader.join();
+  EXPECT_EQ(torn.load(), 0);
+  EXPECT_GT(scans.load(), 0);
+  EXPECT_EQ(Scan("batch/").size(), static_cast<size_t>(kBatches * kPerBatch));
+}
+
+TEST_P(KvStoreConformanceTest, CommitsFromManyThreads) {
+  constexpr int kThreads = 4;
+  constexpr int kCommits = 50;
+  std::vector<std::thread> threads;
+  std::atomic<int> failures{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kCommits; ++i) {
+        const std::string key = "t" + std::to_string(t) + "/" + std::to_string(i);
+        if (!kv().Commit({{key, key}}, {}).ok()) ++failures;
+        if (!kv().Get(key).ok()) ++failures;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_EQ(Scan("").size(), static_cast<size_t>(kThreads * kCommits));
+}
+
+}  // namespace cairn

@@ -1,0 +1,17 @@
+// The KvStore conformance suite over MemoryKvStore.
+#include "engine/kv_store.h"
+#include "tests/unit/kv_store_conformance.h"
+
+namespace cairn {
+namespace {
+
+INSTANTIATE_TEST_SUITE_P(Memory, KvStoreConformanceTest,
+                         ::testing::Values(KvStoreConformanceParam{
+                             "MemoryKvStore",
+                             []() -> StatusOr<KvStoreTarget> {
+                               return KvStoreTarget{std::make_unique<MemoryKvStore>(), nullptr};
+                             }}),
+                         KvStoreParamName);
+
+}  // namespace
+}  // namespace cairn

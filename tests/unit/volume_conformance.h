@@ -1,0 +1,941 @@
+// The Volume conformance suite: one set of value-parameterized tests that
+// every Pool/Volume implementation must pass (MemoryPool in
+// tests/unit/volume_memory_test.cc, RbdPool in tests/ceph/volume_rbd_test.cc).
+//
+// Diff assertions are written as properties both stores satisfy, not as
+// exact extent lists, because the stores differ in granularity:
+//  (a) applying the listed extents (bytes read at `to_snap` for kData, zeros
+//      for kZero) onto a copy of `from_snap` yields exactly `to_snap`
+//      (compared by XXH3 of the whole image): the property that matters;
+//  (b) the listed bytes are bounded by the changed ranges, each rounded out
+//      to the target's diff granularity (64 KiB chunks in memory, 4 MiB
+//      objects on RBD).
+//
+// Usage: include this header in exactly ONE .cc of a test binary (it defines
+// the TEST_Ps), then INSTANTIATE_TEST_SUITE_P(Name, VolumeConformanceTest,
+// ::testing::Values(VolumeConformanceParam{...}), VolumeParamName).
+//
+// Thread-safety: tests run on gtest's thread.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <set>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include "engine/status.h"
+#include "engine/volume.h"
+
+namespace cairn {
+
+// What one instantiation of the suite tests.
+struct VolumeTestTarget {
+  std::unique_ptr<Pool> pool;
+  // Upper bound of the granularity of DiffExtents (see (b) above).
+  uint64_t diff_granularity = 0;
+  // Prepended to every image name; unique per run (e.g. holds the pid).
+  std::string name_prefix;
+};
+
+struct VolumeConformanceParam {
+  std::string label;  // the instantiation's name in test output
+  // Builds a fresh target for one test; an error fails the test.
+  std::function<StatusOr<VolumeTestTarget>()> make;
+};
+
+inline std::string VolumeParamName(const ::testing::TestParamInfo<VolumeConformanceParam>& info) {
+  return info.param.label;
+}
+
+namespace volume_test {
+
+inline constexpr uint64_t kKiB = 1024;
+inline constexpr uint64_t kMiB = 1024 * kKiB;
+inline constexpr uint64_t kGiB = 1024 * kMiB;
+inline constexpr uint64_t kPiece = 1 * kMiB;  // bytes per I/O in the helpers
+inline constexpr size_t kWindow = 4;          // I/Os in flight in the helpers
+
+struct Range {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
+// Deterministic pseudo-random bytes (xorshift64*), different per seed.
+inline std::string Pattern(uint64_t seed, size_t n) {
+  std::string s(n, '\0');
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull;
+  for (size_t i = 0; i < n; i += 8) {
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    const uint64_t v = x * 0x2545F4914F6CDD1Dull;
+    std::memcpy(&s[i], &v, std::min<size_t>(8, n - i));
+  }
+  return s;
+}
+
+// Starts `n` operations through `io` with at most kWindow in flight, then
+// drains. Returns the first error.
+inline Status RunWindowed(AsyncIo& io, uint64_t n, const std::function<Status(uint64_t)>& start) {
+  Status first;
+  for (uint64_t i = 0; i < n; ++i) {
+    if (io.InFlight() >= kWindow) {
+      AsyncIo::Completion c = io.WaitOne();
+      if (first.ok() && !c.status.ok()) first = c.status;
+    }
+    if (Status s = start(i); !s.ok()) {
+      (void)io.Drain();
+      return s;
+    }
+  }
+  Status drained = io.Drain();
+  return first.ok() ? drained : first;
+}
+
+inline uint64_t Pieces(uint64_t length) { return (length + kPiece - 1) / kPiece; }
+
+inline Status WriteAt(Volume& v, uint64_t offset, std::string_view data) {
+  ASSIGN_OR_RETURN(std::unique_ptr<AsyncIo> io, v.OpenIo(""));
+  return RunWindowed(*io, Pieces(data.size()), [&](uint64_t i) {
+    const uint64_t at = i * kPiece;
+    const size_t n = std::min<uint64_t>(kPiece, data.size() - at);
+    return io->StartWrite(i, offset + at, std::span<const char>(data.data() + at, n));
+  });
+}
+
+inline Status ZeroAt(Volume& v, uint64_t offset, uint64_t length) {
+  ASSIGN_OR_RETURN(std::unique_ptr<AsyncIo> io, v.OpenIo(""));
+  RETURN_IF_ERROR(io->StartZero(1, offset, length));
+  return io->Drain();
+}
+
+inline StatusOr<std::string> ReadAt(Volume& v, const std::string& snap, uint64_t offset,
+                                    uint64_t length) {
+  ASSIGN_OR_RETURN(std::unique_ptr<AsyncIo> io, v.OpenIo(snap));
+  std::string out(length, '\x5a');  // not zeros: a read that does nothing shows
+  RETURN_IF_ERROR(RunWindowed(*io, Pieces(length), [&](uint64_t i) {
+    const uint64_t at = i * kPiece;
+    const size_t n = std::min<uint64_t>(kPiece, length - at);
+    return io->StartRead(i, offset + at, std::span<char>(out.data() + at, n));
+  }));
+  return out;
+}
+
+inline StatusOr<uint64_t> SizeAt(Volume& v, const std::string& snap) {
+  if (snap.empty()) return v.Size();
+  ASSIGN_OR_RETURN(std::vector<SnapInfo> snaps, v.ListSnaps());
+  for (const auto& s : snaps) {
+    if (s.name == snap) return s.size;
+  }
+  return NotFound("no snapshot " + snap);
+}
+
+// The whole image at `snap` (the head if empty). Small images only.
+inline StatusOr<std::string> ReadImage(Volume& v, const std::string& snap) {
+  ASSIGN_OR_RETURN(uint64_t size, SizeAt(v, snap));
+  return ReadAt(v, snap, 0, size);
+}
+
+// XXH3-64 of the whole image at `snap`, read in 4 MiB pieces.
+inline StatusOr<uint64_t> HashImage(Volume& v, const std::string& snap) {
+  ASSIGN_OR_RETURN(uint64_t size, SizeAt(v, snap));
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_64bits_reset(state);
+  Status st;
+  for (uint64_t off = 0; off < size && st.ok(); off += 4 * kMiB) {
+    StatusOr<std::string> bytes = ReadAt(v, snap, off, std::min(4 * kMiB, size - off));
+    if (!bytes.ok()) {
+      st = bytes.status();
+    } else {
+      XXH3_64bits_update(state, bytes->data(), bytes->size());
+    }
+  }
+  const uint64_t h = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  if (!st.ok()) return st;
+  return h;
+}
+
+inline StatusOr<std::vector<Extent>> CollectDiff(Volume& v, const std::string& from,
+                                                 const std::string& to) {
+  std::vector<Extent> out;
+  RETURN_IF_ERROR(v.DiffExtents(from, to, [&](const Extent& e) {
+    out.push_back(e);
+    return OkStatus();
+  }));
+  return out;
+}
+
+inline uint64_t TotalLength(const std::vector<Extent>& extents) {
+  uint64_t n = 0;
+  for (const auto& e : extents) n += e.length;
+  return n;
+}
+
+// Bytes of the union of `changes`, each rounded out to `granularity` and
+// clipped to `size`: what a diff may list at most (property (b)).
+inline uint64_t RoundedOutBytes(const std::vector<Range>& changes, uint64_t granularity,
+                                uint64_t size) {
+  std::vector<Range> r;
+  for (const auto& c : changes) {
+    if (c.length == 0) continue;
+    const uint64_t lo = c.offset / granularity * granularity;
+    const uint64_t hi =
+        std::min((c.offset + c.length + granularity - 1) / granularity * granularity, size);
+    if (lo < hi) r.push_back({lo, hi - lo});
+  }
+  std::sort(r.begin(), r.end(), [](const Range& a, const Range& b) { return a.offset < b.offset; });
+  uint64_t total = 0;
+  uint64_t end = 0;
+  for (const auto& x : r) {
+    const uint64_t lo = std::max(x.offset, end);
+    const uint64_t hi = x.offset + x.length;
+    if (hi > lo) total += hi - lo;
+    end = std::max(end, hi);
+  }
+  return total;
+}
+
+inline std::string Describe(const std::vector<Extent>& extents) {
+  std::string s;
+  for (const auto& e : extents) {
+    s += std::to_string(e.offset) + "~" + std::to_string(e.length) +
+         (e.kind == RecordKind::kData ? "D " : "Z ");
+    if (s.size() > 2000) return s + "...";
+  }
+  return s;
+}
+
+// Checks the shape of a diff: ascending, non-overlapping, non-empty, within
+// `size`.
+inline ::testing::AssertionResult WellFormed(const std::vector<Extent>& extents, uint64_t size) {
+  uint64_t end = 0;
+  for (const auto& e : extents) {
+    if (e.length == 0) return ::testing::AssertionFailure() << "empty extent at " << e.offset;
+    if (e.offset < end) {
+      return ::testing::AssertionFailure() << "extent at " << e.offset << " overlaps or is out of "
+                                           << "order; extents: " << Describe(extents);
+    }
+    if (e.offset + e.length > size) {
+      return ::testing::AssertionFailure() << "extent " << e.offset << "~" << e.length
+                                           << " beyond the size " << size;
+    }
+    end = e.offset + e.length;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Properties (a) and (b) for the diff from `from` to `to`. `changes` are the
+// ranges written, zeroed or cut by a resize between the two points.
+inline ::testing::AssertionResult DiffReconstructs(Volume& v, const std::string& from,
+                                                   const std::string& to,
+                                                   const std::vector<Range>& changes,
+                                                   uint64_t granularity,
+                                                   std::vector<Extent>* listed = nullptr) {
+  StatusOr<std::vector<Extent>> extents = CollectDiff(v, from, to);
+  if (!extents.ok()) return ::testing::AssertionFailure() << extents.status().ToString();
+  StatusOr<uint64_t> to_size = SizeAt(v, to);
+  if (!to_size.ok()) return ::testing::AssertionFailure() << to_size.status().ToString();
+  if (auto r = WellFormed(*extents, *to_size); !r) return r;
+
+  StatusOr<std::string> target = ReadImage(v, to);
+  if (!target.ok()) return ::testing::AssertionFailure() << target.status().ToString();
+  std::string image;
+  if (!from.empty()) {
+    StatusOr<std::string> base = ReadImage(v, from);
+    if (!base.ok()) return ::testing::AssertionFailure() << base.status().ToString();
+    image = std::move(*base);
+  }
+  image.resize(*to_size, '\0');
+  for (const auto& e : *extents) {
+    if (e.kind == RecordKind::kData) {
+      std::memcpy(image.data() + e.offset, target->data() + e.offset, e.length);
+    } else {
+      std::memset(image.data() + e.offset, 0, e.length);
+    }
+  }
+  if (XXH3_64bits(image.data(), image.size()) != XXH3_64bits(target->data(), target->size())) {
+    uint64_t first = 0;
+    while (first < image.size() && image[first] == (*target)[first]) ++first;
+    return ::testing::AssertionFailure()
+           << "applying the diff " << (from.empty() ? "(empty)" : from) << " -> "
+           << (to.empty() ? "(head)" : to) << " onto the old image does not give the new one; "
+           << "first difference at byte " << first << "; extents: " << Describe(*extents);
+  }
+  const uint64_t bound = RoundedOutBytes(changes, granularity, *to_size);
+  if (TotalLength(*extents) > bound) {
+    return ::testing::AssertionFailure()
+           << "diff lists " << TotalLength(*extents) << " bytes, more than the " << bound
+           << " bytes changed (rounded out to " << granularity << "); extents: "
+           << Describe(*extents);
+  }
+  if (listed != nullptr) *listed = std::move(*extents);
+  return ::testing::AssertionSuccess();
+}
+
+// True if the union of the extents of `kind` covers [offset, offset+length).
+inline bool Covers(const std::vector<Extent>& extents, RecordKind kind, uint64_t offset,
+                   uint64_t length) {
+  uint64_t pos = offset;
+  for (const auto& e : extents) {
+    if (e.kind != kind || e.offset > pos) continue;
+    if (e.offset + e.length > pos) pos = e.offset + e.length;
+    if (pos >= offset + length) return true;
+  }
+  return pos >= offset + length;
+}
+
+inline int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace volume_test
+
+#define CAIRN_ASSERT_OK(expr)                                   \
+  do {                                                          \
+    const ::cairn::Status _s = (expr);                          \
+    ASSERT_TRUE(_s.ok()) << #expr << ": " << _s.ToString();     \
+  } while (0)
+
+#define CAIRN_EXPECT_CODE(expr, code_)                                              \
+  do {                                                                              \
+    const ::cairn::Status _s = (expr);                                              \
+    EXPECT_EQ(_s.code(), (code_)) << #expr << " gave " << _s.ToString();            \
+  } while (0)
+
+// `lhs = value of expr` (a StatusOr), or fails the test.
+#define CAIRN_ASSERT_OK_AND_ASSIGN(lhs, expr) \
+  CAIRN_ASSERT_OK_AND_ASSIGN_IMPL(CAIRN_CONCAT(_sor_t_, __LINE__), lhs, expr)
+#define CAIRN_ASSERT_OK_AND_ASSIGN_IMPL(tmp, lhs, expr)              \
+  auto tmp = (expr);                                                 \
+  ASSERT_TRUE(tmp.ok()) << #expr << ": " << tmp.status().ToString(); \
+  lhs = std::move(tmp).value()
+
+class VolumeConformanceTest : public ::testing::TestWithParam<VolumeConformanceParam> {
+ protected:
+  void SetUp() override {
+    StatusOr<VolumeTestTarget> target = GetParam().make();
+    ASSERT_TRUE(target.ok()) << target.status().ToString();
+    target_ = std::move(*target);
+  }
+
+  // Removes every image the test named, newest first (clones before their
+  // parents). Volumes opened by the test body are closed by now.
+  void TearDown() override {
+    if (!target_.pool) return;
+    for (auto it = names_.rbegin(); it != names_.rend(); ++it) {
+      StatusOr<bool> exists = pool().Exists(*it);
+      if (exists.ok() && *exists) {
+        Status s = pool().Remove(*it);
+        EXPECT_TRUE(s.ok()) << "cleaning up " << *it << ": " << s.ToString();
+      }
+    }
+  }
+
+  Pool& pool() { return *target_.pool; }
+  uint64_t granularity() const { return target_.diff_granularity; }
+
+  // A name unique to this run and test, removed at the end of the test.
+  std::string NewName(std::string_view hint) {
+    static std::atomic<int> counter{0};
+    std::string name = target_.name_prefix + std::to_string(counter++) + "-" + std::string(hint);
+    names_.push_back(name);
+    return name;
+  }
+
+  // Creates an image and opens it.
+  StatusOr<std::unique_ptr<Volume>> CreateAndOpen(std::string_view hint, uint64_t size) {
+    const std::string name = NewName(hint);
+    RETURN_IF_ERROR(pool().Create(name, size));
+    return pool().Open(name);
+  }
+
+  VolumeTestTarget target_;
+  std::vector<std::string> names_;
+};
+
+// --- images ------------------------------------------------------------------
+
+TEST_P(VolumeConformanceTest, CreateOpenExistsRemove) {
+  using namespace volume_test;
+  const std::string name = NewName("basic");
+  CAIRN_ASSERT_OK_AND_ASSIGN(bool exists, pool().Exists(name));
+  EXPECT_FALSE(exists);
+  CAIRN_EXPECT_CODE(pool().Open(name).status(), Code::kNotFound);
+
+  CAIRN_ASSERT_OK(pool().Create(name, 8 * kMiB + 512));
+  CAIRN_EXPECT_CODE(pool().Create(name, kMiB), Code::kAlreadyExists);
+  CAIRN_ASSERT_OK_AND_ASSIGN(exists, pool().Exists(name));
+  EXPECT_TRUE(exists);
+  {
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool().Open(name));
+    EXPECT_EQ(v->name(), name);
+    CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t size, v->Size());
+    EXPECT_EQ(size, 8 * kMiB + 512);
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, v->ListSnaps());
+    EXPECT_TRUE(snaps.empty());
+  }
+  CAIRN_ASSERT_OK(pool().Remove(name));
+  CAIRN_ASSERT_OK_AND_ASSIGN(exists, pool().Exists(name));
+  EXPECT_FALSE(exists);
+  CAIRN_EXPECT_CODE(pool().Remove(name), Code::kNotFound);
+  CAIRN_EXPECT_CODE(pool().Open(name).status(), Code::kNotFound);
+}
+
+TEST_P(VolumeConformanceTest, RemoveWhileOpenFailsAndKeepsTheImage) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("busy", 4 * kMiB));
+  const std::string name = v->name();
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(1, 4096)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  const Status s = pool().Remove(name);
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  // Nothing was removed, not even the snapshot.
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, v->ListSnaps());
+  ASSERT_EQ(snaps.size(), 1u);
+  v.reset();
+  CAIRN_ASSERT_OK(pool().Remove(name));  // with its snapshot
+  CAIRN_ASSERT_OK_AND_ASSIGN(bool exists, pool().Exists(name));
+  EXPECT_FALSE(exists);
+}
+
+TEST_P(VolumeConformanceTest, HandlesShareTheImage) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> a, CreateAndOpen("shared", 4 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> b, pool().Open(a->name()));
+  const std::string data = Pattern(2, 10000);
+  CAIRN_ASSERT_OK(WriteAt(*a, 777, data));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*b, "", 777, data.size()));
+  EXPECT_TRUE(got == data);
+  CAIRN_ASSERT_OK(a->Resize(6 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t size, b->Size());
+  EXPECT_EQ(size, 6 * kMiB);
+  CAIRN_ASSERT_OK(b->CreateSnap("by-b"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, a->ListSnaps());
+  ASSERT_EQ(snaps.size(), 1u);
+  EXPECT_EQ(snaps[0].name, "by-b");
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> c, pool().Open(a->name()));
+  CAIRN_ASSERT_OK_AND_ASSIGN(got, ReadAt(*c, "by-b", 777, data.size()));
+  EXPECT_TRUE(got == data);
+}
+
+// --- asynchronous I/O --------------------------------------------------------
+
+TEST_P(VolumeConformanceTest, RoundTripOnAnOddSize) {
+  using namespace volume_test;
+  // Not a multiple of the 4 MiB object size, nor of 512.
+  const uint64_t size = 10 * kMiB + 12345;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("odd", size));
+  std::string model(size, '\0');
+  const std::vector<Range> writes = {
+      {0, 4096},                         // first block
+      {4 * kMiB - 100, 200},             // across an object boundary
+      {6 * kMiB + 1, 3 * kMiB + 7},      // large, unaligned, several pieces
+      {size - 777, 777},                 // the very end
+      {123457, 1},                       // one byte
+  };
+  uint64_t seed = 10;
+  for (const auto& w : writes) {
+    const std::string data = Pattern(seed++, w.length);
+    CAIRN_ASSERT_OK(WriteAt(*v, w.offset, data));
+    model.replace(w.offset, w.length, data);
+  }
+  // A zero in the middle of written data, unaligned: exact zeros, not skipped.
+  CAIRN_ASSERT_OK(ZeroAt(*v, 6 * kMiB + 1000, 333));
+  std::memset(model.data() + 6 * kMiB + 1000, 0, 333);
+
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadImage(*v, ""));
+  ASSERT_EQ(got.size(), model.size());
+  EXPECT_TRUE(got == model) << "image content differs from the model";
+  CAIRN_ASSERT_OK_AND_ASSIGN(got, ReadAt(*v, "", size - 1000, 1000));
+  EXPECT_TRUE(got == model.substr(size - 1000));
+
+  // Past the end: refused at start, nothing in flight.
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v->OpenIo(""));
+  std::string buf(20, 'x');
+  CAIRN_EXPECT_CODE(io->StartWrite(1, size - 10, buf), Code::kInvalidArgument);
+  CAIRN_EXPECT_CODE(io->StartRead(2, size - 10, std::span<char>(buf)), Code::kInvalidArgument);
+  CAIRN_EXPECT_CODE(io->StartRead(3, size + 4096, std::span<char>(buf)), Code::kInvalidArgument);
+  CAIRN_EXPECT_CODE(io->StartZero(4, size - 10, 20), Code::kInvalidArgument);
+  EXPECT_EQ(io->InFlight(), 0u);
+  CAIRN_ASSERT_OK(io->Drain());
+  CAIRN_ASSERT_OK_AND_ASSIGN(got, ReadAt(*v, "", size - 10, 10));
+  EXPECT_TRUE(got == model.substr(size - 10));
+}
+
+TEST_P(VolumeConformanceTest, WaitOneReturnsEveryTagOnce) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("tags", 8 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v->OpenIo(""));
+  std::vector<std::string> bufs;
+  for (int i = 0; i < 6; ++i) bufs.push_back(Pattern(100 + i, 64 * kKiB));
+  for (int i = 0; i < 6; ++i) {
+    CAIRN_ASSERT_OK(io->StartWrite(1000 + i, i * kMiB + 512, bufs[i]));
+  }
+  EXPECT_EQ(io->InFlight(), 6u);
+  std::multiset<uint64_t> tags;
+  while (io->InFlight() > 0) {
+    AsyncIo::Completion c = io->WaitOne();
+    EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+    tags.insert(c.tag);
+  }
+  EXPECT_EQ(tags, (std::multiset<uint64_t>{1000, 1001, 1002, 1003, 1004, 1005}));
+  CAIRN_ASSERT_OK(io->Drain());
+  for (int i = 0; i < 6; ++i) {
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*v, "", i * kMiB + 512, 64 * kKiB));
+    EXPECT_TRUE(got == bufs[i]) << "write " << i;
+  }
+}
+
+TEST_P(VolumeConformanceTest, SnapshotIsReadOnlyAndKeepsOldContent) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("snapread", 6 * kMiB));
+  const std::string before = Pattern(20, 2 * kMiB);
+  CAIRN_ASSERT_OK(WriteAt(*v, kMiB, before));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  const std::string after = Pattern(21, 2 * kMiB);
+  CAIRN_ASSERT_OK(WriteAt(*v, kMiB, after));
+  CAIRN_ASSERT_OK(ZeroAt(*v, 0, 6 * kMiB - 4096));
+
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*v, "s1", kMiB, before.size()));
+  EXPECT_TRUE(got == before) << "the snapshot changed with the head";
+  CAIRN_ASSERT_OK_AND_ASSIGN(got, ReadAt(*v, "", kMiB, before.size()));
+  EXPECT_EQ(got, std::string(before.size(), '\0'));
+
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v->OpenIo("s1"));
+  CAIRN_EXPECT_CODE(io->StartWrite(1, 0, after), Code::kFailedPrecondition);
+  CAIRN_EXPECT_CODE(io->StartZero(2, 0, 4096), Code::kFailedPrecondition);
+  EXPECT_EQ(io->InFlight(), 0u);
+  CAIRN_EXPECT_CODE(v->OpenIo("no-such-snap").status(), Code::kNotFound);
+}
+
+// --- snapshots ---------------------------------------------------------------
+
+TEST_P(VolumeConformanceTest, SnapshotsListInCreationOrderWithTimes) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("snaps", 4 * kMiB));
+  const int64_t before = NowNs();
+  CAIRN_ASSERT_OK(v->CreateSnap("zeta"));
+  CAIRN_ASSERT_OK(v->Resize(5 * kMiB));
+  CAIRN_ASSERT_OK(v->CreateSnap("alpha"));
+  CAIRN_ASSERT_OK(v->Resize(3 * kMiB));
+  CAIRN_ASSERT_OK(v->CreateSnap("mid"));
+  const int64_t after = NowNs();
+  CAIRN_EXPECT_CODE(v->CreateSnap("alpha"), Code::kAlreadyExists);
+
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, v->ListSnaps());
+  ASSERT_EQ(snaps.size(), 3u);
+  EXPECT_EQ(snaps[0].name, "zeta");
+  EXPECT_EQ(snaps[1].name, "alpha");
+  EXPECT_EQ(snaps[2].name, "mid");
+  EXPECT_EQ(snaps[0].size, 4 * kMiB);
+  EXPECT_EQ(snaps[1].size, 5 * kMiB);
+  EXPECT_EQ(snaps[2].size, 3 * kMiB);
+  constexpr int64_t kSlack = 2'000'000'000;  // the cluster's clock, coarse units
+  for (size_t i = 0; i < snaps.size(); ++i) {
+    EXPECT_GE(snaps[i].time_ns, before - kSlack) << snaps[i].name;
+    EXPECT_LE(snaps[i].time_ns, after + kSlack) << snaps[i].name;
+    if (i > 0) {
+      EXPECT_GT(snaps[i].id, snaps[i - 1].id);
+      EXPECT_GE(snaps[i].time_ns, snaps[i - 1].time_ns);
+    }
+  }
+
+  CAIRN_ASSERT_OK(v->RemoveSnap("alpha"));
+  CAIRN_EXPECT_CODE(v->RemoveSnap("alpha"), Code::kNotFound);
+  CAIRN_ASSERT_OK_AND_ASSIGN(snaps, v->ListSnaps());
+  ASSERT_EQ(snaps.size(), 2u);
+  EXPECT_EQ(snaps[0].name, "zeta");
+  EXPECT_EQ(snaps[1].name, "mid");
+}
+
+// --- DiffExtents -------------------------------------------------------------
+
+TEST_P(VolumeConformanceTest, DiffFromEmptyListsOnlyWrittenData) {
+  using namespace volume_test;
+  const uint64_t size = 64 * kMiB;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("sparse", size));
+  const std::vector<Range> writes = {{100, 5000}, {6 * kMiB, 4096}, {40 * kMiB + 12345, 300000}};
+  uint64_t seed = 30;
+  for (const auto& w : writes) CAIRN_ASSERT_OK(WriteAt(*v, w.offset, Pattern(seed++, w.length)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+
+  std::vector<Extent> listed;
+  EXPECT_TRUE(DiffReconstructs(*v, "", "s1", writes, granularity(), &listed));
+  for (const auto& e : listed) EXPECT_EQ(e.kind, RecordKind::kData) << e.offset;
+  for (const auto& w : writes) {
+    EXPECT_TRUE(Covers(listed, RecordKind::kData, w.offset, w.length)) << w.offset;
+  }
+  EXPECT_LT(TotalLength(listed), size / 4) << "a sparse image must stay sparse";
+  // The head, with nothing changed since s1, lists the same data.
+  EXPECT_TRUE(DiffReconstructs(*v, "", "", writes, granularity()));
+}
+
+TEST_P(VolumeConformanceTest, DiffBetweenSnapshotsListsTheChanges) {
+  using namespace volume_test;
+  const uint64_t size = 24 * kMiB;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("between", size));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(40, 20 * kMiB)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  const std::vector<Range> changes = {{50, 10}, {5 * kMiB + 3, 70000}, {17 * kMiB, kMiB}};
+  uint64_t seed = 41;
+  for (const auto& c : changes) CAIRN_ASSERT_OK(WriteAt(*v, c.offset, Pattern(seed++, c.length)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  CAIRN_ASSERT_OK(WriteAt(*v, 22 * kMiB, Pattern(49, 4096)));  // after s2: not in s1 -> s2
+
+  std::vector<Extent> listed;
+  EXPECT_TRUE(DiffReconstructs(*v, "s1", "s2", changes, granularity(), &listed));
+  for (const auto& c : changes) {
+    EXPECT_TRUE(Covers(listed, RecordKind::kData, c.offset, c.length)) << c.offset;
+  }
+  // Nothing changed between a snapshot and itself.
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> none, CollectDiff(*v, "s2", "s2"));
+  EXPECT_TRUE(none.empty()) << Describe(none);
+  // s2 -> head: only the last write.
+  EXPECT_TRUE(DiffReconstructs(*v, "s2", "", {{22 * kMiB, 4096}}, granularity()));
+  // s1 -> head: both.
+  std::vector<Range> all = changes;
+  all.push_back({22 * kMiB, 4096});
+  EXPECT_TRUE(DiffReconstructs(*v, "s1", "", all, granularity()));
+}
+
+TEST_P(VolumeConformanceTest, ZeroBetweenSnapshotsIsListed) {
+  using namespace volume_test;
+  const uint64_t size = 16 * kMiB;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("zero", size));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(50, 8 * kMiB)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  const std::vector<Range> zeros = {
+      {4 * kMiB, 4 * kMiB},        // whole object-aligned range: must read back as a hole
+      {kMiB + 4096, 8192},         // small and unaligned: exact zeros
+      {10 * kMiB, 2 * kMiB},       // never written (a discard of a hole)
+      {8 * kMiB - 100, 50},        // the tail of the data
+  };
+  for (const auto& z : zeros) CAIRN_ASSERT_OK(ZeroAt(*v, z.offset, z.length));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+
+  std::vector<Extent> listed;
+  EXPECT_TRUE(DiffReconstructs(*v, "s1", "s2", zeros, granularity(), &listed));
+  EXPECT_TRUE(Covers(listed, RecordKind::kZero, 4 * kMiB, 4 * kMiB - 4 * kKiB))
+      << "a zeroed range must be listed as kZero: " << Describe(listed);
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*v, "s2", kMiB + 4096, 8192));
+  EXPECT_EQ(got, std::string(8192, '\0'));
+  // From the empty image the zeroed object holds nothing worth listing.
+  const std::vector<Range> data_left = {{0, 4 * kMiB}};
+  EXPECT_TRUE(DiffReconstructs(*v, "", "s2", data_left, granularity()));
+}
+
+TEST_P(VolumeConformanceTest, DiffAcrossGrowth) {
+  using namespace volume_test;
+  const uint64_t small = 6 * kMiB + 4321;
+  const uint64_t large = 40 * kMiB + 999;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("grow", small));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(60, small)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK(v->Resize(large));
+  // The grown region reads as zeros.
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*v, "", small, 100000));
+  EXPECT_EQ(got, std::string(100000, '\0'));
+  const std::vector<Range> changes = {{30 * kMiB + 7, 12345}};
+  CAIRN_ASSERT_OK(WriteAt(*v, changes[0].offset, Pattern(61, changes[0].length)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+
+  std::vector<Extent> listed;
+  EXPECT_TRUE(DiffReconstructs(*v, "s1", "s2", changes, granularity(), &listed));
+  EXPECT_TRUE(Covers(listed, RecordKind::kData, changes[0].offset, changes[0].length));
+}
+
+TEST_P(VolumeConformanceTest, DiffAcrossShrink) {
+  using namespace volume_test;
+  const uint64_t large = 16 * kMiB;
+  const uint64_t small = 5 * kMiB + 777;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("shrink", large));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(70, large)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK(v->Resize(small));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  // The cut: the object holding the new end is truncated.
+  const std::vector<Range> cut = {{small - 1, large - small + 1}};
+  std::vector<Extent> listed;
+  EXPECT_TRUE(DiffReconstructs(*v, "s1", "s2", cut, granularity(), &listed));
+
+  // Growing again: what was cut reads as zeros, and a diff from before the
+  // shrink says so.
+  CAIRN_ASSERT_OK(v->Resize(large));
+  CAIRN_ASSERT_OK(v->CreateSnap("s3"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*v, "", small, large - small));
+  EXPECT_EQ(got, std::string(large - small, '\0'));
+  EXPECT_TRUE(DiffReconstructs(*v, "s1", "s3", cut, granularity()));
+  EXPECT_TRUE(DiffReconstructs(*v, "s2", "s3", {}, granularity()));
+}
+
+TEST_P(VolumeConformanceTest, DiffStopsAtTheCallbacksError) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("stop", 32 * kMiB));
+  for (uint64_t i = 0; i < 4; ++i) {
+    CAIRN_ASSERT_OK(WriteAt(*v, i * 8 * kMiB, Pattern(80 + i, 4096)));
+  }
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  int calls = 0;
+  const Status s = v->DiffExtents("", "s1", [&](const Extent&) {
+    ++calls;
+    return Aborted("stop here");
+  });
+  EXPECT_EQ(s.code(), Code::kAborted) << s.ToString();
+  EXPECT_NE(s.message().find("stop here"), std::string::npos) << s.ToString();
+  EXPECT_EQ(calls, 1);
+}
+
+TEST_P(VolumeConformanceTest, DiffRejectsMissingAndReversedSnapshots) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("diffargs", 4 * kMiB));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(90, 4096)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  auto ignore = [](const Extent&) { return OkStatus(); };
+  CAIRN_EXPECT_CODE(v->DiffExtents("nope", "s2", ignore), Code::kNotFound);
+  CAIRN_EXPECT_CODE(v->DiffExtents("s1", "nope", ignore), Code::kNotFound);
+  CAIRN_EXPECT_CODE(v->DiffExtents("s2", "s1", ignore), Code::kInvalidArgument);
+}
+
+// A seeded random history of writes, zeros and resizes with snapshots in
+// between; every pair of points must diff into a faithful reconstruction.
+TEST_P(VolumeConformanceTest, RandomHistoryDiffsReconstruct) {
+  using namespace volume_test;
+  const uint64_t seed = 20240611;
+  SCOPED_TRACE("seed " + std::to_string(seed));
+  uint64_t x = seed;
+  auto next = [&](uint64_t n) {
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    return (x >> 33) % n;
+  };
+  uint64_t size = 12 * kMiB + 4096;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("random", size));
+  struct Change {
+    int epoch;
+    Range range;
+  };
+  std::vector<Change> changes;
+  std::vector<std::string> points = {""};  // "" = the empty image
+  for (int epoch = 1; epoch <= 4; ++epoch) {
+    for (int op = 0; op < 8; ++op) {
+      const uint64_t kind = next(10);
+      if (kind < 6) {
+        const uint64_t off = next(size);
+        const uint64_t len = 1 + next(std::min<uint64_t>(size - off, 2 * kMiB));
+        CAIRN_ASSERT_OK(WriteAt(*v, off, Pattern(x, len)));
+        changes.push_back({epoch, {off, len}});
+      } else if (kind < 9) {
+        const uint64_t off = next(size);
+        const uint64_t len = 1 + next(std::min<uint64_t>(size - off, 5 * kMiB));
+        CAIRN_ASSERT_OK(ZeroAt(*v, off, len));
+        changes.push_back({epoch, {off, len}});
+      } else {
+        const uint64_t new_size = 4 * kMiB + next(16 * kMiB);
+        CAIRN_ASSERT_OK(v->Resize(new_size));
+        if (new_size < size) changes.push_back({epoch, {new_size - 1, size - new_size + 1}});
+        size = new_size;
+      }
+    }
+    points.push_back("e" + std::to_string(epoch));
+    CAIRN_ASSERT_OK(v->CreateSnap(points.back()));
+  }
+  for (size_t i = 0; i < points.size(); ++i) {
+    for (size_t j = i + 1; j < points.size(); ++j) {
+      std::vector<Range> between;
+      for (const auto& c : changes) {
+        if (c.epoch > static_cast<int>(i) && c.epoch <= static_cast<int>(j)) {
+          between.push_back(c.range);
+        }
+      }
+      EXPECT_TRUE(DiffReconstructs(*v, points[i], points[j], between, granularity()))
+          << points[i] << " -> " << points[j];
+    }
+  }
+}
+
+TEST_P(VolumeConformanceTest, DiffOfALargeSparseImageListsOnlyItsData) {
+  using namespace volume_test;
+  const uint64_t size = 10 * kGiB;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("big", size));
+  const std::vector<Range> writes = {
+      {0, kMiB},
+      {3 * kGiB + 4 * kMiB + 64 * kKiB, kMiB},
+      {7 * kGiB + 123, kMiB},
+      {size - kMiB, kMiB},
+  };
+  uint64_t seed = 100;
+  for (const auto& w : writes) CAIRN_ASSERT_OK(WriteAt(*v, w.offset, Pattern(seed++, w.length)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+
+  std::vector<Extent> listed;
+  const auto start = std::chrono::steady_clock::now();
+  CAIRN_ASSERT_OK(v->DiffExtents("", "s1", [&](const Extent& e) {
+    listed.push_back(e);
+    return OkStatus();
+  }));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("[          ] %s: DiffExtents(\"\", s1) on a 10 GiB image: %zu extents, %llu "
+              "bytes, %.3f s\n",
+              GetParam().label.c_str(), listed.size(),
+              static_cast<unsigned long long>(TotalLength(listed)), seconds);
+  RecordProperty("diff_10gib_seconds", std::to_string(seconds));
+  EXPECT_TRUE(WellFormed(listed, size));
+  EXPECT_LE(TotalLength(listed), 16 * kMiB) << Describe(listed);
+  EXPECT_LE(TotalLength(listed), RoundedOutBytes(writes, granularity(), size));
+  for (const auto& w : writes) {
+    EXPECT_TRUE(Covers(listed, RecordKind::kData, w.offset, w.length)) << w.offset;
+    // The listed bytes are the written ones.
+    for (const auto& e : listed) {
+      const uint64_t lo = std::max(e.offset, w.offset);
+      const uint64_t hi = std::min(e.offset + e.length, w.offset + w.length);
+      if (lo >= hi) continue;
+      CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*v, "s1", lo, hi - lo));
+      EXPECT_TRUE(got == Pattern(100 + (&w - writes.data()), w.length).substr(lo - w.offset,
+                                                                            hi - lo));
+    }
+  }
+
+  // An incremental diff on the same image lists only the new change.
+  const Range change = {5 * kGiB + 777, 256 * kKiB};
+  CAIRN_ASSERT_OK(WriteAt(*v, change.offset, Pattern(110, change.length)));
+  CAIRN_ASSERT_OK(ZeroAt(*v, 0, 4096));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> inc, CollectDiff(*v, "s1", "s2"));
+  EXPECT_TRUE(WellFormed(inc, size));
+  EXPECT_LE(TotalLength(inc), RoundedOutBytes({change, {0, 4096}}, granularity(), size))
+      << Describe(inc);
+  EXPECT_TRUE(Covers(inc, RecordKind::kData, change.offset, change.length)) << Describe(inc);
+}
+
+// --- Clone and Copy ----------------------------------------------------------
+
+TEST_P(VolumeConformanceTest, CloneReadsAsTheSnapshotAndPinsIt) {
+  using namespace volume_test;
+  const uint64_t size = 9 * kMiB + 100;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> src, CreateAndOpen("parent", size));
+  CAIRN_ASSERT_OK(WriteAt(*src, 0, Pattern(120, 3 * kMiB)));
+  CAIRN_ASSERT_OK(WriteAt(*src, 8 * kMiB, Pattern(121, kMiB + 100)));
+  CAIRN_ASSERT_OK(src->CreateSnap("s1"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t snap_hash, HashImage(*src, "s1"));
+
+  const std::string clone_name = NewName("clone");
+  CAIRN_EXPECT_CODE(pool().Clone(src->name(), "nope", clone_name), Code::kNotFound);
+  CAIRN_ASSERT_OK(pool().Clone(src->name(), "s1", clone_name));
+  CAIRN_EXPECT_CODE(pool().Clone(src->name(), "s1", clone_name), Code::kAlreadyExists);
+  {
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> clone, pool().Open(clone_name));
+    CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t clone_size, clone->Size());
+    EXPECT_EQ(clone_size, size);
+    CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t h, HashImage(*clone, ""));
+    EXPECT_EQ(h, snap_hash);
+    // From the empty image, a clone lists its parent's data too.
+    EXPECT_TRUE(DiffReconstructs(*clone, "", "", {{0, 3 * kMiB}, {8 * kMiB, kMiB + 100}},
+                                 granularity()));
+
+    // The parent's head and the clone are independent.
+    CAIRN_ASSERT_OK(WriteAt(*src, 0, Pattern(122, kMiB)));
+    CAIRN_ASSERT_OK_AND_ASSIGN(h, HashImage(*clone, ""));
+    EXPECT_EQ(h, snap_hash);
+    CAIRN_ASSERT_OK(WriteAt(*clone, 4 * kMiB, Pattern(123, kMiB)));
+    CAIRN_ASSERT_OK_AND_ASSIGN(h, HashImage(*src, "s1"));
+    EXPECT_EQ(h, snap_hash);
+  }
+  // The snapshot is pinned while the clone exists.
+  const Status pinned = src->RemoveSnap("s1");
+  EXPECT_EQ(pinned.code(), Code::kFailedPrecondition) << pinned.ToString();
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, src->ListSnaps());
+  EXPECT_EQ(snaps.size(), 1u);
+  const std::string src_name = src->name();
+  src.reset();
+  CAIRN_EXPECT_CODE(pool().Remove(src_name), Code::kFailedPrecondition);
+  CAIRN_ASSERT_OK(pool().Remove(clone_name));
+  CAIRN_ASSERT_OK_AND_ASSIGN(src, pool().Open(src_name));
+  CAIRN_ASSERT_OK(src->RemoveSnap("s1"));
+}
+
+TEST_P(VolumeConformanceTest, CopyIsAnIndependentSparseCopy) {
+  using namespace volume_test;
+  const uint64_t size = 20 * kMiB + 12345;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> src, CreateAndOpen("orig", size));
+  const std::vector<Range> writes = {{4096, 2 * kMiB}, {9 * kMiB + 5, 3 * kMiB}, {size - 999, 999}};
+  uint64_t seed = 130;
+  for (const auto& w : writes) CAIRN_ASSERT_OK(WriteAt(*src, w.offset, Pattern(seed++, w.length)));
+  CAIRN_ASSERT_OK(src->CreateSnap("s1"));
+  CAIRN_ASSERT_OK(WriteAt(*src, 0, Pattern(139, 8 * kMiB)));  // after s1: not copied
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t snap_hash, HashImage(*src, "s1"));
+
+  const std::string copy_name = NewName("copy");
+  CAIRN_EXPECT_CODE(pool().Copy(src->name(), "nope", copy_name, nullptr), Code::kNotFound);
+  std::vector<std::pair<uint64_t, uint64_t>> progress;
+  CAIRN_ASSERT_OK(pool().Copy(src->name(), "s1", copy_name, [&](uint64_t done, uint64_t total) {
+    progress.emplace_back(done, total);
+  }));
+  ASSERT_FALSE(progress.empty());
+  EXPECT_EQ(progress.back(), std::make_pair(size, size));
+  for (size_t i = 1; i < progress.size(); ++i) EXPECT_GE(progress[i].first, progress[i - 1].first);
+  CAIRN_EXPECT_CODE(pool().Copy(src->name(), "s1", copy_name, nullptr), Code::kAlreadyExists);
+
+  // Independent of its source: remove the source with its snapshot.
+  const std::string src_name = src->name();
+  src.reset();
+  CAIRN_ASSERT_OK(pool().Remove(src_name));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> copy, pool().Open(copy_name));
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t copy_size, copy->Size());
+  EXPECT_EQ(copy_size, size);
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t h, HashImage(*copy, ""));
+  EXPECT_EQ(h, snap_hash);
+  // Sparse: only the data was written.
+  EXPECT_TRUE(DiffReconstructs(*copy, "", "", writes, granularity()));
+}
+
+TEST_P(VolumeConformanceTest, CopyOfALargeSparseImageStaysSparse) {
+  using namespace volume_test;
+  const uint64_t size = 10 * kGiB;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> src, CreateAndOpen("bigsrc", size));
+  const std::vector<Range> writes = {{kGiB, kMiB}, {9 * kGiB + 5 * kMiB, kMiB}};
+  CAIRN_ASSERT_OK(WriteAt(*src, writes[0].offset, Pattern(140, writes[0].length)));
+  CAIRN_ASSERT_OK(WriteAt(*src, writes[1].offset, Pattern(141, writes[1].length)));
+  CAIRN_ASSERT_OK(src->CreateSnap("s1"));
+  const std::string copy_name = NewName("bigcopy");
+  const auto start = std::chrono::steady_clock::now();
+  CAIRN_ASSERT_OK(pool().Copy(src->name(), "s1", copy_name, nullptr));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("[          ] %s: Copy of a 10 GiB sparse image: %.3f s\n",
+              GetParam().label.c_str(), seconds);
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> copy, pool().Open(copy_name));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> listed, CollectDiff(*copy, "", ""));
+  EXPECT_LE(TotalLength(listed), RoundedOutBytes(writes, granularity(), size)) << Describe(listed);
+  for (size_t i = 0; i < writes.size(); ++i) {
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*copy, "", writes[i].offset,
+                                                       writes[i].length));
+    EXPECT_TRUE(got == Pattern(140 + i, writes[i].length)) << "write " << i;
+  }
+}
+
+TEST_P(VolumeConformanceTest, CloneAndCopyNeedASnapshot) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("nosnap", kMiB));
+  CAIRN_EXPECT_CODE(pool().Clone(v->name(), "", NewName("c")), Code::kInvalidArgument);
+  CAIRN_EXPECT_CODE(pool().Copy(v->name(), "", NewName("c"), nullptr), Code::kInvalidArgument);
+  CAIRN_EXPECT_CODE(pool().Clone("no-such-image-" + v->name(), "s", NewName("c")),
+                    Code::kNotFound);
+}
+
+}  // namespace cairn
