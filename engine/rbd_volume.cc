@@ -1,0 +1,984 @@
+#include "engine/rbd_volume.h"
+
+#include <algorithm>
+#include <array>
+#include <cassert>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "engine/rados_kv_store.h"
+
+namespace cairn {
+namespace rbd_internal {
+
+// An open librbd image handle, closed when the last user lets go.
+class Image {
+ public:
+  explicit Image(rbd_image_t h) : h_(h) {}
+  ~Image() { rbd_close(h_); }
+  Image(const Image&) = delete;
+  Image& operator=(const Image&) = delete;
+  rbd_image_t get() const { return h_; }
+
+ private:
+  rbd_image_t h_;
+};
+
+}  // namespace rbd_internal
+
+namespace {
+
+using rbd_internal::Image;
+
+// Level-1 diff windows span this many objects (a bounded list of changed
+// objects per window; one object-map load per window).
+constexpr uint64_t kCoarseWindowObjects = 64 * 1024;
+// Exact diffs run over at most this many bytes per call (bounded extent
+// lists; no long stall between two calls of the caller's fn).
+constexpr uint64_t kFineWindow = 64ull << 20;
+// Copy: pieces in flight and their size.
+constexpr size_t kCopySlots = 8;
+constexpr uint64_t kCopyPiece = 4ull << 20;
+
+std::string ImageSpec(const std::string& pool, const std::string& image,
+                      const std::string& snap = "") {
+  return snap.empty() ? fmt::format("{}/{}", pool, image)
+                      : fmt::format("{}/{}@{}", pool, image, snap);
+}
+
+const char* SnapOrNull(const std::string& snap) { return snap.empty() ? nullptr : snap.c_str(); }
+
+// Opens pool/image at `snap` (the head if empty).
+StatusOr<std::shared_ptr<Image>> OpenImage(const RadosIoCtx& io, const std::string& image,
+                                           const std::string& snap, bool read_only) {
+  rbd_image_t h = nullptr;
+  const int rc = read_only ? rbd_open_read_only(io.get(), image.c_str(), &h, SnapOrNull(snap))
+                           : rbd_open(io.get(), image.c_str(), &h, SnapOrNull(snap));
+  if (rc == -ENOENT) {
+    return NotFound(snap.empty()
+                        ? fmt::format("image {} does not exist", ImageSpec(io.pool(), image))
+                        : fmt::format("image or snapshot {} does not exist",
+                                      ImageSpec(io.pool(), image, snap)));
+  }
+  if (rc < 0) {
+    return ErrnoStatus(rc, fmt::format("opening {}{}", ImageSpec(io.pool(), image, snap),
+                                       read_only ? " read-only" : ""));
+  }
+  return std::make_shared<Image>(h);
+}
+
+StatusOr<uint64_t> ImageSize(rbd_image_t h, const std::string& spec) {
+  uint64_t size = 0;
+  if (int rc = rbd_get_size(h, &size); rc < 0) return ErrnoStatus(rc, "getting the size of " + spec);
+  return size;
+}
+
+StatusOr<std::vector<SnapInfo>> ListSnapsOf(rbd_image_t h, const std::string& spec) {
+  int max = 16;
+  std::vector<rbd_snap_info_t> raw;
+  int n = 0;
+  while (true) {
+    raw.assign(max, rbd_snap_info_t{});
+    n = rbd_snap_list(h, raw.data(), &max);  // needs room for a terminator
+    if (n != -ERANGE) break;
+  }
+  if (n < 0) return ErrnoStatus(n, "listing the snapshots of " + spec);
+  std::vector<SnapInfo> out;
+  out.reserve(n);
+  Status st;
+  for (int i = 0; i < n && st.ok(); ++i) {
+    timespec ts{};
+    if (int rc = rbd_snap_get_timestamp(h, raw[i].id, &ts); rc < 0) {
+      st = ErrnoStatus(rc, fmt::format("getting the time of snapshot {}@{}", spec, raw[i].name));
+    }
+    out.push_back({raw[i].name, raw[i].id, raw[i].size,
+                   static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec});
+  }
+  rbd_snap_list_end(raw.data());
+  if (!st.ok()) return st;
+  std::sort(out.begin(), out.end(), [](const SnapInfo& a, const SnapInfo& b) { return a.id < b.id; });
+  return out;
+}
+
+StatusOr<bool> IsProtected(rbd_image_t h, const std::string& spec, const std::string& snap) {
+  int prot = 0;
+  if (int rc = rbd_snap_is_protected(h, snap.c_str(), &prot); rc < 0) {
+    return ErrnoStatus(rc, fmt::format("checking the protection of {}@{}", spec, snap));
+  }
+  return prot != 0;
+}
+
+// How many images are cloned from image@snap (trashed ones included).
+StatusOr<size_t> CountClones(const RadosIoCtx& io, const std::string& image,
+                             const std::string& snap) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> at_snap, OpenImage(io, image, snap, true));
+  size_t max = 0;
+  int rc = rbd_list_children3(at_snap->get(), nullptr, &max);
+  if (rc == -ERANGE) return max;
+  if (rc < 0) {
+    return ErrnoStatus(rc, "listing the clones of " + ImageSpec(io.pool(), image, snap));
+  }
+  return max;
+}
+
+Status ClonesDependOn(const std::string& spec, size_t clones) {
+  return FailedPrecondition(fmt::format(
+      "{} clone(s) depend on snapshot {}; remove or flatten them first", clones, spec));
+}
+
+// --- asynchronous I/O --------------------------------------------------------
+
+enum class OpKind { kRead, kWrite, kZero };
+
+class CompletionQueue;
+
+// One operation handed to librbd; owned by librbd from start to callback,
+// then by the queue, then by whoever pops it.
+struct PendingOp {
+  CompletionQueue* queue = nullptr;
+  rbd_completion_t completion = nullptr;
+  uint64_t tag = 0;
+  OpKind kind = OpKind::kRead;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+};
+
+class CompletionQueue {
+ public:
+  void Push(PendingOp* op) {
+    {
+      std::lock_guard lock(mu_);
+      done_.push_back(op);
+    }
+    cv_.notify_one();
+  }
+  PendingOp* Pop() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return !done_.empty(); });
+    PendingOp* op = done_.front();
+    done_.pop_front();
+    return op;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<PendingOp*> done_;
+};
+
+// Runs on a librbd thread: only hands the operation over.
+void OnRbdComplete(rbd_completion_t, void* arg) {
+  auto* op = static_cast<PendingOp*>(arg);
+  op->queue->Push(op);
+}
+
+std::string Describe(OpKind kind, const std::string& spec, uint64_t offset, uint64_t length) {
+  const char* verb = kind == OpKind::kRead ? "reading" : kind == OpKind::kWrite ? "writing"
+                                                                                : "zeroing";
+  return fmt::format("{} {} at {}~{}", verb, spec, offset, length);
+}
+
+// Starts one operation whose completion goes to `queue`. `buf` is read into
+// or written from; it must live until the completion is popped.
+Status StartOp(rbd_image_t image, CompletionQueue& queue, OpKind kind, uint64_t tag,
+               uint64_t offset, uint64_t length, char* buf, const std::string& spec) {
+  auto op = std::make_unique<PendingOp>();
+  op->queue = &queue;
+  op->tag = tag;
+  op->kind = kind;
+  op->offset = offset;
+  op->length = length;
+  int rc = rbd_aio_create_completion(op.get(), OnRbdComplete, &op->completion);
+  if (rc < 0) return ErrnoStatus(rc, Describe(kind, spec, offset, length));
+  switch (kind) {
+    case OpKind::kRead:
+      rc = rbd_aio_read(image, offset, length, buf, op->completion);
+      break;
+    case OpKind::kWrite:
+      rc = rbd_aio_write(image, offset, length, buf, op->completion);
+      break;
+    case OpKind::kZero:
+      rc = rbd_aio_write_zeroes(image, offset, length, op->completion, 0, 0);
+      break;
+  }
+  if (rc < 0) {
+    rbd_aio_release(op->completion);
+    return ErrnoStatus(rc, Describe(kind, spec, offset, length));
+  }
+  op.release();  // librbd's until the callback
+  return OkStatus();
+}
+
+// Takes a popped operation apart: its tag and its outcome.
+AsyncIo::Completion FinishOp(PendingOp* op, const std::string& spec) {
+  std::unique_ptr<PendingOp> owned(op);
+  const ssize_t rc = rbd_aio_get_return_value(op->completion);
+  rbd_aio_release(op->completion);
+  AsyncIo::Completion c{op->tag, OkStatus()};
+  const std::string what = Describe(op->kind, spec, op->offset, op->length);
+  if (rc < 0) {
+    c.status = ErrnoStatus(static_cast<int>(rc), what);
+  } else if (op->kind == OpKind::kRead && static_cast<uint64_t>(rc) != op->length) {
+    // librbd clips I/O at the end of the image: it shrank under us.
+    c.status = Aborted(fmt::format("{}: short read of {} bytes (did the image shrink?)", what, rc));
+  } else if (op->kind != OpKind::kRead && rc != 0 && static_cast<uint64_t>(rc) != op->length) {
+    c.status = Aborted(fmt::format("{}: short write of {} bytes (did the image shrink?)", what, rc));
+  }
+  return c;
+}
+
+class RbdAsyncIo final : public AsyncIo {
+ public:
+  RbdAsyncIo(std::shared_ptr<Image> image, bool read_only, std::string spec)
+      : image_(std::move(image)), read_only_(read_only), spec_(std::move(spec)) {}
+
+  // librbd may still write into the caller's buffers: wait for everything.
+  ~RbdAsyncIo() override {
+    while (in_flight_ > 0) (void)WaitOne();
+  }
+
+  Status StartRead(uint64_t tag, uint64_t offset, std::span<char> buf) override {
+    return Start(OpKind::kRead, tag, offset, buf.size(), buf.data());
+  }
+  Status StartWrite(uint64_t tag, uint64_t offset, std::span<const char> buf) override {
+    // librbd only reads a write's buffer.
+    return Start(OpKind::kWrite, tag, offset, buf.size(), const_cast<char*>(buf.data()));
+  }
+  Status StartZero(uint64_t tag, uint64_t offset, uint64_t length) override {
+    return Start(OpKind::kZero, tag, offset, length, nullptr);
+  }
+
+  Completion WaitOne() override {
+    assert(in_flight_ > 0 && "WaitOne with nothing in flight");
+    PendingOp* op = queue_.Pop();
+    --in_flight_;
+    return FinishOp(op, spec_);
+  }
+
+  size_t InFlight() const override { return in_flight_; }
+
+  Status Drain() override {
+    Status first;
+    while (in_flight_ > 0) {
+      Completion c = WaitOne();
+      if (first.ok() && !c.status.ok()) first = c.status;
+    }
+    if (!first.ok()) return first;
+    if (!read_only_) {
+      if (int rc = rbd_flush(image_->get()); rc < 0) return ErrnoStatus(rc, "flushing " + spec_);
+    }
+    return OkStatus();
+  }
+
+ private:
+  Status Start(OpKind kind, uint64_t tag, uint64_t offset, uint64_t length, char* buf) {
+    if (kind != OpKind::kRead && read_only_) {
+      return FailedPrecondition(Describe(kind, spec_, offset, length) +
+                                ": a snapshot is read-only");
+    }
+    // librbd would clip an I/O at the end of the image; refuse it instead.
+    ASSIGN_OR_RETURN(uint64_t size, ImageSize(image_->get(), spec_));
+    if (offset > size || length > size - offset) {
+      return InvalidArgument(fmt::format("{}: beyond the end of the image ({} bytes)",
+                                         Describe(kind, spec_, offset, length), size));
+    }
+    RETURN_IF_ERROR(StartOp(image_->get(), queue_, kind, tag, offset, length, buf, spec_));
+    ++in_flight_;
+    return OkStatus();
+  }
+
+  std::shared_ptr<Image> image_;
+  const bool read_only_;
+  const std::string spec_;
+  CompletionQueue queue_;
+  size_t in_flight_ = 0;
+};
+
+// --- DiffExtents -------------------------------------------------------------
+
+// Merges adjacent extents of one kind before handing them to `fn`.
+class ExtentMerger {
+ public:
+  explicit ExtentMerger(const std::function<Status(const Extent&)>& fn) : fn_(fn) {}
+
+  Status Add(const Extent& e) {
+    assert(!pending_ || e.offset >= pending_->offset + pending_->length);
+    if (pending_ && pending_->kind == e.kind && pending_->offset + pending_->length == e.offset) {
+      pending_->length += e.length;
+      return OkStatus();
+    }
+    RETURN_IF_ERROR(Flush());
+    pending_ = e;
+    return OkStatus();
+  }
+
+  Status Flush() {
+    if (!pending_) return OkStatus();
+    const Extent e = *pending_;
+    pending_.reset();
+    return fn_(e);
+  }
+
+ private:
+  const std::function<Status(const Extent&)>& fn_;
+  std::optional<Extent> pending_;
+};
+
+// What rbd_diff_iterate2 reports. Its callback may run on librados threads
+// (one at a time, in order), so the list is guarded anyway.
+struct DiffCollector {
+  std::mutex mu;
+  std::vector<Extent> extents;
+};
+
+int CollectExtent(uint64_t offset, size_t length, int exists, void* arg) {
+  auto* c = static_cast<DiffCollector*>(arg);
+  std::lock_guard lock(c->mu);
+  c->extents.push_back({offset, length, exists ? RecordKind::kData : RecordKind::kZero});
+  return 0;
+}
+
+// Sorts and unites extents of one kind, clipped to [lo, hi).
+std::vector<Extent> Unite(const std::vector<Extent>& in, RecordKind kind, uint64_t lo,
+                          uint64_t hi) {
+  std::vector<Extent> v;
+  for (const auto& e : in) {
+    const uint64_t b = std::max(e.offset, lo);
+    const uint64_t end = std::min(e.offset + e.length, hi);
+    if (e.kind == kind && b < end) v.push_back({b, end - b, kind});
+  }
+  std::sort(v.begin(), v.end(), [](const Extent& a, const Extent& b) { return a.offset < b.offset; });
+  std::vector<Extent> out;
+  for (const auto& e : v) {
+    if (!out.empty() && e.offset <= out.back().offset + out.back().length) {
+      const uint64_t end = std::max(out.back().offset + out.back().length, e.offset + e.length);
+      out.back().length = end - out.back().offset;
+    } else {
+      out.push_back(e);
+    }
+  }
+  return out;
+}
+
+// librbd's raw report as ascending, disjoint extents within [lo, hi). Where
+// a range is reported both ways, kData wins: reading it at `to_snap` gives
+// the right bytes either way.
+std::vector<Extent> Normalize(const std::vector<Extent>& raw, uint64_t lo, uint64_t hi) {
+  const std::vector<Extent> data = Unite(raw, RecordKind::kData, lo, hi);
+  const std::vector<Extent> zero = Unite(raw, RecordKind::kZero, lo, hi);
+  std::vector<Extent> zero_only;
+  size_t d = 0;
+  for (const auto& z : zero) {
+    uint64_t pos = z.offset;
+    const uint64_t end = z.offset + z.length;
+    while (pos < end) {
+      while (d < data.size() && data[d].offset + data[d].length <= pos) ++d;
+      if (d < data.size() && data[d].offset < end) {
+        if (data[d].offset > pos) zero_only.push_back({pos, data[d].offset - pos, RecordKind::kZero});
+        pos = data[d].offset + data[d].length;
+      } else {
+        zero_only.push_back({pos, end - pos, RecordKind::kZero});
+        pos = end;
+      }
+    }
+  }
+  std::vector<Extent> out;
+  out.reserve(data.size() + zero_only.size());
+  std::merge(data.begin(), data.end(), zero_only.begin(), zero_only.end(), std::back_inserter(out),
+             [](const Extent& a, const Extent& b) { return a.offset < b.offset; });
+  return out;
+}
+
+// Ranges (kind ignored) covering every extent, split at `max_len`.
+std::vector<Extent> Ranges(const std::vector<Extent>& extents, uint64_t max_len) {
+  std::vector<Extent> all = extents;
+  for (auto& e : all) e.kind = RecordKind::kData;
+  std::vector<Extent> out;
+  for (const auto& r : Unite(all, RecordKind::kData, 0, UINT64_MAX)) {
+    for (uint64_t pos = r.offset; pos < r.offset + r.length; pos += max_len) {
+      out.push_back({pos, std::min(max_len, r.offset + r.length - pos), RecordKind::kData});
+    }
+  }
+  return out;
+}
+
+StatusOr<uint64_t> FlagsAt(rbd_image_t h, const std::string& spec) {
+  uint64_t flags = 0;
+  if (int rc = rbd_get_flags(h, &flags); rc < 0) {
+    return ErrnoStatus(rc, "getting the flags of " + spec);
+  }
+  return flags;
+}
+
+StatusOr<bool> HasParent(rbd_image_t h, const std::string& spec) {
+  rbd_linked_image_spec_t image{};
+  rbd_snap_spec_t snap{};
+  const int rc = rbd_get_parent(h, &image, &snap);
+  if (rc == -ENOENT) return false;
+  if (rc < 0) return ErrnoStatus(rc, "getting the parent of " + spec);
+  rbd_linked_image_spec_cleanup(&image);
+  rbd_snap_spec_cleanup(&snap);
+  return true;
+}
+
+// Lists the diff from `from_snap` ("" = the empty image) to the point `h`
+// is open at (`to_snap`, "" = the head). `h` is private to the caller: its
+// snapshot is moved and put back.
+Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& image,
+                 const std::string& from_snap, const std::string& to_snap,
+                 const std::function<Status(const Extent&)>& fn) {
+  const std::string spec = ImageSpec(pool, image, to_snap);
+  const char* from = SnapOrNull(from_snap);
+  const std::string what = fmt::format("diffing {} from {}", spec,
+                                       from_snap.empty() ? "the empty image" : from_snap);
+  ASSIGN_OR_RETURN(const uint64_t size, ImageSize(h, spec));
+
+  uint64_t flags = 0;
+  ASSIGN_OR_RETURN(flags, FlagsAt(h, spec));
+  if (from != nullptr) {
+    bool exists = false;
+    if (int rc = rbd_snap_exists(h, from, &exists); rc < 0) return ErrnoStatus(rc, what);
+    if (!exists) {
+      return NotFound(fmt::format("{}: snapshot {} does not exist", what,
+                                  ImageSpec(pool, image, from_snap)));
+    }
+    if (!to_snap.empty()) {
+      uint64_t from_id = 0;
+      uint64_t to_id = 0;
+      if (int rc = rbd_snap_get_id(h, from, &from_id); rc < 0) return ErrnoStatus(rc, what);
+      if (int rc = rbd_snap_get_id(h, to_snap.c_str(), &to_id); rc < 0) return ErrnoStatus(rc, what);
+      if (from_id > to_id) return InvalidArgument(what + ": " + from_snap + " is the newer one");
+      if (from_id == to_id) return OkStatus();
+    }
+    // fast-diff also reads the object map of the start point.
+    if (int rc = rbd_snap_set(h, from); rc < 0) return ErrnoStatus(rc, what);
+    StatusOr<uint64_t> from_flags = FlagsAt(h, spec);
+    if (int rc = rbd_snap_set(h, SnapOrNull(to_snap)); rc < 0) return ErrnoStatus(rc, what);
+    if (!from_flags.ok()) return from_flags.status();
+    flags |= *from_flags;
+  }
+  uint64_t features = 0;
+  if (int rc = rbd_get_features(h, &features); rc < 0) return ErrnoStatus(rc, what);
+  rbd_image_info_t info{};
+  if (int rc = rbd_stat(h, &info, sizeof info); rc < 0) return ErrnoStatus(rc, what);
+  const bool fast = (features & RBD_FEATURE_FAST_DIFF) != 0 &&
+                    (flags & (RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID)) == 0;
+  bool whole_objects_only = false;
+  if (from == nullptr) {
+    ASSIGN_OR_RETURN(whole_objects_only, HasParent(h, spec));
+  }
+  // Pacific's object-map diff loses the objects that a shrink recorded in a
+  // snapshot between the two points removed, once the image grew back (it
+  // resets them to "unchanged" instead of "hole"). Only the range between
+  // the smallest size in between and the end of the compared range can be
+  // hit: it always gets the exact pass.
+  std::optional<Extent> suspect;
+  if (fast && from != nullptr) {
+    ASSIGN_OR_RETURN(std::vector<SnapInfo> snaps, ListSnapsOf(h, spec));
+    uint64_t from_id = 0;
+    uint64_t from_size = 0;
+    uint64_t to_id = UINT64_MAX;  // the head
+    for (const auto& s : snaps) {
+      if (s.name == from_snap) {
+        from_id = s.id;
+        from_size = s.size;
+      }
+      if (!to_snap.empty() && s.name == to_snap) to_id = s.id;
+    }
+    uint64_t smallest = UINT64_MAX;
+    for (const auto& s : snaps) {
+      if (s.id > from_id && s.id < to_id) smallest = std::min(smallest, s.size);
+    }
+    const uint64_t limit = std::min(from_size, size);
+    const uint64_t start = smallest / info.obj_size * info.obj_size;
+    if (smallest < limit && start < limit) suspect = Extent{start, limit - start, RecordKind::kData};
+  }
+
+  ExtentMerger merger(fn);
+  DiffCollector collector;
+  // One rbd_diff_iterate2 over [lo, lo+len); the normalized result.
+  auto iterate = [&](uint64_t lo, uint64_t len, bool whole_object) -> StatusOr<std::vector<Extent>> {
+    collector.extents.clear();
+    const int rc = rbd_diff_iterate2(h, from, lo, len, /*include_parent=*/1, whole_object ? 1 : 0,
+                                     CollectExtent, &collector);
+    if (rc < 0) return ErrnoStatus(rc, fmt::format("{} over {}~{}", what, lo, len));
+    std::lock_guard lock(collector.mu);
+    return Normalize(collector.extents, lo, lo + len);
+  };
+  auto emit = [&](const std::vector<Extent>& extents) -> Status {
+    for (const auto& e : extents) RETURN_IF_ERROR(merger.Add(e));
+    return OkStatus();
+  };
+
+  if (!fast && !whole_objects_only) {
+    for (uint64_t lo = 0; lo < size; lo += kFineWindow) {
+      ASSIGN_OR_RETURN(std::vector<Extent> exact, iterate(lo, std::min(kFineWindow, size - lo), false));
+      RETURN_IF_ERROR(emit(exact));
+    }
+    return merger.Flush();
+  }
+  const uint64_t window = std::max<uint64_t>(info.obj_size, 1) * kCoarseWindowObjects;
+  for (uint64_t lo = 0; lo < size; lo += window) {
+    const uint64_t len = std::min(window, size - lo);
+    ASSIGN_OR_RETURN(std::vector<Extent> changed, iterate(lo, len, true));
+    if (whole_objects_only) {
+      RETURN_IF_ERROR(emit(changed));
+      continue;
+    }
+    if (suspect) {
+      const uint64_t b = std::max(suspect->offset, lo);
+      const uint64_t e = std::min(suspect->offset + suspect->length, lo + len);
+      if (b < e) changed.push_back({b, e - b, RecordKind::kData});
+    }
+    for (const auto& r : Ranges(changed, kFineWindow)) {
+      ASSIGN_OR_RETURN(std::vector<Extent> exact, iterate(r.offset, r.length, false));
+      RETURN_IF_ERROR(emit(exact));
+    }
+  }
+  return merger.Flush();
+}
+
+bool AllZero(const char* p, size_t n) {
+  static const char kZeros[4096] = {};
+  while (n > 0) {
+    const size_t k = std::min(n, sizeof kZeros);
+    if (std::memcmp(p, kZeros, k) != 0) return false;
+    p += k;
+    n -= k;
+  }
+  return true;
+}
+
+// Copies the allocated data of `src` (read-only, at its snapshot) into the
+// fresh image `dst`, kCopySlots pieces in flight.
+Status CopyData(rbd_image_t src, rbd_image_t dst, const std::string& pool,
+                const std::string& src_image, const std::string& snap, const std::string& dst_spec,
+                uint64_t size, const ProgressFn& progress) {
+  const std::string src_spec = ImageSpec(pool, src_image, snap);
+  CompletionQueue queue;
+  std::array<std::vector<char>, kCopySlots> bufs;
+  std::vector<size_t> free_slots;
+  for (size_t i = kCopySlots; i > 0; --i) free_slots.push_back(i - 1);
+  size_t in_flight = 0;
+  Status first;
+  std::set<uint64_t> outstanding;  // offsets of pieces not yet written
+  uint64_t issued_to = 0;          // end of the last piece started
+  uint64_t reported = 0;
+  if (progress) progress(0, size);
+
+  auto report = [&] {
+    const uint64_t done = outstanding.empty() ? issued_to : *outstanding.begin();
+    if (progress && done > reported) {
+      reported = done;
+      progress(done, size);
+    }
+  };
+  // Pops one completion: a finished read starts its write; a finished write
+  // frees its slot. The tag is the slot.
+  auto handle_one = [&] {
+    PendingOp* op = queue.Pop();
+    --in_flight;
+    const OpKind kind = op->kind;
+    const uint64_t offset = op->offset;
+    const uint64_t length = op->length;
+    const AsyncIo::Completion c = FinishOp(op, kind == OpKind::kRead ? src_spec : dst_spec);
+    const size_t slot = c.tag;
+    auto release = [&] {
+      free_slots.push_back(slot);
+      outstanding.erase(offset);
+      report();
+    };
+    if (!c.status.ok()) {
+      if (first.ok()) first = c.status;
+      release();
+      return;
+    }
+    if (kind == OpKind::kRead && first.ok() && !AllZero(bufs[slot].data(), length)) {
+      Status st = StartOp(dst, queue, OpKind::kWrite, slot, offset, length, bufs[slot].data(),
+                          dst_spec);
+      if (st.ok()) {
+        ++in_flight;
+        return;
+      }
+      first = st;
+    }
+    release();  // written, or all zeros (the new image reads zeros already)
+  };
+
+  Status listed = DiffImage(src, pool, src_image, "", snap, [&](const Extent& e) -> Status {
+    if (e.kind != RecordKind::kData) return OkStatus();
+    const uint64_t end = e.offset + e.length;
+    for (uint64_t pos = e.offset; pos < end;) {
+      const uint64_t n = std::min(kCopyPiece - pos % kCopyPiece, end - pos);
+      while (free_slots.empty()) handle_one();
+      if (!first.ok()) return first;
+      const size_t slot = free_slots.back();
+      if (bufs[slot].empty()) bufs[slot].resize(kCopyPiece);
+      RETURN_IF_ERROR(
+          StartOp(src, queue, OpKind::kRead, slot, pos, n, bufs[slot].data(), src_spec));
+      free_slots.pop_back();
+      ++in_flight;
+      outstanding.insert(pos);
+      pos += n;
+      issued_to = pos;
+    }
+    return OkStatus();
+  });
+  while (in_flight > 0) handle_one();  // never leave librbd with our buffers
+  RETURN_IF_ERROR(listed);
+  RETURN_IF_ERROR(first);
+  if (int rc = rbd_flush(dst); rc < 0) return ErrnoStatus(rc, "flushing " + dst_spec);
+  issued_to = size;
+  report();
+  return OkStatus();
+}
+
+}  // namespace
+
+// --- RbdCluster --------------------------------------------------------------
+
+RbdCluster::RbdCluster(rados_t rados, std::string conf_path, std::string client_name)
+    : rados_(rados), conf_path_(std::move(conf_path)), client_name_(std::move(client_name)) {}
+
+RbdCluster::~RbdCluster() { rados_shutdown(rados_); }
+
+StatusOr<std::shared_ptr<RbdCluster>> RbdCluster::Connect(const std::string& conf_path,
+                                                          const std::string& client_id,
+                                                          const std::string& keyring_path,
+                                                          std::chrono::seconds timeout) {
+  const std::string client = "client." + client_id;
+  rados_t r = nullptr;
+  int rc = rados_create2(&r, "ceph", client.c_str(), 0);
+  if (rc < 0) return ErrnoStatus(rc, "creating a RADOS handle for " + client);
+  auto fail = [&](Status st) {
+    rados_shutdown(r);
+    return st;
+  };
+  rc = rados_conf_read_file(r, conf_path.c_str());
+  if (rc < 0) {
+    return fail(FailedPrecondition(fmt::format("cannot read the Ceph config {}: {} (errno {})",
+                                               conf_path, std::strerror(-rc), -rc)));
+  }
+  const std::string secs = std::to_string(std::max<int64_t>(1, timeout.count()));
+  std::vector<std::pair<const char*, std::string>> settings = {
+      // Bounded waits: a dead cluster must give errors, not hangs.
+      {"client_mount_timeout", secs},
+      {"rados_mon_op_timeout", secs},
+      {"rados_osd_op_timeout", secs},
+      // A config written for daemons may give every process one socket
+      // path; clients side by side would then fail with "File exists".
+      {"admin_socket", ""},
+  };
+  if (!keyring_path.empty()) settings.emplace_back("keyring", keyring_path);
+  for (const auto& [option, value] : settings) {
+    if (rc = rados_conf_set(r, option, value.c_str()); rc < 0) {
+      return fail(ErrnoStatus(rc, fmt::format("setting {} for {}", option, client)));
+    }
+  }
+  std::string keyring = keyring_path;
+  if (keyring.empty()) {
+    char buf[1024] = {};
+    keyring = rados_conf_get(r, "keyring", buf, sizeof buf) == 0 ? buf : "(unknown)";
+  }
+
+  rc = rados_connect(r);
+  if (rc == -EACCES || rc == -EPERM) {
+    return fail(FailedPrecondition(fmt::format(
+        "connecting to the cluster of {} as {}: the cluster refused the key (errno {}); check "
+        "that keyring {} holds the key of {} and that this user exists with its caps",
+        conf_path, client, -rc, keyring, client)));
+  }
+  if (rc == -ENOENT) {
+    return fail(FailedPrecondition(fmt::format(
+        "connecting to the cluster of {} as {}: no key found for {} in keyring {}; check the "
+        "keyring path and its content",
+        conf_path, client, client, keyring)));
+  }
+  if (rc == -ETIMEDOUT) {
+    return fail(Unavailable(fmt::format(
+        "connecting to the cluster of {} as {}: no monitor answered within {} s; check that the "
+        "cluster runs and that the mon host in {} is right",
+        conf_path, client, secs, conf_path)));
+  }
+  if (rc < 0) {
+    return fail(ErrnoStatus(rc, fmt::format("connecting to the cluster of {} as {}", conf_path,
+                                            client)));
+  }
+  return std::shared_ptr<RbdCluster>(new RbdCluster(r, conf_path, client));
+}
+
+StatusOr<std::shared_ptr<RadosIoCtx>> RbdCluster::OpenIoCtx(const std::string& pool) {
+  rados_ioctx_t io = nullptr;
+  const int rc = rados_ioctx_create(rados_, pool.c_str(), &io);
+  if (rc == -ENOENT) {
+    return NotFound(fmt::format("pool {} does not exist on cluster {}", pool, conf_path_));
+  }
+  if (rc < 0) {
+    return ErrnoStatus(rc, fmt::format("opening pool {} on cluster {}", pool, conf_path_));
+  }
+  return std::make_shared<RadosIoCtx>(shared_from_this(), io, pool);
+}
+
+StatusOr<std::shared_ptr<RbdPool>> RbdCluster::OpenPool(const std::string& pool,
+                                                        const RbdPoolOptions& options) {
+  ASSIGN_OR_RETURN(std::shared_ptr<RadosIoCtx> io, OpenIoCtx(pool));
+  return std::make_shared<RbdPool>(std::move(io), options);
+}
+
+StatusOr<std::shared_ptr<KvStore>> RbdCluster::OpenKvStore(const std::string& pool,
+                                                           const std::string& object) {
+  ASSIGN_OR_RETURN(std::shared_ptr<RadosIoCtx> io, OpenIoCtx(pool));
+  return std::shared_ptr<KvStore>(std::make_shared<RadosKvStore>(std::move(io), object));
+}
+
+RadosIoCtx::RadosIoCtx(std::shared_ptr<RbdCluster> cluster, rados_ioctx_t io, std::string pool)
+    : cluster_(std::move(cluster)), io_(io), pool_(std::move(pool)) {}
+
+RadosIoCtx::~RadosIoCtx() { rados_ioctx_destroy(io_); }
+
+// --- RbdPool -----------------------------------------------------------------
+
+RbdPool::RbdPool(std::shared_ptr<RadosIoCtx> io, RbdPoolOptions options)
+    : io_(std::move(io)), options_(options) {}
+
+std::string RbdPool::Spec(const std::string& image, const std::string& snap) const {
+  return ImageSpec(io_->pool(), image, snap);
+}
+
+StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> head, OpenImage(*io_, image, "", false));
+  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, std::move(head), image));
+}
+
+namespace {
+
+// Creates `image` with the given features and order.
+Status CreateImage(const RadosIoCtx& io, const std::string& image, uint64_t size,
+                   uint64_t features, int order) {
+  rbd_image_options_t opts;
+  rbd_image_options_create(&opts);
+  rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FORMAT, 2);
+  rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FEATURES, features);
+  rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_ORDER, static_cast<uint64_t>(order));
+  const int rc = rbd_create4(io.get(), image.c_str(), size, opts);
+  rbd_image_options_destroy(opts);
+  if (rc == -EEXIST) {
+    return AlreadyExists(fmt::format("image {} already exists", ImageSpec(io.pool(), image)));
+  }
+  if (rc < 0) {
+    return ErrnoStatus(rc, fmt::format("creating image {} of {} bytes", ImageSpec(io.pool(), image),
+                                       size));
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+Status RbdPool::Create(const std::string& image, uint64_t size) {
+  if (image.empty()) return InvalidArgument("creating an image in pool " + name() + ": empty name");
+  return CreateImage(*io_, image, size, options_.features, options_.order);
+}
+
+StatusOr<bool> RbdPool::Exists(const std::string& image) {
+  StatusOr<std::shared_ptr<Image>> h = OpenImage(*io_, image, "", true);
+  if (h.ok()) return true;
+  if (h.status().code() == Code::kNotFound) return false;
+  return h.status();
+}
+
+Status RbdPool::Remove(const std::string& image) {
+  const std::string spec = Spec(image);
+  std::vector<SnapInfo> snaps;
+  std::vector<bool> protected_snaps;
+  {
+    // Read-only: no watch of our own. Check everything before changing anything.
+    ASSIGN_OR_RETURN(std::shared_ptr<Image> h, OpenImage(*io_, image, "", true));
+    size_t max = 4;
+    std::vector<rbd_image_watcher_t> watchers;
+    int rc = 0;
+    while (true) {
+      watchers.assign(max, rbd_image_watcher_t{});
+      rc = rbd_watchers_list(h->get(), watchers.data(), &max);
+      if (rc != -ERANGE) break;
+    }
+    if (rc < 0) return ErrnoStatus(rc, "listing the clients of " + spec);
+    rbd_watchers_list_cleanup(watchers.data(), max);
+    if (max > 0) {
+      return FailedPrecondition(fmt::format(
+          "removing image {}: {} client(s) have it open; close them first", spec, max));
+    }
+    ASSIGN_OR_RETURN(snaps, ListSnapsOf(h->get(), spec));
+    for (const auto& s : snaps) {
+      ASSIGN_OR_RETURN(bool prot, IsProtected(h->get(), spec, s.name));
+      protected_snaps.push_back(prot);
+      if (!prot) continue;
+      ASSIGN_OR_RETURN(size_t clones, CountClones(*io_, image, s.name));
+      if (clones > 0) {
+        return ClonesDependOn(Spec(image, s.name), clones).Annotate("removing image " + spec);
+      }
+    }
+  }
+  if (!snaps.empty()) {
+    ASSIGN_OR_RETURN(std::shared_ptr<Image> h, OpenImage(*io_, image, "", false));
+    for (size_t i = 0; i < snaps.size(); ++i) {
+      const std::string snap_spec = Spec(image, snaps[i].name);
+      if (protected_snaps[i]) {
+        const int rc = rbd_snap_unprotect(h->get(), snaps[i].name.c_str());
+        if (rc < 0 && rc != -EINVAL) {  // EINVAL: no longer protected
+          return ErrnoStatus(rc, "removing image " + spec + ": unprotecting " + snap_spec);
+        }
+      }
+      const int rc = rbd_snap_remove(h->get(), snaps[i].name.c_str());
+      if (rc < 0 && rc != -ENOENT) {
+        return ErrnoStatus(rc, "removing image " + spec + ": removing " + snap_spec);
+      }
+    }
+  }
+  const int rc = rbd_remove(io_->get(), image.c_str());
+  if (rc == -ENOENT) return NotFound(fmt::format("image {} does not exist", spec));
+  if (rc == -EBUSY) {
+    return FailedPrecondition(fmt::format("removing image {}: a client has it open", spec));
+  }
+  if (rc == -ENOTEMPTY) {
+    return FailedPrecondition(
+        fmt::format("removing image {}: it has snapshots (one was taken meanwhile?)", spec));
+  }
+  if (rc < 0) return ErrnoStatus(rc, "removing image " + spec);
+  return OkStatus();
+}
+
+Status RbdPool::Clone(const std::string& image, const std::string& snap, const std::string& dest) {
+  if (snap.empty()) return InvalidArgument("cloning " + Spec(image) + ": a snapshot is required");
+  if (dest.empty()) return InvalidArgument("cloning " + Spec(image) + ": empty destination name");
+  const std::string spec = Spec(image, snap);
+  ASSIGN_OR_RETURN(bool dest_exists, Exists(dest));
+  if (dest_exists) return AlreadyExists(fmt::format("image {} already exists", Spec(dest)));
+  {
+    ASSIGN_OR_RETURN(std::shared_ptr<Image> h, OpenImage(*io_, image, "", false));
+    bool exists = false;
+    if (int rc = rbd_snap_exists(h->get(), snap.c_str(), &exists); rc < 0) {
+      return ErrnoStatus(rc, "cloning " + spec);
+    }
+    if (!exists) return NotFound(fmt::format("snapshot {} does not exist", spec));
+    ASSIGN_OR_RETURN(bool prot, IsProtected(h->get(), Spec(image), snap));
+    if (!prot) {
+      const int rc = rbd_snap_protect(h->get(), snap.c_str());
+      if (rc < 0 && rc != -EBUSY) {  // EBUSY: protected meanwhile
+        return ErrnoStatus(rc, "cloning " + spec + ": protecting the snapshot");
+      }
+    }
+  }
+  rbd_image_options_t opts;
+  rbd_image_options_create(&opts);
+  rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FORMAT, 2);
+  rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FEATURES,
+                               options_.features | RBD_FEATURE_LAYERING);
+  const int rc = rbd_clone3(io_->get(), image.c_str(), snap.c_str(), io_->get(), dest.c_str(), opts);
+  rbd_image_options_destroy(opts);
+  if (rc == -EEXIST) return AlreadyExists(fmt::format("image {} already exists", Spec(dest)));
+  if (rc < 0) return ErrnoStatus(rc, fmt::format("cloning {} into {}", spec, Spec(dest)));
+  return OkStatus();
+}
+
+Status RbdPool::Copy(const std::string& image, const std::string& snap, const std::string& dest,
+                     const ProgressFn& progress) {
+  if (snap.empty()) return InvalidArgument("copying " + Spec(image) + ": a snapshot is required");
+  if (dest.empty()) return InvalidArgument("copying " + Spec(image) + ": empty destination name");
+  const std::string what = fmt::format("copying {} to {}", Spec(image, snap), Spec(dest));
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> src, OpenImage(*io_, image, snap, true));
+  ASSIGN_OR_RETURN(const uint64_t size, ImageSize(src->get(), Spec(image, snap)));
+  rbd_image_info_t info{};
+  if (int rc = rbd_stat(src->get(), &info, sizeof info); rc < 0) return ErrnoStatus(rc, what);
+  RETURN_IF_ERROR(CreateImage(*io_, dest, size, options_.features, info.order));
+  Status st;
+  {
+    StatusOr<std::shared_ptr<Image>> dst = OpenImage(*io_, dest, "", false);
+    st = dst.ok() ? CopyData(src->get(), (*dst)->get(), io_->pool(), image, snap, Spec(dest), size,
+                             progress)
+                  : dst.status();
+  }
+  if (!st.ok()) {
+    const int rc = rbd_remove(io_->get(), dest.c_str());
+    return st.Annotate(what + (rc == 0 ? " (the partial copy was removed)"
+                                       : " (the partial copy could not be removed)"));
+  }
+  return OkStatus();
+}
+
+// --- RbdVolume ---------------------------------------------------------------
+
+RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> head, std::string name)
+    : io_(std::move(io)), head_(std::move(head)), name_(std::move(name)) {}
+
+RbdVolume::~RbdVolume() = default;
+
+std::string RbdVolume::Spec(const std::string& snap) const {
+  return ImageSpec(io_->pool(), name_, snap);
+}
+
+StatusOr<uint64_t> RbdVolume::Size() { return ImageSize(head_->get(), Spec()); }
+
+Status RbdVolume::Resize(uint64_t new_size) {
+  if (int rc = rbd_resize(head_->get(), new_size); rc < 0) {
+    return ErrnoStatus(rc, fmt::format("resizing {} to {} bytes", Spec(), new_size));
+  }
+  return OkStatus();
+}
+
+StatusOr<std::vector<SnapInfo>> RbdVolume::ListSnaps() { return ListSnapsOf(head_->get(), Spec()); }
+
+Status RbdVolume::CreateSnap(const std::string& snap) {
+  if (snap.empty()) return InvalidArgument("creating a snapshot of " + Spec() + ": empty name");
+  const int rc = rbd_snap_create(head_->get(), snap.c_str());
+  if (rc == -EEXIST) return AlreadyExists(fmt::format("snapshot {} already exists", Spec(snap)));
+  if (rc < 0) return ErrnoStatus(rc, "creating snapshot " + Spec(snap));
+  return OkStatus();
+}
+
+Status RbdVolume::RemoveSnap(const std::string& snap) {
+  const std::string spec = Spec(snap);
+  bool exists = false;
+  if (int rc = rbd_snap_exists(head_->get(), snap.c_str(), &exists); rc < 0) {
+    return ErrnoStatus(rc, "removing snapshot " + spec);
+  }
+  if (!exists) return NotFound(fmt::format("snapshot {} does not exist", spec));
+  ASSIGN_OR_RETURN(bool prot, IsProtected(head_->get(), Spec(), snap));
+  if (prot) {
+    ASSIGN_OR_RETURN(size_t clones, CountClones(*io_, name_, snap));
+    if (clones > 0) return ClonesDependOn(spec, clones).Annotate("removing snapshot " + spec);
+    const int rc = rbd_snap_unprotect(head_->get(), snap.c_str());
+    if (rc == -EBUSY) {
+      return ClonesDependOn(spec, 1).Annotate("removing snapshot " + spec);  // cloned meanwhile
+    }
+    if (rc < 0 && rc != -EINVAL) return ErrnoStatus(rc, "unprotecting snapshot " + spec);
+  }
+  const int rc = rbd_snap_remove(head_->get(), snap.c_str());
+  if (rc == -ENOENT) return NotFound(fmt::format("snapshot {} does not exist", spec));
+  if (rc < 0) return ErrnoStatus(rc, "removing snapshot " + spec);
+  return OkStatus();
+}
+
+Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
+                              const std::function<Status(const Extent&)>& fn) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, to_snap, true));
+  return DiffImage(at->get(), io_->pool(), name_, from_snap, to_snap, fn);
+}
+
+StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
+  if (snap.empty()) {
+    return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(head_, false, Spec()));
+  }
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
+  return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));
+}
+
+}  // namespace cairn

@@ -1,0 +1,355 @@
+// The Volume conformance suite over RbdPool on a real cluster, plus what
+// only RBD has: connection errors, object-map fallbacks, exact diffs.
+//
+// Needs a cluster: CAIRN_TEST_CEPH_CONF names its ceph.conf (e.g. the one
+// `tests/cluster/testbed.sh start DIR` prints). Optional: CAIRN_TEST_POOL
+// (default "rbd"), CAIRN_TEST_CEPH_USER (default "admin"),
+// CAIRN_TEST_CEPH_KEYRING (default: the keyring the conf names). Without
+// CAIRN_TEST_CEPH_CONF every test fails, saying so: no silent skip.
+// Image names start with cairn-test-<pid>- and are removed by each test.
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+
+#include <fmt/format.h>
+
+#include "engine/rbd_volume.h"
+#include "tests/unit/volume_conformance.h"
+
+namespace cairn {
+namespace {
+
+using volume_test::CollectDiff;
+using volume_test::kMiB;
+using volume_test::Pattern;
+using volume_test::WriteAt;
+using volume_test::ZeroAt;
+
+struct CephTestEnv {
+  std::string conf;
+  std::string pool;
+  std::string user;
+  std::string keyring;
+};
+
+std::string EnvOr(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : fallback;
+}
+
+StatusOr<CephTestEnv> TestEnv() {
+  CephTestEnv env;
+  env.conf = EnvOr("CAIRN_TEST_CEPH_CONF", "");
+  if (env.conf.empty()) {
+    return FailedPrecondition(
+        "CAIRN_TEST_CEPH_CONF is not set: the Ceph tests need a cluster. Start one with "
+        "`tests/cluster/testbed.sh start DIR` and set CAIRN_TEST_CEPH_CONF to its ceph.conf "
+        "(optional: CAIRN_TEST_POOL, default rbd; CAIRN_TEST_CEPH_USER, default admin; "
+        "CAIRN_TEST_CEPH_KEYRING)");
+  }
+  env.pool = EnvOr("CAIRN_TEST_POOL", "rbd");
+  env.user = EnvOr("CAIRN_TEST_CEPH_USER", "admin");
+  env.keyring = EnvOr("CAIRN_TEST_CEPH_KEYRING", "");
+  return env;
+}
+
+// One connection for the whole run.
+StatusOr<std::shared_ptr<RbdCluster>> TestCluster() {
+  static std::mutex mu;
+  static std::shared_ptr<RbdCluster> cluster;
+  std::lock_guard lock(mu);
+  if (cluster) return cluster;
+  ASSIGN_OR_RETURN(CephTestEnv env, TestEnv());
+  ASSIGN_OR_RETURN(cluster, RbdCluster::Connect(env.conf, env.user, env.keyring,
+                                                std::chrono::seconds(20)));
+  return cluster;
+}
+
+StatusOr<std::shared_ptr<RadosIoCtx>> TestIoCtx() {
+  ASSIGN_OR_RETURN(CephTestEnv env, TestEnv());
+  ASSIGN_OR_RETURN(std::shared_ptr<RbdCluster> cluster, TestCluster());
+  return cluster->OpenIoCtx(env.pool);
+}
+
+std::string RunPrefix() { return fmt::format("cairn-test-{}-", getpid()); }
+
+VolumeConformanceParam RbdParam(std::string label, uint64_t features) {
+  return {label, [label, features]() -> StatusOr<VolumeTestTarget> {
+            ASSIGN_OR_RETURN(std::shared_ptr<RadosIoCtx> io, TestIoCtx());
+            RbdPoolOptions options;
+            options.features = features;
+            VolumeTestTarget t;
+            t.pool = std::make_unique<RbdPool>(std::move(io), options);
+            t.diff_granularity = 4 * kMiB;  // the object size
+            t.name_prefix = RunPrefix() + label + "-";
+            return t;
+          }};
+}
+
+// With fast-diff (the default) and without it (the exact pass over every
+// object: the fallback path).
+INSTANTIATE_TEST_SUITE_P(Rbd, VolumeConformanceTest,
+                         ::testing::Values(RbdParam("FastDiff", kRbdDefaultFeatures),
+                                           RbdParam("NoFastDiff", RBD_FEATURE_LAYERING)),
+                         VolumeParamName);
+
+// A file in a fresh temporary directory, removed with it.
+class TempDir {
+ public:
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "cairn-rbd-test-XXXXXX").string();
+    path_ = mkdtemp(tmpl.data()) != nullptr ? tmpl : "";
+  }
+  ~TempDir() {
+    std::error_code ec;
+    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
+  }
+  std::string Write(const std::string& name, const std::string& text) const {
+    const std::string p = path_ + "/" + name;
+    std::ofstream(p) << text;
+    return p;
+  }
+
+ private:
+  std::string path_;
+};
+
+// A syntactically valid cephx key that no cluster knows.
+std::string UnknownKey() {
+  static const char* kB64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string raw = {1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0};  // type, created, length
+  const std::string secret = Pattern(getpid(), 16);
+  raw += secret;
+  std::string out;
+  for (size_t i = 0; i < raw.size(); i += 3) {
+    uint32_t n = static_cast<uint8_t>(raw[i]) << 16;
+    if (i + 1 < raw.size()) n |= static_cast<uint8_t>(raw[i + 1]) << 8;
+    if (i + 2 < raw.size()) n |= static_cast<uint8_t>(raw[i + 2]);
+    out += kB64[(n >> 18) & 63];
+    out += kB64[(n >> 12) & 63];
+    out += i + 1 < raw.size() ? kB64[(n >> 6) & 63] : '=';
+    out += i + 2 < raw.size() ? kB64[n & 63] : '=';
+  }
+  return out;
+}
+
+// A loopback port that nothing listens on (bound, then closed).
+int ClosedPort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof addr;
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+    close(fd);
+    return 9;  // discard: nothing there either
+  }
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+class RbdClusterTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    StatusOr<CephTestEnv> env = TestEnv();
+    ASSERT_TRUE(env.ok()) << env.status().ToString();
+    env_ = *env;
+  }
+  CephTestEnv env_;
+};
+
+TEST_F(RbdClusterTest, AMissingPoolIsNotFoundAndNamed) {
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::shared_ptr<RbdCluster> cluster, TestCluster());
+  const std::string pool = fmt::format("cairn-no-such-pool-{}", getpid());
+  const Status s = cluster->OpenPool(pool).status();
+  EXPECT_EQ(s.code(), Code::kNotFound) << s.ToString();
+  EXPECT_NE(s.message().find("pool " + pool + " does not exist"), std::string::npos)
+      << s.ToString();
+  EXPECT_NE(s.message().find(env_.conf), std::string::npos) << s.ToString();
+  EXPECT_EQ(cluster->OpenKvStore(pool, "cairn.catalog").status().code(), Code::kNotFound);
+}
+
+TEST_F(RbdClusterTest, AWrongKeyIsFailedPreconditionNamingUserAndKeyring) {
+  TempDir dir;
+  const std::string keyring =
+      dir.Write("bad.keyring", fmt::format("[client.{}]\n\tkey = {}\n", env_.user, UnknownKey()));
+  const auto start = std::chrono::steady_clock::now();
+  const Status s =
+      RbdCluster::Connect(env_.conf, env_.user, keyring, std::chrono::seconds(10)).status();
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find("client." + env_.user), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find(keyring), std::string::npos) << s.ToString();
+  EXPECT_NE(s.message().find("check"), std::string::npos) << s.ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(15));
+}
+
+TEST_F(RbdClusterTest, AMissingKeyringIsFailedPrecondition) {
+  const std::string keyring = fmt::format("/nonexistent-{}/keyring", getpid());
+  const Status s =
+      RbdCluster::Connect(env_.conf, env_.user, keyring, std::chrono::seconds(10)).status();
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find(keyring), std::string::npos) << s.ToString();
+}
+
+TEST_F(RbdClusterTest, AMissingConfIsFailedPrecondition) {
+  const std::string conf = fmt::format("/nonexistent-{}/ceph.conf", getpid());
+  const Status s = RbdCluster::Connect(conf).status();
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
+  EXPECT_NE(s.message().find(conf), std::string::npos) << s.ToString();
+}
+
+TEST_F(RbdClusterTest, AnUnreachableMonitorIsUnavailableWithinTheTimeout) {
+  TempDir dir;
+  const std::string keyring =
+      dir.Write("k.keyring", fmt::format("[client.{}]\n\tkey = {}\n", env_.user, UnknownKey()));
+  const std::string conf = dir.Write(
+      "dead.conf", fmt::format("[global]\n\tmon host = v2:127.0.0.1:{}\n\tms bind ipv4 = true\n"
+                               "\tlog to stderr = false\n\terr to stderr = false\n",
+                               ClosedPort()));
+  const auto start = std::chrono::steady_clock::now();
+  const Status s = RbdCluster::Connect(conf, env_.user, keyring, std::chrono::seconds(3)).status();
+  const auto elapsed = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(s.code(), Code::kUnavailable) << s.ToString();
+  EXPECT_NE(s.message().find(conf), std::string::npos) << s.ToString();
+  EXPECT_LT(elapsed, std::chrono::seconds(15));
+}
+
+// RBD-only behaviour, on images named and removed like the suite's.
+class RbdVolumeTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    StatusOr<std::shared_ptr<RadosIoCtx>> io = TestIoCtx();
+    ASSERT_TRUE(io.ok()) << io.status().ToString();
+    io_ = *io;
+    pool_ = std::make_unique<RbdPool>(io_);
+  }
+  void TearDown() override {
+    if (!pool_) return;
+    for (auto it = names_.rbegin(); it != names_.rend(); ++it) {
+      StatusOr<bool> exists = pool_->Exists(*it);
+      if (exists.ok() && *exists) {
+        const Status s = pool_->Remove(*it);
+        EXPECT_TRUE(s.ok()) << s.ToString();
+      }
+    }
+  }
+  std::string NewName(const std::string& hint) {
+    static int counter = 0;
+    names_.push_back(RunPrefix() + "rbd-" + std::to_string(counter++) + "-" + hint);
+    return names_.back();
+  }
+
+  std::shared_ptr<RadosIoCtx> io_;
+  std::unique_ptr<RbdPool> pool_;
+  std::vector<std::string> names_;
+};
+
+// Between snapshots librbd lists exactly the bytes written or zeroed, but
+// says "hole" (kZero) only for objects that are gone (or cut short): zeros
+// inside a live object come as kData (and read as zeros).
+TEST_F(RbdVolumeTest, DiffBetweenSnapshotsIsByteExact) {
+  const std::string name = NewName("exact");
+  CAIRN_ASSERT_OK(pool_->Create(name, 16 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(1, 8 * kMiB)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK(WriteAt(*v, 50, Pattern(2, 10)));
+  CAIRN_ASSERT_OK(ZeroAt(*v, kMiB + 4096, 8192));
+  CAIRN_ASSERT_OK(ZeroAt(*v, 4 * kMiB, 4 * kMiB));  // a whole object
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> d, CollectDiff(*v, "s1", "s2"));
+  EXPECT_EQ(d, (std::vector<Extent>{{50, 10, RecordKind::kData},
+                                    {kMiB + 4096, 8192, RecordKind::kData},
+                                    {4 * kMiB, 4 * kMiB, RecordKind::kZero}}))
+      << volume_test::Describe(d);
+}
+
+// Pacific's fast diff (object maps) forgets the objects a shrink removed if
+// a snapshot recorded the shrink and the image then grew back; DiffExtents
+// must still list them as holes.
+TEST_F(RbdVolumeTest, DiffListsWhatAShrinkInBetweenRemoved) {
+  const std::string name = NewName("shrinkgrow");
+  CAIRN_ASSERT_OK(pool_->Create(name, 16 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(5, 16 * kMiB)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK(v->Resize(5 * kMiB + 777));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  CAIRN_ASSERT_OK(v->Resize(16 * kMiB));
+  CAIRN_ASSERT_OK(v->CreateSnap("s3"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> d, CollectDiff(*v, "s1", "s3"));
+  EXPECT_EQ(d, (std::vector<Extent>{{5 * kMiB + 777, 11 * kMiB - 777, RecordKind::kZero}}))
+      << volume_test::Describe(d);
+  CAIRN_ASSERT_OK_AND_ASSIGN(d, CollectDiff(*v, "s1", ""));
+  EXPECT_EQ(d, (std::vector<Extent>{{5 * kMiB + 777, 11 * kMiB - 777, RecordKind::kZero}}))
+      << volume_test::Describe(d);
+}
+
+TEST_F(RbdVolumeTest, DiffIsRightWhenTheObjectMapIsInvalid) {
+  const std::string name = NewName("invalidmap");
+  CAIRN_ASSERT_OK(pool_->Create(name, 24 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(3, 12 * kMiB)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  const std::vector<volume_test::Range> changes = {{100, 1000}, {9 * kMiB, 5 * kMiB}};
+  CAIRN_ASSERT_OK(WriteAt(*v, changes[0].offset, Pattern(4, changes[0].length)));
+  CAIRN_ASSERT_OK(ZeroAt(*v, changes[1].offset, changes[1].length));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  v.reset();
+  {
+    // Turning the object map off and on again leaves it invalid until rebuilt.
+    rbd_image_t h = nullptr;
+    ASSERT_EQ(rbd_open(io_->get(), name.c_str(), &h, nullptr), 0);
+    const uint64_t maps = RBD_FEATURE_OBJECT_MAP | RBD_FEATURE_FAST_DIFF;
+    EXPECT_EQ(rbd_update_features(h, maps, 0), 0);
+    EXPECT_EQ(rbd_update_features(h, maps, 1), 0);
+    uint64_t flags = 0;
+    EXPECT_EQ(rbd_get_flags(h, &flags), 0);
+    EXPECT_NE(flags & RBD_FLAG_OBJECT_MAP_INVALID, 0u) << "the test needs an invalid map";
+    rbd_close(h);
+  }
+  CAIRN_ASSERT_OK_AND_ASSIGN(v, pool_->Open(name));
+  EXPECT_TRUE(volume_test::DiffReconstructs(*v, "s1", "s2", changes, 4 * kMiB));
+  EXPECT_TRUE(volume_test::DiffReconstructs(*v, "", "s2", {{0, 12 * kMiB}}, 4 * kMiB));
+}
+
+TEST_F(RbdVolumeTest, RemoveSnapNamesTheClonesThatPinIt) {
+  const std::string parent = NewName("pin");
+  const std::string child = NewName("pinchild");
+  CAIRN_ASSERT_OK(pool_->Create(parent, 4 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(parent));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK(pool_->Clone(parent, "s1", child));
+  const Status s = v->RemoveSnap("s1");
+  EXPECT_EQ(s.code(), Code::kFailedPrecondition);
+  EXPECT_NE(s.message().find("clone(s) depend on snapshot"), std::string::npos) << s.ToString();
+  CAIRN_ASSERT_OK(pool_->Remove(child));
+  CAIRN_ASSERT_OK(v->RemoveSnap("s1"));  // unprotects, then removes
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, v->ListSnaps());
+  EXPECT_TRUE(snaps.empty());
+}
+
+TEST_F(RbdVolumeTest, ReadsAtASnapshotSeeItsSizeNotTheHeads) {
+  const std::string name = NewName("snapsize");
+  CAIRN_ASSERT_OK(pool_->Create(name, 8 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
+  CAIRN_ASSERT_OK(v->CreateSnap("small"));
+  CAIRN_ASSERT_OK(v->Resize(16 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v->OpenIo("small"));
+  std::string buf(4096, '\0');
+  CAIRN_EXPECT_CODE(io->StartRead(1, 12 * kMiB, std::span<char>(buf)), Code::kInvalidArgument);
+  CAIRN_ASSERT_OK(io->StartRead(2, 8 * kMiB - 4096, std::span<char>(buf)));
+  AsyncIo::Completion c = io->WaitOne();
+  EXPECT_EQ(c.tag, 2u);
+  EXPECT_TRUE(c.status.ok()) << c.status.ToString();
+}
+
+}  // namespace
+}  // namespace cairn

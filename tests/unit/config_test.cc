@@ -65,7 +65,7 @@ TEST(Config, ErrorsNameWhatIsWrong) {
               HasSubstr("interval: must be at least 1s"));
   EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\ninterval=5x\n"), HasSubstr("is not a duration"));
   EXPECT_THAT(Error("[volume a/b]\nimage=i\npeer=h:1\n"), HasSubstr("has '/'"));
-  EXPECT_THAT(Error("[sinks]\n"), HasSubstr("unknown section [sinks]"));
+  EXPECT_THAT(Error("[sinks]\nlisten = h:1\n"), HasSubstr("unknown section [sinks]"));
   EXPECT_THAT(Error("[cairnd]\nsite = a\n"), HasSubstr("nothing to do"));
   EXPECT_THAT(Error("[cairnd]\nlog_level = loud\n[sink]\n"), HasSubstr("log_level 'loud'"));
   EXPECT_THAT(Error("[sink]\npools = ,\n"), HasSubstr("lists no pool"));

@@ -57,7 +57,8 @@ std::string BeginFrame() {
 // Reads `bytes` as one record frame and checks it against an epoch.
 Status ReadAndVerify(const std::string& bytes) {
   EpochVerifier v("v", 0, ChainDigest());
-  StringSource begin_src(BeginFrame());
+  const std::string begin_bytes = BeginFrame();
+  StringSource begin_src(begin_bytes);
   auto begin = ReadFrame(begin_src);
   EXPECT_TRUE(begin.ok());
   EXPECT_TRUE(v.Check(*begin).ok());

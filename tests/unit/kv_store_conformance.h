@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <functional>
 #include <map>
+#include <ostream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -40,6 +41,8 @@ struct KvStoreConformanceParam {
   std::string label;
   std::function<StatusOr<KvStoreTarget>()> make;
 };
+
+inline void PrintTo(const KvStoreConformanceParam& p, std::ostream* os) { *os << p.label; }
 
 inline std::string KvStoreParamName(const ::testing::TestParamInfo<KvStoreConformanceParam>& info) {
   return info.param.label;
@@ -170,8 +173,9 @@ TEST_P(KvStoreConformanceTest, ReadersNeverSeeHalfACommit) {
   std::atomic<bool> done{false};
   std::atomic<int> torn{0};
   std::atomic<int> scans{0};
+  std::atomic<bool> started{false};
   std::thread reader([&] {
-    while (!done.load()) {
+    do {
       for (int b = 0; b < kBatches; ++b) {
         StatusOr<std::map<std::string, std::string>> m =
             kv().Scan("batch/" + std::to_string(b) + "/");
@@ -179,8 +183,10 @@ TEST_P(KvStoreConformanceTest, ReadersNeverSeeHalfACommit) {
         if (m->size() != 0 && m->size() != kPerBatch) ++torn;
         ++scans;
       }
-    }
+      started = true;
+    } while (!done.load());
   });
+  while (!started.load()) std::this_thread::yield();  // overlap the reader
   for (int b = 0; b < kBatches; ++b) {
     std::map<std::string, std::string> set;
     for (int k = 0; k < kPerBatch; ++k) {

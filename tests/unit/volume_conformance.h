@@ -26,6 +26,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <set>
 #include <string>
 #include <string_view>
@@ -54,6 +55,8 @@ struct VolumeConformanceParam {
   // Builds a fresh target for one test; an error fails the test.
   std::function<StatusOr<VolumeTestTarget>()> make;
 };
+
+inline void PrintTo(const VolumeConformanceParam& p, std::ostream* os) { *os << p.label; }
 
 inline std::string VolumeParamName(const ::testing::TestParamInfo<VolumeConformanceParam>& info) {
   return info.param.label;

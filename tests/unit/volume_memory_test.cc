@@ -16,10 +16,16 @@ using volume_test::ReadAt;
 using volume_test::WriteAt;
 using volume_test::ZeroAt;
 
+MemoryPoolOptions Chunked(uint64_t chunk_size) {
+  MemoryPoolOptions o;
+  o.chunk_size = chunk_size;
+  return o;
+}
+
 VolumeConformanceParam MemoryParam(uint64_t chunk_size, std::string label) {
   return {std::move(label), [chunk_size]() -> StatusOr<VolumeTestTarget> {
             VolumeTestTarget t;
-            t.pool = std::make_unique<MemoryPool>("mem", MemoryPoolOptions{.chunk_size = chunk_size});
+            t.pool = std::make_unique<MemoryPool>("mem", Chunked(chunk_size));
             t.diff_granularity = std::max<uint64_t>(chunk_size, 64 * kKiB);
             t.name_prefix = "img-";
             return t;
@@ -33,7 +39,9 @@ INSTANTIATE_TEST_SUITE_P(Memory, VolumeConformanceTest,
 
 TEST(MemoryVolumeTest, SnapshotTimesComeFromTheInjectedClock) {
   int64_t now = 1'700'000'000'000'000'000;
-  MemoryPool pool("mem", {.now_ns = [&] { return now; }});
+  MemoryPoolOptions options;
+  options.now_ns = [&] { return now; };
+  MemoryPool pool("mem", options);
   CAIRN_ASSERT_OK(pool.Create("a", kMiB));
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool.Open("a"));
   CAIRN_ASSERT_OK(v->CreateSnap("s1"));
@@ -46,7 +54,7 @@ TEST(MemoryVolumeTest, SnapshotTimesComeFromTheInjectedClock) {
 }
 
 TEST(MemoryVolumeTest, OnlyWrittenChunksAreAllocatedAndZeroingFreesThem) {
-  MemoryPool pool("mem", {.chunk_size = 64 * kKiB});
+  MemoryPool pool("mem", Chunked(64 * kKiB));
   CAIRN_ASSERT_OK(pool.Create("a", 10 * kGiB));
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool.Open("a"));
   CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t bytes, pool.AllocatedBytes("a"));
@@ -82,7 +90,7 @@ TEST(MemoryVolumeTest, OnlyWrittenChunksAreAllocatedAndZeroingFreesThem) {
 }
 
 TEST(MemoryVolumeTest, DiffClipsTheLastChunkToTheSize) {
-  MemoryPool pool("mem", {.chunk_size = 64 * kKiB});
+  MemoryPool pool("mem", Chunked(64 * kKiB));
   CAIRN_ASSERT_OK(pool.Create("a", 100 * kKiB));
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool.Open("a"));
   CAIRN_ASSERT_OK(WriteAt(*v, 90 * kKiB, Pattern(2, 10 * kKiB)));
@@ -109,7 +117,7 @@ TEST(MemoryVolumeTest, AnInjectedIoFaultArrivesWithItsCompletionAndIsNotApplied)
   EXPECT_EQ(c.tag, 2u);
   EXPECT_EQ(c.status.code(), Code::kUnavailable);
   EXPECT_NE(c.status.message().find("injected"), std::string::npos);
-  EXPECT_NE(c.status.message().find("writing mem/a at 8192~4096"), std::string::npos)
+  EXPECT_NE(c.status.message().find("writing memory/a at 8192~4096"), std::string::npos)
       << c.status.ToString();
   EXPECT_EQ(io->InFlight(), 1u);
   CAIRN_ASSERT_OK(io->Drain());

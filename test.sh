@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what the tests need, builds, and runs every test:
+#   1. unit tests (GoogleTest, in-memory volume, real spool files);
+#   2. Ceph tests: the Volume and catalog conformance suites on a real cluster;
+#   3. integration tests (pytest): two real Ceph clusters on loopback,
+#      real cairnd processes over TCP, every restore point checked by hash.
+# Usage: ./test.sh            (CI sets CI=true: warnings are errors)
+set -euo pipefail
+cd "$(dirname "$0")"
+./deps.sh
+werror=OFF; [[ "${CI:-}" == "true" ]] && werror=ON
+./build.sh -DCAIRN_WERROR=$werror
+
+echo "== unit tests"
+ctest --test-dir build --output-on-failure
+
+tb=$(mktemp -d /tmp/cairn-test.XXXXXX)
+cleanup() { tests/cluster/testbed.sh stop "$tb" --purge >/dev/null 2>&1 || true; }
+trap cleanup EXIT
+echo "== starting two Ceph clusters (site A, site B) in $tb"
+tests/cluster/testbed.sh start "$tb" --base-port "${CAIRN_TEST_BASE_PORT:-21789}"
+# shellcheck disable=SC1091
+source "$tb/env"
+
+echo "== Ceph tests (site A)"
+CAIRN_TEST_CEPH_CONF="$CEPH_CONF_A" build/tests/ceph_tests --gtest_brief=1
+
+echo "== integration tests"
+CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/integration

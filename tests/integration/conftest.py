@@ -1,0 +1,81 @@
+"""Fixtures for the integration tests: two real Ceph clusters (site A and
+site B) started on loopback by tests/cluster/testbed.sh, and real cairnd
+processes. Set CAIRN_TESTBED=DIR to use a test bed that is already running
+(it is then left running)."""
+import os
+import random
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+import cairn_testlib as lib  # noqa: E402
+
+
+def _env(path):
+    out = {}
+    with open(path) as f:
+        for line in f:
+            if "=" in line:
+                k, v = line.strip().split("=", 1)
+                out[k] = v.strip('"')
+    return out
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    given = os.environ.get("CAIRN_TESTBED")
+    if given:
+        yield _env(os.path.join(given, "env"))
+        return
+    d = tempfile.mkdtemp(prefix="cairn-it-")
+    port = int(os.environ.get("CAIRN_TEST_BASE_PORT", "0")) or random.randrange(20000, 40000, 1000)
+    r = subprocess.run([lib.TESTBED, "start", d, "--base-port", str(port)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        subprocess.run([lib.TESTBED, "stop", d], capture_output=True)
+        pytest.fail(f"test bed did not start:\n{r.stdout}\n{r.stderr}")
+    try:
+        yield _env(os.path.join(d, "env"))
+    finally:
+        subprocess.run([lib.TESTBED, "stop", d, "--purge"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def site_a(testbed):
+    s = lib.Site(testbed["CEPH_CONF_A"])
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def site_b(testbed):
+    s = lib.Site(testbed["CEPH_CONF_B"])
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    return str(tmp_path)
+
+
+@pytest.fixture
+def daemons():
+    started = []
+
+    def start(d):
+        started.append(d)
+        return d.start()
+
+    yield start
+    for d in reversed(started):
+        d.stop()
+
+
+@pytest.fixture
+def name(request):
+    """A name unique to this test run, for images."""
+    return f"{request.node.name[:40]}-{os.getpid()}".replace("[", "-").replace("]", "")

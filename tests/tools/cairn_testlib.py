@@ -1,0 +1,187 @@
+"""Shared helpers for Cairn's integration tests, demo and benchmarks.
+
+Real parts only: python3-rbd/python3-rados against the clusters started by
+tests/cluster/testbed.sh, real cairnd processes, the real `cairn` CLI.
+Waiting is always on a condition with a deadline and a message that says
+what did not happen; never a bare sleep.
+"""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import time
+
+import rados
+import rbd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.environ.get("CAIRN_BUILD", os.path.join(ROOT, "build"))
+CAIRND = os.path.join(BUILD, "engine", "cairnd")
+CAIRN = os.path.join(BUILD, "engine", "cairn")
+TESTBED = os.path.join(ROOT, "tests", "cluster", "testbed.sh")
+
+BLOCK = 64 * 1024
+
+
+def wait_for(what, predicate, timeout=60.0, interval=0.05):
+    """Polls predicate() until it returns a truthy value; fails after timeout
+    with a message naming what did not happen."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as e:  # the condition may not be checkable yet
+            last = e
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f} s"
+                               + (f" (last error: {last})" if last else ""))
+        time.sleep(interval)
+
+
+class Site:
+    """One Ceph cluster: a rados connection and an ioctx on a pool."""
+
+    def __init__(self, conf, pool="rbd"):
+        self.conf = conf
+        self.pool = pool
+        self.cluster = rados.Rados(conffile=conf, conf={"admin_socket": ""})
+        self.cluster.connect(timeout=30)
+        self.ioctx = self.cluster.open_ioctx(pool)
+
+    def close(self):
+        self.ioctx.close()
+        self.cluster.shutdown()
+
+    def create(self, name, size):
+        rbd.RBD().create(self.ioctx, name, size, old_format=False,
+                         features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+                         | rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
+
+    def remove(self, name):
+        with rbd.Image(self.ioctx, name) as img:
+            for s in list(img.list_snaps()):
+                if img.is_protected_snap(s["name"]):
+                    img.unprotect_snap(s["name"])
+                img.remove_snap(s["name"])
+        rbd.RBD().remove(self.ioctx, name)
+
+    def images(self):
+        return rbd.RBD().list(self.ioctx)
+
+    def snaps(self, name):
+        with rbd.Image(self.ioctx, name, read_only=True) as img:
+            return [s["name"] for s in img.list_snaps()]
+
+    def digest(self, name, snap=None):
+        """Content hash of the whole image (holes read as zeros) and its size.
+
+        Equal digests <=> equal sizes and equal bytes everywhere. Sparse-aware:
+        the allocated extents (from diff_iterate, parents included) are read in
+        64 KiB blocks and every block that is not all zeros enters the hash with
+        its offset; holes and zero blocks contribute nothing on either side, so
+        a 10 GiB sparse image hashes in the time of its data."""
+        with rbd.Image(self.ioctx, name, snapshot=snap, read_only=True) as img:
+            size = img.size()
+            blocks = set()
+
+            def cb(offset, length, exists):
+                if exists:
+                    first = offset // BLOCK
+                    last = (offset + length - 1) // BLOCK
+                    blocks.update(range(first, last + 1))
+                return 0
+
+            img.diff_iterate(0, size, None, cb, include_parent=True, whole_object=False)
+            h = hashlib.blake2b(digest_size=16)
+            h.update(size.to_bytes(8, "little"))
+            zero = bytes(BLOCK)
+            for b in sorted(blocks):
+                off = b * BLOCK
+                n = min(BLOCK, size - off)
+                data = img.read(off, n)
+                if data != zero[:n]:
+                    h.update(off.to_bytes(8, "little"))
+                    h.update(data)
+            return f"{h.hexdigest()}/{size}"
+
+
+class Cairnd:
+    """A real cairnd process with its own config file and control socket."""
+
+    def __init__(self, workdir, name, config_text):
+        self.workdir = workdir
+        self.name = name
+        os.makedirs(workdir, exist_ok=True)
+        self.config = os.path.join(workdir, f"{name}.conf")
+        self.socket = os.path.join(workdir, f"{name}.sock")
+        self.log = os.path.join(workdir, f"{name}.log")
+        with open(self.config, "w") as f:
+            f.write(config_text.replace("@SOCKET@", self.socket))
+        self.proc = None
+
+    def start(self, timeout=30):
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen([CAIRND, "-c", self.config], stdout=logf,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(f"cairnd {self.name} answering on {self.socket}",
+                 lambda: self._alive() and self.cli("status").returncode == 0, timeout)
+        return self
+
+    def _alive(self):
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"cairnd {self.name} exited with {self.proc.returncode}:\n"
+                               + self.log_tail())
+        return True
+
+    def log_tail(self, n=40):
+        with open(self.log) as f:
+            return "".join(f.readlines()[-n:])
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cli(self, *args, check=False, timeout=600):
+        r = subprocess.run([CAIRN, "--socket", self.socket, *args], capture_output=True,
+                           text=True, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"cairn {' '.join(args)} exited {r.returncode}: {r.stderr}"
+                               f"\n--- {self.name} log ---\n{self.log_tail()}")
+        return r
+
+    def json(self, *args):
+        return json.loads(self.cli("--json", *args, check=True).stdout)
+
+
+def source_config(site, conf, peer_port, volumes, interval="0", keep=1000):
+    """cairnd.conf of a source node; volumes: {id: (image, target_image)}."""
+    text = (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
+            f"[ceph]\nconf = {conf}\nclient = admin\n\n")
+    for vid, (image, target) in volumes.items():
+        text += (f"[volume {vid}]\npool = rbd\nimage = {image}\ntarget_image = {target}\n"
+                 f"peer = 127.0.0.1:{peer_port}\ninterval = {interval}\n"
+                 f"keep_snapshots = {keep}\n\n")
+    return text
+
+
+def sink_config(site, conf, port, spool_dir, pools="rbd"):
+    return (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
+            f"[ceph]\nconf = {conf}\nclient = admin\n\n"
+            f"[sink]\nlisten = 127.0.0.1:{port}\nspool_dir = {spool_dir}\npools = {pools}\n")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
