@@ -163,7 +163,40 @@ StatusOr<uint64_t> ParseSize(std::string_view text) {
   return InvalidArgument(fmt::format("'{}' is not a size (use 4096, 64K, 1M)", text));
 }
 
+namespace {
+
+// The INI parser truncates long lines and section names silently; a
+// truncated volume id or path must be an error instead.
+constexpr size_t kMaxLine = 199;    // inih's INI_MAX_LINE - 1
+constexpr size_t kMaxSection = 49;  // inih's INI_MAX_SECTION - 1
+
+Status CheckLengths(std::string_view text, std::string_view origin) {
+  int lineno = 0;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string_view::npos) end = text.size();
+    const std::string line = Trim(text.substr(start, end - start));
+    ++lineno;
+    if (line.size() > kMaxLine) {
+      return InvalidArgument(fmt::format("{}:{}: line is longer than {} characters", origin,
+                                         lineno, kMaxLine));
+    }
+    if (line.starts_with('[') && line.find(']') != std::string::npos &&
+        line.find(']') - 1 > kMaxSection) {
+      return InvalidArgument(fmt::format(
+          "{}:{}: section name is longer than {} characters (volume ids are at most {})", origin,
+          lineno, kMaxSection, kMaxSection - 7));
+    }
+    start = end + 1;
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
 StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origin) {
+  RETURN_IF_ERROR(CheckLengths(text, origin));
   Parsed parsed;
   const std::string copy(text);
   const int rc = ini_parse_string(copy.c_str(), &Handler, &parsed);

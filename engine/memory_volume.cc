@@ -1,5 +1,7 @@
 #include "engine/memory_volume.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <bit>
 #include <cassert>
@@ -10,8 +12,6 @@
 #include <mutex>
 #include <optional>
 #include <utility>
-
-#include <fmt/format.h>
 
 namespace cairn {
 namespace memory_internal {
@@ -113,45 +113,45 @@ void ForEachChunk(uint64_t chunk_size, uint64_t offset, uint64_t length, Fn&& fn
 
 void WriteChunks(ChunkMap& chunks, uint64_t chunk_size, uint64_t offset,
                  std::span<const char> buf) {
-  ForEachChunk(chunk_size, offset, buf.size(), [&](uint64_t index, uint64_t in_chunk,
-                                                   uint64_t at, uint64_t n) {
-    auto it = chunks.find(index);
-    std::string data = it != chunks.end() ? *it->second : std::string(chunk_size, '\0');
-    std::memcpy(data.data() + in_chunk, buf.data() + at, n);
-    chunks[index] = std::make_shared<const std::string>(std::move(data));
-  });
+  ForEachChunk(chunk_size, offset, buf.size(),
+               [&](uint64_t index, uint64_t in_chunk, uint64_t at, uint64_t n) {
+                 auto it = chunks.find(index);
+                 std::string data =
+                     it != chunks.end() ? *it->second : std::string(chunk_size, '\0');
+                 std::memcpy(data.data() + in_chunk, buf.data() + at, n);
+                 chunks[index] = std::make_shared<const std::string>(std::move(data));
+               });
 }
 
 void ZeroChunks(ChunkMap& chunks, uint64_t chunk_size, uint64_t offset, uint64_t length) {
-  ForEachChunk(chunk_size, offset, length, [&](uint64_t index, uint64_t in_chunk, uint64_t,
-                                               uint64_t n) {
-    auto it = chunks.find(index);
-    if (it == chunks.end()) return;
-    if (n == chunk_size) {
-      chunks.erase(it);
-      return;
-    }
-    std::string data = *it->second;
-    std::memset(data.data() + in_chunk, 0, n);
-    if (AllZero(data.data(), data.size())) {
-      chunks.erase(it);
-    } else {
-      it->second = std::make_shared<const std::string>(std::move(data));
-    }
-  });
+  ForEachChunk(chunk_size, offset, length,
+               [&](uint64_t index, uint64_t in_chunk, uint64_t, uint64_t n) {
+                 auto it = chunks.find(index);
+                 if (it == chunks.end()) return;
+                 if (n == chunk_size) {
+                   chunks.erase(it);
+                   return;
+                 }
+                 std::string data = *it->second;
+                 std::memset(data.data() + in_chunk, 0, n);
+                 if (AllZero(data.data(), data.size())) {
+                   chunks.erase(it);
+                 } else {
+                   it->second = std::make_shared<const std::string>(std::move(data));
+                 }
+               });
 }
 
-void ReadChunks(const ChunkMap& chunks, uint64_t chunk_size, uint64_t offset,
-                std::span<char> buf) {
-  ForEachChunk(chunk_size, offset, buf.size(), [&](uint64_t index, uint64_t in_chunk,
-                                                   uint64_t at, uint64_t n) {
-    auto it = chunks.find(index);
-    if (it == chunks.end()) {
-      std::memset(buf.data() + at, 0, n);
-    } else {
-      std::memcpy(buf.data() + at, it->second->data() + in_chunk, n);
-    }
-  });
+void ReadChunks(const ChunkMap& chunks, uint64_t chunk_size, uint64_t offset, std::span<char> buf) {
+  ForEachChunk(chunk_size, offset, buf.size(),
+               [&](uint64_t index, uint64_t in_chunk, uint64_t at, uint64_t n) {
+                 auto it = chunks.find(index);
+                 if (it == chunks.end()) {
+                   std::memset(buf.data() + at, 0, n);
+                 } else {
+                   std::memcpy(buf.data() + at, it->second->data() + in_chunk, n);
+                 }
+               });
 }
 
 // Drops every byte at or beyond `size`, so that growing again reads zeros.
@@ -324,8 +324,9 @@ class MemoryAsyncIo final : public AsyncIo {
   }
 
   std::string Describe(MemoryOp op, uint64_t offset, uint64_t length) const {
-    const char* verb = op == MemoryOp::kRead ? "reading" : op == MemoryOp::kWrite ? "writing"
-                                                                                  : "zeroing";
+    const char* verb = op == MemoryOp::kRead    ? "reading"
+                       : op == MemoryOp::kWrite ? "writing"
+                                                : "zeroing";
     return fmt::format("{} {}/{}{}{} at {}~{}", verb, pool_->name, image_->name,
                        snap_.empty() ? "" : "@", snap_, offset, length);
   }
@@ -558,8 +559,8 @@ Status MemoryVolume::DiffExtents(const std::string& from_snap, const std::string
       to_size = s->size;
     }
     if (from_id > to_id) {
-      return InvalidArgument(fmt::format("diffing {}/{}: snapshot {} is newer than {}",
-                                         pool_->name, name_, from_snap, to_snap));
+      return InvalidArgument(fmt::format("diffing {}/{}: snapshot {} is newer than {}", pool_->name,
+                                         name_, from_snap, to_snap));
     }
     if (from_id == to_id) return OkStatus();
   }

@@ -109,8 +109,7 @@ class MemoryPool final : public Pool {
   Status Remove(const std::string& image) override;
   StatusOr<bool> Exists(const std::string& image) override;
   // kInvalidArgument if `snap` is empty: only a snapshot can be cloned.
-  Status Clone(const std::string& image, const std::string& snap,
-               const std::string& dest) override;
+  Status Clone(const std::string& image, const std::string& snap, const std::string& dest) override;
   // kInvalidArgument if `snap` is empty. Calls `progress` (if set) with
   // (0, size) and (size, size).
   Status Copy(const std::string& image, const std::string& snap, const std::string& dest,

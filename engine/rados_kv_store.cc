@@ -1,9 +1,9 @@
 #include "engine/rados_kv_store.h"
 
+#include <fmt/format.h>
+
 #include <cerrno>
 #include <utility>
-
-#include <fmt/format.h>
 
 namespace cairn {
 namespace {
@@ -58,8 +58,8 @@ Status RadosKvStore::Commit(const std::map<std::string, std::string>& set,
   if (!rm_keys.empty()) {
     rados_write_op_omap_rm_keys2(w.op, rm_keys.data(), rm_lens.data(), rm_keys.size());
   }
-  const int rc = rados_write_op_operate(w.op, io_->get(), object_.c_str(), nullptr,
-                                        LIBRADOS_OPERATION_NOFLAG);
+  const int rc =
+      rados_write_op_operate(w.op, io_->get(), object_.c_str(), nullptr, LIBRADOS_OPERATION_NOFLAG);
   if (rc < 0) {
     return ErrnoStatus(rc, fmt::format("committing {} set and {} removed keys to {}", set.size(),
                                        remove.size(), spec_));

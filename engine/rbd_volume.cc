@@ -1,5 +1,7 @@
 #include "engine/rbd_volume.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <array>
 #include <cassert>
@@ -12,8 +14,6 @@
 #include <set>
 #include <utility>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "engine/rados_kv_store.h"
 
@@ -78,7 +78,8 @@ StatusOr<std::shared_ptr<Image>> OpenImage(const RadosIoCtx& io, const std::stri
 
 StatusOr<uint64_t> ImageSize(rbd_image_t h, const std::string& spec) {
   uint64_t size = 0;
-  if (int rc = rbd_get_size(h, &size); rc < 0) return ErrnoStatus(rc, "getting the size of " + spec);
+  if (int rc = rbd_get_size(h, &size); rc < 0)
+    return ErrnoStatus(rc, "getting the size of " + spec);
   return size;
 }
 
@@ -105,7 +106,8 @@ StatusOr<std::vector<SnapInfo>> ListSnapsOf(rbd_image_t h, const std::string& sp
   }
   rbd_snap_list_end(raw.data());
   if (!st.ok()) return st;
-  std::sort(out.begin(), out.end(), [](const SnapInfo& a, const SnapInfo& b) { return a.id < b.id; });
+  std::sort(out.begin(), out.end(),
+            [](const SnapInfo& a, const SnapInfo& b) { return a.id < b.id; });
   return out;
 }
 
@@ -131,8 +133,8 @@ StatusOr<size_t> CountClones(const RadosIoCtx& io, const std::string& image,
 }
 
 Status ClonesDependOn(const std::string& spec, size_t clones) {
-  return FailedPrecondition(fmt::format(
-      "{} clone(s) depend on snapshot {}; remove or flatten them first", clones, spec));
+  return FailedPrecondition(
+      fmt::format("{} clone(s) depend on snapshot {}; remove or flatten them first", clones, spec));
 }
 
 // --- asynchronous I/O --------------------------------------------------------
@@ -182,8 +184,9 @@ void OnRbdComplete(rbd_completion_t, void* arg) {
 }
 
 std::string Describe(OpKind kind, const std::string& spec, uint64_t offset, uint64_t length) {
-  const char* verb = kind == OpKind::kRead ? "reading" : kind == OpKind::kWrite ? "writing"
-                                                                                : "zeroing";
+  const char* verb = kind == OpKind::kRead    ? "reading"
+                     : kind == OpKind::kWrite ? "writing"
+                                              : "zeroing";
   return fmt::format("{} {} at {}~{}", verb, spec, offset, length);
 }
 
@@ -231,7 +234,8 @@ AsyncIo::Completion FinishOp(PendingOp* op, const std::string& spec) {
     // librbd clips I/O at the end of the image: it shrank under us.
     c.status = Aborted(fmt::format("{}: short read of {} bytes (did the image shrink?)", what, rc));
   } else if (op->kind != OpKind::kRead && rc != 0 && static_cast<uint64_t>(rc) != op->length) {
-    c.status = Aborted(fmt::format("{}: short write of {} bytes (did the image shrink?)", what, rc));
+    c.status =
+        Aborted(fmt::format("{}: short write of {} bytes (did the image shrink?)", what, rc));
   }
   return c;
 }
@@ -356,7 +360,8 @@ std::vector<Extent> Unite(const std::vector<Extent>& in, RecordKind kind, uint64
     const uint64_t end = std::min(e.offset + e.length, hi);
     if (e.kind == kind && b < end) v.push_back({b, end - b, kind});
   }
-  std::sort(v.begin(), v.end(), [](const Extent& a, const Extent& b) { return a.offset < b.offset; });
+  std::sort(v.begin(), v.end(),
+            [](const Extent& a, const Extent& b) { return a.offset < b.offset; });
   std::vector<Extent> out;
   for (const auto& e : v) {
     if (!out.empty() && e.offset <= out.back().offset + out.back().length) {
@@ -383,7 +388,8 @@ std::vector<Extent> Normalize(const std::vector<Extent>& raw, uint64_t lo, uint6
     while (pos < end) {
       while (d < data.size() && data[d].offset + data[d].length <= pos) ++d;
       if (d < data.size() && data[d].offset < end) {
-        if (data[d].offset > pos) zero_only.push_back({pos, data[d].offset - pos, RecordKind::kZero});
+        if (data[d].offset > pos)
+          zero_only.push_back({pos, data[d].offset - pos, RecordKind::kZero});
         pos = data[d].offset + data[d].length;
       } else {
         zero_only.push_back({pos, end - pos, RecordKind::kZero});
@@ -438,8 +444,8 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
                  const std::function<Status(const Extent&)>& fn) {
   const std::string spec = ImageSpec(pool, image, to_snap);
   const char* from = SnapOrNull(from_snap);
-  const std::string what = fmt::format("diffing {} from {}", spec,
-                                       from_snap.empty() ? "the empty image" : from_snap);
+  const std::string what =
+      fmt::format("diffing {} from {}", spec, from_snap.empty() ? "the empty image" : from_snap);
   ASSIGN_OR_RETURN(const uint64_t size, ImageSize(h, spec));
 
   uint64_t flags = 0;
@@ -448,14 +454,16 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
     bool exists = false;
     if (int rc = rbd_snap_exists(h, from, &exists); rc < 0) return ErrnoStatus(rc, what);
     if (!exists) {
-      return NotFound(fmt::format("{}: snapshot {} does not exist", what,
-                                  ImageSpec(pool, image, from_snap)));
+      return NotFound(
+          fmt::format("{}: snapshot {} does not exist", what, ImageSpec(pool, image, from_snap)));
     }
     if (!to_snap.empty()) {
       uint64_t from_id = 0;
       uint64_t to_id = 0;
       if (int rc = rbd_snap_get_id(h, from, &from_id); rc < 0) return ErrnoStatus(rc, what);
-      if (int rc = rbd_snap_get_id(h, to_snap.c_str(), &to_id); rc < 0) return ErrnoStatus(rc, what);
+      if (int rc = rbd_snap_get_id(h, to_snap.c_str(), &to_id); rc < 0) {
+        return ErrnoStatus(rc, what);
+      }
       if (from_id > to_id) return InvalidArgument(what + ": " + from_snap + " is the newer one");
       if (from_id == to_id) return OkStatus();
     }
@@ -470,6 +478,7 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
   if (int rc = rbd_get_features(h, &features); rc < 0) return ErrnoStatus(rc, what);
   rbd_image_info_t info{};
   if (int rc = rbd_stat(h, &info, sizeof info); rc < 0) return ErrnoStatus(rc, what);
+  const uint64_t object_size = std::max<uint64_t>(info.obj_size, 1);
   const bool fast = (features & RBD_FEATURE_FAST_DIFF) != 0 &&
                     (flags & (RBD_FLAG_OBJECT_MAP_INVALID | RBD_FLAG_FAST_DIFF_INVALID)) == 0;
   bool whole_objects_only = false;
@@ -499,14 +508,17 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
       if (s.id > from_id && s.id < to_id) smallest = std::min(smallest, s.size);
     }
     const uint64_t limit = std::min(from_size, size);
-    const uint64_t start = smallest / info.obj_size * info.obj_size;
-    if (smallest < limit && start < limit) suspect = Extent{start, limit - start, RecordKind::kData};
+    const uint64_t start = smallest / object_size * object_size;
+    if (smallest < limit && start < limit) {
+      suspect = Extent{start, limit - start, RecordKind::kData};
+    }
   }
 
   ExtentMerger merger(fn);
   DiffCollector collector;
   // One rbd_diff_iterate2 over [lo, lo+len); the normalized result.
-  auto iterate = [&](uint64_t lo, uint64_t len, bool whole_object) -> StatusOr<std::vector<Extent>> {
+  auto iterate = [&](uint64_t lo, uint64_t len,
+                     bool whole_object) -> StatusOr<std::vector<Extent>> {
     collector.extents.clear();
     const int rc = rbd_diff_iterate2(h, from, lo, len, /*include_parent=*/1, whole_object ? 1 : 0,
                                      CollectExtent, &collector);
@@ -521,12 +533,13 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
 
   if (!fast && !whole_objects_only) {
     for (uint64_t lo = 0; lo < size; lo += kFineWindow) {
-      ASSIGN_OR_RETURN(std::vector<Extent> exact, iterate(lo, std::min(kFineWindow, size - lo), false));
+      ASSIGN_OR_RETURN(std::vector<Extent> exact,
+                       iterate(lo, std::min(kFineWindow, size - lo), false));
       RETURN_IF_ERROR(emit(exact));
     }
     return merger.Flush();
   }
-  const uint64_t window = std::max<uint64_t>(info.obj_size, 1) * kCoarseWindowObjects;
+  const uint64_t window = object_size * kCoarseWindowObjects;
   for (uint64_t lo = 0; lo < size; lo += window) {
     const uint64_t len = std::min(window, size - lo);
     ASSIGN_OR_RETURN(std::vector<Extent> changed, iterate(lo, len, true));
@@ -603,8 +616,8 @@ Status CopyData(rbd_image_t src, rbd_image_t dst, const std::string& pool,
       return;
     }
     if (kind == OpKind::kRead && first.ok() && !AllZero(bufs[slot].data(), length)) {
-      Status st = StartOp(dst, queue, OpKind::kWrite, slot, offset, length, bufs[slot].data(),
-                          dst_spec);
+      Status st =
+          StartOp(dst, queue, OpKind::kWrite, slot, offset, length, bufs[slot].data(), dst_spec);
       if (st.ok()) {
         ++in_flight;
         return;
@@ -710,8 +723,8 @@ StatusOr<std::shared_ptr<RbdCluster>> RbdCluster::Connect(const std::string& con
         conf_path, client, secs, conf_path)));
   }
   if (rc < 0) {
-    return fail(ErrnoStatus(rc, fmt::format("connecting to the cluster of {} as {}", conf_path,
-                                            client)));
+    return fail(
+        ErrnoStatus(rc, fmt::format("connecting to the cluster of {} as {}", conf_path, client)));
   }
   return std::shared_ptr<RbdCluster>(new RbdCluster(r, conf_path, client));
 }
@@ -762,8 +775,8 @@ StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
 namespace {
 
 // Creates `image` with the given features and order.
-Status CreateImage(const RadosIoCtx& io, const std::string& image, uint64_t size,
-                   uint64_t features, int order) {
+Status CreateImage(const RadosIoCtx& io, const std::string& image, uint64_t size, uint64_t features,
+                   int order) {
   rbd_image_options_t opts;
   rbd_image_options_create(&opts);
   rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FORMAT, 2);
@@ -775,8 +788,8 @@ Status CreateImage(const RadosIoCtx& io, const std::string& image, uint64_t size
     return AlreadyExists(fmt::format("image {} already exists", ImageSpec(io.pool(), image)));
   }
   if (rc < 0) {
-    return ErrnoStatus(rc, fmt::format("creating image {} of {} bytes", ImageSpec(io.pool(), image),
-                                       size));
+    return ErrnoStatus(
+        rc, fmt::format("creating image {} of {} bytes", ImageSpec(io.pool(), image), size));
   }
   return OkStatus();
 }
@@ -813,8 +826,8 @@ Status RbdPool::Remove(const std::string& image) {
     if (rc < 0) return ErrnoStatus(rc, "listing the clients of " + spec);
     rbd_watchers_list_cleanup(watchers.data(), max);
     if (max > 0) {
-      return FailedPrecondition(fmt::format(
-          "removing image {}: {} client(s) have it open; close them first", spec, max));
+      return FailedPrecondition(
+          fmt::format("removing image {}: {} client(s) have it open; close them first", spec, max));
     }
     ASSIGN_OR_RETURN(snaps, ListSnapsOf(h->get(), spec));
     for (const auto& s : snaps) {
@@ -882,7 +895,8 @@ Status RbdPool::Clone(const std::string& image, const std::string& snap, const s
   rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FORMAT, 2);
   rbd_image_options_set_uint64(opts, RBD_IMAGE_OPTION_FEATURES,
                                options_.features | RBD_FEATURE_LAYERING);
-  const int rc = rbd_clone3(io_->get(), image.c_str(), snap.c_str(), io_->get(), dest.c_str(), opts);
+  const int rc =
+      rbd_clone3(io_->get(), image.c_str(), snap.c_str(), io_->get(), dest.c_str(), opts);
   rbd_image_options_destroy(opts);
   if (rc == -EEXIST) return AlreadyExists(fmt::format("image {} already exists", Spec(dest)));
   if (rc < 0) return ErrnoStatus(rc, fmt::format("cloning {} into {}", spec, Spec(dest)));

@@ -40,13 +40,13 @@
 // volume.h says.
 #pragma once
 
+#include <rados/librados.h>
+#include <rbd/librbd.h>
+
 #include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
-
-#include <rados/librados.h>
-#include <rbd/librbd.h>
 
 #include "engine/kv_store.h"
 #include "engine/status.h"
@@ -89,11 +89,9 @@ class RbdCluster : public std::enable_shared_from_this<RbdCluster> {
   // is missing or the cluster refuses the key (the message names the user
   // and the keyring: an operator must fix them); kUnavailable if no monitor
   // answered within `timeout`.
-  static StatusOr<std::shared_ptr<RbdCluster>> Connect(const std::string& conf_path,
-                                                       const std::string& client_id = "admin",
-                                                       const std::string& keyring_path = "",
-                                                       std::chrono::seconds timeout =
-                                                           kDefaultTimeout);
+  static StatusOr<std::shared_ptr<RbdCluster>> Connect(
+      const std::string& conf_path, const std::string& client_id = "admin",
+      const std::string& keyring_path = "", std::chrono::seconds timeout = kDefaultTimeout);
 
   ~RbdCluster();
   RbdCluster(const RbdCluster&) = delete;
@@ -161,8 +159,7 @@ class RbdPool final : public Pool {
   StatusOr<bool> Exists(const std::string& image) override;
   // Protects image@snap if needed, then clones it into this pool.
   // kInvalidArgument if `snap` is empty.
-  Status Clone(const std::string& image, const std::string& snap,
-               const std::string& dest) override;
+  Status Clone(const std::string& image, const std::string& snap, const std::string& dest) override;
   // kInvalidArgument if `snap` is empty. A failed copy removes what it
   // created. `progress` (if set) gets the offset below which the copy is
   // complete, and the size.

@@ -4,14 +4,13 @@
 // Needs CAIRN_TEST_CEPH_CONF (see tests/ceph/volume_rbd_test.cc); without it
 // every test fails, saying so. Objects are named cairn-test-kv-<pid>-<n> and
 // removed after each test.
+#include <fmt/format.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <mutex>
-
-#include <fmt/format.h>
 
 #include "engine/rados_kv_store.h"
 #include "engine/rbd_volume.h"
@@ -62,7 +61,9 @@ INSTANTIATE_TEST_SUITE_P(Rados, KvStoreConformanceTest,
                                const std::string object = NewObjectName();
                                KvStoreTarget t;
                                t.store = std::make_unique<RadosKvStore>(io, object);
-                               t.cleanup = [io, object] { rados_remove(io->get(), object.c_str()); };
+                               t.cleanup = [io, object] {
+                                 rados_remove(io->get(), object.c_str());
+                               };
                                return t;
                              }}),
                          KvStoreParamName);

@@ -7,8 +7,9 @@
 // CAIRN_TEST_CEPH_KEYRING (default: the keyring the conf names). Without
 // CAIRN_TEST_CEPH_CONF every test fails, saying so: no silent skip.
 // Image names start with cairn-test-<pid>- and are removed by each test.
-#include <sys/socket.h>
+#include <fmt/format.h>
 #include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -16,8 +17,6 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
-
-#include <fmt/format.h>
 
 #include "engine/rbd_volume.h"
 #include "tests/unit/volume_conformance.h"
@@ -66,8 +65,8 @@ StatusOr<std::shared_ptr<RbdCluster>> TestCluster() {
   std::lock_guard lock(mu);
   if (cluster) return cluster;
   ASSIGN_OR_RETURN(CephTestEnv env, TestEnv());
-  ASSIGN_OR_RETURN(cluster, RbdCluster::Connect(env.conf, env.user, env.keyring,
-                                                std::chrono::seconds(20)));
+  ASSIGN_OR_RETURN(cluster,
+                   RbdCluster::Connect(env.conf, env.user, env.keyring, std::chrono::seconds(20)));
   return cluster;
 }
 

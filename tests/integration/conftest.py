@@ -63,7 +63,7 @@ def workdir(tmp_path):
 
 
 @pytest.fixture
-def daemons():
+def daemons(name):  # needs `name` so that daemons stop before its images go
     started = []
 
     def start(d):
@@ -76,6 +76,21 @@ def daemons():
 
 
 @pytest.fixture
-def name(request):
-    """A name unique to this test run, for images."""
-    return f"{request.node.name[:40]}-{os.getpid()}".replace("[", "-").replace("]", "")
+def name(request, site_a, site_b):
+    """A name unique to this test run, for images and volume ids. Every
+    image whose name starts with it is removed from both sites afterwards
+    (after the daemons stopped), so the memstores do not fill up."""
+    n = f"{request.node.name[5:29]}-{os.getpid()}".replace("[", "-").replace("]", "")
+    yield n
+    for site in (site_a, site_b):
+        site.remove_all(n)
+
+
+@pytest.fixture(autouse=True)
+def healthy_testbed(testbed):
+    """Fails fast, with the reason, if an OSD is (nearly) full or a daemon
+    died: a full memstore makes every client call hang instead."""
+    d = os.path.dirname(os.path.dirname(testbed["CEPH_CONF_A"]))  # DIR/a/ceph.conf
+    r = subprocess.run([lib.TESTBED, "check", d], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.fail(f"test bed is not healthy:\n{r.stdout}{r.stderr}")

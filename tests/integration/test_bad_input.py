@@ -57,15 +57,15 @@ def test_cli_exit_codes(site_a, site_b, workdir, daemons, name):
                                                                 f"{workdir}/spool")))
     site_a.create(name, 4 * MiB)
     source = daemons(lib.Cairnd(workdir, "src", lib.source_config(
-        "a", site_a.conf, port, {"ec": (name, name + "-s")})))
-    source.json("replicate", "ec", "--wait", "--timeout", "60")
+        "a", site_a.conf, port, {name: (name, name + "-s")})))
+    source.json("replicate", name, "--wait", "--timeout", "60")
 
     assert sink.cli("points", "nosuch").returncode == 3
-    assert sink.cli("restore", "ec", "1", "--to", name + "-s").returncode == 6  # exists
-    assert sink.cli("restore", "ec", "x1", "--to", "new").returncode == 5
-    assert sink.cli("restore", "ec", "99", "--to", "new").returncode == 3
+    assert sink.cli("restore", name, "1", "--to", name + "-s").returncode == 6  # exists
+    assert sink.cli("restore", name, "x1", "--to", "new").returncode == 5
+    assert sink.cli("restore", name, "99", "--to", "new").returncode == 3
     assert source.cli("replicate", "nosuch").returncode == 3
-    assert source.cli("points", "ec").returncode == 5  # not a sink: ask site B
+    assert source.cli("points", name).returncode == 5  # not a sink: ask site B
     assert sink.cli("bogus").returncode == 2
     # Nothing was touched by the refused requests.
     assert (name + "-s") in site_b.images() and "new" not in site_b.images()
@@ -82,9 +82,9 @@ def test_sink_will_not_overwrite_an_image_it_did_not_create(site_a, site_b, work
     port = lib.free_port()
     daemons(lib.Cairnd(workdir, "sink", lib.sink_config("b", site_b.conf, port, f"{workdir}/spool")))
     source = daemons(lib.Cairnd(workdir, "src", lib.source_config(
-        "a", site_a.conf, port, {"t": (name, name + "-taken")})))
-    r = source.cli("replicate", "t", "--wait", "--timeout", "10")
+        "a", site_a.conf, port, {name: (name, name + "-taken")})))
+    r = source.cli("replicate", name, "--wait", "--timeout", "10")
     assert r.returncode == 4
-    st = source.json("status", "t")[0]
+    st = source.json("status", name)[0]
     assert "was not created by Cairn" in st["error"], st
     assert site_b.digest(name + "-taken") == before

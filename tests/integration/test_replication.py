@@ -56,17 +56,20 @@ def test_epochs_on_demand_every_point_equals_its_snapshot(site_a, site_b, workdi
     size = 48 * MiB + 12345  # not a multiple of the 4 MiB object size
     site_a.create(name, size)
     rng = random.Random(1)
-    source, sink = start_pair(site_a, site_b, workdir, daemons, {"v1": (name, name + "-standby")})
+    source, sink = start_pair(site_a, site_b, workdir, daemons, {name: (name, name + "-standby")})
     for epoch in range(1, 7):
         random_changes(site_a, name, rng, 40, size)
-        r = source.json("replicate", "v1", "--wait", "--timeout", "120")
+        r = source.json("replicate", name, "--wait", "--timeout", "120")
         assert r["seq"] == epoch
-    points = verify_every_point(site_a, site_b, sink, "v1", name, name)
+    points = verify_every_point(site_a, site_b, sink, name, name, name)
     assert [p["seq"] for p in points] == list(range(1, 7))
+    # The hash tells points apart: every epoch changed the image.
+    digests = {site_b.digest(f"{name}-r{p['seq']}") for p in points}
+    assert len(digests) == 6
     assert points[0]["base_seq"] == 0 and points[5]["base_seq"] == 5
-    st = source.json("status", "v1")[0]
+    st = source.json("status", name)[0]
     assert st["role"] == "source" and st["last_seq"] == 6 and st["error"] == ""
-    st_b = sink.json("status", "v1")[0]
+    st_b = sink.json("status", name)[0]
     assert st_b["role"] == "sink" and st_b["last_seq"] == 6
 
 
@@ -74,14 +77,15 @@ def test_continuous_replication_while_writes_go_on(site_a, site_b, workdir, daem
     size = 32 * MiB + 4097
     site_a.create(name, size)
     source, sink = start_pair(site_a, site_b, workdir, daemons,
-                              {"v2": (name, name + "-standby")}, interval="1s")
+                              {name: (name, name + "-standby")}, interval="1s")
     stop = threading.Event()
     errors = []
 
     def writer():
         rng = random.Random(2)
         try:
-            while not stop.is_set():
+            # A steady guest: a few writes every 100 ms (pacing, not a wait).
+            while not stop.wait(0.1):
                 random_changes(site_a, name, rng, 5, size)
         except Exception as e:  # surfaced below
             errors.append(e)
@@ -90,12 +94,12 @@ def test_continuous_replication_while_writes_go_on(site_a, site_b, workdir, daem
     t.start()
     try:
         lib.wait_for("five restore points made while writes go on",
-                     lambda: len(sink.json("points", "v2")) >= 5, timeout=120)
+                     lambda: len(sink.json("points", name)) >= 5, timeout=120)
     finally:
         stop.set()
         t.join()
     assert not errors, errors
-    verify_every_point(site_a, site_b, sink, "v2", name, name)
+    verify_every_point(site_a, site_b, sink, name, name, name)
 
 
 def test_sparse_10gib_image_sends_only_what_is_written(site_a, site_b, workdir, daemons, name):
@@ -106,11 +110,11 @@ def test_sparse_10gib_image_sends_only_what_is_written(site_a, site_b, workdir, 
     with rbd.Image(site_a.ioctx, name) as img:
         for _ in range(6):
             img.write(rng.randbytes(MiB), rng.randrange(0, size // MiB - 1) * MiB)
-    source, sink = start_pair(site_a, site_b, workdir, daemons, {"big": (name, name + "-standby")})
+    source, sink = start_pair(site_a, site_b, workdir, daemons, {name: (name, name + "-standby")})
     t0 = time.monotonic()
-    source.json("replicate", "big", "--wait", "--timeout", "120")
+    source.json("replicate", name, "--wait", "--timeout", "120")
     elapsed = time.monotonic() - t0
-    (p,) = sink.json("points", "big")
+    (p,) = sink.json("points", name)
     print(f"10 GiB sparse image, 6 MiB written: first restore point in {elapsed:.2f} s")
     assert p["image_size"] == size
     assert p["data_bytes"] == 6 * MiB  # allocated extents only, no holes

@@ -69,6 +69,21 @@ class Site:
                 img.remove_snap(s["name"])
         rbd.RBD().remove(self.ioctx, name)
 
+    def remove_all(self, prefix):
+        """Removes every image named prefix*, clones before their parents."""
+        left = [i for i in self.images() if i.startswith(prefix)]
+        for _ in range(len(left) + 1):
+            if not left:
+                return
+            still = []
+            for image in left:
+                try:
+                    self.remove(image)
+                except (rbd.ImageBusy, rbd.ImageHasSnapshots, rbd.InvalidArgument):
+                    still.append(image)  # a clone of one of its snapshots is left
+            left = still
+        raise RuntimeError(f"images not removed: {left}")
+
     def images(self):
         return rbd.RBD().list(self.ioctx)
 

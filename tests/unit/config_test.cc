@@ -89,3 +89,20 @@ TEST(Config, Durations) {
 
 }  // namespace
 }  // namespace cairn
+
+namespace cairn {
+namespace {
+
+TEST(Config, LongNamesAreRefusedNotTruncated) {
+  const std::string id(50, 'v');
+  auto c = ParseConfig("[volume " + id + "]\nimage = i\npeer = h:1\n", "f.conf");
+  ASSERT_FALSE(c.ok());
+  EXPECT_THAT(c.status().message(), ::testing::HasSubstr("f.conf:1: section name is longer"));
+  auto d = ParseConfig("[sink]\nspool_dir = /" + std::string(250, 'x') + "\n", "f.conf");
+  EXPECT_THAT(d.status().message(), ::testing::HasSubstr("f.conf:2: line is longer"));
+  const std::string ok_id(42, 'v');
+  EXPECT_TRUE(ParseConfig("[volume " + ok_id + "]\nimage = i\npeer = h:1\n", "f.conf").ok());
+}
+
+}  // namespace
+}  // namespace cairn

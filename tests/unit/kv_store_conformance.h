@@ -13,17 +13,17 @@
 // Thread-safety: tests run on gtest's thread, except where a test says.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <atomic>
 #include <cstdio>
 #include <functional>
 #include <map>
-#include <ostream>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <gtest/gtest.h>
 
 #include "engine/kv_store.h"
 #include "engine/status.h"
@@ -88,10 +88,11 @@ TEST_P(KvStoreConformanceTest, CommitThenGetAndScan) {
   StatusOr<std::string> v = kv().Get("point/vol1/0002");
   ASSERT_TRUE(v.ok()) << v.status().ToString();
   EXPECT_EQ(*v, "b");
-  EXPECT_EQ(Scan(""), (std::map<std::string, std::string>{
-                          {"cursor/vol1", "7"}, {"point/vol1/0001", "a"}, {"point/vol1/0002", "b"}}));
+  EXPECT_EQ(Scan(""),
+            (std::map<std::string, std::string>{
+                {"cursor/vol1", "7"}, {"point/vol1/0001", "a"}, {"point/vol1/0002", "b"}}));
   EXPECT_EQ(Scan("point/"), (std::map<std::string, std::string>{{"point/vol1/0001", "a"},
-                                                                 {"point/vol1/0002", "b"}}));
+                                                                {"point/vol1/0002", "b"}}));
   EXPECT_TRUE(Scan("point/vol2/").empty());
 }
 
@@ -127,10 +128,16 @@ TEST_P(KvStoreConformanceTest, ValuesAreBinarySafe) {
 }
 
 TEST_P(KvStoreConformanceTest, PrefixScanIsExactAndOrdered) {
-  Commit({{"a", "0"}, {"a/", "1"}, {"a/b", "2"}, {"a/b/c", "3"}, {"a0", "4"}, {"a.", "5"},
-          {"b/", "6"}, {"A/", "7"}});
-  EXPECT_EQ(Scan("a/"), (std::map<std::string, std::string>{{"a/", "1"}, {"a/b", "2"},
-                                                              {"a/b/c", "3"}}));
+  Commit({{"a", "0"},
+          {"a/", "1"},
+          {"a/b", "2"},
+          {"a/b/c", "3"},
+          {"a0", "4"},
+          {"a.", "5"},
+          {"b/", "6"},
+          {"A/", "7"}});
+  EXPECT_EQ(Scan("a/"),
+            (std::map<std::string, std::string>{{"a/", "1"}, {"a/b", "2"}, {"a/b/c", "3"}}));
   EXPECT_EQ(Scan("a").size(), 6u);
   EXPECT_EQ(Scan("a/b/c"), (std::map<std::string, std::string>{{"a/b/c", "3"}}));
   EXPECT_TRUE(Scan("a/b/c/").empty());

@@ -18,6 +18,10 @@
 // Thread-safety: tests run on gtest's thread.
 #pragma once
 
+#include <gtest/gtest.h>
+#include <unistd.h>
+#include <xxhash.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -31,10 +35,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <unistd.h>
-#include <xxhash.h>
 
 #include "engine/status.h"
 #include "engine/volume.h"
@@ -232,8 +232,8 @@ inline ::testing::AssertionResult WellFormed(const std::vector<Extent>& extents,
                                            << "order; extents: " << Describe(extents);
     }
     if (e.offset + e.length > size) {
-      return ::testing::AssertionFailure() << "extent " << e.offset << "~" << e.length
-                                           << " beyond the size " << size;
+      return ::testing::AssertionFailure()
+             << "extent " << e.offset << "~" << e.length << " beyond the size " << size;
     }
     end = e.offset + e.length;
   }
@@ -281,8 +281,8 @@ inline ::testing::AssertionResult DiffReconstructs(Volume& v, const std::string&
   if (TotalLength(*extents) > bound) {
     return ::testing::AssertionFailure()
            << "diff lists " << TotalLength(*extents) << " bytes, more than the " << bound
-           << " bytes changed (rounded out to " << granularity << "); extents: "
-           << Describe(*extents);
+           << " bytes changed (rounded out to " << granularity
+           << "); extents: " << Describe(*extents);
   }
   if (listed != nullptr) *listed = std::move(*extents);
   return ::testing::AssertionSuccess();
@@ -308,16 +308,16 @@ inline int64_t NowNs() {
 
 }  // namespace volume_test
 
-#define CAIRN_ASSERT_OK(expr)                                   \
-  do {                                                          \
-    const ::cairn::Status _s = (expr);                          \
-    ASSERT_TRUE(_s.ok()) << #expr << ": " << _s.ToString();     \
+#define CAIRN_ASSERT_OK(expr)                               \
+  do {                                                      \
+    const ::cairn::Status _s = (expr);                      \
+    ASSERT_TRUE(_s.ok()) << #expr << ": " << _s.ToString(); \
   } while (0)
 
-#define CAIRN_EXPECT_CODE(expr, code_)                                              \
-  do {                                                                              \
-    const ::cairn::Status _s = (expr);                                              \
-    EXPECT_EQ(_s.code(), (code_)) << #expr << " gave " << _s.ToString();            \
+#define CAIRN_EXPECT_CODE(expr, code_)                                   \
+  do {                                                                   \
+    const ::cairn::Status _s = (expr);                                   \
+    EXPECT_EQ(_s.code(), (code_)) << #expr << " gave " << _s.ToString(); \
   } while (0)
 
 // `lhs = value of expr` (a StatusOr), or fails the test.
@@ -445,11 +445,11 @@ TEST_P(VolumeConformanceTest, RoundTripOnAnOddSize) {
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("odd", size));
   std::string model(size, '\0');
   const std::vector<Range> writes = {
-      {0, 4096},                         // first block
-      {4 * kMiB - 100, 200},             // across an object boundary
-      {6 * kMiB + 1, 3 * kMiB + 7},      // large, unaligned, several pieces
-      {size - 777, 777},                 // the very end
-      {123457, 1},                       // one byte
+      {0, 4096},                     // first block
+      {4 * kMiB - 100, 200},         // across an object boundary
+      {6 * kMiB + 1, 3 * kMiB + 7},  // large, unaligned, several pieces
+      {size - 777, 777},             // the very end
+      {123457, 1},                   // one byte
   };
   uint64_t seed = 10;
   for (const auto& w : writes) {
@@ -623,10 +623,10 @@ TEST_P(VolumeConformanceTest, ZeroBetweenSnapshotsIsListed) {
   CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(50, 8 * kMiB)));
   CAIRN_ASSERT_OK(v->CreateSnap("s1"));
   const std::vector<Range> zeros = {
-      {4 * kMiB, 4 * kMiB},        // whole object-aligned range: must read back as a hole
-      {kMiB + 4096, 8192},         // small and unaligned: exact zeros
-      {10 * kMiB, 2 * kMiB},       // never written (a discard of a hole)
-      {8 * kMiB - 100, 50},        // the tail of the data
+      {4 * kMiB, 4 * kMiB},   // whole object-aligned range: must read back as a hole
+      {kMiB + 4096, 8192},    // small and unaligned: exact zeros
+      {10 * kMiB, 2 * kMiB},  // never written (a discard of a hole)
+      {8 * kMiB - 100, 50},   // the tail of the data
   };
   for (const auto& z : zeros) CAIRN_ASSERT_OK(ZeroAt(*v, z.offset, z.length));
   CAIRN_ASSERT_OK(v->CreateSnap("s2"));
@@ -793,10 +793,11 @@ TEST_P(VolumeConformanceTest, DiffOfALargeSparseImageListsOnlyItsData) {
   }));
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("[          ] %s: DiffExtents(\"\", s1) on a 10 GiB image: %zu extents, %llu "
-              "bytes, %.3f s\n",
-              GetParam().label.c_str(), listed.size(),
-              static_cast<unsigned long long>(TotalLength(listed)), seconds);
+  std::printf(
+      "[          ] %s: DiffExtents(\"\", s1) on a 10 GiB image: %zu extents, %llu "
+      "bytes, %.3f s\n",
+      GetParam().label.c_str(), listed.size(), static_cast<unsigned long long>(TotalLength(listed)),
+      seconds);
   RecordProperty("diff_10gib_seconds", std::to_string(seconds));
   EXPECT_TRUE(WellFormed(listed, size));
   EXPECT_LE(TotalLength(listed), 16 * kMiB) << Describe(listed);
@@ -809,8 +810,8 @@ TEST_P(VolumeConformanceTest, DiffOfALargeSparseImageListsOnlyItsData) {
       const uint64_t hi = std::min(e.offset + e.length, w.offset + w.length);
       if (lo >= hi) continue;
       CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*v, "s1", lo, hi - lo));
-      EXPECT_TRUE(got == Pattern(100 + (&w - writes.data()), w.length).substr(lo - w.offset,
-                                                                            hi - lo));
+      EXPECT_TRUE(got ==
+                  Pattern(100 + (&w - writes.data()), w.length).substr(lo - w.offset, hi - lo));
     }
   }
 
@@ -848,8 +849,8 @@ TEST_P(VolumeConformanceTest, CloneReadsAsTheSnapshotAndPinsIt) {
     CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t h, HashImage(*clone, ""));
     EXPECT_EQ(h, snap_hash);
     // From the empty image, a clone lists its parent's data too.
-    EXPECT_TRUE(DiffReconstructs(*clone, "", "", {{0, 3 * kMiB}, {8 * kMiB, kMiB + 100}},
-                                 granularity()));
+    EXPECT_TRUE(
+        DiffReconstructs(*clone, "", "", {{0, 3 * kMiB}, {8 * kMiB, kMiB + 100}}, granularity()));
 
     // The parent's head and the clone are independent.
     CAIRN_ASSERT_OK(WriteAt(*src, 0, Pattern(122, kMiB)));
@@ -920,14 +921,14 @@ TEST_P(VolumeConformanceTest, CopyOfALargeSparseImageStaysSparse) {
   CAIRN_ASSERT_OK(pool().Copy(src->name(), "s1", copy_name, nullptr));
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("[          ] %s: Copy of a 10 GiB sparse image: %.3f s\n",
-              GetParam().label.c_str(), seconds);
+  std::printf("[          ] %s: Copy of a 10 GiB sparse image: %.3f s\n", GetParam().label.c_str(),
+              seconds);
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> copy, pool().Open(copy_name));
   CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> listed, CollectDiff(*copy, "", ""));
   EXPECT_LE(TotalLength(listed), RoundedOutBytes(writes, granularity(), size)) << Describe(listed);
   for (size_t i = 0; i < writes.size(); ++i) {
-    CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, ReadAt(*copy, "", writes[i].offset,
-                                                       writes[i].length));
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::string got,
+                               ReadAt(*copy, "", writes[i].offset, writes[i].length));
     EXPECT_TRUE(got == Pattern(140 + i, writes[i].length)) << "write " << i;
   }
 }
@@ -937,8 +938,7 @@ TEST_P(VolumeConformanceTest, CloneAndCopyNeedASnapshot) {
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("nosnap", kMiB));
   CAIRN_EXPECT_CODE(pool().Clone(v->name(), "", NewName("c")), Code::kInvalidArgument);
   CAIRN_EXPECT_CODE(pool().Copy(v->name(), "", NewName("c"), nullptr), Code::kInvalidArgument);
-  CAIRN_EXPECT_CODE(pool().Clone("no-such-image-" + v->name(), "s", NewName("c")),
-                    Code::kNotFound);
+  CAIRN_EXPECT_CODE(pool().Clone("no-such-image-" + v->name(), "s", NewName("c")), Code::kNotFound);
 }
 
 }  // namespace cairn
