@@ -67,12 +67,27 @@ say "starting cairnd: sink at site B (127.0.0.1:$PORT), source at site A (every 
 build/engine/cairnd -c "$RUN/cairnd-b.conf" >"$RUN/cairnd-b.log" 2>&1 & PIDS+=($!)
 build/engine/cairnd -c "$RUN/cairnd-a.conf" >"$RUN/cairnd-a.log" 2>&1 & PIDS+=($!)
 
-say "writing to the primary while it replicates (64K random writes, 10 rounds)"
-for i in $(seq 1 10); do
+# How many restore points site B holds (0 before the first one).
+points() {
+  local out
+  out=$($CAIRN --socket "$RUN/b.sock" --json points demo 2>/dev/null) || { echo 0; return; }
+  /usr/bin/python3 -c 'import json,sys; print(len(json.loads(sys.argv[1])))' "$out"
+}
+say "writing to the primary while it replicates, until site B holds 5 restore points"
+deadline=$((SECONDS + 180))
+shown=-1
+while (( (n = $(points)) < 5 )); do
+  if (( n != shown )); then
+    $CAIRN --socket "$RUN/a.sock" status demo | tail -n 1
+    shown=$n
+  fi
+  if (( SECONDS > deadline )); then
+    echo "site B did not reach 5 restore points within 180 s; cairnd logs:" >&2
+    tail -n 20 "$RUN"/cairnd-*.log >&2
+    exit 1
+  fi
   rbd -c "$A" bench --io-type write --io-pattern rand --io-size 64K --io-total 4M rbd/demo >/dev/null
-  $CAIRN --socket "$RUN/a.sock" status demo | tail -n 1
 done
-$CAIRN --socket "$RUN/a.sock" replicate demo --wait --timeout 120
 
 say "cairn status at site A and at site B"
 $CAIRN --socket "$RUN/a.sock" status

@@ -13,6 +13,10 @@
 namespace cairn {
 namespace {
 
+// Zero detection granularity: runs of zeros at least this aligned and
+// long travel as zero records.
+constexpr uint64_t kZeroGrain = 64 * 1024;
+
 bool IsAllZero(std::span<const char> b) {
   size_t i = 0;
   for (; i + 8 <= b.size(); i += 8) {
@@ -137,32 +141,58 @@ class RecordPipeline {
     while (!queue_.empty()) {
       Pending& p = queue_.front();
       if (p.slot >= 0 && !slots_[p.slot].done) break;
-      std::span<const char> payload;
-      RecordKind kind = p.kind;
-      if (p.slot >= 0) {
-        payload = std::span<const char>(slots_[p.slot].buf.get(), p.length);
-        // Blocks that read as zeros travel as zero records: no bytes.
-        if (IsAllZero(payload)) {
-          kind = RecordKind::kZero;
-          payload = {};
-        }
+      if (p.slot < 0) {
+        RETURN_IF_ERROR(SendRecord(p.offset, p.length, RecordKind::kZero, {}));
+      } else {
+        RETURN_IF_ERROR(SendData(p.offset, std::span<const char>(slots_[p.slot].buf.get(), p.length)));
+        free_.push_back(p.slot);
       }
-      const BlockHash h = kind == RecordKind::kData ? BlockHash::Of(payload) : BlockHash();
-      record_.Clear();
-      record_.set_index(summary_.records);
-      record_.set_offset(p.offset);
-      record_.set_length(p.length);
-      record_.set_kind(kind == RecordKind::kData ? pb::DATA : pb::ZERO);
-      record_.set_xxh3(h.value());
-      record_.set_seq(plan_.seq);
-      record_.SerializeToString(&body_);
-      RETURN_IF_ERROR(out_.Write(FrameType::kRecord, body_, payload));
-      hasher_.Add(p.offset, p.length, kind, h);
-      ++summary_.records;
-      (kind == RecordKind::kData ? summary_.data_bytes : summary_.zero_bytes) += p.length;
-      if (p.slot >= 0) free_.push_back(p.slot);
       queue_.pop_front();
     }
+    return OkStatus();
+  }
+
+  // Splits a block that was read into runs of data and of zeros, at
+  // kZeroGrain boundaries: zeros travel as zero records (no bytes) and the
+  // standby image stays as sparse as the source.
+  Status SendData(uint64_t offset, std::span<const char> bytes) {
+    size_t run_start = 0;
+    bool run_zero = false;
+    size_t pos = 0;
+    while (pos < bytes.size()) {
+      const uint64_t abs = offset + pos;
+      const size_t grain = std::min<uint64_t>(kZeroGrain - abs % kZeroGrain, bytes.size() - pos);
+      const bool zero = IsAllZero(bytes.subspan(pos, grain));
+      if (pos > 0 && zero != run_zero) {
+        RETURN_IF_ERROR(SendRun(offset, bytes, run_start, pos, run_zero));
+        run_start = pos;
+      }
+      run_zero = zero;
+      pos += grain;
+    }
+    return SendRun(offset, bytes, run_start, pos, run_zero);
+  }
+
+  Status SendRun(uint64_t offset, std::span<const char> bytes, size_t from, size_t to, bool zero) {
+    if (to == from) return OkStatus();
+    return zero ? SendRecord(offset + from, to - from, RecordKind::kZero, {})
+                : SendRecord(offset + from, to - from, RecordKind::kData, bytes.subspan(from, to - from));
+  }
+
+  Status SendRecord(uint64_t offset, uint64_t length, RecordKind kind, std::span<const char> payload) {
+    const BlockHash h = kind == RecordKind::kData ? BlockHash::Of(payload) : BlockHash();
+    record_.Clear();
+    record_.set_index(summary_.records);
+    record_.set_offset(offset);
+    record_.set_length(length);
+    record_.set_kind(kind == RecordKind::kData ? pb::DATA : pb::ZERO);
+    record_.set_xxh3(h.value());
+    record_.set_seq(plan_.seq);
+    record_.SerializeToString(&body_);
+    RETURN_IF_ERROR(out_.Write(FrameType::kRecord, body_, payload));
+    hasher_.Add(offset, length, kind, h);
+    ++summary_.records;
+    (kind == RecordKind::kData ? summary_.data_bytes : summary_.zero_bytes) += length;
     return OkStatus();
   }
 

@@ -9,7 +9,7 @@
 //
 // SendEpoch (source) lists the changed extents, reads data extents with a
 // bounded window of concurrent aio reads, hashes each block with XXH3-64,
-// sends blocks that read as all zeros as zero records, and ends with the
+// sends runs that read as zeros (64 KiB-aligned) as zero records, and ends with the
 // epoch's XXH3-128 digest and its chain digest.
 //
 // EpochVerifier (sink) checks every frame of an epoch in order: sequence,

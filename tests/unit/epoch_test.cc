@@ -148,6 +148,27 @@ TEST_F(EpochTest, IncrementalEpochsWithDiscardsZerosResizes) {
   }
 }
 
+TEST_F(EpochTest, ZeroRunsInsideABlockTravelAsZeroRecords) {
+  // The memory volume allocates 64 KiB chunks, so the written zeros between
+  // the two data runs are allocated: the builder must find them itself.
+  ASSERT_TRUE(pool_.Create("src", 2 * kMiB).ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto src = testing::MustOpen(pool_, "src");
+  auto dst = testing::MustOpen(pool_, "dst");
+  std::mt19937_64 rng(6);
+  std::string block = testing::RandomBytes(rng, kMiB);
+  std::fill(block.begin() + 64 * 1024, block.begin() + 512 * 1024, '\0');
+  std::fill(block.begin() + 576 * 1024, block.end(), '\0');
+  Write(*src, 0, block);
+  ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+  auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage);
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->data_bytes, 2 * 64 * 1024u);
+  EXPECT_EQ(sum->records, 4u);  // data, zero, data, zero
+  EXPECT_EQ(ImageHash(*dst, "", 2 * kMiB), ImageHash(*src, "cairn.1", 2 * kMiB));
+  EXPECT_EQ(*pool_.AllocatedBytes("dst"), 2 * 64 * 1024u);  // the standby stays sparse
+}
+
 TEST_F(EpochTest, SmallBlocksAndWindowOfOne) {
   const uint64_t size = 3 * kMiB + 1;
   ASSERT_TRUE(pool_.Create("src", size).ok());
