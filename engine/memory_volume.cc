@@ -193,32 +193,6 @@ StatusOr<std::shared_ptr<ImageState>> FindImage(PoolState& pool, const std::stri
   return it->second;
 }
 
-// Merges adjacent extents of one kind before handing them to `fn`.
-class ExtentMerger {
- public:
-  explicit ExtentMerger(const std::function<Status(const Extent&)>& fn) : fn_(fn) {}
-
-  Status Add(const Extent& e) {
-    if (pending_ && pending_->kind == e.kind && pending_->offset + pending_->length == e.offset) {
-      pending_->length += e.length;
-      return OkStatus();
-    }
-    RETURN_IF_ERROR(Flush());
-    pending_ = e;
-    return OkStatus();
-  }
-
-  Status Flush() {
-    if (!pending_) return OkStatus();
-    Extent e = *pending_;
-    pending_.reset();
-    return fn_(e);
-  }
-
- private:
-  const std::function<Status(const Extent&)>& fn_;
-  std::optional<Extent> pending_;
-};
 
 class MemoryAsyncIo final : public AsyncIo {
  public:

@@ -309,33 +309,6 @@ class RbdAsyncIo final : public AsyncIo {
 
 // --- DiffExtents -------------------------------------------------------------
 
-// Merges adjacent extents of one kind before handing them to `fn`.
-class ExtentMerger {
- public:
-  explicit ExtentMerger(const std::function<Status(const Extent&)>& fn) : fn_(fn) {}
-
-  Status Add(const Extent& e) {
-    assert(!pending_ || e.offset >= pending_->offset + pending_->length);
-    if (pending_ && pending_->kind == e.kind && pending_->offset + pending_->length == e.offset) {
-      pending_->length += e.length;
-      return OkStatus();
-    }
-    RETURN_IF_ERROR(Flush());
-    pending_ = e;
-    return OkStatus();
-  }
-
-  Status Flush() {
-    if (!pending_) return OkStatus();
-    const Extent e = *pending_;
-    pending_.reset();
-    return fn_(e);
-  }
-
- private:
-  const std::function<Status(const Extent&)>& fn_;
-  std::optional<Extent> pending_;
-};
 
 // What rbd_diff_iterate2 reports. Its callback may run on librados threads
 // (one at a time, in order), so the list is guarded anyway.

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -99,6 +100,36 @@ class Volume {
   // Asynchronous I/O at `snap` (read-only) or at the head if `snap` is
   // empty (read-write).
   virtual StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) = 0;
+};
+
+// Merges adjacent extents of one kind before handing them to `fn`, for
+// Volume implementations whose store reports finer pieces. Call Flush()
+// after the last Add. REQUIRES: extents come in ascending order.
+class ExtentMerger {
+ public:
+  explicit ExtentMerger(const std::function<Status(const Extent&)>& fn) : fn_(fn) {}
+
+  Status Add(const Extent& e) {
+    assert(!pending_ || e.offset >= pending_->offset + pending_->length);
+    if (pending_ && pending_->kind == e.kind && pending_->offset + pending_->length == e.offset) {
+      pending_->length += e.length;
+      return OkStatus();
+    }
+    RETURN_IF_ERROR(Flush());
+    pending_ = e;
+    return OkStatus();
+  }
+
+  Status Flush() {
+    if (!pending_) return OkStatus();
+    const Extent e = *pending_;
+    pending_.reset();
+    return fn_(e);
+  }
+
+ private:
+  const std::function<Status(const Extent&)>& fn_;
+  std::optional<Extent> pending_;
 };
 
 // Progress of a long copy: bytes done of total.
