@@ -243,6 +243,14 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   // Never write over an image this volume did not create.
   ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
   TargetState state = TargetState::kHasData;
+  if (!exists && t.last_seq > 0) {
+    // An increment applied to an empty image would make a restore point
+    // that holds only the delta.
+    return FailedPrecondition(fmt::format(
+        "standby image {}/{} is gone but the catalog lists restore points of volume '{}' up to "
+        "{}: it was removed outside Cairn; a full resync is needed",
+        t.pool_name, t.image, t.volume, t.last_seq));
+  }
   if (!exists) {
     RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
     RETURN_IF_ERROR(t.pool->Create(t.image, 0));
@@ -257,6 +265,16 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
     }
   }
   ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
+  if (t.last_seq > 0) {
+    ASSIGN_OR_RETURN(auto before, vol->ListSnaps());
+    const std::string base = SnapName(t.last_seq);
+    if (std::none_of(before.begin(), before.end(), [&](const SnapInfo& s) { return s.name == base; })) {
+      return FailedPrecondition(fmt::format(
+          "standby image {}/{} has no snapshot {} although the catalog lists it as restore point "
+          "{}: it was removed outside Cairn; a full resync is needed",
+          t.pool_name, t.image, base, t.last_seq));
+    }
+  }
   ASSIGN_OR_RETURN(EpochSummary sum, ApplyEpoch(*reader, verifier, *vol, env_.apply, state));
 
   // A crash after the snapshot but before the catalog leaves the snapshot:

@@ -210,6 +210,23 @@ TEST_F(ReplicationTest, SinkRefusesAnImageItDidNotCreate) {
   EXPECT_EQ(buf, "precious");
 }
 
+TEST_F(ReplicationTest, StandbyRemovedOutsideCairnIsNotRefilledWithADelta) {
+  ASSERT_TRUE(site_a_->Create("img", 2 * kMiB).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(14);
+  testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  ASSERT_TRUE(rep.RunOnce().ok());
+  ASSERT_TRUE(site_b_->Remove("img-standby").ok());  // an operator's mistake
+  testing::Write(*src, 0, "x");
+  auto r = rep.RunOnce();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kFailedPrecondition);
+  EXPECT_THAT(r.status().message(), HasSubstr("standby image rbd/img-standby is gone"));
+  EXPECT_FALSE(*site_b_->Exists("img-standby"));
+  EXPECT_EQ(sink_->Points("vol1")->size(), 1u);
+}
+
 TEST_F(ReplicationTest, UnservedPoolIsAClearError) {
   ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
   VolumeConfig c = Config();
