@@ -16,6 +16,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -46,9 +47,21 @@ class Link : public FrameWriter {
   }
 };
 
+// What a fault hook does with one encoded frame in flight.
+enum class WireFault {
+  kDeliver,    // as it is now (the hook may have changed its bytes)
+  kDrop,       // lost
+  kDuplicate,  // delivered twice
+  kCut,        // the link breaks: this frame and everything after it is lost
+};
+// Sees (and may change) every encoded frame sent in one direction.
+using WireFaultFn = std::function<WireFault(std::string& frame_bytes)>;
+
 // Two connected in-process links. Each direction buffers at most
 // `capacity_bytes` (a sender blocks when it is full), like a socket.
+// `a_to_b` / `b_to_a`, if set, inject faults into what the first / second
+// link sends: the fault layer of the Link seam, for the simulator.
 std::pair<std::unique_ptr<Link>, std::unique_ptr<Link>> MakeMemoryLinkPair(
-    size_t capacity_bytes = 16u << 20);
+    size_t capacity_bytes = 16u << 20, WireFaultFn a_to_b = nullptr, WireFaultFn b_to_a = nullptr);
 
 }  // namespace cairn

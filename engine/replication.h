@@ -1,6 +1,7 @@
 // Shared vocabulary of the source and sink roles.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <string>
 
@@ -9,6 +10,16 @@ namespace cairn {
 // Version of the link protocol (Hello/HelloReply/EpochAck and the journal
 // frames). A peer speaking another version is refused with a clear error.
 inline constexpr uint32_t kProtocolVersion = 1;
+
+// How long each side waits for the other. Production values are generous
+// (applying a large epoch takes as long as writing it); the simulator sets
+// them short so that a lost frame costs milliseconds, not minutes.
+struct LinkTimeouts {
+  std::chrono::milliseconds hello{30'000};    // Hello -> HelloReply
+  std::chrono::milliseconds stall{120'000};   // between frames of one epoch
+  std::chrono::milliseconds ack{1'800'000};   // EpochEnd -> EpochAck APPLIED
+  std::chrono::milliseconds idle{3'600'000};  // sink: between epochs
+};
 
 // What `cairn status` shows for one volume on one node.
 struct VolumeStatusInfo {

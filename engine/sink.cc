@@ -11,12 +11,6 @@
 namespace cairn {
 namespace {
 
-constexpr auto kHelloTimeout = std::chrono::seconds(30);
-// A source between epochs is silent for up to its interval; a sink keeps
-// the session open for this long before it hangs up.
-constexpr auto kIdleTimeout = std::chrono::hours(1);
-constexpr auto kStallTimeout = std::chrono::seconds(120);
-
 void SendError(Link& link, const Status& st) {
   pb::LinkError e;
   e.set_code(static_cast<int>(st.code()));
@@ -77,7 +71,7 @@ uint64_t Sink::corrupt_frames() const {
 
 Status Sink::Serve(Link& link_ref) {
   Link* link = &link_ref;
-  ASSIGN_OR_RETURN(Frame f, link->Receive(kHelloTimeout));
+  ASSIGN_OR_RETURN(Frame f, link->Receive(env_.timeouts.hello));
   pb::Hello hello;
   if (f.type != FrameType::kHello || !hello.ParseFromString(f.body)) {
     Status st = FailedPrecondition(fmt::format(
@@ -173,7 +167,7 @@ Status Sink::Session(Link& link, Target& t) {
                t.last_seq);
 
   while (true) {
-    auto f = link.Receive(kIdleTimeout);
+    auto f = link.Receive(env_.timeouts.idle);
     if (!f.ok()) return f.status();
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(EpochSummary sum, ReceiveEpoch(link, t, std::move(f).value()));
@@ -226,7 +220,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     const auto header = EncodeHeader(f.type, f.body, static_cast<uint32_t>(f.payload.size()));
     if (Status st = spool->Append(header, f.body, f.payload); !st.ok()) return fail(st);
     if (*step == EpochVerifier::Step::kEnd) break;
-    auto next = link.Receive(kStallTimeout);
+    auto next = link.Receive(env_.timeouts.stall);
     if (!next.ok()) return fail(next.status());
     f = std::move(next).value();
   }

@@ -47,6 +47,7 @@ struct SinkEnv {
   std::function<StatusOr<std::shared_ptr<KvStore>>(const std::string& pool)> open_catalog;
   EpochOptions apply;
   SpoolOptions spool;
+  LinkTimeouts timeouts;
 };
 
 struct RestoreResult {

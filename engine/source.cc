@@ -13,10 +13,6 @@
 namespace cairn {
 namespace {
 
-constexpr auto kHelloTimeout = std::chrono::seconds(30);
-// Applying a large epoch at the sink takes as long as writing it there.
-constexpr auto kAckTimeout = std::chrono::minutes(30);
-
 }  // namespace
 
 int64_t NowNs() {
@@ -26,9 +22,10 @@ int64_t NowNs() {
 }
 
 SourceReplicator::SourceReplicator(VolumeConfig config, std::string site,
-                                   std::shared_ptr<Pool> pool, Connector connect)
+                                   std::shared_ptr<Pool> pool, Connector connect,
+                                   LinkTimeouts timeouts)
     : config_(std::move(config)), site_(std::move(site)), pool_(std::move(pool)),
-      connect_(std::move(connect)) {
+      connect_(std::move(connect)), timeouts_(timeouts) {
   status_.volume = config_.id;
   status_.role = "source";
   status_.state = "idle";
@@ -80,7 +77,7 @@ Status SourceReplicator::Connect() {
   hello.set_image(config_.target_image);
   hello.set_source_site(site_);
   RETURN_IF_ERROR(link->Send(FrameType::kHello, hello.SerializeAsString(), {}));
-  ASSIGN_OR_RETURN(Frame f, link->Receive(kHelloTimeout));
+  ASSIGN_OR_RETURN(Frame f, link->Receive(timeouts_.hello));
   if (f.type == FrameType::kLinkError) {
     pb::LinkError e;
     e.ParseFromString(f.body);
@@ -108,7 +105,7 @@ Status SourceReplicator::Connect() {
 }
 
 Status SourceReplicator::AwaitAck(uint64_t seq, int stage, ChainDigest* chain) {
-  ASSIGN_OR_RETURN(Frame f, link_->Receive(kAckTimeout));
+  ASSIGN_OR_RETURN(Frame f, link_->Receive(timeouts_.ack));
   if (f.type == FrameType::kLinkError) {
     pb::LinkError e;
     e.ParseFromString(f.body);
@@ -236,13 +233,15 @@ StatusOr<EpochSummary> SourceReplicator::RunOnce() {
   auto vol = pool_->Open(config_.image);
   if (!vol.ok()) return vol.status().Annotate(fmt::format("opening {}/{}", config_.pool, config_.image));
   auto sum = ShipEpoch(**vol);
-  if (!sum.ok()) {
-    // After any failure the stream's position is unknown: start afresh.
-    std::lock_guard lock(mu_);
-    if (link_) link_->Close();
-    link_.reset();
-  }
+  // After any failure the stream's position is unknown: start afresh.
+  if (!sum.ok()) Disconnect();
   return sum;
+}
+
+void SourceReplicator::Disconnect() {
+  std::lock_guard lock(mu_);
+  if (link_) link_->Close();
+  link_.reset();
 }
 
 void SourceReplicator::Loop() {

@@ -38,7 +38,7 @@ class SourceReplicator {
   using Connector = std::function<StatusOr<std::unique_ptr<Link>>()>;
 
   SourceReplicator(VolumeConfig config, std::string site, std::shared_ptr<Pool> pool,
-                   Connector connect);
+                   Connector connect, LinkTimeouts timeouts = {});
   ~SourceReplicator();
 
   void Start();
@@ -50,6 +50,8 @@ class SourceReplicator {
 
   // One step: connect if needed, ship one epoch, wait until applied.
   StatusOr<EpochSummary> RunOnce();
+  // Closes the link to the sink (the next step reconnects).
+  void Disconnect();
 
   VolumeStatusInfo Report() const;
   const VolumeConfig& config() const { return config_; }
@@ -65,6 +67,7 @@ class SourceReplicator {
   const std::string site_;
   std::shared_ptr<Pool> pool_;
   Connector connect_;
+  const LinkTimeouts timeouts_;
 
   std::unique_ptr<Link> link_;
   uint64_t sink_seq_ = 0;

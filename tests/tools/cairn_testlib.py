@@ -166,6 +166,19 @@ class Cairnd:
                 self.proc.wait()
         self.proc = None
 
+    def kill9(self):
+        """SIGKILL, as a crash: no clean stop, nothing flushed. start() again
+        (same config) brings it back."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc:
+            self.proc.wait()
+        self.proc = None
+
+    def log_text(self):
+        with open(self.log) as f:
+            return f.read()
+
     def cli(self, *args, check=False, timeout=600):
         r = subprocess.run([CAIRN, "--socket", self.socket, *args], capture_output=True,
                            text=True, timeout=timeout)
@@ -200,3 +213,77 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def random_changes_on(img, rng, ops, size, max_len=512 * 1024):
+    """Random writes, discards and zero-writes on an open rbd.Image, in the
+    style of test_replication.random_changes (there the image is opened per
+    call); max_len bounds each change."""
+    for _ in range(ops):
+        n = rng.randint(1, max_len)
+        off = rng.randrange(0, size - n)
+        kind = rng.random()
+        if kind < 0.15:
+            img.discard(off, n)
+        elif kind < 0.3:
+            img.write(bytes(n), off)
+        else:
+            img.write(rng.randbytes(n), off)
+
+
+class GuestWriter:
+    """A guest writing to a primary image in a thread: random_changes_on()
+    `ops` changes every `period` seconds (pacing, not synchronisation).
+
+    hold_open=True keeps the image open for the whole run, as a VM does
+    (it then owns the image's exclusive lock); False opens it for every
+    batch. `batches` counts completed batches; `max_batch_seconds` is the
+    longest batch, so a stalled primary shows up. stop() joins the thread
+    and re-raises what the writer hit."""
+
+    def __init__(self, site, image, size, seed, ops=3, max_len=64 * 1024, period=0.1,
+                 hold_open=True):
+        import threading
+        self.site, self.image, self.size = site, image, size
+        self.rng = __import__("random").Random(seed)
+        self.ops, self.max_len, self.period, self.hold_open = ops, max_len, period, hold_open
+        self.batches = 0
+        self.max_batch_seconds = 0.0
+        self.errors = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"guest-writer-{image}",
+                                        daemon=True)
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def _run(self):
+        try:
+            if self.hold_open:
+                with rbd.Image(self.site.ioctx, self.image) as img:
+                    while not self._stop.wait(self.period):
+                        t0 = time.monotonic()
+                        random_changes_on(img, self.rng, self.ops, self.size, self.max_len)
+                        self._done(t0)
+            else:
+                while not self._stop.wait(self.period):
+                    t0 = time.monotonic()
+                    with rbd.Image(self.site.ioctx, self.image) as img:
+                        random_changes_on(img, self.rng, self.ops, self.size, self.max_len)
+                    self._done(t0)
+        except Exception as e:  # re-raised by stop()
+            self.errors.append(e)
+
+    def _done(self, t0):
+        self.max_batch_seconds = max(self.max_batch_seconds, time.monotonic() - t0)
+        self.batches += 1
+
+    def stop(self, timeout=60):
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise TimeoutError(f"guest writer on {self.image} did not stop within {timeout} s "
+                               "(a write is blocked)")
+        if self.errors:
+            raise self.errors[0]
