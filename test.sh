@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need, builds, and runs every test:
-#   1. unit tests (GoogleTest, in-memory volume, real spool files);
+#   1. unit tests (GoogleTest, in-memory volume, real spool files), the
+#      seeded fault simulator, and the same under ASan + UBSan;
 #   2. Ceph tests: the Volume and catalog conformance suites on a real cluster;
 #   3. integration tests (pytest): two real Ceph clusters on loopback,
 #      real cairnd processes over TCP, every restore point checked by hash.
@@ -11,8 +12,16 @@ cd "$(dirname "$0")"
 werror=OFF; [[ "${CI:-}" == "true" ]] && werror=ON
 ./build.sh -DCAIRN_WERROR=$werror
 
-echo "== unit tests"
+echo "== unit tests (with the seeded fault simulator, ${CAIRN_SIM_SEEDS:=2000} schedules)"
+export CAIRN_SIM_SEEDS
 ctest --test-dir build --output-on-failure
+
+echo "== unit tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCAIRN_SANITIZE=ON \
+  -DCAIRN_WERROR=$werror >/dev/null
+ninja -C build-asan unit_tests
+CAIRN_SIM_SEEDS=200 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
+  UBSAN_OPTIONS=print_stacktrace=1 build-asan/tests/unit_tests --gtest_brief=1
 
 tb=$(mktemp -d /tmp/cairn-test.XXXXXX)
 cleanup() { tests/cluster/testbed.sh stop "$tb" --purge >/dev/null 2>&1 || true; }
