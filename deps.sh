@@ -12,7 +12,7 @@ PKGS=(
   libboost1.81-dev libprotobuf-dev protobuf-compiler
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libinih-dev
   # tests
-  libgtest-dev libgmock-dev python3-pytest
+  libgtest-dev libgmock-dev python3-pytest clang libclang-rt-14-dev
   # the two-site Ceph test bed
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd python3-rados
   # helpers the scripts use

@@ -2,8 +2,9 @@
 # Installs what the tests need, builds, and runs every test:
 #   1. unit tests (GoogleTest, in-memory volume, real spool files), the
 #      seeded fault simulator, and the same under ASan + UBSan;
-#   2. Ceph tests: the Volume and catalog conformance suites on a real cluster;
-#   3. integration tests (pytest): two real Ceph clusters on loopback,
+#   2. libFuzzer targets, each for a bounded time;
+#   3. Ceph tests: the Volume and catalog conformance suites on a real cluster;
+#   4. integration tests (pytest): two real Ceph clusters on loopback,
 #      real cairnd processes over TCP, every restore point checked by hash.
 # Usage: ./test.sh            (CI sets CI=true: warnings are errors)
 set -euo pipefail
@@ -22,6 +23,9 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCAIRN_SANITIZE=ON \
 ninja -C build-asan unit_tests
 CAIRN_SIM_SEEDS=200 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1 build-asan/tests/unit_tests --gtest_brief=1
+
+echo "== fuzzing: frame parser, spool reader, control decoder (libFuzzer, bounded)"
+tests/fuzz/run.sh "${CAIRN_FUZZ_SECONDS:-30}"
 
 tb=$(mktemp -d /tmp/cairn-test.XXXXXX)
 cleanup() { tests/cluster/testbed.sh stop "$tb" --purge >/dev/null 2>&1 || true; }

@@ -14,5 +14,5 @@ for t in frame_fuzz spool_fuzz control_fuzz; do
   mkdir -p "$corpus"
   echo "== fuzzing $t for $secs s"
   (cd build-fuzz && tests/fuzz/$t -max_total_time="$secs" -rss_limit_mb=1024 -timeout=10 \
-     -print_final_stats=1 "corpus/$t" 2>&1 | grep -E "^(#|stat::number_of_executed_units|==|SUMMARY|Done)" | tail -n 4)
+     -print_final_stats=1 "corpus/$t" 2>&1 | grep -E "^(stat::number_of_executed_units|==|SUMMARY|Done)" | tail -n 4)
 done

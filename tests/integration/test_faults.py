@@ -2,24 +2,30 @@
 (source and sink), the link cut, bits flipped on the wire.
 
 The source's peer is a FaultProxy (tests/tools/fault_proxy.py) in front of
-the sink. A guest writes to the primary image the whole time. Whatever
-happens, at the end:
-  - every restore point equals, by whole-image hash, the source snapshot of
-    the same seq (the sources keep all their snapshots: keep_snapshots 1000);
+the sink; a guest writes to the primary image the whole time, holding it
+open as a VM does. Whatever happens, at the end (Rig.finish_and_verify):
+  - `cairn replicate --wait` after the writes stopped yields a restore point
+    equal to the image as it is now;
   - the points are 1..N without a gap, each based on the one before it
     (base_seq == previous seq): no full resend after the first epoch, and
     every later epoch carried far less data than the image;
   - every cairn.<N> snapshot at the source became restore point N (a
     snapshot taken but not acknowledged is re-used, not orphaned);
-  - `cairn replicate --wait` after the writes stopped yields a point equal to
-    the image as it is now.
+  - every restore point equals, by whole-image hash, the source snapshot of
+    the same seq (keep_snapshots 1000 keeps them all); restores work;
+  - no spool file is left at the sink.
+
+CAIRN_FAULT_RECOVERY (seconds, default 15) is how long a restarted daemon
+or a healed link may take to produce the next restore point.
 """
+import json
 import os
 import random
 import re
 import time
 
 import pytest
+import rbd
 
 import cairn_testlib as lib
 from fault_proxy import FaultProxy
@@ -27,9 +33,10 @@ from fault_proxy import FaultProxy
 MiB = 1 << 20
 SIZE = 32 * MiB
 PREFILL = 24 * MiB  # the first epoch carries this; a full resend would too
+RECOVERY = float(os.environ.get("CAIRN_FAULT_RECOVERY", "15"))
 
 
-# -- set-up ------------------------------------------------------------------
+# -- fixtures ------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -47,13 +54,57 @@ def proxies():
         assert not p.threads_alive(), f"fault proxy leaked threads: {p.threads_alive()}"
 
 
+def _drop_stale_watchers(site, prefix):
+    """A SIGKILLed cairnd leaves its watch on every image it had open until
+    the OSD times it out (30 s); the image cannot be removed meanwhile.
+    Blocklists every watcher of prefix* images (the daemons and the guest
+    are stopped by now, so any watcher left is a dead client)."""
+    mine = {site.cluster.get_addrs()}  # the guest's and the checks' own client
+    stale = set()
+    for image in site.images():
+        if not image.startswith(prefix):
+            continue
+        with rbd.Image(site.ioctx, image, read_only=True) as img:
+            stale.update(w["addr"] for w in img.watchers_list() if w["addr"] not in mine)
+    for addr in stale:
+        site.cluster.blocklist_add(addr, 3600)
+
+    def clear():
+        for image in site.images():
+            if image.startswith(prefix):
+                with rbd.Image(site.ioctx, image, read_only=True) as img:
+                    if list(img.watchers_list()):
+                        return False
+        return True
+
+    if stale:
+        lib.wait_for(f"stale watchers {sorted(stale)} gone", clear, timeout=20)
+
+
+@pytest.fixture
+def cleanup(name, site_a, site_b):
+    """Requested before `daemons`, so it runs after they stopped and before
+    `name` removes the images: stops guests, drops dead clients' watches."""
+    writers = []
+    yield writers
+    for w in writers:
+        try:
+            w.stop()
+        except Exception:
+            pass
+    for site in (site_a, site_b):
+        _drop_stale_watchers(site, name)
+
+
+# -- the rig -------------------------------------------------------------------
+
+
 class Rig:
     """Site A image + guest, sink at B, proxy, source at A (interval 1 s)."""
 
-    def __init__(self, site_a, site_b, workdir, daemons, proxies, name, seed):
+    def __init__(self, site_a, site_b, workdir, daemons, proxies, cleanup, name, seed):
         self.site_a, self.site_b, self.name = site_a, site_b, name
         site_a.create(name, SIZE)
-        import rbd
         rng = random.Random(seed)
         with rbd.Image(site_a.ioctx, name) as img:
             for off in range(0, PREFILL, 4 * MiB):
@@ -67,9 +118,11 @@ class Rig:
             "a", site_a.conf, self.proxy.port, {name: (name, name + "-standby")},
             interval="1s", keep=1000)))
         lib.wait_for("the first restore point (the whole image)",
-                     lambda: len(self.points()) >= 1, timeout=30)
+                     lambda: self.npoints() >= 1, timeout=30)
         self.writer = lib.GuestWriter(site_a, name, SIZE, seed, ops=2, max_len=32 * 1024,
-                                      hold_open=True).start()
+                                      hold_open=True)
+        cleanup.append(self.writer)
+        self.writer.start()
 
     def points(self):
         r = self.sink.cli("--json", "points", self.name)
@@ -77,25 +130,31 @@ class Rig:
             return []
         if r.returncode != 0:
             raise RuntimeError(f"cairn points: {r.returncode} {r.stderr}")
-        import json
         return json.loads(r.stdout)
 
     def npoints(self):
         return len(self.points())
 
     def state(self, d):
+        """The status of this volume on cairnd d ({} if it has none yet)."""
         for v in d.json("status", self.name):
             if v["volume"] == self.name:
                 return v
         return {}
 
-    def wait_new_point(self, after, what, timeout=20):
-        return lib.wait_for(f"{what}: a restore point after {after}",
-                            lambda: self.npoints() > after, timeout=timeout)
+    def logs(self, n=50):
+        return (f"\n--- source log ---\n{self.source.log_tail(n)}"
+                f"\n--- sink log ---\n{self.sink.log_tail(n)}")
 
-    def logs(self):
-        return (f"\n--- source log ---\n{self.source.log_tail(60)}"
-                f"\n--- sink log ---\n{self.sink.log_tail(60)}")
+    def wait_new_point(self, after, what, timeout=RECOVERY):
+        try:
+            return lib.wait_for(f"{what}: a restore point after {after}",
+                                lambda: self.npoints() > after, timeout=timeout)
+        except TimeoutError as e:
+            src = _safe(lambda: self.state(self.source))
+            snk = _safe(lambda: self.state(self.sink))
+            raise AssertionError(f"{e}\nsource status: {src}\nsink status: {snk}"
+                                 + self.logs()) from None
 
     def finish_and_verify(self):
         """Stops the guest, asks for a point now, stops the source and checks
@@ -138,15 +197,22 @@ class Rig:
                            *(["--full"] if full else []))
             assert self.site_b.digest(target) == self.site_a.digest(self.name,
                                                                     f"cairn.{p['seq']}")
-        leftover = [f for f in os.listdir(self.spool) if f.endswith(".spool")] \
-            if os.path.isdir(self.spool) else []
+        leftover = ([f for f in os.listdir(self.spool) if f.endswith(".spool")]
+                    if os.path.isdir(self.spool) else [])
         assert not leftover, f"spool files left behind: {leftover}"
         return pts
 
 
-def reached(what, predicate, timeout):
-    """wait_for that reports instead of failing: used to aim a fault at a
-    moment (a state) that may pass too quickly to be seen."""
+def _safe(fn):
+    try:
+        return fn()
+    except Exception as e:
+        return f"<{e}>"
+
+
+def reached(what, predicate, timeout=5):
+    """wait_for that reports instead of failing: aims a fault at a moment (a
+    state) that may pass too quickly to be seen; the caller records it."""
     try:
         lib.wait_for(what, predicate, timeout=timeout, interval=0.01)
         return True
@@ -156,27 +222,33 @@ def reached(what, predicate, timeout):
 
 def refusals(log_text):
     """Sessions the sink ended because a frame failed verification."""
-    return [line for line in log_text.splitlines() if re.search(r"ended: DataLoss", line)]
+    return [line for line in log_text.splitlines() if "ended: DataLoss" in line]
 
 
 # -- a. the source is killed -------------------------------------------------
 
 
-def test_source_killed_repeatedly(site_a, site_b, workdir, daemons, proxies, name):
+def test_source_killed_repeatedly(site_a, site_b, workdir, name, cleanup, daemons, proxies):
     t0 = time.monotonic()
-    rig = Rig(site_a, site_b, workdir, daemons, proxies, name, seed=11)
-    src = rig.source
+    rig = Rig(site_a, site_b, workdir, daemons, proxies, cleanup, name, seed=11)
+    src, proxy = rig.source, rig.proxy
     rng = random.Random(11)
-    moments = ["syncing", "after-point", "after-writes", "at-start", "syncing", "applying",
+    # "at-start" kills the source right after its restart answered, before
+    # it made a point; every other kill waits for progress first.
+    moments = ["after-point", "after-writes", "at-start", "syncing", "slow-syncing", "applying",
                "after-point"]
-    hit = []
+    hit, recovery = [], []
     for i, moment in enumerate(moments):
         n = rig.npoints()
         if moment == "syncing":
-            ok = reached("source syncing", lambda: rig.state(src)["state"] == "syncing", 5)
+            ok = reached("source syncing", lambda: rig.state(src)["state"] == "syncing")
+        elif moment == "slow-syncing":  # mid-epoch for sure: a slow link
+            proxy.delay(0.05)
+            ok = reached("source syncing", lambda: rig.state(src)["state"] == "syncing")
+            ok = ok and reached("epoch bytes flowing", lambda: proxy.bytes_up > 0)
         elif moment == "applying":
             ok = reached("source waiting for APPLIED",
-                         lambda: rig.state(src)["state"] == "applying", 5)
+                         lambda: rig.state(src)["state"] == "applying")
         elif moment == "after-point":
             rig.wait_new_point(n, f"kill {i}")
             ok = True
@@ -184,35 +256,42 @@ def test_source_killed_repeatedly(site_a, site_b, workdir, daemons, proxies, nam
             b = rig.writer.batches + rng.randint(3, 15)
             lib.wait_for("the guest wrote a few batches", lambda: rig.writer.batches >= b, 20)
             ok = True
-        else:  # at-start: right after the restart answered
+        else:
             ok = True
         src.kill9()
+        proxy.delay(0)
         hit.append((moment, ok))
+        n = rig.npoints()
+        t = time.monotonic()
         src.start()
-    # The restarted source catches up by itself.
-    n = rig.npoints()
-    rig.wait_new_point(n, "after the last restart")
+        if i + 1 < len(moments) and moments[i + 1] == "at-start":
+            recovery.append(None)
+            continue
+        rig.wait_new_point(n, f"the source restarted after kill {i} ({moment}) making progress")
+        recovery.append(round(time.monotonic() - t, 1))
     pts = rig.finish_and_verify()
     assert rig.writer.max_batch_seconds < 5, (
         f"the guest's writes stalled {rig.writer.max_batch_seconds:.1f} s")
-    print(f"kills aimed at {hit}; {len(pts)} points; {time.monotonic() - t0:.1f} s")
+    print(f"kills aimed at {hit}; next point after restart (s) {recovery}; {len(pts)} points; "
+          f"{time.monotonic() - t0:.1f} s")
 
 
-def test_source_kill_does_not_block_the_primary(site_a, site_b, workdir, daemons, proxies, name):
-    """A guest that is between writes (image closed) when cairnd dies must not
-    wait for the dead cairnd: the primary never waits on replication."""
-    rig_size = 16 * MiB
-    site_a.create(name, rig_size)
+def test_source_kill_does_not_block_the_primary(site_a, site_b, workdir, name, cleanup, daemons,
+                                                proxies):
+    """A guest whose image is closed while cairnd dies (a VM powered off, or
+    between open/close) must not then wait for the dead cairnd: the primary
+    never waits on replication."""
+    size = 16 * MiB
+    site_a.create(name, size)
     sink_port = lib.free_port()
     sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
         "b", site_b.conf, sink_port, f"{workdir}/spool")))
     proxy = proxies(sink_port, 5)
     source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
         "a", site_a.conf, proxy.port, {name: (name, name + "-standby")}, interval="0")))
-    import rbd
     with rbd.Image(site_a.ioctx, name) as img:
         img.write(random.Random(5).randbytes(8 * MiB), 0)
-    # Slow link: the epoch is in flight long enough to kill the source in it.
+    # A slow link keeps the epoch in flight long enough to kill the source in it.
     proxy.delay(0.3)
     source.cli("replicate", name, check=True)
     lib.wait_for("source syncing", lambda: source.json("status", name)[0]["state"] == "syncing",
@@ -223,30 +302,34 @@ def test_source_kill_does_not_block_the_primary(site_a, site_b, workdir, daemons
     with rbd.Image(site_a.ioctx, name) as img:
         img.write(b"guest write after the crash", 4096)
     stalled = time.monotonic() - t
-    source.start()
-    r = source.json("replicate", name, "--wait", "--timeout", "60")
-    (p, *_rest) = [p for p in sink.json("points", name) if p["seq"] == r["seq"]]
-    assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{r['seq']}")
     assert stalled < 5, (
         f"a guest write to the primary waited {stalled:.1f} s after the source cairnd was "
-        f"killed: the dead cairnd still held the image's exclusive lock")
+        f"SIGKILLed mid-epoch: the dead cairnd still held the image's exclusive lock (and its "
+        f"watch) until the OSD timed it out")
+    source.start()
+    r = source.json("replicate", name, "--wait", "--timeout", "60")
+    (p,) = [p for p in sink.json("points", name) if p["seq"] == r["seq"]]
+    assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{r['seq']}")
 
 
 # -- b. the sink is killed ---------------------------------------------------
 
 
-def test_sink_killed_repeatedly(site_a, site_b, workdir, daemons, proxies, name):
+def test_sink_killed_repeatedly(site_a, site_b, workdir, name, cleanup, daemons, proxies):
     t0 = time.monotonic()
-    rig = Rig(site_a, site_b, workdir, daemons, proxies, name, seed=22)
-    sink = rig.sink
+    rig = Rig(site_a, site_b, workdir, daemons, proxies, cleanup, name, seed=22)
+    sink, proxy = rig.sink, rig.proxy
     rng = random.Random(22)
-    moments = ["receiving", "after-point", "applying", "after-writes", "at-start", "receiving",
-               "after-point"]
+    moments = ["after-point", "receiving", "after-writes", "at-start", "applying",
+               "slow-receiving", "after-point"]
     hit, recovery = [], []
     for i, moment in enumerate(moments):
         n = rig.npoints()
         if moment in ("receiving", "applying"):
-            ok = reached(f"sink {moment}", lambda: rig.state(sink).get("state") == moment, 5)
+            ok = reached(f"sink {moment}", lambda: rig.state(sink).get("state") == moment)
+        elif moment == "slow-receiving":  # a partial spool for sure
+            proxy.delay(0.05)
+            ok = reached("sink receiving", lambda: rig.state(sink).get("state") == "receiving")
         elif moment == "after-point":
             rig.wait_new_point(n, f"kill {i}")
             ok = True
@@ -258,66 +341,72 @@ def test_sink_killed_repeatedly(site_a, site_b, workdir, daemons, proxies, name)
             ok = True
         n = rig.npoints()
         sink.kill9()
+        proxy.delay(0)
         hit.append((moment, ok))
         t = time.monotonic()
         sink.start()
-        rig.wait_new_point(n, f"after sink restart {i} ({moment})", timeout=30)
+        if i + 1 < len(moments) and moments[i + 1] == "at-start":
+            recovery.append(None)
+            continue
+        rig.wait_new_point(n, f"the sink restarted after kill {i} ({moment}) making progress")
         recovery.append(round(time.monotonic() - t, 1))
     pts = rig.finish_and_verify()
-    print(f"kills aimed at {hit}; recovery (s) {recovery}; {len(pts)} points; "
+    print(f"kills aimed at {hit}; next point after restart (s) {recovery}; {len(pts)} points; "
           f"{time.monotonic() - t0:.1f} s")
-    assert max(recovery) < 10, (
-        f"a restarted sink took {max(recovery)} s to make its next restore point "
-        f"(per kill: {list(zip([m for m, _ in hit], recovery))})" + rig.logs())
 
 
 # -- c. the link is cut --------------------------------------------------------
 
 
-def test_link_cuts_heal_by_themselves(site_a, site_b, workdir, daemons, proxies, name):
+def test_link_cuts_heal_by_themselves(site_a, site_b, workdir, name, cleanup, daemons, proxies):
     t0 = time.monotonic()
-    rig = Rig(site_a, site_b, workdir, daemons, proxies, name, seed=33)
+    rig = Rig(site_a, site_b, workdir, daemons, proxies, cleanup, name, seed=33)
     proxy, src = rig.proxy, rig.source
-    cuts = [("syncing", 2.0), ("idle", 3.0), ("syncing", 2.5), ("applying", 2.0)]
+    cuts = [("syncing", 2.0), ("idle", 3.0), ("slow-syncing", 2.5), ("applying", 2.0)]
     hit, after_heal = [], []
     for i, (moment, seconds) in enumerate(cuts):
-        ok = reached(f"source {moment}", lambda: rig.state(src)["state"] == moment, 5)
+        if moment == "slow-syncing":
+            proxy.delay(0.05)
+            moment = "syncing"
+        ok = reached(f"source {moment}", lambda: rig.state(src)["state"] == moment)
         proxy.cut()
+        proxy.delay(0)
         hit.append((moment, ok))
         cut_at = time.monotonic()
         n_cut = rig.npoints()
         lib.wait_for("the source noticing the cut",
                      lambda: rig.state(src)["state"] in ("disconnected", "error"), timeout=10)
-        # Let the cut last (pacing the fault, not synchronisation): writes go on.
-        b = rig.writer.batches + int(seconds / 0.1)
-        lib.wait_for("the guest writing through the cut",
-                     lambda: rig.writer.batches >= b or time.monotonic() - cut_at >= seconds,
-                     timeout=seconds + 10)
+        # The cut lasts `seconds` (pacing the fault, not synchronisation) while
+        # the guest goes on writing.
+        lib.wait_for("the cut lasting", lambda: time.monotonic() - cut_at >= seconds,
+                     timeout=seconds + 5)
+        # An epoch already durable at the sink may still become a point.
         assert rig.npoints() <= n_cut + 1, "restore points made through a cut link"
+        assert proxy.active_connections == 0
         proxy.heal()
+        n = rig.npoints()
         t = time.monotonic()
-        rig.wait_new_point(rig.npoints(), f"heal {i}", timeout=20)
+        rig.wait_new_point(n, f"the link healed after cut {i}")
         after_heal.append(round(time.monotonic() - t, 1))
-        lib.wait_for("the source idle again after heal",
-                     lambda: rig.state(src)["state"] in ("idle", "syncing", "applying")
-                     and rig.state(src)["error"] == "", timeout=10)
     # The replication keeps its pace after the cuts: a point about every second.
     n = rig.npoints()
     lib.wait_for("three more points after the last heal", lambda: rig.npoints() >= n + 3,
                  timeout=10)
-    assert proxy.cuts == len(cuts)
+    st = rig.state(src)
+    assert st["error"] == "", st
+    assert proxy.cuts == len(cuts) and proxy.refused > 0
     pts = rig.finish_and_verify()
-    print(f"cuts at {hit}; first point after heal (s) {after_heal}; refused while cut "
-          f"{proxy.refused}; {len(pts)} points; {time.monotonic() - t0:.1f} s")
-    assert max(after_heal) < 10, f"first point after a heal took {after_heal} s" + rig.logs()
+    print(f"cuts at {hit}; first point after heal (s) {after_heal}; connections refused while "
+          f"cut {proxy.refused}; {len(pts)} points; {time.monotonic() - t0:.1f} s")
 
 
 # -- d. bits flipped on the wire ---------------------------------------------
 
 
-def test_flipped_bits_are_refused_and_resent(site_a, site_b, workdir, daemons, proxies, name):
+def test_flipped_bits_are_refused_and_resent(site_a, site_b, workdir, name, cleanup, daemons,
+                                             proxies):
     t0 = time.monotonic()
-    rig = Rig(site_a, site_b, workdir, daemons, proxies, name, seed=44)
+    rig = Rig(site_a, site_b, workdir, daemons, proxies, cleanup, name, seed=44)
     proxy, sink = rig.proxy, rig.sink
     seen = []
     for i in range(4):
@@ -325,15 +414,18 @@ def test_flipped_bits_are_refused_and_resent(site_a, site_b, workdir, daemons, p
         flips = len(proxy.flips)
         proxy.flip_bits(1)
         lib.wait_for(f"flip {i} made on the wire", lambda: len(proxy.flips) > flips, timeout=20)
-        lib.wait_for(f"the sink refusing the corrupt frame of flip {i} {proxy.flips[-1]}",
-                     lambda: len(refusals(sink.log_text())) > before, timeout=20)
+        try:
+            lib.wait_for(f"the sink refusing the frame corrupted by flip {proxy.flips[-1]}",
+                         lambda: len(refusals(sink.log_text())) > before, timeout=20)
+        except TimeoutError as e:
+            raise AssertionError(f"{e}: a corrupt frame went unnoticed?" + rig.logs()) from None
         n = rig.npoints()
-        rig.wait_new_point(n, f"the source re-sending after flip {i}", timeout=20)
+        rig.wait_new_point(n, f"the source re-sending after flip {i}")
         new = refusals(sink.log_text())[before:]
         assert len(new) == 1, new
         assert re.search(r"checksum mismatch|bad frame magic", new[0]), new[0]
         seen.append(new[0].split("ended: ", 1)[1])
     pts = rig.finish_and_verify()
     assert len(refusals(sink.log_text())) == 4
-    print(f"flips {proxy.flips}; refused as {seen}; {len(pts)} points; "
+    print(f"flips (connection, byte, bit) {proxy.flips}; refused as {seen}; {len(pts)} points; "
           f"{time.monotonic() - t0:.1f} s")
