@@ -197,6 +197,9 @@ class UringSpoolWriter final : public SpoolWriter {
 
   // Opens the file, sets up the ring and buffers, writes the header block.
   Status Init(const SpoolIdentity& id, bool direct_io);
+  // Opens an existing file and positions the writer after `logical_end`
+  // bytes of frame data, with the partial last block loaded.
+  Status InitResume(uint64_t logical_end, bool direct_io);
 
   Status Append(std::span<const char> header, std::string_view body,
                 std::span<const char> payload) override;
@@ -212,7 +215,8 @@ class UringSpoolWriter final : public SpoolWriter {
     uint64_t off = 0;
   };
 
-  Status Open(bool direct_io);
+  Status Open(bool direct_io, bool truncate = true);
+  Status SetUpRing();
   Status Copy(const char* p, size_t n);
   Status RotateBuffer();
   void PrepWrite(int buf, size_t len, uint64_t file_off, unsigned sqe_flags);
@@ -268,9 +272,10 @@ UringSpoolWriter::~UringSpoolWriter() {
   std::free(buf_[1]);
 }
 
-Status UringSpoolWriter::Open(bool direct_io) {
-  const int flags = O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC;
-  const std::string what = fmt::format("creating spool {}", path_.string());
+Status UringSpoolWriter::Open(bool direct_io, bool truncate) {
+  const int flags = truncate ? O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC : O_RDWR | O_CLOEXEC;
+  const std::string what =
+      fmt::format("{} spool {}", truncate ? "creating" : "re-opening", path_.string());
   fd_ = ::open(path_.c_str(), direct_io ? flags | O_DIRECT : flags, 0640);
   if (fd_ < 0 && direct_io && errno == EINVAL) {
     static std::atomic<bool> warned{false};
@@ -300,6 +305,42 @@ Status UringSpoolWriter::Open(bool direct_io) {
 
 Status UringSpoolWriter::Init(const SpoolIdentity& id, bool direct_io) {
   RETURN_IF_ERROR(Open(direct_io));
+  RETURN_IF_ERROR(SetUpRing());
+  EncodeSpoolHeader(id, buf_[0]);
+  PrepWrite(0, kSpoolHeaderSize, 0, 0);
+  RETURN_IF_ERROR(Submit({kWriteBuf0}));
+  RETURN_IF_ERROR(WaitFor(kWriteBuf0));
+  cur_ = 0;
+  fill_ = 0;
+  buf_file_off_ = kSpoolHeaderSize;
+  return OkStatus();
+}
+
+Status UringSpoolWriter::InitResume(uint64_t logical_end, bool direct_io) {
+  RETURN_IF_ERROR(Open(direct_io, /*truncate=*/false));
+  RETURN_IF_ERROR(SetUpRing());
+  const uint64_t end = kSpoolHeaderSize + logical_end;
+  buf_file_off_ = end / kAlign * kAlign;
+  fill_ = end - buf_file_off_;
+  appended_ = logical_end;
+  cur_ = 0;
+  if (fill_ > 0) {
+    // The partial last block is rewritten by the next Sync: load it.
+    auto n = PreadFull(fd_, buf_[0], kAlign, buf_file_off_, path_);
+    if (!n.ok()) return n.status();
+    if (*n < fill_) {
+      return DataLoss(fmt::format("spool {} is shorter than its resume point {}", path_.string(),
+                                  logical_end));
+    }
+  }
+  // Nothing after the resume point may survive to be read as frames.
+  if (::ftruncate(fd_, static_cast<off_t>(RoundUp(end, kAlign))) != 0) {
+    return SpoolErrno(errno, fmt::format("truncating spool {}", path_.string()));
+  }
+  return OkStatus();
+}
+
+Status UringSpoolWriter::SetUpRing() {
   for (char*& b : buf_) {
     void* p = nullptr;
     if (posix_memalign(&p, kAlign, buffer_bytes_) != 0) {
@@ -336,13 +377,6 @@ Status UringSpoolWriter::Init(const SpoolIdentity& id, bool direct_io) {
     }
   }
 
-  EncodeSpoolHeader(id, buf_[0]);
-  PrepWrite(0, kSpoolHeaderSize, 0, 0);
-  RETURN_IF_ERROR(Submit({kWriteBuf0}));
-  RETURN_IF_ERROR(WaitFor(kWriteBuf0));
-  cur_ = 0;
-  fill_ = 0;
-  buf_file_off_ = kSpoolHeaderSize;
   return OkStatus();
 }
 
@@ -657,6 +691,18 @@ StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Create(const std::filesystem
   }
   auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes);
   RETURN_IF_ERROR(w->Init(id, options.direct_io));
+  return std::unique_ptr<SpoolWriter>(std::move(w));
+}
+
+StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Resume(const std::filesystem::path& path,
+                                                           uint64_t logical_end,
+                                                           const SpoolOptions& options) {
+  if (options.buffer_bytes < kAlign || options.buffer_bytes % kAlign != 0 ||
+      options.buffer_bytes > kMaxBufferBytes) {
+    return InvalidArgument(fmt::format("spool buffer_bytes must be a multiple of {}", kAlign));
+  }
+  auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes);
+  RETURN_IF_ERROR(w->InitResume(logical_end, options.direct_io));
   return std::unique_ptr<SpoolWriter>(std::move(w));
 }
 

@@ -59,6 +59,13 @@ class SpoolWriter {
   static StatusOr<std::unique_ptr<SpoolWriter>> Create(const std::filesystem::path& path,
                                                        const SpoolIdentity& id,
                                                        const SpoolOptions& options = {});
+  // Re-opens an existing spool to append after its first `logical_end`
+  // bytes of frame data: the end of its last whole, verified frame (see
+  // SpoolReader::offset()). Whatever the file holds after that is
+  // discarded. The header is not rewritten: the caller has checked it.
+  static StatusOr<std::unique_ptr<SpoolWriter>> Resume(const std::filesystem::path& path,
+                                                       uint64_t logical_end,
+                                                       const SpoolOptions& options = {});
   virtual ~SpoolWriter() = default;
 
   // Appends one frame: `header` (32 bytes), `body`, `payload`. The bytes

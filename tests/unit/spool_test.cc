@@ -654,3 +654,51 @@ TEST_F(SpoolTest, DiskFullIsResourceExhausted) {
 
 }  // namespace
 }  // namespace cairn
+
+namespace cairn {
+namespace {
+
+// Resume after a torn tail: the verified prefix stays, the torn bytes go,
+// and new frames follow it exactly.
+TEST_F(SpoolTest, ResumeAfterATornTailKeepsThePrefixAndAppends) {
+  const std::vector<TestFrame> frames = FiveFrames();
+  WriteSynced(frames);
+  const uint64_t at = TotalSize(frames, 3);
+  fs::resize_file(path_, kSpoolHeaderSize + at + kFrameHeaderSize + 60 + 1234);  // torn frame 3
+  ReadBack torn = ReadAll(path_, id_);
+  ASSERT_EQ(torn.offsets.size(), 3u);
+  ASSERT_EQ(torn.offsets.back(), at);
+
+  auto w = SpoolWriter::Resume(path_, at, SmallBuffers());
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  std::vector<TestFrame> want(frames.begin(), frames.begin() + 3);
+  want.push_back(MakeFrame(FrameType::kRecord, 33, 5000, 9));
+  want.push_back(MakeFrame(FrameType::kEpochEnd, 20, 0, 10));
+  for (size_t i = 3; i < want.size(); ++i) ASSERT_TRUE(AppendFrame(**w, want[i]).ok());
+  auto len = (*w)->Sync();
+  ASSERT_TRUE(len.ok()) << len.status().ToString();
+  EXPECT_EQ(*len, TotalSize(want, want.size()));
+  ReadBack r = ReadAll(path_, id_);
+  ExpectFrames(r, want, want.size());
+  EXPECT_EQ(r.end.code(), Code::kAborted) << r.end.ToString();
+  EXPECT_EQ(fs::file_size(path_) % 4096, 0u);
+}
+
+// Resume where garbage longer than the new data follows the resume point:
+// none of it may be read back as frames.
+TEST_F(SpoolTest, ResumeDiscardsEverythingAfterTheResumePoint) {
+  const std::vector<TestFrame> frames = FiveFrames();
+  WriteSynced(frames);
+  const uint64_t at = TotalSize(frames, 1);
+  auto w = SpoolWriter::Resume(path_, at, SmallBuffers());
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  std::vector<TestFrame> want = {frames[0], MakeFrame(FrameType::kEpochEnd, 10, 0, 11)};
+  ASSERT_TRUE(AppendFrame(**w, want[1]).ok());
+  ASSERT_TRUE((*w)->Sync().ok());
+  ReadBack r = ReadAll(path_, id_);
+  ExpectFrames(r, want, 2);
+  EXPECT_EQ(r.end.code(), Code::kAborted) << r.end.ToString();
+}
+
+}  // namespace
+}  // namespace cairn
