@@ -189,7 +189,9 @@ class RecordPipeline {
     record_.set_xxh3(h.value());
     record_.set_seq(plan_.seq);
     record_.SerializeToString(&body_);
-    RETURN_IF_ERROR(out_.Write(FrameType::kRecord, body_, payload));
+    if (summary_.records >= plan_.skip_records) {
+      RETURN_IF_ERROR(out_.Write(FrameType::kRecord, body_, payload));
+    }
     hasher_.Add(offset, length, kind, h);
     ++summary_.records;
     (kind == RecordKind::kData ? summary_.data_bytes : summary_.zero_bytes) += length;
@@ -223,6 +225,7 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   begin.set_snap_time_ns(plan.snap_time_ns);
   begin.set_max_block(options.block_size);
   begin.set_source_site(plan.source_site);
+  begin.set_resume_from(plan.skip_records);
 
   RecordPipeline pipe(plan, options, out);
   RETURN_IF_ERROR(pipe.Init());
@@ -268,7 +271,8 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
       summary_.snap_time_ns = b.snap_time_ns();
       summary_.prev_chain = prev_chain_;
       summary_.source_site = b.source_site();
-      max_block_ = b.max_block();
+      summary_.max_block = b.max_block();
+      summary_.resume_from = b.resume_from();
       hasher_ = std::make_unique<EpochHasher>(b.seq(), b.image_size());
       return Step::kBegin;
     }
@@ -296,9 +300,9 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
       RecordKind kind;
       if (r.kind() == pb::DATA) {
         kind = RecordKind::kData;
-        if (r.length() > max_block_) {
+        if (r.length() > summary_.max_block) {
           return DataLoss(fmt::format("data record {} of {} bytes exceeds the epoch's block size {}",
-                                      r.index(), r.length(), max_block_));
+                                      r.index(), r.length(), summary_.max_block));
         }
         if (f.payload.size() != r.length()) {
           return DataLoss(fmt::format("data record {} says {} bytes but carries {}", r.index(),

@@ -56,6 +56,9 @@ struct EpochPlan {
   int64_t snap_time_ns = 0;
   ChainDigest prev_chain;      // chain digest of base_seq (zero if none)
   std::string source_site;
+  // Records before this index are built and hashed but not written: the
+  // receiver already holds them (resume after a cut).
+  uint64_t skip_records = 0;
 };
 
 struct EpochOptions {
@@ -75,6 +78,8 @@ struct EpochSummary {
   ChainDigest prev_chain;
   ChainDigest chain;
   std::string source_site;
+  uint32_t max_block = 0;
+  uint64_t resume_from = 0;  // as announced by EpochBegin
 };
 
 // Streams epoch `plan` of `vol` to `out`. On success returns what was sent.
@@ -121,7 +126,6 @@ class EpochVerifier {
   bool done_ = false;
   uint64_t next_index_ = 0;
   uint64_t next_offset_ = 0;
-  uint32_t max_block_ = 0;
   EpochSummary summary_;
   VerifiedRecord record_;
   std::unique_ptr<EpochHasher> hasher_;

@@ -39,6 +39,12 @@ struct Sink::Target {
   uint64_t last_seq = 0;
   ChainDigest chain;
   std::filesystem::path dir;
+  // A durable, verified prefix of epoch last_seq + 1 (after a cut).
+  struct Partial {
+    uint64_t seq = 0;
+    uint64_t records = 0;
+    uint64_t offset = 0;  // end of its last whole frame, in spool bytes
+  } partial;
 
   std::filesystem::path SpoolPath(uint64_t seq) const { return dir / fmt::format("{}.spool", seq); }
 };
@@ -118,20 +124,29 @@ Status Sink::Serve(Link& link_ref) {
         fmt::format("cannot create spool directory {}: {}", t.dir.string(), ec.message())));
   }
   {
-    std::lock_guard lock(mu_);
-    if (active_.count(t.volume)) {
-      Status st = FailedPrecondition(
-          fmt::format("volume '{}' is already being received from another source", t.volume));
+    // A source that reconnects after a cut replaces its old session, which
+    // may not have noticed the cut yet (a half-open TCP connection).
+    std::unique_lock lock(mu_);
+    if (auto it = active_.find(t.volume); it != active_.end()) {
+      spdlog::warn("volume {}: new connection from {} replaces the session of {}", t.volume,
+                   link->peer(), it->second->peer());
+      it->second->Close();
+    }
+    if (!released_.wait_for(lock, std::chrono::seconds(30),
+                            [&] { return !active_.count(t.volume); })) {
+      Status st = Unavailable(fmt::format(
+          "volume '{}': the previous session did not end within 30 s; try again", t.volume));
       SendError(*link, st);
       return st;
     }
-    active_.insert(t.volume);
+    active_[t.volume] = link;
   }
   Status st = Session(*link, t);
   {
     std::lock_guard lock(mu_);
     active_.erase(t.volume);
   }
+  released_.notify_all();
   SetState(t.volume, [&](VolumeStatusInfo& s) {
     s.state = "disconnected";
     if (!st.ok()) s.error = st.ToString();
@@ -162,6 +177,10 @@ Status Sink::Session(Link& link, Target& t) {
   reply.set_last_applied_seq(t.last_seq);
   reply.set_last_chain(t.chain.AsBytes());
   reply.set_sink_site(env_.site);
+  if (t.partial.records > 0) {
+    reply.set_resume_seq(t.partial.seq);
+    reply.set_resume_records(t.partial.records);
+  }
   RETURN_IF_ERROR(link.Send(FrameType::kHelloReply, reply.SerializeAsString(), {}));
   spdlog::info("volume {}: source {} connected; newest restore point {}", t.volume, link.peer(),
                t.last_seq);
@@ -193,40 +212,88 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   EpochVerifier verifier(t.volume, t.last_seq, t.chain);
   std::unique_ptr<SpoolWriter> spool;
   std::filesystem::path path;
-  Frame f = std::move(begin);
+  uint64_t spooled_records = 0;  // whole Record frames in the spool
   auto fail = [&](const cairn::Status& st) -> cairn::Status {
     if (st.code() == Code::kDataLoss) {
       std::lock_guard lock(mu_);
       ++corrupt_frames_;
     }
     spdlog::error("volume {}: epoch refused: {}", t.volume, st.message());
-    spool.reset();
-    if (!path.empty()) {
+    // Keep what was verified and spooled, durably: the source re-sends only
+    // the rest. If it cannot be made durable it is worth nothing.
+    if (spool && spool->Sync().ok() && spooled_records > 0) {
+      spdlog::info("volume {}: kept {} verified records of epoch {} for resume", t.volume,
+                   spooled_records, verifier.begin().seq);
+    } else if (!path.empty()) {
+      spool.reset();
       std::error_code ec;
       std::filesystem::remove(path, ec);
     }
     return st;
   };
-  while (true) {
-    auto step = verifier.Check(f);
-    if (!step.ok()) return fail(step.status());
-    if (*step == EpochVerifier::Step::kBegin) {
-      path = t.SpoolPath(verifier.begin().seq);
-      auto w = SpoolWriter::Create(path, SpoolIdentity{t.volume, verifier.begin().seq}, env_.spool);
-      if (!w.ok()) return fail(w.status());
-      spool = std::move(w).value();
-      SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "receiving"; });
+
+  auto step = verifier.Check(begin);
+  if (!step.ok()) return fail(step.status());
+  if (*step != EpochVerifier::Step::kBegin) return fail(DataLoss("epoch does not start with EpochBegin"));
+  const EpochSummary announced = verifier.begin();
+  path = t.SpoolPath(announced.seq);
+  if (announced.resume_from > 0) {
+    if (t.partial.seq != announced.seq || t.partial.records != announced.resume_from) {
+      return fail(DataLoss(fmt::format(
+          "source resumes epoch {} at record {}, but this sink holds {} records of epoch {}",
+          announced.seq, announced.resume_from, t.partial.records, t.partial.seq)));
     }
+    // Rebuild the verifier's state from the spooled prefix; the resumed
+    // stream must continue exactly where it ends.
+    auto st = ReplayPrefix(t, path, verifier);
+    if (!st.ok()) return fail(st);
+    const EpochSummary& had = verifier.begin();
+    if (had.base_seq != announced.base_seq || had.image_size != announced.image_size ||
+        had.snap_time_ns != announced.snap_time_ns || had.max_block != announced.max_block) {
+      return fail(DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.seq)));
+    }
+    auto w = SpoolWriter::Resume(path, t.partial.offset, env_.spool);
+    if (!w.ok()) return fail(w.status());
+    spool = std::move(w).value();
+    spooled_records = t.partial.records;
+  } else {
+    auto w = SpoolWriter::Create(path, SpoolIdentity{t.volume, announced.seq}, env_.spool);
+    if (!w.ok()) return fail(w.status());
+    spool = std::move(w).value();
+    const auto header = EncodeHeader(begin.type, begin.body, 0);
+    if (Status st = spool->Append(header, begin.body, {}); !st.ok()) return fail(st);
+  }
+  t.partial = {};
+  SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "receiving"; });
+  while (true) {
+    auto next = link.Receive(env_.timeouts.stall);
+    if (!next.ok()) return fail(next.status());
+    const Frame& f = *next;
+    step = verifier.Check(f);
+    if (!step.ok()) return fail(step.status());
+    if (*step == EpochVerifier::Step::kBegin) return fail(DataLoss("EpochBegin inside an epoch"));
     const auto header = EncodeHeader(f.type, f.body, static_cast<uint32_t>(f.payload.size()));
     if (Status st = spool->Append(header, f.body, f.payload); !st.ok()) return fail(st);
     if (*step == EpochVerifier::Step::kEnd) break;
-    auto next = link.Receive(env_.timeouts.stall);
-    if (!next.ok()) return fail(next.status());
-    f = std::move(next).value();
+    ++spooled_records;
   }
   auto synced = spool->Sync();
   if (!synced.ok()) return fail(synced.status());
   return verifier.summary();
+}
+
+Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier) {
+  ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, t.partial.seq}));
+  EpochVerifier v(t.volume, t.last_seq, t.chain);
+  while (reader->offset() < t.partial.offset) {
+    ASSIGN_OR_RETURN(Frame f, reader->Next());
+    RETURN_IF_ERROR(v.Check(f).status());
+  }
+  if (reader->offset() != t.partial.offset || v.begin().records != t.partial.records) {
+    return DataLoss(fmt::format("spool of epoch {} changed since it was scanned", t.partial.seq));
+  }
+  verifier = std::move(v);
+  return OkStatus();
 }
 
 Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
@@ -305,6 +372,7 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
 
 Status Sink::RecoverSpool(Target& t) {
   std::error_code ec;
+  t.partial = {};
   for (const auto& entry : std::filesystem::directory_iterator(t.dir, ec)) {
     const auto name = entry.path().filename().string();
     if (!name.ends_with(".spool")) continue;
@@ -319,15 +387,37 @@ Status Sink::RecoverSpool(Target& t) {
       std::filesystem::remove(entry.path(), ec);
       continue;
     }
-    Status st = ApplyAndCommit(t, seq, 0);
-    if (st.ok()) {
-      spdlog::info("volume {}: applied epoch {} from the spool left by a previous run", t.volume, seq);
-    } else if (st.code() == Code::kDataLoss) {
-      // Incomplete or corrupt: discard, the source will send it again.
+    // Scan: how much of the epoch is there and verifies?
+    EpochVerifier v(t.volume, t.last_seq, t.chain);
+    uint64_t good_end = 0;
+    bool complete = false;
+    if (auto reader = SpoolReader::Open(entry.path(), SpoolIdentity{t.volume, seq}); reader.ok()) {
+      while (true) {
+        auto f = (*reader)->Next();
+        if (!f.ok() || !v.Check(*f).ok()) break;
+        good_end = (*reader)->offset();
+        if (v.done()) {
+          complete = true;
+          break;
+        }
+      }
+    }
+    if (complete) {
+      Status st = ApplyAndCommit(t, seq, 0);
+      if (st.ok()) {
+        spdlog::info("volume {}: applied epoch {} from the spool left by a previous run", t.volume,
+                     seq);
+        continue;
+      }
+      if (st.code() != Code::kDataLoss) return st;
       spdlog::warn("volume {}: discarding spool of epoch {}: {}", t.volume, seq, st.message());
       std::filesystem::remove(entry.path(), ec);
+    } else if (v.begin().seq == seq && v.begin().records > 0) {
+      t.partial = {seq, v.begin().records, good_end};
+      spdlog::info("volume {}: {} verified records of epoch {} are spooled; the source may resume",
+                   t.volume, t.partial.records, seq);
     } else {
-      return st;
+      std::filesystem::remove(entry.path(), ec);
     }
   }
   return OkStatus();

@@ -15,7 +15,9 @@
 // a LinkError and closes, and the source re-sends the epoch.
 //
 // Thread-safety: Serve may run on many threads at once (one per source
-// connection); two connections for the same volume are refused. Status,
+// connection). A new connection for a volume that has one already replaces
+// it (the source reconnected after a cut the old session has not noticed
+// yet). Report,
 // Points and Restore are safe from any thread.
 #pragma once
 
@@ -23,6 +25,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <condition_variable>
 #include <mutex>
 #include <set>
 #include <string>
@@ -80,12 +83,15 @@ class Sink {
   StatusOr<EpochSummary> ReceiveEpoch(Link& link, Target& t, Frame begin);
   Status ApplyAndCommit(Target& t, uint64_t seq, int64_t snap_time_ns_hint);
   Status RecoverSpool(Target& t);
+  // Reads the verified prefix of t.partial's spool into `verifier`.
+  Status ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier);
   StatusOr<std::string> FindVolumePool(const std::string& volume);
   void SetState(const std::string& volume, const std::function<void(VolumeStatusInfo&)>& fn);
 
   SinkEnv env_;
   mutable std::mutex mu_;
-  std::set<std::string> active_;  // volumes with a live session
+  std::condition_variable released_;
+  std::map<std::string, Link*> active_;  // volumes with a live session
   std::map<std::string, VolumeStatusInfo> status_;
   uint64_t corrupt_frames_ = 0;
 };

@@ -99,6 +99,8 @@ Status SourceReplicator::Connect() {
   }
   sink_seq_ = reply.last_applied_seq();
   sink_chain_ = chain;
+  resume_seq_ = reply.resume_seq();
+  resume_records_ = reply.resume_records();
   std::lock_guard lock(mu_);
   link_ = std::move(link);
   return OkStatus();
@@ -169,6 +171,11 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   plan.snap_time_ns = to.time_ns;
   plan.prev_chain = sink_chain_;
   plan.source_site = site_;
+  // After a cut the sink keeps what it verified and made durable: send the
+  // rest only. (The same snapshots and options rebuild the same records; if
+  // they did not, the sink's verifier refuses and the epoch starts over.)
+  if (resume_seq_ == seq) plan.skip_records = resume_records_;
+  resume_seq_ = resume_records_ = 0;
   EpochOptions opt;
   opt.block_size = config_.block_size;
   opt.window = config_.window;
@@ -200,9 +207,11 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     status_.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
     status_.error.clear();
   }
-  spdlog::info("volume {}: epoch {} applied at the sink: {} records, {} data bytes, {} zero bytes, "
+  spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
                "{:.2f} s",
-               config_.id, seq, sum.records, sum.data_bytes, sum.zero_bytes, secs);
+               config_.id, seq, sum.records,
+               plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
+               sum.data_bytes, sum.zero_bytes, secs);
   PruneSnapshots(vol, seq);
   return sum;
 }

@@ -72,6 +72,8 @@ class SourceReplicator {
   std::unique_ptr<Link> link_;
   uint64_t sink_seq_ = 0;
   ChainDigest sink_chain_;
+  uint64_t resume_seq_ = 0;      // an epoch the sink holds a prefix of
+  uint64_t resume_records_ = 0;  // ... this many records long
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

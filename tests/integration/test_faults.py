@@ -156,21 +156,32 @@ class Rig:
             raise AssertionError(f"{e}\nsource status: {src}\nsink status: {snk}"
                                  + self.logs()) from None
 
-    def finish_and_verify(self):
-        """Stops the guest, asks for a point now, stops the source and checks
-        every point against its source snapshot. Returns the points."""
+    def finish_and_verify(self, before_request=None, after_request=None):
+        """Stops the guest, asks the source for a point now, stops the source
+        and checks every point against its source snapshot. Returns the
+        points. before_request() runs after the last write, before the
+        request; with after_request() the request is `cairn replicate`
+        without --wait, after_request() runs, then the promised point is
+        waited for."""
         self.writer.stop()
         head = self.site_a.digest(self.name)
-        r = self.source.json("replicate", self.name, "--wait", "--timeout", "60")
+        if before_request:
+            before_request()
+        if after_request is None:
+            want = self.source.json("replicate", self.name, "--wait", "--timeout", "60")["seq"]
+        else:
+            want = self.source.json("replicate", self.name)["seq"]
+            after_request()
+            self.wait_new_point(want - 1, f"the promised point {want}")
         self.source.stop()
         pts = self.points()
         seqs = [p["seq"] for p in pts]
         assert seqs == list(range(1, len(pts) + 1)), f"restore points are not 1..N: {seqs}"
-        assert r["seq"] in seqs, f"replicate --wait returned {r['seq']}, points {seqs}"
-        newest = pts[seqs.index(r["seq"])]
-        assert self.site_b.digest(newest["image"], newest["snap"]) == head, (
-            f"replicate --wait after the writes stopped returned point {r['seq']}, which is not "
-            f"the image as it is now (points {seqs})" + self.logs())
+        assert want in seqs, f"replicate promised point {want}, points {seqs}"
+        promised = pts[seqs.index(want)]
+        assert self.site_b.digest(promised["image"], promised["snap"]) == head, (
+            f"`cairn replicate` after the last write promised point {want}, which is not the "
+            f"image as it was then (points {seqs}; source log below)" + self.logs())
 
         assert pts[0]["base_seq"] == 0 and pts[0]["data_bytes"] >= PREFILL
         for prev, p in zip(pts, pts[1:]):
@@ -218,6 +229,13 @@ def reached(what, predicate, timeout=5):
         return True
     except TimeoutError:
         return False
+
+
+def lock_owners(site, image):
+    """Addresses of the clients holding image's exclusive lock."""
+    with rbd.Image(site.ioctx, image, read_only=True) as img:
+        info = img.list_lockers()
+    return [addr for _, _, addr in info["lockers"]] if info else []
 
 
 def refusals(log_text):
@@ -269,7 +287,16 @@ def test_source_killed_repeatedly(site_a, site_b, workdir, name, cleanup, daemon
             continue
         rig.wait_new_point(n, f"the source restarted after kill {i} ({moment}) making progress")
         recovery.append(round(time.monotonic() - t, 1))
-    pts = rig.finish_and_verify()
+    # The last kill leaves a snapshot taken but not shipped; the guest writes
+    # on; the source restarts after the last write, and a point asked of it
+    # right away must cover every write, not be that older snapshot.
+    proxy.delay(0.05)
+    lib.wait_for("source syncing", lambda: rig.state(src)["state"] == "syncing", 10, 0.01)
+    src.kill9()
+    proxy.delay(0)
+    b = rig.writer.batches + 5
+    lib.wait_for("the guest writing after the kill", lambda: rig.writer.batches >= b, 20)
+    pts = rig.finish_and_verify(before_request=src.start)
     assert rig.writer.max_batch_seconds < 5, (
         f"the guest's writes stalled {rig.writer.max_batch_seconds:.1f} s")
     print(f"kills aimed at {hit}; next point after restart (s) {recovery}; {len(pts)} points; "
@@ -296,6 +323,7 @@ def test_source_kill_does_not_block_the_primary(site_a, site_b, workdir, name, c
     source.cli("replicate", name, check=True)
     lib.wait_for("source syncing", lambda: source.json("status", name)[0]["state"] == "syncing",
                  timeout=10, interval=0.01)
+    lockers = lock_owners(site_a, name)  # the primary's exclusive lock owner
     source.kill9()
     proxy.delay(0)
     t = time.monotonic()
@@ -305,7 +333,8 @@ def test_source_kill_does_not_block_the_primary(site_a, site_b, workdir, name, c
     assert stalled < 5, (
         f"a guest write to the primary waited {stalled:.1f} s after the source cairnd was "
         f"SIGKILLed mid-epoch: the dead cairnd still held the image's exclusive lock (and its "
-        f"watch) until the OSD timed it out")
+        f"watch) until the OSD timed it out (lock owner at the kill: {lockers}, the guest is "
+        f"{site_a.cluster.get_addrs()})")
     source.start()
     r = source.json("replicate", name, "--wait", "--timeout", "60")
     (p,) = [p for p in sink.json("points", name) if p["seq"] == r["seq"]]
@@ -321,12 +350,18 @@ def test_sink_killed_repeatedly(site_a, site_b, workdir, name, cleanup, daemons,
     sink, proxy = rig.sink, rig.proxy
     rng = random.Random(22)
     moments = ["after-point", "receiving", "after-writes", "at-start", "applying",
-               "slow-receiving", "after-point"]
+               "slow-receiving", "mid-apply", "after-point"]
     hit, recovery = [], []
     for i, moment in enumerate(moments):
         n = rig.npoints()
         if moment in ("receiving", "applying"):
             ok = reached(f"sink {moment}", lambda: rig.state(sink).get("state") == moment)
+        elif moment == "mid-apply":  # the standby image open and locked by the sink
+            with rbd.Image(site_a.ioctx, name) as img:
+                img.write(rng.randbytes(6 * MiB), rng.randrange(0, SIZE - 6 * MiB))
+            ok = reached("sink applying, standby image locked",
+                         lambda: rig.state(sink).get("state") == "applying"
+                         and lock_owners(site_b, name + "-standby"), timeout=10)
         elif moment == "slow-receiving":  # a partial spool for sure
             proxy.delay(0.05)
             ok = reached("sink receiving", lambda: rig.state(sink).get("state") == "receiving")

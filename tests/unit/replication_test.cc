@@ -71,7 +71,16 @@ class ReplicationTest : public ::testing::Test {
   // Each connect makes a link pair and serves the sink end on a thread.
   SourceReplicator::Connector Connector() {
     return [this]() -> StatusOr<std::unique_ptr<Link>> {
-      auto [a, b] = MakeMemoryLinkPair();
+      auto frames = std::make_shared<int>(0);
+      sent_records_ = frames;
+      const int cut = cut_at_frame_;
+      cut_at_frame_ = -1;
+      auto [a, b] = MakeMemoryLinkPair(16u << 20, [frames, cut](std::string& bytes) {
+        const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
+        if (cut >= 0 && (*frames) == cut) return WireFault::kCut;
+        if (type == FrameType::kRecord) ++*frames;
+        return WireFault::kDeliver;
+      });
       std::unique_ptr<Link> src = std::move(a);
       if (flip_next_ >= 0) src = std::make_unique<FlipNthPayload>(std::move(src), flip_next_);
       flip_next_ = -1;
@@ -113,6 +122,8 @@ class ReplicationTest : public ::testing::Test {
   std::vector<std::thread> sessions_;
   Status last_serve_;
   int flip_next_ = -1;
+  int cut_at_frame_ = -1;                // cut the next link after this many records
+  std::shared_ptr<int> sent_records_;  // records sent on the newest link
 };
 
 TEST_F(ReplicationTest, FiveEpochsEveryPointEqualsItsSourceSnapshot) {
@@ -190,6 +201,25 @@ TEST_F(ReplicationTest, CorruptFrameIsRefusedCountedAndResent) {
   auto good = rep.RunOnce();
   ASSERT_TRUE(good.ok()) << good.status().ToString();
   EXPECT_EQ(good->seq, 1u);  // the same epoch, sent again
+  VerifyAllPoints(*src, 1);
+}
+
+TEST_F(ReplicationTest, CutMidEpochResumesFromTheSpooledPrefix) {
+  const uint64_t size = 4 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(15);
+  testing::Write(*src, 0, testing::RandomBytes(rng, 3 * kMiB));  // 12 records of 256 KiB
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  cut_at_frame_ = 7;
+  auto cut = rep.RunOnce();
+  ASSERT_FALSE(cut.ok());
+  EXPECT_EQ(cut.status().code(), Code::kAborted) << cut.status().ToString();
+  auto resumed = rep.RunOnce();
+  ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+  EXPECT_EQ(resumed->seq, 1u);
+  EXPECT_EQ(resumed->records, 12u);
+  EXPECT_EQ(*sent_records_, 12 - 7);  // only what the sink did not hold
   VerifyAllPoints(*src, 1);
 }
 
