@@ -41,6 +41,7 @@ const char* FaultName(Fault f) {
 
 struct Counters {
   uint64_t schedules = 0, faults = 0, epochs_failed = 0, points_verified = 0, bytes_compared = 0;
+  uint64_t by_kind[static_cast<int>(Fault::kCount)] = {};
 };
 
 class World {
@@ -173,6 +174,7 @@ class World {
       testing::RandomChanges(*vol, rng_, size, 1 + static_cast<int>(rng_() % 6));
       const Fault f = static_cast<Fault>(rng_() % static_cast<int>(Fault::kCount));
       if (f != Fault::kNone) ++counters.faults;
+      ++counters.by_kind[static_cast<int>(f)];
       if (f == Fault::kSinkRestart) {
         source->Disconnect();  // a crashed sink's sockets close
         NewSink(timeouts_);
@@ -279,6 +281,12 @@ TEST(Simulation, SeededFaultSchedulesLoseNothing) {
               static_cast<unsigned long>(c.epochs_failed),
               static_cast<unsigned long>(c.points_verified),
               static_cast<unsigned long>(c.bytes_compared));
+  std::string kinds;
+  for (int k = 1; k < static_cast<int>(Fault::kCount); ++k) {
+    kinds += std::string(k > 1 ? ", " : "") + FaultName(static_cast<Fault>(k)) + " " +
+             std::to_string(c.by_kind[k]);
+  }
+  std::printf("[          ] faults by kind: %s\n", kinds.c_str());
 }
 
 }  // namespace
