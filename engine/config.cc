@@ -143,10 +143,16 @@ StatusOr<std::chrono::milliseconds> ParseDuration(std::string_view text) {
   if (ec != std::errc() || (unit.empty() && n != 0)) {
     return InvalidArgument(fmt::format("'{}' is not a duration (use 5s, 500ms, 1m, 2h)", text));
   }
-  if (unit.empty() || unit == "ms") return std::chrono::milliseconds(n);
-  if (unit == "s") return std::chrono::milliseconds(n * 1000);
-  if (unit == "m") return std::chrono::milliseconds(n * 60'000);
-  if (unit == "h") return std::chrono::milliseconds(n * 3'600'000);
+  uint64_t scale = 0;
+  if (unit.empty() || unit == "ms") scale = 1;
+  if (unit == "s") scale = 1000;
+  if (unit == "m") scale = 60'000;
+  if (unit == "h") scale = 3'600'000;
+  constexpr uint64_t kMaxMs = 365ull * 24 * 3'600'000;  // a year is plenty
+  if (scale != 0) {
+    if (n > kMaxMs / scale) return InvalidArgument(fmt::format("'{}' is too long (max 1 year)", text));
+    return std::chrono::milliseconds(n * scale);
+  }
   return InvalidArgument(fmt::format("'{}' is not a duration (use 5s, 500ms, 1m, 2h)", text));
 }
 
@@ -156,10 +162,15 @@ StatusOr<uint64_t> ParseSize(std::string_view text) {
   auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), n);
   std::string unit(p, t.data() + t.size());
   if (ec != std::errc()) return InvalidArgument(fmt::format("'{}' is not a size (use 4096, 64K, 1M)", text));
-  if (unit.empty()) return n;
-  if (unit == "K" || unit == "k" || unit == "KiB") return n << 10;
-  if (unit == "M" || unit == "MiB") return n << 20;
-  if (unit == "G" || unit == "GiB") return n << 30;
+  int shift = -1;
+  if (unit.empty()) shift = 0;
+  if (unit == "K" || unit == "k" || unit == "KiB") shift = 10;
+  if (unit == "M" || unit == "MiB") shift = 20;
+  if (unit == "G" || unit == "GiB") shift = 30;
+  if (shift >= 0) {
+    if (n > (UINT64_MAX >> shift)) return InvalidArgument(fmt::format("'{}' is too large", text));
+    return n << shift;
+  }
   return InvalidArgument(fmt::format("'{}' is not a size (use 4096, 64K, 1M)", text));
 }
 
@@ -267,6 +278,13 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       for (const auto& other : cfg.volumes) {
         if (other.id == v.id) {
           return InvalidArgument(fmt::format("{}: volume '{}' is defined twice", origin, v.id));
+        }
+        if (other.peer_host == v.peer_host && other.peer_port == v.peer_port &&
+            other.target_pool == v.target_pool && other.target_image == v.target_image) {
+          return InvalidArgument(fmt::format(
+              "{}: volumes '{}' and '{}' both replicate into {}/{} at {}:{}: give one another "
+              "target_image",
+              origin, other.id, v.id, v.target_pool, v.target_image, v.peer_host, v.peer_port));
         }
       }
       cfg.volumes.push_back(v);

@@ -79,6 +79,19 @@ Status Daemon::Start() {
                  sc.spool_dir);
   }
 
+  for (const auto& v : config_.volumes) {
+    ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
+    LinkOptions lo;
+    lo.connect_timeout = std::chrono::seconds(5);
+    lo.stall_timeout = std::chrono::seconds(120);
+    auto src = std::make_unique<SourceReplicator>(v, config_.site, pool, [v, lo]() {
+      return ConnectTcp(v.peer_host, v.peer_port, lo);
+    });
+    src->Start();
+    spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
+                 v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
+    sources_.push_back(std::move(src));
+  }
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(config_.control_socket).parent_path(), ec);
   auto control = Listener::ListenUnix(config_.control_socket);
@@ -94,28 +107,16 @@ Status Daemon::Start() {
       });
   control_server_->Start();
 
-  for (const auto& v : config_.volumes) {
-    ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
-    LinkOptions lo;
-    lo.connect_timeout = std::chrono::seconds(5);
-    lo.stall_timeout = std::chrono::seconds(120);
-    auto src = std::make_unique<SourceReplicator>(v, config_.site, pool, [v, lo]() {
-      return ConnectTcp(v.peer_host, v.peer_port, lo);
-    });
-    src->Start();
-    spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
-                 v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
-    sources_.push_back(std::move(src));
-  }
   spdlog::info("cairnd (site {}) ready; control socket {}", config_.site, config_.control_socket);
   return OkStatus();
 }
 
 void Daemon::Stop() {
-  for (auto& s : sources_) s->Stop();
-  sources_.clear();
+  // The control server goes first: its requests walk sources_ and sink_.
   if (control_server_) control_server_->Stop();
   control_server_.reset();
+  for (auto& s : sources_) s->Stop();
+  sources_.clear();
   if (sink_server_) sink_server_->Stop();
   sink_server_.reset();
 }

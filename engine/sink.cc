@@ -1,5 +1,6 @@
 #include "engine/sink.h"
 
+#include <charconv>
 #include <chrono>
 #include <system_error>
 
@@ -132,6 +133,15 @@ Status Sink::Serve(Link& link_ref) {
                    link->peer(), it->second->peer());
       it->second->Close();
     }
+    for (const auto& [vol, image] : active_images_) {
+      if (vol != t.volume && image == t.pool_name + "/" + t.image) {
+        Status st = FailedPrecondition(fmt::format(
+            "image {} is already the target of volume '{}': give '{}' another target_image",
+            image, vol, t.volume));
+        SendError(*link, st);
+        return st;
+      }
+    }
     if (!released_.wait_for(lock, std::chrono::seconds(30),
                             [&] { return !active_.count(t.volume); })) {
       Status st = Unavailable(fmt::format(
@@ -140,17 +150,21 @@ Status Sink::Serve(Link& link_ref) {
       return st;
     }
     active_[t.volume] = link;
+    active_images_[t.volume] = t.pool_name + "/" + t.image;
   }
   Status st = Session(*link, t);
   {
     std::lock_guard lock(mu_);
     active_.erase(t.volume);
+    active_images_.erase(t.volume);
+    // A replaced session leaves the status to the session that replaced it.
+    VolumeStatusInfo& s = status_[t.volume];
+    if (!active_.count(t.volume)) {
+      s.state = "disconnected";
+      if (!st.ok()) s.error = st.ToString();
+    }
   }
   released_.notify_all();
-  SetState(t.volume, [&](VolumeStatusInfo& s) {
-    s.state = "disconnected";
-    if (!st.ok()) s.error = st.ToString();
-  });
   if (!st.ok() && st.code() != Code::kAborted) SendError(*link, st);
   return st.code() == Code::kAborted ? OkStatus() : st;
 }
@@ -161,6 +175,13 @@ Status Sink::Session(Link& link, Target& t) {
   if (*latest) {
     t.last_seq = (*latest)->seq;
     t.chain = (*latest)->chain_digest;
+    // Two primaries for one volume would interleave two histories.
+    const std::string& from = (*latest)->source_site;
+    if (!from.empty() && !t.source_site.empty() && from != t.source_site) {
+      return FailedPrecondition(fmt::format(
+          "volume '{}' is replicated from site '{}'; refusing a second source at site '{}'",
+          t.volume, from, t.source_site));
+    }
   }
   RETURN_IF_ERROR(RecoverSpool(t));
   SetState(t.volume, [&](VolumeStatusInfo& s) {
@@ -213,6 +234,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   std::unique_ptr<SpoolWriter> spool;
   std::filesystem::path path;
   uint64_t spooled_records = 0;  // whole Record frames in the spool
+  bool at_end = false;           // the failure is the epoch's end
   auto fail = [&](const cairn::Status& st) -> cairn::Status {
     if (st.code() == Code::kDataLoss) {
       std::lock_guard lock(mu_);
@@ -220,8 +242,10 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     }
     spdlog::error("volume {}: epoch refused: {}", t.volume, st.message());
     // Keep what was verified and spooled, durably: the source re-sends only
-    // the rest. If it cannot be made durable it is worth nothing.
-    if (spool && spool->Sync().ok() && spooled_records > 0) {
+    // the rest. If it cannot be made durable it is worth nothing, and an
+    // epoch whose end does not verify as a whole starts over (resuming it
+    // would fail the same way every time).
+    if (!at_end && spool && spool->Sync().ok() && spooled_records > 0) {
       spdlog::info("volume {}: kept {} verified records of epoch {} for resume", t.volume,
                    spooled_records, verifier.begin().seq);
     } else if (!path.empty()) {
@@ -269,6 +293,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     auto next = link.Receive(env_.timeouts.stall);
     if (!next.ok()) return fail(next.status());
     const Frame& f = *next;
+    at_end = f.type == FrameType::kEpochEnd;
     step = verifier.Check(f);
     if (!step.ok()) return fail(step.status());
     if (*step == EpochVerifier::Step::kBegin) return fail(DataLoss("EpochBegin inside an epoch"));
@@ -277,6 +302,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     if (*step == EpochVerifier::Step::kEnd) break;
     ++spooled_records;
   }
+  at_end = true;
   auto synced = spool->Sync();
   if (!synced.ok()) return fail(synced.status());
   return verifier.summary();
@@ -312,18 +338,21 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
         "{}: it was removed outside Cairn; a full resync is needed",
         t.pool_name, t.image, t.volume, t.last_seq));
   }
+  ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
+  if (!owner.empty() && owner != t.volume) {
+    return FailedPrecondition(fmt::format(
+        "image {}/{} is the standby of volume '{}', not of '{}': set another target_image",
+        t.pool_name, t.image, owner, t.volume));
+  }
   if (!exists) {
     RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
     RETURN_IF_ERROR(t.pool->Create(t.image, 0));
     state = TargetState::kFreshImage;
-  } else {
-    ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
-    if (owner != t.volume) {
-      return FailedPrecondition(fmt::format(
-          "image {}/{} exists at this site but was not created by Cairn for volume '{}'{}: "
-          "remove or rename it, or set another target_image",
-          t.pool_name, t.image, t.volume, owner.empty() ? "" : " (it belongs to '" + owner + "')"));
-    }
+  } else if (owner.empty()) {
+    return FailedPrecondition(fmt::format(
+        "image {}/{} exists at this site but was not created by Cairn for volume '{}': "
+        "remove or rename it, or set another target_image",
+        t.pool_name, t.image, t.volume));
   }
   ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
   if (t.last_seq > 0) {
@@ -377,11 +406,9 @@ Status Sink::RecoverSpool(Target& t) {
     const auto name = entry.path().filename().string();
     if (!name.ends_with(".spool")) continue;
     uint64_t seq = 0;
-    try {
-      seq = std::stoull(name);
-    } catch (...) {
-      continue;
-    }
+    const std::string stem = name.substr(0, name.size() - 6);
+    auto [end, perr] = std::from_chars(stem.data(), stem.data() + stem.size(), seq);
+    if (perr != std::errc() || end != stem.data() + stem.size() || seq == 0) continue;
     if (seq != t.last_seq + 1) {
       // Already applied, or not the next epoch: the source re-sends.
       std::filesystem::remove(entry.path(), ec);
@@ -450,6 +477,7 @@ StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
   RestorePoint point;
   if (seq == 0) {
     ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
+    if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
     point = *latest;
   } else {
     ASSIGN_OR_RETURN(point, catalog.Get(volume, seq));

@@ -92,6 +92,7 @@ class Sink {
   mutable std::mutex mu_;
   std::condition_variable released_;
   std::map<std::string, Link*> active_;  // volumes with a live session
+  std::map<std::string, std::string> active_images_;  // volume -> its pool/image
   std::map<std::string, VolumeStatusInfo> status_;
   uint64_t corrupt_frames_ = 0;
 };

@@ -13,6 +13,18 @@
 namespace cairn {
 namespace {
 
+// The error a sink reported. Never OK: a LinkError that does not parse or
+// carries code 0 is itself an error of the peer.
+Status StatusFromLinkError(const Frame& f, std::string_view who) {
+  pb::LinkError e;
+  if (!e.ParseFromString(f.body)) return DataLoss(fmt::format("{}: malformed LinkError", who));
+  const Code code = static_cast<Code>(e.code());
+  if (code == Code::kOk || CodeName(code) == "Unknown") {
+    return Internal(fmt::format("{}: error with invalid code {}: {}", who, e.code(), e.message()));
+  }
+  return Status(code, fmt::format("{}: {}", who, e.message()));
+}
+
 }  // namespace
 
 int64_t NowNs() {
@@ -54,9 +66,18 @@ void SourceReplicator::Stop() {
 }
 
 uint64_t SourceReplicator::RequestNow() {
+  // Every cairn.<N> snapshot that exists now may predate the caller's
+  // writes; a snapshot created from here on gets a higher seq (new ones are
+  // numbered max + 1) and holds them. So the promise is max + 1, from the
+  // image itself, not from what this process has seen so far.
+  uint64_t newest = 0;
+  if (auto vol = pool_->Open(config_.image); vol.ok()) {
+    if (auto snaps = (*vol)->ListSnaps(); snaps.ok()) {
+      for (const auto& s : *snaps) newest = std::max(newest, ParseSnapName(s.name).value_or(0));
+    }
+  }
   std::lock_guard lock(mu_);
-  // The next snapshot taken is newer than anything that exists now.
-  wanted_seq_ = std::max({wanted_seq_, highest_snap_ + 1, status_.last_seq + 1});
+  wanted_seq_ = std::max({wanted_seq_, newest + 1, highest_snap_ + 1, status_.last_seq + 1});
   cv_.notify_all();
   return wanted_seq_;
 }
@@ -78,11 +99,7 @@ Status SourceReplicator::Connect() {
   hello.set_source_site(site_);
   RETURN_IF_ERROR(link->Send(FrameType::kHello, hello.SerializeAsString(), {}));
   ASSIGN_OR_RETURN(Frame f, link->Receive(timeouts_.hello));
-  if (f.type == FrameType::kLinkError) {
-    pb::LinkError e;
-    e.ParseFromString(f.body);
-    return Status(static_cast<Code>(e.code()), "sink refused: " + e.message());
-  }
+  if (f.type == FrameType::kLinkError) return StatusFromLinkError(f, "sink refused");
   pb::HelloReply reply;
   if (f.type != FrameType::kHelloReply || !reply.ParseFromString(f.body)) {
     return FailedPrecondition(fmt::format("{} did not answer Hello with HelloReply (got {}): is it a "
@@ -108,11 +125,7 @@ Status SourceReplicator::Connect() {
 
 Status SourceReplicator::AwaitAck(uint64_t seq, int stage, ChainDigest* chain) {
   ASSIGN_OR_RETURN(Frame f, link_->Receive(timeouts_.ack));
-  if (f.type == FrameType::kLinkError) {
-    pb::LinkError e;
-    e.ParseFromString(f.body);
-    return Status(static_cast<Code>(e.code()), "sink: " + e.message());
-  }
+  if (f.type == FrameType::kLinkError) return StatusFromLinkError(f, "sink");
   pb::EpochAck ack;
   if (f.type != FrameType::kEpochAck || !ack.ParseFromString(f.body)) {
     return DataLoss(fmt::format("expected EpochAck, got {}", FrameTypeName(f.type)));
@@ -238,6 +251,14 @@ StatusOr<EpochSummary> SourceReplicator::RunOnce() {
     if (!st.ok()) return st.Annotate(fmt::format("connecting to sink {}", status_.peer));
     std::lock_guard lock(mu_);
     if (sink_seq_ > status_.last_seq) status_.last_seq = sink_seq_;
+  }
+  {
+    std::lock_guard lock(mu_);
+    if (stop_) {  // Stop() came while connecting: ship nothing more
+      if (link_) link_->Close();
+      link_.reset();
+      return Aborted("stopping");
+    }
   }
   auto vol = pool_->Open(config_.image);
   if (!vol.ok()) return vol.status().Annotate(fmt::format("opening {}/{}", config_.pool, config_.image));

@@ -71,6 +71,12 @@ TEST(Config, ErrorsNameWhatIsWrong) {
   EXPECT_THAT(Error("[sink]\npools = ,\n"), HasSubstr("lists no pool"));
   EXPECT_THAT(Error("[sink]\nlisten = h:1\nlisten = h:2\n"), HasSubstr("set twice"));
   EXPECT_THAT(Error("no section line\n"), HasSubstr("not INI syntax"));
+  EXPECT_THAT(Error("[volume a]\nimage=i\npeer=h:1\n[volume b]\nimage=i\npeer=h:1\n"),
+              HasSubstr("both replicate into rbd/i"));
+  EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\nblock_size=17592186044417M\n"),
+              HasSubstr("too large"));
+  EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\ninterval=5124095576030432h\n"),
+              HasSubstr("too long"));
 }
 
 TEST(Config, MissingFile) {

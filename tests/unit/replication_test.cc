@@ -223,6 +223,47 @@ TEST_F(ReplicationTest, CutMidEpochResumesFromTheSpooledPrefix) {
   VerifyAllPoints(*src, 1);
 }
 
+TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  {
+    SourceReplicator rep(Config(), "a", site_a_, Connector());
+    ASSERT_TRUE(rep.RunOnce().ok());
+    ASSERT_TRUE(rep.RunOnce().ok());
+  }
+  // A fresh source (a restarted cairnd) has not talked to the sink yet.
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  EXPECT_EQ(rep.RequestNow(), 3u);
+  auto r = rep.RunOnce();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->seq, 3u);
+}
+
+TEST(SourceReplicator, ALinkErrorWithCodeZeroIsAnErrorNotACrash) {
+  auto pool = std::make_shared<MemoryPool>("rbd");
+  ASSERT_TRUE(pool->Create("img", kMiB).ok());
+  VolumeConfig c;
+  c.id = "v";
+  c.image = "img";
+  c.target_pool = "rbd";
+  c.target_image = "img";
+  std::thread peer;
+  SourceReplicator rep(c, "a", pool, [&]() -> StatusOr<std::unique_ptr<Link>> {
+    auto [a, b] = MakeMemoryLinkPair();
+    peer = std::thread([l = std::move(b)]() {
+      (void)l->Receive(std::chrono::seconds(5));  // the Hello
+      (void)l->Send(FrameType::kLinkError, "", {});  // a LinkError of code 0 (proto3: empty)
+      (void)l->Receive(std::chrono::seconds(5));
+    });
+    return std::move(a);
+  });
+  auto r = rep.RunOnce();
+  rep.Disconnect();
+  peer.join();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kInternal) << r.status().ToString();
+  EXPECT_THAT(r.status().message(), HasSubstr("invalid code 0"));
+}
+
 TEST_F(ReplicationTest, SinkRefusesAnImageItDidNotCreate) {
   ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
   ASSERT_TRUE(site_b_->Create("img-standby", kMiB).ok());  // someone else's
