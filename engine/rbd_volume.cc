@@ -741,8 +741,12 @@ std::string RbdPool::Spec(const std::string& image, const std::string& snap) con
 }
 
 StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Image> head, OpenImage(*io_, image, "", false));
-  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, std::move(head), image));
+  // The read-write handle is opened only when an operation needs it (see
+  // RbdVolume::Head): an open read-write handle holds a watch, and the
+  // watch of a process killed with -9 stalls every snapshot of the image
+  // for ~30 s. Reading snapshots needs no such handle.
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> probe, OpenImage(*io_, image, "", true));
+  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, nullptr, image));
 }
 
 namespace {
@@ -912,20 +916,40 @@ std::string RbdVolume::Spec(const std::string& snap) const {
   return ImageSpec(io_->pool(), name_, snap);
 }
 
-StatusOr<uint64_t> RbdVolume::Size() { return ImageSize(head_->get(), Spec()); }
+StatusOr<std::shared_ptr<Image>> RbdVolume::Head() {
+  if (!head_) {
+    ASSIGN_OR_RETURN(head_, OpenImage(*io_, name_, "", false));
+  }
+  return head_;
+}
+
+StatusOr<std::shared_ptr<Image>> RbdVolume::HeadForReading() {
+  if (head_) return head_;
+  return OpenImage(*io_, name_, "", true);
+}
+
+StatusOr<uint64_t> RbdVolume::Size() {
+  ASSIGN_OR_RETURN(auto h, HeadForReading());
+  return ImageSize(h->get(), Spec());
+}
 
 Status RbdVolume::Resize(uint64_t new_size) {
-  if (int rc = rbd_resize(head_->get(), new_size); rc < 0) {
+  ASSIGN_OR_RETURN(auto h, Head());
+  if (int rc = rbd_resize(h->get(), new_size); rc < 0) {
     return ErrnoStatus(rc, fmt::format("resizing {} to {} bytes", Spec(), new_size));
   }
   return OkStatus();
 }
 
-StatusOr<std::vector<SnapInfo>> RbdVolume::ListSnaps() { return ListSnapsOf(head_->get(), Spec()); }
+StatusOr<std::vector<SnapInfo>> RbdVolume::ListSnaps() {
+  ASSIGN_OR_RETURN(auto h, HeadForReading());
+  return ListSnapsOf(h->get(), Spec());
+}
 
 Status RbdVolume::CreateSnap(const std::string& snap) {
   if (snap.empty()) return InvalidArgument("creating a snapshot of " + Spec() + ": empty name");
-  const int rc = rbd_snap_create(head_->get(), snap.c_str());
+  ASSIGN_OR_RETURN(auto h, Head());
+  const int rc = rbd_snap_create(h->get(), snap.c_str());
   if (rc == -EEXIST) return AlreadyExists(fmt::format("snapshot {} already exists", Spec(snap)));
   if (rc < 0) return ErrnoStatus(rc, "creating snapshot " + Spec(snap));
   return OkStatus();
@@ -933,22 +957,23 @@ Status RbdVolume::CreateSnap(const std::string& snap) {
 
 Status RbdVolume::RemoveSnap(const std::string& snap) {
   const std::string spec = Spec(snap);
+  ASSIGN_OR_RETURN(auto h, Head());
   bool exists = false;
-  if (int rc = rbd_snap_exists(head_->get(), snap.c_str(), &exists); rc < 0) {
+  if (int rc = rbd_snap_exists(h->get(), snap.c_str(), &exists); rc < 0) {
     return ErrnoStatus(rc, "removing snapshot " + spec);
   }
   if (!exists) return NotFound(fmt::format("snapshot {} does not exist", spec));
-  ASSIGN_OR_RETURN(bool prot, IsProtected(head_->get(), Spec(), snap));
+  ASSIGN_OR_RETURN(bool prot, IsProtected(h->get(), Spec(), snap));
   if (prot) {
     ASSIGN_OR_RETURN(size_t clones, CountClones(*io_, name_, snap));
     if (clones > 0) return ClonesDependOn(spec, clones).Annotate("removing snapshot " + spec);
-    const int rc = rbd_snap_unprotect(head_->get(), snap.c_str());
+    const int rc = rbd_snap_unprotect(h->get(), snap.c_str());
     if (rc == -EBUSY) {
       return ClonesDependOn(spec, 1).Annotate("removing snapshot " + spec);  // cloned meanwhile
     }
     if (rc < 0 && rc != -EINVAL) return ErrnoStatus(rc, "unprotecting snapshot " + spec);
   }
-  const int rc = rbd_snap_remove(head_->get(), snap.c_str());
+  const int rc = rbd_snap_remove(h->get(), snap.c_str());
   if (rc == -ENOENT) return NotFound(fmt::format("snapshot {} does not exist", spec));
   if (rc < 0) return ErrnoStatus(rc, "removing snapshot " + spec);
   return OkStatus();
@@ -962,7 +987,8 @@ Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& t
 
 StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
   if (snap.empty()) {
-    return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(head_, false, Spec()));
+    ASSIGN_OR_RETURN(auto h, Head());
+    return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(h), false, Spec()));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
   return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));

@@ -197,10 +197,20 @@ class RbdVolume final : public Volume {
   StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) override;
 
  private:
+  // The read-write handle, opened now if it is not yet.
+  StatusOr<std::shared_ptr<rbd_internal::Image>> Head();
+  // The read-write handle if open, else a transient read-only one (no watch).
+  StatusOr<std::shared_ptr<rbd_internal::Image>> HeadForReading();
+
+ public:
+
+ private:
   std::string Spec(const std::string& snap = "") const;
 
   std::shared_ptr<RadosIoCtx> io_;
-  std::shared_ptr<rbd_internal::Image> head_;  // read-write
+  // The read-write handle, opened on first need (snapshot create/remove,
+  // resize, head I/O). Null until then.
+  std::shared_ptr<rbd_internal::Image> head_;
   const std::string name_;
 };
 

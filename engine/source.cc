@@ -161,7 +161,13 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     to = pending->second;
   } else {
     seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
-    RETURN_IF_ERROR(vol.CreateSnap(SnapName(seq)));
+    {
+      // A handle of its own, closed right after: the epoch then reads only
+      // snapshots, so a crash mid-epoch leaves no watch on the primary to
+      // stall the next snapshot (the guest's or ours).
+      ASSIGN_OR_RETURN(auto head, pool_->Open(config_.image));
+      RETURN_IF_ERROR(head->CreateSnap(SnapName(seq)));
+    }
     ASSIGN_OR_RETURN(auto after, vol.ListSnaps());
     auto it = std::find_if(after.begin(), after.end(),
                            [&](const SnapInfo& s) { return s.name == SnapName(seq); });
