@@ -82,7 +82,8 @@ class Site:
                 except (rbd.ImageBusy, rbd.ImageHasSnapshots, rbd.InvalidArgument):
                     still.append(image)  # a clone of one of its snapshots is left
             left = still
-        raise RuntimeError(f"images not removed: {left}")
+        if left:
+            raise RuntimeError(f"images not removed: {left}")
 
     def images(self):
         return rbd.RBD().list(self.ioctx)
