@@ -2,14 +2,25 @@
 // SourceReplicator for every [volume] section, a Sink if [sink] is set, and
 // the control socket.
 //
+// A sink fences the sink instance that ran before it (docs/OPERATIONS.md,
+// "Fencing"): at Start, before it serves any source, it blocklists the RADOS
+// client recorded in each of its pools' catalogs (a cairnd killed with -9
+// otherwise keeps its watches, and the exclusive lock of the standby image it
+// was applying to, for the OSD's 30 s watch timeout) and records its own.
+// A sink that later finds itself fenced by a newer instance stops its whole
+// process: it sends itself SIGTERM, which cairnd_main waits for.
+//
 // Thread-safety: Start/Stop from the main thread; the ControlService
 // methods from any thread.
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/config.h"
@@ -28,6 +39,11 @@ class Daemon final : public ControlService {
   static StatusOr<std::unique_ptr<Daemon>> Create(DaemonConfig config);
   ~Daemon() override;
 
+  // How long a fenced sink stays blocklisted, and how often a running sink
+  // checks that it was not fenced.
+  static constexpr std::chrono::seconds kFenceExpire{3600};
+  static constexpr std::chrono::seconds kFenceCheckPeriod{5};
+
   // Binds the sink port and the control socket, starts replication.
   Status Start();
   void Stop();
@@ -42,6 +58,12 @@ class Daemon final : public ControlService {
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
   StatusOr<std::shared_ptr<Pool>> OpenPool(const std::string& name);
   StatusOr<std::shared_ptr<KvStore>> OpenCatalog(const std::string& pool);
+  // Fences the previous sink instance of every [sink] pool, records this one.
+  Status FencePreviousSink();
+  // Why this sink is fenced (another instance registered, or this client is
+  // blocklisted), or "" if it is not.
+  std::string FencedBy();
+  void WatchFencing();
 
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;
@@ -52,6 +74,11 @@ class Daemon final : public ControlService {
   std::unique_ptr<LinkServer> sink_server_;
   std::unique_ptr<LinkServer> control_server_;
   std::vector<std::unique_ptr<SourceReplicator>> sources_;
+  SinkInstance sink_instance_;  // this sink, as recorded in the catalogs
+  std::thread fence_watch_;
+  std::mutex fence_mu_;
+  std::condition_variable fence_cv_;
+  bool fence_stop_ = false;
 };
 
 }  // namespace cairn

@@ -8,6 +8,7 @@
 
 #include <map>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,13 @@ class KvStore {
   // either all of it is visible or none of it.
   virtual Status Commit(const std::map<std::string, std::string>& set,
                         const std::vector<std::string>& remove) = 0;
+  // Commit, but only if `key` holds `expected` now (nullopt: `key` is
+  // absent), checked and applied atomically: kAborted, changing nothing, if
+  // it does not. A key holding the empty value counts as absent (RADOS
+  // compares a missing omap key as empty), so `expected` is never "".
+  virtual Status CommitIf(const std::string& key, const std::optional<std::string>& expected,
+                          const std::map<std::string, std::string>& set,
+                          const std::vector<std::string>& remove) = 0;
   // All pairs whose key starts with `prefix`, in key order.
   virtual StatusOr<std::map<std::string, std::string>> Scan(const std::string& prefix) = 0;
   // kNotFound if absent.
@@ -33,6 +41,22 @@ class MemoryKvStore final : public KvStore {
   Status Commit(const std::map<std::string, std::string>& set,
                 const std::vector<std::string>& remove) override {
     std::lock_guard lock(mu_);
+    for (const auto& [k, v] : set) m_[k] = v;
+    for (const auto& k : remove) m_.erase(k);
+    return OkStatus();
+  }
+  Status CommitIf(const std::string& key, const std::optional<std::string>& expected,
+                  const std::map<std::string, std::string>& set,
+                  const std::vector<std::string>& remove) override {
+    if (expected && expected->empty()) {
+      return InvalidArgument("CommitIf of key " + key + ": an expected value must not be empty");
+    }
+    std::lock_guard lock(mu_);
+    auto it = m_.find(key);
+    const bool absent = it == m_.end() || it->second.empty();
+    if (expected ? absent || it->second != *expected : !absent) {
+      return Aborted("key " + key + " no longer holds the value expected");
+    }
     for (const auto& [k, v] : set) m_[k] = v;
     for (const auto& k : remove) m_.erase(k);
     return OkStatus();

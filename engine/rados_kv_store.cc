@@ -32,13 +32,17 @@ RadosKvStore::RadosKvStore(std::shared_ptr<RadosIoCtx> io, std::string object)
       object_(std::move(object)),
       spec_(fmt::format("{}/{}", io_->pool(), object_)) {}
 
-Status RadosKvStore::Commit(const std::map<std::string, std::string>& set,
-                            const std::vector<std::string>& remove) {
+namespace {
+
+// Adds the omap sets and removals to `w` (librados copies keys and values
+// into the op). kInvalidArgument for a key holding a NUL byte.
+Status AddChanges(WriteOp& w, const std::map<std::string, std::string>& set,
+                  const std::vector<std::string>& remove, const std::string& spec) {
   std::vector<const char*> keys, vals, rm_keys;
   std::vector<size_t> key_lens, val_lens, rm_lens;
   for (const auto& [k, v] : set) {
     if (k.find('\0') != std::string::npos) {
-      return InvalidArgument(fmt::format("committing to {}: a key holds a NUL byte", spec_));
+      return InvalidArgument(fmt::format("committing to {}: a key holds a NUL byte", spec));
     }
     keys.push_back(k.data());
     key_lens.push_back(k.size());
@@ -49,8 +53,6 @@ Status RadosKvStore::Commit(const std::map<std::string, std::string>& set,
     rm_keys.push_back(k.data());
     rm_lens.push_back(k.size());
   }
-  WriteOp w;
-  rados_write_op_create(w.op, LIBRADOS_CREATE_IDEMPOTENT, nullptr);
   if (!keys.empty()) {
     rados_write_op_omap_set2(w.op, keys.data(), vals.data(), key_lens.data(), val_lens.data(),
                              keys.size());
@@ -58,11 +60,54 @@ Status RadosKvStore::Commit(const std::map<std::string, std::string>& set,
   if (!rm_keys.empty()) {
     rados_write_op_omap_rm_keys2(w.op, rm_keys.data(), rm_lens.data(), rm_keys.size());
   }
+  return OkStatus();
+}
+
+}  // namespace
+
+Status RadosKvStore::Commit(const std::map<std::string, std::string>& set,
+                            const std::vector<std::string>& remove) {
+  WriteOp w;
+  rados_write_op_create(w.op, LIBRADOS_CREATE_IDEMPOTENT, nullptr);
+  RETURN_IF_ERROR(AddChanges(w, set, remove, spec_));
   const int rc =
       rados_write_op_operate(w.op, io_->get(), object_.c_str(), nullptr, LIBRADOS_OPERATION_NOFLAG);
   if (rc < 0) {
     return ErrnoStatus(rc, fmt::format("committing {} set and {} removed keys to {}", set.size(),
                                        remove.size(), spec_));
+  }
+  return OkStatus();
+}
+
+Status RadosKvStore::CommitIf(const std::string& key, const std::optional<std::string>& expected,
+                              const std::map<std::string, std::string>& set,
+                              const std::vector<std::string>& remove) {
+  if (expected && expected->empty()) {
+    return InvalidArgument(
+        fmt::format("committing to {} if key '{}' holds a value: the value is empty", spec_, key));
+  }
+  if (key.find('\0') != std::string::npos) {
+    return InvalidArgument(fmt::format("committing to {}: a key holds a NUL byte", spec_));
+  }
+  // The comparison needs the object (on a missing one the op fails with
+  // ENOENT): an empty object is an empty store, so make sure it exists.
+  if (!expected) RETURN_IF_ERROR(Commit({}, {}));
+  WriteOp w;
+  int cmp_rc = 0;
+  const std::string& want = expected ? *expected : std::string();
+  rados_write_op_omap_cmp2(w.op, key.data(), LIBRADOS_CMPXATTR_OP_EQ, want.data(), key.size(),
+                           want.size(), &cmp_rc);
+  RETURN_IF_ERROR(AddChanges(w, set, remove, spec_));
+  const int rc =
+      rados_write_op_operate(w.op, io_->get(), object_.c_str(), nullptr, LIBRADOS_OPERATION_NOFLAG);
+  if (rc == -ECANCELED || rc == -ENOENT) {
+    return Aborted(fmt::format("committing to {}: key '{}' no longer holds the value expected",
+                               spec_, key));
+  }
+  if (rc < 0) {
+    return ErrnoStatus(rc, fmt::format("committing {} set and {} removed keys to {} if key '{}' "
+                                       "holds the value expected",
+                                       set.size(), remove.size(), spec_, key));
   }
   return OkStatus();
 }

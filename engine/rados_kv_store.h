@@ -5,6 +5,9 @@
 //  - Commit is one RADOS write operation (create-if-missing + omap set +
 //    omap remove): the OSD applies all of it or none of it, even across a
 //    crash. Within one Commit, a key both set and removed ends up removed.
+//  - CommitIf adds an omap comparison (equal) of one key to that write
+//    operation; expecting an absent key first creates the (empty) object,
+//    which the comparison needs.
 //  - Scan reads the omap in pages of 512 pairs (start_after + prefix
 //    filter): one page is one consistent read, but a scan of more than 512
 //    matching pairs may mix the states before and after a concurrent
@@ -21,6 +24,7 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +42,11 @@ class RadosKvStore final : public KvStore {
 
   Status Commit(const std::map<std::string, std::string>& set,
                 const std::vector<std::string>& remove) override;
+  // One write op: omap comparison of `key` + sets + removals (the OSD
+  // answers ECANCELED, nothing applied, if the comparison fails).
+  Status CommitIf(const std::string& key, const std::optional<std::string>& expected,
+                  const std::map<std::string, std::string>& set,
+                  const std::vector<std::string>& remove) override;
   StatusOr<std::map<std::string, std::string>> Scan(const std::string& prefix) override;
   StatusOr<std::string> Get(const std::string& key) override;
 

@@ -7,11 +7,14 @@
 #include <cassert>
 #include <cerrno>
 #include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <optional>
 #include <set>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -700,6 +703,64 @@ StatusOr<std::shared_ptr<RbdCluster>> RbdCluster::Connect(const std::string& con
         ErrnoStatus(rc, fmt::format("connecting to the cluster of {} as {}", conf_path, client)));
   }
   return std::shared_ptr<RbdCluster>(new RbdCluster(r, conf_path, client));
+}
+
+StatusOr<std::string> RbdCluster::ClientAddress() const {
+  char* raw = nullptr;
+  if (int rc = rados_getaddrs(rados_, &raw); rc < 0) {
+    return ErrnoStatus(rc, "getting the client address of " + client_name_);
+  }
+  std::string addrs = raw != nullptr ? raw : "";
+  std::free(raw);
+  // Usually one address; an address vector "[v2:IP:0/N,v1:IP:0/N]" names one
+  // client too: its first entry, without the type, is what the OSDs list.
+  std::string_view a = addrs;
+  if (a.starts_with('[')) {
+    a.remove_prefix(1);
+    a = a.substr(0, std::min(a.find(','), a.find(']')));
+  }
+  for (std::string_view type : {"any:", "v1:", "v2:"}) {
+    if (a.starts_with(type)) a.remove_prefix(type.size());
+  }
+  if (a.empty() || a.find('/') == std::string_view::npos) {
+    return Internal(fmt::format("{} has no usable client address (librados says '{}')",
+                                client_name_, addrs));
+  }
+  return std::string(a);
+}
+
+Status RbdCluster::Blocklist(const std::string& addr, std::chrono::seconds expire) {
+  std::string arg = addr;  // the C API takes a char*
+  const uint32_t secs = static_cast<uint32_t>(std::clamp<int64_t>(expire.count(), 1, UINT32_MAX));
+  const int rc = rados_blocklist_add(rados_, arg.data(), secs);
+  if (rc == -EACCES || rc == -EPERM) {
+    return FailedPrecondition(fmt::format(
+        "blocklisting client {} on the cluster of {}: {} may not (errno {}); it needs the mon "
+        "cap 'profile rbd' (or 'allow command \"osd blocklist\" with blocklistop=add'), e.g. "
+        "ceph auth caps {} mon 'profile rbd' osd 'profile rbd'",
+        addr, conf_path_, client_name_, -rc, client_name_));
+  }
+  if (rc == -EINVAL) {
+    return InvalidArgument(fmt::format("blocklisting '{}' on the cluster of {}: not a client "
+                                       "address",
+                                       addr, conf_path_));
+  }
+  if (rc < 0) {
+    return ErrnoStatus(rc, fmt::format("blocklisting client {} on the cluster of {}", addr,
+                                       conf_path_));
+  }
+  return OkStatus();
+}
+
+StatusOr<bool> RbdCluster::Blocklisted(const std::string& pool, const std::string& object) {
+  ASSIGN_OR_RETURN(std::shared_ptr<RadosIoCtx> io, OpenIoCtx(pool));
+  uint64_t size = 0;
+  time_t mtime = 0;
+  const int rc = rados_stat(io->get(), object.c_str(), &size, &mtime);
+  if (rc == -ESHUTDOWN) return true;  // EBLOCKLISTED
+  if (rc == 0 || rc == -ENOENT) return false;
+  return ErrnoStatus(rc, fmt::format("checking whether {} is blocklisted (stat of {}/{})",
+                                     client_name_, pool, object));
 }
 
 StatusOr<std::shared_ptr<RadosIoCtx>> RbdCluster::OpenIoCtx(const std::string& pool) {

@@ -108,6 +108,23 @@ class RbdCluster : public std::enable_shared_from_this<RbdCluster> {
   StatusOr<std::shared_ptr<KvStore>> OpenKvStore(const std::string& pool,
                                                  const std::string& object);
 
+  // This connection's RADOS client address, e.g. "127.0.0.1:0/3215435001":
+  // what the watchers and lockers of an image it opens list, and what
+  // Blocklist takes. Unique to the connection (the part after '/' is random).
+  StatusOr<std::string> ClientAddress() const;
+  // Fences the client at `addr` (another connection; e.g. a cairnd killed
+  // with -9) for `expire`: the OSDs drop its watches at once, so its
+  // exclusive locks can be broken without waiting for the OSD to time the
+  // watches out (osd_client_watch_timeout, 30 s), and refuse its I/O.
+  // Returns once this connection has the OSD map with the entry.
+  // kFailedPrecondition naming the cap if this user may not blocklist (needs
+  // mon 'profile rbd', or 'allow command "osd blocklist"'); kInvalidArgument
+  // if `addr` is not a client address.
+  Status Blocklist(const std::string& addr, std::chrono::seconds expire);
+  // True if the OSDs refuse this connection because another client
+  // blocklisted it (a stat of `object` in `pool` answers EBLOCKLISTED).
+  StatusOr<bool> Blocklisted(const std::string& pool, const std::string& object);
+
   rados_t handle() const { return rados_; }
   const std::string& conf_path() const { return conf_path_; }
   // "client.admin"

@@ -440,3 +440,117 @@ def test_flipped_bits_are_refused_and_resent(site_a, site_b, workdir, name, clea
     assert len(refusals(sink.log_text())) == 4
     print(f"flips (connection, byte, bit) {proxy.flips}; refused as {seen}; {len(pts)} points; "
           f"{time.monotonic() - t0:.1f} s")
+
+
+# -- e. the sink is killed -----------------------------------------------------
+
+# The next restore point after a sink restart must come well inside the OSD's
+# watch timeout (osd_client_watch_timeout, 30 s): the restarted sink fences
+# the dead one instead of waiting for its watch and lock to time out.
+SINK_RESTART_DEADLINE = 15.0
+
+
+def test_sink_killed_repeatedly(site_a, site_b, workdir, name, cleanup, daemons, proxies):
+    """kill -9 of the sink cairnd while it receives an epoch, while it applies
+    one to the standby image (which it then holds open, with a watch and the
+    exclusive lock), and idle after a point; restarted each time. After each
+    restart a restore point made by the new process must appear within
+    SINK_RESTART_DEADLINE s; at the end every point equals its source
+    snapshot, no epoch was re-sent in full, no spool file is left."""
+    t0 = time.monotonic()
+    rig = Rig(site_a, site_b, workdir, daemons, proxies, cleanup, name, seed=22)
+    sink, src, proxy = rig.sink, rig.source, rig.proxy
+    standby = name + "-standby"
+    rng = random.Random(22)
+
+    def big_write():
+        # 4 MiB in one place: an epoch long enough to be seen receiving or
+        # applying (and far below the 8 MiB that would count as a resend).
+        with rbd.Image(site_a.ioctx, name) as img:
+            img.write(rng.randbytes(4 * MiB), rng.randrange(0, SIZE - 4 * MiB))
+
+    def sink_state():
+        return rig.state(sink).get("state")
+
+    def aim(moment):
+        """Waits for `moment` at the sink; True if it was seen."""
+        if moment == "idle":  # right after a point
+            rig.wait_new_point(rig.npoints(), "a point before killing the sink idle")
+            return sink_state() == "idle"
+        for _ in range(3):  # a short apply may slip between two polls: try again
+            if moment == "receiving":
+                proxy.delay(0.05)  # ~3 s of receiving for 4 MiB
+            big_write()
+            if moment == "receiving":
+                b = proxy.bytes_up
+                ok = (reached("sink receiving", lambda: sink_state() == "receiving", timeout=10)
+                      and reached("epoch bytes flowing to the sink",
+                                  lambda: proxy.bytes_up >= b + 512 * 1024, timeout=10))
+            else:  # the sink writing the standby image: it holds its exclusive lock
+                ok = reached("sink applying, holding the standby image's lock",
+                             lambda: lock_owners(site_b, standby), timeout=10)
+            if ok:
+                return True
+            proxy.delay(0)
+        return False
+
+    moments = ["applying", "receiving", "applying", "idle", "applying", "receiving", "applying"]
+    hit, recovery, left_locked = [], [], 0
+    for i, moment in enumerate(moments):
+        ok = aim(moment)
+        sink.kill9()
+        proxy.delay(0)
+        killed_ns = time.time_ns()
+        locked = lock_owners(site_b, standby)  # a dead sink's lock, held until fenced
+        left_locked += bool(locked)
+        hit.append((moment, ok, bool(locked)))
+        t = time.monotonic()
+        sink.start()
+
+        def new_point():
+            return [p["seq"] for p in rig.points() if p["created_time_ns"] > killed_ns]
+
+        try:
+            lib.wait_for(f"a restore point made by the sink restarted after kill {i} ({moment})",
+                         new_point, timeout=SINK_RESTART_DEADLINE - (time.monotonic() - t))
+        except TimeoutError:
+            raise AssertionError(
+                f"after kill -9 #{i} of the sink ({moment}, aimed: {ok}, standby image locked "
+                f"by the dead sink: {locked}) the restarted sink made "
+                f"no restore point within {SINK_RESTART_DEADLINE:.0f} s of its restart (the dead "
+                f"sink's watch or exclusive lock on the standby image holding it up until the OSD "
+                f"times it out, 30 s?)\nsource status: {_safe(lambda: rig.state(src))}\nsink "
+                f"status: {_safe(lambda: rig.state(sink))}" + rig.logs(80)) from None
+        recovery.append(round(time.monotonic() - t, 1))
+    assert left_locked >= 2, (
+        f"only {left_locked} kills left the standby image locked by the dead sink (the case "
+        f"that stalls the next point): (moment, aimed, left locked) {hit}")
+    pts = rig.finish_and_verify()
+    fenced = [line for line in sink.log_text().splitlines() if "fenced" in line]
+    print(f"sink kills (moment, aimed, left locked) {hit}; next point after restart (s) "
+          f"{recovery}; "
+          f"{len(fenced)} fencing log lines; {len(pts)} points; {time.monotonic() - t0:.1f} s")
+
+
+def test_a_second_sink_fences_the_first(site_b, workdir, name, daemons):
+    """Two sinks for one pool started on purpose: the second fences the first
+    (a warning names it) and serves; the fenced one stops by itself (its I/O
+    is refused; one sink per pool)."""
+    first = daemons(lib.Cairnd(workdir, "sink-1", lib.sink_config(
+        "b", site_b.conf, lib.free_port(), f"{workdir}/spool-1")))
+    first_pid = first.proc.pid
+    second = daemons(lib.Cairnd(workdir, "sink-2", lib.sink_config(
+        "b", site_b.conf, lib.free_port(), f"{workdir}/spool-2")))
+    proc = first.proc
+    lib.wait_for("the fenced first sink stopping by itself", lambda: proc.poll() is not None,
+                 timeout=20)
+    assert proc.returncode == 0, first.log_tail()
+    fenced = [line for line in second.log_text().splitlines()
+              if "fenced the previous sink instance" in line]
+    assert len(fenced) == 1 and " warning " in fenced[0] and f"pid {first_pid} " in fenced[0], (
+        f"the second sink did not warn that it fenced the first (pid {first_pid}):\n"
+        + second.log_tail())
+    # Its reads are refused (blocklisted) or, later, show the newer sink.
+    assert re.search(r"sink: .*(was blocklisted|registered in pool rbd after this one).*; "
+                     r"stopping this cairnd", first.log_text()), first.log_tail()
+    assert second.cli("status").returncode == 0, second.log_tail()

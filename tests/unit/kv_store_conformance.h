@@ -20,6 +20,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <thread>
@@ -226,6 +227,82 @@ TEST_P(KvStoreConformanceTest, CommitsFromManyThreads) {
   for (auto& th : threads) th.join();
   EXPECT_EQ(failures.load(), 0);
   EXPECT_EQ(Scan("").size(), static_cast<size_t>(kThreads * kCommits));
+}
+
+TEST_P(KvStoreConformanceTest, CommitIfAbsentOnAnEmptyStore) {
+  Status s = kv().CommitIf("owner", std::nullopt, {{"owner", "a"}, {"other", "x"}}, {});
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(Scan(""), (std::map<std::string, std::string>{{"other", "x"}, {"owner", "a"}}));
+  // Now present: expecting it absent fails and changes nothing.
+  s = kv().CommitIf("owner", std::nullopt, {{"owner", "b"}}, {"other"});
+  EXPECT_EQ(s.code(), Code::kAborted) << s.ToString();
+  EXPECT_EQ(Scan(""), (std::map<std::string, std::string>{{"other", "x"}, {"owner", "a"}}));
+}
+
+TEST_P(KvStoreConformanceTest, CommitIfComparesTheWholeValue) {
+  const std::string binary("a\0b", 3);
+  Commit({{"owner", binary}, {"k", "1"}});
+  for (const std::string& wrong : {std::string("a"), std::string("a\0c", 3), binary + "x"}) {
+    const Status s = kv().CommitIf("owner", wrong, {{"owner", "b"}}, {"k"});
+    EXPECT_EQ(s.code(), Code::kAborted) << s.ToString();
+  }
+  // An absent key is not any value, on a store that has other keys too.
+  Status s = kv().CommitIf("nobody", std::string("x"), {{"nobody", "y"}}, {});
+  EXPECT_EQ(s.code(), Code::kAborted) << s.ToString();
+  EXPECT_EQ(Scan(""), (std::map<std::string, std::string>{{"k", "1"}, {"owner", binary}}));
+  s = kv().CommitIf("owner", binary, {{"owner", "b"}, {"new", "2"}}, {"k"});
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(Scan(""), (std::map<std::string, std::string>{{"new", "2"}, {"owner", "b"}}));
+  // The compared key itself may be removed.
+  s = kv().CommitIf("owner", std::string("b"), {}, {"owner"});
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(kv().Get("owner").status().code(), Code::kNotFound);
+}
+
+TEST_P(KvStoreConformanceTest, CommitIfRefusesAnEmptyExpectedValue) {
+  const Status s = kv().CommitIf("k", std::string(), {{"k", "v"}}, {});
+  EXPECT_EQ(s.code(), Code::kInvalidArgument) << s.ToString();
+  EXPECT_TRUE(Scan("").empty());
+}
+
+// Many writers each read the key, then try to replace what they read:
+// every replacement that succeeds saw the value it replaced, so none is
+// lost: the number of successes is the number of changes made.
+TEST_P(KvStoreConformanceTest, CommitIfLetsOneOfRacingWritersWin) {
+  constexpr int kThreads = 4;
+  constexpr int kTries = 25;
+  std::vector<std::thread> threads;
+  std::atomic<int> won{0};
+  std::atomic<int> errors{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kTries; ++i) {
+        StatusOr<std::string> seen = kv().Get("counter");
+        std::optional<std::string> expected;
+        int n = 0;
+        if (seen.ok()) {
+          expected = *seen;
+          n = std::stoi(seen->substr(0, seen->find('/')));
+        } else if (seen.status().code() != Code::kNotFound) {
+          ++errors;
+          continue;
+        }
+        const std::string next = std::to_string(n + 1) + "/" + std::to_string(t);
+        const Status s = kv().CommitIf("counter", expected, {{"counter", next}}, {});
+        if (s.ok()) {
+          ++won;
+        } else if (s.code() != Code::kAborted) {
+          ++errors;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(errors.load(), 0);
+  StatusOr<std::string> last = kv().Get("counter");
+  ASSERT_TRUE(last.ok()) << last.status().ToString();
+  EXPECT_EQ(std::stoi(last->substr(0, last->find('/'))), won.load());
+  EXPECT_GE(won.load(), 1);
 }
 
 }  // namespace cairn
