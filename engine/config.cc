@@ -233,6 +233,13 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       RETURN_IF_ERROR(r.String("conf", &cfg.ceph.conf));
       RETURN_IF_ERROR(r.String("client", &cfg.ceph.client));
       if (auto e = r.Get("keyring")) cfg.ceph.keyring = e->value;
+      std::chrono::milliseconds op_timeout = cfg.ceph.op_timeout;
+      RETURN_IF_ERROR(r.Duration("op_timeout", &op_timeout));
+      if (op_timeout < std::chrono::seconds(1) || op_timeout > std::chrono::hours(1) ||
+          op_timeout.count() % 1000 != 0) {
+        return r.Error("op_timeout", "must be whole seconds from 1s to 1h");
+      }
+      cfg.ceph.op_timeout = std::chrono::duration_cast<std::chrono::seconds>(op_timeout);
       if (cfg.ceph.client.starts_with("client.")) cfg.ceph.client = cfg.ceph.client.substr(7);
     } else if (name == "sink") {
       SinkConfig s;
@@ -241,6 +248,10 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       if (auto e = r.Get("pools")) {
         s.pools = SplitList(e->value);
         if (s.pools.empty()) return r.Error("pools", "lists no pool");
+      }
+      RETURN_IF_ERROR(r.Size("spool_max_bytes", 0, UINT64_MAX, &s.spool_max_bytes));
+      if (s.spool_max_bytes != 0 && s.spool_max_bytes < (1u << 20)) {
+        return r.Error("spool_max_bytes", "must be 0 (no limit) or at least 1M");
       }
       cfg.sink = s;
     } else if (name.starts_with("volume ")) {

@@ -1,8 +1,10 @@
 // cairnd's configuration: an INI file, like ceph.conf and cinder.conf.
 //
 //   [cairnd]            site = a; control_socket = PATH; log_level = info
-//   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH
-//   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes
+//   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH;
+//                       op_timeout = 30s
+//   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
+//                       spool_max_bytes = 0
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
 //                       interval = 5s; keep_snapshots = 0; block_size = 1M; window = 8
 //
@@ -29,6 +31,9 @@ struct CephConfig {
   std::string conf = "/etc/ceph/ceph.conf";
   std::string client = "admin";  // cephx user, without "client."
   std::string keyring;           // empty: from ceph.conf
+  // Every mon and OSD operation (and the first connect) gives up after
+  // this long: a cluster that does not answer gives errors, not hangs.
+  std::chrono::seconds op_timeout{30};
 };
 
 struct SinkConfig {
@@ -36,6 +41,9 @@ struct SinkConfig {
   uint16_t listen_port = 7410;
   std::string spool_dir = "/var/lib/cairn/spool";
   std::vector<std::string> pools = {"rbd"};
+  // Largest spool file of one epoch, header included; 0: no limit but the
+  // disk. A larger epoch is refused (ResourceExhausted) like a full disk.
+  uint64_t spool_max_bytes = 0;
 };
 
 struct VolumeConfig {

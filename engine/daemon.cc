@@ -53,7 +53,7 @@ bool CertainlyGone(const SinkInstance& prev, const SinkInstance& self) {
 StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   std::unique_ptr<Daemon> d(new Daemon(std::move(config)));
   const CephConfig& ceph = d->config_.ceph;
-  auto cluster = RbdCluster::Connect(ceph.conf, ceph.client, ceph.keyring);
+  auto cluster = RbdCluster::Connect(ceph.conf, ceph.client, ceph.keyring, ceph.op_timeout);
   if (!cluster.ok()) return cluster.status().Annotate("connecting to the local Ceph cluster");
   d->cluster_ = *cluster;
   if (d->config_.sink) {
@@ -206,6 +206,8 @@ Status Daemon::Start() {
     env.site = config_.site;
     env.spool_dir = sc.spool_dir;
     env.pools = sc.pools;
+    env.cluster = config_.ceph.conf;
+    env.spool.max_bytes = sc.spool_max_bytes;
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
     sink_ = std::make_unique<Sink>(env);

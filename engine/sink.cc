@@ -1,5 +1,7 @@
 #include "engine/sink.h"
 
+#include <sys/statvfs.h>
+
 #include <charconv>
 #include <chrono>
 #include <system_error>
@@ -11,6 +13,14 @@
 
 namespace cairn {
 namespace {
+
+// Bytes that may still be written on the file system of `dir` (0 if
+// unknown).
+uint64_t SpoolFreeBytes(const std::filesystem::path& dir) {
+  struct statvfs sv {};
+  if (::statvfs(dir.c_str(), &sv) != 0) return 0;
+  return static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize;
+}
 
 void SendError(Link& link, const Status& st) {
   pb::LinkError e;
@@ -46,11 +56,37 @@ struct Sink::Target {
     uint64_t records = 0;
     uint64_t offset = 0;  // end of its last whole frame, in spool bytes
   } partial;
+  // A complete epoch is durable in the spool and not applied yet.
+  uint64_t durable_seq = 0;
+  int64_t last_point_time_ns = 0;  // of the newest point this Target made
+  bool recovered = false;   // RecoverSpool ran to its end
+  bool sink_fault = false;  // the failure is the sink's (cluster, spool), not the link's
+  int spool_full = 0;       // the epoch was refused: 1 spool disk full, 2 spool quota
 
   std::filesystem::path SpoolPath(uint64_t seq) const { return dir / fmt::format("{}.spool", seq); }
 };
 
-Sink::Sink(SinkEnv env) : env_(std::move(env)) {}
+Sink::Sink(SinkEnv env) : env_(std::move(env)) {
+  retrier_ = std::thread([this] { RetryLoop(); });
+}
+
+Sink::~Sink() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  retry_cv_.notify_all();
+  if (retrier_.joinable()) retrier_.join();
+}
+
+Status Sink::ClusterError(Target& t, const Status& st, std::string_view what) {
+  if (st.ok()) return st;
+  t.sink_fault = true;
+  if (st.code() != Code::kUnavailable) return st.Annotate(what);
+  return Unavailable(fmt::format("the standby Ceph cluster of site {}{} is unreachable: {}: {}",
+                                 env_.site, env_.cluster.empty() ? "" : " (" + env_.cluster + ")",
+                                 what, st.message()));
+}
 
 void Sink::SetState(const std::string& volume, const std::function<void(VolumeStatusInfo&)>& fn) {
   std::lock_guard lock(mu_);
@@ -125,13 +161,43 @@ Status Sink::Serve(Link& link_ref) {
         fmt::format("cannot create spool directory {}: {}", t.dir.string(), ec.message())));
   }
   {
+    std::unique_lock lock(mu_);
+    // The standby cluster failed a moment ago with an epoch durable in the
+    // spool: the sink retries by itself; say so at once rather than make
+    // the source wait for another op timeout.
+    if (auto p = pending_.find(t.volume);
+        p != pending_.end() && !active_.count(t.volume) &&
+        p->second.next > std::chrono::steady_clock::now()) {
+      Status st = p->second.error;
+      lock.unlock();
+      spdlog::debug("refusing source {} for volume '{}': {}", link->peer(), t.volume,
+                    st.message());
+      SendError(*link, st);
+      return st;
+    }
+    if (auto r = spool_refusals_.find(t.volume);
+        r != spool_refusals_.end() && !active_.count(t.volume) &&
+        r->second.until > std::chrono::steady_clock::now() &&
+        (!r->second.disk || SpoolFreeBytes(env_.spool_dir) < r->second.free_bytes + (4u << 20))) {
+      Status st = r->second.error;
+      lock.unlock();
+      spdlog::debug("refusing source {} for volume '{}': {}", link->peer(), t.volume,
+                    st.message());
+      SendError(*link, st);
+      return st;
+    }
     // A source that reconnects after a cut replaces its old session, which
     // may not have noticed the cut yet (a half-open TCP connection).
-    std::unique_lock lock(mu_);
     if (auto it = active_.find(t.volume); it != active_.end()) {
-      spdlog::warn("volume {}: new connection from {} replaces the session of {}", t.volume,
-                   link->peer(), it->second->peer());
-      it->second->Close();
+      if (it->second != nullptr) {
+        spdlog::warn("volume {}: new connection from {} replaces the session of {}", t.volume,
+                     link->peer(), it->second->peer());
+        it->second->Close();
+      } else {
+        spdlog::info("volume {}: connection from {} waits for the sink's own apply of a spooled "
+                     "epoch",
+                     t.volume, link->peer());
+      }
     }
     for (const auto& [vol, image] : active_images_) {
       if (vol != t.volume && image == t.pool_name + "/" + t.image) {
@@ -144,8 +210,13 @@ Status Sink::Serve(Link& link_ref) {
     }
     if (!released_.wait_for(lock, std::chrono::seconds(30),
                             [&] { return !active_.count(t.volume); })) {
-      Status st = Unavailable(fmt::format(
-          "volume '{}': the previous session did not end within 30 s; try again", t.volume));
+      Status st = Unavailable(
+          active_[t.volume] == nullptr
+              ? fmt::format("volume '{}': the sink is still applying a spooled epoch to the "
+                            "standby cluster after 30 s; try again",
+                            t.volume)
+              : fmt::format("volume '{}': the previous session did not end within 30 s; try again",
+                            t.volume));
       SendError(*link, st);
       return st;
     }
@@ -160,18 +231,33 @@ Status Sink::Serve(Link& link_ref) {
     // A replaced session leaves the status to the session that replaced it.
     VolumeStatusInfo& s = status_[t.volume];
     if (!active_.count(t.volume)) {
-      s.state = "disconnected";
+      s.state = t.sink_fault ? "error" : "disconnected";
       if (!st.ok()) s.error = st.ToString();
+      if (t.recovered && t.durable_seq == 0) {
+        pending_.erase(t.volume);  // nothing durable is left unapplied
+      } else if (!st.ok() && (t.durable_seq != 0 || pending_.count(t.volume))) {
+        st = ScheduleRetryLocked(t.volume, t, st);
+      }
+      if (t.spool_full != 0) {
+        SpoolRefusal& r = spool_refusals_[t.volume];
+        r.error = st;
+        r.disk = t.spool_full == 1;
+        r.free_bytes = SpoolFreeBytes(env_.spool_dir);
+        r.until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+      } else if (t.recovered) {
+        spool_refusals_.erase(t.volume);
+      }
     }
   }
   released_.notify_all();
+  retry_cv_.notify_all();
   if (!st.ok() && st.code() != Code::kAborted) SendError(*link, st);
   return st.code() == Code::kAborted ? OkStatus() : st;
 }
 
 Status Sink::Session(Link& link, Target& t) {
   auto latest = t.catalog->Latest(t.volume);
-  if (!latest.ok()) return latest.status();
+  if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
   if (*latest) {
     t.last_seq = (*latest)->seq;
     t.chain = (*latest)->chain_digest;
@@ -184,6 +270,7 @@ Status Sink::Session(Link& link, Target& t) {
     }
   }
   RETURN_IF_ERROR(RecoverSpool(t));
+  t.recovered = true;
   SetState(t.volume, [&](VolumeStatusInfo& s) {
     s.state = "idle";
     s.pool = t.pool_name;
@@ -191,6 +278,7 @@ Status Sink::Session(Link& link, Target& t) {
     s.peer = link.peer();
     s.last_seq = t.last_seq;
     if (*latest) s.last_point_time_ns = (*latest)->source_time_ns;
+    if (t.last_point_time_ns > 0) s.last_point_time_ns = t.last_point_time_ns;
     s.error.clear();
   });
   pb::HelloReply reply;
@@ -213,7 +301,9 @@ Status Sink::Session(Link& link, Target& t) {
     ASSIGN_OR_RETURN(EpochSummary sum, ReceiveEpoch(link, t, std::move(f).value()));
     RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::DURABLE, sum.chain));
     SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "applying"; });
-    RETURN_IF_ERROR(ApplyAndCommit(t, sum.seq, sum.snap_time_ns));
+    if (Status st = ApplyAndCommit(t, sum.seq, sum.snap_time_ns); !st.ok()) {
+      return ClusterError(t, st, fmt::format("applying epoch {}", sum.seq));
+    }
     RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::APPLIED, t.chain));
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -235,25 +325,62 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   std::filesystem::path path;
   uint64_t spooled_records = 0;  // whole Record frames in the spool
   bool at_end = false;           // the failure is the epoch's end
-  auto fail = [&](const cairn::Status& st) -> cairn::Status {
+  auto fail = [&](const cairn::Status& cause) -> cairn::Status {
+    Status st = cause;
     if (st.code() == Code::kDataLoss) {
       std::lock_guard lock(mu_);
       ++corrupt_frames_;
     }
-    spdlog::error("volume {}: epoch refused: {}", t.volume, st.message());
+    const uint64_t seq = verifier.begin().seq;
     // Keep what was verified and spooled, durably: the source re-sends only
     // the rest. If it cannot be made durable it is worth nothing, and an
     // epoch whose end does not verify as a whole starts over (resuming it
     // would fail the same way every time).
-    if (!at_end && spool && spool->Sync().ok() && spooled_records > 0) {
-      spdlog::info("volume {}: kept {} verified records of epoch {} for resume", t.volume,
-                   spooled_records, verifier.begin().seq);
+    uint64_t kept = 0;
+    if (spool && !(at_end && st.code() == Code::kDataLoss)) {
+      if (spool->Sync().ok()) {
+        kept = spooled_records;
+      } else if (spool->SyncWritten().ok()) {
+        // A write failed (a full disk): what reached the file is durable
+        // now; read it back to learn how much of it is whole and verifies.
+        spool.reset();
+        kept = VerifiedRecords(t, path, seq);
+      }
+    }
+    if (st.code() == Code::kResourceExhausted) {
+      t.sink_fault = true;
+      std::string advice;
+      if (st.message().starts_with("spool disk full")) {
+        advice = fmt::format("free space in {} or move [sink] spool_dir", env_.spool_dir.string());
+        t.spool_full = 1;
+      } else if (st.message().starts_with("spool quota exceeded")) {
+        advice = "raise [sink] spool_max_bytes and restart cairnd";
+        t.spool_full = 2;
+      }
+      if (!advice.empty()) {
+        st = ResourceExhausted(fmt::format(
+            "{}; {}; {}", st.message(), advice,
+            kept > 0 ? fmt::format("{} verified records of epoch {} are kept, the source resumes "
+                                   "after them",
+                                   kept, seq)
+                     : fmt::format("nothing of epoch {} is kept", seq)));
+      }
+    }
+    spdlog::error("volume {}: epoch refused: {}", t.volume, st.message());
+    if (kept > 0) {
+      spdlog::info("volume {}: kept {} verified records of epoch {} for resume", t.volume, kept,
+                   seq);
     } else if (!path.empty()) {
       spool.reset();
       std::error_code ec;
       std::filesystem::remove(path, ec);
     }
     return st;
+  };
+  // A failure of the spool itself (disk full, quota, I/O): the sink's fault.
+  auto spool_fail = [&](const cairn::Status& st) -> cairn::Status {
+    t.sink_fault = true;
+    return fail(st);
   };
 
   auto step = verifier.Check(begin);
@@ -277,15 +404,15 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
       return fail(DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.seq)));
     }
     auto w = SpoolWriter::Resume(path, t.partial.offset, env_.spool);
-    if (!w.ok()) return fail(w.status());
+    if (!w.ok()) return spool_fail(w.status());
     spool = std::move(w).value();
     spooled_records = t.partial.records;
   } else {
     auto w = SpoolWriter::Create(path, SpoolIdentity{t.volume, announced.seq}, env_.spool);
-    if (!w.ok()) return fail(w.status());
+    if (!w.ok()) return spool_fail(w.status());
     spool = std::move(w).value();
     const auto header = EncodeHeader(begin.type, begin.body, 0);
-    if (Status st = spool->Append(header, begin.body, {}); !st.ok()) return fail(st);
+    if (Status st = spool->Append(header, begin.body, {}); !st.ok()) return spool_fail(st);
   }
   t.partial = {};
   SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "receiving"; });
@@ -298,14 +425,25 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     if (!step.ok()) return fail(step.status());
     if (*step == EpochVerifier::Step::kBegin) return fail(DataLoss("EpochBegin inside an epoch"));
     const auto header = EncodeHeader(f.type, f.body, static_cast<uint32_t>(f.payload.size()));
-    if (Status st = spool->Append(header, f.body, f.payload); !st.ok()) return fail(st);
+    if (Status st = spool->Append(header, f.body, f.payload); !st.ok()) return spool_fail(st);
     if (*step == EpochVerifier::Step::kEnd) break;
     ++spooled_records;
   }
   at_end = true;
   auto synced = spool->Sync();
-  if (!synced.ok()) return fail(synced.status());
+  if (!synced.ok()) return spool_fail(synced.status());
   return verifier.summary();
+}
+
+uint64_t Sink::VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq) {
+  auto reader = SpoolReader::Open(path, SpoolIdentity{t.volume, seq});
+  if (!reader.ok()) return 0;
+  EpochVerifier v(t.volume, t.last_seq, t.chain);
+  while (!v.done()) {
+    auto f = (*reader)->Next();
+    if (!f.ok() || !v.Check(*f).ok()) break;
+  }
+  return v.begin().seq == seq ? v.begin().records : 0;
 }
 
 Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier) {
@@ -323,6 +461,7 @@ Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVer
 }
 
 Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
+  t.durable_seq = seq;  // until it is a restore point
   const auto path = t.SpoolPath(seq);
   ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, seq}));
   EpochVerifier verifier(t.volume, t.last_seq, t.chain);
@@ -392,6 +531,8 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   RETURN_IF_ERROR(t.catalog->AddPoint(p));
   t.last_seq = seq;
   t.chain = sum.chain;
+  t.last_point_time_ns = sum.snap_time_ns;
+  t.durable_seq = 0;
   std::error_code ec;
   std::filesystem::remove(path, ec);
   spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes)", t.volume, seq,
@@ -432,11 +573,15 @@ Status Sink::RecoverSpool(Target& t) {
     if (complete) {
       Status st = ApplyAndCommit(t, seq, 0);
       if (st.ok()) {
-        spdlog::info("volume {}: applied epoch {} from the spool left by a previous run", t.volume,
-                     seq);
+        spdlog::info("volume {}: applied epoch {} from the spool (durable since an earlier "
+                     "session or run)",
+                     t.volume, seq);
         continue;
       }
-      if (st.code() != Code::kDataLoss) return st;
+      if (st.code() != Code::kDataLoss) {
+        return ClusterError(t, st, fmt::format("applying spooled epoch {}", seq));
+      }
+      t.durable_seq = 0;
       spdlog::warn("volume {}: discarding spool of epoch {}: {}", t.volume, seq, st.message());
       std::filesystem::remove(entry.path(), ec);
     } else if (v.begin().seq == seq && v.begin().records > 0) {
@@ -446,6 +591,148 @@ Status Sink::RecoverSpool(Target& t) {
     } else {
       std::filesystem::remove(entry.path(), ec);
     }
+  }
+  return OkStatus();
+}
+
+Status Sink::ScheduleRetryLocked(const std::string& volume, const Target& t, const Status& st) {
+  Pending& p = pending_[volume];
+  if (!t.pool_name.empty() && !t.image.empty()) {
+    p.pool = t.pool_name;
+    p.image = t.image;
+  }
+  if (t.durable_seq != 0) p.seq = t.durable_seq;
+  p.backoff = p.backoff.count() == 0 ? env_.retry_min : std::min(p.backoff * 2, env_.retry_max);
+  p.next = std::chrono::steady_clock::now() + p.backoff;
+  const Status out(st.code(),
+                   fmt::format("{}; {} is durable in the spool and the sink applies it by itself "
+                               "as soon as it can (retrying with backoff)",
+                               st.message(),
+                               p.seq != 0 ? fmt::format("epoch {}", p.seq) : "an epoch"));
+  p.error = out;
+  VolumeStatusInfo& s = status_[volume];
+  s.volume = volume;
+  s.role = "sink";
+  s.state = "error";
+  s.error = out.ToString();
+  return out;
+}
+
+void Sink::RetryLoop() {
+  using Clock = std::chrono::steady_clock;
+  {
+    // Complete spools a previous run left: applied without waiting for
+    // their sources (which may be gone for good: a lost primary site).
+    std::vector<std::string> found;
+    std::error_code ec;
+    for (const auto& d : std::filesystem::directory_iterator(env_.spool_dir, ec)) {
+      std::error_code ec2;
+      if (!d.is_directory(ec2) || !ValidateVolumeId(d.path().filename().string()).ok()) continue;
+      for (const auto& f : std::filesystem::directory_iterator(d.path(), ec2)) {
+        if (f.path().extension() == ".spool") {
+          found.push_back(d.path().filename().string());
+          break;
+        }
+      }
+    }
+    std::lock_guard lock(mu_);
+    for (const auto& v : found) {
+      if (!pending_.count(v)) pending_[v].next = Clock::now();
+    }
+  }
+  std::unique_lock lock(mu_);
+  std::map<std::string, std::string> logged;  // volume -> last error logged
+  while (!stopping_) {
+    const auto now = Clock::now();
+    auto wake = Clock::time_point::max();
+    std::string volume;
+    for (const auto& [v, p] : pending_) {
+      if (active_.count(v)) continue;  // its session retries
+      if (p.next <= now) {
+        volume = v;
+        break;
+      }
+      wake = std::min(wake, p.next);
+    }
+    if (volume.empty()) {
+      if (wake == Clock::time_point::max()) {
+        retry_cv_.wait(lock);
+      } else {
+        retry_cv_.wait_until(lock, wake);
+      }
+      continue;
+    }
+    const Pending p = pending_[volume];
+    const std::string image = p.pool.empty() ? "" : p.pool + "/" + p.image;
+    active_[volume] = nullptr;  // held: a connection for it waits
+    if (!image.empty()) active_images_[volume] = image;
+    lock.unlock();
+    Target t;
+    Status st = RetryApply(volume, p, t);
+    lock.lock();
+    active_.erase(volume);
+    active_images_.erase(volume);
+    if (st.ok()) {
+      pending_.erase(volume);
+      logged.erase(volume);
+    } else {
+      const Status out = ScheduleRetryLocked(volume, t, st);
+      ++status_[volume].errors_total;
+      if (logged[volume] != st.message()) {
+        spdlog::warn("volume {}: {}", volume, out.message());
+        logged[volume] = st.message();
+      }
+    }
+    released_.notify_all();
+  }
+}
+
+Status Sink::RetryApply(const std::string& volume, const Pending& p, Target& t) {
+  t.volume = volume;
+  t.dir = env_.spool_dir / volume;
+  t.pool_name = p.pool;
+  t.image = p.image;
+  if (t.pool_name.empty()) {
+    auto pool = FindVolumePool(volume);
+    if (pool.status().code() == Code::kNotFound) {
+      spdlog::info("volume {}: a spool is left but no restore point: it waits for its source",
+                   volume);
+      return OkStatus();
+    }
+    if (!pool.ok()) return ClusterError(t, pool.status(), "reading the catalogs");
+    t.pool_name = *pool;
+  }
+  auto pool = env_.open_pool(t.pool_name);
+  if (!pool.ok()) return ClusterError(t, pool.status(), "opening pool " + t.pool_name);
+  t.pool = *pool;
+  auto kv = env_.open_catalog(t.pool_name);
+  if (!kv.ok()) return ClusterError(t, kv.status(), "opening the catalog in " + t.pool_name);
+  t.kv = *kv;
+  t.catalog = std::make_unique<Catalog>(*t.kv);
+  auto latest = t.catalog->Latest(volume);
+  if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
+  if (*latest) {
+    t.last_seq = (*latest)->seq;
+    t.chain = (*latest)->chain_digest;
+    t.source_site = (*latest)->source_site;
+    if (t.image.empty()) t.image = (*latest)->image;
+  }
+  if (t.image.empty()) return OkStatus();  // no point yet: its source names the image
+  const uint64_t before = t.last_seq;
+  RETURN_IF_ERROR(RecoverSpool(t));
+  if (t.last_seq > before) {
+    spdlog::info("volume {}: restore point {} made from the spool by the sink itself (no source "
+                 "connected)",
+                 volume, t.last_seq);
+    SetState(volume, [&](VolumeStatusInfo& s) {
+      s.state = "disconnected";
+      s.pool = t.pool_name;
+      s.image = t.image;
+      s.last_seq = t.last_seq;
+      s.last_point_time_ns = t.last_point_time_ns;
+      s.epochs_total += 1;
+      s.error.clear();
+    });
   }
   return OkStatus();
 }

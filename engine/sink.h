@@ -14,13 +14,29 @@
 // A frame that fails verification is never spooled: the sink answers with
 // a LinkError and closes, and the source re-sends the epoch.
 //
+// Outages at the standby site:
+//   - the standby Ceph cluster does not answer (every RADOS op gives up
+//     after [ceph] op_timeout): the session ends with Unavailable "the
+//     standby Ceph cluster of site B (CONF) is unreachable: ...". An epoch
+//     already durable in the spool stays there, and the sink itself retries
+//     applying it with backoff (SinkEnv::retry_min..retry_max), whether or
+//     not its source comes back; meanwhile a source that connects is told
+//     so at once. A restarted sink does the same for the complete spools it
+//     finds (of volumes that have a restore point, so their image is known).
+//   - the spool disk is full, or an epoch would pass SpoolOptions::max_bytes:
+//     the epoch is refused with ResourceExhausted, naming spool_dir and what
+//     to do; the verified prefix that reached the disk is made durable and
+//     kept, and the source resumes after it once there is room.
+//
 // Thread-safety: Serve may run on many threads at once (one per source
 // connection). A new connection for a volume that has one already replaces
 // it (the source reconnected after a cut the old session has not noticed
-// yet). Report,
-// Points and Restore are safe from any thread.
+// yet). The sink's own retry thread holds a volume the same way while it
+// applies a spooled epoch; a connection for that volume waits for it.
+// Report, Points and Restore are safe from any thread.
 #pragma once
 
+#include <chrono>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -29,6 +45,8 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <string_view>
+#include <thread>
 #include <vector>
 
 #include "engine/catalog.h"
@@ -51,6 +69,12 @@ struct SinkEnv {
   EpochOptions apply;
   SpoolOptions spool;
   LinkTimeouts timeouts;
+  // Names the standby Ceph cluster in errors (cairnd: its ceph.conf path).
+  std::string cluster;
+  // Backoff of the sink's own attempts to apply a durable spooled epoch
+  // after the standby cluster failed: doubles from retry_min to retry_max.
+  std::chrono::milliseconds retry_min{1000};
+  std::chrono::milliseconds retry_max{15000};
 };
 
 struct RestoreResult {
@@ -62,7 +86,13 @@ struct RestoreResult {
 
 class Sink {
  public:
+  // Starts the retry thread, which first looks for complete spools left by
+  // a previous run (see above).
   explicit Sink(SinkEnv env);
+  // Stops the retry thread (after its attempt in progress, if any).
+  ~Sink();
+  Sink(const Sink&) = delete;
+  Sink& operator=(const Sink&) = delete;
 
   // Serves one source connection until it closes or fails. Returns OK when
   // the source hung up cleanly.
@@ -83,10 +113,32 @@ class Sink {
   StatusOr<EpochSummary> ReceiveEpoch(Link& link, Target& t, Frame begin);
   Status ApplyAndCommit(Target& t, uint64_t seq, int64_t snap_time_ns_hint);
   Status RecoverSpool(Target& t);
+  // Record frames at the start of the spool of epoch `seq` that are whole
+  // and verify (as RecoverSpool counts them).
+  uint64_t VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq);
   // Reads the verified prefix of t.partial's spool into `verifier`.
   Status ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier);
   StatusOr<std::string> FindVolumePool(const std::string& volume);
   void SetState(const std::string& volume, const std::function<void(VolumeStatusInfo&)>& fn);
+  // An error of the standby cluster: Unavailable ones name it. Marks the
+  // failure as the sink's own (status "error", not "disconnected").
+  Status ClusterError(Target& t, const Status& st, std::string_view what);
+
+  // A volume whose durable, complete spooled epoch could not be applied.
+  struct Pending {
+    std::string pool;  // empty: not known yet (found at start): from the catalog
+    std::string image;
+    uint64_t seq = 0;  // the epoch (0: not known yet)
+    std::chrono::steady_clock::time_point next;
+    std::chrono::milliseconds backoff{0};
+    Status error;  // the last attempt's, as sources are told
+  };
+  // After a failed attempt on `volume` (mu_ held): the next one after backoff.
+  // Returns `st` with what the operator is told about the retry.
+  Status ScheduleRetryLocked(const std::string& volume, const Target& t, const Status& st);
+  void RetryLoop();
+  // One attempt: what a session does before its HelloReply, without a source.
+  Status RetryApply(const std::string& volume, const Pending& p, Target& t);
 
   SinkEnv env_;
   mutable std::mutex mu_;
@@ -95,6 +147,23 @@ class Sink {
   std::map<std::string, std::string> active_images_;  // volume -> its pool/image
   std::map<std::string, VolumeStatusInfo> status_;
   uint64_t corrupt_frames_ = 0;
+  std::map<std::string, Pending> pending_;
+  // A volume whose last epoch was refused for want of spool space. Until
+  // the disk has 4 MiB more free than then (a quota: until cairnd restarts
+  // with another), a source that connects again is refused at its Hello:
+  // it reads why (mid-epoch, a source busy sending sees only the connection
+  // reset) and sends nothing that cannot be spooled. After `until` (60 s)
+  // it may try again anyway.
+  struct SpoolRefusal {
+    Status error;
+    bool disk = false;  // disk full (else the quota): more free space lifts it
+    uint64_t free_bytes = 0;
+    std::chrono::steady_clock::time_point until;
+  };
+  std::map<std::string, SpoolRefusal> spool_refusals_;
+  std::condition_variable retry_cv_;
+  bool stopping_ = false;
+  std::thread retrier_;  // last: started once everything above exists
 };
 
 }  // namespace cairn

@@ -108,6 +108,9 @@ Status SpoolErrno(int err, std::string_view what) {
     case EDQUOT:
       return ResourceExhausted(
           fmt::format("spool disk full: {}: {} (errno {})", what, std::strerror(err), err));
+    case EFBIG:  // the file system's largest file, or RLIMIT_FSIZE
+      return ResourceExhausted(
+          fmt::format("spool file too large: {}: {} (errno {})", what, std::strerror(err), err));
     case EACCES:
     case EPERM:
     case EROFS:
@@ -189,8 +192,8 @@ StatusOr<size_t> PreadFull(int fd, char* out, size_t n, uint64_t off,
 
 class UringSpoolWriter final : public SpoolWriter {
  public:
-  UringSpoolWriter(std::filesystem::path path, size_t buffer_bytes)
-      : path_(std::move(path)), buffer_bytes_(buffer_bytes) {}
+  UringSpoolWriter(std::filesystem::path path, size_t buffer_bytes, uint64_t max_bytes)
+      : path_(std::move(path)), buffer_bytes_(buffer_bytes), max_bytes_(max_bytes) {}
   ~UringSpoolWriter() override;
   UringSpoolWriter(const UringSpoolWriter&) = delete;
   UringSpoolWriter& operator=(const UringSpoolWriter&) = delete;
@@ -204,6 +207,7 @@ class UringSpoolWriter final : public SpoolWriter {
   Status Append(std::span<const char> header, std::string_view body,
                 std::span<const char> payload) override;
   StatusOr<uint64_t> Sync() override;
+  Status SyncWritten() override;
   uint64_t appended() const override { return appended_; }
 
  private:
@@ -236,6 +240,7 @@ class UringSpoolWriter final : public SpoolWriter {
 
   const std::filesystem::path path_;
   const size_t buffer_bytes_;
+  const uint64_t max_bytes_;  // 0: no limit
   int fd_ = -1;
   bool ring_ready_ = false;
   bool buffers_registered_ = false;
@@ -486,6 +491,18 @@ Status UringSpoolWriter::Append(std::span<const char> header, std::string_view b
   assert(GetLE<uint32_t>(header.data() + 8) == body.size());
   assert(GetLE<uint32_t>(header.data() + 12) == payload.size());
   RETURN_IF_ERROR(error_);
+  if (max_bytes_ > 0) {
+    // What the file will take once this frame is synced (padded to a block).
+    const uint64_t grows_to =
+        RoundUp(kSpoolHeaderSize + appended_ + header.size() + body.size() + payload.size(),
+                kAlign);
+    if (grows_to > max_bytes_) {
+      return ResourceExhausted(
+          fmt::format("spool quota exceeded: spool {} would grow to {} bytes, over the limit "
+                      "of {} bytes",
+                      path_.string(), grows_to, max_bytes_));
+    }
+  }
   RETURN_IF_ERROR(Copy(header.data(), header.size()));
   RETURN_IF_ERROR(Copy(body.data(), body.size()));
   RETURN_IF_ERROR(Copy(payload.data(), payload.size()));
@@ -541,6 +558,30 @@ StatusOr<uint64_t> UringSpoolWriter::Sync() {
     dir_synced_ = true;
   }
   return appended_;
+}
+
+Status UringSpoolWriter::SyncWritten() {
+  if (ring_ready_) {
+    for (int op = 0; op < kNumOps; ++op) (void)WaitFor(static_cast<Op>(op));
+  }
+  int r;
+  do {
+    r = ::fdatasync(fd_);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) return SpoolErrno(errno, fmt::format("fdatasync of spool {}", path_.string()));
+  if (!dir_synced_) {
+    const std::string dir = DirOf(path_);
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return SpoolErrno(errno, fmt::format("opening spool directory {}", dir));
+    do {
+      r = ::fsync(dfd);
+    } while (r < 0 && errno == EINTR);
+    const int e = errno;
+    ::close(dfd);
+    if (r < 0) return SpoolErrno(e, fmt::format("fsync of spool directory {}", dir));
+    dir_synced_ = true;
+  }
+  return OkStatus();
 }
 
 // ---------------------------------------------------------------------------
@@ -689,7 +730,7 @@ StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Create(const std::filesystem
     return InvalidArgument(fmt::format("spool volume name too long: {} bytes (max {})",
                                        id.volume.size(), kMaxVolumeName));
   }
-  auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes);
+  auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes, options.max_bytes);
   RETURN_IF_ERROR(w->Init(id, options.direct_io));
   return std::unique_ptr<SpoolWriter>(std::move(w));
 }
@@ -701,7 +742,7 @@ StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Resume(const std::filesystem
       options.buffer_bytes > kMaxBufferBytes) {
     return InvalidArgument(fmt::format("spool buffer_bytes must be a multiple of {}", kAlign));
   }
-  auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes);
+  auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes, options.max_bytes);
   RETURN_IF_ERROR(w->InitResume(logical_end, options.direct_io));
   return std::unique_ptr<SpoolWriter>(std::move(w));
 }

@@ -44,6 +44,10 @@ inline constexpr uint32_t kSpoolVersion = 1;
 struct SpoolOptions {
   size_t buffer_bytes = 4u << 20;  // per staging buffer; multiple of 4096
   bool direct_io = true;           // O_DIRECT; falls back if refused
+  // Largest spool file, header and padding included; 0: no limit. An
+  // Append that would pass it is refused with kResourceExhausted "spool
+  // quota exceeded" and leaves the writer usable (Sync still works).
+  uint64_t max_bytes = 0;
 };
 
 struct SpoolIdentity {
@@ -54,8 +58,8 @@ struct SpoolIdentity {
 class SpoolWriter {
  public:
   // Creates (or truncates) `path` and writes its header.
-  // kResourceExhausted if the disk is full; kFailedPrecondition if the
-  // directory is missing or not writable.
+  // kResourceExhausted ("spool disk full: ...") if the disk is full;
+  // kFailedPrecondition if the directory is missing or not writable.
   static StatusOr<std::unique_ptr<SpoolWriter>> Create(const std::filesystem::path& path,
                                                        const SpoolIdentity& id,
                                                        const SpoolOptions& options = {});
@@ -78,6 +82,13 @@ class SpoolWriter {
   // appended so far is durable. Returns the logical length of frame data
   // (bytes after the spool header).
   virtual StatusOr<uint64_t> Sync() = 0;
+
+  // After a failed Append or Sync (a full disk): waits for the writes in
+  // flight and fdatasyncs, so that whatever reached the file is durable.
+  // Which frames are whole is then known only by reading the file back
+  // (SpoolReader); a short or failed write leaves at most a torn tail,
+  // never a gap before data that reads as frames. The writer stays failed.
+  virtual Status SyncWritten() = 0;
 
   // Bytes of frame data appended so far (durable or not).
   virtual uint64_t appended() const = 0;

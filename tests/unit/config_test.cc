@@ -112,3 +112,41 @@ TEST(Config, LongNamesAreRefusedNotTruncated) {
 
 }  // namespace
 }  // namespace cairn
+
+namespace cairn {
+namespace {
+
+TEST(Config, CephOpTimeout) {
+  const std::string sink = "[sink]\npools = rbd\n";
+  auto d = ParseConfig(sink, "f.conf");
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(d->ceph.op_timeout, std::chrono::seconds(30));
+  auto c = ParseConfig("[ceph]\nop_timeout = 5s\n" + sink, "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->ceph.op_timeout, std::chrono::seconds(5));
+  EXPECT_EQ(ParseConfig("[ceph]\nop_timeout = 2m\n" + sink, "f.conf")->ceph.op_timeout,
+            std::chrono::seconds(120));
+  for (const char* bad : {"0", "500ms", "1500ms", "2h"}) {
+    SCOPED_TRACE(bad);
+    EXPECT_THAT(Error(std::string("[ceph]\nop_timeout = ") + bad + "\n" + sink),
+                HasSubstr("f.conf: [ceph] op_timeout: must be whole seconds from 1s to 1h"));
+  }
+  EXPECT_THAT(Error("[ceph]\nop_timeout = soon\n" + sink), HasSubstr("is not a duration"));
+}
+
+TEST(Config, SpoolMaxBytes) {
+  auto max = [](const std::string& value) {
+    auto c = ParseConfig("[sink]\npools = rbd\n" + value, "f.conf");
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    return c.ok() ? c->sink->spool_max_bytes : ~0ull;
+  };
+  EXPECT_EQ(max(""), 0u);
+  EXPECT_EQ(max("spool_max_bytes = 20G\n"), 20ull << 30);
+  EXPECT_EQ(max("spool_max_bytes = 0\n"), 0u);
+  EXPECT_THAT(Error("[sink]\npools = rbd\nspool_max_bytes = 64K\n"),
+              HasSubstr("[sink] spool_max_bytes: must be 0 (no limit) or at least 1M"));
+  EXPECT_THAT(Error("[sink]\npools = rbd\nspool_max_bytes = lots\n"), HasSubstr("is not a size"));
+}
+
+}  // namespace
+}  // namespace cairn

@@ -1,10 +1,13 @@
 // The real source and sink code, end to end over the in-process link and
 // in-memory volumes: several epochs with writes between them, and every
 // restore point compared by content with the source snapshot it stands for.
+#include <atomic>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <thread>
 
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -61,6 +64,9 @@ class ReplicationTest : public ::testing::Test {
     env.open_catalog = [this](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
       return std::shared_ptr<KvStore>(catalog_);
     };
+    env.retry_min = std::chrono::milliseconds(20);  // the sink's own apply retries
+    env.retry_max = std::chrono::milliseconds(100);
+    sink_env_ = env;
     sink_ = std::make_unique<Sink>(env);
   }
   void TearDown() override {
@@ -115,7 +121,16 @@ class ReplicationTest : public ::testing::Test {
     }
   }
 
+  // A sink process restarted (with `env`): the old one is gone first.
+  void RestartSink(const SinkEnv& env) {
+    for (auto& t : sessions_) t.join();
+    sessions_.clear();
+    sink_.reset();
+    sink_ = std::make_unique<Sink>(env);
+  }
+
   std::filesystem::path spool_;
+  SinkEnv sink_env_;
   std::shared_ptr<MemoryPool> site_a_, site_b_;
   std::shared_ptr<MemoryKvStore> catalog_;
   std::unique_ptr<Sink> sink_;
@@ -307,6 +322,134 @@ TEST_F(ReplicationTest, UnservedPoolIsAClearError) {
   ASSERT_FALSE(r.ok());
   EXPECT_THAT(r.status().message(),
               HasSubstr("pool 'volumes' is not served by this sink: add it to [sink] pools"));
+}
+
+}  // namespace
+}  // namespace cairn
+
+namespace cairn {
+namespace {
+
+// Polls `pred` until it holds; fails the test with `what` after 10 s.
+void PollUntil(const std::string& what, const std::function<bool()>& pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!pred()) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "timed out waiting for " << what;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+// Every operation on the standby pool fails as a cluster that does not
+// answer does (RADOS op timeout), while *down is true.
+void StandbyDown(MemoryPool& pool, std::shared_ptr<std::atomic<bool>> down) {
+  pool.SetFault([down](const MemoryFaultPoint&) {
+    return down->load() ? Unavailable("Connection timed out (errno 110)") : OkStatus();
+  });
+}
+
+TEST_F(ReplicationTest, StandbyClusterDownTheSinkAppliesTheDurableEpochByItself) {
+  const uint64_t size = 2 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(21);
+  testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
+  auto down = std::make_shared<std::atomic<bool>>(false);
+  StandbyDown(*site_b_, down);
+  {
+    SourceReplicator rep(Config(), "a", site_a_, Connector());
+    ASSERT_TRUE(rep.RunOnce().ok());  // point 1
+    testing::Write(*src, kMiB / 2, testing::RandomBytes(rng, kMiB));
+    down->store(true);
+    auto r = rep.RunOnce();
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.status().code(), Code::kUnavailable) << r.status().ToString();
+    EXPECT_THAT(r.status().message(),
+                HasSubstr("sink: the standby Ceph cluster of site b is unreachable: applying "
+                          "epoch 2: "));
+    EXPECT_THAT(r.status().message(),
+                HasSubstr("; epoch 2 is durable in the spool and the sink applies it by itself "
+                          "as soon as it can (retrying with backoff)"));
+    auto st = sink_->Report();
+    ASSERT_EQ(st.size(), 1u);
+    EXPECT_EQ(st[0].state, "error");
+    EXPECT_THAT(st[0].error, HasSubstr("the standby Ceph cluster of site b is unreachable"));
+    EXPECT_TRUE(std::filesystem::exists(spool_ / "vol1" / "2.spool"));
+  }  // the source is gone for good
+  down->store(false);
+  PollUntil("the sink applying epoch 2 by itself", [&] {
+    auto pts = sink_->Points("vol1");
+    return pts.ok() && pts->size() == 2;
+  });
+  VerifyAllPoints(*src, 2);
+  PollUntil("the sink's status clearing", [&] { return sink_->Report()[0].error.empty(); });
+  auto st = sink_->Report();
+  EXPECT_EQ(st[0].state, "disconnected");
+  EXPECT_EQ(st[0].last_seq, 2u);
+  EXPECT_FALSE(std::filesystem::exists(spool_ / "vol1" / "2.spool"));
+}
+
+TEST_F(ReplicationTest, RestartedSinkAppliesTheCompleteSpoolItFindsWithoutItsSource) {
+  const uint64_t size = 2 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(22);
+  testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
+  auto down = std::make_shared<std::atomic<bool>>(false);
+  StandbyDown(*site_b_, down);
+  {
+    SourceReplicator rep(Config(), "a", site_a_, Connector());
+    ASSERT_TRUE(rep.RunOnce().ok());
+    testing::Write(*src, kMiB, testing::RandomBytes(rng, kMiB / 2));
+    down->store(true);
+    ASSERT_FALSE(rep.RunOnce().ok());
+  }
+  RestartSink(sink_env_);  // still down: it keeps the spool and retries
+  EXPECT_TRUE(std::filesystem::exists(spool_ / "vol1" / "2.spool"));
+  EXPECT_EQ(sink_->Points("vol1")->size(), 1u);
+  down->store(false);
+  PollUntil("the restarted sink applying epoch 2 by itself", [&] {
+    auto pts = sink_->Points("vol1");
+    return pts.ok() && pts->size() == 2;
+  });
+  VerifyAllPoints(*src, 2);
+}
+
+TEST_F(ReplicationTest, SpoolQuotaRefusesTheEpochAndTheSourceResumesOnceRaised) {
+  const uint64_t size = 4 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(23);
+  testing::Write(*src, 0, testing::RandomBytes(rng, 3 * kMiB));  // 12 records of 256 KiB
+  SinkEnv env = sink_env_;
+  env.spool.max_bytes = kMiB;
+  RestartSink(env);
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  auto r = rep.RunOnce();
+  ASSERT_FALSE(r.ok());
+  const std::string refused = fmt::format(
+      "spool quota exceeded: spool {} would grow to {} bytes, over the limit of 1048576 bytes; "
+      "raise [sink] spool_max_bytes and restart cairnd; 3 verified records of epoch 1 are kept, "
+      "the source resumes after them",
+      (spool_ / "vol1" / "1.spool").string(), 1056768);
+  // The sink's LinkError, or, if the source was still sending when the sink
+  // closed the link, the cut (a source reads the error only after its sends).
+  if (r.status().code() != Code::kAborted) {
+    EXPECT_EQ(r.status().ToString(), "ResourceExhausted: sink: " + refused);
+  }
+  EXPECT_EQ(sink_->Report()[0].state, "error");
+  EXPECT_EQ(sink_->Report()[0].error, "ResourceExhausted: " + refused);
+  // Tried again at once: refused at the Hello, with the same reason.
+  auto again = rep.RunOnce();
+  EXPECT_EQ(again.status().code(), Code::kResourceExhausted);
+  EXPECT_THAT(again.status().message(), HasSubstr("sink refused: " + refused));
+  EXPECT_LE(std::filesystem::file_size(spool_ / "vol1" / "1.spool"), kMiB);
+  env.spool.max_bytes = 64 * kMiB;
+  RestartSink(env);
+  auto resumed = rep.RunOnce();
+  ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+  EXPECT_EQ(resumed->seq, 1u);
+  EXPECT_EQ(*sent_records_, 12 - 3);  // only what the sink did not hold
+  VerifyAllPoints(*src, 1);
 }
 
 }  // namespace

@@ -5,10 +5,13 @@
 #include "engine/spool.h"
 
 #include <fmt/format.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -698,6 +701,120 @@ TEST_F(SpoolTest, ResumeDiscardsEverythingAfterTheResumePoint) {
   ReadBack r = ReadAll(path_, id_);
   ExpectFrames(r, want, 2);
   EXPECT_EQ(r.end.code(), Code::kAborted) << r.end.ToString();
+}
+
+}  // namespace
+}  // namespace cairn
+
+namespace cairn {
+namespace {
+
+// [sink] spool_max_bytes: the frame that would take the file past the limit
+// is refused with an exact error, and the writer stays usable: what was
+// appended before is synced and reads back whole.
+TEST_F(SpoolTest, QuotaRefusesTheFrameThatWouldPassItAndKeepsTheRest) {
+  SpoolOptions o = SmallBuffers();
+  o.max_bytes = 64 << 10;
+  auto w = SpoolWriter::Create(path_, id_, o);
+  ASSERT_TRUE(w.ok()) << w.status().ToString();
+  std::vector<TestFrame> frames;
+  Status refused;
+  for (uint64_t i = 0; i < 100 && refused.ok(); ++i) {
+    frames.push_back(MakeFrame(FrameType::kRecord, 40, 10000, i));
+    refused = AppendFrame(**w, frames.back());
+  }
+  ASSERT_FALSE(refused.ok());
+  frames.pop_back();
+  // Frames of 10072 bytes: 4096 + 6 * 10072 rounds up to 64 KiB, a seventh passes it.
+  ASSERT_EQ(frames.size(), 6u);
+  EXPECT_TRUE(StatusIs(
+      refused, Code::kResourceExhausted,
+      fmt::format("spool quota exceeded: spool {} would grow to {} bytes, over the limit of {} "
+                  "bytes",
+                  path_.string(), RoundUp(kSpoolHeaderSize + 7 * frames[0].size()), 64 << 10)));
+  auto len = (*w)->Sync();
+  ASSERT_TRUE(len.ok()) << len.status().ToString();
+  EXPECT_EQ(*len, TotalSize(frames, frames.size()));
+  ReadBack r = ReadAll(path_, id_);
+  ExpectFrames(r, frames, frames.size());
+  EXPECT_LE(fs::file_size(path_), 64u << 10);
+}
+
+// Restores the file size limit and SIGXFSZ on scope exit.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    getrlimit(RLIMIT_FSIZE, &saved_);
+    old_handler_ = std::signal(SIGXFSZ, SIG_IGN);
+    rlimit r = saved_;
+    r.rlim_cur = bytes;
+    ok_ = setrlimit(RLIMIT_FSIZE, &r) == 0;
+  }
+  ~FileSizeLimit() {
+    setrlimit(RLIMIT_FSIZE, &saved_);
+    std::signal(SIGXFSZ, old_handler_);
+  }
+  bool ok() const { return ok_; }
+
+ private:
+  rlimit saved_{};
+  void (*old_handler_)(int) = nullptr;
+  bool ok_ = false;
+};
+
+// A disk that fills up mid-epoch (emulated with RLIMIT_FSIZE, which makes
+// the kernel write short and then refuse, as a full disk does; the real
+// ENOSPC is in tests/integration/test_outages.py): the writer
+// fails, SyncWritten makes what reached the file durable, the whole frames
+// in it read back as a verified prefix, and Resume continues after them.
+TEST_F(SpoolTest, FullDiskMidEpochKeepsTheWrittenPrefixForResume) {
+  for (bool direct : {false, true}) {
+    SCOPED_TRACE(direct ? "O_DIRECT" : "buffered");
+    SpoolOptions o = SmallBuffers();
+    o.direct_io = direct;
+    std::vector<TestFrame> frames = {MakeFrame(FrameType::kEpochBegin, 40, 0, 1)};
+    for (uint64_t i = 0; i < 20; ++i) {
+      frames.push_back(MakeFrame(FrameType::kRecord, 60, 20000, i + 2));
+    }
+    frames.push_back(MakeFrame(FrameType::kEpochEnd, 50, 0, 99));
+    const rlim_t limit = 160 << 10;  // room for the header and ~7.7 records
+    Status failed;
+    {
+      auto w = SpoolWriter::Create(path_, id_, o);
+      ASSERT_TRUE(w.ok()) << w.status().ToString();
+      FileSizeLimit full(limit);
+      ASSERT_TRUE(full.ok());
+      for (const TestFrame& f : frames) {
+        failed = AppendFrame(**w, f);
+        if (!failed.ok()) break;
+      }
+      if (failed.ok()) failed = (*w)->Sync().status();
+      ASSERT_FALSE(failed.ok()) << "the file grew past RLIMIT_FSIZE";
+      EXPECT_TRUE((*w)->SyncWritten().ok());
+      EXPECT_FALSE((*w)->Sync().ok()) << "the writer stays failed";
+    }
+    // The write that crosses the limit is short, the next one refused
+    // (EFBIG); either may complete first.
+    EXPECT_EQ(failed.code(), Code::kResourceExhausted) << failed.ToString();
+    EXPECT_THAT(failed.message(),
+                ::testing::AnyOf(::testing::StartsWith("spool disk full: "),
+                                 ::testing::StartsWith("spool file too large: ")));
+    EXPECT_LE(fs::file_size(path_), limit);
+    // The whole frames that reached the file read back; the torn tail ends them.
+    ReadBack r = ReadAll(path_, id_);
+    ASSERT_GE(r.frames.size(), 2u) << r.end.ToString();
+    ASSERT_LT(r.frames.size(), frames.size());
+    ExpectFrames(r, frames, r.frames.size());
+    const size_t kept = r.frames.size();
+    auto w = SpoolWriter::Resume(path_, r.offsets.back(), o);
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    for (size_t i = kept; i < frames.size(); ++i) ASSERT_TRUE(AppendFrame(**w, frames[i]).ok());
+    ASSERT_TRUE((*w)->Sync().ok());
+    ReadBack all = ReadAll(path_, id_);
+    ExpectFrames(all, frames, frames.size());
+    EXPECT_EQ(all.end.code(), Code::kAborted) << all.end.ToString();
+    fs::remove(path_);
+  }
 }
 
 }  // namespace
