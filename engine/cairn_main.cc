@@ -120,6 +120,10 @@ json StatusJson(const cairn::pb::VolumeStatus& v) {
           {"throughput_bps", v.throughput_bps()},
           {"bytes_total", v.bytes_total()},
           {"epochs_total", v.epochs_total()},
+          {"errors_total", v.errors_total()},
+          {"corrupt_frames_total", v.corrupt_frames_total()},
+          {"resumed_epochs_total", v.resumed_epochs_total()},
+          {"pending_snapshots", v.pending_snapshots()},
           {"error", v.error()}};
 }
 
@@ -174,13 +178,14 @@ int main(int argc, char** argv) {
       std::printf("%s\n", out.dump(2).c_str());
       return 0;
     }
-    std::printf("%-20s %-6s %-12s %8s %-21s %9s %12s  %s\n", "VOLUME", "ROLE", "STATE", "POINT",
-                "POINT TIME", "LAG", "THROUGHPUT", "ERROR");
+    std::printf("%-20s %-6s %-12s %8s %-21s %9s %12s %7s %7s  %s\n", "VOLUME", "ROLE", "STATE",
+                "POINT", "POINT TIME", "LAG", "THROUGHPUT", "ERRORS", "CORRUPT", "LAST ERROR");
     for (const auto& v : r->status().volumes()) {
-      std::printf("%-20s %-6s %-12s %8lu %-21s %8.1fs %10s/s  %s\n", v.volume().c_str(),
+      std::printf("%-20s %-6s %-12s %8lu %-21s %8.1fs %10s/s %7lu %7lu  %s\n", v.volume().c_str(),
                   v.role().c_str(), v.state().c_str(), static_cast<unsigned long>(v.last_seq()),
                   Time(v.last_point_time_ns()).c_str(), v.lag_seconds(),
-                  Bytes(v.throughput_bps()).c_str(), v.error().c_str());
+                  Bytes(v.throughput_bps()).c_str(), static_cast<unsigned long>(v.errors_total()),
+                  static_cast<unsigned long>(v.corrupt_frames_total()), v.error().c_str());
     }
     return 0;
   }
@@ -245,7 +250,9 @@ int main(int argc, char** argv) {
     req.mutable_replicate()->set_volume(volume);
     auto reply = cli.Call(req);
     if (!reply.ok()) return cli.Fail(reply.status());
-    const uint64_t want = reply->replicate().seq();
+    // Point `want`, or any later one, holds every write made before the
+    // request (a snapshot taken during an outage may be dropped unshipped).
+    uint64_t want = reply->replicate().seq();
     if (wait) {
       // Poll the source's status until the point exists or the step fails.
       const auto deadline = std::chrono::steady_clock::now() +
@@ -263,7 +270,10 @@ int main(int argc, char** argv) {
             error = v.error();
           }
         }
-        if (have >= want) break;
+        if (have >= want) {
+          want = have;
+          break;
+        }
         if (std::chrono::steady_clock::now() > deadline) {
           return cli.Fail(cairn::Unavailable(fmt::format(
               "restore point {} of {} did not appear within {} s (newest: {}; last error: {})",

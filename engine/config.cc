@@ -277,6 +277,9 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       uint64_t n = v.keep_snapshots;
       RETURN_IF_ERROR(r.Size("keep_snapshots", 0, 100000, &n));
       v.keep_snapshots = static_cast<uint32_t>(n);
+      n = v.outage_snapshots;
+      RETURN_IF_ERROR(r.Size("outage_snapshots", 1, 10000, &n));
+      v.outage_snapshots = static_cast<uint32_t>(n);
       n = v.block_size;
       RETURN_IF_ERROR(r.Size("block_size", 4096, 4u << 20, &n));
       if (n % 512 != 0) {

@@ -6,7 +6,8 @@
 //   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
 //                       spool_max_bytes = 0
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
-//                       interval = 5s; keep_snapshots = 0; block_size = 1M; window = 8
+//                       interval = 5s; keep_snapshots = 0; outage_snapshots = 1;
+//                       block_size = 1M; window = 8
 //
 // A node is a sink if it has a [sink] section and a source for every
 // [volume NAME] section; it may be both. docs/OPERATIONS.md documents every
@@ -56,6 +57,10 @@ struct VolumeConfig {
   std::string target_image;  // default: image
   std::chrono::milliseconds interval{5000};  // 0: on demand only
   uint32_t keep_snapshots = 0;  // older source snapshots kept beyond the base
+  // While the sink cannot be reached the source goes on taking a snapshot
+  // every `interval`; it keeps the newest `outage_snapshots` of them (1:
+  // one coalesced epoch when the link returns; N: up to N points in time).
+  uint32_t outage_snapshots = 1;
   uint32_t block_size = 1u << 20;
   uint32_t window = 8;
 };

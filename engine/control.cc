@@ -60,6 +60,10 @@ std::string HandleControl(ControlService& service, const Frame& request) {
         v->set_peer(s.peer);
         v->set_pool(s.pool);
         v->set_image(s.image);
+        v->set_errors_total(s.errors_total);
+        v->set_corrupt_frames_total(s.corrupt_frames_total);
+        v->set_resumed_epochs_total(s.resumed_epochs_total);
+        v->set_pending_snapshots(s.pending_snapshots);
       }
       reply.mutable_status();
       return Reply(OkStatus(), reply);

@@ -35,7 +35,10 @@ struct VolumeStatusInfo {
   double throughput_bps = 0;       // of the last epoch
   uint64_t bytes_total = 0;
   uint64_t epochs_total = 0;
-  uint64_t errors_total = 0;
+  uint64_t errors_total = 0;          // failed attempts (connect, epoch, apply)
+  uint64_t corrupt_frames_total = 0;  // sink: frames refused by verification
+  uint64_t resumed_epochs_total = 0;  // epochs finished from a durable prefix
+  uint64_t pending_snapshots = 0;     // source: snapshots not yet restore points
   std::string error;  // the last error, empty if the last step succeeded
 };
 

@@ -56,6 +56,7 @@ struct Sink::Target {
     uint64_t records = 0;
     uint64_t offset = 0;  // end of its last whole frame, in spool bytes
   } partial;
+  bool resumed = false;  // the epoch being received continues a partial one
   // A complete epoch is durable in the spool and not applied yet.
   uint64_t durable_seq = 0;
   int64_t last_point_time_ns = 0;  // of the newest point this Target made
@@ -114,7 +115,15 @@ uint64_t Sink::corrupt_frames() const {
 
 Status Sink::Serve(Link& link_ref) {
   Link* link = &link_ref;
-  ASSIGN_OR_RETURN(Frame f, link->Receive(env_.timeouts.hello));
+  auto first = link->Receive(env_.timeouts.hello);
+  if (!first.ok()) {
+    if (first.status().code() == Code::kDataLoss) {
+      std::lock_guard lock(mu_);
+      ++corrupt_frames_;  // of no known volume yet
+    }
+    return first.status();
+  }
+  const Frame& f = *first;
   pb::Hello hello;
   if (f.type != FrameType::kHello || !hello.ParseFromString(f.body)) {
     Status st = FailedPrecondition(fmt::format(
@@ -230,9 +239,16 @@ Status Sink::Serve(Link& link_ref) {
     active_images_.erase(t.volume);
     // A replaced session leaves the status to the session that replaced it.
     VolumeStatusInfo& s = status_[t.volume];
+    if (st.code() == Code::kDataLoss) {  // a frame failed verification
+      ++corrupt_frames_;
+      ++s.corrupt_frames_total;
+    }
     if (!active_.count(t.volume)) {
       s.state = t.sink_fault ? "error" : "disconnected";
-      if (!st.ok()) s.error = st.ToString();
+      if (!st.ok() && st.code() != Code::kAborted) {
+        s.error = st.ToString();
+        ++s.errors_total;
+      }
       if (t.recovered && t.durable_seq == 0) {
         pending_.erase(t.volume);  // nothing durable is left unapplied
       } else if (!st.ok() && (t.durable_seq != 0 || pending_.count(t.volume))) {
@@ -313,6 +329,7 @@ Status Sink::Session(Link& link, Target& t) {
       s.last_point_time_ns = sum.snap_time_ns;
       s.bytes_total += sum.data_bytes;
       s.epochs_total += 1;
+      if (t.resumed) s.resumed_epochs_total += 1;
       s.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
       s.error.clear();
     });
@@ -327,10 +344,6 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   bool at_end = false;           // the failure is the epoch's end
   auto fail = [&](const cairn::Status& cause) -> cairn::Status {
     Status st = cause;
-    if (st.code() == Code::kDataLoss) {
-      std::lock_guard lock(mu_);
-      ++corrupt_frames_;
-    }
     const uint64_t seq = verifier.begin().seq;
     // Keep what was verified and spooled, durably: the source re-sends only
     // the rest. If it cannot be made durable it is worth nothing, and an
@@ -407,7 +420,9 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     if (!w.ok()) return spool_fail(w.status());
     spool = std::move(w).value();
     spooled_records = t.partial.records;
+    t.resumed = true;
   } else {
+    t.resumed = false;
     auto w = SpoolWriter::Create(path, SpoolIdentity{t.volume, announced.seq}, env_.spool);
     if (!w.ok()) return spool_fail(w.status());
     spool = std::move(w).value();
@@ -543,6 +558,10 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
 Status Sink::RecoverSpool(Target& t) {
   std::error_code ec;
   t.partial = {};
+  // Epochs need not be numbered without gaps (snapshots taken during an
+  // outage may be dropped unshipped), but only one is in flight at a time:
+  // the lowest seq after the newest point. Any other spool is stale.
+  std::map<uint64_t, std::filesystem::path> spools;
   for (const auto& entry : std::filesystem::directory_iterator(t.dir, ec)) {
     const auto name = entry.path().filename().string();
     if (!name.ends_with(".spool")) continue;
@@ -550,9 +569,14 @@ Status Sink::RecoverSpool(Target& t) {
     const std::string stem = name.substr(0, name.size() - 6);
     auto [end, perr] = std::from_chars(stem.data(), stem.data() + stem.size(), seq);
     if (perr != std::errc() || end != stem.data() + stem.size() || seq == 0) continue;
-    if (seq != t.last_seq + 1) {
+    spools[seq] = entry.path();
+  }
+  for (const auto& [seq, path] : spools) {
+    const std::filesystem::directory_entry entry(path);
+    if (seq <= t.last_seq || t.partial.seq != 0 || seq != spools.upper_bound(t.last_seq)->first) {
       // Already applied, or not the next epoch: the source re-sends.
-      std::filesystem::remove(entry.path(), ec);
+      spdlog::info("volume {}: removing stale spool {}", t.volume, path.string());
+      std::filesystem::remove(path, ec);
       continue;
     }
     // Scan: how much of the epoch is there and verifies?

@@ -159,6 +159,9 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   if (pending != ours.end()) {
     seq = pending->first;
     to = pending->second;
+    // From now on the sink may hold a durable prefix of this epoch: the
+    // snapshot must stay until it is applied.
+    std::erase(outage_snaps_, seq);
   } else {
     seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
     {
@@ -200,7 +203,17 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   opt.window = config_.window;
 
   const auto t0 = std::chrono::steady_clock::now();
-  ASSIGN_OR_RETURN(EpochSummary sum, SendEpoch(vol, plan, opt, *link_));
+  auto sent = SendEpoch(vol, plan, opt, *link_);
+  if (!sent.ok()) {
+    // A sink that refuses mid-epoch (spool full, a corrupt frame) says why
+    // before it closes; that beats "connection reset".
+    if (auto f = link_->Receive(std::chrono::milliseconds(500));
+        f.ok() && f->type == FrameType::kLinkError) {
+      return StatusFromLinkError(*f, "sink");
+    }
+    return sent.status();
+  }
+  EpochSummary sum = std::move(sent).value();
   RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::DURABLE, nullptr));
   {
     std::lock_guard lock(mu_);
@@ -225,6 +238,9 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     status_.epochs_total += 1;
     status_.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
     status_.error.clear();
+    if (plan.skip_records > 0) status_.resumed_epochs_total += 1;
+    status_.pending_snapshots = static_cast<uint64_t>(
+        std::count_if(ours.begin(), ours.end(), [&](const auto& kv) { return kv.first > seq; }));
   }
   spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
                "{:.2f} s",
@@ -249,6 +265,50 @@ void SourceReplicator::PruneSnapshots(Volume& vol, uint64_t applied) {
     Status st = vol.RemoveSnap(SnapName(older[i]));
     if (!st.ok()) spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(older[i]), st.ToString());
   }
+}
+
+void SourceReplicator::TakeOutageSnapshot() {
+  auto vol = pool_->Open(config_.image);
+  if (!vol.ok()) {
+    spdlog::warn("volume {}: no snapshot while the sink is unreachable: {}", config_.id,
+                 vol.status().ToString());
+    return;
+  }
+  auto snaps = (*vol)->ListSnaps();
+  if (!snaps.ok()) {
+    spdlog::warn("volume {}: no snapshot while the sink is unreachable: {}", config_.id,
+                 snaps.status().ToString());
+    return;
+  }
+  uint64_t highest = sink_seq_;
+  for (const auto& s : *snaps) highest = std::max(highest, ParseSnapName(s.name).value_or(0));
+  const uint64_t seq = highest + 1;
+  if (Status st = (*vol)->CreateSnap(SnapName(seq)); !st.ok()) {
+    spdlog::warn("volume {}: cannot take snapshot {} while the sink is unreachable: {}",
+                 config_.id, SnapName(seq), st.ToString());
+    return;
+  }
+  outage_snaps_.push_back(seq);
+  uint64_t dropped = 0;
+  while (outage_snaps_.size() > config_.outage_snapshots) {
+    const uint64_t old = outage_snaps_.front();
+    if (Status st = (*vol)->RemoveSnap(SnapName(old)); !st.ok() && st.code() != Code::kNotFound) {
+      // Kept: it is shipped as an epoch of its own when the link returns.
+      spdlog::warn("volume {}: cannot drop {}: {}", config_.id, SnapName(old), st.ToString());
+    } else {
+      ++dropped;
+    }
+    outage_snaps_.erase(outage_snaps_.begin());
+  }
+  uint64_t pending = 0;
+  if (auto after = (*vol)->ListSnaps(); after.ok()) {
+    for (const auto& s : *after) pending += ParseSnapName(s.name).value_or(0) > sink_seq_;
+  }
+  spdlog::debug("volume {}: sink unreachable: took {}, dropped {} older outage snapshot(s)",
+                config_.id, SnapName(seq), dropped);
+  std::lock_guard lock(mu_);
+  highest_snap_ = std::max(highest_snap_, seq);
+  status_.pending_snapshots = pending;
 }
 
 StatusOr<EpochSummary> SourceReplicator::RunOnce() {
@@ -283,21 +343,35 @@ void SourceReplicator::Disconnect() {
 void SourceReplicator::Loop() {
   using Clock = std::chrono::steady_clock;
   const bool periodic = config_.interval.count() > 0;
-  auto next = Clock::now();      // the next periodic epoch
+  auto next = Clock::now();      // the next periodic epoch (or outage snapshot)
   auto retry_at = Clock::now();  // no attempt before this (backoff)
   auto backoff = std::chrono::milliseconds(500);
+  bool outage = false;  // the last attempt failed
   std::string last_error;
   std::unique_lock lock(mu_);
   while (!stop_) {
     const auto now = Clock::now();
-    const bool demand = wanted_seq_ > status_.last_seq;
-    if (now < retry_at || !(demand || (periodic && now >= next))) {
-      if (demand || (now < retry_at && !periodic)) {
-        cv_.wait_until(lock, retry_at);
+    if (outage && periodic && now >= next && now < retry_at) {
+      // The schedule goes on while the sink is unreachable.
+      lock.unlock();
+      TakeOutageSnapshot();
+      lock.lock();
+      next = Clock::now() + config_.interval;
+      continue;
+    }
+    const bool due = wanted_seq_ > status_.last_seq || (periodic && now >= next);
+    if (now < retry_at || !due) {
+      auto wake = Clock::time_point::max();
+      if (now < retry_at) {
+        wake = due || !periodic ? retry_at : std::max(next, retry_at);
+        if (outage && periodic) wake = std::min(wake, next);
       } else if (periodic) {
-        cv_.wait_until(lock, std::max(next, retry_at));
-      } else {
+        wake = next;
+      }
+      if (wake == Clock::time_point::max()) {
         cv_.wait(lock);
+      } else {
+        cv_.wait_until(lock, wake);
       }
       continue;
     }
@@ -308,6 +382,7 @@ void SourceReplicator::Loop() {
     if (r.ok()) {
       backoff = std::chrono::milliseconds(500);
       last_error.clear();
+      outage = false;
       next = started + config_.interval;
       retry_at = Clock::now();
       continue;
@@ -319,6 +394,7 @@ void SourceReplicator::Loop() {
     status_.state = code == Code::kUnavailable || code == Code::kAborted ? "disconnected" : "error";
     if (msg != last_error) spdlog::error("volume {}: {}", config_.id, msg);
     last_error = msg;
+    outage = true;
     retry_at = Clock::now() + backoff;
     backoff = std::min(backoff * 2, std::chrono::milliseconds(30'000));
   }

@@ -9,6 +9,13 @@
 // where the sink is. A snapshot taken but never acknowledged (crash, cut
 // link) is shipped on the next attempt instead of taking a new one.
 //
+// While the sink cannot be reached, the source keeps its base and goes on
+// taking a snapshot every `interval`, keeping the newest `outage_snapshots`
+// of those it took (the one whose epoch the sink holds a durable prefix of
+// is never dropped, so the transfer resumes where it stopped). When the
+// link returns, each kept snapshot is shipped as one epoch, oldest first:
+// with the default of 1, the outage costs one coalesced epoch.
+//
 // The primary never waits on the link: snapshots and the copy are
 // out-of-band reads of the image, and a dead link only means the next
 // epoch is larger.
@@ -24,6 +31,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <vector>
 
 #include "engine/config.h"
 #include "engine/epoch.h"
@@ -61,6 +69,9 @@ class SourceReplicator {
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
   void PruneSnapshots(Volume& vol, uint64_t applied);
+  // Takes the snapshot due while the sink is unreachable and drops the
+  // oldest of those taken so, beyond config_.outage_snapshots.
+  void TakeOutageSnapshot();
   void Loop();
 
   const VolumeConfig config_;
@@ -74,6 +85,9 @@ class SourceReplicator {
   ChainDigest sink_chain_;
   uint64_t resume_seq_ = 0;      // an epoch the sink holds a prefix of
   uint64_t resume_records_ = 0;  // ... this many records long
+  // Snapshots this process took while the sink was unreachable and no epoch
+  // has started from yet, oldest first: the only ones it may drop unshipped.
+  std::vector<uint64_t> outage_snaps_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

@@ -192,15 +192,17 @@ class Cairnd:
         return json.loads(self.cli("--json", *args, check=True).stdout)
 
 
-def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, ceph_extra=""):
+def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, extra="",
+                  ceph_extra=""):
     """cairnd.conf of a source node; volumes: {id: (image, target_image)};
-    ceph_extra: more "key = value" lines for [ceph] (e.g. "op_timeout = 5s\n")."""
+    extra: more "key = value" lines for every [volume] section; ceph_extra:
+    for [ceph] (e.g. "op_timeout = 5s\n")."""
     text = (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
             f"[ceph]\nconf = {conf}\nclient = admin\n{ceph_extra}\n")
     for vid, (image, target) in volumes.items():
         text += (f"[volume {vid}]\npool = rbd\nimage = {image}\ntarget_image = {target}\n"
                  f"peer = 127.0.0.1:{peer_port}\ninterval = {interval}\n"
-                 f"keep_snapshots = {keep}\n\n")
+                 f"keep_snapshots = {keep}\n{extra}\n")
     return text
 
 

@@ -1,6 +1,7 @@
 // The real source and sink code, end to end over the in-process link and
 // in-memory volumes: several epochs with writes between them, and every
 // restore point compared by content with the source snapshot it stands for.
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <functional>
@@ -236,6 +237,81 @@ TEST_F(ReplicationTest, CutMidEpochResumesFromTheSpooledPrefix) {
   EXPECT_EQ(resumed->records, 12u);
   EXPECT_EQ(*sent_records_, 12 - 7);  // only what the sink did not hold
   VerifyAllPoints(*src, 1);
+}
+
+// The cairn.<N> seqs that exist on `vol`, ascending.
+std::vector<uint64_t> CairnSnaps(Volume& vol) {
+  std::vector<uint64_t> out;
+  const auto snaps = vol.ListSnaps().value();
+  for (const auto& s : snaps) {
+    if (auto seq = ParseSnapName(s.name)) out.push_back(*seq);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+// Polls `pred` until it holds; fails the test with `what` after 10 s.
+void WaitFor(const std::string& what, const std::function<bool()>& pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!pred()) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "timed out waiting for " << what;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight) {
+  const uint64_t size = 4 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(16);
+  testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
+  auto down = std::make_shared<std::atomic<bool>>(false);
+  auto inner = Connector();
+  auto connect = [down, inner]() -> StatusOr<std::unique_ptr<Link>> {
+    if (down->load()) return Unavailable("sink unreachable (test)");
+    return inner();
+  };
+  VolumeConfig c = Config();
+  c.interval = std::chrono::milliseconds(20);
+  c.outage_snapshots = 2;
+  SourceReplicator rep(c, "a", site_a_, connect);
+  ASSERT_TRUE(rep.RunOnce().ok());  // point 1
+  testing::Write(*src, 0, testing::RandomBytes(rng, 3 * kMiB));
+  rep.Disconnect();
+  cut_at_frame_ = 5;  // epoch 2 is cut with 5 records durable at the sink
+  ASSERT_FALSE(rep.RunOnce().ok());
+  down->store(true);
+  rep.Start();
+  // The schedule goes on: snapshots keep being taken, the oldest dropped,
+  // but never the base (1) nor the epoch the sink holds a prefix of (2).
+  WaitFor("ten snapshots taken during the outage", [&] { return CairnSnaps(*src).back() >= 12; });
+  testing::RandomChanges(*src, rng, size, 10);
+  const uint64_t before_heal = CairnSnaps(*src).back();
+  WaitFor("a snapshot after the last write", [&] { return CairnSnaps(*src).back() > before_heal; });
+  auto during = CairnSnaps(*src);
+  ASSERT_GE(during.size(), 3u);
+  EXPECT_EQ(during[0], 1u);
+  EXPECT_EQ(during[1], 2u);
+  EXPECT_LE(during.size(), 2u + c.outage_snapshots + 1) << "outage snapshots are not bounded";
+  EXPECT_GE(rep.Report().pending_snapshots, 2u);
+  EXPECT_EQ(rep.Report().state, "disconnected");
+  down->store(false);
+  WaitFor("the newest outage snapshot becoming a restore point",
+          [&] { return rep.Report().last_seq >= during.back(); });
+  rep.Stop();
+  auto pts = sink_->Points("vol1").value();
+  ASSERT_GE(pts.size(), 3u);
+  EXPECT_EQ(pts[1].seq, 2u);
+  EXPECT_EQ(rep.Report().resumed_epochs_total, 1u) << "epoch 2 did not resume from its prefix";
+  for (size_t i = 1; i < pts.size(); ++i) EXPECT_EQ(pts[i].base_seq, pts[i - 1].seq);
+  auto dst = testing::MustOpen(*site_b_, "img-standby");
+  for (const auto& p : pts) {
+    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.image_size),
+              testing::ImageHash(*src, SnapName(p.seq), p.image_size))
+        << "restore point " << p.seq;
+  }
+  EXPECT_EQ(testing::ImageHash(*dst, pts.back().snap, size), testing::ImageHash(*src, "", size))
+      << "the newest point is not the image as it was after the last write";
 }
 
 TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
