@@ -11,6 +11,8 @@ PKGS=(
   librbd-dev librados-dev liburing-dev libxxhash-dev
   libboost1.81-dev libprotobuf-dev protobuf-compiler
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libinih-dev
+  # the Cinder driver shim (Python): frames and control messages
+  python3-protobuf python3-xxhash
   # tests
   libgtest-dev libgmock-dev python3-pytest clang libclang-rt-14-dev
   # the two-site Ceph test bed

@@ -117,9 +117,15 @@ Status Sink::Serve(Link& link_ref) {
   Link* link = &link_ref;
   auto first = link->Receive(env_.timeouts.hello);
   if (!first.ok()) {
-    if (first.status().code() == Code::kDataLoss) {
+    const Code code = first.status().code();
+    if (code == Code::kDataLoss) {
       std::lock_guard lock(mu_);
       ++corrupt_frames_;  // of no known volume yet
+    }
+    // Not a Cairn peer, or one of another version: tell it why, in case it
+    // can read our frames.
+    if (code == Code::kDataLoss || code == Code::kFailedPrecondition) {
+      SendError(*link, first.status());
     }
     return first.status();
   }

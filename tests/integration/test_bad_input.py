@@ -88,3 +88,194 @@ def test_sink_will_not_overwrite_an_image_it_did_not_create(site_a, site_b, work
     st = source.json("status", name)[0]
     assert "was not created by Cairn" in st["error"], st
     assert site_b.digest(name + "-taken") == before
+
+
+# -- peers that are not what they claim --------------------------------------
+
+def _wire():
+    import sys
+    if lib.SHIM not in sys.path:
+        sys.path.insert(0, lib.SHIM)
+    from cairn_cinder import cairn_pb2, wire
+    return wire, cairn_pb2
+
+
+def _talk(port, data, timeout=10):
+    """Sends raw bytes to 127.0.0.1:port; returns the frames answered until
+    the peer closes (or a WireError)."""
+    import socket
+    wire, _ = _wire()
+    got = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        try:
+            while (f := wire.read_frame(s)) is not None:
+                got.append(f)
+        except (wire.WireError, ConnectionResetError):
+            pass
+    return got
+
+
+def _link_error(frames):
+    wire, pb = _wire()
+    errors = [f for f in frames if f[0] == wire.LINK_ERROR]
+    assert errors, f"no LinkError in {frames}"
+    e = pb.LinkError()
+    e.ParseFromString(errors[0][1])
+    return e.message
+
+
+class _FakeSink:
+    """A TCP server that answers every connection with `answer(data)`."""
+
+    def __init__(self, answer):
+        import socket
+        import threading
+        self.answer = answer
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(5)
+                    conn.sendall(self.answer(conn.recv(65536)))
+                except OSError:
+                    pass
+
+    def stop(self):
+        self.stopping = True
+        self.server.close()
+        self.thread.join(10)
+
+
+def test_a_sink_refuses_sources_that_do_not_speak_its_protocol(site_a, site_b, workdir, daemons,
+                                                                name):
+    wire, pb = _wire()
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink", lib.sink_config("b", site_b.conf, port,
+                                                                f"{workdir}/spool")))
+    hello = pb.Hello(protocol_version=99, volume=name, pool="rbd", image=name + "-s",
+                     source_site="a")
+    msg = _link_error(_talk(port, wire.encode(wire.HELLO, hello.SerializeToString())))
+    assert "speaks protocol 99" in msg and "upgrade" in msg, msg
+    msg = _link_error(_talk(port, wire.encode(wire.HELLO, hello.SerializeToString(), version=2)))
+    assert "unsupported frame version 2" in msg, msg
+    # Bytes that are not frames at all: the stream cannot be trusted any more,
+    # the sink closes it and logs why.
+    assert _talk(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".ljust(32, b"\0")) == []
+    lib.wait_for("the sink logging the HTTP request as a bad frame",
+                 lambda: "bad frame magic 0x20544547" in sink.log_text(), timeout=10)
+    msg = _link_error(_talk(port, wire.encode(wire.CONTROL_REQUEST, b"\x08\x01")))
+    assert "expected Hello" in msg and "Cairn source" in msg, msg
+    hello.protocol_version = 1
+    hello.pool = "nosuchpool"
+    msg = _link_error(_talk(port, wire.encode(wire.HELLO, hello.SerializeToString())))
+    assert "pool 'nosuchpool' is not served by this sink" in msg, msg
+    assert name + "-s" not in site_b.images(), "a refused peer created an image"
+    # The sink is unharmed: a real source replicates through it.
+    site_a.create(name, 4 * MiB)
+    with __import__("rbd").Image(site_a.ioctx, name) as img:
+        img.write(b"after the liars" * 1000, 12345)
+    source = daemons(lib.Cairnd(workdir, "src", lib.source_config(
+        "a", site_a.conf, port, {name: (name, name + "-s")})))
+    seq = source.json("replicate", name, "--wait", "--timeout", "60")["seq"]
+    p = sink.json("points", name)[-1]
+    assert p["seq"] == seq
+    assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{seq}")
+
+
+def test_a_source_refuses_sinks_that_lie(site_a, site_b, workdir, daemons, name):
+    wire, pb = _wire()
+    site_a.create(name, 4 * MiB)
+    before = site_a.digest(name)
+    cases = [
+        (lambda _: wire.encode(wire.HELLO_REPLY, pb.HelloReply(
+            protocol_version=99, last_chain=b"\0" * 16).SerializeToString()),
+         "sink speaks protocol 99"),
+        (lambda _: b"SSH-2.0-OpenSSH_9.2\r\n" + b"\0" * 40, "bad frame magic"),
+        (lambda _: wire.encode(wire.EPOCH_ACK, b""), "did not answer Hello with HelloReply"),
+        (lambda _: wire.encode(wire.HELLO_REPLY, pb.HelloReply(
+            protocol_version=1, last_chain=b"short").SerializeToString()),
+         "malformed chain digest"),
+    ]
+    for i, (answer, want) in enumerate(cases):
+        fake = _FakeSink(answer)
+        try:
+            vid = f"{name}-{i}"
+            src = daemons(lib.Cairnd(workdir, f"src{i}", lib.source_config(
+                "a", site_a.conf, fake.port, {vid: (name, name + "-s")}, interval="1s")))
+
+            def error():
+                st = src.json("status", vid)[0]
+                return st["error"] if want in st["error"] else None
+
+            try:
+                lib.wait_for(f"the source reporting '{want}'", error, timeout=20)
+            except TimeoutError as e:
+                raise AssertionError(f"{e}: {src.json('status', vid)}") from None
+            st = src.json("status", vid)[0]
+            assert st["state"] == "error" or st["state"] == "disconnected", st
+            assert st["last_seq"] == 0 and st["errors_total"] >= 1, st
+            src.stop()
+        finally:
+            fake.stop()
+    # A lying sink got nothing applied and the primary is as it was.
+    assert site_a.digest(name) == before
+
+
+def test_malformed_control_requests_do_not_hurt_cairnd(site_b, workdir, daemons, name):
+    import socket
+    wire, pb = _wire()
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink", lib.sink_config("b", site_b.conf, port,
+                                                                f"{workdir}/spool")))
+    bad = [
+        b"\xff" * 64,                                              # not a frame
+        wire.encode(wire.CONTROL_REQUEST, b"\xff\xff\xff\xff"),    # not protobuf
+        wire.encode(wire.CONTROL_REQUEST, b""),                    # no request in it
+        wire.encode(wire.HELLO, b""),                              # wrong frame type
+        wire.encode(wire.CONTROL_REQUEST, b"x" * 100)[:50],        # truncated
+    ]
+    answers = []
+    for data in bad:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(sink.socket)
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            try:
+                f = wire.read_frame(s)
+            except (wire.WireError, ConnectionResetError):
+                f = None
+        if f is not None and f[0] == wire.CONTROL_REPLY:
+            r = pb.ControlReply()
+            r.ParseFromString(f[1])
+            assert r.code != 0 and r.message, (data[:40], r)
+            answers.append(r.message)
+    assert answers, "no malformed request got an error reply"
+    # cairnd still serves well-formed requests.
+    assert wire.ControlClient(sink.socket).status() == []
+    assert sink.cli("status").returncode == 0
+    print(f"answers to malformed requests: {answers}")
+
+
+def test_a_missing_source_image_is_named(site_a, site_b, workdir, daemons, name):
+    port = lib.free_port()
+    daemons(lib.Cairnd(workdir, "sink", lib.sink_config("b", site_b.conf, port,
+                                                         f"{workdir}/spool")))
+    src = daemons(lib.Cairnd(workdir, "src", lib.source_config(
+        "a", site_a.conf, port, {name: (name + "-nosuch", name + "-s")}, interval="1s")))
+    lib.wait_for("the source naming the missing image",
+                 lambda: f"{name}-nosuch" in src.json("status", name)[0]["error"], timeout=20)
+    assert name + "-s" not in site_b.images()
+    r = src.cli("replicate", name, "--wait", "--timeout", "3")
+    assert r.returncode == 4 and f"{name}-nosuch" in r.stderr, r.stderr

@@ -6,9 +6,10 @@ the sink; a guest writes to the primary image the whole time, holding it
 open as a VM does. Whatever happens, at the end (Rig.finish_and_verify):
   - `cairn replicate` asked after the last write promises a restore point
     that equals the image as it was then;
-  - the points are 1..N without a gap, each based on the one before it
-    (base_seq == previous seq): no full resend after the first epoch, and
-    every later epoch carried far less data than the image;
+  - the points rise from 1, each based on the one before it (base_seq ==
+    previous seq; a gap only where a snapshot taken during an outage was
+    dropped unshipped): no full resend after the first epoch, and every
+    later epoch carried far less data than the image;
   - every cairn.<N> snapshot at the source became restore point N (a
     snapshot taken but not acknowledged is re-used, not orphaned);
   - every restore point equals, by whole-image hash, the source snapshot of
@@ -18,10 +19,10 @@ open as a VM does. Whatever happens, at the end (Rig.finish_and_verify):
 CAIRN_FAULT_RECOVERY (seconds, default 75) is how long a restarted daemon
 or a healed link may take to produce the next restore point. A cairnd
 SIGKILLed with an image open leaves its watch (and the exclusive lock, if it
-held it) behind until the OSD times it out, 30 s; snapshots and lock
-handovers on that image wait that long (a known limit, see
-docs/RELIABILITY.md: blocklisting the dead instance at restart is the fix).
-Set it to 15 to see that stall fail the kill tests.
+held it) until the OSD times it out, 30 s: the source avoids it by holding
+no handle on the primary during an epoch, the sink by fencing (blocklisting)
+its previous instance at start; test_sink_killed_repeatedly holds the sink
+to 15 s.
 """
 import json
 import os
@@ -355,7 +356,7 @@ def test_source_kill_does_not_block_the_primary(site_a, site_b, workdir, name, c
     assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{r['seq']}")
 
 
-# -- b. the sink is killed: see docs/RELIABILITY.md (known 30 s lock stall) -
+# -- b. the sink is killed: see test_sink_killed_repeatedly below ---------
 
 
 def test_link_cuts_heal_by_themselves(site_a, site_b, workdir, name, cleanup, daemons, proxies):

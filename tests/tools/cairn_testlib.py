@@ -20,6 +20,7 @@ BUILD = os.environ.get("CAIRN_BUILD", os.path.join(ROOT, "build"))
 CAIRND = os.path.join(BUILD, "engine", "cairnd")
 CAIRN = os.path.join(BUILD, "engine", "cairn")
 TESTBED = os.path.join(ROOT, "tests", "cluster", "testbed.sh")
+SHIM = os.path.join(ROOT, "cinder_driver_shim")  # cairn_cinder: frames, control client
 
 BLOCK = 64 * 1024
 

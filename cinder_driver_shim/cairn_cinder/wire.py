@@ -1,0 +1,133 @@
+"""Cairn frames (docs/FORMAT.md) and a client of cairnd's control socket.
+
+A frame is a 32-byte header ("CARN", version 1, type, body and payload
+lengths, XXH3-64 of the body, XXH3-64 of the header's first 24 bytes), a
+protobuf body and a raw payload. The control API is one ControlRequest
+frame answered by one ControlReply frame, over cairnd's Unix socket.
+"""
+import socket
+import struct
+
+import xxhash
+
+from cairn_cinder import cairn_pb2 as pb
+
+MAGIC = b"CARN"
+VERSION = 1
+HEADER = struct.Struct("<4sHHIIQQ")
+MAX_BODY = 1 << 20
+MAX_PAYLOAD = 8 << 20
+
+HELLO, HELLO_REPLY, EPOCH_ACK, LINK_ERROR = 10, 11, 12, 13
+CONTROL_REQUEST, CONTROL_REPLY = 20, 21
+
+# cairn::Code (engine/status.h)
+CODES = {0: "OK", 1: "Cancelled", 2: "Unknown", 3: "InvalidArgument", 4: "DeadlineExceeded",
+         5: "NotFound", 6: "AlreadyExists", 7: "PermissionDenied", 8: "ResourceExhausted",
+         9: "FailedPrecondition", 10: "Aborted", 11: "OutOfRange", 12: "Unimplemented",
+         13: "Internal", 14: "Unavailable", 15: "DataLoss"}
+
+
+class WireError(Exception):
+    """A frame that is not what it claims (DataLoss in cairnd's terms)."""
+
+
+def encode(ftype, body=b"", payload=b"", version=VERSION):
+    head = struct.pack("<4sHHIIQ", MAGIC, version, ftype, len(body), len(payload),
+                       xxhash.xxh3_64_intdigest(body))
+    return head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)) + body + payload
+
+
+def _read_exact(sock, n):
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            if not out:
+                return None
+            raise WireError(f"truncated frame: {len(out)} of {n} bytes")
+        out += chunk
+    return bytes(out)
+
+
+def read_frame(sock):
+    """(type, body, payload), or None at a clean end of stream."""
+    head = _read_exact(sock, HEADER.size)
+    if head is None:
+        return None
+    magic, version, ftype, body_len, payload_len, body_xxh, head_xxh = HEADER.unpack(head)
+    if magic != MAGIC:
+        raise WireError(f"bad frame magic 0x{magic.hex()}")
+    if xxhash.xxh3_64_intdigest(head[:24]) != head_xxh:
+        raise WireError("frame header checksum mismatch")
+    if version != VERSION:
+        raise WireError(f"unsupported frame version {version} (this client speaks {VERSION})")
+    if body_len > MAX_BODY or payload_len > MAX_PAYLOAD:
+        raise WireError("frame too large")
+    body = _read_exact(sock, body_len) if body_len else b""
+    payload = _read_exact(sock, payload_len) if payload_len else b""
+    if body is None or payload is None:
+        raise WireError("truncated frame")
+    if xxhash.xxh3_64_intdigest(body) != body_xxh:
+        raise WireError("frame body checksum mismatch")
+    return ftype, body, payload
+
+
+class CairnError(Exception):
+    """cairnd answered with an error: .code is cairn's code name."""
+
+    def __init__(self, code, message):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class CairndUnavailable(CairnError):
+    def __init__(self, message):
+        super().__init__("Unavailable", message)
+
+
+class ControlClient:
+    """One request per connection to cairnd's control socket."""
+
+    def __init__(self, socket_path, timeout=30.0):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def call(self, request):
+        """Sends a cairn_pb2.ControlRequest; returns the ControlReply or
+        raises CairnError (cairnd said no) / CairndUnavailable (no cairnd)."""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(self.timeout)
+                s.connect(self.socket_path)
+                s.sendall(encode(CONTROL_REQUEST, request.SerializeToString()))
+                frame = read_frame(s)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise CairndUnavailable(f"cairnd is not running (no control socket at "
+                                    f"{self.socket_path}: {e.strerror})") from None
+        except (socket.timeout, TimeoutError):
+            raise CairndUnavailable(f"cairnd at {self.socket_path} did not answer within "
+                                    f"{self.timeout:.0f} s") from None
+        except OSError as e:
+            raise CairndUnavailable(f"cairnd at {self.socket_path}: {e}") from None
+        if frame is None:
+            raise CairndUnavailable(f"cairnd at {self.socket_path} closed without an answer")
+        ftype, body, _ = frame
+        if ftype != CONTROL_REPLY:
+            raise WireError(f"cairnd answered with frame type {ftype}, not a ControlReply")
+        reply = pb.ControlReply()
+        reply.ParseFromString(body)
+        if reply.code != 0:
+            raise CairnError(CODES.get(reply.code, f"code {reply.code}"), reply.message)
+        return reply
+
+    def status(self, volume=""):
+        req = pb.ControlRequest()
+        req.status.volume = volume
+        return list(self.call(req).status.volumes)
+
+    def points(self, volume):
+        req = pb.ControlRequest()
+        req.points.volume = volume
+        return list(self.call(req).points.points)
