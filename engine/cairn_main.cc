@@ -161,6 +161,18 @@ int main(int argc, char** argv) {
   replicate->add_flag("--wait", wait, "wait until the restore point exists");
   replicate->add_option("--timeout", timeout, "seconds to wait (with --wait)");
 
+  std::string promote_point = "latest";
+  auto* promote = app.add_subcommand(
+      "promote", "failover of one volume: fence it and clone a restore point into an image that "
+                 "this site then owns (on the standby's cairnd)");
+  promote->add_option("volume", volume, "the volume")->required();
+  promote->add_option("point", promote_point, "the restore point's seq, or 'latest' (default)");
+  promote->add_option("--to", to, "the image to create")->required();
+
+  auto* release = app.add_subcommand(
+      "release", "failback of one volume: lift the fence, keep the promoted image under a new name");
+  release->add_option("volume", volume, "the volume")->required();
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -243,6 +255,53 @@ int main(int argc, char** argv) {
       std::printf("restored %s point %lu (%s) to %s/%s by %s\n", volume.c_str(),
                   static_cast<unsigned long>(rr.seq()), Time(rr.source_time_ns()).c_str(),
                   rr.pool().c_str(), rr.image().c_str(), rr.mode().c_str());
+    }
+    return 0;
+  }
+  if (*promote) {
+    uint64_t seq = 0;
+    if (promote_point != "latest") {
+      try {
+        size_t used = 0;
+        seq = std::stoull(promote_point, &used);
+        if (used != promote_point.size() || seq == 0) throw std::invalid_argument(promote_point);
+      } catch (const std::exception&) {
+        return cli.Fail(cairn::InvalidArgument(fmt::format(
+            "'{}' is not a restore point: give its number (see `cairn points {}`) or 'latest'",
+            promote_point, volume)));
+      }
+    }
+    auto* r = req.mutable_promote();
+    r->set_volume(volume);
+    r->set_seq(seq);
+    r->set_to_image(to);
+    auto reply = cli.Call(req);
+    if (!reply.ok()) return cli.Fail(reply.status());
+    const auto& pr = reply->promote();
+    if (cli.json) {
+      json out = PointJson(pr.point());
+      out["promoted_pool"] = pr.pool();
+      out["promoted_image"] = pr.image();
+      out["again"] = pr.again();
+      std::printf("%s\n", out.dump(2).c_str());
+    } else {
+      std::printf("%s: restore point %lu (source time %s) promoted into %s/%s%s\n", volume.c_str(),
+                  static_cast<unsigned long>(pr.point().seq()),
+                  Time(pr.point().source_time_ns()).c_str(), pr.pool().c_str(),
+                  pr.image().c_str(), pr.again() ? " (already)" : "");
+    }
+    return 0;
+  }
+  if (*release) {
+    req.mutable_release()->set_volume(volume);
+    auto reply = cli.Call(req);
+    if (!reply.ok()) return cli.Fail(reply.status());
+    const std::string& kept = reply->release().kept_as();
+    if (cli.json) {
+      std::printf("%s\n", json({{"volume", volume}, {"kept_as", kept}}).dump().c_str());
+    } else {
+      std::printf("%s: released; the promoted image is kept as %s\n", volume.c_str(),
+                  kept.empty() ? "(nothing: it was removed)" : kept.c_str());
     }
     return 0;
   }

@@ -260,6 +260,40 @@ StatusOr<std::string> Catalog::ImageOwner(std::string_view pool, std::string_vie
   return v;
 }
 
+// promoted/<volume> -> "<seq> <pool>/<image>"
+StatusOr<std::optional<Catalog::Promotion>> Catalog::GetPromotion(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  const std::string key = fmt::format("promoted/{}", volume);
+  auto v = kv_.Get(key);
+  if (!v.ok()) {
+    if (v.status().code() == Code::kNotFound) return std::optional<Promotion>();
+    return v.status();
+  }
+  Promotion p;
+  const auto space = v->find(' ');
+  const auto slash = v->find('/', space == std::string::npos ? 0 : space);
+  auto [end, ec] = std::from_chars(v->data(), v->data() + (space == std::string::npos ? 0 : space),
+                                   p.seq);
+  if (space == std::string::npos || slash == std::string::npos || ec != std::errc() ||
+      end != v->data() + space) {
+    return DataLoss(fmt::format("catalog key {} holds '{}', not '<seq> <pool>/<image>'", key, *v));
+  }
+  p.pool = v->substr(space + 1, slash - space - 1);
+  p.image = v->substr(slash + 1);
+  return std::optional<Promotion>(p);
+}
+
+Status Catalog::SetPromotion(std::string_view volume, const Promotion& p) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  return kv_.Commit(
+      {{fmt::format("promoted/{}", volume), fmt::format("{} {}/{}", p.seq, p.pool, p.image)}}, {});
+}
+
+Status Catalog::ClearPromotion(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  return kv_.Commit({}, {fmt::format("promoted/{}", volume)});
+}
+
 StatusOr<std::optional<Catalog::SinkRecord>> Catalog::SinkInstanceRecord() {
   auto v = kv_.Get(kSinkInstanceKey);
   if (!v.ok()) {

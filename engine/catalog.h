@@ -103,6 +103,18 @@ class Catalog {
   Status SetImageOwner(std::string_view pool, std::string_view image, std::string_view volume);
   StatusOr<std::string> ImageOwner(std::string_view pool, std::string_view image);
 
+  // A volume failed over at this site (promoted/<volume>): the point and
+  // the image it was promoted into. While it is recorded the sink refuses
+  // the volume's source. nullopt if not promoted.
+  struct Promotion {
+    uint64_t seq = 0;
+    std::string pool;
+    std::string image;
+  };
+  StatusOr<std::optional<Promotion>> GetPromotion(std::string_view volume);
+  Status SetPromotion(std::string_view volume, const Promotion& p);
+  Status ClearPromotion(std::string_view volume);
+
   // The sink instance recorded (instance/sink) and its stored bytes, or
   // nullopt if no sink ever registered here.
   struct SinkRecord {

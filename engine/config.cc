@@ -254,6 +254,25 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
         return r.Error("spool_max_bytes", "must be 0 (no limit) or at least 1M");
       }
       cfg.sink = s;
+    } else if (name == "source") {
+      DaemonConfig::Source src;
+      if (auto e = r.Get("pools")) {
+        src.pools = SplitList(e->value);
+        if (src.pools.empty()) return r.Error("pools", "lists no pool");
+      }
+      if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
+      RETURN_IF_ERROR(r.HostPort("peer", &src.peer_host, &src.peer_port));
+      RETURN_IF_ERROR(r.Duration("interval", &src.interval));
+      if (src.interval.count() != 0 && src.interval.count() < 1000) {
+        return r.Error("interval", "must be at least 1s (or 0 for on demand only)");
+      }
+      uint64_t n = src.keep_snapshots;
+      RETURN_IF_ERROR(r.Size("keep_snapshots", 0, 100000, &n));
+      src.keep_snapshots = static_cast<uint32_t>(n);
+      n = src.outage_snapshots;
+      RETURN_IF_ERROR(r.Size("outage_snapshots", 1, 10000, &n));
+      src.outage_snapshots = static_cast<uint32_t>(n);
+      cfg.source = src;
     } else if (name.starts_with("volume ")) {
       VolumeConfig v;
       v.id = Trim(std::string_view(name).substr(7));
@@ -304,13 +323,14 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       cfg.volumes.push_back(v);
     } else {
       return InvalidArgument(fmt::format(
-          "{}: unknown section [{}] (known: cairnd, ceph, sink, volume NAME)", origin, name));
+          "{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME)", origin, name));
     }
     RETURN_IF_ERROR(r.RefuseUnknown());
   }
-  if (!cfg.sink && cfg.volumes.empty()) {
+  if (!cfg.sink && !cfg.source && cfg.volumes.empty()) {
     return InvalidArgument(fmt::format(
-        "{}: nothing to do: add a [sink] section, a [volume NAME] section, or both", origin));
+        "{}: nothing to do: add a [sink] section, a [source] or [volume NAME] section, or both",
+        origin));
   }
   return cfg;
 }

@@ -5,6 +5,8 @@
 //                       op_timeout = 30s
 //   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
 //                       spool_max_bytes = 0
+//   [source]            pools = rbd; peer = HOST:PORT; interval = 5s; keep_snapshots;
+//                       outage_snapshots (volumes registered at run time)
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
 //                       interval = 5s; keep_snapshots = 0; outage_snapshots = 1;
 //                       block_size = 1M; window = 8
@@ -71,6 +73,17 @@ struct DaemonConfig {
   std::string log_level = "info";
   CephConfig ceph;
   std::optional<SinkConfig> sink;
+  // [source]: volumes registered at run time (the Cinder shim) in these
+  // pools replicate to `peer` with these settings.
+  struct Source {
+    std::vector<std::string> pools = {"rbd"};
+    std::string peer_host;
+    uint16_t peer_port = 0;
+    std::chrono::milliseconds interval{5000};
+    uint32_t keep_snapshots = 0;
+    uint32_t outage_snapshots = 1;
+  };
+  std::optional<Source> source;
   std::vector<VolumeConfig> volumes;
 };
 

@@ -17,6 +17,16 @@
 
 namespace cairn {
 
+// A volume registered at run time (the Cinder shim), replicated with the
+// [source] settings.
+struct Registration {
+  std::string volume;
+  std::string pool;
+  std::string image;
+  std::string target_pool;   // empty: pool
+  std::string target_image;  // empty: image + ".standby"
+};
+
 // What cairnd offers on its control socket.
 class ControlService {
  public:
@@ -29,6 +39,14 @@ class ControlService {
   // Starts an epoch now; returns the seq of the point that will hold every
   // write made before the call.
   virtual StatusOr<uint64_t> Replicate(const std::string& volume) = 0;
+  // Source side: replicate a volume from now on (persisted in RADOS).
+  virtual StatusOr<VolumeStatusInfo> Register(const Registration& r) = 0;
+  virtual Status Unregister(const std::string& volume, bool remove_snapshots) = 0;
+  // Standby side: failover / failback of one volume (Sink::Promote/Release).
+  virtual StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,
+                                          const std::string& pool,
+                                          const std::string& to_image) = 0;
+  virtual StatusOr<std::string> Release(const std::string& volume) = 0;
 };
 
 // Decodes a ControlRequest frame, runs it, returns the ControlReply body.

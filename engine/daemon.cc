@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
@@ -220,19 +221,11 @@ Status Daemon::Start() {
                  sc.spool_dir);
   }
 
-  for (const auto& v : config_.volumes) {
-    ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
-    LinkOptions lo;
-    lo.connect_timeout = std::chrono::seconds(5);
-    lo.stall_timeout = std::chrono::seconds(120);
-    auto src = std::make_unique<SourceReplicator>(v, config_.site, pool, [v, lo]() {
-      return ConnectTcp(v.peer_host, v.peer_port, lo);
-    });
-    src->Start();
-    spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
-                 v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
-    sources_.push_back(std::move(src));
+  {
+    std::lock_guard lock(sources_mu_);
+    for (const auto& v : config_.volumes) RETURN_IF_ERROR(StartSourceLocked(v));
   }
+  RETURN_IF_ERROR(StartRegistered());
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(config_.control_socket).parent_path(), ec);
   auto control = Listener::ListenUnix(config_.control_socket);
@@ -264,16 +257,23 @@ void Daemon::Stop() {
     fence_cv_.notify_all();
     fence_watch_.join();
   }
-  for (auto& s : sources_) s->Stop();
-  sources_.clear();
+  std::vector<std::unique_ptr<SourceReplicator>> sources;
+  {
+    std::lock_guard lock(sources_mu_);
+    sources.swap(sources_);
+  }
+  for (auto& s : sources) s->Stop();
   if (sink_server_) sink_server_->Stop();
   sink_server_.reset();
 }
 
 StatusOr<std::vector<VolumeStatusInfo>> Daemon::VolumeStatus(const std::string& volume) {
   std::vector<VolumeStatusInfo> out;
-  for (const auto& s : sources_) {
-    if (volume.empty() || s->config().id == volume) out.push_back(s->Report());
+  {
+    std::lock_guard lock(sources_mu_);
+    for (const auto& s : sources_) {
+      if (volume.empty() || s->config().id == volume) out.push_back(s->Report());
+    }
   }
   if (sink_) {
     for (auto& s : sink_->Report()) {
@@ -302,11 +302,227 @@ StatusOr<RestoreResult> Daemon::Restore(const std::string& volume, uint64_t seq,
 }
 
 StatusOr<uint64_t> Daemon::Replicate(const std::string& volume) {
+  std::lock_guard lock(sources_mu_);
   for (auto& s : sources_) {
     if (s->config().id == volume) return s->RequestNow();
   }
-  return NotFound(fmt::format("volume '{}' is not replicated from this cairnd (no [volume {}])",
-                              volume, volume));
+  return NotFound(fmt::format(
+      "volume '{}' is not replicated from this cairnd (no [volume {}], not registered)", volume,
+      volume));
+}
+
+// --- volumes registered at run time ----------------------------------------
+namespace {
+
+constexpr char kRegistryObject[] = "cairn.registry";
+
+// registry omap: volume/<id> -> "pool=P\nimage=I\ntarget_pool=TP\ntarget_image=TI\n"
+std::string EncodeRegistration(const Registration& r) {
+  return fmt::format("pool={}\nimage={}\ntarget_pool={}\ntarget_image={}\n", r.pool, r.image,
+                     r.target_pool, r.target_image);
+}
+
+StatusOr<Registration> DecodeRegistration(const std::string& key, const std::string& text) {
+  Registration r;
+  r.volume = key.substr(key.find('/') + 1);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    const size_t eq = line.find('=');
+    if (eq == std::string::npos) {
+      return DataLoss(fmt::format("{} {}: malformed line '{}'", kRegistryObject, key, line));
+    }
+    const std::string k = line.substr(0, eq), v = line.substr(eq + 1);
+    if (k == "pool") r.pool = v;
+    else if (k == "image") r.image = v;
+    else if (k == "target_pool") r.target_pool = v;
+    else if (k == "target_image") r.target_image = v;
+  }
+  if (r.pool.empty() || r.image.empty()) {
+    return DataLoss(fmt::format("{} {}: no pool or image in '{}'", kRegistryObject, key, text));
+  }
+  return r;
+}
+
+bool SameRegistration(const Registration& a, const Registration& b) {
+  return a.pool == b.pool && a.image == b.image && a.target_pool == b.target_pool &&
+         a.target_image == b.target_image;
+}
+
+}  // namespace
+
+Status Daemon::StartSourceLocked(const VolumeConfig& v) {
+  ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
+  LinkOptions lo;
+  lo.connect_timeout = std::chrono::seconds(5);
+  lo.stall_timeout = std::chrono::seconds(120);
+  auto src = std::make_unique<SourceReplicator>(v, config_.site, pool, [v, lo]() {
+    return ConnectTcp(v.peer_host, v.peer_port, lo);
+  });
+  src->Start();
+  spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
+               v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
+  sources_.push_back(std::move(src));
+  return OkStatus();
+}
+
+VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
+  const auto& src = *config_.source;
+  VolumeConfig v;
+  v.id = r.volume;
+  v.pool = r.pool;
+  v.image = r.image;
+  v.peer_host = src.peer_host;
+  v.peer_port = src.peer_port;
+  v.target_pool = r.target_pool.empty() ? r.pool : r.target_pool;
+  v.target_image = r.target_image.empty() ? r.image + ".standby" : r.target_image;
+  v.interval = src.interval;
+  v.keep_snapshots = src.keep_snapshots;
+  v.outage_snapshots = src.outage_snapshots;
+  return v;
+}
+
+Status Daemon::StartRegistered() {
+  if (!config_.source) return OkStatus();
+  for (const auto& pool : config_.source->pools) {
+    auto kv = cluster_->OpenKvStore(pool, kRegistryObject);
+    if (!kv.ok()) return kv.status().Annotate("[source] pools: " + pool);
+    auto entries = (*kv)->Scan("volume/");
+    if (!entries.ok()) return entries.status().Annotate("reading the registry in pool " + pool);
+    std::lock_guard lock(sources_mu_);
+    for (const auto& [key, text] : *entries) {
+      auto r = DecodeRegistration(key, text);
+      if (!r.ok()) {
+        spdlog::error("pool {}: skipping a registration: {}", pool, r.status().ToString());
+        continue;
+      }
+      if (Status st = StartSourceLocked(RegisteredVolume(*r)); !st.ok()) {
+        spdlog::error("volume {}: registered but cannot start: {}", r->volume, st.ToString());
+        continue;
+      }
+      registered_[r->volume] = *r;
+    }
+  }
+  return OkStatus();
+}
+
+StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
+  if (!config_.source) {
+    return FailedPrecondition(
+        "this cairnd takes no registrations: add a [source] section (pools, peer) to its config");
+  }
+  RETURN_IF_ERROR(ValidateVolumeId(req.volume));
+  if (req.image.empty()) return InvalidArgument("register: no image");
+  const auto& pools = config_.source->pools;
+  if (std::find(pools.begin(), pools.end(), req.pool) == pools.end()) {
+    return FailedPrecondition(fmt::format(
+        "pool '{}' is not one of this cairnd's [source] pools ({}): add it there", req.pool,
+        fmt::join(pools, ", ")));
+  }
+  Registration r = req;
+  const VolumeConfig v = RegisteredVolume(r);
+  r.target_pool = v.target_pool;
+  r.target_image = v.target_image;
+  ASSIGN_OR_RETURN(auto pool, OpenPool(r.pool));
+  ASSIGN_OR_RETURN(bool exists, pool->Exists(r.image));
+  if (!exists) {
+    return NotFound(fmt::format("image {}/{} does not exist at site {}", r.pool, r.image,
+                                config_.site));
+  }
+  std::lock_guard lock(sources_mu_);
+  if (auto it = registered_.find(r.volume); it != registered_.end()) {
+    if (!SameRegistration(it->second, r)) {
+      return AlreadyExists(fmt::format(
+          "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first",
+          r.volume, it->second.pool, it->second.image, it->second.target_pool,
+          it->second.target_image));
+    }
+  } else {
+    for (const auto& s : sources_) {
+      const auto& c = s->config();
+      if (c.id == r.volume) {
+        return AlreadyExists(
+            fmt::format("volume '{}' is defined in this cairnd's config file", r.volume));
+      }
+      if (c.pool == r.pool && c.image == r.image) {
+        return AlreadyExists(fmt::format("image {}/{} is replicated already, as volume '{}'",
+                                         r.pool, r.image, c.id));
+      }
+    }
+    ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r.pool, kRegistryObject));
+    RETURN_IF_ERROR(kv->Commit({{"volume/" + r.volume, EncodeRegistration(r)}}, {}));
+    RETURN_IF_ERROR(StartSourceLocked(v));
+    registered_[r.volume] = r;
+  }
+  for (const auto& s : sources_) {
+    if (s->config().id == r.volume) return s->Report();
+  }
+  return Internal("registered volume vanished");
+}
+
+Status Daemon::Unregister(const std::string& volume, bool remove_snapshots) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  std::unique_ptr<SourceReplicator> stopped;
+  Registration r;
+  {
+    std::lock_guard lock(sources_mu_);
+    auto it = registered_.find(volume);
+    if (it == registered_.end()) {
+      for (const auto& s : sources_) {
+        if (s->config().id == volume) {
+          return FailedPrecondition(fmt::format(
+              "volume '{}' is defined in this cairnd's config file: remove its [volume] section",
+              volume));
+        }
+      }
+      return NotFound(fmt::format("volume '{}' is not registered at this cairnd", volume));
+    }
+    r = it->second;
+    ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r.pool, kRegistryObject));
+    RETURN_IF_ERROR(kv->Commit({}, {"volume/" + volume}));
+    registered_.erase(it);
+    for (auto s = sources_.begin(); s != sources_.end(); ++s) {
+      if ((*s)->config().id == volume) {
+        stopped = std::move(*s);
+        sources_.erase(s);
+        break;
+      }
+    }
+  }
+  if (stopped) stopped->Stop();
+  if (remove_snapshots) {
+    ASSIGN_OR_RETURN(auto pool, OpenPool(r.pool));
+    auto vol = pool->Open(r.image);
+    if (!vol.ok()) {
+      if (vol.status().code() == Code::kNotFound) return OkStatus();  // the image went first
+      return vol.status();
+    }
+    ASSIGN_OR_RETURN(auto snaps, (*vol)->ListSnaps());
+    for (const auto& s : snaps) {
+      if (ParseSnapName(s.name)) RETURN_IF_ERROR((*vol)->RemoveSnap(s.name));
+    }
+  }
+  spdlog::info("volume {}: unregistered ({}/{}){}", volume, r.pool, r.image,
+               remove_snapshots ? ", its cairn snapshots removed" : "");
+  return OkStatus();
+}
+
+StatusOr<PromoteResult> Daemon::Promote(const std::string& volume, uint64_t seq,
+                                        const std::string& pool, const std::string& to_image) {
+  if (!sink_) {
+    return FailedPrecondition("this cairnd is not a sink: promote on the standby site's cairnd");
+  }
+  return sink_->Promote(volume, seq, pool, to_image);
+}
+
+StatusOr<std::string> Daemon::Release(const std::string& volume) {
+  if (!sink_) {
+    return FailedPrecondition("this cairnd is not a sink: release on the standby site's cairnd");
+  }
+  return sink_->Release(volume);
 }
 
 }  // namespace cairn

@@ -53,6 +53,11 @@ class Daemon final : public ControlService {
   StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
                                   const std::string& to_image, bool full) override;
   StatusOr<uint64_t> Replicate(const std::string& volume) override;
+  StatusOr<VolumeStatusInfo> Register(const Registration& r) override;
+  Status Unregister(const std::string& volume, bool remove_snapshots) override;
+  StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq, const std::string& pool,
+                                  const std::string& to_image) override;
+  StatusOr<std::string> Release(const std::string& volume) override;
 
  private:
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
@@ -64,6 +69,12 @@ class Daemon final : public ControlService {
   // blocklisted), or "" if it is not.
   std::string FencedBy();
   void WatchFencing();
+  // Starts replicating `v` (sources_mu_ held).
+  Status StartSourceLocked(const VolumeConfig& v);
+  // The [source] settings applied to a registration.
+  VolumeConfig RegisteredVolume(const Registration& r) const;
+  // Loads and starts every volume registered in the [source] pools.
+  Status StartRegistered();
 
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;
@@ -73,7 +84,9 @@ class Daemon final : public ControlService {
   std::unique_ptr<Sink> sink_;
   std::unique_ptr<LinkServer> sink_server_;
   std::unique_ptr<LinkServer> control_server_;
+  std::mutex sources_mu_;  // guards sources_ and registered_
   std::vector<std::unique_ptr<SourceReplicator>> sources_;
+  std::map<std::string, Registration> registered_;  // by volume id
   SinkInstance sink_instance_;  // this sink, as recorded in the catalogs
   std::thread fence_watch_;
   std::mutex fence_mu_;

@@ -352,6 +352,19 @@ Status MemoryPool::Create(const std::string& image, uint64_t size) {
   return OkStatus();
 }
 
+Status MemoryPool::Rename(const std::string& from, const std::string& to) {
+  if (to.empty()) return InvalidArgument("renaming an image: empty name");
+  std::lock_guard lock(state_->mu);
+  ASSIGN_OR_RETURN(std::shared_ptr<ImageState> state, FindImage(*state_, from));
+  if (state_->images.contains(to)) {
+    return AlreadyExists(fmt::format("image {}/{} already exists", state_->name, to));
+  }
+  state_->images.erase(from);
+  state->name = to;
+  state_->images.emplace(to, std::move(state));
+  return OkStatus();
+}
+
 Status MemoryPool::Remove(const std::string& image) {
   RETURN_IF_ERROR(CheckFault(*state_, MemoryOp::kRemove, image));
   std::lock_guard lock(state_->mu);

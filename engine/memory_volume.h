@@ -107,6 +107,7 @@ class MemoryPool final : public Pool {
   // kInvalidArgument if `image` is empty.
   Status Create(const std::string& image, uint64_t size) override;
   Status Remove(const std::string& image) override;
+  Status Rename(const std::string& from, const std::string& to) override;
   StatusOr<bool> Exists(const std::string& image) override;
   // kInvalidArgument if `snap` is empty: only a snapshot can be cloned.
   Status Clone(const std::string& image, const std::string& snap, const std::string& dest) override;

@@ -846,6 +846,14 @@ StatusOr<bool> RbdPool::Exists(const std::string& image) {
   return h.status();
 }
 
+Status RbdPool::Rename(const std::string& from, const std::string& to) {
+  const int rc = rbd_rename(io_->get(), from.c_str(), to.c_str());
+  if (rc == -ENOENT) return NotFound(fmt::format("image {} does not exist", Spec(from)));
+  if (rc == -EEXIST) return AlreadyExists(fmt::format("image {} already exists", Spec(to)));
+  if (rc < 0) return ErrnoStatus(rc, fmt::format("renaming {} to {}", Spec(from), to));
+  return OkStatus();
+}
+
 Status RbdPool::Remove(const std::string& image) {
   const std::string spec = Spec(image);
   std::vector<SnapInfo> snaps;

@@ -173,6 +173,7 @@ class RbdPool final : public Pool {
   // removed, if a client has the image open or a clone depends on one of
   // its snapshots.
   Status Remove(const std::string& image) override;
+  Status Rename(const std::string& from, const std::string& to) override;
   StatusOr<bool> Exists(const std::string& image) override;
   // Protects image@snap if needed, then clones it into this pool.
   // kInvalidArgument if `snap` is empty.

@@ -77,6 +77,13 @@ struct SinkEnv {
   std::chrono::milliseconds retry_max{15000};
 };
 
+struct PromoteResult {
+  std::string pool;
+  std::string image;
+  RestorePoint point;
+  bool again = false;  // the volume was already promoted so
+};
+
 struct RestoreResult {
   std::string pool;
   std::string image;
@@ -104,6 +111,17 @@ class Sink {
   StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
                                   const std::string& to_image, bool full,
                                   const ProgressFn& progress);
+  // Failover of one volume: fences it (its source is refused from now on)
+  // and clones restore point `seq` (0: the newest) into pool/to_image. The
+  // same call again returns the same promotion (again = true); another
+  // image or point while promoted is kFailedPrecondition; an existing
+  // to_image is kAlreadyExists (never overwritten).
+  StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,
+                                  const std::string& pool, const std::string& to_image);
+  // Failback: lifts the fence. The promoted image is renamed
+  // <image>.failback-<UTC time>, never deleted; returns that name ("" if
+  // the image was gone).
+  StatusOr<std::string> Release(const std::string& volume);
   // Frames refused for failing verification, since start.
   uint64_t corrupt_frames() const;
 

@@ -147,6 +147,8 @@ class Pool {
   virtual Status Create(const std::string& image, uint64_t size) = 0;
   virtual Status Remove(const std::string& image) = 0;
   virtual StatusOr<bool> Exists(const std::string& image) = 0;
+  // kNotFound if `from` does not exist, kAlreadyExists if `to` does.
+  virtual Status Rename(const std::string& from, const std::string& to) = 0;
 
   // A new image `dest` that reads as image@snap and shares its data
   // (instant; copy-on-write). The snapshot stays pinned while `dest` lives.

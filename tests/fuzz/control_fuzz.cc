@@ -22,6 +22,21 @@ class NullService final : public cairn::ControlService {
     return cairn::NotFound("no such point");
   }
   cairn::StatusOr<uint64_t> Replicate(const std::string&) override { return uint64_t{1}; }
+  cairn::StatusOr<cairn::VolumeStatusInfo> Register(const cairn::Registration& r) override {
+    if (auto st = cairn::ValidateVolumeId(r.volume); !st.ok()) return st;
+    return cairn::VolumeStatusInfo{};
+  }
+  cairn::Status Unregister(const std::string& v, bool) override {
+    return cairn::ValidateVolumeId(v);
+  }
+  cairn::StatusOr<cairn::PromoteResult> Promote(const std::string& v, uint64_t,
+                                                const std::string&, const std::string&) override {
+    if (auto st = cairn::ValidateVolumeId(v); !st.ok()) return st;
+    return cairn::PromoteResult{};
+  }
+  cairn::StatusOr<std::string> Release(const std::string&) override {
+    return cairn::FailedPrecondition("not promoted");
+  }
 };
 
 }  // namespace

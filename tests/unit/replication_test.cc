@@ -314,6 +314,61 @@ TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight)
       << "the newest point is not the image as it was after the last write";
 }
 
+TEST_F(ReplicationTest, PromoteFencesTheSourceAndReleaseKeepsThePromotedImage) {
+  const uint64_t size = 2 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(17);
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  EXPECT_EQ(sink_->Promote("vol1", 0, "", "img-b").status().code(), Code::kNotFound);
+  for (int i = 0; i < 2; ++i) {
+    testing::RandomChanges(*src, rng, size, 8);
+    ASSERT_TRUE(rep.RunOnce().ok());
+  }
+  ASSERT_TRUE(site_b_->Create("taken", size).ok());
+  EXPECT_EQ(sink_->Promote("vol1", 0, "", "taken").status().code(), Code::kAlreadyExists);
+  EXPECT_EQ(sink_->Promote("vol1", 0, "other", "img-b").status().code(), Code::kInvalidArgument);
+
+  auto p = sink_->Promote("vol1", 1, "", "img-b");  // an older point, on purpose
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_EQ(p->point.seq, 1u);
+  EXPECT_FALSE(p->again);
+  EXPECT_EQ(testing::ImageHash(*testing::MustOpen(*site_b_, "img-b"), "", size),
+            testing::ImageHash(*src, "cairn.1", size));
+  auto again = sink_->Promote("vol1", 0, "", "img-b");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_TRUE(again->again);
+  EXPECT_EQ(again->point.seq, 1u);
+  EXPECT_EQ(sink_->Promote("vol1", 0, "", "img-c").status().code(), Code::kFailedPrecondition);
+
+  // Fenced: the source is refused, and nothing reaches the standby.
+  testing::RandomChanges(*src, rng, size, 8);
+  rep.Disconnect();
+  auto refused = rep.RunOnce();
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("is failed over to site b"));
+  EXPECT_EQ(sink_->Points("vol1")->size(), 2u);
+
+  testing::Write(*testing::MustOpen(*site_b_, "img-b"), 0, "written at site b");
+  auto kept = sink_->Release("vol1");
+  ASSERT_TRUE(kept.ok()) << kept.status().ToString();
+  EXPECT_THAT(*kept, ::testing::StartsWith("img-b.failback-"));
+  EXPECT_FALSE(site_b_->Exists("img-b").value());
+  // The kept image still holds what was written at site B.
+  auto k = testing::MustOpen(*site_b_, *kept);
+  EXPECT_NE(testing::ImageHash(*k, "", size), testing::ImageHash(*src, "cairn.1", size));
+  ASSERT_TRUE(site_b_->Copy("img-standby", "cairn.1", "expect2", nullptr).ok());
+  auto expect = testing::MustOpen(*site_b_, "expect2");
+  testing::Write(*expect, 0, "written at site b");
+  EXPECT_EQ(testing::ImageHash(*k, "", size), testing::ImageHash(*expect, "", size));
+  EXPECT_EQ(sink_->Release("vol1").status().code(), Code::kFailedPrecondition);
+  // Replication goes on from where it was.
+  auto next = rep.RunOnce();
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  EXPECT_EQ(next->base_seq, 2u);
+  VerifyAllPoints(*src, 3);
+}
+
 TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
   ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
   {
