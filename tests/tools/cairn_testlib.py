@@ -216,6 +216,27 @@ def sink_config(site, conf, port, spool_dir, pools="rbd", extra="", ceph_extra="
             f"{extra}")
 
 
+def free_port_block(n=4):
+    """The first of n consecutive loopback ports that are free now."""
+    import random as _random
+    import socket
+    for _ in range(200):
+        base = _random.randrange(40000, 60000 - n)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no block of {n} free ports")
+
+
 def free_port():
     import socket
     with socket.socket() as s:
