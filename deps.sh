@@ -2,6 +2,7 @@
 # Installs everything Cairn needs on Debian 12, from Debian's packages only.
 # Idempotent: packages already present are skipped by apt.
 #   ./deps.sh            build + Ceph test bed + tests
+#   ./deps.sh --cinder   also real OpenStack Cinder and RabbitMQ (the Cinder tests)
 set -euo pipefail
 
 PKGS=(
@@ -20,6 +21,11 @@ PKGS=(
   # helpers the scripts use
   procps iproute2 coreutils
 )
+if [[ "${1:-}" == "--cinder" ]]; then
+  # real Cinder (Zed) for the driver and end-to-end tests, and its bus
+  PKGS+=(python3-cinder cinder-api cinder-scheduler cinder-volume python3-cinderclient
+         rabbitmq-server)
+fi
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -5,11 +5,13 @@
 #   2. libFuzzer targets, each for a bounded time;
 #   3. Ceph tests: the Volume and catalog conformance suites on a real cluster;
 #   4. integration tests (pytest): two real Ceph clusters on loopback,
-#      real cairnd processes over TCP, every restore point checked by hash.
+#      real cairnd processes over TCP, every restore point checked by hash;
+#   5. Cinder: Cairn's driver on real python3-cinder classes, and real
+#      cinder-api/scheduler/volume with RabbitMQ driven by the cinder CLI.
 # Usage: ./test.sh            (CI sets CI=true: warnings are errors)
 set -euo pipefail
 cd "$(dirname "$0")"
-./deps.sh
+./deps.sh --cinder
 werror=OFF; [[ "${CI:-}" == "true" ]] && werror=ON
 ./build.sh -DCAIRN_WERROR=$werror
 
@@ -40,3 +42,6 @@ CAIRN_TEST_CEPH_CONF="$CEPH_CONF_A" build/tests/ceph_tests --gtest_brief=1
 
 echo "== integration tests"
 CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/integration
+
+echo "== Cinder: the driver on real python3-cinder classes, then real Cinder services"
+CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/cinder
