@@ -131,3 +131,46 @@ class ControlClient:
         req = pb.ControlRequest()
         req.points.volume = volume
         return list(self.call(req).points.points)
+
+    def replicate(self, volume):
+        """Starts an epoch of a source volume now; the ReplicateReply says
+        the seq of the restore point it will make (wait for it with status()
+        at the source or points() at the standby)."""
+        req = pb.ControlRequest()
+        req.replicate.volume = volume
+        return self.call(req).replicate
+
+    def register(self, volume, pool, image, target_pool="", target_image=""):
+        """Source side: replicate pool/image as `volume` from now on (it
+        persists across cairnd restarts). Empty targets take cairnd's
+        defaults (pool; image + ".standby"). Returns the RegisterReply."""
+        req = pb.ControlRequest()
+        r = req.register_volume
+        r.volume, r.pool, r.image = volume, pool, image
+        r.target_pool, r.target_image = target_pool, target_image
+        return self.call(req).register_volume
+
+    def unregister(self, volume, remove_snapshots=True):
+        """Source side: stop replicating `volume` and forget it; with
+        remove_snapshots its cairn.<N> snapshots go too. Restore points at
+        the standby stay. Returns the UnregisterReply."""
+        req = pb.ControlRequest()
+        req.unregister_volume.volume = volume
+        req.unregister_volume.remove_snapshots = remove_snapshots
+        return self.call(req).unregister_volume
+
+    def promote(self, volume, to_image, seq=0, pool=""):
+        """Standby side (failover): fence `volume` and clone restore point
+        `seq` (0: the newest) into pool/to_image. Returns the PromoteReply
+        (the point, where it went, and whether it was promoted so before)."""
+        req = pb.ControlRequest()
+        p = req.promote
+        p.volume, p.seq, p.pool, p.to_image = volume, seq, pool, to_image
+        return self.call(req).promote
+
+    def release(self, volume):
+        """Standby side (failback): lift the fence of `volume`; the promoted
+        image is kept under ReleaseReply.kept_as."""
+        req = pb.ControlRequest()
+        req.release.volume = volume
+        return self.call(req).release
