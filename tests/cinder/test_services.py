@@ -11,6 +11,7 @@ import rbd
 
 import cairn_testlib as lib
 from cinder_services import CinderServices
+from cairn_cinder import wire
 
 MiB = 1 << 20
 HOST = f"{CinderServices.HOST}@{CinderServices.BACKEND}"
@@ -38,6 +39,15 @@ def services(testbed, tmp_path):
         yield svc, site_a, site_b, source, sink, made
     finally:
         svc.stop()
+        # Registrations live in RADOS: forget this test's, or later cairnds
+        # would go on replicating images that are removed below.
+        client = wire.ControlClient(source.socket)
+        for image in made:
+            try:
+                client.unregister(image[len("volume-"):])
+            except wire.CairnError as e:
+                if e.code != "NotFound":
+                    print(f"unregister {image}: {e}")
         source.stop()
         sink.stop()
         for site in (site_a, site_b):
