@@ -232,8 +232,24 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
   pipe.set_io(std::move(io));
   RETURN_IF_ERROR(out.Write(FrameType::kEpochBegin, begin.SerializeAsString(), {}));
-  RETURN_IF_ERROR(vol.DiffExtents(plan.from_snap, plan.to_snap,
-                                  [&](const Extent& e) { return pipe.AddExtent(e); }));
+  if (!plan.resync) {
+    RETURN_IF_ERROR(vol.DiffExtents(plan.from_snap, plan.to_snap,
+                                    [&](const Extent& e) { return pipe.AddExtent(e); }));
+    return pipe.Finish();
+  }
+  // Resync: the gaps between allocated extents travel as zero records.
+  uint64_t covered = 0;
+  RETURN_IF_ERROR(vol.DiffExtents("", plan.to_snap, [&](const Extent& e) -> Status {
+    if (e.offset < covered) return Internal("DiffExtents listed extents out of order");
+    if (e.offset > covered) {
+      RETURN_IF_ERROR(pipe.AddExtent({covered, e.offset - covered, RecordKind::kZero}));
+    }
+    covered = e.offset + e.length;
+    return pipe.AddExtent(e);
+  }));
+  if (covered < plan.image_size) {
+    RETURN_IF_ERROR(pipe.AddExtent({covered, plan.image_size - covered, RecordKind::kZero}));
+  }
   return pipe.Finish();
 }
 

@@ -59,6 +59,10 @@ struct EpochPlan {
   // Records before this index are built and hashed but not written: the
   // receiver already holds them (resume after a cut).
   uint64_t skip_records = 0;
+  // Resync over a base that was lost at the source: every byte of to_snap
+  // is sent (from_snap empty), unallocated ranges as zero records, so the
+  // receiver's image ends equal whatever it held before.
+  bool resync = false;
 };
 
 struct EpochOptions {

@@ -146,11 +146,13 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   for (auto& s : snaps) {
     if (auto seq = ParseSnapName(s.name)) ours[*seq] = s;
   }
-  if (sink_seq_ > 0 && !ours.count(sink_seq_)) {
-    return FailedPrecondition(fmt::format(
-        "the sink's newest restore point is {} but image {}/{} has no snapshot {}: the base of "
-        "the next epoch is lost and a full resync is needed",
-        sink_seq_, config_.pool, config_.image, SnapName(sink_seq_)));
+  // The base of the next epoch is gone (the image was recreated, or its
+  // snapshot removed by hand): the next epoch resends the whole image.
+  const bool resync = sink_seq_ > 0 && !ours.count(sink_seq_);
+  if (resync) {
+    spdlog::warn("volume {}: the sink's newest restore point is {} but image {}/{} has no "
+                 "snapshot {}: resyncing the whole image",
+                 config_.id, sink_seq_, config_.pool, config_.image, SnapName(sink_seq_));
   }
   // A snapshot taken but not yet applied at the sink is shipped first.
   auto pending = ours.upper_bound(sink_seq_);
@@ -187,7 +189,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   plan.volume = config_.id;
   plan.seq = seq;
   plan.base_seq = sink_seq_;
-  plan.from_snap = sink_seq_ ? SnapName(sink_seq_) : "";
+  plan.from_snap = sink_seq_ && !resync ? SnapName(sink_seq_) : "";
+  plan.resync = resync;
   plan.to_snap = to.name;
   plan.image_size = to.size;
   plan.snap_time_ns = to.time_ns;

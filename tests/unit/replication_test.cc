@@ -369,6 +369,40 @@ TEST_F(ReplicationTest, PromoteFencesTheSourceAndReleaseKeepsThePromotedImage) {
   VerifyAllPoints(*src, 3);
 }
 
+TEST_F(ReplicationTest, ARecreatedImageIsResyncedWholeOverItsOldStandby) {
+  const uint64_t size = 4 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  std::mt19937_64 rng(18);
+  {
+    auto src = testing::MustOpen(*site_a_, "img");
+    testing::Write(*src, 0, testing::RandomBytes(rng, size));  // all of it, at the standby too
+    SourceReplicator rep(Config(), "a", site_a_, Connector());
+    ASSERT_TRUE(rep.RunOnce().ok());
+  }
+  // The image is deleted and made again (Cinder: a volume from a Glance
+  // image), with little data: its base snapshot is gone.
+  ASSERT_TRUE(site_a_->Open("img").value()->RemoveSnap("cairn.1").ok());
+  ASSERT_TRUE(site_a_->Remove("img").ok());
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  testing::Write(*src, kMiB + 4096, testing::RandomBytes(rng, 8192));
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  auto sum = rep.RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->seq, 2u);
+  EXPECT_EQ(sum->base_seq, 1u);  // the chain goes on
+  EXPECT_EQ(sum->zero_bytes, size - sum->data_bytes);  // the old data is zeroed
+  auto dst = testing::MustOpen(*site_b_, "img-standby");
+  EXPECT_EQ(testing::ImageHash(*dst, "cairn.2", size), testing::ImageHash(*src, "cairn.2", size));
+  EXPECT_EQ(testing::ImageHash(*dst, "", size), testing::ImageHash(*src, "", size));
+  // And the next epoch is an increment again.
+  testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+  auto next = rep.RunOnce();
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  EXPECT_EQ(next->base_seq, 2u);
+  EXPECT_LE(next->data_bytes + next->zero_bytes, 256 * 1024u);
+}
+
 TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
   ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
   {
