@@ -3,6 +3,7 @@
 # Idempotent: packages already present are skipped by apt.
 #   ./deps.sh            build + Ceph test bed + tests
 #   ./deps.sh --cinder   also real OpenStack Cinder and RabbitMQ (the Cinder tests)
+#   ./deps.sh --bench    also the peers and tools of bench/run.sh (rbd-mirror, fio, matplotlib)
 set -euo pipefail
 
 PKGS=(
@@ -15,7 +16,7 @@ PKGS=(
   # the Cinder driver shim (Python): frames and control messages
   python3-protobuf python3-xxhash
   # tests
-  libgtest-dev libgmock-dev python3-pytest clang libclang-rt-14-dev
+  libgtest-dev libgmock-dev libbenchmark-dev python3-pytest clang libclang-rt-14-dev
   # the two-site Ceph test bed
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd python3-rados
   # helpers the scripts use
@@ -25,6 +26,9 @@ if [[ "${1:-}" == "--cinder" ]]; then
   # real Cinder (Zed) for the driver and end-to-end tests, and its bus
   PKGS+=(python3-cinder cinder-api cinder-scheduler cinder-volume python3-cinderclient
          rabbitmq-server)
+fi
+if [[ "${1:-}" == "--bench" ]]; then
+  PKGS+=(rbd-mirror fio python3-matplotlib)
 fi
 
 missing=()

@@ -1,0 +1,785 @@
+#!/usr/bin/python3
+"""Cairn against the tools an operator would otherwise use, in one run, on
+the two local test clusters (tests/cluster/testbed.sh): rbd bench (the raw
+limits), `rbd export | rbd import`, `rbd export-diff | rbd import-diff` and
+rbd-mirror in snapshot mode (one daemon at site B), and fio (rbd engine)
+for the load on the primary.
+
+Every measurement runs `--runs` times (3 by default) and is reported as
+median and min-max; every replica is compared with its source by a hash of
+the whole image, and a run that does not verify raises: it does not count.
+Results: OUT/results.json, OUT/results.md (with ratios against each peer
+measured in the same run) and OUT/performance.png.
+
+Usage (bench/run.sh does all of it, test bed included):
+  bench/compare.py --testbed DIR --out DIR [--runs N] [--rpo-seconds S]
+                   [--only SECTION,...] [--update-docs]
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
+                                "tools"))
+import cairn_testlib as lib  # noqa: E402
+import rbd  # noqa: E402
+
+MiB = 1 << 20
+GiB = 1 << 30
+FULL_SIZE = 1 * GiB
+INCR_BYTES = 128 * MiB
+INCR_BLOCK = 64 * 1024
+SECTIONS = ["raw", "full", "incremental", "sparse", "rpo", "penalty", "memory"]
+
+
+def log(msg):
+    print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
+
+
+def run(*args, timeout=1800, **kw):
+    """Runs a command; raises with its stderr when it fails."""
+    r = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args))} exited {r.returncode}: {r.stderr[-2000:]}")
+    return r.stdout
+
+
+def sh(cmd, timeout=1800):
+    """A shell pipeline with pipefail: every stage must succeed."""
+    r = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {r.returncode}: {r.stderr[-2000:]}")
+    return r.stdout
+
+
+def stats(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "runs": list(values)}
+
+
+def proc_cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_peak_rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for {pid}")
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        env = {}
+        with open(os.path.join(args.testbed, "env")) as f:
+            for line in f:
+                if "=" in line:
+                    k, v = line.strip().split("=", 1)
+                    env[k] = v.strip('"')
+        self.conf_a, self.conf_b = env["CEPH_CONF_A"], env["CEPH_CONF_B"]
+        self.a = lib.Site(self.conf_a)
+        self.b = lib.Site(self.conf_b)
+        self.work = os.path.join(args.out, "work")
+        os.makedirs(self.work, exist_ok=True)
+        self.results = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"), "runs": args.runs, "host": os.uname().nodename,
+            "cpus": os.cpu_count(), "sections": {}}
+        self.port = lib.free_port()
+        self.sink = None
+        self.mirror = None
+        self.randfile = os.path.join(self.work, "random-1g.bin")
+        # Volume ids and images are new in every invocation: the sink's
+        # catalog keeps the points of earlier ones, and a volume id stays
+        # bound to its standby image.
+        self.tag = f"{int(time.time()) % 100000:05d}"
+
+    # --- helpers -------------------------------------------------------------
+    def rbd_a(self, *args, **kw):
+        return run("rbd", "-c", self.conf_a, *args, **kw)
+
+    def rbd_b(self, *args, **kw):
+        return run("rbd", "-c", self.conf_b, *args, **kw)
+
+    def export_hash(self, conf, spec):
+        """md5 of every byte of the image (holes as zeros): `rbd export` to a pipe."""
+        return sh(f"rbd -c {conf} export --no-progress {spec} - | md5sum").split()[0]
+
+    def remove(self, site, name):
+        if name in site.images():
+            site.remove_all(name)
+
+    def ensure_random_file(self):
+        if not os.path.exists(self.randfile):
+            with open(self.randfile + ".tmp", "wb") as f:
+                rng = random.Random(7)
+                for _ in range(FULL_SIZE // (64 * MiB)):
+                    f.write(rng.randbytes(64 * MiB))
+            os.rename(self.randfile + ".tmp", self.randfile)
+
+    def make_full_image(self, name):
+        """A 1 GiB image at site A holding the random file."""
+        self.remove(self.a, name)
+        self.rbd_a("import", "--no-progress", "--image-feature",
+                   "layering,exclusive-lock,object-map,fast-diff", self.randfile, f"rbd/{name}")
+
+    def incremental_writes(self, name, seed):
+        """INCR_BYTES of random 64 KiB writes at distinct random offsets."""
+        rng = random.Random(seed)
+        blocks = rng.sample(range(FULL_SIZE // INCR_BLOCK), INCR_BYTES // INCR_BLOCK)
+        with rbd.Image(self.a.ioctx, name) as img:
+            comps = []
+            for blk in blocks:
+                comps.append(img.aio_write(rng.randbytes(INCR_BLOCK), blk * INCR_BLOCK,
+                                           lambda c: None))
+                if len(comps) >= 32:
+                    for c in comps:
+                        c.wait_for_complete_and_cb()
+                    comps = []
+            for c in comps:
+                c.wait_for_complete_and_cb()
+            img.flush()
+
+    def start_sink(self):
+        if self.sink is None:
+            self.sink = lib.Cairnd(self.work, "sink-b", lib.sink_config(
+                "b", self.conf_b, self.port, os.path.join(self.work, "spool"))).start()
+        return self.sink
+
+    def start_source(self, name, volumes, interval="0"):
+        src = lib.Cairnd(self.work, name, lib.source_config(
+            "a", self.conf_a, self.port, volumes, interval=interval))
+        return src.start()
+
+    def cairn_replicate(self, src, vol):
+        t0 = time.monotonic()
+        r = src.json("replicate", vol, "--wait", "--timeout", "1200")
+        return time.monotonic() - t0, r["seq"]
+
+    def names(self, kind, run_no):
+        """(volume id, source image, standby image) of one run."""
+        vol = f"bench-{kind}{run_no}-{self.tag}"
+        return vol, vol, vol + "-b"
+
+    def fio(self, image, seconds, rate_bps=None, conf=None):
+        """fio (rbd engine) random 64 KiB writes, iodepth 16, on rbd/IMAGE at
+        site A. Returns (write IOPS, write bytes/s)."""
+        conf = conf or self.conf_a
+        job = ["fio", "--name=guest", "--ioengine=rbd", "--clientname=admin",
+               f"--pool=rbd", f"--rbdname={image}", "--rw=randwrite", "--bs=64k",
+               "--iodepth=16", "--time_based", f"--runtime={seconds}", "--direct=1",
+               "--output-format=json", "--randseed=42"]
+        if rate_bps:
+            job.append(f"--rate={int(rate_bps)}")
+        out = run(*job, env={**os.environ, "CEPH_CONF": conf}, timeout=seconds * 4 + 120)
+        j = json.loads(out[out.index("{"):])
+        w = j["jobs"][0]["write"]
+        return w["iops"], w["bw_bytes"]
+
+    # --- rbd-mirror ------------------------------------------------------------
+    def start_mirror(self):
+        if self.mirror:
+            return
+        d = os.path.join(self.work, "rbd-mirror")
+        os.makedirs(d, exist_ok=True)
+        self.rbd_a("mirror", "pool", "enable", "rbd", "image")
+        self.rbd_b("mirror", "pool", "enable", "rbd", "image")
+        peers = json.loads(self.rbd_b("mirror", "pool", "info", "rbd", "--format", "json"))
+        if not peers.get("peers"):
+            token = self.rbd_a("mirror", "pool", "peer", "bootstrap", "create", "--site-name",
+                               "site-a", "rbd")
+            tok = os.path.join(d, "token")
+            with open(tok, "w") as f:
+                f.write(token)
+            self.rbd_b("mirror", "pool", "peer", "bootstrap", "import", "--site-name", "site-b",
+                       "--direction", "rx-only", "rbd", tok)
+        keyring = os.path.join(d, "keyring")
+        run("ceph", "-c", self.conf_b, "auth", "get-or-create", "client.rbd-mirror.b", "mon",
+            "profile rbd-mirror", "osd", "profile rbd", "-o", keyring)
+        link = os.path.join(d, "ceph.conf")
+        if not os.path.exists(link):
+            os.symlink(self.conf_b, link)
+        logf = open(os.path.join(d, "rbd-mirror.log"), "a")
+        self.mirror = subprocess.Popen(
+            ["rbd-mirror", "--id", "rbd-mirror.b", "--keyring", keyring, "-f"], cwd=d,
+            stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def up():
+            if self.mirror.poll() is not None:
+                raise RuntimeError(f"rbd-mirror exited {self.mirror.returncode}")
+            st = json.loads(self.rbd_b("mirror", "pool", "status", "rbd", "--format", "json"))
+            return st["summary"]["daemon_health"] == "OK"
+        lib.wait_for("rbd-mirror at site B reporting healthy", up, timeout=120, interval=0.5)
+
+    def stop_mirror(self):
+        if self.mirror and self.mirror.poll() is None:
+            self.mirror.terminate()
+            try:
+                self.mirror.wait(30)
+            except subprocess.TimeoutExpired:
+                self.mirror.kill()
+                self.mirror.wait()
+        self.mirror = None
+
+    def mirror_synced(self, name, primary_snap_id):
+        """True once site B holds a complete copy of A's mirror snapshot."""
+        try:
+            with rbd.Image(self.b.ioctx, name, read_only=True) as img:
+                for s in img.list_snaps():
+                    if s.get("namespace") != rbd.RBD_SNAP_NAMESPACE_TYPE_MIRROR:
+                        continue
+                    ns = img.snap_get_mirror_namespace(s["id"])
+                    if ns.get("primary_snap_id") == primary_snap_id and ns.get("complete"):
+                        return True
+        except rbd.ImageNotFound:
+            return False
+        return False
+
+    def newest_mirror_snap_id(self, name):
+        with rbd.Image(self.a.ioctx, name, read_only=True) as img:
+            ids = [s["id"] for s in img.list_snaps()
+                   if s.get("namespace") == rbd.RBD_SNAP_NAMESPACE_TYPE_MIRROR]
+        return max(ids)
+
+    def mirror_remove(self, name):
+        """Disables mirroring of NAME and removes both copies."""
+        if name in self.a.images():
+            with rbd.Image(self.a.ioctx, name) as img:
+                try:
+                    img.mirror_image_disable(True)
+                except rbd.InvalidArgument:
+                    pass
+            self.a.remove_all(name)
+
+        def gone():
+            return name not in self.b.images()
+        lib.wait_for(f"rbd-mirror removing {name} at site B", gone, timeout=120, interval=0.2)
+
+    # --- sections --------------------------------------------------------------
+    def section_raw(self):
+        out = {}
+        for site, conf in (("a", self.conf_a), ("b", self.conf_b)):
+            for io in ("write", "read"):
+                vals = []
+                for _ in range(self.args.runs):
+                    name = "bench-raw"
+                    if io == "write":
+                        s = self.a if site == "a" else self.b
+                        self.remove(s, name)
+                        run("rbd", "-c", conf, "create", f"rbd/{name}", "--size", "1G")
+                    t0 = time.monotonic()
+                    run("rbd", "-c", conf, "bench", "--io-type", io, "--io-size", "4M",
+                        "--io-pattern", "seq", "--io-total", "1G", "--io-threads", "16",
+                        f"rbd/{name}")
+                    vals.append(GiB / (time.monotonic() - t0) / MiB)
+                out[f"{io}_{site}"] = stats(vals)
+                log(f"raw {io} site {site}: {out[f'{io}_{site}']['median']:.0f} MiB/s")
+            self.remove(self.a if site == "a" else self.b, "bench-raw")
+        return out
+
+    def _verify(self, what, src_conf, src_spec, dst_conf, dst_spec):
+        a = self.export_hash(src_conf, src_spec)
+        b = self.export_hash(dst_conf, dst_spec)
+        if a != b:
+            raise RuntimeError(f"{what}: replica {dst_spec} differs from {src_spec} ({b} != {a})")
+        self.results.setdefault("verified", []).append(what)
+        self.results["bytes_compared"] = self.results.get("bytes_compared", 0) + 2 * FULL_SIZE
+
+    def _cairn_round(self, run_no):
+        """Full sync of a 1 GiB random image, then 128 MiB of 64 KiB writes."""
+        vol, img, tgt = self.names("c", run_no)
+        self.make_full_image(img)
+        sink = self.start_sink()
+        src = self.start_source(f"src-{run_no}", {vol: (img, tgt)})
+        try:
+            cpu_a0, cpu_b0 = proc_cpu_seconds(src.proc.pid), proc_cpu_seconds(sink.proc.pid)
+            full, seq = self.cairn_replicate(src, vol)
+            cpu = {"source_cpu_s_per_gib": proc_cpu_seconds(src.proc.pid) - cpu_a0,
+                   "sink_cpu_s_per_gib": proc_cpu_seconds(sink.proc.pid) - cpu_b0,
+                   "source_peak_rss_mib": proc_peak_rss_mib(src.proc.pid),
+                   "sink_peak_rss_mib": proc_peak_rss_mib(sink.proc.pid)}
+            self._verify(f"cairn full run {run_no}", self.conf_a, f"rbd/{img}@cairn.{seq}",
+                         self.conf_b, f"rbd/{tgt}@cairn.{seq}")
+            self.incremental_writes(img, seed=100 + run_no)
+            incr, seq2 = self.cairn_replicate(src, vol)
+            self._verify(f"cairn incremental run {run_no}", self.conf_a,
+                         f"rbd/{img}@cairn.{seq2}", self.conf_b, f"rbd/{tgt}@cairn.{seq2}")
+        finally:
+            src.stop()
+        self.remove(self.a, img)
+        self.remove(self.b, tgt)
+        return full, incr, cpu
+
+    def _export_round(self, run_no):
+        _, img, tgt = self.names("e", run_no)
+        self.make_full_image(img)
+        self.remove(self.b, tgt)
+        self.rbd_a("snap", "create", f"rbd/{img}@s1")
+        t0 = time.monotonic()
+        sh(f"rbd -c {self.conf_a} export --no-progress rbd/{img}@s1 - | "
+           f"rbd -c {self.conf_b} import --no-progress - rbd/{tgt}")
+        full = time.monotonic() - t0
+        self.rbd_b("snap", "create", f"rbd/{tgt}@s1")
+        self._verify(f"export|import run {run_no}", self.conf_a, f"rbd/{img}@s1", self.conf_b,
+                     f"rbd/{tgt}@s1")
+        self.incremental_writes(img, seed=100 + run_no)
+        self.rbd_a("snap", "create", f"rbd/{img}@s2")
+        t0 = time.monotonic()
+        sh(f"rbd -c {self.conf_a} export-diff --no-progress --from-snap s1 rbd/{img}@s2 - | "
+           f"rbd -c {self.conf_b} import-diff --no-progress - rbd/{tgt}")
+        incr = time.monotonic() - t0
+        self._verify(f"export-diff|import-diff run {run_no}", self.conf_a, f"rbd/{img}@s2",
+                     self.conf_b, f"rbd/{tgt}@s2")
+        self.remove(self.a, img)
+        self.remove(self.b, tgt)
+        return full, incr
+
+    def _mirror_round(self, run_no):
+        _, img, _ = self.names("m", run_no)
+        self.start_mirror()
+        self.make_full_image(img)
+        t0 = time.monotonic()
+        with rbd.Image(self.a.ioctx, img) as im:
+            im.mirror_image_enable(rbd.RBD_MIRROR_IMAGE_MODE_SNAPSHOT)
+        sid = self.newest_mirror_snap_id(img)
+        lib.wait_for(f"rbd-mirror full sync of {img}", lambda: self.mirror_synced(img, sid),
+                     timeout=1200, interval=0.1)
+        full = time.monotonic() - t0
+        # No write at A since the mirror snapshot: A's head equals it, and
+        # B's head equals its complete non-primary copy.
+        self._verify(f"rbd-mirror full run {run_no}", self.conf_a, f"rbd/{img}", self.conf_b,
+                     f"rbd/{img}")
+        self.incremental_writes(img, seed=100 + run_no)
+        t0 = time.monotonic()
+        with rbd.Image(self.a.ioctx, img) as im:
+            im.mirror_image_create_snapshot()
+        sid = self.newest_mirror_snap_id(img)
+        lib.wait_for(f"rbd-mirror incremental sync of {img}",
+                     lambda: self.mirror_synced(img, sid), timeout=1200, interval=0.1)
+        incr = time.monotonic() - t0
+        self._verify(f"rbd-mirror incremental run {run_no}", self.conf_a, f"rbd/{img}",
+                     self.conf_b, f"rbd/{img}")
+        self.mirror_remove(img)
+        return full, incr
+
+    def section_sync(self):
+        """Full and incremental, each tool once per run, interleaved."""
+        self.ensure_random_file()
+        tools = {"cairn": self._cairn_round, "export": self._export_round}
+        if not self.args.no_mirror:
+            tools["rbd_mirror"] = self._mirror_round
+        full = {t: [] for t in tools}
+        incr = {t: [] for t in tools}
+        cpu = []
+        for r in range(1, self.args.runs + 1):
+            for t, fn in tools.items():
+                res = fn(r)
+                full[t].append(FULL_SIZE / res[0] / MiB)
+                incr[t].append(INCR_BYTES / res[1] / MiB)
+                if t == "cairn":
+                    cpu.append(res[2])
+                log(f"run {r} {t}: full {full[t][-1]:.0f} MiB/s ({res[0]:.2f} s), "
+                    f"incremental {incr[t][-1]:.0f} MiB/s ({res[1]:.2f} s)")
+        self.results["sections"]["full"] = {t: stats(v) for t, v in full.items()}
+        self.results["sections"]["incremental"] = {t: stats(v) for t, v in incr.items()}
+        self.results["sections"]["cairn_cost"] = {
+            k: stats([c[k] for c in cpu]) for k in cpu[0]}
+
+    def section_sparse(self):
+        """10 GiB sparse image with 10 MiB written: time to the first point."""
+        cairn, export = [], []
+        for r in range(1, self.args.runs + 1):
+            vol, img, tgt = self.names("s", r)
+            self.a.create(img, 10 * GiB)
+            rng = random.Random(r)
+            with rbd.Image(self.a.ioctx, img) as im:
+                for blk in rng.sample(range(10 * GiB // MiB), 10):
+                    im.write(rng.randbytes(MiB), blk * MiB)
+            self.start_sink()
+            src = self.start_source(f"src-s{r}", {vol: (img, tgt)})
+            try:
+                dt, seq = self.cairn_replicate(src, vol)
+            finally:
+                src.stop()
+            cairn.append(dt)
+            want = self.a.digest(img, f"cairn.{seq}")
+            if self.b.digest(tgt, f"cairn.{seq}") != want:
+                raise RuntimeError(f"sparse run {r}: restore point differs from its source")
+            # The peer: export-diff of the whole snapshot into a new image.
+            self.rbd_a("snap", "create", f"rbd/{img}@e1")
+            t0 = time.monotonic()
+            self.rbd_b("create", f"rbd/{tgt}-e", "--size", "10G")
+            sh(f"rbd -c {self.conf_a} export-diff --no-progress rbd/{img}@e1 - | "
+               f"rbd -c {self.conf_b} import-diff --no-progress - rbd/{tgt}-e")
+            export.append(time.monotonic() - t0)
+            if self.b.digest(f"{tgt}-e") != self.a.digest(img, "e1"):
+                raise RuntimeError(f"sparse run {r}: export-diff copy differs from its source")
+            self.results.setdefault("verified", []).extend(
+                [f"sparse cairn run {r}", f"sparse export-diff run {r}"])
+            log(f"sparse run {r}: cairn {cairn[-1]:.2f} s, export-diff|import-diff "
+                f"{export[-1]:.2f} s")
+            self.remove(self.a, img)
+            self.remove(self.b, f"{tgt}-e")
+            self.remove(self.b, tgt)
+        self.results["sections"]["sparse"] = {"cairn_s": stats(cairn),
+                                              "export_diff_s": stats(export)}
+
+    def _fio_image(self, name, journaling=False):
+        self.remove(self.a, name)
+        feats = "layering,exclusive-lock,object-map,fast-diff" + (",journaling" if journaling
+                                                                 else "")
+        self.rbd_a("create", f"rbd/{name}", "--size", "1G", "--image-feature", feats)
+        # Fill once, so that later writes overwrite allocated objects as a
+        # guest's do.
+        self.rbd_a("bench", "--io-type", "write", "--io-size", "4M", "--io-pattern", "seq",
+                   "--io-total", "1G", f"rbd/{name}")
+
+    def section_rpo(self):
+        """fio at half the primary's measured capacity, Cairn at interval 1 s;
+        the age of the newest restore point sampled every second."""
+        seconds = self.args.rpo_seconds
+        img = f"bench-rpo-{self.tag}"
+        self._fio_image(img)
+        _, cap = self.fio(img, 10)
+        rate = cap / 2
+        log(f"rpo: primary capacity {cap / MiB:.1f} MiB/s (64 KiB random writes, iodepth 16); "
+            f"load at {rate / MiB:.1f} MiB/s")
+        ages_all, p50s, p99s, maxs = [], [], [], []
+        sink = self.start_sink()
+        for r in range(1, self.args.runs + 1):
+            vol, _, tgt = self.names("rpo", r)
+            for s in self.a.snaps(img):
+                self.rbd_a("snap", "rm", f"rbd/{img}@{s}")
+            src = self.start_source(f"src-rpo{r}", {vol: (img, tgt)}, interval="1s")
+            try:
+                lib.wait_for("the first restore point of the RPO image",
+                             lambda: sink.json("status", vol)[0]["last_seq"] > 0, timeout=300)
+                proc = subprocess.Popen(
+                    ["fio", "--name=guest", "--ioengine=rbd", "--clientname=admin", "--pool=rbd",
+                     f"--rbdname={img}", "--rw=randwrite", "--bs=64k", "--iodepth=16",
+                     "--time_based", f"--runtime={seconds}", f"--rate={int(rate)}",
+                     "--output-format=json"], env={**os.environ, "CEPH_CONF": self.conf_a},
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                ages = []
+                t_next = time.monotonic() + 1
+                while proc.poll() is None:
+                    time.sleep(max(0, t_next - time.monotonic()))  # the sampling period
+                    t_next += 1
+                    st = sink.json("status", vol)[0]
+                    ages.append(time.time() - st["last_point_time_ns"] / 1e9)
+                out, err = proc.communicate()
+                if proc.returncode != 0:
+                    raise RuntimeError(f"fio failed: {err[-1000:]}")
+                ages = ages[:-1]  # the sample taken as fio ended
+                _, seq = self.cairn_replicate(src, vol)
+            finally:
+                src.stop()
+            want = self.export_hash(self.conf_a, f"rbd/{img}@cairn.{seq}")
+            if self.export_hash(self.conf_b, f"rbd/{tgt}@cairn.{seq}") != want:
+                raise RuntimeError(f"rpo run {r}: restore point {seq} differs from its source")
+            self.results.setdefault("verified", []).append(f"rpo run {r}")
+            self.remove(self.b, tgt)
+            ages.sort()
+            p50s.append(statistics.median(ages))
+            p99s.append(ages[min(len(ages) - 1, int(0.99 * len(ages)))])
+            maxs.append(ages[-1])
+            ages_all.extend(ages)
+            log(f"rpo run {r}: {len(ages)} samples, p50 {p50s[-1]:.2f} s, p99 {p99s[-1]:.2f} s, "
+                f"max {maxs[-1]:.2f} s; {seq} points")
+        self.remove(self.a, img)
+        self.results["sections"]["rpo"] = {"load_mib_s": rate / MiB, "capacity_mib_s": cap / MiB,
+                                           "seconds": seconds, "p50_s": stats(p50s),
+                                           "p99_s": stats(p99s), "max_s": stats(maxs)}
+
+    def section_penalty(self):
+        """fio write IOPS at the primary: no replication, Cairn at 1 s, journaling."""
+        seconds = self.args.penalty_seconds
+        res = {"off": [], "cairn": [], "journaling": []}
+        sink = self.start_sink()
+        for r in range(1, self.args.runs + 1):
+            vol, img, tgt = self.names("pen", r)
+            self._fio_image(img)
+            iops, _ = self.fio(img, seconds)
+            res["off"].append(iops)
+            src = self.start_source(f"src-pen{r}", {vol: (img, tgt)}, interval="1s")
+            try:
+                lib.wait_for("the first restore point of the penalty image",
+                             lambda: sink.json("status", vol)[0]["last_seq"] > 0, timeout=300)
+                iops, _ = self.fio(img, seconds)
+                res["cairn"].append(iops)
+                _, seq = self.cairn_replicate(src, vol)
+            finally:
+                src.stop()
+            if self.export_hash(self.conf_b, f"rbd/{tgt}@cairn.{seq}") != self.export_hash(
+                    self.conf_a, f"rbd/{img}@cairn.{seq}"):
+                raise RuntimeError(f"penalty run {r}: restore point {seq} differs")
+            self.results.setdefault("verified", []).append(f"penalty run {r}")
+            self.remove(self.a, img)
+            self.remove(self.b, tgt)
+            self._fio_image(img + "-j", journaling=True)
+            iops, _ = self.fio(img + "-j", seconds)
+            res["journaling"].append(iops)
+            self.remove(self.a, img + "-j")
+            log(f"penalty run {r}: IOPS off {res['off'][-1]:.0f}, cairn {res['cairn'][-1]:.0f}, "
+                f"journaling {res['journaling'][-1]:.0f}")
+        self.results["sections"]["penalty"] = {k: stats(v) for k, v in res.items()}
+
+    def section_memory(self):
+        """Peak RSS of fresh source and sink processes replicating a sparse
+        image with 64 MiB written: 1 GiB against 1 TiB."""
+        out = {}
+        for label, size in (("1GiB", GiB), ("1TiB", 1 << 40)):
+            vol, img, tgt = self.names(f"mem-{label}-", 1)
+            self.a.create(img, size)
+            rng = random.Random(5)
+            with rbd.Image(self.a.ioctx, img) as im:
+                for blk in rng.sample(range(size // MiB), 64):
+                    im.write(rng.randbytes(MiB), blk * MiB)
+            port = lib.free_port()
+            sink = lib.Cairnd(self.work, f"sink-mem-{label}", lib.sink_config(
+                "b", self.conf_b, port, os.path.join(self.work, f"spool-{label}"))).start()
+            src = lib.Cairnd(self.work, f"src-mem-{label}", lib.source_config(
+                "a", self.conf_a, port, {vol: (img, tgt)})).start()
+            try:
+                dt, seq = self.cairn_replicate(src, vol)
+                out[label] = {"seconds": dt,
+                              "source_peak_rss_mib": proc_peak_rss_mib(src.proc.pid),
+                              "sink_peak_rss_mib": proc_peak_rss_mib(sink.proc.pid)}
+            finally:
+                src.stop()
+                sink.stop()
+            if self.b.digest(tgt, f"cairn.{seq}") != self.a.digest(img, f"cairn.{seq}"):
+                raise RuntimeError(f"memory {label}: restore point differs")
+            self.results.setdefault("verified", []).append(f"memory {label}")
+            log(f"memory {label}: source {out[label]['source_peak_rss_mib']:.0f} MiB, sink "
+                f"{out[label]['sink_peak_rss_mib']:.0f} MiB, {dt:.2f} s")
+            self.remove(self.a, img)
+            self.remove(self.b, tgt)
+        self.results["sections"]["memory"] = out
+
+    def close(self):
+        if self.sink:
+            self.sink.stop()
+        self.stop_mirror()
+
+
+# --- report ------------------------------------------------------------------
+def fmt_stat(s, unit="", prec=0):
+    return f"{s['median']:.{prec}f}{unit} ({s['min']:.{prec}f}-{s['max']:.{prec}f})"
+
+
+def target_line(ok):
+    return "met" if ok else "**missed**"
+
+
+def report(results):
+    """Markdown of the results, with ratios and the targets of docs/PERFORMANCE.md."""
+    s = results["sections"]
+    lines = [f"Measured {results['when']} on {results['cpus']} cores, {results['runs']} runs "
+             "each: median (min-max). Every replica was compared with its source by a hash of "
+             f"the whole image ({len(results.get('verified', []))} comparisons).", ""]
+    targets = []
+    if "raw" in s:
+        r = s["raw"]
+        lines += ["| raw limit (`rbd bench`, 4 MiB sequential, 16 threads) | site A | site B |",
+                  "|---|---:|---:|",
+                  f"| write MiB/s | {fmt_stat(r['write_a'])} | {fmt_stat(r['write_b'])} |",
+                  f"| read MiB/s | {fmt_stat(r['read_a'])} | {fmt_stat(r['read_b'])} |", ""]
+    for key, title in (("full", "full sync, 1 GiB of random data"),
+                       ("incremental", "incremental, 128 MiB of random 64 KiB writes")):
+        if key not in s:
+            continue
+        t = s[key]
+        c = t["cairn"]["median"]
+        lines += [f"| {title} | MiB/s | Cairn ÷ peer |", "|---|---:|---:|"]
+        names = {"cairn": "Cairn", "export": "`rbd export \\| import`" if key == "full" else
+                 "`rbd export-diff \\| import-diff`", "rbd_mirror": "rbd-mirror (snapshot mode)"}
+        for tool, st in t.items():
+            ratio = "" if tool == "cairn" else f"{c / st['median']:.2f}×"
+            lines.append(f"| {names[tool]} | {fmt_stat(st)} | {ratio} |")
+        lines.append("")
+        if key == "full":
+            if "raw" in s:
+                ratio = c / s["raw"]["write_b"]["median"]
+                lines.append(f"Full sync ÷ raw write speed of site B: {ratio:.2f}×")
+                lines.append("")
+                targets.append(("full sync ≥ 0.9× raw write of site B", f"{ratio:.2f}×",
+                                ratio >= 0.9))
+            ratio = c / t["export"]["median"]
+            targets.append(("full sync ≥ 1.5× export|import", f"{ratio:.2f}×", ratio >= 1.5))
+        else:
+            ratio = c / t["export"]["median"]
+            targets.append(("incremental ≥ 2× export-diff|import-diff", f"{ratio:.2f}×",
+                            ratio >= 2))
+        if "rbd_mirror" in t:
+            ratio = c / t["rbd_mirror"]["median"]
+            targets.append((f"{key} ≥ 2× rbd-mirror snapshot mode", f"{ratio:.2f}×", ratio >= 2))
+    if "cairn_cost" in s:
+        k = s["cairn_cost"]
+        lines += ["| Cairn's cost, full sync of 1 GiB | source (site A) | sink (site B) |",
+                  "|---|---:|---:|",
+                  f"| CPU seconds per GiB | {fmt_stat(k['source_cpu_s_per_gib'], '', 2)} | "
+                  f"{fmt_stat(k['sink_cpu_s_per_gib'], '', 2)} |",
+                  f"| peak RSS MiB | {fmt_stat(k['source_peak_rss_mib'])} | "
+                  f"{fmt_stat(k['sink_peak_rss_mib'])} |", ""]
+    if "sparse" in s:
+        sp = s["sparse"]
+        lines += ["| 10 GiB sparse image, 10 MiB written | seconds to a verified copy |",
+                  "|---|---:|",
+                  f"| Cairn, first restore point | {fmt_stat(sp['cairn_s'], ' s', 2)} |",
+                  f"| `rbd export-diff \\| import-diff` | {fmt_stat(sp['export_diff_s'], ' s', 2)} |",
+                  ""]
+        targets.append(("10 GiB sparse: first point ≤ 2 s", f"{sp['cairn_s']['median']:.2f} s",
+                        sp["cairn_s"]["max"] <= 2))
+    if "rpo" in s:
+        rp = s["rpo"]
+        lines += [f"RPO under load: fio 64 KiB random writes at {rp['load_mib_s']:.1f} MiB/s (half "
+                  f"of the {rp['capacity_mib_s']:.1f} MiB/s measured) for {rp['seconds']} s, "
+                  "Cairn at `interval = 1s`; age of the newest restore point at site B, sampled "
+                  "every second:", "",
+                  "| p50 | p99 | max |", "|---:|---:|---:|",
+                  f"| {fmt_stat(rp['p50_s'], ' s', 2)} | {fmt_stat(rp['p99_s'], ' s', 2)} | "
+                  f"{fmt_stat(rp['max_s'], ' s', 2)} |", ""]
+        targets.append(("RPO p99 ≤ 2 s", f"{rp['p99_s']['median']:.2f} s",
+                        rp["p99_s"]["median"] <= 2))
+    if "penalty" in s:
+        pe = s["penalty"]
+        off = pe["off"]["median"]
+        lines += ["| primary write IOPS (fio, 64 KiB random, iodepth 16) | IOPS | vs off |",
+                  "|---|---:|---:|"]
+        for k, name in (("off", "replication off"), ("cairn", "Cairn, interval 1 s"),
+                        ("journaling", "journaling feature (rbd-mirror journal mode)")):
+            lines.append(f"| {name} | {fmt_stat(pe[k])} | "
+                         f"{(pe[k]['median'] / off - 1) * 100:+.1f} % |")
+        lines.append("")
+        pen = (1 - pe["cairn"]["median"] / off) * 100
+        targets.append(("primary write penalty ≤ 5 %", f"{pen:.1f} %", pen <= 5))
+    if "memory" in s:
+        m = s["memory"]
+        lines += ["| sparse image, 64 MiB written | source peak RSS | sink peak RSS | time |",
+                  "|---|---:|---:|---:|"]
+        for label, v in m.items():
+            lines.append(f"| {label} | {v['source_peak_rss_mib']:.0f} MiB | "
+                         f"{v['sink_peak_rss_mib']:.0f} MiB | {v['seconds']:.2f} s |")
+        lines.append("")
+        peak = max(max(v["source_peak_rss_mib"], v["sink_peak_rss_mib"]) for v in m.values())
+        targets.append(("peak RSS ≤ 128 MiB, 1 GiB and 1 TiB alike", f"{peak:.0f} MiB",
+                        peak <= 128))
+    if targets:
+        lines += ["| target | measured | |", "|---|---:|---|"]
+        lines += [f"| {t} | {v} | {target_line(ok)} |" for t, v, ok in targets]
+        lines.append("")
+    results["targets"] = [{"target": t, "measured": v, "met": ok} for t, v, ok in targets]
+    return "\n".join(lines)
+
+
+def chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = results["sections"]
+    panels = [k for k in ("full", "incremental") if k in s]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    if len(panels) == 1:
+        axes = [axes]
+    names = {"cairn": "Cairn", "export": "export|import\n(-diff)", "rbd_mirror": "rbd-mirror\nsnapshot"}
+    for ax, key in zip(axes, panels):
+        tools = list(s[key])
+        med = [s[key][t]["median"] for t in tools]
+        err = [[m - s[key][t]["min"] for t, m in zip(tools, med)],
+               [s[key][t]["max"] - m for t, m in zip(tools, med)]]
+        ax.bar([names[t] for t in tools], med, yerr=err, capsize=4,
+               color=["#2b7a4b" if t == "cairn" else "#8899aa" for t in tools])
+        if key == "full" and "raw" in s:
+            ax.axhline(s["raw"]["write_b"]["median"], color="#aa4444", linestyle="--",
+                       label="raw write, site B")
+            ax.legend()
+        ax.set_title({"full": "full sync, 1 GiB", "incremental": "incremental, 128 MiB"}[key])
+        ax.set_ylabel("MiB/s (median, min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def update_docs(md, png):
+    doc = os.path.join(lib.ROOT, "docs", "PERFORMANCE.md")
+    with open(doc) as f:
+        text = f.read()
+    begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
+    if begin not in text or end not in text:
+        raise RuntimeError(f"{doc} has no {begin} ... {end} section")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(doc, "w") as f:
+        f.write(f"{head}{begin}\n{md}\n![Cairn against its peers](performance.png)\n\n{end}{tail}")
+    if png:
+        shutil.copy(png, os.path.join(lib.ROOT, "docs", "performance.png"))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--testbed", required=True, help="a running tests/cluster/testbed.sh DIR")
+    ap.add_argument("--out", required=True, help="where results.{json,md} and the chart go")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rpo-seconds", type=int, default=60)
+    ap.add_argument("--penalty-seconds", type=int, default=20)
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections of {','.join(SECTIONS)}")
+    ap.add_argument("--no-mirror", action="store_true", help="leave rbd-mirror out")
+    ap.add_argument("--update-docs", action="store_true",
+                    help="write the table and chart into docs/PERFORMANCE.md")
+    args = ap.parse_args()
+    only = args.only.split(",")
+    bad = [o for o in only if o not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section(s) {bad}; known: {SECTIONS}")
+    if args.runs < 1:
+        ap.error("--runs must be at least 1")
+    os.makedirs(args.out, exist_ok=True)
+    b = Bench(args)
+    try:
+        if "raw" in only:
+            b.results["sections"]["raw"] = b.section_raw()
+        if "full" in only or "incremental" in only:
+            b.section_sync()
+        if "sparse" in only:
+            b.section_sparse()
+        if "rpo" in only:
+            b.section_rpo()
+        if "penalty" in only:
+            b.section_penalty()
+        if "memory" in only:
+            b.section_memory()
+    finally:
+        b.close()
+    md = report(b.results)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(b.results, f, indent=1)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    png = os.path.join(args.out, "performance.png")
+    if not chart(b.results, png):
+        png = None
+    print(md)
+    if args.update_docs:
+        update_docs(md, png)
+    shutil.rmtree(b.work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
