@@ -155,13 +155,16 @@ class Bench:
 
     def start_sink(self):
         if self.sink is None:
+            # Retention keeps the standby's snapshots (memstore is RAM) bounded
+            # under the RPO load: one point a second.
             self.sink = lib.Cairnd(self.work, "sink-b", lib.sink_config(
-                "b", self.conf_b, self.port, os.path.join(self.work, "spool"))).start()
+                "b", self.conf_b, self.port, os.path.join(self.work, "spool"),
+                extra="keep_points = 3\n")).start()
         return self.sink
 
     def start_source(self, name, volumes, interval="0"):
         src = lib.Cairnd(self.work, name, lib.source_config(
-            "a", self.conf_a, self.port, volumes, interval=interval))
+            "a", self.conf_a, self.port, volumes, interval=interval, keep=0))
         return src.start()
 
     def cairn_replicate(self, src, vol):
@@ -552,7 +555,7 @@ class Bench:
             sink = lib.Cairnd(self.work, f"sink-mem-{label}", lib.sink_config(
                 "b", self.conf_b, port, os.path.join(self.work, f"spool-{label}"))).start()
             src = lib.Cairnd(self.work, f"src-mem-{label}", lib.source_config(
-                "a", self.conf_a, port, {vol: (img, tgt)})).start()
+                "a", self.conf_a, port, {vol: (img, tgt)}, keep=0)).start()
             try:
                 dt, seq = self.cairn_replicate(src, vol)
                 out[label] = {"seconds": dt,

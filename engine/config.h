@@ -4,7 +4,7 @@
 //   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH;
 //                       op_timeout = 30s
 //   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
-//                       spool_max_bytes = 0
+//                       spool_max_bytes = 0; keep_points = 0
 //   [source]            pools = rbd; peer = HOST:PORT; interval = 5s; keep_snapshots;
 //                       outage_snapshots (volumes registered at run time)
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
@@ -47,6 +47,9 @@ struct SinkConfig {
   // Largest spool file of one epoch, header included; 0: no limit but the
   // disk. A larger epoch is refused (ResourceExhausted) like a full disk.
   uint64_t spool_max_bytes = 0;
+  // Restore points kept per volume: after each new point the oldest beyond
+  // this many are removed (catalog record, then standby snapshot). 0: all.
+  uint32_t keep_points = 0;
 };
 
 struct VolumeConfig {

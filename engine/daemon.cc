@@ -209,6 +209,7 @@ Status Daemon::Start() {
     env.pools = sc.pools;
     env.cluster = config_.ceph.conf;
     env.spool.max_bytes = sc.spool_max_bytes;
+    env.keep_points = sc.keep_points;
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
     sink_ = std::make_unique<Sink>(env);

@@ -391,67 +391,82 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
   }
 }
 
+ApplyStream::ApplyStream(Volume& target, const EpochOptions& options, TargetState state)
+    : target_(target), options_(options), state_(state), frames_(options.window) {
+  assert(options.window > 0);
+  for (uint32_t i = options.window; i > 0; --i) free_.push_back(i - 1);
+}
+
+ApplyStream::~ApplyStream() {
+  if (io_) (void)io_->Drain();
+}
+
+Status ApplyStream::Begin(uint64_t image_size) {
+  ASSIGN_OR_RETURN(uint64_t have, target_.Size());
+  if (have != image_size) RETURN_IF_ERROR(target_.Resize(image_size));
+  ASSIGN_OR_RETURN(io_, target_.OpenIo(""));
+  return OkStatus();
+}
+
+Status ApplyStream::WaitOne() {
+  AsyncIo::Completion c = io_->WaitOne();
+  free_.push_back(static_cast<uint32_t>(c.tag));
+  frames_[c.tag] = Frame{};  // its buffer goes back now, not when the slot is reused
+  if (!c.status.ok()) return c.status.Annotate("writing the standby image");
+  return OkStatus();
+}
+
+Status ApplyStream::Add(const VerifiedRecord& r, Frame frame) {
+  assert(io_ && "Begin first");
+  if (r.kind != RecordKind::kData && state_ == TargetState::kFreshImage) {
+    return OkStatus();  // a new image reads as zeros already
+  }
+  while (free_.empty()) RETURN_IF_ERROR(WaitOne());
+  const uint32_t slot = free_.back();
+  free_.pop_back();
+  frames_[slot] = std::move(frame);
+  if (r.kind == RecordKind::kData) {
+    assert(frames_[slot].payload.size() == r.length);
+    return io_->StartWrite(slot, r.offset, frames_[slot].payload);
+  }
+  return io_->StartZero(slot, r.offset, r.length);
+}
+
+Status ApplyStream::Finish() {
+  assert(io_ && "Begin first");
+  Status first;
+  while (io_->InFlight() > 0) {
+    Status st = WaitOne();
+    if (first.ok()) first = st;
+  }
+  RETURN_IF_ERROR(first);
+  return io_->Drain();
+}
+
 StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
                                   const EpochOptions& options, TargetState state) {
-  // Frames stay alive until their write completes: a ring of `window`.
-  std::vector<Frame> frames(options.window);
-  std::vector<int> free;
-  for (int i = static_cast<int>(options.window) - 1; i >= 0; --i) free.push_back(i);
-  std::unique_ptr<AsyncIo> io;
-  auto wait_one = [&]() -> Status {
-    AsyncIo::Completion c = io->WaitOne();
-    free.push_back(static_cast<int>(c.tag));
-    if (!c.status.ok()) return c.status.Annotate("writing the standby image");
-    return OkStatus();
-  };
-  auto fail = [&](Status st) -> Status {
-    if (io) (void)io->Drain();  // no write may outlive its frame
-    return st;
-  };
-
+  ApplyStream apply(target, options, state);
   while (true) {
-    while (free.empty()) {
-      Status st = wait_one();
-      if (!st.ok()) return fail(st);
-    }
-    const int slot = free.back();
     auto next = spool.Next();
     if (!next.ok()) {
       if (next.status().code() == Code::kAborted) {
-        return fail(DataLoss(fmt::format("spool ends before the end of epoch {} (incomplete epoch)",
-                                         verifier.begin().seq)));
+        return DataLoss(fmt::format("spool ends before the end of epoch {} (incomplete epoch)",
+                                    verifier.begin().seq));
       }
-      return fail(next.status());
+      return next.status();
     }
-    frames[slot] = std::move(next).value();
-    const Frame& f = frames[slot];
-    auto step = verifier.Check(f);
-    if (!step.ok()) return fail(step.status().Annotate(fmt::format("spool offset {}", spool.offset())));
+    auto step = verifier.Check(*next);
+    if (!step.ok()) return step.status().Annotate(fmt::format("spool offset {}", spool.offset()));
     switch (*step) {
-      case EpochVerifier::Step::kBegin: {
-        const uint64_t want = verifier.begin().image_size;
-        ASSIGN_OR_RETURN(uint64_t have, target.Size());
-        if (have != want) RETURN_IF_ERROR(target.Resize(want));
-        ASSIGN_OR_RETURN(io, target.OpenIo(""));
+      case EpochVerifier::Step::kBegin:
+        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size));
         break;
-      }
-      case EpochVerifier::Step::kRecord: {
-        const VerifiedRecord& r = verifier.record();
-        Status st;
-        if (r.kind == RecordKind::kData) {
-          free.pop_back();
-          st = io->StartWrite(slot, r.offset, f.payload);
-        } else if (state == TargetState::kHasData) {
-          free.pop_back();
-          st = io->StartZero(slot, r.offset, r.length);
-        }
-        if (!st.ok()) return fail(st);
+      case EpochVerifier::Step::kRecord:
+        RETURN_IF_ERROR(apply.Add(verifier.record(), std::move(next).value()));
         break;
-      }
-      case EpochVerifier::Step::kEnd: {
-        RETURN_IF_ERROR(io->Drain());
+      case EpochVerifier::Step::kEnd:
+        RETURN_IF_ERROR(apply.Finish());
         return verifier.summary();
-      }
     }
   }
 }

@@ -30,6 +30,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "engine/checksum.h"
 #include "engine/frame.h"
@@ -142,6 +143,47 @@ class EpochVerifier {
 // kFreshImage: `target` was just created (reads as zeros), so zero records
 // need no I/O.
 enum class TargetState { kHasData, kFreshImage };
+
+// Writes the verified records of one epoch to `target` (its head) with a
+// bounded window of concurrent writes, in the order they are given. The
+// sink uses it twice: while frames arrive (the apply overlaps the receive,
+// so a sync runs at the pace of the slower of the two instead of their
+// sum), and to replay a spool (ApplyEpoch). Either way the restore point is
+// made only after the whole epoch verified and is durable: until then the
+// head is the sink's staging area between two points, and any later epoch
+// from the same base rewrites every block a cut one wrote.
+//
+// Memory: holds at most `window` frames. Thread-safety: none.
+class ApplyStream {
+ public:
+  // REQUIRES: `target` outlives this object.
+  ApplyStream(Volume& target, const EpochOptions& options, TargetState state);
+  // Waits for the writes in flight (none may outlive its frame).
+  ~ApplyStream();
+  ApplyStream(const ApplyStream&) = delete;
+  ApplyStream& operator=(const ApplyStream&) = delete;
+
+  // Resizes the target to the epoch's size and opens it for I/O.
+  Status Begin(uint64_t image_size);
+  // Starts the write of record `r`, whose verified frame is `frame` (kept
+  // until the write completes). Blocks while the window is full. Fails with
+  // the error of a write that completed with one.
+  Status Add(const VerifiedRecord& r, Frame frame);
+  // Waits for every write and flushes them. OK: the records given are on
+  // the target.
+  Status Finish();
+
+ private:
+  Status WaitOne();
+
+  Volume& target_;
+  EpochOptions options_;
+  TargetState state_;
+  std::unique_ptr<AsyncIo> io_;
+  std::vector<Frame> frames_;  // a ring of `window` slots
+  std::vector<uint32_t> free_;
+};
+
 StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
                                   const EpochOptions& options, TargetState state);
 

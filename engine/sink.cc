@@ -64,6 +64,15 @@ struct Sink::Target {
   bool recovered = false;   // RecoverSpool ran to its end
   bool sink_fault = false;  // the failure is the sink's (cluster, spool), not the link's
   int spool_full = 0;       // the epoch was refused: 1 spool disk full, 2 spool quota
+  // The epoch whose records were written to the standby image as they
+  // arrived (ReceiveEpoch): ApplyAndCommit then needs no replay of its spool.
+  struct Streamed {
+    uint64_t seq = 0;
+    EpochSummary summary;
+    std::unique_ptr<Volume> vol;
+    std::unique_ptr<ApplyStream> apply;  // after vol: destroyed first
+  };
+  std::unique_ptr<Streamed> streamed;
 
   std::filesystem::path SpoolPath(uint64_t seq) const { return dir / fmt::format("{}.spool", seq); }
 };
@@ -357,7 +366,10 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   std::filesystem::path path;
   uint64_t spooled_records = 0;  // whole Record frames in the spool
   bool at_end = false;           // the failure is the epoch's end
+  t.streamed.reset();
+  std::unique_ptr<Target::Streamed> streamed;
   auto fail = [&](const cairn::Status& cause) -> cairn::Status {
+    streamed.reset();  // its writes end first; the head stays between two points
     Status st = cause;
     const uint64_t seq = verifier.begin().seq;
     // Keep what was verified and spooled, durably: the source re-sends only
@@ -445,6 +457,23 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     if (Status st = spool->Append(header, begin.body, {}); !st.ok()) return spool_fail(st);
   }
   t.partial = {};
+  if (!t.resumed) {
+    // Apply while receiving. If the standby image cannot take it now, the
+    // epoch is still spooled and ApplyAndCommit replays it (and reports why).
+    auto prepared = PrepareTarget(t);
+    if (prepared.ok()) {
+      streamed = std::make_unique<Target::Streamed>();
+      streamed->seq = announced.seq;
+      streamed->vol = std::move(prepared->vol);
+      streamed->apply =
+          std::make_unique<ApplyStream>(*streamed->vol, env_.apply, prepared->state);
+      if (Status st = streamed->apply->Begin(announced.image_size); !st.ok()) {
+        spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume,
+                     announced.seq, st.message());
+        streamed.reset();
+      }
+    }
+  }
   SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "receiving"; });
   while (true) {
     auto next = link.Receive(env_.timeouts.stall);
@@ -458,10 +487,21 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     if (Status st = spool->Append(header, f.body, f.payload); !st.ok()) return spool_fail(st);
     if (*step == EpochVerifier::Step::kEnd) break;
     ++spooled_records;
+    if (streamed) {
+      if (Status st = streamed->apply->Add(verifier.record(), std::move(next).value()); !st.ok()) {
+        spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume,
+                     announced.seq, st.message());
+        streamed.reset();
+      }
+    }
   }
   at_end = true;
   auto synced = spool->Sync();
   if (!synced.ok()) return spool_fail(synced.status());
+  if (streamed) {
+    streamed->summary = verifier.summary();
+    t.streamed = std::move(streamed);
+  }
   return verifier.summary();
 }
 
@@ -490,12 +530,7 @@ Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVer
   return OkStatus();
 }
 
-Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
-  t.durable_seq = seq;  // until it is a restore point
-  const auto path = t.SpoolPath(seq);
-  ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, seq}));
-  EpochVerifier verifier(t.volume, t.last_seq, t.chain);
-
+StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
   // Never write over an image this volume did not create.
   ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
   TargetState state = TargetState::kHasData;
@@ -512,6 +547,21 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
     return FailedPrecondition(fmt::format(
         "image {}/{} is the standby of volume '{}', not of '{}': set another target_image",
         t.pool_name, t.image, owner, t.volume));
+  }
+  if (exists && owner == t.volume && t.last_seq == 0) {
+    // Ours, with no restore point yet: a first epoch that was cut after
+    // some of its records were written. The first epoch lists only the
+    // allocated extents of its snapshot, so it must land on a new image,
+    // or a block the cut one wrote and the source discarded since would
+    // stay. Nothing worth keeping is lost. (A snapshot on it was taken
+    // after a whole apply of the epoch now replayed: that one is kept.)
+    ASSIGN_OR_RETURN(auto old, t.pool->Open(t.image));
+    ASSIGN_OR_RETURN(auto snaps, old->ListSnaps());
+    old.reset();
+    if (snaps.empty()) {
+      RETURN_IF_ERROR(t.pool->Remove(t.image));
+      exists = false;
+    }
   }
   if (!exists) {
     RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
@@ -534,7 +584,33 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
           t.pool_name, t.image, base, t.last_seq));
     }
   }
-  ASSIGN_OR_RETURN(EpochSummary sum, ApplyEpoch(*reader, verifier, *vol, env_.apply, state));
+  return PreparedTarget{std::move(vol), state};
+}
+
+Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
+  t.durable_seq = seq;  // until it is a restore point
+  const auto path = t.SpoolPath(seq);
+  std::unique_ptr<Volume> vol;
+  EpochSummary sum;
+  if (auto streamed = std::move(t.streamed); streamed && streamed->seq == seq) {
+    // Received and written at once: what is left is to wait for the writes.
+    if (Status st = streamed->apply->Finish(); st.ok()) {
+      sum = streamed->summary;
+      streamed->apply.reset();
+      vol = std::move(streamed->vol);
+    } else {
+      spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume, seq,
+                   st.message());
+    }
+  }
+  if (!vol) {
+    ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, seq}));
+    EpochVerifier verifier(t.volume, t.last_seq, t.chain);
+    ASSIGN_OR_RETURN(PreparedTarget prepared, PrepareTarget(t));
+    ASSIGN_OR_RETURN(sum, ApplyEpoch(*reader, verifier, *prepared.vol, env_.apply,
+                                     prepared.state));
+    vol = std::move(prepared.vol);
+  }
 
   // A crash after the snapshot but before the catalog leaves the snapshot:
   // it was taken after a complete apply, so it is kept.
@@ -567,7 +643,43 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   std::filesystem::remove(path, ec);
   spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes)", t.volume, seq,
                sum.data_bytes, sum.zero_bytes);
+  if (env_.keep_points > 0) PrunePoints(t, *vol);
   return OkStatus();
+}
+
+void Sink::PrunePoints(Target& t, Volume& vol) {
+  auto points = t.catalog->Points(t.volume);
+  if (!points.ok()) {
+    spdlog::warn("volume {}: retention skipped: {}", t.volume, points.status().message());
+    return;
+  }
+  if (points->empty()) return;
+  const size_t drop = points->size() > env_.keep_points ? points->size() - env_.keep_points : 0;
+  const uint64_t oldest_kept = (*points)[drop].seq;
+  for (size_t i = 0; i < drop; ++i) {
+    if (Status st = t.catalog->RemovePoint(t.volume, (*points)[i].seq); !st.ok()) {
+      spdlog::warn("volume {}: retention: removing restore point {} from the catalog: {}",
+                   t.volume, (*points)[i].seq, st.message());
+      return;
+    }
+  }
+  auto snaps = vol.ListSnaps();
+  if (!snaps.ok()) {
+    spdlog::warn("volume {}: retention: listing snapshots: {}", t.volume, snaps.status().message());
+    return;
+  }
+  for (const auto& s : *snaps) {
+    const auto seq = ParseSnapName(s.name);
+    if (!seq || *seq >= oldest_kept) continue;
+    if (Status st = vol.RemoveSnap(s.name); !st.ok() && st.code() != Code::kNotFound) {
+      spdlog::warn("volume {}: retention: removing snapshot {} (no longer a restore point): {}",
+                   t.volume, s.name, st.message());
+    }
+  }
+  if (drop > 0) {
+    spdlog::info("volume {}: retention keeps {} restore points: removed {} up to {}", t.volume,
+                 env_.keep_points, drop, (*points)[drop - 1].seq);
+  }
 }
 
 Status Sink::RecoverSpool(Target& t) {

@@ -4,9 +4,12 @@
 //
 // Per epoch, in order:
 //   1. frames arrive; each is verified (EpochVerifier) before it is
-//      appended to spool_dir/<volume>/<seq>.spool;
+//      appended to spool_dir/<volume>/<seq>.spool and, at once, written to
+//      the head of the standby image (ApplyStream: the apply overlaps the
+//      receive). The head is the sink's staging area, never a restore point;
 //   2. at EpochEnd: Sync (fdatasync) -> EpochAck DURABLE;
-//   3. replay the spool onto the standby image, verifying again;
+//   3. wait for the head writes; if they could not all be made (a resumed
+//      epoch, a standby write error), replay the spool, verifying again;
 //   4. snapshot cairn.<seq> on the standby image: the restore point;
 //   5. catalog record (RADOS omap) -> spool removed -> EpochAck APPLIED.
 // A crash anywhere leaves either the old newest point or the new one; a
@@ -75,6 +78,8 @@ struct SinkEnv {
   // after the standby cluster failed: doubles from retry_min to retry_max.
   std::chrono::milliseconds retry_min{1000};
   std::chrono::milliseconds retry_max{15000};
+  // Restore points kept per volume (0: all); see PrunePoints.
+  uint32_t keep_points = 0;
 };
 
 struct PromoteResult {
@@ -130,6 +135,20 @@ class Sink {
   Status Session(Link& link, Target& t);
   StatusOr<EpochSummary> ReceiveEpoch(Link& link, Target& t, Frame begin);
   Status ApplyAndCommit(Target& t, uint64_t seq, int64_t snap_time_ns_hint);
+  // The standby image of `t`, checked to be the one this volume's points
+  // live on (created if the volume has none yet) and open.
+  struct PreparedTarget {
+    std::unique_ptr<Volume> vol;
+    TargetState state = TargetState::kHasData;
+  };
+  StatusOr<PreparedTarget> PrepareTarget(Target& t);
+  // Retention (SinkEnv::keep_points): removes the oldest points of `t`
+  // beyond the newest keep_points, each from the catalog first and then its
+  // snapshot on `vol`, so a crash between leaves a stray snapshot (removed
+  // by the next pass: every cairn.<N> snapshot older than the oldest point
+  // kept goes), never a listed point without its data. Best effort: a
+  // failure is logged, the new point stands.
+  void PrunePoints(Target& t, Volume& vol);
   Status RecoverSpool(Target& t);
   // Record frames at the start of the spool of epoch `seq` that are whole
   // and verify (as RecoverSpool counts them).

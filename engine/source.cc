@@ -273,13 +273,13 @@ void SourceReplicator::PruneSnapshots(Volume& vol, uint64_t applied) {
 void SourceReplicator::TakeOutageSnapshot() {
   auto vol = pool_->Open(config_.image);
   if (!vol.ok()) {
-    spdlog::warn("volume {}: no snapshot while the sink is unreachable: {}", config_.id,
+    spdlog::warn("volume {}: no snapshot while replication is down: {}", config_.id,
                  vol.status().ToString());
     return;
   }
   auto snaps = (*vol)->ListSnaps();
   if (!snaps.ok()) {
-    spdlog::warn("volume {}: no snapshot while the sink is unreachable: {}", config_.id,
+    spdlog::warn("volume {}: no snapshot while replication is down: {}", config_.id,
                  snaps.status().ToString());
     return;
   }
@@ -287,7 +287,7 @@ void SourceReplicator::TakeOutageSnapshot() {
   for (const auto& s : *snaps) highest = std::max(highest, ParseSnapName(s.name).value_or(0));
   const uint64_t seq = highest + 1;
   if (Status st = (*vol)->CreateSnap(SnapName(seq)); !st.ok()) {
-    spdlog::warn("volume {}: cannot take snapshot {} while the sink is unreachable: {}",
+    spdlog::warn("volume {}: cannot take snapshot {} while replication is down: {}",
                  config_.id, SnapName(seq), st.ToString());
     return;
   }

@@ -414,6 +414,18 @@ site_up() { # DIR SITE MONPORT PORTMIN PORTMAX STORE_BYTES
     c_ceph "$conf" osd pool application enable rbd rbd
   run_or_fail osd.0 "rbd pool init rbd failed" c_rbd "$conf" pool init rbd
   wait_until "pool rbd usable (rbd ls)" osd.0 c_rbd "$conf" ls rbd
+  # Ballast: after many image create/delete cycles memstore's used-bytes
+  # counter can go below zero, the OSD then reports itself full (16 EiB
+  # used) and every write hangs. One object that is never deleted keeps
+  # the counter positive (root cause in memstore not found).
+  run_or_fail mon.a "ceph osd pool create ballast failed" \
+    c_ceph "$conf" osd pool create ballast 1 1 replicated --size 1 --autoscale-mode off
+  run_or_fail mon.a "ceph osd pool application enable ballast failed" \
+    c_ceph "$conf" osd pool application enable ballast testbed
+  head -c 96M /dev/zero >"$SD/ballast.bin"
+  run_or_fail osd.0 "writing the ballast object failed" \
+    timeout "$CMD_TIMEOUT" rados -c "$conf" -p ballast put ballast "$SD/ballast.bin"
+  rm -f "$SD/ballast.bin"
 
   wait_until "mgr available" mgr.x mgr_available "$conf"
   # rbd ls proves the PGs work; this makes the mgr's view (ceph -s, ceph df,
