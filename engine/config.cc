@@ -253,6 +253,9 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       if (s.spool_max_bytes != 0 && s.spool_max_bytes < (1u << 20)) {
         return r.Error("spool_max_bytes", "must be 0 (no limit) or at least 1M");
       }
+      uint64_t window = s.window;
+      RETURN_IF_ERROR(r.Size("window", 1, 256, &window));
+      s.window = static_cast<uint32_t>(window);
       uint64_t keep = s.keep_points;
       RETURN_IF_ERROR(r.Size("keep_points", 0, 1000000, &keep));
       s.keep_points = static_cast<uint32_t>(keep);

@@ -4,12 +4,12 @@
 //   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH;
 //                       op_timeout = 30s
 //   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
-//                       spool_max_bytes = 0; keep_points = 0
+//                       spool_max_bytes = 0; keep_points = 0; window = 32
 //   [source]            pools = rbd; peer = HOST:PORT; interval = 5s; keep_snapshots;
 //                       outage_snapshots (volumes registered at run time)
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
 //                       interval = 5s; keep_snapshots = 0; outage_snapshots = 1;
-//                       block_size = 1M; window = 8
+//                       block_size = 1M; window = 32
 //
 // A node is a sink if it has a [sink] section and a source for every
 // [volume NAME] section; it may be both. docs/OPERATIONS.md documents every
@@ -50,6 +50,9 @@ struct SinkConfig {
   // Restore points kept per volume: after each new point the oldest beyond
   // this many are removed (catalog record, then standby snapshot). 0: all.
   uint32_t keep_points = 0;
+  // Concurrent writes to a standby image while an epoch is applied; each
+  // holds one received record (up to the source's block_size) in memory.
+  uint32_t window = 32;
 };
 
 struct VolumeConfig {
@@ -67,7 +70,9 @@ struct VolumeConfig {
   // one coalesced epoch when the link returns; N: up to N points in time).
   uint32_t outage_snapshots = 1;
   uint32_t block_size = 1u << 20;
-  uint32_t window = 8;
+  // Concurrent reads of the source snapshot: `window` buffers of
+  // `block_size` are the source's memory for an epoch (32 MiB).
+  uint32_t window = 32;
 };
 
 struct DaemonConfig {

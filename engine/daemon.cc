@@ -210,6 +210,7 @@ Status Daemon::Start() {
     env.cluster = config_.ceph.conf;
     env.spool.max_bytes = sc.spool_max_bytes;
     env.keep_points = sc.keep_points;
+    env.apply.window = sc.window;
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
     sink_ = std::make_unique<Sink>(env);

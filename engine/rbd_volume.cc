@@ -666,6 +666,10 @@ StatusOr<std::shared_ptr<RbdCluster>> RbdCluster::Connect(const std::string& con
       // A config written for daemons may give every process one socket
       // path; clients side by side would then fail with "File exists".
       {"admin_socket", ""},
+      // Cairn bounds its own I/O (window x block_size) and flushes where it
+      // needs durability; librbd's cache would copy every block once more
+      // and hold up to 32 MiB per open image (1 TiB or 1 GiB alike).
+      {"rbd_cache", "false"},
   };
   if (!keyring_path.empty()) settings.emplace_back("keyring", keyring_path);
   for (const auto& [option, value] : settings) {

@@ -141,6 +141,11 @@ Status SourceReplicator::AwaitAck(uint64_t seq, int stage, ChainDigest* chain) {
 }
 
 StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
+  using Clock = std::chrono::steady_clock;
+  const auto seconds_since = [](Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+  };
+  const auto t_plan = Clock::now();
   ASSIGN_OR_RETURN(auto snaps, vol.ListSnaps());
   std::map<uint64_t, SnapInfo> ours;
   for (auto& s : snaps) {
@@ -205,7 +210,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   opt.block_size = config_.block_size;
   opt.window = config_.window;
 
-  const auto t0 = std::chrono::steady_clock::now();
+  const double snap_secs = seconds_since(t_plan);
+  const auto t0 = Clock::now();
   auto sent = SendEpoch(vol, plan, opt, *link_);
   if (!sent.ok()) {
     // A sink that refuses mid-epoch (spool full, a corrupt frame) says why
@@ -217,7 +223,11 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     return sent.status();
   }
   EpochSummary sum = std::move(sent).value();
+  const double send_secs = seconds_since(t0);
+  const auto t_durable = Clock::now();
   RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::DURABLE, nullptr));
+  const double durable_secs = seconds_since(t_durable);
+  const auto t_applied = Clock::now();
   {
     std::lock_guard lock(mu_);
     status_.state = "applying";
@@ -228,8 +238,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     return DataLoss(fmt::format("sink applied epoch {} with chain {}, source computed {}", seq,
                                 applied_chain.ToHex(), sum.chain.ToHex()));
   }
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double applied_secs = seconds_since(t_applied);
+  const double secs = seconds_since(t0);
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
   {
@@ -246,10 +256,12 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
         std::count_if(ours.begin(), ours.end(), [&](const auto& kv) { return kv.first > seq; }));
   }
   spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
-               "{:.2f} s",
+               "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s, then durable {:.2f} s, "
+               "applied {:.2f} s)",
                config_.id, seq, sum.records,
                plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
-               sum.data_bytes, sum.zero_bytes, secs);
+               sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs, durable_secs,
+               applied_secs);
   PruneSnapshots(vol, seq);
   return sum;
 }
