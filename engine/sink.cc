@@ -5,6 +5,7 @@
 #include <charconv>
 #include <chrono>
 #include <ctime>
+#include <future>
 #include <system_error>
 
 #include <fmt/format.h>
@@ -496,7 +497,21 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     }
   }
   at_end = true;
+  // The last writes to the standby image drain while the spool syncs.
+  std::future<Status> drained;
+  if (streamed) {
+    drained = std::async(std::launch::async, [apply = streamed->apply.get()] {
+      return apply->Finish();
+    });
+  }
   auto synced = spool->Sync();
+  if (drained.valid()) {
+    if (Status st = drained.get(); !st.ok()) {
+      spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume, announced.seq,
+                   st.message());
+      streamed.reset();
+    }
+  }
   if (!synced.ok()) return spool_fail(synced.status());
   if (streamed) {
     streamed->summary = verifier.summary();
@@ -593,7 +608,8 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   std::unique_ptr<Volume> vol;
   EpochSummary sum;
   if (auto streamed = std::move(t.streamed); streamed && streamed->seq == seq) {
-    // Received and written at once: what is left is to wait for the writes.
+    // Received and written at once (Finish ran as the spool synced; again,
+    // it only confirms that nothing is left in flight).
     if (Status st = streamed->apply->Finish(); st.ok()) {
       sum = streamed->summary;
       streamed->apply.reset();
