@@ -2,7 +2,7 @@
 # Installs everything Cairn needs on Debian 12, from Debian's packages only.
 # Idempotent: packages already present are skipped by apt.
 #   ./deps.sh            build + Ceph test bed + tests
-#   ./deps.sh --cinder   also real OpenStack Cinder and RabbitMQ (the Cinder tests)
+#   ./deps.sh --cinder   also real OpenStack Cinder, RabbitMQ and PostgreSQL (the Cinder tests)
 #   ./deps.sh --bench    also the peers and tools of bench/run.sh (rbd-mirror, fio, matplotlib)
 set -euo pipefail
 
@@ -23,9 +23,10 @@ PKGS=(
   procps iproute2 coreutils
 )
 if [[ "${1:-}" == "--cinder" ]]; then
-  # real Cinder (Zed) for the driver and end-to-end tests, and its bus
+  # real Cinder (Zed) for the driver and end-to-end tests, its bus, and its
+  # database: the services write to it concurrently, which sqlite cannot take
   PKGS+=(python3-cinder cinder-api cinder-scheduler cinder-volume python3-cinderclient
-         rabbitmq-server)
+         rabbitmq-server postgresql python3-psycopg2)
 fi
 if [[ "${1:-}" == "--bench" ]]; then
   PKGS+=(rbd-mirror fio python3-matplotlib)

@@ -1,6 +1,6 @@
 """End to end with real Cinder services (cinder-api with noauth,
-cinder-scheduler, cinder-volume with Cairn's driver, a private RabbitMQ,
-sqlite), driven with the cinder CLI: a volume type with replication, a
+cinder-scheduler, cinder-volume with Cairn's driver, a private RabbitMQ and
+PostgreSQL), driven with the cinder CLI: a volume type with replication, a
 volume written at site A, `cinder failover-host` to site B, the data checked
 at site B by whole-image hash, failback."""
 import os
@@ -31,7 +31,7 @@ def services(testbed, tmp_path):
     sink.start()
     source.start()
     svc = CinderServices(os.path.join(work, "cinder"), int(os.environ.get(
-        "CAIRN_CINDER_BASE_PORT", "0")) or lib.free_port_block(),
+        "CAIRN_CINDER_BASE_PORT", "0")) or lib.free_port_block(CinderServices.PORTS),
         site_a.conf, site_b.conf, source.socket, sink.socket)
     made = []
     try:
@@ -63,14 +63,12 @@ def _wait_status(svc, vid, want, timeout=90):
     def check():
         st = svc.show("", vid)
         if st.get("status") == "error" and want != "error":
-            raise AssertionError(f"volume {vid} went to error: {st}\n"
-                                 f"{svc.log_tail('cinder-volume')}")
+            raise AssertionError(f"volume {vid} went to error: {st}\n{svc.logs()}")
         return st if st.get("status") == want else None
     try:
         return lib.wait_for(f"volume {vid} {want}", check, timeout=timeout, interval=0.5)
     except TimeoutError as e:
-        raise AssertionError(f"{e}: {svc.show('', vid)}\n{svc.log_tail('cinder-volume')}") \
-            from None
+        raise AssertionError(f"{e}: {svc.show('', vid)}\n{svc.logs()}") from None
 
 
 def _wait_service(svc, replication_status, timeout=120):
@@ -82,7 +80,7 @@ def _wait_service(svc, replication_status, timeout=120):
                      timeout=timeout, interval=1)
     except TimeoutError as e:
         r = svc.cli("service-list", "--withreplication", check=False)
-        raise AssertionError(f"{e}\n{r.stdout}\n{svc.log_tail('cinder-volume')}") from None
+        raise AssertionError(f"{e}\n{r.stdout}\n{svc.logs()}") from None
 
 
 def test_failover_host_and_back_with_real_cinder(services):
