@@ -108,6 +108,19 @@ class Bench:
         self.tag = f"{int(time.time()) % 100000:05d}"
 
     # --- helpers -------------------------------------------------------------
+    def osd_cpu(self):
+        """CPU seconds used so far by the OSD of site A and of site B."""
+        out = []
+        for conf in (self.conf_a, self.conf_b):
+            pids = lib.site_daemon_pids(conf, kinds=("osd",))
+            out.append(sum(proc_cpu_seconds(p) for p in pids.values()))
+        return out
+
+    def osd_cost(self, before):
+        """The OSDs' CPU seconds since `before` (an osd_cpu() reading)."""
+        a, b = self.osd_cpu()
+        return {"osd_a_cpu_s": a - before[0], "osd_b_cpu_s": b - before[1]}
+
     def rbd_a(self, *args, **kw):
         return run("rbd", "-c", self.conf_a, *args, **kw)
 
@@ -310,7 +323,11 @@ class Bench:
         src = self.start_source(f"src-{run_no}", {vol: (img, tgt)})
         try:
             cpu_a0, cpu_b0 = proc_cpu_seconds(src.proc.pid), proc_cpu_seconds(sink.proc.pid)
+            osd0 = self.osd_cpu()
             full, seq = self.cairn_replicate(src, vol)
+            osd = self.osd_cost(osd0)
+            osd["tool_cpu_s"] = (proc_cpu_seconds(src.proc.pid) - cpu_a0
+                                 + proc_cpu_seconds(sink.proc.pid) - cpu_b0)
             cpu = {"source_cpu_s_per_gib": proc_cpu_seconds(src.proc.pid) - cpu_a0,
                    "sink_cpu_s_per_gib": proc_cpu_seconds(sink.proc.pid) - cpu_b0,
                    "source_peak_rss_mib": proc_peak_rss_mib(src.proc.pid),
@@ -325,17 +342,23 @@ class Bench:
             src.stop()
         self.remove(self.a, img)
         self.remove(self.b, tgt)
-        return full, incr, cpu
+        return full, incr, osd, cpu
 
     def _export_round(self, run_no):
         _, img, tgt = self.names("e", run_no)
         self.make_full_image(img)
         self.remove(self.b, tgt)
         self.rbd_a("snap", "create", f"rbd/{img}@s1")
+        osd0 = self.osd_cpu()
         t0 = time.monotonic()
+        clk = os.times()
         sh(f"rbd -c {self.conf_a} export --no-progress rbd/{img}@s1 - | "
            f"rbd -c {self.conf_b} import --no-progress - rbd/{tgt}")
         full = time.monotonic() - t0
+        osd = self.osd_cost(osd0)
+        after = os.times()  # the pipeline's processes are our children
+        osd["tool_cpu_s"] = (after.children_user - clk.children_user
+                             + after.children_system - clk.children_system)
         self.rbd_b("snap", "create", f"rbd/{tgt}@s1")
         self._verify(f"export|import run {run_no}", self.conf_a, f"rbd/{img}@s1", self.conf_b,
                      f"rbd/{tgt}@s1")
@@ -349,12 +372,14 @@ class Bench:
                      self.conf_b, f"rbd/{tgt}@s2")
         self.remove(self.a, img)
         self.remove(self.b, tgt)
-        return full, incr
+        return full, incr, osd
 
     def _mirror_round(self, run_no):
         _, img, _ = self.names("m", run_no)
         self.start_mirror()
         self.make_full_image(img)
+        osd0 = self.osd_cpu()
+        mirror0 = proc_cpu_seconds(self.mirror.pid)
         t0 = time.monotonic()
         with rbd.Image(self.a.ioctx, img) as im:
             im.mirror_image_enable(rbd.RBD_MIRROR_IMAGE_MODE_SNAPSHOT)
@@ -362,6 +387,8 @@ class Bench:
         lib.wait_for(f"rbd-mirror full sync of {img}", lambda: self.mirror_synced(img, sid),
                      timeout=1200, interval=0.1)
         full = time.monotonic() - t0
+        osd = self.osd_cost(osd0)
+        osd["tool_cpu_s"] = proc_cpu_seconds(self.mirror.pid) - mirror0
         # No write at A since the mirror snapshot: A's head equals it, and
         # B's head equals its complete non-primary copy.
         self._verify(f"rbd-mirror full run {run_no}", self.conf_a, f"rbd/{img}", self.conf_b,
@@ -377,7 +404,7 @@ class Bench:
         self._verify(f"rbd-mirror incremental run {run_no}", self.conf_a, f"rbd/{img}",
                      self.conf_b, f"rbd/{img}")
         self.mirror_remove(img)
-        return full, incr
+        return full, incr, osd
 
     def section_sync(self):
         """Full and incremental, each tool once per run, interleaved."""
@@ -389,16 +416,20 @@ class Bench:
         full = {t: [] for t in tools}
         incr = {t: [] for t in tools}
         cpu = []
+        osd = {t: [] for t in tools}
         for r in range(1, self.args.runs + 1):
             for t, fn in tools.items():
                 res = fn(r)
                 full[t].append(FULL_SIZE / res[0] / MiB)
                 incr[t].append(INCR_BYTES / res[1] / MiB)
+                osd[t].append(res[2])
                 if t == "cairn":
-                    cpu.append(res[2])
+                    cpu.append(res[3])
                 log(f"run {r} {t}: full {full[t][-1]:.0f} MiB/s ({res[0]:.2f} s), "
                     f"incremental {incr[t][-1]:.0f} MiB/s ({res[1]:.2f} s)")
         self.results["sections"]["full"] = {t: stats(v) for t, v in full.items()}
+        self.results["sections"]["full_cpu"] = {
+            t: {k: stats([o[k] for o in v]) for k in v[0]} for t, v in osd.items()}
         self.results["sections"]["incremental"] = {t: stats(v) for t, v in incr.items()}
         self.results["sections"]["cairn_cost"] = {
             k: stats([c[k] for c in cpu]) for k in cpu[0]}
@@ -636,6 +667,16 @@ def report(results):
         if "rbd_mirror" in t:
             ratio = c / t["rbd_mirror"]["median"]
             targets.append((f"{key} ≥ 2× rbd-mirror snapshot mode", f"{ratio:.2f}×", ratio >= 2))
+    if "full_cpu" in s:
+        names = {"cairn": "Cairn (both cairnd)", "export": "export \\| import (both rbd)",
+                 "rbd_mirror": "rbd-mirror (the daemon)"}
+        lines += ["| CPU seconds during the 1 GiB full sync | OSD site A | OSD site B | "
+                  "the tool's own |", "|---|---:|---:|---:|"]
+        for t, v in s["full_cpu"].items():
+            lines.append(f"| {names[t]} | {fmt_stat(v['osd_a_cpu_s'], '', 1)} | "
+                         f"{fmt_stat(v['osd_b_cpu_s'], '', 1)} | "
+                         f"{fmt_stat(v['tool_cpu_s'], '', 1)} |")
+        lines.append("")
     if "cairn_cost" in s:
         k = s["cairn_cost"]
         lines += ["| Cairn's cost, full sync of 1 GiB | source (site A) | sink (site B) |",
