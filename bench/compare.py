@@ -815,6 +815,7 @@ def main():
         ap.error(f"unknown section(s) {bad}; known: {SECTIONS}")
     if args.runs < 1:
         ap.error("--runs must be at least 1")
+    args.out = os.path.abspath(args.out)  # rbd-mirror runs in a directory of its own
     os.makedirs(args.out, exist_ok=True)
     b = Bench(args)
     try:
