@@ -66,6 +66,18 @@ CAIRN=build/engine/cairn
 say "starting cairnd: sink at site B (127.0.0.1:$PORT), source at site A (every 1 s)"
 build/engine/cairnd -c "$RUN/cairnd-b.conf" >"$RUN/cairnd-b.log" 2>&1 & PIDS+=($!)
 build/engine/cairnd -c "$RUN/cairnd-a.conf" >"$RUN/cairnd-a.log" 2>&1 & PIDS+=($!)
+# Both answer on their control sockets before anything is asked of them.
+for sock in "$RUN/b.sock" "$RUN/a.sock"; do
+  deadline=$((SECONDS + 30))
+  until $CAIRN --socket "$sock" status >/dev/null 2>&1; do
+    if (( SECONDS > deadline )); then
+      echo "cairnd did not answer on $sock within 30 s; its logs:" >&2
+      tail -n 20 "$RUN"/cairnd-*.log >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+done
 
 # How many restore points site B holds (0 before the first one).
 points() {
