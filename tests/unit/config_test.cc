@@ -148,5 +148,19 @@ TEST(Config, SpoolMaxBytes) {
   EXPECT_THAT(Error("[sink]\npools = rbd\nspool_max_bytes = lots\n"), HasSubstr("is not a size"));
 }
 
+TEST(Config, SinkRetentionAndWindow) {
+  auto c = ParseConfig("[sink]\npools = rbd\n", "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->sink->keep_points, 0u);  // all points kept unless asked
+  EXPECT_EQ(c->sink->window, 32u);
+  c = ParseConfig("[sink]\npools = rbd\nkeep_points = 48\nwindow = 8\n", "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->sink->keep_points, 48u);
+  EXPECT_EQ(c->sink->window, 8u);
+  EXPECT_THAT(Error("[sink]\npools = rbd\nwindow = 0\n"),
+              HasSubstr("[sink] window: 0 is out of range [1, 256]"));
+  EXPECT_THAT(Error("[sink]\npools = rbd\nkeep_points = -1\n"), HasSubstr("keep_points"));
+}
+
 }  // namespace
 }  // namespace cairn
