@@ -74,6 +74,10 @@ struct Sink::Target {
     std::unique_ptr<ApplyStream> apply;  // after vol: destroyed first
   };
   std::unique_ptr<Streamed> streamed;
+  // The standby image of the newest commit, kept open for retention
+  // (PruneCommitted), which runs after the APPLIED ack: the source's next
+  // epoch need not wait for old snapshots to go.
+  std::unique_ptr<Volume> committed;
 
   std::filesystem::path SpoolPath(uint64_t seq) const { return dir / fmt::format("{}.spool", seq); }
 };
@@ -346,6 +350,7 @@ Status Sink::Session(Link& link, Target& t) {
       return ClusterError(t, st, fmt::format("applying epoch {}", sum.seq));
     }
     RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::APPLIED, t.chain));
+    PruneCommitted(t);
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     SetState(t.volume, [&](VolumeStatusInfo& s) {
@@ -659,8 +664,12 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   std::filesystem::remove(path, ec);
   spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes)", t.volume, seq,
                sum.data_bytes, sum.zero_bytes);
-  if (env_.keep_points > 0) PrunePoints(t, *vol);
+  if (env_.keep_points > 0) t.committed = std::move(vol);
   return OkStatus();
+}
+
+void Sink::PruneCommitted(Target& t) {
+  if (auto vol = std::move(t.committed)) PrunePoints(t, *vol);
 }
 
 void Sink::PrunePoints(Target& t, Volume& vol) {
@@ -739,6 +748,7 @@ Status Sink::RecoverSpool(Target& t) {
     }
     if (complete) {
       Status st = ApplyAndCommit(t, seq, 0);
+      PruneCommitted(t);
       if (st.ok()) {
         spdlog::info("volume {}: applied epoch {} from the spool (durable since an earlier "
                      "session or run)",

@@ -149,6 +149,8 @@ class Sink {
   // kept goes), never a listed point without its data. Best effort: a
   // failure is logged, the new point stands.
   void PrunePoints(Target& t, Volume& vol);
+  // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
+  void PruneCommitted(Target& t);
   Status RecoverSpool(Target& t);
   // Record frames at the start of the spool of epoch `seq` that are whole
   // and verify (as RecoverSpool counts them).
