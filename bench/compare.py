@@ -26,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
@@ -582,13 +583,18 @@ class Bench:
         sink = self.start_sink()
         try:
             for placement in self.args.penalty_placements:
-                res = {"off": [], "cairn": [], "journaling": []}
+                res = {"off": [], "snapshots": [], "cairn": [], "journaling": []}
                 for r in range(1, self.args.runs + 1):
                     vol, img, tgt = self.names(f"pen{placement[0]}", r)
                     self._fio_image(img)
                     fio = self.place(placement, sink)
+                    # Warm-up, not counted: the first random writes after the
+                    # fill run slower (the OSD's heap grows), which would
+                    # flatter every row measured after "off".
+                    self.fio(img, min(5, seconds), prefix=fio)
                     iops, _ = self.fio(img, seconds, prefix=fio)
                     res["off"].append(iops)
+                    res["snapshots"].append(self._fio_under_snapshots(img, seconds, placement, fio))
                     src = self.start_source(f"src-pen-{placement}-{r}", {vol: (img, tgt)},
                                             interval="1s")
                     try:
@@ -612,11 +618,50 @@ class Bench:
                     res["journaling"].append(iops)
                     self.remove(self.a, img + "-j")
                     log(f"penalty ({placement} cores) run {r}: IOPS off {res['off'][-1]:.0f}, "
-                        f"cairn {res['cairn'][-1]:.0f}, journaling {res['journaling'][-1]:.0f}")
+                        f"snapshots only {res['snapshots'][-1]:.0f}, cairn {res['cairn'][-1]:.0f}, journaling {res['journaling'][-1]:.0f}")
                 out[placement] = {k: stats(v) for k, v in res.items()}
         finally:
             self.place("shared", sink)
         self.results["sections"]["penalty"] = out
+
+    def _fio_under_snapshots(self, img, seconds, placement, fio):
+        """fio IOPS while a snapshot of IMG is taken (and the one before
+        removed) every second, and nothing reads them: what any snapshot-based
+        replication at a 1 s interval costs the primary (rbd-mirror's snapshot
+        mode included), before reading a byte."""
+        cores = self.site_cores()
+        pin = ["taskset", "-c", cores[1]] if placement == "per-site" and cores else []
+        stop = threading.Event()
+        failed = []
+
+        def snapshots():
+            prev, i = None, 0
+            while not stop.is_set():
+                i += 1
+                t0 = time.monotonic()
+                try:
+                    run(*pin, "rbd", "-c", self.conf_a, "snap", "create", f"rbd/{img}@ref{i}",
+                        timeout=60)
+                    if prev:
+                        run(*pin, "rbd", "-c", self.conf_a, "snap", "rm", f"rbd/{img}@{prev}",
+                            timeout=60)
+                except Exception as e:  # reported after fio
+                    failed.append(e)
+                    return
+                prev = f"ref{i}"
+                stop.wait(max(0.0, 1.0 - (time.monotonic() - t0)))  # the interval
+
+        t = threading.Thread(target=snapshots)
+        t.start()
+        try:
+            iops, _ = self.fio(img, seconds, prefix=fio)
+        finally:
+            stop.set()
+            t.join()
+        if failed:
+            raise RuntimeError(f"snapshots under fio failed: {failed[0]}")
+        self.rbd_a("snap", "purge", f"rbd/{img}")
+        return iops
 
     def section_memory(self):
         """Peak RSS of fresh source and sink processes replicating a sparse
@@ -762,8 +807,13 @@ def report(results):
             lines += [f"Primary write IOPS, {where[placement]}:", "",
                       "| fio, 64 KiB random writes, iodepth 16 | IOPS | vs off |",
                       "|---|---:|---:|"]
-            for k, name in (("off", "replication off"), ("cairn", "Cairn, interval 1 s"),
+            for k, name in (("off", "replication off"),
+                            ("snapshots", "a snapshot a second, nothing read (any snapshot-based "
+                                          "replication at 1 s, rbd-mirror's included)"),
+                            ("cairn", "Cairn, interval 1 s"),
                             ("journaling", "journaling feature (rbd-mirror journal mode)")):
+                if k not in pe:
+                    continue
                 lines.append(f"| {name} | {fmt_stat(pe[k])} | "
                              f"{(pe[k]['median'] / off - 1) * 100:+.1f} % |")
             lines.append("")
