@@ -45,9 +45,12 @@ void OnBatchComplete(rados_completion_t, void* arg);
 
 class ObjectReader final : public AsyncIo {
  public:
-  ObjectReader(rados_ioctx_t io, std::string prefix, uint64_t object_size, uint64_t size,
-               std::string spec)
+  ObjectReader(rados_ioctx_t io, rados_ioctx_t meta, std::string image, uint64_t snap_id,
+               std::string prefix, uint64_t object_size, uint64_t size, std::string spec)
       : io_(io),
+        meta_(meta),
+        image_(std::move(image)),
+        snap_id_(snap_id),
         prefix_(std::move(prefix)),
         object_size_(object_size),
         size_(size),
@@ -58,6 +61,7 @@ class ObjectReader final : public AsyncIo {
     pending_.reset();
     while (submitted_ > 0) Release(PopDone());
     rados_ioctx_destroy(io_);
+    rados_ioctx_destroy(meta_);
   }
 
   Status StartRead(uint64_t tag, uint64_t offset, std::span<char> buf) override {
@@ -198,9 +202,18 @@ class ObjectReader final : public AsyncIo {
   void Finish(Batch* raw) {
     const int rc = rados_aio_get_return_value(raw->completion);
     const std::string oid = ObjectName(raw->object_no);
+    // No object at the snapshot reads as zeros, unless the snapshot itself
+    // was removed (and trimmed) under the read: then its clones are gone
+    // too, and zeros would be sent as data. Snapshots leave the image
+    // header before the OSDs trim them, so a snapshot still listed now was
+    // not trimmed before this read.
+    Status absent;
+    if (rc == -ENOENT) absent = StillThere();
     for (Piece& p : raw->pieces) {
       Status st;
-      if (rc == -ENOENT) {
+      if (rc == -ENOENT && !absent.ok()) {
+        st = absent;
+      } else if (rc == -ENOENT) {
         // No such object at the snapshot: it reads as zeros (never
         // written, or discarded).
         std::memset(p.buf, 0, p.length);
@@ -221,6 +234,27 @@ class ObjectReader final : public AsyncIo {
     Release(raw);
   }
 
+  // OK if the snapshot being read is still in the image's header.
+  Status StillThere() {
+    rbd_image_t h = nullptr;
+    if (int rc = rbd_open_read_only(meta_, image_.c_str(), &h, nullptr); rc < 0) {
+      return ErrnoStatus(rc, fmt::format("reading {}: checking that the snapshot still exists",
+                                         spec_));
+    }
+    std::string name(256, '\0');
+    size_t len = name.size();
+    const int rc = rbd_snap_get_name(h, snap_id_, name.data(), &len);
+    rbd_close(h);
+    if (rc == -ENOENT) {
+      return Aborted(fmt::format("reading {}: the snapshot was removed while it was read", spec_));
+    }
+    if (rc < 0) {
+      return ErrnoStatus(rc, fmt::format("reading {}: checking that the snapshot still exists",
+                                         spec_));
+    }
+    return OkStatus();
+  }
+
   void FailBatch(Batch& b, const Status& st) {
     for (Piece& p : b.pieces) Settle(p.read, st);
   }
@@ -231,7 +265,10 @@ class ObjectReader final : public AsyncIo {
     if (--r.pieces == 0) ready_.push_back(id);
   }
 
-  rados_ioctx_t io_;
+  rados_ioctx_t io_;    // reads at the snapshot
+  rados_ioctx_t meta_;  // the same pool and namespace, at the head
+  const std::string image_;
+  const uint64_t snap_id_;
   const std::string prefix_;
   const uint64_t object_size_;
   const uint64_t size_;
@@ -257,6 +294,7 @@ void OnBatchComplete(rados_completion_t, void* arg) {
 }  // namespace
 
 StatusOr<std::unique_ptr<AsyncIo>> OpenObjectReader(rados_ioctx_t pool, rbd_image_t at_snap,
+                                                    const std::string& image,
                                                     const std::string& snap,
                                                     const std::string& spec) {
   uint64_t features = 0;
@@ -300,15 +338,18 @@ StatusOr<std::unique_ptr<AsyncIo>> OpenObjectReader(rados_ioctx_t pool, rbd_imag
   char ns[256];
   const int ns_len = rados_ioctx_get_namespace(pool, ns, sizeof(ns));
   if (ns_len < 0) return ErrnoStatus(ns_len, "reading the namespace of " + spec);
-  rados_ioctx_t io = nullptr;
-  if (int rc = rados_ioctx_create2(rados_ioctx_get_cluster(pool), rados_ioctx_get_id(pool), &io);
-      rc < 0) {
-    return ErrnoStatus(rc, "opening the pool of " + spec);
+  rados_ioctx_t io[2] = {nullptr, nullptr};
+  for (rados_ioctx_t& c : io) {
+    if (int rc = rados_ioctx_create2(rados_ioctx_get_cluster(pool), rados_ioctx_get_id(pool), &c);
+        rc < 0) {
+      if (io[0] != nullptr) rados_ioctx_destroy(io[0]);
+      return ErrnoStatus(rc, "opening the pool of " + spec);
+    }
+    rados_ioctx_set_namespace(c, ns_len > 0 ? ns : nullptr);
   }
-  rados_ioctx_set_namespace(io, ns_len > 0 ? ns : nullptr);
-  rados_ioctx_snap_set_read(io, snap_id);
-  return std::unique_ptr<AsyncIo>(
-      std::make_unique<ObjectReader>(io, prefix, info.obj_size, info.size, spec));
+  rados_ioctx_snap_set_read(io[0], snap_id);
+  return std::unique_ptr<AsyncIo>(std::make_unique<ObjectReader>(
+      io[0], io[1], image, snap_id, prefix, info.obj_size, info.size, spec));
 }
 
 }  // namespace cairn

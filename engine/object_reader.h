@@ -25,10 +25,14 @@
 namespace cairn {
 
 // `pool` is the image's pool (namespace included); `at_snap` the image
-// opened at snapshot `snap`; `spec` names it in errors. The reader owns a
-// RADOS I/O context of its own (reading at the snapshot) and keeps nothing
-// of `at_snap`. Returns null when the layout needs librbd (see above).
+// `image` opened at snapshot `snap`; `spec` names it in errors. The reader
+// owns RADOS I/O contexts of its own (one reading at the snapshot) and
+// keeps nothing of `at_snap`. Returns null when the layout needs librbd
+// (see above). A read of an object the snapshot does not hold fills
+// zeros only once the snapshot is checked to be still there (a snapshot
+// removed under the read fails it, kAborted).
 StatusOr<std::unique_ptr<AsyncIo>> OpenObjectReader(rados_ioctx_t pool, rbd_image_t at_snap,
+                                                    const std::string& image,
                                                     const std::string& snap,
                                                     const std::string& spec);
 

@@ -1067,7 +1067,7 @@ StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
   // A snapshot of the plain layout is read per object (object_reader.h).
   ASSIGN_OR_RETURN(std::unique_ptr<AsyncIo> objects,
-                   OpenObjectReader(io_->get(), at->get(), snap, Spec(snap)));
+                   OpenObjectReader(io_->get(), at->get(), name_, snap, Spec(snap)));
   if (objects) return objects;
   return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));
 }
