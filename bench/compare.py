@@ -714,7 +714,10 @@ def target_line(ok):
 def report(results):
     """Markdown of the results, with ratios and the targets of docs/PERFORMANCE.md."""
     s = results["sections"]
-    lines = [f"Measured {results['when']} on {results['cpus']} cores, {results['runs']} runs "
+    when = results["when"]
+    if results.get("merged_from"):
+        when = f"{results['merged_from']} (with sections from {when})"
+    lines = [f"Measured {when} on {results['cpus']} cores, {results['runs']} runs "
              "each: median (min-max). Every replica was compared with its source by a hash of "
              f"the whole image ({len(results.get('verified', []))} comparisons).", ""]
     targets = []
@@ -908,6 +911,8 @@ def main():
     ap.add_argument("--volume-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a [volume] setting for Cairn's sources (tuning experiments), "
                          "e.g. --volume-option 'window = 16'")
+    ap.add_argument("--merge", metavar="RESULTS_JSON",
+                    help="keep the sections of an earlier results.json and add those run now")
     ap.add_argument("--update-docs", action="store_true",
                     help="write the table and chart into docs/PERFORMANCE.md")
     args = ap.parse_args()
@@ -920,6 +925,14 @@ def main():
     args.out = os.path.abspath(args.out)  # rbd-mirror runs in a directory of its own
     os.makedirs(args.out, exist_ok=True)
     b = Bench(args)
+    if args.merge:
+        # Sections measured by an earlier invocation (its results.json) join
+        # this one's table; the "measured" line names both.
+        with open(args.merge) as f:
+            earlier = json.load(f)
+        b.results["sections"] = {**earlier["sections"], **b.results["sections"]}
+        b.results["verified"] = earlier.get("verified", []) + b.results.get("verified", [])
+        b.results["merged_from"] = earlier["when"]
     try:
         if "raw" in only:
             b.results["sections"]["raw"] = b.section_raw()

@@ -4,12 +4,12 @@
 #include <rbd/features.h>
 
 #include <cassert>
-#include <condition_variable>
 #include <cstring>
 #include <deque>
-#include <mutex>
 #include <unordered_map>
 #include <vector>
+
+#include "engine/handoff_queue.h"
 
 namespace cairn {
 namespace {
@@ -141,13 +141,7 @@ class ObjectReader final : public AsyncIo {
   }
 
   // From a RADOS thread: only hands the batch over.
-  void Done(Batch* b) {
-    {
-      std::lock_guard lock(mu_);
-      done_.push_back(b);
-    }
-    cv_.notify_one();
-  }
+  void Done(Batch* b) { done_.Push(b); }
 
  private:
   struct Read {
@@ -184,10 +178,7 @@ class ObjectReader final : public AsyncIo {
   }
 
   Batch* PopDone() {
-    std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return !done_.empty(); });
-    Batch* b = done_.front();
-    done_.pop_front();
+    Batch* b = done_.Pop();
     --submitted_;
     return b;
   }
@@ -281,9 +272,7 @@ class ObjectReader final : public AsyncIo {
   std::unique_ptr<Batch> pending_;  // being gathered, not submitted
   size_t submitted_ = 0;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Batch*> done_;
+  HandoffQueue<Batch*> done_;  // completed by RADOS, not yet finished
 };
 
 void OnBatchComplete(rados_completion_t, void* arg) {

@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/handoff_queue.h"
 #include "engine/object_reader.h"
 #include "engine/rados_kv_store.h"
 
@@ -145,7 +146,8 @@ Status ClonesDependOn(const std::string& spec, size_t clones) {
 
 enum class OpKind { kRead, kWrite, kZero };
 
-class CompletionQueue;
+struct PendingOp;
+using CompletionQueue = HandoffQueue<PendingOp*>;
 
 // One operation handed to librbd; owned by librbd from start to callback,
 // then by the queue, then by whoever pops it.
@@ -156,29 +158,6 @@ struct PendingOp {
   OpKind kind = OpKind::kRead;
   uint64_t offset = 0;
   uint64_t length = 0;
-};
-
-class CompletionQueue {
- public:
-  void Push(PendingOp* op) {
-    {
-      std::lock_guard lock(mu_);
-      done_.push_back(op);
-    }
-    cv_.notify_one();
-  }
-  PendingOp* Pop() {
-    std::unique_lock lock(mu_);
-    cv_.wait(lock, [&] { return !done_.empty(); });
-    PendingOp* op = done_.front();
-    done_.pop_front();
-    return op;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<PendingOp*> done_;
 };
 
 // Runs on a librbd thread: only hands the operation over.

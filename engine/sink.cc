@@ -39,6 +39,12 @@ Status SendAck(Link& link, uint64_t seq, pb::EpochAck::Stage stage, const ChainD
   return link.Send(FrameType::kEpochAck, ack.SerializeAsString(), {});
 }
 
+// Writing the epoch to the standby head as it arrives stopped: the epoch is
+// still spooled, and ApplyAndCommit replays it from there.
+void WarnAppliedFromSpool(const std::string& volume, uint64_t seq, const Status& why) {
+  spdlog::warn("volume {}: epoch {} is applied from the spool: {}", volume, seq, why.message());
+}
+
 }  // namespace
 
 struct Sink::Target {
@@ -474,8 +480,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
       streamed->apply =
           std::make_unique<ApplyStream>(*streamed->vol, env_.apply, prepared->state);
       if (Status st = streamed->apply->Begin(announced.image_size); !st.ok()) {
-        spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume,
-                     announced.seq, st.message());
+        WarnAppliedFromSpool(t.volume, announced.seq, st);
         streamed.reset();
       }
     }
@@ -495,8 +500,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     ++spooled_records;
     if (streamed) {
       if (Status st = streamed->apply->Add(verifier.record(), std::move(next).value()); !st.ok()) {
-        spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume,
-                     announced.seq, st.message());
+        WarnAppliedFromSpool(t.volume, announced.seq, st);
         streamed.reset();
       }
     }
@@ -512,8 +516,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   auto synced = spool->Sync();
   if (drained.valid()) {
     if (Status st = drained.get(); !st.ok()) {
-      spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume, announced.seq,
-                   st.message());
+      WarnAppliedFromSpool(t.volume, announced.seq, st);
       streamed.reset();
     }
   }
@@ -620,8 +623,7 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
       streamed->apply.reset();
       vol = std::move(streamed->vol);
     } else {
-      spdlog::warn("volume {}: epoch {} is applied from the spool: {}", t.volume, seq,
-                   st.message());
+      WarnAppliedFromSpool(t.volume, seq, st);
     }
   }
   if (!vol) {

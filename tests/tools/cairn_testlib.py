@@ -49,7 +49,12 @@ class Site:
     def __init__(self, conf, pool="rbd"):
         self.conf = conf
         self.pool = pool
-        self.cluster = rados.Rados(conffile=conf, conf={"admin_socket": ""})
+        # Deadlines on every call: a test bed daemon that died (a memstore
+        # OSD once crashed in snapshot trimming) fails the test that needs
+        # it instead of hanging the run. Outage tests freeze a cluster for
+        # far less.
+        self.cluster = rados.Rados(conffile=conf, conf={
+            "admin_socket": "", "rados_osd_op_timeout": "300", "rados_mon_op_timeout": "300"})
         self.cluster.connect(timeout=30)
         self.ioctx = self.cluster.open_ioctx(pool)
 
