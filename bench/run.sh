@@ -5,11 +5,13 @@
 # microbenchmarks of the hot paths. Installs what it needs (apt), builds.
 #
 #   bench/run.sh [--runs N] [--rpo-seconds S] [--only SECTION,...] [--no-mirror]
+#                [--penalty-placements per-site,shared] [--merge RESULTS_JSON]
 #                [--update-docs]
 #
+# (every option goes to bench/compare.py; see its --help)
 # Results: bench/results/results.{md,json}, bench/results/performance.png and
 # bench/results/micro.json; --update-docs also writes the table and chart into
-# docs/PERFORMANCE.md. Takes about 20 min with the defaults (3 runs each).
+# docs/PERFORMANCE.md. Takes about 35 min with the defaults (3 runs each).
 # It measures; it does not test: the test suite is ./test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
