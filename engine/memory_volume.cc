@@ -240,12 +240,7 @@ class MemoryAsyncIo final : public AsyncIo {
   size_t InFlight() const override { return done_.size(); }
 
   Status Drain() override {
-    Status first;
-    while (!done_.empty()) {
-      Completion c = WaitOne();
-      if (first.ok() && !c.status.ok()) first = c.status;
-    }
-    if (!first.ok()) return first;
+    RETURN_IF_ERROR(WaitAll());
     return CheckFault(*pool_, MemoryOp::kDrain, image_->name, snap_);
   }
 

@@ -131,14 +131,7 @@ class ObjectReader final : public AsyncIo {
 
   size_t InFlight() const override { return in_flight_; }
 
-  Status Drain() override {
-    Status first;
-    while (in_flight_ > 0) {
-      Completion c = WaitOne();
-      if (first.ok() && !c.status.ok()) first = c.status;
-    }
-    return first;
-  }
+  Status Drain() override { return WaitAll(); }
 
   // From a RADOS thread: only hands the batch over.
   void Done(Batch* b) { done_.Push(b); }

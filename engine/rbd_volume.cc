@@ -254,12 +254,7 @@ class RbdAsyncIo final : public AsyncIo {
   size_t InFlight() const override { return in_flight_; }
 
   Status Drain() override {
-    Status first;
-    while (in_flight_ > 0) {
-      Completion c = WaitOne();
-      if (first.ok() && !c.status.ok()) first = c.status;
-    }
-    if (!first.ok()) return first;
+    RETURN_IF_ERROR(WaitAll());
     if (!read_only_) {
       if (int rc = rbd_flush(image_->get()); rc < 0) return ErrnoStatus(rc, "flushing " + spec_);
     }

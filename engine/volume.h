@@ -70,6 +70,17 @@ class AsyncIo {
   // Waits for all in-flight operations, then makes completed writes
   // durable. Returns the first error seen.
   virtual Status Drain() = 0;
+
+ protected:
+  // Waits for every started operation; the first failure among them.
+  Status WaitAll() {
+    Status first;
+    while (InFlight() > 0) {
+      Completion c = WaitOne();
+      if (first.ok() && !c.status.ok()) first = c.status;
+    }
+    return first;
+  }
 };
 
 // One open image.
