@@ -73,13 +73,11 @@ class ObjectReader final : public AsyncIo {
     const uint64_t id = next_read_++;
     Read& r = reads_[id];
     r.tag = tag;
-    r.offset = offset;
-    r.length = length;
     ++in_flight_;
-    if (length == 0) {
-      ready_.push_back(id);
-      return OkStatus();
-    }
+    // One count held while splitting: a batch that fails to submit settles
+    // its pieces at once, and must not settle this read before its last
+    // piece is even added.
+    r.pieces = 1;
     // Split at object boundaries; pieces of the object being gathered join
     // its op, another object's start a new one.
     for (uint64_t done = 0; done < length;) {
@@ -100,6 +98,7 @@ class ObjectReader final : public AsyncIo {
       ++r.pieces;
       done += n;
     }
+    if (--r.pieces == 0) ready_.push_back(id);
     return OkStatus();
   }
 
@@ -139,8 +138,6 @@ class ObjectReader final : public AsyncIo {
  private:
   struct Read {
     uint64_t tag = 0;
-    uint64_t offset = 0;
-    uint64_t length = 0;
     size_t pieces = 0;  // not yet finished
     Status status;
   };
