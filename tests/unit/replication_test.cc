@@ -287,6 +287,15 @@ TEST_F(ReplicationTest, ACutFirstEpochReplannedFromAnotherSnapshotLeavesNothingS
   VerifyAllPoints(*src, 1);  // the first MiB reads as zeros at site B too
 }
 
+// Polls `pred` until it holds; fails the test with `what` after 10 s.
+void WaitFor(const std::string& what, const std::function<bool()>& pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!pred()) {
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "timed out waiting for " << what;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
 // The cairn.<N> seqs that exist on `vol`, ascending.
 std::vector<uint64_t> CairnSnaps(Volume& vol) {
   std::vector<uint64_t> out;
@@ -312,27 +321,23 @@ TEST_F(ReplicationTest, RetentionKeepsTheNewestPointsAndTheirSnapshotsOnly) {
     auto sum = rep.RunOnce();
     ASSERT_TRUE(sum.ok()) << sum.status().ToString();
   }
-  VerifyAllPoints(*src, 2);
-  EXPECT_EQ(sink_->Points("vol1")->front().seq, 4u);
+  // Retention runs after the APPLIED ack, so it may still be at work when
+  // RunOnce returns.
   auto dst = testing::MustOpen(*site_b_, "img-standby");
-  EXPECT_EQ(CairnSnaps(*dst), (std::vector<uint64_t>{4, 5}));
+  WaitFor("retention keeping points 4 and 5 and their snapshots only", [&] {
+    return sink_->Points("vol1")->front().seq == 4 &&
+           CairnSnaps(*dst) == std::vector<uint64_t>{4, 5};
+  });
+  VerifyAllPoints(*src, 2);
   // A stray snapshot of a pass cut between catalog and snapshot goes next time.
   ASSERT_TRUE(dst->CreateSnap("cairn.3").ok());
   testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
   ASSERT_TRUE(rep.RunOnce().ok());
-  EXPECT_EQ(CairnSnaps(*dst), (std::vector<uint64_t>{5, 6}));
+  WaitFor("retention removing the stray cairn.3 and point 4",
+          [&] { return CairnSnaps(*dst) == std::vector<uint64_t>{5, 6}; });
   VerifyAllPoints(*src, 2);
 }
 
-
-// Polls `pred` until it holds; fails the test with `what` after 10 s.
-void WaitFor(const std::string& what, const std::function<bool()>& pred) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!pred()) {
-    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "timed out waiting for " << what;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
 
 TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight) {
   const uint64_t size = 4 * kMiB;
