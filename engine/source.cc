@@ -224,6 +224,40 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   EpochSummary sum = std::move(sent).value();
   const double send_secs = seconds_since(t0);
+  // Snapshot removal at the primary goes through the image's lock owner
+  // (the guest) and takes as long as a snapshot; while epochs run back to
+  // back it is done here, as the sink syncs and applies, not between epochs.
+  double prune_secs = 0;
+  if (prune_deferred_) {
+    const auto t_prune = Clock::now();
+    prune_deferred_ = false;
+    PruneSnapshots(vol, sink_seq_);  // the base: applied at the sink
+    prune_secs = seconds_since(t_prune);
+  }
+  // The same holds for taking a snapshot, which waits for the guest's
+  // writes in flight: the next epoch's is taken now, and ships as pending.
+  const auto next_due = [&] {
+    if (config_.interval.count() > 0 && Clock::now() >= t_plan + config_.interval) return true;
+    std::lock_guard lock(mu_);
+    return wanted_seq_ > seq;
+  };
+  double next_snap_secs = 0;
+  bool took_next = false;
+  if ((ours.empty() || ours.rbegin()->first <= seq) && next_due()) {
+    const auto t_next = Clock::now();
+    const std::string next = SnapName(seq + 1);
+    auto head = pool_->Open(config_.image);
+    Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
+    if (st.ok()) {
+      took_next = true;
+      std::lock_guard lock(mu_);
+      highest_snap_ = std::max(highest_snap_, seq + 1);
+    } else {
+      spdlog::warn("volume {}: cannot take {} ahead: {}; the next epoch takes it", config_.id,
+                   next, st.ToString());
+    }
+    next_snap_secs = seconds_since(t_next);
+  }
   const auto t_durable = Clock::now();
   RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::DURABLE, nullptr));
   const double durable_secs = seconds_since(t_durable);
@@ -253,16 +287,24 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     status_.error.clear();
     if (plan.skip_records > 0) status_.resumed_epochs_total += 1;
     status_.pending_snapshots = static_cast<uint64_t>(
-        std::count_if(ours.begin(), ours.end(), [&](const auto& kv) { return kv.first > seq; }));
+        std::count_if(ours.begin(), ours.end(), [&](const auto& kv) { return kv.first > seq; }) +
+        (took_next ? 1 : 0));
   }
   spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
-               "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s, then durable {:.2f} s, "
+               "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s, {}{}then durable {:.2f} s, "
                "applied {:.2f} s)",
                config_.id, seq, sum.records,
                plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
-               sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs, durable_secs,
-               applied_secs);
-  PruneSnapshots(vol, seq);
+               sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs,
+               prune_secs > 0 ? fmt::format("older snapshots removed {:.2f} s, ", prune_secs) : "",
+               next_snap_secs > 0 ? fmt::format("next snapshot taken {:.2f} s, ", next_snap_secs)
+                                  : "",
+               durable_secs, applied_secs);
+  if (next_due()) {
+    prune_deferred_ = true;
+  } else {
+    PruneSnapshots(vol, seq);
+  }
   return sum;
 }
 

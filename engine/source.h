@@ -88,6 +88,9 @@ class SourceReplicator {
   // Snapshots this process took while the sink was unreachable and no epoch
   // has started from yet, oldest first: the only ones it may drop unshipped.
   std::vector<uint64_t> outage_snaps_;
+  // The last epoch ended with the next one already due: its older
+  // snapshots are removed while the sink works on the next (ShipEpoch).
+  bool prune_deferred_ = false;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

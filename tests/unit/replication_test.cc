@@ -5,6 +5,7 @@
 #include <atomic>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <random>
 #include <thread>
 
@@ -82,8 +83,11 @@ class ReplicationTest : public ::testing::Test {
       sent_records_ = frames;
       const int cut = cut_at_frame_;
       cut_at_frame_ = -1;
-      auto [a, b] = MakeMemoryLinkPair(16u << 20, [frames, cut](std::string& bytes) {
+      const auto slow_end = slow_epoch_end_;
+      auto [a, b] = MakeMemoryLinkPair(16u << 20, [frames, cut, slow_end](std::string& bytes) {
         const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
+        // A slow link: the epoch's last frame takes this long to go out.
+        if (type == FrameType::kEpochEnd) std::this_thread::sleep_for(slow_end);
         if (cut >= 0 && (*frames) == cut) return WireFault::kCut;
         if (type == FrameType::kRecord) ++*frames;
         return WireFault::kDeliver;
@@ -139,6 +143,7 @@ class ReplicationTest : public ::testing::Test {
   Status last_serve_;
   int flip_next_ = -1;
   int cut_at_frame_ = -1;                // cut the next link after this many records
+  std::chrono::milliseconds slow_epoch_end_{0};
   std::shared_ptr<int> sent_records_;  // records sent on the newest link
 };
 
@@ -338,6 +343,54 @@ TEST_F(ReplicationTest, RetentionKeepsTheNewestPointsAndTheirSnapshotsOnly) {
   VerifyAllPoints(*src, 2);
 }
 
+
+// Behind schedule (every epoch ends with the next one due), the source
+// removes older snapshots and takes the next one while the sink works on
+// the current epoch; the next epoch ships that snapshot, and a fresh source
+// ships one left behind. Nothing is skipped, orphaned or pruned too early.
+TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
+  const uint64_t size = 2 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(31);
+  VolumeConfig c = Config();
+  c.keep_snapshots = 0;
+  c.interval = std::chrono::milliseconds(1);
+  slow_epoch_end_ = std::chrono::milliseconds(5);  // so every epoch ends behind schedule
+  std::map<uint64_t, std::string> want;        // seq -> hash of cairn.<seq>
+  {
+    SourceReplicator rep(c, "a", site_a_, Connector());
+    for (uint64_t seq = 1; seq <= 3; ++seq) {
+      testing::Write(*src, (seq * 200 * 1024) % size, testing::RandomBytes(rng, 64 * 1024));
+      auto sum = rep.RunOnce();
+      ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+      EXPECT_EQ(sum->seq, seq);
+      want[seq] = testing::ImageHash(*src, SnapName(seq), size);
+      // cairn.<seq+1> was taken while the sink applied epoch seq.
+      EXPECT_EQ(CairnSnaps(*src), (seq == 1 ? std::vector<uint64_t>{1, 2}
+                                            : std::vector<uint64_t>{seq - 1, seq, seq + 1}))
+          << "after epoch " << seq;
+      EXPECT_EQ(rep.Report().pending_snapshots, 1u) << "after epoch " << seq;
+      want[seq + 1] = testing::ImageHash(*src, SnapName(seq + 1), size);
+    }
+    // cairn.2 was taken before the second write, cairn.3 after it.
+    EXPECT_EQ(want[1], want[2]);
+    EXPECT_NE(want[2], want[3]);
+    EXPECT_EQ(rep.Report().last_seq, 3u);
+  }
+  // cairn.4 was taken ahead and never shipped: a restarted source ships it.
+  SourceReplicator fresh(Config(), "a", site_a_, Connector());
+  auto sum = fresh.RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->seq, 4u);
+  auto pts = sink_->Points("vol1");
+  ASSERT_TRUE(pts.ok()) << pts.status().ToString();
+  ASSERT_EQ(pts->size(), 4u);
+  auto dst = testing::MustOpen(*site_b_, "img-standby");
+  for (const auto& p : *pts) {
+    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.image_size), want[p.seq]) << "point " << p.seq;
+  }
+}
 
 TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight) {
   const uint64_t size = 4 * kMiB;
