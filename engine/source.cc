@@ -237,7 +237,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   // The same holds for taking a snapshot, which waits for the guest's
   // writes in flight: the next epoch's is taken now, and ships as pending.
   const auto next_due = [&] {
-    if (config_.interval.count() > 0 && Clock::now() >= t_plan + config_.interval) return true;
+    if (next_due_at_ && Clock::now() >= *next_due_at_) return true;
     std::lock_guard lock(mu_);
     return wanted_seq_ > seq;
   };
@@ -434,7 +434,9 @@ void SourceReplicator::Loop() {
     }
     lock.unlock();
     const auto started = Clock::now();
+    next_due_at_ = periodic ? std::optional(started + config_.interval) : std::nullopt;
     auto r = RunOnce();
+    next_due_at_.reset();
     lock.lock();
     if (r.ok()) {
       backoff = std::chrono::milliseconds(500);

@@ -30,6 +30,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -91,6 +92,9 @@ class SourceReplicator {
   // The last epoch ended with the next one already due: its older
   // snapshots are removed while the sink works on the next (ShipEpoch).
   bool prune_deferred_ = false;
+  // When the Loop's schedule makes the next epoch due (unset for a RunOnce
+  // called on its own); read by ShipEpoch on the Loop's thread.
+  std::optional<std::chrono::steady_clock::time_point> next_due_at_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

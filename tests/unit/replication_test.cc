@@ -83,11 +83,9 @@ class ReplicationTest : public ::testing::Test {
       sent_records_ = frames;
       const int cut = cut_at_frame_;
       cut_at_frame_ = -1;
-      const auto slow_end = slow_epoch_end_;
-      auto [a, b] = MakeMemoryLinkPair(16u << 20, [frames, cut, slow_end](std::string& bytes) {
+      auto [a, b] = MakeMemoryLinkPair(16u << 20, [this, frames, cut](std::string& bytes) {
         const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
-        // A slow link: the epoch's last frame takes this long to go out.
-        if (type == FrameType::kEpochEnd) std::this_thread::sleep_for(slow_end);
+        if (type == FrameType::kEpochEnd && on_epoch_end_) on_epoch_end_();
         if (cut >= 0 && (*frames) == cut) return WireFault::kCut;
         if (type == FrameType::kRecord) ++*frames;
         return WireFault::kDeliver;
@@ -143,7 +141,7 @@ class ReplicationTest : public ::testing::Test {
   Status last_serve_;
   int flip_next_ = -1;
   int cut_at_frame_ = -1;                // cut the next link after this many records
-  std::chrono::milliseconds slow_epoch_end_{0};
+  std::function<void()> on_epoch_end_;  // runs as the source sends an EpochEnd
   std::shared_ptr<int> sent_records_;  // records sent on the newest link
 };
 
@@ -344,10 +342,11 @@ TEST_F(ReplicationTest, RetentionKeepsTheNewestPointsAndTheirSnapshotsOnly) {
 }
 
 
-// Behind schedule (every epoch ends with the next one due), the source
-// removes older snapshots and takes the next one while the sink works on
-// the current epoch; the next epoch ships that snapshot, and a fresh source
-// ships one left behind. Nothing is skipped, orphaned or pruned too early.
+// With the next epoch due as one ends (here: a point is asked for while
+// each epoch is sent), the source removes older snapshots and takes the
+// next one while the sink works on the current epoch; the next epoch ships
+// that snapshot, and a fresh source ships one left behind. Nothing is
+// skipped, orphaned or pruned too early.
 TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
   const uint64_t size = 2 * kMiB;
   ASSERT_TRUE(site_a_->Create("img", size).ok());
@@ -355,11 +354,10 @@ TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
   std::mt19937_64 rng(31);
   VolumeConfig c = Config();
   c.keep_snapshots = 0;
-  c.interval = std::chrono::milliseconds(1);
-  slow_epoch_end_ = std::chrono::milliseconds(5);  // so every epoch ends behind schedule
-  std::map<uint64_t, std::string> want;        // seq -> hash of cairn.<seq>
+  std::map<uint64_t, std::string> want;  // seq -> hash of cairn.<seq>
   {
     SourceReplicator rep(c, "a", site_a_, Connector());
+    on_epoch_end_ = [&rep] { rep.RequestNow(); };
     for (uint64_t seq = 1; seq <= 3; ++seq) {
       testing::Write(*src, (seq * 200 * 1024) % size, testing::RandomBytes(rng, 64 * 1024));
       auto sum = rep.RunOnce();
@@ -379,6 +377,7 @@ TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
     EXPECT_EQ(rep.Report().last_seq, 3u);
   }
   // cairn.4 was taken ahead and never shipped: a restarted source ships it.
+  on_epoch_end_ = nullptr;
   SourceReplicator fresh(Config(), "a", site_a_, Connector());
   auto sum = fresh.RunOnce();
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
