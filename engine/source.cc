@@ -171,6 +171,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     std::erase(outage_snaps_, seq);
   } else {
     seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
+    ReserveSnap(seq);
     {
       // A handle of its own, closed right after: the epoch then reads only
       // snapshots, so a crash mid-epoch leaves no watch on the primary to
@@ -246,6 +247,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   if ((ours.empty() || ours.rbegin()->first <= seq) && next_due()) {
     const auto t_next = Clock::now();
     const std::string next = SnapName(seq + 1);
+    ReserveSnap(seq + 1);
     auto head = pool_->Open(config_.image);
     Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
     if (st.ok()) {
@@ -340,6 +342,7 @@ void SourceReplicator::TakeOutageSnapshot() {
   uint64_t highest = sink_seq_;
   for (const auto& s : *snaps) highest = std::max(highest, ParseSnapName(s.name).value_or(0));
   const uint64_t seq = highest + 1;
+  ReserveSnap(seq);
   if (Status st = (*vol)->CreateSnap(SnapName(seq)); !st.ok()) {
     spdlog::warn("volume {}: cannot take snapshot {} while replication is down: {}",
                  config_.id, SnapName(seq), st.ToString());
@@ -366,6 +369,11 @@ void SourceReplicator::TakeOutageSnapshot() {
   std::lock_guard lock(mu_);
   highest_snap_ = std::max(highest_snap_, seq);
   status_.pending_snapshots = pending;
+}
+
+void SourceReplicator::ReserveSnap(uint64_t seq) {
+  std::lock_guard lock(mu_);
+  highest_snap_ = std::max(highest_snap_, seq);
 }
 
 StatusOr<EpochSummary> SourceReplicator::RunOnce() {

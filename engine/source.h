@@ -70,6 +70,9 @@ class SourceReplicator {
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
   void PruneSnapshots(Volume& vol, uint64_t applied);
+  // Counts cairn.<seq> as existing before it is created, so that a
+  // RequestNow meanwhile (its writes maybe not in it) promises seq + 1.
+  void ReserveSnap(uint64_t seq);
   // Takes the snapshot due while the sink is unreachable and drops the
   // oldest of those taken so, beyond config_.outage_snapshots.
   void TakeOutageSnapshot();
@@ -100,7 +103,7 @@ class SourceReplicator {
   std::condition_variable cv_;
   bool stop_ = false;
   uint64_t wanted_seq_ = 0;      // RequestNow's promise still to keep
-  uint64_t highest_snap_ = 0;    // newest cairn.<N> that exists at the source
+  uint64_t highest_snap_ = 0;    // newest cairn.<N> that exists (or is being made) at the source
   VolumeStatusInfo status_;
   std::thread thread_;
 };

@@ -550,6 +550,27 @@ TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
   EXPECT_EQ(r->seq, 3u);
 }
 
+// A snapshot's point in time is when its creation starts; until it is
+// listed, a RequestNow must not promise its seq (the caller's writes may be
+// newer than it). CI caught a Cinder test reading such a point.
+TEST_F(ReplicationTest, RequestNowDuringASnapshotsCreationPromisesTheNextOne) {
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  ASSERT_TRUE(rep.RunOnce().ok());
+  uint64_t promised = 0;
+  site_a_->SetFault([&](const MemoryFaultPoint& p) {
+    if (p.op == MemoryOp::kCreateSnap && p.snap == "cairn.2" && promised == 0) {
+      promised = rep.RequestNow();
+    }
+    return OkStatus();
+  });
+  auto r = rep.RunOnce();
+  site_a_->SetFault(nullptr);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->seq, 2u);
+  EXPECT_EQ(promised, 3u);
+}
+
 TEST(SourceReplicator, ALinkErrorWithCodeZeroIsAnErrorNotACrash) {
   auto pool = std::make_shared<MemoryPool>("rbd");
   ASSERT_TRUE(pool->Create("img", kMiB).ok());
