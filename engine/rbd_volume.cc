@@ -19,7 +19,6 @@
 #include <vector>
 
 #include "engine/handoff_queue.h"
-#include "engine/object_reader.h"
 #include "engine/rados_kv_store.h"
 
 namespace cairn {
@@ -1039,10 +1038,10 @@ StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
     return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(h), false, Spec()));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
-  // A snapshot of the plain layout is read per object (object_reader.h).
-  ASSIGN_OR_RETURN(std::unique_ptr<AsyncIo> objects,
-                   OpenObjectReader(io_->get(), at->get(), name_, snap, Spec(snap)));
-  if (objects) return objects;
+  // Not through OpenObjectReader (object_reader.h) for now: a Cinder test
+  // once found a restore point without a write that raced the volume's
+  // first snapshot while per-object reads were in, and it is not yet known
+  // whether they had a part in it. librbd reads until that is settled.
   return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));
 }
 
