@@ -252,8 +252,6 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
     if (st.ok()) {
       took_next = true;
-      std::lock_guard lock(mu_);
-      highest_snap_ = std::max(highest_snap_, seq + 1);
     } else {
       spdlog::warn("volume {}: cannot take {} ahead: {}; the next epoch takes it", config_.id,
                    next, st.ToString());
