@@ -65,19 +65,28 @@ void SourceReplicator::Stop() {
   if (thread_.joinable()) thread_.join();
 }
 
-uint64_t SourceReplicator::RequestNow() {
+StatusOr<uint64_t> SourceReplicator::RequestNow() {
   // Every cairn.<N> snapshot that exists now may predate the caller's
   // writes; a snapshot created from here on gets a higher seq (new ones are
   // numbered max + 1) and holds them. So the promise is max + 1, from the
-  // image itself, not from what this process has seen so far.
-  uint64_t newest = 0;
-  if (auto vol = pool_->Open(config_.image); vol.ok()) {
-    if (auto snaps = (*vol)->ListSnaps(); snaps.ok()) {
-      for (const auto& s : *snaps) newest = std::max(newest, ParseSnapName(s.name).value_or(0));
-    }
+  // image itself, not from what this process has seen so far. Without the
+  // listing there is no promise: a restarted cairnd knows nothing yet of the
+  // snapshots its predecessor took, and a point among them may miss the
+  // caller's writes.
+  auto listed = [&]() -> StatusOr<uint64_t> {
+    ASSIGN_OR_RETURN(auto vol, pool_->Open(config_.image));
+    ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
+    uint64_t newest = 0;
+    for (const auto& s : snaps) newest = std::max(newest, ParseSnapName(s.name).value_or(0));
+    return newest;
+  }();
+  if (!listed.ok()) {
+    return listed.status().Annotate(
+        fmt::format("volume {}: no restore point can be promised without the snapshots of {}/{}",
+                    config_.id, config_.pool, config_.image));
   }
   std::lock_guard lock(mu_);
-  wanted_seq_ = std::max({wanted_seq_, newest + 1, highest_snap_ + 1, status_.last_seq + 1});
+  wanted_seq_ = std::max({wanted_seq_, *listed + 1, highest_snap_ + 1, status_.last_seq + 1});
   cv_.notify_all();
   return wanted_seq_;
 }

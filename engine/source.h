@@ -55,7 +55,8 @@ class SourceReplicator {
 
   // Asks for a new epoch now. Returns the seq of a restore point that will
   // contain every write completed before this call (a later point does too).
-  uint64_t RequestNow();
+  // Fails if the image's snapshots cannot be listed (no safe promise then).
+  StatusOr<uint64_t> RequestNow();
 
   // One step: connect if needed, ship one epoch, wait until applied.
   StatusOr<EpochSummary> RunOnce();

@@ -357,7 +357,7 @@ TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
   std::map<uint64_t, std::string> want;  // seq -> hash of cairn.<seq>
   {
     SourceReplicator rep(c, "a", site_a_, Connector());
-    on_epoch_end_ = [&rep] { rep.RequestNow(); };
+    on_epoch_end_ = [&rep] { ASSERT_TRUE(rep.RequestNow().ok()); };
     for (uint64_t seq = 1; seq <= 3; ++seq) {
       testing::Write(*src, (seq * 200 * 1024) % size, testing::RandomBytes(rng, 64 * 1024));
       auto sum = rep.RunOnce();
@@ -544,7 +544,9 @@ TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
   }
   // A fresh source (a restarted cairnd) has not talked to the sink yet.
   SourceReplicator rep(Config(), "a", site_a_, Connector());
-  EXPECT_EQ(rep.RequestNow(), 3u);
+  auto promised = rep.RequestNow();
+  ASSERT_TRUE(promised.ok()) << promised.status().ToString();
+  EXPECT_EQ(*promised, 3u);
   auto r = rep.RunOnce();
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(r->seq, 3u);
@@ -560,7 +562,8 @@ TEST_F(ReplicationTest, RequestNowDuringASnapshotsCreationPromisesTheNextOne) {
   uint64_t promised = 0;
   site_a_->SetFault([&](const MemoryFaultPoint& p) {
     if (p.op == MemoryOp::kCreateSnap && p.snap == "cairn.2" && promised == 0) {
-      promised = rep.RequestNow();
+      auto p = rep.RequestNow();
+      promised = p.ok() ? *p : 0;
     }
     return OkStatus();
   });
@@ -569,6 +572,31 @@ TEST_F(ReplicationTest, RequestNowDuringASnapshotsCreationPromisesTheNextOne) {
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(r->seq, 2u);
   EXPECT_EQ(promised, 3u);
+}
+
+// A cairnd that cannot list the image's snapshots knows no safe promise
+// (after a restart it has not seen the ones its predecessor took): it says
+// so rather than promising a point that may miss the caller's writes.
+TEST_F(ReplicationTest, RequestNowFailsWhenTheSnapshotsCannotBeListed) {
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  {
+    SourceReplicator rep(Config(), "a", site_a_, Connector());
+    ASSERT_TRUE(rep.RunOnce().ok());
+    ASSERT_TRUE(rep.RunOnce().ok());
+  }
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  site_a_->SetFault([](const MemoryFaultPoint& p) {
+    return p.op == MemoryOp::kOpen ? Unavailable("the cluster does not answer") : OkStatus();
+  });
+  auto promised = rep.RequestNow();
+  site_a_->SetFault(nullptr);
+  ASSERT_FALSE(promised.ok()) << "promised " << *promised << " without listing the snapshots";
+  EXPECT_EQ(promised.status().code(), Code::kUnavailable);
+  EXPECT_THAT(promised.status().message(), HasSubstr("no restore point can be promised"));
+  EXPECT_THAT(promised.status().message(), HasSubstr("the cluster does not answer"));
+  auto again = rep.RequestNow();
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(*again, 3u);
 }
 
 TEST(SourceReplicator, ALinkErrorWithCodeZeroIsAnErrorNotACrash) {
