@@ -1038,10 +1038,9 @@ StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
     return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(h), false, Spec()));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
-  // Not through OpenObjectReader (object_reader.h) for now: a Cinder test
-  // once found a restore point without a write that raced the volume's
-  // first snapshot while per-object reads were in, and it is not yet known
-  // whether they had a part in it. librbd reads until that is settled.
+  // Through librbd. Reading a snapshot's RADOS objects directly (one read
+  // op per object) was tried and removed: cairnd aborted with a corrupted
+  // heap under it (docs/PERFORMANCE.md, "Per-object reads, removed").
   return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));
 }
 
