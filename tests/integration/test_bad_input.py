@@ -277,5 +277,9 @@ def test_a_missing_source_image_is_named(site_a, site_b, workdir, daemons, name)
     lib.wait_for("the source naming the missing image",
                  lambda: f"{name}-nosuch" in src.json("status", name)[0]["error"], timeout=20)
     assert name + "-s" not in site_b.images()
-    r = src.cli("replicate", name, "--wait", "--timeout", "3")
-    assert r.returncode == 4 and f"{name}-nosuch" in r.stderr, r.stderr
+    # No point can be promised for an image that is not there: refused at
+    # once (not found), not after the wait.
+    r = src.cli("replicate", name, "--wait", "--timeout", "30")
+    assert r.returncode == 3, (r.returncode, r.stderr)
+    assert f"{name}-nosuch does not exist" in r.stderr, r.stderr
+    assert "no restore point can be promised" in r.stderr, r.stderr
