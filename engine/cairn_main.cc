@@ -314,7 +314,9 @@ int main(int argc, char** argv) {
     uint64_t want = reply->replicate().seq();
     if (wait) {
       // Poll the source's status (held in memory: a cheap local call) until
-      // the point exists or the step fails; 10 ms adds little to the wait.
+      // the point exists or the deadline passes (a failed step is retried by
+      // the source, so its error is reported only then); 10 ms adds little
+      // to the wait.
       const auto deadline = std::chrono::steady_clock::now() +
                             std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
       while (true) {
