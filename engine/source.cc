@@ -373,8 +373,7 @@ void SourceReplicator::TakeOutageSnapshot() {
   }
   spdlog::debug("volume {}: sink unreachable: took {}, dropped {} older outage snapshot(s)",
                 config_.id, SnapName(seq), dropped);
-  std::lock_guard lock(mu_);
-  highest_snap_ = std::max(highest_snap_, seq);
+  std::lock_guard lock(mu_);  // highest_snap_ already holds seq (ReserveSnap)
   status_.pending_snapshots = pending;
 }
 

@@ -554,7 +554,7 @@ TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
 
 // A snapshot's point in time is when its creation starts; until it is
 // listed, a RequestNow must not promise its seq (the caller's writes may be
-// newer than it). CI caught a Cinder test reading such a point.
+// newer than it).
 TEST_F(ReplicationTest, RequestNowDuringASnapshotsCreationPromisesTheNextOne) {
   ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
   SourceReplicator rep(Config(), "a", site_a_, Connector());
@@ -562,8 +562,8 @@ TEST_F(ReplicationTest, RequestNowDuringASnapshotsCreationPromisesTheNextOne) {
   uint64_t promised = 0;
   site_a_->SetFault([&](const MemoryFaultPoint& p) {
     if (p.op == MemoryOp::kCreateSnap && p.snap == "cairn.2" && promised == 0) {
-      auto p = rep.RequestNow();
-      promised = p.ok() ? *p : 0;
+      auto seq = rep.RequestNow();
+      promised = seq.ok() ? *seq : 0;
     }
     return OkStatus();
   });
