@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
@@ -290,6 +291,79 @@ TEST_F(RbdVolumeTest, DiffListsWhatAShrinkInBetweenRemoved) {
   CAIRN_ASSERT_OK_AND_ASSIGN(d, CollectDiff(*v, "s1", ""));
   EXPECT_EQ(d, (std::vector<Extent>{{5 * kMiB + 777, 11 * kMiB - 777, RecordKind::kZero}}))
       << volume_test::Describe(d);
+}
+
+// What a client does that opened the image while a snapshot was being taken
+// and missed the snapshot's notification (librbd reads the header before it
+// starts watching it): it marks the object in the head's object map, then
+// writes with the snapshot context it read before. RADOS makes no clone for
+// such a write, so it shows under the older snapshots as well.
+void WriteWithOutOfDateSnapContext(RbdCluster& cluster, const std::string& pool,
+                                   const std::string& image_id, uint64_t object_no,
+                                   uint64_t offset, const std::string& data) {
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::shared_ptr<RadosIoCtx> io, cluster.OpenIoCtx(pool));
+  // cls_rbd object_map_update(start, end, new state, no current state).
+  std::string arg(18, '\0');
+  const uint64_t end = object_no + 1;
+  std::memcpy(arg.data(), &object_no, 8);  // little-endian, as the cls encoding
+  std::memcpy(arg.data() + 8, &end, 8);
+  arg[16] = 1;  // OBJECT_EXISTS
+  const std::string map = "rbd_object_map." + image_id;
+  ASSERT_EQ(rados_exec(io->get(), map.c_str(), "rbd", "object_map_update", arg.data(), arg.size(),
+                       nullptr, 0),
+            0);
+  ASSERT_EQ(rados_ioctx_selfmanaged_snap_set_write_ctx(io->get(), 0, nullptr, 0), 0);
+  const std::string object = fmt::format("rbd_data.{}.{:016x}", image_id, object_no);
+  ASSERT_EQ(rados_write(io->get(), object.c_str(), data.data(), data.size(), offset), 0);
+}
+
+// The diff from a snapshot to the next must list what such a client wrote
+// in between: a replica built from the earlier diff (made before the writes)
+// plus this one must equal the later snapshot. Object 2 is new; object 5
+// held data before.
+TEST_F(RbdVolumeTest, DiffListsWritesMadeWithAnOutOfDateSnapshotContext) {
+  constexpr uint64_t kObject = 4 * kMiB;
+  const std::string name = NewName("stalesnapc");
+  CAIRN_ASSERT_OK(pool_->Create(name, 8 * kObject));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
+  CAIRN_ASSERT_OK(WriteAt(*v, 5 * kObject, Pattern(1, 4096)));
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string replica, volume_test::ReadImage(*v, "s1"));
+  v.reset();
+  std::string image_id;
+  {
+    rbd_image_t h = nullptr;
+    ASSERT_EQ(rbd_open_read_only(io_->get(), name.c_str(), &h, nullptr), 0);
+    char id[64] = {};
+    EXPECT_EQ(rbd_get_id(h, id, sizeof id), 0);
+    rbd_close(h);
+    image_id = id;
+  }
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::shared_ptr<RbdCluster> cluster, TestCluster());
+  CAIRN_ASSERT_OK_AND_ASSIGN(CephTestEnv env, TestEnv());
+  for (const uint64_t object_no : {2, 5}) {
+    WriteWithOutOfDateSnapContext(*cluster, env.pool, image_id, object_no, 65536,
+                                  Pattern(10 + object_no, 8192));
+  }
+  CAIRN_ASSERT_OK_AND_ASSIGN(v, pool_->Open(name));
+  CAIRN_ASSERT_OK(v->CreateSnap("s2"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> d, CollectDiff(*v, "s1", "s2"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string target, volume_test::ReadImage(*v, "s2"));
+  ASSERT_TRUE(target.compare(2 * kObject + 65536, 8192, Pattern(12, 8192)) == 0)
+      << "the emulated write is not in the head";
+  for (const auto& e : d) {
+    if (e.kind == RecordKind::kData) {
+      std::memcpy(replica.data() + e.offset, target.data() + e.offset, e.length);
+    } else {
+      std::memset(replica.data() + e.offset, 0, e.length);
+    }
+  }
+  for (uint64_t object_no = 0; object_no < 8; ++object_no) {
+    EXPECT_TRUE(replica.compare(object_no * kObject, kObject, target, object_no * kObject,
+                                kObject) == 0)
+        << "object " << object_no << " of the replica differs from s2; the diff s1 -> s2: "
+        << volume_test::Describe(d);
+  }
 }
 
 TEST_F(RbdVolumeTest, DiffIsRightWhenTheObjectMapIsInvalid) {
