@@ -56,10 +56,12 @@ constexpr uint64_t kCoarseWindowObjects = 64 * 1024;
 // lists; no long stall between two calls of the caller's fn).
 constexpr uint64_t kFineWindow = 64ull << 20;
 // After a snapshot, clients that began watching the image's header since
-// just before it are told of it again (and their writes in flight flushed),
-// round after round while new ones appear, for at least kSettleFloor and at
-// most kSettleRounds notifications, each waiting up to kNotifyTimeout.
+// just before it are told of it again, round after round while new ones
+// appear (at most kSettleRounds notifications, each waiting up to
+// kNotifyTimeout); the snapshot is then listed no sooner than kSettleFloor
+// after it was taken and kSettleDrain after the last notification.
 constexpr std::chrono::milliseconds kSettleFloor{50};
+constexpr std::chrono::milliseconds kSettleDrain{20};
 constexpr int kSettleRounds = 8;
 constexpr std::chrono::milliseconds kNotifyTimeout{5000};
 // Copy: pieces in flight and their size.
@@ -389,10 +391,12 @@ std::vector<Extent> Ranges(const std::vector<Extent>& extents, uint64_t max_len)
 // older ones) after it was taken; the exact diff cannot see them later. So
 // after a snapshot, every client that began watching since just before it
 // is told again (an empty notification: "the header changed", to librbd and
-// the kernel client alike) until no untold one remains, and then, if there
-// was any, the exclusive lock is taken once, which makes its owner finish
-// its writes in flight and hand it over; the owner takes it back at its next
-// write and, told, re-reads the header first.
+// the kernel client alike), round after round until no untold one remains,
+// and the snapshot is listed no sooner than kSettleFloor after it was taken
+// and kSettleDrain after the last client was told (its writes sent before
+// it heard land meanwhile). Taking the exclusive lock to flush such a
+// client was tried and dropped: while Cairn held the lock, the client's
+// writes failed with EROFS.
 
 StatusOr<std::set<WatcherId>> Watchers(rbd_image_t h, const std::string& spec) {
   std::vector<rbd_image_watcher_t> w(8);
@@ -438,26 +442,26 @@ StatusOr<std::set<WatcherId>> NotifyHeaderChanged(rados_ioctx_t io, const std::s
   uint32_t count = 0;
   if (!take(count)) return rc < 0 ? ErrnoStatus(rc, "notifying the watchers of " + spec) : bad();
   std::set<WatcherId> acked;
-  for (uint32_t i = 0; i < count; ++i) {
+  for (uint32_t i = 0; i < le32toh(count); ++i) {
     uint64_t gid = 0;
     uint64_t cookie = 0;
     uint32_t n = 0;
-    if (!take(gid) || !take(cookie) || !take(n) || len - pos < n) return bad();
-    pos += n;
+    if (!take(gid) || !take(cookie) || !take(n) || len - pos < le32toh(n)) return bad();
+    pos += le32toh(n);
     acked.insert({le64toh(gid), le64toh(cookie)});
   }
   return acked;
 }
 
 // See above. `before`: the watchers just before the snapshot.
-Status Settle(rbd_image_t h, const RadosIoCtx& io, const std::string& image,
-              const std::set<WatcherId>& before, const std::string& spec) {
+Status Settle(rbd_image_t h, const RadosIoCtx& io, const std::set<WatcherId>& before,
+              const std::string& spec) {
   char id[128] = {};
   if (int rc = rbd_get_id(h, id, sizeof id); rc < 0) {
     return ErrnoStatus(rc, "getting the id of " + spec);
   }
   const std::string header_oid = std::string("rbd_header.") + id;
-  const auto floor = std::chrono::steady_clock::now() + kSettleFloor;
+  auto floor = std::chrono::steady_clock::now() + kSettleFloor;
   std::set<WatcherId> told;
   int rounds = 0;
   for (;;) {
@@ -480,23 +484,12 @@ Status Settle(rbd_image_t h, const RadosIoCtx& io, const std::string& image,
     for (const auto& w : untold) {
       if (acked.count(w)) told.insert(w);
     }
+    floor = std::max(floor, std::chrono::steady_clock::now() + kSettleDrain);
   }
-  if (told.empty()) return OkStatus();
-  uint64_t features = 0;
-  if (int rc = rbd_get_features(h, &features); rc < 0) {
-    return ErrnoStatus(rc, "getting the features of " + spec);
+  if (!told.empty()) {
+    spdlog::info("{}: {} client(s) opened the image as the snapshot was taken; told of it",
+                 spec, told.size());
   }
-  if ((features & RBD_FEATURE_EXCLUSIVE_LOCK) == 0) return OkStatus();  // nothing to take
-  ASSIGN_OR_RETURN(std::shared_ptr<Image> locker, OpenImage(io, image, "", false));
-  if (int rc = rbd_lock_acquire(locker->get(), RBD_LOCK_MODE_EXCLUSIVE); rc < 0) {
-    return ErrnoStatus(rc, "taking the exclusive lock of " + spec + " to flush its owner");
-  }
-  if (int rc = rbd_lock_release(locker->get()); rc < 0) {
-    return ErrnoStatus(rc, "releasing the exclusive lock of " + spec);
-  }
-  spdlog::info("{}: {} client(s) opened the image as the snapshot was taken; told of it, and the "
-               "lock owner's writes flushed",
-               spec, told.size());
   return OkStatus();
 }
 
@@ -1185,8 +1178,7 @@ Status RbdVolume::CreateSnap(const std::string& snap) {
   if (rc < 0) return ErrnoStatus(rc, "creating snapshot " + Spec(snap));
   // The snapshot exists: a failure to settle it is worth a warning, not a
   // failed epoch (the diff still sends whole the objects such writes hit).
-  Status settled = before.ok() ? Settle(h->get(), *io_, name_, *before, Spec(snap))
-                               : before.status();
+  Status settled = before.ok() ? Settle(h->get(), *io_, *before, Spec(snap)) : before.status();
   if (!settled.ok()) {
     spdlog::warn("snapshot {} taken, but clients that opened the image meanwhile may not know "
                  "of it: {}",

@@ -19,8 +19,8 @@
 //    for every range). An object the maps flag but the exact pass does not
 //    (a write filed under older snapshots, see CreateSnap) is listed whole.
 //  - CreateSnap settles the snapshot: clients that began watching the
-//    image during it are told of it again, and their writes in flight
-//    flushed through the exclusive lock (rbd_volume.cc, "Settling").
+//    image during it are told of it again, and it returns no sooner than
+//    50 ms after the snapshot (rbd_volume.cc, "Settling").
 //  - AsyncIo at the head shares the volume's read-write handle; at a
 //    snapshot it opens its own read-only handle. Completions come back from
 //    librbd's threads through a queue; WaitOne returns them in completion
