@@ -700,8 +700,10 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
   spdlog::debug("{}: the object maps flag {} bytes, the exact pass lists {} of them", what,
                 flagged_bytes, exact_bytes);
   if (unconfirmed_bytes > 0) {
+    // Seen too for the last object of an image cut short by a resize (sent
+    // whole: right, if more than needed).
     spdlog::warn("{}: {} bytes of objects changed per the object maps but not per their clones "
-                 "(writes made with an out-of-date snapshot context): sent whole",
+                 "(as writes made with an out-of-date snapshot context leave them): sent whole",
                  what, unconfirmed_bytes);
   }
   return merger.Flush();
