@@ -490,7 +490,7 @@ StatusOr<std::vector<SnapInfo>> MemoryVolume::ListSnaps() {
   return out;
 }
 
-Status MemoryVolume::CreateSnap(const std::string& snap) {
+Status MemoryVolume::CreateSnap(const std::string& snap, Writers) {
   if (snap.empty()) return InvalidArgument("creating a snapshot of " + name_ + ": empty name");
   RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kCreateSnap, name_, snap));
   const int64_t now = pool_->options.now_ns();

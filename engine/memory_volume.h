@@ -143,7 +143,8 @@ class MemoryVolume final : public Volume {
   Status Resize(uint64_t new_size) override;
   StatusOr<std::vector<SnapInfo>> ListSnaps() override;
   // kAlreadyExists if `snap` exists; kInvalidArgument if it is empty.
-  Status CreateSnap(const std::string& snap) override;
+  using Volume::CreateSnap;
+  Status CreateSnap(const std::string& snap, Writers writers) override;
   // kFailedPrecondition if a clone of the snapshot exists.
   Status RemoveSnap(const std::string& snap) override;
   // An empty `to_snap` means the head. kNotFound if either snapshot is

@@ -1559,14 +1559,19 @@ StatusOr<std::vector<SnapInfo>> RbdVolume::ListSnaps() {
   return ListSnapsOf(h->get(), Spec());
 }
 
-Status RbdVolume::CreateSnap(const std::string& snap) {
+Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {
   if (snap.empty()) return InvalidArgument("creating a snapshot of " + Spec() + ": empty name");
   ASSIGN_OR_RETURN(auto h, Head());
+  // Only other clients need settling: our own handle learns of the
+  // snapshot as it takes it.
+  const bool settle = writers == Writers::kOthers;
   // Those watching the header now hear of the snapshot from librbd itself.
-  StatusOr<std::set<WatcherId>> before = Watchers(h->get(), Spec());
+  StatusOr<std::set<WatcherId>> before =
+      settle ? Watchers(h->get(), Spec()) : std::set<WatcherId>{};
   const int rc = rbd_snap_create(h->get(), snap.c_str());
   if (rc == -EEXIST) return AlreadyExists(fmt::format("snapshot {} already exists", Spec(snap)));
   if (rc < 0) return ErrnoStatus(rc, "creating snapshot " + Spec(snap));
+  if (!settle) return OkStatus();
   // The snapshot exists: a failure to settle it is worth a warning, not a
   // failed epoch (the diff still sends whole the objects such writes hit).
   Status settled = before.ok() ? Settle(h->get(), *io_, *before, Spec(snap)) : before.status();

@@ -18,7 +18,8 @@
 //    the listing is whole objects (an exact pass would re-walk the parent
 //    for every range). An object the maps flag but the exact pass does not
 //    (a write filed under older snapshots, see CreateSnap) is listed whole.
-//  - CreateSnap settles the snapshot: clients that began watching the
+//  - CreateSnap settles the snapshot (unless only this process writes the
+//    image, Volume::Writers): clients that began watching the
 //    image during it are told of it again, and it returns no sooner than
 //    50 ms after the snapshot (rbd_volume.cc, "Settling").
 //  - AsyncIo at the head shares the volume's read-write handle; at a
@@ -213,7 +214,9 @@ class RbdVolume final : public Volume {
   Status Resize(uint64_t new_size) override;
   StatusOr<std::vector<SnapInfo>> ListSnaps() override;
   // kAlreadyExists if it exists; kInvalidArgument if `snap` is empty.
-  Status CreateSnap(const std::string& snap) override;
+  // kThisProcessOnly skips the settling.
+  using Volume::CreateSnap;
+  Status CreateSnap(const std::string& snap, Writers writers) override;
   // kFailedPrecondition if a clone depends on the snapshot.
   Status RemoveSnap(const std::string& snap) override;
   // An empty `to_snap` means the head. kNotFound if a snapshot is missing;

@@ -640,7 +640,8 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
   const std::string snap = SnapName(seq);
   if (std::none_of(snaps.begin(), snaps.end(), [&](const SnapInfo& s) { return s.name == snap; })) {
-    RETURN_IF_ERROR(vol->CreateSnap(snap));
+    // The standby image is written by this sink alone: no settling.
+    RETURN_IF_ERROR(vol->CreateSnap(snap, Volume::Writers::kThisProcessOnly));
   }
   RestorePoint p;
   p.volume = t.volume;

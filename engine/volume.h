@@ -102,7 +102,14 @@ class Volume {
 
   // Snapshots in creation order.
   virtual StatusOr<std::vector<SnapInfo>> ListSnaps() = 0;
-  virtual Status CreateSnap(const std::string& snap) = 0;
+  // Who writes the image while a snapshot is taken. kOthers (a primary,
+  // written by guests): the store makes sure that every client writes
+  // under the new snapshot from then on (RBD: the settling, rbd_volume.h).
+  // kThisProcessOnly (the sink's standby image, written by the sink alone,
+  // through this handle): nothing else to tell.
+  enum class Writers { kOthers, kThisProcessOnly };
+  virtual Status CreateSnap(const std::string& snap, Writers writers) = 0;
+  Status CreateSnap(const std::string& snap) { return CreateSnap(snap, Writers::kOthers); }
   // kNotFound if there is no such snapshot.
   virtual Status RemoveSnap(const std::string& snap) = 0;
 
