@@ -234,18 +234,10 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   EpochSummary sum = std::move(sent).value();
   const double send_secs = seconds_since(t0);
-  // Snapshot removal at the primary goes through the image's lock owner
-  // (the guest) and takes as long as a snapshot; while epochs run back to
-  // back it is done here, as the sink syncs and applies, not between epochs.
-  double prune_secs = 0;
-  if (prune_deferred_) {
-    const auto t_prune = Clock::now();
-    prune_deferred_ = false;
-    PruneSnapshots(vol, sink_seq_);  // the base: applied at the sink
-    prune_secs = seconds_since(t_prune);
-  }
-  // The same holds for taking a snapshot, which waits for the guest's
-  // writes in flight: the next epoch's is taken now, and ships as pending.
+  // A snapshot of the primary goes through the image's lock owner (the
+  // guest), which first lets its writes in flight finish: under load it
+  // takes a second or more. While epochs run back to back, the next epoch's
+  // is taken here, as the sink syncs and applies, and ships as pending.
   const auto next_due = [&] {
     if (next_due_at_ && Clock::now() >= *next_due_at_) return true;
     std::lock_guard lock(mu_);
@@ -266,6 +258,16 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
                    next, st.ToString());
     }
     next_snap_secs = seconds_since(t_next);
+  }
+  // Removing snapshots goes through the lock owner as well, and is done
+  // here too, after the next snapshot: the next restore point's snapshot is
+  // then not older by the time the removals take.
+  double prune_secs = 0;
+  if (prune_deferred_) {
+    const auto t_prune = Clock::now();
+    prune_deferred_ = false;
+    PruneSnapshots(vol, sink_seq_);  // the base: applied at the sink
+    prune_secs = seconds_since(t_prune);
   }
   const auto t_durable = Clock::now();
   RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::DURABLE, nullptr));
@@ -305,9 +307,9 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
                config_.id, seq, sum.records,
                plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
                sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs,
-               prune_secs > 0 ? fmt::format("older snapshots removed {:.2f} s, ", prune_secs) : "",
                next_snap_secs > 0 ? fmt::format("next snapshot taken {:.2f} s, ", next_snap_secs)
                                   : "",
+               prune_secs > 0 ? fmt::format("older snapshots removed {:.2f} s, ", prune_secs) : "",
                durable_secs, applied_secs);
   if (next_due()) {
     prune_deferred_ = true;
