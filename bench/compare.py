@@ -594,7 +594,8 @@ class Bench:
         sink = self.start_sink()
         try:
             for placement in self.args.penalty_placements:
-                res = {"off": [], "snapshots": [], "cairn": [], "journaling": []}
+                res = {"off": [], "snapshots": [], "cairn": [], "cairn_default": [],
+                       "journaling": []}
                 for r in range(1, self.args.runs + 1):
                     vol, img, tgt = self.names(f"pen{placement[0]}", r)
                     self._fio_image(img)
@@ -606,34 +607,46 @@ class Bench:
                     iops, _ = self.fio(img, seconds, prefix=fio)
                     res["off"].append(iops)
                     res["snapshots"].append(self._fio_under_snapshots(img, seconds, placement, fio))
-                    src = self.start_source(f"src-pen-{placement}-{r}", {vol: (img, tgt)},
-                                            interval="1s")
-                    try:
-                        fio = self.place(placement, sink, src)
-                        lib.wait_for("the first restore point of the penalty image",
-                                     lambda: sink.json("status", vol)[0]["last_seq"] > 0,
-                                     timeout=300)
-                        iops, _ = self.fio(img, seconds, prefix=fio)
-                        res["cairn"].append(iops)
-                        _, seq = self.cairn_replicate(src, vol)
-                    finally:
-                        src.stop()
-                    if self.export_hash(self.conf_b, f"rbd/{tgt}@cairn.{seq}") != self.export_hash(
-                            self.conf_a, f"rbd/{img}@cairn.{seq}"):
-                        raise RuntimeError(f"penalty run {r}: restore point {seq} differs")
-                    self.results.setdefault("verified", []).append(f"penalty {placement} run {r}")
+                    for key, interval, suffix in (("cairn", "1s", ""),
+                                                  ("cairn_default", "5s", "-d")):
+                        res[key].append(self._fio_under_cairn(
+                            f"{vol}{suffix}", img, f"{tgt}{suffix}", interval, seconds, placement,
+                            sink, f"penalty {placement} run {r}, interval {interval}"))
+                    fio = self.place(placement, sink)
                     self.remove(self.a, img)
-                    self.remove(self.b, tgt)
                     self._fio_image(img + "-j", journaling=True)
                     iops, _ = self.fio(img + "-j", seconds, prefix=fio)
                     res["journaling"].append(iops)
                     self.remove(self.a, img + "-j")
                     log(f"penalty ({placement} cores) run {r}: IOPS off {res['off'][-1]:.0f}, "
-                        f"snapshots only {res['snapshots'][-1]:.0f}, cairn {res['cairn'][-1]:.0f}, journaling {res['journaling'][-1]:.0f}")
+                        f"snapshots only {res['snapshots'][-1]:.0f}, cairn at 1 s "
+                        f"{res['cairn'][-1]:.0f}, at 5 s {res['cairn_default'][-1]:.0f}, "
+                        f"journaling {res['journaling'][-1]:.0f}")
                 out[placement] = {k: stats(v) for k, v in res.items()}
         finally:
             self.place("shared", sink)
         self.results["sections"]["penalty"] = out
+
+    def _fio_under_cairn(self, vol, img, tgt, interval, seconds, placement, sink, what):
+        """fio IOPS on IMG while a source replicates it every INTERVAL (after
+        its first restore point); then a last point, compared with its source
+        by hash."""
+        src = self.start_source(f"src-{vol}", {vol: (img, tgt)}, interval=interval)
+        try:
+            fio = self.place(placement, sink, src)
+            lib.wait_for("the first restore point of the penalty image",
+                         lambda: sink.json("status", vol)[0]["last_seq"] > 0, timeout=300)
+            iops, _ = self.fio(img, seconds, prefix=fio)
+            _, seq = self.cairn_replicate(src, vol)
+        finally:
+            src.stop()
+        if self.export_hash(self.conf_b, f"rbd/{tgt}@cairn.{seq}") != self.export_hash(
+                self.conf_a, f"rbd/{img}@cairn.{seq}"):
+            raise RuntimeError(f"{what}: restore point {seq} differs from its source")
+        self.results.setdefault("verified", []).append(what)
+        self.rbd_a("snap", "purge", f"rbd/{img}")
+        self.remove(self.b, tgt)
+        return iops
 
     def _fio_under_snapshots(self, img, seconds, placement, fio):
         """fio IOPS while a snapshot of IMG is taken (and the one before
@@ -831,15 +844,19 @@ def report(results):
                             ("snapshots", "a snapshot a second, nothing read (any snapshot-based "
                                           "replication at 1 s, rbd-mirror's included)"),
                             ("cairn", "Cairn, interval 1 s"),
+                            ("cairn_default", "Cairn, interval 5 s (the default)"),
                             ("journaling", "journaling feature (rbd-mirror journal mode)")):
                 if k not in pe:
                     continue
                 lines.append(f"| {name} | {fmt_stat(pe[k])} | "
                              f"{(pe[k]['median'] / off - 1) * 100:+.1f} % |")
             lines.append("")
-            pen = (1 - pe["cairn"]["median"] / off) * 100
-            targets.append((f"primary write penalty ≤ 5 % ({placement} cores)", f"{pen:.1f} %",
-                            pen <= 5))
+            for k, label in (("cairn", "interval 1 s"), ("cairn_default", "interval 5 s")):
+                if k not in pe:
+                    continue
+                pen = (1 - pe[k]["median"] / off) * 100
+                targets.append((f"primary write penalty ≤ 5 % ({placement} cores, {label})",
+                                f"{pen:.1f} %", pen <= 5))
     if "memory" in s:
         m = s["memory"]
         lines += ["| sparse image, 64 MiB written | source peak RSS | sink peak RSS | time |",

@@ -392,6 +392,18 @@ void WritePieces(Volume& v, const std::vector<std::pair<uint64_t, std::string>>&
   *stats = io->write_stats();
 }
 
+// A new image of `size` bytes, its first `filled` written with a pattern,
+// then snapshot `snap`; open at the head.
+StatusOr<std::unique_ptr<Volume>> FilledThenSnapshot(Pool& pool, const std::string& name,
+                                                     uint64_t size, uint64_t filled,
+                                                     const std::string& snap) {
+  RETURN_IF_ERROR(pool.Create(name, size));
+  ASSIGN_OR_RETURN(std::unique_ptr<Volume> v, pool.Open(name));
+  RETURN_IF_ERROR(WriteAt(*v, 0, Pattern(size + filled, filled)));
+  RETURN_IF_ERROR(v->CreateSnap(snap));
+  return v;
+}
+
 // What the sink does with an incremental epoch: several records in one
 // object after a snapshot, into objects that held data (object 1), that did
 // not exist (object 3), and across two objects (2/3). The head must read
@@ -401,10 +413,8 @@ void WritePieces(Volume& v, const std::vector<std::pair<uint64_t, std::string>>&
 TEST_F(RbdVolumeTest, WritesToOneObjectGoOutTogetherAndKeepSnapshotsAndDiffsRight) {
   constexpr uint64_t kObject = 4 * kMiB;
   const std::string name = NewName("objwrites");
-  CAIRN_ASSERT_OK(pool_->Create(name, 4 * kObject));
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
-  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(1, 2 * kObject)));
-  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v,
+                             FilledThenSnapshot(*pool_, name, 4 * kObject, 2 * kObject, "s1"));
   CAIRN_ASSERT_OK_AND_ASSIGN(std::string before, volume_test::ReadImage(*v, "s1"));
 
   std::vector<std::pair<uint64_t, std::string>> pieces;
@@ -459,10 +469,9 @@ TEST_F(RbdVolumeTest, WritesToOneObjectGoOutTogetherAndKeepSnapshotsAndDiffsRigh
 TEST_F(RbdVolumeTest, WritesToOneObjectOfACloneKeepTheParentsBytes) {
   constexpr uint64_t kObject = 4 * kMiB;
   const std::string parent_name = NewName("objparent");
-  CAIRN_ASSERT_OK(pool_->Create(parent_name, 2 * kObject));
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> parent, pool_->Open(parent_name));
-  CAIRN_ASSERT_OK(WriteAt(*parent, 0, Pattern(7, 2 * kObject)));
-  CAIRN_ASSERT_OK(parent->CreateSnap("base"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(
+      std::unique_ptr<Volume> parent,
+      FilledThenSnapshot(*pool_, parent_name, 2 * kObject, 2 * kObject, "base"));
   const std::string child_name = NewName("objchild");
   CAIRN_ASSERT_OK(pool_->Clone(parent_name, "base", child_name));
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> child, pool_->Open(child_name));
