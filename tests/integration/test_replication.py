@@ -4,6 +4,8 @@ import random
 import threading
 import time
 
+import pytest
+
 import cairn_testlib as lib
 
 MiB = 1 << 20
@@ -121,6 +123,7 @@ def test_no_write_is_lost_while_clients_keep_opening_the_image(site_a, site_b, w
     source, sink = start_pair(site_a, site_b, workdir, daemons, {name: (name, name + "-standby")})
     stop = threading.Event()
     errors = []
+    written = []  # (offset, start, end) of each write, for the failure message
 
     def opener():
         client = rados.Rados(conffile=site_a.conf, conf={
@@ -132,7 +135,10 @@ def test_no_write_is_lost_while_clients_keep_opening_the_image(site_a, site_b, w
             rng = random.Random(100)
             while not stop.is_set():
                 with rbd.Image(io, name) as img:
-                    img.write(rng.randbytes(4096), rng.randrange(size // 4096) * 4096)
+                    at = rng.randrange(size // 4096) * 4096
+                    t0 = time.time()
+                    img.write(rng.randbytes(4096), at)
+                    written.append((at, t0, time.time()))
             io.close()
         except Exception as e:  # surfaced below
             errors.append(e)
@@ -153,8 +159,23 @@ def test_no_write_is_lost_while_clients_keep_opening_the_image(site_a, site_b, w
     assert r["seq"] == 41
     newest = max(sink.json("points", name), key=lambda p: p["seq"])
     assert newest["seq"] == 41
-    assert site_b.digest(newest["image"], newest["snap"]) == site_a.digest(name), \
-        "the last restore point lacks writes the client made"
+    got, head = site_b.digest(newest["image"], newest["snap"]), site_a.digest(name)
+    if got != head:
+        at_source = site_a.digest(name, newest["snap"])
+        with rbd.Image(site_a.ioctx, name, read_only=True) as a, \
+                rbd.Image(site_b.ioctx, newest["image"], snapshot=newest["snap"],
+                          read_only=True) as b:
+            differ = [off for off in range(0, size, 4096)
+                      if a.read(off, 4096) != b.read(off, 4096)]
+            zeros = [off for off in differ if b.read(off, 4096) == bytes(4096)]
+        when = {off: [f"{t0:.3f}-{t1:.3f}" for at, t0, t1 in written if at == off]
+                for off in differ[:5]}
+        pytest.fail("the last restore point lacks writes the client made: the point "
+                    f"{'equals' if got == at_source else 'differs from'} its source snapshot "
+                    f"{newest['snap']}, which {'equals' if at_source == head else 'differs from'} "
+                    f"the head; {len(differ)} 4 KiB blocks differ, at (object, offset in it): "
+                    f"{[(off >> 22, off & ((1 << 22) - 1)) for off in differ[:20]]}; "
+                    f"{len(zeros)} of them zeros at the point; written at (unix s) {when}")
 
 
 def test_sparse_10gib_image_sends_only_what_is_written(site_a, site_b, workdir, daemons, name):
