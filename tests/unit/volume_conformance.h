@@ -567,8 +567,8 @@ TEST_P(VolumeConformanceTest, SnapshotsListInCreationOrderWithTimes) {
 }
 
 // What the sink does epoch after epoch on one handle: many small writes
-// (several per object: a store may send them together), then a snapshot
-// taken for this process only. Every snapshot must hold the image as it was
+// (several per RADOS object), then a snapshot taken for this process only
+// (no settling). Every snapshot must hold the image as it was
 // when it was taken, and the diffs between them the writes in between.
 TEST_P(VolumeConformanceTest, EpochsOfSmallWritesThenSnapshotsForThisProcessOnly) {
   using namespace volume_test;
