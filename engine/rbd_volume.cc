@@ -14,6 +14,7 @@
 #include <cstring>
 #include <deque>
 #include <endian.h>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <set>
@@ -419,6 +420,17 @@ std::vector<Extent> Ranges(const std::vector<Extent>& extents, uint64_t max_len)
 // it heard land meanwhile). Taking the exclusive lock to flush such a
 // client was tried and dropped: while Cairn held the lock, the client's
 // writes failed with EROFS.
+//
+// Telling is not enough on its own. A told client's write may already be on
+// its way, and it marks the object map only after the snapshot (so the
+// snapshot's object map does not show it): the next diff's object maps flag
+// the object, but if a later write with the new context hits the same
+// object first, RADOS clones the object with the stale write in it, and the
+// exact pass lists only the later write. So after a snapshot at which a
+// client was told, or before the next of which a client appeared that was
+// not watching when it settled, the diff from it sends whole every object
+// the object maps flag (SettleBook). A client that opens, writes and closes
+// between two snapshots without being seen by either is not covered.
 
 StatusOr<std::set<WatcherId>> Watchers(rbd_image_t h, const std::string& spec) {
   std::vector<rbd_image_watcher_t> w(8);
@@ -475,9 +487,14 @@ StatusOr<std::set<WatcherId>> NotifyHeaderChanged(rados_ioctx_t io, const std::s
   return acked;
 }
 
+struct Settled {
+  size_t told = 0;               // clients that began watching, told again
+  std::set<WatcherId> watchers;  // those watching when it ended
+};
+
 // See above. `before`: the watchers just before the snapshot.
-Status Settle(rbd_image_t h, const RadosIoCtx& io, const std::set<WatcherId>& before,
-              const std::string& spec) {
+StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io, const std::set<WatcherId>& before,
+                         const std::string& spec) {
   char id[128] = {};
   if (int rc = rbd_get_id(h, id, sizeof id); rc < 0) {
     return ErrnoStatus(rc, "getting the id of " + spec);
@@ -485,9 +502,10 @@ Status Settle(rbd_image_t h, const RadosIoCtx& io, const std::set<WatcherId>& be
   const std::string header_oid = std::string("rbd_header.") + id;
   auto floor = std::chrono::steady_clock::now() + kSettleFloor;
   std::set<WatcherId> told;
+  std::set<WatcherId> now;
   int rounds = 0;
   for (;;) {
-    ASSIGN_OR_RETURN(std::set<WatcherId> now, Watchers(h, spec));
+    ASSIGN_OR_RETURN(now, Watchers(h, spec));
     std::vector<WatcherId> untold;
     for (const auto& w : now) {
       if (!before.count(w) && !told.count(w)) untold.push_back(w);
@@ -512,7 +530,7 @@ Status Settle(rbd_image_t h, const RadosIoCtx& io, const std::set<WatcherId>& be
     spdlog::info("{}: {} client(s) opened the image as the snapshot was taken; told of it",
                  spec, told.size());
   }
-  return OkStatus();
+  return Settled{told.size(), std::move(now)};
 }
 
 // The parts of `flagged` (whole objects the object maps call changed,
@@ -558,10 +576,11 @@ StatusOr<bool> HasParent(rbd_image_t h, const std::string& spec) {
 
 // Lists the diff from `from_snap` ("" = the empty image) to the point `h`
 // is open at (`to_snap`, "" = the head). `h` is private to the caller: its
-// snapshot is moved and put back.
+// snapshot is moved and put back. `whole_changed`: every object the object
+// maps flag goes whole, as at `to_snap` (see "Settling a snapshot").
 Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& image,
                  const std::string& from_snap, const std::string& to_snap,
-                 const std::function<Status(const Extent&)>& fn) {
+                 const std::function<Status(const Extent&)>& fn, bool whole_changed = false) {
   const std::string spec = ImageSpec(pool, image, to_snap);
   const char* from = SnapOrNull(from_snap);
   const std::string what =
@@ -651,6 +670,12 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
     return OkStatus();
   };
 
+  if (whole_changed && !fast && !whole_objects_only) {
+    spdlog::warn("{}: clients opened the image around a snapshot since {}, and without "
+                 "fast-diff the writes they made with an out-of-date snapshot context cannot "
+                 "be found",
+                 what, from_snap);
+  }
   if (!fast && !whole_objects_only) {
     for (uint64_t lo = 0; lo < size; lo += kFineWindow) {
       ASSIGN_OR_RETURN(std::vector<Extent> exact,
@@ -667,7 +692,7 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
     const uint64_t len = std::min(window, size - lo);
     ASSIGN_OR_RETURN(std::vector<Extent> changed, iterate(lo, len, true));
     for (const auto& c : changed) flagged_bytes += c.length;
-    if (whole_objects_only) {
+    if (whole_objects_only || whole_changed) {
       RETURN_IF_ERROR(emit(changed));
       continue;
     }
@@ -696,6 +721,11 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
       }
       RETURN_IF_ERROR(emit(exact));
     }
+  }
+  if (whole_changed && !whole_objects_only) {
+    spdlog::info("{}: clients opened the image around a snapshot since {}; the {} bytes of "
+                 "objects changed since are sent whole",
+                 what, from_snap, flagged_bytes);
   }
   spdlog::debug("{}: the object maps flag {} bytes, the exact pass lists {} of them", what,
                 flagged_bytes, exact_bytes);
@@ -805,6 +835,66 @@ Status CopyData(rbd_image_t src, rbd_image_t dst, const std::string& pool,
 }
 
 }  // namespace
+
+// --- What the settling saw ---------------------------------------------------
+
+namespace rbd_internal {
+
+// Per image, the snapshots (by id) after which clients may have written
+// with a snapshot context that lacks them (see "Settling a snapshot"), and
+// who watched the newest one when its settling ended. Only what this
+// process saw: snapshots taken before it started count as settled. The
+// watchers given leave out this process's own (its handles come and go
+// with every epoch, and it knows of every snapshot it takes).
+// Thread-safe.
+class SettleBook {
+ public:
+  // Just before a snapshot of `image`: a client watching now that was not
+  // when the newest snapshot settled may have opened it before that
+  // snapshot. Null `before`: the watchers could not be listed.
+  void BeforeSnapshot(const std::string& image, const std::set<WatcherId>* before) {
+    std::lock_guard lock(mu_);
+    auto it = images_.find(image);
+    if (it == images_.end() || it->second.newest == 0) return;
+    Entry& e = it->second;
+    const bool appeared =
+        before == nullptr || !std::includes(e.watchers.begin(), e.watchers.end(),
+                                            before->begin(), before->end());
+    if (appeared) e.unsettled.insert(e.newest);
+  }
+  // Snapshot `id` of `image` settled: `settled` null if that failed.
+  void AfterSettling(const std::string& image, uint64_t id, const Settled* settled) {
+    std::lock_guard lock(mu_);
+    Entry& e = images_[image];
+    e.newest = id;
+    e.watchers = settled != nullptr ? settled->watchers : std::set<WatcherId>{};
+    if (settled == nullptr || settled->told > 0) e.unsettled.insert(id);
+  }
+  // Whether a snapshot with id in [from, to) is unsettled.
+  bool AnyUnsettled(const std::string& image, uint64_t from, uint64_t to) const {
+    std::lock_guard lock(mu_);
+    auto it = images_.find(image);
+    if (it == images_.end()) return false;
+    auto u = it->second.unsettled.lower_bound(from);
+    return u != it->second.unsettled.end() && *u < to;
+  }
+  void Forget(const std::string& image, uint64_t id) {
+    std::lock_guard lock(mu_);
+    auto it = images_.find(image);
+    if (it != images_.end()) it->second.unsettled.erase(id);
+  }
+
+ private:
+  struct Entry {
+    uint64_t newest = 0;
+    std::set<WatcherId> watchers;
+    std::set<uint64_t> unsettled;
+  };
+  mutable std::mutex mu_;
+  std::map<std::string, Entry> images_;
+};
+
+}  // namespace rbd_internal
 
 // --- RbdCluster --------------------------------------------------------------
 
@@ -972,7 +1062,7 @@ RadosIoCtx::~RadosIoCtx() { rados_ioctx_destroy(io_); }
 // --- RbdPool -----------------------------------------------------------------
 
 RbdPool::RbdPool(std::shared_ptr<RadosIoCtx> io, RbdPoolOptions options)
-    : io_(std::move(io)), options_(options) {}
+    : io_(std::move(io)), options_(options), book_(std::make_shared<rbd_internal::SettleBook>()) {}
 
 std::string RbdPool::Spec(const std::string& image, const std::string& snap) const {
   return ImageSpec(io_->pool(), image, snap);
@@ -984,7 +1074,7 @@ StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
   // watch of a process killed with -9 stalls every snapshot of the image
   // for ~30 s. Reading snapshots needs no such handle.
   ASSIGN_OR_RETURN(std::shared_ptr<Image> probe, OpenImage(*io_, image, "", true));
-  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, nullptr, image));
+  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, nullptr, image, book_));
 }
 
 namespace {
@@ -1167,8 +1257,9 @@ Status RbdPool::Copy(const std::string& image, const std::string& snap, const st
 
 // --- RbdVolume ---------------------------------------------------------------
 
-RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> head, std::string name)
-    : io_(std::move(io)), head_(std::move(head)), name_(std::move(name)) {}
+RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> head, std::string name,
+                     std::shared_ptr<rbd_internal::SettleBook> book)
+    : io_(std::move(io)), head_(std::move(head)), name_(std::move(name)), book_(std::move(book)) {}
 
 RbdVolume::~RbdVolume() = default;
 
@@ -1215,18 +1306,35 @@ Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {
   // Those watching the header now hear of the snapshot from librbd itself.
   StatusOr<std::set<WatcherId>> before =
       settle ? Watchers(h->get(), Spec()) : std::set<WatcherId>{};
+  const uint64_t self = rados_get_instance_id(rados_ioctx_get_cluster(io_->get()));
+  const auto others = [self](std::set<WatcherId> w) {
+    std::erase_if(w, [self](const WatcherId& x) { return x.first == self; });
+    return w;
+  };
+  if (settle) {
+    const std::optional<std::set<WatcherId>> seen =
+        before.ok() ? std::optional(others(*before)) : std::nullopt;
+    book_->BeforeSnapshot(name_, seen ? &*seen : nullptr);
+  }
   const int rc = rbd_snap_create(h->get(), snap.c_str());
   if (rc == -EEXIST) return AlreadyExists(fmt::format("snapshot {} already exists", Spec(snap)));
   if (rc < 0) return ErrnoStatus(rc, "creating snapshot " + Spec(snap));
   if (!settle) return OkStatus();
   // The snapshot exists: a failure to settle it is worth a warning, not a
-  // failed epoch (the diff still sends whole the objects such writes hit).
-  Status settled = before.ok() ? Settle(h->get(), *io_, *before, Spec(snap)) : before.status();
+  // failed epoch (the diff from it sends whole the objects that changed).
+  StatusOr<Settled> settled =
+      before.ok() ? Settle(h->get(), *io_, *before, Spec(snap)) : before.status();
   if (!settled.ok()) {
     spdlog::warn("snapshot {} taken, but clients that opened the image meanwhile may not know "
                  "of it: {}",
-                 Spec(snap), settled.ToString());
+                 Spec(snap), settled.status().ToString());
   }
+  uint64_t id = 0;
+  if (int rc = rbd_snap_get_id(h->get(), snap.c_str(), &id); rc < 0) {
+    return ErrnoStatus(rc, "getting the id of snapshot " + Spec(snap));
+  }
+  if (settled.ok()) settled->watchers = others(std::move(settled->watchers));
+  book_->AfterSettling(name_, id, settled.ok() ? &*settled : nullptr);
   return OkStatus();
 }
 
@@ -1248,16 +1356,31 @@ Status RbdVolume::RemoveSnap(const std::string& snap) {
     }
     if (rc < 0 && rc != -EINVAL) return ErrnoStatus(rc, "unprotecting snapshot " + spec);
   }
+  uint64_t id = 0;
+  if (int rc = rbd_snap_get_id(h->get(), snap.c_str(), &id); rc < 0) {
+    return ErrnoStatus(rc, "getting the id of snapshot " + spec);
+  }
   const int rc = rbd_snap_remove(h->get(), snap.c_str());
   if (rc == -ENOENT) return NotFound(fmt::format("snapshot {} does not exist", spec));
   if (rc < 0) return ErrnoStatus(rc, "removing snapshot " + spec);
+  book_->Forget(name_, id);
   return OkStatus();
 }
 
 Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                               const std::function<Status(const Extent&)>& fn) {
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, to_snap, true));
-  return DiffImage(at->get(), io_->pool(), name_, from_snap, to_snap, fn);
+  bool whole = false;
+  if (!from_snap.empty()) {
+    // DiffImage reports a missing snapshot.
+    uint64_t from = 0;
+    uint64_t to = UINT64_MAX;  // the head
+    if (rbd_snap_get_id(at->get(), from_snap.c_str(), &from) == 0 &&
+        (to_snap.empty() || rbd_snap_get_id(at->get(), to_snap.c_str(), &to) == 0)) {
+      whole = book_->AnyUnsettled(name_, from, to);
+    }
+  }
+  return DiffImage(at->get(), io_->pool(), name_, from_snap, to_snap, fn, whole);
 }
 
 StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {

@@ -61,6 +61,7 @@ namespace cairn {
 
 namespace rbd_internal {
 class Image;
+class SettleBook;
 }  // namespace rbd_internal
 
 class RbdPool;
@@ -196,13 +197,16 @@ class RbdPool final : public Pool {
 
   std::shared_ptr<RadosIoCtx> io_;
   const RbdPoolOptions options_;
+  // What the settling of this process's snapshots saw (shared by the
+  // volumes opened here: the source opens its image anew every epoch).
+  std::shared_ptr<rbd_internal::SettleBook> book_;
 };
 
 // One open RBD image; made by RbdPool::Open.
 class RbdVolume final : public Volume {
  public:
   RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<rbd_internal::Image> head,
-            std::string name);
+            std::string name, std::shared_ptr<rbd_internal::SettleBook> book);
   ~RbdVolume() override;
 
   const std::string& name() const override { return name_; }
@@ -216,7 +220,9 @@ class RbdVolume final : public Volume {
   // kFailedPrecondition if a clone depends on the snapshot.
   Status RemoveSnap(const std::string& snap) override;
   // An empty `to_snap` means the head. kNotFound if a snapshot is missing;
-  // kInvalidArgument if `from_snap` is newer than `to_snap`.
+  // kInvalidArgument if `from_snap` is newer than `to_snap`. Objects that
+  // changed in between go whole if this process saw clients open the image
+  // around a snapshot from `from_snap` on (CreateSnap; the .cc says why).
   Status DiffExtents(const std::string& from_snap, const std::string& to_snap,
                      const std::function<Status(const Extent&)>& fn) override;
   StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) override;
@@ -237,6 +243,7 @@ class RbdVolume final : public Volume {
   // resize, head I/O). Null until then.
   std::shared_ptr<rbd_internal::Image> head_;
   const std::string name_;
+  std::shared_ptr<rbd_internal::SettleBook> book_;
 };
 
 }  // namespace cairn
