@@ -219,9 +219,12 @@ class MemoryAsyncIo final : public AsyncIo {
   }
 
   Status StartWrite(uint64_t tag, uint64_t offset, std::span<const char> buf) override {
-    return Start(MemoryOp::kWrite, tag, offset, buf.size(), [&](ChunkMap& chunks) {
+    RETURN_IF_ERROR(Start(MemoryOp::kWrite, tag, offset, buf.size(), [&](ChunkMap& chunks) {
       WriteChunks(chunks, pool_->options.chunk_size, offset, buf);
-    });
+    }));
+    ++stats_.writes;  // one operation each
+    ++stats_.ops;
+    return OkStatus();
   }
 
   Status StartZero(uint64_t tag, uint64_t offset, uint64_t length) override {
@@ -238,6 +241,8 @@ class MemoryAsyncIo final : public AsyncIo {
   }
 
   size_t InFlight() const override { return done_.size(); }
+
+  WriteStats write_stats() const override { return stats_; }
 
   Status Drain() override {
     RETURN_IF_ERROR(WaitAll());
@@ -305,6 +310,7 @@ class MemoryAsyncIo final : public AsyncIo {
   const std::string snap_;
   const uint64_t snap_id_;
   std::deque<Completion> done_;
+  WriteStats stats_;
 };
 
 }  // namespace

@@ -25,7 +25,11 @@
 //  - AsyncIo at the head shares the volume's read-write handle; at a
 //    snapshot it opens its own read-only handle. Completions come back from
 //    librbd's threads through a queue; WaitOne returns them in completion
-//    order. StartZero is rbd_aio_write_zeroes (guaranteed zeros; discard may
+//    order. Writes at the head that fall in one RADOS object go out as one
+//    op: the first through librbd (object map, copy-up, exclusive lock,
+//    snapshot clone), the others together once it has completed, written
+//    to the object beside librbd (rbd_volume.cc, ObjectWriter). Not for
+//    journaling, fancy striping or format 1 images. StartZero is rbd_aio_write_zeroes (guaranteed zeros; discard may
 //    skip unaligned parts), and frees whole objects it covers.
 //  - Clone protects the snapshot (clone format 1 needs it), then
 //    rbd_clone3. RemoveSnap of a protected snapshot unprotects it only if no
@@ -233,9 +237,6 @@ class RbdVolume final : public Volume {
   // The read-write handle if open, else a transient read-only one (no watch).
   StatusOr<std::shared_ptr<rbd_internal::Image>> HeadForReading();
 
- public:
-
- private:
   std::string Spec(const std::string& snap = "") const;
 
   std::shared_ptr<RadosIoCtx> io_;
