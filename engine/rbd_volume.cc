@@ -1213,7 +1213,11 @@ class SettleBook {
     const bool appeared =
         before == nullptr || !std::includes(e.watchers.begin(), e.watchers.end(),
                                             before->begin(), before->end());
-    if (appeared) e.unsettled.insert(e.newest);
+    if (appeared) {
+      e.unsettled.insert(e.newest);
+      spdlog::debug("{}: {} watcher(s) now, {} when its newest snapshot settled", image,
+                    before != nullptr ? before->size() : 0, e.watchers.size());
+    }
   }
   // Snapshot `id` of `image` settled: `settled` null if that failed.
   void AfterSettling(const std::string& image, uint64_t id, const Settled* settled) {

@@ -142,6 +142,10 @@ def test_standby_cluster_frozen(site_a, site_b, workdir, name, writers, freeze_b
     rng = random.Random(7)
     with rbd.Image(site_a.ioctx, name) as img:
         img.write(rng.randbytes(prefill), 0)
+    # The guest's image is open before replication starts, as a VM's is.
+    writer = lib.GuestWriter(site_a, name, size, seed=7, ops=2, max_len=32 * 1024)
+    writers.append(writer)
+    writer.start(paused=True)
     spool = os.path.join(workdir, "spool")
     port = lib.free_port()
     sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
@@ -149,9 +153,7 @@ def test_standby_cluster_frozen(site_a, site_b, workdir, name, writers, freeze_b
     source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
         "a", site_a.conf, port, {name: (name, name + "-standby")}, interval="1s")))
     lib.wait_for("the first restore point", lambda: len(points(sink, name)) >= 1, timeout=30)
-    writer = lib.GuestWriter(site_a, name, size, seed=7, ops=2, max_len=32 * 1024)
-    writers.append(writer)
-    writer.start()
+    writer.go()
     n = len(points(sink, name))
     lib.wait_for("two more points with the guest writing",
                  lambda: len(points(sink, name)) >= n + 2, timeout=20)

@@ -273,7 +273,14 @@ class GuestWriter:
     (it then owns the image's exclusive lock); False opens it for every
     batch. `batches` counts completed batches; `max_batch_seconds` is the
     longest batch, so a stalled primary shows up. stop() joins the thread
-    and re-raises what the writer hit."""
+    and re-raises what the writer hit.
+
+    start(paused=True) opens the image (hold_open) and returns once it is
+    open; the writes begin at go(). A VM's image is open before replication
+    starts: a client that opens the image while it is being replicated
+    costs an epoch of whole objects (the source cannot tell whether it
+    wrote with a snapshot context that lacks the newest snapshot), which
+    the tests that bound each point's size would misread."""
 
     def __init__(self, site, image, size, seed, ops=3, max_len=64 * 1024, period=0.1,
                  hold_open=True):
@@ -285,17 +292,33 @@ class GuestWriter:
         self.max_batch_seconds = 0.0
         self.errors = []
         self._stop = threading.Event()
+        self._go = threading.Event()
+        self._opened = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"guest-writer-{image}",
                                         daemon=True)
 
-    def start(self):
+    def start(self, paused=False, timeout=30):
+        if not paused:
+            self._go.set()
         self._thread.start()
+        if paused and self.hold_open:
+            wait_for(f"the guest writer opening {self.image}",
+                     lambda: self._opened.is_set() or self.errors, timeout)
+            if self.errors:
+                raise self.errors[0]
         return self
+
+    def go(self):
+        self._go.set()
 
     def _run(self):
         try:
             if self.hold_open:
                 with rbd.Image(self.site.ioctx, self.image) as img:
+                    self._opened.set()
+                    while not self._go.wait(self.period):
+                        if self._stop.is_set():
+                            return
                     while not self._stop.wait(self.period):
                         t0 = time.monotonic()
                         random_changes_on(img, self.rng, self.ops, self.size, self.max_len)
