@@ -316,14 +316,15 @@ class GuestWriter:
             if self.hold_open:
                 with rbd.Image(self.site.ioctx, self.image) as img:
                     self._opened.set()
-                    while not self._go.wait(self.period):
-                        if self._stop.is_set():
-                            return
+                    if not self._wait_go():
+                        return
                     while not self._stop.wait(self.period):
                         t0 = time.monotonic()
                         random_changes_on(img, self.rng, self.ops, self.size, self.max_len)
                         self._done(t0)
             else:
+                if not self._wait_go():
+                    return
                 while not self._stop.wait(self.period):
                     t0 = time.monotonic()
                     with rbd.Image(self.site.ioctx, self.image) as img:
@@ -331,6 +332,13 @@ class GuestWriter:
                     self._done(t0)
         except Exception as e:  # re-raised by stop()
             self.errors.append(e)
+
+    def _wait_go(self):
+        """Waits for go() (paused start); False if stopped first."""
+        while not self._go.wait(self.period):
+            if self._stop.is_set():
+                return False
+        return True
 
     def _done(self, t0):
         self.max_batch_seconds = max(self.max_batch_seconds, time.monotonic() - t0)
