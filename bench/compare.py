@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +40,7 @@ GiB = 1 << 30
 FULL_SIZE = 1 * GiB
 INCR_BYTES = 128 * MiB
 INCR_BLOCK = 64 * 1024
+CAUGHT_UP_S = 5  # the RPO section samples once the newest point is this young
 SECTIONS = ["raw", "full", "incremental", "sparse", "rpo", "penalty", "memory"]
 
 
@@ -80,6 +82,82 @@ def proc_peak_rss_mib(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmHWM for {pid}")
+
+
+def window_mean(samples, start, seconds):
+    """Mean of fio's per-second IOPS samples (seconds since fio started, IOPS)
+    whose second lies in [START, START + SECONDS]."""
+    inside = [v for t, v in samples if start + 1 <= t <= start + seconds]
+    if len(inside) < seconds // 2:
+        raise RuntimeError(f"fio logged {len(inside)} samples in a {seconds} s window "
+                           f"(of {len(samples)}): its log does not cover the window")
+    return statistics.mean(inside)
+
+
+class RunningFio:
+    def __init__(self, bench, image, label, rate_bps, prefix):
+        self.log_prefix = os.path.join(bench.work, f"fio-{label}")
+        for f in os.listdir(bench.work):
+            if f.startswith(f"fio-{label}_iops"):
+                os.unlink(os.path.join(bench.work, f))
+        job = [*prefix, "fio", "--name=guest", "--ioengine=rbd", "--clientname=admin",
+               "--pool=rbd", f"--rbdname={image}", "--rw=randwrite", "--bs=64k",
+               "--iodepth=16", "--time_based", "--runtime=3600", "--direct=1",
+               "--output-format=json", "--randseed=42", f"--write_iops_log={self.log_prefix}",
+               "--log_avg_msec=1000"]
+        if rate_bps:
+            job.append(f"--rate={int(rate_bps)}")
+        self.t0 = time.monotonic()
+        self.proc = subprocess.Popen(job, env={**os.environ, "CEPH_CONF": bench.conf_a},
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Open, as a running VM's image is, before anything replicates it.
+        try:
+            with rbd.Image(bench.a.ioctx, image, read_only=True) as im:
+                def watching():
+                    self.check_running("it opened its image")
+                    return any(True for _ in im.watchers_list())
+                lib.wait_for(f"fio to open rbd/{image} (a watcher on its header)", watching,
+                             timeout=60)
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def since_start(self):
+        return time.monotonic() - self.t0
+
+    def check_running(self, what):
+        if self.proc.poll() is not None:
+            _, err = self.proc.communicate()
+            raise RuntimeError(f"fio ended before {what}: {err[:1500]}")
+
+    def stop(self):
+        """Interrupts fio; returns its per-second write IOPS as (seconds
+        since start, IOPS). fio ends with status 128 on SIGINT but writes its
+        report; an error in the report raises."""
+        self.check_running("it was stopped")
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            out, err = self.proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise RuntimeError("fio did not end within 120 s of SIGINT")
+        if "{" not in out:
+            raise RuntimeError(f"fio wrote no report (status {self.proc.returncode}): {err[:1500]}")
+        job = json.loads(out[out.index("{"):])["jobs"][0]
+        if job["error"]:
+            raise RuntimeError(f"fio failed (error {job['error']}): {err[:1500]}")
+        samples = []
+        with open(f"{self.log_prefix}_iops.1.log") as f:
+            for line in f:
+                fields = [x.strip() for x in line.split(",")]
+                if len(fields) >= 3 and fields[2] == "1":
+                    samples.append((int(fields[0]) / 1000, int(fields[1])))
+        return samples
 
 
 class Bench:
@@ -238,6 +316,15 @@ class Bench:
         j = json.loads(out[out.index("{"):])
         w = j["jobs"][0]["write"]
         return w["iops"], w["bw_bytes"]
+
+    def start_fio(self, image, label, rate_bps=None, prefix=()):
+        """The fio job of fio() left running (until stop()), writing its
+        per-second IOPS to a log: a guest whose image is open before
+        replication starts, as a VM's is. A client that opens the image
+        mid-replication costs one epoch of whole objects (docs/RELIABILITY.md,
+        "a late write ... hidden by the next write"); a VM pays that once per
+        attach, not at every interval."""
+        return RunningFio(self, image, label, rate_bps, prefix)
 
     # --- rbd-mirror ------------------------------------------------------------
     def start_mirror(self):
@@ -538,37 +625,56 @@ class Bench:
         rate = cap * fraction
         log(f"rpo ({placement} cores): primary capacity {cap / MiB:.1f} MiB/s (64 KiB random "
             f"writes, iodepth 16); load at {rate / MiB:.1f} MiB/s")
-        p50s, p99s, maxs = [], [], []
+        p50s, p99s, maxs, caught_up, written = [], [], [], [], []
         for r in range(1, self.args.runs + 1):
             vol, _, tgt = self.names(f"rpo{pct}{placement[0]}-", r)
             for s in self.a.snaps(img):
                 self.rbd_a("snap", "rm", f"rbd/{img}@{s}")
-            src = self.start_source(f"src-rpo{pct}{placement[0]}-{r}", {vol: (img, tgt)},
-                                    interval="1s")
+            guest = self.start_fio(img, f"rpo{pct}{placement[0]}{r}", rate, prefix=fio)
+            src = None
             try:
+                src = self.start_source(f"src-rpo{pct}{placement[0]}-{r}", {vol: (img, tgt)},
+                                        interval="1s")
                 self.place(placement, sink, src)
                 lib.wait_for("the first restore point of the RPO image",
                              lambda: sink.json("status", vol)[0]["last_seq"] > 0, timeout=300)
-                proc = subprocess.Popen(
-                    [*fio, "fio", "--name=guest", "--ioengine=rbd", "--clientname=admin", "--pool=rbd",
-                     f"--rbdname={img}", "--rw=randwrite", "--bs=64k", "--iodepth=16",
-                     "--time_based", f"--runtime={seconds}", f"--rate={int(rate)}",
-                     "--output-format=json"], env={**os.environ, "CEPH_CONF": self.conf_a},
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                guest.check_running("the first restore point")
+                # The first point copied the whole image while fio wrote; the
+                # next ones carry what it wrote meanwhile. The RPO is sampled
+                # once that backlog is through (the newest point at most
+                # CAUGHT_UP_S old), as it was when fio started on an idle,
+                # replicated image.
+                t_first = time.monotonic()
+
+                def age():
+                    guest.check_running("replication caught up")
+                    st = sink.json("status", vol)[0]
+                    return time.time() - st["last_point_time_ns"] / 1e9
+                try:
+                    lib.wait_for(f"a restore point at most {CAUGHT_UP_S} s old under the load",
+                                 lambda: age() <= CAUGHT_UP_S, timeout=180, interval=0.5)
+                    caught_up.append(time.monotonic() - t_first)
+                except TimeoutError:
+                    log(f"rpo run {r}: replication did not catch up within 180 s of its "
+                        f"first point; sampling anyway")
+                    caught_up.append(None)
                 ages = []
                 t_next = time.monotonic() + 1
-                while proc.poll() is None:
+                for _ in range(seconds):
                     time.sleep(max(0, t_next - time.monotonic()))  # the sampling period
                     t_next += 1
-                    st = sink.json("status", vol)[0]
-                    ages.append(time.time() - st["last_point_time_ns"] / 1e9)
-                out, err = proc.communicate()
-                if proc.returncode != 0:
-                    raise RuntimeError(f"fio failed: {err[:1500]}")
-                ages = ages[:-1]  # the sample taken as fio ended
+                    ages.append(age())
+                t_window = guest.since_start() - seconds
+                load = window_mean(guest.stop(), t_window, seconds) * 64 * 1024
+                guest = None
+                written.append(load / MiB)
+                log(f"rpo run {r}: fio wrote {load / MiB:.1f} MiB/s while sampled")
                 _, seq = self.cairn_replicate(src, vol)
             finally:
-                src.stop()
+                if guest:
+                    guest.kill()
+                if src:
+                    src.stop()
             want = self.export_hash(self.conf_a, f"rbd/{img}@cairn.{seq}")
             if self.export_hash(self.conf_b, f"rbd/{tgt}@cairn.{seq}") != want:
                 raise RuntimeError(f"rpo run {r}: restore point {seq} differs from its source")
@@ -579,12 +685,20 @@ class Bench:
             p99s.append(ages[min(len(ages) - 1, int(0.99 * len(ages)))])
             maxs.append(ages[-1])
             log(f"rpo {pct} % ({placement} cores) run {r}: {len(ages)} samples, p50 {p50s[-1]:.2f} s, p99 {p99s[-1]:.2f} s, "
-                f"max {maxs[-1]:.2f} s; {seq} points")
+                f"max {maxs[-1]:.2f} s; {seq} points; caught up "
+                + (f"{caught_up[-1]:.1f} s after the first" if caught_up[-1] is not None
+                   else "never"))
         self.results["sections"][f"rpo_{pct}_{placement}"] = {
                                            "load_mib_s": rate / MiB, "placement": placement,
                                            "capacity_mib_s": cap / MiB, "fraction": fraction,
                                            "seconds": seconds, "p50_s": stats(p50s),
-                                           "p99_s": stats(p99s), "max_s": stats(maxs)}
+                                           "p99_s": stats(p99s), "max_s": stats(maxs),
+                                           "caught_up_s": (stats([c for c in caught_up
+                                                                  if c is not None])
+                                                           if any(c is not None
+                                                                  for c in caught_up) else None),
+                                           "not_caught_up": caught_up.count(None),
+                                           "written_mib_s": stats(written)}
 
     def section_penalty(self):
         """fio write IOPS at the primary: no replication, Cairn at 1 s,
@@ -628,18 +742,30 @@ class Bench:
         self.results["sections"]["penalty"] = out
 
     def _fio_under_cairn(self, vol, img, tgt, interval, seconds, placement, sink, what):
-        """fio IOPS on IMG while a source replicates it every INTERVAL (after
-        its first restore point); then a last point, compared with its source
-        by hash."""
-        src = self.start_source(f"src-{vol}", {vol: (img, tgt)}, interval=interval)
+        """fio IOPS on IMG over SECONDS while a source replicates it every
+        INTERVAL. fio opens the image before the source starts, as a VM's is,
+        and only the seconds after the second restore point count; then a
+        last point, compared with its source by hash."""
+        guest = self.start_fio(img, vol, prefix=self.place(placement, sink))
+        src = None
         try:
-            fio = self.place(placement, sink, src)
-            lib.wait_for("the first restore point of the penalty image",
-                         lambda: sink.json("status", vol)[0]["last_seq"] > 0, timeout=300)
-            iops, _ = self.fio(img, seconds, prefix=fio)
+            src = self.start_source(f"src-{vol}", {vol: (img, tgt)}, interval=interval)
+            self.place(placement, sink, src)
+            # The first point carries the full sync, the second what fio
+            # wrote meanwhile; the window opens after both.
+            lib.wait_for("the second restore point of the penalty image",
+                         lambda: sink.json("status", vol)[0]["last_seq"] > 1, timeout=300)
+            guest.check_running("the second restore point")
+            t_window = guest.since_start()
+            time.sleep(seconds)  # the measured window (a bench, not a test)
+            iops = window_mean(guest.stop(), t_window, seconds)
+            guest = None
             _, seq = self.cairn_replicate(src, vol)
         finally:
-            src.stop()
+            if guest:
+                guest.kill()
+            if src:
+                src.stop()
         if self.export_hash(self.conf_b, f"rbd/{tgt}@cairn.{seq}") != self.export_hash(
                 self.conf_a, f"rbd/{img}@cairn.{seq}"):
             raise RuntimeError(f"{what}: restore point {seq} differs from its source")
@@ -731,6 +857,18 @@ def fmt_stat(s, unit="", prec=0):
     return f"{s['median']:.{prec}f}{unit} ({s['min']:.{prec}f}-{s['max']:.{prec}f})"
 
 
+def caught_up_cell(rp):
+    """The RPO table's "caught up" cell: seconds from the first point until
+    the newest was young, and in how many runs it never was."""
+    if "caught_up_s" not in rp:  # a results.json from before the column
+        return "-"
+    never = rp.get("not_caught_up", 0)
+    cell = fmt_stat(rp["caught_up_s"], " s", 1) if rp["caught_up_s"] else ""
+    if never:
+        cell += f"{'; ' if cell else ''}not within 180 s in {never} run(s)"
+    return cell
+
+
 def target_line(ok):
     return "met" if ok else "**missed**"
 
@@ -815,16 +953,21 @@ def report(results):
         lines += ["RPO under load: fio 64 KiB random writes (iodepth 16) at a fraction of the "
                   "primary's write capacity measured just before under the same placement "
                   "(per site: site A and fio on core 0, site B and both cairnds on the other; "
-                  "shared: everything over all cores), Cairn at `interval = 1s`; age of the "
-                  "newest restore point at site B, sampled every second:", "",
-                  "| cores | load | p50 | p99 | max |", "|---|---|---:|---:|---:|"]
+                  "shared: everything over all cores), Cairn at `interval = 1s`. fio opens "
+                  "the image before Cairn starts and writes through the first sync; once the "
+                  f"newest restore point at site B is at most {CAUGHT_UP_S} s old (\"caught "
+                  "up\", counted from the first point), its age is sampled every second:", "",
+                  "| cores | load | caught up | p50 | p99 | max |",
+                  "|---|---|---:|---:|---:|---:|"]
         for k in rpos:
             rp = s[k]
             placement = rp.get("placement", "shared")
             lines.append(f"| {placement} | {rp['fraction'] * 100:.0f} % of "
                          f"{rp['capacity_mib_s']:.0f} MiB/s = "
-                         f"{rp['load_mib_s']:.1f} MiB/s for {rp['seconds']} s | "
-                         f"{fmt_stat(rp['p50_s'], ' s', 2)} | {fmt_stat(rp['p99_s'], ' s', 2)} | "
+                         f"{rp['load_mib_s']:.1f} MiB/s for {rp['seconds']} s"
+                         + (f" (written: {rp['written_mib_s']['median']:.1f})"
+                            if "written_mib_s" in rp else "") + " | "
+                         f"{caught_up_cell(rp)} | {fmt_stat(rp['p50_s'], ' s', 2)} | {fmt_stat(rp['p99_s'], ' s', 2)} | "
                          f"{fmt_stat(rp['max_s'], ' s', 2)} |")
             if rp["fraction"] == 0.5:
                 targets.append((f"RPO p99 ≤ 2 s at half the primary's capacity ({placement} "

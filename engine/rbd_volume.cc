@@ -1,6 +1,7 @@
 #include "engine/rbd_volume.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -1210,13 +1211,18 @@ class SettleBook {
     auto it = images_.find(image);
     if (it == images_.end() || it->second.newest == 0) return;
     Entry& e = it->second;
-    const bool appeared =
-        before == nullptr || !std::includes(e.watchers.begin(), e.watchers.end(),
-                                            before->begin(), before->end());
-    if (appeared) {
+    if (before == nullptr) {
       e.unsettled.insert(e.newest);
-      spdlog::debug("{}: {} watcher(s) now, {} when its newest snapshot settled", image,
-                    before != nullptr ? before->size() : 0, e.watchers.size());
+      return;
+    }
+    std::vector<std::string> appeared;
+    for (const auto& [gid, cookie] : *before) {
+      if (!e.watchers.count({gid, cookie})) appeared.push_back(fmt::format("{}/{}", gid, cookie));
+    }
+    if (!appeared.empty()) {
+      e.unsettled.insert(e.newest);
+      spdlog::debug("{}: watcher(s) {} appeared since its newest snapshot settled ({} then)",
+                    image, fmt::join(appeared, ", "), e.watchers.size());
     }
   }
   // Snapshot `id` of `image` settled: `settled` null if that failed.
