@@ -85,10 +85,10 @@ def proc_peak_rss_mib(pid):
 
 
 def window_mean(samples, start, seconds):
-    """Mean of fio's per-second IOPS samples (seconds since fio started, IOPS)
-    whose second lies in [START, START + SECONDS]."""
+    """Mean of fio's per-second IOPS samples (Unix time, IOPS) whose second
+    lies in [START, START + SECONDS] (Unix time)."""
     inside = [v for t, v in samples if start + 1 <= t <= start + seconds]
-    if len(inside) < seconds // 2:
+    if len(inside) < max(1, seconds // 2):
         raise RuntimeError(f"fio logged {len(inside)} samples in a {seconds} s window "
                            f"(of {len(samples)}): its log does not cover the window")
     return statistics.mean(inside)
@@ -104,10 +104,11 @@ class RunningFio:
                "--pool=rbd", f"--rbdname={image}", "--rw=randwrite", "--bs=64k",
                "--iodepth=16", "--time_based", "--runtime=3600", "--direct=1",
                "--output-format=json", "--randseed=42", f"--write_iops_log={self.log_prefix}",
-               "--log_avg_msec=1000"]
+               "--log_avg_msec=1000", "--log_unix_epoch=1"]
         if rate_bps:
             job.append(f"--rate={int(rate_bps)}")
-        self.t0 = time.monotonic()
+        with rbd.Image(bench.a.ioctx, image, read_only=True) as im:
+            before = {(w["id"], w["cookie"]) for w in im.watchers_list()}
         self.proc = subprocess.Popen(job, env={**os.environ, "CEPH_CONF": bench.conf_a},
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         # Open, as a running VM's image is, before anything replicates it.
@@ -115,7 +116,8 @@ class RunningFio:
             with rbd.Image(bench.a.ioctx, image, read_only=True) as im:
                 def watching():
                     self.check_running("it opened its image")
-                    return any(True for _ in im.watchers_list())
+                    return any((w["id"], w["cookie"]) not in before
+                               for w in im.watchers_list())
                 lib.wait_for(f"fio to open rbd/{image} (a watcher on its header)", watching,
                              timeout=60)
         except BaseException:
@@ -127,8 +129,6 @@ class RunningFio:
             self.proc.kill()
         self.proc.wait()
 
-    def since_start(self):
-        return time.monotonic() - self.t0
 
     def check_running(self, what):
         if self.proc.poll() is not None:
@@ -136,8 +136,8 @@ class RunningFio:
             raise RuntimeError(f"fio ended before {what}: {err[:1500]}")
 
     def stop(self):
-        """Interrupts fio; returns its per-second write IOPS as (seconds
-        since start, IOPS). fio ends with status 128 on SIGINT but writes its
+        """Interrupts fio; returns its per-second write IOPS as (Unix time
+        in seconds, IOPS). fio ends with status 128 on SIGINT but writes its
         report; an error in the report raises."""
         self.check_running("it was stopped")
         self.proc.send_signal(signal.SIGINT)
@@ -655,6 +655,7 @@ class Bench:
                                  lambda: age() <= CAUGHT_UP_S, timeout=180, interval=0.5)
                     caught_up.append(time.monotonic() - t_first)
                 except TimeoutError:
+                    guest.check_running("replication caught up")
                     log(f"rpo run {r}: replication did not catch up within 180 s of its "
                         f"first point; sampling anyway")
                     caught_up.append(None)
@@ -664,7 +665,7 @@ class Bench:
                     time.sleep(max(0, t_next - time.monotonic()))  # the sampling period
                     t_next += 1
                     ages.append(age())
-                t_window = guest.since_start() - seconds
+                t_window = time.time() - seconds
                 load = window_mean(guest.stop(), t_window, seconds) * 64 * 1024
                 guest = None
                 written.append(load / MiB)
@@ -756,7 +757,7 @@ class Bench:
             lib.wait_for("the second restore point of the penalty image",
                          lambda: sink.json("status", vol)[0]["last_seq"] > 1, timeout=300)
             guest.check_running("the second restore point")
-            t_window = guest.since_start()
+            t_window = time.time()
             time.sleep(seconds)  # the measured window (a bench, not a test)
             iops = window_mean(guest.stop(), t_window, seconds)
             guest = None
@@ -956,7 +957,9 @@ def report(results):
                   "shared: everything over all cores), Cairn at `interval = 1s`. fio opens "
                   "the image before Cairn starts and writes through the first sync; once the "
                   f"newest restore point at site B is at most {CAUGHT_UP_S} s old (\"caught "
-                  "up\", counted from the first point), its age is sampled every second:", "",
+                  "up\", counted from the first point; sampled anyway if not within 180 s), "
+                  "its age is sampled every second (rows with \"-\" were measured before, with "
+                  "fio started after the first point):", "",
                   "| cores | load | caught up | p50 | p99 | max |",
                   "|---|---|---:|---:|---:|---:|"]
         for k in rpos:
@@ -965,7 +968,7 @@ def report(results):
             lines.append(f"| {placement} | {rp['fraction'] * 100:.0f} % of "
                          f"{rp['capacity_mib_s']:.0f} MiB/s = "
                          f"{rp['load_mib_s']:.1f} MiB/s for {rp['seconds']} s"
-                         + (f" (written: {rp['written_mib_s']['median']:.1f})"
+                         + (f" (written: {rp['written_mib_s']['median']:.1f} MiB/s)"
                             if "written_mib_s" in rp else "") + " | "
                          f"{caught_up_cell(rp)} | {fmt_stat(rp['p50_s'], ' s', 2)} | {fmt_stat(rp['p99_s'], ' s', 2)} | "
                          f"{fmt_stat(rp['max_s'], ' s', 2)} |")
