@@ -1213,6 +1213,7 @@ class SettleBook {
     Entry& e = it->second;
     if (before == nullptr) {
       e.unsettled.insert(e.newest);
+      spdlog::debug("{}: its watchers could not be listed; counted as appeared", image);
       return;
     }
     std::vector<std::string> appeared;
