@@ -65,6 +65,9 @@ struct Sink::Target {
     uint64_t offset = 0;  // end of its last whole frame, in spool bytes
   } partial;
   bool resumed = false;  // the epoch being received continues a partial one
+  // Seconds from the epoch's last frame until its last writes had drained
+  // and its spool was synced (the restore point's log line says it).
+  double tail_secs = 0;
   // A complete epoch is durable in the spool and not applied yet.
   uint64_t durable_seq = 0;
   int64_t last_point_time_ns = 0;  // of the newest point this Target made
@@ -506,6 +509,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     }
   }
   at_end = true;
+  const auto t_end = std::chrono::steady_clock::now();
   // The last writes to the standby image drain while the spool syncs.
   std::future<Status> drained;
   if (streamed) {
@@ -521,6 +525,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     }
   }
   if (!synced.ok()) return spool_fail(synced.status());
+  t.tail_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_end).count();
   if (streamed) {
     streamed->summary = verifier.summary();
     t.streamed = std::move(streamed);
@@ -615,6 +620,10 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   const auto path = t.SpoolPath(seq);
   std::unique_ptr<Volume> vol;
   EpochSummary sum;
+  const auto since = [](std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  };
+  std::string phases;  // for the log line
   if (auto streamed = std::move(t.streamed); streamed && streamed->seq == seq) {
     // Received and written at once (Finish ran as the spool synced; again,
     // it only confirms that nothing is left in flight).
@@ -622,18 +631,23 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
       sum = streamed->summary;
       streamed->apply.reset();
       vol = std::move(streamed->vol);
+      phases = fmt::format("written as received, last writes and spool sync {:.2f} s",
+                           t.tail_secs);
     } else {
       WarnAppliedFromSpool(t.volume, seq, st);
     }
   }
   if (!vol) {
+    const auto t_apply = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, seq}));
     EpochVerifier verifier(t.volume, t.last_seq, t.chain);
     ASSIGN_OR_RETURN(PreparedTarget prepared, PrepareTarget(t));
     ASSIGN_OR_RETURN(sum, ApplyEpoch(*reader, verifier, *prepared.vol, env_.apply,
                                      prepared.state));
     vol = std::move(prepared.vol);
+    phases = fmt::format("written from the spool {:.2f} s", since(t_apply));
   }
+  const auto t_snap = std::chrono::steady_clock::now();
 
   // A crash after the snapshot but before the catalog leaves the snapshot:
   // it was taken after a complete apply, so it is kept.
@@ -658,15 +672,19 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   p.epoch_digest = sum.epoch_digest;
   p.chain_digest = sum.chain;
   p.source_site = sum.source_site;
+  const double snap_secs = since(t_snap);
+  const auto t_catalog = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(t.catalog->AddPoint(p));
+  const double catalog_secs = since(t_catalog);
   t.last_seq = seq;
   t.chain = sum.chain;
   t.last_point_time_ns = sum.snap_time_ns;
   t.durable_seq = 0;
   std::error_code ec;
   std::filesystem::remove(path, ec);
-  spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes)", t.volume, seq,
-               sum.data_bytes, sum.zero_bytes);
+  spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
+               "{:.2f} s, catalog {:.2f} s)",
+               t.volume, seq, sum.data_bytes, sum.zero_bytes, phases, snap_secs, catalog_secs);
   if (env_.keep_points > 0) t.committed = std::move(vol);
   return OkStatus();
 }
