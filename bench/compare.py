@@ -84,6 +84,18 @@ def proc_peak_rss_mib(pid):
     raise RuntimeError(f"no VmHWM for {pid}")
 
 
+def fio_job(image, seconds, rate_bps=None, prefix=()):
+    """The guest's fio command: rbd engine, random 64 KiB writes, iodepth 16,
+    on rbd/IMAGE for SECONDS (at RATE_BPS if given), a JSON report."""
+    job = [*prefix, "fio", "--name=guest", "--ioengine=rbd", "--clientname=admin",
+           "--pool=rbd", f"--rbdname={image}", "--rw=randwrite", "--bs=64k", "--iodepth=16",
+           "--time_based", f"--runtime={seconds}", "--direct=1", "--output-format=json",
+           "--randseed=42"]
+    if rate_bps:
+        job.append(f"--rate={int(rate_bps)}")
+    return job
+
+
 def window_mean(samples, start, seconds):
     """Mean of fio's per-second IOPS samples (Unix time, IOPS) whose second
     lies in [START, START + SECONDS] (Unix time)."""
@@ -100,13 +112,8 @@ class RunningFio:
         for f in os.listdir(bench.work):
             if f.startswith(f"fio-{label}_iops"):
                 os.unlink(os.path.join(bench.work, f))
-        job = [*prefix, "fio", "--name=guest", "--ioengine=rbd", "--clientname=admin",
-               "--pool=rbd", f"--rbdname={image}", "--rw=randwrite", "--bs=64k",
-               "--iodepth=16", "--time_based", "--runtime=3600", "--direct=1",
-               "--output-format=json", "--randseed=42", f"--write_iops_log={self.log_prefix}",
-               "--log_avg_msec=1000", "--log_unix_epoch=1"]
-        if rate_bps:
-            job.append(f"--rate={int(rate_bps)}")
+        job = fio_job(image, 3600, rate_bps, prefix) + [
+            f"--write_iops_log={self.log_prefix}", "--log_avg_msec=1000", "--log_unix_epoch=1"]
         with rbd.Image(bench.a.ioctx, image, read_only=True) as im:
             before = {(w["id"], w["cookie"]) for w in im.watchers_list()}
         self.proc = subprocess.Popen(job, env={**os.environ, "CEPH_CONF": bench.conf_a},
@@ -306,12 +313,7 @@ class Bench:
         """fio (rbd engine) random 64 KiB writes, iodepth 16, on rbd/IMAGE at
         site A. Returns (write IOPS, write bytes/s)."""
         conf = conf or self.conf_a
-        job = [*prefix, "fio", "--name=guest", "--ioengine=rbd", "--clientname=admin",
-               f"--pool=rbd", f"--rbdname={image}", "--rw=randwrite", "--bs=64k",
-               "--iodepth=16", "--time_based", f"--runtime={seconds}", "--direct=1",
-               "--output-format=json", "--randseed=42"]
-        if rate_bps:
-            job.append(f"--rate={int(rate_bps)}")
+        job = fio_job(image, seconds, rate_bps, prefix)
         out = run(*job, env={**os.environ, "CEPH_CONF": conf}, timeout=seconds * 4 + 120)
         j = json.loads(out[out.index("{"):])
         w = j["jobs"][0]["write"]
