@@ -11,7 +11,7 @@
 # (every option goes to bench/compare.py; see its --help)
 # Results: bench/results/results.{md,json}, bench/results/performance.png and
 # bench/results/micro.json; --update-docs also writes the table and chart into
-# docs/PERFORMANCE.md. Takes about 55 min with the defaults (3 runs each).
+# docs/PERFORMANCE.md. Takes 35-55 min with the defaults (3 runs each), by machine.
 # It measures; it does not test: the test suite is ./test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
