@@ -353,7 +353,7 @@ class CapturingFrameWriter final : public FrameWriter {
  public:
   Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
     frames.push_back(
-        Frame{type, std::string(body), std::vector<char>(payload.begin(), payload.end())});
+        Frame{type, std::string(body), Payload(payload.begin(), payload.end())});
     return OkStatus();
   }
   std::vector<Frame> frames;

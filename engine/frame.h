@@ -21,9 +21,13 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
+#include <new>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "engine/status.h"
@@ -57,12 +61,34 @@ struct FrameHeader {
   uint64_t body_xxh3;
 };
 
+// An allocator that leaves new elements default-initialized: a vector of
+// char then grows without zeroing what is about to be overwritten (a
+// payload read into, up to 8 MiB a frame).
+template <typename T>
+struct DefaultInitAllocator : std::allocator<T> {
+  using value_type = T;
+  DefaultInitAllocator() noexcept = default;
+  template <typename U>
+  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}
+  template <typename U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+
+// A frame's payload bytes.
+using Payload = std::vector<char, DefaultInitAllocator<char>>;
+
 // A decoded frame that owns its bytes. The body is verified against
 // body_xxh3; the payload is NOT verified here (its hash is in the body).
 struct Frame {
   FrameType type{};
   std::string body;
-  std::vector<char> payload;
+  Payload payload;
 };
 
 // Encodes the 32-byte header for `body` and a payload of `payload_len` bytes.

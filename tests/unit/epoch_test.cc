@@ -200,7 +200,7 @@ TEST_F(EpochTest, EmptyEpochIsValid) {
 // Frames of an epoch, collected in memory.
 struct Collect final : FrameWriter {
   Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
-    frames.push_back(Frame{type, std::string(body), std::vector<char>(payload.begin(), payload.end())});
+    frames.push_back(Frame{type, std::string(body), Payload(payload.begin(), payload.end())});
     return OkStatus();
   }
   std::vector<Frame> frames;

@@ -50,14 +50,14 @@ std::string Pattern(size_t n, uint64_t seed) {
 struct TestFrame {
   FrameType type;
   std::string body;
-  std::vector<char> payload;
+  Payload payload;
 
   uint64_t size() const { return kFrameHeaderSize + body.size() + payload.size(); }
 };
 
 TestFrame MakeFrame(FrameType type, size_t body_len, size_t payload_len, uint64_t seed) {
   std::string p = Pattern(payload_len, seed * 2 + 1);
-  return TestFrame{type, Pattern(body_len, seed * 2), std::vector<char>(p.begin(), p.end())};
+  return TestFrame{type, Pattern(body_len, seed * 2), Payload(p.begin(), p.end())};
 }
 
 Status AppendFrame(SpoolWriter& w, const TestFrame& f) {
