@@ -17,6 +17,17 @@
 #include <string>
 
 #include <xxhash.h>
+// Debian's libxxhash carries a run-time dispatcher on x86-64: the same
+// XXH3, through AVX2 or AVX-512 where the CPU has them (twice the SSE2
+// build's speed on a 1 MiB block). Only the block hash takes this path;
+// it is the one that sees every byte.
+#if defined(__x86_64__) && __has_include(<xxh_x86dispatch.h>)
+#define XXH_DISPATCH_DISABLE_REPLACE 1
+#include <xxh_x86dispatch.h>
+#define CAIRN_XXH3_64 XXH3_64bits_dispatch
+#else
+#define CAIRN_XXH3_64 XXH3_64bits
+#endif
 
 namespace cairn {
 
@@ -25,7 +36,7 @@ class BlockHash {
   constexpr BlockHash() = default;
   constexpr explicit BlockHash(uint64_t v) : v_(v) {}
   static BlockHash Of(std::span<const char> bytes) {
-    return BlockHash(XXH3_64bits(bytes.data(), bytes.size()));
+    return BlockHash(CAIRN_XXH3_64(bytes.data(), bytes.size()));
   }
   constexpr uint64_t value() const { return v_; }
   friend constexpr bool operator==(BlockHash, BlockHash) = default;
