@@ -122,7 +122,11 @@ class SocketLink final : public Link {
   const std::string& peer() const override { return peer_; }
 
  private:
-  static constexpr size_t kBufSize = 256 * 1024;
+  // Small on purpose: what a read pulls in past the frame's body is copied
+  // once more out of this buffer, so a large payload should find it nearly
+  // empty and go straight from the socket into the frame (ReadExact). 16
+  // KiB still carries a few hundred small frames (zero records) per read.
+  static constexpr size_t kBufSize = 16 * 1024;
 
   struct Source final : ByteSource {
     explicit Source(SocketLink& l) : link(l) {}
