@@ -542,8 +542,12 @@ class Bench:
         cpu = []
         osd = {t: [] for t in tools}
         for r in range(1, self.args.runs + 1):
-            for t, fn in tools.items():
-                res = fn(r)
+            # The order turns each run: memstore's OSD slows as it takes
+            # writes, so a fixed order would favour whichever tool goes first.
+            names = list(tools)
+            k = (r - 1) % len(names)
+            for t in names[k:] + names[:k]:
+                res = tools[t](r)
                 full[t].append(FULL_SIZE / res[0] / MiB)
                 incr[t].append(INCR_BYTES / res[1] / MiB)
                 osd[t].append(res[2])
@@ -624,17 +628,23 @@ class Bench:
         self.remove(self.a, img)
 
     def _rpo_runs(self, img, fraction, placement, sink, seconds, pct):
-        fio = self.place(placement, sink)
-        self.fio(img, 5, prefix=fio)  # warm-up, not counted (as in the penalty section)
-        _, cap = self.fio(img, 15, prefix=fio)
-        rate = cap * fraction
-        log(f"rpo ({placement} cores): primary capacity {cap / MiB:.1f} MiB/s (64 KiB random "
-            f"writes, iodepth 16); load at {rate / MiB:.1f} MiB/s")
-        p50s, p99s, maxs, caught_up, written = [], [], [], [], []
+        p50s, p99s, maxs, caught_up, written, caps, rates = [], [], [], [], [], [], []
         for r in range(1, self.args.runs + 1):
             vol, _, tgt = self.names(f"rpo{pct}{placement[0]}-", r)
             for s in self.a.snaps(img):
                 self.rbd_a("snap", "rm", f"rbd/{img}@{s}")
+            # The capacity is measured before every run: memstore's OSD slows
+            # as it takes writes (docs/PERFORMANCE.md, "A test bed that slows
+            # down"), so one measured minutes earlier would ask the later runs
+            # for more than half of what the primary can do by then.
+            fio = self.place(placement, sink)
+            self.fio(img, 5, prefix=fio)  # warm-up, not counted (as in the penalty section)
+            _, cap = self.fio(img, 15, prefix=fio)
+            rate = cap * fraction
+            caps.append(cap / MiB)
+            rates.append(rate / MiB)
+            log(f"rpo run {r} ({placement} cores): primary capacity {cap / MiB:.1f} MiB/s "
+                f"(64 KiB random writes, iodepth 16); load at {rate / MiB:.1f} MiB/s")
             guest = self.start_fio(img, f"rpo{pct}{placement[0]}{r}", rate, prefix=fio)
             src = None
             try:
@@ -695,8 +705,11 @@ class Bench:
                 + (f"{caught_up[-1]:.1f} s after the first" if caught_up[-1] is not None
                    else "never"))
         self.results["sections"][f"rpo_{pct}_{placement}"] = {
-                                           "load_mib_s": rate / MiB, "placement": placement,
-                                           "capacity_mib_s": cap / MiB, "fraction": fraction,
+                                           "load_mib_s": statistics.median(rates),
+                                           "placement": placement,
+                                           "capacity_mib_s": statistics.median(caps),
+                                           "capacity_runs_mib_s": stats(caps),
+                                           "fraction": fraction,
                                            "seconds": seconds, "p50_s": stats(p50s),
                                            "p99_s": stats(p99s), "max_s": stats(maxs),
                                            "caught_up_s": (stats([c for c in caught_up
@@ -714,8 +727,15 @@ class Bench:
         sink = self.start_sink()
         try:
             for placement in self.args.penalty_placements:
-                res = {"off": [], "snapshots": [], "snapshots_default": [], "cairn": [],
-                       "cairn_default": [], "journaling": []}
+                rows = ("snapshots", "snapshots_default", "cairn", "cairn_default",
+                        "journaling")
+                res = {k: [] for k in ("off",) + rows}
+                # Each row against replication off measured just before it
+                # on the same image: memstore's OSD slows as it takes writes
+                # (docs/PERFORMANCE.md, "A test bed that slows down"), so a
+                # baseline from the start of the run would charge the later
+                # rows with the test bed's own decay.
+                ratio = {k: [] for k in rows}
                 for r in range(1, self.args.runs + 1):
                     vol, img, tgt = self.names(f"pen{placement[0]}", r)
                     self._fio_image(img)
@@ -724,28 +744,37 @@ class Bench:
                     # fill run slower (the OSD's heap grows), which would
                     # flatter every row measured after "off".
                     self.fio(img, min(5, seconds), prefix=fio)
-                    iops, _ = self.fio(img, seconds, prefix=fio)
-                    res["off"].append(iops)
+
+                    def paired(key, measure):
+                        off, _ = self.fio(img, seconds, prefix=self.place(placement, sink))
+                        res["off"].append(off)
+                        iops = measure()
+                        res[key].append(iops)
+                        ratio[key].append(iops / off)
+                        log(f"penalty ({placement} cores) run {r}: {key} {iops:.0f} IOPS against "
+                            f"{off:.0f} off just before ({(iops / off - 1) * 100:+.1f} %)")
+
                     for key, interval in (("snapshots", 1.0), ("snapshots_default", 5.0)):
-                        res[key].append(self._fio_under_snapshots(img, seconds, placement, fio,
-                                                                  interval))
+                        paired(key, lambda: self._fio_under_snapshots(
+                            img, seconds, placement, fio, interval))
                     for key, interval, suffix in (("cairn", "1s", ""),
                                                   ("cairn_default", "5s", "-d")):
-                        res[key].append(self._fio_under_cairn(
-                            f"{vol}{suffix}", img, f"{tgt}{suffix}", interval, seconds, placement,
-                            sink, f"penalty {placement} run {r}, interval {interval}"))
-                    fio = self.place(placement, sink)
+                        paired(key, lambda: self._fio_under_cairn(
+                            f"{vol}{suffix}", img, f"{tgt}{suffix}", interval, seconds,
+                            placement, sink, f"penalty {placement} run {r}, interval {interval}"))
+
+                    def journaled():
+                        self._fio_image(img + "-j", journaling=True)
+                        jfio = self.place(placement, sink)
+                        self.fio(img + "-j", min(5, seconds), prefix=jfio)  # as "off"'s warm-up
+                        iops, _ = self.fio(img + "-j", seconds, prefix=jfio)
+                        self.remove(self.a, img + "-j")
+                        return iops
+
+                    paired("journaling", journaled)
                     self.remove(self.a, img)
-                    self._fio_image(img + "-j", journaling=True)
-                    iops, _ = self.fio(img + "-j", seconds, prefix=fio)
-                    res["journaling"].append(iops)
-                    self.remove(self.a, img + "-j")
-                    log(f"penalty ({placement} cores) run {r}: IOPS off {res['off'][-1]:.0f}, "
-                        f"snapshots only at 1 s {res['snapshots'][-1]:.0f}, at 5 s "
-                        f"{res['snapshots_default'][-1]:.0f}, cairn at 1 s "
-                        f"{res['cairn'][-1]:.0f}, at 5 s {res['cairn_default'][-1]:.0f}, "
-                        f"journaling {res['journaling'][-1]:.0f}")
                 out[placement] = {k: stats(v) for k, v in res.items()}
+                out[placement]["vs_off"] = {k: stats(v) for k, v in ratio.items()}
         finally:
             self.place("shared", sink)
         self.results["sections"]["penalty"] = out
@@ -962,7 +991,8 @@ def report(results):
                   key=lambda k: (s[k].get("placement", "shared") != "per-site", -s[k]["fraction"]))
     if rpos:
         lines += ["RPO under load: fio 64 KiB random writes (iodepth 16) at a fraction of the "
-                  "primary's write capacity measured just before under the same placement "
+                  "primary's write capacity measured before each run under the same "
+                  "placement (median, with the runs' range) "
                   "(per site: site A and fio on core 0, site B and both cairnds on the other; "
                   "shared: everything over all cores), Cairn at `interval = 1s`. fio opens "
                   "the image before Cairn starts and writes through the first sync; once the "
@@ -975,8 +1005,10 @@ def report(results):
         for k in rpos:
             rp = s[k]
             placement = rp.get("placement", "shared")
+            cap = (fmt_stat(rp["capacity_runs_mib_s"]) if "capacity_runs_mib_s" in rp
+                   else f"{rp['capacity_mib_s']:.0f}")
             lines.append(f"| {placement} | {rp['fraction'] * 100:.0f} % of "
-                         f"{rp['capacity_mib_s']:.0f} MiB/s = "
+                         f"{cap} MiB/s = "
                          f"{rp['load_mib_s']:.1f} MiB/s for {rp['seconds']} s"
                          + (f" (written: {rp['written_mib_s']['median']:.1f} MiB/s)"
                             if "written_mib_s" in rp else "") + " | "
@@ -993,7 +1025,16 @@ def report(results):
                  "shared": "everything (both sites, both cairnds, fio) floating over all cores"}
         for placement, pe in s["penalty"].items():
             off = pe["off"]["median"]
-            lines += [f"Primary write IOPS, {where[placement]}:", "",
+            paired = "vs_off" in pe  # each row against "off" measured just before it
+
+            def vs_off(k):
+                """The row's IOPS against replication off, as a fraction."""
+                return pe["vs_off"][k]["median"] if paired else pe[k]["median"] / off
+
+            lines += [f"Primary write IOPS, {where[placement]}"
+                      + (" (each row against replication off measured just before it on "
+                         "the same image, median of the runs' ratios; the \"off\" row "
+                         "gathers those measurements)" if paired else "") + ":", "",
                       "| fio, 64 KiB random writes, iodepth 16 | IOPS | vs off |",
                       "|---|---:|---:|"]
             for k, name in (("off", "replication off"),
@@ -1005,13 +1046,16 @@ def report(results):
                             ("journaling", "journaling feature (rbd-mirror journal mode)")):
                 if k not in pe:
                     continue
-                lines.append(f"| {name} | {fmt_stat(pe[k])} | "
-                             f"{(pe[k]['median'] / off - 1) * 100:+.1f} % |")
+                cell = "" if k == "off" else f"{(vs_off(k) - 1) * 100:+.1f} %"
+                if k != "off" and paired:
+                    v = pe["vs_off"][k]
+                    cell += f" ({(v['min'] - 1) * 100:+.1f} to {(v['max'] - 1) * 100:+.1f})"
+                lines.append(f"| {name} | {fmt_stat(pe[k])} | {cell} |")
             lines.append("")
             for k, label in (("cairn", "interval 1 s"), ("cairn_default", "interval 5 s")):
                 if k not in pe:
                     continue
-                pen = (1 - pe[k]["median"] / off) * 100
+                pen = (1 - vs_off(k)) * 100
                 targets.append((f"primary write penalty ≤ 5 % ({placement} cores, {label})",
                                 f"{pen:.1f} %", pen <= 5))
     if "memory" in s:
