@@ -393,15 +393,17 @@ class Bench:
                    if s.get("namespace") == rbd.RBD_SNAP_NAMESPACE_TYPE_MIRROR]
         return max(ids)
 
-    def mirror_remove(self, name):
-        """Disables mirroring of NAME and removes both copies."""
+    def mirror_remove(self, name, keep_primary=False):
+        """Disables mirroring of NAME and removes its copy at site B, and
+        the primary too unless KEEP_PRIMARY."""
         if name in self.a.images():
             with rbd.Image(self.a.ioctx, name) as img:
                 try:
                     img.mirror_image_disable(True)
                 except rbd.InvalidArgument:
                     pass
-            self.a.remove_all(name)
+            if not keep_primary:
+                self.a.remove_all(name)
 
         def gone():
             return name not in self.b.images()
@@ -728,7 +730,7 @@ class Bench:
         try:
             for placement in self.args.penalty_placements:
                 rows = ("snapshots", "snapshots_default", "cairn", "cairn_default",
-                        "journaling")
+                        "journaling") + (() if self.args.no_mirror else ("mirror_default",))
                 res = {k: [] for k in ("off",) + rows}
                 # Each row against replication off measured just before it
                 # on the same image: memstore's OSD slows as it takes writes
@@ -762,6 +764,11 @@ class Bench:
                         paired(key, lambda: self._fio_under_cairn(
                             f"{vol}{suffix}", img, f"{tgt}{suffix}", interval, seconds,
                             placement, sink, f"penalty {placement} run {r}, interval {interval}"))
+
+                    if not self.args.no_mirror:
+                        paired("mirror_default", lambda: self._fio_under_mirror(
+                            img, 5.0, seconds, placement, sink,
+                            f"penalty {placement} run {r}, rbd-mirror every 5 s"))
 
                     def journaled():
                         self._fio_image(img + "-j", journaling=True)
@@ -810,6 +817,73 @@ class Bench:
         self.results.setdefault("verified", []).append(what)
         self.rbd_a("snap", "purge", f"rbd/{img}")
         self.remove(self.b, tgt)
+        return iops
+
+    def _fio_under_mirror(self, img, interval, seconds, placement, sink, what):
+        """fio IOPS on IMG over SECONDS while rbd-mirror (snapshot mode, its
+        daemon with site B) replicates it, a mirror snapshot taken every
+        INTERVAL seconds: rbd-mirror's own scheduler goes no lower than a
+        minute, so the bench takes them (`rbd mirror image snapshot`), as
+        Cairn's source would at that interval. As with Cairn, fio opens the
+        image first and the window opens once the first sync and one
+        incremental are complete; then a last snapshot, synced, and both
+        copies compared by hash."""
+        self.start_mirror()
+        cores = self.site_cores()
+        per_site = placement == "per-site" and cores
+        self.pin(self.mirror.pid, cores[1] if per_site else f"0-{(os.cpu_count() or 1) - 1}")
+        pin = ["taskset", "-c", cores[1]] if per_site else []
+        guest = self.start_fio(img, f"mirror-{img}", prefix=self.place(placement, sink))
+        stop = threading.Event()
+        failed = []
+
+        def snapshot():
+            run(*pin, "rbd", "-c", self.conf_a, "mirror", "image", "snapshot", f"rbd/{img}",
+                timeout=120)
+            return self.newest_mirror_snap_id(img)
+
+        def snapshots():
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    snapshot()
+                except Exception as e:  # reported after fio
+                    failed.append(e)
+                    return
+                stop.wait(max(0.0, interval - (time.monotonic() - t0)))
+
+        t = None
+        try:
+            with rbd.Image(self.a.ioctx, img) as im:
+                im.mirror_image_enable(rbd.RBD_MIRROR_IMAGE_MODE_SNAPSHOT)
+            sid = self.newest_mirror_snap_id(img)
+            lib.wait_for(f"rbd-mirror's first sync of {img} under fio",
+                         lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
+            guest.check_running("rbd-mirror's first sync")
+            sid = snapshot()
+            lib.wait_for(f"rbd-mirror's second snapshot of {img} under fio",
+                         lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
+            guest.check_running("rbd-mirror's second snapshot")
+            t = threading.Thread(target=snapshots)
+            t_window = time.time()
+            t.start()
+            time.sleep(seconds)  # the measured window (a bench, not a test)
+            iops = window_mean(guest.stop(), t_window, seconds)
+            guest = None
+        finally:
+            stop.set()
+            if t:
+                t.join()
+            if guest:
+                guest.kill()
+        if failed:
+            raise RuntimeError(f"{what}: mirror snapshots under fio failed: {failed[0]}")
+        sid = snapshot()  # nothing writes now: the head at A equals it
+        lib.wait_for(f"rbd-mirror's last snapshot of {img}",
+                     lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
+        self._verify(what, self.conf_a, f"rbd/{img}", self.conf_b, f"rbd/{img}")
+        self.mirror_remove(img, keep_primary=True)
+        self.rbd_a("snap", "purge", f"rbd/{img}")
         return iops
 
     def _fio_under_snapshots(self, img, seconds, placement, fio, interval):
@@ -1043,6 +1117,8 @@ def report(results):
                             ("snapshots_default", "a snapshot every 5 s, nothing read"),
                             ("cairn", "Cairn, interval 1 s"),
                             ("cairn_default", "Cairn, interval 5 s (the default)"),
+                            ("mirror_default", "rbd-mirror snapshot mode, a mirror snapshot "
+                                               "every 5 s (taken by the bench)"),
                             ("journaling", "journaling feature (rbd-mirror journal mode)")):
                 if k not in pe:
                     continue
