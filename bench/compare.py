@@ -348,8 +348,9 @@ class Bench:
         run("ceph", "-c", self.conf_b, "auth", "get-or-create", "client.rbd-mirror.b", "mon",
             "profile rbd-mirror", "osd", "profile rbd", "-o", keyring)
         link = os.path.join(d, "ceph.conf")
-        if not os.path.exists(link):
-            os.symlink(self.conf_b, link)
+        if os.path.lexists(link):  # maybe left by an earlier bench, for another test bed
+            os.unlink(link)
+        os.symlink(self.conf_b, link)
         logf = open(os.path.join(d, "rbd-mirror.log"), "a")
         self.mirror = subprocess.Popen(
             ["rbd-mirror", "--id", "rbd-mirror.b", "--keyring", keyring, "-f"], cwd=d,
