@@ -11,7 +11,8 @@
 # (every option goes to bench/compare.py; see its --help)
 # Results: bench/results/results.{md,json}, bench/results/performance.png and
 # bench/results/micro.json; --update-docs also writes the table and chart into
-# docs/PERFORMANCE.md. Takes 35-55 min with the defaults (3 runs each), by machine.
+# docs/PERFORMANCE.md. Takes about an hour with the defaults (3 runs each; 56
+# min on the VM of 2026-11-30, round 6).
 # It measures; it does not test: the test suite is ./test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
