@@ -826,28 +826,15 @@ class Bench:
         self.remove(self.b, tgt)
         return iops
 
-    def _fio_under_mirror(self, img, interval, seconds, placement, sink, what):
-        """fio IOPS on IMG over SECONDS while rbd-mirror (snapshot mode, its
-        daemon with site B) replicates it, a mirror snapshot taken every
-        INTERVAL seconds: rbd-mirror's own scheduler goes no lower than a
-        minute, so the bench takes them (`rbd mirror image snapshot`), as
-        Cairn's source would at that interval. As with Cairn, fio opens the
-        image first and the window opens once the first sync and one
-        incremental are complete; then a last snapshot, synced, and both
-        copies compared by hash."""
-        self.start_mirror()
-        cores = self.site_cores()
-        per_site = placement == "per-site" and cores
-        self.pin(self.mirror.pid, cores[1] if per_site else f"0-{(os.cpu_count() or 1) - 1}")
-        pin = ["taskset", "-c", cores[1]] if per_site else []
-        guest = self.start_fio(img, f"mirror-{img}", prefix=self.place(placement, sink))
+    def _window_with_snapshots(self, guest, seconds, interval, snapshot, what):
+        """fio's mean IOPS over a window of SECONDS while SNAPSHOT() runs every
+        INTERVAL seconds on a thread; then GUEST is stopped (killed on a
+        failure). The snapshots stop before fio closes its image: Ceph 16's
+        librbd can abort in close (AsyncOpTracker, "m_pending_ops == 0")
+        while it serves another client's snapshot request as the lock
+        owner, which ended a bench run in fio."""
         stop = threading.Event()
         failed = []
-
-        def snapshot():
-            run(*pin, "rbd", "-c", self.conf_a, "mirror", "image", "snapshot", f"rbd/{img}",
-                timeout=120)
-            return self.newest_mirror_snap_id(img)
 
         def snapshots():
             while not stop.is_set():
@@ -859,74 +846,6 @@ class Bench:
                     return
                 stop.wait(max(0.0, interval - (time.monotonic() - t0)))
 
-        t = None
-        try:
-            with rbd.Image(self.a.ioctx, img) as im:
-                im.mirror_image_enable(rbd.RBD_MIRROR_IMAGE_MODE_SNAPSHOT)
-            sid = self.newest_mirror_snap_id(img)
-            lib.wait_for(f"rbd-mirror's first sync of {img} under fio",
-                         lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
-            guest.check_running("rbd-mirror's first sync")
-            sid = snapshot()
-            lib.wait_for(f"rbd-mirror's second snapshot of {img} under fio",
-                         lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
-            guest.check_running("rbd-mirror's second snapshot")
-            t = threading.Thread(target=snapshots)
-            t_window = time.time()
-            t.start()
-            time.sleep(seconds)  # the measured window (a bench, not a test)
-            stop.set()  # before fio closes its image (see _fio_under_snapshots)
-            t.join()
-            iops = window_mean(guest.stop(), t_window, seconds)
-            guest = None
-        finally:
-            stop.set()
-            if t and t.is_alive():
-                t.join()
-            if guest:
-                guest.kill()
-        if failed:
-            raise RuntimeError(f"{what}: mirror snapshots under fio failed: {failed[0]}")
-        sid = snapshot()  # nothing writes now: the head at A equals it
-        lib.wait_for(f"rbd-mirror's last snapshot of {img}",
-                     lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
-        self._verify(what, self.conf_a, f"rbd/{img}", self.conf_b, f"rbd/{img}")
-        self.mirror_remove(img, keep_primary=True)
-        self.rbd_a("snap", "purge", f"rbd/{img}")
-        return iops
-
-    def _fio_under_snapshots(self, img, seconds, placement, fio, interval):
-        """fio IOPS while a snapshot of IMG is taken (and the one before
-        removed) every INTERVAL seconds, and nothing reads them: what any
-        snapshot-based replication at that interval costs the primary
-        (rbd-mirror's snapshot mode included), before reading a byte."""
-        cores = self.site_cores()
-        pin = ["taskset", "-c", cores[1]] if placement == "per-site" and cores else []
-        stop = threading.Event()
-        failed = []
-
-        def snapshots():
-            prev, i = None, 0
-            while not stop.is_set():
-                i += 1
-                t0 = time.monotonic()
-                try:
-                    run(*pin, "rbd", "-c", self.conf_a, "snap", "create", f"rbd/{img}@ref{i}",
-                        timeout=60)
-                    if prev:
-                        run(*pin, "rbd", "-c", self.conf_a, "snap", "rm", f"rbd/{img}@{prev}",
-                            timeout=60)
-                except Exception as e:  # reported after fio
-                    failed.append(e)
-                    return
-                prev = f"ref{i}"
-                stop.wait(max(0.0, interval - (time.monotonic() - t0)))
-
-        # The snapshots stop before fio closes its image: Ceph 16's librbd
-        # can abort in close (AsyncOpTracker, "m_pending_ops == 0") while it
-        # serves another client's snapshot request as the lock owner, which
-        # ended a bench run in fio at the end of this row.
-        guest = self.start_fio(img, f"snaps-{interval:g}-{img}", prefix=fio)
         t = threading.Thread(target=snapshots)
         try:
             t_window = time.time()
@@ -943,7 +862,73 @@ class Bench:
             if guest:
                 guest.kill()
         if failed:
-            raise RuntimeError(f"snapshots under fio failed: {failed[0]}")
+            raise RuntimeError(f"{what}: snapshots under fio failed: {failed[0]}")
+        return iops
+
+    def _fio_under_mirror(self, img, interval, seconds, placement, sink, what):
+        """fio IOPS on IMG over SECONDS while rbd-mirror (snapshot mode, its
+        daemon with site B) replicates it, a mirror snapshot taken every
+        INTERVAL seconds: rbd-mirror's own scheduler goes no lower than a
+        minute, so the bench takes them (`rbd mirror image snapshot`), as
+        Cairn's source would at that interval. As with Cairn, fio opens the
+        image first and the window opens once the first sync and one
+        incremental are complete; then a last snapshot, synced, and both
+        copies compared by hash."""
+        self.start_mirror()
+        cores = self.site_cores()
+        per_site = placement == "per-site" and cores
+        self.pin(self.mirror.pid, cores[1] if per_site else f"0-{(os.cpu_count() or 1) - 1}")
+        pin = ["taskset", "-c", cores[1]] if per_site else []
+        guest = self.start_fio(img, f"mirror-{img}", prefix=self.place(placement, sink))
+
+        def snapshot():
+            run(*pin, "rbd", "-c", self.conf_a, "mirror", "image", "snapshot", f"rbd/{img}",
+                timeout=120)
+            return self.newest_mirror_snap_id(img)
+
+        try:
+            with rbd.Image(self.a.ioctx, img) as im:
+                im.mirror_image_enable(rbd.RBD_MIRROR_IMAGE_MODE_SNAPSHOT)
+            sid = self.newest_mirror_snap_id(img)
+            lib.wait_for(f"rbd-mirror's first sync of {img} under fio",
+                         lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
+            guest.check_running("rbd-mirror's first sync")
+            sid = snapshot()
+            lib.wait_for(f"rbd-mirror's second snapshot of {img} under fio",
+                         lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
+            guest.check_running("rbd-mirror's second snapshot")
+        except BaseException:
+            guest.kill()
+            raise
+        iops = self._window_with_snapshots(guest, seconds, interval, snapshot, what)
+        sid = snapshot()  # nothing writes now: the head at A equals it
+        lib.wait_for(f"rbd-mirror's last snapshot of {img}",
+                     lambda: self.mirror_synced(img, sid), timeout=600, interval=0.2)
+        self._verify(what, self.conf_a, f"rbd/{img}", self.conf_b, f"rbd/{img}")
+        self.mirror_remove(img, keep_primary=True)
+        self.rbd_a("snap", "purge", f"rbd/{img}")
+        return iops
+
+    def _fio_under_snapshots(self, img, seconds, placement, fio, interval):
+        """fio IOPS while a snapshot of IMG is taken (and the one before
+        removed) every INTERVAL seconds, and nothing reads them: what any
+        snapshot-based replication at that interval costs the primary
+        (rbd-mirror's snapshot mode included), before reading a byte."""
+        cores = self.site_cores()
+        pin = ["taskset", "-c", cores[1]] if placement == "per-site" and cores else []
+        taken = []
+
+        def snapshot():
+            name = f"ref{len(taken) + 1}"
+            run(*pin, "rbd", "-c", self.conf_a, "snap", "create", f"rbd/{img}@{name}", timeout=60)
+            if taken:
+                run(*pin, "rbd", "-c", self.conf_a, "snap", "rm", f"rbd/{img}@{taken[-1]}",
+                    timeout=60)
+            taken.append(name)
+
+        guest = self.start_fio(img, f"snaps-{interval:g}-{img}", prefix=fio)
+        iops = self._window_with_snapshots(guest, seconds, interval, snapshot,
+                                           f"snapshots every {interval:g} s")
         self.rbd_a("snap", "purge", f"rbd/{img}")
         return iops
 
