@@ -289,7 +289,8 @@ class Bench:
             # under the RPO load: one point a second.
             self.sink = lib.Cairnd(self.work, "sink-b", lib.sink_config(
                 "b", self.conf_b, self.port, os.path.join(self.work, "spool"),
-                extra="keep_points = 3\n")).start()
+                extra="keep_points = 3\n" +
+                "".join(f"{o}\n" for o in self.args.sink_option))).start()
         return self.sink
 
     def start_source(self, name, volumes, interval="0"):
@@ -1232,6 +1233,9 @@ def main():
     ap.add_argument("--volume-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a [volume] setting for Cairn's sources (tuning experiments), "
                          "e.g. --volume-option 'window = 16'")
+    ap.add_argument("--sink-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [sink] setting for Cairn's sink (tuning experiments), "
+                         "e.g. --sink-option 'window = 16'")
     ap.add_argument("--merge", metavar="RESULTS_JSON",
                     help="keep the sections of an earlier results.json and add those run now")
     ap.add_argument("--update-docs", action="store_true",

@@ -256,6 +256,7 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       uint64_t window = s.window;
       RETURN_IF_ERROR(r.Size("window", 1, 256, &window));
       s.window = static_cast<uint32_t>(window);
+      RETURN_IF_ERROR(r.Size("window_bytes", 1u << 20, uint64_t{1} << 30, &s.window_bytes));
       uint64_t keep = s.keep_points;
       RETURN_IF_ERROR(r.Size("keep_points", 0, 1000000, &keep));
       s.keep_points = static_cast<uint32_t>(keep);

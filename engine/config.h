@@ -4,12 +4,13 @@
 //   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH;
 //                       op_timeout = 30s
 //   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
-//                       spool_max_bytes = 0; keep_points = 0; window = 32
+//                       spool_max_bytes = 0; keep_points = 0; window = 32;
+//                       window_bytes = 32M
 //   [source]            pools = rbd; peer = HOST:PORT; interval = 5s; keep_snapshots;
 //                       outage_snapshots (volumes registered at run time)
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
 //                       interval = 5s; keep_snapshots = 0; outage_snapshots = 1;
-//                       block_size = 1M; window = 32
+//                       block_size = 4M; window = 8
 //
 // A node is a sink if it has a [sink] section and a source for every
 // [volume NAME] section; it may be both. docs/OPERATIONS.md documents every
@@ -51,8 +52,11 @@ struct SinkConfig {
   // this many are removed (catalog record, then standby snapshot). 0: all.
   uint32_t keep_points = 0;
   // Concurrent writes to a standby image while an epoch is applied; each
-  // holds one received record (up to the source's block_size) in memory.
+  // holds one received record (up to the source's block_size) in memory,
+  // and together they hold at most window_bytes: 32 MiB is 8 writes of
+  // 4 MiB records, or 32 of 1 MiB.
   uint32_t window = 32;
+  uint64_t window_bytes = 32u << 20;
 };
 
 struct VolumeConfig {
@@ -69,10 +73,12 @@ struct VolumeConfig {
   // every `interval`; it keeps the newest `outage_snapshots` of them (1:
   // one coalesced epoch when the link returns; N: up to N points in time).
   uint32_t outage_snapshots = 1;
-  uint32_t block_size = 1u << 20;
+  // Largest data record: an RBD object (4 MiB by default), so a full sync
+  // writes each object of the standby image in one operation.
+  uint32_t block_size = 4u << 20;
   // Concurrent reads of the source snapshot: `window` buffers of
   // `block_size` are the source's memory for an epoch (32 MiB).
-  uint32_t window = 32;
+  uint32_t window = 8;
 };
 
 struct DaemonConfig {

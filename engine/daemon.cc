@@ -211,6 +211,7 @@ Status Daemon::Start() {
     env.spool.max_bytes = sc.spool_max_bytes;
     env.keep_points = sc.keep_points;
     env.apply.window = sc.window;
+    env.apply.window_bytes = sc.window_bytes;
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
     sink_ = std::make_unique<Sink>(env);

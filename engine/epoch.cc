@@ -1,5 +1,7 @@
 #include "engine/epoch.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
@@ -73,6 +75,8 @@ class RecordPipeline {
     return OkStatus();
   }
 
+  const SendTimes& times() const { return times_; }
+
   // The I/O is owned here and declared after the slots, so it is destroyed
   // first: its destructor waits for reads still using slot buffers.
   void set_io(std::unique_ptr<AsyncIo> io) { io_ = std::move(io); }
@@ -130,7 +134,9 @@ class RecordPipeline {
   };
 
   Status WaitOne() {
+    const auto t0 = Clock::now();
     AsyncIo::Completion c = io_->WaitOne();
+    times_.reads += Seconds(Clock::now() - t0);
     if (!c.status.ok()) return c.status.Annotate("reading the source snapshot");
     slots_[c.tag].done = true;
     return Emit();
@@ -190,7 +196,10 @@ class RecordPipeline {
     record_.set_seq(plan_.seq);
     record_.SerializeToString(&body_);
     if (summary_.records >= plan_.skip_records) {
-      RETURN_IF_ERROR(out_.Write(FrameType::kRecord, body_, payload));
+      const auto t0 = Clock::now();
+      Status st = out_.Write(FrameType::kRecord, body_, payload);
+      times_.link += Seconds(Clock::now() - t0);
+      RETURN_IF_ERROR(st);
     }
     hasher_.Add(offset, length, kind, h);
     ++summary_.records;
@@ -198,9 +207,13 @@ class RecordPipeline {
     return OkStatus();
   }
 
+  using Clock = std::chrono::steady_clock;
+  static double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
   const EpochPlan& plan_;
   const EpochOptions& opt_;
   FrameWriter& out_;
+  SendTimes times_;
   EpochHasher hasher_;
   EpochSummary summary_;
   std::vector<Slot> slots_;
@@ -214,7 +227,7 @@ class RecordPipeline {
 }  // namespace
 
 StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
-                                 FrameWriter& out) {
+                                 FrameWriter& out, SendTimes* times) {
   assert(options.block_size > 0 && options.block_size <= kMaxPayload);
   assert(options.window > 0);
   pb::EpochBegin begin;
@@ -231,11 +244,20 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   RETURN_IF_ERROR(pipe.Init());
   ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
   pipe.set_io(std::move(io));
+  const auto t0 = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(out.Write(FrameType::kEpochBegin, begin.SerializeAsString(), {}));
+  const auto finish = [&]() -> StatusOr<EpochSummary> {
+    auto sum = pipe.Finish();
+    if (times) {
+      *times = pipe.times();
+      times->total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    }
+    return sum;
+  };
   if (!plan.resync) {
     RETURN_IF_ERROR(vol.DiffExtents(plan.from_snap, plan.to_snap,
                                     [&](const Extent& e) { return pipe.AddExtent(e); }));
-    return pipe.Finish();
+    return finish();
   }
   // Resync: the gaps between allocated extents travel as zero records.
   uint64_t covered = 0;
@@ -250,7 +272,7 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   if (covered < plan.image_size) {
     RETURN_IF_ERROR(pipe.AddExtent({covered, plan.image_size - covered, RecordKind::kZero}));
   }
-  return pipe.Finish();
+  return finish();
 }
 
 EpochVerifier::EpochVerifier(std::string volume, uint64_t base_seq, ChainDigest prev_chain)
@@ -392,16 +414,22 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
 }
 
 ApplyStream::ApplyStream(Volume& target, const EpochOptions& options, TargetState state)
-    : target_(target), options_(options), state_(state), frames_(options.window) {
+    : target_(target), options_(options), state_(state) {
   assert(options.window > 0);
-  for (uint32_t i = options.window; i > 0; --i) free_.push_back(i - 1);
 }
 
 ApplyStream::~ApplyStream() {
   if (io_) (void)io_->Drain();
 }
 
-Status ApplyStream::Begin(uint64_t image_size) {
+Status ApplyStream::Begin(uint64_t image_size, uint64_t max_block) {
+  uint64_t slots = options_.window;
+  if (options_.window_bytes > 0 && max_block > 0) {
+    slots = std::clamp<uint64_t>(options_.window_bytes / max_block, 1, options_.window);
+  }
+  frames_.assign(slots, Frame{});
+  free_.clear();
+  for (uint64_t i = slots; i > 0; --i) free_.push_back(static_cast<uint32_t>(i - 1));
   ASSIGN_OR_RETURN(uint64_t have, target_.Size());
   if (have != image_size) RETURN_IF_ERROR(target_.Resize(image_size));
   ASSIGN_OR_RETURN(io_, target_.OpenIo(""));
@@ -459,7 +487,7 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
     if (!step.ok()) return step.status().Annotate(fmt::format("spool offset {}", spool.offset()));
     switch (*step) {
       case EpochVerifier::Step::kBegin:
-        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size));
+        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size, verifier.begin().max_block));
         break;
       case EpochVerifier::Step::kRecord:
         RETURN_IF_ERROR(apply.Add(verifier.record(), std::move(next).value()));

@@ -67,8 +67,14 @@ struct EpochPlan {
 };
 
 struct EpochOptions {
-  uint32_t block_size = 1u << 20;  // largest data record payload
+  // Largest data record payload (cairnd: [volume] block_size, 4 MiB).
+  uint32_t block_size = 1u << 20;
   uint32_t window = 8;             // concurrent reads (source) / writes (sink)
+  // Sink: bytes of writes in flight, at most. An epoch's records are up to
+  // its announced block size, so the window is window_bytes / max_block
+  // writes (at least 1, at most `window`). 0: `window` writes, whatever
+  // their size.
+  uint64_t window_bytes = 0;
 };
 
 struct EpochSummary {
@@ -87,11 +93,21 @@ struct EpochSummary {
   uint64_t resume_from = 0;  // as announced by EpochBegin
 };
 
+// Where SendEpoch's time went, in seconds: which end of the pipeline it
+// waited on.
+// The rest of `total` is work: listing extents, hashing, building frames.
+struct SendTimes {
+  double total = 0;
+  double reads = 0;  // waiting for reads of the snapshot
+  double link = 0;   // writing frames (a slow receiver fills the socket)
+};
+
 // Streams epoch `plan` of `vol` to `out`. On success returns what was sent.
 // Fails with the volume's or the writer's error; the frames already
 // written then form an incomplete epoch that the receiver must discard.
+// `times`, if given, receives where the time went.
 StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
-                                 FrameWriter& out);
+                                 FrameWriter& out, SendTimes* times = nullptr);
 
 // One verified item of an epoch, as handed back by EpochVerifier.
 struct VerifiedRecord {
@@ -163,8 +179,9 @@ class ApplyStream {
   ApplyStream(const ApplyStream&) = delete;
   ApplyStream& operator=(const ApplyStream&) = delete;
 
-  // Resizes the target to the epoch's size and opens it for I/O.
-  Status Begin(uint64_t image_size);
+  // Resizes the target to the epoch's size and opens it for I/O. The
+  // epoch's records are up to `max_block` bytes (0: unknown).
+  Status Begin(uint64_t image_size, uint64_t max_block);
   // Starts the write of record `r`, whose verified frame is `frame` (kept
   // until the write completes). Blocks while the window is full. Fails with
   // the error of a write that completed with one.
@@ -172,6 +189,8 @@ class ApplyStream {
   // Waits for every write and flushes them. OK: the records given are on
   // the target.
   Status Finish();
+  // Writes that may be in flight at once (after Begin).
+  size_t window() const { return frames_.size(); }
 
  private:
   Status WaitOne();
@@ -180,7 +199,7 @@ class ApplyStream {
   EpochOptions options_;
   TargetState state_;
   std::unique_ptr<AsyncIo> io_;
-  std::vector<Frame> frames_;  // a ring of `window` slots
+  std::vector<Frame> frames_;  // one slot per write that may be in flight
   std::vector<uint32_t> free_;
 };
 

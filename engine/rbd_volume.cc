@@ -1297,6 +1297,11 @@ StatusOr<std::shared_ptr<RbdCluster>> RbdCluster::Connect(const std::string& con
       // needs durability; librbd's cache would copy every block once more
       // and hold up to 32 MiB per open image (1 TiB or 1 GiB alike).
       {"rbd_cache", "false"},
+      // Writes go to the OSDs from Cairn's own buffers, not from a copy:
+      // each buffer is left untouched until its write completes, and librbd
+      // holds a write's completion until its last reference to the buffer
+      // is gone.
+      {"rbd_disable_zero_copy_writes", "false"},
   };
   if (!keyring_path.empty()) settings.emplace_back("keyring", keyring_path);
   for (const auto& [option, value] : settings) {

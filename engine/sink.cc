@@ -65,9 +65,16 @@ struct Sink::Target {
     uint64_t offset = 0;  // end of its last whole frame, in spool bytes
   } partial;
   bool resumed = false;  // the epoch being received continues a partial one
-  // Seconds from the epoch's last frame until its last writes had drained
-  // and its spool was synced (the restore point's log line says it).
-  double tail_secs = 0;
+  // Where the epoch's receive went, in seconds (the restore point's log
+  // line says it): which stage of the pipeline the epoch waited on.
+  struct ReceiveTimes {
+    double total = 0;      // EpochBegin to synced spool
+    double link = 0;       // waiting for frames from the source
+    double verify = 0;     // parsing and hashing frames
+    double spool = 0;      // appending to the spool
+    double standby = 0;    // starting writes to the standby image (a full window waits)
+    double tail = 0;       // after the last frame: last writes drain, spool syncs
+  } times;
   // A complete epoch is durable in the spool and not applied yet.
   uint64_t durable_seq = 0;
   int64_t last_point_time_ns = 0;  // of the newest point this Target made
@@ -87,6 +94,9 @@ struct Sink::Target {
   // (PruneCommitted), which runs after the APPLIED ack: the source's next
   // epoch need not wait for old snapshots to go.
   std::unique_ptr<Volume> committed;
+  // The removal of the newest point's spool (its destructor waits for it,
+  // as does the next assignment).
+  std::future<void> spool_removal;
 
   std::filesystem::path SpoolPath(uint64_t seq) const { return dir / fmt::format("{}.spool", seq); }
 };
@@ -482,34 +492,51 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
       streamed->vol = std::move(prepared->vol);
       streamed->apply =
           std::make_unique<ApplyStream>(*streamed->vol, env_.apply, prepared->state);
-      if (Status st = streamed->apply->Begin(announced.image_size); !st.ok()) {
+      if (Status st = streamed->apply->Begin(announced.image_size, announced.max_block);
+          !st.ok()) {
         WarnAppliedFromSpool(t.volume, announced.seq, st);
         streamed.reset();
       }
     }
   }
   SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "receiving"; });
+  using Clock = std::chrono::steady_clock;
+  Target::ReceiveTimes times;
+  const auto t_begin = Clock::now();
+  auto lap = t_begin;
+  // Adds the time since the previous lap to `stage`.
+  const auto stage_done = [&lap](double& stage) {
+    const auto now = Clock::now();
+    stage += std::chrono::duration<double>(now - lap).count();
+    lap = now;
+  };
   while (true) {
     auto next = link.Receive(env_.timeouts.stall);
+    stage_done(times.link);
     if (!next.ok()) return fail(next.status());
     const Frame& f = *next;
     at_end = f.type == FrameType::kEpochEnd;
     step = verifier.Check(f);
+    stage_done(times.verify);
     if (!step.ok()) return fail(step.status());
     if (*step == EpochVerifier::Step::kBegin) return fail(DataLoss("EpochBegin inside an epoch"));
     const auto header = EncodeHeader(f.type, f.body, static_cast<uint32_t>(f.payload.size()));
-    if (Status st = spool->Append(header, f.body, f.payload); !st.ok()) return spool_fail(st);
+    Status appended = spool->Append(header, f.body, f.payload);
+    stage_done(times.spool);
+    if (!appended.ok()) return spool_fail(appended);
     if (*step == EpochVerifier::Step::kEnd) break;
     ++spooled_records;
     if (streamed) {
-      if (Status st = streamed->apply->Add(verifier.record(), std::move(next).value()); !st.ok()) {
+      Status st = streamed->apply->Add(verifier.record(), std::move(next).value());
+      stage_done(times.standby);
+      if (!st.ok()) {
         WarnAppliedFromSpool(t.volume, announced.seq, st);
         streamed.reset();
       }
     }
   }
   at_end = true;
-  const auto t_end = std::chrono::steady_clock::now();
+  const auto t_end = Clock::now();
   // The last writes to the standby image drain while the spool syncs.
   std::future<Status> drained;
   if (streamed) {
@@ -525,7 +552,10 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     }
   }
   if (!synced.ok()) return spool_fail(synced.status());
-  t.tail_secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_end).count();
+  const auto t_synced = Clock::now();
+  times.tail = std::chrono::duration<double>(t_synced - t_end).count();
+  times.total = std::chrono::duration<double>(t_synced - t_begin).count();
+  t.times = times;
   if (streamed) {
     streamed->summary = verifier.summary();
     t.streamed = std::move(streamed);
@@ -631,8 +661,12 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
       sum = streamed->summary;
       streamed->apply.reset();
       vol = std::move(streamed->vol);
-      phases = fmt::format("written as received, last writes and spool sync {:.2f} s",
-                           t.tail_secs);
+      const Target::ReceiveTimes& r = t.times;
+      phases = fmt::format(
+          "received and written in {:.2f} s: waiting for the source {:.2f} s, verifying {:.2f} s, "
+          "spooling {:.2f} s, writing the standby image {:.2f} s, last writes and spool sync "
+          "{:.2f} s",
+          r.total, r.link, r.verify, r.spool, r.standby, r.tail);
     } else {
       WarnAppliedFromSpool(t.volume, seq, st);
     }
@@ -680,8 +714,13 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   t.chain = sum.chain;
   t.last_point_time_ns = sum.snap_time_ns;
   t.durable_seq = 0;
-  std::error_code ec;
-  std::filesystem::remove(path, ec);
+  // The spool is stale now (RecoverSpool would remove it after a crash).
+  // Unlinking a large file takes a while (0.17 s for 1 GiB on ext4): it
+  // goes on beside the APPLIED ack and the next epoch, not before them.
+  t.spool_removal = std::async(std::launch::async, [path] {
+    std::error_code ignored;
+    std::filesystem::remove(path, ignored);
+  });
   spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
                "{:.2f} s, catalog {:.2f} s)",
                t.volume, seq, sum.data_bytes, sum.zero_bytes, phases, snap_secs, catalog_secs);

@@ -222,7 +222,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
 
   const double snap_secs = seconds_since(t_plan);
   const auto t0 = Clock::now();
-  auto sent = SendEpoch(vol, plan, opt, *link_);
+  SendTimes send_times;
+  auto sent = SendEpoch(vol, plan, opt, *link_, &send_times);
   if (!sent.ok()) {
     // A sink that refuses mid-epoch (spool full, a corrupt frame) says why
     // before it closes; that beats "connection reset".
@@ -302,11 +303,12 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
         (took_next ? 1 : 0));
   }
   spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
-               "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s, {}{}then durable {:.2f} s, "
-               "applied {:.2f} s)",
+               "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s [waiting for reads {:.2f} s, "
+               "for the link {:.2f} s], {}{}then durable {:.2f} s, applied {:.2f} s)",
                config_.id, seq, sum.records,
                plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
-               sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs,
+               sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs, send_times.reads,
+               send_times.link,
                next_snap_secs > 0 ? fmt::format("next snapshot taken {:.2f} s, ", next_snap_secs)
                                   : "",
                prune_secs > 0 ? fmt::format("older snapshots removed {:.2f} s, ", prune_secs) : "",

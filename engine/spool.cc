@@ -19,10 +19,11 @@
 // corruption, not as a file of another version.
 //
 // Writer. The logical stream is the file itself: header block, then frames.
-// Two staging buffers alternate; buffer `cur_` holds the bytes of the file
-// from `buf_file_off_` (4 KiB-aligned) on. A full buffer is written
-// asynchronously and the other one becomes current (after its own previous
-// write has completed). Sync() writes the partial current buffer padded
+// kBuffers staging buffers take turns; buffer `cur_` holds the bytes of
+// the file from `buf_file_off_` (4 KiB-aligned) on. A full buffer is
+// written asynchronously and the next one becomes current (after its own
+// previous write has completed): up to kBuffers - 1 writes are in flight,
+// so a disk that stalls for a moment does not stall the receiver. Sync() writes the partial current buffer padded
 // with zeros to a 4 KiB boundary, linked to an fdatasync; afterwards the
 // partial last block stays at the front of the buffer, so the next write
 // rewrites that block with the frames that follow. Invariant:
@@ -54,6 +55,11 @@ namespace {
 // with 512-byte and 4 KiB logical blocks.
 constexpr size_t kAlign = 4096;
 constexpr unsigned kRingDepth = 8;
+// Staging buffers of a writer (SpoolOptions::buffer_bytes each). Four
+// (three writes in flight) did not receive a full sync any faster than
+// two on a disk that writes 1.7 GiB/s: the copy into them is the cost.
+constexpr int kBuffers = 2;
+static_assert(kBuffers + 1 <= static_cast<int>(kRingDepth));
 // io_uring registers at most 1 GiB per buffer, and a write length is 32 bits.
 constexpr size_t kMaxBufferBytes = size_t{1} << 30;
 constexpr size_t kReadBufferBytes = size_t{1} << 20;
@@ -211,8 +217,9 @@ class UringSpoolWriter final : public SpoolWriter {
   uint64_t appended() const override { return appended_; }
 
  private:
-  // user_data of each operation; at most one of each is in flight.
-  enum Op : int { kWriteBuf0 = 0, kWriteBuf1 = 1, kFsync = 2, kNumOps = 3 };
+  // user_data of each operation; at most one of each is in flight: the
+  // write of staging buffer i is Op i.
+  enum Op : int { kWriteBuf0 = 0, kFsync = kBuffers, kNumOps = kBuffers + 1 };
   struct InFlight {
     bool busy = false;
     uint32_t len = 0;
@@ -245,7 +252,7 @@ class UringSpoolWriter final : public SpoolWriter {
   bool ring_ready_ = false;
   bool buffers_registered_ = false;
   io_uring ring_{};
-  char* buf_[2] = {nullptr, nullptr};
+  char* buf_[kBuffers] = {};
   InFlight inflight_[kNumOps];
   bool fsync_canceled_ = false;
   int cur_ = 0;                // staging buffer being filled
@@ -273,8 +280,7 @@ UringSpoolWriter::~UringSpoolWriter() {
     io_uring_queue_exit(&ring_);
   }
   if (fd_ >= 0) ::close(fd_);
-  std::free(buf_[0]);
-  std::free(buf_[1]);
+  for (char* b : buf_) std::free(b);
 }
 
 Status UringSpoolWriter::Open(bool direct_io, bool truncate) {
@@ -366,8 +372,9 @@ Status UringSpoolWriter::SetUpRing() {
     return ErrnoStatus(r, "io_uring_queue_init");
   }
   ring_ready_ = true;
-  iovec iov[2] = {{buf_[0], buffer_bytes_}, {buf_[1], buffer_bytes_}};
-  r = io_uring_register_buffers(&ring_, iov, 2);
+  iovec iov[kBuffers];
+  for (int i = 0; i < kBuffers; ++i) iov[i] = {buf_[i], buffer_bytes_};
+  r = io_uring_register_buffers(&ring_, iov, kBuffers);
   if (r == 0) {
     buffers_registered_ = true;
   } else {
@@ -464,7 +471,7 @@ Status UringSpoolWriter::RotateBuffer() {
   assert(fill_ == buffer_bytes_);
   PrepWrite(cur_, buffer_bytes_, buf_file_off_, 0);
   RETURN_IF_ERROR(Submit({static_cast<Op>(cur_)}));
-  cur_ ^= 1;
+  cur_ = (cur_ + 1) % kBuffers;
   buf_file_off_ += buffer_bytes_;
   fill_ = 0;
   // The new current buffer may still be on its way to disk.
@@ -527,8 +534,10 @@ Status UringSpoolWriter::SyncDirectory() {
 
 StatusOr<uint64_t> UringSpoolWriter::Sync() {
   RETURN_IF_ERROR(error_);
-  // An io_uring fsync covers completed writes only: drain the other buffer.
-  RETURN_IF_ERROR(WaitFor(static_cast<Op>(cur_ ^ 1)));
+  // An io_uring fsync covers completed writes only: drain the other buffers.
+  for (int b = 0; b < kBuffers; ++b) {
+    if (b != cur_) RETURN_IF_ERROR(WaitFor(static_cast<Op>(b)));
+  }
   const size_t padded = RoundUp(fill_, kAlign);
   std::memset(buf_[cur_] + fill_, 0, padded - fill_);
   fsync_canceled_ = false;

@@ -148,15 +148,28 @@ TEST(Config, SpoolMaxBytes) {
   EXPECT_THAT(Error("[sink]\npools = rbd\nspool_max_bytes = lots\n"), HasSubstr("is not a size"));
 }
 
+TEST(Config, VolumeReadsWholeObjectsByDefault) {
+  auto c = ParseConfig("[volume v]\nimage = i\npeer = h:1\n", "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  ASSERT_EQ(c->volumes.size(), 1u);
+  EXPECT_EQ(c->volumes[0].block_size, 4u << 20);  // an RBD object
+  EXPECT_EQ(c->volumes[0].window, 8u);            // 32 MiB of reads in flight
+}
+
 TEST(Config, SinkRetentionAndWindow) {
   auto c = ParseConfig("[sink]\npools = rbd\n", "f.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->sink->keep_points, 0u);  // all points kept unless asked
   EXPECT_EQ(c->sink->window, 32u);
-  c = ParseConfig("[sink]\npools = rbd\nkeep_points = 48\nwindow = 8\n", "f.conf");
+  EXPECT_EQ(c->sink->window_bytes, 32u << 20);
+  c = ParseConfig("[sink]\npools = rbd\nkeep_points = 48\nwindow = 8\nwindow_bytes = 64M\n",
+                  "f.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->sink->keep_points, 48u);
   EXPECT_EQ(c->sink->window, 8u);
+  EXPECT_EQ(c->sink->window_bytes, 64u << 20);
+  EXPECT_THAT(Error("[sink]\npools = rbd\nwindow_bytes = 64K\n"),
+              HasSubstr("[sink] window_bytes: 65536 is out of range [1048576, 1073741824]"));
   EXPECT_THAT(Error("[sink]\npools = rbd\nwindow = 0\n"),
               HasSubstr("[sink] window: 0 is out of range [1, 256]"));
   EXPECT_THAT(Error("[sink]\npools = rbd\nkeep_points = -1\n"), HasSubstr("keep_points"));

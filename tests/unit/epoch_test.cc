@@ -185,6 +185,44 @@ TEST_F(EpochTest, SmallBlocksAndWindowOfOne) {
   EXPECT_EQ(ImageHash(*dst, "", size), ImageHash(*src, "cairn.1", size));
 }
 
+TEST_F(EpochTest, ApplyWindowIsBoundInBytes) {
+  ASSERT_TRUE(pool_.Create("dst", kMiB).ok());
+  auto dst = testing::MustOpen(pool_, "dst");
+  const auto window = [&](uint32_t writes, uint64_t bytes, uint64_t max_block) -> size_t {
+    EpochOptions opt;
+    opt.window = writes;
+    opt.window_bytes = bytes;
+    ApplyStream apply(*dst, opt, TargetState::kFreshImage);
+    EXPECT_TRUE(apply.Begin(kMiB, max_block).ok());
+    return apply.window();
+  };
+  EXPECT_EQ(window(32, 32 * kMiB, 4 * kMiB), 8u);   // 4 MiB records: 8 writes
+  EXPECT_EQ(window(32, 32 * kMiB, kMiB), 32u);      // 1 MiB records: the count bounds
+  EXPECT_EQ(window(32, 32 * kMiB, 4096), 32u);
+  EXPECT_EQ(window(32, kMiB, 4 * kMiB), 1u);        // never less than one write
+  EXPECT_EQ(window(32, 0, 4 * kMiB), 32u);          // no byte bound
+  EXPECT_EQ(window(8, 32 * kMiB, 0), 8u);           // block size unknown
+}
+
+TEST_F(EpochTest, FourMiBRecordsThroughAOneWriteWindow) {
+  const uint64_t size = 10 * kMiB + 4096;
+  ASSERT_TRUE(pool_.Create("src", size).ok());
+  ASSERT_TRUE(pool_.Create("dst", 0).ok());
+  auto src = testing::MustOpen(pool_, "src");
+  auto dst = testing::MustOpen(pool_, "dst");
+  std::mt19937_64 rng(6);
+  Write(*src, 0, testing::RandomBytes(rng, size));
+  ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+  EpochOptions opt;
+  opt.block_size = 4 * kMiB;
+  opt.window = 8;
+  opt.window_bytes = 4 * kMiB;  // the sink: one 4 MiB write at a time
+  auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage, opt);
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->records, 3u);  // 4 MiB, 4 MiB, 2 MiB + 4 KiB
+  EXPECT_EQ(ImageHash(*dst, "", size), ImageHash(*src, "cairn.1", size));
+}
+
 TEST_F(EpochTest, EmptyEpochIsValid) {
   ASSERT_TRUE(pool_.Create("src", kMiB).ok());
   ASSERT_TRUE(pool_.Create("dst", 0).ok());
