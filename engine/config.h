@@ -76,8 +76,9 @@ struct VolumeConfig {
   // Largest data record: an RBD object (4 MiB by default), so a full sync
   // writes each object of the standby image in one operation.
   uint32_t block_size = 4u << 20;
-  // Concurrent reads of the source snapshot: `window` buffers of
-  // `block_size` are the source's memory for an epoch (32 MiB).
+  // The source's read memory for an epoch: window x block_size (32 MiB).
+  // As many reads of the snapshot as fit in it are in flight, up to 64:
+  // 8 whole objects, or 64 small changed extents.
   uint32_t window = 8;
 };
 

@@ -51,6 +51,78 @@ Status Parse(const Frame& f, Msg& m) {
   return OkStatus();
 }
 
+// Read buffers of one epoch: one arena of `capacity` bytes, carved into
+// 4 KiB-aligned pieces in the order records are sent and returned in the
+// same order (a ring). Any mix of record sizes fits in the same memory: 8
+// reads of 4 MiB, or 512 of 64 KiB.
+class FifoArena {
+ public:
+  Status Init(size_t capacity) {
+    capacity_ = RoundUp(capacity);
+    mem_ = AllocateAligned(capacity_);
+    if (!mem_) {
+      return ResourceExhausted(fmt::format("cannot allocate {} bytes of read buffers", capacity_));
+    }
+    return OkStatus();
+  }
+  // A piece of `n` bytes after the newest one, or nullptr until older ones
+  // are returned. REQUIRES: n <= capacity.
+  char* Take(size_t n) {
+    n = RoundUp(n);
+    assert(n <= capacity_);
+    size_t at;
+    if (live_.empty()) {
+      at = 0;
+    } else if (tail_ < head_) {
+      // Live pieces run from tail_ to head_: room after head_, else at 0.
+      if (capacity_ - head_ >= n) {
+        at = head_;
+      } else if (tail_ >= n) {
+        at = 0;
+      } else {
+        return nullptr;
+      }
+    } else {
+      // Wrapped: live pieces run from tail_ to the end, then 0 to head_.
+      if (tail_ - head_ >= n) {
+        at = head_;
+      } else {
+        return nullptr;
+      }
+    }
+    live_.push_back({at, n});
+    head_ = at + n;
+    tail_ = live_.front().at;
+    return mem_.get() + at;
+  }
+  // Returns the oldest piece.
+  void GiveBackOldest() {
+    assert(!live_.empty());
+    live_.pop_front();
+    if (live_.empty()) {
+      head_ = tail_ = 0;
+    } else {
+      tail_ = live_.front().at;
+    }
+  }
+
+ private:
+  static size_t RoundUp(size_t n) { return (n + 4095) / 4096 * 4096; }
+  struct Piece {
+    size_t at;
+    size_t n;
+  };
+  size_t capacity_ = 0;
+  AlignedBuffer mem_;
+  std::deque<Piece> live_;
+  size_t head_ = 0;  // end of the newest piece
+  size_t tail_ = 0;  // start of the oldest piece
+};
+
+// Reads of the source snapshot in flight at once, at most (whatever their
+// size: the arena bounds the bytes).
+constexpr uint64_t kMaxReadsInFlight = 64;
+
 // Sends the records of one epoch in order while reads complete out of
 // order: a FIFO of records whose data reads may still be in flight.
 class RecordPipeline {
@@ -65,25 +137,18 @@ class RecordPipeline {
     summary_.source_site = plan.source_site;
   }
 
-  Status Init() {
-    slots_.resize(opt_.window);
-    for (uint32_t i = 0; i < opt_.window; ++i) {
-      slots_[i].buf = AllocateAligned(opt_.block_size);
-      if (!slots_[i].buf) return ResourceExhausted("cannot allocate read buffers");
-      free_.push_back(i);
-    }
-    return OkStatus();
-  }
+  // The source's memory: `window` blocks of `block_size`.
+  Status Init() { return arena_.Init(uint64_t{opt_.window} * opt_.block_size); }
 
   const SendTimes& times() const { return times_; }
 
-  // The I/O is owned here and declared after the slots, so it is destroyed
-  // first: its destructor waits for reads still using slot buffers.
+  // The I/O is owned here and declared after the arena, so it is destroyed
+  // first: its destructor waits for reads still using arena buffers.
   void set_io(std::unique_ptr<AsyncIo> io) { io_ = std::move(io); }
 
   Status AddExtent(const Extent& e) {
     if (e.kind == RecordKind::kZero) {
-      queue_.push_back({e.offset, e.length, RecordKind::kZero, -1});
+      queue_.push_back({e.offset, e.length, RecordKind::kZero, nullptr, true});
       return Emit();
     }
     uint64_t off = e.offset;
@@ -92,12 +157,14 @@ class RecordPipeline {
       // Cut blocks at multiples of block_size so they line up with objects.
       const uint64_t boundary = (off / opt_.block_size + 1) * opt_.block_size;
       const uint64_t len = std::min(end, boundary) - off;
-      while (free_.empty()) RETURN_IF_ERROR(WaitOne());
-      const int slot = free_.back();
-      free_.pop_back();
-      slots_[slot].done = false;
-      queue_.push_back({off, len, RecordKind::kData, slot});
-      RETURN_IF_ERROR(io_->StartRead(slot, off, std::span<char>(slots_[slot].buf.get(), len)));
+      char* buf = nullptr;
+      while (reads_ >= kMaxReadsInFlight || (buf = arena_.Take(len)) == nullptr) {
+        RETURN_IF_ERROR(WaitOne());
+      }
+      queue_.push_back({off, len, RecordKind::kData, buf, false});
+      const uint64_t tag = first_tag_ + queue_.size() - 1;
+      ++reads_;
+      RETURN_IF_ERROR(io_->StartRead(tag, off, std::span<char>(buf, len)));
       off += len;
       RETURN_IF_ERROR(Emit());
     }
@@ -122,38 +189,40 @@ class RecordPipeline {
   }
 
  private:
-  struct Slot {
-    AlignedBuffer buf;
-    bool done = true;
-  };
+  // A record to send; records leave in order, so the queue's front is the
+  // oldest piece of the arena. A read's tag is its position in the queue
+  // counted from the first record of the epoch.
   struct Pending {
     uint64_t offset;
     uint64_t length;
     RecordKind kind;
-    int slot;  // -1: no data to wait for
+    char* buf;  // data records: the arena piece the read fills
+    bool done;  // no read in flight
   };
 
   Status WaitOne() {
     const auto t0 = Clock::now();
     AsyncIo::Completion c = io_->WaitOne();
     times_.reads += Seconds(Clock::now() - t0);
+    --reads_;
     if (!c.status.ok()) return c.status.Annotate("reading the source snapshot");
-    slots_[c.tag].done = true;
+    assert(c.tag >= first_tag_ && c.tag - first_tag_ < queue_.size());
+    queue_[c.tag - first_tag_].done = true;
     return Emit();
   }
 
   // Sends every record at the head of the queue whose data is in.
   Status Emit() {
-    while (!queue_.empty()) {
-      Pending& p = queue_.front();
-      if (p.slot >= 0 && !slots_[p.slot].done) break;
-      if (p.slot < 0) {
+    while (!queue_.empty() && queue_.front().done) {
+      const Pending& p = queue_.front();
+      if (p.buf == nullptr) {
         RETURN_IF_ERROR(SendRecord(p.offset, p.length, RecordKind::kZero, {}));
       } else {
-        RETURN_IF_ERROR(SendData(p.offset, std::span<const char>(slots_[p.slot].buf.get(), p.length)));
-        free_.push_back(p.slot);
+        RETURN_IF_ERROR(SendData(p.offset, std::span<const char>(p.buf, p.length)));
+        arena_.GiveBackOldest();
       }
       queue_.pop_front();
+      ++first_tag_;
     }
     return OkStatus();
   }
@@ -216,9 +285,10 @@ class RecordPipeline {
   SendTimes times_;
   EpochHasher hasher_;
   EpochSummary summary_;
-  std::vector<Slot> slots_;
-  std::vector<int> free_;
+  FifoArena arena_;
   std::deque<Pending> queue_;
+  uint64_t first_tag_ = 0;  // tag of queue_.front()
+  uint64_t reads_ = 0;      // in flight
   pb::Record record_;
   std::string body_;
   std::unique_ptr<AsyncIo> io_;

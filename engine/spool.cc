@@ -22,11 +22,11 @@
 // kBuffers staging buffers take turns; buffer `cur_` holds the bytes of
 // the file from `buf_file_off_` (4 KiB-aligned) on. A full buffer is
 // written asynchronously and the next one becomes current (after its own
-// previous write has completed): up to kBuffers - 1 writes are in flight,
-// so a disk that stalls for a moment does not stall the receiver. Sync() writes the partial current buffer padded
-// with zeros to a 4 KiB boundary, linked to an fdatasync; afterwards the
-// partial last block stays at the front of the buffer, so the next write
-// rewrites that block with the frames that follow. Invariant:
+// previous write has completed): up to kBuffers - 1 writes are in flight.
+// Sync() writes the partial current buffer padded with zeros to a 4 KiB
+// boundary, linked to an fdatasync; afterwards the partial last block stays
+// at the front of the buffer, so the next write rewrites that block with the
+// frames that follow. Invariant:
 //   buf_file_off_ + fill_ == kSpoolHeaderSize + appended_.
 
 #include "engine/spool.h"
