@@ -382,8 +382,11 @@ def test_spool_disk_full(site_a, site_b, workdir, name, small_fs, daemons):
     spool = os.path.join(mnt, "spool")
     port = lib.free_port()
     sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config("b", site_b.conf, port, spool)))
+    # 1 MiB records (not the default 4 MiB): several fit before the disk
+    # is full, so there is a verified prefix to keep.
     source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
-        "a", site_a.conf, port, {name: (name, name + "-standby")}, interval="0")))
+        "a", site_a.conf, port, {name: (name, name + "-standby")}, interval="0",
+        extra="block_size = 1M\n")))
     source.json("replicate", name, "--wait", "--timeout", "30")
     filler = os.path.join(mnt, "filler")
     fill(filler, 6 * MiB)
@@ -443,8 +446,10 @@ def test_spool_quota(site_a, site_b, workdir, name, daemons):
     port = lib.free_port()
     sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
         "b", site_b.conf, port, spool, extra="spool_max_bytes = 4M\n")))
+    # 1 MiB records: a few fit in the quota and are kept.
     source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
-        "a", site_a.conf, port, {name: (name, name + "-standby")}, interval="0")))
+        "a", site_a.conf, port, {name: (name, name + "-standby")}, interval="0",
+        extra="block_size = 1M\n")))
     source.json("replicate", name, "--wait", "--timeout", "30")
     with rbd.Image(site_a.ioctx, name) as img:
         img.write(rng.randbytes(10 * MiB), 8 * MiB)
