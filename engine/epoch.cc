@@ -492,14 +492,11 @@ ApplyStream::~ApplyStream() {
   if (io_) (void)io_->Drain();
 }
 
-Status ApplyStream::Begin(uint64_t image_size, uint64_t max_block) {
-  uint64_t slots = options_.window;
-  if (options_.window_bytes > 0 && max_block > 0) {
-    slots = std::clamp<uint64_t>(options_.window_bytes / max_block, 1, options_.window);
-  }
-  frames_.assign(slots, Frame{});
+Status ApplyStream::Begin(uint64_t image_size) {
+  frames_.assign(options_.window, Frame{});
   free_.clear();
-  for (uint64_t i = slots; i > 0; --i) free_.push_back(static_cast<uint32_t>(i - 1));
+  for (uint32_t i = options_.window; i > 0; --i) free_.push_back(i - 1);
+  bytes_in_flight_ = 0;
   ASSIGN_OR_RETURN(uint64_t have, target_.Size());
   if (have != image_size) RETURN_IF_ERROR(target_.Resize(image_size));
   ASSIGN_OR_RETURN(io_, target_.OpenIo(""));
@@ -509,6 +506,7 @@ Status ApplyStream::Begin(uint64_t image_size, uint64_t max_block) {
 Status ApplyStream::WaitOne() {
   AsyncIo::Completion c = io_->WaitOne();
   free_.push_back(static_cast<uint32_t>(c.tag));
+  bytes_in_flight_ -= frames_[c.tag].payload.size();
   frames_[c.tag] = Frame{};  // its buffer goes back now, not when the slot is reused
   if (!c.status.ok()) return c.status.Annotate("writing the standby image");
   return OkStatus();
@@ -519,10 +517,16 @@ Status ApplyStream::Add(const VerifiedRecord& r, Frame frame) {
   if (r.kind != RecordKind::kData && state_ == TargetState::kFreshImage) {
     return OkStatus();  // a new image reads as zeros already
   }
-  while (free_.empty()) RETURN_IF_ERROR(WaitOne());
+  const uint64_t bytes = frame.payload.size();
+  // A record larger than window_bytes goes alone.
+  while (free_.empty() || (options_.window_bytes > 0 && bytes_in_flight_ > 0 &&
+                           bytes_in_flight_ + bytes > options_.window_bytes)) {
+    RETURN_IF_ERROR(WaitOne());
+  }
   const uint32_t slot = free_.back();
   free_.pop_back();
   frames_[slot] = std::move(frame);
+  bytes_in_flight_ += bytes;
   if (r.kind == RecordKind::kData) {
     assert(frames_[slot].payload.size() == r.length);
     return io_->StartWrite(slot, r.offset, frames_[slot].payload);
@@ -557,7 +561,7 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
     if (!step.ok()) return step.status().Annotate(fmt::format("spool offset {}", spool.offset()));
     switch (*step) {
       case EpochVerifier::Step::kBegin:
-        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size, verifier.begin().max_block));
+        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size));
         break;
       case EpochVerifier::Step::kRecord:
         RETURN_IF_ERROR(apply.Add(verifier.record(), std::move(next).value()));

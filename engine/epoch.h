@@ -70,10 +70,8 @@ struct EpochOptions {
   // Largest data record payload (cairnd: [volume] block_size, 4 MiB).
   uint32_t block_size = 1u << 20;
   uint32_t window = 8;             // concurrent reads (source) / writes (sink)
-  // Sink: bytes of writes in flight, at most. An epoch's records are up to
-  // its announced block size, so the window is window_bytes / max_block
-  // writes (at least 1, at most `window`). 0: `window` writes, whatever
-  // their size.
+  // Sink: bytes of writes in flight, at most (a record larger than this is
+  // written alone). 0: `window` writes, whatever their size.
   uint64_t window_bytes = 0;
 };
 
@@ -179,9 +177,8 @@ class ApplyStream {
   ApplyStream(const ApplyStream&) = delete;
   ApplyStream& operator=(const ApplyStream&) = delete;
 
-  // Resizes the target to the epoch's size and opens it for I/O. The
-  // epoch's records are up to `max_block` bytes (0: unknown).
-  Status Begin(uint64_t image_size, uint64_t max_block);
+  // Resizes the target to the epoch's size and opens it for I/O.
+  Status Begin(uint64_t image_size);
   // Starts the write of record `r`, whose verified frame is `frame` (kept
   // until the write completes). Blocks while the window is full. Fails with
   // the error of a write that completed with one.
@@ -189,8 +186,10 @@ class ApplyStream {
   // Waits for every write and flushes them. OK: the records given are on
   // the target.
   Status Finish();
-  // Writes that may be in flight at once (after Begin).
-  size_t window() const { return frames_.size(); }
+  // What is in flight now: at most options.window writes and, unless one
+  // record is larger, options.window_bytes bytes of payload.
+  size_t writes_in_flight() const { return frames_.size() - free_.size(); }
+  uint64_t bytes_in_flight() const { return bytes_in_flight_; }
 
  private:
   Status WaitOne();
@@ -201,6 +200,7 @@ class ApplyStream {
   std::unique_ptr<AsyncIo> io_;
   std::vector<Frame> frames_;  // one slot per write that may be in flight
   std::vector<uint32_t> free_;
+  uint64_t bytes_in_flight_ = 0;
 };
 
 StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,

@@ -492,8 +492,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
       streamed->vol = std::move(prepared->vol);
       streamed->apply =
           std::make_unique<ApplyStream>(*streamed->vol, env_.apply, prepared->state);
-      if (Status st = streamed->apply->Begin(announced.image_size, announced.max_block);
-          !st.ok()) {
+      if (Status st = streamed->apply->Begin(announced.image_size); !st.ok()) {
         WarnAppliedFromSpool(t.volume, announced.seq, st);
         streamed.reset();
       }

@@ -209,23 +209,41 @@ TEST_F(EpochTest, OddBlockSizeThroughASmallReadArena) {
   }
 }
 
+// The sink's window counts the bytes of the records in flight, not a
+// block size: small records of an incremental keep many writes going, large
+// ones of a full sync a few.
 TEST_F(EpochTest, ApplyWindowIsBoundInBytes) {
-  ASSERT_TRUE(pool_.Create("dst", kMiB).ok());
+  ASSERT_TRUE(pool_.Create("dst", 64 * kMiB).ok());
   auto dst = testing::MustOpen(pool_, "dst");
-  const auto window = [&](uint32_t writes, uint64_t bytes, uint64_t max_block) -> size_t {
+  // Most writes and bytes in flight while `n` records of `len` bytes are
+  // added with a window of 32 writes and 8 MiB.
+  const auto most = [&](uint64_t len, int n) -> std::pair<size_t, uint64_t> {
     EpochOptions opt;
-    opt.window = writes;
-    opt.window_bytes = bytes;
-    ApplyStream apply(*dst, opt, TargetState::kFreshImage);
-    EXPECT_TRUE(apply.Begin(kMiB, max_block).ok());
-    return apply.window();
+    opt.window = 32;
+    opt.window_bytes = 8 * kMiB;
+    ApplyStream apply(*dst, opt, TargetState::kHasData);
+    EXPECT_TRUE(apply.Begin(64 * kMiB).ok());
+    size_t writes = 0;
+    uint64_t bytes = 0;
+    for (int i = 0; i < n; ++i) {
+      Frame f;
+      f.type = FrameType::kRecord;
+      f.payload = Payload(len, 'x');
+      EXPECT_TRUE(apply.Add({static_cast<uint64_t>(i), i * len, len, RecordKind::kData},
+                            std::move(f)).ok());
+      writes = std::max(writes, apply.writes_in_flight());
+      bytes = std::max(bytes, apply.bytes_in_flight());
+    }
+    EXPECT_TRUE(apply.Finish().ok());
+    EXPECT_EQ(apply.writes_in_flight(), 0u);
+    EXPECT_EQ(apply.bytes_in_flight(), 0u);
+    return {writes, bytes};
   };
-  EXPECT_EQ(window(32, 32 * kMiB, 4 * kMiB), 8u);   // 4 MiB records: 8 writes
-  EXPECT_EQ(window(32, 32 * kMiB, kMiB), 32u);      // 1 MiB records: the count bounds
-  EXPECT_EQ(window(32, 32 * kMiB, 4096), 32u);
-  EXPECT_EQ(window(32, kMiB, 4 * kMiB), 1u);        // never less than one write
-  EXPECT_EQ(window(32, 0, 4 * kMiB), 32u);          // no byte bound
-  EXPECT_EQ(window(8, 32 * kMiB, 0), 8u);           // block size unknown
+  EXPECT_EQ(most(64 * 1024, 100), std::make_pair(size_t{32}, uint64_t{2 * kMiB}));  // the count
+  EXPECT_EQ(most(4 * kMiB, 10), std::make_pair(size_t{2}, uint64_t{8 * kMiB}));     // the bytes
+  EXPECT_EQ(most(3 * kMiB, 10), std::make_pair(size_t{2}, uint64_t{6 * kMiB}));
+  // A record larger than the byte window still goes, alone.
+  EXPECT_EQ(most(12 * kMiB, 3), std::make_pair(size_t{1}, uint64_t{12 * kMiB}));
 }
 
 TEST_F(EpochTest, FourMiBRecordsThroughAOneWriteWindow) {
