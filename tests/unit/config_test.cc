@@ -153,7 +153,7 @@ TEST(Config, VolumeReadsWholeObjectsByDefault) {
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   ASSERT_EQ(c->volumes.size(), 1u);
   EXPECT_EQ(c->volumes[0].block_size, 4u << 20);  // an RBD object
-  EXPECT_EQ(c->volumes[0].window, 8u);            // 32 MiB of reads in flight
+  EXPECT_EQ(c->volumes[0].window, 4u);            // 16 MiB of reads in flight
 }
 
 TEST(Config, SinkRetentionAndWindow) {
