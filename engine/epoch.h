@@ -69,7 +69,9 @@ struct EpochPlan {
 struct EpochOptions {
   // Largest data record payload (cairnd: [volume] block_size, 4 MiB).
   uint32_t block_size = 1u << 20;
-  uint32_t window = 8;             // concurrent reads (source) / writes (sink)
+  // Source: its read memory is window x block_size (reads in flight: as
+  // many as fit, at most 64). Sink: writes in flight, at most.
+  uint32_t window = 8;
   // Sink: bytes of writes in flight, at most (a record larger than this is
   // written alone). 0: `window` writes, whatever their size.
   uint64_t window_bytes = 0;
