@@ -716,10 +716,15 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   // The spool is stale now (RecoverSpool would remove it after a crash).
   // Unlinking a large file takes a while (0.17 s for 1 GiB on ext4): it
   // goes on beside the APPLIED ack and the next epoch, not before them.
-  t.spool_removal = std::async(std::launch::async, [path] {
+  const auto remove_spool = [path] {
     std::error_code ignored;
     std::filesystem::remove(path, ignored);
-  });
+  };
+  try {
+    t.spool_removal = std::async(std::launch::async, remove_spool);
+  } catch (const std::system_error&) {
+    remove_spool();  // no thread to be had: unlink it here
+  }
   spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
                "{:.2f} s, catalog {:.2f} s)",
                t.volume, seq, sum.data_bytes, sum.zero_bytes, phases, snap_secs, catalog_secs);
