@@ -613,8 +613,12 @@ class SnapObjectReader final : public AsyncIo {
     assert(in_flight_ > 0 && "WaitOne with nothing in flight");
     while (ready_.empty()) {
       // Nothing more is started while the caller waits: what is gathered
-      // goes out now.
-      if (pending_) Submit();
+      // goes out now (or fails at once, and is ready).
+      if (pending_) {
+        Submit();
+        continue;
+      }
+      assert(submitted_ > 0);
       Finish(PopDone());
     }
     const uint64_t id = ready_.front();
