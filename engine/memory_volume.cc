@@ -213,12 +213,9 @@ class MemoryAsyncIo final : public AsyncIo {
   }
 
   Status StartRead(uint64_t tag, uint64_t offset, std::span<char> buf) override {
-    RETURN_IF_ERROR(Start(MemoryOp::kRead, tag, offset, buf.size(), [&](ChunkMap& chunks) {
+    return Start(MemoryOp::kRead, tag, offset, buf.size(), [&](ChunkMap& chunks) {
       ReadChunks(chunks, pool_->options.chunk_size, offset, buf);
-    }));
-    ++stats_.reads;  // one operation each
-    ++stats_.read_ops;
-    return OkStatus();
+    });
   }
 
   Status StartWrite(uint64_t tag, uint64_t offset, std::span<const char> buf) override {
@@ -226,7 +223,7 @@ class MemoryAsyncIo final : public AsyncIo {
       WriteChunks(chunks, pool_->options.chunk_size, offset, buf);
     }));
     ++stats_.writes;  // one operation each
-    ++stats_.write_ops;
+    ++stats_.ops;
     return OkStatus();
   }
 
@@ -245,7 +242,7 @@ class MemoryAsyncIo final : public AsyncIo {
 
   size_t InFlight() const override { return done_.size(); }
 
-  OpStats op_stats() const override { return stats_; }
+  WriteStats write_stats() const override { return stats_; }
 
   Status Drain() override {
     RETURN_IF_ERROR(WaitAll());
@@ -313,7 +310,7 @@ class MemoryAsyncIo final : public AsyncIo {
   const std::string snap_;
   const uint64_t snap_id_;
   std::deque<Completion> done_;
-  OpStats stats_;
+  WriteStats stats_;
 };
 
 }  // namespace

@@ -23,7 +23,6 @@
 #include <span>
 #include <string_view>
 #include <thread>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -295,118 +294,6 @@ AsyncIo::Completion FinishOp(PendingOp* op, const std::string& spec) {
   return c;
 }
 
-// --- The RADOS objects behind an image --------------------------------------
-
-// A RADOS I/O context of our own, destroyed with its holder.
-struct IoCtxDeleter {
-  void operator()(void* io) const { rados_ioctx_destroy(static_cast<rados_ioctx_t>(io)); }
-};
-using OwnedIoCtx = std::unique_ptr<void, IoCtxDeleter>;
-
-// The header's snapshot context (cls_rbd get_snapcontext): the newest
-// snapshot id and every snapshot id, newest first.
-StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(rados_ioctx_t io,
-                                                                      const std::string& header,
-                                                                      const std::string& spec) {
-  std::vector<char> out(4096);
-  int rc = 0;
-  while (true) {
-    rc = rados_exec(io, header.c_str(), "rbd", "get_snapcontext", nullptr, 0, out.data(),
-                    out.size());
-    if (rc != -ERANGE || out.size() >= (64u << 20)) break;
-    out.resize(out.size() * 4);
-  }
-  if (rc < 0) return ErrnoStatus(rc, "reading the snapshot context of " + spec);
-  // Encoded as u64 seq, u32 count, count x u64 (little-endian).
-  const auto u64 = [&](size_t at) {
-    uint64_t v = 0;
-    std::memcpy(&v, out.data() + at, 8);
-    return le64toh(v);
-  };
-  const size_t len = static_cast<size_t>(rc);
-  uint32_t count = 0;
-  if (len >= 12) {
-    std::memcpy(&count, out.data() + 8, 4);
-    count = le32toh(count);
-  }
-  if (len < 12 || len != 12 + 8 * static_cast<size_t>(count)) {
-    return DataLoss(
-        fmt::format("the snapshot context of {} does not decode ({} bytes)", spec, len));
-  }
-  std::vector<uint64_t> snaps;
-  for (uint32_t i = 0; i < count; ++i) snaps.push_back(u64(12 + 8 * i));
-  return std::make_pair(u64(0), std::move(snaps));
-}
-
-// Where the data of an image with the plain layout lives: format 2, one
-// stripe per object, every object named <prefix>.<object number in hex>.
-struct ObjectLayout {
-  OwnedIoCtx io;  // the image's data pool, in the image's namespace
-  std::string prefix;
-  std::string header;  // rbd_header.<id>, in the image's own pool
-  uint64_t object_size = 0;
-  uint64_t features = 0;
-
-  std::string ObjectName(uint64_t object) const {
-    return fmt::format("{}.{:016x}", prefix, object);
-  }
-};
-
-// The layout of image `h` (open in pool `meta`), or nullopt if it is not
-// plain (format 1, fancy striping): such images are read and written
-// through librbd alone.
-StatusOr<std::optional<ObjectLayout>> PlainLayout(rbd_image_t h, rados_ioctx_t meta,
-                                                  const std::string& spec) {
-  uint8_t old = 0;
-  uint64_t features = 0, stripe_unit = 0, stripe_count = 0;
-  rbd_image_info_t info{};
-  if (int rc = rbd_get_old_format(h, &old); rc < 0) return ErrnoStatus(rc, "inspecting " + spec);
-  if (int rc = rbd_get_features(h, &features); rc < 0) {
-    return ErrnoStatus(rc, "getting the features of " + spec);
-  }
-  if (int rc = rbd_get_stripe_unit(h, &stripe_unit); rc < 0) {
-    return ErrnoStatus(rc, "getting the stripe unit of " + spec);
-  }
-  if (int rc = rbd_get_stripe_count(h, &stripe_count); rc < 0) {
-    return ErrnoStatus(rc, "getting the stripe count of " + spec);
-  }
-  if (int rc = rbd_stat(h, &info, sizeof info); rc < 0) return ErrnoStatus(rc, "stat " + spec);
-  if (old != 0 || stripe_count != 1 || stripe_unit != info.obj_size || info.obj_size == 0) {
-    spdlog::debug("{}: I/O goes through librbd one op at a time (format {}, stripe {}x{}, "
-                  "object size {})",
-                  spec, old ? 1 : 2, stripe_count, stripe_unit, info.obj_size);
-    return std::optional<ObjectLayout>();
-  }
-  ObjectLayout l;
-  l.object_size = info.obj_size;
-  l.features = features;
-  std::array<char, 128> buf{};
-  if (int rc = rbd_get_block_name_prefix(h, buf.data(), buf.size()); rc < 0) {
-    return ErrnoStatus(rc, "getting the object name prefix of " + spec);
-  }
-  l.prefix = buf.data();
-  buf.fill(0);
-  if (int rc = rbd_get_id(h, buf.data(), buf.size()); rc < 0) {
-    return ErrnoStatus(rc, "getting the id of " + spec);
-  }
-  l.header = std::string("rbd_header.") + buf.data();
-  const int64_t data_pool = rbd_get_data_pool_id(h);
-  if (data_pool < 0) {
-    return ErrnoStatus(static_cast<int>(data_pool), "getting the data pool of " + spec);
-  }
-  rados_ioctx_t io = nullptr;
-  if (int rc = rados_ioctx_create2(rados_ioctx_get_cluster(meta), data_pool, &io); rc < 0) {
-    return ErrnoStatus(rc, fmt::format("opening the data pool (id {}) of {}", data_pool, spec));
-  }
-  l.io.reset(io);
-  buf.fill(0);
-  if (int rc = rados_ioctx_get_namespace(meta, buf.data(), buf.size()); rc < 0) {
-    return ErrnoStatus(rc, "getting the namespace of " + spec);
-  }
-  rados_ioctx_set_namespace(io, buf.data());
-  return std::optional<ObjectLayout>(std::move(l));
-}
-
 // Writes several pieces of one RADOS object of an image as one op.
 //
 // Why: the standby OSD's cost is per op (about 340 us of CPU per 64 KiB
@@ -428,41 +315,85 @@ StatusOr<std::optional<ObjectLayout>> PlainLayout(rbd_image_t h, rados_ioctx_t m
 //
 // Not used (every write goes through librbd) for images whose writes need
 // more than an object write: the journaling feature (rbd-mirror journal
-// mode), or a layout that is not plain (PlainLayout).
+// mode), fancy striping, format 1.
 class ObjectWriter {
  public:
   // Null if the image's layout rules the object writes out (see above).
   static StatusOr<std::unique_ptr<ObjectWriter>> Open(rbd_image_t h, const RadosIoCtx& meta,
                                                       const std::string& spec) {
-    ASSIGN_OR_RETURN(std::optional<ObjectLayout> layout, PlainLayout(h, meta.get(), spec));
-    if (!layout || (layout->features & RBD_FEATURE_JOURNALING) != 0) {
+    uint8_t old = 0;
+    uint64_t features = 0, stripe_unit = 0, stripe_count = 0;
+    rbd_image_info_t info{};
+    if (int rc = rbd_get_old_format(h, &old); rc < 0) return ErrnoStatus(rc, "inspecting " + spec);
+    if (int rc = rbd_get_features(h, &features); rc < 0) {
+      return ErrnoStatus(rc, "getting the features of " + spec);
+    }
+    if (int rc = rbd_get_stripe_unit(h, &stripe_unit); rc < 0) {
+      return ErrnoStatus(rc, "getting the stripe unit of " + spec);
+    }
+    if (int rc = rbd_get_stripe_count(h, &stripe_count); rc < 0) {
+      return ErrnoStatus(rc, "getting the stripe count of " + spec);
+    }
+    if (int rc = rbd_stat(h, &info, sizeof info); rc < 0) return ErrnoStatus(rc, "stat " + spec);
+    if (old != 0 || (features & RBD_FEATURE_JOURNALING) != 0 || stripe_count != 1 ||
+        stripe_unit != info.obj_size || info.obj_size == 0) {
+      spdlog::debug("{}: writes go through librbd one by one (format {}, features {:#x}, "
+                    "stripe {}x{}, object size {})",
+                    spec, old ? 1 : 2, features, stripe_count, stripe_unit, info.obj_size);
       return std::unique_ptr<ObjectWriter>();
     }
-    ASSIGN_OR_RETURN(auto snapc, ReadSnapContext(meta.get(), layout->header, spec));
+    std::array<char, 128> buf{};
+    if (int rc = rbd_get_block_name_prefix(h, buf.data(), buf.size()); rc < 0) {
+      return ErrnoStatus(rc, "getting the object name prefix of " + spec);
+    }
+    const std::string prefix = buf.data();
+    buf.fill(0);
+    if (int rc = rbd_get_id(h, buf.data(), buf.size()); rc < 0) {
+      return ErrnoStatus(rc, "getting the id of " + spec);
+    }
+    const std::string header = std::string("rbd_header.") + buf.data();
+    ASSIGN_OR_RETURN(auto snapc, ReadSnapContext(meta.get(), header, spec));
+
+    const int64_t data_pool = rbd_get_data_pool_id(h);
+    if (data_pool < 0) {
+      return ErrnoStatus(static_cast<int>(data_pool), "getting the data pool of " + spec);
+    }
+    rados_ioctx_t io = nullptr;
+    if (int rc = rados_ioctx_create2(rados_ioctx_get_cluster(meta.get()), data_pool, &io);
+        rc < 0) {
+      return ErrnoStatus(rc, fmt::format("opening the data pool (id {}) of {}", data_pool, spec));
+    }
+    auto w = std::unique_ptr<ObjectWriter>(new ObjectWriter(io, prefix, info.obj_size));
+    buf.fill(0);
+    if (int rc = rados_ioctx_get_namespace(meta.get(), buf.data(), buf.size()); rc < 0) {
+      return ErrnoStatus(rc, "getting the namespace of " + spec);
+    }
+    rados_ioctx_set_namespace(io, buf.data());
     std::vector<rados_snap_t> snaps(snapc.second.begin(), snapc.second.end());
     if (int rc = rados_ioctx_selfmanaged_snap_set_write_ctx(
-            layout->io.get(), snapc.first, snaps.data(), static_cast<int>(snaps.size()));
+            io, snapc.first, snaps.data(), static_cast<int>(snaps.size()));
         rc < 0) {
       return ErrnoStatus(rc, "setting the snapshot context of " + spec);
     }
-    return std::unique_ptr<ObjectWriter>(new ObjectWriter(std::move(*layout)));
+    return w;
   }
 
+  ~ObjectWriter() { rados_ioctx_destroy(io_); }
   ObjectWriter(const ObjectWriter&) = delete;
   ObjectWriter& operator=(const ObjectWriter&) = delete;
 
-  uint64_t object_size() const { return layout_.object_size; }
+  uint64_t object_size() const { return object_size_; }
 
   // Starts one op writing `pieces` (all in object `object`); its completion
   // goes to `queue`. The pieces' data must live until it is popped.
   Status Start(CompletionQueue& queue, uint64_t object, const std::vector<Batch::Piece>& pieces,
                const std::string& spec) {
-    const std::string oid = layout_.ObjectName(object);
+    const std::string oid = fmt::format("{}.{:016x}", prefix_, object);
     auto op = std::make_unique<PendingOp>();
     op->queue = &queue;
     op->kind = OpKind::kObjectWrite;
-    op->offset = object * layout_.object_size;
-    op->length = layout_.object_size;
+    op->offset = object * object_size_;
+    op->length = object_size_;
     op->write_op = rados_create_write_op();
     for (const Batch::Piece& p : pieces) {
       rados_write_op_write(op->write_op, p.data.data(), p.data.size(), p.offset - op->offset);
@@ -470,8 +401,8 @@ class ObjectWriter {
     }
     int rc = rados_aio_create_completion2(op.get(), OnRadosComplete, &op->rados_completion);
     if (rc == 0) {
-      rc = rados_aio_write_op_operate(op->write_op, layout_.io.get(), op->rados_completion,
-                                      oid.c_str(), nullptr, 0);
+      rc = rados_aio_write_op_operate(op->write_op, io_, op->rados_completion, oid.c_str(),
+                                      nullptr, 0);
       if (rc < 0) rados_aio_release(op->rados_completion);
     }
     if (rc < 0) {
@@ -497,283 +428,46 @@ class ObjectWriter {
   }
 
  private:
-  explicit ObjectWriter(ObjectLayout layout) : layout_(std::move(layout)) {}
+  ObjectWriter(rados_ioctx_t io, std::string prefix, uint64_t object_size)
+      : io_(io), prefix_(std::move(prefix)), object_size_(object_size) {}
 
-  const ObjectLayout layout_;
-};
-
-// Reads of one snapshot straight from the image's RADOS objects: the reads
-// of one object started back to back go out as one read op with one
-// extent each, as rbd-mirror's deep copy reads an object.
-//
-// Why: librbd sends one op per read, so an incremental epoch of 64 KiB
-// records over 4 MiB objects costs the primary's OSD, and the source's
-// librbd and messenger threads, one op per record (1790 for 128 MiB of
-// random 64 KiB writes, against 256 objects).
-//
-// Only for a plain layout (PlainLayout) with no parent at the snapshot (a
-// clone's unwritten objects are its parent's) and not being migrated (the
-// objects may still be in the migration's source); other images are read
-// through librbd. An object the snapshot does not hold reads as zeros, but
-// only once the snapshot is seen to be still in the image's header: a
-// snapshot is taken out of the header before its id is released to be
-// trimmed, so a snapshot still listed after the read had not lost its
-// clones when it ran.
-//
-// History: a first version (2026-11-29) was removed after cairnd aborted in
-// 3 of ~100 runs of a stress script with it. It opened the image through
-// librbd from the reading thread to check the snapshot, in parallel with
-// other opens, which librbd does not survive (ImageContextLock above); and
-// the completion queue of the day notified after unlocking (HandoffQueue).
-// This one checks through RADOS and opens nothing.
-class SnapObjectReader final : public AsyncIo {
- public:
-  // Null if the image must be read through librbd (see above). `at` is the
-  // image open at snapshot `snap`; the reader keeps nothing of it.
-  static StatusOr<std::unique_ptr<AsyncIo>> Open(rbd_image_t at,
-                                                 std::shared_ptr<RadosIoCtx> meta,
-                                                 const std::string& snap,
-                                                 const std::string& spec) {
-    ASSIGN_OR_RETURN(std::optional<ObjectLayout> layout, PlainLayout(at, meta->get(), spec));
-    if (!layout || (layout->features & RBD_FEATURE_MIGRATING) != 0) {
-      return std::unique_ptr<AsyncIo>();
+  // The header's snapshot context (cls_rbd get_snapcontext): the newest
+  // snapshot id and every snapshot id, newest first.
+  static StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
+      rados_ioctx_t io, const std::string& header, const std::string& spec) {
+    std::vector<char> out(4096);
+    int rc = 0;
+    while (true) {
+      rc = rados_exec(io, header.c_str(), "rbd", "get_snapcontext", nullptr, 0, out.data(),
+                      out.size());
+      if (rc != -ERANGE || out.size() >= (64u << 20)) break;
+      out.resize(out.size() * 4);
     }
-    rbd_linked_image_spec_t parent{};
-    rbd_snap_spec_t parent_snap{};
-    if (int rc = rbd_get_parent(at, &parent, &parent_snap); rc == 0) {
-      rbd_linked_image_spec_cleanup(&parent);
-      rbd_snap_spec_cleanup(&parent_snap);
-      return std::unique_ptr<AsyncIo>();
-    } else if (rc != -ENOENT) {
-      return ErrnoStatus(rc, "getting the parent of " + spec);
-    }
-    uint64_t snap_id = 0;
-    if (int rc = rbd_snap_get_id(at, snap.c_str(), &snap_id); rc < 0) {
-      return ErrnoStatus(rc, "getting the id of snapshot " + spec);
-    }
-    ASSIGN_OR_RETURN(uint64_t size, ImageSize(at, spec));
-    rados_ioctx_snap_set_read(layout->io.get(), snap_id);
-    return std::unique_ptr<AsyncIo>(
-        new SnapObjectReader(std::move(*layout), std::move(meta), snap_id, size, spec));
-  }
-
-  // RADOS may still write into the caller's buffers: wait for every op.
-  ~SnapObjectReader() override {
-    pending_.reset();
-    while (submitted_ > 0) Release(PopDone());
-  }
-
-  Status StartRead(uint64_t tag, uint64_t offset, std::span<char> buf) override {
-    const uint64_t length = buf.size();
-    if (offset > size_ || length > size_ - offset) {
-      return InvalidArgument(
-          fmt::format("{}: beyond the end of the image ({} bytes)",
-                      Describe(OpKind::kRead, spec_, offset, length), size_));
-    }
-    const uint64_t id = next_read_++;
-    ++stats_.reads;
-    Read& r = reads_[id];
-    r.tag = tag;
-    ++in_flight_;
-    // One count held while splitting: a batch that fails to submit
-    // settles its pieces at once, and must not settle this read before
-    // its last piece is even added.
-    r.pieces = 1;
-    const uint64_t osize = layout_.object_size;
-    for (uint64_t done = 0; done < length;) {
-      const uint64_t at = offset + done;
-      const uint64_t object = at / osize;
-      const uint64_t n = std::min(length - done, osize - at % osize);
-      if (pending_ && (pending_->object != object || pending_->pieces.size() >= kMaxPieces)) {
-        Submit();
-      }
-      if (!pending_) {
-        pending_ = std::make_unique<ReadBatch>();
-        pending_->queue = &done_;
-        pending_->object = object;
-      }
-      pending_->pieces.push_back({at % osize, n, buf.data() + done, id});
-      ++r.pieces;
-      done += n;
-    }
-    Settle(id, OkStatus());
-    return OkStatus();
-  }
-
-  Status StartWrite(uint64_t, uint64_t offset, std::span<const char> buf) override {
-    return FailedPrecondition(Describe(OpKind::kWrite, spec_, offset, buf.size()) +
-                              ": a snapshot is read-only");
-  }
-  Status StartZero(uint64_t, uint64_t offset, uint64_t length) override {
-    return FailedPrecondition(Describe(OpKind::kZero, spec_, offset, length) +
-                              ": a snapshot is read-only");
-  }
-
-  Completion WaitOne() override {
-    assert(in_flight_ > 0 && "WaitOne with nothing in flight");
-    while (ready_.empty()) {
-      // Nothing more is started while the caller waits: what is gathered
-      // goes out now (or fails at once, and is ready).
-      if (pending_) {
-        Submit();
-        continue;
-      }
-      assert(submitted_ > 0);
-      Finish(PopDone());
-    }
-    const uint64_t id = ready_.front();
-    ready_.pop_front();
-    auto it = reads_.find(id);
-    Completion c{it->second.tag, std::move(it->second.status)};
-    reads_.erase(it);
-    --in_flight_;
-    return c;
-  }
-
-  size_t InFlight() const override { return in_flight_; }
-  OpStats op_stats() const override { return stats_; }
-  Status Drain() override { return WaitAll(); }
-
- private:
-  // Extents per read op at most: an op stays a bounded amount of work for
-  // the OSD (the whole object bounds its bytes).
-  static constexpr size_t kMaxPieces = 64;
-
-  struct Read {
-    uint64_t tag = 0;
-    size_t pieces = 0;  // not yet settled
-    Status status;
-  };
-  // One RADOS read op: extents of one object. From Submit until popped its
-  // pieces do not move (RADOS writes bytes_read and rval through them).
-  struct ReadBatch {
-    struct Piece {
-      uint64_t in_object = 0;
-      uint64_t length = 0;
-      char* buf = nullptr;
-      uint64_t read = 0;  // the started read it is part of
-      size_t bytes_read = 0;
-      int rval = 0;
+    if (rc < 0) return ErrnoStatus(rc, "reading the snapshot context of " + spec);
+    // Encoded as u64 seq, u32 count, count x u64 (little-endian).
+    const auto u64 = [&](size_t at) {
+      uint64_t v = 0;
+      std::memcpy(&v, out.data() + at, 8);
+      return le64toh(v);
     };
-    HandoffQueue<ReadBatch*>* queue = nullptr;
-    uint64_t object = 0;
-    std::vector<Piece> pieces;
-    rados_completion_t completion = nullptr;
-    rados_read_op_t op = nullptr;
-  };
-
-  SnapObjectReader(ObjectLayout layout, std::shared_ptr<RadosIoCtx> meta, uint64_t snap_id,
-                   uint64_t size, std::string spec)
-      : layout_(std::move(layout)),
-        meta_(std::move(meta)),
-        snap_id_(snap_id),
-        size_(size),
-        spec_(std::move(spec)) {}
-
-  // On a librados thread: only hand the batch over.
-  static void OnComplete(rados_completion_t, void* arg) {
-    auto* b = static_cast<ReadBatch*>(arg);
-    b->queue->Push(b);
-  }
-
-  void Submit() {
-    std::unique_ptr<ReadBatch> b = std::move(pending_);
-    b->op = rados_create_read_op();
-    for (ReadBatch::Piece& p : b->pieces) {
-      rados_read_op_read(b->op, p.in_object, p.length, p.buf, &p.bytes_read, &p.rval);
+    const size_t len = static_cast<size_t>(rc);
+    uint32_t count = 0;
+    if (len >= 12) {
+      std::memcpy(&count, out.data() + 8, 4);
+      count = le32toh(count);
     }
-    const std::string oid = layout_.ObjectName(b->object);
-    int rc = rados_aio_create_completion2(b.get(), OnComplete, &b->completion);
-    if (rc == 0) {
-      rc = rados_aio_read_op_operate(b->op, layout_.io.get(), b->completion, oid.c_str(), 0);
-      if (rc < 0) rados_aio_release(b->completion);
+    if (len < 12 || len != 12 + 8 * static_cast<size_t>(count)) {
+      return DataLoss(fmt::format("the snapshot context of {} does not decode ({} bytes)", spec,
+                                  len));
     }
-    if (rc < 0) {
-      rados_release_read_op(b->op);
-      const Status st = ErrnoStatus(rc, fmt::format("reading {} (object {})", spec_, oid));
-      for (const ReadBatch::Piece& p : b->pieces) Settle(p.read, st);
-      return;
-    }
-    ++submitted_;
-    ++stats_.read_ops;
-    b.release();  // librados's until the callback
+    std::vector<uint64_t> snaps;
+    for (uint32_t i = 0; i < count; ++i) snaps.push_back(u64(12 + 8 * i));
+    return std::make_pair(u64(0), std::move(snaps));
   }
 
-  ReadBatch* PopDone() {
-    ReadBatch* b = done_.Pop();
-    --submitted_;
-    return b;
-  }
-
-  static void Release(ReadBatch* b) {
-    rados_aio_release(b->completion);
-    rados_release_read_op(b->op);
-    delete b;
-  }
-
-  // A completed op: zero what the object does not hold, settle its reads.
-  void Finish(ReadBatch* b) {
-    const int rc = rados_aio_get_return_value(b->completion);
-    const std::string oid = layout_.ObjectName(b->object);
-    Status absent;
-    if (rc == -ENOENT) absent = StillListed();
-    for (ReadBatch::Piece& p : b->pieces) {
-      const std::string what = fmt::format("reading {} (object {} at {}~{})", spec_, oid,
-                                           p.in_object, p.length);
-      Status st;
-      if (rc == -ENOENT && !absent.ok()) {
-        st = absent.Annotate(what);
-      } else if (rc == -ENOENT) {
-        std::memset(p.buf, 0, p.length);  // never written, or discarded
-      } else if (rc < 0) {
-        st = ErrnoStatus(rc, what);
-      } else if (p.rval < 0) {
-        st = ErrnoStatus(p.rval, what);
-      } else if (p.bytes_read > p.length) {
-        st = DataLoss(fmt::format("{}: {} bytes returned", what, p.bytes_read));
-      } else {
-        // An object ends at its last written byte: the rest reads as zeros.
-        std::memset(p.buf + p.bytes_read, 0, p.length - p.bytes_read);
-      }
-      Settle(p.read, std::move(st));
-    }
-    Release(b);
-  }
-
-  // OK if the snapshot is still in the image's header (see the class).
-  Status StillListed() {
-    StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> snapc =
-        ReadSnapContext(meta_->get(), layout_.header, spec_);
-    if (!snapc.ok()) {
-      return snapc.status().Annotate("checking that the snapshot still exists");
-    }
-    const auto& ids = snapc->second;
-    if (std::find(ids.begin(), ids.end(), snap_id_) == ids.end()) {
-      return Aborted("the snapshot was removed while it was read");
-    }
-    return OkStatus();
-  }
-
-  void Settle(uint64_t id, Status st) {
-    Read& r = reads_.at(id);
-    if (r.status.ok() && !st.ok()) r.status = std::move(st);
-    if (--r.pieces == 0) ready_.push_back(id);
-  }
-
-  const ObjectLayout layout_;  // its I/O context reads at the snapshot
-  const std::shared_ptr<RadosIoCtx> meta_;
-  const uint64_t snap_id_;
-  const uint64_t size_;
-  const std::string spec_;
-
-  std::unordered_map<uint64_t, Read> reads_;  // started, not yet returned
-  uint64_t next_read_ = 0;
-  size_t in_flight_ = 0;
-  std::deque<uint64_t> ready_;          // settled, not yet returned by WaitOne
-  std::unique_ptr<ReadBatch> pending_;  // being gathered, not yet submitted
-  size_t submitted_ = 0;
-  OpStats stats_;
-  HandoffQueue<ReadBatch*> done_;  // completed by librados, not yet finished
+  rados_ioctx_t io_;
+  const std::string prefix_;
+  const uint64_t object_size_;
 };
 
 class RbdAsyncIo final : public AsyncIo {
@@ -821,7 +515,7 @@ class RbdAsyncIo final : public AsyncIo {
       return st;
     }
     open_ = &b;
-    ++stats_.write_ops;
+    ++stats_.ops;
     ++ops_in_flight_;
     ++in_flight_;
     return OkStatus();
@@ -851,7 +545,7 @@ class RbdAsyncIo final : public AsyncIo {
 
   size_t InFlight() const override { return in_flight_; }
 
-  OpStats op_stats() const override { return stats_; }
+  WriteStats write_stats() const override { return stats_; }
 
   Status Drain() override {
     if (open_ != nullptr) CloseOpen();
@@ -859,7 +553,7 @@ class RbdAsyncIo final : public AsyncIo {
     if (!read_only_) {
       if (int rc = rbd_flush(image_->get()); rc < 0) return ErrnoStatus(rc, "flushing " + spec_);
       if (objects_) {
-        spdlog::debug("{}: {} writes in {} ops", spec_, stats_.writes, stats_.write_ops);
+        spdlog::debug("{}: {} writes in {} ops", spec_, stats_.writes, stats_.ops);
       }
     }
     return OkStatus();
@@ -885,10 +579,7 @@ class RbdAsyncIo final : public AsyncIo {
     RETURN_IF_ERROR(StartOp(image_->get(), queue_, kind, tag, offset, length, buf, spec_));
     if (kind == OpKind::kWrite) {
       ++stats_.writes;
-      ++stats_.write_ops;
-    } else if (kind == OpKind::kRead) {
-      ++stats_.reads;
-      ++stats_.read_ops;
+      ++stats_.ops;
     }
     ++ops_in_flight_;
     ++in_flight_;
@@ -948,7 +639,7 @@ class RbdAsyncIo final : public AsyncIo {
           ready_.push_back({p.tag, st});
           continue;
         }
-        ++stats_.write_ops;
+        ++stats_.ops;
         ++ops_in_flight_;
       }
       return;
@@ -957,7 +648,7 @@ class RbdAsyncIo final : public AsyncIo {
       fail_all(st);
       return;
     }
-    ++stats_.write_ops;
+    ++stats_.ops;
     ++ops_in_flight_;
   }
 
@@ -981,7 +672,7 @@ class RbdAsyncIo final : public AsyncIo {
   std::list<Batch> batches_;  // with pieces waiting or a first write in flight
   Batch* open_ = nullptr;     // the batch that further writes to its object join
   std::deque<Completion> ready_;
-  OpStats stats_;
+  WriteStats stats_;
 };
 
 
@@ -2075,9 +1766,9 @@ StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
         std::make_unique<RbdAsyncIo>(std::move(h), false, Spec(), std::move(objects)));
   }
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
-  ASSIGN_OR_RETURN(std::unique_ptr<AsyncIo> objects,
-                   SnapObjectReader::Open(at->get(), io_, snap, Spec(snap)));
-  if (objects) return objects;
+  // Through librbd. Reading a snapshot's RADOS objects directly (one read
+  // op per object) was tried and removed: cairnd aborted with a corrupted
+  // heap under it (docs/PERFORMANCE.md, "Per-object reads, removed").
   return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));
 }
 

@@ -22,20 +22,15 @@
 //    image, Volume::Writers): clients that began watching the
 //    image during it are told of it again, and it returns no sooner than
 //    50 ms after the snapshot (rbd_volume.cc, "Settling").
-//  - AsyncIo at the head shares the volume's read-write handle. At a
-//    snapshot it reads the image's RADOS objects at the snapshot, the reads
-//    of one object started back to back as one op (rbd_volume.cc,
-//    SnapObjectReader); clones, images being migrated, fancy striping and
-//    format 1 are read through a read-only librbd handle of its own.
-//    Completions come back from librbd's and librados's threads through a
-//    queue; WaitOne returns them in completion order. Writes at the head
-//    that fall in one RADOS object go out as one op: the first through
-//    librbd (object map, copy-up, exclusive lock, snapshot clone), the
-//    others together once it has completed, written to the object beside
-//    librbd (rbd_volume.cc, ObjectWriter). Not for journaling, fancy
-//    striping or format 1 images. StartZero is rbd_aio_write_zeroes
-//    (guaranteed zeros; discard may skip unaligned parts), and frees whole
-//    objects it covers.
+//  - AsyncIo at the head shares the volume's read-write handle; at a
+//    snapshot it opens its own read-only handle. Completions come back from
+//    librbd's threads through a queue; WaitOne returns them in completion
+//    order. Writes at the head that fall in one RADOS object go out as one
+//    op: the first through librbd (object map, copy-up, exclusive lock,
+//    snapshot clone), the others together once it has completed, written
+//    to the object beside librbd (rbd_volume.cc, ObjectWriter). Not for
+//    journaling, fancy striping or format 1 images. StartZero is rbd_aio_write_zeroes (guaranteed zeros; discard may
+//    skip unaligned parts), and frees whole objects it covers.
 //  - Clone protects the snapshot (clone format 1 needs it), then
 //    rbd_clone3. RemoveSnap of a protected snapshot unprotects it only if no
 //    clone depends on it.

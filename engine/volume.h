@@ -67,16 +67,13 @@ class AsyncIo {
   virtual Completion WaitOne() = 0;
   virtual size_t InFlight() const = 0;
 
-  // The reads and writes started so far, and the store operations they
-  // took (a store may send several reads, or several writes, of one object
-  // as one operation).
-  struct OpStats {
-    uint64_t reads = 0;
-    uint64_t read_ops = 0;
+  // The writes started so far, and the store operations they took (a store
+  // may send several writes to one object as one operation).
+  struct WriteStats {
     uint64_t writes = 0;
-    uint64_t write_ops = 0;
+    uint64_t ops = 0;
   };
-  virtual OpStats op_stats() const = 0;
+  virtual WriteStats write_stats() const = 0;
 
   // Waits for all in-flight operations, then makes completed writes
   // durable. Returns the first error seen.

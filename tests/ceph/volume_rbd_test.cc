@@ -30,7 +30,6 @@ namespace cairn {
 namespace {
 
 using volume_test::CollectDiff;
-using volume_test::kKiB;
 using volume_test::kMiB;
 using volume_test::Pattern;
 using volume_test::WriteAt;
@@ -467,7 +466,7 @@ TEST_F(RbdVolumeTest, DiffStaysExactWhileTheSameClientsWatch) {
 // (so the path where only unsent pieces remain is taken too). Checks that
 // every tag completes once and OK.
 void WritePieces(Volume& v, const std::vector<std::pair<uint64_t, std::string>>& pieces,
-                 AsyncIo::OpStats* stats) {
+                 AsyncIo::WriteStats* stats) {
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v.OpenIo(""));
   for (size_t i = 0; i < pieces.size(); ++i) {
     CAIRN_ASSERT_OK(io->StartWrite(i, pieces[i].first, pieces[i].second));
@@ -481,7 +480,7 @@ void WritePieces(Volume& v, const std::vector<std::pair<uint64_t, std::string>>&
   }
   CAIRN_ASSERT_OK(io->Drain());
   for (size_t i = 0; i < seen.size(); ++i) EXPECT_EQ(seen[i], 1) << "tag " << i;
-  *stats = io->op_stats();
+  *stats = io->write_stats();
 }
 
 // A new image of `size` bytes, its first `filled` written with a pattern,
@@ -517,12 +516,12 @@ TEST_F(RbdVolumeTest, WritesToOneObjectGoOutTogetherAndKeepSnapshotsAndDiffsRigh
   for (uint64_t i = 0; i < 3; ++i) {  // object 3, new
     pieces.push_back({3 * kObject + kMiB * (i + 1), Pattern(300 + i, 100000)});
   }
-  AsyncIo::OpStats stats;
+  AsyncIo::WriteStats stats;
   ASSERT_NO_FATAL_FAILURE(WritePieces(*v, pieces, &stats));
   EXPECT_EQ(stats.writes, pieces.size());
   // Object 1: its first write, then 7 in one op; the crossing write alone;
   // object 3: its first write, then 2 in one op.
-  EXPECT_EQ(stats.write_ops, 5u) << "writes to one object did not go out together";
+  EXPECT_EQ(stats.ops, 5u) << "writes to one object did not go out together";
 
   std::string want = before;
   for (const auto& [off, data] : pieces) want.replace(off, data.size(), data);
@@ -573,9 +572,9 @@ TEST_F(RbdVolumeTest, WritesToOneObjectOfACloneKeepTheParentsBytes) {
   for (uint64_t i = 0; i < 4; ++i) {  // object 1, none at its start
     pieces.push_back({kObject + kMiB * i + 65536, Pattern(400 + i, 65536)});
   }
-  AsyncIo::OpStats stats;
+  AsyncIo::WriteStats stats;
   ASSERT_NO_FATAL_FAILURE(WritePieces(*child, pieces, &stats));
-  EXPECT_EQ(stats.write_ops, 2u);
+  EXPECT_EQ(stats.ops, 2u);
   for (const auto& [off, data] : pieces) want.replace(off, data.size(), data);
   CAIRN_ASSERT_OK_AND_ASSIGN(std::string head, volume_test::ReadImage(*child, ""));
   EXPECT_TRUE(head.compare(kObject, kObject, want, kObject, kObject) == 0)
@@ -700,151 +699,6 @@ TEST_F(RbdVolumeTest, ReadsAtASnapshotSeeItsSizeNotTheHeads) {
   AsyncIo::Completion c = io->WaitOne();
   EXPECT_EQ(c.tag, 2u);
   EXPECT_TRUE(c.status.ok()) << c.status.ToString();
-}
-
-// --- reads of a snapshot, one RADOS op per object (SnapObjectReader) ---------
-
-// What librbd reads at pool/image@snap, [offset, offset+length).
-std::string LibrbdRead(const RadosIoCtx& io, const std::string& image, const std::string& snap,
-                       uint64_t offset, uint64_t length) {
-  rbd_image_t h = nullptr;
-  if (rbd_open_read_only(io.get(), image.c_str(), &h, snap.c_str()) < 0) return "<open failed>";
-  std::string out(length, '\0');
-  const ssize_t n = rbd_read(h, offset, length, out.data());
-  rbd_close(h);
-  return n == static_cast<ssize_t>(length) ? out : "<read failed>";
-}
-
-// Reads `extents` through `io` with `window` in flight (offsets ascending,
-// as an epoch reads them) and returns what each read, by index.
-std::vector<std::string> ReadAll(AsyncIo& io,
-                                 const std::vector<std::pair<uint64_t, uint64_t>>& extents,
-                                 size_t window) {
-  std::vector<std::string> bufs(extents.size());
-  for (size_t i = 0; i < extents.size(); ++i) {
-    while (io.InFlight() >= window) {
-      AsyncIo::Completion c = io.WaitOne();
-      EXPECT_TRUE(c.status.ok()) << c.status.ToString();
-    }
-    bufs[i].assign(extents[i].second, '\x5a');  // not zeros: holes must be written
-    const Status st = io.StartRead(i, extents[i].first, std::span<char>(bufs[i]));
-    EXPECT_TRUE(st.ok()) << st.ToString();
-  }
-  const Status st = io.Drain();
-  EXPECT_TRUE(st.ok()) << st.ToString();
-  return bufs;
-}
-
-TEST_F(RbdVolumeTest, ReadsPerObjectEqualLibrbdsAtTheSnapshot) {
-  // 1 MiB objects: every boundary case within a few MiB.
-  RbdPoolOptions small_objects;
-  small_objects.order = 20;
-  RbdPool pool(io_, small_objects);
-  const std::string name = NewName("perobject");
-  const uint64_t size = 6 * kMiB + 123 * kKiB;  // a partial last object
-  CAIRN_ASSERT_OK(pool.Create(name, size));
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool.Open(name));
-  CAIRN_ASSERT_OK(WriteAt(*v, 100 * kKiB, Pattern(1, 300 * kKiB)));
-  CAIRN_ASSERT_OK(WriteAt(*v, kMiB - 4096, Pattern(2, 8192)));  // across a boundary
-  CAIRN_ASSERT_OK(WriteAt(*v, 3 * kMiB, Pattern(3, kMiB)));     // a whole object
-  CAIRN_ASSERT_OK(ZeroAt(*v, 3 * kMiB + 256 * kKiB, 128 * kKiB));
-  CAIRN_ASSERT_OK(WriteAt(*v, 4 * kMiB, Pattern(4, kMiB)));
-  CAIRN_ASSERT_OK(ZeroAt(*v, 4 * kMiB, kMiB));                         // object discarded
-  CAIRN_ASSERT_OK(WriteAt(*v, 5 * kMiB + 512 * kKiB, Pattern(5, 4096)));  // object ends early
-  CAIRN_ASSERT_OK(WriteAt(*v, 6 * kMiB + 100 * kKiB, Pattern(6, 23 * kKiB)));
-  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
-  // The head moves on: reads at s1 must not see it.
-  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(7, 2 * kMiB)));
-  CAIRN_ASSERT_OK(ZeroAt(*v, 3 * kMiB, kMiB));
-  CAIRN_ASSERT_OK(WriteAt(*v, 4 * kMiB, Pattern(8, 64 * kKiB)));
-
-  // Every 64 KiB block in order, then odd extents that cross objects.
-  std::vector<std::pair<uint64_t, uint64_t>> extents;
-  for (uint64_t off = 0; off < size; off += 64 * kKiB) {
-    extents.emplace_back(off, std::min<uint64_t>(64 * kKiB, size - off));
-  }
-  const size_t blocks = extents.size();
-  const std::vector<std::pair<uint64_t, uint64_t>> odd = {
-      {kMiB - 12345, 3 * kMiB}, {2 * kMiB + 7, kMiB + 1}, {5 * kMiB + 500 * kKiB, 40000},
-      {size - 5000, 5000}, {0, size}};
-  for (auto [off, len] : odd) {
-    extents.emplace_back(off, len);
-  }
-  for (size_t window : {1, 8, 64}) {
-    CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v->OpenIo("s1"));
-    const std::vector<std::string> got = ReadAll(*io, extents, window);
-    for (size_t i = 0; i < extents.size(); ++i) {
-      const auto [off, len] = extents[i];
-      // Compared whole, not printed: a mismatch would dump megabytes.
-      ASSERT_TRUE(got[i] == LibrbdRead(*io_, name, "s1", off, len))
-          << "reads per object differ from librbd's at extent " << off << "~" << len
-          << " (window " << window << ")";
-    }
-    const AsyncIo::OpStats stats = io->op_stats();
-    EXPECT_EQ(stats.reads, extents.size());
-    if (window == 64) {
-      // The 64 KiB blocks of one object (16 of them) went out together.
-      EXPECT_LT(stats.read_ops, blocks / 4) << "reads of one object did not go out together";
-    }
-    std::string buf(4096, '\0');
-    CAIRN_EXPECT_CODE(io->StartRead(1, size - 100, std::span<char>(buf)),
-                      Code::kInvalidArgument);
-    CAIRN_EXPECT_CODE(io->StartWrite(1, 0, std::span<const char>(buf)),
-                      Code::kFailedPrecondition);
-  }
-}
-
-TEST_F(RbdVolumeTest, ASnapshotRemovedUnderTheReaderFailsItsHolesNotZeroFillsThem) {
-  const std::string name = NewName("snapgone");
-  CAIRN_ASSERT_OK(pool_->Create(name, 16 * kMiB));
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
-  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(21, 64 * kKiB)));
-  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v->OpenIo("s1"));
-  // Object 2 never existed: while s1 is there it reads as zeros.
-  std::string buf(4096, '\x5a');
-  CAIRN_ASSERT_OK(io->StartRead(6, 8 * kMiB, std::span<char>(buf)));
-  AsyncIo::Completion c = io->WaitOne();
-  EXPECT_EQ(c.tag, 6u);
-  EXPECT_TRUE(c.status.ok()) << c.status.ToString();
-  EXPECT_EQ(buf, std::string(4096, '\0'));
-  CAIRN_ASSERT_OK(v->RemoveSnap("s1"));
-  // With s1 gone that can no longer be told from a clone trimmed away:
-  // the read fails, naming why.
-  buf.assign(4096, '\x5a');
-  CAIRN_ASSERT_OK(io->StartRead(7, 8 * kMiB, std::span<char>(buf)));
-  c = io->WaitOne();
-  EXPECT_EQ(c.tag, 7u);
-  EXPECT_EQ(c.status.code(), Code::kAborted) << c.status.ToString();
-  EXPECT_NE(c.status.message().find("removed while it was read"), std::string::npos)
-      << c.status.ToString();
-}
-
-TEST_F(RbdVolumeTest, AClonesSnapshotIsReadThroughLibrbd) {
-  const std::string parent = NewName("objparent");
-  const std::string child = NewName("objchild");
-  CAIRN_ASSERT_OK(pool_->Create(parent, 8 * kMiB));
-  {
-    CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> p, pool_->Open(parent));
-    CAIRN_ASSERT_OK(WriteAt(*p, 0, Pattern(11, 8 * kMiB)));
-    CAIRN_ASSERT_OK(p->CreateSnap("base"));
-  }
-  CAIRN_ASSERT_OK(pool_->Clone(parent, "base", child));
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> c, pool_->Open(child));
-  CAIRN_ASSERT_OK(WriteAt(*c, kMiB, Pattern(12, 64 * kKiB)));
-  CAIRN_ASSERT_OK(c->CreateSnap("s1"));
-  // Its unwritten objects are the parent's: raw objects would read as holes.
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, c->OpenIo("s1"));
-  const std::vector<std::string> got = ReadAll(*io, {{0, 8 * kMiB}}, 4);
-  EXPECT_TRUE(got[0] == LibrbdRead(*io_, child, "s1", 0, 8 * kMiB)) << "the clone's snapshot";
-  EXPECT_TRUE(got[0].substr(0, 64 * kKiB) == Pattern(11, 8 * kMiB).substr(0, 64 * kKiB))
-      << "the clone's first block is not its parent's";
-  EXPECT_TRUE(got[0].substr(kMiB, 64 * kKiB) == Pattern(12, 64 * kKiB))
-      << "the clone's own write";
-  io.reset();
-  CAIRN_ASSERT_OK(c->RemoveSnap("s1"));
-  c.reset();
-  CAIRN_ASSERT_OK(pool_->Remove(child));
 }
 
 // --- fencing: what a restarted sink does to the instance before it --------
