@@ -17,11 +17,9 @@ Usage (bench/run.sh does all of it, test bed included):
 """
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -632,6 +630,7 @@ class Bench:
 
     def _rpo_runs(self, img, fraction, placement, sink, seconds, pct):
         p50s, p99s, maxs, caught_up, written, caps, rates = [], [], [], [], [], [], []
+        samples = []  # each run's ages, in sampling order (for a look at the backlog)
         for r in range(1, self.args.runs + 1):
             vol, _, tgt = self.names(f"rpo{pct}{placement[0]}-", r)
             for s in self.a.snaps(img):
@@ -706,7 +705,8 @@ class Bench:
             self.results.setdefault("verified", []).append(f"rpo {pct} % {placement} run {r}")
             self.remove(self.b, tgt)
             log(f"rpo run {r}: ages (s) " + " ".join(f"{a:.1f}" for a in ages))
-            ages.sort()
+            samples.append([round(a, 3) for a in ages])
+            ages = sorted(ages)
             p50s.append(statistics.median(ages))
             p99s.append(ages[min(len(ages) - 1, int(0.99 * len(ages)))])
             maxs.append(ages[-1])
@@ -727,7 +727,8 @@ class Bench:
                                                            if any(c is not None
                                                                   for c in caught_up) else None),
                                            "not_caught_up": caught_up.count(None),
-                                           "written_mib_s": stats(written)}
+                                           "written_mib_s": stats(written),
+                                           "ages_s": samples}
 
     def section_penalty(self):
         """fio write IOPS at the primary: no replication, Cairn at 1 s,
