@@ -1014,7 +1014,8 @@ def report(results):
     s = results["sections"]
     when = results["when"]
     if results.get("merged_from"):
-        when = f"{results['merged_from']} (with sections from {when})"
+        parts = results.get("also_from", []) + [when]
+        when = f"{results['merged_from']} (with sections from {' and '.join(parts)})"
     lines = [f"Measured {when} on {results['cpus']} cores, {results['runs']} runs "
              "each: median (min-max). Every replica was compared with its source by a hash of "
              f"the whole image ({len(results.get('verified', []))} comparisons).", ""]
@@ -1292,8 +1293,18 @@ def main():
             earlier = json.load(f)
         b.results["sections"] = {k: v for k, v in earlier["sections"].items()
                                  if not ("rpo" in only and k.startswith("rpo_"))}
-        b.results["verified"] = earlier.get("verified", []) + b.results.get("verified", [])
-        b.results["merged_from"] = earlier["when"]
+        # The earlier comparisons of the sections measured again are dropped.
+        again = [p for sec, ps in (("full", ("cairn ", "export", "rbd-mirror")),
+                                   ("incremental", ("cairn ", "export", "rbd-mirror")),
+                                   ("sparse", ("sparse",)), ("rpo", ("rpo",)),
+                                   ("penalty", ("penalty",)), ("memory", ("memory",)))
+                 if sec in only for p in ps]
+        b.results["verified"] = [v for v in earlier.get("verified", [])
+                                 if not v.startswith(tuple(again))] + b.results.get("verified", [])
+        # A merge of a merge keeps naming every earlier part.
+        b.results["merged_from"] = earlier.get("merged_from") or earlier["when"]
+        b.results["also_from"] = earlier.get("also_from", []) + (
+            [earlier["when"]] if earlier.get("merged_from") else [])
     try:
         if "raw" in only:
             b.results["sections"]["raw"] = b.section_raw()
