@@ -1302,6 +1302,9 @@ def main():
         b.results["verified"] = [v for v in earlier.get("verified", [])
                                  if not v.startswith(tuple(again))] + b.results.get("verified", [])
         # A merge of a merge keeps naming every earlier part.
+        if earlier.get("failed"):
+            log(f"merging from a run that failed ({earlier['failed'][:200]}): its finished "
+                f"sections ({', '.join(earlier['sections']) or 'none'}) are kept")
         b.results["merged_from"] = earlier.get("merged_from") or earlier["when"]
         b.results["also_from"] = earlier.get("also_from", []) + (
             [earlier["when"]] if earlier.get("merged_from") else [])
@@ -1320,6 +1323,17 @@ def main():
             b.section_penalty()
         if "memory" in only:
             b.section_memory()
+    except BaseException as e:
+        # An hour's run that fails late keeps what it measured: the sections
+        # done so far go to results.json with the failure, and a later
+        # invocation can --merge them and measure only the rest.
+        b.results["failed"] = f"{type(e).__name__}: {e}"[:4000]
+        partial = os.path.join(args.out, "results.json")
+        with open(partial, "w") as f:
+            json.dump(b.results, f, indent=1)
+        log(f"failed; the sections done ({', '.join(b.results['sections']) or 'none'}) are in "
+            f"{partial}: rerun the others with --merge {partial}")
+        raise
     finally:
         b.close()
     md = report(b.results)

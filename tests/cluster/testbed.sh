@@ -142,13 +142,23 @@ spawn() { # SITEDIR NAME CMD...
   ) &
   pid=$!
   echo "$pid" >"$sd/run/$name.pid"
-  for ((i = 0; i < 40; i++)); do
+  # The exec takes milliseconds; up to 30 s are allowed on a loaded VM. A
+  # daemon that exits at once (no disk space, a bad option) ends the wait.
+  for ((i = 0; i < 600; i++)); do
+    comm=''
     read -r comm 2>/dev/null <"/proc/$pid/comm" || break
     [[ $comm == "${1##*/}" ]] && break
     sleep 0.05
   done
   if [[ $comm != "${1##*/}" ]] || ! pid_is_ours "$pid" "$sd/ceph.conf"; then
-    fail "$name" "$name did not start (PID $pid is '${comm:-gone}', not $1)"
+    local state='' wchan=''
+    state=$(grep -m1 '^State:' "/proc/$pid/status" 2>/dev/null) || true
+    read -r wchan 2>/dev/null <"/proc/$pid/wchan" || true
+    if [[ -z $comm ]]; then
+      fail "$name" "$name exited at once (PID $pid; its log and output follow)"
+    else
+      fail "$name" "$name did not start (PID $pid is '$comm', not $1${state:+; $state}${wchan:+, waiting in $wchan})"
+    fi
   fi
 }
 
@@ -545,6 +555,14 @@ cmd_start() {
   done
 
   mkdir -p "$dir"
+  # ceph-mon exits at once, without a word in its log, when its file system
+  # has less free than "mon data avail crit" (1 % here): say so up front.
+  local free_pct
+  free_pct=$(df -Pk -- "$dir" | awk 'NR == 2 { printf "%d", $4 * 100 / $2 }')
+  if ((free_pct < 2)); then
+    die "the file system of $dir has ${free_pct} % free; ceph-mon stops at once below 1 %" \
+      "(mon data avail crit): free some space"
+  fi
   rm -f "$dir/env"
   ABORT_FLAG=$dir/.start-aborted
   rm -f "$ABORT_FLAG"
