@@ -555,13 +555,13 @@ cmd_start() {
   done
 
   mkdir -p "$dir"
-  # ceph-mon exits at once, without a word in its log, when its file system
-  # has less free than "mon data avail crit" (1 % here): say so up front.
+  # ceph-mon refuses to start when its file system has "mon data avail crit"
+  # (1 % here, in whole percent) or less free: say so up front, plainly.
   local free_pct
   free_pct=$(df -Pk -- "$dir" | awk 'NR == 2 { printf "%d", $4 * 100 / $2 }')
   if ((free_pct < 2)); then
-    die "the file system of $dir has ${free_pct} % free; ceph-mon stops at once below 1 %" \
-      "(mon data avail crit): free some space"
+    die "the file system of $dir has ${free_pct} % free; ceph-mon refuses to start with 1 %" \
+      "or less (mon data avail crit): free some space"
   fi
   rm -f "$dir/env"
   ABORT_FLAG=$dir/.start-aborted
