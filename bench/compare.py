@@ -9,11 +9,12 @@ Every measurement runs `--runs` times (3 by default) and is reported as
 median and min-max; every replica is compared with its source by a hash of
 the whole image, and a run that does not verify raises: it does not count.
 Results: OUT/results.json, OUT/results.md (with ratios against each peer
-measured in the same run) and OUT/performance.png.
+measured in the same run) and OUT/performance.png; a run that fails writes
+the sections it finished to OUT/results.partial.json instead.
 
 Usage (bench/run.sh does all of it, test bed included):
   bench/compare.py --testbed DIR --out DIR [--runs N] [--rpo-seconds S]
-                   [--only SECTION,...] [--update-docs]
+                   [--only SECTION,...] [--merge RESULTS_JSON] [--update-docs]
 """
 import argparse
 import datetime
@@ -1242,6 +1243,55 @@ def update_docs(md, png):
         shutil.copy(png, os.path.join(lib.ROOT, "docs", "performance.png"))
 
 
+# The sections each step of main() writes.
+STEP_SECTIONS = {"raw": ("raw",), "sync": ("full", "full_cpu", "incremental", "cairn_cost"),
+                 "sparse": ("sparse",), "penalty": ("penalty",), "memory": ("memory",)}
+# The comparisons each step records (the prefixes of their names).
+STEP_VERIFIED = {"raw": (), "sync": ("cairn full", "cairn incremental", "export", "rbd-mirror"),
+                 "sparse": ("sparse",), "rpo": ("rpo",), "penalty": ("penalty",),
+                 "memory": ("memory",)}
+
+
+def step_of(section):
+    return "rpo" if section.startswith("rpo_") else next(
+        (st for st, secs in STEP_SECTIONS.items() if section in secs), None)
+
+
+def merge_results(now, earlier, done, mark):
+    """This invocation's results of its finished steps (DONE; its first MARK
+    comparisons), over EARLIER's (a results.json to merge, or None): a
+    section measured again replaces the earlier one with its comparisons;
+    the rest of EARLIER stays, with where it came from."""
+    out = {k: v for k, v in now.items() if k not in ("sections", "verified", "failed")}
+    sections = {k: v for k, v in now["sections"].items() if step_of(k) in done}
+    verified = now.get("verified", [])[:mark]
+    if earlier:
+        again = tuple(p for st in done for p in STEP_VERIFIED[st])
+        old = {k: v for k, v in earlier["sections"].items() if step_of(k) not in done}
+        sections = {**old, **sections}
+        # Exact repeats (an older merge's) count once.
+        kept = [v for v in earlier.get("verified", []) if not (again and v.startswith(again))]
+        verified = list(dict.fromkeys(kept + verified))
+        if done:
+            # A merge of a merge keeps naming every earlier part.
+            out["merged_from"] = earlier.get("merged_from") or earlier["when"]
+            out["also_from"] = earlier.get("also_from", []) + (
+                [earlier["when"]] if earlier.get("merged_from") else [])
+        else:  # nothing new: the earlier results as they were
+            out = {k: v for k, v in earlier.items() if k not in ("sections", "verified", "failed")}
+    out["sections"] = sections
+    out["verified"] = verified
+    return out
+
+
+def write_json(path, data):
+    """Writes PATH whole or not at all (a full disk leaves the old file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--testbed", required=True, help="a running tests/cluster/testbed.sh DIR")
@@ -1286,59 +1336,65 @@ def main():
     args.out = os.path.abspath(args.out)  # rbd-mirror runs in a directory of its own
     os.makedirs(args.out, exist_ok=True)
     b = Bench(args)
+    earlier = None
     if args.merge:
-        # Sections measured by an earlier invocation (its results.json) join
-        # this one's table; the "measured" line names both.
+        # Sections measured by an earlier invocation (its results.json, or
+        # the results.partial.json of one that failed) join this one's
+        # table; the "measured" line names every part.
         with open(args.merge) as f:
             earlier = json.load(f)
-        b.results["sections"] = {k: v for k, v in earlier["sections"].items()
-                                 if not ("rpo" in only and k.startswith("rpo_"))}
-        # The earlier comparisons of the sections measured again are dropped.
-        again = [p for sec, ps in (("full", ("cairn ", "export", "rbd-mirror")),
-                                   ("incremental", ("cairn ", "export", "rbd-mirror")),
-                                   ("sparse", ("sparse",)), ("rpo", ("rpo",)),
-                                   ("penalty", ("penalty",)), ("memory", ("memory",)))
-                 if sec in only for p in ps]
-        b.results["verified"] = [v for v in earlier.get("verified", [])
-                                 if not v.startswith(tuple(again))] + b.results.get("verified", [])
-        # A merge of a merge keeps naming every earlier part.
         if earlier.get("failed"):
             log(f"merging from a run that failed ({earlier['failed'][:200]}): its finished "
                 f"sections ({', '.join(earlier['sections']) or 'none'}) are kept")
-        b.results["merged_from"] = earlier.get("merged_from") or earlier["when"]
-        b.results["also_from"] = earlier.get("also_from", []) + (
-            [earlier["when"]] if earlier.get("merged_from") else [])
+    done = []  # the steps finished, and how many comparisons they made
+    mark = 0
+
+    def finished(step):
+        nonlocal mark
+        done.append(step)
+        mark = len(b.results.get("verified", []))
+
     try:
         if "raw" in only:
             b.results["sections"]["raw"] = b.section_raw()
+            finished("raw")
         if "full" in only or "incremental" in only:
             b.section_sync()
+            finished("sync")
         if "sparse" in only:
             b.section_sparse()
+            finished("sparse")
         if "rpo" in only:
             for placement in args.rpo_placements:
                 for fraction in args.rpo_loads:
                     b.section_rpo(fraction, placement)
+            finished("rpo")
         if "penalty" in only:
             b.section_penalty()
+            finished("penalty")
         if "memory" in only:
             b.section_memory()
+            finished("memory")
     except BaseException as e:
-        # An hour's run that fails late keeps what it measured: the sections
-        # done so far go to results.json with the failure, and a later
-        # invocation can --merge them and measure only the rest.
-        b.results["failed"] = f"{type(e).__name__}: {e}"[:4000]
-        partial = os.path.join(args.out, "results.json")
-        with open(partial, "w") as f:
-            json.dump(b.results, f, indent=1)
-        log(f"failed; the sections done ({', '.join(b.results['sections']) or 'none'}) are in "
-            f"{partial}: rerun the others with --merge {partial}")
+        # An hour's run that fails late keeps what it measured: the steps
+        # finished go to results.partial.json with the failure (results.json
+        # is left as it was), and a later invocation can --merge it and
+        # measure only the rest.
+        partial = os.path.join(args.out, "results.partial.json")
+        try:
+            kept = merge_results(b.results, earlier, done, mark)
+            kept["failed"] = f"{type(e).__name__}: {e}"[:4000]
+            write_json(partial, kept)
+            log(f"failed; the steps finished ({', '.join(done) or 'none'}) are in {partial}: "
+                f"measure the rest with --only ... --merge {partial}")
+        except Exception as w:  # the run's own failure is the one to report
+            log(f"failed, and could not keep the steps finished in {partial}: {w}")
         raise
     finally:
         b.close()
+    b.results = merge_results(b.results, earlier, done, mark)
     md = report(b.results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(b.results, f, indent=1)
+    write_json(os.path.join(args.out, "results.json"), b.results)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
     png = os.path.join(args.out, "performance.png")

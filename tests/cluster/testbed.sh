@@ -33,6 +33,12 @@ readonly STOP_TIMEOUT=${TESTBED_STOP_TIMEOUT:-20}
 # The ceph CLI is Debian's python script; parse its JSON with the same
 # interpreter rather than whatever python3 comes first on PATH (pyenv etc.).
 readonly PY=/usr/bin/python3
+# ceph-mon refuses to start, and a running one shuts down, when the file
+# system of its store has this share free or less (whole percent; "mon data
+# avail crit" in write_conf). start checks it first, and warns below
+# FREE_WARN_PCT: a busy CI disk fills as the tests write.
+readonly MON_AVAIL_CRIT_PCT=1
+readonly FREE_WARN_PCT=5
 # Marks a site directory as made by this script, so start may recreate it and
 # stop --purge may delete it without risking somebody else's directory.
 readonly MARKER=.cairn-testbed
@@ -155,7 +161,9 @@ spawn() { # SITEDIR NAME CMD...
     state=$(grep -m1 '^State:' "/proc/$pid/status" 2>/dev/null) || true
     read -r wchan 2>/dev/null <"/proc/$pid/wchan" || true
     if [[ -z $comm ]]; then
-      fail "$name" "$name exited at once (PID $pid; its log and output follow)"
+      fail "$name" "$name exited before it started (PID $pid; its log and output follow)"
+    elif [[ $comm == "${1##*/}" ]]; then
+      fail "$name" "$name exited right after it started (PID $pid; its log and output follow)"
     else
       fail "$name" "$name did not start (PID $pid is '$comm', not $1${state:+; $state}${wchan:+, waiting in $wchan})"
     fi
@@ -296,8 +304,8 @@ mon max pg per osd = 1000
 mon allow pool delete = true
 # The mon store lives on whatever disk DIR is on; a busy CI disk must not
 # turn the cluster unhealthy or make the mon shut itself down.
-mon data avail warn = 2
-mon data avail crit = 1
+mon data avail warn = $((MON_AVAIL_CRIT_PCT + 1))
+mon data avail crit = $MON_AVAIL_CRIT_PCT
 mon clock drift allowed = 10
 # The mon batches map changes for up to a second by default; every step of
 # the start (OSD boot, crush placement, pool create, ...) waits for one.
@@ -555,13 +563,15 @@ cmd_start() {
   done
 
   mkdir -p "$dir"
-  # ceph-mon refuses to start when its file system has "mon data avail crit"
-  # (1 % here, in whole percent) or less free: say so up front, plainly.
+  # ceph-mon would refuse to start (MON_AVAIL_CRIT_PCT): say so up front.
   local free_pct
-  free_pct=$(df -Pk -- "$dir" | awk 'NR == 2 { printf "%d", $4 * 100 / $2 }')
-  if ((free_pct < 2)); then
-    die "the file system of $dir has ${free_pct} % free; ceph-mon refuses to start with 1 %" \
-      "or less (mon data avail crit): free some space"
+  free_pct=$(df -Pk -- "$dir" | awk 'NR == 2 { printf "%d", ($2 > 0 ? $4 * 100 / $2 : 100) }')
+  if ((free_pct <= MON_AVAIL_CRIT_PCT)); then
+    die "the file system of $dir has ${free_pct} % free; ceph-mon refuses to start with" \
+      "${MON_AVAIL_CRIT_PCT} % or less (mon data avail crit): free some space"
+  elif ((free_pct < FREE_WARN_PCT)); then
+    echo "$PROG: warning: the file system of $dir has only ${free_pct} % free; ceph-mon" \
+      "shuts down at ${MON_AVAIL_CRIT_PCT} %" >&2
   fi
   rm -f "$dir/env"
   ABORT_FLAG=$dir/.start-aborted
