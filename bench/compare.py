@@ -1253,8 +1253,17 @@ STEP_VERIFIED = {"raw": (), "sync": ("cairn full", "cairn incremental", "export"
 
 
 def step_of(section):
-    return "rpo" if section.startswith("rpo_") else next(
+    """The step that writes SECTION (an RPO section is a step of its own)."""
+    return section if section.startswith("rpo_") else next(
         (st for st, secs in STEP_SECTIONS.items() if section in secs), None)
+
+
+def verified_prefixes(step):
+    """The names of the comparisons STEP records begin with these."""
+    if step.startswith("rpo_"):  # rpo_50_per-site: "rpo 50 % per-site run N"
+        _, pct, placement = step.split("_", 2)
+        return (f"rpo {pct} % {placement} ",)
+    return STEP_VERIFIED[step]
 
 
 def merge_results(now, earlier, done, mark):
@@ -1266,8 +1275,11 @@ def merge_results(now, earlier, done, mark):
     sections = {k: v for k, v in now["sections"].items() if step_of(k) in done}
     verified = now.get("verified", [])[:mark]
     if earlier:
-        again = tuple(p for st in done for p in STEP_VERIFIED[st])
-        old = {k: v for k, v in earlier["sections"].items() if step_of(k) not in done}
+        again = tuple(p for st in done for p in verified_prefixes(st))
+        # The earlier RPO sections all go once the RPO step is through (its
+        # loads and placements may differ); before that, those measured again.
+        old = {k: v for k, v in earlier["sections"].items()
+               if step_of(k) not in done and not ("rpo" in done and k.startswith("rpo_"))}
         sections = {**old, **sections}
         # Exact repeats (an older merge's) count once.
         kept = [v for v in earlier.get("verified", []) if not (again and v.startswith(again))]
@@ -1368,6 +1380,8 @@ def main():
             for placement in args.rpo_placements:
                 for fraction in args.rpo_loads:
                     b.section_rpo(fraction, placement)
+                    # Each load and placement is kept once finished.
+                    finished(f"rpo_{int(round(fraction * 100))}_{placement}")
             finished("rpo")
         if "penalty" in only:
             b.section_penalty()
