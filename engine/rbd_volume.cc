@@ -1443,7 +1443,7 @@ StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
   // watch of a process killed with -9 stalls every snapshot of the image
   // for ~30 s. Reading snapshots needs no such handle.
   ASSIGN_OR_RETURN(std::shared_ptr<Image> probe, OpenImage(*io_, image, "", true));
-  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, nullptr, image, book_));
+  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, std::move(probe), image, book_));
 }
 
 namespace {
@@ -1626,9 +1626,9 @@ Status RbdPool::Copy(const std::string& image, const std::string& snap, const st
 
 // --- RbdVolume ---------------------------------------------------------------
 
-RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> head, std::string name,
+RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> probe, std::string name,
                      std::shared_ptr<rbd_internal::SettleBook> book)
-    : io_(std::move(io)), head_(std::move(head)), name_(std::move(name)), book_(std::move(book)) {}
+    : io_(std::move(io)), probe_(std::move(probe)), name_(std::move(name)), book_(std::move(book)) {}
 
 RbdVolume::~RbdVolume() = default;
 
@@ -1645,7 +1645,17 @@ StatusOr<std::shared_ptr<Image>> RbdVolume::Head() {
 
 StatusOr<std::shared_ptr<Image>> RbdVolume::HeadForReading() {
   if (head_) return head_;
+  if (probe_) return std::exchange(probe_, nullptr);
   return OpenImage(*io_, name_, "", true);
+}
+
+StatusOr<std::shared_ptr<Image>> RbdVolume::AtSnap(const std::string& snap) {
+  if (!snap_ || snap_name_ != snap) {
+    snap_.reset();
+    ASSIGN_OR_RETURN(snap_, OpenImage(*io_, name_, snap, true));
+    snap_name_ = snap;
+  }
+  return snap_;
 }
 
 StatusOr<uint64_t> RbdVolume::Size() {
@@ -1713,6 +1723,7 @@ Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {
 }
 
 Status RbdVolume::RemoveSnap(const std::string& snap) {
+  if (snap == snap_name_) snap_.reset();
   const std::string spec = Spec(snap);
   ASSIGN_OR_RETURN(auto h, Head());
   bool exists = false;
@@ -1743,7 +1754,10 @@ Status RbdVolume::RemoveSnap(const std::string& snap) {
 
 Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                               const std::function<Status(const Extent&)>& fn) {
-  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, to_snap, true));
+  // The head's changes are listed on a fresh handle; a snapshot's on the
+  // epoch's handle at it.
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, to_snap.empty() ? OpenImage(*io_, name_, "", true)
+                                                              : AtSnap(to_snap));
   bool whole = false;
   if (!from_snap.empty()) {
     // DiffImage reports a missing snapshot.
@@ -1765,7 +1779,7 @@ StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
     return std::unique_ptr<AsyncIo>(
         std::make_unique<RbdAsyncIo>(std::move(h), false, Spec(), std::move(objects)));
   }
-  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, OpenImage(*io_, name_, snap, true));
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, AtSnap(snap));
   // Through librbd. Reading a snapshot's RADOS objects directly (one read
   // op per object) was tried and removed: cairnd aborted with a corrupted
   // heap under it (docs/PERFORMANCE.md, "Per-object reads, removed").

@@ -209,7 +209,9 @@ class RbdPool final : public Pool {
 // One open RBD image; made by RbdPool::Open.
 class RbdVolume final : public Volume {
  public:
-  RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<rbd_internal::Image> head,
+  // `probe`: a read-only handle at the head just opened (RbdPool::Open
+  // opens one to tell a missing image), or null.
+  RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<rbd_internal::Image> probe,
             std::string name, std::shared_ptr<rbd_internal::SettleBook> book);
   ~RbdVolume() override;
 
@@ -236,6 +238,9 @@ class RbdVolume final : public Volume {
   StatusOr<std::shared_ptr<rbd_internal::Image>> Head();
   // The read-write handle if open, else a transient read-only one (no watch).
   StatusOr<std::shared_ptr<rbd_internal::Image>> HeadForReading();
+  // A read-only handle at `snap`: the one of the last call if it asked for
+  // the same snapshot, else a new one.
+  StatusOr<std::shared_ptr<rbd_internal::Image>> AtSnap(const std::string& snap);
 
   std::string Spec(const std::string& snap = "") const;
 
@@ -243,6 +248,15 @@ class RbdVolume final : public Volume {
   // The read-write handle, opened on first need (snapshot create/remove,
   // resize, head I/O). Null until then.
   std::shared_ptr<rbd_internal::Image> head_;
+  // A read-only handle without a watch sees no snapshot taken after it was
+  // opened, so each HeadForReading opens one anew; the probe of
+  // RbdPool::Open, opened a moment before, serves the first (the source
+  // lists the snapshots right after it opens the image). ~30 ms saved.
+  std::shared_ptr<rbd_internal::Image> probe_;
+  // A snapshot never changes: an epoch's reads (OpenIo) and its listing of
+  // changes (DiffExtents) share one handle at it. ~30 ms saved.
+  std::string snap_name_;
+  std::shared_ptr<rbd_internal::Image> snap_;
   const std::string name_;
   std::shared_ptr<rbd_internal::SettleBook> book_;
 };

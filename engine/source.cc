@@ -222,6 +222,38 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
 
   const double snap_secs = seconds_since(t_plan);
   const auto t0 = Clock::now();
+  // A snapshot of the primary, and a removal, go through the image's lock
+  // owner (the guest), which first lets its writes in flight finish: under
+  // load each takes 0.1-0.2 s, and a second or more on a busy primary. A
+  // helper thread does both beside the epoch (TakeAhead): the older
+  // snapshots go while it is sent, the next epoch's snapshot is taken while
+  // the sink finishes, and ships as pending right after this one.
+  Ahead ahead;
+  const bool may_take = ours.empty() || ours.rbegin()->first <= seq;
+  const uint64_t prune_base = prune_deferred_ ? sink_seq_ : 0;
+  {
+    std::lock_guard lock(mu_);
+    ahead_mode_ = AheadMode::kSending;
+  }
+  std::thread helper([this, seq, may_take, prune_base, due = next_due_at_, &ahead] {
+    TakeAhead(seq, may_take, prune_base, due, &ahead);
+  });
+  const auto end_helper = [&](AheadMode how) {
+    if (!helper.joinable()) return;
+    {
+      std::lock_guard lock(mu_);
+      ahead_mode_ = how;
+    }
+    cv_.notify_all();
+    helper.join();
+    if (ahead.pruned) prune_deferred_ = false;
+  };
+  // Every way out of here ends the helper; one that failed begins nothing more.
+  struct HelperGuard {
+    const decltype(end_helper)& end;
+    ~HelperGuard() { end(AheadMode::kCancel); }
+  } guard{end_helper};
+
   SendTimes send_times;
   auto sent = SendEpoch(vol, plan, opt, *link_, &send_times);
   if (!sent.ok()) {
@@ -235,41 +267,11 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   EpochSummary sum = std::move(sent).value();
   const double send_secs = seconds_since(t0);
-  // A snapshot of the primary goes through the image's lock owner (the
-  // guest), which first lets its writes in flight finish: under load it
-  // takes a second or more. While epochs run back to back, the next epoch's
-  // is taken here, as the sink syncs and applies, and ships as pending.
-  const auto next_due = [&] {
-    if (next_due_at_ && Clock::now() >= *next_due_at_) return true;
+  {
     std::lock_guard lock(mu_);
-    return wanted_seq_ > seq;
-  };
-  double next_snap_secs = 0;
-  bool took_next = false;
-  if ((ours.empty() || ours.rbegin()->first <= seq) && next_due()) {
-    const auto t_next = Clock::now();
-    const std::string next = SnapName(seq + 1);
-    ReserveSnap(seq + 1);
-    auto head = pool_->Open(config_.image);
-    Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
-    if (st.ok()) {
-      took_next = true;
-    } else {
-      spdlog::warn("volume {}: cannot take {} ahead: {}; the next epoch takes it", config_.id,
-                   next, st.ToString());
-    }
-    next_snap_secs = seconds_since(t_next);
+    ahead_mode_ = AheadMode::kSent;
   }
-  // Removing snapshots goes through the lock owner as well, and is done
-  // here too, after the next snapshot: the next restore point's snapshot is
-  // then not older by the time the removals take.
-  double prune_secs = 0;
-  if (prune_deferred_) {
-    const auto t_prune = Clock::now();
-    prune_deferred_ = false;
-    PruneSnapshots(vol, sink_seq_);  // the base: applied at the sink
-    prune_secs = seconds_since(t_prune);
-  }
+  cv_.notify_all();
   const auto t_durable = Clock::now();
   RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::DURABLE, nullptr));
   const double durable_secs = seconds_since(t_durable);
@@ -286,6 +288,10 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   const double applied_secs = seconds_since(t_applied);
   const double secs = seconds_since(t0);
+  // The point is made. The helper still takes the next snapshot if it is
+  // due by now; otherwise the next epoch takes it when the schedule says.
+  end_helper(AheadMode::kEpochDone);
+  const bool took_next = ahead.took;
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
   {
@@ -304,16 +310,26 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
                "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s [waiting for reads {:.2f} s, "
-               "for the link {:.2f} s], {}{}then durable {:.2f} s, applied {:.2f} s)",
+               "for the link {:.2f} s], then durable {:.2f} s, applied {:.2f} s{}{})",
                config_.id, seq, sum.records,
                plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
                sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs, send_times.reads,
-               send_times.link,
-               next_snap_secs > 0 ? fmt::format("next snapshot taken {:.2f} s, ", next_snap_secs)
-                                  : "",
-               prune_secs > 0 ? fmt::format("older snapshots removed {:.2f} s, ", prune_secs) : "",
-               durable_secs, applied_secs);
-  if (next_due()) {
+               send_times.link, durable_secs, applied_secs,
+               ahead.pruned ? fmt::format("; beside it, older snapshots removed in {:.2f} s",
+                                          ahead.prune_secs)
+                            : "",
+               took_next ? fmt::format("; next snapshot begun {:.2f} s after the send began, took {:.2f} s",
+                                       std::chrono::duration<double>(ahead.taken_at - t0).count(),
+                                       ahead.snap_secs)
+                         : "");
+  // Snapshots older than this point go now, unless the next epoch is to
+  // start right away: then its helper removes them beside its send.
+  const bool next_now = took_next || [&] {
+    if (next_due_at_ && Clock::now() >= *next_due_at_) return true;
+    std::lock_guard lock(mu_);
+    return wanted_seq_ > seq;
+  }();
+  if (next_now) {
     prune_deferred_ = true;
   } else {
     PruneSnapshots(vol, seq);
@@ -334,6 +350,60 @@ void SourceReplicator::PruneSnapshots(Volume& vol, uint64_t applied) {
   for (size_t i = 0; i < drop; ++i) {
     Status st = vol.RemoveSnap(SnapName(older[i]));
     if (!st.ok()) spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(older[i]), st.ToString());
+  }
+}
+
+void SourceReplicator::TakeAhead(uint64_t seq, bool may_take, uint64_t prune_base,
+                                 std::optional<Clock::time_point> due_at, Ahead* out) {
+  const auto ended = [&] {  // with mu_ held
+    return stop_ || ahead_mode_ == AheadMode::kCancel;
+  };
+  if (prune_base > 0) {
+    {
+      std::lock_guard lock(mu_);
+      if (ended()) return;
+    }
+    const auto t = Clock::now();
+    auto head = pool_->Open(config_.image);
+    if (head.ok()) {
+      PruneSnapshots(**head, prune_base);
+      out->pruned = true;
+    } else {
+      spdlog::warn("volume {}: cannot remove older snapshots: {}", config_.id,
+                   head.status().ToString());
+    }
+    out->prune_secs = std::chrono::duration<double>(Clock::now() - t).count();
+  }
+  if (!may_take) return;
+  {
+    std::unique_lock lock(mu_);
+    const auto due = [&] {
+      return wanted_seq_ > seq || (due_at && Clock::now() >= *due_at);
+    };
+    while (!ended() && ahead_mode_ != AheadMode::kEpochDone) {
+      if (ahead_mode_ == AheadMode::kSending) {
+        cv_.wait(lock);
+      } else if (due()) {
+        break;
+      } else if (due_at) {
+        cv_.wait_until(lock, *due_at);
+      } else {
+        cv_.wait(lock);
+      }
+    }
+    if (ended() || !due()) return;
+  }
+  out->taken_at = Clock::now();
+  const std::string next = SnapName(seq + 1);
+  ReserveSnap(seq + 1);
+  auto head = pool_->Open(config_.image);
+  Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
+  out->snap_secs = std::chrono::duration<double>(Clock::now() - out->taken_at).count();
+  if (st.ok()) {
+    out->took = true;
+  } else {
+    spdlog::warn("volume {}: cannot take {} ahead: {}; the next epoch takes it", config_.id, next,
+                 st.ToString());
   }
 }
 

@@ -26,6 +26,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <functional>
 #include <memory>
@@ -71,6 +72,30 @@ class SourceReplicator {
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
   void PruneSnapshots(Volume& vol, uint64_t applied);
+
+  using Clock = std::chrono::steady_clock;
+  // What the helper beside one epoch's send did (TakeAhead).
+  struct Ahead {
+    bool took = false;
+    Clock::time_point taken_at;  // when the snapshot was begun
+    double snap_secs = 0;        // how long it took
+    bool pruned = false;
+    double prune_secs = 0;
+  };
+  // Where the epoch the helper runs beside is (guarded by mu_).
+  enum class AheadMode { kSending, kSent, kEpochDone, kCancel };
+  // Runs on a thread of its own beside an epoch. First removes the
+  // snapshots older than `prune_base` (0: none) while the epoch is sent;
+  // then, if `may_take`, takes cairn.<seq+1> once the send is through and
+  // the snapshot due (at `due_at`, or when a RequestNow asks for more than
+  // seq), as the sink finishes its writes and makes the point: the
+  // snapshot, which waits on the guest, then costs the next point nothing.
+  // Taken earlier, the next point would be older; taken after the point,
+  // the next epoch would wait for it. It gives up once the epoch is done
+  // and the snapshot not due, and on kCancel (a failed epoch) begins
+  // nothing more.
+  void TakeAhead(uint64_t seq, bool may_take, uint64_t prune_base,
+                 std::optional<Clock::time_point> due_at, Ahead* out);
   // Counts cairn.<seq> as existing before it is created, so that a
   // RequestNow meanwhile (its writes maybe not in it) promises seq + 1.
   void ReserveSnap(uint64_t seq);
@@ -98,13 +123,14 @@ class SourceReplicator {
   bool prune_deferred_ = false;
   // When the Loop's schedule makes the next epoch due (unset for a RunOnce
   // called on its own); read by ShipEpoch on the Loop's thread.
-  std::optional<std::chrono::steady_clock::time_point> next_due_at_;
+  std::optional<Clock::time_point> next_due_at_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
   uint64_t wanted_seq_ = 0;      // RequestNow's promise still to keep
   uint64_t highest_snap_ = 0;    // newest cairn.<N> that exists (or is being made) at the source
+  AheadMode ahead_mode_ = AheadMode::kSending;
   VolumeStatusInfo status_;
   std::thread thread_;
 };

@@ -391,6 +391,47 @@ TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
   }
 }
 
+TEST_F(ReplicationTest, BackToBackTheOlderSnapshotsGoWhileTheNextEpochIsSent) {
+  // Removing a snapshot waits on the guest: epochs that run back to back
+  // remove the older ones beside the send, not before the next point.
+  const uint64_t size = 2 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(32);
+  VolumeConfig c = Config();
+  c.keep_snapshots = 0;
+  SourceReplicator rep(c, "a", site_a_, Connector());
+  uint64_t sending = 0;
+  std::vector<uint64_t> at_epoch_end;  // the source's snapshots as epoch 3 ends its send
+  on_epoch_end_ = [&] {
+    if (sending == 3) {
+      // The epoch's last frame waits here until the helper has removed
+      // cairn.1: a source that removed it only after the send hangs, and
+      // the wait fails.
+      WaitFor("cairn.1 removed while epoch 3 was being sent",
+              [&] { return CairnSnaps(*src).front() == 2; });
+      at_epoch_end = CairnSnaps(*src);
+    }
+    ASSERT_TRUE(rep.RequestNow().ok());  // the next epoch is due at once
+  };
+  for (sending = 1; sending <= 3; ++sending) {
+    testing::Write(*src, (sending * 300 * 1024) % size, testing::RandomBytes(rng, 64 * 1024));
+    auto sum = rep.RunOnce();
+    ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+    EXPECT_EQ(sum->seq, sending);
+  }
+  // cairn.2 (the base) and cairn.3 (being sent) stayed; cairn.4 was taken
+  // once the send was through.
+  EXPECT_EQ(at_epoch_end, (std::vector<uint64_t>{2, 3}));
+  EXPECT_EQ(CairnSnaps(*src), (std::vector<uint64_t>{2, 3, 4}));
+  on_epoch_end_ = nullptr;
+  auto pts = sink_->Points("vol1");
+  ASSERT_TRUE(pts.ok()) << pts.status().ToString();
+  ASSERT_EQ(pts->size(), 3u);
+  auto dst = testing::MustOpen(*site_b_, "img-standby");
+  EXPECT_EQ(testing::ImageHash(*dst, SnapName(3), size), testing::ImageHash(*src, SnapName(3), size));
+}
+
 TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight) {
   const uint64_t size = 4 * kMiB;
   ASSERT_TRUE(site_a_->Create("img", size).ok());
