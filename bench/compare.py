@@ -690,11 +690,13 @@ class Bench:
                     t_next += 1
                     ages.append(age())
                 t_window = time.time() - seconds
+                src.stop()  # before fio closes its image (_window_with_snapshots says why)
+                src = None
                 load = window_mean(guest.stop(), t_window, seconds) * 64 * 1024
                 guest = None
                 written.append(load / MiB)
                 log(f"rpo run {r}: fio wrote {load / MiB:.1f} MiB/s while sampled")
-                _, seq = self.cairn_replicate(src, vol)
+                seq = self._last_point(f"src-rpo{pct}{placement[0]}-{r}-last", vol, img, tgt)
             finally:
                 if guest:
                     guest.kill()
@@ -813,9 +815,11 @@ class Bench:
             guest.check_running("the second restore point")
             t_window = time.time()
             time.sleep(seconds)  # the measured window (a bench, not a test)
+            src.stop()  # before fio closes its image (_window_with_snapshots says why)
+            src = None
             iops = window_mean(guest.stop(), t_window, seconds)
             guest = None
-            _, seq = self.cairn_replicate(src, vol)
+            seq = self._last_point(f"src-{vol}-last", vol, img, tgt)
         finally:
             if guest:
                 guest.kill()
@@ -829,13 +833,24 @@ class Bench:
         self.remove(self.b, tgt)
         return iops
 
+    def _last_point(self, name, vol, img, tgt):
+        """A last restore point of VOL, taken once fio is gone by a source
+        started for it (the one that replicated under fio was stopped before
+        fio closed its image); returns its seq."""
+        src = self.start_source(name, {vol: (img, tgt)})
+        try:
+            return self.cairn_replicate(src, vol)[1]
+        finally:
+            src.stop()
+
     def _window_with_snapshots(self, guest, seconds, interval, snapshot, what):
         """fio's mean IOPS over a window of SECONDS while SNAPSHOT() runs every
         INTERVAL seconds on a thread; then GUEST is stopped (killed on a
         failure). The snapshots stop before fio closes its image: Ceph 16's
         librbd can abort in close (AsyncOpTracker, "m_pending_ops == 0")
         while it serves another client's snapshot request as the lock
-        owner, which ended a bench run in fio."""
+        owner, which ended bench runs in fio (docs/RELIABILITY.md). Cairn's
+        sources under fio stop first for the same reason."""
         stop = threading.Event()
         failed = []
 

@@ -292,6 +292,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   // due by now; otherwise the next epoch takes it when the schedule says.
   end_helper(AheadMode::kEpochDone);
   const bool took_next = ahead.took;
+  if (took_next) ahead_taken_at_ = ahead.taken_at;
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
   {
@@ -492,6 +493,7 @@ void SourceReplicator::Loop() {
   auto retry_at = Clock::now();  // no attempt before this (backoff)
   auto backoff = std::chrono::milliseconds(500);
   bool outage = false;  // the last attempt failed
+  std::optional<Clock::time_point> carried_due;  // see ahead_taken_at_
   std::string last_error;
   std::unique_lock lock(mu_);
   while (!stop_) {
@@ -522,7 +524,12 @@ void SourceReplicator::Loop() {
     }
     lock.unlock();
     const auto started = Clock::now();
-    next_due_at_ = periodic ? std::optional(started + config_.interval) : std::nullopt;
+    // The next snapshot is due an interval after this epoch's: taken at its
+    // start, or by the helper of the epoch before (then counted from then).
+    next_due_at_ = periodic ? std::optional(carried_due.value_or(started + config_.interval))
+                            : std::nullopt;
+    carried_due.reset();
+    ahead_taken_at_.reset();
     auto r = RunOnce();
     next_due_at_.reset();
     lock.lock();
@@ -530,7 +537,13 @@ void SourceReplicator::Loop() {
       backoff = std::chrono::milliseconds(500);
       last_error.clear();
       outage = false;
-      next = started + config_.interval;
+      if (ahead_taken_at_ && periodic) {
+        // The next epoch's snapshot exists: ship it now.
+        carried_due = *ahead_taken_at_ + config_.interval;
+        next = Clock::now();
+      } else {
+        next = started + config_.interval;
+      }
       retry_at = Clock::now();
       continue;
     }

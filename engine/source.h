@@ -124,6 +124,10 @@ class SourceReplicator {
   // When the Loop's schedule makes the next epoch due (unset for a RunOnce
   // called on its own); read by ShipEpoch on the Loop's thread.
   std::optional<Clock::time_point> next_due_at_;
+  // When the last epoch's helper began the snapshot the next epoch ships:
+  // the Loop counts the next interval from there, and starts that epoch at
+  // once. Set by ShipEpoch on the Loop's thread.
+  std::optional<Clock::time_point> ahead_taken_at_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
