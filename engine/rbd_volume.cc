@@ -929,9 +929,11 @@ StatusOr<bool> HasParent(rbd_image_t h, const std::string& spec) {
 }
 
 // Lists the diff from `from_snap` ("" = the empty image) to the point `h`
-// is open at (`to_snap`, "" = the head). `h` is private to the caller: its
-// snapshot is moved and put back. `whole_changed`: every object the object
-// maps flag goes whole, as at `to_snap` (see "Settling a snapshot").
+// is open at (`to_snap`, "" = the head). `h` is the caller's: its snapshot
+// is moved and put back before the listing, so no I/O may be in flight on
+// it until this returns or calls `fn` (RbdVolume::DiffExtents).
+// `whole_changed`: every object the object maps flag goes whole, as at
+// `to_snap` (see "Settling a snapshot").
 Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& image,
                  const std::string& from_snap, const std::string& to_snap,
                  const std::function<Status(const Extent&)>& fn, bool whole_changed = false) {
@@ -1442,8 +1444,11 @@ StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
   // RbdVolume::Head): an open read-write handle holds a watch, and the
   // watch of a process killed with -9 stalls every snapshot of the image
   // for ~30 s. Reading snapshots needs no such handle.
+  // The probe is closed here. Kept for the Volume's first listing (~30 ms
+  // saved per epoch), it made RbdVolumeTest.ImagesOpenAndCloseInManyThreadsAtOnce
+  // hang in librbd or fail glibc's mutex assertion, in four runs of four.
   ASSIGN_OR_RETURN(std::shared_ptr<Image> probe, OpenImage(*io_, image, "", true));
-  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, std::move(probe), image, book_));
+  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, nullptr, image, book_));
 }
 
 namespace {
@@ -1626,9 +1631,9 @@ Status RbdPool::Copy(const std::string& image, const std::string& snap, const st
 
 // --- RbdVolume ---------------------------------------------------------------
 
-RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> probe, std::string name,
+RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> head, std::string name,
                      std::shared_ptr<rbd_internal::SettleBook> book)
-    : io_(std::move(io)), probe_(std::move(probe)), name_(std::move(name)), book_(std::move(book)) {}
+    : io_(std::move(io)), head_(std::move(head)), name_(std::move(name)), book_(std::move(book)) {}
 
 RbdVolume::~RbdVolume() = default;
 
@@ -1645,7 +1650,6 @@ StatusOr<std::shared_ptr<Image>> RbdVolume::Head() {
 
 StatusOr<std::shared_ptr<Image>> RbdVolume::HeadForReading() {
   if (head_) return head_;
-  if (probe_) return std::exchange(probe_, nullptr);
   return OpenImage(*io_, name_, "", true);
 }
 
@@ -1755,7 +1759,10 @@ Status RbdVolume::RemoveSnap(const std::string& snap) {
 Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                               const std::function<Status(const Extent&)>& fn) {
   // The head's changes are listed on a fresh handle; a snapshot's on the
-  // epoch's handle at it.
+  // handle at it that OpenIo shares. DiffImage moves that handle to
+  // `from_snap` and back before it lists anything, so reads started from
+  // its callback read `to_snap`; should it fail on the way, the handle is
+  // not trusted again.
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, to_snap.empty() ? OpenImage(*io_, name_, "", true)
                                                               : AtSnap(to_snap));
   bool whole = false;
@@ -1768,7 +1775,9 @@ Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& t
       whole = book_->AnyUnsettled(name_, from, to);
     }
   }
-  return DiffImage(at->get(), io_->pool(), name_, from_snap, to_snap, fn, whole);
+  Status st = DiffImage(at->get(), io_->pool(), name_, from_snap, to_snap, fn, whole);
+  if (!st.ok() && at == snap_) snap_.reset();
+  return st;
 }
 
 StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {

@@ -173,8 +173,9 @@ class RbdPool final : public Pool {
 
   const std::string& name() const override { return io_->pool(); }
 
-  // Opens the image read-write (this registers a watch on it: Remove
-  // elsewhere fails while the Volume lives).
+  // Opens the image: a read-only probe now (kNotFound if it is missing),
+  // read-write on the first operation that needs it (which registers a
+  // watch).
   StatusOr<std::unique_ptr<Volume>> Open(const std::string& image) override;
   // A format-2 image with options().features and options().order.
   // kInvalidArgument if `image` is empty.
@@ -209,9 +210,7 @@ class RbdPool final : public Pool {
 // One open RBD image; made by RbdPool::Open.
 class RbdVolume final : public Volume {
  public:
-  // `probe`: a read-only handle at the head just opened (RbdPool::Open
-  // opens one to tell a missing image), or null.
-  RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<rbd_internal::Image> probe,
+  RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<rbd_internal::Image> head,
             std::string name, std::shared_ptr<rbd_internal::SettleBook> book);
   ~RbdVolume() override;
 
@@ -248,11 +247,6 @@ class RbdVolume final : public Volume {
   // The read-write handle, opened on first need (snapshot create/remove,
   // resize, head I/O). Null until then.
   std::shared_ptr<rbd_internal::Image> head_;
-  // A read-only handle without a watch sees no snapshot taken after it was
-  // opened, so each HeadForReading opens one anew; the probe of
-  // RbdPool::Open, opened a moment before, serves the first (the source
-  // lists the snapshots right after it opens the image). ~30 ms saved.
-  std::shared_ptr<rbd_internal::Image> probe_;
   // A snapshot never changes: an epoch's reads (OpenIo) and its listing of
   // changes (DiffExtents) share one handle at it. ~30 ms saved.
   std::string snap_name_;

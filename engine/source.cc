@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <system_error>
 
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
@@ -181,6 +182,9 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   } else {
     seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
     ReserveSnap(seq);
+    // The next snapshot is due an interval after this one is begun (not
+    // after the connect and the plan that came before it).
+    if (next_due_at_) next_due_at_ = Clock::now() + config_.interval;
     {
       // A handle of its own, closed right after: the epoch then reads only
       // snapshots, so a crash mid-epoch leaves no watch on the primary to
@@ -235,9 +239,16 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     std::lock_guard lock(mu_);
     ahead_mode_ = AheadMode::kSending;
   }
-  std::thread helper([this, seq, may_take, prune_base, due = next_due_at_, &ahead] {
-    TakeAhead(seq, may_take, prune_base, due, &ahead);
-  });
+  std::thread helper;
+  try {
+    helper = std::thread([this, seq, may_take, prune_base, due = next_due_at_, &ahead] {
+      TakeAhead(seq, may_take, prune_base, due, &ahead);
+    });
+  } catch (const std::system_error& e) {
+    // No thread to be had: the epoch goes on, the next one takes its own
+    // snapshot and the removals wait.
+    spdlog::warn("volume {}: no helper thread beside epoch {}: {}", config_.id, seq, e.what());
+  }
   const auto end_helper = [&](AheadMode how) {
     if (!helper.joinable()) return;
     {
@@ -288,14 +299,10 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   const double applied_secs = seconds_since(t_applied);
   const double secs = seconds_since(t0);
-  // The point is made. The helper still takes the next snapshot if it is
-  // due by now; otherwise the next epoch takes it when the schedule says.
-  end_helper(AheadMode::kEpochDone);
-  const bool took_next = ahead.took;
-  if (took_next) ahead_taken_at_ = ahead.taken_at;
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
   {
+    // The point is made: said at once, not after the helper.
     std::lock_guard lock(mu_);
     status_.state = "idle";
     status_.last_seq = seq;
@@ -306,8 +313,16 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     status_.error.clear();
     if (plan.skip_records > 0) status_.resumed_epochs_total += 1;
     status_.pending_snapshots = static_cast<uint64_t>(
-        std::count_if(ours.begin(), ours.end(), [&](const auto& kv) { return kv.first > seq; }) +
-        (took_next ? 1 : 0));
+        std::count_if(ours.begin(), ours.end(), [&](const auto& kv) { return kv.first > seq; }));
+  }
+  // The helper still takes the next snapshot if it is due by now;
+  // otherwise the next epoch takes it when the schedule says.
+  end_helper(AheadMode::kEpochDone);
+  const bool took_next = ahead.took;
+  if (took_next) {
+    ahead_taken_at_ = ahead.taken_at;
+    std::lock_guard lock(mu_);
+    status_.pending_snapshots += 1;
   }
   spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
                "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s [waiting for reads {:.2f} s, "
@@ -531,6 +546,9 @@ void SourceReplicator::Loop() {
     carried_due.reset();
     ahead_taken_at_.reset();
     auto r = RunOnce();
+    // When the next snapshot is due: as the epoch began, or an interval
+    // after the snapshot it took itself (ShipEpoch).
+    const auto snap_due = next_due_at_.value_or(started + config_.interval);
     next_due_at_.reset();
     lock.lock();
     if (r.ok()) {
@@ -542,7 +560,7 @@ void SourceReplicator::Loop() {
         carried_due = *ahead_taken_at_ + config_.interval;
         next = Clock::now();
       } else {
-        next = started + config_.interval;
+        next = snap_due;
       }
       retry_at = Clock::now();
       continue;
