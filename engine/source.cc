@@ -156,7 +156,16 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     return std::chrono::duration<double>(Clock::now() - t).count();
   };
   const auto t_plan = Clock::now();
-  ASSIGN_OR_RETURN(auto snaps, vol.ListSnaps());
+  // The helper of the epoch before listed them as it took this epoch's
+  // snapshot: a new listing would cost an image open more (a handle
+  // without a watch never learns of new snapshots).
+  std::vector<SnapInfo> snaps;
+  if (ahead_snaps_) {
+    snaps = std::move(*ahead_snaps_);
+    ahead_snaps_.reset();
+  } else {
+    ASSIGN_OR_RETURN(snaps, vol.ListSnaps());
+  }
   std::map<uint64_t, SnapInfo> ours;
   for (auto& s : snaps) {
     if (auto seq = ParseSnapName(s.name)) ours[*seq] = s;
@@ -185,14 +194,16 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     // The next snapshot is due an interval after this one is begun (not
     // after the connect and the plan that came before it).
     if (next_due_at_) next_due_at_ = Clock::now() + config_.interval;
+    std::vector<SnapInfo> after;
     {
       // A handle of its own, closed right after: the epoch then reads only
       // snapshots, so a crash mid-epoch leaves no watch on the primary to
-      // stall the next snapshot (the guest's or ours).
+      // stall the next snapshot (the guest's or ours). The handle that took
+      // the snapshot knows it: it lists it without another open.
       ASSIGN_OR_RETURN(auto head, pool_->Open(config_.image));
       RETURN_IF_ERROR(head->CreateSnap(SnapName(seq)));
+      ASSIGN_OR_RETURN(after, head->ListSnaps());
     }
-    ASSIGN_OR_RETURN(auto after, vol.ListSnaps());
     auto it = std::find_if(after.begin(), after.end(),
                            [&](const SnapInfo& s) { return s.name == SnapName(seq); });
     if (it == after.end()) return Internal("snapshot vanished right after it was created");
@@ -321,6 +332,11 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   const bool took_next = ahead.took;
   if (took_next) {
     ahead_taken_at_ = ahead.taken_at;
+    const std::string next = SnapName(seq + 1);
+    if (std::any_of(ahead.snaps.begin(), ahead.snaps.end(),
+                    [&](const SnapInfo& s) { return s.name == next; })) {
+      ahead_snaps_ = std::move(ahead.snaps);
+    }
     std::lock_guard lock(mu_);
     status_.pending_snapshots += 1;
   }
@@ -347,8 +363,13 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }();
   if (next_now) {
     prune_deferred_ = true;
+  } else if (auto head = pool_->Open(config_.image); head.ok()) {
+    // Through a volume of its own: removing takes a read-write handle,
+    // which `vol` must not keep between epochs.
+    PruneSnapshots(**head, seq);
   } else {
-    PruneSnapshots(vol, seq);
+    spdlog::warn("volume {}: cannot remove older snapshots: {}", config_.id,
+                 head.status().ToString());
   }
   return sum;
 }
@@ -417,6 +438,8 @@ void SourceReplicator::TakeAhead(uint64_t seq, bool may_take, uint64_t prune_bas
   out->snap_secs = std::chrono::duration<double>(Clock::now() - out->taken_at).count();
   if (st.ok()) {
     out->took = true;
+    // For the next epoch's plan (no listing there); it lists anew if not.
+    if (auto listed = (*head)->ListSnaps(); listed.ok()) out->snaps = std::move(*listed);
   } else {
     spdlog::warn("volume {}: cannot take {} ahead: {}; the next epoch takes it", config_.id, next,
                  st.ToString());
@@ -487,18 +510,29 @@ StatusOr<EpochSummary> SourceReplicator::RunOnce() {
       return Aborted("stopping");
     }
   }
-  auto vol = pool_->Open(config_.image);
-  if (!vol.ok()) return vol.status().Annotate(fmt::format("opening {}/{}", config_.pool, config_.image));
-  auto sum = ShipEpoch(**vol);
+  if (!vol_) {
+    auto vol = pool_->Open(config_.image);
+    if (!vol.ok()) {
+      return vol.status().Annotate(fmt::format("opening {}/{}", config_.pool, config_.image));
+    }
+    vol_ = std::move(vol).value();
+  }
+  auto sum = ShipEpoch(*vol_);
   // After any failure the stream's position is unknown: start afresh.
   if (!sum.ok()) Disconnect();
   return sum;
 }
 
 void SourceReplicator::Disconnect() {
-  std::lock_guard lock(mu_);
-  if (link_) link_->Close();
-  link_.reset();
+  {
+    std::lock_guard lock(mu_);
+    if (link_) link_->Close();
+    link_.reset();
+  }
+  // The image is opened afresh with the next link (it may have been
+  // recreated meanwhile), and the next plan lists its snapshots anew.
+  vol_.reset();
+  ahead_snaps_.reset();
 }
 
 void SourceReplicator::Loop() {

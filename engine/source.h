@@ -61,7 +61,8 @@ class SourceReplicator {
 
   // One step: connect if needed, ship one epoch, wait until applied.
   StatusOr<EpochSummary> RunOnce();
-  // Closes the link to the sink (the next step reconnects).
+  // Closes the link to the sink and the image (the next step reconnects
+  // and opens it again). As RunOnce: not while a RunOnce runs.
   void Disconnect();
 
   VolumeStatusInfo Report() const;
@@ -81,6 +82,9 @@ class SourceReplicator {
     double snap_secs = 0;        // how long it took
     bool pruned = false;
     double prune_secs = 0;
+    // The image's snapshots as the handle that took it saw them right
+    // after (empty if it could not list them).
+    std::vector<SnapInfo> snaps;
   };
   // Where the epoch the helper runs beside is (guarded by mu_).
   enum class AheadMode { kSending, kSent, kEpochDone, kCancel };
@@ -111,6 +115,16 @@ class SourceReplicator {
   const LinkTimeouts timeouts_;
 
   std::unique_ptr<Link> link_;
+  // The image, opened once per link and used only to read snapshots (list
+  // them, diff them, read them); closed with the link. It never holds a
+  // read-write handle (a watch): snapshots are taken and removed through
+  // handles of their own. Opened per epoch, its open cost the primary an
+  // image open more on the way to every point.
+  std::unique_ptr<Volume> vol_;
+  // The snapshots as listed by the last epoch's helper right after it took
+  // the next one: the next epoch plans from them instead of a new listing.
+  // Consumed by that epoch; cleared with the link.
+  std::optional<std::vector<SnapInfo>> ahead_snaps_;
   uint64_t sink_seq_ = 0;
   ChainDigest sink_chain_;
   uint64_t resume_seq_ = 0;      // an epoch the sink holds a prefix of

@@ -75,6 +75,42 @@ def test_epochs_on_demand_every_point_equals_its_snapshot(site_a, site_b, workdi
     assert st_b["role"] == "sink" and st_b["last_seq"] == 6
 
 
+def test_a_primary_image_recreated_under_a_running_source_is_read_afresh(
+        site_a, site_b, workdir, daemons, name):
+    """The source keeps the image open between epochs (to read its
+    snapshots) for as long as its link lasts. An image removed and made
+    again under the same name (Cinder: a volume deleted and one created from
+    a Glance image) while that link stays up must be removable, and the
+    next point must be the new image, not the old one's snapshot."""
+    size = 24 * MiB + 4096
+    site_a.create(name, size)
+    rng = random.Random(7)
+    source, sink = start_pair(site_a, site_b, workdir, daemons, {name: (name, name + "-standby")})
+    random_changes(site_a, name, rng, 30, size)
+    assert source.json("replicate", name, "--wait", "--timeout", "120")["seq"] == 1
+    random_changes(site_a, name, rng, 30, size)
+    assert source.json("replicate", name, "--wait", "--timeout", "120")["seq"] == 2
+    old = site_a.digest(name, "cairn.2")
+    site_a.remove(name)  # with its snapshots; fails if an open handle pins it
+    site_a.create(name, size)
+    random_changes(site_a, name, rng, 10, size)
+    r = source.json("replicate", name, "--wait", "--timeout", "120")
+    assert r["seq"] == 3
+    new = site_a.digest(name, "cairn.3")
+    assert new != old
+    point = sink.json("points", name)[-1]
+    assert point["seq"] == 3 and point["base_seq"] == 2  # the chain goes on, resynced
+    assert site_b.digest(point["image"], point["snap"]) == new
+    # And an increment of the new image after it.
+    random_changes(site_a, name, rng, 10, size)
+    assert source.json("replicate", name, "--wait", "--timeout", "120")["seq"] == 4
+    point = sink.json("points", name)[-1]
+    assert point["seq"] == 4 and point["base_seq"] == 3
+    assert site_b.digest(point["image"], point["snap"]) == site_a.digest(name, "cairn.4")
+    st = source.json("status", name)[0]
+    assert st["last_seq"] == 4 and st["errors_total"] == 0, st
+
+
 def test_continuous_replication_while_writes_go_on(site_a, site_b, workdir, daemons, name):
     size = 32 * MiB + 4097
     site_a.create(name, size)
