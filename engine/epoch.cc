@@ -497,9 +497,11 @@ Status ApplyStream::Begin(uint64_t image_size) {
   free_.clear();
   for (uint32_t i = options_.window; i > 0; --i) free_.push_back(i - 1);
   bytes_in_flight_ = 0;
+  // Opened for writing first: the size then comes from the same handle,
+  // not from one more open.
+  ASSIGN_OR_RETURN(io_, target_.OpenIo(""));
   ASSIGN_OR_RETURN(uint64_t have, target_.Size());
   if (have != image_size) RETURN_IF_ERROR(target_.Resize(image_size));
-  ASSIGN_OR_RETURN(io_, target_.OpenIo(""));
   return OkStatus();
 }
 

@@ -588,8 +588,15 @@ Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVer
 }
 
 StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
-  // Never write over an image this volume did not create.
-  ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
+  // Never write over an image this volume did not create. The open that
+  // tells whether it exists is the one the epoch then writes through.
+  std::unique_ptr<Volume> vol;
+  if (auto opened = t.pool->Open(t.image); opened.ok()) {
+    vol = std::move(opened).value();
+  } else if (opened.status().code() != Code::kNotFound) {
+    return opened.status();
+  }
+  bool exists = vol != nullptr;
   TargetState state = TargetState::kHasData;
   if (!exists && t.last_seq > 0) {
     // An increment applied to an empty image would make a restore point
@@ -612,10 +619,9 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
     // or a block the cut one wrote and the source discarded since would
     // stay. Nothing worth keeping is lost. (A snapshot on it was taken
     // after a whole apply of the epoch now replayed: that one is kept.)
-    ASSIGN_OR_RETURN(auto old, t.pool->Open(t.image));
-    ASSIGN_OR_RETURN(auto snaps, old->ListSnaps());
-    old.reset();
+    ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
     if (snaps.empty()) {
+      vol.reset();
       RETURN_IF_ERROR(t.pool->Remove(t.image));
       exists = false;
     }
@@ -630,7 +636,9 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
         "remove or rename it, or set another target_image",
         t.pool_name, t.image, t.volume));
   }
-  ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
+  if (!vol) {
+    ASSIGN_OR_RETURN(vol, t.pool->Open(t.image));
+  }
   if (t.last_seq > 0) {
     ASSIGN_OR_RETURN(auto before, vol->ListSnaps());
     const std::string base = SnapName(t.last_seq);
