@@ -1662,6 +1662,11 @@ StatusOr<std::shared_ptr<Image>> RbdVolume::AtSnap(const std::string& snap) {
   return snap_;
 }
 
+void RbdVolume::CloseSnapshotHandles() {
+  snap_.reset();
+  snap_name_.clear();
+}
+
 StatusOr<uint64_t> RbdVolume::Size() {
   ASSIGN_OR_RETURN(auto h, HeadForReading());
   return ImageSize(h->get(), Spec());

@@ -231,6 +231,7 @@ class RbdVolume final : public Volume {
   Status DiffExtents(const std::string& from_snap, const std::string& to_snap,
                      const std::function<Status(const Extent&)>& fn) override;
   StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) override;
+  void CloseSnapshotHandles() override;
 
  private:
   // The read-write handle, opened now if it is not yet.

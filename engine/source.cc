@@ -63,7 +63,12 @@ void SourceReplicator::Stop() {
     if (link_) link_->Close();
   }
   cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  if (thread_.joinable()) {
+    thread_.join();
+    // As with the link: a later Start opens the image and lists anew.
+    vol_.reset();
+    ahead_snaps_.reset();
+  }
 }
 
 StatusOr<uint64_t> SourceReplicator::RequestNow() {
@@ -289,6 +294,9 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   EpochSummary sum = std::move(sent).value();
   const double send_secs = seconds_since(t0);
+  // The next epoch reads another snapshot: this one's handle is closed
+  // while the sink finishes, not kept open for the interval.
+  vol.CloseSnapshotHandles();
   {
     std::lock_guard lock(mu_);
     ahead_mode_ = AheadMode::kSent;
@@ -502,13 +510,13 @@ StatusOr<EpochSummary> SourceReplicator::RunOnce() {
     std::lock_guard lock(mu_);
     if (sink_seq_ > status_.last_seq) status_.last_seq = sink_seq_;
   }
-  {
+  const bool stopping = [&] {
     std::lock_guard lock(mu_);
-    if (stop_) {  // Stop() came while connecting: ship nothing more
-      if (link_) link_->Close();
-      link_.reset();
-      return Aborted("stopping");
-    }
+    return stop_;
+  }();
+  if (stopping) {  // Stop() came while connecting: ship nothing more
+    Disconnect();
+    return Aborted("stopping");
   }
   if (!vol_) {
     auto vol = pool_->Open(config_.image);

@@ -126,6 +126,10 @@ class Volume {
   // Asynchronous I/O at `snap` (read-only) or at the head if `snap` is
   // empty (read-write).
   virtual StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) = 0;
+
+  // Closes what the volume keeps open to read a snapshot (OpenIo and
+  // DiffExtents at one snapshot share it); the next use opens it again.
+  virtual void CloseSnapshotHandles() {}
 };
 
 // Merges adjacent extents of one kind before handing them to `fn`, for
