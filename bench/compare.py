@@ -683,12 +683,19 @@ class Bench:
                     log(f"rpo run {r}: replication did not catch up within 180 s of its "
                         f"first point; sampling anyway")
                     caught_up.append(None)
+                # One sample a second, each at a random moment of its second:
+                # on the second, the samples can fall in step with points made
+                # about a second apart and see the same phase of the age's
+                # saw-tooth every time (a run of 2026-12-01 read 0.7-1.1 s
+                # throughout, its points 1 s apart and up to 2 s old).
+                jitter = random.Random(f"{img}-{r}")
                 ages = []
-                t_next = time.monotonic() + 1
+                t_second = time.monotonic()
                 for _ in range(seconds):
-                    time.sleep(max(0, t_next - time.monotonic()))  # the sampling period
-                    t_next += 1
+                    t_sample = t_second + jitter.random()
+                    time.sleep(max(0, t_sample - time.monotonic()))  # the sampling period
                     ages.append(age())
+                    t_second += 1
                 t_window = time.time() - seconds
                 src.stop()  # before fio closes its image (_window_with_snapshots says why)
                 src = None
@@ -1113,7 +1120,7 @@ def report(results):
                   "the image before Cairn starts and writes through the first sync; once "
                   "site B holds a point taken after the first point was made (\"caught up\": "
                   "the first sync's backlog through, counted from the first point; sampled "
-                  "anyway if not within 180 s), the newest point's age is sampled every second:",
+                  "anyway if not within 180 s), the newest point's age is sampled once a second, at a random moment of each second:",
                   "",
                   "| cores | load | caught up | p50 | p99 | max |",
                   "|---|---|---:|---:|---:|---:|"]
@@ -1291,10 +1298,13 @@ def merge_results(now, earlier, done, mark):
     verified = now.get("verified", [])[:mark]
     if earlier:
         again = tuple(p for st in done for p in verified_prefixes(st))
-        # The earlier RPO sections all go once the RPO step is through (its
-        # loads and placements may differ); before that, those measured again.
+        # The earlier RPO sections of a placement measured again all go once
+        # the RPO step is through (its loads may differ); before that, those
+        # measured again. Those of the other placement stay.
+        again_at = {st.split("_", 2)[2] for st in done if st.startswith("rpo_")}
         old = {k: v for k, v in earlier["sections"].items()
-               if step_of(k) not in done and not ("rpo" in done and k.startswith("rpo_"))}
+               if step_of(k) not in done
+               and not ("rpo" in done and k.startswith("rpo_") and k.split("_", 2)[2] in again_at)}
         sections = {**old, **sections}
         # Exact repeats (an older merge's) count once.
         kept = [v for v in earlier.get("verified", []) if not (again and v.startswith(again))]
