@@ -289,6 +289,7 @@ class GuestWriter:
         self.rng = __import__("random").Random(seed)
         self.ops, self.max_len, self.period, self.hold_open = ops, max_len, period, hold_open
         self.batches = 0
+        self.batch_ends = []  # wall-clock time each batch completed
         self.max_batch_seconds = 0.0
         self.errors = []
         self._stop = threading.Event()
@@ -342,7 +343,16 @@ class GuestWriter:
 
     def _done(self, t0):
         self.max_batch_seconds = max(self.max_batch_seconds, time.monotonic() - t0)
+        self.batch_ends.append(time.time())
         self.batches += 1
+
+    def most_written(self, after, until):
+        """At most how many bytes the batches that may have landed between
+        wall-clock times AFTER and UNTIL wrote (a batch counts if it ended
+        after AFTER and began before UNTIL; the slack covers its length)."""
+        slack = self.period + self.max_batch_seconds + 1.0
+        n = sum(1 for t in self.batch_ends if after < t < until + slack)
+        return n * self.ops * self.max_len
 
     def stop(self, timeout=60):
         self._stop.set()
