@@ -371,20 +371,24 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }();
   if (next_now) {
     prune_deferred_ = true;
-  } else if (auto head = pool_->Open(config_.image); head.ok()) {
-    // Through a volume of its own: removing takes a read-write handle,
-    // which `vol` must not keep between epochs.
-    PruneSnapshots(**head, seq);
   } else {
-    spdlog::warn("volume {}: cannot remove older snapshots: {}", config_.id,
-                 head.status().ToString());
+    PruneSnapshots(seq);
   }
   return sum;
 }
 
-void SourceReplicator::PruneSnapshots(Volume& vol, uint64_t applied) {
+bool SourceReplicator::PruneSnapshots(uint64_t applied) {
+  // Through a volume of its own, closed right after: removing takes a
+  // read-write handle, which the image kept for reading (vol_) must not hold.
+  auto head = pool_->Open(config_.image);
+  if (!head.ok()) {
+    spdlog::warn("volume {}: cannot remove older snapshots: {}", config_.id,
+                 head.status().ToString());
+    return false;
+  }
+  Volume& vol = **head;
   auto snaps = vol.ListSnaps();
-  if (!snaps.ok()) return;
+  if (!snaps.ok()) return true;
   std::vector<uint64_t> older;
   for (auto& s : *snaps) {
     auto seq = ParseSnapName(s.name);
@@ -396,6 +400,7 @@ void SourceReplicator::PruneSnapshots(Volume& vol, uint64_t applied) {
     Status st = vol.RemoveSnap(SnapName(older[i]));
     if (!st.ok()) spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(older[i]), st.ToString());
   }
+  return true;
 }
 
 void SourceReplicator::TakeAhead(uint64_t seq, bool may_take, uint64_t prune_base,
@@ -409,14 +414,7 @@ void SourceReplicator::TakeAhead(uint64_t seq, bool may_take, uint64_t prune_bas
       if (ended()) return;
     }
     const auto t = Clock::now();
-    auto head = pool_->Open(config_.image);
-    if (head.ok()) {
-      PruneSnapshots(**head, prune_base);
-      out->pruned = true;
-    } else {
-      spdlog::warn("volume {}: cannot remove older snapshots: {}", config_.id,
-                   head.status().ToString());
-    }
+    out->pruned = PruneSnapshots(prune_base);
     out->prune_secs = std::chrono::duration<double>(Clock::now() - t).count();
   }
   if (!may_take) return;

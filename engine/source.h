@@ -72,7 +72,9 @@ class SourceReplicator {
   Status Connect();
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
-  void PruneSnapshots(Volume& vol, uint64_t applied);
+  // Removes cairn.<N> older than `applied` beyond keep_snapshots, through a
+  // volume of its own. False if the image could not be opened.
+  bool PruneSnapshots(uint64_t applied);
 
   using Clock = std::chrono::steady_clock;
   // What the helper beside one epoch's send did (TakeAhead).
