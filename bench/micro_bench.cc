@@ -396,6 +396,8 @@ EpochBed& Bed() {
     b->full.volume = kVolume;
     b->full.seq = 1;
     b->full.to_snap = SnapName(1);
+    const std::vector<SnapInfo> snaps = Must(b->vol->ListSnaps(), "listing the snapshots");
+    b->full.to_snap_id = snaps.at(0).id;
     b->full.image_size = kImageSize;
     b->full.source_site = "a";
     CapturingFrameWriter full_out;
@@ -407,6 +409,8 @@ EpochBed& Bed() {
     b->incr.base_seq = 1;
     b->incr.from_snap = SnapName(1);
     b->incr.to_snap = SnapName(2);
+    b->incr.from_snap_id = snaps.at(0).id;
+    b->incr.to_snap_id = snaps.at(1).id;
     b->incr.prev_chain = b->full_sent.chain;
     CapturingFrameWriter incr_out;
     b->incr_sent = Must(SendEpoch(*b->vol, b->incr, {}, incr_out), "sending the incremental epoch");

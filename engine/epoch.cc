@@ -171,9 +171,15 @@ class RecordPipeline {
     return OkStatus();
   }
 
-  StatusOr<EpochSummary> Finish() {
+  // Waits for every read; their records are sent.
+  Status WaitReads() {
     while (io_->InFlight() > 0) RETURN_IF_ERROR(WaitOne());
-    RETURN_IF_ERROR(Emit());
+    return Emit();
+  }
+
+  // REQUIRES: WaitReads() returned OK.
+  StatusOr<EpochSummary> Finish() {
+    assert(io_->InFlight() == 0 && queue_.empty());
     summary_.epoch_digest = hasher_.Finish();
     summary_.chain = NextChain(plan_.prev_chain, summary_.epoch_digest, plan_.seq);
     pb::EpochEnd end;
@@ -296,6 +302,23 @@ class RecordPipeline {
 
 }  // namespace
 
+Status WriteLinkError(FrameWriter& out, const Status& st) {
+  pb::LinkError e;
+  e.set_code(static_cast<int32_t>(st.code()));
+  e.set_message(st.message());
+  return out.Write(FrameType::kLinkError, e.SerializeAsString(), {});
+}
+
+Status StatusFromLinkError(const Frame& f, std::string_view who) {
+  pb::LinkError e;
+  if (!e.ParseFromString(f.body)) return DataLoss(fmt::format("{}: malformed LinkError", who));
+  const Code code = static_cast<Code>(e.code());
+  if (code == Code::kOk || CodeName(code) == "Unknown") {
+    return Internal(fmt::format("{}: error with invalid code {}: {}", who, e.code(), e.message()));
+  }
+  return Status(code, fmt::format("{}: {}", who, e.message()));
+}
+
 StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
                                  FrameWriter& out, SendTimes* times) {
   assert(options.block_size > 0 && options.block_size <= kMaxPayload);
@@ -312,11 +335,24 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
 
   RecordPipeline pipe(plan, options, out);
   RETURN_IF_ERROR(pipe.Init());
+  if (plan.to_snap_id == 0 || (!plan.from_snap.empty() && plan.from_snap_id == 0)) {
+    return InvalidArgument(fmt::format("epoch {} of {}: the plan lacks a snapshot's id", plan.seq,
+                                       plan.volume));
+  }
   ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
   pipe.set_io(std::move(io));
   const auto t0 = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(out.Write(FrameType::kEpochBegin, begin.SerializeAsString(), {}));
   const auto finish = [&]() -> StatusOr<EpochSummary> {
+    RETURN_IF_ERROR(pipe.WaitReads());
+    // A snapshot removed (or an image removed, renamed or replaced) while
+    // it was read may have read as zeros: no EpochEnd, so never a point.
+    const auto confirm = [&](const std::string& snap, uint64_t id) {
+      return vol.ConfirmSnap(snap, id).Annotate(
+          fmt::format("epoch {} of {} is discarded", plan.seq, plan.volume));
+    };
+    RETURN_IF_ERROR(confirm(plan.to_snap, plan.to_snap_id));
+    if (!plan.from_snap.empty()) RETURN_IF_ERROR(confirm(plan.from_snap, plan.from_snap_id));
     auto sum = pipe.Finish();
     if (times) {
       *times = pipe.times();

@@ -47,12 +47,24 @@ class FrameWriter {
   virtual Status Write(FrameType type, std::string_view body, std::span<const char> payload) = 0;
 };
 
+// The LinkError frame: how either end tells the other why it stops (the
+// sink refusing an epoch; the source abandoning one mid-stream).
+Status WriteLinkError(FrameWriter& out, const Status& st);
+// The error a LinkError frame carries, prefixed with `who`. Never OK: one
+// that does not parse or carries code 0 is itself an error of the peer.
+Status StatusFromLinkError(const Frame& f, std::string_view who);
+
 struct EpochPlan {
   std::string volume;
   uint64_t seq = 0;
   uint64_t base_seq = 0;       // 0: full epoch (no base)
   std::string from_snap;       // empty for a full epoch
   std::string to_snap;
+  // The snapshots' ids as listed when the epoch was planned: after its
+  // reads, the epoch ends only if both still exist with these ids
+  // (Volume::ConfirmSnap). Required for every snapshot named.
+  uint64_t from_snap_id = 0;
+  uint64_t to_snap_id = 0;
   uint64_t image_size = 0;     // at to_snap
   int64_t snap_time_ns = 0;
   ChainDigest prev_chain;      // chain digest of base_seq (zero if none)
@@ -105,6 +117,9 @@ struct SendTimes {
 // Streams epoch `plan` of `vol` to `out`. On success returns what was sent.
 // Fails with the volume's or the writer's error; the frames already
 // written then form an incomplete epoch that the receiver must discard.
+// The EpochEnd frame is written only after every read completed and the
+// snapshots were confirmed still there (kNotFound if one is gone: what
+// was read of it may be zeros).
 // `times`, if given, receives where the time went.
 StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
                                  FrameWriter& out, SendTimes* times = nullptr);

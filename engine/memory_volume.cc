@@ -39,7 +39,9 @@ struct ImageState {
   // For a clone: the snapshot it pins.
   std::shared_ptr<ImageState> parent;
   uint64_t parent_snap_id = 0;
-  int head_handles = 0;  // open Volumes and head AsyncIos
+  // Volumes that used the head (a read-write handle on RBD: resize,
+  // snapshots, head I/O) and head AsyncIos.
+  int head_handles = 0;
   bool removed = false;
 };
 
@@ -199,11 +201,12 @@ class MemoryAsyncIo final : public AsyncIo {
   // `snap_id` 0 is the head (read-write); otherwise the snapshot with that
   // id (read-only).
   MemoryAsyncIo(std::shared_ptr<PoolState> pool, std::shared_ptr<ImageState> image,
-                std::string snap, uint64_t snap_id)
+                std::string snap, uint64_t snap_id, uint64_t snap_size)
       : pool_(std::move(pool)),
         image_(std::move(image)),
         snap_(std::move(snap)),
-        snap_id_(snap_id) {}
+        snap_id_(snap_id),
+        snap_size_(snap_size) {}
 
   ~MemoryAsyncIo() override {
     if (snap_id_ == 0) {
@@ -262,6 +265,15 @@ class MemoryAsyncIo final : public AsyncIo {
       return OkStatus();
     }
     std::lock_guard lock(pool_->mu);
+    if (op == MemoryOp::kRead && snap_id_ != 0 && Vanished()) {
+      // As RADOS does: the objects trimmed with a removed snapshot (or
+      // image) read as absent, that is as zeros, without an error
+      // (Volume::ConfirmSnap is what finds out).
+      ChunkMap none;
+      apply(none);
+      done_.push_back({tag, OkStatus()});
+      return OkStatus();
+    }
     // The image may have shrunk or gone since CheckStart (another thread):
     // that is a failed I/O, reported with its completion.
     StatusOr<ChunkMap*> chunks = ChunksLocked(what, offset, length);
@@ -276,8 +288,18 @@ class MemoryAsyncIo final : public AsyncIo {
 
   Status CheckStart(const std::string& what, uint64_t offset, uint64_t length) {
     std::lock_guard lock(pool_->mu);
+    if (snap_id_ != 0 && Vanished()) {
+      return offset > snap_size_ || length > snap_size_ - offset
+                 ? InvalidArgument(fmt::format("{}: beyond the end of the image ({} bytes)", what,
+                                               snap_size_))
+                 : OkStatus();
+    }
     return ChunksLocked(what, offset, length).status();
   }
+
+  // The snapshot this handle reads, or its image, was removed.
+  // REQUIRES: pool_->mu held.
+  bool Vanished() { return image_->removed || FindSnapById(*image_, snap_id_) == nullptr; }
 
   // The chunk map this handle reads or writes, after checking the range.
   // REQUIRES: pool_->mu held.
@@ -309,6 +331,7 @@ class MemoryAsyncIo final : public AsyncIo {
   std::shared_ptr<ImageState> image_;
   const std::string snap_;
   const uint64_t snap_id_;
+  const uint64_t snap_size_;  // at OpenIo, for reads after it is gone
   std::deque<Completion> done_;
   WriteStats stats_;
 };
@@ -336,7 +359,6 @@ StatusOr<std::unique_ptr<Volume>> MemoryPool::Open(const std::string& image) {
   RETURN_IF_ERROR(CheckFault(*state_, MemoryOp::kOpen, image));
   std::lock_guard lock(state_->mu);
   ASSIGN_OR_RETURN(std::shared_ptr<ImageState> state, FindImage(*state_, image));
-  ++state->head_handles;
   return std::unique_ptr<Volume>(std::make_unique<MemoryVolume>(state_, std::move(state), image));
 }
 
@@ -463,7 +485,13 @@ MemoryVolume::MemoryVolume(std::shared_ptr<PoolState> pool, std::shared_ptr<Imag
 
 MemoryVolume::~MemoryVolume() {
   std::lock_guard lock(pool_->mu);
-  --image_->head_handles;
+  if (holds_head_) --image_->head_handles;
+}
+
+void MemoryVolume::HoldHeadLocked() {
+  if (holds_head_) return;
+  holds_head_ = true;
+  ++image_->head_handles;
 }
 
 StatusOr<uint64_t> MemoryVolume::Size() {
@@ -476,6 +504,7 @@ Status MemoryVolume::Resize(uint64_t new_size) {
   RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kResize, name_));
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
+  HoldHeadLocked();
   if (new_size < image_->size) TruncateChunks(image_->head, pool_->options.chunk_size, new_size);
   image_->size = new_size;
   return OkStatus();
@@ -496,6 +525,7 @@ Status MemoryVolume::CreateSnap(const std::string& snap, Writers) {
   const int64_t now = pool_->options.now_ns();
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
+  HoldHeadLocked();
   if (FindSnap(*image_, snap) != nullptr) {
     return AlreadyExists(fmt::format("snapshot {}/{}@{} already exists", pool_->name, name_, snap));
   }
@@ -507,6 +537,7 @@ Status MemoryVolume::RemoveSnap(const std::string& snap) {
   RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kRemoveSnap, name_, snap));
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
+  HoldHeadLocked();
   auto it = std::find_if(image_->snaps.begin(), image_->snaps.end(),
                          [&](const SnapState& s) { return s.name == snap; });
   if (it == image_->snaps.end()) return SnapNotFound(*pool_, name_, snap);
@@ -588,14 +619,33 @@ StatusOr<std::unique_ptr<AsyncIo>> MemoryVolume::OpenIo(const std::string& snap)
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
   uint64_t snap_id = 0;
+  uint64_t snap_size = 0;
   if (!snap.empty()) {
     SnapState* s = FindSnap(*image_, snap);
     if (s == nullptr) return SnapNotFound(*pool_, name_, snap);
     snap_id = s->id;
+    snap_size = s->size;
   } else {
-    ++image_->head_handles;
+    HoldHeadLocked();
+    ++image_->head_handles;  // the AsyncIo's, until it goes
   }
-  return std::unique_ptr<AsyncIo>(std::make_unique<MemoryAsyncIo>(pool_, image_, snap, snap_id));
+  return std::unique_ptr<AsyncIo>(
+      std::make_unique<MemoryAsyncIo>(pool_, image_, snap, snap_id, snap_size));
+}
+
+Status MemoryVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
+  std::lock_guard lock(pool_->mu);
+  auto it = pool_->images.find(name_);
+  if (image_->removed || it == pool_->images.end() || it->second != image_) {
+    return NotFound(fmt::format("image {}/{} was removed, renamed or replaced while it was read",
+                                pool_->name, name_));
+  }
+  const SnapState* s = FindSnapById(*image_, snap_id);
+  if (s == nullptr || s->name != snap) {
+    return NotFound(fmt::format("snapshot {}/{}@{} was removed while it was read", pool_->name,
+                                name_, snap));
+  }
+  return OkStatus();
 }
 
 }  // namespace cairn

@@ -25,8 +25,12 @@
 //    snapshot as RBD does: RemoveSnap of it fails with kFailedPrecondition
 //    while the clone exists.
 //  - Remove also removes the image's snapshots; it fails with
-//    kFailedPrecondition while a read-write handle (a Volume, or an AsyncIo
-//    at the head) is open, or while a snapshot has clones.
+//    kFailedPrecondition while a read-write handle is open (a Volume that
+//    used the head: resized, took or removed a snapshot, opened head I/O;
+//    or an AsyncIo at the head), or while a snapshot has clones.
+//  - A read at a snapshot that was removed (or whose image was) after the
+//    AsyncIo was opened reads zeros and succeeds, as RADOS answers it;
+//    ConfirmSnap is what reports the loss.
 //  - AsyncIo applies each operation when it starts; WaitOne returns the
 //    completions in start order (RBD returns them in any order).
 //
@@ -155,11 +159,17 @@ class MemoryVolume final : public Volume {
                      const std::function<Status(const Extent&)>& fn) override;
   // kNotFound if `snap` is not empty and there is no such snapshot.
   StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) override;
+  Status ConfirmSnap(const std::string& snap, uint64_t snap_id) override;
 
  private:
   std::shared_ptr<memory_internal::PoolState> pool_;
+  // Counts this volume among the image's head handles from its first use
+  // of the head on. REQUIRES: the pool's lock held.
+  void HoldHeadLocked();
+
   std::shared_ptr<memory_internal::ImageState> image_;
   std::string name_;
+  bool holds_head_ = false;  // guarded by the pool's lock
 };
 
 }  // namespace cairn

@@ -118,6 +118,15 @@ StatusOr<std::shared_ptr<Image>> OpenImage(const RadosIoCtx& io, const std::stri
   return std::make_shared<Image>(h);
 }
 
+// The image's id: unlike its name, never given to another image.
+StatusOr<std::string> ImageId(rbd_image_t h, const std::string& spec) {
+  std::array<char, 128> buf{};
+  if (int rc = rbd_get_id(h, buf.data(), buf.size()); rc < 0) {
+    return ErrnoStatus(rc, "getting the id of " + spec);
+  }
+  return std::string(buf.data());
+}
+
 StatusOr<uint64_t> ImageSize(rbd_image_t h, const std::string& spec) {
   uint64_t size = 0;
   if (int rc = rbd_get_size(h, &size); rc < 0)
@@ -347,11 +356,8 @@ class ObjectWriter {
       return ErrnoStatus(rc, "getting the object name prefix of " + spec);
     }
     const std::string prefix = buf.data();
-    buf.fill(0);
-    if (int rc = rbd_get_id(h, buf.data(), buf.size()); rc < 0) {
-      return ErrnoStatus(rc, "getting the id of " + spec);
-    }
-    const std::string header = std::string("rbd_header.") + buf.data();
+    ASSIGN_OR_RETURN(const std::string id, ImageId(h, spec));
+    const std::string header = "rbd_header." + id;
     ASSIGN_OR_RETURN(auto snapc, ReadSnapContext(meta.get(), header, spec));
 
     const int64_t data_pool = rbd_get_data_pool_id(h);
@@ -1448,7 +1454,9 @@ StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
   // saved per epoch), it made RbdVolumeTest.ImagesOpenAndCloseInManyThreadsAtOnce
   // hang in librbd or fail glibc's mutex assertion, in four runs of four.
   ASSIGN_OR_RETURN(std::shared_ptr<Image> probe, OpenImage(*io_, image, "", true));
-  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, nullptr, image, book_));
+  ASSIGN_OR_RETURN(std::string id, ImageId(probe->get(), Spec(image)));
+  return std::unique_ptr<Volume>(
+      std::make_unique<RbdVolume>(io_, std::move(id), image, book_));
 }
 
 namespace {
@@ -1608,6 +1616,11 @@ Status RbdPool::Copy(const std::string& image, const std::string& snap, const st
   const std::string what = fmt::format("copying {} to {}", Spec(image, snap), Spec(dest));
   ASSIGN_OR_RETURN(std::shared_ptr<Image> src, OpenImage(*io_, image, snap, true));
   ASSIGN_OR_RETURN(const uint64_t size, ImageSize(src->get(), Spec(image, snap)));
+  ASSIGN_OR_RETURN(std::string src_id, ImageId(src->get(), Spec(image)));
+  uint64_t snap_id = 0;
+  if (int rc = rbd_snap_get_id(src->get(), snap.c_str(), &snap_id); rc < 0) {
+    return ErrnoStatus(rc, what + ": getting the snapshot's id");
+  }
   rbd_image_info_t info{};
   if (int rc = rbd_stat(src->get(), &info, sizeof info); rc < 0) return ErrnoStatus(rc, what);
   RETURN_IF_ERROR(CreateImage(*io_, dest, size, options_.features, info.order));
@@ -1618,6 +1631,9 @@ Status RbdPool::Copy(const std::string& image, const std::string& snap, const st
                              progress)
                   : dst.status();
   }
+  // What was read of a snapshot removed meanwhile may be zeros: the copy
+  // stands only if the snapshot outlived it.
+  if (st.ok()) st = RbdVolume(io_, std::move(src_id), image, book_).ConfirmSnap(snap, snap_id);
   if (!st.ok()) {
     const int rc = [&] {
       const auto lock = rbd_internal::ImageContextLock();
@@ -1631,9 +1647,9 @@ Status RbdPool::Copy(const std::string& image, const std::string& snap, const st
 
 // --- RbdVolume ---------------------------------------------------------------
 
-RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<Image> head, std::string name,
+RbdVolume::RbdVolume(std::shared_ptr<RadosIoCtx> io, std::string id, std::string name,
                      std::shared_ptr<rbd_internal::SettleBook> book)
-    : io_(std::move(io)), head_(std::move(head)), name_(std::move(name)), book_(std::move(book)) {}
+    : io_(std::move(io)), id_(std::move(id)), name_(std::move(name)), book_(std::move(book)) {}
 
 RbdVolume::~RbdVolume() = default;
 
@@ -1641,25 +1657,53 @@ std::string RbdVolume::Spec(const std::string& snap) const {
   return ImageSpec(io_->pool(), name_, snap);
 }
 
+StatusOr<std::shared_ptr<Image>> RbdVolume::OpenSame(const std::string& snap, bool read_only) {
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> h, OpenImage(*io_, name_, snap, read_only));
+  ASSIGN_OR_RETURN(const std::string id, ImageId(h->get(), Spec()));
+  if (id != id_) {
+    return NotFound(fmt::format("image {} is no longer the image opened (id {}, now {}): it was "
+                                "removed or renamed and another created under its name",
+                                Spec(), id_, id));
+  }
+  return h;
+}
+
 StatusOr<std::shared_ptr<Image>> RbdVolume::Head() {
   if (!head_) {
-    ASSIGN_OR_RETURN(head_, OpenImage(*io_, name_, "", false));
+    ASSIGN_OR_RETURN(head_, OpenSame("", false));
   }
   return head_;
 }
 
 StatusOr<std::shared_ptr<Image>> RbdVolume::HeadForReading() {
   if (head_) return head_;
-  return OpenImage(*io_, name_, "", true);
+  return OpenSame("", true);
 }
 
 StatusOr<std::shared_ptr<Image>> RbdVolume::AtSnap(const std::string& snap) {
   if (!snap_ || snap_name_ != snap) {
     snap_.reset();
-    ASSIGN_OR_RETURN(snap_, OpenImage(*io_, name_, snap, true));
+    ASSIGN_OR_RETURN(snap_, OpenSame(snap, true));
     snap_name_ = snap;
   }
   return snap_;
+}
+
+Status RbdVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
+  // A fresh handle reads the header as it is now; the handles that read
+  // keep what they saw when they opened.
+  auto h = OpenSame("", true);
+  if (!h.ok()) {
+    if (h.status().code() != Code::kNotFound) return h.status();
+    return NotFound(fmt::format("image {} was removed, renamed or replaced while it was read: {}",
+                                Spec(), h.status().message()));
+  }
+  ASSIGN_OR_RETURN(std::vector<SnapInfo> snaps, ListSnapsOf((*h)->get(), Spec()));
+  for (const auto& s : snaps) {
+    if (s.id == snap_id && s.name == snap) return OkStatus();
+  }
+  return NotFound(fmt::format("snapshot {} (id {}) was removed while it was read", Spec(snap),
+                              snap_id));
 }
 
 void RbdVolume::CloseSnapshotHandles() {
@@ -1768,7 +1812,7 @@ Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& t
   // `from_snap` and back before it lists anything, so reads started from
   // its callback read `to_snap`; should it fail on the way, the handle is
   // not trusted again.
-  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, to_snap.empty() ? OpenImage(*io_, name_, "", true)
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, to_snap.empty() ? OpenSame("", true)
                                                               : AtSnap(to_snap));
   bool whole = false;
   if (!from_snap.empty()) {

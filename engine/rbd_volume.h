@@ -210,8 +210,10 @@ class RbdPool final : public Pool {
 // One open RBD image; made by RbdPool::Open.
 class RbdVolume final : public Volume {
  public:
-  RbdVolume(std::shared_ptr<RadosIoCtx> io, std::shared_ptr<rbd_internal::Image> head,
-            std::string name, std::shared_ptr<rbd_internal::SettleBook> book);
+  // `id`: the image's id (rbd_get_id) when it was opened; every handle
+  // opened later by name must find the same.
+  RbdVolume(std::shared_ptr<RadosIoCtx> io, std::string id, std::string name,
+            std::shared_ptr<rbd_internal::SettleBook> book);
   ~RbdVolume() override;
 
   const std::string& name() const override { return name_; }
@@ -231,9 +233,15 @@ class RbdVolume final : public Volume {
   Status DiffExtents(const std::string& from_snap, const std::string& to_snap,
                      const std::function<Status(const Extent&)>& fn) override;
   StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) override;
+  // Opens a fresh read-only handle by name: kNotFound unless it finds the
+  // image opened (same id) with `snap`, named so, of id `snap_id`.
+  Status ConfirmSnap(const std::string& snap, uint64_t snap_id) override;
   void CloseSnapshotHandles() override;
 
  private:
+  // A handle on the image by name at `snap`; kNotFound if the name now
+  // belongs to another image than the one this volume opened.
+  StatusOr<std::shared_ptr<rbd_internal::Image>> OpenSame(const std::string& snap, bool read_only);
   // The read-write handle, opened now if it is not yet.
   StatusOr<std::shared_ptr<rbd_internal::Image>> Head();
   // The read-write handle if open, else a transient read-only one (no watch).
@@ -245,6 +253,7 @@ class RbdVolume final : public Volume {
   std::string Spec(const std::string& snap = "") const;
 
   std::shared_ptr<RadosIoCtx> io_;
+  const std::string id_;
   // The read-write handle, opened on first need (snapshot create/remove,
   // resize, head I/O). Null until then.
   std::shared_ptr<rbd_internal::Image> head_;

@@ -24,12 +24,7 @@ uint64_t SpoolFreeBytes(const std::filesystem::path& dir) {
   return static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize;
 }
 
-void SendError(Link& link, const Status& st) {
-  pb::LinkError e;
-  e.set_code(static_cast<int>(st.code()));
-  e.set_message(st.message());
-  (void)link.Send(FrameType::kLinkError, e.SerializeAsString(), {});
-}
+void SendError(Link& link, const Status& st) { (void)WriteLinkError(link, st); }
 
 Status SendAck(Link& link, uint64_t seq, pb::EpochAck::Stage stage, const ChainDigest& chain) {
   pb::EpochAck ack;
@@ -80,6 +75,7 @@ struct Sink::Target {
   int64_t last_point_time_ns = 0;  // of the newest point this Target made
   bool recovered = false;   // RecoverSpool ran to its end
   bool sink_fault = false;  // the failure is the sink's (cluster, spool), not the link's
+  bool source_fault = false;  // the source abandoned the epoch and said why
   int spool_full = 0;       // the epoch was refused: 1 spool disk full, 2 spool quota
   // The epoch whose records were written to the standby image as they
   // arrived (ReceiveEpoch): ApplyAndCommit then needs no replay of its spool.
@@ -292,7 +288,7 @@ Status Sink::Serve(Link& link_ref) {
       ++s.corrupt_frames_total;
     }
     if (!active_.count(t.volume)) {
-      s.state = t.sink_fault ? "error" : "disconnected";
+      s.state = t.sink_fault || t.source_fault ? "error" : "disconnected";
       if (!st.ok() && st.code() != Code::kAborted) {
         s.error = st.ToString();
         ++s.errors_total;
@@ -402,7 +398,9 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     // epoch whose end does not verify as a whole starts over (resuming it
     // would fail the same way every time).
     uint64_t kept = 0;
-    if (spool && !(at_end && st.code() == Code::kDataLoss)) {
+    // Nor is anything kept of an epoch its source abandoned: what it read
+    // may not be its snapshot's.
+    if (spool && !t.source_fault && !(at_end && st.code() == Code::kDataLoss)) {
       if (spool->Sync().ok()) {
         kept = spooled_records;
       } else if (spool->SyncWritten().ok()) {
@@ -514,6 +512,17 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     stage_done(times.link);
     if (!next.ok()) return fail(next.status());
     const Frame& f = *next;
+    if (f.type == FrameType::kLinkError) {
+      // In place of the epoch's end: the source could not read all of it
+      // (its snapshot or image vanished, a read failed). Nothing of it may
+      // become a point.
+      t.source_fault = true;
+      const Status why = StatusFromLinkError(f, "source");
+      const bool plain = why.code() != Code::kDataLoss && why.code() != Code::kAborted;
+      return fail(Status(plain ? why.code() : Code::kFailedPrecondition,
+                         fmt::format("epoch {} abandoned by its {}; no restore point is made of it",
+                                     announced.seq, why.message())));
+    }
     at_end = f.type == FrameType::kEpochEnd;
     step = verifier.Check(f);
     stage_done(times.verify);

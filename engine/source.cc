@@ -12,21 +12,6 @@
 #include "proto/cairn.pb.h"
 
 namespace cairn {
-namespace {
-
-// The error a sink reported. Never OK: a LinkError that does not parse or
-// carries code 0 is itself an error of the peer.
-Status StatusFromLinkError(const Frame& f, std::string_view who) {
-  pb::LinkError e;
-  if (!e.ParseFromString(f.body)) return DataLoss(fmt::format("{}: malformed LinkError", who));
-  const Code code = static_cast<Code>(e.code());
-  if (code == Code::kOk || CodeName(code) == "Unknown") {
-    return Internal(fmt::format("{}: error with invalid code {}: {}", who, e.code(), e.message()));
-  }
-  return Status(code, fmt::format("{}: {}", who, e.message()));
-}
-
-}  // namespace
 
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
@@ -227,6 +212,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   plan.from_snap = sink_seq_ && !resync ? SnapName(sink_seq_) : "";
   plan.resync = resync;
   plan.to_snap = to.name;
+  plan.to_snap_id = to.id;
+  if (!plan.from_snap.empty()) plan.from_snap_id = ours.at(sink_seq_).id;
   plan.image_size = to.size;
   plan.snap_time_ns = to.time_ns;
   plan.prev_chain = sink_chain_;
@@ -282,8 +269,25 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   } guard{end_helper};
 
   SendTimes send_times;
-  auto sent = SendEpoch(vol, plan, opt, *link_, &send_times);
+  // Tells a failure of the link from one of the epoch itself.
+  struct : FrameWriter {
+    Link* link = nullptr;
+    bool failed = false;
+    Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
+      Status st = link->Send(type, body, payload);
+      failed = failed || !st.ok();
+      return st;
+    }
+  } wire;
+  wire.link = link_.get();
+  auto sent = SendEpoch(vol, plan, opt, wire, &send_times);
   if (!sent.ok()) {
+    if (!wire.failed) {
+      // The epoch failed here (a read, a snapshot gone): the sink hears why
+      // in place of the epoch's end, discards it and shows the error.
+      (void)WriteLinkError(*link_, sent.status());
+      return sent.status();
+    }
     // A sink that refuses mid-epoch (spool full, a corrupt frame) says why
     // before it closes; that beats "connection reset".
     if (auto f = link_->Receive(std::chrono::milliseconds(500));

@@ -127,6 +127,15 @@ class Volume {
   // empty (read-write).
   virtual StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) = 0;
 
+  // Confirms, once reads at `snap` are done, that they read the snapshot:
+  // the image under this volume's name is still the one it opened (not one
+  // renamed away or removed and created anew) and still has `snap` with id
+  // `snap_id`. A store may answer reads of a snapshot removed meanwhile with
+  // zeros, not an error (RBD: RADOS reads the objects trimmed with it as
+  // absent), so nothing read from a snapshot is trusted before this says
+  // OK. kNotFound, saying what is gone, if it is not so.
+  virtual Status ConfirmSnap(const std::string& snap, uint64_t snap_id) = 0;
+
   // Closes what the volume keeps open to read a snapshot (OpenIo and
   // DiffExtents at one snapshot share it); the next use opens it again.
   virtual void CloseSnapshotHandles() {}

@@ -61,7 +61,11 @@ class EpochTest : public ::testing::Test {
     plan.to_snap = SnapName(seq);
     ASSIGN_OR_RETURN(auto snaps, src.ListSnaps());
     for (auto& s : snaps) {
-      if (s.name == plan.to_snap) plan.image_size = s.size;
+      if (s.name == plan.to_snap) {
+        plan.image_size = s.size;
+        plan.to_snap_id = s.id;
+      }
+      if (s.name == plan.from_snap) plan.from_snap_id = s.id;
     }
     plan.prev_chain = chain_;
     const auto path = dir_ / (std::to_string(seq) + ".spool");
@@ -298,6 +302,7 @@ class VerifierTest : public ::testing::Test {
     plan.volume = "vol";
     plan.seq = 1;
     plan.to_snap = "cairn.1";
+    plan.to_snap_id = testing::MustSnapId(*src, "cairn.1");
     plan.image_size = 4 * kMiB;
     ASSERT_TRUE(SendEpoch(*src, plan, {}, out_).ok());
     ASSERT_EQ(out_.frames.size(), 5u);  // begin, 3 records, end

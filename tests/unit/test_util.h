@@ -71,6 +71,19 @@ inline void RandomChanges(Volume& vol, std::mt19937_64& rng, uint64_t size, int 
   }
 }
 
+// The id of `snap` of `vol`, 0 (and a failure) if there is none.
+inline uint64_t MustSnapId(Volume& vol, const std::string& snap) {
+  auto snaps = vol.ListSnaps();
+  EXPECT_TRUE(snaps.ok()) << snaps.status().ToString();
+  if (snaps.ok()) {
+    for (const auto& s : *snaps) {
+      if (s.name == snap) return s.id;
+    }
+  }
+  ADD_FAILURE() << "no snapshot " << snap << " of " << vol.name();
+  return 0;
+}
+
 }  // namespace cairn::testing
 
 namespace cairn::testing {
