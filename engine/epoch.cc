@@ -333,52 +333,55 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   begin.set_source_site(plan.source_site);
   begin.set_resume_from(plan.skip_records);
 
-  RecordPipeline pipe(plan, options, out);
-  RETURN_IF_ERROR(pipe.Init());
   if (plan.to_snap_id == 0 || (!plan.from_snap.empty() && plan.from_snap_id == 0)) {
     return InvalidArgument(fmt::format("epoch {} of {}: the plan lacks a snapshot's id", plan.seq,
                                        plan.volume));
   }
-  ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
-  pipe.set_io(std::move(io));
+  WatchedWriter writer(out);
+  RecordPipeline pipe(plan, options, writer);
+  RETURN_IF_ERROR(pipe.Init());
   const auto t0 = std::chrono::steady_clock::now();
-  RETURN_IF_ERROR(out.Write(FrameType::kEpochBegin, begin.SerializeAsString(), {}));
-  const auto finish = [&]() -> StatusOr<EpochSummary> {
-    RETURN_IF_ERROR(pipe.WaitReads());
-    // A snapshot removed (or an image removed, renamed or replaced) while
-    // it was read may have read as zeros: no EpochEnd, so never a point.
-    const auto confirm = [&](const std::string& snap, uint64_t id) {
-      return vol.ConfirmSnap(snap, id).Annotate(
-          fmt::format("epoch {} of {} is discarded", plan.seq, plan.volume));
-    };
-    RETURN_IF_ERROR(confirm(plan.to_snap, plan.to_snap_id));
-    if (!plan.from_snap.empty()) RETURN_IF_ERROR(confirm(plan.from_snap, plan.from_snap_id));
-    auto sum = pipe.Finish();
-    if (times) {
-      *times = pipe.times();
-      times->total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  Status streamed = [&]() -> Status {
+    ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
+    pipe.set_io(std::move(io));
+    RETURN_IF_ERROR(writer.Write(FrameType::kEpochBegin, begin.SerializeAsString(), {}));
+    if (!plan.resync) {
+      RETURN_IF_ERROR(vol.DiffExtents(plan.from_snap, plan.to_snap,
+                                      [&](const Extent& e) { return pipe.AddExtent(e); }));
+      return pipe.WaitReads();
     }
-    return sum;
-  };
-  if (!plan.resync) {
-    RETURN_IF_ERROR(vol.DiffExtents(plan.from_snap, plan.to_snap,
-                                    [&](const Extent& e) { return pipe.AddExtent(e); }));
-    return finish();
-  }
-  // Resync: the gaps between allocated extents travel as zero records.
-  uint64_t covered = 0;
-  RETURN_IF_ERROR(vol.DiffExtents("", plan.to_snap, [&](const Extent& e) -> Status {
-    if (e.offset < covered) return Internal("DiffExtents listed extents out of order");
-    if (e.offset > covered) {
-      RETURN_IF_ERROR(pipe.AddExtent({covered, e.offset - covered, RecordKind::kZero}));
+    // Resync: the gaps between allocated extents travel as zero records.
+    uint64_t covered = 0;
+    RETURN_IF_ERROR(vol.DiffExtents("", plan.to_snap, [&](const Extent& e) -> Status {
+      if (e.offset < covered) return Internal("DiffExtents listed extents out of order");
+      if (e.offset > covered) {
+        RETURN_IF_ERROR(pipe.AddExtent({covered, e.offset - covered, RecordKind::kZero}));
+      }
+      covered = e.offset + e.length;
+      return pipe.AddExtent(e);
+    }));
+    if (covered < plan.image_size) {
+      RETURN_IF_ERROR(pipe.AddExtent({covered, plan.image_size - covered, RecordKind::kZero}));
     }
-    covered = e.offset + e.length;
-    return pipe.AddExtent(e);
-  }));
-  if (covered < plan.image_size) {
-    RETURN_IF_ERROR(pipe.AddExtent({covered, plan.image_size - covered, RecordKind::kZero}));
+    return pipe.WaitReads();
+  }();
+  if (writer.failed()) return streamed;
+  // A snapshot removed (or an image removed, renamed or replaced) while it
+  // was read may have read as zeros: then no EpochEnd, so never a point. A
+  // failed read or listing is checked too: a vanished snapshot is its
+  // likely cause, and the one worth reporting.
+  Status gone = vol.ConfirmSnap(plan.to_snap, plan.to_snap_id);
+  if (gone.ok() && !plan.from_snap.empty()) gone = vol.ConfirmSnap(plan.from_snap, plan.from_snap_id);
+  if (gone.code() == Code::kNotFound || (streamed.ok() && !gone.ok())) {
+    return gone.Annotate(fmt::format("epoch {} of {} is discarded", plan.seq, plan.volume));
   }
-  return finish();
+  RETURN_IF_ERROR(streamed);
+  auto sum = pipe.Finish();
+  if (times) {
+    *times = pipe.times();
+    times->total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  return sum;
 }
 
 EpochVerifier::EpochVerifier(std::string volume, uint64_t base_seq, ChainDigest prev_chain)
@@ -609,6 +612,31 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
         return verifier.summary();
     }
   }
+}
+
+StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point) {
+  constexpr uint64_t kPiece = 4ull << 20;
+  ASSIGN_OR_RETURN(const uint64_t size, target.Size());
+  if (size != point.size) RETURN_IF_ERROR(target.Resize(point.size));
+  ASSIGN_OR_RETURN(auto from, target.OpenIo(point.name));
+  ASSIGN_OR_RETURN(auto to, target.OpenIo(""));
+  std::vector<char> buf;
+  uint64_t bytes = size != point.size ? std::max(size, point.size) - std::min(size, point.size) : 0;
+  RETURN_IF_ERROR(target.DiffExtents(point.name, "", [&](const Extent& e) -> Status {
+    for (uint64_t off = e.offset; off < e.offset + e.length;) {
+      const uint64_t n = std::min(kPiece, e.offset + e.length - off);
+      buf.resize(n);
+      RETURN_IF_ERROR(from->StartRead(0, off, buf));
+      RETURN_IF_ERROR(from->WaitOne().status);
+      RETURN_IF_ERROR(IsAllZero(buf) ? to->StartZero(0, off, n) : to->StartWrite(0, off, buf));
+      RETURN_IF_ERROR(to->WaitOne().status);
+      off += n;
+      bytes += n;
+    }
+    return OkStatus();
+  }));
+  RETURN_IF_ERROR(to->Drain());
+  return bytes;
 }
 
 }  // namespace cairn

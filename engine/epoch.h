@@ -47,6 +47,23 @@ class FrameWriter {
   virtual Status Write(FrameType type, std::string_view body, std::span<const char> payload) = 0;
 };
 
+// Passes frames on to `out` and remembers whether a write failed: tells a
+// failure of the writer (the link) from one of the epoch itself.
+class WatchedWriter final : public FrameWriter {
+ public:
+  explicit WatchedWriter(FrameWriter& out) : out_(out) {}
+  Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
+    Status st = out_.Write(type, body, payload);
+    failed_ = failed_ || !st.ok();
+    return st;
+  }
+  bool failed() const { return failed_; }
+
+ private:
+  FrameWriter& out_;
+  bool failed_ = false;
+};
+
 // The LinkError frame: how either end tells the other why it stops (the
 // sink refusing an epoch; the source abandoning one mid-stream).
 Status WriteLinkError(FrameWriter& out, const Status& st);
@@ -222,5 +239,14 @@ class ApplyStream {
 
 StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
                                   const EpochOptions& options, TargetState state);
+
+// Puts the head of `target` back as it is at `point` (its size, and every
+// extent the head changed since) and returns the bytes put back. An epoch
+// applies the changes from its base onto the head; writes left there by an
+// epoch that never completed (abandoned by its source, or cut and not
+// resumed) lie outside those changes and would stay in the next point.
+// Cost: listing the head's changes since `point` (cheap with fast-diff),
+// plus one read and one write of each changed byte; 0 when none changed.
+StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point);
 
 }  // namespace cairn

@@ -76,6 +76,10 @@ struct Sink::Target {
   bool recovered = false;   // RecoverSpool ran to its end
   bool sink_fault = false;  // the failure is the sink's (cluster, spool), not the link's
   bool source_fault = false;  // the source abandoned the epoch and said why
+  // The standby image's head is known equal to restore point last_seq
+  // (this Target took the point's snapshot right after a whole apply and
+  // has written nothing since); else PrepareTarget puts it back first.
+  bool head_at_point = false;
   int spool_full = 0;       // the epoch was refused: 1 spool disk full, 2 spool quota
   // The epoch whose records were written to the standby image as they
   // arrived (ReceiveEpoch): ApplyAndCommit then needs no replay of its spool.
@@ -339,7 +343,8 @@ Status Sink::Session(Link& link, Target& t) {
     s.last_seq = t.last_seq;
     if (*latest) s.last_point_time_ns = (*latest)->source_time_ns;
     if (t.last_point_time_ns > 0) s.last_point_time_ns = t.last_point_time_ns;
-    s.error.clear();
+    // The last error stays until a point is made: a source that fails each
+    // epoch (its image gone) reconnects, and must not wipe out why.
   });
   pb::HelloReply reply;
   reply.set_protocol_version(kProtocolVersion);
@@ -651,13 +656,27 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
   if (t.last_seq > 0) {
     ASSIGN_OR_RETURN(auto before, vol->ListSnaps());
     const std::string base = SnapName(t.last_seq);
-    if (std::none_of(before.begin(), before.end(), [&](const SnapInfo& s) { return s.name == base; })) {
+    auto point = std::find_if(before.begin(), before.end(),
+                              [&](const SnapInfo& s) { return s.name == base; });
+    if (point == before.end()) {
       return FailedPrecondition(fmt::format(
           "standby image {}/{} has no snapshot {} although the catalog lists it as restore point "
           "{}: it was removed outside Cairn; a full resync is needed",
           t.pool_name, t.image, base, t.last_seq));
     }
+    // The epoch's changes go onto the point they are based on, not onto
+    // what an epoch that never completed left on the head.
+    uint64_t reverted = 0;
+    if (!t.head_at_point) {
+      ASSIGN_OR_RETURN(reverted, RevertToPoint(*vol, *point));
+    }
+    if (reverted > 0) {
+      spdlog::warn("volume {}: standby image {}/{} held {} bytes written since restore point {} "
+                   "by an epoch that did not complete; they were put back as in the point",
+                   t.volume, t.pool_name, t.image, reverted, t.last_seq);
+    }
   }
+  t.head_at_point = false;  // the epoch writes from here on
   return PreparedTarget{std::move(vol), state};
 }
 
@@ -729,6 +748,7 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   t.last_seq = seq;
   t.chain = sum.chain;
   t.last_point_time_ns = sum.snap_time_ns;
+  t.head_at_point = true;
   t.durable_seq = 0;
   // The spool is stale now (RecoverSpool would remove it after a crash).
   // Unlinking a large file takes a while (0.17 s for 1 GiB on ext4): it

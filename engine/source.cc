@@ -269,20 +269,10 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   } guard{end_helper};
 
   SendTimes send_times;
-  // Tells a failure of the link from one of the epoch itself.
-  struct : FrameWriter {
-    Link* link = nullptr;
-    bool failed = false;
-    Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
-      Status st = link->Send(type, body, payload);
-      failed = failed || !st.ok();
-      return st;
-    }
-  } wire;
-  wire.link = link_.get();
+  WatchedWriter wire(*link_);
   auto sent = SendEpoch(vol, plan, opt, wire, &send_times);
   if (!sent.ok()) {
-    if (!wire.failed) {
+    if (!wire.failed()) {
       // The epoch failed here (a read, a snapshot gone): the sink hears why
       // in place of the epoch's end, discards it and shows the error.
       (void)WriteLinkError(*link_, sent.status());

@@ -657,3 +657,90 @@ def test_a_second_sink_fences_the_first(site_b, workdir, name, daemons):
     assert re.search(r"sink: .*(was blocklisted|registered in pool rbd after this one).*; "
                      r"stopping this cairnd", first.log_text()), first.log_tail()
     assert second.cli("status").returncode == 0, second.log_tail()
+
+
+# -- the source image vanishing under a running sync ----------------------------
+
+GONE_SIZE = 256 * MiB
+
+
+def _fill(site, image, seed):
+    """Every byte of the image written (no hole that reads zeros anyway)."""
+    rng = random.Random(seed)
+    with rbd.Image(site.ioctx, image) as img:
+        for off in range(0, GONE_SIZE, 4 * MiB):
+            img.write(rng.randbytes(4 * MiB), off)
+
+
+@pytest.mark.parametrize("how", ["deleted", "renamed", "recreated", "snapshot-removed"])
+def test_source_image_gone_under_a_first_sync_makes_no_point(site_a, site_b, workdir, name,
+                                                             daemons, proxies, how):
+    """The image at site A is deleted (snapshots purged, then removed),
+    renamed, deleted and created anew under its name, or the epoch's
+    snapshot removed by hand, while its first epoch is being read. RADOS reads a removed image's objects as zeros, not
+    as an error: without the check after the reads, site B recorded a
+    full-size point of mostly zeros. Now the epoch is abandoned at both
+    sites, with the reason in `cairn status`, and no point is made of it."""
+    name += "-" + how[:4]  # a volume of its own: the catalog at B outlives the images
+    site_a.create(name, GONE_SIZE)
+    _fill(site_a, name, 1)
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool")))
+    proxy = proxies(port, seed=1)
+    proxy.delay(0.002)  # ~8 s for the image: it is deleted well before its end
+    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
+        "a", site_a.conf, proxy.port, {name: (name, name + "-standby")})))
+    source.cli("replicate", name, check=True)
+    lib.wait_for("the first epoch under way (8 MiB through the link)",
+                 lambda: proxy.bytes_up >= 8 * MiB, timeout=60)
+    if how == "renamed":
+        rbd.RBD().rename(site_a.ioctx, name, name + "-moved")
+    elif how == "snapshot-removed":
+        with rbd.Image(site_a.ioctx, name) as img:
+            img.remove_snap("cairn.1")
+    else:
+        site_a.remove(name)
+    if how == "recreated":
+        site_a.create(name, GONE_SIZE)
+        _fill(site_a, name, 2)
+    assert proxy.bytes_up < GONE_SIZE // 2, "the epoch was nearly sent before the image went"
+    proxy.delay(0)
+
+    def source_error():
+        st = source.json("status", name)[0]
+        return st["error"] if "while it was read" in st["error"] else None
+
+    def sink_error():
+        for st in sink.json("status", name):
+            if st["volume"] == name and "abandoned by its source" in st["error"]:
+                return st["error"]
+        return None
+
+    err = lib.wait_for("the source abandoning the epoch, saying why", source_error, timeout=60)
+    assert "epoch 1 of" in err and "is discarded" in err, err
+    assert ("snapshot rbd/" + name + "@cairn.1" if how == "snapshot-removed"
+            else "removed, renamed or replaced") in err, err
+    err_b = lib.wait_for("the sink showing the abandoned epoch", sink_error, timeout=30)
+    assert "no restore point is made of it" in err_b, err_b
+    assert sink.json("status", name)[0]["corrupt_frames_total"] == 0
+
+    if how in ("deleted", "renamed"):
+        # Nothing to replicate any more: no point, ever, and the source says
+        # the image is gone.
+        lib.wait_for("the source reporting the image missing",
+                     lambda: "does not exist" in source.json("status", name)[0]["error"],
+                     timeout=60)
+        r = sink.cli("--json", "points", name)
+        assert r.returncode != 0 and "has no restore point at this site" in r.stdout, r
+        return
+    # Recreated: the new image is a new image; its first point is made of it
+    # whole and equals it; nothing of the old one is in any point. Snapshot
+    # removed: the next epoch takes a new one, and its point equals it.
+    r = source.json("replicate", name, "--wait", "--timeout", "120")
+    points = sink.json("points", name)
+    assert points and points[-1]["seq"] == r["seq"], points
+    for p in points:
+        assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{p['seq']}"), \
+            f"restore point {p['seq']} differs from the new image's snapshot"
+    assert sink.json("status", name)[0]["error"] == ""

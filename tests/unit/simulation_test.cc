@@ -2,10 +2,11 @@
 // in-memory volumes, an in-memory catalog, real spool files and the
 // in-process link, driven through random fault schedules: bit flips,
 // lost, duplicated and cut frames in both directions, failed reads at the
-// source and failed writes at the standby, torn spool files, and crashes
-// (restarts) of either side. After each schedule the faults stop, the
-// system must converge, and every restore point in the catalog must equal,
-// by whole-image hash, the source snapshot it stands for.
+// source and failed writes at the standby, torn spool files, crashes
+// (restarts) of either side, and a snapshot removed under the source's
+// reads (read as zeros, as RADOS does). After each schedule the faults
+// stop, the system must converge, and every restore point in the catalog
+// must equal, by whole-image hash, the source snapshot it stands for.
 //
 // CAIRN_SIM_SEEDS=N runs N schedules (default 200); CAIRN_SIM_SEED=S
 // replays one. A failure prints its seed.
@@ -28,14 +29,15 @@ constexpr uint64_t kKiB = 1024;
 
 enum class Fault {
   kNone, kFlipBit, kDropFrame, kDuplicateFrame, kCutToSink, kCutToSource, kDropAck,
-  kSourceReadError, kStandbyWriteError, kTornSpool, kSinkRestart, kSourceRestart, kCount
+  kSourceReadError, kStandbyWriteError, kTornSpool, kSinkRestart, kSourceRestart,
+  kSnapshotGoneMidRead, kCount
 };
 
 const char* FaultName(Fault f) {
   static const char* names[] = {"none", "flip-bit", "drop-frame", "duplicate-frame", "cut-to-sink",
                                 "cut-to-source", "drop-ack", "source-read-error",
                                 "standby-write-error", "torn-spool", "sink-restart",
-                                "source-restart"};
+                                "source-restart", "snapshot-gone-mid-read"};
   return names[static_cast<int>(f)];
 }
 
@@ -131,6 +133,7 @@ class World {
         break;
       case Fault::kSourceReadError: FailOnce(*a_, MemoryOp::kRead, n); break;
       case Fault::kStandbyWriteError: FailOnce(*b_, MemoryOp::kWrite, n); break;
+      case Fault::kSnapshotGoneMidRead: RemoveSnapAtRead(n); break;
       default: break;
     }
   }
@@ -139,6 +142,20 @@ class World {
     auto count = std::make_shared<std::atomic<int>>(0);
     pool.SetFault([count, op, n](const MemoryFaultPoint& p) {
       if (p.op == op && (*count)++ == n) return Unavailable("injected I/O error");
+      return OkStatus();
+    });
+  }
+
+  // The snapshot the source reads is removed under it at its n-th read
+  // (by hand, say): the rest of its reads find zeros, as on RADOS. The
+  // epoch must never become a point.
+  void RemoveSnapAtRead(int n) {
+    auto count = std::make_shared<std::atomic<int>>(0);
+    a_->SetFault([this, count, n](const MemoryFaultPoint& p) {
+      if (p.op == MemoryOp::kRead && !p.snap.empty() && (*count)++ == n) {
+        auto vol = a_->Open(p.image);
+        if (vol.ok()) (void)(*vol)->RemoveSnap(p.snap);
+      }
       return OkStatus();
     });
   }

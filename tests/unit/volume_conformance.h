@@ -36,6 +36,7 @@
 #include <string_view>
 #include <vector>
 
+#include "engine/epoch.h"
 #include "engine/status.h"
 #include "engine/volume.h"
 
@@ -596,6 +597,37 @@ TEST_P(VolumeConformanceTest, ConfirmSnapFindsSnapshotsAndImagesGoneUnderAReader
   }
   CAIRN_EXPECT_CODE(reader->ConfirmSnap("s2", id2), Code::kNotFound);
   CAIRN_ASSERT_OK(pool().Remove(name));
+}
+
+// What the sink does before an epoch whose base is `point` when the head
+// may hold writes of an epoch that never completed.
+TEST_P(VolumeConformanceTest, RevertToPointPutsBackEveryChangeSinceIt) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("revert", 12 * kMiB));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(40, 6 * kMiB)));
+  CAIRN_ASSERT_OK(WriteAt(*v, 10 * kMiB, Pattern(41, kMiB)));
+  CAIRN_ASSERT_OK(v->CreateSnap("point"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, v->ListSnaps());
+  ASSERT_EQ(snaps.size(), 1u);
+  CAIRN_ASSERT_OK_AND_ASSIGN(const uint64_t want, HashImage(*v, "point"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t reverted, RevertToPoint(*v, snaps[0]));
+  EXPECT_EQ(reverted, 0u) << "nothing changed since the point";
+
+  // An epoch that never completed: data over data, data where there was
+  // none, zeros over data, and the image cut short, then grown again.
+  CAIRN_ASSERT_OK(WriteAt(*v, kMiB, Pattern(42, 64 * kKiB)));
+  CAIRN_ASSERT_OK(WriteAt(*v, 7 * kMiB, Pattern(43, 128 * kKiB)));
+  CAIRN_ASSERT_OK(ZeroAt(*v, 4 * kMiB, kMiB));
+  CAIRN_ASSERT_OK(v->Resize(9 * kMiB));
+  CAIRN_ASSERT_OK(v->Resize(14 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(const uint64_t dirty, HashImage(*v, ""));
+  ASSERT_NE(dirty, want);
+  CAIRN_ASSERT_OK_AND_ASSIGN(reverted, RevertToPoint(*v, snaps[0]));
+  EXPECT_GE(reverted, 64 * kKiB + 128 * kKiB + kMiB);
+  CAIRN_ASSERT_OK_AND_ASSIGN(const uint64_t got, HashImage(*v, ""));
+  EXPECT_EQ(got, want) << "the head is not the point again";
+  CAIRN_ASSERT_OK_AND_ASSIGN(const uint64_t size, v->Size());
+  EXPECT_EQ(size, 12 * kMiB);
 }
 
 TEST_P(VolumeConformanceTest, SnapshotsListInCreationOrderWithTimes) {
