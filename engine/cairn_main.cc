@@ -124,6 +124,7 @@ json StatusJson(const cairn::pb::VolumeStatus& v) {
           {"corrupt_frames_total", v.corrupt_frames_total()},
           {"resumed_epochs_total", v.resumed_epochs_total()},
           {"pending_snapshots", v.pending_snapshots()},
+          {"unchanged_checks_total", v.unchanged_checks_total()},
           {"error", v.error()}};
 }
 

@@ -43,6 +43,7 @@ void FillStatus(const VolumeStatusInfo& s, pb::VolumeStatus* v) {
   v->set_corrupt_frames_total(s.corrupt_frames_total);
   v->set_resumed_epochs_total(s.resumed_epochs_total);
   v->set_pending_snapshots(s.pending_snapshots);
+  v->set_unchanged_checks_total(s.unchanged_checks_total);
 }
 
 std::string Reply(const Status& st, pb::ControlReply& reply) {

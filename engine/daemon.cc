@@ -224,9 +224,10 @@ Status Daemon::Start() {
                  sc.spool_dir);
   }
 
-  {
+  for (const auto& v : config_.volumes) {
+    ASSIGN_OR_RETURN(auto src, StartSource(v));
     std::lock_guard lock(sources_mu_);
-    for (const auto& v : config_.volumes) RETURN_IF_ERROR(StartSourceLocked(v));
+    sources_.push_back(std::move(src));
   }
   RETURN_IF_ERROR(StartRegistered());
   std::error_code ec;
@@ -260,23 +261,36 @@ void Daemon::Stop() {
     fence_cv_.notify_all();
     fence_watch_.join();
   }
-  std::vector<std::unique_ptr<SourceReplicator>> sources;
+  std::vector<std::shared_ptr<SourceReplicator>> sources;
   {
     std::lock_guard lock(sources_mu_);
     sources.swap(sources_);
   }
+  // All at once: each ends what it is doing (a read window, a snapshot)
+  // while the others do the same.
+  for (auto& s : sources) s->RequestStop();
   for (auto& s : sources) s->Stop();
   if (sink_server_) sink_server_->Stop();
   sink_server_.reset();
 }
 
+std::shared_ptr<SourceReplicator> Daemon::FindSource(const std::string& volume) {
+  std::lock_guard lock(sources_mu_);
+  for (const auto& s : sources_) {
+    if (s->config().id == volume) return s;
+  }
+  return nullptr;
+}
+
 StatusOr<std::vector<VolumeStatusInfo>> Daemon::VolumeStatus(const std::string& volume) {
   std::vector<VolumeStatusInfo> out;
+  std::vector<std::shared_ptr<SourceReplicator>> sources;
   {
     std::lock_guard lock(sources_mu_);
-    for (const auto& s : sources_) {
-      if (volume.empty() || s->config().id == volume) out.push_back(s->Report());
-    }
+    sources = sources_;
+  }
+  for (const auto& s : sources) {
+    if (volume.empty() || s->config().id == volume) out.push_back(s->Report());
   }
   if (sink_) {
     for (auto& s : sink_->Report()) {
@@ -305,10 +319,7 @@ StatusOr<RestoreResult> Daemon::Restore(const std::string& volume, uint64_t seq,
 }
 
 StatusOr<uint64_t> Daemon::Replicate(const std::string& volume) {
-  std::lock_guard lock(sources_mu_);
-  for (auto& s : sources_) {
-    if (s->config().id == volume) return s->RequestNow();
-  }
+  if (auto s = FindSource(volume)) return s->RequestNow();
   return NotFound(fmt::format(
       "volume '{}' is not replicated from this cairnd (no [volume {}], not registered)", volume,
       volume));
@@ -357,19 +368,18 @@ bool SameRegistration(const Registration& a, const Registration& b) {
 
 }  // namespace
 
-Status Daemon::StartSourceLocked(const VolumeConfig& v) {
+StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConfig& v) {
   ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
   LinkOptions lo;
   lo.connect_timeout = std::chrono::seconds(5);
   lo.stall_timeout = std::chrono::seconds(120);
-  auto src = std::make_unique<SourceReplicator>(v, config_.site, pool, [v, lo]() {
+  auto src = std::make_shared<SourceReplicator>(v, config_.site, pool, [v, lo]() {
     return ConnectTcp(v.peer_host, v.peer_port, lo);
   });
   src->Start();
   spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
                v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
-  sources_.push_back(std::move(src));
-  return OkStatus();
+  return src;
 }
 
 VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
@@ -395,17 +405,20 @@ Status Daemon::StartRegistered() {
     if (!kv.ok()) return kv.status().Annotate("[source] pools: " + pool);
     auto entries = (*kv)->Scan("volume/");
     if (!entries.ok()) return entries.status().Annotate("reading the registry in pool " + pool);
-    std::lock_guard lock(sources_mu_);
     for (const auto& [key, text] : *entries) {
       auto r = DecodeRegistration(key, text);
       if (!r.ok()) {
         spdlog::error("pool {}: skipping a registration: {}", pool, r.status().ToString());
         continue;
       }
-      if (Status st = StartSourceLocked(RegisteredVolume(*r)); !st.ok()) {
-        spdlog::error("volume {}: registered but cannot start: {}", r->volume, st.ToString());
+      auto src = StartSource(RegisteredVolume(*r));
+      if (!src.ok()) {
+        spdlog::error("volume {}: registered but cannot start: {}", r->volume,
+                      src.status().ToString());
         continue;
       }
+      std::lock_guard lock(sources_mu_);
+      sources_.push_back(std::move(src).value());
       registered_[r->volume] = *r;
     }
   }
@@ -435,40 +448,48 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
     return NotFound(fmt::format("image {}/{} does not exist at site {}", r.pool, r.image,
                                 config_.site));
   }
-  std::lock_guard lock(sources_mu_);
-  if (auto it = registered_.find(r.volume); it != registered_.end()) {
-    if (!SameRegistration(it->second, r)) {
-      return AlreadyExists(fmt::format(
-          "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first",
-          r.volume, it->second.pool, it->second.image, it->second.target_pool,
-          it->second.target_image));
-    }
-  } else {
-    for (const auto& s : sources_) {
-      const auto& c = s->config();
-      if (c.id == r.volume) {
-        return AlreadyExists(
-            fmt::format("volume '{}' is defined in this cairnd's config file", r.volume));
+  std::lock_guard registering(register_mu_);
+  bool known = false;
+  {
+    std::lock_guard lock(sources_mu_);
+    if (auto it = registered_.find(r.volume); it != registered_.end()) {
+      if (!SameRegistration(it->second, r)) {
+        return AlreadyExists(fmt::format(
+            "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first",
+            r.volume, it->second.pool, it->second.image, it->second.target_pool,
+            it->second.target_image));
       }
-      if (c.pool == r.pool && c.image == r.image) {
-        return AlreadyExists(fmt::format("image {}/{} is replicated already, as volume '{}'",
-                                         r.pool, r.image, c.id));
+      known = true;
+    } else {
+      for (const auto& s : sources_) {
+        const auto& c = s->config();
+        if (c.id == r.volume) {
+          return AlreadyExists(
+              fmt::format("volume '{}' is defined in this cairnd's config file", r.volume));
+        }
+        if (c.pool == r.pool && c.image == r.image) {
+          return AlreadyExists(fmt::format("image {}/{} is replicated already, as volume '{}'",
+                                           r.pool, r.image, c.id));
+        }
       }
     }
+  }
+  if (!known) {
     ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r.pool, kRegistryObject));
     RETURN_IF_ERROR(kv->Commit({{"volume/" + r.volume, EncodeRegistration(r)}}, {}));
-    RETURN_IF_ERROR(StartSourceLocked(v));
+    ASSIGN_OR_RETURN(auto src, StartSource(v));
+    std::lock_guard lock(sources_mu_);
+    sources_.push_back(std::move(src));
     registered_[r.volume] = r;
   }
-  for (const auto& s : sources_) {
-    if (s->config().id == r.volume) return s->Report();
-  }
+  if (auto s = FindSource(r.volume)) return s->Report();
   return Internal("registered volume vanished");
 }
 
 Status Daemon::Unregister(const std::string& volume, bool remove_snapshots) {
   RETURN_IF_ERROR(ValidateVolumeId(volume));
-  std::unique_ptr<SourceReplicator> stopped;
+  std::lock_guard registering(register_mu_);
+  std::shared_ptr<SourceReplicator> stopped;
   Registration r;
   {
     std::lock_guard lock(sources_mu_);
@@ -484,9 +505,12 @@ Status Daemon::Unregister(const std::string& volume, bool remove_snapshots) {
       return NotFound(fmt::format("volume '{}' is not registered at this cairnd", volume));
     }
     r = it->second;
-    ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r.pool, kRegistryObject));
-    RETURN_IF_ERROR(kv->Commit({}, {"volume/" + volume}));
-    registered_.erase(it);
+  }
+  ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r.pool, kRegistryObject));
+  RETURN_IF_ERROR(kv->Commit({}, {"volume/" + volume}));
+  {
+    std::lock_guard lock(sources_mu_);
+    registered_.erase(volume);
     for (auto s = sources_.begin(); s != sources_.end(); ++s) {
       if ((*s)->config().id == volume) {
         stopped = std::move(*s);

@@ -69,8 +69,10 @@ class Daemon final : public ControlService {
   // blocklisted), or "" if it is not.
   std::string FencedBy();
   void WatchFencing();
-  // Starts replicating `v` (sources_mu_ held).
-  Status StartSourceLocked(const VolumeConfig& v);
+  // A started replicator of `v`; the caller adds it to sources_.
+  StatusOr<std::shared_ptr<SourceReplicator>> StartSource(const VolumeConfig& v);
+  // The replicator of `volume`, or null. Takes sources_mu_ only to look.
+  std::shared_ptr<SourceReplicator> FindSource(const std::string& volume);
   // The [source] settings applied to a registration.
   VolumeConfig RegisteredVolume(const Registration& r) const;
   // Loads and starts every volume registered in the [source] pools.
@@ -84,8 +86,12 @@ class Daemon final : public ControlService {
   std::unique_ptr<Sink> sink_;
   std::unique_ptr<LinkServer> sink_server_;
   std::unique_ptr<LinkServer> control_server_;
+  // One registration or unregistration at a time (held across their RADOS
+  // calls); sources_mu_ is only ever held to read or change the two below,
+  // never across a call to Ceph, so status and points never wait on one.
+  std::mutex register_mu_;
   std::mutex sources_mu_;  // guards sources_ and registered_
-  std::vector<std::unique_ptr<SourceReplicator>> sources_;
+  std::vector<std::shared_ptr<SourceReplicator>> sources_;
   std::map<std::string, Registration> registered_;  // by volume id
   SinkInstance sink_instance_;  // this sink, as recorded in the catalogs
   std::thread fence_watch_;

@@ -633,6 +633,14 @@ StatusOr<std::unique_ptr<AsyncIo>> MemoryVolume::OpenIo(const std::string& snap)
       std::make_unique<MemoryAsyncIo>(pool_, image_, snap, snap_id, snap_size));
 }
 
+StatusOr<bool> MemoryVolume::ChangedSince(const SnapInfo& snap) {
+  std::lock_guard lock(pool_->mu);
+  if (image_->removed) return ImageNotFound(*pool_, name_);
+  const SnapState* s = FindSnapById(*image_, snap.id);
+  if (s == nullptr || s->name != snap.name) return SnapNotFound(*pool_, name_, snap.name);
+  return s->size != image_->size || s->chunks != image_->head;
+}
+
 Status MemoryVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
   std::lock_guard lock(pool_->mu);
   auto it = pool_->images.find(name_);

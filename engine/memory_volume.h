@@ -160,6 +160,9 @@ class MemoryVolume final : public Volume {
   // kNotFound if `snap` is not empty and there is no such snapshot.
   StatusOr<std::unique_ptr<AsyncIo>> OpenIo(const std::string& snap) override;
   Status ConfirmSnap(const std::string& snap, uint64_t snap_id) override;
+  // Chunks are never modified once shared: unchanged means the head holds
+  // the very chunks of `snap` at the same size.
+  StatusOr<bool> ChangedSince(const SnapInfo& snap) override;
 
  private:
   std::shared_ptr<memory_internal::PoolState> pool_;

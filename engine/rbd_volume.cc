@@ -303,6 +303,40 @@ AsyncIo::Completion FinishOp(PendingOp* op, const std::string& spec) {
   return c;
 }
 
+// The header's snapshot context (cls_rbd get_snapcontext): the newest
+// snapshot id and every snapshot id, newest first.
+StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
+    rados_ioctx_t io, const std::string& header, const std::string& spec) {
+  std::vector<char> out(4096);
+  int rc = 0;
+  while (true) {
+    rc = rados_exec(io, header.c_str(), "rbd", "get_snapcontext", nullptr, 0, out.data(),
+                    out.size());
+    if (rc != -ERANGE || out.size() >= (64u << 20)) break;
+    out.resize(out.size() * 4);
+  }
+  if (rc < 0) return ErrnoStatus(rc, "reading the snapshot context of " + spec);
+  // Encoded as u64 seq, u32 count, count x u64 (little-endian).
+  const auto u64 = [&](size_t at) {
+    uint64_t v = 0;
+    std::memcpy(&v, out.data() + at, 8);
+    return le64toh(v);
+  };
+  const size_t len = static_cast<size_t>(rc);
+  uint32_t count = 0;
+  if (len >= 12) {
+    std::memcpy(&count, out.data() + 8, 4);
+    count = le32toh(count);
+  }
+  if (len < 12 || len != 12 + 8 * static_cast<size_t>(count)) {
+    return DataLoss(fmt::format("the snapshot context of {} does not decode ({} bytes)", spec,
+                                len));
+  }
+  std::vector<uint64_t> snaps;
+  for (uint32_t i = 0; i < count; ++i) snaps.push_back(u64(12 + 8 * i));
+  return std::make_pair(u64(0), std::move(snaps));
+}
+
 // Writes several pieces of one RADOS object of an image as one op.
 //
 // Why: the standby OSD's cost is per op (about 340 us of CPU per 64 KiB
@@ -437,39 +471,6 @@ class ObjectWriter {
   ObjectWriter(rados_ioctx_t io, std::string prefix, uint64_t object_size)
       : io_(io), prefix_(std::move(prefix)), object_size_(object_size) {}
 
-  // The header's snapshot context (cls_rbd get_snapcontext): the newest
-  // snapshot id and every snapshot id, newest first.
-  static StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
-      rados_ioctx_t io, const std::string& header, const std::string& spec) {
-    std::vector<char> out(4096);
-    int rc = 0;
-    while (true) {
-      rc = rados_exec(io, header.c_str(), "rbd", "get_snapcontext", nullptr, 0, out.data(),
-                      out.size());
-      if (rc != -ERANGE || out.size() >= (64u << 20)) break;
-      out.resize(out.size() * 4);
-    }
-    if (rc < 0) return ErrnoStatus(rc, "reading the snapshot context of " + spec);
-    // Encoded as u64 seq, u32 count, count x u64 (little-endian).
-    const auto u64 = [&](size_t at) {
-      uint64_t v = 0;
-      std::memcpy(&v, out.data() + at, 8);
-      return le64toh(v);
-    };
-    const size_t len = static_cast<size_t>(rc);
-    uint32_t count = 0;
-    if (len >= 12) {
-      std::memcpy(&count, out.data() + 8, 4);
-      count = le32toh(count);
-    }
-    if (len < 12 || len != 12 + 8 * static_cast<size_t>(count)) {
-      return DataLoss(fmt::format("the snapshot context of {} does not decode ({} bytes)", spec,
-                                  len));
-    }
-    std::vector<uint64_t> snaps;
-    for (uint32_t i = 0; i < count; ++i) snaps.push_back(u64(12 + 8 * i));
-    return std::make_pair(u64(0), std::move(snaps));
-  }
 
   rados_ioctx_t io_;
   const std::string prefix_;
@@ -1687,6 +1688,115 @@ StatusOr<std::shared_ptr<Image>> RbdVolume::AtSnap(const std::string& snap) {
     snap_name_ = snap;
   }
   return snap_;
+}
+
+namespace {
+
+// Object map states (two bits per object, in cls_rbd's BitVector<2>).
+constexpr uint8_t kObjectNonexistent = 0;
+constexpr uint8_t kObjectExistsClean = 3;
+// Image and snapshot flags (RBD_FLAG_*): the maps are not to be trusted.
+constexpr uint64_t kFlagObjectMapInvalid = 1;
+constexpr uint64_t kFlagFastDiffInvalid = 2;
+constexpr uint64_t kNoSnap = UINT64_MAX - 1;  // CEPH_NOSNAP: the head
+
+// An RBD object whole, or kNotFound.
+StatusOr<std::string> ReadWhole(rados_ioctx_t io, const std::string& oid, size_t at_most) {
+  std::string out(at_most + 1, '\0');
+  const int rc = rados_read(io, oid.c_str(), out.data(), out.size(), 0);
+  if (rc == -ENOENT) return NotFound("no object " + oid);
+  if (rc < 0) return ErrnoStatus(rc, "reading " + oid);
+  out.resize(static_cast<size_t>(rc));
+  return out;
+}
+
+// The image's flags at `snap_id` (kNoSnap: the head), by cls_rbd get_flags.
+StatusOr<uint64_t> ReadFlags(rados_ioctx_t io, const std::string& header, uint64_t snap_id) {
+  const uint64_t in = htole64(snap_id);
+  uint64_t out = 0;
+  const int rc = rados_exec(io, header.c_str(), "rbd", "get_flags",
+                            reinterpret_cast<const char*>(&in), sizeof in,
+                            reinterpret_cast<char*>(&out), sizeof out);
+  if (rc < 0) return ErrnoStatus(rc, "reading the flags of " + header);
+  if (rc != sizeof out) return DataLoss("the flags of " + header + " do not decode");
+  return le64toh(out);
+}
+
+// Where the two-bit states of an encoded object map lie: a u32 length and
+// that many header bytes (u8 version, u8 compat, u32 length, u64 count),
+// then count/4 bytes of states, then a footer.
+struct MapLayout {
+  size_t data_at = 0;
+  size_t data_len = 0;
+};
+std::optional<MapLayout> LayoutOf(const std::string& m) {
+  if (m.size() < 18) return std::nullopt;
+  uint32_t hlen = 0;
+  uint64_t count = 0;
+  std::memcpy(&hlen, m.data(), 4);
+  std::memcpy(&count, m.data() + 10, 8);
+  hlen = le32toh(hlen);
+  count = le64toh(count);
+  if (hlen != 14 || count > (m.size() - 18) * 4) return std::nullopt;
+  return MapLayout{18, static_cast<size_t>((count + 3) / 4)};
+}
+
+}  // namespace
+
+StatusOr<bool> RbdVolume::ChangedSince(const SnapInfo& snap) {
+  const std::string header = "rbd_header." + id_;
+  const std::string head_map = "rbd_object_map." + id_;
+  if (!unchanged_ || unchanged_->snap_id != snap.id) {
+    // Once per snapshot: what the head's map reads while nothing changed.
+    // Taking a snapshot copies the head's map to the snapshot's and marks
+    // every existing object of the head clean; a write then marks its
+    // object dirty (exists), a discard or shrink removes it.
+    UnchangedMap u;
+    u.snap_id = snap.id;
+    ASSIGN_OR_RETURN(auto h, OpenSame("", true));
+    uint64_t features = 0;
+    if (int rc = rbd_get_features(h->get(), &features); rc < 0) {
+      return ErrnoStatus(rc, "getting the features of " + Spec());
+    }
+    ASSIGN_OR_RETURN(const uint64_t snap_flags, ReadFlags(io_->get(), header, snap.id));
+    if ((features & RBD_FEATURE_FAST_DIFF) != 0 &&
+        (snap_flags & (kFlagObjectMapInvalid | kFlagFastDiffInvalid)) == 0) {
+      const std::string snap_map = fmt::format("{}.{:016x}", head_map, snap.id);
+      uint64_t len = 0;
+      time_t mtime = 0;
+      if (int rc = rados_stat(io_->get(), snap_map.c_str(), &len, &mtime); rc < 0) {
+        return ErrnoStatus(rc, "reading the object map of " + Spec(snap.name));
+      }
+      ASSIGN_OR_RETURN(u.expected, ReadWhole(io_->get(), snap_map, len));
+      if (auto layout = LayoutOf(u.expected)) {
+        for (size_t i = 0; i < layout->data_len; ++i) {
+          const auto b = static_cast<uint8_t>(u.expected[layout->data_at + i]);
+          uint8_t out = 0;
+          for (int shift = 0; shift < 8; shift += 2) {
+            const uint8_t state = (b >> shift) & 3;
+            out |= (state == kObjectNonexistent ? kObjectNonexistent : kObjectExistsClean) << shift;
+          }
+          u.expected[layout->data_at + i] = static_cast<char>(out);
+        }
+        // The footer holds checksums of what was written: only the states
+        // are compared.
+        u.expected.resize(layout->data_at + layout->data_len);
+        u.usable = true;
+      }
+    }
+    unchanged_ = std::move(u);
+  }
+  if (!unchanged_->usable) return true;
+  // A snapshot taken since (by anyone) marks every object of the head clean
+  // again, whatever was written before it: the map no longer tells.
+  ASSIGN_OR_RETURN(const auto snapc, ReadSnapContext(io_->get(), header, Spec()));
+  if (snapc.first != snap.id) return true;
+  ASSIGN_OR_RETURN(const uint64_t flags, ReadFlags(io_->get(), header, kNoSnap));
+  if ((flags & (kFlagObjectMapInvalid | kFlagFastDiffInvalid)) != 0) return true;
+  ASSIGN_OR_RETURN(std::string map, ReadWhole(io_->get(), head_map, unchanged_->expected.size() + 64));
+  const auto layout = LayoutOf(map);
+  if (!layout || layout->data_at + layout->data_len != unchanged_->expected.size()) return true;
+  return map.compare(0, unchanged_->expected.size(), unchanged_->expected) != 0;
 }
 
 Status RbdVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {

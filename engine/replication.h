@@ -31,7 +31,9 @@ struct VolumeStatusInfo {
   std::string peer;
   uint64_t last_seq = 0;           // newest restore point
   int64_t last_point_time_ns = 0;  // source time of that point
-  double lag_seconds = 0;          // now - last_point_time (0 if none)
+  // now - when the newest point last held the image: its snapshot's time,
+  // or a later check that found nothing changed (0 if no point)
+  double lag_seconds = 0;
   double throughput_bps = 0;       // of the last epoch
   uint64_t bytes_total = 0;
   uint64_t epochs_total = 0;
@@ -39,6 +41,7 @@ struct VolumeStatusInfo {
   uint64_t corrupt_frames_total = 0;  // sink: frames refused by verification
   uint64_t resumed_epochs_total = 0;  // epochs finished from a durable prefix
   uint64_t pending_snapshots = 0;     // source: snapshots not yet restore points
+  uint64_t unchanged_checks_total = 0;  // source: due epochs skipped, nothing changed
   std::string error;  // the last error, empty if the last step succeeded
 };
 

@@ -41,13 +41,17 @@ void SourceReplicator::Start() {
   thread_ = std::thread([this] { Loop(); });
 }
 
-void SourceReplicator::Stop() {
+void SourceReplicator::RequestStop() {
   {
     std::lock_guard lock(mu_);
     stop_ = true;
     if (link_) link_->Close();
   }
   cv_.notify_all();
+}
+
+void SourceReplicator::Stop() {
+  RequestStop();
   if (thread_.joinable()) {
     thread_.join();
     // As with the link: a later Start opens the image and lists anew.
@@ -63,7 +67,16 @@ StatusOr<uint64_t> SourceReplicator::RequestNow() {
   // image itself, not from what this process has seen so far. Without the
   // listing there is no promise: a restarted cairnd knows nothing yet of the
   // snapshots its predecessor took, and a point among them may miss the
-  // caller's writes.
+  // caller's writes. Once this process listed them, it took every later
+  // one itself (highest_snap_).
+  {
+    std::lock_guard lock(mu_);
+    if (snaps_known_) {
+      wanted_seq_ = std::max({wanted_seq_, highest_snap_ + 1, status_.last_seq + 1});
+      cv_.notify_all();
+      return wanted_seq_;
+    }
+  }
   auto listed = [&]() -> StatusOr<uint64_t> {
     ASSIGN_OR_RETURN(auto vol, pool_->Open(config_.image));
     ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
@@ -85,7 +98,9 @@ StatusOr<uint64_t> SourceReplicator::RequestNow() {
 VolumeStatusInfo SourceReplicator::Report() const {
   std::lock_guard lock(mu_);
   VolumeStatusInfo s = status_;
-  if (s.last_point_time_ns > 0) s.lag_seconds = (NowNs() - s.last_point_time_ns) / 1e9;
+  if (s.last_point_time_ns > 0) {
+    s.lag_seconds = (NowNs() - std::max(s.last_point_time_ns, unchanged_at_ns_)) / 1e9;
+  }
   return s;
 }
 
@@ -202,6 +217,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   {
     std::lock_guard lock(mu_);
     highest_snap_ = std::max(highest_snap_, ours.empty() ? seq : std::max(seq, ours.rbegin()->first));
+    snaps_known_ = true;
     status_.state = "syncing";
   }
 
@@ -244,8 +260,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   std::thread helper;
   try {
-    helper = std::thread([this, seq, may_take, prune_base, due = next_due_at_, &ahead] {
-      TakeAhead(seq, may_take, prune_base, due, &ahead);
+    helper = std::thread([this, seq, to, may_take, prune_base, due = next_due_at_, &ahead] {
+      TakeAhead(seq, to, may_take, prune_base, due, &ahead);
     });
   } catch (const std::system_error& e) {
     // No thread to be had: the epoch goes on, the next one takes its own
@@ -314,6 +330,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   const double secs = seconds_since(t0);
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
+  point_snap_ = to;
   {
     // The point is made: said at once, not after the helper.
     std::lock_guard lock(mu_);
@@ -397,7 +414,7 @@ bool SourceReplicator::PruneSnapshots(uint64_t applied) {
   return true;
 }
 
-void SourceReplicator::TakeAhead(uint64_t seq, bool may_take, uint64_t prune_base,
+void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take, uint64_t prune_base,
                                  std::optional<Clock::time_point> due_at, Ahead* out) {
   const auto ended = [&] {  // with mu_ held
     return stop_ || ahead_mode_ == AheadMode::kCancel;
@@ -430,10 +447,19 @@ void SourceReplicator::TakeAhead(uint64_t seq, bool may_take, uint64_t prune_bas
     }
     if (ended() || !due()) return;
   }
+  const bool asked = [&] {
+    std::lock_guard lock(mu_);
+    return wanted_seq_ > seq;
+  }();
+  auto head = pool_->Open(config_.image);
+  if (!asked && head.ok()) {
+    // Due by the schedule alone: nothing to take if nothing changed.
+    auto changed = (*head)->ChangedSince(to);
+    if (changed.ok() && !*changed) return;
+  }
   out->taken_at = Clock::now();
   const std::string next = SnapName(seq + 1);
   ReserveSnap(seq + 1);
-  auto head = pool_->Open(config_.image);
   Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
   out->snap_secs = std::chrono::duration<double>(Clock::now() - out->taken_at).count();
   if (st.ok()) {
@@ -535,6 +561,30 @@ void SourceReplicator::Disconnect() {
   ahead_snaps_.reset();
 }
 
+bool SourceReplicator::UnchangedSincePoint() {
+  // Only with everything shipped: a point made by this process, no
+  // snapshot pending, the image open since.
+  {
+    std::lock_guard lock(mu_);
+    if (point_snap_.id == 0 || highest_snap_ != sink_seq_ || point_snap_.name != SnapName(sink_seq_)) {
+      return false;
+    }
+  }
+  if (!vol_) return false;
+  const int64_t asked_at = NowNs();  // what was written before is seen
+  auto changed = vol_->ChangedSince(point_snap_);
+  if (!changed.ok()) {
+    spdlog::debug("volume {}: cannot tell whether {} changed since {}: {}", config_.id,
+                  config_.image, point_snap_.name, changed.status().ToString());
+    return false;
+  }
+  if (*changed) return false;
+  std::lock_guard lock(mu_);
+  unchanged_at_ns_ = asked_at;
+  ++status_.unchanged_checks_total;
+  return true;
+}
+
 void SourceReplicator::Loop() {
   using Clock = std::chrono::steady_clock;
   const bool periodic = config_.interval.count() > 0;
@@ -570,6 +620,18 @@ void SourceReplicator::Loop() {
         cv_.wait_until(lock, wake);
       }
       continue;
+    }
+    if (!outage && wanted_seq_ <= status_.last_seq) {
+      // Due by the schedule alone: an image that did not change since the
+      // newest point costs no snapshot, no epoch, no point.
+      lock.unlock();
+      const bool unchanged = UnchangedSincePoint();
+      lock.lock();
+      if (unchanged) {
+        next = Clock::now() + config_.interval;
+        carried_due.reset();
+        continue;
+      }
     }
     lock.unlock();
     const auto started = Clock::now();

@@ -52,6 +52,9 @@ class SourceReplicator {
   ~SourceReplicator();
 
   void Start();
+  // Tells the replicator to stop (its link is closed at once) and returns;
+  // Stop() then waits for it. A daemon stops all its volumes in parallel.
+  void RequestStop();
   void Stop();
 
   // Asks for a new epoch now. Returns the seq of a restore point that will
@@ -100,7 +103,9 @@ class SourceReplicator {
   // the next epoch would wait for it. It gives up once the epoch is done
   // and the snapshot not due, and on kCancel (a failed epoch) begins
   // nothing more.
-  void TakeAhead(uint64_t seq, bool may_take, uint64_t prune_base,
+  // `to`: the snapshot of epoch `seq`; none is taken after it unless the
+  // image changed since or a point was asked for.
+  void TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take, uint64_t prune_base,
                  std::optional<Clock::time_point> due_at, Ahead* out);
   // Counts cairn.<seq> as existing before it is created, so that a
   // RequestNow meanwhile (its writes maybe not in it) promises seq + 1.
@@ -108,6 +113,9 @@ class SourceReplicator {
   // Takes the snapshot due while the sink is unreachable and drops the
   // oldest of those taken so, beyond config_.outage_snapshots.
   void TakeOutageSnapshot();
+  // A periodic epoch is due: true if the image has not changed since the
+  // newest point (then no snapshot is taken, at either site).
+  bool UnchangedSincePoint();
   void Loop();
 
   const VolumeConfig config_;
@@ -129,6 +137,8 @@ class SourceReplicator {
   std::optional<std::vector<SnapInfo>> ahead_snaps_;
   uint64_t sink_seq_ = 0;
   ChainDigest sink_chain_;
+  // The snapshot of the newest point this process shipped (id 0: none yet).
+  SnapInfo point_snap_;
   uint64_t resume_seq_ = 0;      // an epoch the sink holds a prefix of
   uint64_t resume_records_ = 0;  // ... this many records long
   // Snapshots this process took while the sink was unreachable and no epoch
@@ -150,8 +160,15 @@ class SourceReplicator {
   bool stop_ = false;
   uint64_t wanted_seq_ = 0;      // RequestNow's promise still to keep
   uint64_t highest_snap_ = 0;    // newest cairn.<N> that exists (or is being made) at the source
+  // highest_snap_ was learnt from a listing of the image's snapshots: from
+  // then on this process takes every new one itself, and RequestNow needs
+  // no listing (no librbd call in a control call).
+  bool snaps_known_ = false;
   AheadMode ahead_mode_ = AheadMode::kSending;
   VolumeStatusInfo status_;
+  // When a check last found the image unchanged since the newest point
+  // (it holds the image as of then: the lag counts from there).
+  int64_t unchanged_at_ns_ = 0;
   std::thread thread_;
 };
 

@@ -136,6 +136,13 @@ class Volume {
   // OK. kNotFound, saying what is gone, if it is not so.
   virtual Status ConfirmSnap(const std::string& snap, uint64_t snap_id) = 0;
 
+  // False only if no byte of the head can differ from `snap` (a snapshot of
+  // this image): nothing was written, discarded or resized since. True if
+  // something may have changed, or if the store cannot tell cheaply. Cheap
+  // where it answers false (RBD: one read of the object map, no image
+  // open), as an idle volume asks it every interval.
+  virtual StatusOr<bool> ChangedSince(const SnapInfo& snap) = 0;
+
   // Closes what the volume keeps open to read a snapshot (OpenIo and
   // DiffExtents at one snapshot share it); the next use opens it again.
   virtual void CloseSnapshotHandles() {}

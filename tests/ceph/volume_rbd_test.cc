@@ -91,6 +91,7 @@ VolumeConformanceParam RbdParam(std::string label, uint64_t features) {
             VolumeTestTarget t;
             t.pool = std::make_unique<RbdPool>(std::move(io), options);
             t.diff_granularity = 4 * kMiB;  // the object size
+            t.tells_unchanged = (features & RBD_FEATURE_FAST_DIFF) != 0;
             t.name_prefix = RunPrefix() + label + "-";
             return t;
           }};

@@ -416,12 +416,20 @@ TEST_F(ReplicationTest, BehindScheduleSnapshotsStayAnIntervalApart) {
   VolumeConfig c = Config();
   c.interval = std::chrono::milliseconds(100);
   // A slow standby: each ack (durable, applied) leaves 60 ms late (a sleep
-  // standing for the standby's work, not a wait for another thread).
-  on_ack_ = [] { std::this_thread::sleep_for(std::chrono::milliseconds(60)); };
+  // standing for the standby's work, not a wait for another thread). A
+  // guest writes meanwhile: an unchanged image would take no snapshot.
+  auto guest = testing::MustOpen(*site_a_, "img");
+  uint64_t writes = 0;
+  on_ack_ = [&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    testing::Write(*guest, (writes++ % 16) * 4096, testing::RandomBytes(rng, 4096));
+  };
   SourceReplicator rep(c, "a", site_a_, Connector());
   rep.Start();
   WaitFor("six restore points", [&] { return rep.Report().last_seq >= 6; });
-  rep.Stop();  // on_ack_ stays: the sink's session may still be in it
+  rep.Stop();
+  for (auto& t : sessions_) t.join();  // none is left in on_ack_, which uses guest
+  sessions_.clear();
   std::vector<int64_t> times;  // of cairn.1, cairn.2, ... in order
   const auto snaps = src->ListSnaps();
   ASSERT_TRUE(snaps.ok()) << snaps.status().ToString();
@@ -436,6 +444,34 @@ TEST_F(ReplicationTest, BehindScheduleSnapshotsStayAnIntervalApart) {
   // Every point the sink made (the last may have been made as the source
   // stopped) equals its source snapshot.
   VerifyAllPoints(*src, 6, /*at_least=*/true);
+}
+
+TEST_F(ReplicationTest, AnIdleVolumeTakesNoSnapshotAndMakesNoPoint) {
+  const uint64_t size = 2 * kMiB;
+  ASSERT_TRUE(site_a_->Create("img", size).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(41);
+  testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
+  VolumeConfig c = Config();
+  c.interval = std::chrono::milliseconds(10);
+  SourceReplicator rep(c, "a", site_a_, Connector());
+  rep.Start();
+  WaitFor("the first restore point", [&] { return rep.Report().last_seq >= 1; });
+  const uint64_t first = rep.Report().last_seq;
+  WaitFor("20 due epochs skipped, the image unchanged",
+          [&] { return rep.Report().unchanged_checks_total >= 20; });
+  EXPECT_EQ(rep.Report().last_seq, first) << "a point made of an unchanged image";
+  EXPECT_EQ(CairnSnaps(*src).back(), first) << "a snapshot taken of an unchanged image";
+  // The lag counts from the last check, not from the point's snapshot.
+  EXPECT_LT(rep.Report().lag_seconds, 5.0);
+  testing::Write(*src, kMiB, testing::RandomBytes(rng, 4096));
+  WaitFor("a point after the write", [&] { return rep.Report().last_seq > first; });
+  const uint64_t second = rep.Report().last_seq;
+  const uint64_t checks = rep.Report().unchanged_checks_total;
+  WaitFor("idle again", [&] { return rep.Report().unchanged_checks_total >= checks + 10; });
+  rep.Stop();
+  EXPECT_EQ(rep.Report().last_seq, second);
+  VerifyAllPoints(*src, second, /*at_least=*/false);
 }
 
 TEST_F(ReplicationTest, BackToBackTheOlderSnapshotsGoWhileTheNextEpochIsSent) {

@@ -49,6 +49,8 @@ struct VolumeTestTarget {
   uint64_t diff_granularity = 0;
   // Prepended to every image name; unique per run (e.g. holds the pid).
   std::string name_prefix;
+  // Volume::ChangedSince can answer "unchanged" (RBD: with fast-diff).
+  bool tells_unchanged = true;
 };
 
 struct VolumeConformanceParam {
@@ -357,6 +359,7 @@ class VolumeConformanceTest : public ::testing::TestWithParam<VolumeConformanceP
   }
 
   Pool& pool() { return *target_.pool; }
+  const VolumeTestTarget& target() const { return target_; }
   uint64_t granularity() const { return target_.diff_granularity; }
 
   // A name unique to this run and test, removed at the end of the test.
@@ -597,6 +600,45 @@ TEST_P(VolumeConformanceTest, ConfirmSnapFindsSnapshotsAndImagesGoneUnderAReader
   }
   CAIRN_EXPECT_CODE(reader->ConfirmSnap("s2", id2), Code::kNotFound);
   CAIRN_ASSERT_OK(pool().Remove(name));
+}
+
+TEST_P(VolumeConformanceTest, ChangedSinceSeesEveryKindOfChange) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("changed", 16 * kMiB));
+  const auto snap = [&](const std::string& name) -> SnapInfo {
+    EXPECT_TRUE(v->CreateSnap(name).ok());
+    auto snaps = v->ListSnaps();
+    EXPECT_TRUE(snaps.ok());
+    return snaps.ok() && !snaps->empty() ? snaps->back() : SnapInfo{};
+  };
+  const auto changed = [&](const SnapInfo& s) {
+    auto c = v->ChangedSince(s);
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    return c.ok() && *c;
+  };
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(50, 6 * kMiB)));
+  const SnapInfo s1 = snap("s1");
+  // A store that cannot tell says "changed" always; one that can must.
+  const bool tells = target().tells_unchanged;
+  EXPECT_EQ(changed(s1), !tells) << "nothing was written since s1";
+  EXPECT_EQ(changed(s1), !tells) << "asking twice changes nothing";
+  CAIRN_ASSERT_OK(WriteAt(*v, 5 * kMiB, Pattern(51, 4096)));  // over data
+  EXPECT_TRUE(changed(s1));
+  const SnapInfo s2 = snap("s2");
+  EXPECT_EQ(changed(s2), !tells);
+  CAIRN_ASSERT_OK(WriteAt(*v, 12 * kMiB, Pattern(52, 4096)));  // where there was none
+  EXPECT_TRUE(changed(s2));
+  const SnapInfo s3 = snap("s3");
+  CAIRN_ASSERT_OK(ZeroAt(*v, 0, 4 * kMiB));  // a whole object gone
+  EXPECT_TRUE(changed(s3));
+  const SnapInfo s4 = snap("s4");
+  CAIRN_ASSERT_OK(v->Resize(20 * kMiB));
+  EXPECT_TRUE(changed(s4));
+  const SnapInfo s5 = snap("s5");
+  // Written, then another snapshot taken: still changed since s5.
+  CAIRN_ASSERT_OK(WriteAt(*v, 8 * kMiB, Pattern(53, 4096)));
+  snap("s6");
+  EXPECT_TRUE(changed(s5));
 }
 
 // What the sink does before an epoch whose base is `point` when the head
