@@ -49,8 +49,10 @@ struct SinkConfig {
   // disk. A larger epoch is refused (ResourceExhausted) like a full disk.
   uint64_t spool_max_bytes = 0;
   // Restore points kept per volume: after each new point the oldest beyond
-  // this many are removed (catalog record, then standby snapshot). 0: all.
-  uint32_t keep_points = 0;
+  // this many are removed (catalog record, then standby snapshot). 0: all
+  // (asked for explicitly; the catalog and the snapshots then grow without
+  // bound). Points are made only when the image changed.
+  uint32_t keep_points = 24;
   // Concurrent writes to a standby image while an epoch is applied; each
   // holds one received record (up to the source's block_size) in memory,
   // and together they hold at most window_bytes: 32 MiB is 8 writes of

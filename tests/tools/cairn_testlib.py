@@ -214,7 +214,11 @@ def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, extra
 
 def sink_config(site, conf, port, spool_dir, pools="rbd", extra="", ceph_extra=""):
     """cairnd.conf of a sink node; extra: more "key = value" lines for
-    [sink] (e.g. "spool_max_bytes = 8M\n"); ceph_extra: for [ceph]."""
+    [sink] (e.g. "spool_max_bytes = 8M\n"); ceph_extra: for [ceph].
+    Every point is kept (keep_points = 0) unless extra says otherwise: the
+    tests compare each point with its source snapshot."""
+    if "keep_points" not in extra:
+        extra = "keep_points = 0\n" + extra
     return (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
             f"[ceph]\nconf = {conf}\nclient = admin\n{ceph_extra}\n"
             f"[sink]\nlisten = 127.0.0.1:{port}\nspool_dir = {spool_dir}\npools = {pools}\n"

@@ -159,7 +159,7 @@ TEST(Config, VolumeReadsWholeObjectsByDefault) {
 TEST(Config, SinkRetentionAndWindow) {
   auto c = ParseConfig("[sink]\npools = rbd\n", "f.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
-  EXPECT_EQ(c->sink->keep_points, 0u);  // all points kept unless asked
+  EXPECT_EQ(c->sink->keep_points, 24u);  // bounded unless asked
   EXPECT_EQ(c->sink->window, 32u);
   EXPECT_EQ(c->sink->window_bytes, 32u << 20);
   c = ParseConfig("[sink]\npools = rbd\nkeep_points = 48\nwindow = 8\nwindow_bytes = 64M\n",
