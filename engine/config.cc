@@ -223,6 +223,7 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       RETURN_IF_ERROR(r.String("site", &cfg.site));
       RETURN_IF_ERROR(r.String("control_socket", &cfg.control_socket));
       RETURN_IF_ERROR(r.String("log_level", &cfg.log_level));
+      RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
       static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
       if (!kLevels.count(cfg.log_level)) {
         return InvalidArgument(fmt::format("{}: [cairnd] log_level '{}' is not one of "

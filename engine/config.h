@@ -90,6 +90,10 @@ struct DaemonConfig {
   std::string site = "default";
   std::string control_socket = "/run/cairn/cairnd.sock";
   std::string log_level = "info";
+  // Buffer memory lent to the epochs in flight, all volumes together
+  // (source read windows, sink apply windows and spool buffers): the
+  // daemon's memory does not grow with the number of volumes syncing.
+  uint64_t memory_budget = 256u << 20;
   CephConfig ceph;
   std::optional<SinkConfig> sink;
   // [source]: volumes registered at run time (the Cinder shim) in these

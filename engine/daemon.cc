@@ -57,6 +57,7 @@ StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   auto cluster = RbdCluster::Connect(ceph.conf, ceph.client, ceph.keyring, ceph.op_timeout);
   if (!cluster.ok()) return cluster.status().Annotate("connecting to the local Ceph cluster");
   d->cluster_ = *cluster;
+  d->budget_ = std::make_shared<MemoryBudget>(d->config_.memory_budget);
   if (d->config_.sink) {
     for (const auto& pool : d->config_.sink->pools) {
       auto p = d->OpenPool(pool);
@@ -212,6 +213,7 @@ Status Daemon::Start() {
     env.keep_points = sc.keep_points;
     env.apply.window = sc.window;
     env.apply.window_bytes = sc.window_bytes;
+    env.budget = budget_;
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
     sink_ = std::make_unique<Sink>(env);
@@ -376,6 +378,7 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConf
   auto src = std::make_shared<SourceReplicator>(v, config_.site, pool, [v, lo]() {
     return ConnectTcp(v.peer_host, v.peer_port, lo);
   });
+  src->set_memory_budget(budget_);
   src->Start();
   spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
                v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());

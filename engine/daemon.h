@@ -80,6 +80,7 @@ class Daemon final : public ControlService {
 
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;
+  std::shared_ptr<MemoryBudget> budget_;  // [cairnd] memory_budget
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Pool>> pools_;
   std::map<std::string, std::shared_ptr<KvStore>> catalogs_;

@@ -87,7 +87,8 @@ struct Sink::Target {
     uint64_t seq = 0;
     EpochSummary summary;
     std::unique_ptr<Volume> vol;
-    std::unique_ptr<ApplyStream> apply;  // after vol: destroyed first
+    MemoryBudget::Lease memory;          // what apply's window holds
+    std::unique_ptr<ApplyStream> apply;  // after vol and memory: destroyed first
   };
   std::unique_ptr<Streamed> streamed;
   // The standby image of the newest commit, kept open for retention
@@ -111,6 +112,7 @@ Sink::~Sink() {
     stopping_ = true;
   }
   retry_cv_.notify_all();
+  if (env_.budget) env_.budget->Wake();
   if (retrier_.joinable()) retrier_.join();
 }
 
@@ -488,13 +490,16 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   if (!t.resumed) {
     // Apply while receiving. If the standby image cannot take it now, the
     // epoch is still spooled and ApplyAndCommit replays it (and reports why).
+    EpochOptions opt;
+    auto memory = BorrowApplyMemory(announced.max_block, &opt);
+    if (!memory.ok()) return fail(memory.status());
     auto prepared = PrepareTarget(t);
     if (prepared.ok()) {
       streamed = std::make_unique<Target::Streamed>();
       streamed->seq = announced.seq;
       streamed->vol = std::move(prepared->vol);
-      streamed->apply =
-          std::make_unique<ApplyStream>(*streamed->vol, env_.apply, prepared->state);
+      streamed->memory = std::move(memory).value();
+      streamed->apply = std::make_unique<ApplyStream>(*streamed->vol, opt, prepared->state);
       if (Status st = streamed->apply->Begin(announced.image_size); !st.ok()) {
         WarnAppliedFromSpool(t.volume, announced.seq, st);
         streamed.reset();
@@ -680,6 +685,21 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
   return PreparedTarget{std::move(vol), state};
 }
 
+StatusOr<MemoryBudget::Lease> Sink::BorrowApplyMemory(uint64_t max_block, EpochOptions* opt) {
+  *opt = env_.apply;
+  if (!env_.budget) return MemoryBudget::Lease();
+  const uint64_t spool = 2 * env_.spool.buffer_bytes;  // SpoolWriter's staging buffers
+  const uint64_t window =
+      opt->window_bytes > 0 ? opt->window_bytes : uint64_t{opt->window} * max_block;
+  auto lease = env_.budget->Acquire(window + spool, std::min(window, max_block) + spool, [this] {
+    std::lock_guard lock(mu_);
+    return stopping_;
+  });
+  if (!lease) return Aborted("the sink is stopping");
+  opt->window_bytes = std::max<uint64_t>(lease->bytes() > spool ? lease->bytes() - spool : 0, 1);
+  return std::move(lease).value();
+}
+
 Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   t.durable_seq = seq;  // until it is a restore point
   const auto path = t.SpoolPath(seq);
@@ -711,7 +731,10 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
     ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, seq}));
     EpochVerifier verifier(t.volume, t.last_seq, t.chain);
     ASSIGN_OR_RETURN(PreparedTarget prepared, PrepareTarget(t));
-    ASSIGN_OR_RETURN(sum, ApplyEpoch(*reader, verifier, *prepared.vol, env_.apply,
+    EpochOptions opt;
+    ASSIGN_OR_RETURN(MemoryBudget::Lease memory,
+                     BorrowApplyMemory(kMaxPayload, &opt));  // its EpochBegin is not read yet
+    ASSIGN_OR_RETURN(sum, ApplyEpoch(*reader, verifier, *prepared.vol, opt,
                                      prepared.state));
     vol = std::move(prepared.vol);
     phases = fmt::format("written from the spool {:.2f} s", since(t_apply));

@@ -54,6 +54,7 @@
 
 #include "engine/catalog.h"
 #include "engine/epoch.h"
+#include "engine/memory_budget.h"
 #include "engine/kv_store.h"
 #include "engine/link.h"
 #include "engine/tcp_link.h"
@@ -80,6 +81,10 @@ struct SinkEnv {
   std::chrono::milliseconds retry_max{15000};
   // Restore points kept per volume (0: all); see PrunePoints.
   uint32_t keep_points = 0;
+  // Where an epoch's apply window and spool buffers come from (shared with
+  // the daemon's other epochs); none: each takes what `apply` and `spool`
+  // say.
+  std::shared_ptr<MemoryBudget> budget;
 };
 
 struct PromoteResult {
@@ -142,6 +147,10 @@ class Sink {
     TargetState state = TargetState::kHasData;
   };
   StatusOr<PreparedTarget> PrepareTarget(Target& t);
+  // The apply window of one epoch whose records are at most `max_block`
+  // long, out of env_.budget (waits for one block's worth; kAborted if the
+  // sink stops meanwhile); `opt` says how much was had.
+  StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, EpochOptions* opt);
   // Retention (SinkEnv::keep_points): removes the oldest points of `t`
   // beyond the newest keep_points, each from the catalog first and then its
   // snapshot on `vol`, so a crash between leaves a stray snapshot (removed

@@ -48,6 +48,7 @@ void SourceReplicator::RequestStop() {
     if (link_) link_->Close();
   }
   cv_.notify_all();
+  if (budget_) budget_->Wake();  // an epoch waiting for memory gives up
 }
 
 void SourceReplicator::Stop() {
@@ -242,6 +243,17 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   EpochOptions opt;
   opt.block_size = config_.block_size;
   opt.window = config_.window;
+  // The read window comes out of the daemon's memory budget: at least one
+  // block, as much of the configured window as is free.
+  std::optional<MemoryBudget::Lease> memory;
+  if (budget_) {
+    memory = budget_->Acquire(uint64_t{opt.window} * opt.block_size, opt.block_size, [this] {
+      std::lock_guard lock(mu_);
+      return stop_;
+    });
+    if (!memory) return Aborted("stopping");
+    opt.window = static_cast<uint32_t>(std::max<uint64_t>(1, memory->bytes() / opt.block_size));
+  }
 
   const double snap_secs = seconds_since(t_plan);
   const auto t0 = Clock::now();

@@ -38,6 +38,7 @@
 #include "engine/config.h"
 #include "engine/epoch.h"
 #include "engine/link.h"
+#include "engine/memory_budget.h"
 #include "engine/replication.h"
 #include "engine/volume.h"
 
@@ -50,6 +51,10 @@ class SourceReplicator {
   SourceReplicator(VolumeConfig config, std::string site, std::shared_ptr<Pool> pool,
                    Connector connect, LinkTimeouts timeouts = {});
   ~SourceReplicator();
+
+  // Epochs borrow their read window from `budget` (shared by the daemon's
+  // volumes); without one each takes config().window blocks. Before Start.
+  void set_memory_budget(std::shared_ptr<MemoryBudget> budget) { budget_ = std::move(budget); }
 
   void Start();
   // Tells the replicator to stop (its link is closed at once) and returns;
@@ -124,6 +129,7 @@ class SourceReplicator {
   Connector connect_;
   const LinkTimeouts timeouts_;
 
+  std::shared_ptr<MemoryBudget> budget_;
   std::unique_ptr<Link> link_;
   // The image, opened once per link and used only to read snapshots (list
   // them, diff them, read them); closed with the link. It never holds a
