@@ -59,6 +59,14 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (check_only) {
+    std::vector<std::string> report;
+    const cairn::Status st = (*daemon)->Check(&report);
+    for (const auto& line : report) std::printf("cairnd: %s\n", line.c_str());
+    if (!st.ok()) {
+      std::fprintf(stderr, "cairnd: %s cannot replicate: %s\n", config_path.c_str(),
+                   st.ToString().c_str());
+      return 1;
+    }
     std::printf("cairnd: configuration %s is valid\n", config_path.c_str());
     return 0;
   }

@@ -540,6 +540,61 @@ Status Daemon::Unregister(const std::string& volume, bool remove_snapshots) {
   return OkStatus();
 }
 
+Status Daemon::Check(std::vector<std::string>* report) {
+  Status first;
+  const auto note = [&](const std::string& what, const Status& st) {
+    report->push_back(st.ok() ? "ok: " + what : "FAILED: " + what + ": " + st.message());
+    if (first.ok() && !st.ok()) first = st.Annotate(what);
+  };
+  if (config_.sink) {
+    note(fmt::format("[sink] spool_dir {}", config_.sink->spool_dir),
+         CheckSpoolWritable(config_.sink->spool_dir));
+  }
+  std::vector<VolumeConfig> volumes = config_.volumes;
+  if (config_.source) {
+    for (const auto& pool : config_.source->pools) {
+      auto kv = cluster_->OpenKvStore(pool, kRegistryObject);
+      auto entries = kv.ok() ? (*kv)->Scan("volume/") : kv.status();
+      if (!entries.ok()) {
+        note(fmt::format("[source] registry in pool {}", pool), entries.status());
+        continue;
+      }
+      bool any = false;
+      for (const auto& [key, text] : *entries) {
+        auto r = DecodeRegistration(key, text);
+        if (!r.ok()) {
+          note("[source] registration " + key, r.status());
+          continue;
+        }
+        volumes.push_back(RegisteredVolume(*r));
+        any = true;
+      }
+      if (!any) {  // nothing registered yet: would the sink take this pool?
+        Registration probe;
+        probe.volume = "cairn-check";
+        probe.pool = pool;
+        probe.image = "cairn-check";
+        volumes.push_back(RegisteredVolume(probe));
+      }
+    }
+  }
+  for (const auto& v : volumes) {
+    ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
+    LinkOptions lo;
+    lo.connect_timeout = std::chrono::seconds(5);
+    lo.stall_timeout = std::chrono::seconds(10);
+    LinkTimeouts timeouts;
+    timeouts.hello = std::chrono::seconds(10);
+    SourceReplicator probe(v, config_.site, pool,
+                           [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); }, timeouts);
+    auto said = probe.Probe();
+    note(fmt::format("[volume {}] peer {}:{}{}", v.id, v.peer_host, v.peer_port,
+                     said.ok() ? ": " + *said : ""),
+         said.status());
+  }
+  return first;
+}
+
 StatusOr<PromoteResult> Daemon::Promote(const std::string& volume, uint64_t seq,
                                         const std::string& pool, const std::string& to_image) {
   if (!sink_) {

@@ -44,6 +44,12 @@ class Daemon final : public ControlService {
   static constexpr std::chrono::seconds kFenceExpire{3600};
   static constexpr std::chrono::seconds kFenceCheckPeriod{5};
 
+  // What `cairnd --check` checks beyond Create's: the sink's spool takes a
+  // synced write; every volume's peer is a Cairn sink that would take it
+  // (a probe Hello: pool served, target image ours or free, the sink's
+  // spool writable). One line per check in `report`; the first failure.
+  Status Check(std::vector<std::string>* report);
+
   // Binds the sink port and the control socket, starts replication.
   Status Start();
   void Stop();

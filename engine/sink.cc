@@ -1,8 +1,12 @@
 #include "engine/sink.h"
 
+#include <fcntl.h>
 #include <sys/statvfs.h>
+#include <unistd.h>
 
+#include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <chrono>
 #include <ctime>
 #include <future>
@@ -25,6 +29,36 @@ uint64_t SpoolFreeBytes(const std::filesystem::path& dir) {
 }
 
 void SendError(Link& link, const Status& st) { (void)WriteLinkError(link, st); }
+
+}  // namespace
+
+Status CheckSpoolWritable(const std::filesystem::path& dir) {
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) {
+    return FailedPrecondition(
+        fmt::format("spool directory {} cannot be created: {}", dir.string(), ec.message()));
+  }
+  const auto probe = dir / fmt::format(".cairn-check-{}", ::getpid());
+  const int fd = ::open(probe.c_str(), O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    return FailedPrecondition(fmt::format("spool directory {} is not writable: {}", dir.string(),
+                                          std::strerror(errno)));
+  }
+  const char block[4096] = {};
+  const bool written = ::write(fd, block, sizeof block) == static_cast<ssize_t>(sizeof block) &&
+                       ::fdatasync(fd) == 0;
+  const int err = errno;
+  ::close(fd);
+  std::filesystem::remove(probe, ec);
+  if (!written) {
+    return FailedPrecondition(fmt::format("spool directory {} does not take a synced write: {}",
+                                          dir.string(), std::strerror(err)));
+  }
+  return OkStatus();
+}
+
+namespace {
 
 Status SendAck(Link& link, uint64_t seq, pb::EpochAck::Stage stage, const ChainDigest& chain) {
   pb::EpochAck ack;
@@ -186,12 +220,23 @@ Status Sink::Serve(Link& link_ref) {
   t.pool_name = hello.pool();
   t.image = hello.image();
   t.source_site = hello.source_site();
+  bool known_volume = false;  // a valid id: its status shows the refusal
   auto refuse = [&](const cairn::Status& st) {
     spdlog::error("refusing source {} for volume '{}': {}", link->peer(), t.volume, st.message());
+    if (known_volume && !hello.probe()) {
+      SetState(t.volume, [&](VolumeStatusInfo& s) {
+        s.state = "error";
+        s.error = "refused the source " + link->peer() + ": " + st.ToString();
+        ++s.errors_total;
+        if (s.pool.empty()) s.pool = t.pool_name;
+        if (s.image.empty()) s.image = t.image;
+      });
+    }
     SendError(*link, st);
     return st;
   };
   if (Status st = ValidateVolumeId(t.volume); !st.ok()) return refuse(st);
+  known_volume = true;
   if (t.image.empty()) return refuse(InvalidArgument("Hello names no target image"));
   if (std::find(env_.pools.begin(), env_.pools.end(), t.pool_name) == env_.pools.end()) {
     return refuse(FailedPrecondition(fmt::format(
@@ -218,6 +263,17 @@ Status Sink::Serve(Link& link_ref) {
   if (ec) {
     return refuse(FailedPrecondition(
         fmt::format("cannot create spool directory {}: {}", t.dir.string(), ec.message())));
+  }
+  if (hello.probe()) {
+    if (Status st = CheckProbe(t); !st.ok()) return refuse(st);
+    pb::HelloReply reply;
+    reply.set_protocol_version(kProtocolVersion);
+    reply.set_last_applied_seq(t.last_seq);
+    reply.set_last_chain(t.chain.AsBytes());
+    reply.set_sink_site(env_.site);
+    spdlog::info("volume {}: {} checked this sink (cairnd --check): it would be taken", t.volume,
+                 link->peer());
+    return link->Send(FrameType::kHelloReply, reply.SerializeAsString(), {});
   }
   {
     std::unique_lock lock(mu_);
@@ -319,6 +375,35 @@ Status Sink::Serve(Link& link_ref) {
   retry_cv_.notify_all();
   if (!st.ok() && st.code() != Code::kAborted) SendError(*link, st);
   return st.code() == Code::kAborted ? OkStatus() : st;
+}
+
+Status Sink::CheckProbe(Target& t) {
+  auto latest = t.catalog->Latest(t.volume);
+  if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
+  if (*latest) {
+    t.last_seq = (*latest)->seq;
+    t.chain = (*latest)->chain_digest;
+    const std::string& from = (*latest)->source_site;
+    if (!from.empty() && !t.source_site.empty() && from != t.source_site) {
+      return FailedPrecondition(fmt::format(
+          "volume '{}' is replicated from site '{}'; refusing a second source at site '{}'",
+          t.volume, from, t.source_site));
+    }
+  }
+  ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
+  if (!owner.empty() && owner != t.volume) {
+    return FailedPrecondition(fmt::format(
+        "image {}/{} is the standby of volume '{}', not of '{}': set another target_image",
+        t.pool_name, t.image, owner, t.volume));
+  }
+  ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
+  if (exists && owner.empty()) {
+    return FailedPrecondition(fmt::format(
+        "image {}/{} exists at this site but was not created by Cairn for volume '{}': "
+        "remove or rename it, or set another target_image",
+        t.pool_name, t.image, t.volume));
+  }
+  return CheckSpoolWritable(t.dir);
 }
 
 Status Sink::Session(Link& link, Target& t) {

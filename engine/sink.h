@@ -87,6 +87,11 @@ struct SinkEnv {
   std::shared_ptr<MemoryBudget> budget;
 };
 
+// A directory the sink can spool into: created if missing, and a 4 KiB
+// file written, fdatasync'ed and removed in it. FailedPrecondition saying
+// what is wrong otherwise.
+Status CheckSpoolWritable(const std::filesystem::path& dir);
+
 struct PromoteResult {
   std::string pool;
   std::string image;
@@ -147,6 +152,9 @@ class Sink {
     TargetState state = TargetState::kHasData;
   };
   StatusOr<PreparedTarget> PrepareTarget(Target& t);
+  // What a probe Hello (cairnd --check at the source) is told: would an
+  // epoch of t.volume into t.pool/t.image be taken, spool included.
+  Status CheckProbe(Target& t);
   // The apply window of one epoch whose records are at most `max_block`
   // long, out of env_.budget (waits for one block's worth; kAborted if the
   // sink stops meanwhile); `opt` says how much was had.

@@ -105,27 +105,63 @@ VolumeStatusInfo SourceReplicator::Report() const {
   return s;
 }
 
-Status SourceReplicator::Connect() {
-  ASSIGN_OR_RETURN(auto link, connect_());
+StatusOr<std::string> SourceReplicator::Handshake(Link& link, bool probe) {
   pb::Hello hello;
   hello.set_protocol_version(kProtocolVersion);
   hello.set_volume(config_.id);
   hello.set_pool(config_.target_pool);
   hello.set_image(config_.target_image);
   hello.set_source_site(site_);
-  RETURN_IF_ERROR(link->Send(FrameType::kHello, hello.SerializeAsString(), {}));
-  ASSIGN_OR_RETURN(Frame f, link->Receive(timeouts_.hello));
-  if (f.type == FrameType::kLinkError) return StatusFromLinkError(f, "sink refused");
+  hello.set_probe(probe);
+  RETURN_IF_ERROR(link.Send(FrameType::kHello, hello.SerializeAsString(), {}));
+  auto f = link.Receive(timeouts_.hello);
+  if (!f.ok()) {
+    // Whatever answers here is not a Cairn sink, or not one that works: its
+    // bytes are no corruption of ours.
+    const Code code = f.status().code();
+    if (code == Code::kDataLoss) {
+      return FailedPrecondition(fmt::format(
+          "{} answered Hello with bytes that are not a Cairn frame ({}): is another service "
+          "listening there? The peer must be a Cairn sink's [sink] listen address",
+          link.peer(), f.status().message()));
+    }
+    if (code == Code::kAborted) {
+      return Unavailable(fmt::format("{} closed the link without answering Hello ({}): is it a "
+                                     "Cairn sink?",
+                                     link.peer(), f.status().message()));
+    }
+    return f.status();
+  }
+  if (f->type == FrameType::kLinkError) return StatusFromLinkError(*f, "sink refused");
   pb::HelloReply reply;
-  if (f.type != FrameType::kHelloReply || !reply.ParseFromString(f.body)) {
+  if (f->type != FrameType::kHelloReply || !reply.ParseFromString(f->body)) {
     return FailedPrecondition(fmt::format("{} did not answer Hello with HelloReply (got {}): is it a "
                                           "Cairn sink?",
-                                          link->peer(), FrameTypeName(f.type)));
+                                          link.peer(), FrameTypeName(f->type)));
   }
   if (reply.protocol_version() != kProtocolVersion) {
     return FailedPrecondition(fmt::format("sink speaks protocol {}, this source {}: upgrade one",
                                           reply.protocol_version(), kProtocolVersion));
   }
+  return reply.SerializeAsString();
+}
+
+StatusOr<std::string> SourceReplicator::Probe() {
+  ASSIGN_OR_RETURN(auto link, connect_());
+  ASSIGN_OR_RETURN(std::string bytes, Handshake(*link, true));
+  link->Close();
+  pb::HelloReply reply;
+  reply.ParseFromString(bytes);
+  return fmt::format("sink of site '{}' at {} takes volume '{}' into {}/{} (newest point {})",
+                     reply.sink_site(), link->peer(), config_.id, config_.target_pool,
+                     config_.target_image, reply.last_applied_seq());
+}
+
+Status SourceReplicator::Connect() {
+  ASSIGN_OR_RETURN(auto link, connect_());
+  ASSIGN_OR_RETURN(std::string bytes, Handshake(*link, false));
+  pb::HelloReply reply;
+  reply.ParseFromString(bytes);
   ChainDigest chain;
   if (!ChainDigest::FromString(reply.last_chain(), &chain)) {
     return DataLoss("HelloReply carries a malformed chain digest");
@@ -606,6 +642,21 @@ void SourceReplicator::Loop() {
   bool outage = false;  // the last attempt failed
   std::optional<Clock::time_point> carried_due;  // see ahead_taken_at_
   std::string last_error;
+  {
+    // The sink's newest point is known (and shown) from the start, also
+    // for a volume replicated on demand only.
+    Status st = Connect();
+    std::lock_guard lock(mu_);
+    if (st.ok()) {
+      status_.last_seq = std::max(status_.last_seq, sink_seq_);
+      status_.state = "idle";
+    } else if (!stop_) {
+      last_error = st.Annotate(fmt::format("connecting to sink {}", status_.peer)).ToString();
+      status_.error = last_error;
+      status_.state = "disconnected";
+      spdlog::warn("volume {}: {}", config_.id, last_error);
+    }
+  }
   std::unique_lock lock(mu_);
   while (!stop_) {
     const auto now = Clock::now();

@@ -62,6 +62,11 @@ class SourceReplicator {
   void RequestStop();
   void Stop();
 
+  // Checks, without replicating, that the peer is a Cairn sink that would
+  // take this volume (a probe Hello: no session is replaced). Returns what
+  // the sink said (its site, the newest point) or why it would not.
+  StatusOr<std::string> Probe();
+
   // Asks for a new epoch now. Returns the seq of a restore point that will
   // contain every write completed before this call (a later point does too).
   // Fails if the image's snapshots cannot be listed (no safe promise then).
@@ -78,6 +83,9 @@ class SourceReplicator {
 
  private:
   Status Connect();
+  // Sends `hello` on `link` and returns the sink's HelloReply, or why not
+  // (a refusal, or a peer that is not a Cairn sink: said so).
+  StatusOr<std::string> Handshake(Link& link, bool probe);
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
   // Removes cairn.<N> older than `applied` beyond keep_snapshots, through a

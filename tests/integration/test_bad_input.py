@@ -283,3 +283,124 @@ def test_a_missing_source_image_is_named(site_a, site_b, workdir, daemons, name)
     assert r.returncode == 3, (r.returncode, r.stderr)
     assert f"{name}-nosuch does not exist" in r.stderr, r.stderr
     assert "no restore point can be promised" in r.stderr, r.stderr
+
+
+def _check(workdir, name, text):
+    p = os.path.join(workdir, f"{name}.conf")
+    with open(p, "w") as f:
+        f.write(text.replace("@SOCKET@", os.path.join(workdir, f"{name}.sock")))
+    return run_cairnd(p)
+
+
+class _NotCairn:
+    """Another service on a port: answers every connection with an HTTP
+    error and closes it, as a web server would."""
+
+    def __init__(self):
+        import socket
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.recv(4096)
+                c.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+
+    def close(self):
+        self.sock.close()
+        self.thread.join(timeout=10)
+
+
+def test_check_tells_the_truth(site_a, site_b, workdir, daemons, name):
+    """`cairnd --check` probes what a running cairnd will need: the peer (a
+    Cairn sink that would take the volume, by a probe handshake that
+    replaces no session), the pools the sink serves, the spool. Each setup
+    that can never replicate fails the check with what is wrong; a service
+    that is not Cairn is called so, never data loss."""
+    site_a.create(name, 4 * MiB)
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink", lib.sink_config("b", site_b.conf, port,
+                                                                f"{workdir}/spool")))
+    vols = {name: (name, name + "-s")}
+    ok = _check(workdir, "good", lib.source_config("a", site_a.conf, port, vols))
+    assert ok.returncode == 0, ok
+    assert f"ok: [volume {name}] peer 127.0.0.1:{port}: sink of site 'b'" in ok.stdout, ok.stdout
+    assert "is valid" in ok.stdout
+
+    # Nothing listens on the peer port.
+    dead = lib.free_port()
+    r = _check(workdir, "dead", lib.source_config("a", site_a.conf, dead, vols))
+    assert r.returncode == 1, r
+    assert f"FAILED: [volume {name}] peer 127.0.0.1:{dead}" in r.stdout, r.stdout
+    assert "refused" in r.stdout.lower(), r.stdout
+
+    # Another service on the peer port.
+    other = _NotCairn()
+    try:
+        r = _check(workdir, "other", lib.source_config("a", site_a.conf, other.port, vols))
+    finally:
+        other.close()
+    assert r.returncode == 1, r
+    assert "not a Cairn frame" in r.stdout or "without answering Hello" in r.stdout, r.stdout
+    assert "DataLoss" not in r.stdout + r.stderr and "truncated" not in r.stdout, r.stdout
+
+    # A target pool the sink does not serve.
+    r = _check(workdir, "pool", lib.source_config("a", site_a.conf, port, vols)
+               .replace(f"target_image = {name}-s\n", f"target_image = {name}-s\ntarget_pool = volumes\n"))
+    assert r.returncode == 1, r
+    assert "pool 'volumes' is not served by this sink" in r.stdout, r.stdout
+
+    # A spool directory that cannot be made (its parent is a file).
+    blocker = os.path.join(workdir, "not-a-dir")
+    with open(blocker, "w") as f:
+        f.write("x")
+    r = _check(workdir, "spool", lib.sink_config("b", site_b.conf, lib.free_port(),
+                                                 os.path.join(blocker, "spool")))
+    assert r.returncode == 1, r
+    assert "FAILED: [sink] spool_dir" in r.stdout and "cannot be created" in r.stdout, r.stdout
+
+    # The probes replaced no session and made no point; the sink still works.
+    source = daemons(lib.Cairnd(workdir, "src", lib.source_config("a", site_a.conf, port, vols)))
+    r1 = source.json("replicate", name, "--wait", "--timeout", "60")
+    assert r1["seq"] == 1
+    assert sink.json("status", name)[0]["corrupt_frames_total"] == 0
+
+    # A restarted source shows the newest point the sink holds at once,
+    # even for a volume replicated on demand only.
+    source.stop()
+    source.start()
+    lib.wait_for("the restarted source showing point 1",
+                 lambda: source.json("status", name)[0]["last_seq"] == 1, timeout=30)
+
+
+def test_the_sinks_status_shows_its_spool_errors(site_a, site_b, workdir, daemons, name):
+    """A sink that cannot spool a volume says so in its own `cairn status`,
+    not only in the source's."""
+    site_a.create(name, 4 * MiB)
+    port = lib.free_port()
+    spool = os.path.join(workdir, "spool")
+    os.makedirs(spool)
+    with open(os.path.join(spool, name), "w") as f:  # where the volume's spool dir goes
+        f.write("in the way")
+    sink = daemons(lib.Cairnd(workdir, "sink", lib.sink_config("b", site_b.conf, port, spool)))
+    daemons(lib.Cairnd(workdir, "src", lib.source_config("a", site_a.conf, port,
+                                                          {name: (name, name + "-s")})))
+
+    def sink_error():
+        for st in sink.json("status"):
+            if st["volume"] == name and "cannot create spool directory" in st["error"]:
+                return st
+        return None
+
+    st = lib.wait_for("the sink's status showing its spool error", sink_error, timeout=30)
+    assert st["state"] == "error" and st["errors_total"] >= 1, st
