@@ -378,18 +378,7 @@ Status Sink::Serve(Link& link_ref) {
 }
 
 Status Sink::CheckProbe(Target& t) {
-  auto latest = t.catalog->Latest(t.volume);
-  if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
-  if (*latest) {
-    t.last_seq = (*latest)->seq;
-    t.chain = (*latest)->chain_digest;
-    const std::string& from = (*latest)->source_site;
-    if (!from.empty() && !t.source_site.empty() && from != t.source_site) {
-      return FailedPrecondition(fmt::format(
-          "volume '{}' is replicated from site '{}'; refusing a second source at site '{}'",
-          t.volume, from, t.source_site));
-    }
-  }
+  RETURN_IF_ERROR(LoadLatest(t).status());
   ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
   if (!owner.empty() && owner != t.volume) {
     return FailedPrecondition(fmt::format(
@@ -406,7 +395,7 @@ Status Sink::CheckProbe(Target& t) {
   return CheckSpoolWritable(t.dir);
 }
 
-Status Sink::Session(Link& link, Target& t) {
+StatusOr<std::optional<RestorePoint>> Sink::LoadLatest(Target& t) {
   auto latest = t.catalog->Latest(t.volume);
   if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
   if (*latest) {
@@ -420,6 +409,11 @@ Status Sink::Session(Link& link, Target& t) {
           t.volume, from, t.source_site));
     }
   }
+  return latest;
+}
+
+Status Sink::Session(Link& link, Target& t) {
+  ASSIGN_OR_RETURN(const std::optional<RestorePoint> latest, LoadLatest(t));
   RETURN_IF_ERROR(RecoverSpool(t));
   t.recovered = true;
   SetState(t.volume, [&](VolumeStatusInfo& s) {
@@ -428,7 +422,7 @@ Status Sink::Session(Link& link, Target& t) {
     s.image = t.image;
     s.peer = link.peer();
     s.last_seq = t.last_seq;
-    if (*latest) s.last_point_time_ns = (*latest)->source_time_ns;
+    if (latest) s.last_point_time_ns = latest->source_time_ns;
     if (t.last_point_time_ns > 0) s.last_point_time_ns = t.last_point_time_ns;
     // The last error stays until a point is made: a source that fails each
     // epoch (its image gone) reconnects, and must not wipe out why.

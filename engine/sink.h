@@ -155,6 +155,9 @@ class Sink {
   // What a probe Hello (cairnd --check at the source) is told: would an
   // epoch of t.volume into t.pool/t.image be taken, spool included.
   Status CheckProbe(Target& t);
+  // The volume's newest point from the catalog (into t.last_seq, t.chain);
+  // FailedPrecondition if it came from another source site than t's.
+  StatusOr<std::optional<RestorePoint>> LoadLatest(Target& t);
   // The apply window of one epoch whose records are at most `max_block`
   // long, out of env_.budget (waits for one block's worth; kAborted if the
   // sink stops meanwhile); `opt` says how much was had.
