@@ -1,6 +1,8 @@
 // cairnd: Cairn's replicator daemon. See docs/OPERATIONS.md.
 //
 //   cairnd -c /etc/cairn/cairnd.conf [--check]
+#include <sys/resource.h>
+
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -44,6 +46,16 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(spdlog::level::from_str(cfg->log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [" + cfg->site + "] %v");
+
+  // Every volume holds a socket (and a sink one per source volume): the
+  // soft limit on open files (often 1024) goes up to the hard one.
+  if (rlimit files{}; getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    const rlim_t was = files.rlim_cur;
+    files.rlim_cur = files.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &files) == 0) {
+      spdlog::debug("open files limit raised from {} to {}", was, files.rlim_max);
+    }
+  }
 
   // Block the stop signals in every thread; the main thread waits for them.
   sigset_t stop_signals;
