@@ -14,6 +14,27 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
 import cairn_testlib as lib  # noqa: E402
 
 
+def pytest_collection_finish(session):
+    """Refuses a session that also collected tests/cinder: its conftest
+    imports cinder.tests.unit, which monkey-patches threading with eventlet,
+    and the threads of these tests (guest writers, fault proxies, clients)
+    then run as greenlets in one OS thread. A librbd call never yields, so
+    a thread that loops on librbd starves the test for good (seen:
+    test_no_write_is_lost_... hung), and every timing is off. test.sh runs
+    the two directories as two sessions."""
+    try:
+        from eventlet import patcher
+    except ImportError:
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    ours = any(str(item.fspath).startswith(here + os.sep) for item in session.items)
+    if ours and patcher.is_monkey_patched("thread"):
+        raise pytest.UsageError(
+            "tests/integration cannot run in a session that loaded eventlet's monkey patching "
+            "(tests/cinder's conftest does): run `pytest tests/integration` and "
+            "`pytest tests/cinder` as two sessions, as test.sh does")
+
+
 def _env(path):
     out = {}
     with open(path) as f:

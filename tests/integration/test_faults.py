@@ -156,9 +156,20 @@ class Rig:
                 f"\n--- sink log ---\n{self.sink.log_tail(n)}")
 
     def wait_new_point(self, after, what, timeout=RECOVERY):
+        """Waits for more than `after` restore points (a count)."""
+        return self._wait_point(f"{what}: a restore point after {after}",
+                                lambda: self.npoints() > after, timeout)
+
+    def wait_point_seq(self, seq, what, timeout=RECOVERY):
+        """Waits for restore point `seq` or a later one. Points are numbered
+        by snapshot, with gaps (outage snapshots dropped unshipped), and an
+        idle image makes no more points: a count of points is no seq."""
+        return self._wait_point(f"{what}: restore point {seq} or a later one",
+                                lambda: any(p["seq"] >= seq for p in self.points()), timeout)
+
+    def _wait_point(self, what, predicate, timeout):
         try:
-            return lib.wait_for(f"{what}: a restore point after {after}",
-                                lambda: self.npoints() > after, timeout=timeout)
+            return lib.wait_for(what, predicate, timeout=timeout)
         except TimeoutError as e:
             src = _safe(lambda: self.state(self.source))
             snk = _safe(lambda: self.state(self.sink))
@@ -181,7 +192,7 @@ class Rig:
         else:
             want = self.source.json("replicate", self.name)["seq"]
             after_request()
-            self.wait_new_point(want - 1, f"the promised point {want}")
+            self.wait_point_seq(want, f"the promised point {want}")
         self.source.stop()
         pts = self.points()
         seqs = [p["seq"] for p in pts]
