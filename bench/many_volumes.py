@@ -113,15 +113,40 @@ def percentiles(ms):
             "max_ms": round(s[-1], 1)}
 
 
+def thread_stacks(pid):
+    """What each thread of PID is doing, from one `gdb -batch` look at all
+    of them (the process stops for the seconds that takes): the threads
+    counted by their innermost frame and their innermost Cairn frames,
+    most common first."""
+    import re
+    t = time.monotonic()
+    r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 30"],
+                       capture_output=True, text=True, timeout=600)
+    stalled = time.monotonic() - t
+    count = collections.Counter()
+    for th in re.split(r"\n(?=Thread \d+ )", r.stdout)[1:]:
+        frames = re.findall(r"^#\d+\s+(?:0x[0-9a-f]+ in )?([^\s(]+)", th, re.M)
+        cairn = [f for f in frames if f.startswith("cairn::") and f != "cairn::"][:3]
+        top = frames[0] if frames else "?"
+        count[f"{top} <- {' <- '.join(cairn) or '(no cairn frame)'}"] += 1
+    return {"threads": sum(count.values()), "gdb_stall_s": round(stalled, 1),
+            "top": count.most_common(12)}
+
+
 # --- the guest load ---------------------------------------------------------------
 
 class LoadWriter:
     """Random 64 KiB blocks of random data to random volumes at RATE writes
     per second in all: a pacer puts one job per 1/RATE s in a queue, THREADS
-    workers each open the image, write, close (as a short-lived client)."""
+    workers write it. With HANDLES ({image: open rbd.Image}) they write
+    through images held open since before replication started, as running
+    VMs do; without, each write opens the image, writes and closes it (a
+    short-lived client, the worst case for the source: docs/OPERATIONS.md,
+    "Clients that open a replicated image")."""
 
-    def __init__(self, site, images, rate, seed, threads=4):
+    def __init__(self, site, images, rate, seed, handles=None, threads=4):
         self.site, self.images, self.rate = site, images, rate
+        self.handles = handles
         self.rng = random.Random(seed)
         self.jobs = queue.Queue()
         self.stop_ev = threading.Event()
@@ -161,8 +186,11 @@ class LoadWriter:
             image, off, data = job
             t = time.monotonic()
             try:
-                with rbd.Image(self.site.ioctx, image) as img:
-                    img.write(data, off)
+                if self.handles is not None:
+                    self.handles[image].write(data, off)
+                else:
+                    with rbd.Image(self.site.ioctx, image) as img:
+                        img.write(data, off)
                 with self.lock:
                     self.done += 1
                     self.written[image] += 1
@@ -205,8 +233,11 @@ class Bench:
             "command": "/usr/bin/python3 " + " ".join(map(shlex.quote, sys.argv)),
             "cairnd": lib.CAIRND, "volumes": self.n, "interval": args.interval,
             "idle_seconds": args.idle_seconds, "load_seconds": args.load_seconds,
-            "write_rate": args.write_rate, "sections": {}}
+            "write_rate": args.write_rate, "writer": args.writer, "sections": {}}
         self.own_testbed = None
+        self.handles = None
+        self.diag = {}
+        self.results["diagnostics"] = self.diag
         self.source = self.sink = None
         self.a = self.b = None
         # Short paths: control sockets are limited to 107 bytes.
@@ -242,6 +273,12 @@ class Bench:
             if d and d.proc and d.proc.poll() is None:
                 d.proc.kill()  # our own child, by its Popen handle
                 d.proc.wait()
+        for h in (self.handles or {}).values():
+            try:
+                h.close()
+            except Exception:
+                pass
+        self.handles = None
         if self.args.testbed and not self.args.keep_images and self.a:
             log("removing this run's images from the test bed")
             for site in (self.a, self.b):
@@ -295,6 +332,13 @@ class Bench:
             raise RuntimeError(f"creating images failed: {errors[:5]}")
         create_s = time.monotonic() - t0
         log(f"  {self.n} images in {create_s:.1f} s")
+        open_s = None
+        if self.args.writer == "hold-open":
+            # The guests' images are open before replication starts.
+            t = time.monotonic()
+            self.handles = {v: rbd.Image(self.a.ioctx, v) for v in self.vids}
+            open_s = time.monotonic() - t
+            log(f"  {self.n} images opened by the writer (held open) in {open_s:.1f} s")
         self.port = lib.free_port()
         spool = os.path.join(self.work, "spool")
         sink_text = lib.sink_config("b", self.conf_b, self.port, spool,
@@ -305,6 +349,7 @@ class Bench:
         self.sink = lib.Cairnd(self.work, "sink", sink_text)
         self.source = lib.Cairnd(self.work, "source", src_text)
         self.results["sections"]["setup"] = {"create_images_s": round(create_s, 1),
+                                             "writer_open_s": open_s and round(open_s, 1),
                                              "config_lines": src_text.count("\n")}
 
     # --- 2. initial sync -------------------------------------------------------------
@@ -339,6 +384,10 @@ class Bench:
                 last_log = time.monotonic()
             if done >= self.n:
                 break
+            if self.args.stacks_sync and el > 60 and "stacks_during_sync" not in self.diag:
+                log("  looking at the source's threads (gdb; --stacks)")
+                self.diag["stacks_during_sync"] = {"at_s": round(el, 1), "volumes_done": done,
+                                                   **thread_stacks(self.source.proc.pid)}
             if time.monotonic() > deadline:
                 src = self.source.json("status")
                 errs = collections.Counter(v["error"][:160] for v in src if v["error"])
@@ -444,7 +493,8 @@ class Bench:
         log(f"loaded phase: {s} s, {self.args.write_rate} writes/s of 64 KiB to random volumes")
         st0 = self.sums()
         before = {k: proc_sample(p) for k, p in self.pids.items()}
-        writer = LoadWriter(self.a, self.vids, self.args.write_rate, seed=2121).start()
+        writer = LoadWriter(self.a, self.vids, self.args.write_rate, seed=2121,
+                            handles=self.handles).start()
         end = before["source"]["t"] + s
         lat = {}
         rng = random.Random(7)
@@ -463,6 +513,9 @@ class Bench:
             load = writer.stop()
         after = {k: proc_sample(p) for k, p in self.pids.items()}
         st1 = self.sums()
+        if self.args.stacks:
+            log("  looking at the source's threads (gdb; --stacks)")
+            self.diag["stacks_end_of_load"] = thread_stacks(self.source.proc.pid)
         out = {k: phase_figures(before[k], after[k]) for k in self.pids}
         out.update(self.delta(st0, st1))
         out["load"] = load
@@ -505,8 +558,10 @@ class Bench:
             with open(d.log, errors="replace") as f:
                 for line in f:
                     parts = line.split(" ", 3)
-                    lvl = parts[1] if len(parts) > 2 else "?"
-                    lvl = lvl.replace("\x1b[", "").split("m")[-1] if "\x1b" in lvl else lvl
+                    if len(parts) < 3 or not parts[0][:4].isdigit():
+                        levels["other"] += 1  # not a cairnd log line
+                        continue
+                    lvl = parts[1]
                     levels[lvl] += 1
                     if lvl in ("warning", "error", "critical") and len(samples) < 10:
                         samples.append(line.rstrip()[:300])
@@ -604,8 +659,13 @@ def report(r):
             wl = ld["write_latency"] or {}
             lines += [f"Load: {ld['writes']} writes ({ld['rate_achieved']}/s of "
                       f"{ld['rate_asked']}/s asked) to {ld['volumes_written']} distinct volumes, "
-                      f"{ld['errors']} failed; each opens the image, writes, closes "
-                      f"(p50 {wl.get('p50_ms')} ms, p99 {wl.get('p99_ms')} ms).", ""]
+                      f"{ld['errors']} failed; "
+                      + ("through images the writer opened before the source started and "
+                         "held open, as running VMs do"
+                         if r.get("writer", "open-each") == "hold-open" else
+                         "each write opens the image, writes, closes (a short-lived client)")
+                      + f" (write latency p50 {wl.get('p50_ms')} ms, p99 {wl.get('p99_ms')} ms).",
+                      ""]
             lat = p["latency"]
             lines += ["| control call (serial, during the load; CLI start-up included) | "
                       "source p50 / p99 / max | sink p50 / p99 / max |", "|---|---:|---:|"]
@@ -675,6 +735,18 @@ def report(r):
                      "Not met: " + "; ".join(missed) + ".")
         lines.append("")
     r["targets"] = [{"target": t, "measured": v, "met": ok} for t, v, ok in targets]
+    for k, label in (("stacks_during_sync", "the source's threads during the initial sync"),
+                     ("stacks_end_of_load", "the source's threads at the end of the loaded "
+                                            "phase")):
+        d = r.get("diagnostics", {}).get(k)
+        if d:
+            at = (f", {d['at_s']} s after its start, {d['volumes_done']} volumes done"
+                  if "at_s" in d else "")
+            lines += [f"{label.capitalize()} (gdb `thread apply all bt`{at}; "
+                      f"{d['threads']} threads; the process stood still {d['gdb_stall_s']} s):", "",
+                      "| threads | innermost frame <- innermost Cairn frames |", "|---:|---|"]
+            lines += [f"| {n} | `{what[:230]}` |" for what, n in d["top"]]
+            lines.append("")
     logs = r.get("logs", {})
     if logs:
         lines += ["Daemon log lines per level: " + "; ".join(
@@ -690,6 +762,9 @@ def main():
     ap.add_argument("--load-seconds", type=int, default=90)
     ap.add_argument("--write-rate", type=float, default=20.0,
                     help="64 KiB writes per second, all volumes together")
+    ap.add_argument("--writer", choices=["hold-open", "open-each"], default="hold-open",
+                    help="the load's images held open from before replication starts (as "
+                         "VMs), or opened, written and closed for every write")
     ap.add_argument("--out", default=os.path.join(lib.ROOT, "bench", "results"))
     ap.add_argument("--testbed", help="a running tests/cluster/testbed.sh DIR (else one is "
                                       "started and purged)")
@@ -702,6 +777,12 @@ def main():
     ap.add_argument("--floor-calls", type=int, default=50)
     ap.add_argument("--stop-timeout", type=int, default=120,
                     help="seconds to wait for a daemon's exit after SIGTERM before SIGKILL")
+    ap.add_argument("--stacks", action="store_true",
+                    help="diagnosis: look at the source's threads with gdb at the end of the "
+                         "loaded phase (after its figures, before the shutdown)")
+    ap.add_argument("--stacks-sync", action="store_true",
+                    help="diagnosis: also 60 s into the initial sync (its time then "
+                         "includes the seconds gdb stops the source)")
     ap.add_argument("--keep-images", action="store_true",
                     help="with --testbed: leave this run's images in it")
     ap.add_argument("--keep-work", action="store_true",
