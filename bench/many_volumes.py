@@ -26,10 +26,14 @@ It measures; it does not test.
 Usage:
   bench/many_volumes.py [--volumes N] [--interval 30s] [--idle-seconds S]
                         [--load-seconds S] [--write-rate W] [--out DIR]
-                        [--testbed DIR]
+                        [--testbed DIR] [--writer hold-open|open-each]
+                        [--stacks] [--keep-work]
 Without --testbed it starts its own test bed (base port 27789, 6 GiB of
 memstore per OSD) and purges it at the end. Binaries: $CAIRN_BUILD (see
-tests/tools/cairn_testlib.py), else build/.
+tests/tools/cairn_testlib.py), else build/. Takes about 10 minutes with
+the defaults on a 2-core VM. cairnd raises its own open-files soft limit
+to the hard one (it needs 4 descriptors per volume: a socket, an epoll, a
+timerfd and an eventfd); the run records the limit it started with.
 """
 import argparse
 import collections
@@ -38,6 +42,8 @@ import json
 import os
 import queue
 import random
+import re
+import resource
 import shlex
 import shutil
 import signal
@@ -92,7 +98,25 @@ def proc_sample(pid):
             "rss_mib": int(status["VmRSS"].split()[0]) / 1024,
             "hwm_mib": int(status["VmHWM"].split()[0]) / 1024,
             "threads": int(status["Threads"]),
-            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+            "fds": len(os.listdir(f"/proc/{pid}/fd")),
+            # Of the main thread only in /proc/PID/status: summed over
+            # all threads from /proc/PID/task/*/status.
+            "wakeups": task_switches(pid)}
+
+
+def task_switches(pid):
+    """Voluntary context switches of all threads of PID (each one a thread
+    that blocked and was woken again)."""
+    n = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        n += int(line.split()[1])
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return n
 
 
 def phase_figures(before, after):
@@ -101,7 +125,8 @@ def phase_figures(before, after):
     return {"wall_s": round(wall, 2), "cpu_s": round(after["cpu_s"] - before["cpu_s"], 2),
             "cpu_pct": round(100 * (after["cpu_s"] - before["cpu_s"]) / wall, 2),
             "rss_mib": round(after["rss_mib"], 1), "hwm_mib": round(after["hwm_mib"], 1),
-            "threads": after["threads"], "fds": after["fds"]}
+            "threads": after["threads"], "fds": after["fds"],
+            "wakeups_per_s": round((after["wakeups"] - before["wakeups"]) / wall)}
 
 
 def percentiles(ms):
@@ -118,7 +143,6 @@ def thread_stacks(pid):
     of them (the process stops for the seconds that takes): the threads
     counted by their innermost frame and their innermost Cairn frames,
     most common first."""
-    import re
     t = time.monotonic()
     r = subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 30"],
                        capture_output=True, text=True, timeout=600)
@@ -644,6 +668,8 @@ def report(r):
                   f"| peak RSS (VmHWM) | {p['source']['hwm_mib']} MiB | {p['sink']['hwm_mib']} MiB |",
                   f"| threads, open fds | {p['source']['threads']}, {p['source']['fds']} | "
                   f"{p['sink']['threads']}, {p['sink']['fds']} |",
+                  f"| thread wake-ups per s (voluntary context switches, all threads) | "
+                  f"{p['source'].get('wakeups_per_s')} | {p['sink'].get('wakeups_per_s')} |",
                   f"| epochs (source) / restore points made (sink `epochs_total`) | "
                   f"{p['source_epochs']} | {p['points_made']} |",
                   f"| unchanged checks (source `unchanged_checks_total`, Σ over volumes) | "
@@ -754,6 +780,23 @@ def report(r):
     return "\n".join(lines)
 
 
+def raise_nofile(need):
+    """Makes the open-files limit this process (and so the cairnds it
+    starts) has at least NEED: cairnd holds 4 descriptors per volume and
+    raises its own soft limit to the hard one, but not the hard one.
+    Returns (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, need))  # needs root
+        except (ValueError, OSError) as e:
+            log(f"warning: the open files hard limit is {hard}, under the {need} the daemons "
+                f"need, and cannot be raised ({e}); expect cairnd to fail on sockets")
+    elif soft != resource.RLIM_INFINITY and soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--volumes", type=int, default=1000)
@@ -792,28 +835,31 @@ def main():
         ap.error("--volumes must be 1..9999")
     args.out = os.path.abspath(args.out)
     os.makedirs(args.out, exist_ok=True)
-    log(f"cairnd: {lib.CAIRND}; ulimit -n (soft/hard) of this process: "
-        f"{__import__('resource').getrlimit(__import__('resource').RLIMIT_NOFILE)} "
-        "(cairnd raises its soft limit to the hard one itself)")
+    nofile = raise_nofile(4 * args.volumes + 512)
+    log(f"cairnd: {lib.CAIRND}; open files limit (soft, hard) for the daemons: {nofile}")
     b = Bench(args)
+    b.results["nofile_limit"] = nofile
     failed = None
     try:
-        b.run()
-    except BaseException as e:
-        failed = e
-        b.results["failed"] = f"{type(e).__name__}: {e}"[:4000]
-        log(f"failed: {b.results['failed'][:2000]}")
-    finally:
+        try:
+            b.run()
+        except BaseException as e:
+            failed = e
+            b.results["failed"] = f"{type(e).__name__}: {e}"[:4000]
+            log(f"failed: {b.results['failed'][:2000]}")
         try:
             b.log_summary()
         except Exception as e:
             log(f"could not summarise the logs: {e}")
+        # The results are written before the clean-up, which may be long
+        # (removing the images from a test bed given with --testbed).
+        md = report(b.results)
+        write_json(os.path.join(args.out, "many_volumes.json"), b.results)
+        with open(os.path.join(args.out, "many_volumes.md"), "w") as f:
+            f.write(md + "\n")
+        print(md, flush=True)
+    finally:
         b.close()
-    md = report(b.results)
-    write_json(os.path.join(args.out, "many_volumes.json"), b.results)
-    with open(os.path.join(args.out, "many_volumes.md"), "w") as f:
-        f.write(md + "\n")
-    print(md)
     if failed is None and not args.keep_work:
         shutil.rmtree(b.work, ignore_errors=True)
     else:

@@ -584,6 +584,17 @@ StatusOr<EpochSummary> SourceReplicator::RunOnce() {
     Disconnect();
     return Aborted("stopping");
   }
+  if (vol_ && !ahead_snaps_) {
+    // The plan's listing, taken here: an image removed and made again
+    // under its name since the last epoch is opened afresh at once (no
+    // failed attempt), the kept volume being of the old one.
+    auto listed = vol_->ListSnaps();
+    if (listed.ok()) {
+      ahead_snaps_ = std::move(listed).value();
+    } else if (listed.status().code() == Code::kNotFound) {
+      vol_.reset();
+    }
+  }
   if (!vol_) {
     auto vol = pool_->Open(config_.image);
     if (!vol.ok()) {

@@ -675,6 +675,56 @@ def test_a_second_sink_fences_the_first(site_b, workdir, name, daemons):
 GONE_SIZE = 256 * MiB
 
 
+class _FirstError:
+    """The first error of `volume` on cairnd d that contains `marker`, as
+    `cairn status` showed it, polled in a thread from before the image goes.
+    Such an error stays in status only until that cairnd's next outcome for
+    the volume: the source's next attempt (the `cairn replicate` asked
+    before is still pending) fails anew or, on a recreated image, makes a
+    point, and a point clears the sink's error too. That may all happen
+    while the test still renames, recreates or fills the image, before a
+    poll that started afterwards would look."""
+
+    def __init__(self, d, volume, marker, registry):
+        import threading
+        registry.append(self)  # stopped at the end of the test, whatever happens
+        self.d, self.volume, self.marker = d, volume, marker
+        self.seen = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"status-watch-{d.name}")
+        self._thread.start()
+
+    def _run(self):
+        while self.seen is None and not self._stop.is_set():
+            try:
+                for st in self.d.json("status", self.volume):
+                    if st["volume"] == self.volume and self.marker in st["error"]:
+                        self.seen = st["error"]
+            except Exception:  # cairnd busy or restarting: the next poll tells
+                pass
+            self._stop.wait(0.05)  # pacing of the polls, not a wait for anything
+
+    def wait(self, what, timeout):
+        """The error, once seen (fails after timeout); the polling stops."""
+        try:
+            return lib.wait_for(what, lambda: self.seen, timeout=timeout)
+        finally:
+            self.stop()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(30)
+
+
+@pytest.fixture
+def status_watches():
+    made = []
+    yield made
+    for w in made:
+        w.stop()
+
+
 def _fill(site, image, seed):
     """Every byte of the image written (no hole that reads zeros anyway)."""
     rng = random.Random(seed)
@@ -685,7 +735,8 @@ def _fill(site, image, seed):
 
 @pytest.mark.parametrize("how", ["deleted", "renamed", "recreated", "snapshot-removed"])
 def test_source_image_gone_under_a_first_sync_makes_no_point(site_a, site_b, workdir, name,
-                                                             daemons, proxies, how):
+                                                             daemons, proxies, status_watches,
+                                                             how):
     """The image at site A is deleted (snapshots purged, then removed),
     renamed, deleted and created anew under its name, or the epoch's
     snapshot removed by hand, while its first epoch is being read. RADOS reads a removed image's objects as zeros, not
@@ -703,6 +754,8 @@ def test_source_image_gone_under_a_first_sync_makes_no_point(site_a, site_b, wor
     source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
         "a", site_a.conf, proxy.port, {name: (name, name + "-standby")})))
     source.cli("replicate", name, check=True)
+    source_saw = _FirstError(source, name, "while it was read", status_watches)
+    sink_saw = _FirstError(sink, name, "abandoned by its source", status_watches)
     lib.wait_for("the first epoch under way (8 MiB through the link)",
                  lambda: proxy.bytes_up >= 8 * MiB, timeout=60)
     if how == "renamed":
@@ -718,21 +771,11 @@ def test_source_image_gone_under_a_first_sync_makes_no_point(site_a, site_b, wor
     assert proxy.bytes_up < GONE_SIZE // 2, "the epoch was nearly sent before the image went"
     proxy.delay(0)
 
-    def source_error():
-        st = source.json("status", name)[0]
-        return st["error"] if "while it was read" in st["error"] else None
-
-    def sink_error():
-        for st in sink.json("status", name):
-            if st["volume"] == name and "abandoned by its source" in st["error"]:
-                return st["error"]
-        return None
-
-    err = lib.wait_for("the source abandoning the epoch, saying why", source_error, timeout=60)
+    err = source_saw.wait("the source abandoning the epoch, saying why", timeout=60)
     assert "epoch 1 of" in err and "is discarded" in err, err
     assert ("snapshot rbd/" + name + "@cairn.1" if how == "snapshot-removed"
             else "removed, renamed or replaced") in err, err
-    err_b = lib.wait_for("the sink showing the abandoned epoch", sink_error, timeout=30)
+    err_b = sink_saw.wait("the sink showing the abandoned epoch", timeout=30)
     assert "no restore point is made of it" in err_b, err_b
     assert sink.json("status", name)[0]["corrupt_frames_total"] == 0
 

@@ -33,18 +33,21 @@ TEST(MemoryBudget, LendsWhatIsFreeDownToTheMinimumAndTakesItBack) {
 
 TEST(MemoryBudget, AWaiterGetsMemoryWhenItIsReturnedOrGivesUpWhenCancelled) {
   MemoryBudget b(100);
-  auto held = b.Acquire(100, 100, kNever);
-  ASSERT_TRUE(held);
   std::atomic<bool> got{false};
-  std::thread waiter([&] {
-    auto l = b.Acquire(50, 50, kNever);
-    got = l.has_value() && l->bytes() == 50;
-  });
-  held.reset();  // the waiter may have blocked or not yet: it gets 50 either way
+  std::thread waiter;
+  {
+    auto held = b.Acquire(100, 100, kNever);
+    ASSERT_TRUE(held);
+    waiter = std::thread([&] {
+      auto l = b.Acquire(50, 50, kNever);
+      got = l.has_value() && l->bytes() == 50;
+    });
+  }  // returned: the waiter may have blocked or not yet; it gets 50 either way
   waiter.join();
   EXPECT_TRUE(got);
 
-  held = b.Acquire(100, 100, kNever);
+  auto all = b.Acquire(100, 100, kNever);
+  ASSERT_TRUE(all);
   std::atomic<bool> cancel{false};
   std::atomic<bool> gave_up{false};
   std::thread stopping([&] { gave_up = !b.Acquire(10, 10, [&] { return cancel.load(); }); });
