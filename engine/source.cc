@@ -105,7 +105,7 @@ VolumeStatusInfo SourceReplicator::Report() const {
   return s;
 }
 
-StatusOr<std::string> SourceReplicator::Handshake(Link& link, bool probe) {
+StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bool probe) {
   pb::Hello hello;
   hello.set_protocol_version(kProtocolVersion);
   hello.set_volume(config_.id);
@@ -143,33 +143,33 @@ StatusOr<std::string> SourceReplicator::Handshake(Link& link, bool probe) {
     return FailedPrecondition(fmt::format("sink speaks protocol {}, this source {}: upgrade one",
                                           reply.protocol_version(), kProtocolVersion));
   }
-  return reply.SerializeAsString();
+  SinkHello out;
+  if (!ChainDigest::FromString(reply.last_chain(), &out.last_chain)) {
+    return DataLoss("HelloReply carries a malformed chain digest");
+  }
+  out.site = reply.sink_site();
+  out.last_applied_seq = reply.last_applied_seq();
+  out.resume_seq = reply.resume_seq();
+  out.resume_records = reply.resume_records();
+  return out;
 }
 
 StatusOr<std::string> SourceReplicator::Probe() {
   ASSIGN_OR_RETURN(auto link, connect_());
-  ASSIGN_OR_RETURN(std::string bytes, Handshake(*link, true));
+  ASSIGN_OR_RETURN(const SinkHello reply, Handshake(*link, true));
   link->Close();
-  pb::HelloReply reply;
-  reply.ParseFromString(bytes);
   return fmt::format("sink of site '{}' at {} takes volume '{}' into {}/{} (newest point {})",
-                     reply.sink_site(), link->peer(), config_.id, config_.target_pool,
-                     config_.target_image, reply.last_applied_seq());
+                     reply.site, link->peer(), config_.id, config_.target_pool,
+                     config_.target_image, reply.last_applied_seq);
 }
 
 Status SourceReplicator::Connect() {
   ASSIGN_OR_RETURN(auto link, connect_());
-  ASSIGN_OR_RETURN(std::string bytes, Handshake(*link, false));
-  pb::HelloReply reply;
-  reply.ParseFromString(bytes);
-  ChainDigest chain;
-  if (!ChainDigest::FromString(reply.last_chain(), &chain)) {
-    return DataLoss("HelloReply carries a malformed chain digest");
-  }
-  sink_seq_ = reply.last_applied_seq();
-  sink_chain_ = chain;
-  resume_seq_ = reply.resume_seq();
-  resume_records_ = reply.resume_records();
+  ASSIGN_OR_RETURN(const SinkHello reply, Handshake(*link, false));
+  sink_seq_ = reply.last_applied_seq;
+  sink_chain_ = reply.last_chain;
+  resume_seq_ = reply.resume_seq;
+  resume_records_ = reply.resume_records;
   std::lock_guard lock(mu_);
   link_ = std::move(link);
   return OkStatus();
@@ -198,9 +198,9 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     return std::chrono::duration<double>(Clock::now() - t).count();
   };
   const auto t_plan = Clock::now();
-  // The helper of the epoch before listed them as it took this epoch's
-  // snapshot: a new listing would cost an image open more (a handle
-  // without a watch never learns of new snapshots).
+  // Listed already: by the helper of the epoch before as it took this
+  // epoch's snapshot, or by RunOnce as it checked the image is the one
+  // kept open. Another listing would cost an image open more.
   std::vector<SnapInfo> snaps;
   if (ahead_snaps_) {
     snaps = std::move(*ahead_snaps_);

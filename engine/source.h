@@ -83,9 +83,17 @@ class SourceReplicator {
 
  private:
   Status Connect();
-  // Sends `hello` on `link` and returns the sink's HelloReply, or why not
-  // (a refusal, or a peer that is not a Cairn sink: said so).
-  StatusOr<std::string> Handshake(Link& link, bool probe);
+  // What a sink's HelloReply says.
+  struct SinkHello {
+    std::string site;
+    uint64_t last_applied_seq = 0;
+    ChainDigest last_chain;
+    uint64_t resume_seq = 0;
+    uint64_t resume_records = 0;
+  };
+  // Sends this volume's Hello on `link` and returns the sink's answer, or
+  // why not (a refusal, or a peer that is not a Cairn sink: said so).
+  StatusOr<SinkHello> Handshake(Link& link, bool probe);
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
   // Removes cairn.<N> older than `applied` beyond keep_snapshots, through a
@@ -146,7 +154,8 @@ class SourceReplicator {
   // image open more on the way to every point.
   std::unique_ptr<Volume> vol_;
   // The snapshots as listed by the last epoch's helper right after it took
-  // the next one: the next epoch plans from them instead of a new listing.
+  // the next one, or by RunOnce as it checked the kept image: the next
+  // epoch plans from them instead of a new listing.
   // Consumed by that epoch; cleared with the link.
   std::optional<std::vector<SnapInfo>> ahead_snaps_;
   uint64_t sink_seq_ = 0;
