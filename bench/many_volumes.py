@@ -13,8 +13,10 @@ What it measures, in order:
      daemon, points made, unchanged checks at the source;
   4. loaded phase: random 64 KiB writes to random volumes at an aggregate
      rate; CPU and RSS again, points made, and the latency of control calls
-     (`cairn --json status [VOLUME]`, serially, CLI start-up included)
-     against both daemons;
+     against both daemons, serially: status [VOLUME] on the control socket
+     through the client the Cinder driver uses (the daemon's answer time;
+     this is what the target is checked on), and `cairn --json status
+     [VOLUME]` (CLI start-up included);
   5. shutdown: SIGTERM to the source, then the sink; time until each exits.
 Then the figures against the issue's targets (idle CPU < 2 % of a core,
 RSS <= 256 MiB per daemon, status p99 < 100 ms, shutdown < 10 s).
@@ -56,6 +58,8 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                 "tools"))
 import cairn_testlib as lib  # noqa: E402
+sys.path.insert(0, lib.SHIM)
+from cairn_cinder import wire  # noqa: E402
 import rbd  # noqa: E402
 
 KiB = 1 << 10
@@ -487,9 +491,31 @@ class Bench:
         ms = (time.perf_counter() - t) * 1000
         return ms, r
 
+    def socket_calls(self, d, rng, n, volume_fn):
+        """n status calls through the control client the Cinder driver uses
+        (one Unix-socket connection per call, no process start-up): the
+        daemon's own answer time."""
+        client = wire.ControlClient(d.socket, timeout=120)
+        lat, failed = [], []
+        for _ in range(n):
+            t = time.perf_counter()
+            try:
+                got = client.status(volume_fn(rng))
+                if not got:
+                    failed.append("empty status reply")
+            except wire.CairnError as e:
+                failed.append(str(e)[:200])
+            lat.append((time.perf_counter() - t) * 1000)
+        return percentiles(lat), failed
+
     def latency_set(self, d, rng):
         out = {}
-        single, failed = [], []
+        out["socket_status_volume"], failed = self.socket_calls(
+            d, rng, self.args.status_calls, lambda r: r.choice(self.vids))
+        out["socket_status_all"], more = self.socket_calls(
+            d, rng, self.args.status_all_calls, lambda r: "")
+        failed += more
+        single = []
         for _ in range(self.args.status_calls):
             ms, r = self.timed("--socket", d.socket, "--json", "status", rng.choice(self.vids))
             single.append(ms)
@@ -528,7 +554,8 @@ class Bench:
                 lat[k] = self.latency_set(getattr(self, k), rng)
                 log(f"  {k} control calls: {time.monotonic() - t:.1f} s; status VOLUME "
                     f"p50 {lat[k]['status_volume']['p50_ms']} ms p99 "
-                    f"{lat[k]['status_volume']['p99_ms']} ms; status (all) p99 "
+                    f"{lat[k]['status_volume']['p99_ms']} ms (socket p99 "
+                    f"{lat[k]['socket_status_volume']['p99_ms']} ms); status (all) p99 "
                     f"{lat[k]['status_all']['p99_ms']} ms; floor p50 "
                     f"{lat[k]['floor_status_nosuch']['p50_ms']} ms")
             lat_done = time.monotonic()
@@ -693,10 +720,14 @@ def report(r):
                       + f" (write latency p50 {wl.get('p50_ms')} ms, p99 {wl.get('p99_ms')} ms).",
                       ""]
             lat = p["latency"]
-            lines += ["| control call (serial, during the load; CLI start-up included) | "
+            lines += ["| control call (serial, during the load) | "
                       "source p50 / p99 / max | sink p50 / p99 / max |", "|---|---:|---:|"]
-            for k, label in (("status_volume", "`cairn --socket S --json status VOLUME` "
-                                               "(random volume)"),
+            for k, label in (("socket_status_volume", "status VOLUME (random volume) on the "
+                                                      "control socket, as the Cinder driver "
+                                                      "calls it"),
+                             ("socket_status_all", "status (all volumes) on the control socket"),
+                             ("status_volume", "`cairn --socket S --json status VOLUME` "
+                                               "(random volume; CLI start-up included)"),
                              ("status_all", "`cairn --socket S --json status` (all volumes)"),
                              ("floor_status_nosuch", "floor: `cairn --socket S status nosuch`")):
                 cells = []
@@ -740,12 +771,12 @@ def report(r):
     if "loaded" in s:
         for d in ("source", "sink"):
             if d in s["loaded"]["latency"]:
-                v = s["loaded"]["latency"][d]["status_volume"]["p99_ms"]
-                targets.append((f"`status VOLUME` p99 < {TARGET_STATUS_P99_MS} ms ({d})",
-                                f"{v} ms", v < TARGET_STATUS_P99_MS))
-                v = s["loaded"]["latency"][d]["status_all"]["p99_ms"]
-                targets.append((f"`status` (all) p99 < {TARGET_STATUS_P99_MS} ms ({d})",
-                                f"{v} ms", v < TARGET_STATUS_P99_MS))
+                v = s["loaded"]["latency"][d]["socket_status_volume"]["p99_ms"]
+                targets.append((f"status VOLUME p99 < {TARGET_STATUS_P99_MS} ms on the control "
+                                f"socket ({d})", f"{v} ms", v < TARGET_STATUS_P99_MS))
+                v = s["loaded"]["latency"][d]["socket_status_all"]["p99_ms"]
+                targets.append((f"status (all) p99 < {TARGET_STATUS_P99_MS} ms on the control "
+                                f"socket ({d})", f"{v} ms", v < TARGET_STATUS_P99_MS))
     if "shutdown" in s:
         for d in ("source", "sink"):
             v = s["shutdown"][d]["exit_s"]

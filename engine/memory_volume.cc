@@ -488,6 +488,12 @@ MemoryVolume::~MemoryVolume() {
   if (holds_head_) --image_->head_handles;
 }
 
+void MemoryVolume::CloseHandles() {
+  std::lock_guard lock(pool_->mu);
+  if (holds_head_) --image_->head_handles;
+  holds_head_ = false;
+}
+
 void MemoryVolume::HoldHeadLocked() {
   if (holds_head_) return;
   holds_head_ = true;

@@ -163,6 +163,7 @@ class MemoryVolume final : public Volume {
   // Chunks are never modified once shared: unchanged means the head holds
   // the very chunks of `snap` at the same size.
   StatusOr<bool> ChangedSince(const SnapInfo& snap) override;
+  void CloseHandles() override;
 
  private:
   std::shared_ptr<memory_internal::PoolState> pool_;

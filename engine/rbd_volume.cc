@@ -305,24 +305,16 @@ AsyncIo::Completion FinishOp(PendingOp* op, const std::string& spec) {
 
 // The header's snapshot context (cls_rbd get_snapcontext): the newest
 // snapshot id and every snapshot id, newest first.
-StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
-    rados_ioctx_t io, const std::string& header, const std::string& spec) {
-  std::vector<char> out(4096);
-  int rc = 0;
-  while (true) {
-    rc = rados_exec(io, header.c_str(), "rbd", "get_snapcontext", nullptr, 0, out.data(),
-                    out.size());
-    if (rc != -ERANGE || out.size() >= (64u << 20)) break;
-    out.resize(out.size() * 4);
-  }
-  if (rc < 0) return ErrnoStatus(rc, "reading the snapshot context of " + spec);
+// The answer of cls_rbd get_snapcontext: the seq and the snapshot ids.
+StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> DecodeSnapContext(std::string_view out,
+                                                                        const std::string& spec) {
   // Encoded as u64 seq, u32 count, count x u64 (little-endian).
   const auto u64 = [&](size_t at) {
     uint64_t v = 0;
     std::memcpy(&v, out.data() + at, 8);
     return le64toh(v);
   };
-  const size_t len = static_cast<size_t>(rc);
+  const size_t len = out.size();
   uint32_t count = 0;
   if (len >= 12) {
     std::memcpy(&count, out.data() + 8, 4);
@@ -335,6 +327,20 @@ StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
   std::vector<uint64_t> snaps;
   for (uint32_t i = 0; i < count; ++i) snaps.push_back(u64(12 + 8 * i));
   return std::make_pair(u64(0), std::move(snaps));
+}
+
+StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
+    rados_ioctx_t io, const std::string& header, const std::string& spec) {
+  std::vector<char> out(4096);
+  int rc = 0;
+  while (true) {
+    rc = rados_exec(io, header.c_str(), "rbd", "get_snapcontext", nullptr, 0, out.data(),
+                    out.size());
+    if (rc != -ERANGE || out.size() >= (64u << 20)) break;
+    out.resize(out.size() * 4);
+  }
+  if (rc < 0) return ErrnoStatus(rc, "reading the snapshot context of " + spec);
+  return DecodeSnapContext(std::string_view(out.data(), static_cast<size_t>(rc)), spec);
 }
 
 // Writes several pieces of one RADOS object of an image as one op.
@@ -1710,16 +1716,49 @@ StatusOr<std::string> ReadWhole(rados_ioctx_t io, const std::string& oid, size_t
   return out;
 }
 
-// The image's flags at `snap_id` (kNoSnap: the head), by cls_rbd get_flags.
-StatusOr<uint64_t> ReadFlags(rados_ioctx_t io, const std::string& header, uint64_t snap_id) {
-  const uint64_t in = htole64(snap_id);
-  uint64_t out = 0;
-  const int rc = rados_exec(io, header.c_str(), "rbd", "get_flags",
-                            reinterpret_cast<const char*>(&in), sizeof in,
-                            reinterpret_cast<char*>(&out), sizeof out);
-  if (rc < 0) return ErrnoStatus(rc, "reading the flags of " + header);
-  if (rc != sizeof out) return DataLoss("the flags of " + header + " do not decode");
-  return le64toh(out);
+// A u64 answer of cls_rbd (flags, features), little-endian.
+StatusOr<uint64_t> DecodeFlags(std::string_view out, const std::string& header) {
+  uint64_t v = 0;
+  if (out.size() != sizeof v) return DataLoss("the flags of " + header + " do not decode");
+  std::memcpy(&v, out.data(), sizeof v);
+  return le64toh(v);
+}
+
+// Calls of cls_rbd methods on an image's header, in one RADOS op.
+struct HeaderCall {
+  const char* method;
+  uint64_t snap_id;  // the input: kNoSnap for the head
+  std::string out;   // the answer
+};
+Status CallHeader(rados_ioctx_t io, const std::string& header, std::span<HeaderCall> calls,
+                  const std::string& spec) {
+  struct Out {
+    char* buf = nullptr;
+    size_t len = 0;
+    int rc = 0;
+    ~Out() {
+      if (buf != nullptr) rados_buffer_free(buf);
+    }
+  };
+  std::vector<Out> outs(calls.size());
+  std::vector<uint64_t> ins(calls.size());
+  rados_read_op_t op = rados_create_read_op();
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const bool takes_snap = std::string_view(calls[i].method) != "get_snapcontext";
+    ins[i] = htole64(calls[i].snap_id);
+    rados_read_op_exec(op, "rbd", calls[i].method, reinterpret_cast<const char*>(&ins[i]),
+                       takes_snap ? sizeof ins[i] : 0, &outs[i].buf, &outs[i].len, &outs[i].rc);
+  }
+  const int rc = rados_read_op_operate(op, io, header.c_str(), 0);
+  rados_release_read_op(op);
+  if (rc < 0) return ErrnoStatus(rc, "reading the header of " + spec);
+  for (size_t i = 0; i < calls.size(); ++i) {
+    if (outs[i].rc < 0) {
+      return ErrnoStatus(outs[i].rc, fmt::format("{} on the header of {}", calls[i].method, spec));
+    }
+    calls[i].out.assign(outs[i].buf, outs[i].len);
+  }
+  return OkStatus();
 }
 
 // Where the two-bit states of an encoded object map lie: a u32 length and
@@ -1751,14 +1790,19 @@ StatusOr<bool> RbdVolume::ChangedSince(const SnapInfo& snap) {
     // Taking a snapshot copies the head's map to the snapshot's and marks
     // every existing object of the head clean; a write then marks its
     // object dirty (exists), a discard or shrink removes it.
+    // No image is opened: an open costs a copy of the client's whole
+    // configuration.
     UnchangedMap u;
     u.snap_id = snap.id;
-    ASSIGN_OR_RETURN(auto h, OpenSame("", true));
-    uint64_t features = 0;
-    if (int rc = rbd_get_features(h->get(), &features); rc < 0) {
-      return ErrnoStatus(rc, "getting the features of " + Spec());
+    std::array<HeaderCall, 2> calls{{{"get_features", kNoSnap, {}}, {"get_flags", snap.id, {}}}};
+    RETURN_IF_ERROR(CallHeader(io_->get(), header, calls, Spec()));
+    // get_features answers the features, then the incompatible ones.
+    if (calls[0].out.size() < sizeof(uint64_t)) {
+      return DataLoss("the features of " + Spec() + " do not decode");
     }
-    ASSIGN_OR_RETURN(const uint64_t snap_flags, ReadFlags(io_->get(), header, snap.id));
+    ASSIGN_OR_RETURN(const uint64_t features,
+                     DecodeFlags(std::string_view(calls[0].out).substr(0, 8), header));
+    ASSIGN_OR_RETURN(const uint64_t snap_flags, DecodeFlags(calls[1].out, header));
     if ((features & RBD_FEATURE_FAST_DIFF) != 0 &&
         (snap_flags & (kFlagObjectMapInvalid | kFlagFastDiffInvalid)) == 0) {
       const std::string snap_map = fmt::format("{}.{:016x}", head_map, snap.id);
@@ -1789,9 +1833,11 @@ StatusOr<bool> RbdVolume::ChangedSince(const SnapInfo& snap) {
   if (!unchanged_->usable) return true;
   // A snapshot taken since (by anyone) marks every object of the head clean
   // again, whatever was written before it: the map no longer tells.
-  ASSIGN_OR_RETURN(const auto snapc, ReadSnapContext(io_->get(), header, Spec()));
+  std::array<HeaderCall, 2> now{{{"get_snapcontext", 0, {}}, {"get_flags", kNoSnap, {}}}};
+  RETURN_IF_ERROR(CallHeader(io_->get(), header, now, Spec()));
+  ASSIGN_OR_RETURN(const auto snapc, DecodeSnapContext(now[0].out, Spec()));
   if (snapc.first != snap.id) return true;
-  ASSIGN_OR_RETURN(const uint64_t flags, ReadFlags(io_->get(), header, kNoSnap));
+  ASSIGN_OR_RETURN(const uint64_t flags, DecodeFlags(now[1].out, header));
   if ((flags & (kFlagObjectMapInvalid | kFlagFastDiffInvalid)) != 0) return true;
   ASSIGN_OR_RETURN(std::string map, ReadWhole(io_->get(), head_map, unchanged_->expected.size() + 64));
   const auto layout = LayoutOf(map);
@@ -1819,6 +1865,11 @@ Status RbdVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
 void RbdVolume::CloseSnapshotHandles() {
   snap_.reset();
   snap_name_.clear();
+}
+
+void RbdVolume::CloseHandles() {
+  CloseSnapshotHandles();
+  head_.reset();
 }
 
 StatusOr<uint64_t> RbdVolume::Size() {

@@ -242,6 +242,7 @@ class RbdVolume final : public Volume {
   // RADOS reads, no image open. Without fast-diff: always true.
   StatusOr<bool> ChangedSince(const SnapInfo& snap) override;
   void CloseSnapshotHandles() override;
+  void CloseHandles() override;
 
  private:
   // A handle on the image by name at `snap`; kNotFound if the name now

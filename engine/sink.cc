@@ -570,7 +570,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     // Apply while receiving. If the standby image cannot take it now, the
     // epoch is still spooled and ApplyAndCommit replays it (and reports why).
     EpochOptions opt;
-    auto memory = BorrowApplyMemory(announced.max_block, &opt);
+    auto memory = BorrowApplyMemory(announced.max_block, announced.image_size, &opt);
     if (!memory.ok()) return fail(memory.status());
     auto prepared = PrepareTarget(t);
     if (prepared.ok()) {
@@ -764,12 +764,15 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
   return PreparedTarget{std::move(vol), state};
 }
 
-StatusOr<MemoryBudget::Lease> Sink::BorrowApplyMemory(uint64_t max_block, EpochOptions* opt) {
+StatusOr<MemoryBudget::Lease> Sink::BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
+                                                      EpochOptions* opt) {
   *opt = env_.apply;
   if (!env_.budget) return MemoryBudget::Lease();
   const uint64_t spool = 2 * env_.spool.buffer_bytes;  // SpoolWriter's staging buffers
+  // No more than the image holds: a small volume leaves the rest to others.
   const uint64_t window =
-      opt->window_bytes > 0 ? opt->window_bytes : uint64_t{opt->window} * max_block;
+      std::min(opt->window_bytes > 0 ? opt->window_bytes : uint64_t{opt->window} * max_block,
+               std::max(image_size, max_block));
   auto lease = env_.budget->Acquire(window + spool, std::min(window, max_block) + spool, [this] {
     std::lock_guard lock(mu_);
     return stopping_;
@@ -811,8 +814,8 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
     EpochVerifier verifier(t.volume, t.last_seq, t.chain);
     ASSIGN_OR_RETURN(PreparedTarget prepared, PrepareTarget(t));
     EpochOptions opt;
-    ASSIGN_OR_RETURN(MemoryBudget::Lease memory,
-                     BorrowApplyMemory(kMaxPayload, &opt));  // its EpochBegin is not read yet
+    // Its EpochBegin is not read yet: block and image size unknown.
+    ASSIGN_OR_RETURN(MemoryBudget::Lease memory, BorrowApplyMemory(kMaxPayload, UINT64_MAX, &opt));
     ASSIGN_OR_RETURN(sum, ApplyEpoch(*reader, verifier, *prepared.vol, opt,
                                      prepared.state));
     vol = std::move(prepared.vol);

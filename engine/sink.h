@@ -159,9 +159,11 @@ class Sink {
   // FailedPrecondition if it came from another source site than t's.
   StatusOr<std::optional<RestorePoint>> LoadLatest(Target& t);
   // The apply window of one epoch whose records are at most `max_block`
-  // long, out of env_.budget (waits for one block's worth; kAborted if the
-  // sink stops meanwhile); `opt` says how much was had.
-  StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, EpochOptions* opt);
+  // long, no larger than its image (`image_size`), out of env_.budget
+  // (waits for one block's worth; kAborted if the sink stops meanwhile);
+  // `opt` says how much was had.
+  StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
+                                                  EpochOptions* opt);
   // Retention (SinkEnv::keep_points): removes the oldest points of `t`
   // beyond the newest keep_points, each from the catalog first and then its
   // snapshot on `vol`, so a crash between leaves a stray snapshot (removed

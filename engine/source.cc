@@ -280,10 +280,13 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   opt.block_size = config_.block_size;
   opt.window = config_.window;
   // The read window comes out of the daemon's memory budget: at least one
-  // block, as much of the configured window as is free.
+  // block, as much of the configured window as is free, and never more
+  // than the image holds (a small volume leaves the rest to the others).
   std::optional<MemoryBudget::Lease> memory;
   if (budget_) {
-    memory = budget_->Acquire(uint64_t{opt.window} * opt.block_size, opt.block_size, [this] {
+    const uint64_t blocks = std::max<uint64_t>(1, (to.size + opt.block_size - 1) / opt.block_size);
+    const uint64_t want = std::min<uint64_t>(opt.window, blocks) * opt.block_size;
+    memory = budget_->Acquire(want, opt.block_size, [this] {
       std::lock_guard lock(mu_);
       return stop_;
     });
@@ -716,6 +719,8 @@ void SourceReplicator::Loop() {
     carried_due.reset();
     ahead_taken_at_.reset();
     auto r = RunOnce();
+    // Until the next epoch the image is not held open (see CloseHandles).
+    if (vol_) vol_->CloseHandles();
     // When the next snapshot is due: as the epoch began, or an interval
     // after the snapshot it took itself (ShipEpoch).
     const auto snap_due = next_due_at_.value_or(started + config_.interval);

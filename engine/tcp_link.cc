@@ -12,6 +12,7 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/read.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
@@ -39,22 +40,32 @@ Status FromAsio(const error_code& ec, std::string_view what) {
 
 // Runs `ctx` until `*done` or `timeout`. On timeout, cancels via `cancel`
 // and runs the aborted handlers to completion. Returns false on timeout.
+// The deadline is a timer in the context, not run_one_for: Asio caps each
+// run_one_for wait at one second, which woke every idle session once a
+// second (a thousand wake-ups a second on a sink with a thousand volumes).
 template <typename Cancel>
 bool RunFor(asio::io_context& ctx, const bool* done, std::chrono::milliseconds timeout,
             Cancel cancel) {
   ctx.restart();
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (!*done) {
-    const auto now = std::chrono::steady_clock::now();
-    if (now >= deadline) break;
-    ctx.run_one_for(deadline - now);
-    if (ctx.stopped()) ctx.restart();
-  }
-  if (*done) return true;
-  cancel();
-  ctx.restart();
-  while (!*done) ctx.run_one();
-  return false;
+  bool timed_out = false;
+  bool timer_done = false;
+  asio::steady_timer timer(ctx, timeout);
+  timer.async_wait([&](const error_code& ec) {
+    timer_done = true;
+    if (ec || *done) return;
+    timed_out = true;
+    cancel();
+  });
+  const auto run_until = [&](const bool* flag) {
+    while (!*flag) {
+      ctx.run_one();
+      if (ctx.stopped()) ctx.restart();
+    }
+  };
+  run_until(done);
+  timer.cancel();
+  run_until(&timer_done);  // the timer's handler refers to this frame
+  return !timed_out;
 }
 
 template <typename Protocol>

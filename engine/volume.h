@@ -146,6 +146,12 @@ class Volume {
   // Closes what the volume keeps open to read a snapshot (OpenIo and
   // DiffExtents at one snapshot share it); the next use opens it again.
   virtual void CloseSnapshotHandles() {}
+
+  // Closes every handle the volume keeps, the head's too; the next use
+  // opens it again. A volume between epochs keeps nothing open: an open
+  // RBD image is a watch the cluster pings and a copy of the client's
+  // configuration, per volume.
+  virtual void CloseHandles() { CloseSnapshotHandles(); }
 };
 
 // Merges adjacent extents of one kind before handing them to `fn`, for
