@@ -343,6 +343,179 @@ StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
   return DecodeSnapContext(std::string_view(out.data(), static_cast<size_t>(rc)), spec);
 }
 
+// --- cls_rbd over RADOS -------------------------------------------------------
+// Reads of an image's metadata that need no image context: opening one
+// copies the client's whole configuration and, in this process, waits for
+// every other open and close (ImageContextLock).
+
+constexpr uint64_t kNoSnap = UINT64_MAX - 1;  // CEPH_NOSNAP: the head
+constexpr uint32_t kUserSnapshotNamespace = 0;  // SNAPSHOT_NAMESPACE_TYPE_USER
+
+// A u64 answer of cls_rbd (flags, features), little-endian.
+StatusOr<uint64_t> DecodeFlags(std::string_view out, const std::string& header) {
+  uint64_t v = 0;
+  if (out.size() != sizeof v) return DataLoss("the flags of " + header + " do not decode");
+  std::memcpy(&v, out.data(), sizeof v);
+  return le64toh(v);
+}
+
+// Calls of cls_rbd methods on an image's header, in one RADOS op. With
+// `missing`, a call that finds no such thing (ENOENT: a snapshot removed)
+// is marked there instead of failing them all.
+struct HeaderCall {
+  const char* method;
+  uint64_t snap_id;  // the input: kNoSnap for the head
+  std::string out;   // the answer
+};
+Status CallHeader(rados_ioctx_t io, const std::string& header, std::span<HeaderCall> calls,
+                  const std::string& spec, std::vector<int>* missing = nullptr) {
+  struct Out {
+    char* buf = nullptr;
+    size_t len = 0;
+    int rc = 0;
+    ~Out() {
+      if (buf != nullptr) rados_buffer_free(buf);
+    }
+  };
+  std::vector<Out> outs(calls.size());
+  std::vector<uint64_t> ins(calls.size());
+  rados_read_op_t op = rados_create_read_op();
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const bool takes_snap = std::string_view(calls[i].method) != "get_snapcontext";
+    ins[i] = htole64(calls[i].snap_id);
+    rados_read_op_exec(op, "rbd", calls[i].method, reinterpret_cast<const char*>(&ins[i]),
+                       takes_snap ? sizeof ins[i] : 0, &outs[i].buf, &outs[i].len, &outs[i].rc);
+    if (missing != nullptr) rados_read_op_set_flags(op, LIBRADOS_OP_FLAG_FAILOK);
+  }
+  const int rc = rados_read_op_operate(op, io, header.c_str(), 0);
+  rados_release_read_op(op);
+  if (rc < 0) return ErrnoStatus(rc, "reading the header of " + spec);
+  if (missing != nullptr) missing->assign(calls.size(), 0);
+  for (size_t i = 0; i < calls.size(); ++i) {
+    if (missing != nullptr && outs[i].rc == -ENOENT) {
+      (*missing)[i] = 1;
+      continue;
+    }
+    if (outs[i].rc < 0) {
+      return ErrnoStatus(outs[i].rc, fmt::format("{} on the header of {}", calls[i].method, spec));
+    }
+    calls[i].out.assign(outs[i].buf, outs[i].len);
+  }
+  return OkStatus();
+}
+
+// Reads little-endian values and Ceph-encoded strings out of a cls answer.
+class ClsReader {
+ public:
+  explicit ClsReader(std::string_view in) : in_(in) {}
+  bool U8(uint8_t* v) { return Take(v, 1); }
+  bool U32(uint32_t* v) {
+    if (!Take(v, 4)) return false;
+    *v = le32toh(*v);
+    return true;
+  }
+  bool U64(uint64_t* v) {
+    if (!Take(v, 8)) return false;
+    *v = le64toh(*v);
+    return true;
+  }
+  bool String(std::string* v) {
+    uint32_t n = 0;
+    if (!U32(&n) || in_.size() - at_ < n) return false;
+    v->assign(in_.substr(at_, n));
+    at_ += n;
+    return true;
+  }
+  // A versioned struct's header (ENCODE_START): version, compat, length.
+  // Returns where the struct ends.
+  bool Struct(size_t* end) {
+    uint8_t v = 0, compat = 0;
+    uint32_t len = 0;
+    if (!U8(&v) || !U8(&compat) || !U32(&len) || in_.size() - at_ < len) return false;
+    *end = at_ + len;
+    return true;
+  }
+  void Seek(size_t at) { at_ = at; }
+
+ private:
+  bool Take(void* v, size_t n) {
+    if (in_.size() - at_ < n) return false;
+    std::memcpy(v, in_.data() + at_, n);
+    at_ += n;
+    return true;
+  }
+  std::string_view in_;
+  size_t at_ = 0;
+};
+
+// The id of the image named `name` (cls_rbd get_id on its rbd_id object).
+StatusOr<std::string> ReadImageId(rados_ioctx_t io, const std::string& name,
+                                  const std::string& spec) {
+  const std::string oid = "rbd_id." + name;
+  char* buf = nullptr;
+  size_t len = 0;
+  int prval = 0;
+  rados_read_op_t op = rados_create_read_op();
+  rados_read_op_exec(op, "rbd", "get_id", nullptr, 0, &buf, &len, &prval);
+  const int rc = rados_read_op_operate(op, io, oid.c_str(), 0);
+  rados_release_read_op(op);
+  std::string out = buf != nullptr ? std::string(buf, len) : std::string();
+  if (buf != nullptr) rados_buffer_free(buf);
+  if (rc == -ENOENT) return NotFound(fmt::format("image {} does not exist", spec));
+  if (rc < 0) return ErrnoStatus(rc, "getting the id of " + spec);
+  std::string id;
+  ClsReader r(out);
+  if (!r.String(&id) || id.empty()) return DataLoss("the id of " + spec + " does not decode");
+  return id;
+}
+
+// One snapshot as cls_rbd snapshot_get answers it (SnapshotInfo v1: id,
+// namespace, name, size, timestamp, child count); nullopt for snapshots
+// outside the user namespace (trash, group, mirror), which librbd's
+// listing leaves out too.
+StatusOr<std::optional<SnapInfo>> DecodeSnapshotInfo(std::string_view in,
+                                                     const std::string& spec) {
+  const auto bad = [&] { return DataLoss("a snapshot of " + spec + " does not decode"); };
+  ClsReader r(in);
+  size_t end = 0, ns_end = 0;
+  SnapInfo s;
+  uint32_t ns_type = 0, sec = 0, nsec = 0;
+  if (!r.Struct(&end) || !r.U64(&s.id) || !r.Struct(&ns_end) || !r.U32(&ns_type)) return bad();
+  r.Seek(ns_end);
+  if (!r.String(&s.name) || !r.U64(&s.size) || !r.U32(&sec) || !r.U32(&nsec)) return bad();
+  if (ns_type != kUserSnapshotNamespace) return std::optional<SnapInfo>();
+  s.time_ns = static_cast<int64_t>(sec) * 1'000'000'000 + nsec;
+  return std::optional<SnapInfo>(std::move(s));
+}
+
+// The image's user snapshots, in id order, from its header: the snapshot
+// context, then every snapshot in one op (one removed in between is left
+// out, as it would be a moment later).
+StatusOr<std::vector<SnapInfo>> ListSnapsOfHeader(rados_ioctx_t io, const std::string& id,
+                                                  const std::string& spec) {
+  const std::string header = "rbd_header." + id;
+  std::array<HeaderCall, 1> context{{{"get_snapcontext", 0, {}}}};
+  if (Status st = CallHeader(io, header, context, spec); !st.ok()) {
+    if (st.code() == Code::kNotFound) return NotFound(fmt::format("image {} does not exist", spec));
+    return st;
+  }
+  ASSIGN_OR_RETURN(const auto snapc, DecodeSnapContext(context[0].out, spec));
+  std::vector<SnapInfo> out;
+  if (snapc.second.empty()) return out;
+  std::vector<HeaderCall> calls;
+  for (uint64_t snap_id : snapc.second) calls.push_back({"snapshot_get", snap_id, {}});
+  std::vector<int> missing;
+  RETURN_IF_ERROR(CallHeader(io, header, calls, spec, &missing));
+  for (size_t i = 0; i < calls.size(); ++i) {
+    if (missing[i]) continue;
+    ASSIGN_OR_RETURN(auto s, DecodeSnapshotInfo(calls[i].out, spec));
+    if (s) out.push_back(std::move(*s));
+  }
+  std::sort(out.begin(), out.end(),
+            [](const SnapInfo& a, const SnapInfo& b) { return a.id < b.id; });
+  return out;
+}
+
 // Writes several pieces of one RADOS object of an image as one op.
 //
 // Why: the standby OSD's cost is per op (about 340 us of CPU per 64 KiB
@@ -1453,15 +1626,11 @@ std::string RbdPool::Spec(const std::string& image, const std::string& snap) con
 }
 
 StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
-  // The read-write handle is opened only when an operation needs it (see
-  // RbdVolume::Head): an open read-write handle holds a watch, and the
-  // watch of a process killed with -9 stalls every snapshot of the image
-  // for ~30 s. Reading snapshots needs no such handle.
-  // The probe is closed here. Kept for the Volume's first listing (~30 ms
-  // saved per epoch), it made RbdVolumeTest.ImagesOpenAndCloseInManyThreadsAtOnce
-  // hang in librbd or fail glibc's mutex assertion, in four runs of four.
-  ASSIGN_OR_RETURN(std::shared_ptr<Image> probe, OpenImage(*io_, image, "", true));
-  ASSIGN_OR_RETURN(std::string id, ImageId(probe->get(), Spec(image)));
+  // No image is opened here: the id comes from the image's id object. A
+  // read-write handle is opened only when an operation needs it (see
+  // RbdVolume::Head): it holds a watch, and the watch of a process killed
+  // with -9 stalls every snapshot of the image for ~30 s.
+  ASSIGN_OR_RETURN(std::string id, ReadImageId(io_->get(), image, Spec(image)));
   return std::unique_ptr<Volume>(
       std::make_unique<RbdVolume>(io_, std::move(id), image, book_));
 }
@@ -1704,7 +1873,8 @@ constexpr uint8_t kObjectExistsClean = 3;
 // Image and snapshot flags (RBD_FLAG_*): the maps are not to be trusted.
 constexpr uint64_t kFlagObjectMapInvalid = 1;
 constexpr uint64_t kFlagFastDiffInvalid = 2;
-constexpr uint64_t kNoSnap = UINT64_MAX - 1;  // CEPH_NOSNAP: the head
+// ChangedSince: quick checks (the map's version only) between two full ones.
+constexpr int kFullCheckEvery = 10;
 
 // An RBD object whole, or kNotFound.
 StatusOr<std::string> ReadWhole(rados_ioctx_t io, const std::string& oid, size_t at_most) {
@@ -1716,49 +1886,32 @@ StatusOr<std::string> ReadWhole(rados_ioctx_t io, const std::string& oid, size_t
   return out;
 }
 
-// A u64 answer of cls_rbd (flags, features), little-endian.
-StatusOr<uint64_t> DecodeFlags(std::string_view out, const std::string& header) {
-  uint64_t v = 0;
-  if (out.size() != sizeof v) return DataLoss("the flags of " + header + " do not decode");
-  std::memcpy(&v, out.data(), sizeof v);
-  return le64toh(v);
-}
-
-// Calls of cls_rbd methods on an image's header, in one RADOS op.
-struct HeaderCall {
-  const char* method;
-  uint64_t snap_id;  // the input: kNoSnap for the head
-  std::string out;   // the answer
-};
-Status CallHeader(rados_ioctx_t io, const std::string& header, std::span<HeaderCall> calls,
-                  const std::string& spec) {
-  struct Out {
-    char* buf = nullptr;
-    size_t len = 0;
-    int rc = 0;
-    ~Out() {
-      if (buf != nullptr) rados_buffer_free(buf);
-    }
-  };
-  std::vector<Out> outs(calls.size());
-  std::vector<uint64_t> ins(calls.size());
+// An RBD object whole and its RADOS version, or kNotFound.
+StatusOr<std::pair<std::string, uint64_t>> ReadWholeVersioned(rados_ioctx_t io,
+                                                              const std::string& oid,
+                                                              size_t at_most) {
+  std::string out(at_most + 1, '\0');
+  size_t got = 0;
+  int prval = 0;
+  rados_completion_t c = nullptr;
+  if (int rc = rados_aio_create_completion2(nullptr, nullptr, &c); rc < 0) {
+    return ErrnoStatus(rc, "reading " + oid);
+  }
   rados_read_op_t op = rados_create_read_op();
-  for (size_t i = 0; i < calls.size(); ++i) {
-    const bool takes_snap = std::string_view(calls[i].method) != "get_snapcontext";
-    ins[i] = htole64(calls[i].snap_id);
-    rados_read_op_exec(op, "rbd", calls[i].method, reinterpret_cast<const char*>(&ins[i]),
-                       takes_snap ? sizeof ins[i] : 0, &outs[i].buf, &outs[i].len, &outs[i].rc);
+  rados_read_op_read(op, 0, out.size(), out.data(), &got, &prval);
+  int rc = rados_aio_read_op_operate(op, io, c, oid.c_str(), 0);
+  if (rc == 0) {
+    rados_aio_wait_for_complete(c);
+    rc = rados_aio_get_return_value(c);
   }
-  const int rc = rados_read_op_operate(op, io, header.c_str(), 0);
+  const uint64_t version = rados_aio_get_version(c);
+  rados_aio_release(c);
   rados_release_read_op(op);
-  if (rc < 0) return ErrnoStatus(rc, "reading the header of " + spec);
-  for (size_t i = 0; i < calls.size(); ++i) {
-    if (outs[i].rc < 0) {
-      return ErrnoStatus(outs[i].rc, fmt::format("{} on the header of {}", calls[i].method, spec));
-    }
-    calls[i].out.assign(outs[i].buf, outs[i].len);
-  }
-  return OkStatus();
+  if (rc == -ENOENT) return NotFound("no object " + oid);
+  if (rc < 0) return ErrnoStatus(rc, "reading " + oid);
+  if (prval < 0) return ErrnoStatus(prval, "reading " + oid);
+  out.resize(got);
+  return std::make_pair(std::move(out), version);
 }
 
 // Where the two-bit states of an encoded object map lie: a u32 length and
@@ -1831,31 +1984,54 @@ StatusOr<bool> RbdVolume::ChangedSince(const SnapInfo& snap) {
     unchanged_ = std::move(u);
   }
   if (!unchanged_->usable) return true;
-  // A snapshot taken since (by anyone) marks every object of the head clean
-  // again, whatever was written before it: the map no longer tells.
+  UnchangedMap& u = *unchanged_;
+  // Between full checks, one RADOS op: the head's map object is still the
+  // version a full check found unchanged. A write to a clean object, a
+  // discard, a resize, a snapshot over dirty objects: each rewrites it. A
+  // full check every kFullCheckEvery quick ones reads the header's flags
+  // too (a client that failed to update the map marks it invalid there).
+  if (u.map_version != 0 && u.quick_checks < kFullCheckEvery) {
+    rados_read_op_t op = rados_create_read_op();
+    rados_read_op_assert_version(op, u.map_version);
+    const int rc = rados_read_op_operate(op, io_->get(), head_map.c_str(), 0);
+    rados_release_read_op(op);
+    if (rc == 0) {
+      ++u.quick_checks;
+      return false;
+    }
+    // -ERANGE/-EOVERFLOW: rewritten since; anything else: ask in full.
+  }
+  u.map_version = 0;
+  u.quick_checks = 0;
+  // The map, then the header: a snapshot taken (by anyone) before the map
+  // was read marks every object of the head clean again, whatever was
+  // written before it, and the header read after tells of it.
+  ASSIGN_OR_RETURN(auto map_now,
+                   ReadWholeVersioned(io_->get(), head_map, u.expected.size() + 64));
+  const std::string& map = map_now.first;
+  const auto layout = LayoutOf(map);
+  if (!layout || layout->data_at + layout->data_len != u.expected.size()) return true;
+  if (map.compare(0, u.expected.size(), u.expected) != 0) return true;
   std::array<HeaderCall, 2> now{{{"get_snapcontext", 0, {}}, {"get_flags", kNoSnap, {}}}};
   RETURN_IF_ERROR(CallHeader(io_->get(), header, now, Spec()));
   ASSIGN_OR_RETURN(const auto snapc, DecodeSnapContext(now[0].out, Spec()));
   if (snapc.first != snap.id) return true;
   ASSIGN_OR_RETURN(const uint64_t flags, DecodeFlags(now[1].out, header));
   if ((flags & (kFlagObjectMapInvalid | kFlagFastDiffInvalid)) != 0) return true;
-  ASSIGN_OR_RETURN(std::string map, ReadWhole(io_->get(), head_map, unchanged_->expected.size() + 64));
-  const auto layout = LayoutOf(map);
-  if (!layout || layout->data_at + layout->data_len != unchanged_->expected.size()) return true;
-  return map.compare(0, unchanged_->expected.size(), unchanged_->expected) != 0;
+  u.map_version = map_now.second;
+  return false;
 }
 
 Status RbdVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
-  // A fresh handle reads the header as it is now; the handles that read
+  // From the header as it is now, not through a handle that read: those
   // keep what they saw when they opened.
-  auto h = OpenSame("", true);
-  if (!h.ok()) {
-    if (h.status().code() != Code::kNotFound) return h.status();
+  auto snaps = ListSnaps();
+  if (!snaps.ok()) {
+    if (snaps.status().code() != Code::kNotFound) return snaps.status();
     return NotFound(fmt::format("image {} was removed, renamed or replaced while it was read: {}",
-                                Spec(), h.status().message()));
+                                Spec(), snaps.status().message()));
   }
-  ASSIGN_OR_RETURN(std::vector<SnapInfo> snaps, ListSnapsOf((*h)->get(), Spec()));
-  for (const auto& s : snaps) {
+  for (const auto& s : *snaps) {
     if (s.id == snap_id && s.name == snap) return OkStatus();
   }
   return NotFound(fmt::format("snapshot {} (id {}) was removed while it was read", Spec(snap),
@@ -1886,8 +2062,18 @@ Status RbdVolume::Resize(uint64_t new_size) {
 }
 
 StatusOr<std::vector<SnapInfo>> RbdVolume::ListSnaps() {
-  ASSIGN_OR_RETURN(auto h, HeadForReading());
-  return ListSnapsOf(h->get(), Spec());
+  RETURN_IF_ERROR(CheckSameImage());
+  return ListSnapsOfHeader(io_->get(), id_, Spec());
+}
+
+Status RbdVolume::CheckSameImage() const {
+  ASSIGN_OR_RETURN(const std::string id, ReadImageId(io_->get(), name_, Spec()));
+  if (id != id_) {
+    return NotFound(fmt::format("image {} is no longer the image opened (id {}, now {}): it was "
+                                "removed or renamed and another created under its name",
+                                Spec(), id_, id));
+  }
+  return OkStatus();
 }
 
 Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {

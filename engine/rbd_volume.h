@@ -248,6 +248,9 @@ class RbdVolume final : public Volume {
   // A handle on the image by name at `snap`; kNotFound if the name now
   // belongs to another image than the one this volume opened.
   StatusOr<std::shared_ptr<rbd_internal::Image>> OpenSame(const std::string& snap, bool read_only);
+  // kNotFound unless the name still belongs to the image this volume
+  // opened (read from RADOS; no image is opened).
+  Status CheckSameImage() const;
   // The read-write handle, opened now if it is not yet.
   StatusOr<std::shared_ptr<rbd_internal::Image>> Head();
   // The read-write handle if open, else a transient read-only one (no watch).
@@ -275,6 +278,10 @@ class RbdVolume final : public Volume {
     uint64_t snap_id = 0;
     bool usable = false;    // fast-diff on and the snapshot's map valid
     std::string expected;   // the head map's whole object, as it must read
+    // The head map's RADOS version when a full check last found nothing
+    // changed (0: none yet), and the quick checks made since.
+    uint64_t map_version = 0;
+    int quick_checks = 0;
   };
   std::optional<UnchangedMap> unchanged_;
 };

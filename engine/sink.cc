@@ -515,7 +515,12 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
                      : fmt::format("nothing of epoch {} is kept", seq)));
       }
     }
-    spdlog::error("volume {}: epoch refused: {}", t.volume, st.message());
+    if (st.code() == Code::kAborted) {
+      // The source went away mid-epoch (stopped, restarted, its link cut).
+      spdlog::warn("volume {}: epoch {} cut short: {}", t.volume, seq, st.message());
+    } else {
+      spdlog::error("volume {}: epoch refused: {}", t.volume, st.message());
+    }
     if (kept > 0) {
       spdlog::info("volume {}: kept {} verified records of epoch {} for resume", t.volume, kept,
                    seq);

@@ -740,6 +740,7 @@ void SourceReplicator::Loop() {
       retry_at = Clock::now();
       continue;
     }
+    if (stop_) break;  // the epoch was cut by Stop(): nothing went wrong
     const std::string msg = r.status().ToString();
     status_.error = msg;
     status_.errors_total++;
