@@ -9,7 +9,8 @@ What it measures, in order:
      sink with keep_points = 3; sink started, then source;
   2. initial sync: time from the source's start until every volume has a
      restore point at the sink (all N last_seq >= 1 in the sink's status);
-  3. idle phase (nothing written): CPU (% of one core) and RSS of each
+  3. idle phase (nothing written), once every volume has made its first
+     unchanged check (steady state): CPU (% of one core) and RSS of each
      daemon, points made, unchanged checks at the source;
   4. loaded phase: random 64 KiB writes to random volumes at an aggregate
      rate; CPU and RSS again, points made, and the latency of control calls
@@ -28,6 +29,7 @@ It measures; it does not test.
 Usage:
   bench/many_volumes.py [--volumes N] [--interval 30s] [--idle-seconds S]
                         [--load-seconds S] [--write-rate W] [--out DIR]
+                        [--memory-budget SIZE]
                         [--testbed DIR] [--writer hold-open|open-each]
                         [--stacks] [--keep-work]
 Without --testbed it starts its own test bed (base port 27789, 6 GiB of
@@ -252,10 +254,19 @@ class LoadWriter:
 
 # --- the bench -------------------------------------------------------------------
 
+def duration_s(text):
+    """A cairnd duration ("30s", "1m", "500ms") in seconds."""
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text.strip())
+    if not m:
+        raise ValueError(f"not a duration: {text!r} (use 30s, 1m, 500ms)")
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
 class Bench:
     def __init__(self, args):
         self.args = args
         self.n = args.volumes
+        self.interval_s = duration_s(args.interval)
         self.results = {"when": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"), "host": os.uname().nodename, "cpus": os.cpu_count(),
             "command": "/usr/bin/python3 " + " ".join(map(shlex.quote, sys.argv)),
@@ -374,6 +385,10 @@ class Bench:
         src_text = lib.source_config("a", self.conf_a, self.port,
                                      {v: (v, v) for v in self.vids},
                                      interval=self.args.interval, keep=0)
+        if self.args.memory_budget:
+            line = f"control_socket = @SOCKET@\nmemory_budget = {self.args.memory_budget}\n"
+            sink_text = sink_text.replace("control_socket = @SOCKET@\n", line, 1)
+            src_text = src_text.replace("control_socket = @SOCKET@\n", line, 1)
         self.sink = lib.Cairnd(self.work, "sink", sink_text)
         self.source = lib.Cairnd(self.work, "source", src_text)
         self.results["sections"]["setup"] = {"create_images_s": round(create_s, 1),
@@ -469,8 +484,29 @@ class Bench:
             time.sleep(min(1.0, max(0.0, until - time.monotonic())))
 
     # --- 3. idle ----------------------------------------------------------------------------
+    def warm_up(self):
+        """Steady state: every volume has made its first unchanged check
+        since its newest point (that one learns what the object map must
+        read; the later ones only ask whether it still does)."""
+        t0 = time.monotonic()
+        deadline = t0 + 2 * self.interval_s + 120
+        while True:
+            src = [v for v in self.source.json("status") if v["volume"] in self.vset]
+            waiting = sum(1 for v in src if v["unchanged_checks_total"] < 1)
+            if waiting == 0:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"warm-up: {waiting} volumes made no unchanged check within "
+                                   f"{deadline - t0:.0f} s of the initial sync")
+            self.daemon_alive(self.source)
+            self.daemon_alive(self.sink)
+            time.sleep(1.0)
+        self.results["sections"]["warm_up_s"] = round(time.monotonic() - t0, 1)
+        log(f"  warm-up: every volume checked once, {time.monotonic() - t0:.1f} s")
+
     def idle(self):
         s = self.args.idle_seconds
+        self.warm_up()
         log(f"idle phase: {s} s, nothing written")
         st0 = self.sums()
         before = {k: proc_sample(p) for k, p in self.pids.items()}
@@ -681,7 +717,10 @@ def report(r):
                   f"| sink then: CPU s since start, peak RSS, threads, fds | "
                   f"{i['daemons']['sink']['cpu_s']} s, {i['daemons']['sink']['hwm_mib']} MiB, "
                   f"{i['daemons']['sink']['threads']}, {i['daemons']['sink']['fds']} |", ""]
-    for key, title in (("idle", f"idle phase, {r['idle_seconds']} s, nothing written"),
+    warm = s.get("warm_up_s")
+    idle_title = f"idle phase, {r['idle_seconds']} s, nothing written" + (
+        f", after a {warm} s warm-up (every volume checked once)" if warm is not None else "")
+    for key, title in (("idle", idle_title),
                        ("loaded", f"loaded phase, {r['load_seconds']} s, "
                                   f"{r['write_rate']} writes/s of 64 KiB")):
         if key not in s:
@@ -832,6 +871,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--volumes", type=int, default=1000)
     ap.add_argument("--interval", default="30s", help="[volume] interval")
+    ap.add_argument("--memory-budget", help="[cairnd] memory_budget of both daemons (else "
+                    "cairnd's default)")
     ap.add_argument("--idle-seconds", type=int, default=90)
     ap.add_argument("--load-seconds", type=int, default=90)
     ap.add_argument("--write-rate", type=float, default=20.0,

@@ -93,7 +93,7 @@ struct DaemonConfig {
   // Buffer memory lent to the epochs in flight, all volumes together
   // (source read windows, sink apply windows and spool buffers): the
   // daemon's memory does not grow with the number of volumes syncing.
-  uint64_t memory_budget = 256u << 20;
+  uint64_t memory_budget = 128u << 20;
   CephConfig ceph;
   std::optional<SinkConfig> sink;
   // [source]: volumes registered at run time (the Cinder shim) in these
