@@ -120,7 +120,7 @@ def task_switches(pid):
                 for line in f:
                     if line.startswith("voluntary_ctxt_switches:"):
                         n += int(line.split()[1])
-        except FileNotFoundError:  # the thread ended meanwhile
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
             pass
     return n
 

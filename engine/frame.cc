@@ -31,6 +31,7 @@ std::string_view FrameTypeName(FrameType t) {
     case FrameType::kHelloReply: return "HelloReply";
     case FrameType::kEpochAck: return "EpochAck";
     case FrameType::kLinkError: return "LinkError";
+    case FrameType::kUnchanged: return "Unchanged";
     case FrameType::kControlRequest: return "ControlRequest";
     case FrameType::kControlReply: return "ControlReply";
   }

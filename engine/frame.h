@@ -48,6 +48,7 @@ enum class FrameType : uint16_t {
   kHelloReply = 11,
   kEpochAck = 12,
   kLinkError = 13,
+  kUnchanged = 14,
   kControlRequest = 20,
   kControlReply = 21,
 };

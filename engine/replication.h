@@ -41,7 +41,12 @@ struct VolumeStatusInfo {
   uint64_t corrupt_frames_total = 0;  // sink: frames refused by verification
   uint64_t resumed_epochs_total = 0;  // epochs finished from a durable prefix
   uint64_t pending_snapshots = 0;     // source: snapshots not yet restore points
-  uint64_t unchanged_checks_total = 0;  // source: due epochs skipped, nothing changed
+  // source: due epochs skipped, nothing changed; sink: the source's word
+  // of each (Unchanged frames)
+  uint64_t unchanged_checks_total = 0;
+  // sink: when the source last found the image unchanged since last_seq
+  // (source time; 0: never since that point)
+  int64_t unchanged_as_of_ns = 0;
   std::string error;  // the last error, empty if the last step succeeded
 };
 

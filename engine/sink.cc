@@ -172,7 +172,10 @@ std::vector<VolumeStatusInfo> Sink::Report() const {
   std::vector<VolumeStatusInfo> out;
   for (const auto& [v, s] : status_) {
     VolumeStatusInfo c = s;
-    if (c.last_point_time_ns > 0) c.lag_seconds = (NowNs() - c.last_point_time_ns) / 1e9;
+    // The point holds the image as of its snapshot, or as of the source's
+    // last word that nothing changed since.
+    const int64_t held_at = std::max(c.last_point_time_ns, c.unchanged_as_of_ns);
+    if (c.last_point_time_ns > 0) c.lag_seconds = (NowNs() - held_at) / 1e9;
     out.push_back(c);
   }
   return out;
@@ -432,6 +435,7 @@ Status Sink::Session(Link& link, Target& t) {
   reply.set_last_applied_seq(t.last_seq);
   reply.set_last_chain(t.chain.AsBytes());
   reply.set_sink_site(env_.site);
+  reply.set_takes_unchanged(true);
   if (t.partial.records > 0) {
     reply.set_resume_seq(t.partial.seq);
     reply.set_resume_records(t.partial.records);
@@ -443,6 +447,10 @@ Status Sink::Session(Link& link, Target& t) {
   while (true) {
     auto f = link.Receive(env_.timeouts.idle);
     if (!f.ok()) return f.status();
+    if (f->type == FrameType::kUnchanged) {
+      NoteUnchanged(t, *f, link.peer());
+      continue;
+    }
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(EpochSummary sum, ReceiveEpoch(link, t, std::move(f).value()));
     RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::DURABLE, sum.chain));
@@ -457,6 +465,7 @@ Status Sink::Session(Link& link, Target& t) {
     SetState(t.volume, [&](VolumeStatusInfo& s) {
       s.state = "idle";
       s.last_seq = sum.seq;
+      s.unchanged_as_of_ns = 0;
       s.last_point_time_ns = sum.snap_time_ns;
       s.bytes_total += sum.data_bytes;
       s.epochs_total += 1;
@@ -465,6 +474,22 @@ Status Sink::Session(Link& link, Target& t) {
       s.error.clear();
     });
   }
+}
+
+void Sink::NoteUnchanged(const Target& t, const Frame& f, const std::string& peer) {
+  pb::Unchanged u;
+  if (!u.ParseFromString(f.body)) {
+    spdlog::warn("volume {}: an Unchanged frame from {} that does not parse; ignored", t.volume,
+                 peer);
+    return;
+  }
+  // Only about the newest point: an older word says nothing of it.
+  if (u.seq() != t.last_seq || t.last_seq == 0) return;
+  SetState(t.volume, [&](VolumeStatusInfo& s) {
+    if (s.last_seq != u.seq()) return;
+    s.unchanged_as_of_ns = std::max(s.unchanged_as_of_ns, u.as_of_ns());
+    s.unchanged_checks_total += 1;
+  });
 }
 
 StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {

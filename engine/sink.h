@@ -143,6 +143,9 @@ class Sink {
  private:
   struct Target;  // one volume being received
   Status Session(Link& link, Target& t);
+  // An Unchanged frame of t's source: the newest point still holds the
+  // image as of its time (status and lag; nothing else changes).
+  void NoteUnchanged(const Target& t, const Frame& f, const std::string& peer);
   StatusOr<EpochSummary> ReceiveEpoch(Link& link, Target& t, Frame begin);
   Status ApplyAndCommit(Target& t, uint64_t seq, int64_t snap_time_ns_hint);
   // The standby image of `t`, checked to be the one this volume's points

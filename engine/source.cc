@@ -151,6 +151,7 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   out.last_applied_seq = reply.last_applied_seq();
   out.resume_seq = reply.resume_seq();
   out.resume_records = reply.resume_records();
+  out.takes_unchanged = reply.takes_unchanged();
   return out;
 }
 
@@ -170,6 +171,7 @@ Status SourceReplicator::Connect() {
   sink_chain_ = reply.last_chain;
   resume_seq_ = reply.resume_seq;
   resume_records_ = reply.resume_records;
+  sink_takes_unchanged_ = reply.takes_unchanged;
   std::lock_guard lock(mu_);
   link_ = std::move(link);
   return OkStatus();
@@ -329,11 +331,23 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     helper.join();
     if (ahead.pruned) prune_deferred_ = false;
   };
-  // Every way out of here ends the helper; one that failed begins nothing more.
+  // Every way out of here ends the helper; one that failed begins nothing
+  // more. A snapshot it took ahead before the failure counts among the
+  // outage snapshots from then on: bounded by outage_snapshots like them.
   struct HelperGuard {
     const decltype(end_helper)& end;
-    ~HelperGuard() { end(AheadMode::kCancel); }
-  } guard{end_helper};
+    const Ahead& ahead;
+    std::vector<uint64_t>& outage_snaps;
+    uint64_t next_seq;
+    bool point_made = false;
+    ~HelperGuard() {
+      end(AheadMode::kCancel);
+      if (!point_made && ahead.took && std::find(outage_snaps.begin(), outage_snaps.end(), next_seq) ==
+                            outage_snaps.end()) {
+        outage_snaps.push_back(next_seq);
+      }
+    }
+  } guard{end_helper, ahead, outage_snaps_, seq + 1};
 
   SendTimes send_times;
   WatchedWriter wire(*link_);
@@ -399,6 +413,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   // The helper still takes the next snapshot if it is due by now;
   // otherwise the next epoch takes it when the schedule says.
   end_helper(AheadMode::kEpochDone);
+  guard.point_made = true;
   const bool took_next = ahead.took;
   if (took_next) {
     ahead_taken_at_ = ahead.taken_at;
@@ -641,9 +656,22 @@ bool SourceReplicator::UnchangedSincePoint() {
     return false;
   }
   if (*changed) return false;
-  std::lock_guard lock(mu_);
-  unchanged_at_ns_ = asked_at;
-  ++status_.unchanged_checks_total;
+  {
+    std::lock_guard lock(mu_);
+    unchanged_at_ns_ = asked_at;
+    ++status_.unchanged_checks_total;
+  }
+  if (link_ && sink_takes_unchanged_) {
+    // The standby hears it too: its lag for this volume counts from now.
+    pb::Unchanged u;
+    u.set_seq(sink_seq_);
+    u.set_as_of_ns(asked_at);
+    if (Status st = link_->Send(FrameType::kUnchanged, u.SerializeAsString(), {}); !st.ok()) {
+      spdlog::debug("volume {}: could not tell the sink the image is unchanged: {}", config_.id,
+                    st.ToString());
+      Disconnect();  // the next epoch connects afresh
+    }
+  }
   return true;
 }
 
@@ -705,7 +733,15 @@ void SourceReplicator::Loop() {
       const bool unchanged = UnchangedSincePoint();
       lock.lock();
       if (unchanged) {
-        next = Clock::now() + config_.interval;
+        // The next check of an idle volume falls on a whole tick (a tenth
+        // of the interval, at most a second), with those of the other idle
+        // volumes due in it: their RADOS ops then go out together, and the
+        // client's messenger wakes once for many.
+        const auto tick = std::max<Clock::duration>(
+            std::min<Clock::duration>(std::chrono::seconds(1), config_.interval / 10),
+            std::chrono::milliseconds(1));
+        const auto due = (Clock::now() + config_.interval).time_since_epoch();
+        next = Clock::time_point((due + tick - Clock::duration(1)) / tick * tick);
         carried_due.reset();
         continue;
       }

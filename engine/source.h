@@ -90,6 +90,7 @@ class SourceReplicator {
     ChainDigest last_chain;
     uint64_t resume_seq = 0;
     uint64_t resume_records = 0;
+    bool takes_unchanged = false;
   };
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).
@@ -160,6 +161,7 @@ class SourceReplicator {
   std::optional<std::vector<SnapInfo>> ahead_snaps_;
   uint64_t sink_seq_ = 0;
   ChainDigest sink_chain_;
+  bool sink_takes_unchanged_ = false;  // the linked sink takes Unchanged frames
   // The snapshot of the newest point this process shipped (id 0: none yet).
   SnapInfo point_snap_;
   uint64_t resume_seq_ = 0;      // an epoch the sink holds a prefix of

@@ -462,8 +462,17 @@ TEST_F(ReplicationTest, AnIdleVolumeTakesNoSnapshotAndMakesNoPoint) {
           [&] { return rep.Report().unchanged_checks_total >= 20; });
   EXPECT_EQ(rep.Report().last_seq, first) << "a point made of an unchanged image";
   EXPECT_EQ(CairnSnaps(*src).back(), first) << "a snapshot taken of an unchanged image";
-  // The lag counts from the last check, not from the point's snapshot.
+  // The lag counts from the last check, not from the point's snapshot,
+  // at the standby too: the source tells it of each check.
   EXPECT_LT(rep.Report().lag_seconds, 5.0);
+  WaitFor("the sink told of 10 checks", [&] {
+    const auto st = sink_->Report();
+    return st.size() == 1 && st[0].unchanged_checks_total >= 10;
+  });
+  const auto at_sink = sink_->Report()[0];
+  EXPECT_EQ(at_sink.last_seq, first);
+  EXPECT_GT(at_sink.unchanged_as_of_ns, at_sink.last_point_time_ns);
+  EXPECT_LT(at_sink.lag_seconds, 5.0);
   testing::Write(*src, kMiB, testing::RandomBytes(rng, 4096));
   WaitFor("a point after the write", [&] { return rep.Report().last_seq > first; });
   const uint64_t second = rep.Report().last_seq;
