@@ -40,17 +40,66 @@ namespace rbd_internal {
 // minutes with those calls serialised. So every call that makes or drops an
 // image context (open, close, create, clone, rename, remove, listing clones)
 // holds this lock, in every thread of cairnd and of the tools.
-std::unique_lock<std::mutex> ImageContextLock() {
-  static std::mutex mu;
-  return std::unique_lock<std::mutex>(mu);
-}
+//
+// A close goes before every open waiting: an image context (a copy of the
+// client's whole configuration, caches) stays in memory until its close
+// gets the lock, and with a thousand volumes syncing, hundreds of them
+// queued behind new opens made the daemon's peak RSS.
+class ImageContextHold {
+ public:
+  explicit ImageContextHold(bool closing);
+  ~ImageContextHold();
+  ImageContextHold(const ImageContextHold&) = delete;
+  ImageContextHold& operator=(const ImageContextHold&) = delete;
+};
+
+class ImageContextGate {
+ public:
+  static ImageContextGate& Get() {
+    static ImageContextGate gate;
+    return gate;
+  }
+  void Enter(bool closing) {
+    std::unique_lock lock(mu_);
+    if (closing) {
+      ++closes_waiting_;
+      closes_.wait(lock, [&] { return !busy_; });
+      --closes_waiting_;
+    } else {
+      opens_.wait(lock, [&] { return !busy_ && closes_waiting_ == 0; });
+    }
+    busy_ = true;
+  }
+  // One waiter is woken, a close if any waits (a thousand threads may).
+  void Leave() {
+    std::lock_guard lock(mu_);
+    busy_ = false;
+    if (closes_waiting_ > 0) {
+      closes_.notify_one();
+    } else {
+      opens_.notify_one();
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable closes_;
+  std::condition_variable opens_;
+  bool busy_ = false;
+  int closes_waiting_ = 0;
+};
+
+ImageContextHold::ImageContextHold(bool closing) { ImageContextGate::Get().Enter(closing); }
+ImageContextHold::~ImageContextHold() { ImageContextGate::Get().Leave(); }
+
+ImageContextHold ImageContextLock(bool closing = false) { return ImageContextHold(closing); }
 
 // An open librbd image handle, closed when the last user lets go.
 class Image {
  public:
   explicit Image(rbd_image_t h) : h_(h) {}
   ~Image() {
-    const auto lock = ImageContextLock();
+    const auto lock = ImageContextLock(/*closing=*/true);
     rbd_close(h_);
   }
   Image(const Image&) = delete;

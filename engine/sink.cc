@@ -567,6 +567,13 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   if (*step != EpochVerifier::Step::kBegin) return fail(DataLoss("epoch does not start with EpochBegin"));
   const EpochSummary announced = verifier.begin();
   path = t.SpoolPath(announced.seq);
+  // The epoch's memory (spool buffers, apply window) before anything is
+  // made of it: a session that waits for its share holds nothing meanwhile
+  // (a thousand of them, each with its spool's buffers, were most of a
+  // sink's peak RSS).
+  EpochOptions opt;
+  auto memory = BorrowApplyMemory(announced.max_block, announced.image_size, &opt);
+  if (!memory.ok()) return fail(memory.status());
   if (announced.resume_from > 0) {
     if (t.partial.seq != announced.seq || t.partial.records != announced.resume_from) {
       return fail(DataLoss(fmt::format(
@@ -599,9 +606,6 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   if (!t.resumed) {
     // Apply while receiving. If the standby image cannot take it now, the
     // epoch is still spooled and ApplyAndCommit replays it (and reports why).
-    EpochOptions opt;
-    auto memory = BorrowApplyMemory(announced.max_block, announced.image_size, &opt);
-    if (!memory.ok()) return fail(memory.status());
     auto prepared = PrepareTarget(t);
     if (prepared.ok()) {
       streamed = std::make_unique<Target::Streamed>();
