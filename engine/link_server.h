@@ -29,18 +29,19 @@ class LinkServer {
   uint16_t port() const { return listener_->port(); }
 
  private:
-  void Reap();  // joins finished session threads
+  struct Session {
+    std::thread thread;
+    Link* link;
+    bool done = false;
+  };
+  // Joins finished session threads but `self` (the caller's own).
+  void Reap(const Session* self = nullptr);
 
   const std::string name_;
   std::unique_ptr<Listener> listener_;
   ServeFn serve_;
   std::thread accept_thread_;
   std::mutex mu_;
-  struct Session {
-    std::thread thread;
-    Link* link;
-    bool done = false;
-  };
   std::vector<std::unique_ptr<Session>> sessions_;
   bool stopping_ = false;
 };
