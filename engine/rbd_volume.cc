@@ -378,20 +378,6 @@ StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> DecodeSnapContext(std::stri
   return std::make_pair(u64(0), std::move(snaps));
 }
 
-StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
-    rados_ioctx_t io, const std::string& header, const std::string& spec) {
-  std::vector<char> out(4096);
-  int rc = 0;
-  while (true) {
-    rc = rados_exec(io, header.c_str(), "rbd", "get_snapcontext", nullptr, 0, out.data(),
-                    out.size());
-    if (rc != -ERANGE || out.size() >= (64u << 20)) break;
-    out.resize(out.size() * 4);
-  }
-  if (rc < 0) return ErrnoStatus(rc, "reading the snapshot context of " + spec);
-  return DecodeSnapContext(std::string_view(out.data(), static_cast<size_t>(rc)), spec);
-}
-
 // --- cls_rbd over RADOS -------------------------------------------------------
 // Reads of an image's metadata that need no image context: opening one
 // copies the client's whole configuration and, in this process, waits for
@@ -451,6 +437,14 @@ Status CallHeader(rados_ioctx_t io, const std::string& header, std::span<HeaderC
     calls[i].out.assign(outs[i].buf, outs[i].len);
   }
   return OkStatus();
+}
+
+// The image's snapshot context (seq, snapshot ids) from its header.
+StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
+    rados_ioctx_t io, const std::string& header, const std::string& spec) {
+  std::array<HeaderCall, 1> context{{{"get_snapcontext", 0, {}}}};
+  RETURN_IF_ERROR(CallHeader(io, header, context, spec));
+  return DecodeSnapContext(context[0].out, spec);
 }
 
 // Reads little-endian values and Ceph-encoded strings out of a cls answer.
@@ -543,16 +537,17 @@ StatusOr<std::optional<SnapInfo>> DecodeSnapshotInfo(std::string_view in,
 StatusOr<std::vector<SnapInfo>> ListSnapsOfHeader(rados_ioctx_t io, const std::string& id,
                                                   const std::string& spec) {
   const std::string header = "rbd_header." + id;
-  std::array<HeaderCall, 1> context{{{"get_snapcontext", 0, {}}}};
-  if (Status st = CallHeader(io, header, context, spec); !st.ok()) {
-    if (st.code() == Code::kNotFound) return NotFound(fmt::format("image {} does not exist", spec));
-    return st;
+  auto snapc = ReadSnapContext(io, header, spec);
+  if (!snapc.ok()) {
+    if (snapc.status().code() == Code::kNotFound) {
+      return NotFound(fmt::format("image {} does not exist", spec));
+    }
+    return snapc.status();
   }
-  ASSIGN_OR_RETURN(const auto snapc, DecodeSnapContext(context[0].out, spec));
   std::vector<SnapInfo> out;
-  if (snapc.second.empty()) return out;
+  if (snapc->second.empty()) return out;
   std::vector<HeaderCall> calls;
-  for (uint64_t snap_id : snapc.second) calls.push_back({"snapshot_get", snap_id, {}});
+  for (uint64_t snap_id : snapc->second) calls.push_back({"snapshot_get", snap_id, {}});
   std::vector<int> missing;
   RETURN_IF_ERROR(CallHeader(io, header, calls, spec, &missing));
   for (size_t i = 0; i < calls.size(); ++i) {
@@ -1885,11 +1880,7 @@ std::string RbdVolume::Spec(const std::string& snap) const {
 StatusOr<std::shared_ptr<Image>> RbdVolume::OpenSame(const std::string& snap, bool read_only) {
   ASSIGN_OR_RETURN(std::shared_ptr<Image> h, OpenImage(*io_, name_, snap, read_only));
   ASSIGN_OR_RETURN(const std::string id, ImageId(h->get(), Spec()));
-  if (id != id_) {
-    return NotFound(fmt::format("image {} is no longer the image opened (id {}, now {}): it was "
-                                "removed or renamed and another created under its name",
-                                Spec(), id_, id));
-  }
+  RETURN_IF_ERROR(SameIdAsOpened(id));
   return h;
 }
 
@@ -1924,16 +1915,6 @@ constexpr uint64_t kFlagObjectMapInvalid = 1;
 constexpr uint64_t kFlagFastDiffInvalid = 2;
 // ChangedSince: quick checks (the map's version only) between two full ones.
 constexpr int kFullCheckEvery = 10;
-
-// An RBD object whole, or kNotFound.
-StatusOr<std::string> ReadWhole(rados_ioctx_t io, const std::string& oid, size_t at_most) {
-  std::string out(at_most + 1, '\0');
-  const int rc = rados_read(io, oid.c_str(), out.data(), out.size(), 0);
-  if (rc == -ENOENT) return NotFound("no object " + oid);
-  if (rc < 0) return ErrnoStatus(rc, "reading " + oid);
-  out.resize(static_cast<size_t>(rc));
-  return out;
-}
 
 // An RBD object whole and its RADOS version, or kNotFound.
 StatusOr<std::pair<std::string, uint64_t>> ReadWholeVersioned(rados_ioctx_t io,
@@ -2013,7 +1994,8 @@ StatusOr<bool> RbdVolume::ChangedSince(const SnapInfo& snap) {
       if (int rc = rados_stat(io_->get(), snap_map.c_str(), &len, &mtime); rc < 0) {
         return ErrnoStatus(rc, "reading the object map of " + Spec(snap.name));
       }
-      ASSIGN_OR_RETURN(u.expected, ReadWhole(io_->get(), snap_map, len));
+      ASSIGN_OR_RETURN(auto whole, ReadWholeVersioned(io_->get(), snap_map, len));
+      u.expected = std::move(whole.first);
       if (auto layout = LayoutOf(u.expected)) {
         for (size_t i = 0; i < layout->data_len; ++i) {
           const auto b = static_cast<uint8_t>(u.expected[layout->data_at + i]);
@@ -2117,12 +2099,14 @@ StatusOr<std::vector<SnapInfo>> RbdVolume::ListSnaps() {
 
 Status RbdVolume::CheckSameImage() const {
   ASSIGN_OR_RETURN(const std::string id, ReadImageId(io_->get(), name_, Spec()));
-  if (id != id_) {
-    return NotFound(fmt::format("image {} is no longer the image opened (id {}, now {}): it was "
-                                "removed or renamed and another created under its name",
-                                Spec(), id_, id));
-  }
-  return OkStatus();
+  return SameIdAsOpened(id);
+}
+
+Status RbdVolume::SameIdAsOpened(const std::string& id) const {
+  if (id == id_) return OkStatus();
+  return NotFound(fmt::format("image {} is no longer the image opened (id {}, now {}): it was "
+                              "removed or renamed and another created under its name",
+                              Spec(), id_, id));
 }
 
 Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {

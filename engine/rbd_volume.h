@@ -251,6 +251,8 @@ class RbdVolume final : public Volume {
   // kNotFound unless the name still belongs to the image this volume
   // opened (read from RADOS; no image is opened).
   Status CheckSameImage() const;
+  // OK if `id` is the id of the image this volume opened, else kNotFound.
+  Status SameIdAsOpened(const std::string& id) const;
   // The read-write handle, opened now if it is not yet.
   StatusOr<std::shared_ptr<rbd_internal::Image>> Head();
   // The read-write handle if open, else a transient read-only one (no watch).

@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include "engine/thread_stack.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {
@@ -445,6 +446,8 @@ Status Sink::Session(Link& link, Target& t) {
                t.last_seq);
 
   while (true) {
+    // Most of a session's life is this wait: its deep stack goes back.
+    ReleaseStackBelowHere();
     auto f = link.Receive(env_.timeouts.idle);
     if (!f.ok()) return f.status();
     if (f->type == FrameType::kUnchanged) {
@@ -460,6 +463,7 @@ Status Sink::Session(Link& link, Target& t) {
     }
     RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::APPLIED, t.chain));
     PruneCommitted(t);
+    t.spool_removal = {};  // joined here: an ended thread keeps its stack
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     SetState(t.volume, [&](VolumeStatusInfo& s) {

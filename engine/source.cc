@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "engine/catalog.h"
+#include "engine/thread_stack.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {
@@ -719,6 +720,8 @@ void SourceReplicator::Loop() {
       } else if (periodic) {
         wake = next;
       }
+      // Most of a volume's life is this wait: its deep stack goes back.
+      ReleaseStackBelowHere();
       if (wake == Clock::time_point::max()) {
         cv_.wait(lock);
       } else {
