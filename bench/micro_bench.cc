@@ -55,14 +55,14 @@
 #include <system_error>
 #include <vector>
 
-#include "engine/catalog.h"
-#include "engine/checksum.h"
-#include "engine/epoch.h"
-#include "engine/frame.h"
-#include "engine/memory_volume.h"
-#include "engine/spool.h"
-#include "engine/status.h"
-#include "engine/volume.h"
+#include "engine/catalog/catalog.h"
+#include "engine/base/checksum.h"
+#include "engine/epoch/epoch.h"
+#include "engine/format/frame.h"
+#include "engine/volume/memory_volume.h"
+#include "engine/spool/spool.h"
+#include "engine/base/status.h"
+#include "engine/volume/volume.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {

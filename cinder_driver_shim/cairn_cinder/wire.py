@@ -21,7 +21,7 @@ MAX_PAYLOAD = 8 << 20
 HELLO, HELLO_REPLY, EPOCH_ACK, LINK_ERROR = 10, 11, 12, 13
 CONTROL_REQUEST, CONTROL_REPLY = 20, 21
 
-# cairn::Code (engine/status.h)
+# cairn::Code (engine/base/status.h)
 CODES = {0: "OK", 1: "Cancelled", 2: "Unknown", 3: "InvalidArgument", 4: "DeadlineExceeded",
          5: "NotFound", 6: "AlreadyExists", 7: "PermissionDenied", 8: "ResourceExhausted",
          9: "FailedPrecondition", 10: "Aborted", 11: "OutOfRange", 12: "Unimplemented",

@@ -12,8 +12,8 @@
 #include <cstdlib>
 #include <mutex>
 
-#include "engine/rados_kv_store.h"
-#include "engine/rbd_volume.h"
+#include "engine/ceph/rados_kv_store.h"
+#include "engine/ceph/rbd_volume.h"
 #include "tests/unit/kv_store_conformance.h"
 
 namespace cairn {

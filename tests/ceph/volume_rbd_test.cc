@@ -22,8 +22,8 @@
 #include <mutex>
 #include <thread>
 
-#include "engine/catalog.h"
-#include "engine/rbd_volume.h"
+#include "engine/catalog/catalog.h"
+#include "engine/ceph/rbd_volume.h"
 #include "tests/unit/volume_conformance.h"
 
 namespace cairn {

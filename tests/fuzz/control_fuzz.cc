@@ -4,7 +4,7 @@
 #include <cstdint>
 #include <string>
 
-#include "engine/control.h"
+#include "engine/daemon/control.h"
 
 namespace {
 

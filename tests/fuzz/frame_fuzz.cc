@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <string_view>
 
-#include "engine/epoch.h"
-#include "engine/frame.h"
+#include "engine/epoch/epoch.h"
+#include "engine/format/frame.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   cairn::StringSource src(std::string_view(reinterpret_cast<const char*>(data), size));

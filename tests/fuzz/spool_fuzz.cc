@@ -8,7 +8,7 @@
 #include <filesystem>
 #include <string>
 
-#include "engine/spool.h"
+#include "engine/spool/spool.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   static const std::string path =

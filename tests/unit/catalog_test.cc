@@ -1,4 +1,4 @@
-#include "engine/catalog.h"
+#include "engine/catalog/catalog.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-#include "engine/config.h"
+#include "engine/daemon/config.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>

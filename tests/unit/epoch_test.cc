@@ -1,7 +1,7 @@
 // Epoch building and applying over the in-memory volume, through a real
 // spool file: what the source sends, applied at the sink, must equal the
 // source snapshot by whole-image hash.
-#include "engine/epoch.h"
+#include "engine/epoch/epoch.h"
 
 #include <filesystem>
 #include <random>
@@ -9,8 +9,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "engine/catalog.h"
-#include "engine/memory_volume.h"
+#include "engine/catalog/catalog.h"
+#include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
 
 namespace cairn {

@@ -1,9 +1,9 @@
-#include "engine/frame.h"
+#include "engine/format/frame.h"
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
-#include "engine/epoch.h"
+#include "engine/epoch/epoch.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {

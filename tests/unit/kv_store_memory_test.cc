@@ -1,5 +1,5 @@
 // The KvStore conformance suite over MemoryKvStore.
-#include "engine/kv_store.h"
+#include "engine/catalog/kv_store.h"
 #include "tests/unit/kv_store_conformance.h"
 
 namespace cairn {

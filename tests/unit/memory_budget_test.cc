@@ -1,4 +1,4 @@
-#include "engine/memory_budget.h"
+#include "engine/base/memory_budget.h"
 
 #include <gtest/gtest.h>
 

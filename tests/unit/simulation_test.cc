@@ -17,9 +17,9 @@
 
 #include <gtest/gtest.h>
 
-#include "engine/memory_volume.h"
-#include "engine/sink.h"
-#include "engine/source.h"
+#include "engine/volume/memory_volume.h"
+#include "engine/replication/sink.h"
+#include "engine/replication/source.h"
 #include "tests/unit/test_util.h"
 
 namespace cairn {

@@ -2,7 +2,7 @@
 // buffered fallback), Sync points, and crash images: unsynced data dropped,
 // torn tails, flipped bytes, wrong files. Errors are checked by exact text.
 
-#include "engine/spool.h"
+#include "engine/spool/spool.h"
 
 #include <fmt/format.h>
 #include <gmock/gmock.h>

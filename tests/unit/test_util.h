@@ -9,8 +9,8 @@
 #include <gtest/gtest.h>
 #include <xxhash.h>
 
-#include "engine/checksum.h"
-#include "engine/volume.h"
+#include "engine/base/checksum.h"
+#include "engine/volume/volume.h"
 
 namespace cairn::testing {
 

@@ -1,4 +1,4 @@
-#include "engine/thread_stack.h"
+#include "engine/base/thread_stack.h"
 
 #include <gtest/gtest.h>
 #include <sys/mman.h>

@@ -36,9 +36,9 @@
 #include <string_view>
 #include <vector>
 
-#include "engine/epoch.h"
-#include "engine/status.h"
-#include "engine/volume.h"
+#include "engine/epoch/epoch.h"
+#include "engine/base/status.h"
+#include "engine/volume/volume.h"
 
 namespace cairn {
 

@@ -2,7 +2,7 @@
 // store offers: an injected clock, allocation accounting and faults.
 #include <thread>
 
-#include "engine/memory_volume.h"
+#include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
 #include "tests/unit/volume_conformance.h"
 

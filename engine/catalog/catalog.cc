@@ -1,0 +1,369 @@
+#include "engine/catalog/catalog.h"
+
+#include <charconv>
+#include <cstring>
+#include <ctime>
+#include <set>
+
+#include <fmt/format.h>
+#include <xxhash.h>
+
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+namespace {
+
+constexpr uint8_t kCatalogVersion = 1;
+
+std::string PointKey(std::string_view volume, uint64_t seq) {
+  return fmt::format("point/{}/{:020}", volume, seq);
+}
+std::string PointPrefix(std::string_view volume) { return fmt::format("point/{}/", volume); }
+
+constexpr char kSinkInstanceKey[] = "instance/sink";
+constexpr uint8_t kSinkInstanceVersion = 1;
+
+// One "name=value\n" line; a newline in the value would end it early.
+void AppendField(std::string& out, std::string_view name, std::string_view value) {
+  out.append(name);
+  out.push_back('=');
+  for (char c : value) out.push_back(c == '\n' || c == '\r' ? ' ' : c);
+  out.push_back('\n');
+}
+
+bool ParseInt(std::string_view v, int64_t* out) {
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), *out);
+  return ec == std::errc() && end == v.data() + v.size();
+}
+
+}  // namespace
+
+std::string EncodeRestorePoint(const RestorePoint& p) {
+  pb::RestorePoint m;
+  m.set_volume(p.volume);
+  m.set_seq(p.seq);
+  m.set_base_seq(p.base_seq);
+  m.set_source_time_ns(p.source_time_ns);
+  m.set_created_time_ns(p.created_time_ns);
+  m.set_pool(p.pool);
+  m.set_image(p.image);
+  m.set_snap(p.snap);
+  m.set_image_size(p.image_size);
+  m.set_data_bytes(p.data_bytes);
+  m.set_zero_bytes(p.zero_bytes);
+  m.set_epoch_digest(p.epoch_digest.AsBytes());
+  m.set_chain_digest(p.chain_digest.AsBytes());
+  m.set_state(pb::RestorePoint::COMPLETE);
+  m.set_source_site(p.source_site);
+  std::string out(1, static_cast<char>(kCatalogVersion));
+  m.AppendToString(&out);
+  const uint64_t h = XXH3_64bits(out.data(), out.size());
+  out.append(reinterpret_cast<const char*>(&h), sizeof h);
+  return out;
+}
+
+StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_view key) {
+  if (bytes.size() < 1 + sizeof(uint64_t)) {
+    return DataLoss(fmt::format("catalog record {} is truncated ({} bytes)", key, bytes.size()));
+  }
+  uint64_t stored;
+  std::memcpy(&stored, bytes.data() + bytes.size() - sizeof stored, sizeof stored);
+  const std::string_view covered = bytes.substr(0, bytes.size() - sizeof stored);
+  if (XXH3_64bits(covered.data(), covered.size()) != stored) {
+    return DataLoss(fmt::format("catalog record {} checksum mismatch", key));
+  }
+  if (static_cast<uint8_t>(covered[0]) != kCatalogVersion) {
+    return FailedPrecondition(fmt::format("catalog record {} has version {}, this build reads {}",
+                                          key, static_cast<uint8_t>(covered[0]), kCatalogVersion));
+  }
+  pb::RestorePoint m;
+  if (!m.ParseFromArray(covered.data() + 1, static_cast<int>(covered.size() - 1))) {
+    return DataLoss(fmt::format("catalog record {} does not parse", key));
+  }
+  RestorePoint p;
+  p.volume = m.volume();
+  p.seq = m.seq();
+  p.base_seq = m.base_seq();
+  p.source_time_ns = m.source_time_ns();
+  p.created_time_ns = m.created_time_ns();
+  p.pool = m.pool();
+  p.image = m.image();
+  p.snap = m.snap();
+  p.image_size = m.image_size();
+  p.data_bytes = m.data_bytes();
+  p.zero_bytes = m.zero_bytes();
+  p.source_site = m.source_site();
+  if (!EpochDigest::FromString(m.epoch_digest(), &p.epoch_digest) ||
+      !ChainDigest::FromString(m.chain_digest(), &p.chain_digest)) {
+    return DataLoss(fmt::format("catalog record {} has a malformed digest", key));
+  }
+  return p;
+}
+
+std::string EncodeSinkInstance(const SinkInstance& si) {
+  std::string out(1, static_cast<char>(kSinkInstanceVersion));
+  AppendField(out, "addr", si.addr);
+  AppendField(out, "site", si.site);
+  AppendField(out, "host", si.host);
+  AppendField(out, "pid", std::to_string(si.pid));
+  AppendField(out, "boot_id", si.boot_id);
+  AppendField(out, "started_ns", std::to_string(si.started_ns));
+  const uint64_t h = XXH3_64bits(out.data(), out.size());
+  out.append(reinterpret_cast<const char*>(&h), sizeof h);
+  return out;
+}
+
+StatusOr<SinkInstance> DecodeSinkInstance(std::string_view bytes, std::string_view key) {
+  if (bytes.size() < 1 + sizeof(uint64_t)) {
+    return DataLoss(fmt::format("catalog record {} is truncated ({} bytes)", key, bytes.size()));
+  }
+  uint64_t stored;
+  std::memcpy(&stored, bytes.data() + bytes.size() - sizeof stored, sizeof stored);
+  std::string_view covered = bytes.substr(0, bytes.size() - sizeof stored);
+  if (XXH3_64bits(covered.data(), covered.size()) != stored) {
+    return DataLoss(fmt::format("catalog record {} checksum mismatch", key));
+  }
+  if (static_cast<uint8_t>(covered[0]) != kSinkInstanceVersion) {
+    return FailedPrecondition(fmt::format("catalog record {} has version {}, this build reads {}",
+                                          key, static_cast<uint8_t>(covered[0]),
+                                          kSinkInstanceVersion));
+  }
+  covered.remove_prefix(1);
+  SinkInstance si;
+  while (!covered.empty()) {
+    const size_t nl = covered.find('\n');
+    const std::string_view line = covered.substr(0, nl);
+    covered.remove_prefix(nl == std::string_view::npos ? covered.size() : nl + 1);
+    const size_t eq = line.find('=');
+    if (eq == std::string_view::npos) {
+      return DataLoss(fmt::format("catalog record {} has a line without '='", key));
+    }
+    const std::string_view name = line.substr(0, eq);
+    const std::string_view value = line.substr(eq + 1);
+    bool ok = true;
+    if (name == "addr") {
+      si.addr = value;
+    } else if (name == "site") {
+      si.site = value;
+    } else if (name == "host") {
+      si.host = value;
+    } else if (name == "boot_id") {
+      si.boot_id = value;
+    } else if (name == "pid") {
+      ok = ParseInt(value, &si.pid);
+    } else if (name == "started_ns") {
+      ok = ParseInt(value, &si.started_ns);
+    }
+    if (!ok) return DataLoss(fmt::format("catalog record {}: {} is not a number", key, name));
+  }
+  if (si.addr.empty()) return DataLoss(fmt::format("catalog record {} names no address", key));
+  return si;
+}
+
+std::string DescribeSinkInstance(const SinkInstance& si) {
+  const time_t t = static_cast<time_t>(si.started_ns / 1'000'000'000);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char when[32];
+  std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return fmt::format("{} (cairnd pid {} on host {}, site {}, started {})", si.addr, si.pid,
+                     si.host.empty() ? "?" : si.host, si.site.empty() ? "?" : si.site, when);
+}
+
+Status ValidateVolumeId(std::string_view v) {
+  if (v.empty() || v.size() > 128) {
+    return InvalidArgument(fmt::format("volume id '{}' must be 1 to 128 characters", v));
+  }
+  if (v.front() == '.') return InvalidArgument(fmt::format("volume id '{}' must not start with '.'", v));
+  for (char c : v) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '.' || c == '_' || c == '-';
+    if (!ok) {
+      return InvalidArgument(
+          fmt::format("volume id '{}' has '{}': use only letters, digits, '.', '_' and '-'", v, c));
+    }
+  }
+  return OkStatus();
+}
+
+std::string SnapName(uint64_t seq) { return fmt::format("cairn.{}", seq); }
+
+std::optional<uint64_t> ParseSnapName(std::string_view snap) {
+  constexpr std::string_view kPrefix = "cairn.";
+  if (!snap.starts_with(kPrefix)) return std::nullopt;
+  snap.remove_prefix(kPrefix.size());
+  uint64_t seq = 0;
+  auto [end, ec] = std::from_chars(snap.data(), snap.data() + snap.size(), seq);
+  if (ec != std::errc() || end != snap.data() + snap.size() || seq == 0) return std::nullopt;
+  return seq;
+}
+
+Status Catalog::AddPoint(const RestorePoint& p) {
+  RETURN_IF_ERROR(ValidateVolumeId(p.volume));
+  return kv_.Commit({{PointKey(p.volume, p.seq), EncodeRestorePoint(p)}}, {});
+}
+
+Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
+  return kv_.Commit({}, {PointKey(volume, seq)});
+}
+
+StatusOr<std::vector<RestorePoint>> Catalog::Points(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  ASSIGN_OR_RETURN(auto kvs, kv_.Scan(PointPrefix(volume)));
+  std::vector<RestorePoint> out;
+  out.reserve(kvs.size());
+  for (const auto& [k, v] : kvs) {
+    ASSIGN_OR_RETURN(RestorePoint p, DecodeRestorePoint(v, k));
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+StatusOr<std::optional<RestorePoint>> Catalog::Latest(std::string_view volume) {
+  ASSIGN_OR_RETURN(auto points, Points(volume));
+  if (points.empty()) return std::optional<RestorePoint>();
+  return std::optional<RestorePoint>(std::move(points.back()));
+}
+
+StatusOr<RestorePoint> Catalog::Get(std::string_view volume, uint64_t seq) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  const std::string key = PointKey(volume, seq);
+  auto v = kv_.Get(key);
+  if (!v.ok()) {
+    if (v.status().code() == Code::kNotFound) {
+      return NotFound(fmt::format("volume {} has no restore point {}", volume, seq));
+    }
+    return v.status();
+  }
+  return DecodeRestorePoint(*v, key);
+}
+
+StatusOr<std::vector<std::string>> Catalog::Volumes() {
+  ASSIGN_OR_RETURN(auto kvs, kv_.Scan("point/"));
+  std::vector<std::string> out;
+  for (const auto& [k, v] : kvs) {
+    std::string_view rest = std::string_view(k).substr(6);
+    std::string_view vol = rest.substr(0, rest.find('/'));
+    if (out.empty() || out.back() != vol) out.emplace_back(vol);
+  }
+  return out;
+}
+
+Status Catalog::SetImageOwner(std::string_view pool, std::string_view image,
+                             std::string_view volume) {
+  return kv_.Commit({{fmt::format("owner/{}/{}", pool, image), std::string(volume)}}, {});
+}
+
+StatusOr<std::string> Catalog::ImageOwner(std::string_view pool, std::string_view image) {
+  auto v = kv_.Get(fmt::format("owner/{}/{}", pool, image));
+  if (!v.ok() && v.status().code() == Code::kNotFound) return std::string();
+  return v;
+}
+
+// promoted/<volume> -> "<seq> <pool>/<image>"
+StatusOr<std::optional<Catalog::Promotion>> Catalog::GetPromotion(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  const std::string key = fmt::format("promoted/{}", volume);
+  auto v = kv_.Get(key);
+  if (!v.ok()) {
+    if (v.status().code() == Code::kNotFound) return std::optional<Promotion>();
+    return v.status();
+  }
+  Promotion p;
+  const auto space = v->find(' ');
+  const auto slash = v->find('/', space == std::string::npos ? 0 : space);
+  auto [end, ec] = std::from_chars(v->data(), v->data() + (space == std::string::npos ? 0 : space),
+                                   p.seq);
+  if (space == std::string::npos || slash == std::string::npos || ec != std::errc() ||
+      end != v->data() + space) {
+    return DataLoss(fmt::format("catalog key {} holds '{}', not '<seq> <pool>/<image>'", key, *v));
+  }
+  p.pool = v->substr(space + 1, slash - space - 1);
+  p.image = v->substr(slash + 1);
+  return std::optional<Promotion>(p);
+}
+
+Status Catalog::SetPromotion(std::string_view volume, const Promotion& p) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  return kv_.Commit(
+      {{fmt::format("promoted/{}", volume), fmt::format("{} {}/{}", p.seq, p.pool, p.image)}}, {});
+}
+
+Status Catalog::ClearPromotion(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  return kv_.Commit({}, {fmt::format("promoted/{}", volume)});
+}
+
+StatusOr<std::optional<Catalog::SinkRecord>> Catalog::SinkInstanceRecord() {
+  auto v = kv_.Get(kSinkInstanceKey);
+  if (!v.ok()) {
+    if (v.status().code() == Code::kNotFound) return std::optional<SinkRecord>();
+    return v.status();
+  }
+  if (v->empty()) return std::optional<SinkRecord>();  // what CommitIf takes as absent
+  ASSIGN_OR_RETURN(SinkInstance si, DecodeSinkInstance(*v, kSinkInstanceKey));
+  return std::optional<SinkRecord>(SinkRecord{std::move(si), std::move(v).value()});
+}
+
+Status Catalog::ReplaceSinkInstance(const std::optional<std::string>& expected_raw,
+                                    const SinkInstance& self) {
+  return kv_.CommitIf(kSinkInstanceKey, expected_raw,
+                      {{kSinkInstanceKey, EncodeSinkInstance(self)}}, {});
+}
+
+StatusOr<std::vector<FencedSink>> FenceAndRegisterSink(
+    const std::vector<std::pair<std::string, KvStore*>>& catalogs, const SinkInstance& self,
+    const FenceFn& fence) {
+  if (self.addr.empty()) return InvalidArgument("registering a sink instance without an address");
+  // Another sink replacing the record between our read and our write makes
+  // us read again; a handful of rounds means sinks are restarting in a loop.
+  constexpr int kRounds = 5;
+  std::vector<FencedSink> fenced;
+  std::set<std::string> fenced_addrs;
+  for (const auto& [pool, kv] : catalogs) {
+    Catalog catalog(*kv);
+    bool registered = false;
+    for (int round = 0; round < kRounds && !registered; ++round) {
+      auto rec = catalog.SinkInstanceRecord();
+      if (!rec.ok()) {
+        return rec.status().Annotate(fmt::format(
+            "pool {}: reading which sink to fence; if no other sink cairnd serves pool {}, "
+            "remove the record (rados -p {} rmomapkey {} {}) and start again",
+            pool, pool, pool, kCatalogObject, kSinkInstanceKey));
+      }
+      std::optional<std::string> expected;
+      if (*rec) {
+        expected = (*rec)->raw;
+        const SinkInstance& prev = (*rec)->instance;
+        if (prev.addr != self.addr) {
+          if (!fenced_addrs.count(prev.addr)) {
+            if (Status st = fence(prev); !st.ok()) {
+              return st.Annotate(fmt::format("pool {}: fencing the previous sink {}", pool,
+                                             DescribeSinkInstance(prev)));
+            }
+            fenced_addrs.insert(prev.addr);
+            fenced.push_back({prev, {}});
+          }
+          for (auto& f : fenced) {
+            if (f.instance.addr == prev.addr) f.pools.push_back(pool);
+          }
+        }
+      }
+      Status st = catalog.ReplaceSinkInstance(expected, self);
+      if (st.ok()) {
+        registered = true;
+      } else if (st.code() != Code::kAborted) {
+        return st.Annotate(fmt::format("pool {}: recording this sink instance", pool));
+      }
+    }
+    if (!registered) {
+      return Unavailable(fmt::format(
+          "pool {}: the sink instance record changed {} times while this sink started: is "
+          "another sink cairnd for pool {} restarting in a loop?",
+          pool, kRounds, pool));
+    }
+  }
+  return fenced;
+}
+
+}  // namespace cairn

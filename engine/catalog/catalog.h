@@ -1,0 +1,157 @@
+// Catalog: the restore points of every volume a sink holds, kept in a
+// KvStore (on site B: the omap of the object "cairn.catalog" in each
+// standby pool), so that the record of what exists survives the node that
+// wrote it.
+//
+// Keys:   point/<volume>/<seq, 20 digits>  ->  EncodeRestorePoint(...)
+//         owner/<pool>/<image>             ->  volume id
+//         instance/sink                    ->  EncodeSinkInstance(...)
+// Values: [u8 version=1][protobuf RestorePoint][u64 XXH3-64 of the bytes
+//         before it, little-endian]. A value that fails its checksum is
+//         reported as kDataLoss naming its key, never silently skipped.
+//         instance/sink is [u8 version=1]["name=value\n" lines][u64 XXH3-64].
+//
+// Thread-safety: a Catalog is as thread-safe as its KvStore.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "engine/base/checksum.h"
+#include "engine/catalog/kv_store.h"
+#include "engine/base/status.h"
+
+namespace cairn {
+
+inline constexpr char kCatalogObject[] = "cairn.catalog";
+
+struct RestorePoint {
+  std::string volume;
+  uint64_t seq = 0;
+  uint64_t base_seq = 0;
+  int64_t source_time_ns = 0;   // when the source snapshot was taken
+  int64_t created_time_ns = 0;  // when the sink made the restore point
+  std::string pool;
+  std::string image;
+  std::string snap;
+  uint64_t image_size = 0;
+  uint64_t data_bytes = 0;
+  uint64_t zero_bytes = 0;
+  EpochDigest epoch_digest;
+  ChainDigest chain_digest;
+  std::string source_site;
+  friend bool operator==(const RestorePoint&, const RestorePoint&) = default;
+};
+
+std::string EncodeRestorePoint(const RestorePoint& p);
+// kDataLoss on a bad version, checksum or protobuf; `key` names the record
+// in the error.
+StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_view key);
+
+// Volume ids are used in keys, snapshot and file names: 1..128 chars of
+// [A-Za-z0-9._-], not starting with '.'. kInvalidArgument otherwise.
+Status ValidateVolumeId(std::string_view volume);
+
+// The standby snapshot name of epoch `seq`: "cairn.<seq>".
+std::string SnapName(uint64_t seq);
+// The seq of a "cairn.<seq>" snapshot name, or nullopt.
+std::optional<uint64_t> ParseSnapName(std::string_view snap);
+
+// The sink cairnd that last started on a catalog, recorded so that the
+// next one can fence it (FenceAndRegisterSink).
+struct SinkInstance {
+  std::string addr;  // its RADOS client address, e.g. "127.0.0.1:0/3215435001"
+  std::string site;
+  std::string host;
+  int64_t pid = 0;
+  std::string boot_id;     // of its host (Linux: /proc/sys/kernel/random/boot_id)
+  int64_t started_ns = 0;  // unix ns
+  friend bool operator==(const SinkInstance&, const SinkInstance&) = default;
+};
+
+// Unknown names are skipped when decoding (a newer cairnd may add some);
+// newlines in values are replaced by spaces. kDataLoss, naming `key`, on a
+// bad checksum or a record without an address.
+std::string EncodeSinkInstance(const SinkInstance& s);
+StatusOr<SinkInstance> DecodeSinkInstance(std::string_view bytes, std::string_view key);
+// "ADDR (cairnd pid P on host H, site S, started 2026-11-25T04:50:15Z)", for logs.
+std::string DescribeSinkInstance(const SinkInstance& s);
+
+class Catalog {
+ public:
+  explicit Catalog(KvStore& kv) : kv_(kv) {}
+
+  Status AddPoint(const RestorePoint& p);
+  Status RemovePoint(std::string_view volume, uint64_t seq);
+  // Points of `volume`, oldest first.
+  StatusOr<std::vector<RestorePoint>> Points(std::string_view volume);
+  // The newest point, or nullopt if the volume has none.
+  StatusOr<std::optional<RestorePoint>> Latest(std::string_view volume);
+  // kNotFound "volume V has no restore point N" if absent.
+  StatusOr<RestorePoint> Get(std::string_view volume, uint64_t seq);
+  // Every volume with at least one point.
+  StatusOr<std::vector<std::string>> Volumes();
+
+  // Which volume's standby image pool/image is: recorded before the sink
+  // creates the image, so that it never writes over an image it did not
+  // create. Empty string if none.
+  Status SetImageOwner(std::string_view pool, std::string_view image, std::string_view volume);
+  StatusOr<std::string> ImageOwner(std::string_view pool, std::string_view image);
+
+  // A volume failed over at this site (promoted/<volume>): the point and
+  // the image it was promoted into. While it is recorded the sink refuses
+  // the volume's source. nullopt if not promoted.
+  struct Promotion {
+    uint64_t seq = 0;
+    std::string pool;
+    std::string image;
+  };
+  StatusOr<std::optional<Promotion>> GetPromotion(std::string_view volume);
+  Status SetPromotion(std::string_view volume, const Promotion& p);
+  Status ClearPromotion(std::string_view volume);
+
+  // The sink instance recorded (instance/sink) and its stored bytes, or
+  // nullopt if no sink ever registered here.
+  struct SinkRecord {
+    SinkInstance instance;
+    std::string raw;
+  };
+  StatusOr<std::optional<SinkRecord>> SinkInstanceRecord();
+  // Records `self` if the record still holds `expected_raw` (nullopt: no
+  // record); kAborted, changing nothing, if another sink replaced it since.
+  Status ReplaceSinkInstance(const std::optional<std::string>& expected_raw,
+                             const SinkInstance& self);
+
+ private:
+  KvStore& kv_;
+};
+
+// A sink fenced by FenceAndRegisterSink, and the pools whose catalogs named it.
+struct FencedSink {
+  SinkInstance instance;
+  std::vector<std::string> pools;
+};
+
+// Fencing at a sink's start, before it touches any standby image or spool.
+// For each catalog (pool name, store): reads the sink instance recorded
+// there; one recorded under another address than self.addr is passed to
+// `fence` (once per address: it must cut that client off the cluster, e.g.
+// blocklist it), then `self` replaces it. The replacement is atomic against
+// another sink starting at the same time (KvStore::CommitIf): if the record
+// changed meanwhile it is read again and the newcomer is fenced too, so of
+// sinks started together the last to register is the one left running.
+// A catalog whose instance could not be fenced is left as it was and the
+// error returned (annotated with the pool); so is an unreadable record (an
+// operator must say whom to fence). Returns the instances fenced, in the
+// order met.
+using FenceFn = std::function<Status(const SinkInstance& previous)>;
+StatusOr<std::vector<FencedSink>> FenceAndRegisterSink(
+    const std::vector<std::pair<std::string, KvStore*>>& catalogs, const SinkInstance& self,
+    const FenceFn& fence);
+
+}  // namespace cairn

@@ -1,0 +1,357 @@
+// cairn: the command-line tool. Talks to cairnd over its control socket.
+//
+//   cairn [--socket PATH] [--json] status [VOLUME]
+//   cairn points VOLUME
+//   cairn restore VOLUME POINT --to NEW_IMAGE [--full]
+//   cairn replicate VOLUME [--wait] [--timeout SECONDS]
+//
+// Exit codes (scripts may rely on them): 0 success; 1 internal error;
+// 2 usage error; 3 not found; 4 cairnd or a peer unavailable (retry);
+// 5 operator action needed (bad input, failed precondition); 6 already
+// exists; 7 data failed verification.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <string>
+#include <thread>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "engine/link/tcp_link.h"
+#include "proto/cairn.pb.h"
+
+namespace {
+
+using cairn::Code;
+using nlohmann::json;
+
+int ExitCode(Code c) {
+  switch (c) {
+    case Code::kOk: return 0;
+    case Code::kNotFound: return 3;
+    case Code::kUnavailable:
+    case Code::kAborted: return 4;
+    case Code::kInvalidArgument:
+    case Code::kFailedPrecondition:
+    case Code::kResourceExhausted: return 5;
+    case Code::kAlreadyExists: return 6;
+    case Code::kDataLoss: return 7;
+    case Code::kInternal: return 1;
+  }
+  return 1;
+}
+
+struct Cli {
+  std::string socket;
+  bool json = false;
+
+  int Fail(const cairn::Status& st) const {
+    if (json) {
+      std::printf("%s\n", json::object({{"error", std::string(cairn::CodeName(st.code()))},
+                                        {"message", st.message()}})
+                              .dump()
+                              .c_str());
+    } else {
+      std::fprintf(stderr, "cairn: %s\n", st.message().c_str());
+    }
+    return ExitCode(st.code());
+  }
+
+  // One request, one reply.
+  cairn::StatusOr<cairn::pb::ControlReply> Call(const cairn::pb::ControlRequest& req) const {
+    ASSIGN_OR_RETURN(auto link, cairn::ConnectUnix(socket));
+    RETURN_IF_ERROR(link->Send(cairn::FrameType::kControlRequest, req.SerializeAsString(), {}));
+    // A full restore copies the whole image before it answers.
+    ASSIGN_OR_RETURN(cairn::Frame f, link->Receive(std::chrono::hours(24)));
+    cairn::pb::ControlReply reply;
+    if (f.type != cairn::FrameType::kControlReply || !reply.ParseFromString(f.body)) {
+      return cairn::DataLoss(fmt::format("{} did not answer with a control reply", socket));
+    }
+    if (reply.code() != 0) return cairn::Status(static_cast<Code>(reply.code()), reply.message());
+    return reply;
+  }
+};
+
+std::string Time(int64_t ns) {
+  if (ns <= 0) return "-";
+  const std::time_t t = ns / 1'000'000'000;
+  std::tm tm;
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+std::string Bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int i = 0;
+  while (b >= 1024 && i < 4) {
+    b /= 1024;
+    ++i;
+  }
+  return fmt::format("{:.1f} {}", b, units[i]);
+}
+
+json PointJson(const cairn::pb::RestorePoint& p) {
+  return {{"volume", p.volume()},         {"seq", p.seq()},
+          {"base_seq", p.base_seq()},     {"source_time", Time(p.source_time_ns())},
+          {"source_time_ns", p.source_time_ns()},
+          {"created_time_ns", p.created_time_ns()},
+          {"pool", p.pool()},             {"image", p.image()},
+          {"snap", p.snap()},             {"image_size", p.image_size()},
+          {"data_bytes", p.data_bytes()}, {"zero_bytes", p.zero_bytes()},
+          {"source_site", p.source_site()}};
+}
+
+json StatusJson(const cairn::pb::VolumeStatus& v) {
+  return {{"volume", v.volume()},
+          {"role", v.role()},
+          {"state", v.state()},
+          {"pool", v.pool()},
+          {"image", v.image()},
+          {"peer", v.peer()},
+          {"last_seq", v.last_seq()},
+          {"last_point_time", Time(v.last_point_time_ns())},
+          {"last_point_time_ns", v.last_point_time_ns()},
+          {"lag_seconds", v.lag_seconds()},
+          {"throughput_bps", v.throughput_bps()},
+          {"bytes_total", v.bytes_total()},
+          {"epochs_total", v.epochs_total()},
+          {"errors_total", v.errors_total()},
+          {"corrupt_frames_total", v.corrupt_frames_total()},
+          {"resumed_epochs_total", v.resumed_epochs_total()},
+          {"pending_snapshots", v.pending_snapshots()},
+          {"unchanged_checks_total", v.unchanged_checks_total()},
+          {"error", v.error()}};
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Cli cli;
+  const char* env_socket = std::getenv("CAIRN_SOCKET");
+  cli.socket = env_socket ? env_socket : "/run/cairn/cairnd.sock";
+
+  CLI::App app{"cairn: cross-site replication of Ceph RBD volumes"};
+  app.require_subcommand(1);
+  app.add_option("--socket", cli.socket, "cairnd's control socket (env CAIRN_SOCKET)");
+  app.add_flag("--json", cli.json, "print JSON for scripts");
+
+  std::string volume;
+  auto* status = app.add_subcommand("status", "state, lag, newest point and throughput per volume");
+  status->add_option("volume", volume, "one volume (default: all)");
+
+  auto* points = app.add_subcommand("points", "list the restore points of a volume");
+  points->add_option("volume", volume, "the volume")->required();
+
+  std::string point, to;
+  bool full = false;
+  auto* restore = app.add_subcommand("restore", "restore a point to a new image at this site");
+  restore->add_option("volume", volume, "the volume")->required();
+  restore->add_option("point", point, "the restore point's seq, or 'latest'")->required();
+  restore->add_option("--to", to, "the new image's name")->required();
+  restore->add_flag("--full", full, "copy all data (default: instant clone)");
+
+  bool wait = false;
+  double timeout = 300;
+  auto* replicate = app.add_subcommand("replicate", "start an epoch now (on the source's cairnd)");
+  replicate->add_option("volume", volume, "the volume")->required();
+  replicate->add_flag("--wait", wait, "wait until the restore point exists");
+  replicate->add_option("--timeout", timeout, "seconds to wait (with --wait)");
+
+  std::string promote_point = "latest";
+  auto* promote = app.add_subcommand(
+      "promote", "failover of one volume: fence it and clone a restore point into an image that "
+                 "this site then owns (on the standby's cairnd)");
+  promote->add_option("volume", volume, "the volume")->required();
+  promote->add_option("point", promote_point, "the restore point's seq, or 'latest' (default)");
+  promote->add_option("--to", to, "the image to create")->required();
+
+  auto* release = app.add_subcommand(
+      "release", "failback of one volume: lift the fence, keep the promoted image under a new name");
+  release->add_option("volume", volume, "the volume")->required();
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e) == 0 ? 0 : 2;
+  }
+
+  cairn::pb::ControlRequest req;
+  if (*status) {
+    req.mutable_status()->set_volume(volume);
+    auto r = cli.Call(req);
+    if (!r.ok()) return cli.Fail(r.status());
+    if (cli.json) {
+      json out = json::array();
+      for (const auto& v : r->status().volumes()) out.push_back(StatusJson(v));
+      std::printf("%s\n", out.dump(2).c_str());
+      return 0;
+    }
+    std::printf("%-20s %-6s %-12s %8s %-21s %9s %12s %7s %7s  %s\n", "VOLUME", "ROLE", "STATE",
+                "POINT", "POINT TIME", "LAG", "THROUGHPUT", "ERRORS", "CORRUPT", "LAST ERROR");
+    for (const auto& v : r->status().volumes()) {
+      std::printf("%-20s %-6s %-12s %8lu %-21s %8.1fs %10s/s %7lu %7lu  %s\n", v.volume().c_str(),
+                  v.role().c_str(), v.state().c_str(), static_cast<unsigned long>(v.last_seq()),
+                  Time(v.last_point_time_ns()).c_str(), v.lag_seconds(),
+                  Bytes(v.throughput_bps()).c_str(), static_cast<unsigned long>(v.errors_total()),
+                  static_cast<unsigned long>(v.corrupt_frames_total()), v.error().c_str());
+    }
+    return 0;
+  }
+  if (*points) {
+    req.mutable_points()->set_volume(volume);
+    auto r = cli.Call(req);
+    if (!r.ok()) return cli.Fail(r.status());
+    if (cli.json) {
+      json out = json::array();
+      for (const auto& p : r->points().points()) out.push_back(PointJson(p));
+      std::printf("%s\n", out.dump(2).c_str());
+      return 0;
+    }
+    std::printf("%8s  %-21s %-28s %12s %12s\n", "POINT", "SOURCE TIME", "SNAPSHOT", "SIZE", "DATA");
+    for (const auto& p : r->points().points()) {
+      std::printf("%8lu  %-21s %-28s %12s %12s\n", static_cast<unsigned long>(p.seq()),
+                  Time(p.source_time_ns()).c_str(),
+                  fmt::format("{}/{}@{}", p.pool(), p.image(), p.snap()).c_str(),
+                  Bytes(p.image_size()).c_str(), Bytes(p.data_bytes()).c_str());
+    }
+    return 0;
+  }
+  if (*restore) {
+    uint64_t seq = 0;
+    if (point != "latest") {
+      try {
+        size_t used = 0;
+        seq = std::stoull(point, &used);
+        if (used != point.size() || seq == 0) throw std::invalid_argument(point);
+      } catch (const std::exception&) {
+        return cli.Fail(cairn::InvalidArgument(
+            fmt::format("'{}' is not a restore point: give its number (see `cairn points {}`) or "
+                        "'latest'",
+                        point, volume)));
+      }
+    }
+    auto* r = req.mutable_restore();
+    r->set_volume(volume);
+    r->set_seq(seq);
+    r->set_to_image(to);
+    r->set_full(full);
+    auto reply = cli.Call(req);
+    if (!reply.ok()) return cli.Fail(reply.status());
+    const auto& rr = reply->restore();
+    if (cli.json) {
+      std::printf("%s\n", json({{"pool", rr.pool()},
+                                {"image", rr.image()},
+                                {"seq", rr.seq()},
+                                {"mode", rr.mode()},
+                                {"source_time", Time(rr.source_time_ns())},
+                                {"source_time_ns", rr.source_time_ns()}})
+                              .dump(2)
+                              .c_str());
+    } else {
+      std::printf("restored %s point %lu (%s) to %s/%s by %s\n", volume.c_str(),
+                  static_cast<unsigned long>(rr.seq()), Time(rr.source_time_ns()).c_str(),
+                  rr.pool().c_str(), rr.image().c_str(), rr.mode().c_str());
+    }
+    return 0;
+  }
+  if (*promote) {
+    uint64_t seq = 0;
+    if (promote_point != "latest") {
+      try {
+        size_t used = 0;
+        seq = std::stoull(promote_point, &used);
+        if (used != promote_point.size() || seq == 0) throw std::invalid_argument(promote_point);
+      } catch (const std::exception&) {
+        return cli.Fail(cairn::InvalidArgument(fmt::format(
+            "'{}' is not a restore point: give its number (see `cairn points {}`) or 'latest'",
+            promote_point, volume)));
+      }
+    }
+    auto* r = req.mutable_promote();
+    r->set_volume(volume);
+    r->set_seq(seq);
+    r->set_to_image(to);
+    auto reply = cli.Call(req);
+    if (!reply.ok()) return cli.Fail(reply.status());
+    const auto& pr = reply->promote();
+    if (cli.json) {
+      json out = PointJson(pr.point());
+      out["promoted_pool"] = pr.pool();
+      out["promoted_image"] = pr.image();
+      out["again"] = pr.again();
+      std::printf("%s\n", out.dump(2).c_str());
+    } else {
+      std::printf("%s: restore point %lu (source time %s) promoted into %s/%s%s\n", volume.c_str(),
+                  static_cast<unsigned long>(pr.point().seq()),
+                  Time(pr.point().source_time_ns()).c_str(), pr.pool().c_str(),
+                  pr.image().c_str(), pr.again() ? " (already)" : "");
+    }
+    return 0;
+  }
+  if (*release) {
+    req.mutable_release()->set_volume(volume);
+    auto reply = cli.Call(req);
+    if (!reply.ok()) return cli.Fail(reply.status());
+    const std::string& kept = reply->release().kept_as();
+    if (cli.json) {
+      std::printf("%s\n", json({{"volume", volume}, {"kept_as", kept}}).dump().c_str());
+    } else {
+      std::printf("%s: released; the promoted image is kept as %s\n", volume.c_str(),
+                  kept.empty() ? "(nothing: it was removed)" : kept.c_str());
+    }
+    return 0;
+  }
+  if (*replicate) {
+    req.mutable_replicate()->set_volume(volume);
+    auto reply = cli.Call(req);
+    if (!reply.ok()) return cli.Fail(reply.status());
+    // Point `want`, or any later one, holds every write made before the
+    // request (a snapshot taken during an outage may be dropped unshipped).
+    uint64_t want = reply->replicate().seq();
+    if (wait) {
+      // Poll the source's status (held in memory: a cheap local call) until
+      // the point exists or the deadline passes (a failed step is retried by
+      // the source, so its error is reported only then); 10 ms adds little
+      // to the wait.
+      const auto deadline = std::chrono::steady_clock::now() +
+                            std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
+      while (true) {
+        cairn::pb::ControlRequest sreq;
+        sreq.mutable_status()->set_volume(volume);
+        auto s = cli.Call(sreq);
+        if (!s.ok()) return cli.Fail(s.status());
+        uint64_t have = 0;
+        std::string error;
+        for (const auto& v : s->status().volumes()) {
+          if (v.role() == "source") {
+            have = v.last_seq();
+            error = v.error();
+          }
+        }
+        if (have >= want) {
+          want = have;
+          break;
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+          return cli.Fail(cairn::Unavailable(fmt::format(
+              "restore point {} of {} did not appear within {} s (newest: {}; last error: {})",
+              want, volume, timeout, have, error.empty() ? "none" : error)));
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      }
+    }
+    if (cli.json) {
+      std::printf("%s\n", json({{"volume", volume}, {"seq", want}, {"waited", wait}}).dump().c_str());
+    } else {
+      std::printf("%s: restore point %lu %s\n", volume.c_str(), static_cast<unsigned long>(want),
+                  wait ? "is made" : "requested");
+    }
+    return 0;
+  }
+  return 2;
+}

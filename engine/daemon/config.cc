@@ -1,0 +1,354 @@
+#include "engine/daemon/config.h"
+
+#include <charconv>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+
+#include <fmt/format.h>
+#include <ini.h>
+
+#include "engine/catalog/catalog.h"
+#include "engine/link/tcp_link.h"
+
+namespace cairn {
+namespace {
+
+struct Entry {
+  std::string value;
+};
+struct Parsed {
+  // section -> key -> entry, plus the order sections appear in.
+  std::map<std::string, std::map<std::string, Entry>> sections;
+  std::vector<std::string> order;
+  std::string error;
+};
+
+int Handler(void* user, const char* section, const char* name, const char* value) {
+  auto* p = static_cast<Parsed*>(user);
+  if (!p->sections.count(section)) {
+    p->sections[section];
+    p->order.push_back(section);
+  }
+  if (name == nullptr) return 1;  // a section line with no keys yet
+  auto& keys = p->sections[section];
+  if (keys.count(name)) {
+    p->error = fmt::format(" [{}] {} is set twice", section, name);
+    return 0;
+  }
+  keys[name] = Entry{value ? value : ""};
+  return 1;
+}
+
+std::string Trim(std::string_view s) {
+  while (!s.empty() && isspace(static_cast<unsigned char>(s.front()))) s.remove_prefix(1);
+  while (!s.empty() && isspace(static_cast<unsigned char>(s.back()))) s.remove_suffix(1);
+  return std::string(s);
+}
+
+std::vector<std::string> SplitList(std::string_view s) {
+  std::vector<std::string> out;
+  size_t start = 0;
+  while (start <= s.size()) {
+    size_t end = s.find(',', start);
+    if (end == std::string_view::npos) end = s.size();
+    std::string item = Trim(s.substr(start, end - start));
+    if (!item.empty()) out.push_back(item);
+    start = end + 1;
+  }
+  return out;
+}
+
+// Reads the keys of one section, refusing unknown ones.
+class SectionReader {
+ public:
+  SectionReader(std::string_view origin, const std::string& section,
+                const std::map<std::string, Entry>& keys)
+      : origin_(origin), section_(section), keys_(keys) {}
+
+  std::optional<Entry> Get(const std::string& key) {
+    known_.insert(key);
+    auto it = keys_.find(key);
+    if (it == keys_.end()) return std::nullopt;
+    return it->second;
+  }
+  Status Error(const std::string& key, const std::string& why) const {
+    return InvalidArgument(fmt::format("{}: [{}] {}: {}", origin_, section_, key, why));
+  }
+  Status Missing(const std::string& key, const std::string& hint) const {
+    return InvalidArgument(fmt::format("{}: [{}] needs '{}' ({})", origin_, section_, key, hint));
+  }
+  Status String(const std::string& key, std::string* out) {
+    if (auto e = Get(key)) {
+      if (e->value.empty()) return Error(key, "is empty");
+      *out = e->value;
+    }
+    return OkStatus();
+  }
+  Status Duration(const std::string& key, std::chrono::milliseconds* out) {
+    if (auto e = Get(key)) {
+      auto d = ParseDuration(e->value);
+      if (!d.ok()) return Error(key, d.status().message());
+      *out = *d;
+    }
+    return OkStatus();
+  }
+  Status Size(const std::string& key, uint64_t lo, uint64_t hi, uint64_t* out) {
+    if (auto e = Get(key)) {
+      auto v = ParseSize(e->value);
+      if (!v.ok()) return Error(key, v.status().message());
+      if (*v < lo || *v > hi) {
+        return Error(key, fmt::format("{} is out of range [{}, {}]", *v, lo, hi));
+      }
+      *out = *v;
+    }
+    return OkStatus();
+  }
+  Status HostPort(const std::string& key, std::string* host, uint16_t* port) {
+    if (auto e = Get(key)) {
+      auto hp = ParseHostPort(e->value);
+      if (!hp.ok()) return Error(key, hp.status().message());
+      *host = hp->first;
+      *port = hp->second;
+    }
+    return OkStatus();
+  }
+  Status RefuseUnknown() const {
+    for (const auto& [k, e] : keys_) {
+      if (!known_.count(k)) {
+        std::string list;
+        for (const auto& kk : known_) list += (list.empty() ? "" : ", ") + kk;
+        return InvalidArgument(fmt::format("{}: [{}] has unknown key '{}' (known: {})", origin_,
+                                           section_, k, list));
+      }
+    }
+    return OkStatus();
+  }
+
+ private:
+  std::string_view origin_;
+  const std::string& section_;
+  const std::map<std::string, Entry>& keys_;
+  std::set<std::string> known_;
+};
+
+}  // namespace
+
+StatusOr<std::chrono::milliseconds> ParseDuration(std::string_view text) {
+  const std::string t = Trim(text);
+  uint64_t n = 0;
+  auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), n);
+  const std::string unit(p, t.data() + t.size());
+  if (ec != std::errc() || (unit.empty() && n != 0)) {
+    return InvalidArgument(fmt::format("'{}' is not a duration (use 5s, 500ms, 1m, 2h)", text));
+  }
+  uint64_t scale = 0;
+  if (unit.empty() || unit == "ms") scale = 1;
+  if (unit == "s") scale = 1000;
+  if (unit == "m") scale = 60'000;
+  if (unit == "h") scale = 3'600'000;
+  constexpr uint64_t kMaxMs = 365ull * 24 * 3'600'000;  // a year is plenty
+  if (scale != 0) {
+    if (n > kMaxMs / scale) return InvalidArgument(fmt::format("'{}' is too long (max 1 year)", text));
+    return std::chrono::milliseconds(n * scale);
+  }
+  return InvalidArgument(fmt::format("'{}' is not a duration (use 5s, 500ms, 1m, 2h)", text));
+}
+
+StatusOr<uint64_t> ParseSize(std::string_view text) {
+  const std::string t = Trim(text);
+  uint64_t n = 0;
+  auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), n);
+  std::string unit(p, t.data() + t.size());
+  if (ec != std::errc()) return InvalidArgument(fmt::format("'{}' is not a size (use 4096, 64K, 1M)", text));
+  int shift = -1;
+  if (unit.empty()) shift = 0;
+  if (unit == "K" || unit == "k" || unit == "KiB") shift = 10;
+  if (unit == "M" || unit == "MiB") shift = 20;
+  if (unit == "G" || unit == "GiB") shift = 30;
+  if (shift >= 0) {
+    if (n > (UINT64_MAX >> shift)) return InvalidArgument(fmt::format("'{}' is too large", text));
+    return n << shift;
+  }
+  return InvalidArgument(fmt::format("'{}' is not a size (use 4096, 64K, 1M)", text));
+}
+
+namespace {
+
+// The INI parser truncates long lines and section names silently; a
+// truncated volume id or path must be an error instead.
+constexpr size_t kMaxLine = 199;    // inih's INI_MAX_LINE - 1
+constexpr size_t kMaxSection = 49;  // inih's INI_MAX_SECTION - 1
+
+Status CheckLengths(std::string_view text, std::string_view origin) {
+  int lineno = 0;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find('\n', start);
+    if (end == std::string_view::npos) end = text.size();
+    const std::string line = Trim(text.substr(start, end - start));
+    ++lineno;
+    if (line.size() > kMaxLine) {
+      return InvalidArgument(fmt::format("{}:{}: line is longer than {} characters", origin,
+                                         lineno, kMaxLine));
+    }
+    if (line.starts_with('[') && line.find(']') != std::string::npos &&
+        line.find(']') - 1 > kMaxSection) {
+      return InvalidArgument(fmt::format(
+          "{}:{}: section name is longer than {} characters (volume ids are at most {})", origin,
+          lineno, kMaxSection, kMaxSection - 7));
+    }
+    start = end + 1;
+  }
+  return OkStatus();
+}
+
+}  // namespace
+
+StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origin) {
+  RETURN_IF_ERROR(CheckLengths(text, origin));
+  Parsed parsed;
+  const std::string copy(text);
+  const int rc = ini_parse_string(copy.c_str(), &Handler, &parsed);
+  if (!parsed.error.empty()) return InvalidArgument(fmt::format("{}:{}", origin, parsed.error));
+  if (rc > 0) return InvalidArgument(fmt::format("{}:{}: not INI syntax (expected [section] or key = value)", origin, rc));
+  if (rc < 0) return Internal(fmt::format("{}: INI parser failed ({})", origin, rc));
+
+  DaemonConfig cfg;
+  for (const std::string& name : parsed.order) {
+    const auto& keys = parsed.sections[name];
+    SectionReader r(origin, name, keys);
+    if (name == "cairnd") {
+      RETURN_IF_ERROR(r.String("site", &cfg.site));
+      RETURN_IF_ERROR(r.String("control_socket", &cfg.control_socket));
+      RETURN_IF_ERROR(r.String("log_level", &cfg.log_level));
+      RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
+      static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
+      if (!kLevels.count(cfg.log_level)) {
+        return InvalidArgument(fmt::format("{}: [cairnd] log_level '{}' is not one of "
+                                           "trace, debug, info, warn, error",
+                                           origin, cfg.log_level));
+      }
+    } else if (name == "ceph") {
+      RETURN_IF_ERROR(r.String("conf", &cfg.ceph.conf));
+      RETURN_IF_ERROR(r.String("client", &cfg.ceph.client));
+      if (auto e = r.Get("keyring")) cfg.ceph.keyring = e->value;
+      std::chrono::milliseconds op_timeout = cfg.ceph.op_timeout;
+      RETURN_IF_ERROR(r.Duration("op_timeout", &op_timeout));
+      if (op_timeout < std::chrono::seconds(1) || op_timeout > std::chrono::hours(1) ||
+          op_timeout.count() % 1000 != 0) {
+        return r.Error("op_timeout", "must be whole seconds from 1s to 1h");
+      }
+      cfg.ceph.op_timeout = std::chrono::duration_cast<std::chrono::seconds>(op_timeout);
+      if (cfg.ceph.client.starts_with("client.")) cfg.ceph.client = cfg.ceph.client.substr(7);
+    } else if (name == "sink") {
+      SinkConfig s;
+      RETURN_IF_ERROR(r.HostPort("listen", &s.listen_host, &s.listen_port));
+      RETURN_IF_ERROR(r.String("spool_dir", &s.spool_dir));
+      if (auto e = r.Get("pools")) {
+        s.pools = SplitList(e->value);
+        if (s.pools.empty()) return r.Error("pools", "lists no pool");
+      }
+      RETURN_IF_ERROR(r.Size("spool_max_bytes", 0, UINT64_MAX, &s.spool_max_bytes));
+      if (s.spool_max_bytes != 0 && s.spool_max_bytes < (1u << 20)) {
+        return r.Error("spool_max_bytes", "must be 0 (no limit) or at least 1M");
+      }
+      uint64_t window = s.window;
+      RETURN_IF_ERROR(r.Size("window", 1, 256, &window));
+      s.window = static_cast<uint32_t>(window);
+      RETURN_IF_ERROR(r.Size("window_bytes", 1u << 20, uint64_t{1} << 30, &s.window_bytes));
+      uint64_t keep = s.keep_points;
+      RETURN_IF_ERROR(r.Size("keep_points", 0, 1000000, &keep));
+      s.keep_points = static_cast<uint32_t>(keep);
+      cfg.sink = s;
+    } else if (name == "source") {
+      DaemonConfig::Source src;
+      if (auto e = r.Get("pools")) {
+        src.pools = SplitList(e->value);
+        if (src.pools.empty()) return r.Error("pools", "lists no pool");
+      }
+      if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
+      RETURN_IF_ERROR(r.HostPort("peer", &src.peer_host, &src.peer_port));
+      RETURN_IF_ERROR(r.Duration("interval", &src.interval));
+      if (src.interval.count() != 0 && src.interval.count() < 1000) {
+        return r.Error("interval", "must be at least 1s (or 0 for on demand only)");
+      }
+      uint64_t n = src.keep_snapshots;
+      RETURN_IF_ERROR(r.Size("keep_snapshots", 0, 100000, &n));
+      src.keep_snapshots = static_cast<uint32_t>(n);
+      n = src.outage_snapshots;
+      RETURN_IF_ERROR(r.Size("outage_snapshots", 1, 10000, &n));
+      src.outage_snapshots = static_cast<uint32_t>(n);
+      cfg.source = src;
+    } else if (name.starts_with("volume ")) {
+      VolumeConfig v;
+      v.id = Trim(std::string_view(name).substr(7));
+      if (Status st = ValidateVolumeId(v.id); !st.ok()) {
+        return InvalidArgument(
+            fmt::format("{}: [{}]: {}", origin, name, st.message()));
+      }
+      RETURN_IF_ERROR(r.String("pool", &v.pool));
+      RETURN_IF_ERROR(r.String("image", &v.image));
+      if (v.image.empty()) return r.Missing("image", "the RBD image to replicate");
+      if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
+      RETURN_IF_ERROR(r.HostPort("peer", &v.peer_host, &v.peer_port));
+      RETURN_IF_ERROR(r.String("target_pool", &v.target_pool));
+      RETURN_IF_ERROR(r.String("target_image", &v.target_image));
+      if (v.target_pool.empty()) v.target_pool = v.pool;
+      if (v.target_image.empty()) v.target_image = v.image;
+      RETURN_IF_ERROR(r.Duration("interval", &v.interval));
+      if (auto e = r.Get("interval"); e && v.interval.count() != 0 && v.interval.count() < 1000) {
+        return r.Error("interval", "must be at least 1s (or 0 for on demand only)");
+      }
+      uint64_t n = v.keep_snapshots;
+      RETURN_IF_ERROR(r.Size("keep_snapshots", 0, 100000, &n));
+      v.keep_snapshots = static_cast<uint32_t>(n);
+      n = v.outage_snapshots;
+      RETURN_IF_ERROR(r.Size("outage_snapshots", 1, 10000, &n));
+      v.outage_snapshots = static_cast<uint32_t>(n);
+      n = v.block_size;
+      RETURN_IF_ERROR(r.Size("block_size", 4096, 4u << 20, &n));
+      if (n % 512 != 0) {
+        return InvalidArgument(fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
+      }
+      v.block_size = static_cast<uint32_t>(n);
+      n = v.window;
+      RETURN_IF_ERROR(r.Size("window", 1, 256, &n));
+      v.window = static_cast<uint32_t>(n);
+      for (const auto& other : cfg.volumes) {
+        if (other.id == v.id) {
+          return InvalidArgument(fmt::format("{}: volume '{}' is defined twice", origin, v.id));
+        }
+        if (other.peer_host == v.peer_host && other.peer_port == v.peer_port &&
+            other.target_pool == v.target_pool && other.target_image == v.target_image) {
+          return InvalidArgument(fmt::format(
+              "{}: volumes '{}' and '{}' both replicate into {}/{} at {}:{}: give one another "
+              "target_image",
+              origin, other.id, v.id, v.target_pool, v.target_image, v.peer_host, v.peer_port));
+        }
+      }
+      cfg.volumes.push_back(v);
+    } else {
+      return InvalidArgument(fmt::format(
+          "{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME)", origin, name));
+    }
+    RETURN_IF_ERROR(r.RefuseUnknown());
+  }
+  if (!cfg.sink && !cfg.source && cfg.volumes.empty()) {
+    return InvalidArgument(fmt::format(
+        "{}: nothing to do: add a [sink] section, a [source] or [volume NAME] section, or both",
+        origin));
+  }
+  return cfg;
+}
+
+StatusOr<DaemonConfig> LoadConfig(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return NotFound(fmt::format("cannot read config file {}", path));
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ParseConfig(ss.str(), path);
+}
+
+}  // namespace cairn

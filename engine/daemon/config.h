@@ -1,0 +1,124 @@
+// cairnd's configuration: an INI file, like ceph.conf and cinder.conf.
+//
+//   [cairnd]            site = a; control_socket = PATH; log_level = info
+//   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH;
+//                       op_timeout = 30s
+//   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
+//                       spool_max_bytes = 0; keep_points = 0; window = 32;
+//                       window_bytes = 32M
+//   [source]            pools = rbd; peer = HOST:PORT; interval = 5s; keep_snapshots;
+//                       outage_snapshots (volumes registered at run time)
+//   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
+//                       interval = 5s; keep_snapshots = 0; outage_snapshots = 1;
+//                       block_size = 4M; window = 4
+//
+// A node is a sink if it has a [sink] section and a source for every
+// [volume NAME] section; it may be both. docs/OPERATIONS.md documents every
+// key. Unknown sections and keys are errors (a typo must not silently
+// fall back to a default).
+//
+// Thread-safety: values.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/base/status.h"
+
+namespace cairn {
+
+struct CephConfig {
+  std::string conf = "/etc/ceph/ceph.conf";
+  std::string client = "admin";  // cephx user, without "client."
+  std::string keyring;           // empty: from ceph.conf
+  // Every mon and OSD operation (and the first connect) gives up after
+  // this long: a cluster that does not answer gives errors, not hangs.
+  std::chrono::seconds op_timeout{30};
+};
+
+struct SinkConfig {
+  std::string listen_host = "127.0.0.1";
+  uint16_t listen_port = 7410;
+  std::string spool_dir = "/var/lib/cairn/spool";
+  std::vector<std::string> pools = {"rbd"};
+  // Largest spool file of one epoch, header included; 0: no limit but the
+  // disk. A larger epoch is refused (ResourceExhausted) like a full disk.
+  uint64_t spool_max_bytes = 0;
+  // Restore points kept per volume: after each new point the oldest beyond
+  // this many are removed (catalog record, then standby snapshot). 0: all
+  // (asked for explicitly; the catalog and the snapshots then grow without
+  // bound). Points are made only when the image changed.
+  uint32_t keep_points = 24;
+  // Concurrent writes to a standby image while an epoch is applied; each
+  // holds one received record (up to the source's block_size) in memory,
+  // and together they hold at most window_bytes: 32 MiB is 8 writes of
+  // 4 MiB records, or 32 of 1 MiB.
+  uint32_t window = 32;
+  uint64_t window_bytes = 32u << 20;
+};
+
+struct VolumeConfig {
+  std::string id;
+  std::string pool = "rbd";
+  std::string image;
+  std::string peer_host;
+  uint16_t peer_port = 0;
+  std::string target_pool;   // default: pool
+  std::string target_image;  // default: image
+  std::chrono::milliseconds interval{5000};  // 0: on demand only
+  uint32_t keep_snapshots = 0;  // older source snapshots kept beyond the base
+  // While the sink cannot be reached the source goes on taking a snapshot
+  // every `interval`; it keeps the newest `outage_snapshots` of them (1:
+  // one coalesced epoch when the link returns; N: up to N points in time).
+  uint32_t outage_snapshots = 1;
+  // Largest data record: an RBD object (4 MiB by default), so a full sync
+  // writes each object of the standby image in one operation.
+  uint32_t block_size = 4u << 20;
+  // The source's read memory for an epoch: window x block_size (16 MiB).
+  // As many reads of the snapshot as fit in it are in flight, up to 64:
+  // 4 whole objects, or 64 small changed extents. (8 synced no faster and
+  // took the source's peak RSS to 132 MiB: librados holds each read's
+  // reply too.)
+  uint32_t window = 4;
+};
+
+struct DaemonConfig {
+  std::string site = "default";
+  std::string control_socket = "/run/cairn/cairnd.sock";
+  std::string log_level = "info";
+  // Buffer memory lent to the epochs in flight, all volumes together
+  // (source read windows, sink apply windows and spool buffers): the
+  // daemon's memory does not grow with the number of volumes syncing.
+  uint64_t memory_budget = 128u << 20;
+  CephConfig ceph;
+  std::optional<SinkConfig> sink;
+  // [source]: volumes registered at run time (the Cinder shim) in these
+  // pools replicate to `peer` with these settings.
+  struct Source {
+    std::vector<std::string> pools = {"rbd"};
+    std::string peer_host;
+    uint16_t peer_port = 0;
+    std::chrono::milliseconds interval{5000};
+    uint32_t keep_snapshots = 0;
+    uint32_t outage_snapshots = 1;
+  };
+  std::optional<Source> source;
+  std::vector<VolumeConfig> volumes;
+};
+
+// Parses INI text. `origin` names the file in errors, which read like
+// "cairnd.conf:12: [volume v1] interval: '0.5x' is not a duration (use 5s, 500ms, 1m)".
+StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origin);
+// Reads and parses a file. kNotFound if it does not exist.
+StatusOr<DaemonConfig> LoadConfig(const std::string& path);
+
+// "5s", "500ms", "1m", "2h", "0" -> milliseconds.
+StatusOr<std::chrono::milliseconds> ParseDuration(std::string_view text);
+// "4096", "64K", "1M", "1G" -> bytes.
+StatusOr<uint64_t> ParseSize(std::string_view text);
+
+}  // namespace cairn

@@ -1,0 +1,56 @@
+// The control API: protobuf requests (proto/cairn.proto ControlRequest)
+// over cairnd's local socket, one request and one reply per frame. Used by
+// the `cairn` CLI and by the Cinder driver shim.
+//
+// Thread-safety: HandleControl may run on many threads at once if the
+// service is thread-safe.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "engine/catalog/catalog.h"
+#include "engine/format/frame.h"
+#include "engine/replication/replication.h"
+#include "engine/replication/sink.h"
+#include "engine/base/status.h"
+
+namespace cairn {
+
+// A volume registered at run time (the Cinder shim), replicated with the
+// [source] settings.
+struct Registration {
+  std::string volume;
+  std::string pool;
+  std::string image;
+  std::string target_pool;   // empty: pool
+  std::string target_image;  // empty: image + ".standby"
+};
+
+// What cairnd offers on its control socket.
+class ControlService {
+ public:
+  virtual ~ControlService() = default;
+  // All volumes if `volume` is empty; kNotFound if a named volume is unknown.
+  virtual StatusOr<std::vector<VolumeStatusInfo>> VolumeStatus(const std::string& volume) = 0;
+  virtual StatusOr<std::vector<RestorePoint>> Points(const std::string& volume) = 0;
+  virtual StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
+                                          const std::string& to_image, bool full) = 0;
+  // Starts an epoch now; returns the seq of the point that will hold every
+  // write made before the call.
+  virtual StatusOr<uint64_t> Replicate(const std::string& volume) = 0;
+  // Source side: replicate a volume from now on (persisted in RADOS).
+  virtual StatusOr<VolumeStatusInfo> Register(const Registration& r) = 0;
+  virtual Status Unregister(const std::string& volume, bool remove_snapshots) = 0;
+  // Standby side: failover / failback of one volume (Sink::Promote/Release).
+  virtual StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,
+                                          const std::string& pool,
+                                          const std::string& to_image) = 0;
+  virtual StatusOr<std::string> Release(const std::string& volume) = 0;
+};
+
+// Decodes a ControlRequest frame, runs it, returns the ControlReply body.
+// A malformed request gets a reply with kInvalidArgument, never a crash.
+std::string HandleControl(ControlService& service, const Frame& request);
+
+}  // namespace cairn

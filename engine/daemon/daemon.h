@@ -1,0 +1,110 @@
+// Daemon: one cairnd process. Connects to the local Ceph cluster, runs a
+// SourceReplicator for every [volume] section, a Sink if [sink] is set, and
+// the control socket.
+//
+// A sink fences the sink instance that ran before it (docs/OPERATIONS.md,
+// "Fencing"): at Start, before it serves any source, it blocklists the RADOS
+// client recorded in each of its pools' catalogs (a cairnd killed with -9
+// otherwise keeps its watches, and the exclusive lock of the standby image it
+// was applying to, for the OSD's 30 s watch timeout) and records its own.
+// A sink that later finds itself fenced by a newer instance stops its whole
+// process: it sends itself SIGTERM, which cairnd_main waits for.
+//
+// Thread-safety: Start/Stop from the main thread; the ControlService
+// methods from any thread.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/daemon/config.h"
+#include "engine/daemon/control.h"
+#include "engine/link/link_server.h"
+#include "engine/ceph/rbd_volume.h"
+#include "engine/replication/sink.h"
+#include "engine/replication/source.h"
+
+namespace cairn {
+
+class Daemon final : public ControlService {
+ public:
+  // Connects to Ceph and checks the configuration against the cluster
+  // (pools exist, the cephx key works). Errors say what to fix.
+  static StatusOr<std::unique_ptr<Daemon>> Create(DaemonConfig config);
+  ~Daemon() override;
+
+  // How long a fenced sink stays blocklisted, and how often a running sink
+  // checks that it was not fenced.
+  static constexpr std::chrono::seconds kFenceExpire{3600};
+  static constexpr std::chrono::seconds kFenceCheckPeriod{5};
+
+  // What `cairnd --check` checks beyond Create's: the sink's spool takes a
+  // synced write; every volume's peer is a Cairn sink that would take it
+  // (a probe Hello: pool served, target image ours or free, the sink's
+  // spool writable). One line per check in `report`; the first failure.
+  Status Check(std::vector<std::string>* report);
+
+  // Binds the sink port and the control socket, starts replication.
+  Status Start();
+  void Stop();
+
+  StatusOr<std::vector<VolumeStatusInfo>> VolumeStatus(const std::string& volume) override;
+  StatusOr<std::vector<RestorePoint>> Points(const std::string& volume) override;
+  StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
+                                  const std::string& to_image, bool full) override;
+  StatusOr<uint64_t> Replicate(const std::string& volume) override;
+  StatusOr<VolumeStatusInfo> Register(const Registration& r) override;
+  Status Unregister(const std::string& volume, bool remove_snapshots) override;
+  StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq, const std::string& pool,
+                                  const std::string& to_image) override;
+  StatusOr<std::string> Release(const std::string& volume) override;
+
+ private:
+  explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
+  StatusOr<std::shared_ptr<Pool>> OpenPool(const std::string& name);
+  StatusOr<std::shared_ptr<KvStore>> OpenCatalog(const std::string& pool);
+  // Fences the previous sink instance of every [sink] pool, records this one.
+  Status FencePreviousSink();
+  // Why this sink is fenced (another instance registered, or this client is
+  // blocklisted), or "" if it is not.
+  std::string FencedBy();
+  void WatchFencing();
+  // A started replicator of `v`; the caller adds it to sources_.
+  StatusOr<std::shared_ptr<SourceReplicator>> StartSource(const VolumeConfig& v);
+  // The replicator of `volume`, or null. Takes sources_mu_ only to look.
+  std::shared_ptr<SourceReplicator> FindSource(const std::string& volume);
+  // The [source] settings applied to a registration.
+  VolumeConfig RegisteredVolume(const Registration& r) const;
+  // Loads and starts every volume registered in the [source] pools.
+  Status StartRegistered();
+
+  DaemonConfig config_;
+  std::shared_ptr<RbdCluster> cluster_;
+  std::shared_ptr<MemoryBudget> budget_;  // [cairnd] memory_budget
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<Pool>> pools_;
+  std::map<std::string, std::shared_ptr<KvStore>> catalogs_;
+  std::unique_ptr<Sink> sink_;
+  std::unique_ptr<LinkServer> sink_server_;
+  std::unique_ptr<LinkServer> control_server_;
+  // One registration or unregistration at a time (held across their RADOS
+  // calls); sources_mu_ is only ever held to read or change the two below,
+  // never across a call to Ceph, so status and points never wait on one.
+  std::mutex register_mu_;
+  std::mutex sources_mu_;  // guards sources_ and registered_
+  std::vector<std::shared_ptr<SourceReplicator>> sources_;
+  std::map<std::string, Registration> registered_;  // by volume id
+  SinkInstance sink_instance_;  // this sink, as recorded in the catalogs
+  std::thread fence_watch_;
+  std::mutex fence_mu_;
+  std::condition_variable fence_cv_;
+  bool fence_stop_ = false;
+};
+
+}  // namespace cairn

@@ -1,0 +1,642 @@
+#include "engine/epoch/epoch.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <vector>
+
+#include <fmt/format.h>
+
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+namespace {
+
+// Zero detection granularity: runs of zeros at least this aligned and
+// long travel as zero records.
+constexpr uint64_t kZeroGrain = 64 * 1024;
+
+bool IsAllZero(std::span<const char> b) {
+  size_t i = 0;
+  for (; i + 8 <= b.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, b.data() + i, 8);
+    if (w != 0) return false;
+  }
+  for (; i < b.size(); ++i) {
+    if (b[i] != 0) return false;
+  }
+  return true;
+}
+
+struct AlignedFree {
+  void operator()(char* p) const { std::free(p); }
+};
+using AlignedBuffer = std::unique_ptr<char, AlignedFree>;
+
+AlignedBuffer AllocateAligned(size_t n) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 4096, n) != 0) return nullptr;
+  return AlignedBuffer(static_cast<char*>(p));
+}
+
+template <typename Msg>
+Status Parse(const Frame& f, Msg& m) {
+  if (!m.ParseFromString(f.body)) {
+    return DataLoss(fmt::format("{} frame body does not parse", FrameTypeName(f.type)));
+  }
+  return OkStatus();
+}
+
+// Read buffers of one epoch: one arena of `capacity` bytes, carved into
+// 4 KiB-aligned pieces in the order records are sent and returned in the
+// same order (a ring). Any mix of record sizes fits in the same memory: 8
+// reads of 4 MiB, or 512 of 64 KiB.
+class FifoArena {
+ public:
+  Status Init(size_t capacity) {
+    capacity_ = RoundUp(capacity);
+    mem_ = AllocateAligned(capacity_);
+    if (!mem_) {
+      return ResourceExhausted(fmt::format("cannot allocate {} bytes of read buffers", capacity_));
+    }
+    return OkStatus();
+  }
+  // A piece of `n` bytes after the newest one, or nullptr until older ones
+  // are returned. REQUIRES: n <= capacity.
+  char* Take(size_t n) {
+    n = RoundUp(n);
+    assert(n <= capacity_);
+    size_t at;
+    if (live_.empty()) {
+      at = 0;
+    } else if (tail_ < head_) {
+      // Live pieces run from tail_ to head_: room after head_, else at 0.
+      if (capacity_ - head_ >= n) {
+        at = head_;
+      } else if (tail_ >= n) {
+        at = 0;
+      } else {
+        return nullptr;
+      }
+    } else {
+      // Wrapped: live pieces run from tail_ to the end, then 0 to head_.
+      if (tail_ - head_ >= n) {
+        at = head_;
+      } else {
+        return nullptr;
+      }
+    }
+    live_.push_back({at, n});
+    head_ = at + n;
+    tail_ = live_.front().at;
+    return mem_.get() + at;
+  }
+  // Returns the oldest piece.
+  void GiveBackOldest() {
+    assert(!live_.empty());
+    live_.pop_front();
+    if (live_.empty()) {
+      head_ = tail_ = 0;
+    } else {
+      tail_ = live_.front().at;
+    }
+  }
+
+ private:
+  static size_t RoundUp(size_t n) { return (n + 4095) / 4096 * 4096; }
+  struct Piece {
+    size_t at;
+    size_t n;
+  };
+  size_t capacity_ = 0;
+  AlignedBuffer mem_;
+  std::deque<Piece> live_;
+  size_t head_ = 0;  // end of the newest piece
+  size_t tail_ = 0;  // start of the oldest piece
+};
+
+// Reads of the source snapshot in flight at once, at most (whatever their
+// size: the arena bounds the bytes).
+constexpr uint64_t kMaxReadsInFlight = 64;
+
+// Sends the records of one epoch in order while reads complete out of
+// order: a FIFO of records whose data reads may still be in flight.
+class RecordPipeline {
+ public:
+  RecordPipeline(const EpochPlan& plan, const EpochOptions& opt, FrameWriter& out)
+      : plan_(plan), opt_(opt), out_(out), hasher_(plan.seq, plan.image_size) {
+    summary_.seq = plan.seq;
+    summary_.base_seq = plan.base_seq;
+    summary_.image_size = plan.image_size;
+    summary_.snap_time_ns = plan.snap_time_ns;
+    summary_.prev_chain = plan.prev_chain;
+    summary_.source_site = plan.source_site;
+  }
+
+  // The source's memory: `window` blocks of `block_size`.
+  Status Init() { return arena_.Init(uint64_t{opt_.window} * opt_.block_size); }
+
+  const SendTimes& times() const { return times_; }
+
+  // The I/O is owned here and declared after the arena, so it is destroyed
+  // first: its destructor waits for reads still using arena buffers.
+  void set_io(std::unique_ptr<AsyncIo> io) { io_ = std::move(io); }
+
+  Status AddExtent(const Extent& e) {
+    if (e.kind == RecordKind::kZero) {
+      queue_.push_back({e.offset, e.length, RecordKind::kZero, nullptr, true});
+      return Emit();
+    }
+    uint64_t off = e.offset;
+    const uint64_t end = e.offset + e.length;
+    while (off < end) {
+      // Cut blocks at multiples of block_size so they line up with objects.
+      const uint64_t boundary = (off / opt_.block_size + 1) * opt_.block_size;
+      const uint64_t len = std::min(end, boundary) - off;
+      char* buf = nullptr;
+      while (reads_ >= kMaxReadsInFlight || (buf = arena_.Take(len)) == nullptr) {
+        RETURN_IF_ERROR(WaitOne());
+      }
+      queue_.push_back({off, len, RecordKind::kData, buf, false});
+      const uint64_t tag = first_tag_ + queue_.size() - 1;
+      ++reads_;
+      RETURN_IF_ERROR(io_->StartRead(tag, off, std::span<char>(buf, len)));
+      off += len;
+      RETURN_IF_ERROR(Emit());
+    }
+    return OkStatus();
+  }
+
+  // Waits for every read; their records are sent.
+  Status WaitReads() {
+    while (io_->InFlight() > 0) RETURN_IF_ERROR(WaitOne());
+    return Emit();
+  }
+
+  // REQUIRES: WaitReads() returned OK.
+  StatusOr<EpochSummary> Finish() {
+    assert(io_->InFlight() == 0 && queue_.empty());
+    summary_.epoch_digest = hasher_.Finish();
+    summary_.chain = NextChain(plan_.prev_chain, summary_.epoch_digest, plan_.seq);
+    pb::EpochEnd end;
+    end.set_seq(plan_.seq);
+    end.set_records(summary_.records);
+    end.set_data_bytes(summary_.data_bytes);
+    end.set_zero_bytes(summary_.zero_bytes);
+    end.set_epoch_digest(summary_.epoch_digest.AsBytes());
+    end.set_prev_chain(plan_.prev_chain.AsBytes());
+    end.set_chain_digest(summary_.chain.AsBytes());
+    RETURN_IF_ERROR(out_.Write(FrameType::kEpochEnd, end.SerializeAsString(), {}));
+    return summary_;
+  }
+
+ private:
+  // A record to send; records leave in order, so the queue's front is the
+  // oldest piece of the arena. A read's tag is its position in the queue
+  // counted from the first record of the epoch.
+  struct Pending {
+    uint64_t offset;
+    uint64_t length;
+    RecordKind kind;
+    char* buf;  // data records: the arena piece the read fills
+    bool done;  // no read in flight
+  };
+
+  Status WaitOne() {
+    const auto t0 = Clock::now();
+    AsyncIo::Completion c = io_->WaitOne();
+    times_.reads += Seconds(Clock::now() - t0);
+    --reads_;
+    if (!c.status.ok()) return c.status.Annotate("reading the source snapshot");
+    assert(c.tag >= first_tag_ && c.tag - first_tag_ < queue_.size());
+    queue_[c.tag - first_tag_].done = true;
+    return Emit();
+  }
+
+  // Sends every record at the head of the queue whose data is in.
+  Status Emit() {
+    while (!queue_.empty() && queue_.front().done) {
+      const Pending& p = queue_.front();
+      if (p.buf == nullptr) {
+        RETURN_IF_ERROR(SendRecord(p.offset, p.length, RecordKind::kZero, {}));
+      } else {
+        RETURN_IF_ERROR(SendData(p.offset, std::span<const char>(p.buf, p.length)));
+        arena_.GiveBackOldest();
+      }
+      queue_.pop_front();
+      ++first_tag_;
+    }
+    return OkStatus();
+  }
+
+  // Splits a block that was read into runs of data and of zeros, at
+  // kZeroGrain boundaries: zeros travel as zero records (no bytes) and the
+  // standby image stays as sparse as the source.
+  Status SendData(uint64_t offset, std::span<const char> bytes) {
+    size_t run_start = 0;
+    bool run_zero = false;
+    size_t pos = 0;
+    while (pos < bytes.size()) {
+      const uint64_t abs = offset + pos;
+      const size_t grain = std::min<uint64_t>(kZeroGrain - abs % kZeroGrain, bytes.size() - pos);
+      const bool zero = IsAllZero(bytes.subspan(pos, grain));
+      if (pos > 0 && zero != run_zero) {
+        RETURN_IF_ERROR(SendRun(offset, bytes, run_start, pos, run_zero));
+        run_start = pos;
+      }
+      run_zero = zero;
+      pos += grain;
+    }
+    return SendRun(offset, bytes, run_start, pos, run_zero);
+  }
+
+  Status SendRun(uint64_t offset, std::span<const char> bytes, size_t from, size_t to, bool zero) {
+    if (to == from) return OkStatus();
+    return zero ? SendRecord(offset + from, to - from, RecordKind::kZero, {})
+                : SendRecord(offset + from, to - from, RecordKind::kData, bytes.subspan(from, to - from));
+  }
+
+  Status SendRecord(uint64_t offset, uint64_t length, RecordKind kind, std::span<const char> payload) {
+    const BlockHash h = kind == RecordKind::kData ? BlockHash::Of(payload) : BlockHash();
+    record_.Clear();
+    record_.set_index(summary_.records);
+    record_.set_offset(offset);
+    record_.set_length(length);
+    record_.set_kind(kind == RecordKind::kData ? pb::DATA : pb::ZERO);
+    record_.set_xxh3(h.value());
+    record_.set_seq(plan_.seq);
+    record_.SerializeToString(&body_);
+    if (summary_.records >= plan_.skip_records) {
+      const auto t0 = Clock::now();
+      Status st = out_.Write(FrameType::kRecord, body_, payload);
+      times_.link += Seconds(Clock::now() - t0);
+      RETURN_IF_ERROR(st);
+    }
+    hasher_.Add(offset, length, kind, h);
+    ++summary_.records;
+    (kind == RecordKind::kData ? summary_.data_bytes : summary_.zero_bytes) += length;
+    return OkStatus();
+  }
+
+  using Clock = std::chrono::steady_clock;
+  static double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+  const EpochPlan& plan_;
+  const EpochOptions& opt_;
+  FrameWriter& out_;
+  SendTimes times_;
+  EpochHasher hasher_;
+  EpochSummary summary_;
+  FifoArena arena_;
+  std::deque<Pending> queue_;
+  uint64_t first_tag_ = 0;  // tag of queue_.front()
+  uint64_t reads_ = 0;      // in flight
+  pb::Record record_;
+  std::string body_;
+  std::unique_ptr<AsyncIo> io_;
+};
+
+}  // namespace
+
+Status WriteLinkError(FrameWriter& out, const Status& st) {
+  pb::LinkError e;
+  e.set_code(static_cast<int32_t>(st.code()));
+  e.set_message(st.message());
+  return out.Write(FrameType::kLinkError, e.SerializeAsString(), {});
+}
+
+Status StatusFromLinkError(const Frame& f, std::string_view who) {
+  pb::LinkError e;
+  if (!e.ParseFromString(f.body)) return DataLoss(fmt::format("{}: malformed LinkError", who));
+  const Code code = static_cast<Code>(e.code());
+  if (code == Code::kOk || CodeName(code) == "Unknown") {
+    return Internal(fmt::format("{}: error with invalid code {}: {}", who, e.code(), e.message()));
+  }
+  return Status(code, fmt::format("{}: {}", who, e.message()));
+}
+
+StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
+                                 FrameWriter& out, SendTimes* times) {
+  assert(options.block_size > 0 && options.block_size <= kMaxPayload);
+  assert(options.window > 0);
+  pb::EpochBegin begin;
+  begin.set_volume(plan.volume);
+  begin.set_seq(plan.seq);
+  begin.set_base_seq(plan.base_seq);
+  begin.set_image_size(plan.image_size);
+  begin.set_snap_time_ns(plan.snap_time_ns);
+  begin.set_max_block(options.block_size);
+  begin.set_source_site(plan.source_site);
+  begin.set_resume_from(plan.skip_records);
+
+  if (plan.to_snap_id == 0 || (!plan.from_snap.empty() && plan.from_snap_id == 0)) {
+    return InvalidArgument(fmt::format("epoch {} of {}: the plan lacks a snapshot's id", plan.seq,
+                                       plan.volume));
+  }
+  WatchedWriter writer(out);
+  RecordPipeline pipe(plan, options, writer);
+  RETURN_IF_ERROR(pipe.Init());
+  const auto t0 = std::chrono::steady_clock::now();
+  Status streamed = [&]() -> Status {
+    ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
+    pipe.set_io(std::move(io));
+    RETURN_IF_ERROR(writer.Write(FrameType::kEpochBegin, begin.SerializeAsString(), {}));
+    if (!plan.resync) {
+      RETURN_IF_ERROR(vol.DiffExtents(plan.from_snap, plan.to_snap,
+                                      [&](const Extent& e) { return pipe.AddExtent(e); }));
+      return pipe.WaitReads();
+    }
+    // Resync: the gaps between allocated extents travel as zero records.
+    uint64_t covered = 0;
+    RETURN_IF_ERROR(vol.DiffExtents("", plan.to_snap, [&](const Extent& e) -> Status {
+      if (e.offset < covered) return Internal("DiffExtents listed extents out of order");
+      if (e.offset > covered) {
+        RETURN_IF_ERROR(pipe.AddExtent({covered, e.offset - covered, RecordKind::kZero}));
+      }
+      covered = e.offset + e.length;
+      return pipe.AddExtent(e);
+    }));
+    if (covered < plan.image_size) {
+      RETURN_IF_ERROR(pipe.AddExtent({covered, plan.image_size - covered, RecordKind::kZero}));
+    }
+    return pipe.WaitReads();
+  }();
+  if (writer.failed()) return streamed;
+  // A snapshot removed (or an image removed, renamed or replaced) while it
+  // was read may have read as zeros: then no EpochEnd, so never a point. A
+  // failed read or listing is checked too: a vanished snapshot is its
+  // likely cause, and the one worth reporting.
+  Status gone = vol.ConfirmSnap(plan.to_snap, plan.to_snap_id);
+  if (gone.ok() && !plan.from_snap.empty()) gone = vol.ConfirmSnap(plan.from_snap, plan.from_snap_id);
+  if (gone.code() == Code::kNotFound || (streamed.ok() && !gone.ok())) {
+    return gone.Annotate(fmt::format("epoch {} of {} is discarded", plan.seq, plan.volume));
+  }
+  RETURN_IF_ERROR(streamed);
+  auto sum = pipe.Finish();
+  if (times) {
+    *times = pipe.times();
+    times->total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  return sum;
+}
+
+EpochVerifier::EpochVerifier(std::string volume, uint64_t base_seq, ChainDigest prev_chain)
+    : volume_(std::move(volume)), base_seq_(base_seq), prev_chain_(prev_chain) {}
+
+StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
+  if (done_) return DataLoss(fmt::format("{} frame after EpochEnd", FrameTypeName(f.type)));
+  switch (f.type) {
+    case FrameType::kEpochBegin: {
+      if (begun_) return DataLoss("second EpochBegin inside an epoch");
+      pb::EpochBegin b;
+      RETURN_IF_ERROR(Parse(f, b));
+      if (!f.payload.empty()) return DataLoss("EpochBegin frame carries a payload");
+      if (b.volume() != volume_) {
+        return DataLoss(fmt::format("epoch of volume '{}' on the stream of volume '{}'", b.volume(),
+                                    volume_));
+      }
+      if (b.base_seq() != base_seq_) {
+        return FailedPrecondition(fmt::format(
+            "epoch {} builds on restore point {}, but the newest restore point here is {}",
+            b.seq(), b.base_seq(), base_seq_));
+      }
+      if (b.seq() <= b.base_seq()) {
+        return DataLoss(fmt::format("epoch {} does not follow its base {}", b.seq(), b.base_seq()));
+      }
+      if (b.max_block() == 0 || b.max_block() > kMaxPayload) {
+        return DataLoss(fmt::format("epoch {} announces blocks of {} bytes", b.seq(), b.max_block()));
+      }
+      begun_ = true;
+      summary_ = EpochSummary{};
+      summary_.seq = b.seq();
+      summary_.base_seq = b.base_seq();
+      summary_.image_size = b.image_size();
+      summary_.snap_time_ns = b.snap_time_ns();
+      summary_.prev_chain = prev_chain_;
+      summary_.source_site = b.source_site();
+      summary_.max_block = b.max_block();
+      summary_.resume_from = b.resume_from();
+      hasher_ = std::make_unique<EpochHasher>(b.seq(), b.image_size());
+      return Step::kBegin;
+    }
+    case FrameType::kRecord: {
+      if (!begun_) return DataLoss("Record frame before EpochBegin");
+      pb::Record r;
+      RETURN_IF_ERROR(Parse(f, r));
+      if (r.seq() != summary_.seq) {
+        return DataLoss(fmt::format("record of epoch {} inside epoch {}", r.seq(), summary_.seq));
+      }
+      if (r.index() != next_index_) {
+        return DataLoss(fmt::format(
+            "record index {} where {} was expected (lost, duplicated or reordered frame)",
+            r.index(), next_index_));
+      }
+      if (r.length() == 0) return DataLoss(fmt::format("record {} has length 0", r.index()));
+      if (r.offset() < next_offset_) {
+        return DataLoss(fmt::format("record {} at offset {} overlaps the previous record (ends at {})",
+                                    r.index(), r.offset(), next_offset_));
+      }
+      if (r.offset() > summary_.image_size || r.length() > summary_.image_size - r.offset()) {
+        return DataLoss(fmt::format("record {} [{}, +{}) lies beyond the image size {}", r.index(),
+                                    r.offset(), r.length(), summary_.image_size));
+      }
+      RecordKind kind;
+      if (r.kind() == pb::DATA) {
+        kind = RecordKind::kData;
+        if (r.length() > summary_.max_block) {
+          return DataLoss(fmt::format("data record {} of {} bytes exceeds the epoch's block size {}",
+                                      r.index(), r.length(), summary_.max_block));
+        }
+        if (f.payload.size() != r.length()) {
+          return DataLoss(fmt::format("data record {} says {} bytes but carries {}", r.index(),
+                                      r.length(), f.payload.size()));
+        }
+        const BlockHash h = BlockHash::Of(f.payload);
+        if (h != BlockHash(r.xxh3())) {
+          return DataLoss(fmt::format("block checksum mismatch at offset {} (record {})", r.offset(),
+                                      r.index()));
+        }
+        hasher_->Add(r.offset(), r.length(), kind, h);
+        summary_.data_bytes += r.length();
+      } else if (r.kind() == pb::ZERO) {
+        kind = RecordKind::kZero;
+        if (!f.payload.empty()) {
+          return DataLoss(fmt::format("zero record {} carries a payload", r.index()));
+        }
+        hasher_->Add(r.offset(), r.length(), kind, BlockHash());
+        summary_.zero_bytes += r.length();
+      } else {
+        return DataLoss(fmt::format("record {} has unknown kind {}", r.index(),
+                                    static_cast<int>(r.kind())));
+      }
+      record_ = VerifiedRecord{r.index(), r.offset(), r.length(), kind};
+      ++next_index_;
+      next_offset_ = r.offset() + r.length();
+      summary_.records = next_index_;
+      return Step::kRecord;
+    }
+    case FrameType::kEpochEnd: {
+      if (!begun_) return DataLoss("EpochEnd frame before EpochBegin");
+      pb::EpochEnd e;
+      RETURN_IF_ERROR(Parse(f, e));
+      if (e.seq() != summary_.seq) {
+        return DataLoss(fmt::format("end of epoch {} inside epoch {}", e.seq(), summary_.seq));
+      }
+      if (e.records() != summary_.records || e.data_bytes() != summary_.data_bytes ||
+          e.zero_bytes() != summary_.zero_bytes) {
+        return DataLoss(fmt::format(
+            "epoch {} end says {} records ({} data, {} zero bytes) but {} ({}, {}) arrived",
+            e.seq(), e.records(), e.data_bytes(), e.zero_bytes(), summary_.records,
+            summary_.data_bytes, summary_.zero_bytes));
+      }
+      EpochDigest digest;
+      ChainDigest prev, chain;
+      if (!EpochDigest::FromString(e.epoch_digest(), &digest) ||
+          !ChainDigest::FromString(e.prev_chain(), &prev) ||
+          !ChainDigest::FromString(e.chain_digest(), &chain)) {
+        return DataLoss(fmt::format("epoch {} end has a malformed digest", e.seq()));
+      }
+      summary_.epoch_digest = hasher_->Finish();
+      if (digest != summary_.epoch_digest) {
+        return DataLoss(fmt::format("epoch {} digest mismatch: sent {}, computed {}", e.seq(),
+                                    digest.ToHex(), summary_.epoch_digest.ToHex()));
+      }
+      if (prev != prev_chain_) {
+        return FailedPrecondition(fmt::format(
+            "epoch {} chains from {}, but restore point {} here has chain {}", e.seq(),
+            prev.ToHex(), base_seq_, prev_chain_.ToHex()));
+      }
+      summary_.chain = NextChain(prev_chain_, summary_.epoch_digest, summary_.seq);
+      if (chain != summary_.chain) {
+        return DataLoss(fmt::format("epoch {} chain digest mismatch", e.seq()));
+      }
+      done_ = true;
+      return Step::kEnd;
+    }
+    default:
+      return DataLoss(fmt::format("unexpected {} frame inside an epoch", FrameTypeName(f.type)));
+  }
+}
+
+ApplyStream::ApplyStream(Volume& target, const EpochOptions& options, TargetState state)
+    : target_(target), options_(options), state_(state) {
+  assert(options.window > 0);
+}
+
+ApplyStream::~ApplyStream() {
+  if (io_) (void)io_->Drain();
+}
+
+Status ApplyStream::Begin(uint64_t image_size) {
+  frames_.assign(options_.window, Frame{});
+  free_.clear();
+  for (uint32_t i = options_.window; i > 0; --i) free_.push_back(i - 1);
+  bytes_in_flight_ = 0;
+  // Opened for writing first: the size then comes from the same handle,
+  // not from one more open.
+  ASSIGN_OR_RETURN(io_, target_.OpenIo(""));
+  ASSIGN_OR_RETURN(uint64_t have, target_.Size());
+  if (have != image_size) RETURN_IF_ERROR(target_.Resize(image_size));
+  return OkStatus();
+}
+
+Status ApplyStream::WaitOne() {
+  AsyncIo::Completion c = io_->WaitOne();
+  free_.push_back(static_cast<uint32_t>(c.tag));
+  bytes_in_flight_ -= frames_[c.tag].payload.size();
+  frames_[c.tag] = Frame{};  // its buffer goes back now, not when the slot is reused
+  if (!c.status.ok()) return c.status.Annotate("writing the standby image");
+  return OkStatus();
+}
+
+Status ApplyStream::Add(const VerifiedRecord& r, Frame frame) {
+  assert(io_ && "Begin first");
+  if (r.kind != RecordKind::kData && state_ == TargetState::kFreshImage) {
+    return OkStatus();  // a new image reads as zeros already
+  }
+  const uint64_t bytes = frame.payload.size();
+  // A record larger than window_bytes goes alone.
+  while (free_.empty() || (options_.window_bytes > 0 && bytes_in_flight_ > 0 &&
+                           bytes_in_flight_ + bytes > options_.window_bytes)) {
+    RETURN_IF_ERROR(WaitOne());
+  }
+  const uint32_t slot = free_.back();
+  free_.pop_back();
+  frames_[slot] = std::move(frame);
+  bytes_in_flight_ += bytes;
+  if (r.kind == RecordKind::kData) {
+    assert(frames_[slot].payload.size() == r.length);
+    return io_->StartWrite(slot, r.offset, frames_[slot].payload);
+  }
+  return io_->StartZero(slot, r.offset, r.length);
+}
+
+Status ApplyStream::Finish() {
+  assert(io_ && "Begin first");
+  Status first;
+  while (io_->InFlight() > 0) {
+    Status st = WaitOne();
+    if (first.ok()) first = st;
+  }
+  RETURN_IF_ERROR(first);
+  return io_->Drain();
+}
+
+StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
+                                  const EpochOptions& options, TargetState state) {
+  ApplyStream apply(target, options, state);
+  while (true) {
+    auto next = spool.Next();
+    if (!next.ok()) {
+      if (next.status().code() == Code::kAborted) {
+        return DataLoss(fmt::format("spool ends before the end of epoch {} (incomplete epoch)",
+                                    verifier.begin().seq));
+      }
+      return next.status();
+    }
+    auto step = verifier.Check(*next);
+    if (!step.ok()) return step.status().Annotate(fmt::format("spool offset {}", spool.offset()));
+    switch (*step) {
+      case EpochVerifier::Step::kBegin:
+        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size));
+        break;
+      case EpochVerifier::Step::kRecord:
+        RETURN_IF_ERROR(apply.Add(verifier.record(), std::move(next).value()));
+        break;
+      case EpochVerifier::Step::kEnd:
+        RETURN_IF_ERROR(apply.Finish());
+        return verifier.summary();
+    }
+  }
+}
+
+StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point) {
+  constexpr uint64_t kPiece = 4ull << 20;
+  ASSIGN_OR_RETURN(const uint64_t size, target.Size());
+  if (size != point.size) RETURN_IF_ERROR(target.Resize(point.size));
+  ASSIGN_OR_RETURN(auto from, target.OpenIo(point.name));
+  ASSIGN_OR_RETURN(auto to, target.OpenIo(""));
+  std::vector<char> buf;
+  uint64_t bytes = size != point.size ? std::max(size, point.size) - std::min(size, point.size) : 0;
+  RETURN_IF_ERROR(target.DiffExtents(point.name, "", [&](const Extent& e) -> Status {
+    for (uint64_t off = e.offset; off < e.offset + e.length;) {
+      const uint64_t n = std::min(kPiece, e.offset + e.length - off);
+      buf.resize(n);
+      RETURN_IF_ERROR(from->StartRead(0, off, buf));
+      RETURN_IF_ERROR(from->WaitOne().status);
+      RETURN_IF_ERROR(IsAllZero(buf) ? to->StartZero(0, off, n) : to->StartWrite(0, off, buf));
+      RETURN_IF_ERROR(to->WaitOne().status);
+      off += n;
+      bytes += n;
+    }
+    return OkStatus();
+  }));
+  RETURN_IF_ERROR(to->Drain());
+  return bytes;
+}
+
+}  // namespace cairn

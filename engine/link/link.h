@@ -1,0 +1,67 @@
+// Link: a framed, ordered, bidirectional stream between two Cairn
+// processes (source <-> sink, or client <-> cairnd's control socket).
+//
+// Implementations: TCP and Unix-domain sockets over Boost.Asio
+// (engine/link/tcp_link.h; the only place Asio is compiled), and an in-process
+// pair (MakeMemoryLinkPair) for tests. Fault layers wrap any Link.
+//
+// Every received frame has its header and body checksums verified (see
+// frame.h); payload verification belongs to the layer that knows the
+// payload's hash.
+//
+// Thread-safety: Send and Receive are called by one thread at a time (the
+// protocols here are request/response, so one thread drives each link).
+// Close may be called from any thread; it makes blocked calls return
+// kAborted.
+#pragma once
+
+#include <chrono>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "engine/epoch/epoch.h"
+#include "engine/format/frame.h"
+#include "engine/base/status.h"
+
+namespace cairn {
+
+class Link : public FrameWriter {
+ public:
+  // Sends one frame (header, body, payload), blocking until it is handed
+  // to the transport. kAborted if the link is closed or cut.
+  virtual Status Send(FrameType type, std::string_view body, std::span<const char> payload) = 0;
+  // Receives the next frame. kUnavailable "no frame from PEER within N ms"
+  // on timeout (the link stays usable); kAborted when the peer closed or the
+  // link was cut; kDataLoss when a frame fails its checks (the stream can no
+  // longer be trusted: close it).
+  virtual StatusOr<Frame> Receive(std::chrono::milliseconds timeout) = 0;
+  virtual void Close() = 0;
+  virtual const std::string& peer() const = 0;
+
+  Status Write(FrameType type, std::string_view body, std::span<const char> payload) final {
+    return Send(type, body, payload);
+  }
+};
+
+// What a fault hook does with one encoded frame in flight.
+enum class WireFault {
+  kDeliver,    // as it is now (the hook may have changed its bytes)
+  kDrop,       // lost
+  kDuplicate,  // delivered twice
+  kCut,        // the link breaks: this frame and everything after it is lost
+};
+// Sees (and may change) every encoded frame sent in one direction.
+using WireFaultFn = std::function<WireFault(std::string& frame_bytes)>;
+
+// Two connected in-process links. Each direction buffers at most
+// `capacity_bytes` (a sender blocks when it is full), like a socket.
+// `a_to_b` / `b_to_a`, if set, inject faults into what the first / second
+// link sends: the fault layer of the Link seam, for the simulator.
+std::pair<std::unique_ptr<Link>, std::unique_ptr<Link>> MakeMemoryLinkPair(
+    size_t capacity_bytes = 16u << 20, WireFaultFn a_to_b = nullptr, WireFaultFn b_to_a = nullptr);
+
+}  // namespace cairn

@@ -1,0 +1,55 @@
+// Socket links: TCP between sites, Unix-domain for the local control API.
+// Built on Boost.Asio, which only tcp_link.cc includes (it is heavy).
+//
+// Timeouts: Receive waits up to its timeout for the first byte of a frame
+// (kUnavailable after it, link still usable); once a frame has started, the
+// rest must arrive within the link's stall timeout or the link is broken
+// (kAborted). Send fails with kAborted if the peer does not drain the
+// socket within the stall timeout.
+//
+// Thread-safety: see link.h. A Listener's Accept is called by one thread;
+// Close from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "engine/link/link.h"
+#include "engine/base/status.h"
+
+namespace cairn {
+
+struct LinkOptions {
+  std::chrono::milliseconds connect_timeout{5000};
+  std::chrono::milliseconds stall_timeout{60000};
+};
+
+// "host:port" -> (host, port). kInvalidArgument naming the text otherwise.
+StatusOr<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& text);
+
+// kUnavailable if nothing listens there or the connect times out.
+StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t port,
+                                           const LinkOptions& options = {});
+StatusOr<std::unique_ptr<Link>> ConnectUnix(const std::string& path,
+                                            const LinkOptions& options = {});
+
+class Listener {
+ public:
+  // port 0 picks a free port (see port()). kFailedPrecondition if the
+  // address is in use or not ours.
+  static StatusOr<std::unique_ptr<Listener>> ListenTcp(const std::string& host, uint16_t port,
+                                                       const LinkOptions& options = {});
+  // Replaces a stale socket file at `path`; refuses (kFailedPrecondition)
+  // if another process still answers there.
+  static StatusOr<std::unique_ptr<Listener>> ListenUnix(const std::string& path,
+                                                        const LinkOptions& options = {});
+  virtual ~Listener() = default;
+  // Blocks until a peer connects. kAborted after Close.
+  virtual StatusOr<std::unique_ptr<Link>> Accept() = 0;
+  virtual void Close() = 0;
+  virtual uint16_t port() const = 0;
+};
+
+}  // namespace cairn

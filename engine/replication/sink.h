@@ -1,0 +1,233 @@
+// Sink: the standby role. Receives epochs from sources, verifies every
+// frame, spools them durably, acknowledges, applies them to the standby
+// images, snapshots each as a restore point and records it in the catalog.
+//
+// Per epoch, in order:
+//   1. frames arrive; each is verified (EpochVerifier) before it is
+//      appended to spool_dir/<volume>/<seq>.spool and, at once, written to
+//      the head of the standby image (ApplyStream: the apply overlaps the
+//      receive). The head is the sink's staging area, never a restore point;
+//   2. at EpochEnd: Sync (fdatasync) -> EpochAck DURABLE;
+//   3. wait for the head writes; if they could not all be made (a resumed
+//      epoch, a standby write error), replay the spool, verifying again;
+//   4. snapshot cairn.<seq> on the standby image: the restore point;
+//   5. catalog record (RADOS omap) -> spool removed -> EpochAck APPLIED.
+// A crash anywhere leaves either the old newest point or the new one; a
+// durable spool not yet applied is applied when the source reconnects.
+// A frame that fails verification is never spooled: the sink answers with
+// a LinkError and closes, and the source re-sends the epoch.
+//
+// Outages at the standby site:
+//   - the standby Ceph cluster does not answer (every RADOS op gives up
+//     after [ceph] op_timeout): the session ends with Unavailable "the
+//     standby Ceph cluster of site B (CONF) is unreachable: ...". An epoch
+//     already durable in the spool stays there, and the sink itself retries
+//     applying it with backoff (SinkEnv::retry_min..retry_max), whether or
+//     not its source comes back; meanwhile a source that connects is told
+//     so at once. A restarted sink does the same for the complete spools it
+//     finds (of volumes that have a restore point, so their image is known).
+//   - the spool disk is full, or an epoch would pass SpoolOptions::max_bytes:
+//     the epoch is refused with ResourceExhausted, naming spool_dir and what
+//     to do; the verified prefix that reached the disk is made durable and
+//     kept, and the source resumes after it once there is room.
+//
+// Thread-safety: Serve may run on many threads at once (one per source
+// connection). A new connection for a volume that has one already replaces
+// it (the source reconnected after a cut the old session has not noticed
+// yet). The sink's own retry thread holds a volume the same way while it
+// applies a spooled epoch; a connection for that volume waits for it.
+// Report, Points and Restore are safe from any thread.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <memory>
+#include <condition_variable>
+#include <mutex>
+#include <set>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "engine/catalog/catalog.h"
+#include "engine/epoch/epoch.h"
+#include "engine/base/memory_budget.h"
+#include "engine/catalog/kv_store.h"
+#include "engine/link/link.h"
+#include "engine/link/tcp_link.h"
+#include "engine/replication/replication.h"
+#include "engine/spool/spool.h"
+#include "engine/volume/volume.h"
+
+namespace cairn {
+
+struct SinkEnv {
+  std::string site;
+  std::filesystem::path spool_dir;
+  std::vector<std::string> pools;  // pools this sink serves
+  std::function<StatusOr<std::shared_ptr<Pool>>(const std::string& pool)> open_pool;
+  std::function<StatusOr<std::shared_ptr<KvStore>>(const std::string& pool)> open_catalog;
+  EpochOptions apply;
+  SpoolOptions spool;
+  LinkTimeouts timeouts;
+  // Names the standby Ceph cluster in errors (cairnd: its ceph.conf path).
+  std::string cluster;
+  // Backoff of the sink's own attempts to apply a durable spooled epoch
+  // after the standby cluster failed: doubles from retry_min to retry_max.
+  std::chrono::milliseconds retry_min{1000};
+  std::chrono::milliseconds retry_max{15000};
+  // Restore points kept per volume (0: all); see PrunePoints.
+  uint32_t keep_points = 0;
+  // Where an epoch's apply window and spool buffers come from (shared with
+  // the daemon's other epochs); none: each takes what `apply` and `spool`
+  // say.
+  std::shared_ptr<MemoryBudget> budget;
+};
+
+// A directory the sink can spool into: created if missing, and a 4 KiB
+// file written, fdatasync'ed and removed in it. FailedPrecondition saying
+// what is wrong otherwise.
+Status CheckSpoolWritable(const std::filesystem::path& dir);
+
+struct PromoteResult {
+  std::string pool;
+  std::string image;
+  RestorePoint point;
+  bool again = false;  // the volume was already promoted so
+};
+
+struct RestoreResult {
+  std::string pool;
+  std::string image;
+  RestorePoint point;
+  std::string mode;  // "clone" or "full"
+};
+
+class Sink {
+ public:
+  // Starts the retry thread, which first looks for complete spools left by
+  // a previous run (see above).
+  explicit Sink(SinkEnv env);
+  // Stops the retry thread (after its attempt in progress, if any).
+  ~Sink();
+  Sink(const Sink&) = delete;
+  Sink& operator=(const Sink&) = delete;
+
+  // Serves one source connection until it closes or fails. Returns OK when
+  // the source hung up cleanly.
+  Status Serve(Link& link);
+
+  std::vector<VolumeStatusInfo> Report() const;
+  StatusOr<std::vector<RestorePoint>> Points(const std::string& volume);
+  // seq 0: the newest point. kAlreadyExists if `to_image` exists.
+  StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
+                                  const std::string& to_image, bool full,
+                                  const ProgressFn& progress);
+  // Failover of one volume: fences it (its source is refused from now on)
+  // and clones restore point `seq` (0: the newest) into pool/to_image. The
+  // same call again returns the same promotion (again = true); another
+  // image or point while promoted is kFailedPrecondition; an existing
+  // to_image is kAlreadyExists (never overwritten).
+  StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,
+                                  const std::string& pool, const std::string& to_image);
+  // Failback: lifts the fence. The promoted image is renamed
+  // <image>.failback-<UTC time>, never deleted; returns that name ("" if
+  // the image was gone).
+  StatusOr<std::string> Release(const std::string& volume);
+  // Frames refused for failing verification, since start.
+  uint64_t corrupt_frames() const;
+
+ private:
+  struct Target;  // one volume being received
+  Status Session(Link& link, Target& t);
+  // An Unchanged frame of t's source: the newest point still holds the
+  // image as of its time (status and lag; nothing else changes).
+  void NoteUnchanged(const Target& t, const Frame& f, const std::string& peer);
+  StatusOr<EpochSummary> ReceiveEpoch(Link& link, Target& t, Frame begin);
+  Status ApplyAndCommit(Target& t, uint64_t seq, int64_t snap_time_ns_hint);
+  // The standby image of `t`, checked to be the one this volume's points
+  // live on (created if the volume has none yet) and open.
+  struct PreparedTarget {
+    std::unique_ptr<Volume> vol;
+    TargetState state = TargetState::kHasData;
+  };
+  StatusOr<PreparedTarget> PrepareTarget(Target& t);
+  // What a probe Hello (cairnd --check at the source) is told: would an
+  // epoch of t.volume into t.pool/t.image be taken, spool included.
+  Status CheckProbe(Target& t);
+  // The volume's newest point from the catalog (into t.last_seq, t.chain);
+  // FailedPrecondition if it came from another source site than t's.
+  StatusOr<std::optional<RestorePoint>> LoadLatest(Target& t);
+  // The apply window of one epoch whose records are at most `max_block`
+  // long, no larger than its image (`image_size`), out of env_.budget
+  // (waits for one block's worth; kAborted if the sink stops meanwhile);
+  // `opt` says how much was had.
+  StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
+                                                  EpochOptions* opt);
+  // Retention (SinkEnv::keep_points): removes the oldest points of `t`
+  // beyond the newest keep_points, each from the catalog first and then its
+  // snapshot on `vol`, so a crash between leaves a stray snapshot (removed
+  // by the next pass: every cairn.<N> snapshot older than the oldest point
+  // kept goes), never a listed point without its data. Best effort: a
+  // failure is logged, the new point stands.
+  void PrunePoints(Target& t, Volume& vol);
+  // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
+  void PruneCommitted(Target& t);
+  Status RecoverSpool(Target& t);
+  // Record frames at the start of the spool of epoch `seq` that are whole
+  // and verify (as RecoverSpool counts them).
+  uint64_t VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq);
+  // Reads the verified prefix of t.partial's spool into `verifier`.
+  Status ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier);
+  StatusOr<std::string> FindVolumePool(const std::string& volume);
+  void SetState(const std::string& volume, const std::function<void(VolumeStatusInfo&)>& fn);
+  // An error of the standby cluster: Unavailable ones name it. Marks the
+  // failure as the sink's own (status "error", not "disconnected").
+  Status ClusterError(Target& t, const Status& st, std::string_view what);
+
+  // A volume whose durable, complete spooled epoch could not be applied.
+  struct Pending {
+    std::string pool;  // empty: not known yet (found at start): from the catalog
+    std::string image;
+    uint64_t seq = 0;  // the epoch (0: not known yet)
+    std::chrono::steady_clock::time_point next;
+    std::chrono::milliseconds backoff{0};
+    Status error;  // the last attempt's, as sources are told
+  };
+  // After a failed attempt on `volume` (mu_ held): the next one after backoff.
+  // Returns `st` with what the operator is told about the retry.
+  Status ScheduleRetryLocked(const std::string& volume, const Target& t, const Status& st);
+  void RetryLoop();
+  // One attempt: what a session does before its HelloReply, without a source.
+  Status RetryApply(const std::string& volume, const Pending& p, Target& t);
+
+  SinkEnv env_;
+  mutable std::mutex mu_;
+  std::condition_variable released_;
+  std::map<std::string, Link*> active_;  // volumes with a live session
+  std::map<std::string, std::string> active_images_;  // volume -> its pool/image
+  std::map<std::string, VolumeStatusInfo> status_;
+  uint64_t corrupt_frames_ = 0;
+  std::map<std::string, Pending> pending_;
+  // A volume whose last epoch was refused for want of spool space. Until
+  // the disk has 4 MiB more free than then (a quota: until cairnd restarts
+  // with another), a source that connects again is refused at its Hello:
+  // it reads why (mid-epoch, a source busy sending sees only the connection
+  // reset) and sends nothing that cannot be spooled. After `until` (60 s)
+  // it may try again anyway.
+  struct SpoolRefusal {
+    Status error;
+    bool disk = false;  // disk full (else the quota): more free space lifts it
+    uint64_t free_bytes = 0;
+    std::chrono::steady_clock::time_point until;
+  };
+  std::map<std::string, SpoolRefusal> spool_refusals_;
+  std::condition_variable retry_cv_;
+  bool stopping_ = false;
+  std::thread retrier_;  // last: started once everything above exists
+};
+
+}  // namespace cairn

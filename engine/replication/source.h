@@ -1,0 +1,200 @@
+// SourceReplicator: the source role for one volume.
+//
+// Every `interval` (or on demand) it takes a snapshot cairn.<N> of the
+// primary image, ships the epoch from the sink's newest restore point to
+// cairn.<N>, waits until the sink has made cairn.<N> a restore point, and
+// then drops source snapshots older than N (keeping `keep_snapshots` of
+// them). It keeps no local state: the base of the next epoch is whatever
+// the sink says its newest restore point is, so a restarted source resumes
+// where the sink is. A snapshot taken but never acknowledged (crash, cut
+// link) is shipped on the next attempt instead of taking a new one.
+//
+// While the sink cannot be reached, the source keeps its base and goes on
+// taking a snapshot every `interval`, keeping the newest `outage_snapshots`
+// of those it took (the one whose epoch the sink holds a durable prefix of
+// is never dropped, so the transfer resumes where it stopped). When the
+// link returns, each kept snapshot is shipped as one epoch, oldest first:
+// with the default of 1, the outage costs one coalesced epoch.
+//
+// The primary never waits on the link: snapshots and the copy are
+// out-of-band reads of the image, and a dead link only means the next
+// epoch is larger.
+//
+// Thread-safety: Start/Stop/RequestNow/Status from any thread. RunOnce is
+// for one thread at a time (the replicator's own, or a test's when not
+// started).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "engine/daemon/config.h"
+#include "engine/epoch/epoch.h"
+#include "engine/link/link.h"
+#include "engine/base/memory_budget.h"
+#include "engine/replication/replication.h"
+#include "engine/volume/volume.h"
+
+namespace cairn {
+
+class SourceReplicator {
+ public:
+  using Connector = std::function<StatusOr<std::unique_ptr<Link>>()>;
+
+  SourceReplicator(VolumeConfig config, std::string site, std::shared_ptr<Pool> pool,
+                   Connector connect, LinkTimeouts timeouts = {});
+  ~SourceReplicator();
+
+  // Epochs borrow their read window from `budget` (shared by the daemon's
+  // volumes); without one each takes config().window blocks. Before Start.
+  void set_memory_budget(std::shared_ptr<MemoryBudget> budget) { budget_ = std::move(budget); }
+
+  void Start();
+  // Tells the replicator to stop (its link is closed at once) and returns;
+  // Stop() then waits for it. A daemon stops all its volumes in parallel.
+  void RequestStop();
+  void Stop();
+
+  // Checks, without replicating, that the peer is a Cairn sink that would
+  // take this volume (a probe Hello: no session is replaced). Returns what
+  // the sink said (its site, the newest point) or why it would not.
+  StatusOr<std::string> Probe();
+
+  // Asks for a new epoch now. Returns the seq of a restore point that will
+  // contain every write completed before this call (a later point does too).
+  // Fails if the image's snapshots cannot be listed (no safe promise then).
+  StatusOr<uint64_t> RequestNow();
+
+  // One step: connect if needed, ship one epoch, wait until applied.
+  StatusOr<EpochSummary> RunOnce();
+  // Closes the link to the sink and the image (the next step reconnects
+  // and opens it again). As RunOnce: not while a RunOnce runs.
+  void Disconnect();
+
+  VolumeStatusInfo Report() const;
+  const VolumeConfig& config() const { return config_; }
+
+ private:
+  Status Connect();
+  // What a sink's HelloReply says.
+  struct SinkHello {
+    std::string site;
+    uint64_t last_applied_seq = 0;
+    ChainDigest last_chain;
+    uint64_t resume_seq = 0;
+    uint64_t resume_records = 0;
+    bool takes_unchanged = false;
+  };
+  // Sends this volume's Hello on `link` and returns the sink's answer, or
+  // why not (a refusal, or a peer that is not a Cairn sink: said so).
+  StatusOr<SinkHello> Handshake(Link& link, bool probe);
+  StatusOr<EpochSummary> ShipEpoch(Volume& vol);
+  Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
+  // Removes cairn.<N> older than `applied` beyond keep_snapshots, through a
+  // volume of its own. False if the image could not be opened.
+  bool PruneSnapshots(uint64_t applied);
+
+  using Clock = std::chrono::steady_clock;
+  // What the helper beside one epoch's send did (TakeAhead).
+  struct Ahead {
+    bool took = false;
+    Clock::time_point taken_at;  // when the snapshot was begun
+    double snap_secs = 0;        // how long it took
+    bool pruned = false;
+    double prune_secs = 0;
+    // The image's snapshots as the handle that took it saw them right
+    // after (empty if it could not list them).
+    std::vector<SnapInfo> snaps;
+  };
+  // Where the epoch the helper runs beside is (guarded by mu_).
+  enum class AheadMode { kSending, kSent, kEpochDone, kCancel };
+  // Runs on a thread of its own beside an epoch. First removes the
+  // snapshots older than `prune_base` (0: none) while the epoch is sent;
+  // then, if `may_take`, takes cairn.<seq+1> once the send is through and
+  // the snapshot due (at `due_at`, or when a RequestNow asks for more than
+  // seq), as the sink finishes its writes and makes the point: the
+  // snapshot, which waits on the guest, then costs the next point nothing.
+  // Taken earlier, the next point would be older; taken after the point,
+  // the next epoch would wait for it. It gives up once the epoch is done
+  // and the snapshot not due, and on kCancel (a failed epoch) begins
+  // nothing more.
+  // `to`: the snapshot of epoch `seq`; none is taken after it unless the
+  // image changed since or a point was asked for.
+  void TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take, uint64_t prune_base,
+                 std::optional<Clock::time_point> due_at, Ahead* out);
+  // Counts cairn.<seq> as existing before it is created, so that a
+  // RequestNow meanwhile (its writes maybe not in it) promises seq + 1.
+  void ReserveSnap(uint64_t seq);
+  // Takes the snapshot due while the sink is unreachable and drops the
+  // oldest of those taken so, beyond config_.outage_snapshots.
+  void TakeOutageSnapshot();
+  // A periodic epoch is due: true if the image has not changed since the
+  // newest point (then no snapshot is taken, at either site).
+  bool UnchangedSincePoint();
+  void Loop();
+
+  const VolumeConfig config_;
+  const std::string site_;
+  std::shared_ptr<Pool> pool_;
+  Connector connect_;
+  const LinkTimeouts timeouts_;
+
+  std::shared_ptr<MemoryBudget> budget_;
+  std::unique_ptr<Link> link_;
+  // The image, opened once per link and used only to read snapshots (list
+  // them, diff them, read them); closed with the link. It never holds a
+  // read-write handle (a watch): snapshots are taken and removed through
+  // handles of their own. Opened per epoch, its open cost the primary an
+  // image open more on the way to every point.
+  std::unique_ptr<Volume> vol_;
+  // The snapshots as listed by the last epoch's helper right after it took
+  // the next one, or by RunOnce as it checked the kept image: the next
+  // epoch plans from them instead of a new listing.
+  // Consumed by that epoch; cleared with the link.
+  std::optional<std::vector<SnapInfo>> ahead_snaps_;
+  uint64_t sink_seq_ = 0;
+  ChainDigest sink_chain_;
+  bool sink_takes_unchanged_ = false;  // the linked sink takes Unchanged frames
+  // The snapshot of the newest point this process shipped (id 0: none yet).
+  SnapInfo point_snap_;
+  uint64_t resume_seq_ = 0;      // an epoch the sink holds a prefix of
+  uint64_t resume_records_ = 0;  // ... this many records long
+  // Snapshots this process took while the sink was unreachable and no epoch
+  // has started from yet, oldest first: the only ones it may drop unshipped.
+  std::vector<uint64_t> outage_snaps_;
+  // The last epoch ended with the next one already due: its older
+  // snapshots are removed while the sink works on the next (ShipEpoch).
+  bool prune_deferred_ = false;
+  // When the Loop's schedule makes the next epoch due (unset for a RunOnce
+  // called on its own); read by ShipEpoch on the Loop's thread.
+  std::optional<Clock::time_point> next_due_at_;
+  // When the last epoch's helper began the snapshot the next epoch ships:
+  // the Loop counts the next interval from there, and starts that epoch at
+  // once. Set by ShipEpoch on the Loop's thread.
+  std::optional<Clock::time_point> ahead_taken_at_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  uint64_t wanted_seq_ = 0;      // RequestNow's promise still to keep
+  uint64_t highest_snap_ = 0;    // newest cairn.<N> that exists (or is being made) at the source
+  // highest_snap_ was learnt from a listing of the image's snapshots: from
+  // then on this process takes every new one itself, and RequestNow needs
+  // no listing (no librbd call in a control call).
+  bool snaps_known_ = false;
+  AheadMode ahead_mode_ = AheadMode::kSending;
+  VolumeStatusInfo status_;
+  // When a check last found the image unchanged since the newest point
+  // (it holds the image as of then: the lag counts from there).
+  int64_t unchanged_at_ns_ = 0;
+  std::thread thread_;
+};
+
+}  // namespace cairn
