@@ -35,7 +35,7 @@
 #include <thread>
 #include <vector>
 
-#include "engine/daemon/config.h"
+#include "engine/replication/volume_config.h"
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
 #include "engine/base/memory_budget.h"

@@ -1,0 +1,39 @@
+// VolumeConfig: how one volume replicates from its source, as the
+// [volume NAME] section of cairnd.conf (engine/daemon/config.h) or a run-time
+// registration gives it. docs/OPERATIONS.md documents every key.
+//
+// Thread-safety: a value.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace cairn {
+
+struct VolumeConfig {
+  std::string id;
+  std::string pool = "rbd";
+  std::string image;
+  std::string peer_host;
+  uint16_t peer_port = 0;
+  std::string target_pool;   // default: pool
+  std::string target_image;  // default: image
+  std::chrono::milliseconds interval{5000};  // 0: on demand only
+  uint32_t keep_snapshots = 0;  // older source snapshots kept beyond the base
+  // While the sink cannot be reached the source goes on taking a snapshot
+  // every `interval`; it keeps the newest `outage_snapshots` of them (1:
+  // one coalesced epoch when the link returns; N: up to N points in time).
+  uint32_t outage_snapshots = 1;
+  // Largest data record: an RBD object (4 MiB by default), so a full sync
+  // writes each object of the standby image in one operation.
+  uint32_t block_size = 4u << 20;
+  // The source's read memory for an epoch: window x block_size (16 MiB).
+  // As many reads of the snapshot as fit in it are in flight, up to 64:
+  // 4 whole objects, or 64 small changed extents. (8 synced no faster and
+  // took the source's peak RSS to 132 MiB: librados holds each read's
+  // reply too.)
+  uint32_t window = 4;
+};
+
+}  // namespace cairn
