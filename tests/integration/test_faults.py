@@ -458,6 +458,15 @@ def test_long_outage_keeps_the_schedule_and_resumes_mid_epoch(site_a, site_b, wo
     lib.wait_for("2 MiB of the epoch on the wire", lambda: proxy.bytes_up >= b, 20, 0.01)
     points_before = rig.points()
     newest = points_before[-1]["seq"]
+
+    def spooled():
+        # Bytes the sink wrote to the spool of the epoch in flight: the
+        # prefix it offers to resume from after the cut (on the wire is not
+        # enough: a loaded sink may not have read them yet).
+        files = ([f for f in os.listdir(rig.spool) if f.endswith(".spool")]
+                 if os.path.isdir(rig.spool) else [])
+        return sum(os.path.getsize(os.path.join(rig.spool, f)) for f in files)
+    lib.wait_for("1 MiB of the epoch in the sink's spool", lambda: spooled() >= MiB, 20, 0.01)
     proxy.cut()
     proxy.delay(0)
     lib.wait_for("the source noticing the cut",
