@@ -95,9 +95,14 @@ struct EpochPlan {
   bool resync = false;
 };
 
+// The largest data record by default: an RBD object (4 MiB), so a full sync
+// writes each object of the standby image in one operation. The one default
+// of [volume] block_size.
+inline constexpr uint32_t kDefaultBlockSize = 4u << 20;
+
 struct EpochOptions {
-  // Largest data record payload (cairnd: [volume] block_size, 4 MiB).
-  uint32_t block_size = 1u << 20;
+  // Largest data record payload ([volume] block_size).
+  uint32_t block_size = kDefaultBlockSize;
   // Source: its read memory is window x block_size (reads in flight: as
   // many as fit, at most 64). Sink: writes in flight, at most.
   uint32_t window = 8;

@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <string>
 
+#include "engine/epoch/epoch.h"
+
 namespace cairn {
 
 struct VolumeConfig {
@@ -25,9 +27,8 @@ struct VolumeConfig {
   // every `interval`; it keeps the newest `outage_snapshots` of them (1:
   // one coalesced epoch when the link returns; N: up to N points in time).
   uint32_t outage_snapshots = 1;
-  // Largest data record: an RBD object (4 MiB by default), so a full sync
-  // writes each object of the standby image in one operation.
-  uint32_t block_size = 4u << 20;
+  // Largest data record (see kDefaultBlockSize).
+  uint32_t block_size = kDefaultBlockSize;
   // The source's read memory for an epoch: window x block_size (16 MiB).
   // As many reads of the snapshot as fit in it are in flight, up to 64:
   // 4 whole objects, or 64 small changed extents. (8 synced no faster and

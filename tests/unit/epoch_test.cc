@@ -304,8 +304,10 @@ class VerifierTest : public ::testing::Test {
     plan.to_snap = "cairn.1";
     plan.to_snap_id = testing::MustSnapId(*src, "cairn.1");
     plan.image_size = 4 * kMiB;
-    ASSERT_TRUE(SendEpoch(*src, plan, {}, out_).ok());
-    ASSERT_EQ(out_.frames.size(), 5u);  // begin, 3 records, end
+    EpochOptions opt;
+    opt.block_size = 1 * kMiB;
+    ASSERT_TRUE(SendEpoch(*src, plan, opt, out_).ok());
+    ASSERT_EQ(out_.frames.size(), 5u);  // begin, 3 records of 1 MiB, end
   }
   Status Run(const std::vector<Frame>& frames) {
     EpochVerifier v("vol", 0, ChainDigest());
