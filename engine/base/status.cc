@@ -30,7 +30,7 @@ std::string Status::ToString() const {
 
 Status Status::Annotate(std::string_view context) const {
   if (ok()) return *this;
-  return Status(code_, fmt::format("{}: {}", context, message_));
+  return Status(code_, fmt::format("{}: {}", context, message_)).WithReason(reason_);
 }
 
 Status ErrnoStatus(int negative_errno, std::string_view what) {

@@ -41,6 +41,14 @@ enum class Code : int {
 
 std::string_view CodeName(Code code);
 
+// Where the code alone does not say what to do: which limit was hit. A
+// caller decides by this, never by the message's text.
+enum class Reason : int {
+  kNone = 0,
+  kSpoolDiskFull,  // kResourceExhausted: the spool's file system is full
+  kSpoolQuota,     // kResourceExhausted: an epoch would pass spool_max_bytes
+};
+
 class [[nodiscard]] Status {
  public:
   Status() = default;  // OK
@@ -49,6 +57,13 @@ class [[nodiscard]] Status {
 
   bool ok() const { return code_ == Code::kOk; }
   Code code() const { return code_; }
+  Reason reason() const { return reason_; }
+  // The same status, with `reason` (kept by Annotate).
+  Status WithReason(Reason reason) const {
+    Status s = *this;
+    s.reason_ = reason;
+    return s;
+  }
   const std::string& message() const { return message_; }
   // "DataLoss: block checksum mismatch at offset 4096"
   std::string ToString() const;
@@ -58,6 +73,7 @@ class [[nodiscard]] Status {
 
  private:
   Code code_ = Code::kOk;
+  Reason reason_ = Reason::kNone;
   std::string message_;
 };
 

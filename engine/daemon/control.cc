@@ -28,7 +28,7 @@ void FillPoint(const RestorePoint& p, pb::RestorePoint* m) {
 void FillStatus(const VolumeStatusInfo& s, pb::VolumeStatus* v) {
   v->set_volume(s.volume);
   v->set_role(s.role);
-  v->set_state(s.state);
+  v->set_state(std::string(StateName(s.state)));
   v->set_last_seq(s.last_seq);
   v->set_last_point_time_ns(s.last_point_time_ns);
   v->set_lag_seconds(s.lag_seconds);

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 namespace cairn {
 
@@ -21,11 +22,24 @@ struct LinkTimeouts {
   std::chrono::milliseconds idle{3'600'000};  // sink: between epochs
 };
 
+// Where one volume is, on one node. `cairn status` shows StateName().
+enum class VolumeState {
+  kIdle,          // between epochs (the newest point is last_seq)
+  kSyncing,       // source: an epoch is being sent
+  kReceiving,     // sink: an epoch is being received
+  kApplying,      // the epoch is durable at the sink, its point being made
+  kDisconnected,  // the peer cannot be reached: retried with backoff
+  kError,         // the last attempt failed on this side (see error)
+};
+
+// "idle", "syncing", "receiving", "applying", "disconnected", "error".
+std::string_view StateName(VolumeState state);
+
 // What `cairn status` shows for one volume on one node.
 struct VolumeStatusInfo {
   std::string volume;
   std::string role;   // "source" | "sink"
-  std::string state;  // idle, syncing, applying, disconnected, error
+  VolumeState state = VolumeState::kIdle;
   std::string pool;
   std::string image;
   std::string peer;

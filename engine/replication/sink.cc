@@ -115,7 +115,8 @@ struct Sink::Target {
   // (this Target took the point's snapshot right after a whole apply and
   // has written nothing since); else PrepareTarget puts it back first.
   bool head_at_point = false;
-  int spool_full = 0;       // the epoch was refused: 1 spool disk full, 2 spool quota
+  // Why the spool refused the epoch: kSpoolDiskFull, kSpoolQuota (else kNone).
+  Reason spool_refused = Reason::kNone;
   // The epoch whose records were written to the standby image as they
   // arrived (ReceiveEpoch): ApplyAndCommit then needs no replay of its spool.
   struct Streamed {
@@ -229,7 +230,7 @@ Status Sink::Serve(Link& link_ref) {
     spdlog::error("refusing source {} for volume '{}': {}", link->peer(), t.volume, st.message());
     if (known_volume && !hello.probe()) {
       SetState(t.volume, [&](VolumeStatusInfo& s) {
-        s.state = "error";
+        s.state = VolumeState::kError;
         s.error = "refused the source " + link->peer() + ": " + st.ToString();
         ++s.errors_total;
         if (s.pool.empty()) s.pool = t.pool_name;
@@ -354,7 +355,7 @@ Status Sink::Serve(Link& link_ref) {
       ++s.corrupt_frames_total;
     }
     if (!active_.count(t.volume)) {
-      s.state = t.sink_fault || t.source_fault ? "error" : "disconnected";
+      s.state = t.sink_fault || t.source_fault ? VolumeState::kError : VolumeState::kDisconnected;
       if (!st.ok() && st.code() != Code::kAborted) {
         s.error = st.ToString();
         ++s.errors_total;
@@ -364,10 +365,10 @@ Status Sink::Serve(Link& link_ref) {
       } else if (!st.ok() && (t.durable_seq != 0 || pending_.count(t.volume))) {
         st = ScheduleRetryLocked(t.volume, t, st);
       }
-      if (t.spool_full != 0) {
+      if (t.spool_refused != Reason::kNone) {
         SpoolRefusal& r = spool_refusals_[t.volume];
         r.error = st;
-        r.disk = t.spool_full == 1;
+        r.disk = t.spool_refused == Reason::kSpoolDiskFull;
         r.free_bytes = SpoolFreeBytes(env_.spool_dir);
         r.until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
       } else if (t.recovered) {
@@ -421,7 +422,7 @@ Status Sink::Session(Link& link, Target& t) {
   RETURN_IF_ERROR(RecoverSpool(t));
   t.recovered = true;
   SetState(t.volume, [&](VolumeStatusInfo& s) {
-    s.state = "idle";
+    s.state = VolumeState::kIdle;
     s.pool = t.pool_name;
     s.image = t.image;
     s.peer = link.peer();
@@ -457,7 +458,7 @@ Status Sink::Session(Link& link, Target& t) {
     const auto t0 = std::chrono::steady_clock::now();
     ASSIGN_OR_RETURN(EpochSummary sum, ReceiveEpoch(link, t, std::move(f).value()));
     RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::DURABLE, sum.chain));
-    SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "applying"; });
+    SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = VolumeState::kApplying; });
     if (Status st = ApplyAndCommit(t, sum.seq, sum.snap_time_ns); !st.ok()) {
       return ClusterError(t, st, fmt::format("applying epoch {}", sum.seq));
     }
@@ -467,7 +468,7 @@ Status Sink::Session(Link& link, Target& t) {
     const double secs =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     SetState(t.volume, [&](VolumeStatusInfo& s) {
-      s.state = "idle";
+      s.state = VolumeState::kIdle;
       s.last_seq = sum.seq;
       s.unchanged_as_of_ns = 0;
       s.last_point_time_ns = sum.snap_time_ns;
@@ -528,20 +529,20 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     if (st.code() == Code::kResourceExhausted) {
       t.sink_fault = true;
       std::string advice;
-      if (st.message().starts_with("spool disk full")) {
+      if (st.reason() == Reason::kSpoolDiskFull) {
         advice = fmt::format("free space in {} or move [sink] spool_dir", env_.spool_dir.string());
-        t.spool_full = 1;
-      } else if (st.message().starts_with("spool quota exceeded")) {
+      } else if (st.reason() == Reason::kSpoolQuota) {
         advice = "raise [sink] spool_max_bytes and restart cairnd";
-        t.spool_full = 2;
       }
+      t.spool_refused = st.reason();
       if (!advice.empty()) {
         st = ResourceExhausted(fmt::format(
             "{}; {}; {}", st.message(), advice,
             kept > 0 ? fmt::format("{} verified records of epoch {} are kept, the source resumes "
                                    "after them",
                                    kept, seq)
-                     : fmt::format("nothing of epoch {} is kept", seq)));
+                     : fmt::format("nothing of epoch {} is kept", seq)))
+                 .WithReason(st.reason());
       }
     }
     if (st.code() == Code::kAborted) {
@@ -623,7 +624,7 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
       }
     }
   }
-  SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = "receiving"; });
+  SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = VolumeState::kReceiving; });
   using Clock = std::chrono::steady_clock;
   Target::ReceiveTimes times;
   const auto t_begin = Clock::now();
@@ -1034,7 +1035,7 @@ Status Sink::ScheduleRetryLocked(const std::string& volume, const Target& t, con
   VolumeStatusInfo& s = status_[volume];
   s.volume = volume;
   s.role = "sink";
-  s.state = "error";
+  s.state = VolumeState::kError;
   s.error = out.ToString();
   return out;
 }
@@ -1146,7 +1147,7 @@ Status Sink::RetryApply(const std::string& volume, const Pending& p, Target& t) 
                  "connected)",
                  volume, t.last_seq);
     SetState(volume, [&](VolumeStatusInfo& s) {
-      s.state = "disconnected";
+      s.state = VolumeState::kDisconnected;
       s.pool = t.pool_name;
       s.image = t.image;
       s.last_seq = t.last_seq;

@@ -14,6 +14,24 @@
 
 namespace cairn {
 
+std::string_view StateName(VolumeState state) {
+  switch (state) {
+    case VolumeState::kIdle:
+      return "idle";
+    case VolumeState::kSyncing:
+      return "syncing";
+    case VolumeState::kReceiving:
+      return "receiving";
+    case VolumeState::kApplying:
+      return "applying";
+    case VolumeState::kDisconnected:
+      return "disconnected";
+    case VolumeState::kError:
+      return "error";
+  }
+  return "unknown";
+}
+
 int64_t NowNs() {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(
              std::chrono::system_clock::now().time_since_epoch())
@@ -27,7 +45,7 @@ SourceReplicator::SourceReplicator(VolumeConfig config, std::string site,
       connect_(std::move(connect)), timeouts_(timeouts) {
   status_.volume = config_.id;
   status_.role = "source";
-  status_.state = "idle";
+  status_.state = VolumeState::kIdle;
   status_.pool = config_.pool;
   status_.image = config_.image;
   status_.peer = fmt::format("{}:{}", config_.peer_host, config_.peer_port);
@@ -258,7 +276,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     std::lock_guard lock(mu_);
     highest_snap_ = std::max(highest_snap_, ours.empty() ? seq : std::max(seq, ours.rbegin()->first));
     snaps_known_ = true;
-    status_.state = "syncing";
+    status_.state = VolumeState::kSyncing;
   }
 
   EpochPlan plan;
@@ -384,7 +402,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   const auto t_applied = Clock::now();
   {
     std::lock_guard lock(mu_);
-    status_.state = "applying";
+    status_.state = VolumeState::kApplying;
   }
   ChainDigest applied_chain;
   RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::APPLIED, &applied_chain));
@@ -400,7 +418,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   {
     // The point is made: said at once, not after the helper.
     std::lock_guard lock(mu_);
-    status_.state = "idle";
+    status_.state = VolumeState::kIdle;
     status_.last_seq = seq;
     status_.last_point_time_ns = to.time_ns;
     status_.bytes_total += sum.data_bytes;
@@ -692,11 +710,11 @@ void SourceReplicator::Loop() {
     std::lock_guard lock(mu_);
     if (st.ok()) {
       status_.last_seq = std::max(status_.last_seq, sink_seq_);
-      status_.state = "idle";
+      status_.state = VolumeState::kIdle;
     } else if (!stop_) {
       last_error = st.Annotate(fmt::format("connecting to sink {}", status_.peer)).ToString();
       status_.error = last_error;
-      status_.state = "disconnected";
+      status_.state = VolumeState::kDisconnected;
       spdlog::warn("volume {}: {}", config_.id, last_error);
     }
   }
@@ -784,7 +802,7 @@ void SourceReplicator::Loop() {
     status_.error = msg;
     status_.errors_total++;
     const Code code = r.status().code();
-    status_.state = code == Code::kUnavailable || code == Code::kAborted ? "disconnected" : "error";
+    status_.state = code == Code::kUnavailable || code == Code::kAborted ? VolumeState::kDisconnected : VolumeState::kError;
     if (msg != last_error) spdlog::error("volume {}: {}", config_.id, msg);
     last_error = msg;
     outage = true;

@@ -113,7 +113,8 @@ Status SpoolErrno(int err, std::string_view what) {
     case ENOSPC:
     case EDQUOT:
       return ResourceExhausted(
-          fmt::format("spool disk full: {}: {} (errno {})", what, std::strerror(err), err));
+                 fmt::format("spool disk full: {}: {} (errno {})", what, std::strerror(err), err))
+          .WithReason(Reason::kSpoolDiskFull);
     case EFBIG:  // the file system's largest file, or RLIMIT_FSIZE
       return ResourceExhausted(
           fmt::format("spool file too large: {}: {} (errno {})", what, std::strerror(err), err));
@@ -450,8 +451,9 @@ void UringSpoolWriter::Complete(uint64_t user_data, int res) {
   } else if (static_cast<uint32_t>(res) != op.len) {
     // A regular file writes short only when it cannot grow: out of space
     // (or over RLIMIT_FSIZE).
-    SetError(ResourceExhausted(
-        fmt::format("spool disk full: {}: short write, {} of {} bytes", what, res, op.len)));
+    SetError(ResourceExhausted(fmt::format("spool disk full: {}: short write, {} of {} bytes",
+                                           what, res, op.len))
+                 .WithReason(Reason::kSpoolDiskFull));
   }
 }
 
@@ -505,9 +507,10 @@ Status UringSpoolWriter::Append(std::span<const char> header, std::string_view b
                 kAlign);
     if (grows_to > max_bytes_) {
       return ResourceExhausted(
-          fmt::format("spool quota exceeded: spool {} would grow to {} bytes, over the limit "
-                      "of {} bytes",
-                      path_.string(), grows_to, max_bytes_));
+                 fmt::format("spool quota exceeded: spool {} would grow to {} bytes, over the "
+                             "limit of {} bytes",
+                             path_.string(), grows_to, max_bytes_))
+          .WithReason(Reason::kSpoolQuota);
     }
   }
   RETURN_IF_ERROR(Copy(header.data(), header.size()));

@@ -559,7 +559,7 @@ TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight)
   EXPECT_EQ(during[1], 2u);
   EXPECT_LE(during.size(), 2u + c.outage_snapshots + 1) << "outage snapshots are not bounded";
   EXPECT_GE(rep.Report().pending_snapshots, 2u);
-  EXPECT_EQ(rep.Report().state, "disconnected");
+  EXPECT_EQ(rep.Report().state, VolumeState::kDisconnected);
   down->store(false);
   WaitFor("the newest outage snapshot becoming a restore point",
           [&] { return rep.Report().last_seq >= during.back(); });
@@ -850,7 +850,7 @@ TEST_F(ReplicationTest, StandbyClusterDownTheSinkAppliesTheDurableEpochByItself)
                           "as soon as it can (retrying with backoff)"));
     auto st = sink_->Report();
     ASSERT_EQ(st.size(), 1u);
-    EXPECT_EQ(st[0].state, "error");
+    EXPECT_EQ(st[0].state, VolumeState::kError);
     EXPECT_THAT(st[0].error, HasSubstr("the standby Ceph cluster of site b is unreachable"));
     EXPECT_TRUE(std::filesystem::exists(spool_ / "vol1" / "2.spool"));
   }  // the source is gone for good
@@ -862,7 +862,7 @@ TEST_F(ReplicationTest, StandbyClusterDownTheSinkAppliesTheDurableEpochByItself)
   VerifyAllPoints(*src, 2);
   PollUntil("the sink's status clearing", [&] { return sink_->Report()[0].error.empty(); });
   auto st = sink_->Report();
-  EXPECT_EQ(st[0].state, "disconnected");
+  EXPECT_EQ(st[0].state, VolumeState::kDisconnected);
   EXPECT_EQ(st[0].last_seq, 2u);
   EXPECT_FALSE(std::filesystem::exists(spool_ / "vol1" / "2.spool"));
 }
@@ -915,7 +915,7 @@ TEST_F(ReplicationTest, SpoolQuotaRefusesTheEpochAndTheSourceResumesOnceRaised) 
   if (r.status().code() != Code::kAborted) {
     EXPECT_EQ(r.status().ToString(), "ResourceExhausted: sink: " + refused);
   }
-  EXPECT_EQ(sink_->Report()[0].state, "error");
+  EXPECT_EQ(sink_->Report()[0].state, VolumeState::kError);
   EXPECT_EQ(sink_->Report()[0].error, "ResourceExhausted: " + refused);
   // Tried again at once: refused at the Hello, with the same reason.
   auto again = rep.RunOnce();

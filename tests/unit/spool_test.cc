@@ -648,10 +648,11 @@ TEST_F(SpoolTest, DiskFullIsResourceExhausted) {
     SCOPED_TRACE(direct ? "direct" : "buffered");
     SpoolOptions o = SmallBuffers();
     o.direct_io = direct;
-    EXPECT_TRUE(StatusIs(SpoolWriter::Create("/dev/full", id_, o).status(),
-                         Code::kResourceExhausted,
+    const Status st = SpoolWriter::Create("/dev/full", id_, o).status();
+    EXPECT_TRUE(StatusIs(st, Code::kResourceExhausted,
                          "spool disk full: writing spool /dev/full at offset 0: No space left on "
                          "device (errno 28)"));
+    EXPECT_EQ(st.reason(), Reason::kSpoolDiskFull);
   }
 }
 
@@ -732,6 +733,8 @@ TEST_F(SpoolTest, QuotaRefusesTheFrameThatWouldPassItAndKeepsTheRest) {
       fmt::format("spool quota exceeded: spool {} would grow to {} bytes, over the limit of {} "
                   "bytes",
                   path_.string(), RoundUp(kSpoolHeaderSize + 7 * frames[0].size()), 64 << 10)));
+  EXPECT_EQ(refused.reason(), Reason::kSpoolQuota);
+  EXPECT_EQ(refused.Annotate("receiving").reason(), Reason::kSpoolQuota);
   auto len = (*w)->Sync();
   ASSERT_TRUE(len.ok()) << len.status().ToString();
   EXPECT_EQ(*len, TotalSize(frames, frames.size()));
