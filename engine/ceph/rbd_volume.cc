@@ -2220,7 +2220,7 @@ StatusOr<std::unique_ptr<AsyncIo>> RbdVolume::OpenIo(const std::string& snap) {
   ASSIGN_OR_RETURN(std::shared_ptr<Image> at, AtSnap(snap));
   // Through librbd. Reading a snapshot's RADOS objects directly (one read
   // op per object) was tried and removed: cairnd aborted with a corrupted
-  // heap under it (docs/PERFORMANCE.md, "Per-object reads, removed").
+  // heap under it (docs/perf-history.md, "Per-object reads, removed").
   return std::unique_ptr<AsyncIo>(std::make_unique<RbdAsyncIo>(std::move(at), true, Spec(snap)));
 }
 
