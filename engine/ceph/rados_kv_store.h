@@ -29,7 +29,7 @@
 #include <vector>
 
 #include "engine/catalog/kv_store.h"
-#include "engine/ceph/rbd_volume.h"
+#include "engine/ceph/rados.h"
 #include "engine/base/status.h"
 
 namespace cairn {
