@@ -1,0 +1,259 @@
+// Sink: what a spool left by a cut or a crash holds, and the retries that
+// apply durable epochs whose apply failed.
+
+#include "engine/replication/sink.h"
+
+#include <fcntl.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <future>
+#include <system_error>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "engine/replication/sink_target.h"
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+
+uint64_t Sink::VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq) {
+  auto reader = SpoolReader::Open(path, SpoolIdentity{t.volume, seq});
+  if (!reader.ok()) return 0;
+  EpochVerifier v(t.volume, t.last_seq, t.chain);
+  while (!v.done()) {
+    auto f = (*reader)->Next();
+    if (!f.ok() || !v.Check(*f).ok()) break;
+  }
+  return v.begin().seq == seq ? v.begin().records : 0;
+}
+
+Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier) {
+  ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, t.partial.seq}));
+  EpochVerifier v(t.volume, t.last_seq, t.chain);
+  while (reader->offset() < t.partial.offset) {
+    ASSIGN_OR_RETURN(Frame f, reader->Next());
+    RETURN_IF_ERROR(v.Check(f).status());
+  }
+  if (reader->offset() != t.partial.offset || v.begin().records != t.partial.records) {
+    return DataLoss(fmt::format("spool of epoch {} changed since it was scanned", t.partial.seq));
+  }
+  verifier = std::move(v);
+  return OkStatus();
+}
+
+
+Status Sink::RecoverSpool(Target& t) {
+  std::error_code ec;
+  t.partial = {};
+  // Epochs need not be numbered without gaps (snapshots taken during an
+  // outage may be dropped unshipped), but only one is in flight at a time:
+  // the lowest seq after the newest point. Any other spool is stale.
+  std::map<uint64_t, std::filesystem::path> spools;
+  for (const auto& entry : std::filesystem::directory_iterator(t.dir, ec)) {
+    const auto name = entry.path().filename().string();
+    if (!name.ends_with(".spool")) continue;
+    uint64_t seq = 0;
+    const std::string stem = name.substr(0, name.size() - 6);
+    auto [end, perr] = std::from_chars(stem.data(), stem.data() + stem.size(), seq);
+    if (perr != std::errc() || end != stem.data() + stem.size() || seq == 0) continue;
+    spools[seq] = entry.path();
+  }
+  for (const auto& [seq, path] : spools) {
+    const std::filesystem::directory_entry entry(path);
+    if (seq <= t.last_seq || t.partial.seq != 0 || seq != spools.upper_bound(t.last_seq)->first) {
+      // Already applied, or not the next epoch: the source re-sends.
+      spdlog::info("volume {}: removing stale spool {}", t.volume, path.string());
+      std::filesystem::remove(path, ec);
+      continue;
+    }
+    // Scan: how much of the epoch is there and verifies?
+    EpochVerifier v(t.volume, t.last_seq, t.chain);
+    uint64_t good_end = 0;
+    bool complete = false;
+    if (auto reader = SpoolReader::Open(entry.path(), SpoolIdentity{t.volume, seq}); reader.ok()) {
+      while (true) {
+        auto f = (*reader)->Next();
+        if (!f.ok() || !v.Check(*f).ok()) break;
+        good_end = (*reader)->offset();
+        if (v.done()) {
+          complete = true;
+          break;
+        }
+      }
+    }
+    if (complete) {
+      Status st = ApplyAndCommit(t, seq, 0);
+      PruneCommitted(t);
+      if (st.ok()) {
+        spdlog::info("volume {}: applied epoch {} from the spool (durable since an earlier "
+                     "session or run)",
+                     t.volume, seq);
+        continue;
+      }
+      if (st.code() != Code::kDataLoss) {
+        return ClusterError(t, st, fmt::format("applying spooled epoch {}", seq));
+      }
+      t.durable_seq = 0;
+      spdlog::warn("volume {}: discarding spool of epoch {}: {}", t.volume, seq, st.message());
+      std::filesystem::remove(entry.path(), ec);
+    } else if (v.begin().seq == seq && v.begin().records > 0) {
+      t.partial = {seq, v.begin().records, good_end};
+      spdlog::info("volume {}: {} verified records of epoch {} are spooled; the source may resume",
+                   t.volume, t.partial.records, seq);
+    } else {
+      std::filesystem::remove(entry.path(), ec);
+    }
+  }
+  return OkStatus();
+}
+
+Status Sink::ScheduleRetryLocked(const std::string& volume, const Target& t, const Status& st) {
+  Pending& p = pending_[volume];
+  if (!t.pool_name.empty() && !t.image.empty()) {
+    p.pool = t.pool_name;
+    p.image = t.image;
+  }
+  if (t.durable_seq != 0) p.seq = t.durable_seq;
+  p.backoff = p.backoff.count() == 0 ? env_.retry_min : std::min(p.backoff * 2, env_.retry_max);
+  p.next = std::chrono::steady_clock::now() + p.backoff;
+  const Status out(st.code(),
+                   fmt::format("{}; {} is durable in the spool and the sink applies it by itself "
+                               "as soon as it can (retrying with backoff)",
+                               st.message(),
+                               p.seq != 0 ? fmt::format("epoch {}", p.seq) : "an epoch"));
+  p.error = out;
+  VolumeStatusInfo& s = status_[volume];
+  s.volume = volume;
+  s.role = "sink";
+  s.state = VolumeState::kError;
+  s.error = out.ToString();
+  return out;
+}
+
+void Sink::RetryLoop() {
+  using Clock = std::chrono::steady_clock;
+  {
+    // Complete spools a previous run left: applied without waiting for
+    // their sources (which may be gone for good: a lost primary site).
+    std::vector<std::string> found;
+    std::error_code ec;
+    for (const auto& d : std::filesystem::directory_iterator(env_.spool_dir, ec)) {
+      std::error_code ec2;
+      if (!d.is_directory(ec2) || !ValidateVolumeId(d.path().filename().string()).ok()) continue;
+      for (const auto& f : std::filesystem::directory_iterator(d.path(), ec2)) {
+        if (f.path().extension() == ".spool") {
+          found.push_back(d.path().filename().string());
+          break;
+        }
+      }
+    }
+    std::lock_guard lock(mu_);
+    for (const auto& v : found) {
+      if (!pending_.count(v)) pending_[v].next = Clock::now();
+    }
+  }
+  std::unique_lock lock(mu_);
+  std::map<std::string, std::string> logged;  // volume -> last error logged
+  while (!stopping_) {
+    const auto now = Clock::now();
+    auto wake = Clock::time_point::max();
+    std::string volume;
+    for (const auto& [v, p] : pending_) {
+      if (active_.count(v)) continue;  // its session retries
+      if (p.next <= now) {
+        volume = v;
+        break;
+      }
+      wake = std::min(wake, p.next);
+    }
+    if (volume.empty()) {
+      if (wake == Clock::time_point::max()) {
+        retry_cv_.wait(lock);
+      } else {
+        retry_cv_.wait_until(lock, wake);
+      }
+      continue;
+    }
+    const Pending p = pending_[volume];
+    const std::string image = p.pool.empty() ? "" : p.pool + "/" + p.image;
+    active_[volume] = nullptr;  // held: a connection for it waits
+    if (!image.empty()) active_images_[volume] = image;
+    lock.unlock();
+    Target t;
+    Status st = RetryApply(volume, p, t);
+    lock.lock();
+    active_.erase(volume);
+    active_images_.erase(volume);
+    if (st.ok()) {
+      pending_.erase(volume);
+      logged.erase(volume);
+    } else {
+      const Status out = ScheduleRetryLocked(volume, t, st);
+      ++status_[volume].errors_total;
+      if (logged[volume] != st.message()) {
+        spdlog::warn("volume {}: {}", volume, out.message());
+        logged[volume] = st.message();
+      }
+    }
+    released_.notify_all();
+  }
+}
+
+Status Sink::RetryApply(const std::string& volume, const Pending& p, Target& t) {
+  t.volume = volume;
+  t.dir = env_.spool_dir / volume;
+  t.pool_name = p.pool;
+  t.image = p.image;
+  if (t.pool_name.empty()) {
+    auto pool = FindVolumePool(volume);
+    if (pool.status().code() == Code::kNotFound) {
+      spdlog::info("volume {}: a spool is left but no restore point: it waits for its source",
+                   volume);
+      return OkStatus();
+    }
+    if (!pool.ok()) return ClusterError(t, pool.status(), "reading the catalogs");
+    t.pool_name = *pool;
+  }
+  auto pool = env_.open_pool(t.pool_name);
+  if (!pool.ok()) return ClusterError(t, pool.status(), "opening pool " + t.pool_name);
+  t.pool = *pool;
+  auto kv = env_.open_catalog(t.pool_name);
+  if (!kv.ok()) return ClusterError(t, kv.status(), "opening the catalog in " + t.pool_name);
+  t.kv = *kv;
+  t.catalog = std::make_unique<Catalog>(*t.kv);
+  auto latest = t.catalog->Latest(volume);
+  if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
+  if (*latest) {
+    t.last_seq = (*latest)->seq;
+    t.chain = (*latest)->chain_digest;
+    t.source_site = (*latest)->source_site;
+    if (t.image.empty()) t.image = (*latest)->image;
+  }
+  if (t.image.empty()) return OkStatus();  // no point yet: its source names the image
+  const uint64_t before = t.last_seq;
+  RETURN_IF_ERROR(RecoverSpool(t));
+  if (t.last_seq > before) {
+    spdlog::info("volume {}: restore point {} made from the spool by the sink itself (no source "
+                 "connected)",
+                 volume, t.last_seq);
+    SetState(volume, [&](VolumeStatusInfo& s) {
+      s.state = VolumeState::kDisconnected;
+      s.pool = t.pool_name;
+      s.image = t.image;
+      s.last_seq = t.last_seq;
+      s.last_point_time_ns = t.last_point_time_ns;
+      s.epochs_total += 1;
+      s.error.clear();
+    });
+  }
+  return OkStatus();
+}
+
+}  // namespace cairn

@@ -1,0 +1,168 @@
+// Sink: the standby site's operations on restore points: list, restore,
+// promote (fail over) and release.
+
+#include "engine/replication/sink.h"
+
+#include <fcntl.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <charconv>
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <future>
+#include <system_error>
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include "engine/replication/sink_target.h"
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+
+StatusOr<std::string> Sink::FindVolumePool(const std::string& volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  for (const auto& pool : env_.pools) {
+    ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool));
+    Catalog catalog(*kv);
+    ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
+    if (latest) return pool;
+  }
+  return NotFound(fmt::format("volume '{}' has no restore point at this site", volume));
+}
+
+StatusOr<std::vector<RestorePoint>> Sink::Points(const std::string& volume) {
+  ASSIGN_OR_RETURN(std::string pool, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool));
+  return Catalog(*kv).Points(volume);
+}
+
+StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
+                                      const std::string& pool_hint,
+                                      const std::string& to_image) {
+  if (to_image.empty()) return InvalidArgument("promote: no image name to promote into");
+  ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
+  if (!pool_hint.empty() && pool_hint != pool_name) {
+    return InvalidArgument(fmt::format(
+        "volume '{}' has its restore points in pool {}, not {}: a promoted image lives in the "
+        "pool of its restore point",
+        volume, pool_name, pool_hint));
+  }
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  ASSIGN_OR_RETURN(auto promoted, catalog.GetPromotion(volume));
+  if (promoted) {
+    if (promoted->image != to_image || (seq != 0 && seq != promoted->seq)) {
+      return FailedPrecondition(fmt::format(
+          "volume '{}' is already failed over: point {} was promoted into {}/{}; release it "
+          "first",
+          volume, promoted->seq, promoted->pool, promoted->image));
+    }
+    ASSIGN_OR_RETURN(RestorePoint point, catalog.Get(volume, promoted->seq));
+    ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
+    ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
+    if (!exists) {  // a crash between the fence and the clone
+      RETURN_IF_ERROR(pool->Clone(point.image, point.snap, to_image));
+    }
+    return PromoteResult{pool_name, to_image, point, true};
+  }
+  RestorePoint point;
+  if (seq == 0) {
+    ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
+    if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
+    point = *latest;
+  } else {
+    ASSIGN_OR_RETURN(point, catalog.Get(volume, seq));
+  }
+  ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
+  ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
+  if (exists) {
+    return AlreadyExists(fmt::format(
+        "image {}/{} already exists at site {}: it is not overwritten; rename or remove it, or "
+        "promote into another name",
+        pool_name, to_image, env_.site));
+  }
+  // Fence first: from here on the volume's source is refused, and a session
+  // in progress is ended, so the promoted point is the volume's last word.
+  RETURN_IF_ERROR(catalog.SetPromotion(volume, {point.seq, pool_name, to_image}));
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = active_.find(volume); it != active_.end() && it->second != nullptr) {
+      it->second->Close();
+    }
+  }
+  if (Status st = pool->Clone(point.image, point.snap, to_image); !st.ok()) {
+    (void)catalog.ClearPromotion(volume);
+    return st.Annotate(fmt::format("promoting restore point {} of '{}'", point.seq, volume));
+  }
+  spdlog::warn("volume {}: FAILED OVER to site {}: restore point {} (source time {} ns) promoted "
+               "into {}/{}; its source is refused until it is released",
+               volume, env_.site, point.seq, point.source_time_ns, pool_name, to_image);
+  return PromoteResult{pool_name, to_image, point, false};
+}
+
+StatusOr<std::string> Sink::Release(const std::string& volume) {
+  ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  ASSIGN_OR_RETURN(auto promoted, catalog.GetPromotion(volume));
+  if (!promoted) {
+    return FailedPrecondition(
+        fmt::format("volume '{}' is not failed over at site {}: nothing to release", volume,
+                    env_.site));
+  }
+  ASSIGN_OR_RETURN(auto pool, env_.open_pool(promoted->pool));
+  std::string kept;
+  ASSIGN_OR_RETURN(bool exists, pool->Exists(promoted->image));
+  if (exists) {
+    // Kept, never deleted: it may hold writes made here while failed over.
+    const std::time_t now = std::time(nullptr);
+    std::tm tm{};
+    gmtime_r(&now, &tm);
+    char stamp[32];
+    std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
+    kept = fmt::format("{}.failback-{}", promoted->image, stamp);
+    RETURN_IF_ERROR(pool->Rename(promoted->image, kept));
+  }
+  RETURN_IF_ERROR(catalog.ClearPromotion(volume));
+  spdlog::warn("volume {}: released at site {} (failback); the promoted image {}/{} is kept as {}",
+               volume, env_.site, promoted->pool, promoted->image,
+               kept.empty() ? "(it was removed)" : kept);
+  return kept;
+}
+
+StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
+                                      const std::string& to_image, bool full,
+                                      const ProgressFn& progress) {
+  if (to_image.empty()) return InvalidArgument("no image name to restore to");
+  ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  RestorePoint point;
+  if (seq == 0) {
+    ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
+    if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
+    point = *latest;
+  } else {
+    ASSIGN_OR_RETURN(point, catalog.Get(volume, seq));
+  }
+  ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
+  ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
+  if (exists) {
+    return AlreadyExists(fmt::format("image {}/{} already exists: choose another name with --to",
+                                     pool_name, to_image));
+  }
+  if (full) {
+    RETURN_IF_ERROR(pool->Copy(point.image, point.snap, to_image, progress));
+  } else {
+    RETURN_IF_ERROR(pool->Clone(point.image, point.snap, to_image));
+  }
+  spdlog::info("volume {}: restore point {} restored to {}/{} ({})", volume, point.seq, pool_name,
+               to_image, full ? "full copy" : "clone");
+  return RestoreResult{pool_name, to_image, point, full ? "full" : "clone"};
+}
+
+}  // namespace cairn
