@@ -55,13 +55,13 @@
 #include <system_error>
 #include <vector>
 
-#include "engine/catalog/catalog.h"
 #include "engine/base/checksum.h"
+#include "engine/base/status.h"
+#include "engine/catalog/catalog.h"
 #include "engine/epoch/epoch.h"
 #include "engine/format/frame.h"
-#include "engine/volume/memory_volume.h"
 #include "engine/spool/spool.h"
-#include "engine/base/status.h"
+#include "engine/volume/memory_volume.h"
 #include "engine/volume/volume.h"
 #include "proto/cairn.pb.h"
 
@@ -352,8 +352,7 @@ class CountingFrameWriter final : public FrameWriter {
 class CapturingFrameWriter final : public FrameWriter {
  public:
   Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
-    frames.push_back(
-        Frame{type, std::string(body), Payload(payload.begin(), payload.end())});
+    frames.push_back(Frame{type, std::string(body), Payload(payload.begin(), payload.end())});
     return OkStatus();
   }
   std::vector<Frame> frames;

@@ -1,8 +1,8 @@
 #include "engine/base/checksum.h"
 
-#include <bit>
-
 #include <fmt/format.h>
+
+#include <bit>
 
 namespace cairn {
 namespace {
@@ -35,7 +35,9 @@ void EpochHasher::Add(uint64_t offset, uint64_t length, RecordKind kind, BlockHa
   XXH3_128bits_update(state_, rec, sizeof rec);
 }
 
-EpochDigest EpochHasher::Finish() const { return EpochDigest::FromXxh(XXH3_128bits_digest(state_)); }
+EpochDigest EpochHasher::Finish() const {
+  return EpochDigest::FromXxh(XXH3_128bits_digest(state_));
+}
 
 ChainDigest NextChain(const ChainDigest& prev, const EpochDigest& epoch, uint64_t seq) {
   uint8_t buf[40];

@@ -9,14 +9,14 @@
 // Thread-safety: values; EpochHasher is not thread-safe (one per epoch).
 #pragma once
 
+#include <xxhash.h>
+
 #include <array>
 #include <compare>
 #include <cstdint>
 #include <cstring>
 #include <span>
 #include <string>
-
-#include <xxhash.h>
 // Debian's libxxhash carries a run-time dispatcher on x86-64: the same
 // XXH3, through AVX2 or AVX-512 where the CPU has them (twice the SSE2
 // build's speed on a 1 MiB block). Only the block hash takes this path;
@@ -71,14 +71,19 @@ class Digest128 {
     std::memcpy(d.b_.data(), c.digest, kSize);
     return d;
   }
-  std::string AsBytes() const { return std::string(reinterpret_cast<const char*>(b_.data()), kSize); }
+  std::string AsBytes() const {
+    return std::string(reinterpret_cast<const char*>(b_.data()), kSize);
+  }
   const std::array<uint8_t, kSize>& bytes() const { return b_; }
   bool IsZero() const { return *this == Digest128(); }
   friend bool operator==(const Digest128&, const Digest128&) = default;
   std::string ToHex() const {
     static const char* k = "0123456789abcdef";
     std::string s;
-    for (uint8_t x : b_) { s.push_back(k[x >> 4]); s.push_back(k[x & 15]); }
+    for (uint8_t x : b_) {
+      s.push_back(k[x >> 4]);
+      s.push_back(k[x & 15]);
+    }
     return s;
   }
 

@@ -57,7 +57,8 @@ class MemoryBudget {
   // exceeds it), then takes as much as is free, up to `want`. Returns
   // nullopt if `cancelled` says so first; it is asked again on every Wake().
   // REQUIRES: min <= want.
-  std::optional<Lease> Acquire(uint64_t want, uint64_t min, const std::function<bool()>& cancelled) {
+  std::optional<Lease> Acquire(uint64_t want, uint64_t min,
+                               const std::function<bool()>& cancelled) {
     min = std::min(min, total_);
     std::unique_lock lock(mu_);
     cv_.wait(lock, [&] { return free_ >= min || cancelled(); });

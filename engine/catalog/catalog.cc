@@ -1,12 +1,12 @@
 #include "engine/catalog/catalog.h"
 
+#include <fmt/format.h>
+#include <xxhash.h>
+
 #include <charconv>
 #include <cstring>
 #include <ctime>
 #include <set>
-
-#include <fmt/format.h>
-#include <xxhash.h>
 
 #include "proto/cairn.pb.h"
 
@@ -174,7 +174,8 @@ Status ValidateVolumeId(std::string_view v) {
   if (v.empty() || v.size() > 128) {
     return InvalidArgument(fmt::format("volume id '{}' must be 1 to 128 characters", v));
   }
-  if (v.front() == '.') return InvalidArgument(fmt::format("volume id '{}' must not start with '.'", v));
+  if (v.front() == '.')
+    return InvalidArgument(fmt::format("volume id '{}' must not start with '.'", v));
   for (char c : v) {
     const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
                     c == '.' || c == '_' || c == '-';
@@ -250,7 +251,7 @@ StatusOr<std::vector<std::string>> Catalog::Volumes() {
 }
 
 Status Catalog::SetImageOwner(std::string_view pool, std::string_view image,
-                             std::string_view volume) {
+                              std::string_view volume) {
   return kv_.Commit({{fmt::format("owner/{}/{}", pool, image), std::string(volume)}}, {});
 }
 
@@ -272,8 +273,8 @@ StatusOr<std::optional<Catalog::Promotion>> Catalog::GetPromotion(std::string_vi
   Promotion p;
   const auto space = v->find(' ');
   const auto slash = v->find('/', space == std::string::npos ? 0 : space);
-  auto [end, ec] = std::from_chars(v->data(), v->data() + (space == std::string::npos ? 0 : space),
-                                   p.seq);
+  auto [end, ec] =
+      std::from_chars(v->data(), v->data() + (space == std::string::npos ? 0 : space), p.seq);
   if (space == std::string::npos || slash == std::string::npos || ec != std::errc() ||
       end != v->data() + space) {
     return DataLoss(fmt::format("catalog key {} holds '{}', not '<seq> <pool>/<image>'", key, *v));

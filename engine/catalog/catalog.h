@@ -23,8 +23,8 @@
 #include <vector>
 
 #include "engine/base/checksum.h"
-#include "engine/catalog/kv_store.h"
 #include "engine/base/status.h"
+#include "engine/catalog/kv_store.h"
 
 namespace cairn {
 

@@ -2,6 +2,7 @@
 
 #include "engine/ceph/rados.h"
 
+#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -13,7 +14,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <endian.h>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -129,8 +129,8 @@ StatusOr<std::string> RbdCluster::ClientAddress() const {
     if (a.starts_with(type)) a.remove_prefix(type.size());
   }
   if (a.empty() || a.find('/') == std::string_view::npos) {
-    return Internal(fmt::format("{} has no usable client address (librados says '{}')",
-                                client_name_, addrs));
+    return Internal(
+        fmt::format("{} has no usable client address (librados says '{}')", client_name_, addrs));
   }
   return std::string(a);
 }
@@ -147,13 +147,14 @@ Status RbdCluster::Blocklist(const std::string& addr, std::chrono::seconds expir
         addr, conf_path_, client_name_, -rc, client_name_));
   }
   if (rc == -EINVAL) {
-    return InvalidArgument(fmt::format("blocklisting '{}' on the cluster of {}: not a client "
-                                       "address",
-                                       addr, conf_path_));
+    return InvalidArgument(
+        fmt::format("blocklisting '{}' on the cluster of {}: not a client "
+                    "address",
+                    addr, conf_path_));
   }
   if (rc < 0) {
-    return ErrnoStatus(rc, fmt::format("blocklisting client {} on the cluster of {}", addr,
-                                       conf_path_));
+    return ErrnoStatus(
+        rc, fmt::format("blocklisting client {} on the cluster of {}", addr, conf_path_));
   }
   return OkStatus();
 }

@@ -101,8 +101,8 @@ Status RadosKvStore::CommitIf(const std::string& key, const std::optional<std::s
   const int rc =
       rados_write_op_operate(w.op, io_->get(), object_.c_str(), nullptr, LIBRADOS_OPERATION_NOFLAG);
   if (rc == -ECANCELED || rc == -ENOENT) {
-    return Aborted(fmt::format("committing to {}: key '{}' no longer holds the value expected",
-                               spec_, key));
+    return Aborted(
+        fmt::format("committing to {}: key '{}' no longer holds the value expected", spec_, key));
   }
   if (rc < 0) {
     return ErrnoStatus(rc, fmt::format("committing {} set and {} removed keys to {} if key '{}' "

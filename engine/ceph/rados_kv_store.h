@@ -28,9 +28,9 @@
 #include <string>
 #include <vector>
 
+#include "engine/base/status.h"
 #include "engine/catalog/kv_store.h"
 #include "engine/ceph/rados.h"
-#include "engine/base/status.h"
 
 namespace cairn {
 

@@ -2,8 +2,7 @@
 // the object maps and the exact diff), and the cheap "changed at all?" check
 // on the head's object map (ChangedSince).
 
-#include "engine/ceph/rbd_internal.h"
-
+#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -15,7 +14,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <endian.h>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -25,12 +23,13 @@
 #include <utility>
 #include <vector>
 
+#include "engine/ceph/rbd_internal.h"
+
 namespace cairn {
 
 namespace rbd_internal {
 
 // --- DiffExtents -------------------------------------------------------------
-
 
 // What rbd_diff_iterate2 reports. Its callback may run on librados threads
 // (one at a time, in order), so the list is guarded anyway.
@@ -48,7 +47,7 @@ static int CollectExtent(uint64_t offset, size_t length, int exists, void* arg) 
 
 // Sorts and unites extents of one kind, clipped to [lo, hi).
 static std::vector<Extent> Unite(const std::vector<Extent>& in, RecordKind kind, uint64_t lo,
-                          uint64_t hi) {
+                                 uint64_t hi) {
   std::vector<Extent> v;
   for (const auto& e : in) {
     const uint64_t b = std::max(e.offset, lo);
@@ -112,13 +111,12 @@ static std::vector<Extent> Ranges(const std::vector<Extent>& extents, uint64_t m
   return out;
 }
 
-
-
 // The parts of `flagged` (whole objects the object maps call changed,
 // ascending) inside `range` that the exact pass listed nothing for, object by
 // object, with the kind the object maps gave them. `exact` is ascending.
-static std::vector<Extent> Unconfirmed(const std::vector<Extent>& flagged, const std::vector<Extent>& exact,
-                                const Extent& range, uint64_t object_size) {
+static std::vector<Extent> Unconfirmed(const std::vector<Extent>& flagged,
+                                       const std::vector<Extent>& exact, const Extent& range,
+                                       uint64_t object_size) {
   std::vector<Extent> out;
   size_t x = 0;
   const uint64_t range_end = range.offset + range.length;
@@ -254,10 +252,11 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
   };
 
   if (whole_changed && !fast && !whole_objects_only) {
-    spdlog::warn("{}: clients opened the image around a snapshot since {}, and without "
-                 "fast-diff the writes they made with an out-of-date snapshot context cannot "
-                 "be found",
-                 what, from_snap);
+    spdlog::warn(
+        "{}: clients opened the image around a snapshot since {}, and without "
+        "fast-diff the writes they made with an out-of-date snapshot context cannot "
+        "be found",
+        what, from_snap);
   }
   if (!fast && !whole_objects_only) {
     for (uint64_t lo = 0; lo < size; lo += kFineWindow) {
@@ -306,23 +305,23 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
     }
   }
   if (whole_changed && !whole_objects_only) {
-    spdlog::info("{}: clients opened the image around a snapshot since {}; the {} bytes of "
-                 "objects changed since are sent whole",
-                 what, from_snap, flagged_bytes);
+    spdlog::info(
+        "{}: clients opened the image around a snapshot since {}; the {} bytes of "
+        "objects changed since are sent whole",
+        what, from_snap, flagged_bytes);
   }
   spdlog::debug("{}: the object maps flag {} bytes, the exact pass lists {} of them", what,
                 flagged_bytes, exact_bytes);
   if (unconfirmed_bytes > 0) {
     // Seen too for the last object of an image cut short by a resize (sent
     // whole: right, if more than needed).
-    spdlog::warn("{}: {} bytes of objects changed per the object maps but not per their clones "
-                 "(as writes made with an out-of-date snapshot context leave them): sent whole",
-                 what, unconfirmed_bytes);
+    spdlog::warn(
+        "{}: {} bytes of objects changed per the object maps but not per their clones "
+        "(as writes made with an out-of-date snapshot context leave them): sent whole",
+        what, unconfirmed_bytes);
   }
   return merger.Flush();
 }
-
-
 
 // Object map states (two bits per object, in cls_rbd's BitVector<2>).
 constexpr uint8_t kObjectNonexistent = 0;
@@ -335,8 +334,8 @@ constexpr int kFullCheckEvery = 10;
 
 // An RBD object whole and its RADOS version, or kNotFound.
 static StatusOr<std::pair<std::string, uint64_t>> ReadWholeVersioned(rados_ioctx_t io,
-                                                              const std::string& oid,
-                                                              size_t at_most) {
+                                                                     const std::string& oid,
+                                                                     size_t at_most) {
   std::string out(at_most + 1, '\0');
   size_t got = 0;
   int prval = 0;
@@ -456,8 +455,7 @@ StatusOr<bool> RbdVolume::ChangedSince(const SnapInfo& snap) {
   // The map, then the header: a snapshot taken (by anyone) before the map
   // was read marks every object of the head clean again, whatever was
   // written before it, and the header read after tells of it.
-  ASSIGN_OR_RETURN(auto map_now,
-                   ReadWholeVersioned(io_->get(), head_map, u.expected.size() + 64));
+  ASSIGN_OR_RETURN(auto map_now, ReadWholeVersioned(io_->get(), head_map, u.expected.size() + 64));
   const std::string& map = map_now.first;
   const auto layout = LayoutOf(map);
   if (!layout || layout->data_at + layout->data_len != u.expected.size()) return true;
@@ -472,7 +470,6 @@ StatusOr<bool> RbdVolume::ChangedSince(const SnapInfo& snap) {
   return false;
 }
 
-
 Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                               const std::function<Status(const Extent&)>& fn) {
   // The head's changes are listed on a fresh handle; a snapshot's on the
@@ -480,8 +477,8 @@ Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& t
   // `from_snap` and back before it lists anything, so reads started from
   // its callback read `to_snap`; should it fail on the way, the handle is
   // not trusted again.
-  ASSIGN_OR_RETURN(std::shared_ptr<Image> at, to_snap.empty() ? OpenSame("", true)
-                                                              : AtSnap(to_snap));
+  ASSIGN_OR_RETURN(std::shared_ptr<Image> at,
+                   to_snap.empty() ? OpenSame("", true) : AtSnap(to_snap));
   bool whole = false;
   if (!from_snap.empty()) {
     // DiffImage reports a missing snapshot.

@@ -1,8 +1,7 @@
 // Image contexts (opened one at a time per process), and image metadata
 // read through librbd handles or straight from cls_rbd over RADOS.
 
-#include "engine/ceph/rbd_internal.h"
-
+#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -15,7 +14,6 @@
 #include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <endian.h>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -24,6 +22,8 @@
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include "engine/ceph/rbd_internal.h"
 
 namespace cairn {
 
@@ -70,9 +70,7 @@ ImageContextHold::~ImageContextHold() { ImageContextGate::Get().Leave(); }
 
 ImageContextHold ImageContextLock(bool closing) { return ImageContextHold(closing); }
 
-
-std::string ImageSpec(const std::string& pool, const std::string& image,
-                      const std::string& snap) {
+std::string ImageSpec(const std::string& pool, const std::string& image, const std::string& snap) {
   return snap.empty() ? fmt::format("{}/{}", pool, image)
                       : fmt::format("{}/{}@{}", pool, image, snap);
 }
@@ -174,12 +172,11 @@ Status ClonesDependOn(const std::string& spec, size_t clones) {
       fmt::format("{} clone(s) depend on snapshot {}; remove or flatten them first", clones, spec));
 }
 
-
 // The header's snapshot context (cls_rbd get_snapcontext): the newest
 // snapshot id and every snapshot id, newest first.
 // The answer of cls_rbd get_snapcontext: the seq and the snapshot ids.
 StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> DecodeSnapContext(std::string_view out,
-                                                                        const std::string& spec) {
+                                                                       const std::string& spec) {
   // Encoded as u64 seq, u32 count, count x u64 (little-endian).
   const auto u64 = [&](size_t at) {
     uint64_t v = 0;
@@ -193,8 +190,8 @@ StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> DecodeSnapContext(std::stri
     count = le32toh(count);
   }
   if (len < 12 || len != 12 + 8 * static_cast<size_t>(count)) {
-    return DataLoss(fmt::format("the snapshot context of {} does not decode ({} bytes)", spec,
-                                len));
+    return DataLoss(
+        fmt::format("the snapshot context of {} does not decode ({} bytes)", spec, len));
   }
   std::vector<uint64_t> snaps;
   for (uint32_t i = 0; i < count; ++i) snaps.push_back(u64(12 + 8 * i));
@@ -257,8 +254,9 @@ Status CallHeader(rados_ioctx_t io, const std::string& header, std::span<HeaderC
 }
 
 // The image's snapshot context (seq, snapshot ids) from its header.
-StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
-    rados_ioctx_t io, const std::string& header, const std::string& spec) {
+StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(rados_ioctx_t io,
+                                                                     const std::string& header,
+                                                                     const std::string& spec) {
   std::array<HeaderCall, 1> context{{{"get_snapcontext", 0, {}}}};
   RETURN_IF_ERROR(CallHeader(io, header, context, spec));
   return DecodeSnapContext(context[0].out, spec);
@@ -334,7 +332,7 @@ StatusOr<std::string> ReadImageId(rados_ioctx_t io, const std::string& name,
 // outside the user namespace (trash, group, mirror), which librbd's
 // listing leaves out too.
 static StatusOr<std::optional<SnapInfo>> DecodeSnapshotInfo(std::string_view in,
-                                                     const std::string& spec) {
+                                                            const std::string& spec) {
   const auto bad = [&] { return DataLoss("a snapshot of " + spec + " does not decode"); };
   ClsReader r(in);
   size_t end = 0, ns_end = 0;

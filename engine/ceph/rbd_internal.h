@@ -136,10 +136,11 @@ Status CallHeader(rados_ioctx_t io, const std::string& header, std::span<HeaderC
 StatusOr<uint64_t> DecodeFlags(std::string_view out, const std::string& header);
 // The answer of cls_rbd get_snapcontext: the seq and the snapshot ids.
 StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> DecodeSnapContext(std::string_view out,
-                                                                        const std::string& spec);
+                                                                       const std::string& spec);
 // The image's snapshot context (seq, snapshot ids) from its header.
-StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(
-    rados_ioctx_t io, const std::string& header, const std::string& spec);
+StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(rados_ioctx_t io,
+                                                                     const std::string& header,
+                                                                     const std::string& spec);
 // The id of the image named `name` (rbd_id.<name>), or kNotFound.
 StatusOr<std::string> ReadImageId(rados_ioctx_t io, const std::string& name,
                                   const std::string& spec);

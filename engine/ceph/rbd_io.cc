@@ -1,8 +1,7 @@
 // Asynchronous I/O on an image (AsyncIo through librbd completions), writes
 // of whole RADOS objects beside librbd (ObjectWriter), and sparse copies.
 
-#include "engine/ceph/rbd_internal.h"
-
+#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -15,7 +14,6 @@
 #include <cstdint>
 #include <cstring>
 #include <list>
-#include <endian.h>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -26,6 +24,7 @@
 #include <vector>
 
 #include "engine/ceph/handoff_queue.h"
+#include "engine/ceph/rbd_internal.h"
 
 namespace cairn {
 
@@ -81,18 +80,19 @@ static void OnRadosComplete(rados_completion_t, void* arg) {
   op->queue->Push(op);
 }
 
-static std::string Describe(OpKind kind, const std::string& spec, uint64_t offset, uint64_t length) {
-  const char* verb = kind == OpKind::kRead    ? "reading"
-                     : kind == OpKind::kZero  ? "zeroing"
-                                              : "writing";
+static std::string Describe(OpKind kind, const std::string& spec, uint64_t offset,
+                            uint64_t length) {
+  const char* verb = kind == OpKind::kRead   ? "reading"
+                     : kind == OpKind::kZero ? "zeroing"
+                                             : "writing";
   return fmt::format("{} {} at {}~{}", verb, spec, offset, length);
 }
 
 // Starts one librbd operation whose completion goes to `queue`. `buf` is
 // read into or written from; it must live until the completion is popped.
 static Status StartOp(rbd_image_t image, CompletionQueue& queue, OpKind kind, uint64_t tag,
-               uint64_t offset, uint64_t length, char* buf, const std::string& spec,
-               Batch* primes = nullptr) {
+                      uint64_t offset, uint64_t length, char* buf, const std::string& spec,
+                      Batch* primes = nullptr) {
   assert(kind != OpKind::kObjectWrite);
   auto op = std::make_unique<PendingOp>();
   op->queue = &queue;
@@ -164,9 +164,10 @@ class ObjectWriter {
     if (int rc = rbd_stat(h, &info, sizeof info); rc < 0) return ErrnoStatus(rc, "stat " + spec);
     if (old != 0 || (features & RBD_FEATURE_JOURNALING) != 0 || stripe_count != 1 ||
         stripe_unit != info.obj_size || info.obj_size == 0) {
-      spdlog::debug("{}: writes go through librbd one by one (format {}, features {:#x}, "
-                    "stripe {}x{}, object size {})",
-                    spec, old ? 1 : 2, features, stripe_count, stripe_unit, info.obj_size);
+      spdlog::debug(
+          "{}: writes go through librbd one by one (format {}, features {:#x}, "
+          "stripe {}x{}, object size {})",
+          spec, old ? 1 : 2, features, stripe_count, stripe_unit, info.obj_size);
       return std::unique_ptr<ObjectWriter>();
     }
     std::array<char, 128> buf{};
@@ -183,8 +184,7 @@ class ObjectWriter {
       return ErrnoStatus(static_cast<int>(data_pool), "getting the data pool of " + spec);
     }
     rados_ioctx_t io = nullptr;
-    if (int rc = rados_ioctx_create2(rados_ioctx_get_cluster(meta.get()), data_pool, &io);
-        rc < 0) {
+    if (int rc = rados_ioctx_create2(rados_ioctx_get_cluster(meta.get()), data_pool, &io); rc < 0) {
       return ErrnoStatus(rc, fmt::format("opening the data pool (id {}) of {}", data_pool, spec));
     }
     auto w = std::unique_ptr<ObjectWriter>(new ObjectWriter(io, prefix, info.obj_size));
@@ -194,8 +194,8 @@ class ObjectWriter {
     }
     rados_ioctx_set_namespace(io, buf.data());
     std::vector<rados_snap_t> snaps(snapc.second.begin(), snapc.second.end());
-    if (int rc = rados_ioctx_selfmanaged_snap_set_write_ctx(
-            io, snapc.first, snaps.data(), static_cast<int>(snaps.size()));
+    if (int rc = rados_ioctx_selfmanaged_snap_set_write_ctx(io, snapc.first, snaps.data(),
+                                                            static_cast<int>(snaps.size()));
         rc < 0) {
       return ErrnoStatus(rc, "setting the snapshot context of " + spec);
     }
@@ -225,14 +225,14 @@ class ObjectWriter {
     }
     int rc = rados_aio_create_completion2(op.get(), OnRadosComplete, &op->rados_completion);
     if (rc == 0) {
-      rc = rados_aio_write_op_operate(op->write_op, io_, op->rados_completion, oid.c_str(),
-                                      nullptr, 0);
+      rc = rados_aio_write_op_operate(op->write_op, io_, op->rados_completion, oid.c_str(), nullptr,
+                                      0);
       if (rc < 0) rados_aio_release(op->rados_completion);
     }
     if (rc < 0) {
       rados_release_write_op(op->write_op);
-      return ErrnoStatus(rc, fmt::format("writing {} pieces of {} to object {}", pieces.size(),
-                                         spec, oid));
+      return ErrnoStatus(
+          rc, fmt::format("writing {} pieces of {} to object {}", pieces.size(), spec, oid));
     }
     op.release();  // librados's until the callback
     return OkStatus();
@@ -254,7 +254,6 @@ class ObjectWriter {
  private:
   ObjectWriter(rados_ioctx_t io, std::string prefix, uint64_t object_size)
       : io_(io), prefix_(std::move(prefix)), object_size_(object_size) {}
-
 
   rados_ioctx_t io_;
   const std::string prefix_;
@@ -414,8 +413,8 @@ class RbdAsyncIo final : public AsyncIo {
     if (pieces.empty()) return;
     const auto fail_all = [&](const Status& st) {
       for (const Batch::Piece& p : pieces) {
-        ready_.push_back({p.tag, st.Annotate(Describe(OpKind::kWrite, spec_, p.offset,
-                                                      p.data.size()))});
+        ready_.push_back(
+            {p.tag, st.Annotate(Describe(OpKind::kWrite, spec_, p.offset, p.data.size()))});
       }
     };
     if (!prime.ok()) {
@@ -424,8 +423,8 @@ class RbdAsyncIo final : public AsyncIo {
     }
     if (!StillLockOwner()) {
       for (const Batch::Piece& p : pieces) {
-        Status st = StartOp(image_->get(), queue_, OpKind::kWrite, p.tag, p.offset,
-                            p.data.size(), const_cast<char*>(p.data.data()), spec_);
+        Status st = StartOp(image_->get(), queue_, OpKind::kWrite, p.tag, p.offset, p.data.size(),
+                            const_cast<char*>(p.data.data()), spec_);
         if (!st.ok()) {
           ready_.push_back({p.tag, st});
           continue;
@@ -465,8 +464,6 @@ class RbdAsyncIo final : public AsyncIo {
   std::deque<Completion> ready_;
   WriteStats stats_;
 };
-
-
 
 static bool AllZero(const char* p, size_t n) {
   static const char kZeros[4096] = {};

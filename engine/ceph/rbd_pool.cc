@@ -1,8 +1,7 @@
 // RbdPool: the images of one pool (open, create, remove, rename, clone,
 // copy).
 
-#include "engine/ceph/rbd_internal.h"
-
+#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -14,7 +13,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <endian.h>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -23,6 +21,8 @@
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include "engine/ceph/rbd_internal.h"
 
 namespace cairn {
 
@@ -43,8 +43,7 @@ StatusOr<std::unique_ptr<Volume>> RbdPool::Open(const std::string& image) {
   // RbdVolume::Head): it holds a watch, and the watch of a process killed
   // with -9 stalls every snapshot of the image for ~30 s.
   ASSIGN_OR_RETURN(std::string id, ReadImageId(io_->get(), image, Spec(image)));
-  return std::unique_ptr<Volume>(
-      std::make_unique<RbdVolume>(io_, std::move(id), image, book_));
+  return std::unique_ptr<Volume>(std::make_unique<RbdVolume>(io_, std::move(id), image, book_));
 }
 
 namespace {

@@ -2,8 +2,7 @@
 // around it are told again), removing and confirming them, and the book of
 // what the settling saw (SettleBook).
 
-#include "engine/ceph/rbd_internal.h"
-
+#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -15,16 +14,17 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <endian.h>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <set>
 #include <span>
-#include <thread>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
+
+#include "engine/ceph/rbd_internal.h"
 
 namespace cairn {
 
@@ -78,8 +78,9 @@ static StatusOr<std::set<WatcherId>> Watchers(rbd_image_t h, const std::string& 
 // those that acknowledged it within kNotifyTimeout. The reply is, all
 // little-endian: u32 count, then per watcher u64 gid, u64 cookie, u32 length
 // and that many bytes; then the timed-out ones (not needed here).
-static StatusOr<std::set<WatcherId>> NotifyHeaderChanged(rados_ioctx_t io, const std::string& header_oid,
-                                                  const std::string& spec) {
+static StatusOr<std::set<WatcherId>> NotifyHeaderChanged(rados_ioctx_t io,
+                                                         const std::string& header_oid,
+                                                         const std::string& spec) {
   char* reply = nullptr;
   size_t len = 0;
   const int rc = rados_notify2(io, header_oid.c_str(), nullptr, 0,
@@ -88,8 +89,8 @@ static StatusOr<std::set<WatcherId>> NotifyHeaderChanged(rados_ioctx_t io, const
   // On a timeout the reply still lists those that did acknowledge.
   if (rc < 0 && rc != -ETIMEDOUT) return ErrnoStatus(rc, "notifying the watchers of " + spec);
   const auto bad = [&] {
-    return Internal(fmt::format("notifying the watchers of {}: a malformed reply of {} bytes",
-                                spec, len));
+    return Internal(
+        fmt::format("notifying the watchers of {}: a malformed reply of {} bytes", spec, len));
   };
   size_t pos = 0;
   const auto take = [&](auto& v) {
@@ -118,8 +119,8 @@ struct Settled {
 };
 
 // See above. `before`: the watchers just before the snapshot.
-static StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io, const std::set<WatcherId>& before,
-                         const std::string& spec) {
+static StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io,
+                                const std::set<WatcherId>& before, const std::string& spec) {
   char id[128] = {};
   if (int rc = rbd_get_id(h, id, sizeof id); rc < 0) {
     return ErrnoStatus(rc, "getting the id of " + spec);
@@ -141,9 +142,10 @@ static StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io, const std::
       continue;
     }
     if (rounds++ == kSettleRounds) {
-      return Unavailable(fmt::format("{} client(s) that began watching {} did not acknowledge "
-                                     "{} notifications",
-                                     untold.size(), spec, kSettleRounds));
+      return Unavailable(
+          fmt::format("{} client(s) that began watching {} did not acknowledge "
+                      "{} notifications",
+                      untold.size(), spec, kSettleRounds));
     }
     ASSIGN_OR_RETURN(std::set<WatcherId> acked, NotifyHeaderChanged(io.get(), header_oid, spec));
     for (const auto& w : untold) {
@@ -152,8 +154,8 @@ static StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io, const std::
     floor = std::max(floor, std::chrono::steady_clock::now() + kSettleDrain);
   }
   if (!told.empty()) {
-    spdlog::info("{}: {} client(s) opened the image as the snapshot was taken; told of it",
-                 spec, told.size());
+    spdlog::info("{}: {} client(s) opened the image as the snapshot was taken; told of it", spec,
+                 told.size());
   }
   return Settled{told.size(), std::move(now)};
 }
@@ -174,8 +176,8 @@ void SettleBook::BeforeSnapshot(const std::string& image, const std::set<Watcher
   }
   if (!appeared.empty()) {
     e.unsettled.insert(e.newest);
-    spdlog::debug("{}: watcher(s) {} appeared since its newest snapshot settled ({} then)",
-                  image, fmt::join(appeared, ", "), e.watchers.size());
+    spdlog::debug("{}: watcher(s) {} appeared since its newest snapshot settled ({} then)", image,
+                  fmt::join(appeared, ", "), e.watchers.size());
   }
 }
 
@@ -217,10 +219,9 @@ Status RbdVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
   for (const auto& s : *snaps) {
     if (s.id == snap_id && s.name == snap) return OkStatus();
   }
-  return NotFound(fmt::format("snapshot {} (id {}) was removed while it was read", Spec(snap),
-                              snap_id));
+  return NotFound(
+      fmt::format("snapshot {} (id {}) was removed while it was read", Spec(snap), snap_id));
 }
-
 
 Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {
   if (snap.empty()) return InvalidArgument("creating a snapshot of " + Spec() + ": empty name");
@@ -250,17 +251,19 @@ Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {
   StatusOr<Settled> settled =
       before.ok() ? Settle(h->get(), *io_, *before, Spec(snap)) : before.status();
   if (!settled.ok()) {
-    spdlog::warn("snapshot {} taken, but clients that opened the image meanwhile may not know "
-                 "of it: {}",
-                 Spec(snap), settled.status().ToString());
+    spdlog::warn(
+        "snapshot {} taken, but clients that opened the image meanwhile may not know "
+        "of it: {}",
+        Spec(snap), settled.status().ToString());
   }
   // librbd knows the id of a snapshot it just took (no I/O); should it not,
   // the snapshot still exists and the epoch goes on, as above.
   uint64_t id = 0;
   if (int err = rbd_snap_get_id(h->get(), snap.c_str(), &id); err < 0) {
-    spdlog::warn("snapshot {} taken, but its id is unknown ({}): what its settling saw is "
-                 "not kept",
-                 Spec(snap), std::strerror(-err));
+    spdlog::warn(
+        "snapshot {} taken, but its id is unknown ({}): what its settling saw is "
+        "not kept",
+        Spec(snap), std::strerror(-err));
     return OkStatus();
   }
   if (settled.ok()) settled->watchers = others(std::move(settled->watchers));

@@ -1,8 +1,7 @@
 // RbdVolume: one image's handles (opened on need, checked to be the image
 // opened), its size and snapshot list.
 
-#include "engine/ceph/rbd_internal.h"
-
+#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -14,7 +13,6 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <endian.h>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -23,6 +21,8 @@
 #include <string_view>
 #include <utility>
 #include <vector>
+
+#include "engine/ceph/rbd_internal.h"
 
 namespace cairn {
 
@@ -68,7 +68,6 @@ StatusOr<std::shared_ptr<Image>> RbdVolume::AtSnap(const std::string& snap) {
   return snap_;
 }
 
-
 void RbdVolume::CloseSnapshotHandles() {
   snap_.reset();
   snap_name_.clear();
@@ -104,9 +103,10 @@ Status RbdVolume::CheckSameImage() const {
 
 Status RbdVolume::SameIdAsOpened(const std::string& id) const {
   if (id == id_) return OkStatus();
-  return NotFound(fmt::format("image {} is no longer the image opened (id {}, now {}): it was "
-                              "removed or renamed and another created under its name",
-                              Spec(), id_, id));
+  return NotFound(
+      fmt::format("image {} is no longer the image opened (id {}, now {}): it was "
+                  "removed or renamed and another created under its name",
+                  Spec(), id_, id));
 }
 
 }  // namespace cairn

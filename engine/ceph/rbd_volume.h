@@ -30,8 +30,8 @@
 //    op: the first through librbd (object map, copy-up, exclusive lock,
 //    snapshot clone), the others together once it has completed, written
 //    to the object beside librbd (rbd_io.cc, ObjectWriter). Not for
-//    journaling, fancy striping or format 1 images. StartZero is rbd_aio_write_zeroes (guaranteed zeros; discard may
-//    skip unaligned parts), and frees whole objects it covers.
+//    journaling, fancy striping or format 1 images. StartZero is rbd_aio_write_zeroes (guaranteed
+//    zeros; discard may skip unaligned parts), and frees whole objects it covers.
 //  - Clone protects the snapshot (clone format 1 needs it), then
 //    rbd_clone3. RemoveSnap of a protected snapshot unprotects it only if no
 //    clone depends on it.
@@ -181,8 +181,8 @@ class RbdVolume final : public Volume {
   // changed since snapshot `snap_id`.
   struct UnchangedMap {
     uint64_t snap_id = 0;
-    bool usable = false;    // fast-diff on and the snapshot's map valid
-    std::string expected;   // the head map's whole object, as it must read
+    bool usable = false;   // fast-diff on and the snapshot's map valid
+    std::string expected;  // the head map's whole object, as it must read
     // The head map's RADOS version when a full check last found nothing
     // changed (0: none yet), and the quick checks made since.
     uint64_t map_version = 0;

@@ -9,16 +9,16 @@
 // 2 usage error; 3 not found; 4 cairnd or a peer unavailable (retry);
 // 5 operator action needed (bad input, failed precondition); 6 already
 // exists; 7 data failed verification.
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
-
-#include <CLI/CLI.hpp>
-#include <fmt/format.h>
-#include <nlohmann/json.hpp>
 
 #include "engine/link/tcp_link.h"
 #include "proto/cairn.pb.h"
@@ -30,16 +30,23 @@ using nlohmann::json;
 
 int ExitCode(Code c) {
   switch (c) {
-    case Code::kOk: return 0;
-    case Code::kNotFound: return 3;
+    case Code::kOk:
+      return 0;
+    case Code::kNotFound:
+      return 3;
     case Code::kUnavailable:
-    case Code::kAborted: return 4;
+    case Code::kAborted:
+      return 4;
     case Code::kInvalidArgument:
     case Code::kFailedPrecondition:
-    case Code::kResourceExhausted: return 5;
-    case Code::kAlreadyExists: return 6;
-    case Code::kDataLoss: return 7;
-    case Code::kInternal: return 1;
+    case Code::kResourceExhausted:
+      return 5;
+    case Code::kAlreadyExists:
+      return 6;
+    case Code::kDataLoss:
+      return 7;
+    case Code::kInternal:
+      return 1;
   }
   return 1;
 }
@@ -96,13 +103,18 @@ std::string Bytes(double b) {
 }
 
 json PointJson(const cairn::pb::RestorePoint& p) {
-  return {{"volume", p.volume()},         {"seq", p.seq()},
-          {"base_seq", p.base_seq()},     {"source_time", Time(p.source_time_ns())},
+  return {{"volume", p.volume()},
+          {"seq", p.seq()},
+          {"base_seq", p.base_seq()},
+          {"source_time", Time(p.source_time_ns())},
           {"source_time_ns", p.source_time_ns()},
           {"created_time_ns", p.created_time_ns()},
-          {"pool", p.pool()},             {"image", p.image()},
-          {"snap", p.snap()},             {"image_size", p.image_size()},
-          {"data_bytes", p.data_bytes()}, {"zero_bytes", p.zero_bytes()},
+          {"pool", p.pool()},
+          {"image", p.image()},
+          {"snap", p.snap()},
+          {"image_size", p.image_size()},
+          {"data_bytes", p.data_bytes()},
+          {"zero_bytes", p.zero_bytes()},
           {"source_site", p.source_site()}};
 }
 
@@ -164,14 +176,16 @@ int main(int argc, char** argv) {
 
   std::string promote_point = "latest";
   auto* promote = app.add_subcommand(
-      "promote", "failover of one volume: fence it and clone a restore point into an image that "
-                 "this site then owns (on the standby's cairnd)");
+      "promote",
+      "failover of one volume: fence it and clone a restore point into an image that "
+      "this site then owns (on the standby's cairnd)");
   promote->add_option("volume", volume, "the volume")->required();
   promote->add_option("point", promote_point, "the restore point's seq, or 'latest' (default)");
   promote->add_option("--to", to, "the image to create")->required();
 
   auto* release = app.add_subcommand(
-      "release", "failback of one volume: lift the fence, keep the promoted image under a new name");
+      "release",
+      "failback of one volume: lift the fence, keep the promoted image under a new name");
   release->add_option("volume", volume, "the volume")->required();
 
   try {
@@ -288,8 +302,8 @@ int main(int argc, char** argv) {
     } else {
       std::printf("%s: restore point %lu (source time %s) promoted into %s/%s%s\n", volume.c_str(),
                   static_cast<unsigned long>(pr.point().seq()),
-                  Time(pr.point().source_time_ns()).c_str(), pr.pool().c_str(),
-                  pr.image().c_str(), pr.again() ? " (already)" : "");
+                  Time(pr.point().source_time_ns()).c_str(), pr.pool().c_str(), pr.image().c_str(),
+                  pr.again() ? " (already)" : "");
     }
     return 0;
   }
@@ -346,7 +360,8 @@ int main(int argc, char** argv) {
       }
     }
     if (cli.json) {
-      std::printf("%s\n", json({{"volume", volume}, {"seq", want}, {"waited", wait}}).dump().c_str());
+      std::printf("%s\n",
+                  json({{"volume", volume}, {"seq", want}, {"waited", wait}}).dump().c_str());
     } else {
       std::printf("%s: restore point %lu %s\n", volume.c_str(), static_cast<unsigned long>(want),
                   wait ? "is made" : "requested");

@@ -2,14 +2,13 @@
 //
 //   cairnd -c /etc/cairn/cairnd.conf [--check]
 #include <malloc.h>
+#include <spdlog/spdlog.h>
 #include <sys/resource.h>
 
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <string>
-
-#include <spdlog/spdlog.h>
 
 #include "engine/daemon/daemon.h"
 

@@ -1,13 +1,13 @@
 #include "engine/daemon/config.h"
 
+#include <fmt/format.h>
+#include <ini.h>
+
 #include <charconv>
 #include <fstream>
 #include <map>
 #include <set>
 #include <sstream>
-
-#include <fmt/format.h>
-#include <ini.h>
 
 #include "engine/catalog/catalog.h"
 #include "engine/link/tcp_link.h"
@@ -119,8 +119,8 @@ class SectionReader {
       if (!known_.count(k)) {
         std::string list;
         for (const auto& kk : known_) list += (list.empty() ? "" : ", ") + kk;
-        return InvalidArgument(fmt::format("{}: [{}] has unknown key '{}' (known: {})", origin_,
-                                           section_, k, list));
+        return InvalidArgument(
+            fmt::format("{}: [{}] has unknown key '{}' (known: {})", origin_, section_, k, list));
       }
     }
     return OkStatus();
@@ -150,7 +150,8 @@ StatusOr<std::chrono::milliseconds> ParseDuration(std::string_view text) {
   if (unit == "h") scale = 3'600'000;
   constexpr uint64_t kMaxMs = 365ull * 24 * 3'600'000;  // a year is plenty
   if (scale != 0) {
-    if (n > kMaxMs / scale) return InvalidArgument(fmt::format("'{}' is too long (max 1 year)", text));
+    if (n > kMaxMs / scale)
+      return InvalidArgument(fmt::format("'{}' is too long (max 1 year)", text));
     return std::chrono::milliseconds(n * scale);
   }
   return InvalidArgument(fmt::format("'{}' is not a duration (use 5s, 500ms, 1m, 2h)", text));
@@ -161,7 +162,8 @@ StatusOr<uint64_t> ParseSize(std::string_view text) {
   uint64_t n = 0;
   auto [p, ec] = std::from_chars(t.data(), t.data() + t.size(), n);
   std::string unit(p, t.data() + t.size());
-  if (ec != std::errc()) return InvalidArgument(fmt::format("'{}' is not a size (use 4096, 64K, 1M)", text));
+  if (ec != std::errc())
+    return InvalidArgument(fmt::format("'{}' is not a size (use 4096, 64K, 1M)", text));
   int shift = -1;
   if (unit.empty()) shift = 0;
   if (unit == "K" || unit == "k" || unit == "KiB") shift = 10;
@@ -190,8 +192,8 @@ Status CheckLengths(std::string_view text, std::string_view origin) {
     const std::string line = Trim(text.substr(start, end - start));
     ++lineno;
     if (line.size() > kMaxLine) {
-      return InvalidArgument(fmt::format("{}:{}: line is longer than {} characters", origin,
-                                         lineno, kMaxLine));
+      return InvalidArgument(
+          fmt::format("{}:{}: line is longer than {} characters", origin, lineno, kMaxLine));
     }
     if (line.starts_with('[') && line.find(']') != std::string::npos &&
         line.find(']') - 1 > kMaxSection) {
@@ -212,7 +214,9 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
   const std::string copy(text);
   const int rc = ini_parse_string(copy.c_str(), &Handler, &parsed);
   if (!parsed.error.empty()) return InvalidArgument(fmt::format("{}:{}", origin, parsed.error));
-  if (rc > 0) return InvalidArgument(fmt::format("{}:{}: not INI syntax (expected [section] or key = value)", origin, rc));
+  if (rc > 0)
+    return InvalidArgument(
+        fmt::format("{}:{}: not INI syntax (expected [section] or key = value)", origin, rc));
   if (rc < 0) return Internal(fmt::format("{}: INI parser failed ({})", origin, rc));
 
   DaemonConfig cfg;
@@ -226,9 +230,10 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
       static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
       if (!kLevels.count(cfg.log_level)) {
-        return InvalidArgument(fmt::format("{}: [cairnd] log_level '{}' is not one of "
-                                           "trace, debug, info, warn, error",
-                                           origin, cfg.log_level));
+        return InvalidArgument(
+            fmt::format("{}: [cairnd] log_level '{}' is not one of "
+                        "trace, debug, info, warn, error",
+                        origin, cfg.log_level));
       }
     } else if (name == "ceph") {
       RETURN_IF_ERROR(r.String("conf", &cfg.ceph.conf));
@@ -285,8 +290,7 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       VolumeConfig v;
       v.id = Trim(std::string_view(name).substr(7));
       if (Status st = ValidateVolumeId(v.id); !st.ok()) {
-        return InvalidArgument(
-            fmt::format("{}: [{}]: {}", origin, name, st.message()));
+        return InvalidArgument(fmt::format("{}: [{}]: {}", origin, name, st.message()));
       }
       RETURN_IF_ERROR(r.String("pool", &v.pool));
       RETURN_IF_ERROR(r.String("image", &v.image));
@@ -310,7 +314,8 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       n = v.block_size;
       RETURN_IF_ERROR(r.Size("block_size", 4096, 4u << 20, &n));
       if (n % 512 != 0) {
-        return InvalidArgument(fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
+        return InvalidArgument(
+            fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
       }
       v.block_size = static_cast<uint32_t>(n);
       n = v.window;
@@ -330,8 +335,9 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
       }
       cfg.volumes.push_back(v);
     } else {
-      return InvalidArgument(fmt::format(
-          "{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME)", origin, name));
+      return InvalidArgument(
+          fmt::format("{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME)",
+                      origin, name));
     }
     RETURN_IF_ERROR(r.RefuseUnknown());
   }

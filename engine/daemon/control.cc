@@ -99,7 +99,8 @@ std::string HandleControl(ControlService& service, const Frame& request) {
     }
     case pb::ControlRequest::kRegisterVolume: {
       const auto& q = req.register_volume();
-      auto r = service.Register({q.volume(), q.pool(), q.image(), q.target_pool(), q.target_image()});
+      auto r =
+          service.Register({q.volume(), q.pool(), q.image(), q.target_pool(), q.target_image()});
       if (!r.ok()) return Reply(r.status(), reply);
       FillStatus(*r, reply.mutable_register_volume()->mutable_status());
       return Reply(OkStatus(), reply);

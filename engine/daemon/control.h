@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "engine/base/status.h"
 #include "engine/catalog/catalog.h"
 #include "engine/format/frame.h"
 #include "engine/replication/replication.h"
 #include "engine/replication/sink.h"
-#include "engine/base/status.h"
 
 namespace cairn {
 
@@ -44,8 +44,7 @@ class ControlService {
   virtual Status Unregister(const std::string& volume, bool remove_snapshots) = 0;
   // Standby side: failover / failback of one volume (Sink::Promote/Release).
   virtual StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,
-                                          const std::string& pool,
-                                          const std::string& to_image) = 0;
+                                          const std::string& pool, const std::string& to_image) = 0;
   virtual StatusOr<std::string> Release(const std::string& volume) = 0;
 };
 

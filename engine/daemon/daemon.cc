@@ -1,16 +1,15 @@
 #include "engine/daemon/daemon.h"
 
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <signal.h>
+#include <spdlog/spdlog.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <filesystem>
 #include <fstream>
-
-#include <fmt/format.h>
-#include <fmt/ranges.h>
-#include <spdlog/spdlog.h>
 
 #include "engine/ceph/rados_kv_store.h"
 
@@ -158,16 +157,18 @@ std::string Daemon::FencedBy() {
     auto rec = Catalog(**kv).SinkInstanceRecord();
     if (rec.ok()) {
       if (*rec && (*rec)->instance.addr != sink_instance_.addr) {
-        return fmt::format("sink instance {} registered in pool {} after this one ({}) and fenced it",
-                           DescribeSinkInstance((*rec)->instance), pool, sink_instance_.addr);
+        return fmt::format(
+            "sink instance {} registered in pool {} after this one ({}) and fenced it",
+            DescribeSinkInstance((*rec)->instance), pool, sink_instance_.addr);
       }
       continue;
     }
     auto blocklisted = cluster_->Blocklisted(pool, kCatalogObject);
     if (blocklisted.ok() && *blocklisted) {
-      return fmt::format("this sink ({}) was blocklisted by another client (the catalog of pool "
-                         "{} answers: {})",
-                         sink_instance_.addr, pool, rec.status().ToString());
+      return fmt::format(
+          "this sink ({}) was blocklisted by another client (the catalog of pool "
+          "{} answers: {})",
+          sink_instance_.addr, pool, rec.status().ToString());
     }
   }
   return "";
@@ -193,8 +194,8 @@ Status Daemon::Start() {
     std::error_code ec;
     std::filesystem::create_directories(sc.spool_dir, ec);
     if (ec) {
-      return FailedPrecondition(fmt::format("[sink] spool_dir {} cannot be created: {}",
-                                            sc.spool_dir, ec.message()));
+      return FailedPrecondition(
+          fmt::format("[sink] spool_dir {} cannot be created: {}", sc.spool_dir, ec.message()));
     }
     // Port first: a second cairnd started by mistake with this config on
     // this host stops here, before it fences the one that runs.
@@ -217,10 +218,11 @@ Status Daemon::Start() {
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
     sink_ = std::make_unique<Sink>(env);
-    sink_server_ = std::make_unique<LinkServer>("sink", std::move(listener).value(), [this](Link& l) {
-      Status st = sink_->Serve(l);
-      if (!st.ok()) spdlog::warn("sink: session with {} ended: {}", l.peer(), st.ToString());
-    });
+    sink_server_ =
+        std::make_unique<LinkServer>("sink", std::move(listener).value(), [this](Link& l) {
+          Status st = sink_->Serve(l);
+          if (!st.ok()) spdlog::warn("sink: session with {} ended: {}", l.peer(), st.ToString());
+        });
     sink_server_->Start();
     spdlog::info("sink listening on {}:{}, spool {}", sc.listen_host, sink_server_->port(),
                  sc.spool_dir);
@@ -233,7 +235,8 @@ Status Daemon::Start() {
   }
   RETURN_IF_ERROR(StartRegistered());
   std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(config_.control_socket).parent_path(), ec);
+  std::filesystem::create_directories(std::filesystem::path(config_.control_socket).parent_path(),
+                                      ec);
   auto control = Listener::ListenUnix(config_.control_socket);
   if (!control.ok()) return control.status().Annotate("[cairnd] control_socket");
   control_server_ =
@@ -322,9 +325,9 @@ StatusOr<RestoreResult> Daemon::Restore(const std::string& volume, uint64_t seq,
 
 StatusOr<uint64_t> Daemon::Replicate(const std::string& volume) {
   if (auto s = FindSource(volume)) return s->RequestNow();
-  return NotFound(fmt::format(
-      "volume '{}' is not replicated from this cairnd (no [volume {}], not registered)", volume,
-      volume));
+  return NotFound(
+      fmt::format("volume '{}' is not replicated from this cairnd (no [volume {}], not registered)",
+                  volume, volume));
 }
 
 // --- volumes registered at run time ----------------------------------------
@@ -352,10 +355,14 @@ StatusOr<Registration> DecodeRegistration(const std::string& key, const std::str
       return DataLoss(fmt::format("{} {}: malformed line '{}'", kRegistryObject, key, line));
     }
     const std::string k = line.substr(0, eq), v = line.substr(eq + 1);
-    if (k == "pool") r.pool = v;
-    else if (k == "image") r.image = v;
-    else if (k == "target_pool") r.target_pool = v;
-    else if (k == "target_image") r.target_image = v;
+    if (k == "pool")
+      r.pool = v;
+    else if (k == "image")
+      r.image = v;
+    else if (k == "target_pool")
+      r.target_pool = v;
+    else if (k == "target_image")
+      r.target_image = v;
   }
   if (r.pool.empty() || r.image.empty()) {
     return DataLoss(fmt::format("{} {}: no pool or image in '{}'", kRegistryObject, key, text));
@@ -375,9 +382,8 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConf
   LinkOptions lo;
   lo.connect_timeout = std::chrono::seconds(5);
   lo.stall_timeout = std::chrono::seconds(120);
-  auto src = std::make_shared<SourceReplicator>(v, config_.site, pool, [v, lo]() {
-    return ConnectTcp(v.peer_host, v.peer_port, lo);
-  });
+  auto src = std::make_shared<SourceReplicator>(
+      v, config_.site, pool, [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); });
   src->set_memory_budget(budget_);
   src->Start();
   spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
@@ -437,9 +443,9 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
   if (req.image.empty()) return InvalidArgument("register: no image");
   const auto& pools = config_.source->pools;
   if (std::find(pools.begin(), pools.end(), req.pool) == pools.end()) {
-    return FailedPrecondition(fmt::format(
-        "pool '{}' is not one of this cairnd's [source] pools ({}): add it there", req.pool,
-        fmt::join(pools, ", ")));
+    return FailedPrecondition(
+        fmt::format("pool '{}' is not one of this cairnd's [source] pools ({}): add it there",
+                    req.pool, fmt::join(pools, ", ")));
   }
   Registration r = req;
   const VolumeConfig v = RegisteredVolume(r);
@@ -448,8 +454,8 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
   ASSIGN_OR_RETURN(auto pool, OpenPool(r.pool));
   ASSIGN_OR_RETURN(bool exists, pool->Exists(r.image));
   if (!exists) {
-    return NotFound(fmt::format("image {}/{} does not exist at site {}", r.pool, r.image,
-                                config_.site));
+    return NotFound(
+        fmt::format("image {}/{} does not exist at site {}", r.pool, r.image, config_.site));
   }
   std::lock_guard registering(register_mu_);
   bool known = false;
@@ -458,9 +464,8 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
     if (auto it = registered_.find(r.volume); it != registered_.end()) {
       if (!SameRegistration(it->second, r)) {
         return AlreadyExists(fmt::format(
-            "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first",
-            r.volume, it->second.pool, it->second.image, it->second.target_pool,
-            it->second.target_image));
+            "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first", r.volume,
+            it->second.pool, it->second.image, it->second.target_pool, it->second.target_image));
       }
       known = true;
     } else {
@@ -585,8 +590,9 @@ Status Daemon::Check(std::vector<std::string>* report) {
     lo.stall_timeout = std::chrono::seconds(10);
     LinkTimeouts timeouts;
     timeouts.hello = std::chrono::seconds(10);
-    SourceReplicator probe(v, config_.site, pool,
-                           [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); }, timeouts);
+    SourceReplicator probe(
+        v, config_.site, pool, [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); },
+        timeouts);
     auto said = probe.Probe();
     note(fmt::format("[volume {}] peer {}:{}{}", v.id, v.peer_host, v.peer_port,
                      said.ok() ? ": " + *said : ""),

@@ -23,10 +23,10 @@
 #include <thread>
 #include <vector>
 
+#include "engine/ceph/rbd_volume.h"
 #include "engine/daemon/config.h"
 #include "engine/daemon/control.h"
 #include "engine/link/link_server.h"
-#include "engine/ceph/rbd_volume.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
 
@@ -100,7 +100,7 @@ class Daemon final : public ControlService {
   std::mutex sources_mu_;  // guards sources_ and registered_
   std::vector<std::shared_ptr<SourceReplicator>> sources_;
   std::map<std::string, Registration> registered_;  // by volume id
-  SinkInstance sink_instance_;  // this sink, as recorded in the catalogs
+  SinkInstance sink_instance_;                      // this sink, as recorded in the catalogs
   std::thread fence_watch_;
   std::mutex fence_mu_;
   std::condition_variable fence_cv_;

@@ -1,5 +1,7 @@
 #include "engine/epoch/epoch.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -7,8 +9,6 @@
 #include <deque>
 #include <memory>
 #include <vector>
-
-#include <fmt/format.h>
 
 #include "proto/cairn.pb.h"
 
@@ -257,10 +257,12 @@ class RecordPipeline {
   Status SendRun(uint64_t offset, std::span<const char> bytes, size_t from, size_t to, bool zero) {
     if (to == from) return OkStatus();
     return zero ? SendRecord(offset + from, to - from, RecordKind::kZero, {})
-                : SendRecord(offset + from, to - from, RecordKind::kData, bytes.subspan(from, to - from));
+                : SendRecord(offset + from, to - from, RecordKind::kData,
+                             bytes.subspan(from, to - from));
   }
 
-  Status SendRecord(uint64_t offset, uint64_t length, RecordKind kind, std::span<const char> payload) {
+  Status SendRecord(uint64_t offset, uint64_t length, RecordKind kind,
+                    std::span<const char> payload) {
     const BlockHash h = kind == RecordKind::kData ? BlockHash::Of(payload) : BlockHash();
     record_.Clear();
     record_.set_index(summary_.records);
@@ -334,8 +336,8 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   begin.set_resume_from(plan.skip_records);
 
   if (plan.to_snap_id == 0 || (!plan.from_snap.empty() && plan.from_snap_id == 0)) {
-    return InvalidArgument(fmt::format("epoch {} of {}: the plan lacks a snapshot's id", plan.seq,
-                                       plan.volume));
+    return InvalidArgument(
+        fmt::format("epoch {} of {}: the plan lacks a snapshot's id", plan.seq, plan.volume));
   }
   WatchedWriter writer(out);
   RecordPipeline pipe(plan, options, writer);
@@ -371,7 +373,8 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   // failed read or listing is checked too: a vanished snapshot is its
   // likely cause, and the one worth reporting.
   Status gone = vol.ConfirmSnap(plan.to_snap, plan.to_snap_id);
-  if (gone.ok() && !plan.from_snap.empty()) gone = vol.ConfirmSnap(plan.from_snap, plan.from_snap_id);
+  if (gone.ok() && !plan.from_snap.empty())
+    gone = vol.ConfirmSnap(plan.from_snap, plan.from_snap_id);
   if (gone.code() == Code::kNotFound || (streamed.ok() && !gone.ok())) {
     return gone.Annotate(fmt::format("epoch {} of {} is discarded", plan.seq, plan.volume));
   }
@@ -396,19 +399,20 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
       RETURN_IF_ERROR(Parse(f, b));
       if (!f.payload.empty()) return DataLoss("EpochBegin frame carries a payload");
       if (b.volume() != volume_) {
-        return DataLoss(fmt::format("epoch of volume '{}' on the stream of volume '{}'", b.volume(),
-                                    volume_));
+        return DataLoss(
+            fmt::format("epoch of volume '{}' on the stream of volume '{}'", b.volume(), volume_));
       }
       if (b.base_seq() != base_seq_) {
         return FailedPrecondition(fmt::format(
-            "epoch {} builds on restore point {}, but the newest restore point here is {}",
-            b.seq(), b.base_seq(), base_seq_));
+            "epoch {} builds on restore point {}, but the newest restore point here is {}", b.seq(),
+            b.base_seq(), base_seq_));
       }
       if (b.seq() <= b.base_seq()) {
         return DataLoss(fmt::format("epoch {} does not follow its base {}", b.seq(), b.base_seq()));
       }
       if (b.max_block() == 0 || b.max_block() > kMaxPayload) {
-        return DataLoss(fmt::format("epoch {} announces blocks of {} bytes", b.seq(), b.max_block()));
+        return DataLoss(
+            fmt::format("epoch {} announces blocks of {} bytes", b.seq(), b.max_block()));
       }
       begun_ = true;
       summary_ = EpochSummary{};
@@ -437,8 +441,9 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
       }
       if (r.length() == 0) return DataLoss(fmt::format("record {} has length 0", r.index()));
       if (r.offset() < next_offset_) {
-        return DataLoss(fmt::format("record {} at offset {} overlaps the previous record (ends at {})",
-                                    r.index(), r.offset(), next_offset_));
+        return DataLoss(
+            fmt::format("record {} at offset {} overlaps the previous record (ends at {})",
+                        r.index(), r.offset(), next_offset_));
       }
       if (r.offset() > summary_.image_size || r.length() > summary_.image_size - r.offset()) {
         return DataLoss(fmt::format("record {} [{}, +{}) lies beyond the image size {}", r.index(),
@@ -448,8 +453,9 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
       if (r.kind() == pb::DATA) {
         kind = RecordKind::kData;
         if (r.length() > summary_.max_block) {
-          return DataLoss(fmt::format("data record {} of {} bytes exceeds the epoch's block size {}",
-                                      r.index(), r.length(), summary_.max_block));
+          return DataLoss(
+              fmt::format("data record {} of {} bytes exceeds the epoch's block size {}", r.index(),
+                          r.length(), summary_.max_block));
         }
         if (f.payload.size() != r.length()) {
           return DataLoss(fmt::format("data record {} says {} bytes but carries {}", r.index(),
@@ -457,8 +463,8 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
         }
         const BlockHash h = BlockHash::Of(f.payload);
         if (h != BlockHash(r.xxh3())) {
-          return DataLoss(fmt::format("block checksum mismatch at offset {} (record {})", r.offset(),
-                                      r.index()));
+          return DataLoss(fmt::format("block checksum mismatch at offset {} (record {})",
+                                      r.offset(), r.index()));
         }
         hasher_->Add(r.offset(), r.length(), kind, h);
         summary_.data_bytes += r.length();
@@ -470,8 +476,8 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
         hasher_->Add(r.offset(), r.length(), kind, BlockHash());
         summary_.zero_bytes += r.length();
       } else {
-        return DataLoss(fmt::format("record {} has unknown kind {}", r.index(),
-                                    static_cast<int>(r.kind())));
+        return DataLoss(
+            fmt::format("record {} has unknown kind {}", r.index(), static_cast<int>(r.kind())));
       }
       record_ = VerifiedRecord{r.index(), r.offset(), r.length(), kind};
       ++next_index_;
@@ -506,9 +512,9 @@ StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
                                     digest.ToHex(), summary_.epoch_digest.ToHex()));
       }
       if (prev != prev_chain_) {
-        return FailedPrecondition(fmt::format(
-            "epoch {} chains from {}, but restore point {} here has chain {}", e.seq(),
-            prev.ToHex(), base_seq_, prev_chain_.ToHex()));
+        return FailedPrecondition(
+            fmt::format("epoch {} chains from {}, but restore point {} here has chain {}", e.seq(),
+                        prev.ToHex(), base_seq_, prev_chain_.ToHex()));
       }
       summary_.chain = NextChain(prev_chain_, summary_.epoch_digest, summary_.seq);
       if (chain != summary_.chain) {

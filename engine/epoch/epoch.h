@@ -33,9 +33,9 @@
 #include <vector>
 
 #include "engine/base/checksum.h"
+#include "engine/base/status.h"
 #include "engine/format/frame.h"
 #include "engine/spool/spool.h"
-#include "engine/base/status.h"
 #include "engine/volume/volume.h"
 
 namespace cairn {
@@ -74,17 +74,17 @@ Status StatusFromLinkError(const Frame& f, std::string_view who);
 struct EpochPlan {
   std::string volume;
   uint64_t seq = 0;
-  uint64_t base_seq = 0;       // 0: full epoch (no base)
-  std::string from_snap;       // empty for a full epoch
+  uint64_t base_seq = 0;  // 0: full epoch (no base)
+  std::string from_snap;  // empty for a full epoch
   std::string to_snap;
   // The snapshots' ids as listed when the epoch was planned: after its
   // reads, the epoch ends only if both still exist with these ids
   // (Volume::ConfirmSnap). Required for every snapshot named.
   uint64_t from_snap_id = 0;
   uint64_t to_snap_id = 0;
-  uint64_t image_size = 0;     // at to_snap
+  uint64_t image_size = 0;  // at to_snap
   int64_t snap_time_ns = 0;
-  ChainDigest prev_chain;      // chain digest of base_seq (zero if none)
+  ChainDigest prev_chain;  // chain digest of base_seq (zero if none)
   std::string source_site;
   // Records before this index are built and hashed but not written: the
   // receiver already holds them (resume after a cut).

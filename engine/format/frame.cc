@@ -1,9 +1,9 @@
 #include "engine/format/frame.h"
 
-#include <cstring>
-
 #include <fmt/format.h>
 #include <xxhash.h>
+
+#include <cstring>
 
 namespace cairn {
 namespace {
@@ -24,16 +24,26 @@ static_assert(offsetof(WireHeader, header_xxh3) == 24, "header checksum covers b
 
 std::string_view FrameTypeName(FrameType t) {
   switch (t) {
-    case FrameType::kEpochBegin: return "EpochBegin";
-    case FrameType::kRecord: return "Record";
-    case FrameType::kEpochEnd: return "EpochEnd";
-    case FrameType::kHello: return "Hello";
-    case FrameType::kHelloReply: return "HelloReply";
-    case FrameType::kEpochAck: return "EpochAck";
-    case FrameType::kLinkError: return "LinkError";
-    case FrameType::kUnchanged: return "Unchanged";
-    case FrameType::kControlRequest: return "ControlRequest";
-    case FrameType::kControlReply: return "ControlReply";
+    case FrameType::kEpochBegin:
+      return "EpochBegin";
+    case FrameType::kRecord:
+      return "Record";
+    case FrameType::kEpochEnd:
+      return "EpochEnd";
+    case FrameType::kHello:
+      return "Hello";
+    case FrameType::kHelloReply:
+      return "HelloReply";
+    case FrameType::kEpochAck:
+      return "EpochAck";
+    case FrameType::kLinkError:
+      return "LinkError";
+    case FrameType::kUnchanged:
+      return "Unchanged";
+    case FrameType::kControlRequest:
+      return "ControlRequest";
+    case FrameType::kControlReply:
+      return "ControlReply";
   }
   return "Unknown";
 }
@@ -66,11 +76,12 @@ StatusOr<FrameHeader> DecodeHeader(std::span<const char, kFrameHeaderSize> bytes
     return DataLoss("frame header checksum mismatch");
   }
   if (h.version != kFrameVersion) {
-    return FailedPrecondition(fmt::format(
-        "unsupported frame version {} (this build speaks {}): upgrade the older side", h.version,
-        kFrameVersion));
+    return FailedPrecondition(
+        fmt::format("unsupported frame version {} (this build speaks {}): upgrade the older side",
+                    h.version, kFrameVersion));
   }
-  if (h.body_len > kMaxBody) return DataLoss(fmt::format("frame body too large: {} bytes", h.body_len));
+  if (h.body_len > kMaxBody)
+    return DataLoss(fmt::format("frame body too large: {} bytes", h.body_len));
   if (h.payload_len > kMaxPayload) {
     return DataLoss(fmt::format("frame payload too large: {} bytes", h.payload_len));
   }

@@ -23,9 +23,9 @@
 #include <string_view>
 #include <utility>
 
+#include "engine/base/status.h"
 #include "engine/epoch/epoch.h"
 #include "engine/format/frame.h"
-#include "engine/base/status.h"
 
 namespace cairn {
 

@@ -1,8 +1,8 @@
+#include <fmt/format.h>
+
 #include <condition_variable>
 #include <deque>
 #include <mutex>
-
-#include <fmt/format.h>
 
 #include "engine/link/link.h"
 
@@ -31,9 +31,13 @@ class MemoryLink final : public Link {
     int copies = 1;
     if (out_->fault) {
       switch (out_->fault(bytes)) {
-        case WireFault::kDeliver: break;
-        case WireFault::kDrop: return OkStatus();  // the sender cannot tell
-        case WireFault::kDuplicate: copies = 2; break;
+        case WireFault::kDeliver:
+          break;
+        case WireFault::kDrop:
+          return OkStatus();  // the sender cannot tell
+        case WireFault::kDuplicate:
+          copies = 2;
+          break;
         case WireFault::kCut:
           Close();
           return Aborted(fmt::format("link to {} cut", peer_));
@@ -88,8 +92,8 @@ class MemoryLink final : public Link {
 }  // namespace
 
 std::pair<std::unique_ptr<Link>, std::unique_ptr<Link>> MakeMemoryLinkPair(size_t capacity_bytes,
-                                                                          WireFaultFn a_to_b,
-                                                                          WireFaultFn b_to_a) {
+                                                                           WireFaultFn a_to_b,
+                                                                           WireFaultFn b_to_a) {
   auto ab = std::make_shared<Pipe>();
   auto ba = std::make_shared<Pipe>();
   ab->capacity = ba->capacity = capacity_bytes;

@@ -1,11 +1,8 @@
 #include "engine/link/tcp_link.h"
 
-#include <atomic>
-#include <charconv>
-#include <cstring>
-#include <filesystem>
-#include <optional>
+#include <fmt/format.h>
 
+#include <atomic>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
@@ -14,7 +11,10 @@
 #include <boost/asio/read.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
-#include <fmt/format.h>
+#include <charconv>
+#include <cstring>
+#include <filesystem>
+#include <optional>
 
 namespace cairn {
 namespace asio = boost::asio;
@@ -75,8 +75,11 @@ class SocketLink final : public Link {
 
   SocketLink(std::unique_ptr<asio::io_context> ctx, Socket socket, std::string peer,
              LinkOptions options)
-      : ctx_(std::move(ctx)), socket_(std::move(socket)), peer_(std::move(peer)),
-        options_(options), buf_(kBufSize) {}
+      : ctx_(std::move(ctx)),
+        socket_(std::move(socket)),
+        peer_(std::move(peer)),
+        options_(options),
+        buf_(kBufSize) {}
 
   ~SocketLink() override {
     error_code ignored;
@@ -86,9 +89,9 @@ class SocketLink final : public Link {
   Status Send(FrameType type, std::string_view body, std::span<const char> payload) override {
     if (closed_) return Aborted(fmt::format("link to {} is closed", peer_));
     const auto header = EncodeHeader(type, body, static_cast<uint32_t>(payload.size()));
-    const std::array<asio::const_buffer, 3> bufs = {
-        asio::buffer(header.data(), header.size()), asio::buffer(body.data(), body.size()),
-        asio::buffer(payload.data(), payload.size())};
+    const std::array<asio::const_buffer, 3> bufs = {asio::buffer(header.data(), header.size()),
+                                                    asio::buffer(body.data(), body.size()),
+                                                    asio::buffer(payload.data(), payload.size())};
     bool done = false;
     error_code result;
     asio::async_write(socket_, bufs, [&](const error_code& ec, size_t) {
@@ -97,8 +100,8 @@ class SocketLink final : public Link {
     });
     if (!RunFor(*ctx_, &done, options_.stall_timeout, [&] { CancelSocket(); })) {
       closed_ = true;
-      return Aborted(fmt::format("send to {} stalled for {} ms", peer_,
-                                 options_.stall_timeout.count()));
+      return Aborted(
+          fmt::format("send to {} stalled for {} ms", peer_, options_.stall_timeout.count()));
     }
     if (result) {
       closed_ = true;
@@ -247,7 +250,9 @@ class SocketListener final : public Listener {
  public:
   SocketListener(std::unique_ptr<asio::io_context> ctx, typename Protocol::acceptor acceptor,
                  LinkOptions options, std::string name)
-      : ctx_(std::move(ctx)), acceptor_(std::move(acceptor)), options_(options),
+      : ctx_(std::move(ctx)),
+        acceptor_(std::move(acceptor)),
+        options_(options),
         name_(std::move(name)) {}
 
   StatusOr<std::unique_ptr<Link>> Accept() override {
@@ -304,7 +309,8 @@ StatusOr<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& text
     return InvalidArgument(fmt::format("'{}' is not host:port (for example 127.0.0.1:7410)", text));
   }
   std::string host = text.substr(0, colon);
-  if (host.size() > 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+    host = host.substr(1, host.size() - 2);
   unsigned port = 0;
   const char* b = text.data() + colon + 1;
   const char* e = text.data() + text.size();
@@ -331,8 +337,8 @@ StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t por
   });
   const std::string peer = fmt::format("{}:{}", host, port);
   if (!RunFor(*ctx, &done, options.connect_timeout, [&] { sock.close(ec); })) {
-    return Unavailable(fmt::format("connect to {} timed out after {} ms", peer,
-                                   options.connect_timeout.count()));
+    return Unavailable(
+        fmt::format("connect to {} timed out after {} ms", peer, options.connect_timeout.count()));
   }
   if (result) return FromAsio(result, fmt::format("connect to {}", peer));
   sock.set_option(asio::ip::tcp::no_delay(true), ec);

@@ -16,8 +16,8 @@
 #include <memory>
 #include <string>
 
-#include "engine/link/link.h"
 #include "engine/base/status.h"
+#include "engine/link/link.h"
 
 namespace cairn {
 

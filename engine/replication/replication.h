@@ -38,7 +38,7 @@ std::string_view StateName(VolumeState state);
 // What `cairn status` shows for one volume on one node.
 struct VolumeStatusInfo {
   std::string volume;
-  std::string role;   // "source" | "sink"
+  std::string role;  // "source" | "sink"
   VolumeState state = VolumeState::kIdle;
   std::string pool;
   std::string image;
@@ -48,7 +48,7 @@ struct VolumeStatusInfo {
   // now - when the newest point last held the image: its snapshot's time,
   // or a later check that found nothing changed (0 if no point)
   double lag_seconds = 0;
-  double throughput_bps = 0;       // of the last epoch
+  double throughput_bps = 0;  // of the last epoch
   uint64_t bytes_total = 0;
   uint64_t epochs_total = 0;
   uint64_t errors_total = 0;          // failed attempts (connect, epoch, apply)

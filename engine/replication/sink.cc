@@ -4,6 +4,8 @@
 #include "engine/replication/sink.h"
 
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -14,9 +16,6 @@
 #include <ctime>
 #include <future>
 #include <system_error>
-
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
 
 #include "engine/base/thread_stack.h"
 #include "engine/replication/sink_target.h"
@@ -50,8 +49,8 @@ Status CheckSpoolWritable(const std::filesystem::path& dir) {
   const auto probe = dir / fmt::format(".cairn-check-{}", ::getpid());
   const int fd = ::open(probe.c_str(), O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) {
-    return FailedPrecondition(fmt::format("spool directory {} is not writable: {}", dir.string(),
-                                          std::strerror(errno)));
+    return FailedPrecondition(
+        fmt::format("spool directory {} is not writable: {}", dir.string(), std::strerror(errno)));
   }
   const char block[4096] = {};
   const bool written = ::write(fd, block, sizeof block) == static_cast<ssize_t>(sizeof block) &&
@@ -75,7 +74,6 @@ Status SendAck(Link& link, uint64_t seq, pb::EpochAck::Stage stage, const ChainD
   ack.set_chain_digest(chain.AsBytes());
   return link.Send(FrameType::kEpochAck, ack.SerializeAsString(), {});
 }
-
 
 }  // namespace
 
@@ -148,16 +146,16 @@ Status Sink::Serve(Link& link_ref) {
   const Frame& f = *first;
   pb::Hello hello;
   if (f.type != FrameType::kHello || !hello.ParseFromString(f.body)) {
-    Status st = FailedPrecondition(fmt::format(
-        "expected Hello from {}, got a {} frame: is it a Cairn source?", link->peer(),
-        FrameTypeName(f.type)));
+    Status st = FailedPrecondition(
+        fmt::format("expected Hello from {}, got a {} frame: is it a Cairn source?", link->peer(),
+                    FrameTypeName(f.type)));
     SendError(*link, st);
     return st;
   }
   if (hello.protocol_version() != kProtocolVersion) {
-    Status st = FailedPrecondition(fmt::format(
-        "source {} speaks protocol {}, this sink speaks {}: upgrade the older side",
-        link->peer(), hello.protocol_version(), kProtocolVersion));
+    Status st = FailedPrecondition(
+        fmt::format("source {} speaks protocol {}, this sink speaks {}: upgrade the older side",
+                    link->peer(), hello.protocol_version(), kProtocolVersion));
     SendError(*link, st);
     return st;
   }
@@ -185,8 +183,8 @@ Status Sink::Serve(Link& link_ref) {
   known_volume = true;
   if (t.image.empty()) return refuse(InvalidArgument("Hello names no target image"));
   if (std::find(env_.pools.begin(), env_.pools.end(), t.pool_name) == env_.pools.end()) {
-    return refuse(FailedPrecondition(fmt::format(
-        "pool '{}' is not served by this sink: add it to [sink] pools", t.pool_name)));
+    return refuse(FailedPrecondition(
+        fmt::format("pool '{}' is not served by this sink: add it to [sink] pools", t.pool_name)));
   }
   auto pool = env_.open_pool(t.pool_name);
   if (!pool.ok()) return refuse(pool.status());
@@ -226,13 +224,11 @@ Status Sink::Serve(Link& link_ref) {
     // The standby cluster failed a moment ago with an epoch durable in the
     // spool: the sink retries by itself; say so at once rather than make
     // the source wait for another op timeout.
-    if (auto p = pending_.find(t.volume);
-        p != pending_.end() && !active_.count(t.volume) &&
-        p->second.next > std::chrono::steady_clock::now()) {
+    if (auto p = pending_.find(t.volume); p != pending_.end() && !active_.count(t.volume) &&
+                                          p->second.next > std::chrono::steady_clock::now()) {
       Status st = p->second.error;
       lock.unlock();
-      spdlog::debug("refusing source {} for volume '{}': {}", link->peer(), t.volume,
-                    st.message());
+      spdlog::debug("refusing source {} for volume '{}': {}", link->peer(), t.volume, st.message());
       SendError(*link, st);
       return st;
     }
@@ -242,8 +238,7 @@ Status Sink::Serve(Link& link_ref) {
         (!r->second.disk || SpoolFreeBytes(env_.spool_dir) < r->second.free_bytes + (4u << 20))) {
       Status st = r->second.error;
       lock.unlock();
-      spdlog::debug("refusing source {} for volume '{}': {}", link->peer(), t.volume,
-                    st.message());
+      spdlog::debug("refusing source {} for volume '{}': {}", link->peer(), t.volume, st.message());
       SendError(*link, st);
       return st;
     }
@@ -255,16 +250,17 @@ Status Sink::Serve(Link& link_ref) {
                      link->peer(), it->second->peer());
         it->second->Close();
       } else {
-        spdlog::info("volume {}: connection from {} waits for the sink's own apply of a spooled "
-                     "epoch",
-                     t.volume, link->peer());
+        spdlog::info(
+            "volume {}: connection from {} waits for the sink's own apply of a spooled "
+            "epoch",
+            t.volume, link->peer());
       }
     }
     for (const auto& [vol, image] : active_images_) {
       if (vol != t.volume && image == t.pool_name + "/" + t.image) {
         Status st = FailedPrecondition(fmt::format(
-            "image {} is already the target of volume '{}': give '{}' another target_image",
-            image, vol, t.volume));
+            "image {} is already the target of volume '{}': give '{}' another target_image", image,
+            vol, t.volume));
         SendError(*link, st);
         return st;
       }
@@ -333,10 +329,10 @@ Status Sink::CheckProbe(Target& t) {
   }
   ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
   if (exists && owner.empty()) {
-    return FailedPrecondition(fmt::format(
-        "image {}/{} exists at this site but was not created by Cairn for volume '{}': "
-        "remove or rename it, or set another target_image",
-        t.pool_name, t.image, t.volume));
+    return FailedPrecondition(
+        fmt::format("image {}/{} exists at this site but was not created by Cairn for volume '{}': "
+                    "remove or rename it, or set another target_image",
+                    t.pool_name, t.image, t.volume));
   }
   return CheckSpoolWritable(t.dir);
 }
@@ -477,12 +473,14 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
       }
       t.spool_refused = st.reason();
       if (!advice.empty()) {
-        st = ResourceExhausted(fmt::format(
-            "{}; {}; {}", st.message(), advice,
-            kept > 0 ? fmt::format("{} verified records of epoch {} are kept, the source resumes "
-                                   "after them",
-                                   kept, seq)
-                     : fmt::format("nothing of epoch {} is kept", seq)))
+        st = ResourceExhausted(
+                 fmt::format(
+                     "{}; {}; {}", st.message(), advice,
+                     kept > 0 ? fmt::format(
+                                    "{} verified records of epoch {} are kept, the source resumes "
+                                    "after them",
+                                    kept, seq)
+                              : fmt::format("nothing of epoch {} is kept", seq)))
                  .WithReason(st.reason());
       }
     }
@@ -510,7 +508,8 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
 
   auto step = verifier.Check(begin);
   if (!step.ok()) return fail(step.status());
-  if (*step != EpochVerifier::Step::kBegin) return fail(DataLoss("epoch does not start with EpochBegin"));
+  if (*step != EpochVerifier::Step::kBegin)
+    return fail(DataLoss("epoch does not start with EpochBegin"));
   const EpochSummary announced = verifier.begin();
   path = t.SpoolPath(announced.seq);
   // The epoch's memory (spool buffers, apply window) before anything is
@@ -533,7 +532,8 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
     const EpochSummary& had = verifier.begin();
     if (had.base_seq != announced.base_seq || had.image_size != announced.image_size ||
         had.snap_time_ns != announced.snap_time_ns || had.max_block != announced.max_block) {
-      return fail(DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.seq)));
+      return fail(
+          DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.seq)));
     }
     auto w = SpoolWriter::Resume(path, t.partial.offset, env_.spool);
     if (!w.ok()) return spool_fail(w.status());
@@ -617,9 +617,8 @@ StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
   // The last writes to the standby image drain while the spool syncs.
   std::future<Status> drained;
   if (streamed) {
-    drained = std::async(std::launch::async, [apply = streamed->apply.get()] {
-      return apply->Finish();
-    });
+    drained =
+        std::async(std::launch::async, [apply = streamed->apply.get()] { return apply->Finish(); });
   }
   auto synced = spool->Sync();
   if (drained.valid()) {

@@ -40,11 +40,11 @@
 #pragma once
 
 #include <chrono>
+#include <condition_variable>
 #include <filesystem>
 #include <functional>
 #include <map>
 #include <memory>
-#include <condition_variable>
 #include <mutex>
 #include <set>
 #include <string>
@@ -52,10 +52,10 @@
 #include <thread>
 #include <vector>
 
-#include "engine/catalog/catalog.h"
-#include "engine/epoch/epoch.h"
 #include "engine/base/memory_budget.h"
+#include "engine/catalog/catalog.h"
 #include "engine/catalog/kv_store.h"
+#include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
 #include "engine/link/tcp_link.h"
 #include "engine/replication/replication.h"
@@ -131,8 +131,8 @@ class Sink {
   // same call again returns the same promotion (again = true); another
   // image or point while promoted is kFailedPrecondition; an existing
   // to_image is kAlreadyExists (never overwritten).
-  StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,
-                                  const std::string& pool, const std::string& to_image);
+  StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq, const std::string& pool,
+                                  const std::string& to_image);
   // Failback: lifts the fence. The promoted image is renamed
   // <image>.failback-<UTC time>, never deleted; returns that name ("" if
   // the image was gone).
@@ -207,7 +207,7 @@ class Sink {
   SinkEnv env_;
   mutable std::mutex mu_;
   std::condition_variable released_;
-  std::map<std::string, Link*> active_;  // volumes with a live session
+  std::map<std::string, Link*> active_;               // volumes with a live session
   std::map<std::string, std::string> active_images_;  // volume -> its pool/image
   std::map<std::string, VolumeStatusInfo> status_;
   uint64_t corrupt_frames_ = 0;

@@ -1,9 +1,9 @@
 // Sink: preparing the standby image, applying an epoch and making it a
 // restore point, and retention.
 
-#include "engine/replication/sink.h"
-
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -15,9 +15,7 @@
 #include <future>
 #include <system_error>
 
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
-
+#include "engine/replication/sink.h"
 #include "engine/replication/sink_target.h"
 #include "proto/cairn.pb.h"
 
@@ -67,10 +65,10 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
     RETURN_IF_ERROR(t.pool->Create(t.image, 0));
     state = TargetState::kFreshImage;
   } else if (owner.empty()) {
-    return FailedPrecondition(fmt::format(
-        "image {}/{} exists at this site but was not created by Cairn for volume '{}': "
-        "remove or rename it, or set another target_image",
-        t.pool_name, t.image, t.volume));
+    return FailedPrecondition(
+        fmt::format("image {}/{} exists at this site but was not created by Cairn for volume '{}': "
+                    "remove or rename it, or set another target_image",
+                    t.pool_name, t.image, t.volume));
   }
   if (!vol) {
     ASSIGN_OR_RETURN(vol, t.pool->Open(t.image));
@@ -93,9 +91,10 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
       ASSIGN_OR_RETURN(reverted, RevertToPoint(*vol, *point));
     }
     if (reverted > 0) {
-      spdlog::warn("volume {}: standby image {}/{} held {} bytes written since restore point {} "
-                   "by an epoch that did not complete; they were put back as in the point",
-                   t.volume, t.pool_name, t.image, reverted, t.last_seq);
+      spdlog::warn(
+          "volume {}: standby image {}/{} held {} bytes written since restore point {} "
+          "by an epoch that did not complete; they were put back as in the point",
+          t.volume, t.pool_name, t.image, reverted, t.last_seq);
     }
   }
   t.head_at_point = false;  // the epoch writes from here on
@@ -154,8 +153,7 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
     EpochOptions opt;
     // Its EpochBegin is not read yet: block and image size unknown.
     ASSIGN_OR_RETURN(MemoryBudget::Lease memory, BorrowApplyMemory(kMaxPayload, UINT64_MAX, &opt));
-    ASSIGN_OR_RETURN(sum, ApplyEpoch(*reader, verifier, *prepared.vol, opt,
-                                     prepared.state));
+    ASSIGN_OR_RETURN(sum, ApplyEpoch(*reader, verifier, *prepared.vol, opt, prepared.state));
     vol = std::move(prepared.vol);
     phases = fmt::format("written from the spool {:.2f} s", since(t_apply));
   }
@@ -205,9 +203,10 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq, int64_t) {
   } catch (const std::system_error&) {
     remove_spool();  // no thread to be had: unlink it here
   }
-  spdlog::info("volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
-               "{:.2f} s, catalog {:.2f} s)",
-               t.volume, seq, sum.data_bytes, sum.zero_bytes, phases, snap_secs, catalog_secs);
+  spdlog::info(
+      "volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
+      "{:.2f} s, catalog {:.2f} s)",
+      t.volume, seq, sum.data_bytes, sum.zero_bytes, phases, snap_secs, catalog_secs);
   if (env_.keep_points > 0) t.committed = std::move(vol);
   return OkStatus();
 }
@@ -227,8 +226,8 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   const uint64_t oldest_kept = (*points)[drop].seq;
   for (size_t i = 0; i < drop; ++i) {
     if (Status st = t.catalog->RemovePoint(t.volume, (*points)[i].seq); !st.ok()) {
-      spdlog::warn("volume {}: retention: removing restore point {} from the catalog: {}",
-                   t.volume, (*points)[i].seq, st.message());
+      spdlog::warn("volume {}: retention: removing restore point {} from the catalog: {}", t.volume,
+                   (*points)[i].seq, st.message());
       return;
     }
   }

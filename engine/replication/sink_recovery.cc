@@ -1,9 +1,9 @@
 // Sink: what a spool left by a cut or a crash holds, and the retries that
 // apply durable epochs whose apply failed.
 
-#include "engine/replication/sink.h"
-
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -15,9 +15,7 @@
 #include <future>
 #include <system_error>
 
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
-
+#include "engine/replication/sink.h"
 #include "engine/replication/sink_target.h"
 #include "proto/cairn.pb.h"
 
@@ -47,7 +45,6 @@ Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVer
   verifier = std::move(v);
   return OkStatus();
 }
-
 
 Status Sink::RecoverSpool(Target& t) {
   std::error_code ec;
@@ -92,9 +89,10 @@ Status Sink::RecoverSpool(Target& t) {
       Status st = ApplyAndCommit(t, seq, 0);
       PruneCommitted(t);
       if (st.ok()) {
-        spdlog::info("volume {}: applied epoch {} from the spool (durable since an earlier "
-                     "session or run)",
-                     t.volume, seq);
+        spdlog::info(
+            "volume {}: applied epoch {} from the spool (durable since an earlier "
+            "session or run)",
+            t.volume, seq);
         continue;
       }
       if (st.code() != Code::kDataLoss) {
@@ -123,11 +121,11 @@ Status Sink::ScheduleRetryLocked(const std::string& volume, const Target& t, con
   if (t.durable_seq != 0) p.seq = t.durable_seq;
   p.backoff = p.backoff.count() == 0 ? env_.retry_min : std::min(p.backoff * 2, env_.retry_max);
   p.next = std::chrono::steady_clock::now() + p.backoff;
-  const Status out(st.code(),
-                   fmt::format("{}; {} is durable in the spool and the sink applies it by itself "
-                               "as soon as it can (retrying with backoff)",
-                               st.message(),
-                               p.seq != 0 ? fmt::format("epoch {}", p.seq) : "an epoch"));
+  const Status out(
+      st.code(),
+      fmt::format("{}; {} is durable in the spool and the sink applies it by itself "
+                  "as soon as it can (retrying with backoff)",
+                  st.message(), p.seq != 0 ? fmt::format("epoch {}", p.seq) : "an epoch"));
   p.error = out;
   VolumeStatusInfo& s = status_[volume];
   s.volume = volume;
@@ -240,9 +238,10 @@ Status Sink::RetryApply(const std::string& volume, const Pending& p, Target& t) 
   const uint64_t before = t.last_seq;
   RETURN_IF_ERROR(RecoverSpool(t));
   if (t.last_seq > before) {
-    spdlog::info("volume {}: restore point {} made from the spool by the sink itself (no source "
-                 "connected)",
-                 volume, t.last_seq);
+    spdlog::info(
+        "volume {}: restore point {} made from the spool by the sink itself (no source "
+        "connected)",
+        volume, t.last_seq);
     SetState(volume, [&](VolumeStatusInfo& s) {
       s.state = VolumeState::kDisconnected;
       s.pool = t.pool_name;

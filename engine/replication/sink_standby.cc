@@ -1,9 +1,9 @@
 // Sink: the standby site's operations on restore points: list, restore,
 // promote (fail over) and release.
 
-#include "engine/replication/sink.h"
-
 #include <fcntl.h>
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
 
@@ -15,9 +15,7 @@
 #include <future>
 #include <system_error>
 
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
-
+#include "engine/replication/sink.h"
 #include "engine/replication/sink_target.h"
 #include "proto/cairn.pb.h"
 
@@ -41,8 +39,7 @@ StatusOr<std::vector<RestorePoint>> Sink::Points(const std::string& volume) {
 }
 
 StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
-                                      const std::string& pool_hint,
-                                      const std::string& to_image) {
+                                      const std::string& pool_hint, const std::string& to_image) {
   if (to_image.empty()) return InvalidArgument("promote: no image name to promote into");
   ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
   if (!pool_hint.empty() && pool_hint != pool_name) {
@@ -98,9 +95,10 @@ StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
     (void)catalog.ClearPromotion(volume);
     return st.Annotate(fmt::format("promoting restore point {} of '{}'", point.seq, volume));
   }
-  spdlog::warn("volume {}: FAILED OVER to site {}: restore point {} (source time {} ns) promoted "
-               "into {}/{}; its source is refused until it is released",
-               volume, env_.site, point.seq, point.source_time_ns, pool_name, to_image);
+  spdlog::warn(
+      "volume {}: FAILED OVER to site {}: restore point {} (source time {} ns) promoted "
+      "into {}/{}; its source is refused until it is released",
+      volume, env_.site, point.seq, point.source_time_ns, pool_name, to_image);
   return PromoteResult{pool_name, to_image, point, false};
 }
 
@@ -110,9 +108,8 @@ StatusOr<std::string> Sink::Release(const std::string& volume) {
   Catalog catalog(*kv);
   ASSIGN_OR_RETURN(auto promoted, catalog.GetPromotion(volume));
   if (!promoted) {
-    return FailedPrecondition(
-        fmt::format("volume '{}' is not failed over at site {}: nothing to release", volume,
-                    env_.site));
+    return FailedPrecondition(fmt::format(
+        "volume '{}' is not failed over at site {}: nothing to release", volume, env_.site));
   }
   ASSIGN_OR_RETURN(auto pool, env_.open_pool(promoted->pool));
   std::string kept;

@@ -4,14 +4,14 @@
 // engine/replication/.
 #pragma once
 
+#include <fmt/format.h>
+
 #include <cstdint>
 #include <filesystem>
 #include <future>
 #include <memory>
 #include <optional>
 #include <string>
-
-#include <fmt/format.h>
 
 #include "engine/replication/sink.h"
 
@@ -46,19 +46,19 @@ struct Sink::Target {
   // Where the epoch's receive went, in seconds (the restore point's log
   // line says it): which stage of the pipeline the epoch waited on.
   struct ReceiveTimes {
-    double total = 0;      // EpochBegin to synced spool
-    double link = 0;       // waiting for frames from the source
-    double verify = 0;     // parsing and hashing frames
-    double spool = 0;      // appending to the spool
-    double standby = 0;    // starting writes to the standby image (a full window waits)
-    double tail = 0;       // after the last frame: last writes drain, spool syncs
+    double total = 0;    // EpochBegin to synced spool
+    double link = 0;     // waiting for frames from the source
+    double verify = 0;   // parsing and hashing frames
+    double spool = 0;    // appending to the spool
+    double standby = 0;  // starting writes to the standby image (a full window waits)
+    double tail = 0;     // after the last frame: last writes drain, spool syncs
   } times;
   // A complete epoch is durable in the spool and not applied yet.
   uint64_t durable_seq = 0;
   int64_t last_point_time_ns = 0;  // of the newest point this Target made
-  bool recovered = false;   // RecoverSpool ran to its end
-  bool sink_fault = false;  // the failure is the sink's (cluster, spool), not the link's
-  bool source_fault = false;  // the source abandoned the epoch and said why
+  bool recovered = false;          // RecoverSpool ran to its end
+  bool sink_fault = false;         // the failure is the sink's (cluster, spool), not the link's
+  bool source_fault = false;       // the source abandoned the epoch and said why
   // The standby image's head is known equal to restore point last_seq
   // (this Target took the point's snapshot right after a whole apply and
   // has written nothing since); else PrepareTarget puts it back first.

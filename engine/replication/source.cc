@@ -1,15 +1,15 @@
 #include "engine/replication/source.h"
 
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <chrono>
 #include <map>
 #include <system_error>
 
-#include <fmt/format.h>
-#include <spdlog/spdlog.h>
-
-#include "engine/catalog/catalog.h"
 #include "engine/base/thread_stack.h"
+#include "engine/catalog/catalog.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {
@@ -41,8 +41,11 @@ int64_t NowNs() {
 SourceReplicator::SourceReplicator(VolumeConfig config, std::string site,
                                    std::shared_ptr<Pool> pool, Connector connect,
                                    LinkTimeouts timeouts)
-    : config_(std::move(config)), site_(std::move(site)), pool_(std::move(pool)),
-      connect_(std::move(connect)), timeouts_(timeouts) {
+    : config_(std::move(config)),
+      site_(std::move(site)),
+      pool_(std::move(pool)),
+      connect_(std::move(connect)),
+      timeouts_(timeouts) {
   status_.volume = config_.id;
   status_.role = "source";
   status_.state = VolumeState::kIdle;
@@ -145,18 +148,20 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
           link.peer(), f.status().message()));
     }
     if (code == Code::kAborted) {
-      return Unavailable(fmt::format("{} closed the link without answering Hello ({}): is it a "
-                                     "Cairn sink?",
-                                     link.peer(), f.status().message()));
+      return Unavailable(
+          fmt::format("{} closed the link without answering Hello ({}): is it a "
+                      "Cairn sink?",
+                      link.peer(), f.status().message()));
     }
     return f.status();
   }
   if (f->type == FrameType::kLinkError) return StatusFromLinkError(*f, "sink refused");
   pb::HelloReply reply;
   if (f->type != FrameType::kHelloReply || !reply.ParseFromString(f->body)) {
-    return FailedPrecondition(fmt::format("{} did not answer Hello with HelloReply (got {}): is it a "
-                                          "Cairn sink?",
-                                          link.peer(), FrameTypeName(f->type)));
+    return FailedPrecondition(
+        fmt::format("{} did not answer Hello with HelloReply (got {}): is it a "
+                    "Cairn sink?",
+                    link.peer(), FrameTypeName(f->type)));
   }
   if (reply.protocol_version() != kProtocolVersion) {
     return FailedPrecondition(fmt::format("sink speaks protocol {}, this source {}: upgrade one",
@@ -237,9 +242,10 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   // snapshot removed by hand): the next epoch resends the whole image.
   const bool resync = sink_seq_ > 0 && !ours.count(sink_seq_);
   if (resync) {
-    spdlog::warn("volume {}: the sink's newest restore point is {} but image {}/{} has no "
-                 "snapshot {}: resyncing the whole image",
-                 config_.id, sink_seq_, config_.pool, config_.image, SnapName(sink_seq_));
+    spdlog::warn(
+        "volume {}: the sink's newest restore point is {} but image {}/{} has no "
+        "snapshot {}: resyncing the whole image",
+        config_.id, sink_seq_, config_.pool, config_.image, SnapName(sink_seq_));
   }
   // A snapshot taken but not yet applied at the sink is shipped first.
   auto pending = ours.upper_bound(sink_seq_);
@@ -274,7 +280,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   }
   {
     std::lock_guard lock(mu_);
-    highest_snap_ = std::max(highest_snap_, ours.empty() ? seq : std::max(seq, ours.rbegin()->first));
+    highest_snap_ =
+        std::max(highest_snap_, ours.empty() ? seq : std::max(seq, ours.rbegin()->first));
     snaps_known_ = true;
     status_.state = VolumeState::kSyncing;
   }
@@ -361,8 +368,8 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     bool point_made = false;
     ~HelperGuard() {
       end(AheadMode::kCancel);
-      if (!point_made && ahead.took && std::find(outage_snaps.begin(), outage_snaps.end(), next_seq) ==
-                            outage_snaps.end()) {
+      if (!point_made && ahead.took &&
+          std::find(outage_snaps.begin(), outage_snaps.end(), next_seq) == outage_snaps.end()) {
         outage_snaps.push_back(next_seq);
       }
     }
@@ -444,20 +451,21 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     std::lock_guard lock(mu_);
     status_.pending_snapshots += 1;
   }
-  spdlog::info("volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
-               "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s [waiting for reads {:.2f} s, "
-               "for the link {:.2f} s], then durable {:.2f} s, applied {:.2f} s{}{})",
-               config_.id, seq, sum.records,
-               plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
-               sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs, send_times.reads,
-               send_times.link, durable_secs, applied_secs,
-               ahead.pruned ? fmt::format("; beside it, older snapshots removed in {:.2f} s",
-                                          ahead.prune_secs)
-                            : "",
-               took_next ? fmt::format("; next snapshot begun {:.2f} s after the send began, took {:.2f} s",
-                                       std::chrono::duration<double>(ahead.taken_at - t0).count(),
-                                       ahead.snap_secs)
-                         : "");
+  spdlog::info(
+      "volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
+      "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s [waiting for reads {:.2f} s, "
+      "for the link {:.2f} s], then durable {:.2f} s, applied {:.2f} s{}{})",
+      config_.id, seq, sum.records,
+      plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
+      sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs, send_times.reads, send_times.link,
+      durable_secs, applied_secs,
+      ahead.pruned
+          ? fmt::format("; beside it, older snapshots removed in {:.2f} s", ahead.prune_secs)
+          : "",
+      took_next
+          ? fmt::format("; next snapshot begun {:.2f} s after the send began, took {:.2f} s",
+                        std::chrono::duration<double>(ahead.taken_at - t0).count(), ahead.snap_secs)
+          : "");
   // Snapshots older than this point go now, unless the next epoch is to
   // start right away: then its helper removes them beside its send.
   const bool next_now = took_next || [&] {
@@ -491,16 +499,20 @@ bool SourceReplicator::PruneSnapshots(uint64_t applied) {
     if (seq && *seq < applied) older.push_back(*seq);
   }
   std::sort(older.begin(), older.end());
-  const size_t drop = older.size() > config_.keep_snapshots ? older.size() - config_.keep_snapshots : 0;
+  const size_t drop =
+      older.size() > config_.keep_snapshots ? older.size() - config_.keep_snapshots : 0;
   for (size_t i = 0; i < drop; ++i) {
     Status st = vol.RemoveSnap(SnapName(older[i]));
-    if (!st.ok()) spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(older[i]), st.ToString());
+    if (!st.ok())
+      spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(older[i]),
+                   st.ToString());
   }
   return true;
 }
 
-void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take, uint64_t prune_base,
-                                 std::optional<Clock::time_point> due_at, Ahead* out) {
+void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take,
+                                 uint64_t prune_base, std::optional<Clock::time_point> due_at,
+                                 Ahead* out) {
   const auto ended = [&] {  // with mu_ held
     return stop_ || ahead_mode_ == AheadMode::kCancel;
   };
@@ -516,9 +528,7 @@ void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take
   if (!may_take) return;
   {
     std::unique_lock lock(mu_);
-    const auto due = [&] {
-      return wanted_seq_ > seq || (due_at && Clock::now() >= *due_at);
-    };
+    const auto due = [&] { return wanted_seq_ > seq || (due_at && Clock::now() >= *due_at); };
     while (!ended() && ahead_mode_ != AheadMode::kEpochDone) {
       if (ahead_mode_ == AheadMode::kSending) {
         cv_.wait(lock);
@@ -575,8 +585,8 @@ void SourceReplicator::TakeOutageSnapshot() {
   const uint64_t seq = highest + 1;
   ReserveSnap(seq);
   if (Status st = (*vol)->CreateSnap(SnapName(seq)); !st.ok()) {
-    spdlog::warn("volume {}: cannot take snapshot {} while replication is down: {}",
-                 config_.id, SnapName(seq), st.ToString());
+    spdlog::warn("volume {}: cannot take snapshot {} while replication is down: {}", config_.id,
+                 SnapName(seq), st.ToString());
     return;
   }
   outage_snaps_.push_back(seq);
@@ -662,7 +672,8 @@ bool SourceReplicator::UnchangedSincePoint() {
   // snapshot pending, the image open since.
   {
     std::lock_guard lock(mu_);
-    if (point_snap_.id == 0 || highest_snap_ != sink_seq_ || point_snap_.name != SnapName(sink_seq_)) {
+    if (point_snap_.id == 0 || highest_snap_ != sink_seq_ ||
+        point_snap_.name != SnapName(sink_seq_)) {
       return false;
     }
   }
@@ -700,7 +711,7 @@ void SourceReplicator::Loop() {
   auto next = Clock::now();      // the next periodic epoch (or outage snapshot)
   auto retry_at = Clock::now();  // no attempt before this (backoff)
   auto backoff = std::chrono::milliseconds(500);
-  bool outage = false;  // the last attempt failed
+  bool outage = false;                           // the last attempt failed
   std::optional<Clock::time_point> carried_due;  // see ahead_taken_at_
   std::string last_error;
   {
@@ -771,8 +782,8 @@ void SourceReplicator::Loop() {
     const auto started = Clock::now();
     // The next snapshot is due an interval after this epoch's: taken at its
     // start, or by the helper of the epoch before (then counted from then).
-    next_due_at_ = periodic ? std::optional(carried_due.value_or(started + config_.interval))
-                            : std::nullopt;
+    next_due_at_ =
+        periodic ? std::optional(carried_due.value_or(started + config_.interval)) : std::nullopt;
     carried_due.reset();
     ahead_taken_at_.reset();
     auto r = RunOnce();
@@ -802,7 +813,9 @@ void SourceReplicator::Loop() {
     status_.error = msg;
     status_.errors_total++;
     const Code code = r.status().code();
-    status_.state = code == Code::kUnavailable || code == Code::kAborted ? VolumeState::kDisconnected : VolumeState::kError;
+    status_.state = code == Code::kUnavailable || code == Code::kAborted
+                        ? VolumeState::kDisconnected
+                        : VolumeState::kError;
     if (msg != last_error) spdlog::error("volume {}: {}", config_.id, msg);
     last_error = msg;
     outage = true;

@@ -35,11 +35,11 @@
 #include <thread>
 #include <vector>
 
-#include "engine/replication/volume_config.h"
+#include "engine/base/memory_budget.h"
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
-#include "engine/base/memory_budget.h"
 #include "engine/replication/replication.h"
+#include "engine/replication/volume_config.h"
 #include "engine/volume/volume.h"
 
 namespace cairn {
@@ -183,8 +183,8 @@ class SourceReplicator {
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
-  uint64_t wanted_seq_ = 0;      // RequestNow's promise still to keep
-  uint64_t highest_snap_ = 0;    // newest cairn.<N> that exists (or is being made) at the source
+  uint64_t wanted_seq_ = 0;    // RequestNow's promise still to keep
+  uint64_t highest_snap_ = 0;  // newest cairn.<N> that exists (or is being made) at the source
   // highest_snap_ was learnt from a listing of the image's snapshots: from
   // then on this process takes every new one itself, and RequestNow needs
   // no listing (no librbd call in a control call).

@@ -19,10 +19,10 @@ struct VolumeConfig {
   std::string image;
   std::string peer_host;
   uint16_t peer_port = 0;
-  std::string target_pool;   // default: pool
-  std::string target_image;  // default: image
+  std::string target_pool;                   // default: pool
+  std::string target_image;                  // default: image
   std::chrono::milliseconds interval{5000};  // 0: on demand only
-  uint32_t keep_snapshots = 0;  // older source snapshots kept beyond the base
+  uint32_t keep_snapshots = 0;               // older source snapshots kept beyond the base
   // While the sink cannot be reached the source goes on taking a snapshot
   // every `interval`; it keeps the newest `outage_snapshots` of them (1:
   // one coalesced epoch when the link returns; N: up to N points in time).

@@ -122,7 +122,8 @@ Status SpoolErrno(int err, std::string_view what) {
     case EPERM:
     case EROFS:
       return FailedPrecondition(fmt::format("{}: {} (errno {})", what, std::strerror(err), err));
-    default: return ErrnoStatus(-err, what);
+    default:
+      return ErrnoStatus(-err, what);
   }
 }
 
@@ -311,7 +312,8 @@ Status UringSpoolWriter::Open(bool direct_io, bool truncate) {
     case EROFS:
       return FailedPrecondition(fmt::format("spool directory not writable: {} ({}: {})",
                                             DirOf(path_), what, std::strerror(e)));
-    default: return SpoolErrno(e, what);
+    default:
+      return SpoolErrno(e, what);
   }
 }
 
@@ -341,8 +343,8 @@ Status UringSpoolWriter::InitResume(uint64_t logical_end, bool direct_io) {
     auto n = PreadFull(fd_, buf_[0], kAlign, buf_file_off_, path_);
     if (!n.ok()) return n.status();
     if (*n < fill_) {
-      return DataLoss(fmt::format("spool {} is shorter than its resume point {}", path_.string(),
-                                  logical_end));
+      return DataLoss(
+          fmt::format("spool {} is shorter than its resume point {}", path_.string(), logical_end));
     }
   }
   // Nothing after the resume point may survive to be read as frames.
@@ -451,8 +453,8 @@ void UringSpoolWriter::Complete(uint64_t user_data, int res) {
   } else if (static_cast<uint32_t>(res) != op.len) {
     // A regular file writes short only when it cannot grow: out of space
     // (or over RLIMIT_FSIZE).
-    SetError(ResourceExhausted(fmt::format("spool disk full: {}: short write, {} of {} bytes",
-                                           what, res, op.len))
+    SetError(ResourceExhausted(
+                 fmt::format("spool disk full: {}: short write, {} of {} bytes", what, res, op.len))
                  .WithReason(Reason::kSpoolDiskFull));
   }
 }
@@ -502,9 +504,8 @@ Status UringSpoolWriter::Append(std::span<const char> header, std::string_view b
   RETURN_IF_ERROR(error_);
   if (max_bytes_ > 0) {
     // What the file will take once this frame is synced (padded to a block).
-    const uint64_t grows_to =
-        RoundUp(kSpoolHeaderSize + appended_ + header.size() + body.size() + payload.size(),
-                kAlign);
+    const uint64_t grows_to = RoundUp(
+        kSpoolHeaderSize + appended_ + header.size() + body.size() + payload.size(), kAlign);
     if (grows_to > max_bytes_) {
       return ResourceExhausted(
                  fmt::format("spool quota exceeded: spool {} would grow to {} bytes, over the "

@@ -33,8 +33,8 @@
 #include <string>
 #include <string_view>
 
-#include "engine/format/frame.h"
 #include "engine/base/status.h"
+#include "engine/format/frame.h"
 
 namespace cairn {
 

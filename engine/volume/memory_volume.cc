@@ -195,7 +195,6 @@ StatusOr<std::shared_ptr<ImageState>> FindImage(PoolState& pool, const std::stri
   return it->second;
 }
 
-
 class MemoryAsyncIo final : public AsyncIo {
  public:
   // `snap_id` 0 is the head (read-write); otherwise the snapshot with that
@@ -290,8 +289,8 @@ class MemoryAsyncIo final : public AsyncIo {
     std::lock_guard lock(pool_->mu);
     if (snap_id_ != 0 && Vanished()) {
       return offset > snap_size_ || length > snap_size_ - offset
-                 ? InvalidArgument(fmt::format("{}: beyond the end of the image ({} bytes)", what,
-                                               snap_size_))
+                 ? InvalidArgument(
+                       fmt::format("{}: beyond the end of the image ({} bytes)", what, snap_size_))
                  : OkStatus();
     }
     return ChunksLocked(what, offset, length).status();
@@ -656,8 +655,8 @@ Status MemoryVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
   }
   const SnapState* s = FindSnapById(*image_, snap_id);
   if (s == nullptr || s->name != snap) {
-    return NotFound(fmt::format("snapshot {}/{}@{} was removed while it was read", pool_->name,
-                                name_, snap));
+    return NotFound(
+        fmt::format("snapshot {}/{}@{} was removed while it was read", pool_->name, name_, snap));
   }
   return OkStatus();
 }

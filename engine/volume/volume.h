@@ -208,8 +208,8 @@ class Pool {
                        const std::string& dest) = 0;
   // A new image `dest` that is a full, independent copy of image@snap.
   // Cost: proportional to the allocated data of the snapshot.
-  virtual Status Copy(const std::string& image, const std::string& snap,
-                      const std::string& dest, const ProgressFn& progress) = 0;
+  virtual Status Copy(const std::string& image, const std::string& snap, const std::string& dest,
+                      const ProgressFn& progress) = 0;
 };
 
 }  // namespace cairn

@@ -321,8 +321,8 @@ TEST_F(RbdVolumeTest, DiffListsWhatAShrinkInBetweenRemoved) {
 // writes with the snapshot context it read before. RADOS makes no clone for
 // such a write, so it shows under the older snapshots as well.
 void WriteWithOutOfDateSnapContext(RbdCluster& cluster, const std::string& pool,
-                                   const std::string& image_id, uint64_t object_no,
-                                   uint64_t offset, const std::string& data) {
+                                   const std::string& image_id, uint64_t object_no, uint64_t offset,
+                                   const std::string& data) {
   CAIRN_ASSERT_OK_AND_ASSIGN(std::shared_ptr<RadosIoCtx> io, cluster.OpenIoCtx(pool));
   // cls_rbd object_map_update(start, end, new state, no current state).
   std::string arg(18, '\0');
@@ -355,8 +355,8 @@ void ExpectDiffRebuildsS2(Volume& v, std::string replica, uint64_t object_size) 
   }
   for (uint64_t at = 0; at < target.size(); at += object_size) {
     EXPECT_TRUE(replica.compare(at, object_size, target, at, object_size) == 0)
-        << "object " << at / object_size << " of the replica differs from s2; the diff s1 -> s2: "
-        << volume_test::Describe(d);
+        << "object " << at / object_size
+        << " of the replica differs from s2; the diff s1 -> s2: " << volume_test::Describe(d);
   }
 }
 
@@ -417,8 +417,7 @@ TEST_F(RbdVolumeTest, DiffSendsChangedObjectsWholeOnceAClientAppearedSinceTheSna
   ASSERT_EQ(rbd_open(other.io->get(), a.name.c_str(), &h, nullptr), 0);
   char id[64] = {};
   ASSERT_EQ(rbd_get_id(h, id, sizeof id), 0);
-  WriteWithOutOfDateSnapContext(*other.cluster, other.io->pool(), id, 2, 65536,
-                                Pattern(12, 8192));
+  WriteWithOutOfDateSnapContext(*other.cluster, other.io->pool(), id, 2, 65536, Pattern(12, 8192));
   const std::string later = Pattern(13, 4096);
   ASSERT_EQ(rbd_write(h, 2 * kObject + kMiB, later.size(), later.data()),
             static_cast<ssize_t>(later.size()));
@@ -450,8 +449,7 @@ TEST_F(RbdVolumeTest, DiffStaysExactWhileTheSameClientsWatch) {
   ASSERT_EQ(rbd_write(h, kObject, data.size(), data.data()), static_cast<ssize_t>(data.size()));
   CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
   CAIRN_ASSERT_OK(v->CreateSnap("s1"));
-  ASSERT_EQ(rbd_write(h, 2 * kObject, data.size(), data.data()),
-            static_cast<ssize_t>(data.size()));
+  ASSERT_EQ(rbd_write(h, 2 * kObject, data.size(), data.data()), static_cast<ssize_t>(data.size()));
   // A handle of this process (the source opens its image anew every epoch).
   CAIRN_ASSERT_OK_AND_ASSIGN(v, pool_->Open(name));
   CAIRN_ASSERT_OK(v->CreateSnap("s2"));
@@ -514,7 +512,7 @@ TEST_F(RbdVolumeTest, WritesToOneObjectGoOutTogetherAndKeepSnapshotsAndDiffsRigh
     pieces.push_back({kObject + i * 512 * 1024 + 4096, Pattern(100 + i, 64 * 1024)});
   }
   pieces.push_back({3 * kObject - 8192, Pattern(200, 16384)});  // objects 2 and 3
-  for (uint64_t i = 0; i < 3; ++i) {  // object 3, new
+  for (uint64_t i = 0; i < 3; ++i) {                            // object 3, new
     pieces.push_back({3 * kObject + kMiB * (i + 1), Pattern(300 + i, 100000)});
   }
   AsyncIo::WriteStats stats;
@@ -728,8 +726,8 @@ StatusOr<std::string> MonCommand(RbdCluster& cluster, const std::string& json) {
   size_t out_len = 0;
   char* status = nullptr;
   size_t status_len = 0;
-  const int rc = rados_mon_command(cluster.handle(), cmd, 1, "", 0, &out, &out_len, &status,
-                                   &status_len);
+  const int rc =
+      rados_mon_command(cluster.handle(), cmd, 1, "", 0, &out, &out_len, &status, &status_len);
   std::string result(out != nullptr ? out : "", out_len);
   std::string why(status != nullptr ? status : "", status_len);
   rados_buffer_free(out);

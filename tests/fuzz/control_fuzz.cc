@@ -29,8 +29,8 @@ class NullService final : public cairn::ControlService {
   cairn::Status Unregister(const std::string& v, bool) override {
     return cairn::ValidateVolumeId(v);
   }
-  cairn::StatusOr<cairn::PromoteResult> Promote(const std::string& v, uint64_t,
-                                                const std::string&, const std::string&) override {
+  cairn::StatusOr<cairn::PromoteResult> Promote(const std::string& v, uint64_t, const std::string&,
+                                                const std::string&) override {
     if (auto st = cairn::ValidateVolumeId(v); !st.ok()) return st;
     return cairn::PromoteResult{};
   }

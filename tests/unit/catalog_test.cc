@@ -234,11 +234,10 @@ TEST(FenceAndRegisterSink, ThePreviousInstanceIsFencedOnceForAllItsPools) {
 TEST(FenceAndRegisterSink, DifferentPreviousInstancesPerPoolAreEachFenced) {
   MemoryKvStore rbd, volumes;
   ASSERT_TRUE(Catalog(rbd).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.1:0/1", 1)).ok());
-  ASSERT_TRUE(
-      Catalog(volumes).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.2:0/9", 9)).ok());
+  ASSERT_TRUE(Catalog(volumes).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.2:0/9", 9)).ok());
   FakeFence fence;
-  auto r = FenceAndRegisterSink({{"rbd", &rbd}, {"volumes", &volumes}},
-                                Instance("10.0.0.3:0/3", 3), fence.fn());
+  auto r = FenceAndRegisterSink({{"rbd", &rbd}, {"volumes", &volumes}}, Instance("10.0.0.3:0/3", 3),
+                                fence.fn());
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(fence.fenced, (std::vector<std::string>{"10.0.0.1:0/1", "10.0.0.2:0/9"}));
   ASSERT_EQ(r->size(), 2u);
@@ -259,8 +258,7 @@ TEST(FenceAndRegisterSink, ItsOwnAddressIsNeverFenced) {
 TEST(FenceAndRegisterSink, AFailedFenceRecordsNothingFromThatPoolOn) {
   MemoryKvStore rbd, volumes, later;
   ASSERT_TRUE(Catalog(rbd).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.1:0/1", 1)).ok());
-  ASSERT_TRUE(
-      Catalog(volumes).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.2:0/2", 2)).ok());
+  ASSERT_TRUE(Catalog(volumes).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.2:0/2", 2)).ok());
   FakeFence fence;
   fence.refuse = {"10.0.0.2:0/2"};
   auto r = FenceAndRegisterSink({{"rbd", &rbd}, {"volumes", &volumes}, {"later", &later}},
@@ -312,13 +310,13 @@ class RacingKvStore final : public KvStore {
 
 TEST(FenceAndRegisterSink, ASinkRegisteringMeanwhileIsFencedTooTheLastOneStays) {
   RacingKvStore rbd;
-  ASSERT_TRUE(Catalog(rbd.inner).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.1:0/1", 1)).ok());
+  ASSERT_TRUE(
+      Catalog(rbd.inner).ReplaceSinkInstance(std::nullopt, Instance("10.0.0.1:0/1", 1)).ok());
   int races = 1;
   rbd.before = [&](MemoryKvStore& kv) {
     if (races-- > 0) {  // between our read and our write
-      ASSERT_TRUE(kv.Commit({{"instance/sink", EncodeSinkInstance(Instance("10.0.0.2:0/2", 2))}},
-                            {})
-                      .ok());
+      ASSERT_TRUE(
+          kv.Commit({{"instance/sink", EncodeSinkInstance(Instance("10.0.0.2:0/2", 2))}}, {}).ok());
     }
   };
   FakeFence fence;

@@ -20,11 +20,13 @@ TEST(Checksum, BlockHashEqualsPortableXxh3OnEveryLengthAndAlignment) {
   std::string data(1 << 20 | 7, '\0');
   uint64_t x = 0x9e3779b97f4a7c15ull;
   for (char& c : data) {
-    x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
     c = static_cast<char>(x);
   }
-  for (size_t len : {0, 1, 3, 4, 8, 9, 16, 17, 128, 129, 240, 241, 1023, 1024, 1025, 4096,
-                     65535, 65536, 1 << 20}) {
+  for (size_t len : {0, 1, 3, 4, 8, 9, 16, 17, 128, 129, 240, 241, 1023, 1024, 1025, 4096, 65535,
+                     65536, 1 << 20}) {
     for (size_t start : {0, 1, 7}) {
       const std::span<const char> s(data.data() + start, len);
       EXPECT_EQ(BlockHash::Of(s).value(), XXH3_64bits(s.data(), s.size()))

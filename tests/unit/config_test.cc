@@ -57,13 +57,15 @@ std::string Error(const std::string& text) {
 }
 
 TEST(Config, ErrorsNameWhatIsWrong) {
-  EXPECT_THAT(Error("[sink]\nlisten = 1.2.3.4\n"), HasSubstr("[sink] listen: '1.2.3.4' is not host:port"));
+  EXPECT_THAT(Error("[sink]\nlisten = 1.2.3.4\n"),
+              HasSubstr("[sink] listen: '1.2.3.4' is not host:port"));
   EXPECT_THAT(Error("[sink]\nlisen = 1.2.3.4:1\n"), HasSubstr("[sink] has unknown key 'lisen'"));
   EXPECT_THAT(Error("[volume v]\nimage = i\n"), HasSubstr("[volume v] needs 'peer'"));
   EXPECT_THAT(Error("[volume v]\npeer = h:1\n"), HasSubstr("[volume v] needs 'image'"));
   EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\ninterval=500ms\n"),
               HasSubstr("interval: must be at least 1s"));
-  EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\ninterval=5x\n"), HasSubstr("is not a duration"));
+  EXPECT_THAT(Error("[volume v]\nimage=i\npeer=h:1\ninterval=5x\n"),
+              HasSubstr("is not a duration"));
   EXPECT_THAT(Error("[volume a/b]\nimage=i\npeer=h:1\n"), HasSubstr("has '/'"));
   EXPECT_THAT(Error("[sinks]\nlisten = h:1\n"), HasSubstr("unknown section [sinks]"));
   EXPECT_THAT(Error("[cairnd]\nsite = a\n"), HasSubstr("nothing to do"));

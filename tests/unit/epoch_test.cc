@@ -3,11 +3,11 @@
 // source snapshot by whole-image hash.
 #include "engine/epoch/epoch.h"
 
-#include <filesystem>
-#include <random>
-
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
 
 #include "engine/catalog/catalog.h"
 #include "engine/volume/memory_volume.h"
@@ -115,7 +115,8 @@ TEST_F(EpochTest, TenGiBSparseSendsOnlyWhatIsWritten) {
   auto src = testing::MustOpen(pool_, "src");
   auto dst = testing::MustOpen(pool_, "dst");
   std::mt19937_64 rng(2);
-  for (int i = 0; i < 4; ++i) Write(*src, (rng() % (size / kMiB - 1)) * kMiB, testing::RandomBytes(rng, kMiB));
+  for (int i = 0; i < 4; ++i)
+    Write(*src, (rng() % (size / kMiB - 1)) * kMiB, testing::RandomBytes(rng, kMiB));
   ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
   auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage);
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
@@ -233,8 +234,9 @@ TEST_F(EpochTest, ApplyWindowIsBoundInBytes) {
       Frame f;
       f.type = FrameType::kRecord;
       f.payload = Payload(len, 'x');
-      EXPECT_TRUE(apply.Add({static_cast<uint64_t>(i), i * len, len, RecordKind::kData},
-                            std::move(f)).ok());
+      EXPECT_TRUE(
+          apply.Add({static_cast<uint64_t>(i), i * len, len, RecordKind::kData}, std::move(f))
+              .ok());
       writes = std::max(writes, apply.writes_in_flight());
       bytes = std::max(bytes, apply.bytes_in_flight());
     }
@@ -363,13 +365,15 @@ TEST_F(VerifierTest, MissingEndOrRecordsAfterEnd) {
 }
 
 TEST_F(VerifierTest, ApplyRefusesAnIncompleteSpool) {
-  const auto dir = std::filesystem::temp_directory_path() / ("cairn-vt-" + std::to_string(getpid()));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("cairn-vt-" + std::to_string(getpid()));
   std::filesystem::create_directories(dir);
   auto w = SpoolWriter::Create(dir / "1.spool", {"vol", 1});
   ASSERT_TRUE(w.ok());
   for (size_t i = 0; i + 1 < out_.frames.size(); ++i) {  // no EpochEnd
     const Frame& f = out_.frames[i];
-    ASSERT_TRUE((*w)->Append(EncodeHeader(f.type, f.body, f.payload.size()), f.body, f.payload).ok());
+    ASSERT_TRUE(
+        (*w)->Append(EncodeHeader(f.type, f.body, f.payload.size()), f.body, f.payload).ok());
   }
   ASSERT_TRUE((*w)->Sync().ok());
   ASSERT_TRUE(pool_.Create("dst", 0).ok());

@@ -26,8 +26,8 @@
 #include <thread>
 #include <vector>
 
-#include "engine/catalog/kv_store.h"
 #include "engine/base/status.h"
+#include "engine/catalog/kv_store.h"
 
 namespace cairn {
 

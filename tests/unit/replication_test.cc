@@ -1,6 +1,10 @@
 // The real source and sink code, end to end over the in-process link and
 // in-memory volumes: several epochs with writes between them, and every
 // restore point compared by content with the source snapshot it stands for.
+#include <fmt/format.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
@@ -9,13 +13,9 @@
 #include <random>
 #include <thread>
 
-#include <fmt/format.h>
-#include <gmock/gmock.h>
-#include <gtest/gtest.h>
-
-#include "engine/volume/memory_volume.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
+#include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
 
 namespace cairn {
@@ -83,17 +83,20 @@ class ReplicationTest : public ::testing::Test {
       sent_records_ = frames;
       const int cut = cut_at_frame_;
       cut_at_frame_ = -1;
-      auto [a, b] = MakeMemoryLinkPair(16u << 20, [this, frames, cut](std::string& bytes) {
-        const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
-        if (type == FrameType::kEpochEnd && on_epoch_end_) on_epoch_end_();
-        if (cut >= 0 && (*frames) == cut) return WireFault::kCut;
-        if (type == FrameType::kRecord) ++*frames;
-        return WireFault::kDeliver;
-      }, [this](std::string& bytes) {
-        const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
-        if (type == FrameType::kEpochAck && on_ack_) on_ack_();
-        return WireFault::kDeliver;
-      });
+      auto [a, b] = MakeMemoryLinkPair(
+          16u << 20,
+          [this, frames, cut](std::string& bytes) {
+            const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
+            if (type == FrameType::kEpochEnd && on_epoch_end_) on_epoch_end_();
+            if (cut >= 0 && (*frames) == cut) return WireFault::kCut;
+            if (type == FrameType::kRecord) ++*frames;
+            return WireFault::kDeliver;
+          },
+          [this](std::string& bytes) {
+            const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
+            if (type == FrameType::kEpochAck && on_ack_) on_ack_();
+            return WireFault::kDeliver;
+          });
       std::unique_ptr<Link> src = std::move(a);
       if (flip_next_ >= 0) src = std::make_unique<FlipNthPayload>(std::move(src), flip_next_);
       flip_next_ = -1;
@@ -151,10 +154,10 @@ class ReplicationTest : public ::testing::Test {
   std::unique_ptr<Sink> sink_;
   std::vector<std::thread> sessions_;
   int flip_next_ = -1;
-  int cut_at_frame_ = -1;                // cut the next link after this many records
+  int cut_at_frame_ = -1;               // cut the next link after this many records
   std::function<void()> on_epoch_end_;  // runs as the source sends an EpochEnd
   std::function<void()> on_ack_;        // runs as the sink sends an EpochAck
-  std::shared_ptr<int> sent_records_;  // records sent on the newest link
+  std::shared_ptr<int> sent_records_;   // records sent on the newest link
 };
 
 TEST_F(ReplicationTest, FiveEpochsEveryPointEqualsItsSourceSnapshot) {
@@ -182,8 +185,9 @@ TEST_F(ReplicationTest, FiveEpochsEveryPointEqualsItsSourceSnapshot) {
   EXPECT_EQ(full->point.seq, 6u);
   EXPECT_EQ(testing::ImageHash(*testing::MustOpen(*site_b_, "restored-3"), "", pts[2].image_size),
             testing::ImageHash(*src, "cairn.3", pts[2].image_size));
-  EXPECT_EQ(testing::ImageHash(*testing::MustOpen(*site_b_, "restored-latest"), "", pts[5].image_size),
-            testing::ImageHash(*src, "cairn.6", pts[5].image_size));
+  EXPECT_EQ(
+      testing::ImageHash(*testing::MustOpen(*site_b_, "restored-latest"), "", pts[5].image_size),
+      testing::ImageHash(*src, "cairn.6", pts[5].image_size));
   auto again = sink_->Restore("vol1", 3, "restored-3", false, nullptr);
   EXPECT_EQ(again.status().code(), Code::kAlreadyExists);
   EXPECT_EQ(sink_->Restore("vol1", 99, "x", false, nullptr).status().message(),
@@ -348,11 +352,11 @@ TEST_F(ReplicationTest, RetentionKeepsTheNewestPointsAndTheirSnapshotsOnly) {
   ASSERT_TRUE(dst->CreateSnap("cairn.3").ok());
   testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
   ASSERT_TRUE(rep.RunOnce().ok());
-  WaitFor("retention removing the stray cairn.3 and point 4",
-          [&] { return CairnSnaps(*dst) == std::vector<uint64_t>{5, 6}; });
+  WaitFor("retention removing the stray cairn.3 and point 4", [&] {
+    return CairnSnaps(*dst) == std::vector<uint64_t>{5, 6};
+  });
   VerifyAllPoints(*src, 2);
 }
-
 
 // With the next epoch due as one ends (here: a point is asked for while
 // each epoch is sent), the source removes older snapshots and takes the
@@ -440,8 +444,8 @@ TEST_F(ReplicationTest, BehindScheduleSnapshotsStayAnIntervalApart) {
   }
   ASSERT_GE(times.size(), 6u);
   for (size_t i = 1; i < times.size(); ++i) {
-    EXPECT_GE(times[i] - times[i - 1], 90'000'000) << "cairn." << i << " and cairn." << i + 1
-                                                   << " closer than the interval";
+    EXPECT_GE(times[i] - times[i - 1], 90'000'000)
+        << "cairn." << i << " and cairn." << i + 1 << " closer than the interval";
   }
   // Every point the sink made (the last may have been made as the source
   // stopped) equals its source snapshot.
@@ -523,7 +527,8 @@ TEST_F(ReplicationTest, BackToBackTheOlderSnapshotsGoWhileTheNextEpochIsSent) {
   ASSERT_TRUE(pts.ok()) << pts.status().ToString();
   ASSERT_EQ(pts->size(), 3u);
   auto dst = testing::MustOpen(*site_b_, "img-standby");
-  EXPECT_EQ(testing::ImageHash(*dst, SnapName(3), size), testing::ImageHash(*src, SnapName(3), size));
+  EXPECT_EQ(testing::ImageHash(*dst, SnapName(3), size),
+            testing::ImageHash(*src, SnapName(3), size));
 }
 
 TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight) {
@@ -657,7 +662,7 @@ TEST_F(ReplicationTest, ARecreatedImageIsResyncedWholeOverItsOldStandby) {
   auto sum = rep.RunOnce();
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
   EXPECT_EQ(sum->seq, 2u);
-  EXPECT_EQ(sum->base_seq, 1u);  // the chain goes on
+  EXPECT_EQ(sum->base_seq, 1u);                        // the chain goes on
   EXPECT_EQ(sum->zero_bytes, size - sum->data_bytes);  // the old data is zeroed
   auto dst = testing::MustOpen(*site_b_, "img-standby");
   EXPECT_EQ(testing::ImageHash(*dst, "cairn.2", size), testing::ImageHash(*src, "cairn.2", size));
@@ -746,7 +751,7 @@ TEST(SourceReplicator, ALinkErrorWithCodeZeroIsAnErrorNotACrash) {
   SourceReplicator rep(c, "a", pool, [&]() -> StatusOr<std::unique_ptr<Link>> {
     auto [a, b] = MakeMemoryLinkPair();
     peer = std::thread([l = std::move(b)]() {
-      (void)l->Receive(std::chrono::seconds(5));  // the Hello
+      (void)l->Receive(std::chrono::seconds(5));     // the Hello
       (void)l->Send(FrameType::kLinkError, "", {});  // a LinkError of code 0 (proto3: empty)
       (void)l->Receive(std::chrono::seconds(5));
     });

@@ -10,16 +10,16 @@
 //
 // CAIRN_SIM_SEEDS=N runs N schedules (default 200); CAIRN_SIM_SEED=S
 // replays one. A failure prints its seed.
+#include <gtest/gtest.h>
+
 #include <cstdlib>
 #include <filesystem>
 #include <random>
 #include <thread>
 
-#include <gtest/gtest.h>
-
-#include "engine/volume/memory_volume.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
+#include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
 
 namespace cairn {
@@ -28,16 +28,36 @@ namespace {
 constexpr uint64_t kKiB = 1024;
 
 enum class Fault {
-  kNone, kFlipBit, kDropFrame, kDuplicateFrame, kCutToSink, kCutToSource, kDropAck,
-  kSourceReadError, kStandbyWriteError, kTornSpool, kSinkRestart, kSourceRestart,
-  kSnapshotGoneMidRead, kCount
+  kNone,
+  kFlipBit,
+  kDropFrame,
+  kDuplicateFrame,
+  kCutToSink,
+  kCutToSource,
+  kDropAck,
+  kSourceReadError,
+  kStandbyWriteError,
+  kTornSpool,
+  kSinkRestart,
+  kSourceRestart,
+  kSnapshotGoneMidRead,
+  kCount
 };
 
 const char* FaultName(Fault f) {
-  static const char* names[] = {"none", "flip-bit", "drop-frame", "duplicate-frame", "cut-to-sink",
-                                "cut-to-source", "drop-ack", "source-read-error",
-                                "standby-write-error", "torn-spool", "sink-restart",
-                                "source-restart", "snapshot-gone-mid-read"};
+  static const char* names[] = {"none",
+                                "flip-bit",
+                                "drop-frame",
+                                "duplicate-frame",
+                                "cut-to-sink",
+                                "cut-to-source",
+                                "drop-ack",
+                                "source-read-error",
+                                "standby-write-error",
+                                "torn-spool",
+                                "sink-restart",
+                                "source-restart",
+                                "snapshot-gone-mid-read"};
   return names[static_cast<int>(f)];
 }
 
@@ -72,7 +92,9 @@ class World {
     env.site = "b";
     env.spool_dir = spool_;
     env.pools = {"rbd"};
-    env.open_pool = [this](const std::string&) -> StatusOr<std::shared_ptr<Pool>> { return std::shared_ptr<Pool>(b_); };
+    env.open_pool = [this](const std::string&) -> StatusOr<std::shared_ptr<Pool>> {
+      return std::shared_ptr<Pool>(b_);
+    };
     env.open_catalog = [this](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
       return std::shared_ptr<KvStore>(kv_);
     };
@@ -92,14 +114,17 @@ class World {
     c.block_size = 16 * kKiB;
     c.window = 3;
     return std::make_unique<SourceReplicator>(
-        c, "a", a_, [this]() -> StatusOr<std::unique_ptr<Link>> {
-          auto [src, dst] = MakeMemoryLinkPair(256 * kKiB, std::move(to_sink_), std::move(to_source_));
+        c, "a", a_,
+        [this]() -> StatusOr<std::unique_ptr<Link>> {
+          auto [src, dst] =
+              MakeMemoryLinkPair(256 * kKiB, std::move(to_sink_), std::move(to_source_));
           to_sink_ = nullptr;
           to_source_ = nullptr;
           Sink* sink = sink_.get();
           sessions_.emplace_back([sink, l = std::move(dst)]() mutable { (void)sink->Serve(*l); });
           return std::move(src);
-        }, t);
+        },
+        t);
   }
 
   // A hook that applies `what` to the n-th frame it sees.
@@ -120,21 +145,33 @@ class World {
           return WireFault::kDeliver;
         });
         break;
-      case Fault::kDropFrame: to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kDrop; }); break;
+      case Fault::kDropFrame:
+        to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kDrop; });
+        break;
       case Fault::kDuplicateFrame:
         to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kDuplicate; });
         break;
-      case Fault::kCutToSink: to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kCut; }); break;
+      case Fault::kCutToSink:
+        to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kCut; });
+        break;
       case Fault::kCutToSource:
         to_source_ = AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kCut; });
         break;
       case Fault::kDropAck:
-        to_source_ = AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kDrop; });
+        to_source_ =
+            AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kDrop; });
         break;
-      case Fault::kSourceReadError: FailOnce(*a_, MemoryOp::kRead, n); break;
-      case Fault::kStandbyWriteError: FailOnce(*b_, MemoryOp::kWrite, n); break;
-      case Fault::kSnapshotGoneMidRead: RemoveSnapAtRead(n); break;
-      default: break;
+      case Fault::kSourceReadError:
+        FailOnce(*a_, MemoryOp::kRead, n);
+        break;
+      case Fault::kStandbyWriteError:
+        FailOnce(*b_, MemoryOp::kWrite, n);
+        break;
+      case Fault::kSnapshotGoneMidRead:
+        RemoveSnapAtRead(n);
+        break;
+      default:
+        break;
     }
   }
 
@@ -270,7 +307,8 @@ uint64_t EnvOr(const char* name, uint64_t def) {
 }
 
 TEST(Simulation, SeededFaultSchedulesLoseNothing) {
-  const auto dir = std::filesystem::temp_directory_path() / ("cairn-sim-" + std::to_string(getpid()));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("cairn-sim-" + std::to_string(getpid()));
   std::vector<uint64_t> seeds;
   if (const char* one = std::getenv("CAIRN_SIM_SEED")) {
     seeds.push_back(std::strtoull(one, nullptr, 10));
@@ -292,12 +330,12 @@ TEST(Simulation, SeededFaultSchedulesLoseNothing) {
     }
   }
   std::filesystem::remove_all(dir);
-  std::printf("[          ] simulation: %lu schedules, %lu faults injected, %lu epochs failed and "
-              "retried, %lu restore points verified by content, %lu bytes compared\n",
-              static_cast<unsigned long>(c.schedules), static_cast<unsigned long>(c.faults),
-              static_cast<unsigned long>(c.epochs_failed),
-              static_cast<unsigned long>(c.points_verified),
-              static_cast<unsigned long>(c.bytes_compared));
+  std::printf(
+      "[          ] simulation: %lu schedules, %lu faults injected, %lu epochs failed and "
+      "retried, %lu restore points verified by content, %lu bytes compared\n",
+      static_cast<unsigned long>(c.schedules), static_cast<unsigned long>(c.faults),
+      static_cast<unsigned long>(c.epochs_failed), static_cast<unsigned long>(c.points_verified),
+      static_cast<unsigned long>(c.bytes_compared));
   std::string kinds;
   for (int k = 1; k < static_cast<int>(Fault::kCount); ++k) {
     kinds += std::string(k > 1 ? ", " : "") + FaultName(static_cast<Fault>(k)) + " " +

@@ -2,12 +2,12 @@
 // any Volume.
 #pragma once
 
+#include <gtest/gtest.h>
+#include <xxhash.h>
+
 #include <random>
 #include <string>
 #include <vector>
-
-#include <gtest/gtest.h>
-#include <xxhash.h>
 
 #include "engine/base/checksum.h"
 #include "engine/volume/volume.h"
@@ -64,9 +64,15 @@ inline void RandomChanges(Volume& vol, std::mt19937_64& rng, uint64_t size, int 
     const uint64_t off = rng() % (size - std::min(size - 1, len));
     const uint64_t n = std::min(len, size - off);
     switch (rng() % 4) {
-      case 0: Zero(vol, off, n); break;
-      case 1: Write(vol, off, std::string(n, '\0')); break;
-      default: Write(vol, off, RandomBytes(rng, n)); break;
+      case 0:
+        Zero(vol, off, n);
+        break;
+      case 1:
+        Write(vol, off, std::string(n, '\0'));
+        break;
+      default:
+        Write(vol, off, RandomBytes(rng, n));
+        break;
     }
   }
 }

@@ -36,8 +36,8 @@
 #include <string_view>
 #include <vector>
 
-#include "engine/epoch/epoch.h"
 #include "engine/base/status.h"
+#include "engine/epoch/epoch.h"
 #include "engine/volume/volume.h"
 
 namespace cairn {
@@ -574,8 +574,8 @@ TEST_P(VolumeConformanceTest, ConfirmSnapFindsSnapshotsAndImagesGoneUnderAReader
     // Whatever it returned (an error, zeros, or what is not trimmed yet),
     // only ConfirmSnap may be trusted.
     std::printf("[          ] a read of a removed snapshot: %s\n",
-                !done.ok() ? done.ToString().c_str()
-                : buf == std::string(kMiB, '\0') ? "zeros, no error"
+                !done.ok()                           ? done.ToString().c_str()
+                : buf == std::string(kMiB, '\0')     ? "zeros, no error"
                 : buf == data.substr(4 * kMiB, kMiB) ? "the old data"
                                                      : "other bytes");
   }
@@ -739,8 +739,7 @@ TEST_P(VolumeConformanceTest, EpochsOfSmallWritesThenSnapshotsForThisProcessOnly
     CAIRN_ASSERT_OK(io->Drain());
     const std::string snap = "own" + std::to_string(epoch);
     CAIRN_ASSERT_OK(v->CreateSnap(snap, Volume::Writers::kThisProcessOnly));
-    CAIRN_EXPECT_CODE(v->CreateSnap(snap, Volume::Writers::kThisProcessOnly),
-                      Code::kAlreadyExists);
+    CAIRN_EXPECT_CODE(v->CreateSnap(snap, Volume::Writers::kThisProcessOnly), Code::kAlreadyExists);
     held.push_back(image);
   }
   for (uint64_t epoch = 0; epoch < 3; ++epoch) {
@@ -758,8 +757,8 @@ TEST_P(VolumeConformanceTest, EpochsOfSmallWritesThenSnapshotsForThisProcessOnly
         rebuilt.replace(e.offset, e.length, std::string(e.length, '\0'));
       }
     }
-    EXPECT_TRUE(rebuilt == held[epoch]) << "the diff to " << snap << " misses writes: "
-                                        << Describe(d);
+    EXPECT_TRUE(rebuilt == held[epoch])
+        << "the diff to " << snap << " misses writes: " << Describe(d);
   }
 }
 
