@@ -1,0 +1,31 @@
+#include "engine/replication/replication.h"
+
+#include <chrono>
+
+namespace cairn {
+
+std::string_view StateName(VolumeState state) {
+  switch (state) {
+    case VolumeState::kIdle:
+      return "idle";
+    case VolumeState::kSyncing:
+      return "syncing";
+    case VolumeState::kReceiving:
+      return "receiving";
+    case VolumeState::kApplying:
+      return "applying";
+    case VolumeState::kDisconnected:
+      return "disconnected";
+    case VolumeState::kError:
+      return "error";
+  }
+  return "unknown";
+}
+
+int64_t NowNs() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+}  // namespace cairn
