@@ -16,7 +16,7 @@ PKGS=(
   # the Cinder driver shim (Python): frames and control messages
   python3-protobuf python3-xxhash
   # tests
-  libgtest-dev libgmock-dev libbenchmark-dev python3-pytest clang libclang-rt-14-dev
+  libgtest-dev libgmock-dev libbenchmark-dev python3-pytest clang libclang-rt-14-dev clang-format
   # the two-site Ceph test bed
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rbd python3-rados
   # helpers the scripts use

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need, builds, and runs every test:
-#   1. unit tests (GoogleTest, in-memory volume, real spool files), the
-#      seeded fault simulator, and the same under ASan + UBSan;
+#   1. format and layer checks; unit tests (GoogleTest, in-memory volume,
+#      real spool files), the seeded fault simulator, and the same under
+#      ASan + UBSan and under TSan;
 #   2. libFuzzer targets, each for a bounded time;
 #   3. Ceph tests: the Volume and catalog conformance suites on a real cluster;
 #   4. integration tests (pytest): two real Ceph clusters on loopback,
@@ -15,6 +16,10 @@ cd "$(dirname "$0")"
 werror=OFF; [[ "${CI:-}" == "true" ]] && werror=ON
 ./build.sh -DCAIRN_WERROR=$werror
 
+echo "== format: the C++ is as clang-format leaves it (.clang-format)"
+git ls-files -z 'engine/*.cc' 'engine/*.h' 'tests/*.cc' 'tests/*.h' 'bench/*.cc' |
+  xargs -0 clang-format --dry-run --Werror
+
 echo "== unit tests (with the seeded fault simulator, ${CAIRN_SIM_SEEDS:=2000} schedules)"
 export CAIRN_SIM_SEEDS
 ctest --test-dir build --output-on-failure
@@ -25,6 +30,13 @@ cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCAIRN_SANITIZE=ON \
 ninja -C build-asan unit_tests
 CAIRN_SIM_SEEDS=200 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
   UBSAN_OPTIONS=print_stacktrace=1 build-asan/tests/unit_tests --gtest_brief=1
+
+echo "== unit tests under ThreadSanitizer"
+cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCAIRN_TSAN=ON \
+  -DCAIRN_WERROR=$werror >/dev/null
+ninja -C build-tsan unit_tests
+CAIRN_SIM_SEEDS=25 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+  build-tsan/tests/unit_tests --gtest_brief=1
 
 echo "== fuzzing: frame parser, spool reader, control decoder (libFuzzer, bounded)"
 tests/fuzz/run.sh "${CAIRN_FUZZ_SECONDS:-30}"

@@ -460,7 +460,7 @@ TEST_F(RbdVolumeTest, DiffStaysExactWhileTheSameClientsWatch) {
 }
 
 // Writes that fall in one RADOS object of the head go out as one op after
-// the object's first write (rbd_volume.cc, ObjectWriter). `pieces` are
+// the object's first write (rbd_io.cc, ObjectWriter). `pieces` are
 // started in order with tags 0..n-1, then collected one WaitOne at a time
 // (so the path where only unsent pieces remain is taken too). Checks that
 // every tag completes once and OK.
