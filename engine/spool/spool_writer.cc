@@ -1,22 +1,4 @@
-// Spool file: io_uring writer and buffered reader (see spool.h).
-//
-// Spool header, block 0 of the file (all integers little-endian):
-//
-//   off  size  field
-//     0     8  magic        "CAIRNSPL"
-//     8     4  version      kSpoolVersion
-//    12     4  header_len   bytes covered by the header, checksum included
-//                           (34 + volume_len for version 1)
-//    16     8  seq          epoch sequence number
-//    24     2  volume_len   <= 256
-//    26     n  volume       volume name bytes (not NUL-terminated)
-//  26+n     8  header_xxh3  XXH3-64 of bytes [0, 26+n)
-//  34+n   ...  zeros up to 4096
-//
-// The first 16 bytes and the rule "the checksum is the last 8 bytes of
-// header_len" hold for every version, so a reader checks the checksum
-// before it trusts the version: a flipped bit in the version reads as
-// corruption, not as a file of another version.
+// The spool writer over io_uring (see spool.h).
 //
 // Writer. The logical stream is the file itself: header block, then frames.
 // kBuffers staging buffers take turns; buffer `cur_` holds the bytes of
@@ -28,8 +10,6 @@
 // at the front of the buffer, so the next write rewrites that block with the
 // frames that follow. Invariant:
 //   buf_file_off_ + fill_ == kSpoolHeaderSize + appended_.
-
-#include "engine/spool/spool.h"
 
 #include <fcntl.h>
 #include <fmt/format.h>
@@ -48,155 +28,14 @@
 #include <cstring>
 #include <initializer_list>
 
+#include "engine/spool/spool.h"
+#include "engine/spool/spool_file.h"
+
 namespace cairn {
+
+using namespace spool_internal;  // the file's layout (spool_file.h)
+
 namespace {
-
-// O_DIRECT alignment of buffers, offsets and lengths. 4 KiB covers devices
-// with 512-byte and 4 KiB logical blocks.
-constexpr size_t kAlign = 4096;
-constexpr unsigned kRingDepth = 8;
-// Staging buffers of a writer (SpoolOptions::buffer_bytes each). Four
-// (three writes in flight) did not receive a full sync any faster than
-// two on a disk that writes 1.7 GiB/s: the copy into them is the cost.
-constexpr int kBuffers = 2;
-static_assert(kBuffers + 1 <= static_cast<int>(kRingDepth));
-// io_uring registers at most 1 GiB per buffer, and a write length is 32 bits.
-constexpr size_t kMaxBufferBytes = size_t{1} << 30;
-constexpr size_t kReadBufferBytes = size_t{1} << 20;
-
-constexpr char kSpoolMagic[8] = {'C', 'A', 'I', 'R', 'N', 'S', 'P', 'L'};
-constexpr size_t kMagicOff = 0;
-constexpr size_t kVersionOff = 8;
-constexpr size_t kHeaderLenOff = 12;
-constexpr size_t kSeqOff = 16;
-constexpr size_t kVolumeLenOff = 24;
-constexpr size_t kVolumeOff = 26;
-constexpr size_t kChecksumBytes = 8;
-constexpr size_t kMaxVolumeName = 256;
-constexpr size_t kMinHeaderLen = kVolumeOff + kChecksumBytes;
-constexpr size_t kMaxHeaderLen = kMinHeaderLen + kMaxVolumeName;
-
-static_assert(sizeof(kSpoolMagic) == kVersionOff - kMagicOff, "magic is 8 bytes");
-static_assert(kHeaderLenOff == kVersionOff + sizeof(uint32_t));
-static_assert(kSeqOff == kHeaderLenOff + sizeof(uint32_t));
-static_assert(kVolumeLenOff == kSeqOff + sizeof(uint64_t));
-static_assert(kVolumeOff == kVolumeLenOff + sizeof(uint16_t));
-static_assert(kMinHeaderLen == 34, "fixed part of the version 1 header is 34 bytes");
-static_assert(kMaxHeaderLen <= kSpoolHeaderSize, "the header fits its block");
-static_assert(kMaxVolumeName <= UINT16_MAX, "volume_len is a u16");
-static_assert(kSpoolHeaderSize % kAlign == 0, "frames start on an O_DIRECT boundary");
-static_assert(kRingDepth >= 3, "two buffer writes and one fsync in flight");
-
-template <typename T>
-void PutLE(char* p, T v) {
-  for (size_t i = 0; i < sizeof(T); ++i) p[i] = static_cast<char>((v >> (8 * i)) & 0xff);
-}
-
-template <typename T>
-T GetLE(const char* p) {
-  T v = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) v |= static_cast<T>(static_cast<uint8_t>(p[i])) << (8 * i);
-  return v;
-}
-
-constexpr size_t RoundUp(size_t n, size_t a) { return (n + a - 1) / a * a; }
-
-std::string DirOf(const std::filesystem::path& path) {
-  const std::filesystem::path dir = path.parent_path();
-  return dir.empty() ? std::string(".") : dir.string();
-}
-
-// Errno to Status for spool files. Unlike ErrnoStatus, a full disk names
-// the spool and permission errors do not point at cephx.
-Status SpoolErrno(int err, std::string_view what) {
-  switch (err) {
-    case ENOSPC:
-    case EDQUOT:
-      return ResourceExhausted(
-                 fmt::format("spool disk full: {}: {} (errno {})", what, std::strerror(err), err))
-          .WithReason(Reason::kSpoolDiskFull);
-    case EFBIG:  // the file system's largest file, or RLIMIT_FSIZE
-      return ResourceExhausted(
-          fmt::format("spool file too large: {}: {} (errno {})", what, std::strerror(err), err));
-    case EACCES:
-    case EPERM:
-    case EROFS:
-      return FailedPrecondition(fmt::format("{}: {} (errno {})", what, std::strerror(err), err));
-    default:
-      return ErrnoStatus(-err, what);
-  }
-}
-
-// Writes the spool header into `block` (kSpoolHeaderSize bytes).
-// REQUIRES: id.volume.size() <= kMaxVolumeName.
-void EncodeSpoolHeader(const SpoolIdentity& id, char* block) {
-  assert(id.volume.size() <= kMaxVolumeName);
-  std::memset(block, 0, kSpoolHeaderSize);
-  const size_t header_len = kMinHeaderLen + id.volume.size();
-  std::memcpy(block + kMagicOff, kSpoolMagic, sizeof kSpoolMagic);
-  PutLE<uint32_t>(block + kVersionOff, kSpoolVersion);
-  PutLE<uint32_t>(block + kHeaderLenOff, static_cast<uint32_t>(header_len));
-  PutLE<uint64_t>(block + kSeqOff, id.seq);
-  PutLE<uint16_t>(block + kVolumeLenOff, static_cast<uint16_t>(id.volume.size()));
-  std::memcpy(block + kVolumeOff, id.volume.data(), id.volume.size());
-  const size_t sum_off = header_len - kChecksumBytes;
-  PutLE<uint64_t>(block + sum_off, XXH3_64bits(block, sum_off));
-}
-
-// Parses the first `n` bytes of a spool file (n <= kSpoolHeaderSize).
-StatusOr<SpoolIdentity> DecodeSpoolHeader(const char* block, size_t n,
-                                          const std::filesystem::path& path) {
-  if (n < sizeof kSpoolMagic ||
-      std::memcmp(block + kMagicOff, kSpoolMagic, sizeof kSpoolMagic) != 0) {
-    return DataLoss(fmt::format("not a Cairn spool file: {}", path.string()));
-  }
-  if (n < kSpoolHeaderSize) {
-    return DataLoss(fmt::format("spool header truncated: {} of {} bytes", n, kSpoolHeaderSize));
-  }
-  const uint32_t header_len = GetLE<uint32_t>(block + kHeaderLenOff);
-  if (header_len < kMinHeaderLen || header_len > kSpoolHeaderSize) {
-    return DataLoss("spool header checksum mismatch");  // the length itself is corrupt
-  }
-  const size_t sum_off = header_len - kChecksumBytes;
-  if (XXH3_64bits(block, sum_off) != GetLE<uint64_t>(block + sum_off)) {
-    return DataLoss("spool header checksum mismatch");
-  }
-  const uint32_t version = GetLE<uint32_t>(block + kVersionOff);
-  if (version != kSpoolVersion) {
-    return FailedPrecondition(
-        fmt::format("unsupported spool version {} (this build reads {})", version, kSpoolVersion));
-  }
-  const size_t volume_len = GetLE<uint16_t>(block + kVolumeLenOff);
-  if (volume_len > kMaxVolumeName || kMinHeaderLen + volume_len != header_len) {
-    // The checksum matched, so the writer produced this: a bug, not a bad disk.
-    return Internal(fmt::format("spool header inconsistent: volume_len {}, header_len {}",
-                                volume_len, header_len));
-  }
-  SpoolIdentity id;
-  id.volume.assign(block + kVolumeOff, volume_len);
-  id.seq = GetLE<uint64_t>(block + kSeqOff);
-  return id;
-}
-
-// Reads up to `n` bytes at `off`; fewer only at end of file.
-StatusOr<size_t> PreadFull(int fd, char* out, size_t n, uint64_t off,
-                           const std::filesystem::path& path) {
-  size_t got = 0;
-  while (got < n) {
-    const ssize_t r = ::pread(fd, out + got, n - got, static_cast<off_t>(off + got));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      return SpoolErrno(errno,
-                        fmt::format("reading spool {} at offset {}", path.string(), off + got));
-    }
-    if (r == 0) break;
-    got += static_cast<size_t>(r);
-  }
-  return got;
-}
-
-// ---------------------------------------------------------------------------
-// Writer
 
 class UringSpoolWriter final : public SpoolWriter {
  public:
@@ -597,137 +436,6 @@ Status UringSpoolWriter::SyncWritten() {
   return OkStatus();
 }
 
-// ---------------------------------------------------------------------------
-// Reader
-
-// A ByteSource over a file from a start offset, through a bounded buffer.
-// Reads larger than the buffer go straight to the caller's memory.
-class FileSource final : public ByteSource {
- public:
-  FileSource(int fd, const std::filesystem::path& path, uint64_t start)
-      : fd_(fd),
-        path_(path),
-        read_off_(start),
-        position_(start),
-        buf_(std::make_unique_for_overwrite<char[]>(kReadBufferBytes)) {}
-
-  Status ReadExact(std::span<char> out) override;
-
-  // Up to `n` (<= buffer size) bytes at the current position, not consumed;
-  // fewer only at end of file.
-  StatusOr<std::span<const char>> Peek(size_t n);
-
-  // File offset of the next unconsumed byte.
-  uint64_t position() const { return position_; }
-
- private:
-  // Reads more into the buffer at end_; returns the byte count (0 at EOF).
-  StatusOr<size_t> FillSome();
-
-  const int fd_;
-  const std::filesystem::path path_;  // for error messages
-  uint64_t read_off_;                 // file offset of buf_[end_]
-  uint64_t position_;                 // file offset of buf_[begin_]
-  std::unique_ptr<char[]> buf_;
-  size_t begin_ = 0;
-  size_t end_ = 0;
-};
-
-StatusOr<size_t> FileSource::FillSome() {
-  ASSIGN_OR_RETURN(size_t n,
-                   PreadFull(fd_, buf_.get() + end_, kReadBufferBytes - end_, read_off_, path_));
-  end_ += n;
-  read_off_ += n;
-  return n;
-}
-
-StatusOr<std::span<const char>> FileSource::Peek(size_t n) {
-  assert(n <= kReadBufferBytes);
-  if (end_ - begin_ < n && begin_ + n > kReadBufferBytes) {
-    std::memmove(buf_.get(), buf_.get() + begin_, end_ - begin_);
-    end_ -= begin_;
-    begin_ = 0;
-  }
-  if (end_ - begin_ < n) {
-    ASSIGN_OR_RETURN(size_t got, FillSome());
-    (void)got;  // PreadFull stops short only at EOF
-  }
-  return std::span<const char>(buf_.get() + begin_, std::min(n, end_ - begin_));
-}
-
-Status FileSource::ReadExact(std::span<char> out) {
-  if (out.empty()) return OkStatus();
-  size_t got = 0;
-  while (got < out.size()) {
-    if (begin_ == end_) {
-      begin_ = end_ = 0;
-      const size_t want = out.size() - got;
-      size_t n = 0;
-      if (want >= kReadBufferBytes) {
-        ASSIGN_OR_RETURN(n, PreadFull(fd_, out.data() + got, want, read_off_, path_));
-        read_off_ += n;
-        position_ += n;
-        got += n;
-      } else {
-        ASSIGN_OR_RETURN(n, FillSome());
-      }
-      if (n == 0 || got == out.size()) break;
-      continue;
-    }
-    const size_t k = std::min(end_ - begin_, out.size() - got);
-    std::memcpy(out.data() + got, buf_.get() + begin_, k);
-    begin_ += k;
-    position_ += k;
-    got += k;
-  }
-  if (got == out.size()) return OkStatus();
-  if (got == 0) return Aborted("end of stream");
-  return DataLoss(fmt::format("truncated frame: wanted {} bytes, {} left", out.size(), got));
-}
-
-class FileSpoolReader final : public SpoolReader {
- public:
-  FileSpoolReader(std::filesystem::path path, int fd, SpoolIdentity id)
-      : path_(std::move(path)), fd_(fd), id_(std::move(id)), src_(fd_, path_, kSpoolHeaderSize) {}
-  ~FileSpoolReader() override { ::close(fd_); }
-  FileSpoolReader(const FileSpoolReader&) = delete;
-  FileSpoolReader& operator=(const FileSpoolReader&) = delete;
-
-  const SpoolIdentity& identity() const override { return id_; }
-  StatusOr<Frame> Next() override;
-  uint64_t offset() const override { return offset_; }
-
- private:
-  const std::filesystem::path path_;
-  const int fd_;
-  const SpoolIdentity id_;
-  FileSource src_;
-  uint64_t offset_ = 0;
-  Status final_;  // end of spool or the first error; returned from then on
-};
-
-StatusOr<Frame> FileSpoolReader::Next() {
-  if (!final_.ok()) return final_;
-  auto at_frame = [this](const Status& st) {
-    final_ = st.code() == Code::kDataLoss
-                 ? st.Annotate(fmt::format("torn or corrupt frame at spool offset {}", offset_))
-                 : st.Annotate(fmt::format("frame at spool offset {}", offset_));
-    return final_;
-  };
-  StatusOr<std::span<const char>> head = src_.Peek(kFrameHeaderSize);
-  if (!head.ok()) return at_frame(head.status());
-  // The writer pads with zeros to a block boundary: zeros up to EOF, or a
-  // whole zero frame header, end the data. Anything else must be a frame.
-  if (std::all_of(head->begin(), head->end(), [](char c) { return c == 0; })) {
-    final_ = Aborted("end of spool");
-    return final_;
-  }
-  StatusOr<Frame> f = ReadFrame(src_);
-  if (!f.ok()) return at_frame(f.status());
-  offset_ = src_.position() - kSpoolHeaderSize;
-  return f;
-}
-
 }  // namespace
 
 StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Create(const std::filesystem::path& path,
@@ -758,25 +466,6 @@ StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Resume(const std::filesystem
   auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes, options.max_bytes);
   RETURN_IF_ERROR(w->InitResume(logical_end, options.direct_io));
   return std::unique_ptr<SpoolWriter>(std::move(w));
-}
-
-StatusOr<std::unique_ptr<SpoolReader>> SpoolReader::Open(const std::filesystem::path& path,
-                                                         const SpoolIdentity& expect) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return SpoolErrno(errno, fmt::format("opening spool {}", path.string()));
-  char block[kSpoolHeaderSize];
-  StatusOr<size_t> n = PreadFull(fd, block, sizeof block, 0, path);
-  StatusOr<SpoolIdentity> id =
-      n.ok() ? DecodeSpoolHeader(block, *n, path) : StatusOr<SpoolIdentity>(n.status());
-  if (id.ok() && !expect.volume.empty() && (id->volume != expect.volume || id->seq != expect.seq)) {
-    id = DataLoss(fmt::format("spool belongs to volume {} epoch {}, expected {} epoch {}",
-                              id->volume, id->seq, expect.volume, expect.seq));
-  }
-  if (!id.ok()) {
-    ::close(fd);
-    return id.status();
-  }
-  return std::unique_ptr<SpoolReader>(new FileSpoolReader(path, fd, std::move(id).value()));
 }
 
 }  // namespace cairn
