@@ -21,6 +21,18 @@
 
 namespace cairn {
 
+namespace {
+
+// Restore point `seq` of `volume`, or its newest if `seq` is 0.
+StatusOr<RestorePoint> PointOrNewest(Catalog& catalog, const std::string& volume, uint64_t seq) {
+  if (seq != 0) return catalog.Get(volume, seq);
+  ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
+  if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
+  return *latest;
+}
+
+}  // namespace
+
 StatusOr<std::string> Sink::FindVolumePool(const std::string& volume) {
   RETURN_IF_ERROR(ValidateVolumeId(volume));
   for (const auto& pool : env_.pools) {
@@ -66,14 +78,7 @@ StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
     }
     return PromoteResult{pool_name, to_image, point, true};
   }
-  RestorePoint point;
-  if (seq == 0) {
-    ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
-    if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
-    point = *latest;
-  } else {
-    ASSIGN_OR_RETURN(point, catalog.Get(volume, seq));
-  }
+  ASSIGN_OR_RETURN(RestorePoint point, PointOrNewest(catalog, volume, seq));
   ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
   ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
   if (exists) {
@@ -138,14 +143,7 @@ StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
   ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
   ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
   Catalog catalog(*kv);
-  RestorePoint point;
-  if (seq == 0) {
-    ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
-    if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
-    point = *latest;
-  } else {
-    ASSIGN_OR_RETURN(point, catalog.Get(volume, seq));
-  }
+  ASSIGN_OR_RETURN(RestorePoint point, PointOrNewest(catalog, volume, seq));
   ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
   ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
   if (exists) {
