@@ -17,7 +17,7 @@ werror=OFF; [[ "${CI:-}" == "true" ]] && werror=ON
 ./build.sh -DCAIRN_WERROR=$werror
 
 echo "== format: the C++ is as clang-format leaves it (.clang-format)"
-git ls-files -z 'engine/*.cc' 'engine/*.h' 'tests/*.cc' 'tests/*.h' 'bench/*.cc' |
+find engine tests bench -name '*.cc' -print0 -o -name '*.h' -print0 |
   xargs -0 clang-format --dry-run --Werror
 
 echo "== unit tests (with the seeded fault simulator, ${CAIRN_SIM_SEEDS:=2000} schedules)"
