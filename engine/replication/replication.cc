@@ -22,10 +22,4 @@ std::string_view StateName(VolumeState state) {
   return "unknown";
 }
 
-int64_t NowNs() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(
-             std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
-
 }  // namespace cairn

@@ -64,6 +64,4 @@ struct VolumeStatusInfo {
   std::string error;  // the last error, empty if the last step succeeded
 };
 
-int64_t NowNs();
-
 }  // namespace cairn

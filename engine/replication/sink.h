@@ -52,6 +52,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/base/clock.h"
 #include "engine/base/memory_budget.h"
 #include "engine/catalog/catalog.h"
 #include "engine/catalog/kv_store.h"
@@ -63,6 +64,9 @@
 #include "engine/volume/volume.h"
 
 namespace cairn {
+namespace pb {
+class Hello;  // proto/cairn.proto
+}  // namespace pb
 
 struct SinkEnv {
   std::string site;
@@ -85,6 +89,9 @@ struct SinkEnv {
   // the daemon's other epochs); none: each takes what `apply` and `spool`
   // say.
   std::shared_ptr<MemoryBudget> budget;
+  // What retries, refusals, lag and point times read and wait on (tests:
+  // a ManualClock that outlives the sink).
+  Clock* clock = &RealClock();
 };
 
 // A directory the sink can spool into: created if missing, and a 4 KiB
@@ -141,13 +148,42 @@ class Sink {
   uint64_t corrupt_frames() const;
 
  private:
-  struct Target;  // one volume being received
+  struct Target;    // one volume being received
+  class Reception;  // one epoch being received (sink_receive.cc)
+  // The source's Hello; a peer that is not a Cairn source of this protocol
+  // version is told why.
+  StatusOr<pb::Hello> ReceiveHello(Link& link);
+  // Checks what the Hello names (volume id, pool served, not failed over)
+  // and opens its pool, catalog and spool directory into `t`.
+  Status OpenTarget(Target& t);
+  // The HelloReply of a probe that CheckProbe passed.
+  Status AnswerProbe(Link& link, const Target& t);
+  // Makes `link` the volume's live session: refused while the sink itself
+  // retries a spooled epoch or its spool refused the last one; an older
+  // session of the volume is closed and waited for (30 s at most).
+  Status ClaimVolume(Link& link, const Target& t);
+  // The session of `t` ended with `st` (mu_ held): the status says how,
+  // and an epoch left durable is retried. Returns what the source is told.
+  Status ReleaseVolumeLocked(const Target& t, Status st);
   Status Session(Link& link, Target& t);
   // An Unchanged frame of t's source: the newest point still holds the
   // image as of its time (status and lag; nothing else changes).
   void NoteUnchanged(const Target& t, const Frame& f, const std::string& peer);
   StatusOr<EpochSummary> ReceiveEpoch(Link& link, Target& t, Frame begin);
-  Status ApplyAndCommit(Target& t, uint64_t seq, int64_t snap_time_ns_hint);
+  // Makes durable epoch `seq` restore point `seq`: its records on the
+  // standby image (already, if streamed; else replayed from the spool),
+  // the snapshot, the catalog record; then the spool goes.
+  Status ApplyAndCommit(Target& t, uint64_t seq);
+  // Epoch `seq` written to the standby head, and on which image handle.
+  struct WrittenEpoch {
+    std::unique_ptr<Volume> vol;
+    EpochSummary summary;
+    std::string phases;  // where its time went, for the log
+  };
+  StatusOr<WrittenEpoch> WriteEpoch(Target& t, uint64_t seq);
+  RestorePoint PointOf(const Target& t, uint64_t seq, const EpochSummary& sum) const;
+  // Unlinks epoch seq's spool on a thread of its own (t.spool_removal).
+  void RemoveSpoolBeside(Target& t, uint64_t seq);
   // The standby image of `t`, checked to be the one this volume's points
   // live on (created if the volume has none yet) and open.
   struct PreparedTarget {
@@ -177,6 +213,19 @@ class Sink {
   // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
   void PruneCommitted(Target& t);
   Status RecoverSpool(Target& t);
+  // How much of the spool of epoch `seq` at `path` is whole and verifies,
+  // read from its start up to the first frame that does not, up to offset
+  // `until`, or to its EpochEnd. The one reading of a spool before apply.
+  struct SpoolScan {
+    explicit SpoolScan(EpochVerifier v) : verifier(std::move(v)) {}
+    EpochVerifier verifier;  // as after the last frame that verified
+    uint64_t end = 0;        // spool offset after that frame
+    uint64_t records = 0;    // Record frames verified (of epoch `seq`)
+    bool complete = false;   // its EpochEnd verified: the epoch is whole
+    Status opened;           // why the spool could not be opened, if not
+  };
+  SpoolScan ScanSpool(const Target& t, const std::filesystem::path& path, uint64_t seq,
+                      uint64_t until = UINT64_MAX);
   // Record frames at the start of the spool of epoch `seq` that are whole
   // and verify (as RecoverSpool counts them).
   uint64_t VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq);
@@ -193,7 +242,7 @@ class Sink {
     std::string pool;  // empty: not known yet (found at start): from the catalog
     std::string image;
     uint64_t seq = 0;  // the epoch (0: not known yet)
-    std::chrono::steady_clock::time_point next;
+    Clock::TimePoint next;
     std::chrono::milliseconds backoff{0};
     Status error;  // the last attempt's, as sources are told
   };
@@ -219,10 +268,9 @@ class Sink {
   // reset) and sends nothing that cannot be spooled. After `until` (60 s)
   // it may try again anyway.
   struct SpoolRefusal {
-    Status error;
-    bool disk = false;  // disk full (else the quota): more free space lifts it
+    Status error;  // its reason: kSpoolDiskFull (more free space lifts it) or kSpoolQuota
     uint64_t free_bytes = 0;
-    std::chrono::steady_clock::time_point until;
+    Clock::TimePoint until;
   };
   std::map<std::string, SpoolRefusal> spool_refusals_;
   std::condition_variable retry_cv_;

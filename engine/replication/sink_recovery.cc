@@ -21,28 +21,35 @@
 
 namespace cairn {
 
-uint64_t Sink::VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq) {
+Sink::SpoolScan Sink::ScanSpool(const Target& t, const std::filesystem::path& path, uint64_t seq,
+                                uint64_t until) {
+  SpoolScan scan(EpochVerifier(t.volume, t.last_seq, t.chain));
   auto reader = SpoolReader::Open(path, SpoolIdentity{t.volume, seq});
-  if (!reader.ok()) return 0;
-  EpochVerifier v(t.volume, t.last_seq, t.chain);
-  while (!v.done()) {
-    auto f = (*reader)->Next();
-    if (!f.ok() || !v.Check(*f).ok()) break;
+  if (!reader.ok()) {
+    scan.opened = reader.status();
+    return scan;
   }
-  return v.begin().seq == seq ? v.begin().records : 0;
+  while (scan.end < until && !scan.complete) {
+    auto f = (*reader)->Next();
+    if (!f.ok() || !scan.verifier.Check(*f).ok()) break;
+    scan.end = (*reader)->offset();
+    scan.complete = scan.verifier.done();
+  }
+  if (scan.verifier.begin().seq == seq) scan.records = scan.verifier.begin().records;
+  return scan;
+}
+
+uint64_t Sink::VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq) {
+  return ScanSpool(t, path, seq).records;
 }
 
 Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier) {
-  ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, SpoolIdentity{t.volume, t.partial.seq}));
-  EpochVerifier v(t.volume, t.last_seq, t.chain);
-  while (reader->offset() < t.partial.offset) {
-    ASSIGN_OR_RETURN(Frame f, reader->Next());
-    RETURN_IF_ERROR(v.Check(f).status());
-  }
-  if (reader->offset() != t.partial.offset || v.begin().records != t.partial.records) {
+  SpoolScan scan = ScanSpool(t, path, t.partial.seq, t.partial.offset);
+  RETURN_IF_ERROR(scan.opened);
+  if (scan.end != t.partial.offset || scan.records != t.partial.records) {
     return DataLoss(fmt::format("spool of epoch {} changed since it was scanned", t.partial.seq));
   }
-  verifier = std::move(v);
+  verifier = std::move(scan.verifier);
   return OkStatus();
 }
 
@@ -63,7 +70,6 @@ Status Sink::RecoverSpool(Target& t) {
     spools[seq] = entry.path();
   }
   for (const auto& [seq, path] : spools) {
-    const std::filesystem::directory_entry entry(path);
     if (seq <= t.last_seq || t.partial.seq != 0 || seq != spools.upper_bound(t.last_seq)->first) {
       // Already applied, or not the next epoch: the source re-sends.
       spdlog::info("volume {}: removing stale spool {}", t.volume, path.string());
@@ -71,22 +77,9 @@ Status Sink::RecoverSpool(Target& t) {
       continue;
     }
     // Scan: how much of the epoch is there and verifies?
-    EpochVerifier v(t.volume, t.last_seq, t.chain);
-    uint64_t good_end = 0;
-    bool complete = false;
-    if (auto reader = SpoolReader::Open(entry.path(), SpoolIdentity{t.volume, seq}); reader.ok()) {
-      while (true) {
-        auto f = (*reader)->Next();
-        if (!f.ok() || !v.Check(*f).ok()) break;
-        good_end = (*reader)->offset();
-        if (v.done()) {
-          complete = true;
-          break;
-        }
-      }
-    }
-    if (complete) {
-      Status st = ApplyAndCommit(t, seq, 0);
+    const SpoolScan scan = ScanSpool(t, path, seq);
+    if (scan.complete) {
+      Status st = ApplyAndCommit(t, seq);
       PruneCommitted(t);
       if (st.ok()) {
         spdlog::info(
@@ -100,13 +93,13 @@ Status Sink::RecoverSpool(Target& t) {
       }
       t.durable_seq = 0;
       spdlog::warn("volume {}: discarding spool of epoch {}: {}", t.volume, seq, st.message());
-      std::filesystem::remove(entry.path(), ec);
-    } else if (v.begin().seq == seq && v.begin().records > 0) {
-      t.partial = {seq, v.begin().records, good_end};
+      std::filesystem::remove(path, ec);
+    } else if (scan.records > 0) {
+      t.partial = {seq, scan.records, scan.end};
       spdlog::info("volume {}: {} verified records of epoch {} are spooled; the source may resume",
                    t.volume, t.partial.records, seq);
     } else {
-      std::filesystem::remove(entry.path(), ec);
+      std::filesystem::remove(path, ec);
     }
   }
   return OkStatus();
@@ -120,7 +113,7 @@ Status Sink::ScheduleRetryLocked(const std::string& volume, const Target& t, con
   }
   if (t.durable_seq != 0) p.seq = t.durable_seq;
   p.backoff = p.backoff.count() == 0 ? env_.retry_min : std::min(p.backoff * 2, env_.retry_max);
-  p.next = std::chrono::steady_clock::now() + p.backoff;
+  p.next = env_.clock->Now() + p.backoff;
   const Status out(
       st.code(),
       fmt::format("{}; {} is durable in the spool and the sink applies it by itself "
@@ -136,7 +129,6 @@ Status Sink::ScheduleRetryLocked(const std::string& volume, const Target& t, con
 }
 
 void Sink::RetryLoop() {
-  using Clock = std::chrono::steady_clock;
   {
     // Complete spools a previous run left: applied without waiting for
     // their sources (which may be gone for good: a lost primary site).
@@ -154,14 +146,14 @@ void Sink::RetryLoop() {
     }
     std::lock_guard lock(mu_);
     for (const auto& v : found) {
-      if (!pending_.count(v)) pending_[v].next = Clock::now();
+      if (!pending_.count(v)) pending_[v].next = env_.clock->Now();
     }
   }
   std::unique_lock lock(mu_);
   std::map<std::string, std::string> logged;  // volume -> last error logged
   while (!stopping_) {
-    const auto now = Clock::now();
-    auto wake = Clock::time_point::max();
+    const auto now = env_.clock->Now();
+    auto wake = Clock::kForever;
     std::string volume;
     for (const auto& [v, p] : pending_) {
       if (active_.count(v)) continue;  // its session retries
@@ -172,11 +164,7 @@ void Sink::RetryLoop() {
       wake = std::min(wake, p.next);
     }
     if (volume.empty()) {
-      if (wake == Clock::time_point::max()) {
-        retry_cv_.wait(lock);
-      } else {
-        retry_cv_.wait_until(lock, wake);
-      }
+      env_.clock->WaitUntil(lock, retry_cv_, wake);
       continue;
     }
     const Pending p = pending_[volume];

@@ -101,7 +101,7 @@ VolumeStatusInfo SourceReplicator::Report() const {
   std::lock_guard lock(mu_);
   VolumeStatusInfo s = status_;
   if (s.last_point_time_ns > 0) {
-    s.lag_seconds = (NowNs() - std::max(s.last_point_time_ns, unchanged_at_ns_)) / 1e9;
+    s.lag_seconds = (clock_->UnixNs() - std::max(s.last_point_time_ns, unchanged_at_ns_)) / 1e9;
   }
   return s;
 }
@@ -168,7 +168,7 @@ bool SourceReplicator::UnchangedSincePoint() {
     }
   }
   if (!vol_) return false;
-  const int64_t asked_at = NowNs();  // what was written before is seen
+  const int64_t asked_at = clock_->UnixNs();  // what was written before is seen
   auto changed = vol_->ChangedSince(point_snap_);
   if (!changed.ok()) {
     spdlog::debug("volume {}: cannot tell whether {} changed since {}: {}", config_.id,
@@ -195,123 +195,125 @@ bool SourceReplicator::UnchangedSincePoint() {
   return true;
 }
 
-void SourceReplicator::Loop() {
-  using Clock = std::chrono::steady_clock;
-  const bool periodic = config_.interval.count() > 0;
-  auto next = Clock::now();      // the next periodic epoch (or outage snapshot)
-  auto retry_at = Clock::now();  // no attempt before this (backoff)
-  auto backoff = std::chrono::milliseconds(500);
-  bool outage = false;                           // the last attempt failed
-  std::optional<Clock::time_point> carried_due;  // see ahead_taken_at_
-  std::string last_error;
-  {
-    // The sink's newest point is known (and shown) from the start, also
-    // for a volume replicated on demand only.
-    Status st = Connect();
-    std::lock_guard lock(mu_);
-    if (st.ok()) {
-      status_.last_seq = std::max(status_.last_seq, sink_seq_);
-      status_.state = VolumeState::kIdle;
-    } else if (!stop_) {
-      last_error = st.Annotate(fmt::format("connecting to sink {}", status_.peer)).ToString();
-      status_.error = last_error;
-      status_.state = VolumeState::kDisconnected;
-      spdlog::warn("volume {}: {}", config_.id, last_error);
-    }
+void SourceReplicator::ConnectFirst(Schedule& s) {
+  Status st = Connect();
+  std::lock_guard lock(mu_);
+  if (st.ok()) {
+    status_.last_seq = std::max(status_.last_seq, sink_seq_);
+    status_.state = VolumeState::kIdle;
+  } else if (!stop_) {
+    s.last_error = st.Annotate(fmt::format("connecting to sink {}", status_.peer)).ToString();
+    status_.error = s.last_error;
+    status_.state = VolumeState::kDisconnected;
+    spdlog::warn("volume {}: {}", config_.id, s.last_error);
   }
+}
+
+Clock::TimePoint SourceReplicator::WakeAt(const Schedule& s, Clock::TimePoint now, bool due) const {
+  const bool periodic = config_.interval.count() > 0;
+  if (now < s.retry_at) {
+    auto wake = due || !periodic ? s.retry_at : std::max(s.next, s.retry_at);
+    if (s.outage && periodic) wake = std::min(wake, s.next);
+    return wake;
+  }
+  return periodic ? s.next : Clock::kForever;
+}
+
+Clock::TimePoint SourceReplicator::NextIdleCheck() const {
+  // The next check of an idle volume falls on a whole tick (a tenth of the
+  // interval, at most a second), with those of the other idle volumes due
+  // in it: their RADOS ops then go out together, and the client's
+  // messenger wakes once for many.
+  using D = Clock::Duration;
+  const D tick = std::max<D>(std::min<D>(std::chrono::seconds(1), config_.interval / 10),
+                             std::chrono::milliseconds(1));
+  const D due = (clock_->Now() + config_.interval).time_since_epoch();
+  return Clock::TimePoint((due + tick - D(1)) / tick * tick);
+}
+
+void SourceReplicator::Loop() {
+  const bool periodic = config_.interval.count() > 0;
+  Schedule s;
+  s.next = s.retry_at = clock_->Now();
+  ConnectFirst(s);
   std::unique_lock lock(mu_);
   while (!stop_) {
-    const auto now = Clock::now();
-    if (outage && periodic && now >= next && now < retry_at) {
+    const auto now = clock_->Now();
+    if (s.outage && periodic && now >= s.next && now < s.retry_at) {
       // The schedule goes on while the sink is unreachable.
       lock.unlock();
       TakeOutageSnapshot();
       lock.lock();
-      next = Clock::now() + config_.interval;
+      s.next = clock_->Now() + config_.interval;
       continue;
     }
-    const bool due = wanted_seq_ > status_.last_seq || (periodic && now >= next);
-    if (now < retry_at || !due) {
-      auto wake = Clock::time_point::max();
-      if (now < retry_at) {
-        wake = due || !periodic ? retry_at : std::max(next, retry_at);
-        if (outage && periodic) wake = std::min(wake, next);
-      } else if (periodic) {
-        wake = next;
-      }
+    const bool due = wanted_seq_ > status_.last_seq || (periodic && now >= s.next);
+    if (now < s.retry_at || !due) {
       // Most of a volume's life is this wait: its deep stack goes back.
       ReleaseStackBelowHere();
-      if (wake == Clock::time_point::max()) {
-        cv_.wait(lock);
-      } else {
-        cv_.wait_until(lock, wake);
-      }
+      clock_->WaitUntil(lock, cv_, WakeAt(s, now, due));
       continue;
     }
-    if (!outage && wanted_seq_ <= status_.last_seq) {
+    if (!s.outage && wanted_seq_ <= status_.last_seq) {
       // Due by the schedule alone: an image that did not change since the
       // newest point costs no snapshot, no epoch, no point.
       lock.unlock();
       const bool unchanged = UnchangedSincePoint();
       lock.lock();
       if (unchanged) {
-        // The next check of an idle volume falls on a whole tick (a tenth
-        // of the interval, at most a second), with those of the other idle
-        // volumes due in it: their RADOS ops then go out together, and the
-        // client's messenger wakes once for many.
-        const auto tick = std::max<Clock::duration>(
-            std::min<Clock::duration>(std::chrono::seconds(1), config_.interval / 10),
-            std::chrono::milliseconds(1));
-        const auto due = (Clock::now() + config_.interval).time_since_epoch();
-        next = Clock::time_point((due + tick - Clock::duration(1)) / tick * tick);
-        carried_due.reset();
+        s.next = NextIdleCheck();
+        s.carried_due.reset();
         continue;
       }
     }
-    lock.unlock();
-    const auto started = Clock::now();
-    // The next snapshot is due an interval after this epoch's: taken at its
-    // start, or by the helper of the epoch before (then counted from then).
-    next_due_at_ =
-        periodic ? std::optional(carried_due.value_or(started + config_.interval)) : std::nullopt;
-    carried_due.reset();
-    ahead_taken_at_.reset();
-    auto r = RunOnce();
-    // Until the next epoch the image is not held open (see CloseHandles).
-    if (vol_) vol_->CloseHandles();
-    // When the next snapshot is due: as the epoch began, or an interval
-    // after the snapshot it took itself (ShipEpoch).
-    const auto snap_due = next_due_at_.value_or(started + config_.interval);
-    next_due_at_.reset();
-    lock.lock();
-    if (r.ok()) {
-      backoff = std::chrono::milliseconds(500);
-      last_error.clear();
-      outage = false;
-      if (ahead_taken_at_ && periodic) {
-        // The next epoch's snapshot exists: ship it now.
-        carried_due = *ahead_taken_at_ + config_.interval;
-        next = Clock::now();
-      } else {
-        next = snap_due;
-      }
-      retry_at = Clock::now();
-      continue;
-    }
-    if (stop_) break;  // the epoch was cut by Stop(): nothing went wrong
-    const std::string msg = r.status().ToString();
-    status_.error = msg;
-    status_.errors_total++;
-    const Code code = r.status().code();
-    status_.state = code == Code::kUnavailable || code == Code::kAborted
-                        ? VolumeState::kDisconnected
-                        : VolumeState::kError;
-    if (msg != last_error) spdlog::error("volume {}: {}", config_.id, msg);
-    last_error = msg;
-    outage = true;
-    retry_at = Clock::now() + backoff;
-    backoff = std::min(backoff * 2, std::chrono::milliseconds(30'000));
+    RunScheduledEpoch(s, lock);
   }
+}
+
+void SourceReplicator::RunScheduledEpoch(Schedule& s, std::unique_lock<std::mutex>& lock) {
+  const bool periodic = config_.interval.count() > 0;
+  lock.unlock();
+  const auto started = clock_->Now();
+  // The next snapshot is due an interval after this epoch's: taken at its
+  // start, or by the helper of the epoch before (then counted from then).
+  next_due_at_ =
+      periodic ? std::optional(s.carried_due.value_or(started + config_.interval)) : std::nullopt;
+  s.carried_due.reset();
+  ahead_taken_at_.reset();
+  auto r = RunOnce();
+  // Until the next epoch the image is not held open (see CloseHandles).
+  if (vol_) vol_->CloseHandles();
+  // When the next snapshot is due: as the epoch began, or an interval
+  // after the snapshot it took itself (ShipEpoch).
+  const auto snap_due = next_due_at_.value_or(started + config_.interval);
+  next_due_at_.reset();
+  lock.lock();
+  if (r.ok()) {
+    s.backoff = std::chrono::milliseconds(500);
+    s.last_error.clear();
+    s.outage = false;
+    if (ahead_taken_at_ && periodic) {
+      // The next epoch's snapshot exists: ship it now.
+      s.carried_due = *ahead_taken_at_ + config_.interval;
+      s.next = clock_->Now();
+    } else {
+      s.next = snap_due;
+    }
+    s.retry_at = clock_->Now();
+    return;
+  }
+  if (stop_) return;  // the epoch was cut by Stop(): nothing went wrong
+  const std::string msg = r.status().ToString();
+  status_.error = msg;
+  status_.errors_total++;
+  const Code code = r.status().code();
+  status_.state = code == Code::kUnavailable || code == Code::kAborted ? VolumeState::kDisconnected
+                                                                       : VolumeState::kError;
+  if (msg != s.last_error) spdlog::error("volume {}: {}", config_.id, msg);
+  s.last_error = msg;
+  s.outage = true;
+  s.retry_at = clock_->Now() + s.backoff;
+  s.backoff = std::min(s.backoff * 2, std::chrono::milliseconds(30'000));
 }
 
 }  // namespace cairn

@@ -29,12 +29,15 @@
 #include <chrono>
 #include <condition_variable>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <thread>
 #include <vector>
 
+#include "engine/base/clock.h"
 #include "engine/base/memory_budget.h"
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
@@ -55,6 +58,9 @@ class SourceReplicator {
   // Epochs borrow their read window from `budget` (shared by the daemon's
   // volumes); without one each takes config().window blocks. Before Start.
   void set_memory_budget(std::shared_ptr<MemoryBudget> budget) { budget_ = std::move(budget); }
+  // The clock the schedule reads and waits on (tests: a ManualClock; it
+  // must outlive the replicator). Before Start.
+  void set_clock(Clock& clock) { clock_ = &clock; }
 
   void Start();
   // Tells the replicator to stop (its link is closed at once) and returns;
@@ -95,18 +101,54 @@ class SourceReplicator {
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).
   StatusOr<SinkHello> Handshake(Link& link, bool probe);
+  // One epoch: plans it, sends it with a helper beside it (AheadThread),
+  // waits for the sink's acks, records the point and prunes.
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);
+  // What an epoch ships: its plan, the snapshot it reads up to, and the
+  // image's cairn.<N> snapshots by N as listed for it.
+  struct EpochStart {
+    EpochPlan plan;
+    SnapInfo to;
+    std::map<uint64_t, SnapInfo> ours;
+  };
+  StatusOr<EpochStart> PlanEpoch(Volume& vol);
+  // The snapshot the next epoch ships: the oldest one the sink does not
+  // have yet, or a new one taken now.
+  StatusOr<SnapInfo> SnapshotToShip(const std::map<uint64_t, SnapInfo>& ours);
+  // The read window out of the daemon's memory budget (into opt->window):
+  // at least one block, as much of the configured window as is free, never
+  // more than an image of `image_size` holds. None without a budget;
+  // kAborted if the replicator stops while it waits.
+  StatusOr<std::optional<MemoryBudget::Lease>> BorrowReadWindow(uint64_t image_size,
+                                                                EpochOptions* opt);
+  class AheadThread;
+  // How long each stage of an epoch took, for the log.
+  struct EpochTimes {
+    Clock::TimePoint begun;  // the send began
+    double plan = 0;         // snapshot and plan
+    double send = 0;
+    SendTimes send_detail;
+    double durable = 0;  // send done -> DURABLE
+    double applied = 0;  // DURABLE -> APPLIED
+    double total = 0;    // the send began -> APPLIED
+  };
+  // Sends the epoch of `start` and waits until the sink says it is a point
+  // with the chain the source computed.
+  StatusOr<EpochSummary> SendAndAwaitAcks(Volume& vol, const EpochStart& start,
+                                          const EpochOptions& opt, AheadThread& ahead,
+                                          EpochTimes* times);
+  // The point is made: the status says so.
+  void RecordPoint(const EpochStart& start, const EpochSummary& sum, double secs);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
   // Removes cairn.<N> older than `applied` beyond keep_snapshots, through a
   // volume of its own. False if the image could not be opened.
   bool PruneSnapshots(uint64_t applied);
 
-  using Clock = std::chrono::steady_clock;
   // What the helper beside one epoch's send did (TakeAhead).
   struct Ahead {
     bool took = false;
-    Clock::time_point taken_at;  // when the snapshot was begun
-    double snap_secs = 0;        // how long it took
+    Clock::TimePoint taken_at;  // when the snapshot was begun
+    double snap_secs = 0;       // how long it took
     bool pruned = false;
     double prune_secs = 0;
     // The image's snapshots as the handle that took it saw them right
@@ -128,7 +170,9 @@ class SourceReplicator {
   // `to`: the snapshot of epoch `seq`; none is taken after it unless the
   // image changed since or a point was asked for.
   void TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take, uint64_t prune_base,
-                 std::optional<Clock::time_point> due_at, Ahead* out);
+                 std::optional<Clock::TimePoint> due_at, Ahead* out);
+  void LogEpoch(const EpochStart& start, const EpochSummary& sum, const EpochTimes& times,
+                const Ahead& ahead);
   // Counts cairn.<seq> as existing before it is created, so that a
   // RequestNow meanwhile (its writes maybe not in it) promises seq + 1.
   void ReserveSnap(uint64_t seq);
@@ -138,13 +182,33 @@ class SourceReplicator {
   // A periodic epoch is due: true if the image has not changed since the
   // newest point (then no snapshot is taken, at either site).
   bool UnchangedSincePoint();
+  // The Loop's schedule (its thread's own).
+  struct Schedule {
+    Clock::TimePoint next;      // the next periodic epoch (or outage snapshot)
+    Clock::TimePoint retry_at;  // no attempt before this (backoff)
+    std::chrono::milliseconds backoff{500};
+    bool outage = false;                          // the last attempt failed
+    std::optional<Clock::TimePoint> carried_due;  // see ahead_taken_at_
+    std::string last_error;
+  };
   void Loop();
+  // The first connect: the sink's newest point is known (and shown) from
+  // the start, also for a volume replicated on demand only.
+  void ConnectFirst(Schedule& s);
+  // When the Loop, with nothing to do at `now`, wakes next.
+  Clock::TimePoint WakeAt(const Schedule& s, Clock::TimePoint now, bool due) const;
+  // The next check of a volume found idle.
+  Clock::TimePoint NextIdleCheck() const;
+  // Runs the epoch due (mu_ not held) and then, with mu_ held, sets the
+  // schedule by how it went.
+  void RunScheduledEpoch(Schedule& s, std::unique_lock<std::mutex>& lock);
 
   const VolumeConfig config_;
   const std::string site_;
   std::shared_ptr<Pool> pool_;
   Connector connect_;
   const LinkTimeouts timeouts_;
+  Clock* clock_ = &RealClock();
 
   std::shared_ptr<MemoryBudget> budget_;
   std::unique_ptr<Link> link_;
@@ -174,11 +238,11 @@ class SourceReplicator {
   bool prune_deferred_ = false;
   // When the Loop's schedule makes the next epoch due (unset for a RunOnce
   // called on its own); read by ShipEpoch on the Loop's thread.
-  std::optional<Clock::time_point> next_due_at_;
+  std::optional<Clock::TimePoint> next_due_at_;
   // When the last epoch's helper began the snapshot the next epoch ships:
   // the Loop counts the next interval from there, and starts that epoch at
   // once. Set by ShipEpoch on the Loop's thread.
-  std::optional<Clock::time_point> ahead_taken_at_;
+  std::optional<Clock::TimePoint> ahead_taken_at_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

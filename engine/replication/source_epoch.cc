@@ -107,12 +107,36 @@ Status SourceReplicator::AwaitAck(uint64_t seq, int stage, ChainDigest* chain) {
   return OkStatus();
 }
 
-StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
-  using Clock = std::chrono::steady_clock;
-  const auto seconds_since = [](Clock::time_point t) {
-    return std::chrono::duration<double>(Clock::now() - t).count();
-  };
-  const auto t_plan = Clock::now();
+StatusOr<SnapInfo> SourceReplicator::SnapshotToShip(const std::map<uint64_t, SnapInfo>& ours) {
+  // A snapshot taken but not yet applied at the sink is shipped first.
+  if (auto pending = ours.upper_bound(sink_seq_); pending != ours.end()) {
+    // From now on the sink may hold a durable prefix of this epoch: the
+    // snapshot must stay until it is applied.
+    std::erase(outage_snaps_, pending->first);
+    return pending->second;
+  }
+  const uint64_t seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
+  ReserveSnap(seq);
+  // The next snapshot is due an interval after this one is begun (not
+  // after the connect and the plan that came before it).
+  if (next_due_at_) next_due_at_ = clock_->Now() + config_.interval;
+  std::vector<SnapInfo> after;
+  {
+    // A handle of its own, closed right after: the epoch then reads only
+    // snapshots, so a crash mid-epoch leaves no watch on the primary to
+    // stall the next snapshot (the guest's or ours). The handle that took
+    // the snapshot knows it: it lists it without another open.
+    ASSIGN_OR_RETURN(auto head, pool_->Open(config_.image));
+    RETURN_IF_ERROR(head->CreateSnap(SnapName(seq)));
+    ASSIGN_OR_RETURN(after, head->ListSnaps());
+  }
+  auto it = std::find_if(after.begin(), after.end(),
+                         [&](const SnapInfo& s) { return s.name == SnapName(seq); });
+  if (it == after.end()) return Internal("snapshot vanished right after it was created");
+  return *it;
+}
+
+StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) {
   // Listed already: by the helper of the epoch before as it took this
   // epoch's snapshot, or by RunOnce as it checked the image is the one
   // kept open. Another listing would cost an image open more.
@@ -123,69 +147,39 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   } else {
     ASSIGN_OR_RETURN(snaps, vol.ListSnaps());
   }
-  std::map<uint64_t, SnapInfo> ours;
+  EpochStart e;
   for (auto& s : snaps) {
-    if (auto seq = ParseSnapName(s.name)) ours[*seq] = s;
+    if (auto seq = ParseSnapName(s.name)) e.ours[*seq] = s;
   }
   // The base of the next epoch is gone (the image was recreated, or its
   // snapshot removed by hand): the next epoch resends the whole image.
-  const bool resync = sink_seq_ > 0 && !ours.count(sink_seq_);
+  const bool resync = sink_seq_ > 0 && !e.ours.count(sink_seq_);
   if (resync) {
     spdlog::warn(
         "volume {}: the sink's newest restore point is {} but image {}/{} has no "
         "snapshot {}: resyncing the whole image",
         config_.id, sink_seq_, config_.pool, config_.image, SnapName(sink_seq_));
   }
-  // A snapshot taken but not yet applied at the sink is shipped first.
-  auto pending = ours.upper_bound(sink_seq_);
-  SnapInfo to;
-  uint64_t seq;
-  if (pending != ours.end()) {
-    seq = pending->first;
-    to = pending->second;
-    // From now on the sink may hold a durable prefix of this epoch: the
-    // snapshot must stay until it is applied.
-    std::erase(outage_snaps_, seq);
-  } else {
-    seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
-    ReserveSnap(seq);
-    // The next snapshot is due an interval after this one is begun (not
-    // after the connect and the plan that came before it).
-    if (next_due_at_) next_due_at_ = Clock::now() + config_.interval;
-    std::vector<SnapInfo> after;
-    {
-      // A handle of its own, closed right after: the epoch then reads only
-      // snapshots, so a crash mid-epoch leaves no watch on the primary to
-      // stall the next snapshot (the guest's or ours). The handle that took
-      // the snapshot knows it: it lists it without another open.
-      ASSIGN_OR_RETURN(auto head, pool_->Open(config_.image));
-      RETURN_IF_ERROR(head->CreateSnap(SnapName(seq)));
-      ASSIGN_OR_RETURN(after, head->ListSnaps());
-    }
-    auto it = std::find_if(after.begin(), after.end(),
-                           [&](const SnapInfo& s) { return s.name == SnapName(seq); });
-    if (it == after.end()) return Internal("snapshot vanished right after it was created");
-    to = *it;
-  }
+  ASSIGN_OR_RETURN(e.to, SnapshotToShip(e.ours));
+  const uint64_t seq = ParseSnapName(e.to.name).value();
   {
     std::lock_guard lock(mu_);
     highest_snap_ =
-        std::max(highest_snap_, ours.empty() ? seq : std::max(seq, ours.rbegin()->first));
+        std::max(highest_snap_, e.ours.empty() ? seq : std::max(seq, e.ours.rbegin()->first));
     snaps_known_ = true;
     status_.state = VolumeState::kSyncing;
   }
-
-  EpochPlan plan;
+  EpochPlan& plan = e.plan;
   plan.volume = config_.id;
   plan.seq = seq;
   plan.base_seq = sink_seq_;
   plan.from_snap = sink_seq_ && !resync ? SnapName(sink_seq_) : "";
   plan.resync = resync;
-  plan.to_snap = to.name;
-  plan.to_snap_id = to.id;
-  if (!plan.from_snap.empty()) plan.from_snap_id = ours.at(sink_seq_).id;
-  plan.image_size = to.size;
-  plan.snap_time_ns = to.time_ns;
+  plan.to_snap = e.to.name;
+  plan.to_snap_id = e.to.id;
+  if (!plan.from_snap.empty()) plan.from_snap_id = e.ours.at(sink_seq_).id;
+  plan.image_size = e.to.size;
+  plan.snap_time_ns = e.to.time_ns;
   plan.prev_chain = sink_chain_;
   plan.source_site = site_;
   // After a cut the sink keeps what it verified and made durable: send the
@@ -193,80 +187,98 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   // they did not, the sink's verifier refuses and the epoch starts over.)
   if (resume_seq_ == seq) plan.skip_records = resume_records_;
   resume_seq_ = resume_records_ = 0;
-  EpochOptions opt;
-  opt.block_size = config_.block_size;
-  opt.window = config_.window;
-  // The read window comes out of the daemon's memory budget: at least one
-  // block, as much of the configured window as is free, and never more
-  // than the image holds (a small volume leaves the rest to the others).
-  std::optional<MemoryBudget::Lease> memory;
-  if (budget_) {
-    const uint64_t blocks = std::max<uint64_t>(1, (to.size + opt.block_size - 1) / opt.block_size);
-    const uint64_t want = std::min<uint64_t>(opt.window, blocks) * opt.block_size;
-    memory = budget_->Acquire(want, opt.block_size, [this] {
-      std::lock_guard lock(mu_);
-      return stop_;
-    });
-    if (!memory) return Aborted("stopping");
-    opt.window = static_cast<uint32_t>(std::max<uint64_t>(1, memory->bytes() / opt.block_size));
-  }
+  return e;
+}
 
-  const double snap_secs = seconds_since(t_plan);
-  const auto t0 = Clock::now();
-  // A snapshot of the primary, and a removal, go through the image's lock
-  // owner (the guest), which first lets its writes in flight finish: under
-  // load each takes 0.1-0.2 s, and a second or more on a busy primary. A
-  // helper thread does both beside the epoch (TakeAhead): the older
-  // snapshots go while it is sent, the next epoch's snapshot is taken while
-  // the sink finishes, and ships as pending right after this one.
-  Ahead ahead;
-  const bool may_take = ours.empty() || ours.rbegin()->first <= seq;
-  const uint64_t prune_base = prune_deferred_ ? sink_seq_ : 0;
-  {
+StatusOr<std::optional<MemoryBudget::Lease>> SourceReplicator::BorrowReadWindow(uint64_t image_size,
+                                                                                EpochOptions* opt) {
+  if (!budget_) return std::optional<MemoryBudget::Lease>();
+  const uint64_t blocks =
+      std::max<uint64_t>(1, (image_size + opt->block_size - 1) / opt->block_size);
+  const uint64_t want = std::min<uint64_t>(opt->window, blocks) * opt->block_size;
+  auto memory = budget_->Acquire(want, opt->block_size, [this] {
     std::lock_guard lock(mu_);
-    ahead_mode_ = AheadMode::kSending;
-  }
-  std::thread helper;
-  try {
-    helper = std::thread([this, seq, to, may_take, prune_base, due = next_due_at_, &ahead] {
-      TakeAhead(seq, to, may_take, prune_base, due, &ahead);
-    });
-  } catch (const std::system_error& e) {
-    // No thread to be had: the epoch goes on, the next one takes its own
-    // snapshot and the removals wait.
-    spdlog::warn("volume {}: no helper thread beside epoch {}: {}", config_.id, seq, e.what());
-  }
-  const auto end_helper = [&](AheadMode how) {
-    if (!helper.joinable()) return;
-    {
-      std::lock_guard lock(mu_);
-      ahead_mode_ = how;
-    }
-    cv_.notify_all();
-    helper.join();
-    if (ahead.pruned) prune_deferred_ = false;
-  };
-  // Every way out of here ends the helper; one that failed begins nothing
-  // more. A snapshot it took ahead before the failure counts among the
-  // outage snapshots from then on: bounded by outage_snapshots like them.
-  struct HelperGuard {
-    const decltype(end_helper)& end;
-    const Ahead& ahead;
-    std::vector<uint64_t>& outage_snaps;
-    uint64_t next_seq;
-    bool point_made = false;
-    ~HelperGuard() {
-      end(AheadMode::kCancel);
-      if (!point_made && ahead.took &&
-          std::find(outage_snaps.begin(), outage_snaps.end(), next_seq) == outage_snaps.end()) {
-        outage_snaps.push_back(next_seq);
-      }
-    }
-  } guard{end_helper, ahead, outage_snaps_, seq + 1};
+    return stop_;
+  });
+  if (!memory) return Aborted("stopping");
+  opt->window = static_cast<uint32_t>(std::max<uint64_t>(1, memory->bytes() / opt->block_size));
+  return memory;
+}
 
-  SendTimes send_times;
+// The helper thread beside one epoch (TakeAhead). Every way out of the
+// epoch ends it; a failed epoch's helper begins nothing more. A snapshot it
+// took ahead of an epoch that then failed counts among the outage
+// snapshots from then on: bounded by outage_snapshots like them.
+class SourceReplicator::AheadThread {
+ public:
+  AheadThread(SourceReplicator& r, uint64_t seq, const SnapInfo& to, bool may_take,
+              uint64_t prune_base)
+      : r_(r), seq_(seq) {
+    {
+      std::lock_guard lock(r_.mu_);
+      r_.ahead_mode_ = AheadMode::kSending;
+    }
+    try {
+      thread_ = std::thread([this, to, may_take, prune_base, due = r_.next_due_at_] {
+        r_.TakeAhead(seq_, to, may_take, prune_base, due, &ahead_);
+      });
+    } catch (const std::system_error& e) {
+      // No thread to be had: the epoch goes on, the next one takes its own
+      // snapshot and the removals wait.
+      spdlog::warn("volume {}: no helper thread beside epoch {}: {}", r_.config_.id, seq, e.what());
+    }
+  }
+  AheadThread(const AheadThread&) = delete;
+  AheadThread& operator=(const AheadThread&) = delete;
+
+  ~AheadThread() {
+    End(AheadMode::kCancel);
+    auto& outage = r_.outage_snaps_;
+    if (!point_made_ && ahead_.took &&
+        std::find(outage.begin(), outage.end(), seq_ + 1) == outage.end()) {
+      outage.push_back(seq_ + 1);
+    }
+  }
+
+  // The send is through: the helper may take the next snapshot once due.
+  void SendDone() { Tell(AheadMode::kSent); }
+
+  // The point is made: the helper still takes the next snapshot if it is
+  // due by now, and is joined. What it did is then result().
+  void PointMade() {
+    End(AheadMode::kEpochDone);
+    point_made_ = true;
+  }
+  const Ahead& result() const { return ahead_; }
+
+ private:
+  void Tell(AheadMode mode) {
+    {
+      std::lock_guard lock(r_.mu_);
+      r_.ahead_mode_ = mode;
+    }
+    r_.cv_.notify_all();
+  }
+  void End(AheadMode mode) {
+    if (!thread_.joinable()) return;
+    Tell(mode);
+    thread_.join();
+    if (ahead_.pruned) r_.prune_deferred_ = false;
+  }
+
+  SourceReplicator& r_;
+  const uint64_t seq_;
+  Ahead ahead_;
+  bool point_made_ = false;
+  std::thread thread_;
+};
+
+StatusOr<EpochSummary> SourceReplicator::SendAndAwaitAcks(Volume& vol, const EpochStart& start,
+                                                          const EpochOptions& opt,
+                                                          AheadThread& ahead, EpochTimes* times) {
+  const EpochPlan& plan = start.plan;
   WatchedWriter wire(*link_);
-  auto sent = SendEpoch(vol, plan, opt, wire, &send_times);
+  auto sent = SendEpoch(vol, plan, opt, wire, &times->send_detail);
   if (!sent.ok()) {
     if (!wire.failed()) {
       // The epoch failed here (a read, a snapshot gone): the sink hears why
@@ -282,83 +294,107 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
     }
     return sent.status();
   }
-  EpochSummary sum = std::move(sent).value();
-  const double send_secs = seconds_since(t0);
+  times->send = clock_->SecondsSince(times->begun);
   // The next epoch reads another snapshot: this one's handle is closed
   // while the sink finishes, not kept open for the interval.
   vol.CloseSnapshotHandles();
-  {
-    std::lock_guard lock(mu_);
-    ahead_mode_ = AheadMode::kSent;
-  }
-  cv_.notify_all();
-  const auto t_durable = Clock::now();
-  RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::DURABLE, nullptr));
-  const double durable_secs = seconds_since(t_durable);
-  const auto t_applied = Clock::now();
+  ahead.SendDone();
+  const auto t_durable = clock_->Now();
+  RETURN_IF_ERROR(AwaitAck(plan.seq, pb::EpochAck::DURABLE, nullptr));
+  times->durable = clock_->SecondsSince(t_durable);
+  const auto t_applied = clock_->Now();
   {
     std::lock_guard lock(mu_);
     status_.state = VolumeState::kApplying;
   }
   ChainDigest applied_chain;
-  RETURN_IF_ERROR(AwaitAck(seq, pb::EpochAck::APPLIED, &applied_chain));
-  if (applied_chain != sum.chain) {
-    return DataLoss(fmt::format("sink applied epoch {} with chain {}, source computed {}", seq,
-                                applied_chain.ToHex(), sum.chain.ToHex()));
+  RETURN_IF_ERROR(AwaitAck(plan.seq, pb::EpochAck::APPLIED, &applied_chain));
+  if (applied_chain != sent->chain) {
+    return DataLoss(fmt::format("sink applied epoch {} with chain {}, source computed {}", plan.seq,
+                                applied_chain.ToHex(), sent->chain.ToHex()));
   }
-  const double applied_secs = seconds_since(t_applied);
-  const double secs = seconds_since(t0);
+  times->applied = clock_->SecondsSince(t_applied);
+  return sent;
+}
+
+void SourceReplicator::RecordPoint(const EpochStart& start, const EpochSummary& sum, double secs) {
+  const uint64_t seq = start.plan.seq;
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
-  point_snap_ = to;
-  {
-    // The point is made: said at once, not after the helper.
-    std::lock_guard lock(mu_);
-    status_.state = VolumeState::kIdle;
-    status_.last_seq = seq;
-    status_.last_point_time_ns = to.time_ns;
-    status_.bytes_total += sum.data_bytes;
-    status_.epochs_total += 1;
-    status_.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
-    status_.error.clear();
-    if (plan.skip_records > 0) status_.resumed_epochs_total += 1;
-    status_.pending_snapshots = static_cast<uint64_t>(
-        std::count_if(ours.begin(), ours.end(), [&](const auto& kv) { return kv.first > seq; }));
-  }
-  // The helper still takes the next snapshot if it is due by now;
-  // otherwise the next epoch takes it when the schedule says.
-  end_helper(AheadMode::kEpochDone);
-  guard.point_made = true;
-  const bool took_next = ahead.took;
-  if (took_next) {
-    ahead_taken_at_ = ahead.taken_at;
-    const std::string next = SnapName(seq + 1);
-    if (std::any_of(ahead.snaps.begin(), ahead.snaps.end(),
-                    [&](const SnapInfo& s) { return s.name == next; })) {
-      ahead_snaps_ = std::move(ahead.snaps);
-    }
-    std::lock_guard lock(mu_);
-    status_.pending_snapshots += 1;
-  }
+  point_snap_ = start.to;
+  std::lock_guard lock(mu_);
+  status_.state = VolumeState::kIdle;
+  status_.last_seq = seq;
+  status_.last_point_time_ns = start.to.time_ns;
+  status_.bytes_total += sum.data_bytes;
+  status_.epochs_total += 1;
+  status_.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
+  status_.error.clear();
+  if (start.plan.skip_records > 0) status_.resumed_epochs_total += 1;
+  status_.pending_snapshots = static_cast<uint64_t>(std::count_if(
+      start.ours.begin(), start.ours.end(), [&](const auto& kv) { return kv.first > seq; }));
+}
+
+void SourceReplicator::LogEpoch(const EpochStart& start, const EpochSummary& sum,
+                                const EpochTimes& times, const Ahead& ahead) {
+  const EpochPlan& plan = start.plan;
   spdlog::info(
       "volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
       "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s [waiting for reads {:.2f} s, "
       "for the link {:.2f} s], then durable {:.2f} s, applied {:.2f} s{}{})",
-      config_.id, seq, sum.records,
+      config_.id, plan.seq, sum.records,
       plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
-      sum.data_bytes, sum.zero_bytes, secs, snap_secs, send_secs, send_times.reads, send_times.link,
-      durable_secs, applied_secs,
+      sum.data_bytes, sum.zero_bytes, times.total, times.plan, times.send, times.send_detail.reads,
+      times.send_detail.link, times.durable, times.applied,
       ahead.pruned
           ? fmt::format("; beside it, older snapshots removed in {:.2f} s", ahead.prune_secs)
           : "",
-      took_next
-          ? fmt::format("; next snapshot begun {:.2f} s after the send began, took {:.2f} s",
-                        std::chrono::duration<double>(ahead.taken_at - t0).count(), ahead.snap_secs)
-          : "");
+      ahead.took ? fmt::format("; next snapshot begun {:.2f} s after the send began, took {:.2f} s",
+                               std::chrono::duration<double>(ahead.taken_at - times.begun).count(),
+                               ahead.snap_secs)
+                 : "");
+}
+
+StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
+  EpochTimes times;
+  const auto t_plan = clock_->Now();
+  ASSIGN_OR_RETURN(const EpochStart start, PlanEpoch(vol));
+  const uint64_t seq = start.plan.seq;
+  EpochOptions opt;
+  opt.block_size = config_.block_size;
+  opt.window = config_.window;
+  ASSIGN_OR_RETURN(const auto memory, BorrowReadWindow(start.to.size, &opt));
+  times.plan = clock_->SecondsSince(t_plan);
+  times.begun = clock_->Now();
+  // A snapshot of the primary, and a removal, go through the image's lock
+  // owner (the guest), which first lets its writes in flight finish: under
+  // load each takes 0.1-0.2 s, and a second or more on a busy primary. A
+  // helper thread does both beside the epoch (TakeAhead): the older
+  // snapshots go while it is sent, the next epoch's snapshot is taken while
+  // the sink finishes, and ships as pending right after this one.
+  AheadThread ahead(*this, seq, start.to, start.ours.empty() || start.ours.rbegin()->first <= seq,
+                    prune_deferred_ ? sink_seq_ : 0);
+  ASSIGN_OR_RETURN(const EpochSummary sum, SendAndAwaitAcks(vol, start, opt, ahead, &times));
+  // The point is made: said at once, not after the helper.
+  times.total = clock_->SecondsSince(times.begun);
+  RecordPoint(start, sum, times.total);
+  ahead.PointMade();
+  const Ahead& took = ahead.result();
+  if (took.took) {
+    ahead_taken_at_ = took.taken_at;
+    const std::string next = SnapName(seq + 1);
+    if (std::any_of(took.snaps.begin(), took.snaps.end(),
+                    [&](const SnapInfo& s) { return s.name == next; })) {
+      ahead_snaps_ = took.snaps;
+    }
+    std::lock_guard lock(mu_);
+    status_.pending_snapshots += 1;
+  }
+  LogEpoch(start, sum, times, took);
   // Snapshots older than this point go now, unless the next epoch is to
   // start right away: then its helper removes them beside its send.
-  const bool next_now = took_next || [&] {
-    if (next_due_at_ && Clock::now() >= *next_due_at_) return true;
+  const bool next_now = took.took || [&] {
+    if (next_due_at_ && clock_->Now() >= *next_due_at_) return true;
     std::lock_guard lock(mu_);
     return wanted_seq_ > seq;
   }();
@@ -400,7 +436,7 @@ bool SourceReplicator::PruneSnapshots(uint64_t applied) {
 }
 
 void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take,
-                                 uint64_t prune_base, std::optional<Clock::time_point> due_at,
+                                 uint64_t prune_base, std::optional<Clock::TimePoint> due_at,
                                  Ahead* out) {
   const auto ended = [&] {  // with mu_ held
     return stop_ || ahead_mode_ == AheadMode::kCancel;
@@ -410,24 +446,18 @@ void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take
       std::lock_guard lock(mu_);
       if (ended()) return;
     }
-    const auto t = Clock::now();
+    const auto t = clock_->Now();
     out->pruned = PruneSnapshots(prune_base);
-    out->prune_secs = std::chrono::duration<double>(Clock::now() - t).count();
+    out->prune_secs = clock_->SecondsSince(t);
   }
   if (!may_take) return;
   {
     std::unique_lock lock(mu_);
-    const auto due = [&] { return wanted_seq_ > seq || (due_at && Clock::now() >= *due_at); };
+    const auto due = [&] { return wanted_seq_ > seq || (due_at && clock_->Now() >= *due_at); };
     while (!ended() && ahead_mode_ != AheadMode::kEpochDone) {
-      if (ahead_mode_ == AheadMode::kSending) {
-        cv_.wait(lock);
-      } else if (due()) {
-        break;
-      } else if (due_at) {
-        cv_.wait_until(lock, *due_at);
-      } else {
-        cv_.wait(lock);
-      }
+      if (ahead_mode_ != AheadMode::kSending && due()) break;
+      const bool timed = ahead_mode_ != AheadMode::kSending && due_at;
+      clock_->WaitUntil(lock, cv_, timed ? *due_at : Clock::kForever);
     }
     if (ended() || !due()) return;
   }
@@ -441,11 +471,11 @@ void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take
     auto changed = (*head)->ChangedSince(to);
     if (changed.ok() && !*changed) return;
   }
-  out->taken_at = Clock::now();
+  out->taken_at = clock_->Now();
   const std::string next = SnapName(seq + 1);
   ReserveSnap(seq + 1);
   Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
-  out->snap_secs = std::chrono::duration<double>(Clock::now() - out->taken_at).count();
+  out->snap_secs = clock_->SecondsSince(out->taken_at);
   if (st.ok()) {
     out->took = true;
     // For the next epoch's plan (no listing there); it lists anew if not.

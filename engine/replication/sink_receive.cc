@@ -1,0 +1,279 @@
+// Sink: receiving one epoch into the spool and, as it arrives, into the
+// standby image's head (ReceiveEpoch; sink.h says what the sink is).
+
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <future>
+#include <system_error>
+
+#include "engine/replication/sink.h"
+#include "engine/replication/sink_target.h"
+
+namespace cairn {
+
+// One epoch being received: its verifier, its spool file and the writes to
+// the standby head that overlap the receive. Every failure goes through
+// Fail, which keeps the verified, durable prefix for a resume (or removes
+// the spool) and says why.
+class Sink::Reception {
+ public:
+  Reception(Sink& sink, Target& t) : sink_(sink), t_(t), verifier_(t.volume, t.last_seq, t.chain) {
+    t_.streamed.reset();
+  }
+
+  // EpochBegin: the spool (new, or resumed after the durable prefix) and
+  // the apply beside the receive.
+  Status Begin(const Frame& begin);
+  // Record frames up to EpochEnd, each verified before it is spooled.
+  Status ReceiveRecords(Link& link);
+  // The spool synced and the last writes to the standby drained: the
+  // epoch is durable. Hands the streamed apply to t.streamed.
+  StatusOr<EpochSummary> Finish();
+
+  // Ends the epoch with `cause`, keeping what can be resumed.
+  Status Fail(const Status& cause);
+  // A failure of the spool itself (disk full, quota, I/O): the sink's fault.
+  Status FailSpool(const Status& cause) {
+    t_.sink_fault = true;
+    return Fail(cause);
+  }
+
+ private:
+  // The spool of a resumed epoch: the verifier replays the durable prefix,
+  // then the stream continues exactly where it ends.
+  Status ResumeSpool(const EpochSummary& announced);
+  // Starts writing the epoch to the standby head as it arrives. If the
+  // image cannot take it now, the epoch is still spooled and ApplyAndCommit
+  // replays it (and reports why).
+  // Takes memory_ along.
+  void StartStreaming(const EpochSummary& announced, const EpochOptions& opt);
+  // What a spool refusal tells the operator to do.
+  Status AdviseSpoolRefusal(const Status& st, uint64_t kept, uint64_t seq) const;
+  // Adds the time since the previous lap to `stage`.
+  void Lap(double& stage) {
+    const auto now = sink_.env_.clock->Now();
+    stage += std::chrono::duration<double>(now - lap_).count();
+    lap_ = now;
+  }
+
+  Sink& sink_;
+  Target& t_;
+  EpochVerifier verifier_;
+  std::unique_ptr<SpoolWriter> spool_;
+  std::filesystem::path path_;
+  uint64_t spooled_records_ = 0;  // whole Record frames in the spool
+  bool at_end_ = false;           // the failure is the epoch's end
+  // The epoch's spool buffers and apply window, until the streamed apply
+  // takes it along.
+  MemoryBudget::Lease memory_;
+  std::unique_ptr<Target::Streamed> streamed_;
+  Target::ReceiveTimes times_;
+  Clock::TimePoint begun_;
+  Clock::TimePoint lap_;
+};
+
+Status Sink::Reception::AdviseSpoolRefusal(const Status& st, uint64_t kept, uint64_t seq) const {
+  std::string advice;
+  if (st.reason() == Reason::kSpoolDiskFull) {
+    advice =
+        fmt::format("free space in {} or move [sink] spool_dir", sink_.env_.spool_dir.string());
+  } else if (st.reason() == Reason::kSpoolQuota) {
+    advice = "raise [sink] spool_max_bytes and restart cairnd";
+  }
+  if (advice.empty()) return st;
+  const std::string what =
+      kept > 0
+          ? fmt::format("{} verified records of epoch {} are kept, the source resumes after them",
+                        kept, seq)
+          : fmt::format("nothing of epoch {} is kept", seq);
+  return ResourceExhausted(fmt::format("{}; {}; {}", st.message(), advice, what))
+      .WithReason(st.reason());
+}
+
+Status Sink::Reception::Fail(const Status& cause) {
+  streamed_.reset();  // its writes end first; the head stays between two points
+  Status st = cause;
+  const uint64_t seq = verifier_.begin().seq;
+  // Keep what was verified and spooled, durably: the source re-sends only
+  // the rest. If it cannot be made durable it is worth nothing, and an
+  // epoch whose end does not verify as a whole starts over (resuming it
+  // would fail the same way every time). Nor is anything kept of an epoch
+  // its source abandoned: what it read may not be its snapshot's.
+  uint64_t kept = 0;
+  if (spool_ && !t_.source_fault && !(at_end_ && st.code() == Code::kDataLoss)) {
+    if (spool_->Sync().ok()) {
+      kept = spooled_records_;
+    } else if (spool_->SyncWritten().ok()) {
+      // A write failed (a full disk): what reached the file is durable
+      // now; read it back to learn how much of it is whole and verifies.
+      spool_.reset();
+      kept = sink_.VerifiedRecords(t_, path_, seq);
+    }
+  }
+  if (st.code() == Code::kResourceExhausted) {
+    t_.sink_fault = true;
+    t_.spool_refused = st.reason();
+    st = AdviseSpoolRefusal(st, kept, seq);
+  }
+  if (st.code() == Code::kAborted) {
+    // The source went away mid-epoch (stopped, restarted, its link cut).
+    spdlog::warn("volume {}: epoch {} cut short: {}", t_.volume, seq, st.message());
+  } else {
+    spdlog::error("volume {}: epoch refused: {}", t_.volume, st.message());
+  }
+  if (kept > 0) {
+    spdlog::info("volume {}: kept {} verified records of epoch {} for resume", t_.volume, kept,
+                 seq);
+  } else if (!path_.empty()) {
+    spool_.reset();
+    std::error_code ec;
+    std::filesystem::remove(path_, ec);
+  }
+  return st;
+}
+
+Status Sink::Reception::ResumeSpool(const EpochSummary& announced) {
+  if (t_.partial.seq != announced.seq || t_.partial.records != announced.resume_from) {
+    return Fail(DataLoss(fmt::format(
+        "source resumes epoch {} at record {}, but this sink holds {} records of epoch {}",
+        announced.seq, announced.resume_from, t_.partial.records, t_.partial.seq)));
+  }
+  if (Status st = sink_.ReplayPrefix(t_, path_, verifier_); !st.ok()) return Fail(st);
+  const EpochSummary& had = verifier_.begin();
+  if (had.base_seq != announced.base_seq || had.image_size != announced.image_size ||
+      had.snap_time_ns != announced.snap_time_ns || had.max_block != announced.max_block) {
+    return Fail(
+        DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.seq)));
+  }
+  auto w = SpoolWriter::Resume(path_, t_.partial.offset, sink_.env_.spool);
+  if (!w.ok()) return FailSpool(w.status());
+  spool_ = std::move(w).value();
+  spooled_records_ = t_.partial.records;
+  return OkStatus();
+}
+
+void Sink::Reception::StartStreaming(const EpochSummary& announced, const EpochOptions& opt) {
+  auto prepared = sink_.PrepareTarget(t_);
+  if (!prepared.ok()) return;
+  streamed_ = std::make_unique<Target::Streamed>();
+  streamed_->seq = announced.seq;
+  streamed_->vol = std::move(prepared->vol);
+  streamed_->memory = std::move(memory_);
+  streamed_->apply = std::make_unique<ApplyStream>(*streamed_->vol, opt, prepared->state);
+  if (Status st = streamed_->apply->Begin(announced.image_size); !st.ok()) {
+    WarnAppliedFromSpool(t_.volume, announced.seq, st);
+    streamed_.reset();
+  }
+}
+
+Status Sink::Reception::Begin(const Frame& begin) {
+  auto step = verifier_.Check(begin);
+  if (!step.ok()) return Fail(step.status());
+  if (*step != EpochVerifier::Step::kBegin) {
+    return Fail(DataLoss("epoch does not start with EpochBegin"));
+  }
+  const EpochSummary announced = verifier_.begin();
+  path_ = t_.SpoolPath(announced.seq);
+  // The epoch's memory (spool buffers, apply window) before anything is
+  // made of it: a session that waits for its share holds nothing meanwhile
+  // (a thousand of them, each with its spool's buffers, were most of a
+  // sink's peak RSS).
+  EpochOptions opt;
+  auto memory = sink_.BorrowApplyMemory(announced.max_block, announced.image_size, &opt);
+  if (!memory.ok()) return Fail(memory.status());
+  memory_ = std::move(memory).value();
+  t_.resumed = announced.resume_from > 0;
+  if (t_.resumed) {
+    RETURN_IF_ERROR(ResumeSpool(announced));
+  } else {
+    auto w = SpoolWriter::Create(path_, SpoolIdentity{t_.volume, announced.seq}, sink_.env_.spool);
+    if (!w.ok()) return FailSpool(w.status());
+    spool_ = std::move(w).value();
+    const auto header = EncodeHeader(begin.type, begin.body, 0);
+    if (Status st = spool_->Append(header, begin.body, {}); !st.ok()) return FailSpool(st);
+  }
+  t_.partial = {};
+  if (!t_.resumed) StartStreaming(announced, opt);
+  sink_.SetState(t_.volume, [&](VolumeStatusInfo& s) { s.state = VolumeState::kReceiving; });
+  begun_ = lap_ = sink_.env_.clock->Now();
+  return OkStatus();
+}
+
+Status Sink::Reception::ReceiveRecords(Link& link) {
+  const uint64_t seq = verifier_.begin().seq;
+  while (true) {
+    auto next = link.Receive(sink_.env_.timeouts.stall);
+    Lap(times_.link);
+    if (!next.ok()) return Fail(next.status());
+    const Frame& f = *next;
+    if (f.type == FrameType::kLinkError) {
+      // In place of the epoch's end: the source could not read all of it
+      // (its snapshot or image vanished, a read failed). Nothing of it may
+      // become a point.
+      t_.source_fault = true;
+      const Status why = StatusFromLinkError(f, "source");
+      const bool plain = why.code() != Code::kDataLoss && why.code() != Code::kAborted;
+      return Fail(Status(plain ? why.code() : Code::kFailedPrecondition,
+                         fmt::format("epoch {} abandoned by its {}; no restore point is made of it",
+                                     seq, why.message())));
+    }
+    at_end_ = f.type == FrameType::kEpochEnd;
+    auto step = verifier_.Check(f);
+    Lap(times_.verify);
+    if (!step.ok()) return Fail(step.status());
+    if (*step == EpochVerifier::Step::kBegin) return Fail(DataLoss("EpochBegin inside an epoch"));
+    const auto header = EncodeHeader(f.type, f.body, static_cast<uint32_t>(f.payload.size()));
+    Status appended = spool_->Append(header, f.body, f.payload);
+    Lap(times_.spool);
+    if (!appended.ok()) return FailSpool(appended);
+    if (*step == EpochVerifier::Step::kEnd) return OkStatus();
+    ++spooled_records_;
+    if (streamed_) {
+      Status st = streamed_->apply->Add(verifier_.record(), std::move(next).value());
+      Lap(times_.standby);
+      if (!st.ok()) {
+        WarnAppliedFromSpool(t_.volume, seq, st);
+        streamed_.reset();
+      }
+    }
+  }
+}
+
+StatusOr<EpochSummary> Sink::Reception::Finish() {
+  at_end_ = true;
+  Clock& clock = *sink_.env_.clock;
+  const auto t_end = clock.Now();
+  // The last writes to the standby image drain while the spool syncs.
+  std::future<Status> drained;
+  if (streamed_) {
+    drained = std::async(std::launch::async,
+                         [apply = streamed_->apply.get()] { return apply->Finish(); });
+  }
+  auto synced = spool_->Sync();
+  if (drained.valid()) {
+    if (Status st = drained.get(); !st.ok()) {
+      WarnAppliedFromSpool(t_.volume, verifier_.begin().seq, st);
+      streamed_.reset();
+    }
+  }
+  if (!synced.ok()) return FailSpool(synced.status());
+  times_.tail = clock.SecondsSince(t_end);
+  times_.total = clock.SecondsSince(begun_);
+  t_.times = times_;
+  if (streamed_) {
+    streamed_->summary = verifier_.summary();
+    t_.streamed = std::move(streamed_);
+  }
+  return verifier_.summary();
+}
+
+StatusOr<EpochSummary> Sink::ReceiveEpoch(Link& link, Target& t, Frame begin) {
+  Reception r(*this, t);
+  RETURN_IF_ERROR(r.Begin(begin));
+  RETURN_IF_ERROR(r.ReceiveRecords(link));
+  return r.Finish();
+}
+
+}  // namespace cairn
