@@ -3,7 +3,8 @@
 //
 // Implementations: TCP and Unix-domain sockets over Boost.Asio
 // (engine/link/tcp_link.h; the only place Asio is compiled), and an in-process
-// pair (MakeMemoryLinkPair) for tests. Fault layers wrap any Link.
+// pair (MakeMemoryLinkPair) for tests. Fault layers wrap any Link
+// (engine/link/fault_link.h).
 //
 // Every received frame has its header and body checksums verified (see
 // frame.h); payload verification belongs to the layer that knows the
@@ -16,7 +17,6 @@
 #pragma once
 
 #include <chrono>
-#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -34,6 +34,21 @@ class Link : public FrameWriter {
   // Sends one frame (header, body, payload), blocking until it is handed
   // to the transport. kAborted if the link is closed or cut.
   virtual Status Send(FrameType type, std::string_view body, std::span<const char> payload) = 0;
+  // Sends `frame`, one frame as EncodeFrame encodes it, byte for byte: for
+  // a fault layer (fault_link.h) that changed bits of it, which Send would
+  // encode anew with fresh checksums. Errors as Send. The default decodes
+  // the frame and calls Send, which puts the same bytes on the wire; it
+  // fails with kInternal on a frame whose header or body fails its checks,
+  // which only a link that overrides this can carry.
+  virtual Status SendEncoded(std::string_view frame) {
+    StringSource src(frame);
+    StatusOr<Frame> f = ReadFrame(src);
+    if (!f.ok() || src.consumed() != frame.size()) {
+      return Internal("link to " + peer() + " cannot carry a damaged frame" +
+                      (f.ok() ? std::string() : " (" + f.status().message() + ")"));
+    }
+    return Send(f->type, f->body, f->payload);
+  }
   // Receives the next frame. kUnavailable "no frame from PEER within N ms"
   // on timeout (the link stays usable); kAborted when the peer closed or the
   // link was cut; kDataLoss when a frame fails its checks (the stream can no
@@ -47,21 +62,10 @@ class Link : public FrameWriter {
   }
 };
 
-// What a fault hook does with one encoded frame in flight.
-enum class WireFault {
-  kDeliver,    // as it is now (the hook may have changed its bytes)
-  kDrop,       // lost
-  kDuplicate,  // delivered twice
-  kCut,        // the link breaks: this frame and everything after it is lost
-};
-// Sees (and may change) every encoded frame sent in one direction.
-using WireFaultFn = std::function<WireFault(std::string& frame_bytes)>;
-
 // Two connected in-process links. Each direction buffers at most
-// `capacity_bytes` (a sender blocks when it is full), like a socket.
-// `a_to_b` / `b_to_a`, if set, inject faults into what the first / second
-// link sends: the fault layer of the Link seam, for the simulator.
+// `capacity_bytes` (a sender blocks when it is full), like a socket. Faults
+// are injected by wrapping either end in a FaultLink (fault_link.h).
 std::pair<std::unique_ptr<Link>, std::unique_ptr<Link>> MakeMemoryLinkPair(
-    size_t capacity_bytes = 16u << 20, WireFaultFn a_to_b = nullptr, WireFaultFn b_to_a = nullptr);
+    size_t capacity_bytes = 16u << 20);
 
 }  // namespace cairn

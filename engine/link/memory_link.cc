@@ -17,7 +17,6 @@ struct Pipe {
   size_t bytes = 0;
   size_t capacity = 0;
   bool closed = false;
-  WireFaultFn fault;  // applied by the sender, outside the lock
 };
 
 class MemoryLink final : public Link {
@@ -27,34 +26,19 @@ class MemoryLink final : public Link {
   ~MemoryLink() override { Close(); }
 
   Status Send(FrameType type, std::string_view body, std::span<const char> payload) override {
-    std::string bytes = EncodeFrame(type, body, payload);
-    int copies = 1;
-    if (out_->fault) {
-      switch (out_->fault(bytes)) {
-        case WireFault::kDeliver:
-          break;
-        case WireFault::kDrop:
-          return OkStatus();  // the sender cannot tell
-        case WireFault::kDuplicate:
-          copies = 2;
-          break;
-        case WireFault::kCut:
-          Close();
-          return Aborted(fmt::format("link to {} cut", peer_));
-      }
-    }
-    for (int i = 0; i < copies; ++i) RETURN_IF_ERROR(Push(bytes));
-    return OkStatus();
+    return Push(EncodeFrame(type, body, payload));
   }
 
-  Status Push(const std::string& bytes) {
+  Status SendEncoded(std::string_view frame) override { return Push(frame); }
+
+  Status Push(std::string_view bytes) {
     std::unique_lock lock(out_->mu);
     out_->cv.wait(lock, [&] {
       return out_->closed || out_->bytes == 0 || out_->bytes + bytes.size() <= out_->capacity;
     });
     if (out_->closed) return Aborted(fmt::format("link to {} is closed", peer_));
     out_->bytes += bytes.size();
-    out_->frames.push_back(bytes);
+    out_->frames.emplace_back(bytes);
     out_->cv.notify_all();
     return OkStatus();
   }
@@ -91,14 +75,10 @@ class MemoryLink final : public Link {
 
 }  // namespace
 
-std::pair<std::unique_ptr<Link>, std::unique_ptr<Link>> MakeMemoryLinkPair(size_t capacity_bytes,
-                                                                           WireFaultFn a_to_b,
-                                                                           WireFaultFn b_to_a) {
+std::pair<std::unique_ptr<Link>, std::unique_ptr<Link>> MakeMemoryLinkPair(size_t capacity_bytes) {
   auto ab = std::make_shared<Pipe>();
   auto ba = std::make_shared<Pipe>();
   ab->capacity = ba->capacity = capacity_bytes;
-  ab->fault = std::move(a_to_b);
-  ba->fault = std::move(b_to_a);
   return {std::make_unique<MemoryLink>(ba, ab, "memory-peer-b"),
           std::make_unique<MemoryLink>(ab, ba, "memory-peer-a")};
 }

@@ -87,27 +87,14 @@ class SocketLink final : public Link {
   }
 
   Status Send(FrameType type, std::string_view body, std::span<const char> payload) override {
-    if (closed_) return Aborted(fmt::format("link to {} is closed", peer_));
     const auto header = EncodeHeader(type, body, static_cast<uint32_t>(payload.size()));
-    const std::array<asio::const_buffer, 3> bufs = {asio::buffer(header.data(), header.size()),
-                                                    asio::buffer(body.data(), body.size()),
-                                                    asio::buffer(payload.data(), payload.size())};
-    bool done = false;
-    error_code result;
-    asio::async_write(socket_, bufs, [&](const error_code& ec, size_t) {
-      result = ec;
-      done = true;
-    });
-    if (!RunFor(*ctx_, &done, options_.stall_timeout, [&] { CancelSocket(); })) {
-      closed_ = true;
-      return Aborted(
-          fmt::format("send to {} stalled for {} ms", peer_, options_.stall_timeout.count()));
-    }
-    if (result) {
-      closed_ = true;
-      return FromAsio(result, fmt::format("send to {}", peer_));
-    }
-    return OkStatus();
+    return WriteAll(std::array<asio::const_buffer, 3>{
+        asio::buffer(header.data(), header.size()), asio::buffer(body.data(), body.size()),
+        asio::buffer(payload.data(), payload.size())});
+  }
+
+  Status SendEncoded(std::string_view frame) override {
+    return WriteAll(asio::buffer(frame.data(), frame.size()));
   }
 
   StatusOr<Frame> Receive(std::chrono::milliseconds timeout) override {
@@ -147,6 +134,28 @@ class SocketLink final : public Link {
     Status ReadExact(std::span<char> out) override { return link.ReadExact(out); }
     SocketLink& link;
   };
+
+  // Writes all of `bufs`, or breaks the link.
+  template <typename Buffers>
+  Status WriteAll(const Buffers& bufs) {
+    if (closed_) return Aborted(fmt::format("link to {} is closed", peer_));
+    bool done = false;
+    error_code result;
+    asio::async_write(socket_, bufs, [&](const error_code& ec, size_t) {
+      result = ec;
+      done = true;
+    });
+    if (!RunFor(*ctx_, &done, options_.stall_timeout, [&] { CancelSocket(); })) {
+      closed_ = true;
+      return Aborted(
+          fmt::format("send to {} stalled for {} ms", peer_, options_.stall_timeout.count()));
+    }
+    if (result) {
+      closed_ = true;
+      return FromAsio(result, fmt::format("send to {}", peer_));
+    }
+    return OkStatus();
+  }
 
   void CancelSocket() {
     error_code ignored;

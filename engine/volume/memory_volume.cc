@@ -7,154 +7,24 @@
 #include <cassert>
 #include <chrono>
 #include <cstring>
-#include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
 #include <utility>
 
+#include "engine/volume/memory_state.h"
+
 namespace cairn {
-namespace memory_internal {
-
-// Exactly chunk_size bytes; never modified once shared.
-using Chunk = std::shared_ptr<const std::string>;
-// Chunk index -> chunk; only allocated chunks are present.
-using ChunkMap = std::map<uint64_t, Chunk>;
-
-struct SnapState {
-  std::string name;
-  uint64_t id = 0;
-  uint64_t size = 0;
-  int64_t time_ns = 0;
-  ChunkMap chunks;
-  int clones = 0;  // images cloned from this snapshot that still exist
-};
-
-struct ImageState {
-  explicit ImageState(std::string n) : name(std::move(n)) {}
-  std::string name;
-  uint64_t size = 0;
-  ChunkMap head;
-  std::vector<SnapState> snaps;  // creation order, ids ascending
-  // For a clone: the snapshot it pins.
-  std::shared_ptr<ImageState> parent;
-  uint64_t parent_snap_id = 0;
-  // Volumes that used the head (a read-write handle on RBD: resize,
-  // snapshots, head I/O) and head AsyncIos.
-  int head_handles = 0;
-  bool removed = false;
-};
-
-struct PoolState {
-  PoolState(std::string n, MemoryPoolOptions o) : name(std::move(n)), options(std::move(o)) {}
-  const std::string name;
-  const MemoryPoolOptions options;
-  std::mutex mu;
-  std::map<std::string, std::shared_ptr<ImageState>> images;  // guarded by mu
-  uint64_t next_snap_id = 1;                                  // guarded by mu
-  MemoryFaultFn fault;                                        // guarded by mu
-};
-
-}  // namespace memory_internal
 
 namespace {
 
 using memory_internal::Chunk;
 using memory_internal::ChunkMap;
+using memory_internal::FindSnap;
+using memory_internal::FindSnapById;
 using memory_internal::ImageState;
 using memory_internal::PoolState;
 using memory_internal::SnapState;
-
-// Runs the pool's fault hook, if any, outside the pool's lock.
-Status CheckFault(PoolState& pool, MemoryOp op, const std::string& image,
-                  const std::string& snap = "", uint64_t offset = 0, uint64_t length = 0) {
-  MemoryFaultFn fn;
-  {
-    std::lock_guard lock(pool.mu);
-    fn = pool.fault;
-  }
-  if (!fn) return OkStatus();
-  return fn(MemoryFaultPoint{op, image, snap, offset, length});
-}
-
-bool AllZero(const char* p, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    if (p[i] != 0) return false;
-  }
-  return true;
-}
-
-SnapState* FindSnap(ImageState& image, const std::string& snap) {
-  for (auto& s : image.snaps) {
-    if (s.name == snap) return &s;
-  }
-  return nullptr;
-}
-
-SnapState* FindSnapById(ImageState& image, uint64_t id) {
-  for (auto& s : image.snaps) {
-    if (s.id == id) return &s;
-  }
-  return nullptr;
-}
-
-// Calls fn(chunk index, offset in chunk, offset in the request, length) for
-// each chunk that [offset, offset+length) touches.
-template <typename Fn>
-void ForEachChunk(uint64_t chunk_size, uint64_t offset, uint64_t length, Fn&& fn) {
-  uint64_t done = 0;
-  while (done < length) {
-    const uint64_t pos = offset + done;
-    const uint64_t index = pos / chunk_size;
-    const uint64_t in_chunk = pos % chunk_size;
-    const uint64_t n = std::min(chunk_size - in_chunk, length - done);
-    fn(index, in_chunk, done, n);
-    done += n;
-  }
-}
-
-void WriteChunks(ChunkMap& chunks, uint64_t chunk_size, uint64_t offset,
-                 std::span<const char> buf) {
-  ForEachChunk(chunk_size, offset, buf.size(),
-               [&](uint64_t index, uint64_t in_chunk, uint64_t at, uint64_t n) {
-                 auto it = chunks.find(index);
-                 std::string data =
-                     it != chunks.end() ? *it->second : std::string(chunk_size, '\0');
-                 std::memcpy(data.data() + in_chunk, buf.data() + at, n);
-                 chunks[index] = std::make_shared<const std::string>(std::move(data));
-               });
-}
-
-void ZeroChunks(ChunkMap& chunks, uint64_t chunk_size, uint64_t offset, uint64_t length) {
-  ForEachChunk(chunk_size, offset, length,
-               [&](uint64_t index, uint64_t in_chunk, uint64_t, uint64_t n) {
-                 auto it = chunks.find(index);
-                 if (it == chunks.end()) return;
-                 if (n == chunk_size) {
-                   chunks.erase(it);
-                   return;
-                 }
-                 std::string data = *it->second;
-                 std::memset(data.data() + in_chunk, 0, n);
-                 if (AllZero(data.data(), data.size())) {
-                   chunks.erase(it);
-                 } else {
-                   it->second = std::make_shared<const std::string>(std::move(data));
-                 }
-               });
-}
-
-void ReadChunks(const ChunkMap& chunks, uint64_t chunk_size, uint64_t offset, std::span<char> buf) {
-  ForEachChunk(chunk_size, offset, buf.size(),
-               [&](uint64_t index, uint64_t in_chunk, uint64_t at, uint64_t n) {
-                 auto it = chunks.find(index);
-                 if (it == chunks.end()) {
-                   std::memset(buf.data() + at, 0, n);
-                 } else {
-                   std::memcpy(buf.data() + at, it->second->data() + in_chunk, n);
-                 }
-               });
-}
 
 // Drops every byte at or beyond `size`, so that growing again reads zeros.
 void TruncateChunks(ChunkMap& chunks, uint64_t chunk_size, uint64_t size) {
@@ -195,146 +65,6 @@ StatusOr<std::shared_ptr<ImageState>> FindImage(PoolState& pool, const std::stri
   return it->second;
 }
 
-class MemoryAsyncIo final : public AsyncIo {
- public:
-  // `snap_id` 0 is the head (read-write); otherwise the snapshot with that
-  // id (read-only).
-  MemoryAsyncIo(std::shared_ptr<PoolState> pool, std::shared_ptr<ImageState> image,
-                std::string snap, uint64_t snap_id, uint64_t snap_size)
-      : pool_(std::move(pool)),
-        image_(std::move(image)),
-        snap_(std::move(snap)),
-        snap_id_(snap_id),
-        snap_size_(snap_size) {}
-
-  ~MemoryAsyncIo() override {
-    if (snap_id_ == 0) {
-      std::lock_guard lock(pool_->mu);
-      --image_->head_handles;
-    }
-  }
-
-  Status StartRead(uint64_t tag, uint64_t offset, std::span<char> buf) override {
-    return Start(MemoryOp::kRead, tag, offset, buf.size(), [&](ChunkMap& chunks) {
-      ReadChunks(chunks, pool_->options.chunk_size, offset, buf);
-    });
-  }
-
-  Status StartWrite(uint64_t tag, uint64_t offset, std::span<const char> buf) override {
-    RETURN_IF_ERROR(Start(MemoryOp::kWrite, tag, offset, buf.size(), [&](ChunkMap& chunks) {
-      WriteChunks(chunks, pool_->options.chunk_size, offset, buf);
-    }));
-    ++stats_.writes;  // one operation each
-    ++stats_.ops;
-    return OkStatus();
-  }
-
-  Status StartZero(uint64_t tag, uint64_t offset, uint64_t length) override {
-    return Start(MemoryOp::kZero, tag, offset, length, [&](ChunkMap& chunks) {
-      ZeroChunks(chunks, pool_->options.chunk_size, offset, length);
-    });
-  }
-
-  Completion WaitOne() override {
-    assert(!done_.empty() && "WaitOne with nothing in flight");
-    Completion c = std::move(done_.front());
-    done_.pop_front();
-    return c;
-  }
-
-  size_t InFlight() const override { return done_.size(); }
-
-  WriteStats write_stats() const override { return stats_; }
-
-  Status Drain() override {
-    RETURN_IF_ERROR(WaitAll());
-    return CheckFault(*pool_, MemoryOp::kDrain, image_->name, snap_);
-  }
-
- private:
-  template <typename Apply>
-  Status Start(MemoryOp op, uint64_t tag, uint64_t offset, uint64_t length, Apply&& apply) {
-    const std::string what = Describe(op, offset, length);
-    if (op != MemoryOp::kRead && snap_id_ != 0) {
-      return FailedPrecondition(what + ": a snapshot is read-only");
-    }
-    RETURN_IF_ERROR(CheckStart(what, offset, length));
-    if (Status fault = CheckFault(*pool_, op, image_->name, snap_, offset, length); !fault.ok()) {
-      done_.push_back({tag, fault.Annotate(what)});
-      return OkStatus();
-    }
-    std::lock_guard lock(pool_->mu);
-    if (op == MemoryOp::kRead && snap_id_ != 0 && Vanished()) {
-      // As RADOS does: the objects trimmed with a removed snapshot (or
-      // image) read as absent, that is as zeros, without an error
-      // (Volume::ConfirmSnap is what finds out).
-      ChunkMap none;
-      apply(none);
-      done_.push_back({tag, OkStatus()});
-      return OkStatus();
-    }
-    // The image may have shrunk or gone since CheckStart (another thread):
-    // that is a failed I/O, reported with its completion.
-    StatusOr<ChunkMap*> chunks = ChunksLocked(what, offset, length);
-    if (!chunks.ok()) {
-      done_.push_back({tag, chunks.status()});
-      return OkStatus();
-    }
-    apply(**chunks);
-    done_.push_back({tag, OkStatus()});
-    return OkStatus();
-  }
-
-  Status CheckStart(const std::string& what, uint64_t offset, uint64_t length) {
-    std::lock_guard lock(pool_->mu);
-    if (snap_id_ != 0 && Vanished()) {
-      return offset > snap_size_ || length > snap_size_ - offset
-                 ? InvalidArgument(
-                       fmt::format("{}: beyond the end of the image ({} bytes)", what, snap_size_))
-                 : OkStatus();
-    }
-    return ChunksLocked(what, offset, length).status();
-  }
-
-  // The snapshot this handle reads, or its image, was removed.
-  // REQUIRES: pool_->mu held.
-  bool Vanished() { return image_->removed || FindSnapById(*image_, snap_id_) == nullptr; }
-
-  // The chunk map this handle reads or writes, after checking the range.
-  // REQUIRES: pool_->mu held.
-  StatusOr<ChunkMap*> ChunksLocked(const std::string& what, uint64_t offset, uint64_t length) {
-    if (image_->removed) return NotFound(what + ": the image was removed");
-    ChunkMap* chunks = &image_->head;
-    uint64_t size = image_->size;
-    if (snap_id_ != 0) {
-      SnapState* s = FindSnapById(*image_, snap_id_);
-      if (s == nullptr) return NotFound(what + ": the snapshot was removed");
-      chunks = &s->chunks;
-      size = s->size;
-    }
-    if (offset > size || length > size - offset) {
-      return InvalidArgument(fmt::format("{}: beyond the end of the image ({} bytes)", what, size));
-    }
-    return chunks;
-  }
-
-  std::string Describe(MemoryOp op, uint64_t offset, uint64_t length) const {
-    const char* verb = op == MemoryOp::kRead    ? "reading"
-                       : op == MemoryOp::kWrite ? "writing"
-                                                : "zeroing";
-    return fmt::format("{} {}/{}{}{} at {}~{}", verb, pool_->name, image_->name,
-                       snap_.empty() ? "" : "@", snap_, offset, length);
-  }
-
-  std::shared_ptr<PoolState> pool_;
-  std::shared_ptr<ImageState> image_;
-  const std::string snap_;
-  const uint64_t snap_id_;
-  const uint64_t snap_size_;  // at OpenIo, for reads after it is gone
-  std::deque<Completion> done_;
-  WriteStats stats_;
-};
-
 }  // namespace
 
 // --- MemoryPool ------------------------------------------------------------
@@ -349,13 +79,7 @@ MemoryPool::~MemoryPool() = default;
 
 const std::string& MemoryPool::name() const { return state_->name; }
 
-void MemoryPool::SetFault(MemoryFaultFn fn) {
-  std::lock_guard lock(state_->mu);
-  state_->fault = std::move(fn);
-}
-
 StatusOr<std::unique_ptr<Volume>> MemoryPool::Open(const std::string& image) {
-  RETURN_IF_ERROR(CheckFault(*state_, MemoryOp::kOpen, image));
   std::lock_guard lock(state_->mu);
   ASSIGN_OR_RETURN(std::shared_ptr<ImageState> state, FindImage(*state_, image));
   return std::unique_ptr<Volume>(std::make_unique<MemoryVolume>(state_, std::move(state), image));
@@ -363,7 +87,6 @@ StatusOr<std::unique_ptr<Volume>> MemoryPool::Open(const std::string& image) {
 
 Status MemoryPool::Create(const std::string& image, uint64_t size) {
   if (image.empty()) return InvalidArgument("creating an image: empty name");
-  RETURN_IF_ERROR(CheckFault(*state_, MemoryOp::kCreate, image));
   std::lock_guard lock(state_->mu);
   if (state_->images.contains(image)) {
     return AlreadyExists(fmt::format("image {}/{} already exists", state_->name, image));
@@ -388,7 +111,6 @@ Status MemoryPool::Rename(const std::string& from, const std::string& to) {
 }
 
 Status MemoryPool::Remove(const std::string& image) {
-  RETURN_IF_ERROR(CheckFault(*state_, MemoryOp::kRemove, image));
   std::lock_guard lock(state_->mu);
   ASSIGN_OR_RETURN(std::shared_ptr<ImageState> state, FindImage(*state_, image));
   if (state->head_handles > 0) {
@@ -423,7 +145,6 @@ Status MemoryPool::Clone(const std::string& image, const std::string& snap,
                          const std::string& dest) {
   if (snap.empty()) return InvalidArgument("cloning " + image + ": a snapshot is required");
   if (dest.empty()) return InvalidArgument("cloning " + image + ": empty destination name");
-  RETURN_IF_ERROR(CheckFault(*state_, MemoryOp::kClone, image, snap));
   std::lock_guard lock(state_->mu);
   ASSIGN_OR_RETURN(std::shared_ptr<ImageState> parent, FindImage(*state_, image));
   SnapState* s = FindSnap(*parent, snap);
@@ -445,7 +166,6 @@ Status MemoryPool::Copy(const std::string& image, const std::string& snap, const
                         const ProgressFn& progress) {
   if (snap.empty()) return InvalidArgument("copying " + image + ": a snapshot is required");
   if (dest.empty()) return InvalidArgument("copying " + image + ": empty destination name");
-  RETURN_IF_ERROR(CheckFault(*state_, MemoryOp::kCopy, image, snap));
   uint64_t size = 0;
   {
     std::lock_guard lock(state_->mu);
@@ -506,7 +226,6 @@ StatusOr<uint64_t> MemoryVolume::Size() {
 }
 
 Status MemoryVolume::Resize(uint64_t new_size) {
-  RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kResize, name_));
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
   HoldHeadLocked();
@@ -526,7 +245,6 @@ StatusOr<std::vector<SnapInfo>> MemoryVolume::ListSnaps() {
 
 Status MemoryVolume::CreateSnap(const std::string& snap, Writers) {
   if (snap.empty()) return InvalidArgument("creating a snapshot of " + name_ + ": empty name");
-  RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kCreateSnap, name_, snap));
   const int64_t now = pool_->options.now_ns();
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
@@ -539,7 +257,6 @@ Status MemoryVolume::CreateSnap(const std::string& snap, Writers) {
 }
 
 Status MemoryVolume::RemoveSnap(const std::string& snap) {
-  RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kRemoveSnap, name_, snap));
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
   HoldHeadLocked();
@@ -557,7 +274,6 @@ Status MemoryVolume::RemoveSnap(const std::string& snap) {
 
 Status MemoryVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                                  const std::function<Status(const Extent&)>& fn) {
-  RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kDiff, name_, to_snap));
   ChunkMap from;
   ChunkMap to;
   uint64_t to_size = 0;
@@ -620,7 +336,6 @@ Status MemoryVolume::DiffExtents(const std::string& from_snap, const std::string
 }
 
 StatusOr<std::unique_ptr<AsyncIo>> MemoryVolume::OpenIo(const std::string& snap) {
-  RETURN_IF_ERROR(CheckFault(*pool_, MemoryOp::kOpenIo, name_, snap));
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
   uint64_t snap_id = 0;
@@ -634,8 +349,7 @@ StatusOr<std::unique_ptr<AsyncIo>> MemoryVolume::OpenIo(const std::string& snap)
     HoldHeadLocked();
     ++image_->head_handles;  // the AsyncIo's, until it goes
   }
-  return std::unique_ptr<AsyncIo>(
-      std::make_unique<MemoryAsyncIo>(pool_, image_, snap, snap_id, snap_size));
+  return memory_internal::NewMemoryAsyncIo(pool_, image_, snap, snap_id, snap_size);
 }
 
 StatusOr<bool> MemoryVolume::ChangedSince(const SnapInfo& snap) {

@@ -1,5 +1,6 @@
 // MemoryPool and MemoryVolume: the Volume seam (engine/volume/volume.h) in memory,
-// for unit tests and fault injection.
+// for unit tests and the simulator. Faults are injected by wrapping a
+// MemoryPool in a FaultPool (fault_pool.h), as any other Pool.
 //
 // Model. An image is a size, a sparse map of fixed-size chunks (only chunks
 // that were written are allocated) and its snapshots in creation order.
@@ -66,38 +67,6 @@ struct MemoryPoolOptions {
   std::function<int64_t()> now_ns;
 };
 
-// Where a fault can be injected. I/O operations (kRead, kWrite, kZero) that
-// are given a fault are not applied and complete with the fault's status;
-// the other operations return it.
-enum class MemoryOp {
-  kOpen,
-  kCreate,
-  kRemove,
-  kClone,
-  kCopy,
-  kResize,
-  kCreateSnap,
-  kRemoveSnap,
-  kDiff,
-  kOpenIo,
-  kRead,
-  kWrite,
-  kZero,
-  kDrain,
-};
-
-struct MemoryFaultPoint {
-  MemoryOp op;
-  std::string image;
-  std::string snap;     // the snapshot concerned, or "" for the head
-  uint64_t offset = 0;  // I/O only
-  uint64_t length = 0;  // I/O only
-};
-
-// Returns the status the operation must fail with, or OK to let it run.
-// Called without the pool's lock held, on the thread doing the operation.
-using MemoryFaultFn = std::function<Status(const MemoryFaultPoint&)>;
-
 class MemoryPool final : public Pool {
  public:
   explicit MemoryPool(std::string name = "memory", MemoryPoolOptions options = {});
@@ -119,10 +88,6 @@ class MemoryPool final : public Pool {
   // (0, size) and (size, size).
   Status Copy(const std::string& image, const std::string& snap, const std::string& dest,
               const ProgressFn& progress) override;
-
-  // Installs `fn` to be consulted before every operation on this pool's
-  // images; an empty `fn` removes it. Handles opened before still see it.
-  void SetFault(MemoryFaultFn fn);
 
   // Bytes of the allocated chunks of image@snap (the head if `snap` is
   // empty): what a sparse store would hold. kNotFound if there is no such

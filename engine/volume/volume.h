@@ -1,9 +1,10 @@
 // The Volume seam: everything Cairn needs from a block image store.
 //
 // Two implementations: RbdPool/RbdVolume over librbd (engine/ceph/rbd_volume.h)
-// and MemoryPool/MemoryVolume (engine/volume/memory_volume.h) for unit tests and
-// fault injection. Engine code (epoch building, apply, restore) only sees
-// these interfaces, so the same tests run over memory and over real Ceph.
+// and MemoryPool/MemoryVolume (engine/volume/memory_volume.h) for unit tests.
+// FaultPool (engine/volume/fault_pool.h) wraps either to inject faults.
+// Engine code (epoch building, apply, restore) only sees these interfaces,
+// so the same tests run over memory and over real Ceph.
 //
 // Thread-safety: a Pool may be used from several threads. A Volume and an
 // AsyncIo are used by one thread at a time; completions of an AsyncIo may

@@ -24,6 +24,7 @@
 
 #include "engine/catalog/catalog.h"
 #include "engine/ceph/rbd_volume.h"
+#include "engine/volume/fault_pool.h"
 #include "tests/unit/volume_conformance.h"
 
 namespace cairn {
@@ -98,10 +99,13 @@ VolumeConformanceParam RbdParam(std::string label, uint64_t features) {
 }
 
 // With fast-diff (the default) and without it (the exact pass over every
-// object: the fallback path).
+// object: the fallback path); and through the fault layer, which must pass
+// everything on to librbd as it is.
 INSTANTIATE_TEST_SUITE_P(Rbd, VolumeConformanceTest,
                          ::testing::Values(RbdParam("FastDiff", kRbdDefaultFeatures),
-                                           RbdParam("NoFastDiff", RBD_FEATURE_LAYERING)),
+                                           RbdParam("NoFastDiff", RBD_FEATURE_LAYERING),
+                                           ThroughFaultPool(RbdParam("FastDiff",
+                                                                     kRbdDefaultFeatures))),
                          VolumeParamName);
 
 // A file in a fresh temporary directory, removed with it.
@@ -683,6 +687,56 @@ TEST_F(RbdVolumeTest, RemoveSnapNamesTheClonesThatPinIt) {
   CAIRN_ASSERT_OK(v->RemoveSnap("s1"));  // unprotects, then removes
   CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, v->ListSnaps());
   EXPECT_TRUE(snaps.empty());
+}
+
+// FaultPool (engine/volume/fault_pool.h) stacks on librbd as on memory: a
+// faulted read completes with the fault and fills nothing, while the reads
+// around it return the image's bytes; a faulted snapshot creation leaves
+// no snapshot behind.
+TEST_F(RbdVolumeTest, AFaultPoolInjectsFaultsIntoTheRealStore) {
+  FaultPool faults(*pool_);
+  const std::string name = NewName("fault");
+  CAIRN_ASSERT_OK(faults.Create(name, 4 * 4 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, faults.Open(name));
+  const std::string data = Pattern(7, 3 * kMiB);
+  CAIRN_ASSERT_OK(WriteAt(*v, 4 * kMiB, data));
+  faults.SetFault([](const VolumeFaultPoint& p) {
+    if (p.op == VolumeOp::kRead && p.offset == 5 * kMiB) return DataLoss("injected bad sector");
+    if (p.op == VolumeOp::kCreateSnap) return Unavailable("injected: no answer from the monitors");
+    return OkStatus();
+  });
+
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<AsyncIo> io, v->OpenIo(""));
+  std::vector<std::string> bufs(3, std::string(kMiB, 'x'));
+  for (uint64_t i = 0; i < 3; ++i) {
+    CAIRN_ASSERT_OK(io->StartRead(i, (4 + i) * kMiB, std::span<char>(bufs[i])));
+  }
+  EXPECT_EQ(io->InFlight(), 3u);
+  std::vector<Status> done(3, Internal("no completion"));
+  for (int i = 0; i < 3; ++i) {
+    AsyncIo::Completion c = io->WaitOne();  // in any order on RBD
+    ASSERT_LT(c.tag, 3u);
+    done[c.tag] = c.status;
+  }
+  CAIRN_ASSERT_OK(io->Drain());
+  CAIRN_EXPECT_OK(done[0]);
+  EXPECT_EQ(done[1].ToString(), fmt::format("DataLoss: reading {}/{} at {}~{}: injected bad sector",
+                                            pool_->name(), name, 5 * kMiB, kMiB));
+  CAIRN_EXPECT_OK(done[2]);
+  EXPECT_TRUE(bufs[0] == data.substr(0, kMiB)) << "the read before the fault";
+  EXPECT_TRUE(bufs[1] == std::string(kMiB, 'x')) << "the faulted read filled its buffer";
+  EXPECT_TRUE(bufs[2] == data.substr(2 * kMiB)) << "the read after the fault";
+
+  const Status snap = v->CreateSnap("s1");
+  EXPECT_EQ(snap.ToString(), "Unavailable: injected: no answer from the monitors");
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> direct, pool_->Open(name));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, direct->ListSnaps());
+  EXPECT_TRUE(snaps.empty()) << snaps.size() << " snapshot(s), the first " << snaps[0].name;
+  faults.SetFault(nullptr);
+  CAIRN_ASSERT_OK(v->CreateSnap("s1"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(snaps, direct->ListSnaps());
+  ASSERT_EQ(snaps.size(), 1u);
+  EXPECT_EQ(snaps[0].name, "s1");
 }
 
 TEST_F(RbdVolumeTest, ReadsAtASnapshotSeeItsSizeNotTheHeads) {

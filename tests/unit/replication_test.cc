@@ -13,8 +13,10 @@
 #include <random>
 #include <thread>
 
+#include "engine/link/fault_link.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
+#include "engine/volume/fault_pool.h"
 #include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
 
@@ -54,6 +56,7 @@ class ReplicationTest : public ::testing::Test {
               ::testing::UnitTest::GetInstance()->current_test_info()->name());
     site_a_ = std::make_shared<MemoryPool>("rbd");
     site_b_ = std::make_shared<MemoryPool>("rbd");
+    fault_b_ = std::make_shared<FaultPool>(*site_b_);
     catalog_ = std::make_shared<MemoryKvStore>();
     SinkEnv env;
     env.site = "b";
@@ -61,7 +64,7 @@ class ReplicationTest : public ::testing::Test {
     env.pools = {"rbd"};
     env.open_pool = [this](const std::string& p) -> StatusOr<std::shared_ptr<Pool>> {
       if (p != "rbd") return NotFound("pool " + p + " does not exist");
-      return std::shared_ptr<Pool>(site_b_);
+      return std::shared_ptr<Pool>(fault_b_);
     };
     env.open_catalog = [this](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
       return std::shared_ptr<KvStore>(catalog_);
@@ -83,20 +86,20 @@ class ReplicationTest : public ::testing::Test {
       sent_records_ = frames;
       const int cut = cut_at_frame_;
       cut_at_frame_ = -1;
-      auto [a, b] = MakeMemoryLinkPair(
-          16u << 20,
-          [this, frames, cut](std::string& bytes) {
+      auto [memory_a, memory_b] = MakeMemoryLinkPair(16u << 20);
+      auto a =
+          std::make_unique<FaultLink>(std::move(memory_a), [this, frames, cut](std::string& bytes) {
             const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
             if (type == FrameType::kEpochEnd && on_epoch_end_) on_epoch_end_();
             if (cut >= 0 && (*frames) == cut) return WireFault::kCut;
             if (type == FrameType::kRecord) ++*frames;
             return WireFault::kDeliver;
-          },
-          [this](std::string& bytes) {
-            const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
-            if (type == FrameType::kEpochAck && on_ack_) on_ack_();
-            return WireFault::kDeliver;
           });
+      auto b = std::make_unique<FaultLink>(std::move(memory_b), [this](std::string& bytes) {
+        const auto type = static_cast<FrameType>(static_cast<uint8_t>(bytes[6]));
+        if (type == FrameType::kEpochAck && on_ack_) on_ack_();
+        return WireFault::kDeliver;
+      });
       std::unique_ptr<Link> src = std::move(a);
       if (flip_next_ >= 0) src = std::make_unique<FlipNthPayload>(std::move(src), flip_next_);
       flip_next_ = -1;
@@ -150,6 +153,7 @@ class ReplicationTest : public ::testing::Test {
   std::filesystem::path spool_;
   SinkEnv sink_env_;
   std::shared_ptr<MemoryPool> site_a_, site_b_;
+  std::shared_ptr<FaultPool> fault_b_;  // site_b_ with faults: what the sink uses
   std::shared_ptr<MemoryKvStore> catalog_;
   std::unique_ptr<Sink> sink_;
   std::vector<std::thread> sessions_;
@@ -697,18 +701,19 @@ TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
 // newer than it).
 TEST_F(ReplicationTest, RequestNowDuringASnapshotsCreationPromisesTheNextOne) {
   ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
-  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  auto fault_a = std::make_shared<FaultPool>(*site_a_);
+  SourceReplicator rep(Config(), "a", fault_a, Connector());
   ASSERT_TRUE(rep.RunOnce().ok());
   uint64_t promised = 0;
-  site_a_->SetFault([&](const MemoryFaultPoint& p) {
-    if (p.op == MemoryOp::kCreateSnap && p.snap == "cairn.2" && promised == 0) {
+  fault_a->SetFault([&](const VolumeFaultPoint& p) {
+    if (p.op == VolumeOp::kCreateSnap && p.snap == "cairn.2" && promised == 0) {
       auto seq = rep.RequestNow();
       promised = seq.ok() ? *seq : 0;
     }
     return OkStatus();
   });
   auto r = rep.RunOnce();
-  site_a_->SetFault(nullptr);
+  fault_a->SetFault(nullptr);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_EQ(r->seq, 2u);
   EXPECT_EQ(promised, 3u);
@@ -724,12 +729,13 @@ TEST_F(ReplicationTest, RequestNowFailsWhenTheSnapshotsCannotBeListed) {
     ASSERT_TRUE(rep.RunOnce().ok());
     ASSERT_TRUE(rep.RunOnce().ok());
   }
-  SourceReplicator rep(Config(), "a", site_a_, Connector());
-  site_a_->SetFault([](const MemoryFaultPoint& p) {
-    return p.op == MemoryOp::kOpen ? Unavailable("the cluster does not answer") : OkStatus();
+  auto fault_a = std::make_shared<FaultPool>(*site_a_);
+  SourceReplicator rep(Config(), "a", fault_a, Connector());
+  fault_a->SetFault([](const VolumeFaultPoint& p) {
+    return p.op == VolumeOp::kOpen ? Unavailable("the cluster does not answer") : OkStatus();
   });
   auto promised = rep.RequestNow();
-  site_a_->SetFault(nullptr);
+  fault_a->SetFault(nullptr);
   ASSERT_FALSE(promised.ok()) << "promised " << *promised << " without listing the snapshots";
   EXPECT_EQ(promised.status().code(), Code::kUnavailable);
   EXPECT_THAT(promised.status().message(), HasSubstr("no restore point can be promised"));
@@ -827,8 +833,8 @@ void PollUntil(const std::string& what, const std::function<bool()>& pred) {
 
 // Every operation on the standby pool fails as a cluster that does not
 // answer does (RADOS op timeout), while *down is true.
-void StandbyDown(MemoryPool& pool, std::shared_ptr<std::atomic<bool>> down) {
-  pool.SetFault([down](const MemoryFaultPoint&) {
+void StandbyDown(FaultPool& pool, std::shared_ptr<std::atomic<bool>> down) {
+  pool.SetFault([down](const VolumeFaultPoint&) {
     return down->load() ? Unavailable("Connection timed out (errno 110)") : OkStatus();
   });
 }
@@ -840,7 +846,7 @@ TEST_F(ReplicationTest, StandbyClusterDownTheSinkAppliesTheDurableEpochByItself)
   std::mt19937_64 rng(21);
   testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
   auto down = std::make_shared<std::atomic<bool>>(false);
-  StandbyDown(*site_b_, down);
+  StandbyDown(*fault_b_, down);
   {
     SourceReplicator rep(Config(), "a", site_a_, Connector());
     ASSERT_TRUE(rep.RunOnce().ok());  // point 1
@@ -881,7 +887,7 @@ TEST_F(ReplicationTest, RestartedSinkAppliesTheCompleteSpoolItFindsWithoutItsSou
   std::mt19937_64 rng(22);
   testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
   auto down = std::make_shared<std::atomic<bool>>(false);
-  StandbyDown(*site_b_, down);
+  StandbyDown(*fault_b_, down);
   {
     SourceReplicator rep(Config(), "a", site_a_, Connector());
     ASSERT_TRUE(rep.RunOnce().ok());

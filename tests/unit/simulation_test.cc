@@ -1,6 +1,7 @@
 // The seeded simulator: the real SourceReplicator and Sink code over
 // in-memory volumes, an in-memory catalog, real spool files and the
-// in-process link, driven through random fault schedules: bit flips,
+// in-process link, the volumes and the link wrapped in their fault layers
+// (FaultPool, FaultLink), driven through random fault schedules: bit flips,
 // lost, duplicated and cut frames in both directions, failed reads at the
 // source and failed writes at the standby, torn spool files, crashes
 // (restarts) of either side, and a snapshot removed under the source's
@@ -17,8 +18,10 @@
 #include <random>
 #include <thread>
 
+#include "engine/link/fault_link.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
+#include "engine/volume/fault_pool.h"
 #include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
 
@@ -72,6 +75,8 @@ class World {
       : seed_(seed), rng_(seed), spool_(dir / std::to_string(seed)) {
     a_ = std::make_shared<MemoryPool>("rbd", MemoryPoolOptions{4096, Clock()});
     b_ = std::make_shared<MemoryPool>("rbd", MemoryPoolOptions{4096, Clock()});
+    fault_a_ = std::make_shared<FaultPool>(*a_);
+    fault_b_ = std::make_shared<FaultPool>(*b_);
     kv_ = std::make_shared<MemoryKvStore>();
     timeouts_.hello = timeouts_.stall = timeouts_.ack = std::chrono::milliseconds(50);
     timeouts_.idle = std::chrono::milliseconds(200);
@@ -93,7 +98,7 @@ class World {
     env.spool_dir = spool_;
     env.pools = {"rbd"};
     env.open_pool = [this](const std::string&) -> StatusOr<std::shared_ptr<Pool>> {
-      return std::shared_ptr<Pool>(b_);
+      return std::shared_ptr<Pool>(fault_b_);
     };
     env.open_catalog = [this](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
       return std::shared_ptr<KvStore>(kv_);
@@ -114,15 +119,16 @@ class World {
     c.block_size = 16 * kKiB;
     c.window = 3;
     return std::make_unique<SourceReplicator>(
-        c, "a", a_,
+        c, "a", fault_a_,
         [this]() -> StatusOr<std::unique_ptr<Link>> {
-          auto [src, dst] =
-              MakeMemoryLinkPair(256 * kKiB, std::move(to_sink_), std::move(to_source_));
+          auto [a, b] = MakeMemoryLinkPair(256 * kKiB);
+          auto src = std::make_unique<FaultLink>(std::move(a), std::move(to_sink_));
+          auto dst = std::make_unique<FaultLink>(std::move(b), std::move(to_source_));
           to_sink_ = nullptr;
           to_source_ = nullptr;
           Sink* sink = sink_.get();
           sessions_.emplace_back([sink, l = std::move(dst)]() mutable { (void)sink->Serve(*l); });
-          return std::move(src);
+          return std::unique_ptr<Link>(std::move(src));
         },
         t);
   }
@@ -162,10 +168,10 @@ class World {
             AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kDrop; });
         break;
       case Fault::kSourceReadError:
-        FailOnce(*a_, MemoryOp::kRead, n);
+        FailOnce(*fault_a_, VolumeOp::kRead, n);
         break;
       case Fault::kStandbyWriteError:
-        FailOnce(*b_, MemoryOp::kWrite, n);
+        FailOnce(*fault_b_, VolumeOp::kWrite, n);
         break;
       case Fault::kSnapshotGoneMidRead:
         RemoveSnapAtRead(n);
@@ -175,9 +181,9 @@ class World {
     }
   }
 
-  void FailOnce(MemoryPool& pool, MemoryOp op, int n) {
+  void FailOnce(FaultPool& pool, VolumeOp op, int n) {
     auto count = std::make_shared<std::atomic<int>>(0);
-    pool.SetFault([count, op, n](const MemoryFaultPoint& p) {
+    pool.SetFault([count, op, n](const VolumeFaultPoint& p) {
       if (p.op == op && (*count)++ == n) return Unavailable("injected I/O error");
       return OkStatus();
     });
@@ -188,8 +194,8 @@ class World {
   // epoch must never become a point.
   void RemoveSnapAtRead(int n) {
     auto count = std::make_shared<std::atomic<int>>(0);
-    a_->SetFault([this, count, n](const MemoryFaultPoint& p) {
-      if (p.op == MemoryOp::kRead && !p.snap.empty() && (*count)++ == n) {
+    fault_a_->SetFault([this, count, n](const VolumeFaultPoint& p) {
+      if (p.op == VolumeOp::kRead && !p.snap.empty() && (*count)++ == n) {
         auto vol = a_->Open(p.image);
         if (vol.ok()) (void)(*vol)->RemoveSnap(p.snap);
       }
@@ -199,8 +205,8 @@ class World {
 
   void Disarm() {
     to_sink_ = to_source_ = nullptr;
-    a_->SetFault(nullptr);
-    b_->SetFault(nullptr);
+    fault_a_->SetFault(nullptr);
+    fault_b_->SetFault(nullptr);
   }
 
   // Lost unsynced writes or a torn write: cut a spool file short.
@@ -293,6 +299,8 @@ class World {
   std::filesystem::path spool_;
   std::atomic<int64_t> now_ns_{1'700'000'000'000'000'000};
   std::shared_ptr<MemoryPool> a_, b_;
+  // What the source and the sink use: the pools above, with faults.
+  std::shared_ptr<FaultPool> fault_a_, fault_b_;
   std::shared_ptr<MemoryKvStore> kv_;
   std::unique_ptr<Sink> sink_;
   std::vector<std::thread> sessions_;

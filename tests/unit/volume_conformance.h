@@ -13,7 +13,8 @@
 //
 // Usage: include this header in exactly ONE .cc of a test binary (it defines
 // the TEST_Ps), then INSTANTIATE_TEST_SUITE_P(Name, VolumeConformanceTest,
-// ::testing::Values(VolumeConformanceParam{...}), VolumeParamName).
+// ::testing::Values(VolumeConformanceParam{...}), VolumeParamName). Wrap a
+// param in ThroughFaultPool to run the suite through the fault layer too.
 //
 // Thread-safety: tests run on gtest's thread.
 #pragma once
@@ -38,6 +39,7 @@
 
 #include "engine/base/status.h"
 #include "engine/epoch/epoch.h"
+#include "engine/volume/fault_pool.h"
 #include "engine/volume/volume.h"
 
 namespace cairn {
@@ -60,6 +62,27 @@ struct VolumeConformanceParam {
 };
 
 inline void PrintTo(const VolumeConformanceParam& p, std::ostream* os) { *os << p.label; }
+
+// A FaultPool that owns the pool it wraps, as a target holds one Pool.
+class OwningFaultPool final : public FaultPool {
+ public:
+  explicit OwningFaultPool(std::unique_ptr<Pool> inner)
+      : FaultPool(*inner), inner_(std::move(inner)) {}
+
+ private:
+  std::unique_ptr<Pool> inner_;
+};
+
+// `inner`'s target seen through a FaultPool with no fault installed: the
+// suite then checks that the layer forwards every call as it is.
+inline VolumeConformanceParam ThroughFaultPool(VolumeConformanceParam inner) {
+  return {"FaultOver" + inner.label, [make = inner.make]() -> StatusOr<VolumeTestTarget> {
+            ASSIGN_OR_RETURN(VolumeTestTarget t, make());
+            t.pool = std::make_unique<OwningFaultPool>(std::move(t.pool));
+            t.name_prefix += "fault-";  // apart from the images of `inner`
+            return t;
+          }};
+}
 
 inline std::string VolumeParamName(const ::testing::TestParamInfo<VolumeConformanceParam>& info) {
   return info.param.label;
