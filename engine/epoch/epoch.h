@@ -163,7 +163,7 @@ class EpochVerifier {
 
   enum class Step { kBegin, kRecord, kEnd };
   // Checks the next frame of the epoch. kDataLoss (exact messages, see
-  // epoch.cc) for anything that does not verify: the frame must not be
+  // epoch_verify.cc) for anything that does not verify: the frame must not be
   // kept. kFailedPrecondition when the epoch does not build on the
   // receiver's newest point (the source must re-plan).
   StatusOr<Step> Check(const Frame& frame);
@@ -177,6 +177,11 @@ class EpochVerifier {
   bool done() const { return done_; }
 
  private:
+  // One per frame type; each checks a frame of its type and records it.
+  StatusOr<Step> CheckBegin(const Frame& f);
+  StatusOr<Step> CheckRecord(const Frame& f);
+  StatusOr<Step> CheckEnd(const Frame& f);
+
   std::string volume_;
   uint64_t base_seq_;
   ChainDigest prev_chain_;

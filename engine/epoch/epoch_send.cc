@@ -1,15 +1,16 @@
-#include "engine/epoch/epoch.h"
-
+// SendEpoch: the source's half of an epoch (see epoch.h). Reads of the
+// source snapshot complete out of order into one bounded arena; records
+// leave in order.
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <deque>
 #include <memory>
-#include <vector>
 
+#include "engine/epoch/epoch.h"
+#include "engine/epoch/zeros.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {
@@ -18,19 +19,6 @@ namespace {
 // Zero detection granularity: runs of zeros at least this aligned and
 // long travel as zero records.
 constexpr uint64_t kZeroGrain = 64 * 1024;
-
-bool IsAllZero(std::span<const char> b) {
-  size_t i = 0;
-  for (; i + 8 <= b.size(); i += 8) {
-    uint64_t w;
-    std::memcpy(&w, b.data() + i, 8);
-    if (w != 0) return false;
-  }
-  for (; i < b.size(); ++i) {
-    if (b[i] != 0) return false;
-  }
-  return true;
-}
 
 struct AlignedFree {
   void operator()(char* p) const { std::free(p); }
@@ -41,14 +29,6 @@ AlignedBuffer AllocateAligned(size_t n) {
   void* p = nullptr;
   if (posix_memalign(&p, 4096, n) != 0) return nullptr;
   return AlignedBuffer(static_cast<char*>(p));
-}
-
-template <typename Msg>
-Status Parse(const Frame& f, Msg& m) {
-  if (!m.ParseFromString(f.body)) {
-    return DataLoss(fmt::format("{} frame body does not parse", FrameTypeName(f.type)));
-  }
-  return OkStatus();
 }
 
 // Read buffers of one epoch: one arena of `capacity` bytes, carved into
@@ -304,23 +284,6 @@ class RecordPipeline {
 
 }  // namespace
 
-Status WriteLinkError(FrameWriter& out, const Status& st) {
-  pb::LinkError e;
-  e.set_code(static_cast<int32_t>(st.code()));
-  e.set_message(st.message());
-  return out.Write(FrameType::kLinkError, e.SerializeAsString(), {});
-}
-
-Status StatusFromLinkError(const Frame& f, std::string_view who) {
-  pb::LinkError e;
-  if (!e.ParseFromString(f.body)) return DataLoss(fmt::format("{}: malformed LinkError", who));
-  const Code code = static_cast<Code>(e.code());
-  if (code == Code::kOk || CodeName(code) == "Unknown") {
-    return Internal(fmt::format("{}: error with invalid code {}: {}", who, e.code(), e.message()));
-  }
-  return Status(code, fmt::format("{}: {}", who, e.message()));
-}
-
 StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
                                  FrameWriter& out, SendTimes* times) {
   assert(options.block_size > 0 && options.block_size <= kMaxPayload);
@@ -385,264 +348,6 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
     times->total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
   return sum;
-}
-
-EpochVerifier::EpochVerifier(std::string volume, uint64_t base_seq, ChainDigest prev_chain)
-    : volume_(std::move(volume)), base_seq_(base_seq), prev_chain_(prev_chain) {}
-
-StatusOr<EpochVerifier::Step> EpochVerifier::Check(const Frame& f) {
-  if (done_) return DataLoss(fmt::format("{} frame after EpochEnd", FrameTypeName(f.type)));
-  switch (f.type) {
-    case FrameType::kEpochBegin: {
-      if (begun_) return DataLoss("second EpochBegin inside an epoch");
-      pb::EpochBegin b;
-      RETURN_IF_ERROR(Parse(f, b));
-      if (!f.payload.empty()) return DataLoss("EpochBegin frame carries a payload");
-      if (b.volume() != volume_) {
-        return DataLoss(
-            fmt::format("epoch of volume '{}' on the stream of volume '{}'", b.volume(), volume_));
-      }
-      if (b.base_seq() != base_seq_) {
-        return FailedPrecondition(fmt::format(
-            "epoch {} builds on restore point {}, but the newest restore point here is {}", b.seq(),
-            b.base_seq(), base_seq_));
-      }
-      if (b.seq() <= b.base_seq()) {
-        return DataLoss(fmt::format("epoch {} does not follow its base {}", b.seq(), b.base_seq()));
-      }
-      if (b.max_block() == 0 || b.max_block() > kMaxPayload) {
-        return DataLoss(
-            fmt::format("epoch {} announces blocks of {} bytes", b.seq(), b.max_block()));
-      }
-      begun_ = true;
-      summary_ = EpochSummary{};
-      summary_.seq = b.seq();
-      summary_.base_seq = b.base_seq();
-      summary_.image_size = b.image_size();
-      summary_.snap_time_ns = b.snap_time_ns();
-      summary_.prev_chain = prev_chain_;
-      summary_.source_site = b.source_site();
-      summary_.max_block = b.max_block();
-      summary_.resume_from = b.resume_from();
-      hasher_ = std::make_unique<EpochHasher>(b.seq(), b.image_size());
-      return Step::kBegin;
-    }
-    case FrameType::kRecord: {
-      if (!begun_) return DataLoss("Record frame before EpochBegin");
-      pb::Record r;
-      RETURN_IF_ERROR(Parse(f, r));
-      if (r.seq() != summary_.seq) {
-        return DataLoss(fmt::format("record of epoch {} inside epoch {}", r.seq(), summary_.seq));
-      }
-      if (r.index() != next_index_) {
-        return DataLoss(fmt::format(
-            "record index {} where {} was expected (lost, duplicated or reordered frame)",
-            r.index(), next_index_));
-      }
-      if (r.length() == 0) return DataLoss(fmt::format("record {} has length 0", r.index()));
-      if (r.offset() < next_offset_) {
-        return DataLoss(
-            fmt::format("record {} at offset {} overlaps the previous record (ends at {})",
-                        r.index(), r.offset(), next_offset_));
-      }
-      if (r.offset() > summary_.image_size || r.length() > summary_.image_size - r.offset()) {
-        return DataLoss(fmt::format("record {} [{}, +{}) lies beyond the image size {}", r.index(),
-                                    r.offset(), r.length(), summary_.image_size));
-      }
-      RecordKind kind;
-      if (r.kind() == pb::DATA) {
-        kind = RecordKind::kData;
-        if (r.length() > summary_.max_block) {
-          return DataLoss(
-              fmt::format("data record {} of {} bytes exceeds the epoch's block size {}", r.index(),
-                          r.length(), summary_.max_block));
-        }
-        if (f.payload.size() != r.length()) {
-          return DataLoss(fmt::format("data record {} says {} bytes but carries {}", r.index(),
-                                      r.length(), f.payload.size()));
-        }
-        const BlockHash h = BlockHash::Of(f.payload);
-        if (h != BlockHash(r.xxh3())) {
-          return DataLoss(fmt::format("block checksum mismatch at offset {} (record {})",
-                                      r.offset(), r.index()));
-        }
-        hasher_->Add(r.offset(), r.length(), kind, h);
-        summary_.data_bytes += r.length();
-      } else if (r.kind() == pb::ZERO) {
-        kind = RecordKind::kZero;
-        if (!f.payload.empty()) {
-          return DataLoss(fmt::format("zero record {} carries a payload", r.index()));
-        }
-        hasher_->Add(r.offset(), r.length(), kind, BlockHash());
-        summary_.zero_bytes += r.length();
-      } else {
-        return DataLoss(
-            fmt::format("record {} has unknown kind {}", r.index(), static_cast<int>(r.kind())));
-      }
-      record_ = VerifiedRecord{r.index(), r.offset(), r.length(), kind};
-      ++next_index_;
-      next_offset_ = r.offset() + r.length();
-      summary_.records = next_index_;
-      return Step::kRecord;
-    }
-    case FrameType::kEpochEnd: {
-      if (!begun_) return DataLoss("EpochEnd frame before EpochBegin");
-      pb::EpochEnd e;
-      RETURN_IF_ERROR(Parse(f, e));
-      if (e.seq() != summary_.seq) {
-        return DataLoss(fmt::format("end of epoch {} inside epoch {}", e.seq(), summary_.seq));
-      }
-      if (e.records() != summary_.records || e.data_bytes() != summary_.data_bytes ||
-          e.zero_bytes() != summary_.zero_bytes) {
-        return DataLoss(fmt::format(
-            "epoch {} end says {} records ({} data, {} zero bytes) but {} ({}, {}) arrived",
-            e.seq(), e.records(), e.data_bytes(), e.zero_bytes(), summary_.records,
-            summary_.data_bytes, summary_.zero_bytes));
-      }
-      EpochDigest digest;
-      ChainDigest prev, chain;
-      if (!EpochDigest::FromString(e.epoch_digest(), &digest) ||
-          !ChainDigest::FromString(e.prev_chain(), &prev) ||
-          !ChainDigest::FromString(e.chain_digest(), &chain)) {
-        return DataLoss(fmt::format("epoch {} end has a malformed digest", e.seq()));
-      }
-      summary_.epoch_digest = hasher_->Finish();
-      if (digest != summary_.epoch_digest) {
-        return DataLoss(fmt::format("epoch {} digest mismatch: sent {}, computed {}", e.seq(),
-                                    digest.ToHex(), summary_.epoch_digest.ToHex()));
-      }
-      if (prev != prev_chain_) {
-        return FailedPrecondition(
-            fmt::format("epoch {} chains from {}, but restore point {} here has chain {}", e.seq(),
-                        prev.ToHex(), base_seq_, prev_chain_.ToHex()));
-      }
-      summary_.chain = NextChain(prev_chain_, summary_.epoch_digest, summary_.seq);
-      if (chain != summary_.chain) {
-        return DataLoss(fmt::format("epoch {} chain digest mismatch", e.seq()));
-      }
-      done_ = true;
-      return Step::kEnd;
-    }
-    default:
-      return DataLoss(fmt::format("unexpected {} frame inside an epoch", FrameTypeName(f.type)));
-  }
-}
-
-ApplyStream::ApplyStream(Volume& target, const EpochOptions& options, TargetState state)
-    : target_(target), options_(options), state_(state) {
-  assert(options.window > 0);
-}
-
-ApplyStream::~ApplyStream() {
-  if (io_) (void)io_->Drain();
-}
-
-Status ApplyStream::Begin(uint64_t image_size) {
-  frames_.assign(options_.window, Frame{});
-  free_.clear();
-  for (uint32_t i = options_.window; i > 0; --i) free_.push_back(i - 1);
-  bytes_in_flight_ = 0;
-  // Opened for writing first: the size then comes from the same handle,
-  // not from one more open.
-  ASSIGN_OR_RETURN(io_, target_.OpenIo(""));
-  ASSIGN_OR_RETURN(uint64_t have, target_.Size());
-  if (have != image_size) RETURN_IF_ERROR(target_.Resize(image_size));
-  return OkStatus();
-}
-
-Status ApplyStream::WaitOne() {
-  AsyncIo::Completion c = io_->WaitOne();
-  free_.push_back(static_cast<uint32_t>(c.tag));
-  bytes_in_flight_ -= frames_[c.tag].payload.size();
-  frames_[c.tag] = Frame{};  // its buffer goes back now, not when the slot is reused
-  if (!c.status.ok()) return c.status.Annotate("writing the standby image");
-  return OkStatus();
-}
-
-Status ApplyStream::Add(const VerifiedRecord& r, Frame frame) {
-  assert(io_ && "Begin first");
-  if (r.kind != RecordKind::kData && state_ == TargetState::kFreshImage) {
-    return OkStatus();  // a new image reads as zeros already
-  }
-  const uint64_t bytes = frame.payload.size();
-  // A record larger than window_bytes goes alone.
-  while (free_.empty() || (options_.window_bytes > 0 && bytes_in_flight_ > 0 &&
-                           bytes_in_flight_ + bytes > options_.window_bytes)) {
-    RETURN_IF_ERROR(WaitOne());
-  }
-  const uint32_t slot = free_.back();
-  free_.pop_back();
-  frames_[slot] = std::move(frame);
-  bytes_in_flight_ += bytes;
-  if (r.kind == RecordKind::kData) {
-    assert(frames_[slot].payload.size() == r.length);
-    return io_->StartWrite(slot, r.offset, frames_[slot].payload);
-  }
-  return io_->StartZero(slot, r.offset, r.length);
-}
-
-Status ApplyStream::Finish() {
-  assert(io_ && "Begin first");
-  Status first;
-  while (io_->InFlight() > 0) {
-    Status st = WaitOne();
-    if (first.ok()) first = st;
-  }
-  RETURN_IF_ERROR(first);
-  return io_->Drain();
-}
-
-StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
-                                  const EpochOptions& options, TargetState state) {
-  ApplyStream apply(target, options, state);
-  while (true) {
-    auto next = spool.Next();
-    if (!next.ok()) {
-      if (next.status().code() == Code::kAborted) {
-        return DataLoss(fmt::format("spool ends before the end of epoch {} (incomplete epoch)",
-                                    verifier.begin().seq));
-      }
-      return next.status();
-    }
-    auto step = verifier.Check(*next);
-    if (!step.ok()) return step.status().Annotate(fmt::format("spool offset {}", spool.offset()));
-    switch (*step) {
-      case EpochVerifier::Step::kBegin:
-        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size));
-        break;
-      case EpochVerifier::Step::kRecord:
-        RETURN_IF_ERROR(apply.Add(verifier.record(), std::move(next).value()));
-        break;
-      case EpochVerifier::Step::kEnd:
-        RETURN_IF_ERROR(apply.Finish());
-        return verifier.summary();
-    }
-  }
-}
-
-StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point) {
-  constexpr uint64_t kPiece = 4ull << 20;
-  ASSIGN_OR_RETURN(const uint64_t size, target.Size());
-  if (size != point.size) RETURN_IF_ERROR(target.Resize(point.size));
-  ASSIGN_OR_RETURN(auto from, target.OpenIo(point.name));
-  ASSIGN_OR_RETURN(auto to, target.OpenIo(""));
-  std::vector<char> buf;
-  uint64_t bytes = size != point.size ? std::max(size, point.size) - std::min(size, point.size) : 0;
-  RETURN_IF_ERROR(target.DiffExtents(point.name, "", [&](const Extent& e) -> Status {
-    for (uint64_t off = e.offset; off < e.offset + e.length;) {
-      const uint64_t n = std::min(kPiece, e.offset + e.length - off);
-      buf.resize(n);
-      RETURN_IF_ERROR(from->StartRead(0, off, buf));
-      RETURN_IF_ERROR(from->WaitOne().status);
-      RETURN_IF_ERROR(IsAllZero(buf) ? to->StartZero(0, off, n) : to->StartWrite(0, off, buf));
-      RETURN_IF_ERROR(to->WaitOne().status);
-      off += n;
-      bytes += n;
-    }
-    return OkStatus();
-  }));
-  RETURN_IF_ERROR(to->Drain());
-  return bytes;
 }
 
 }  // namespace cairn
