@@ -8,7 +8,9 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "engine/daemon/daemon.h"
 
@@ -22,31 +24,29 @@ int Usage() {
   return 2;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+// The command line: the config file and whether only to check it.
+struct Args {
   std::string config_path;
   bool check_only = false;
+};
+
+std::optional<Args> ParseArgs(int argc, char** argv) {
+  Args args;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if ((a == "-c" || a == "--config") && i + 1 < argc) {
-      config_path = argv[++i];
+      args.config_path = argv[++i];
     } else if (a == "--check") {
-      check_only = true;
+      args.check_only = true;
     } else {
-      return Usage();
+      return std::nullopt;
     }
   }
-  if (config_path.empty()) return Usage();
+  if (args.config_path.empty()) return std::nullopt;
+  return args;
+}
 
-  auto cfg = cairn::LoadConfig(config_path);
-  if (!cfg.ok()) {
-    std::fprintf(stderr, "cairnd: %s\n", cfg.status().message().c_str());
-    return 2;
-  }
-  spdlog::set_level(spdlog::level::from_str(cfg->log_level));
-  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [" + cfg->site + "] %v");
-
+void TuneProcess() {
   // Memory goes back to the system when an epoch ends. glibc otherwise
   // raises its mmap threshold after the first large free, and from then on
   // serves the frame and window buffers (MiBs each) from per-thread arenas
@@ -64,36 +64,37 @@ int main(int argc, char** argv) {
       spdlog::debug("open files limit raised from {} to {}", was, files.rlim_max);
     }
   }
+}
 
-  // Block the stop signals in every thread; the main thread waits for them.
+// Blocks the stop signals (SIGINT, SIGTERM) in this thread and every thread
+// it starts from now on, and returns them for WaitForStop.
+sigset_t BlockStopSignals() {
   sigset_t stop_signals;
   sigemptyset(&stop_signals);
   sigaddset(&stop_signals, SIGINT);
   sigaddset(&stop_signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
   std::signal(SIGPIPE, SIG_IGN);
+  return stop_signals;
+}
 
-  auto daemon = cairn::Daemon::Create(*cfg);
-  if (!daemon.ok()) {
-    std::fprintf(stderr, "cairnd: %s\n", daemon.status().ToString().c_str());
+// `cairnd --check`: prints the daemon's report; exit code 1 if it cannot
+// replicate.
+int RunCheck(cairn::Daemon& daemon, const std::string& config_path) {
+  std::vector<std::string> report;
+  const cairn::Status st = daemon.Check(&report);
+  for (const auto& line : report) std::printf("cairnd: %s\n", line.c_str());
+  if (!st.ok()) {
+    std::fprintf(stderr, "cairnd: %s cannot replicate: %s\n", config_path.c_str(),
+                 st.ToString().c_str());
     return 1;
   }
-  if (check_only) {
-    std::vector<std::string> report;
-    const cairn::Status st = (*daemon)->Check(&report);
-    for (const auto& line : report) std::printf("cairnd: %s\n", line.c_str());
-    if (!st.ok()) {
-      std::fprintf(stderr, "cairnd: %s cannot replicate: %s\n", config_path.c_str(),
-                   st.ToString().c_str());
-      return 1;
-    }
-    std::printf("cairnd: configuration %s is valid\n", config_path.c_str());
-    return 0;
-  }
-  if (cairn::Status st = (*daemon)->Start(); !st.ok()) {
-    std::fprintf(stderr, "cairnd: %s\n", st.ToString().c_str());
-    return 1;
-  }
+  std::printf("cairnd: configuration %s is valid\n", config_path.c_str());
+  return 0;
+}
+
+// Returns the first of `stop_signals` to arrive.
+int WaitForStop(const sigset_t& stop_signals) {
   // While it waits, the main thread hands the heap's free pages back to
   // the system every few seconds: after a burst of epochs the arenas hold
   // many small pieces freed between live ones (half the RSS of an idle
@@ -104,6 +105,36 @@ int main(int argc, char** argv) {
     sig = sigtimedwait(&stop_signals, nullptr, &trim_every);
     if (sig < 0) malloc_trim(0);
   }
+  return sig;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::optional<Args> args = ParseArgs(argc, argv);
+  if (!args) return Usage();
+
+  auto cfg = cairn::LoadConfig(args->config_path);
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "cairnd: %s\n", cfg.status().message().c_str());
+    return 2;
+  }
+  spdlog::set_level(spdlog::level::from_str(cfg->log_level));
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [" + cfg->site + "] %v");
+  TuneProcess();
+  const sigset_t stop_signals = BlockStopSignals();
+
+  auto daemon = cairn::Daemon::Create(*cfg);
+  if (!daemon.ok()) {
+    std::fprintf(stderr, "cairnd: %s\n", daemon.status().ToString().c_str());
+    return 1;
+  }
+  if (args->check_only) return RunCheck(**daemon, args->config_path);
+  if (cairn::Status st = (*daemon)->Start(); !st.ok()) {
+    std::fprintf(stderr, "cairnd: %s\n", st.ToString().c_str());
+    return 1;
+  }
+  const int sig = WaitForStop(stop_signals);
   spdlog::info("signal {}: stopping", strsignal(sig));
   (*daemon)->Stop();
   return 0;

@@ -105,6 +105,13 @@ class SectionReader {
     }
     return OkStatus();
   }
+  // Size() into a 32-bit field. REQUIRES: hi < 2^32.
+  Status Size32(const std::string& key, uint32_t lo, uint32_t hi, uint32_t* out) {
+    uint64_t n = *out;
+    RETURN_IF_ERROR(Size(key, lo, hi, &n));
+    *out = static_cast<uint32_t>(n);
+    return OkStatus();
+  }
   Status HostPort(const std::string& key, std::string* host, uint16_t* port) {
     if (auto e = Get(key)) {
       auto hp = ParseHostPort(e->value);
@@ -208,6 +215,158 @@ Status CheckLengths(std::string_view text, std::string_view origin) {
 
 }  // namespace
 
+namespace {
+
+// Each Read*Section reads one section into its part of `cfg` (keys not
+// given keep their defaults) and fails with the first key that is wrong;
+// ReadSection refuses keys that no reader asked for.
+
+Status ReadCairndSection(SectionReader& r, std::string_view origin, DaemonConfig& cfg) {
+  RETURN_IF_ERROR(r.String("site", &cfg.site));
+  RETURN_IF_ERROR(r.String("control_socket", &cfg.control_socket));
+  RETURN_IF_ERROR(r.String("log_level", &cfg.log_level));
+  RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
+  static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
+  if (!kLevels.count(cfg.log_level)) {
+    return InvalidArgument(
+        fmt::format("{}: [cairnd] log_level '{}' is not one of "
+                    "trace, debug, info, warn, error",
+                    origin, cfg.log_level));
+  }
+  return OkStatus();
+}
+
+Status ReadCephSection(SectionReader& r, DaemonConfig& cfg) {
+  RETURN_IF_ERROR(r.String("conf", &cfg.ceph.conf));
+  RETURN_IF_ERROR(r.String("client", &cfg.ceph.client));
+  if (auto e = r.Get("keyring")) cfg.ceph.keyring = e->value;
+  std::chrono::milliseconds op_timeout = cfg.ceph.op_timeout;
+  RETURN_IF_ERROR(r.Duration("op_timeout", &op_timeout));
+  if (op_timeout < std::chrono::seconds(1) || op_timeout > std::chrono::hours(1) ||
+      op_timeout.count() % 1000 != 0) {
+    return r.Error("op_timeout", "must be whole seconds from 1s to 1h");
+  }
+  cfg.ceph.op_timeout = std::chrono::duration_cast<std::chrono::seconds>(op_timeout);
+  if (cfg.ceph.client.starts_with("client.")) cfg.ceph.client = cfg.ceph.client.substr(7);
+  return OkStatus();
+}
+
+Status ReadSinkSection(SectionReader& r, DaemonConfig& cfg) {
+  SinkConfig s;
+  RETURN_IF_ERROR(r.HostPort("listen", &s.listen_host, &s.listen_port));
+  RETURN_IF_ERROR(r.String("spool_dir", &s.spool_dir));
+  if (auto e = r.Get("pools")) {
+    s.pools = SplitList(e->value);
+    if (s.pools.empty()) return r.Error("pools", "lists no pool");
+  }
+  RETURN_IF_ERROR(r.Size("spool_max_bytes", 0, UINT64_MAX, &s.spool_max_bytes));
+  if (s.spool_max_bytes != 0 && s.spool_max_bytes < (1u << 20)) {
+    return r.Error("spool_max_bytes", "must be 0 (no limit) or at least 1M");
+  }
+  RETURN_IF_ERROR(r.Size32("window", 1, 256, &s.window));
+  RETURN_IF_ERROR(r.Size("window_bytes", 1u << 20, uint64_t{1} << 30, &s.window_bytes));
+  RETURN_IF_ERROR(r.Size32("keep_points", 0, 1000000, &s.keep_points));
+  cfg.sink = s;
+  return OkStatus();
+}
+
+Status ReadSourceSection(SectionReader& r, DaemonConfig& cfg) {
+  DaemonConfig::Source src;
+  if (auto e = r.Get("pools")) {
+    src.pools = SplitList(e->value);
+    if (src.pools.empty()) return r.Error("pools", "lists no pool");
+  }
+  if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
+  RETURN_IF_ERROR(r.HostPort("peer", &src.peer_host, &src.peer_port));
+  RETURN_IF_ERROR(r.Duration("interval", &src.interval));
+  if (src.interval.count() != 0 && src.interval.count() < 1000) {
+    return r.Error("interval", "must be at least 1s (or 0 for on demand only)");
+  }
+  RETURN_IF_ERROR(r.Size32("keep_snapshots", 0, 100000, &src.keep_snapshots));
+  RETURN_IF_ERROR(r.Size32("outage_snapshots", 1, 10000, &src.outage_snapshots));
+  cfg.source = src;
+  return OkStatus();
+}
+
+// The [volume NAME] section `name`, read into a VolumeConfig.
+StatusOr<VolumeConfig> ReadVolume(SectionReader& r, std::string_view origin,
+                                  const std::string& name) {
+  VolumeConfig v;
+  v.id = Trim(std::string_view(name).substr(7));
+  if (Status st = ValidateVolumeId(v.id); !st.ok()) {
+    return InvalidArgument(fmt::format("{}: [{}]: {}", origin, name, st.message()));
+  }
+  RETURN_IF_ERROR(r.String("pool", &v.pool));
+  RETURN_IF_ERROR(r.String("image", &v.image));
+  if (v.image.empty()) return r.Missing("image", "the RBD image to replicate");
+  if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
+  RETURN_IF_ERROR(r.HostPort("peer", &v.peer_host, &v.peer_port));
+  RETURN_IF_ERROR(r.String("target_pool", &v.target_pool));
+  RETURN_IF_ERROR(r.String("target_image", &v.target_image));
+  if (v.target_pool.empty()) v.target_pool = v.pool;
+  if (v.target_image.empty()) v.target_image = v.image;
+  RETURN_IF_ERROR(r.Duration("interval", &v.interval));
+  if (auto e = r.Get("interval"); e && v.interval.count() != 0 && v.interval.count() < 1000) {
+    return r.Error("interval", "must be at least 1s (or 0 for on demand only)");
+  }
+  RETURN_IF_ERROR(r.Size32("keep_snapshots", 0, 100000, &v.keep_snapshots));
+  RETURN_IF_ERROR(r.Size32("outage_snapshots", 1, 10000, &v.outage_snapshots));
+  RETURN_IF_ERROR(r.Size32("block_size", 4096, 4u << 20, &v.block_size));
+  if (v.block_size % 512 != 0) {
+    return InvalidArgument(
+        fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
+  }
+  RETURN_IF_ERROR(r.Size32("window", 1, 256, &v.window));
+  return v;
+}
+
+// Fails if volume `v` repeats the id, or the target, of one of `volumes`.
+Status CheckVolumeIsNew(const VolumeConfig& v, const std::vector<VolumeConfig>& volumes,
+                        std::string_view origin) {
+  for (const auto& other : volumes) {
+    if (other.id == v.id) {
+      return InvalidArgument(fmt::format("{}: volume '{}' is defined twice", origin, v.id));
+    }
+    if (other.peer_host == v.peer_host && other.peer_port == v.peer_port &&
+        other.target_pool == v.target_pool && other.target_image == v.target_image) {
+      return InvalidArgument(fmt::format(
+          "{}: volumes '{}' and '{}' both replicate into {}/{} at {}:{}: give one another "
+          "target_image",
+          origin, other.id, v.id, v.target_pool, v.target_image, v.peer_host, v.peer_port));
+    }
+  }
+  return OkStatus();
+}
+
+Status ReadVolumeSection(SectionReader& r, std::string_view origin, const std::string& name,
+                         DaemonConfig& cfg) {
+  ASSIGN_OR_RETURN(VolumeConfig v, ReadVolume(r, origin, name));
+  RETURN_IF_ERROR(CheckVolumeIsNew(v, cfg.volumes, origin));
+  cfg.volumes.push_back(v);
+  return OkStatus();
+}
+
+Status ReadSection(SectionReader& r, std::string_view origin, const std::string& name,
+                   DaemonConfig& cfg) {
+  if (name == "cairnd") {
+    RETURN_IF_ERROR(ReadCairndSection(r, origin, cfg));
+  } else if (name == "ceph") {
+    RETURN_IF_ERROR(ReadCephSection(r, cfg));
+  } else if (name == "sink") {
+    RETURN_IF_ERROR(ReadSinkSection(r, cfg));
+  } else if (name == "source") {
+    RETURN_IF_ERROR(ReadSourceSection(r, cfg));
+  } else if (name.starts_with("volume ")) {
+    RETURN_IF_ERROR(ReadVolumeSection(r, origin, name, cfg));
+  } else {
+    return InvalidArgument(fmt::format(
+        "{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME)", origin, name));
+  }
+  return r.RefuseUnknown();
+}
+
+}  // namespace
+
 StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origin) {
   RETURN_IF_ERROR(CheckLengths(text, origin));
   Parsed parsed;
@@ -221,125 +380,8 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
 
   DaemonConfig cfg;
   for (const std::string& name : parsed.order) {
-    const auto& keys = parsed.sections[name];
-    SectionReader r(origin, name, keys);
-    if (name == "cairnd") {
-      RETURN_IF_ERROR(r.String("site", &cfg.site));
-      RETURN_IF_ERROR(r.String("control_socket", &cfg.control_socket));
-      RETURN_IF_ERROR(r.String("log_level", &cfg.log_level));
-      RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
-      static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
-      if (!kLevels.count(cfg.log_level)) {
-        return InvalidArgument(
-            fmt::format("{}: [cairnd] log_level '{}' is not one of "
-                        "trace, debug, info, warn, error",
-                        origin, cfg.log_level));
-      }
-    } else if (name == "ceph") {
-      RETURN_IF_ERROR(r.String("conf", &cfg.ceph.conf));
-      RETURN_IF_ERROR(r.String("client", &cfg.ceph.client));
-      if (auto e = r.Get("keyring")) cfg.ceph.keyring = e->value;
-      std::chrono::milliseconds op_timeout = cfg.ceph.op_timeout;
-      RETURN_IF_ERROR(r.Duration("op_timeout", &op_timeout));
-      if (op_timeout < std::chrono::seconds(1) || op_timeout > std::chrono::hours(1) ||
-          op_timeout.count() % 1000 != 0) {
-        return r.Error("op_timeout", "must be whole seconds from 1s to 1h");
-      }
-      cfg.ceph.op_timeout = std::chrono::duration_cast<std::chrono::seconds>(op_timeout);
-      if (cfg.ceph.client.starts_with("client.")) cfg.ceph.client = cfg.ceph.client.substr(7);
-    } else if (name == "sink") {
-      SinkConfig s;
-      RETURN_IF_ERROR(r.HostPort("listen", &s.listen_host, &s.listen_port));
-      RETURN_IF_ERROR(r.String("spool_dir", &s.spool_dir));
-      if (auto e = r.Get("pools")) {
-        s.pools = SplitList(e->value);
-        if (s.pools.empty()) return r.Error("pools", "lists no pool");
-      }
-      RETURN_IF_ERROR(r.Size("spool_max_bytes", 0, UINT64_MAX, &s.spool_max_bytes));
-      if (s.spool_max_bytes != 0 && s.spool_max_bytes < (1u << 20)) {
-        return r.Error("spool_max_bytes", "must be 0 (no limit) or at least 1M");
-      }
-      uint64_t window = s.window;
-      RETURN_IF_ERROR(r.Size("window", 1, 256, &window));
-      s.window = static_cast<uint32_t>(window);
-      RETURN_IF_ERROR(r.Size("window_bytes", 1u << 20, uint64_t{1} << 30, &s.window_bytes));
-      uint64_t keep = s.keep_points;
-      RETURN_IF_ERROR(r.Size("keep_points", 0, 1000000, &keep));
-      s.keep_points = static_cast<uint32_t>(keep);
-      cfg.sink = s;
-    } else if (name == "source") {
-      DaemonConfig::Source src;
-      if (auto e = r.Get("pools")) {
-        src.pools = SplitList(e->value);
-        if (src.pools.empty()) return r.Error("pools", "lists no pool");
-      }
-      if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
-      RETURN_IF_ERROR(r.HostPort("peer", &src.peer_host, &src.peer_port));
-      RETURN_IF_ERROR(r.Duration("interval", &src.interval));
-      if (src.interval.count() != 0 && src.interval.count() < 1000) {
-        return r.Error("interval", "must be at least 1s (or 0 for on demand only)");
-      }
-      uint64_t n = src.keep_snapshots;
-      RETURN_IF_ERROR(r.Size("keep_snapshots", 0, 100000, &n));
-      src.keep_snapshots = static_cast<uint32_t>(n);
-      n = src.outage_snapshots;
-      RETURN_IF_ERROR(r.Size("outage_snapshots", 1, 10000, &n));
-      src.outage_snapshots = static_cast<uint32_t>(n);
-      cfg.source = src;
-    } else if (name.starts_with("volume ")) {
-      VolumeConfig v;
-      v.id = Trim(std::string_view(name).substr(7));
-      if (Status st = ValidateVolumeId(v.id); !st.ok()) {
-        return InvalidArgument(fmt::format("{}: [{}]: {}", origin, name, st.message()));
-      }
-      RETURN_IF_ERROR(r.String("pool", &v.pool));
-      RETURN_IF_ERROR(r.String("image", &v.image));
-      if (v.image.empty()) return r.Missing("image", "the RBD image to replicate");
-      if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
-      RETURN_IF_ERROR(r.HostPort("peer", &v.peer_host, &v.peer_port));
-      RETURN_IF_ERROR(r.String("target_pool", &v.target_pool));
-      RETURN_IF_ERROR(r.String("target_image", &v.target_image));
-      if (v.target_pool.empty()) v.target_pool = v.pool;
-      if (v.target_image.empty()) v.target_image = v.image;
-      RETURN_IF_ERROR(r.Duration("interval", &v.interval));
-      if (auto e = r.Get("interval"); e && v.interval.count() != 0 && v.interval.count() < 1000) {
-        return r.Error("interval", "must be at least 1s (or 0 for on demand only)");
-      }
-      uint64_t n = v.keep_snapshots;
-      RETURN_IF_ERROR(r.Size("keep_snapshots", 0, 100000, &n));
-      v.keep_snapshots = static_cast<uint32_t>(n);
-      n = v.outage_snapshots;
-      RETURN_IF_ERROR(r.Size("outage_snapshots", 1, 10000, &n));
-      v.outage_snapshots = static_cast<uint32_t>(n);
-      n = v.block_size;
-      RETURN_IF_ERROR(r.Size("block_size", 4096, 4u << 20, &n));
-      if (n % 512 != 0) {
-        return InvalidArgument(
-            fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
-      }
-      v.block_size = static_cast<uint32_t>(n);
-      n = v.window;
-      RETURN_IF_ERROR(r.Size("window", 1, 256, &n));
-      v.window = static_cast<uint32_t>(n);
-      for (const auto& other : cfg.volumes) {
-        if (other.id == v.id) {
-          return InvalidArgument(fmt::format("{}: volume '{}' is defined twice", origin, v.id));
-        }
-        if (other.peer_host == v.peer_host && other.peer_port == v.peer_port &&
-            other.target_pool == v.target_pool && other.target_image == v.target_image) {
-          return InvalidArgument(fmt::format(
-              "{}: volumes '{}' and '{}' both replicate into {}/{} at {}:{}: give one another "
-              "target_image",
-              origin, other.id, v.id, v.target_pool, v.target_image, v.peer_host, v.peer_port));
-        }
-      }
-      cfg.volumes.push_back(v);
-    } else {
-      return InvalidArgument(
-          fmt::format("{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME)",
-                      origin, name));
-    }
-    RETURN_IF_ERROR(r.RefuseUnknown());
+    SectionReader r(origin, name, parsed.sections[name]);
+    RETURN_IF_ERROR(ReadSection(r, origin, name, cfg));
   }
   if (!cfg.sink && !cfg.source && cfg.volumes.empty()) {
     return InvalidArgument(fmt::format(

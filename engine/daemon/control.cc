@@ -52,6 +52,104 @@ std::string Reply(const Status& st, pb::ControlReply& reply) {
   return reply.SerializeAsString();
 }
 
+// One per operation of the control API: runs it on `service` and, on
+// success, fills the operation's part of `reply`. The status returned
+// becomes the reply's code and message.
+
+Status AnswerStatus(ControlService& service, const pb::StatusRequest& q, pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const auto volumes, service.VolumeStatus(q.volume()));
+  auto* m = reply.mutable_status();  // present even when no volume is
+  for (const auto& s : volumes) FillStatus(s, m->add_volumes());
+  return OkStatus();
+}
+
+Status AnswerPoints(ControlService& service, const pb::PointsRequest& q, pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const auto points, service.Points(q.volume()));
+  auto* m = reply.mutable_points();
+  for (const auto& p : points) FillPoint(p, m->add_points());
+  return OkStatus();
+}
+
+Status AnswerRestore(ControlService& service, const pb::RestoreRequest& q,
+                     pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const RestoreResult r,
+                   service.Restore(q.volume(), q.seq(), q.to_image(), q.full()));
+  auto* m = reply.mutable_restore();
+  m->set_pool(r.pool);
+  m->set_image(r.image);
+  m->set_seq(r.point.seq);
+  m->set_mode(r.mode);
+  m->set_source_time_ns(r.point.source_time_ns);
+  return OkStatus();
+}
+
+Status AnswerReplicate(ControlService& service, const pb::ReplicateRequest& q,
+                       pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const uint64_t seq, service.Replicate(q.volume()));
+  reply.mutable_replicate()->set_seq(seq);
+  return OkStatus();
+}
+
+Status AnswerRegister(ControlService& service, const pb::RegisterRequest& q,
+                      pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const VolumeStatusInfo s, service.Register({q.volume(), q.pool(), q.image(),
+                                                               q.target_pool(), q.target_image()}));
+  FillStatus(s, reply.mutable_register_volume()->mutable_status());
+  return OkStatus();
+}
+
+Status AnswerUnregister(ControlService& service, const pb::UnregisterRequest& q,
+                        pb::ControlReply& reply) {
+  RETURN_IF_ERROR(service.Unregister(q.volume(), q.remove_snapshots()));
+  reply.mutable_unregister_volume();
+  return OkStatus();
+}
+
+Status AnswerPromote(ControlService& service, const pb::PromoteRequest& q,
+                     pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const PromoteResult r,
+                   service.Promote(q.volume(), q.seq(), q.pool(), q.to_image()));
+  auto* m = reply.mutable_promote();
+  FillPoint(r.point, m->mutable_point());
+  m->set_pool(r.pool);
+  m->set_image(r.image);
+  m->set_again(r.again);
+  return OkStatus();
+}
+
+Status AnswerRelease(ControlService& service, const pb::ReleaseRequest& q,
+                     pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const std::string kept_as, service.Release(q.volume()));
+  reply.mutable_release()->set_kept_as(kept_as);
+  return OkStatus();
+}
+
+Status Answer(ControlService& service, const pb::ControlRequest& req, pb::ControlReply& reply) {
+  switch (req.request_case()) {
+    case pb::ControlRequest::kStatus:
+      return AnswerStatus(service, req.status(), reply);
+    case pb::ControlRequest::kPoints:
+      return AnswerPoints(service, req.points(), reply);
+    case pb::ControlRequest::kRestore:
+      return AnswerRestore(service, req.restore(), reply);
+    case pb::ControlRequest::kReplicate:
+      return AnswerReplicate(service, req.replicate(), reply);
+    case pb::ControlRequest::kRegisterVolume:
+      return AnswerRegister(service, req.register_volume(), reply);
+    case pb::ControlRequest::kUnregisterVolume:
+      return AnswerUnregister(service, req.unregister_volume(), reply);
+    case pb::ControlRequest::kPromote:
+      return AnswerPromote(service, req.promote(), reply);
+    case pb::ControlRequest::kRelease:
+      return AnswerRelease(service, req.release(), reply);
+    case pb::ControlRequest::REQUEST_NOT_SET:
+      break;
+  }
+  return InvalidArgument(
+      "control request names no operation (status, points, restore, replicate, "
+      "register_volume, unregister_volume, promote, release)");
+}
+
 }  // namespace
 
 std::string HandleControl(ControlService& service, const Frame& request) {
@@ -62,78 +160,7 @@ std::string HandleControl(ControlService& service, const Frame& request) {
                                              FrameTypeName(request.type), request.body.size())),
                  reply);
   }
-  switch (req.request_case()) {
-    case pb::ControlRequest::kStatus: {
-      auto r = service.VolumeStatus(req.status().volume());
-      if (!r.ok()) return Reply(r.status(), reply);
-      for (const auto& s : *r) {
-        FillStatus(s, reply.mutable_status()->add_volumes());
-      }
-      reply.mutable_status();
-      return Reply(OkStatus(), reply);
-    }
-    case pb::ControlRequest::kPoints: {
-      auto r = service.Points(req.points().volume());
-      if (!r.ok()) return Reply(r.status(), reply);
-      auto* points = reply.mutable_points();
-      for (const auto& p : *r) FillPoint(p, points->add_points());
-      return Reply(OkStatus(), reply);
-    }
-    case pb::ControlRequest::kRestore: {
-      const auto& q = req.restore();
-      auto r = service.Restore(q.volume(), q.seq(), q.to_image(), q.full());
-      if (!r.ok()) return Reply(r.status(), reply);
-      auto* m = reply.mutable_restore();
-      m->set_pool(r->pool);
-      m->set_image(r->image);
-      m->set_seq(r->point.seq);
-      m->set_mode(r->mode);
-      m->set_source_time_ns(r->point.source_time_ns);
-      return Reply(OkStatus(), reply);
-    }
-    case pb::ControlRequest::kReplicate: {
-      auto r = service.Replicate(req.replicate().volume());
-      if (!r.ok()) return Reply(r.status(), reply);
-      reply.mutable_replicate()->set_seq(*r);
-      return Reply(OkStatus(), reply);
-    }
-    case pb::ControlRequest::kRegisterVolume: {
-      const auto& q = req.register_volume();
-      auto r =
-          service.Register({q.volume(), q.pool(), q.image(), q.target_pool(), q.target_image()});
-      if (!r.ok()) return Reply(r.status(), reply);
-      FillStatus(*r, reply.mutable_register_volume()->mutable_status());
-      return Reply(OkStatus(), reply);
-    }
-    case pb::ControlRequest::kUnregisterVolume: {
-      const auto& q = req.unregister_volume();
-      Status st = service.Unregister(q.volume(), q.remove_snapshots());
-      if (st.ok()) reply.mutable_unregister_volume();
-      return Reply(st, reply);
-    }
-    case pb::ControlRequest::kPromote: {
-      const auto& q = req.promote();
-      auto r = service.Promote(q.volume(), q.seq(), q.pool(), q.to_image());
-      if (!r.ok()) return Reply(r.status(), reply);
-      auto* m = reply.mutable_promote();
-      FillPoint(r->point, m->mutable_point());
-      m->set_pool(r->pool);
-      m->set_image(r->image);
-      m->set_again(r->again);
-      return Reply(OkStatus(), reply);
-    }
-    case pb::ControlRequest::kRelease: {
-      auto r = service.Release(req.release().volume());
-      if (!r.ok()) return Reply(r.status(), reply);
-      reply.mutable_release()->set_kept_as(*r);
-      return Reply(OkStatus(), reply);
-    }
-    case pb::ControlRequest::REQUEST_NOT_SET:
-      break;
-  }
-  return Reply(InvalidArgument("control request names no operation (status, points, restore, "
-                               "replicate, register_volume, unregister_volume, promote, release)"),
-               reply);
+  return Reply(Answer(service, req, reply), reply);
 }
 
 }  // namespace cairn

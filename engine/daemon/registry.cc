@@ -1,0 +1,47 @@
+#include "engine/daemon/registry.h"
+
+#include <fmt/format.h>
+
+namespace cairn {
+
+// registry omap: volume/<id> -> "pool=P\nimage=I\ntarget_pool=TP\ntarget_image=TI\n"
+std::string EncodeRegistration(const Registration& r) {
+  return fmt::format("pool={}\nimage={}\ntarget_pool={}\ntarget_image={}\n", r.pool, r.image,
+                     r.target_pool, r.target_image);
+}
+
+StatusOr<Registration> DecodeRegistration(const std::string& key, const std::string& text) {
+  Registration r;
+  r.volume = key.substr(key.find('/') + 1);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    const std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    const size_t eq = line.find('=');
+    if (eq == std::string::npos) {
+      return DataLoss(fmt::format("{} {}: malformed line '{}'", kRegistryObject, key, line));
+    }
+    const std::string k = line.substr(0, eq), v = line.substr(eq + 1);
+    if (k == "pool")
+      r.pool = v;
+    else if (k == "image")
+      r.image = v;
+    else if (k == "target_pool")
+      r.target_pool = v;
+    else if (k == "target_image")
+      r.target_image = v;
+  }
+  if (r.pool.empty() || r.image.empty()) {
+    return DataLoss(fmt::format("{} {}: no pool or image in '{}'", kRegistryObject, key, text));
+  }
+  return r;
+}
+
+bool SameRegistration(const Registration& a, const Registration& b) {
+  return a.pool == b.pool && a.image == b.image && a.target_pool == b.target_pool &&
+         a.target_image == b.target_image;
+}
+
+}  // namespace cairn
