@@ -1,7 +1,6 @@
-// Asynchronous I/O on an image (AsyncIo through librbd completions), writes
-// of whole RADOS objects beside librbd (ObjectWriter), and sparse copies.
+// Asynchronous I/O on an image (AsyncIo through librbd completions) and
+// writes of whole RADOS objects beside librbd (ObjectWriter).
 
-#include <endian.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -17,13 +16,12 @@
 #include <map>
 #include <mutex>
 #include <optional>
-#include <set>
 #include <span>
 #include <string_view>
 #include <utility>
 #include <vector>
 
-#include "engine/ceph/handoff_queue.h"
+#include "engine/ceph/rbd_aio.h"
 #include "engine/ceph/rbd_internal.h"
 
 namespace cairn {
@@ -31,117 +29,6 @@ namespace cairn {
 namespace rbd_internal {
 
 // --- asynchronous I/O --------------------------------------------------------
-
-// kObjectWrite: the pieces of one RADOS object, written in one op beside
-// librbd (see ObjectWriter).
-enum class OpKind { kRead, kWrite, kZero, kObjectWrite };
-
-struct PendingOp;
-using CompletionQueue = HandoffQueue<PendingOp*>;
-
-// The writes of one RADOS object of the image within one AsyncIo: the first
-// goes through librbd, the rest wait in `pieces` until it has completed
-// (ObjectWriter says why).
-struct Batch {
-  struct Piece {
-    uint64_t tag = 0;
-    uint64_t offset = 0;  // in the image
-    std::span<const char> data;
-  };
-  uint64_t object = 0;
-  std::vector<Piece> pieces;
-  bool closed = false;  // no more pieces will join
-  bool primed = false;  // the first write has completed, with prime_status
-  Status prime_status;
-};
-
-// One operation handed to librbd or librados; owned by it from start to
-// callback, then by the queue, then by whoever pops it.
-struct PendingOp {
-  CompletionQueue* queue = nullptr;
-  rbd_completion_t completion = nullptr;          // librbd ops
-  rados_completion_t rados_completion = nullptr;  // kObjectWrite
-  rados_write_op_t write_op = nullptr;            // kObjectWrite
-  uint64_t tag = 0;
-  std::vector<uint64_t> tags;  // kObjectWrite: one per piece
-  OpKind kind = OpKind::kRead;
-  uint64_t offset = 0;
-  uint64_t length = 0;
-  Batch* primes = nullptr;  // a kWrite that is the first write of this batch
-};
-
-// Run on a librbd or librados thread: only hand the operation over.
-static void OnRbdComplete(rbd_completion_t, void* arg) {
-  auto* op = static_cast<PendingOp*>(arg);
-  op->queue->Push(op);
-}
-static void OnRadosComplete(rados_completion_t, void* arg) {
-  auto* op = static_cast<PendingOp*>(arg);
-  op->queue->Push(op);
-}
-
-static std::string Describe(OpKind kind, const std::string& spec, uint64_t offset,
-                            uint64_t length) {
-  const char* verb = kind == OpKind::kRead   ? "reading"
-                     : kind == OpKind::kZero ? "zeroing"
-                                             : "writing";
-  return fmt::format("{} {} at {}~{}", verb, spec, offset, length);
-}
-
-// Starts one librbd operation whose completion goes to `queue`. `buf` is
-// read into or written from; it must live until the completion is popped.
-static Status StartOp(rbd_image_t image, CompletionQueue& queue, OpKind kind, uint64_t tag,
-                      uint64_t offset, uint64_t length, char* buf, const std::string& spec,
-                      Batch* primes = nullptr) {
-  assert(kind != OpKind::kObjectWrite);
-  auto op = std::make_unique<PendingOp>();
-  op->queue = &queue;
-  op->tag = tag;
-  op->kind = kind;
-  op->offset = offset;
-  op->length = length;
-  op->primes = primes;
-  int rc = rbd_aio_create_completion(op.get(), OnRbdComplete, &op->completion);
-  if (rc < 0) return ErrnoStatus(rc, Describe(kind, spec, offset, length));
-  switch (kind) {
-    case OpKind::kRead:
-      rc = rbd_aio_read(image, offset, length, buf, op->completion);
-      break;
-    case OpKind::kWrite:
-      rc = rbd_aio_write(image, offset, length, buf, op->completion);
-      break;
-    case OpKind::kZero:
-      rc = rbd_aio_write_zeroes(image, offset, length, op->completion, 0, 0);
-      break;
-    case OpKind::kObjectWrite:
-      break;
-  }
-  if (rc < 0) {
-    rbd_aio_release(op->completion);
-    return ErrnoStatus(rc, Describe(kind, spec, offset, length));
-  }
-  op.release();  // librbd's until the callback
-  return OkStatus();
-}
-
-// Takes a popped librbd operation apart: its tag and its outcome.
-static AsyncIo::Completion FinishOp(PendingOp* op, const std::string& spec) {
-  std::unique_ptr<PendingOp> owned(op);
-  const ssize_t rc = rbd_aio_get_return_value(op->completion);
-  rbd_aio_release(op->completion);
-  AsyncIo::Completion c{op->tag, OkStatus()};
-  const std::string what = Describe(op->kind, spec, op->offset, op->length);
-  if (rc < 0) {
-    c.status = ErrnoStatus(static_cast<int>(rc), what);
-  } else if (op->kind == OpKind::kRead && static_cast<uint64_t>(rc) != op->length) {
-    // librbd clips I/O at the end of the image: it shrank under us.
-    c.status = Aborted(fmt::format("{}: short read of {} bytes (did the image shrink?)", what, rc));
-  } else if (op->kind != OpKind::kRead && rc != 0 && static_cast<uint64_t>(rc) != op->length) {
-    c.status =
-        Aborted(fmt::format("{}: short write of {} bytes (did the image shrink?)", what, rc));
-  }
-  return c;
-}
 
 class ObjectWriter {
  public:
@@ -464,101 +351,6 @@ class RbdAsyncIo final : public AsyncIo {
   std::deque<Completion> ready_;
   WriteStats stats_;
 };
-
-static bool AllZero(const char* p, size_t n) {
-  static const char kZeros[4096] = {};
-  while (n > 0) {
-    const size_t k = std::min(n, sizeof kZeros);
-    if (std::memcmp(p, kZeros, k) != 0) return false;
-    p += k;
-    n -= k;
-  }
-  return true;
-}
-
-// Copies the allocated data of `src` (read-only, at its snapshot) into the
-// fresh image `dst`, kCopySlots pieces in flight.
-Status CopyData(rbd_image_t src, rbd_image_t dst, const std::string& pool,
-                const std::string& src_image, const std::string& snap, const std::string& dst_spec,
-                uint64_t size, const ProgressFn& progress) {
-  const std::string src_spec = ImageSpec(pool, src_image, snap);
-  CompletionQueue queue;
-  std::array<std::vector<char>, kCopySlots> bufs;
-  std::vector<size_t> free_slots;
-  for (size_t i = kCopySlots; i > 0; --i) free_slots.push_back(i - 1);
-  size_t in_flight = 0;
-  Status first;
-  std::set<uint64_t> outstanding;  // offsets of pieces not yet written
-  uint64_t issued_to = 0;          // end of the last piece started
-  uint64_t reported = 0;
-  if (progress) progress(0, size);
-
-  auto report = [&] {
-    const uint64_t done = outstanding.empty() ? issued_to : *outstanding.begin();
-    if (progress && done > reported) {
-      reported = done;
-      progress(done, size);
-    }
-  };
-  // Pops one completion: a finished read starts its write; a finished write
-  // frees its slot. The tag is the slot.
-  auto handle_one = [&] {
-    PendingOp* op = queue.Pop();
-    --in_flight;
-    const OpKind kind = op->kind;
-    const uint64_t offset = op->offset;
-    const uint64_t length = op->length;
-    const AsyncIo::Completion c = FinishOp(op, kind == OpKind::kRead ? src_spec : dst_spec);
-    const size_t slot = c.tag;
-    auto release = [&] {
-      free_slots.push_back(slot);
-      outstanding.erase(offset);
-      report();
-    };
-    if (!c.status.ok()) {
-      if (first.ok()) first = c.status;
-      release();
-      return;
-    }
-    if (kind == OpKind::kRead && first.ok() && !AllZero(bufs[slot].data(), length)) {
-      Status st =
-          StartOp(dst, queue, OpKind::kWrite, slot, offset, length, bufs[slot].data(), dst_spec);
-      if (st.ok()) {
-        ++in_flight;
-        return;
-      }
-      first = st;
-    }
-    release();  // written, or all zeros (the new image reads zeros already)
-  };
-
-  Status listed = DiffImage(src, pool, src_image, "", snap, [&](const Extent& e) -> Status {
-    if (e.kind != RecordKind::kData) return OkStatus();
-    const uint64_t end = e.offset + e.length;
-    for (uint64_t pos = e.offset; pos < end;) {
-      const uint64_t n = std::min(kCopyPiece - pos % kCopyPiece, end - pos);
-      while (free_slots.empty()) handle_one();
-      if (!first.ok()) return first;
-      const size_t slot = free_slots.back();
-      if (bufs[slot].empty()) bufs[slot].resize(kCopyPiece);
-      RETURN_IF_ERROR(
-          StartOp(src, queue, OpKind::kRead, slot, pos, n, bufs[slot].data(), src_spec));
-      free_slots.pop_back();
-      ++in_flight;
-      outstanding.insert(pos);
-      pos += n;
-      issued_to = pos;
-    }
-    return OkStatus();
-  });
-  while (in_flight > 0) handle_one();  // never leave librbd with our buffers
-  RETURN_IF_ERROR(listed);
-  RETURN_IF_ERROR(first);
-  if (int rc = rbd_flush(dst); rc < 0) return ErrnoStatus(rc, "flushing " + dst_spec);
-  issued_to = size;
-  report();
-  return OkStatus();
-}
 
 }  // namespace rbd_internal
 

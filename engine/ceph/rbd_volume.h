@@ -1,8 +1,10 @@
 // RbdPool and RbdVolume: the Volume seam (engine/volume/volume.h) over the
 // librbd and librados C APIs (Ceph 16 Pacific and later), on a pool that an
 // RbdCluster (engine/ceph/rados.h) opened. The implementation is split by
-// concern: rbd_image.cc (image contexts, metadata), rbd_io.cc (AsyncIo,
-// object writes, copies), rbd_diff.cc (DiffExtents, ChangedSince),
+// concern: rbd_image.cc (image contexts, metadata), rbd_aio.cc (one aio
+// op and its completion queue), rbd_io.cc (AsyncIo, object writes),
+// rbd_copy.cc (sparse copies), rbd_diff.cc (DiffExtents),
+// rbd_changed_since.cc (ChangedSince),
 // rbd_snapshots.cc (CreateSnap and its settling, RemoveSnap, ConfirmSnap),
 // rbd_pool.cc (RbdPool), rbd_volume.cc (handles, size, snapshot list).
 //
@@ -188,6 +190,11 @@ class RbdVolume final : public Volume {
     uint64_t map_version = 0;
     int quick_checks = 0;
   };
+  // ChangedSince's steps: what the head's map reads right after `snap` was
+  // taken (one header call and one map read), and the full check of the
+  // head's map and header against `u`.
+  StatusOr<UnchangedMap> ReadUnchangedMap(const SnapInfo& snap);
+  StatusOr<bool> ChangedSinceFullCheck(const SnapInfo& snap, UnchangedMap& u);
   std::optional<UnchangedMap> unchanged_;
 };
 
