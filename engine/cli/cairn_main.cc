@@ -140,233 +140,271 @@ json StatusJson(const cairn::pb::VolumeStatus& v) {
           {"error", v.error()}};
 }
 
+// The options of every subcommand (CLI11 writes them as it parses).
+struct Args {
+  std::string volume;
+  std::string point;                     // restore: seq or "latest"
+  std::string promote_point = "latest";  // promote: seq or "latest"
+  std::string to;                        // restore, promote: the new image
+  bool full = false;                     // restore
+  bool wait = false;                     // replicate
+  double timeout = 300;                  // replicate --wait, seconds
+};
+
+// The subcommands, to tell which one was given.
+struct Commands {
+  CLI::App* status;
+  CLI::App* points;
+  CLI::App* restore;
+  CLI::App* replicate;
+  CLI::App* promote;
+  CLI::App* release;
+};
+
+Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
+  app.require_subcommand(1);
+  app.add_option("--socket", cli.socket, "cairnd's control socket (env CAIRN_SOCKET)");
+  app.add_flag("--json", cli.json, "print JSON for scripts");
+  Commands c;
+
+  c.status = app.add_subcommand("status", "state, lag, newest point and throughput per volume");
+  c.status->add_option("volume", args.volume, "one volume (default: all)");
+
+  c.points = app.add_subcommand("points", "list the restore points of a volume");
+  c.points->add_option("volume", args.volume, "the volume")->required();
+
+  c.restore = app.add_subcommand("restore", "restore a point to a new image at this site");
+  c.restore->add_option("volume", args.volume, "the volume")->required();
+  c.restore->add_option("point", args.point, "the restore point's seq, or 'latest'")->required();
+  c.restore->add_option("--to", args.to, "the new image's name")->required();
+  c.restore->add_flag("--full", args.full, "copy all data (default: instant clone)");
+
+  c.replicate = app.add_subcommand("replicate", "start an epoch now (on the source's cairnd)");
+  c.replicate->add_option("volume", args.volume, "the volume")->required();
+  c.replicate->add_flag("--wait", args.wait, "wait until the restore point exists");
+  c.replicate->add_option("--timeout", args.timeout, "seconds to wait (with --wait)");
+
+  c.promote = app.add_subcommand(
+      "promote",
+      "failover of one volume: fence it and clone a restore point into an image that "
+      "this site then owns (on the standby's cairnd)");
+  c.promote->add_option("volume", args.volume, "the volume")->required();
+  c.promote->add_option("point", args.promote_point,
+                        "the restore point's seq, or 'latest' (default)");
+  c.promote->add_option("--to", args.to, "the image to create")->required();
+
+  c.release = app.add_subcommand(
+      "release",
+      "failback of one volume: lift the fence, keep the promoted image under a new name");
+  c.release->add_option("volume", args.volume, "the volume")->required();
+  return c;
+}
+
+// The seq a POINT argument names: 0 for "latest".
+cairn::StatusOr<uint64_t> ParsePoint(const std::string& point, const std::string& volume) {
+  if (point == "latest") return 0;
+  try {
+    size_t used = 0;
+    const uint64_t seq = std::stoull(point, &used);
+    if (used != point.size() || seq == 0) throw std::invalid_argument(point);
+    return seq;
+  } catch (const std::exception&) {
+    return cairn::InvalidArgument(fmt::format(
+        "'{}' is not a restore point: give its number (see `cairn points {}`) or 'latest'", point,
+        volume));
+  }
+}
+
+int RunStatus(const Cli& cli, const Args& args) {
+  cairn::pb::ControlRequest req;
+  req.mutable_status()->set_volume(args.volume);
+  auto r = cli.Call(req);
+  if (!r.ok()) return cli.Fail(r.status());
+  if (cli.json) {
+    json out = json::array();
+    for (const auto& v : r->status().volumes()) out.push_back(StatusJson(v));
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+  std::printf("%-20s %-6s %-12s %8s %-21s %9s %12s %7s %7s  %s\n", "VOLUME", "ROLE", "STATE",
+              "POINT", "POINT TIME", "LAG", "THROUGHPUT", "ERRORS", "CORRUPT", "LAST ERROR");
+  for (const auto& v : r->status().volumes()) {
+    std::printf("%-20s %-6s %-12s %8lu %-21s %8.1fs %10s/s %7lu %7lu  %s\n", v.volume().c_str(),
+                v.role().c_str(), v.state().c_str(), static_cast<unsigned long>(v.last_seq()),
+                Time(v.last_point_time_ns()).c_str(), v.lag_seconds(),
+                Bytes(v.throughput_bps()).c_str(), static_cast<unsigned long>(v.errors_total()),
+                static_cast<unsigned long>(v.corrupt_frames_total()), v.error().c_str());
+  }
+  return 0;
+}
+
+int RunPoints(const Cli& cli, const Args& args) {
+  cairn::pb::ControlRequest req;
+  req.mutable_points()->set_volume(args.volume);
+  auto r = cli.Call(req);
+  if (!r.ok()) return cli.Fail(r.status());
+  if (cli.json) {
+    json out = json::array();
+    for (const auto& p : r->points().points()) out.push_back(PointJson(p));
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+  std::printf("%8s  %-21s %-28s %12s %12s\n", "POINT", "SOURCE TIME", "SNAPSHOT", "SIZE", "DATA");
+  for (const auto& p : r->points().points()) {
+    std::printf("%8lu  %-21s %-28s %12s %12s\n", static_cast<unsigned long>(p.seq()),
+                Time(p.source_time_ns()).c_str(),
+                fmt::format("{}/{}@{}", p.pool(), p.image(), p.snap()).c_str(),
+                Bytes(p.image_size()).c_str(), Bytes(p.data_bytes()).c_str());
+  }
+  return 0;
+}
+
+int RunRestore(const Cli& cli, const Args& args) {
+  const auto seq = ParsePoint(args.point, args.volume);
+  if (!seq.ok()) return cli.Fail(seq.status());
+  cairn::pb::ControlRequest req;
+  auto* r = req.mutable_restore();
+  r->set_volume(args.volume);
+  r->set_seq(*seq);
+  r->set_to_image(args.to);
+  r->set_full(args.full);
+  auto reply = cli.Call(req);
+  if (!reply.ok()) return cli.Fail(reply.status());
+  const auto& rr = reply->restore();
+  if (cli.json) {
+    std::printf("%s\n", json({{"pool", rr.pool()},
+                              {"image", rr.image()},
+                              {"seq", rr.seq()},
+                              {"mode", rr.mode()},
+                              {"source_time", Time(rr.source_time_ns())},
+                              {"source_time_ns", rr.source_time_ns()}})
+                            .dump(2)
+                            .c_str());
+  } else {
+    std::printf("restored %s point %lu (%s) to %s/%s by %s\n", args.volume.c_str(),
+                static_cast<unsigned long>(rr.seq()), Time(rr.source_time_ns()).c_str(),
+                rr.pool().c_str(), rr.image().c_str(), rr.mode().c_str());
+  }
+  return 0;
+}
+
+int RunPromote(const Cli& cli, const Args& args) {
+  const auto seq = ParsePoint(args.promote_point, args.volume);
+  if (!seq.ok()) return cli.Fail(seq.status());
+  cairn::pb::ControlRequest req;
+  auto* r = req.mutable_promote();
+  r->set_volume(args.volume);
+  r->set_seq(*seq);
+  r->set_to_image(args.to);
+  auto reply = cli.Call(req);
+  if (!reply.ok()) return cli.Fail(reply.status());
+  const auto& pr = reply->promote();
+  if (cli.json) {
+    json out = PointJson(pr.point());
+    out["promoted_pool"] = pr.pool();
+    out["promoted_image"] = pr.image();
+    out["again"] = pr.again();
+    std::printf("%s\n", out.dump(2).c_str());
+  } else {
+    std::printf("%s: restore point %lu (source time %s) promoted into %s/%s%s\n",
+                args.volume.c_str(), static_cast<unsigned long>(pr.point().seq()),
+                Time(pr.point().source_time_ns()).c_str(), pr.pool().c_str(), pr.image().c_str(),
+                pr.again() ? " (already)" : "");
+  }
+  return 0;
+}
+
+int RunRelease(const Cli& cli, const Args& args) {
+  cairn::pb::ControlRequest req;
+  req.mutable_release()->set_volume(args.volume);
+  auto reply = cli.Call(req);
+  if (!reply.ok()) return cli.Fail(reply.status());
+  const std::string& kept = reply->release().kept_as();
+  if (cli.json) {
+    std::printf("%s\n", json({{"volume", args.volume}, {"kept_as", kept}}).dump().c_str());
+  } else {
+    std::printf("%s: released; the promoted image is kept as %s\n", args.volume.c_str(),
+                kept.empty() ? "(nothing: it was removed)" : kept.c_str());
+  }
+  return 0;
+}
+
+// Waits until the source of `volume` holds restore point `want` or a later
+// one, and returns the newest it holds; kUnavailable after `timeout`
+// seconds.
+cairn::StatusOr<uint64_t> WaitForPoint(const Cli& cli, const std::string& volume, uint64_t want,
+                                       double timeout) {
+  // Poll the source's status (held in memory: a cheap local call) until
+  // the point exists or the deadline passes (a failed step is retried by
+  // the source, so its error is reported only then); 10 ms adds little
+  // to the wait.
+  const auto deadline = std::chrono::steady_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
+  while (true) {
+    cairn::pb::ControlRequest req;
+    req.mutable_status()->set_volume(volume);
+    ASSIGN_OR_RETURN(const cairn::pb::ControlReply s, cli.Call(req));
+    uint64_t have = 0;
+    std::string error;
+    for (const auto& v : s.status().volumes()) {
+      if (v.role() == "source") {
+        have = v.last_seq();
+        error = v.error();
+      }
+    }
+    if (have >= want) return have;
+    if (std::chrono::steady_clock::now() > deadline) {
+      return cairn::Unavailable(fmt::format(
+          "restore point {} of {} did not appear within {} s (newest: {}; last error: {})", want,
+          volume, timeout, have, error.empty() ? "none" : error));
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+int RunReplicate(const Cli& cli, const Args& args) {
+  cairn::pb::ControlRequest req;
+  req.mutable_replicate()->set_volume(args.volume);
+  auto reply = cli.Call(req);
+  if (!reply.ok()) return cli.Fail(reply.status());
+  // Point `want`, or any later one, holds every write made before the
+  // request (a snapshot taken during an outage may be dropped unshipped).
+  uint64_t want = reply->replicate().seq();
+  if (args.wait) {
+    auto have = WaitForPoint(cli, args.volume, want, args.timeout);
+    if (!have.ok()) return cli.Fail(have.status());
+    want = *have;
+  }
+  if (cli.json) {
+    std::printf(
+        "%s\n",
+        json({{"volume", args.volume}, {"seq", want}, {"waited", args.wait}}).dump().c_str());
+  } else {
+    std::printf("%s: restore point %lu %s\n", args.volume.c_str(), static_cast<unsigned long>(want),
+                args.wait ? "is made" : "requested");
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Cli cli;
   const char* env_socket = std::getenv("CAIRN_SOCKET");
   cli.socket = env_socket ? env_socket : "/run/cairn/cairnd.sock";
-
+  Args args;
   CLI::App app{"cairn: cross-site replication of Ceph RBD volumes"};
-  app.require_subcommand(1);
-  app.add_option("--socket", cli.socket, "cairnd's control socket (env CAIRN_SOCKET)");
-  app.add_flag("--json", cli.json, "print JSON for scripts");
-
-  std::string volume;
-  auto* status = app.add_subcommand("status", "state, lag, newest point and throughput per volume");
-  status->add_option("volume", volume, "one volume (default: all)");
-
-  auto* points = app.add_subcommand("points", "list the restore points of a volume");
-  points->add_option("volume", volume, "the volume")->required();
-
-  std::string point, to;
-  bool full = false;
-  auto* restore = app.add_subcommand("restore", "restore a point to a new image at this site");
-  restore->add_option("volume", volume, "the volume")->required();
-  restore->add_option("point", point, "the restore point's seq, or 'latest'")->required();
-  restore->add_option("--to", to, "the new image's name")->required();
-  restore->add_flag("--full", full, "copy all data (default: instant clone)");
-
-  bool wait = false;
-  double timeout = 300;
-  auto* replicate = app.add_subcommand("replicate", "start an epoch now (on the source's cairnd)");
-  replicate->add_option("volume", volume, "the volume")->required();
-  replicate->add_flag("--wait", wait, "wait until the restore point exists");
-  replicate->add_option("--timeout", timeout, "seconds to wait (with --wait)");
-
-  std::string promote_point = "latest";
-  auto* promote = app.add_subcommand(
-      "promote",
-      "failover of one volume: fence it and clone a restore point into an image that "
-      "this site then owns (on the standby's cairnd)");
-  promote->add_option("volume", volume, "the volume")->required();
-  promote->add_option("point", promote_point, "the restore point's seq, or 'latest' (default)");
-  promote->add_option("--to", to, "the image to create")->required();
-
-  auto* release = app.add_subcommand(
-      "release",
-      "failback of one volume: lift the fence, keep the promoted image under a new name");
-  release->add_option("volume", volume, "the volume")->required();
-
+  const Commands c = DefineCommands(app, cli, args);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   }
-
-  cairn::pb::ControlRequest req;
-  if (*status) {
-    req.mutable_status()->set_volume(volume);
-    auto r = cli.Call(req);
-    if (!r.ok()) return cli.Fail(r.status());
-    if (cli.json) {
-      json out = json::array();
-      for (const auto& v : r->status().volumes()) out.push_back(StatusJson(v));
-      std::printf("%s\n", out.dump(2).c_str());
-      return 0;
-    }
-    std::printf("%-20s %-6s %-12s %8s %-21s %9s %12s %7s %7s  %s\n", "VOLUME", "ROLE", "STATE",
-                "POINT", "POINT TIME", "LAG", "THROUGHPUT", "ERRORS", "CORRUPT", "LAST ERROR");
-    for (const auto& v : r->status().volumes()) {
-      std::printf("%-20s %-6s %-12s %8lu %-21s %8.1fs %10s/s %7lu %7lu  %s\n", v.volume().c_str(),
-                  v.role().c_str(), v.state().c_str(), static_cast<unsigned long>(v.last_seq()),
-                  Time(v.last_point_time_ns()).c_str(), v.lag_seconds(),
-                  Bytes(v.throughput_bps()).c_str(), static_cast<unsigned long>(v.errors_total()),
-                  static_cast<unsigned long>(v.corrupt_frames_total()), v.error().c_str());
-    }
-    return 0;
-  }
-  if (*points) {
-    req.mutable_points()->set_volume(volume);
-    auto r = cli.Call(req);
-    if (!r.ok()) return cli.Fail(r.status());
-    if (cli.json) {
-      json out = json::array();
-      for (const auto& p : r->points().points()) out.push_back(PointJson(p));
-      std::printf("%s\n", out.dump(2).c_str());
-      return 0;
-    }
-    std::printf("%8s  %-21s %-28s %12s %12s\n", "POINT", "SOURCE TIME", "SNAPSHOT", "SIZE", "DATA");
-    for (const auto& p : r->points().points()) {
-      std::printf("%8lu  %-21s %-28s %12s %12s\n", static_cast<unsigned long>(p.seq()),
-                  Time(p.source_time_ns()).c_str(),
-                  fmt::format("{}/{}@{}", p.pool(), p.image(), p.snap()).c_str(),
-                  Bytes(p.image_size()).c_str(), Bytes(p.data_bytes()).c_str());
-    }
-    return 0;
-  }
-  if (*restore) {
-    uint64_t seq = 0;
-    if (point != "latest") {
-      try {
-        size_t used = 0;
-        seq = std::stoull(point, &used);
-        if (used != point.size() || seq == 0) throw std::invalid_argument(point);
-      } catch (const std::exception&) {
-        return cli.Fail(cairn::InvalidArgument(
-            fmt::format("'{}' is not a restore point: give its number (see `cairn points {}`) or "
-                        "'latest'",
-                        point, volume)));
-      }
-    }
-    auto* r = req.mutable_restore();
-    r->set_volume(volume);
-    r->set_seq(seq);
-    r->set_to_image(to);
-    r->set_full(full);
-    auto reply = cli.Call(req);
-    if (!reply.ok()) return cli.Fail(reply.status());
-    const auto& rr = reply->restore();
-    if (cli.json) {
-      std::printf("%s\n", json({{"pool", rr.pool()},
-                                {"image", rr.image()},
-                                {"seq", rr.seq()},
-                                {"mode", rr.mode()},
-                                {"source_time", Time(rr.source_time_ns())},
-                                {"source_time_ns", rr.source_time_ns()}})
-                              .dump(2)
-                              .c_str());
-    } else {
-      std::printf("restored %s point %lu (%s) to %s/%s by %s\n", volume.c_str(),
-                  static_cast<unsigned long>(rr.seq()), Time(rr.source_time_ns()).c_str(),
-                  rr.pool().c_str(), rr.image().c_str(), rr.mode().c_str());
-    }
-    return 0;
-  }
-  if (*promote) {
-    uint64_t seq = 0;
-    if (promote_point != "latest") {
-      try {
-        size_t used = 0;
-        seq = std::stoull(promote_point, &used);
-        if (used != promote_point.size() || seq == 0) throw std::invalid_argument(promote_point);
-      } catch (const std::exception&) {
-        return cli.Fail(cairn::InvalidArgument(fmt::format(
-            "'{}' is not a restore point: give its number (see `cairn points {}`) or 'latest'",
-            promote_point, volume)));
-      }
-    }
-    auto* r = req.mutable_promote();
-    r->set_volume(volume);
-    r->set_seq(seq);
-    r->set_to_image(to);
-    auto reply = cli.Call(req);
-    if (!reply.ok()) return cli.Fail(reply.status());
-    const auto& pr = reply->promote();
-    if (cli.json) {
-      json out = PointJson(pr.point());
-      out["promoted_pool"] = pr.pool();
-      out["promoted_image"] = pr.image();
-      out["again"] = pr.again();
-      std::printf("%s\n", out.dump(2).c_str());
-    } else {
-      std::printf("%s: restore point %lu (source time %s) promoted into %s/%s%s\n", volume.c_str(),
-                  static_cast<unsigned long>(pr.point().seq()),
-                  Time(pr.point().source_time_ns()).c_str(), pr.pool().c_str(), pr.image().c_str(),
-                  pr.again() ? " (already)" : "");
-    }
-    return 0;
-  }
-  if (*release) {
-    req.mutable_release()->set_volume(volume);
-    auto reply = cli.Call(req);
-    if (!reply.ok()) return cli.Fail(reply.status());
-    const std::string& kept = reply->release().kept_as();
-    if (cli.json) {
-      std::printf("%s\n", json({{"volume", volume}, {"kept_as", kept}}).dump().c_str());
-    } else {
-      std::printf("%s: released; the promoted image is kept as %s\n", volume.c_str(),
-                  kept.empty() ? "(nothing: it was removed)" : kept.c_str());
-    }
-    return 0;
-  }
-  if (*replicate) {
-    req.mutable_replicate()->set_volume(volume);
-    auto reply = cli.Call(req);
-    if (!reply.ok()) return cli.Fail(reply.status());
-    // Point `want`, or any later one, holds every write made before the
-    // request (a snapshot taken during an outage may be dropped unshipped).
-    uint64_t want = reply->replicate().seq();
-    if (wait) {
-      // Poll the source's status (held in memory: a cheap local call) until
-      // the point exists or the deadline passes (a failed step is retried by
-      // the source, so its error is reported only then); 10 ms adds little
-      // to the wait.
-      const auto deadline = std::chrono::steady_clock::now() +
-                            std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
-      while (true) {
-        cairn::pb::ControlRequest sreq;
-        sreq.mutable_status()->set_volume(volume);
-        auto s = cli.Call(sreq);
-        if (!s.ok()) return cli.Fail(s.status());
-        uint64_t have = 0;
-        std::string error;
-        for (const auto& v : s->status().volumes()) {
-          if (v.role() == "source") {
-            have = v.last_seq();
-            error = v.error();
-          }
-        }
-        if (have >= want) {
-          want = have;
-          break;
-        }
-        if (std::chrono::steady_clock::now() > deadline) {
-          return cli.Fail(cairn::Unavailable(fmt::format(
-              "restore point {} of {} did not appear within {} s (newest: {}; last error: {})",
-              want, volume, timeout, have, error.empty() ? "none" : error)));
-        }
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-      }
-    }
-    if (cli.json) {
-      std::printf("%s\n",
-                  json({{"volume", volume}, {"seq", want}, {"waited", wait}}).dump().c_str());
-    } else {
-      std::printf("%s: restore point %lu %s\n", volume.c_str(), static_cast<unsigned long>(want),
-                  wait ? "is made" : "requested");
-    }
-    return 0;
-  }
+  if (*c.status) return RunStatus(cli, args);
+  if (*c.points) return RunPoints(cli, args);
+  if (*c.restore) return RunRestore(cli, args);
+  if (*c.promote) return RunPromote(cli, args);
+  if (*c.release) return RunRelease(cli, args);
+  if (*c.replicate) return RunReplicate(cli, args);
   return 2;
 }
