@@ -13,6 +13,7 @@
 #include <random>
 #include <thread>
 
+#include "engine/base/clock.h"
 #include "engine/link/fault_link.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
@@ -142,6 +143,37 @@ class ReplicationTest : public ::testing::Test {
     }
   }
 
+  // From here on the sink reads time from clock_, and site A stamps its
+  // snapshots with it; a replicator does so after set_clock(clock_). For
+  // tests of the schedule: they advance the clock instead of sleeping.
+  // Call first, before the test creates any image.
+  void UseManualClock() {
+    MemoryPoolOptions o;
+    o.now_ns = [this] { return clock_.UnixNs(); };
+    site_a_ = std::make_shared<MemoryPool>("rbd", o);
+    sink_env_.clock = &clock_;
+    RestartSink(sink_env_);
+  }
+  // Advances clock_ by `d` once a thread waits on it for a deadline (the
+  // replicator's loop between epochs), so time moves while it waits.
+  ::testing::AssertionResult AdvanceWhenParked(Clock::Duration d) {
+    if (!clock_.AwaitDeadlines(1, std::chrono::seconds(10))) {
+      return ::testing::AssertionFailure() << "the replicator never waited for its next deadline";
+    }
+    clock_.Advance(d);
+    return ::testing::AssertionSuccess();
+  }
+  // Advances clock_ by `step`, each time something waits on it, until
+  // `pred` holds.
+  ::testing::AssertionResult AdvanceUntil(const std::string& what, Clock::Duration step,
+                                          const std::function<bool()>& pred) {
+    for (int i = 0; !pred(); ++i) {
+      if (i == 1000) return ::testing::AssertionFailure() << what << ": not after 1000 steps";
+      if (auto r = AdvanceWhenParked(step); !r) return r << " (waiting for " << what << ")";
+    }
+    return ::testing::AssertionSuccess();
+  }
+
   // A sink process restarted (with `env`): the old one is gone first.
   void RestartSink(const SinkEnv& env) {
     for (auto& t : sessions_) t.join();
@@ -150,6 +182,8 @@ class ReplicationTest : public ::testing::Test {
     sink_ = std::make_unique<Sink>(env);
   }
 
+  // Declared first: it outlives the sink and replicators that wait on it.
+  ManualClock clock_;
   std::filesystem::path spool_;
   SinkEnv sink_env_;
   std::shared_ptr<MemoryPool> site_a_, site_b_;
@@ -415,26 +449,25 @@ TEST_F(ReplicationTest, BehindScheduleSnapshotsStayAnIntervalApart) {
   // Epochs that take longer than the interval, though their data is sent
   // sooner: the helper takes each next snapshot once the send is through
   // and an interval has passed since the one before, and it ships at once.
-  // Never closer than the interval, whatever the epochs take. (A lower
-  // bound only: that points come no further apart than they must is the
-  // bench's to show.)
+  UseManualClock();
   const uint64_t size = 2 * kMiB;
   ASSERT_TRUE(site_a_->Create("img", size).ok());
   auto src = testing::MustOpen(*site_a_, "img");
   std::mt19937_64 rng(33);
   testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
   VolumeConfig c = Config();
-  c.interval = std::chrono::milliseconds(100);
-  // A slow standby: each ack (durable, applied) leaves 60 ms late (a sleep
-  // standing for the standby's work, not a wait for another thread). A
-  // guest writes meanwhile: an unchanged image would take no snapshot.
+  c.interval = std::chrono::seconds(10);
+  // A slow standby: each ack (durable, applied) leaves 6 s later on the
+  // clock than the one before. A guest writes meanwhile: an unchanged
+  // image would take no snapshot.
   auto guest = testing::MustOpen(*site_a_, "img");
   uint64_t writes = 0;
   on_ack_ = [&] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    clock_.Advance(std::chrono::seconds(6));
     testing::Write(*guest, (writes++ % 16) * 4096, testing::RandomBytes(rng, 4096));
   };
   SourceReplicator rep(c, "a", site_a_, Connector());
+  rep.set_clock(clock_);
   rep.Start();
   WaitFor("six restore points", [&] { return rep.Report().last_seq >= 6; });
   rep.Stop();
@@ -447,9 +480,12 @@ TEST_F(ReplicationTest, BehindScheduleSnapshotsStayAnIntervalApart) {
     if (ParseSnapName(s.name)) times.push_back(s.time_ns);
   }
   ASSERT_GE(times.size(), 6u);
+  // Each epoch takes 12 s (two acks): the next snapshot is due 10 s after
+  // its own and is taken as the last ack comes, never sooner, and the
+  // epoch it is shipped by starts at once.
   for (size_t i = 1; i < times.size(); ++i) {
-    EXPECT_GE(times[i] - times[i - 1], 90'000'000)
-        << "cairn." << i << " and cairn." << i + 1 << " closer than the interval";
+    EXPECT_EQ(times[i] - times[i - 1], 12'000'000'000)
+        << "cairn." << i << " and cairn." << i + 1 << " not one epoch apart";
   }
   // Every point the sink made (the last may have been made as the source
   // stopped) equals its source snapshot.
@@ -457,37 +493,46 @@ TEST_F(ReplicationTest, BehindScheduleSnapshotsStayAnIntervalApart) {
 }
 
 TEST_F(ReplicationTest, AnIdleVolumeTakesNoSnapshotAndMakesNoPoint) {
+  UseManualClock();
   const uint64_t size = 2 * kMiB;
   ASSERT_TRUE(site_a_->Create("img", size).ok());
   auto src = testing::MustOpen(*site_a_, "img");
   std::mt19937_64 rng(41);
   testing::Write(*src, 0, testing::RandomBytes(rng, kMiB));
   VolumeConfig c = Config();
-  c.interval = std::chrono::milliseconds(10);
+  c.interval = std::chrono::seconds(10);
   SourceReplicator rep(c, "a", site_a_, Connector());
+  rep.set_clock(clock_);
   rep.Start();
   WaitFor("the first restore point", [&] { return rep.Report().last_seq >= 1; });
   const uint64_t first = rep.Report().last_seq;
-  WaitFor("20 due epochs skipped, the image unchanged",
-          [&] { return rep.Report().unchanged_checks_total >= 20; });
+  for (uint64_t i = 1; i <= 20; ++i) {
+    ASSERT_TRUE(AdvanceWhenParked(c.interval));
+    WaitFor(fmt::format("due check {} skipped, the image unchanged", i),
+            [&] { return rep.Report().unchanged_checks_total >= i; });
+  }
   EXPECT_EQ(rep.Report().last_seq, first) << "a point made of an unchanged image";
   EXPECT_EQ(CairnSnaps(*src).back(), first) << "a snapshot taken of an unchanged image";
-  // The lag counts from the last check, not from the point's snapshot,
-  // at the standby too: the source tells it of each check.
-  EXPECT_LT(rep.Report().lag_seconds, 5.0);
-  WaitFor("the sink told of 10 checks", [&] {
+  // The lag counts from the last check (200 s after the point's
+  // snapshot), at the standby too: the source tells it of each check.
+  EXPECT_EQ(rep.Report().lag_seconds, 0.0);
+  WaitFor("the sink told of 20 checks", [&] {
     const auto st = sink_->Report();
-    return st.size() == 1 && st[0].unchanged_checks_total >= 10;
+    return st.size() == 1 && st[0].unchanged_checks_total >= 20;
   });
   const auto at_sink = sink_->Report()[0];
   EXPECT_EQ(at_sink.last_seq, first);
-  EXPECT_GT(at_sink.unchanged_as_of_ns, at_sink.last_point_time_ns);
-  EXPECT_LT(at_sink.lag_seconds, 5.0);
+  EXPECT_EQ(at_sink.unchanged_as_of_ns - at_sink.last_point_time_ns, 200'000'000'000);
+  EXPECT_EQ(at_sink.lag_seconds, 0.0);
   testing::Write(*src, kMiB, testing::RandomBytes(rng, 4096));
+  ASSERT_TRUE(AdvanceWhenParked(c.interval));
   WaitFor("a point after the write", [&] { return rep.Report().last_seq > first; });
   const uint64_t second = rep.Report().last_seq;
   const uint64_t checks = rep.Report().unchanged_checks_total;
-  WaitFor("idle again", [&] { return rep.Report().unchanged_checks_total >= checks + 10; });
+  for (uint64_t i = 1; i <= 10; ++i) {
+    ASSERT_TRUE(AdvanceWhenParked(c.interval));
+    WaitFor("idle again", [&] { return rep.Report().unchanged_checks_total >= checks + i; });
+  }
   rep.Stop();
   EXPECT_EQ(rep.Report().last_seq, second);
   VerifyAllPoints(*src, second, /*at_least=*/false);
@@ -548,9 +593,10 @@ TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight)
     return inner();
   };
   VolumeConfig c = Config();
-  c.interval = std::chrono::milliseconds(20);
+  c.interval = std::chrono::seconds(1);
   c.outage_snapshots = 2;
   SourceReplicator rep(c, "a", site_a_, connect);
+  rep.set_clock(clock_);
   ASSERT_TRUE(rep.RunOnce().ok());  // point 1
   testing::Write(*src, 0, testing::RandomBytes(rng, 3 * kMiB));
   rep.Disconnect();
@@ -560,10 +606,12 @@ TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight)
   rep.Start();
   // The schedule goes on: snapshots keep being taken, the oldest dropped,
   // but never the base (1) nor the epoch the sink holds a prefix of (2).
-  WaitFor("ten snapshots taken during the outage", [&] { return CairnSnaps(*src).back() >= 12; });
+  ASSERT_TRUE(AdvanceUntil("ten snapshots taken during the outage", c.interval,
+                           [&] { return CairnSnaps(*src).back() >= 12; }));
   testing::RandomChanges(*src, rng, size, 10);
   const uint64_t before_heal = CairnSnaps(*src).back();
-  WaitFor("a snapshot after the last write", [&] { return CairnSnaps(*src).back() > before_heal; });
+  ASSERT_TRUE(AdvanceUntil("a snapshot after the last write", c.interval,
+                           [&] { return CairnSnaps(*src).back() > before_heal; }));
   auto during = CairnSnaps(*src);
   ASSERT_GE(during.size(), 3u);
   EXPECT_EQ(during[0], 1u);
@@ -572,8 +620,8 @@ TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight)
   EXPECT_GE(rep.Report().pending_snapshots, 2u);
   EXPECT_EQ(rep.Report().state, VolumeState::kDisconnected);
   down->store(false);
-  WaitFor("the newest outage snapshot becoming a restore point",
-          [&] { return rep.Report().last_seq >= during.back(); });
+  ASSERT_TRUE(AdvanceUntil("the newest outage snapshot becoming a restore point", c.interval,
+                           [&] { return rep.Report().last_seq >= during.back(); }));
   rep.Stop();
   auto pts = sink_->Points("vol1").value();
   ASSERT_GE(pts.size(), 3u);
