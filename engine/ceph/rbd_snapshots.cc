@@ -24,6 +24,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/base/clock.h"
 #include "engine/ceph/rbd_internal.h"
 
 namespace cairn {
@@ -126,7 +127,9 @@ static StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io,
     return ErrnoStatus(rc, "getting the id of " + spec);
   }
   const std::string header_oid = std::string("rbd_header.") + id;
-  auto floor = std::chrono::steady_clock::now() + kSettleFloor;
+  // Real time: the watchers are real clients of a real cluster.
+  Clock& clock = RealClock();
+  auto floor = clock.Now() + kSettleFloor;
   std::set<WatcherId> told;
   std::set<WatcherId> now;
   int rounds = 0;
@@ -137,7 +140,7 @@ static StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io,
       if (!before.count(w) && !told.count(w)) untold.push_back(w);
     }
     if (untold.empty()) {
-      if (std::chrono::steady_clock::now() >= floor) break;
+      if (clock.Now() >= floor) break;
       std::this_thread::sleep_until(floor);
       continue;
     }
@@ -151,7 +154,7 @@ static StatusOr<Settled> Settle(rbd_image_t h, const RadosIoCtx& io,
     for (const auto& w : untold) {
       if (acked.count(w)) told.insert(w);
     }
-    floor = std::max(floor, std::chrono::steady_clock::now() + kSettleDrain);
+    floor = std::max(floor, clock.Now() + kSettleDrain);
   }
   if (!told.empty()) {
     spdlog::info("{}: {} client(s) opened the image as the snapshot was taken; told of it", spec,

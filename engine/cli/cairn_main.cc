@@ -20,6 +20,7 @@
 #include <string>
 #include <thread>
 
+#include "engine/base/clock.h"
 #include "engine/link/tcp_link.h"
 #include "proto/cairn.pb.h"
 
@@ -338,8 +339,9 @@ cairn::StatusOr<uint64_t> WaitForPoint(const Cli& cli, const std::string& volume
   // the point exists or the deadline passes (a failed step is retried by
   // the source, so its error is reported only then); 10 ms adds little
   // to the wait.
-  const auto deadline = std::chrono::steady_clock::now() +
-                        std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
+  cairn::Clock& clock = cairn::RealClock();
+  const auto deadline =
+      clock.Now() + std::chrono::milliseconds(static_cast<int64_t>(timeout * 1000));
   while (true) {
     cairn::pb::ControlRequest req;
     req.mutable_status()->set_volume(volume);
@@ -353,7 +355,7 @@ cairn::StatusOr<uint64_t> WaitForPoint(const Cli& cli, const std::string& volume
       }
     }
     if (have >= want) return have;
-    if (std::chrono::steady_clock::now() > deadline) {
+    if (clock.Now() > deadline) {
       return cairn::Unavailable(fmt::format(
           "restore point {} of {} did not appear within {} s (newest: {}; last error: {})", want,
           volume, timeout, have, error.empty() ? "none" : error));

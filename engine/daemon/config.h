@@ -54,12 +54,10 @@ struct SinkConfig {
   // (asked for explicitly; the catalog and the snapshots then grow without
   // bound). Points are made only when the image changed.
   uint32_t keep_points = 24;
-  // Concurrent writes to a standby image while an epoch is applied; each
-  // holds one received record (up to the source's block_size) in memory,
-  // and together they hold at most window_bytes: 32 MiB is 8 writes of
-  // 4 MiB records, or 32 of 1 MiB.
-  uint32_t window = 32;
-  uint64_t window_bytes = 32u << 20;
+  // Concurrent writes to a standby image while an epoch is applied, and
+  // the bytes they hold at most (see kDefaultApplyWindow).
+  uint32_t window = kDefaultApplyWindow;
+  uint64_t window_bytes = kDefaultApplyWindowBytes;
 };
 
 struct DaemonConfig {

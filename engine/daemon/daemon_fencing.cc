@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <fstream>
 
+#include "engine/base/clock.h"
 #include "engine/daemon/daemon.h"
 
 namespace cairn {
@@ -57,9 +58,7 @@ Status Daemon::FencePreviousSink() {
   self.host = HostName();
   self.pid = getpid();
   self.boot_id = BootId();
-  self.started_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                        std::chrono::system_clock::now().time_since_epoch())
-                        .count();
+  self.started_ns = RealClock().UnixNs();
   std::vector<std::shared_ptr<KvStore>> stores;
   std::vector<std::pair<std::string, KvStore*>> catalogs;
   for (const auto& pool : sc.pools) {
@@ -67,13 +66,12 @@ Status Daemon::FencePreviousSink() {
     catalogs.emplace_back(pool, kv.get());
     stores.push_back(std::move(kv));
   }
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = RealClock().Now();
   auto fenced = FenceAndRegisterSink(catalogs, self, [this](const SinkInstance& prev) {
     return cluster_->Blocklist(prev.addr, kFenceExpire);
   });
   if (!fenced.ok()) return fenced.status();
-  const double ms =
-      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const double ms = RealClock().SecondsSince(t0) * 1000;
   for (const FencedSink& f : *fenced) {
     if (CertainlyGone(f.instance, self)) {
       spdlog::info(
@@ -130,7 +128,9 @@ std::string Daemon::FencedBy() {
 
 void Daemon::WatchFencing() {
   std::unique_lock lock(fence_mu_);
-  while (!fence_cv_.wait_for(lock, kFenceCheckPeriod, [&] { return fence_stop_; })) {
+  Clock& clock = RealClock();
+  while (!clock.WaitUntil(lock, fence_cv_, clock.Now() + kFenceCheckPeriod,
+                          [&] { return fence_stop_; })) {
     lock.unlock();
     const std::string why = FencedBy();
     lock.lock();

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "engine/base/checksum.h"
+#include "engine/base/clock.h"
 #include "engine/base/status.h"
 #include "engine/format/frame.h"
 #include "engine/spool/spool.h"
@@ -100,15 +101,34 @@ struct EpochPlan {
 // of [volume] block_size.
 inline constexpr uint32_t kDefaultBlockSize = 4u << 20;
 
-struct EpochOptions {
+// The source's read memory for an epoch by default, in blocks ([volume]
+// window): 16 MiB of 4 MiB blocks. As many reads of the snapshot as fit in
+// it are in flight, up to 64: 4 whole objects, or 64 small changed
+// extents. (8 synced no faster and took the source's peak RSS to 132 MiB:
+// librados holds each read's reply too.)
+inline constexpr uint32_t kDefaultReadWindow = 4;
+// The sink's writes in flight by default ([sink] window and window_bytes):
+// each holds one received record; together at most 32 MiB, which is 8
+// writes of 4 MiB records or 32 of 1 MiB.
+inline constexpr uint32_t kDefaultApplyWindow = 32;
+inline constexpr uint64_t kDefaultApplyWindowBytes = 32u << 20;
+
+struct SendOptions {
   // Largest data record payload ([volume] block_size).
   uint32_t block_size = kDefaultBlockSize;
-  // Source: its read memory is window x block_size (reads in flight: as
-  // many as fit, at most 64). Sink: writes in flight, at most.
-  uint32_t window = 8;
-  // Sink: bytes of writes in flight, at most (a record larger than this is
+  // The read memory is window x block_size (reads in flight: as many as
+  // fit, at most 64).
+  uint32_t window = kDefaultReadWindow;
+  // What SendTimes are measured on.
+  Clock* clock = &RealClock();
+};
+
+struct ApplyOptions {
+  // Writes in flight, at most.
+  uint32_t window = kDefaultApplyWindow;
+  // Bytes of writes in flight, at most (a record larger than this is
   // written alone). 0: `window` writes, whatever their size.
-  uint64_t window_bytes = 0;
+  uint64_t window_bytes = kDefaultApplyWindowBytes;
 };
 
 struct EpochSummary {
@@ -143,7 +163,7 @@ struct SendTimes {
 // snapshots were confirmed still there (kNotFound if one is gone: what
 // was read of it may be zeros).
 // `times`, if given, receives where the time went.
-StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
+StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const SendOptions& options,
                                  FrameWriter& out, SendTimes* times = nullptr);
 
 // One verified item of an epoch, as handed back by EpochVerifier.
@@ -215,7 +235,7 @@ enum class TargetState { kHasData, kFreshImage };
 class ApplyStream {
  public:
   // REQUIRES: `target` outlives this object.
-  ApplyStream(Volume& target, const EpochOptions& options, TargetState state);
+  ApplyStream(Volume& target, const ApplyOptions& options, TargetState state);
   // Waits for the writes in flight (none may outlive its frame).
   ~ApplyStream();
   ApplyStream(const ApplyStream&) = delete;
@@ -239,7 +259,7 @@ class ApplyStream {
   Status WaitOne();
 
   Volume& target_;
-  EpochOptions options_;
+  ApplyOptions options_;
   TargetState state_;
   std::unique_ptr<AsyncIo> io_;
   std::vector<Frame> frames_;  // one slot per write that may be in flight
@@ -248,7 +268,7 @@ class ApplyStream {
 };
 
 StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
-                                  const EpochOptions& options, TargetState state);
+                                  const ApplyOptions& options, TargetState state);
 
 // Puts the head of `target` back as it is at `point` (its size, and every
 // extent the head changed since) and returns the bytes put back. An epoch

@@ -11,7 +11,7 @@
 
 namespace cairn {
 
-ApplyStream::ApplyStream(Volume& target, const EpochOptions& options, TargetState state)
+ApplyStream::ApplyStream(Volume& target, const ApplyOptions& options, TargetState state)
     : target_(target), options_(options), state_(state) {
   assert(options.window > 0);
 }
@@ -76,7 +76,7 @@ Status ApplyStream::Finish() {
 }
 
 StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, Volume& target,
-                                  const EpochOptions& options, TargetState state) {
+                                  const ApplyOptions& options, TargetState state) {
   ApplyStream apply(target, options, state);
   while (true) {
     auto next = spool.Next();

@@ -107,7 +107,7 @@ constexpr uint64_t kMaxReadsInFlight = 64;
 // order: a FIFO of records whose data reads may still be in flight.
 class RecordPipeline {
  public:
-  RecordPipeline(const EpochPlan& plan, const EpochOptions& opt, FrameWriter& out)
+  RecordPipeline(const EpochPlan& plan, const SendOptions& opt, FrameWriter& out)
       : plan_(plan), opt_(opt), out_(out), hasher_(plan.seq, plan.image_size) {
     summary_.seq = plan.seq;
     summary_.base_seq = plan.base_seq;
@@ -187,9 +187,9 @@ class RecordPipeline {
   };
 
   Status WaitOne() {
-    const auto t0 = Clock::now();
+    const auto t0 = opt_.clock->Now();
     AsyncIo::Completion c = io_->WaitOne();
-    times_.reads += Seconds(Clock::now() - t0);
+    times_.reads += opt_.clock->SecondsSince(t0);
     --reads_;
     if (!c.status.ok()) return c.status.Annotate("reading the source snapshot");
     assert(c.tag >= first_tag_ && c.tag - first_tag_ < queue_.size());
@@ -253,9 +253,9 @@ class RecordPipeline {
     record_.set_seq(plan_.seq);
     record_.SerializeToString(&body_);
     if (summary_.records >= plan_.skip_records) {
-      const auto t0 = Clock::now();
+      const auto t0 = opt_.clock->Now();
       Status st = out_.Write(FrameType::kRecord, body_, payload);
-      times_.link += Seconds(Clock::now() - t0);
+      times_.link += opt_.clock->SecondsSince(t0);
       RETURN_IF_ERROR(st);
     }
     hasher_.Add(offset, length, kind, h);
@@ -264,11 +264,8 @@ class RecordPipeline {
     return OkStatus();
   }
 
-  using Clock = std::chrono::steady_clock;
-  static double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
-
   const EpochPlan& plan_;
-  const EpochOptions& opt_;
+  const SendOptions& opt_;
   FrameWriter& out_;
   SendTimes times_;
   EpochHasher hasher_;
@@ -284,7 +281,7 @@ class RecordPipeline {
 
 }  // namespace
 
-StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const EpochOptions& options,
+StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const SendOptions& options,
                                  FrameWriter& out, SendTimes* times) {
   assert(options.block_size > 0 && options.block_size <= kMaxPayload);
   assert(options.window > 0);
@@ -305,7 +302,7 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   WatchedWriter writer(out);
   RecordPipeline pipe(plan, options, writer);
   RETURN_IF_ERROR(pipe.Init());
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = options.clock->Now();
   Status streamed = [&]() -> Status {
     ASSIGN_OR_RETURN(auto io, vol.OpenIo(plan.to_snap));
     pipe.set_io(std::move(io));
@@ -345,7 +342,7 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const Epoch
   auto sum = pipe.Finish();
   if (times) {
     *times = pipe.times();
-    times->total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    times->total = options.clock->SecondsSince(t0);
   }
   return sum;
 }

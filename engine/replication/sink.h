@@ -74,7 +74,7 @@ struct SinkEnv {
   std::vector<std::string> pools;  // pools this sink serves
   std::function<StatusOr<std::shared_ptr<Pool>>(const std::string& pool)> open_pool;
   std::function<StatusOr<std::shared_ptr<KvStore>>(const std::string& pool)> open_catalog;
-  EpochOptions apply;
+  ApplyOptions apply;
   SpoolOptions spool;
   LinkTimeouts timeouts;
   // Names the standby Ceph cluster in errors (cairnd: its ceph.conf path).
@@ -202,7 +202,7 @@ class Sink {
   // (waits for one block's worth; kAborted if the sink stops meanwhile);
   // `opt` says how much was had.
   StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
-                                                  EpochOptions* opt);
+                                                  ApplyOptions* opt);
   // Retention (SinkEnv::keep_points): removes the oldest points of `t`
   // beyond the newest keep_points, each from the catalog first and then its
   // snapshot on `vol`, so a crash between leaves a stray snapshot (removed

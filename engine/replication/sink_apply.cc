@@ -102,7 +102,7 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
 }
 
 StatusOr<MemoryBudget::Lease> Sink::BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
-                                                      EpochOptions* opt) {
+                                                      ApplyOptions* opt) {
   *opt = env_.apply;
   if (!env_.budget) return MemoryBudget::Lease();
   const uint64_t spool = 2 * env_.spool.buffer_bytes;  // SpoolWriter's staging buffers
@@ -144,7 +144,7 @@ StatusOr<Sink::WrittenEpoch> Sink::WriteEpoch(Target& t, uint64_t seq) {
   ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(t.SpoolPath(seq), SpoolIdentity{t.volume, seq}));
   EpochVerifier verifier(t.volume, t.last_seq, t.chain);
   ASSIGN_OR_RETURN(PreparedTarget prepared, PrepareTarget(t));
-  EpochOptions opt;
+  ApplyOptions opt;
   // Its EpochBegin is not read yet: block and image size unknown.
   ASSIGN_OR_RETURN(MemoryBudget::Lease memory, BorrowApplyMemory(kMaxPayload, UINT64_MAX, &opt));
   ASSIGN_OR_RETURN(w.summary, ApplyEpoch(*reader, verifier, *prepared.vol, opt, prepared.state));

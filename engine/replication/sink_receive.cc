@@ -48,7 +48,7 @@ class Sink::Reception {
   // image cannot take it now, the epoch is still spooled and ApplyAndCommit
   // replays it (and reports why).
   // Takes memory_ along.
-  void StartStreaming(const EpochSummary& announced, const EpochOptions& opt);
+  void StartStreaming(const EpochSummary& announced, const ApplyOptions& opt);
   // What a spool refusal tells the operator to do.
   Status AdviseSpoolRefusal(const Status& st, uint64_t kept, uint64_t seq) const;
   // Adds the time since the previous lap to `stage`.
@@ -154,7 +154,7 @@ Status Sink::Reception::ResumeSpool(const EpochSummary& announced) {
   return OkStatus();
 }
 
-void Sink::Reception::StartStreaming(const EpochSummary& announced, const EpochOptions& opt) {
+void Sink::Reception::StartStreaming(const EpochSummary& announced, const ApplyOptions& opt) {
   auto prepared = sink_.PrepareTarget(t_);
   if (!prepared.ok()) return;
   streamed_ = std::make_unique<Target::Streamed>();
@@ -180,7 +180,7 @@ Status Sink::Reception::Begin(const Frame& begin) {
   // made of it: a session that waits for its share holds nothing meanwhile
   // (a thousand of them, each with its spool's buffers, were most of a
   // sink's peak RSS).
-  EpochOptions opt;
+  ApplyOptions opt;
   auto memory = sink_.BorrowApplyMemory(announced.max_block, announced.image_size, &opt);
   if (!memory.ok()) return Fail(memory.status());
   memory_ = std::move(memory).value();

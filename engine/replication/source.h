@@ -120,7 +120,7 @@ class SourceReplicator {
   // more than an image of `image_size` holds. None without a budget;
   // kAborted if the replicator stops while it waits.
   StatusOr<std::optional<MemoryBudget::Lease>> BorrowReadWindow(uint64_t image_size,
-                                                                EpochOptions* opt);
+                                                                SendOptions* opt);
   class AheadThread;
   // How long each stage of an epoch took, for the log.
   struct EpochTimes {
@@ -135,7 +135,7 @@ class SourceReplicator {
   // Sends the epoch of `start` and waits until the sink says it is a point
   // with the chain the source computed.
   StatusOr<EpochSummary> SendAndAwaitAcks(Volume& vol, const EpochStart& start,
-                                          const EpochOptions& opt, AheadThread& ahead,
+                                          const SendOptions& opt, AheadThread& ahead,
                                           EpochTimes* times);
   // The point is made: the status says so.
   void RecordPoint(const EpochStart& start, const EpochSummary& sum, double secs);

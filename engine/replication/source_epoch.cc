@@ -191,7 +191,7 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
 }
 
 StatusOr<std::optional<MemoryBudget::Lease>> SourceReplicator::BorrowReadWindow(uint64_t image_size,
-                                                                                EpochOptions* opt) {
+                                                                                SendOptions* opt) {
   if (!budget_) return std::optional<MemoryBudget::Lease>();
   const uint64_t blocks =
       std::max<uint64_t>(1, (image_size + opt->block_size - 1) / opt->block_size);
@@ -274,7 +274,7 @@ class SourceReplicator::AheadThread {
 };
 
 StatusOr<EpochSummary> SourceReplicator::SendAndAwaitAcks(Volume& vol, const EpochStart& start,
-                                                          const EpochOptions& opt,
+                                                          const SendOptions& opt,
                                                           AheadThread& ahead, EpochTimes* times) {
   const EpochPlan& plan = start.plan;
   WatchedWriter wire(*link_);
@@ -360,7 +360,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   const auto t_plan = clock_->Now();
   ASSIGN_OR_RETURN(const EpochStart start, PlanEpoch(vol));
   const uint64_t seq = start.plan.seq;
-  EpochOptions opt;
+  SendOptions opt;
   opt.block_size = config_.block_size;
   opt.window = config_.window;
   ASSIGN_OR_RETURN(const auto memory, BorrowReadWindow(start.to.size, &opt));

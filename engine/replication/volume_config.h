@@ -29,12 +29,9 @@ struct VolumeConfig {
   uint32_t outage_snapshots = 1;
   // Largest data record (see kDefaultBlockSize).
   uint32_t block_size = kDefaultBlockSize;
-  // The source's read memory for an epoch: window x block_size (16 MiB).
-  // As many reads of the snapshot as fit in it are in flight, up to 64:
-  // 4 whole objects, or 64 small changed extents. (8 synced no faster and
-  // took the source's peak RSS to 132 MiB: librados holds each read's
-  // reply too.)
-  uint32_t window = 4;
+  // The source's read memory for an epoch: window x block_size (see
+  // kDefaultReadWindow).
+  uint32_t window = kDefaultReadWindow;
 };
 
 }  // namespace cairn

@@ -52,7 +52,7 @@ class EpochTest : public ::testing::Test {
   // Ships epoch `seq` (from `base` to `seq`) of `src` and applies it to
   // `dst`. Returns the summary the sink verified.
   StatusOr<EpochSummary> Ship(Volume& src, Volume& dst, uint64_t base, uint64_t seq,
-                              TargetState state, EpochOptions opt = {}) {
+                              TargetState state, SendOptions send = {}, ApplyOptions apply = {}) {
     EpochPlan plan;
     plan.volume = "vol";
     plan.seq = seq;
@@ -71,11 +71,11 @@ class EpochTest : public ::testing::Test {
     const auto path = dir_ / (std::to_string(seq) + ".spool");
     ASSIGN_OR_RETURN(auto w, SpoolWriter::Create(path, {"vol", seq}));
     SpoolFrameWriter out(std::move(w));
-    ASSIGN_OR_RETURN(EpochSummary sent, SendEpoch(src, plan, opt, out));
+    ASSIGN_OR_RETURN(EpochSummary sent, SendEpoch(src, plan, send, out));
     RETURN_IF_ERROR(out.writer().Sync().status());
     ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(path, {"vol", seq}));
     EpochVerifier verifier("vol", base, chain_);
-    ASSIGN_OR_RETURN(EpochSummary got, ApplyEpoch(*reader, verifier, dst, opt, state));
+    ASSIGN_OR_RETURN(EpochSummary got, ApplyEpoch(*reader, verifier, dst, apply, state));
     EXPECT_EQ(got.epoch_digest, sent.epoch_digest);
     EXPECT_EQ(got.chain, sent.chain);
     chain_ = got.chain;
@@ -183,10 +183,12 @@ TEST_F(EpochTest, SmallBlocksAndWindowOfOne) {
   std::mt19937_64 rng(4);
   testing::RandomChanges(*src, rng, size, 30);
   ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
-  EpochOptions opt;
-  opt.block_size = 4096;
-  opt.window = 1;
-  ASSERT_TRUE(Ship(*src, *dst, 0, 1, TargetState::kFreshImage, opt).ok());
+  SendOptions send;
+  send.block_size = 4096;
+  send.window = 1;
+  ApplyOptions apply;
+  apply.window = 1;
+  ASSERT_TRUE(Ship(*src, *dst, 0, 1, TargetState::kFreshImage, send, apply).ok());
   EXPECT_EQ(ImageHash(*dst, "", size), ImageHash(*src, "cairn.1", size));
 }
 
@@ -200,7 +202,7 @@ TEST_F(EpochTest, OddBlockSizeThroughASmallReadArena) {
   auto src = testing::MustOpen(pool_, "src");
   auto dst = testing::MustOpen(pool_, "dst");
   std::mt19937_64 rng(7);
-  EpochOptions opt;
+  SendOptions opt;
   opt.block_size = 12800;  // 25 sectors: pieces of 16 KiB in the arena
   opt.window = 3;          // 37.5 KiB of reads: two pieces at a time
   for (uint64_t seq = 1; seq <= 4; ++seq) {
@@ -223,7 +225,7 @@ TEST_F(EpochTest, ApplyWindowIsBoundInBytes) {
   // Most writes and bytes in flight while `n` records of `len` bytes are
   // added with a window of 32 writes and 8 MiB.
   const auto most = [&](uint64_t len, int n) -> std::pair<size_t, uint64_t> {
-    EpochOptions opt;
+    ApplyOptions opt;
     opt.window = 32;
     opt.window_bytes = 8 * kMiB;
     ApplyStream apply(*dst, opt, TargetState::kHasData);
@@ -261,11 +263,13 @@ TEST_F(EpochTest, FourMiBRecordsThroughAOneWriteWindow) {
   std::mt19937_64 rng(6);
   Write(*src, 0, testing::RandomBytes(rng, size));
   ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
-  EpochOptions opt;
-  opt.block_size = 4 * kMiB;
-  opt.window = 8;
-  opt.window_bytes = 4 * kMiB;  // the sink: one 4 MiB write at a time
-  auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage, opt);
+  SendOptions send;
+  send.block_size = 4 * kMiB;
+  send.window = 8;
+  ApplyOptions apply;
+  apply.window = 8;
+  apply.window_bytes = 4 * kMiB;  // the sink: one 4 MiB write at a time
+  auto sum = Ship(*src, *dst, 0, 1, TargetState::kFreshImage, send, apply);
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
   EXPECT_EQ(sum->records, 3u);  // 4 MiB, 4 MiB, 2 MiB + 4 KiB
   EXPECT_EQ(ImageHash(*dst, "", size), ImageHash(*src, "cairn.1", size));
@@ -306,7 +310,7 @@ class VerifierTest : public ::testing::Test {
     plan.to_snap = "cairn.1";
     plan.to_snap_id = testing::MustSnapId(*src, "cairn.1");
     plan.image_size = 4 * kMiB;
-    EpochOptions opt;
+    SendOptions opt;
     opt.block_size = 1 * kMiB;
     ASSERT_TRUE(SendEpoch(*src, plan, opt, out_).ok());
     ASSERT_EQ(out_.frames.size(), 5u);  // begin, 3 records of 1 MiB, end
