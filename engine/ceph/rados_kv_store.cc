@@ -3,6 +3,9 @@
 #include <fmt/format.h>
 
 #include <cerrno>
+#include <optional>
+#include <string>
+#include <string_view>
 #include <utility>
 
 namespace cairn {
@@ -17,6 +20,22 @@ struct ReadOp {
   ~ReadOp() {
     if (iter != nullptr) rados_omap_get_end(iter);
     rados_release_read_op(op);
+  }
+
+  // Calls fn(key, value) for each key the operated op read, in order,
+  // until fn returns false. The librados error of the iteration, if any.
+  template <typename Fn>
+  int ForEachValue(Fn fn) {
+    while (true) {
+      char* key = nullptr;
+      char* val = nullptr;
+      size_t key_len = 0;
+      size_t val_len = 0;
+      if (int rc = rados_omap_get_next2(iter, &key, &val, &key_len, &val_len); rc < 0) return rc;
+      if (key == nullptr || !fn(std::string_view(key, key_len), std::string_view(val, val_len))) {
+        return 0;
+      }
+    }
   }
 };
 
@@ -128,18 +147,14 @@ StatusOr<std::map<std::string, std::string>> RadosKvStore::Scan(const std::strin
       return ErrnoStatus(rc, fmt::format("scanning {} for prefix '{}'", spec_, prefix));
     }
     size_t n = 0;
-    while (true) {
-      char* key = nullptr;
-      char* val = nullptr;
-      size_t key_len = 0;
-      size_t val_len = 0;
-      if (rc = rados_omap_get_next2(r.iter, &key, &val, &key_len, &val_len); rc < 0) {
-        return ErrnoStatus(rc, fmt::format("scanning {} for prefix '{}'", spec_, prefix));
-      }
-      if (key == nullptr) break;
-      after.assign(key, key_len);
-      out.insert_or_assign(after, std::string(val, val_len));
+    rc = r.ForEachValue([&](std::string_view key, std::string_view val) {
+      after.assign(key);
+      out.insert_or_assign(after, std::string(val));
       ++n;
+      return true;
+    });
+    if (rc < 0) {
+      return ErrnoStatus(rc, fmt::format("scanning {} for prefix '{}'", spec_, prefix));
     }
     if (!more || n == 0) return out;
   }
@@ -155,17 +170,13 @@ StatusOr<std::string> RadosKvStore::Get(const std::string& key) {
   if (rc == -ENOENT) return NotFound(fmt::format("no key '{}' in {} (no such object)", key, spec_));
   if (rc == 0) rc = prval;
   if (rc < 0) return ErrnoStatus(rc, fmt::format("reading key '{}' of {}", key, spec_));
-  while (true) {
-    char* k = nullptr;
-    char* v = nullptr;
-    size_t k_len = 0;
-    size_t v_len = 0;
-    if (rc = rados_omap_get_next2(r.iter, &k, &v, &k_len, &v_len); rc < 0) {
-      return ErrnoStatus(rc, fmt::format("reading key '{}' of {}", key, spec_));
-    }
-    if (k == nullptr) break;
-    if (std::string_view(k, k_len) == key) return std::string(v, v_len);
-  }
+  std::optional<std::string> found;
+  rc = r.ForEachValue([&](std::string_view k, std::string_view v) {
+    if (k == key) found.emplace(v);
+    return !found;
+  });
+  if (rc < 0) return ErrnoStatus(rc, fmt::format("reading key '{}' of {}", key, spec_));
+  if (found) return *found;
   return NotFound(fmt::format("no key '{}' in {}", key, spec_));
 }
 
