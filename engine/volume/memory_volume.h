@@ -10,7 +10,7 @@
 // whole zeroed object), while a StartWrite of zeros keeps it allocated.
 //
 // Behaviour shared with RbdVolume (engine/ceph/rbd_volume.h), so one conformance
-// suite (tests/unit/volume_conformance.h) passes on both:
+// suite (tests/unit/volume/volume_conformance.h) passes on both:
 //  - I/O that reaches past the end of the image fails to start with
 //    kInvalidArgument; I/O that would write a snapshot fails to start with
 //    kFailedPrecondition.

@@ -14,7 +14,7 @@
 
 #include "engine/ceph/rados_kv_store.h"
 #include "engine/ceph/rbd_volume.h"
-#include "tests/unit/kv_store_conformance.h"
+#include "tests/unit/catalog/kv_store_conformance.h"
 
 namespace cairn {
 namespace {

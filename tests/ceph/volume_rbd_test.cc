@@ -25,7 +25,7 @@
 #include "engine/catalog/catalog.h"
 #include "engine/ceph/rbd_volume.h"
 #include "engine/volume/fault_pool.h"
-#include "tests/unit/volume_conformance.h"
+#include "tests/unit/volume/volume_conformance.h"
 
 namespace cairn {
 namespace {

@@ -3,6 +3,8 @@
 // decides must reach the peer the same way over both: a dropped frame is
 // missing, a duplicated one comes twice, a flipped bit fails the peer's
 // checks, and after a cut the peer gets what came before, then kAborted.
+#include "engine/link/fault_link.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,7 +16,6 @@
 #include <utility>
 #include <vector>
 
-#include "engine/link/fault_link.h"
 #include "engine/link/link.h"
 #include "engine/link/tcp_link.h"
 #include "tests/unit/test_util.h"

@@ -1,5 +1,5 @@
 // The KvStore conformance suite: value-parameterized tests every KvStore
-// must pass (MemoryKvStore in tests/unit/kv_store_memory_test.cc,
+// must pass (MemoryKvStore in tests/unit/catalog/kv_store_test.cc,
 // RadosKvStore in tests/ceph/kv_store_rados_test.cc).
 //
 // Atomicity across a crash is structural (RadosKvStore sends each Commit as

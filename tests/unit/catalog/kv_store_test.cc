@@ -1,6 +1,7 @@
 // The KvStore conformance suite over MemoryKvStore.
 #include "engine/catalog/kv_store.h"
-#include "tests/unit/kv_store_conformance.h"
+
+#include "tests/unit/catalog/kv_store_conformance.h"
 
 namespace cairn {
 namespace {
