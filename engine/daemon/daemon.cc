@@ -7,6 +7,7 @@
 
 #include "engine/ceph/rados_kv_store.h"
 #include "engine/daemon/registry.h"
+#include "engine/spool/file_spool_store.h"
 
 namespace cairn {
 
@@ -73,7 +74,7 @@ Status Daemon::Start() {
     fence_watch_ = std::thread([this] { WatchFencing(); });
     SinkEnv env;
     env.site = config_.site;
-    env.spool_dir = sc.spool_dir;
+    env.spools = std::make_shared<FileSpoolStore>(sc.spool_dir);
     env.pools = sc.pools;
     env.cluster = config_.ceph.conf;
     env.spool.max_bytes = sc.spool_max_bytes;

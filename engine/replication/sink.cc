@@ -9,6 +9,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <cassert>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -27,43 +28,11 @@ void WarnAppliedFromSpool(const std::string& volume, uint64_t seq, const Status&
   spdlog::warn("volume {}: epoch {} is applied from the spool: {}", volume, seq, why.message());
 }
 
-uint64_t SpoolFreeBytes(const std::filesystem::path& dir) {
-  struct statvfs sv {};
-  if (::statvfs(dir.c_str(), &sv) != 0) return 0;
-  return static_cast<uint64_t>(sv.f_bavail) * sv.f_frsize;
-}
-
 namespace {
 
 void SendError(Link& link, const Status& st) { (void)WriteLinkError(link, st); }
 
 }  // namespace
-
-Status CheckSpoolWritable(const std::filesystem::path& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) {
-    return FailedPrecondition(
-        fmt::format("spool directory {} cannot be created: {}", dir.string(), ec.message()));
-  }
-  const auto probe = dir / fmt::format(".cairn-check-{}", ::getpid());
-  const int fd = ::open(probe.c_str(), O_CREAT | O_WRONLY | O_TRUNC | O_CLOEXEC, 0600);
-  if (fd < 0) {
-    return FailedPrecondition(
-        fmt::format("spool directory {} is not writable: {}", dir.string(), std::strerror(errno)));
-  }
-  const char block[4096] = {};
-  const bool written = ::write(fd, block, sizeof block) == static_cast<ssize_t>(sizeof block) &&
-                       ::fdatasync(fd) == 0;
-  const int err = errno;
-  ::close(fd);
-  std::filesystem::remove(probe, ec);
-  if (!written) {
-    return FailedPrecondition(fmt::format("spool directory {} does not take a synced write: {}",
-                                          dir.string(), std::strerror(err)));
-  }
-  return OkStatus();
-}
 
 namespace {
 
@@ -78,6 +47,7 @@ Status SendAck(Link& link, uint64_t seq, pb::EpochAck::Stage stage, const ChainD
 }  // namespace
 
 Sink::Sink(SinkEnv env) : env_(std::move(env)) {
+  assert(env_.spools != nullptr && "SinkEnv::spools is required");
   retrier_ = std::thread([this] { RetryLoop(); });
 }
 
@@ -178,13 +148,6 @@ Status Sink::OpenTarget(Target& t) {
         "release it (failback) before it replicates again",
         t.volume, env_.site, promoted->seq, promoted->pool, promoted->image));
   }
-  t.dir = env_.spool_dir / t.volume;
-  std::error_code ec;
-  std::filesystem::create_directories(t.dir, ec);
-  if (ec) {
-    return FailedPrecondition(
-        fmt::format("cannot create spool directory {}: {}", t.dir.string(), ec.message()));
-  }
   return OkStatus();
 }
 
@@ -214,7 +177,7 @@ Status Sink::ClaimVolume(Link& link, const Target& t) {
   if (auto r = spool_refusals_.find(t.volume);
       r != spool_refusals_.end() && !active_.count(t.volume) && r->second.until > now &&
       (r->second.error.reason() != Reason::kSpoolDiskFull ||
-       SpoolFreeBytes(env_.spool_dir) < r->second.free_bytes + (4u << 20))) {
+       env_.spools->FreeBytes() < r->second.free_bytes + (4u << 20))) {
     spdlog::debug("refusing source {} for volume '{}': {}", link.peer(), t.volume,
                   r->second.error.message());
     return r->second.error;
@@ -279,7 +242,7 @@ Status Sink::ReleaseVolumeLocked(const Target& t, Status st) {
   if (t.spool_refused != Reason::kNone) {
     SpoolRefusal& r = spool_refusals_[t.volume];
     r.error = st.WithReason(t.spool_refused);
-    r.free_bytes = SpoolFreeBytes(env_.spool_dir);
+    r.free_bytes = env_.spools->FreeBytes();
     r.until = env_.clock->Now() + std::chrono::seconds(60);
   } else if (t.recovered) {
     spool_refusals_.erase(t.volume);
@@ -344,7 +307,7 @@ Status Sink::CheckProbe(Target& t) {
                     "remove or rename it, or set another target_image",
                     t.pool_name, t.image, t.volume));
   }
-  return CheckSpoolWritable(t.dir);
+  return env_.spools->CheckWritable(t.volume);
 }
 
 StatusOr<std::optional<RestorePoint>> Sink::LoadLatest(Target& t) {

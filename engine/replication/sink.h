@@ -4,9 +4,10 @@
 //
 // Per epoch, in order:
 //   1. frames arrive; each is verified (EpochVerifier) before it is
-//      appended to spool_dir/<volume>/<seq>.spool and, at once, written to
-//      the head of the standby image (ApplyStream: the apply overlaps the
-//      receive). The head is the sink's staging area, never a restore point;
+//      appended to the spool of (volume, seq) in SinkEnv::spools and, at
+//      once, written to the head of the standby image (ApplyStream: the
+//      apply overlaps the receive). The head is the sink's staging area,
+//      never a restore point;
 //   2. at EpochEnd: Sync (fdatasync) -> EpochAck DURABLE;
 //   3. wait for the head writes; if they could not all be made (a resumed
 //      epoch, a standby write error), replay the spool, verifying again;
@@ -27,9 +28,10 @@
 //     so at once. A restarted sink does the same for the complete spools it
 //     finds (of volumes that have a restore point, so their image is known).
 //   - the spool disk is full, or an epoch would pass SpoolOptions::max_bytes:
-//     the epoch is refused with ResourceExhausted, naming spool_dir and what
-//     to do; the verified prefix that reached the disk is made durable and
-//     kept, and the source resumes after it once there is room.
+//     the epoch is refused with ResourceExhausted, naming the spool
+//     directory and what to do; the verified prefix that reached the disk
+//     is made durable and kept, and the source resumes after it once there
+//     is room.
 //
 // Thread-safety: Serve may run on many threads at once (one per source
 // connection). A new connection for a volume that has one already replaces
@@ -61,6 +63,7 @@
 #include "engine/link/tcp_link.h"
 #include "engine/replication/replication.h"
 #include "engine/spool/spool.h"
+#include "engine/spool/spool_store.h"
 #include "engine/volume/volume.h"
 
 namespace cairn {
@@ -70,7 +73,9 @@ class Hello;  // proto/cairn.proto
 
 struct SinkEnv {
   std::string site;
-  std::filesystem::path spool_dir;
+  // Where epochs are spooled (cairnd: a FileSpoolStore over [sink]
+  // spool_dir). Required; shared with the sink's threads.
+  std::shared_ptr<SpoolStore> spools;
   std::vector<std::string> pools;  // pools this sink serves
   std::function<StatusOr<std::shared_ptr<Pool>>(const std::string& pool)> open_pool;
   std::function<StatusOr<std::shared_ptr<KvStore>>(const std::string& pool)> open_catalog;
@@ -93,11 +98,6 @@ struct SinkEnv {
   // a ManualClock that outlives the sink).
   Clock* clock = &RealClock();
 };
-
-// A directory the sink can spool into: created if missing, and a 4 KiB
-// file written, fdatasync'ed and removed in it. FailedPrecondition saying
-// what is wrong otherwise.
-Status CheckSpoolWritable(const std::filesystem::path& dir);
 
 struct PromoteResult {
   std::string pool;
@@ -213,7 +213,7 @@ class Sink {
   // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
   void PruneCommitted(Target& t);
   Status RecoverSpool(Target& t);
-  // How much of the spool of epoch `seq` at `path` is whole and verifies,
+  // How much of the spool of epoch `seq` of t.volume is whole and verifies,
   // read from its start up to the first frame that does not, up to offset
   // `until`, or to its EpochEnd. The one reading of a spool before apply.
   struct SpoolScan {
@@ -224,13 +224,12 @@ class Sink {
     bool complete = false;   // its EpochEnd verified: the epoch is whole
     Status opened;           // why the spool could not be opened, if not
   };
-  SpoolScan ScanSpool(const Target& t, const std::filesystem::path& path, uint64_t seq,
-                      uint64_t until = UINT64_MAX);
+  SpoolScan ScanSpool(const Target& t, uint64_t seq, uint64_t until = UINT64_MAX);
   // Record frames at the start of the spool of epoch `seq` that are whole
   // and verify (as RecoverSpool counts them).
-  uint64_t VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq);
+  uint64_t VerifiedRecords(const Target& t, uint64_t seq);
   // Reads the verified prefix of t.partial's spool into `verifier`.
-  Status ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier);
+  Status ReplayPrefix(Target& t, EpochVerifier& verifier);
   StatusOr<std::string> FindVolumePool(const std::string& volume);
   void SetState(const std::string& volume, const std::function<void(VolumeStatusInfo&)>& fn);
   // An error of the standby cluster: Unavailable ones name it. Marks the

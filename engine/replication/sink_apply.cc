@@ -141,7 +141,7 @@ StatusOr<Sink::WrittenEpoch> Sink::WriteEpoch(Target& t, uint64_t seq) {
     WarnAppliedFromSpool(t.volume, seq, st);
   }
   const auto t_apply = clock.Now();
-  ASSIGN_OR_RETURN(auto reader, SpoolReader::Open(t.SpoolPath(seq), SpoolIdentity{t.volume, seq}));
+  ASSIGN_OR_RETURN(auto reader, env_.spools->Open(t.volume, seq));
   EpochVerifier verifier(t.volume, t.last_seq, t.chain);
   ASSIGN_OR_RETURN(PreparedTarget prepared, PrepareTarget(t));
   ApplyOptions opt;
@@ -176,9 +176,8 @@ void Sink::RemoveSpoolBeside(Target& t, uint64_t seq) {
   // The spool is stale now (RecoverSpool would remove it after a crash).
   // Unlinking a large file takes a while (0.17 s for 1 GiB on ext4): it
   // goes on beside the APPLIED ack and the next epoch, not before them.
-  const auto remove_spool = [path = t.SpoolPath(seq)] {
-    std::error_code ignored;
-    std::filesystem::remove(path, ignored);
+  const auto remove_spool = [spools = env_.spools, volume = t.volume, seq] {
+    (void)spools->Remove(volume, seq);  // as RecoverSpool would
   };
   try {
     t.spool_removal = std::async(std::launch::async, remove_spool);

@@ -6,6 +6,7 @@
 
 #include <filesystem>
 #include <future>
+#include <optional>
 #include <system_error>
 
 #include "engine/replication/sink.h"
@@ -62,9 +63,9 @@ class Sink::Reception {
   Target& t_;
   EpochVerifier verifier_;
   std::unique_ptr<SpoolWriter> spool_;
-  std::filesystem::path path_;
-  uint64_t spooled_records_ = 0;  // whole Record frames in the spool
-  bool at_end_ = false;           // the failure is the epoch's end
+  std::optional<uint64_t> spool_seq_;  // the epoch whose spool this reception writes
+  uint64_t spooled_records_ = 0;       // whole Record frames in the spool
+  bool at_end_ = false;                // the failure is the epoch's end
   // The epoch's spool buffers and apply window, until the streamed apply
   // takes it along.
   MemoryBudget::Lease memory_;
@@ -77,8 +78,7 @@ class Sink::Reception {
 Status Sink::Reception::AdviseSpoolRefusal(const Status& st, uint64_t kept, uint64_t seq) const {
   std::string advice;
   if (st.reason() == Reason::kSpoolDiskFull) {
-    advice =
-        fmt::format("free space in {} or move [sink] spool_dir", sink_.env_.spool_dir.string());
+    advice = fmt::format("free space in {} or move [sink] spool_dir", sink_.env_.spools->where());
   } else if (st.reason() == Reason::kSpoolQuota) {
     advice = "raise [sink] spool_max_bytes and restart cairnd";
   }
@@ -109,7 +109,7 @@ Status Sink::Reception::Fail(const Status& cause) {
       // A write failed (a full disk): what reached the file is durable
       // now; read it back to learn how much of it is whole and verifies.
       spool_.reset();
-      kept = sink_.VerifiedRecords(t_, path_, seq);
+      kept = sink_.VerifiedRecords(t_, seq);
     }
   }
   if (st.code() == Code::kResourceExhausted) {
@@ -126,10 +126,9 @@ Status Sink::Reception::Fail(const Status& cause) {
   if (kept > 0) {
     spdlog::info("volume {}: kept {} verified records of epoch {} for resume", t_.volume, kept,
                  seq);
-  } else if (!path_.empty()) {
+  } else if (spool_seq_) {
     spool_.reset();
-    std::error_code ec;
-    std::filesystem::remove(path_, ec);
+    (void)sink_.env_.spools->Remove(t_.volume, *spool_seq_);
   }
   return st;
 }
@@ -140,14 +139,14 @@ Status Sink::Reception::ResumeSpool(const EpochSummary& announced) {
         "source resumes epoch {} at record {}, but this sink holds {} records of epoch {}",
         announced.seq, announced.resume_from, t_.partial.records, t_.partial.seq)));
   }
-  if (Status st = sink_.ReplayPrefix(t_, path_, verifier_); !st.ok()) return Fail(st);
+  if (Status st = sink_.ReplayPrefix(t_, verifier_); !st.ok()) return Fail(st);
   const EpochSummary& had = verifier_.begin();
   if (had.base_seq != announced.base_seq || had.image_size != announced.image_size ||
       had.snap_time_ns != announced.snap_time_ns || had.max_block != announced.max_block) {
     return Fail(
         DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.seq)));
   }
-  auto w = SpoolWriter::Resume(path_, t_.partial.offset, sink_.env_.spool);
+  auto w = sink_.env_.spools->Resume(t_.volume, announced.seq, t_.partial.offset, sink_.env_.spool);
   if (!w.ok()) return FailSpool(w.status());
   spool_ = std::move(w).value();
   spooled_records_ = t_.partial.records;
@@ -175,7 +174,7 @@ Status Sink::Reception::Begin(const Frame& begin) {
     return Fail(DataLoss("epoch does not start with EpochBegin"));
   }
   const EpochSummary announced = verifier_.begin();
-  path_ = t_.SpoolPath(announced.seq);
+  spool_seq_ = announced.seq;
   // The epoch's memory (spool buffers, apply window) before anything is
   // made of it: a session that waits for its share holds nothing meanwhile
   // (a thousand of them, each with its spool's buffers, were most of a
@@ -188,7 +187,7 @@ Status Sink::Reception::Begin(const Frame& begin) {
   if (t_.resumed) {
     RETURN_IF_ERROR(ResumeSpool(announced));
   } else {
-    auto w = SpoolWriter::Create(path_, SpoolIdentity{t_.volume, announced.seq}, sink_.env_.spool);
+    auto w = sink_.env_.spools->Create(t_.volume, announced.seq, sink_.env_.spool);
     if (!w.ok()) return FailSpool(w.status());
     spool_ = std::move(w).value();
     const auto header = EncodeHeader(begin.type, begin.body, 0);

@@ -21,10 +21,18 @@
 
 namespace cairn {
 
-Sink::SpoolScan Sink::ScanSpool(const Target& t, const std::filesystem::path& path, uint64_t seq,
-                                uint64_t until) {
+namespace {
+
+// The spool as a log line names it (FileSpoolStore: its path).
+std::string SpoolName(const SpoolStore& spools, const std::string& volume, uint64_t seq) {
+  return (std::filesystem::path(spools.where()) / volume / fmt::format("{}.spool", seq)).string();
+}
+
+}  // namespace
+
+Sink::SpoolScan Sink::ScanSpool(const Target& t, uint64_t seq, uint64_t until) {
   SpoolScan scan(EpochVerifier(t.volume, t.last_seq, t.chain));
-  auto reader = SpoolReader::Open(path, SpoolIdentity{t.volume, seq});
+  auto reader = env_.spools->Open(t.volume, seq);
   if (!reader.ok()) {
     scan.opened = reader.status();
     return scan;
@@ -39,12 +47,10 @@ Sink::SpoolScan Sink::ScanSpool(const Target& t, const std::filesystem::path& pa
   return scan;
 }
 
-uint64_t Sink::VerifiedRecords(const Target& t, const std::filesystem::path& path, uint64_t seq) {
-  return ScanSpool(t, path, seq).records;
-}
+uint64_t Sink::VerifiedRecords(const Target& t, uint64_t seq) { return ScanSpool(t, seq).records; }
 
-Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVerifier& verifier) {
-  SpoolScan scan = ScanSpool(t, path, t.partial.seq, t.partial.offset);
+Status Sink::ReplayPrefix(Target& t, EpochVerifier& verifier) {
+  SpoolScan scan = ScanSpool(t, t.partial.seq, t.partial.offset);
   RETURN_IF_ERROR(scan.opened);
   if (scan.end != t.partial.offset || scan.records != t.partial.records) {
     return DataLoss(fmt::format("spool of epoch {} changed since it was scanned", t.partial.seq));
@@ -54,30 +60,27 @@ Status Sink::ReplayPrefix(Target& t, const std::filesystem::path& path, EpochVer
 }
 
 Status Sink::RecoverSpool(Target& t) {
-  std::error_code ec;
   t.partial = {};
   // Epochs need not be numbered without gaps (snapshots taken during an
   // outage may be dropped unshipped), but only one is in flight at a time:
   // the lowest seq after the newest point. Any other spool is stale.
-  std::map<uint64_t, std::filesystem::path> spools;
-  for (const auto& entry : std::filesystem::directory_iterator(t.dir, ec)) {
-    const auto name = entry.path().filename().string();
-    if (!name.ends_with(".spool")) continue;
-    uint64_t seq = 0;
-    const std::string stem = name.substr(0, name.size() - 6);
-    auto [end, perr] = std::from_chars(stem.data(), stem.data() + stem.size(), seq);
-    if (perr != std::errc() || end != stem.data() + stem.size() || seq == 0) continue;
-    spools[seq] = entry.path();
+  StatusOr<std::vector<uint64_t>> listed = env_.spools->List(t.volume);
+  if (!listed.ok()) {
+    spdlog::warn("volume {}: {}", t.volume, listed.status().message());
+    return OkStatus();  // nothing found: the source re-sends
   }
-  for (const auto& [seq, path] : spools) {
-    if (seq <= t.last_seq || t.partial.seq != 0 || seq != spools.upper_bound(t.last_seq)->first) {
+  const std::vector<uint64_t>& spools = *listed;
+  const auto next = std::upper_bound(spools.begin(), spools.end(), t.last_seq);
+  for (const uint64_t seq : spools) {
+    if (seq <= t.last_seq || t.partial.seq != 0 || seq != *next) {
       // Already applied, or not the next epoch: the source re-sends.
-      spdlog::info("volume {}: removing stale spool {}", t.volume, path.string());
-      std::filesystem::remove(path, ec);
+      spdlog::info("volume {}: removing stale spool {}", t.volume,
+                   SpoolName(*env_.spools, t.volume, seq));
+      (void)env_.spools->Remove(t.volume, seq);
       continue;
     }
     // Scan: how much of the epoch is there and verifies?
-    const SpoolScan scan = ScanSpool(t, path, seq);
+    const SpoolScan scan = ScanSpool(t, seq);
     if (scan.complete) {
       Status st = ApplyAndCommit(t, seq);
       PruneCommitted(t);
@@ -93,13 +96,13 @@ Status Sink::RecoverSpool(Target& t) {
       }
       t.durable_seq = 0;
       spdlog::warn("volume {}: discarding spool of epoch {}: {}", t.volume, seq, st.message());
-      std::filesystem::remove(path, ec);
+      (void)env_.spools->Remove(t.volume, seq);
     } else if (scan.records > 0) {
       t.partial = {seq, scan.records, scan.end};
       spdlog::info("volume {}: {} verified records of epoch {} are spooled; the source may resume",
                    t.volume, t.partial.records, seq);
     } else {
-      std::filesystem::remove(path, ec);
+      (void)env_.spools->Remove(t.volume, seq);
     }
   }
   return OkStatus();
@@ -132,20 +135,11 @@ void Sink::RetryLoop() {
   {
     // Complete spools a previous run left: applied without waiting for
     // their sources (which may be gone for good: a lost primary site).
-    std::vector<std::string> found;
-    std::error_code ec;
-    for (const auto& d : std::filesystem::directory_iterator(env_.spool_dir, ec)) {
-      std::error_code ec2;
-      if (!d.is_directory(ec2) || !ValidateVolumeId(d.path().filename().string()).ok()) continue;
-      for (const auto& f : std::filesystem::directory_iterator(d.path(), ec2)) {
-        if (f.path().extension() == ".spool") {
-          found.push_back(d.path().filename().string());
-          break;
-        }
-      }
-    }
+    StatusOr<std::vector<std::string>> found = env_.spools->Volumes();
+    if (!found.ok()) spdlog::warn("sink: {}", found.status().message());
     std::lock_guard lock(mu_);
-    for (const auto& v : found) {
+    for (const auto& v : found.ok() ? *found : std::vector<std::string>{}) {
+      if (!ValidateVolumeId(v).ok()) continue;
       if (!pending_.count(v)) pending_[v].next = env_.clock->Now();
     }
   }
@@ -194,7 +188,6 @@ void Sink::RetryLoop() {
 
 Status Sink::RetryApply(const std::string& volume, const Pending& p, Target& t) {
   t.volume = volume;
-  t.dir = env_.spool_dir / volume;
   t.pool_name = p.pool;
   t.image = p.image;
   if (t.pool_name.empty()) {

@@ -17,10 +17,6 @@
 
 namespace cairn {
 
-// Bytes that may still be written on the file system of `dir` (0 if
-// unknown).
-uint64_t SpoolFreeBytes(const std::filesystem::path& dir);
-
 // Writing the epoch to the standby head as it arrives stopped: the epoch is
 // still spooled, and ApplyAndCommit replays it from there.
 void WarnAppliedFromSpool(const std::string& volume, uint64_t seq, const Status& why);
@@ -35,7 +31,6 @@ struct Sink::Target {
   std::unique_ptr<Catalog> catalog;
   uint64_t last_seq = 0;
   ChainDigest chain;
-  std::filesystem::path dir;
   // A durable, verified prefix of epoch last_seq + 1 (after a cut).
   struct Partial {
     uint64_t seq = 0;
@@ -82,8 +77,6 @@ struct Sink::Target {
   // The removal of the newest point's spool (its destructor waits for it,
   // as does the next assignment).
   std::future<void> spool_removal;
-
-  std::filesystem::path SpoolPath(uint64_t seq) const { return dir / fmt::format("{}.spool", seq); }
 };
 
 }  // namespace cairn

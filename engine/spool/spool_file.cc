@@ -99,3 +99,41 @@ StatusOr<size_t> PreadFull(int fd, char* out, size_t n, uint64_t off,
 }
 
 }  // namespace cairn::spool_internal
+
+namespace cairn::spool_internal {
+
+Status CheckCreateArgs(const SpoolIdentity& id, const SpoolOptions& options) {
+  if (options.buffer_bytes < kAlign || options.buffer_bytes % kAlign != 0 ||
+      options.buffer_bytes > kMaxBufferBytes) {
+    return InvalidArgument(
+        fmt::format("spool buffer_bytes must be a multiple of {} between {} and {}, got {}", kAlign,
+                    kAlign, kMaxBufferBytes, options.buffer_bytes));
+  }
+  if (id.volume.size() > kMaxVolumeName) {
+    return InvalidArgument(fmt::format("spool volume name too long: {} bytes (max {})",
+                                       id.volume.size(), kMaxVolumeName));
+  }
+  return OkStatus();
+}
+
+Status CheckResumeArgs(const SpoolOptions& options) {
+  if (options.buffer_bytes < kAlign || options.buffer_bytes % kAlign != 0 ||
+      options.buffer_bytes > kMaxBufferBytes) {
+    return InvalidArgument(fmt::format("spool buffer_bytes must be a multiple of {}", kAlign));
+  }
+  return OkStatus();
+}
+
+Status CheckSpoolQuota(const std::filesystem::path& path, uint64_t appended, uint64_t frame_bytes,
+                       uint64_t max_bytes) {
+  if (max_bytes == 0) return OkStatus();
+  // What the file will take once this frame is synced (padded to a block).
+  const uint64_t grows_to = RoundUp(kSpoolHeaderSize + appended + frame_bytes, kAlign);
+  if (grows_to <= max_bytes) return OkStatus();
+  return ResourceExhausted(fmt::format("spool quota exceeded: spool {} would grow to {} bytes, "
+                                       "over the limit of {} bytes",
+                                       path.string(), grows_to, max_bytes))
+      .WithReason(Reason::kSpoolQuota);
+}
+
+}  // namespace cairn::spool_internal

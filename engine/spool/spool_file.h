@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 
@@ -98,5 +100,27 @@ StatusOr<SpoolIdentity> DecodeSpoolHeader(const char* block, size_t n,
 // Reads up to `n` bytes at `off`; fewer only at end of file.
 StatusOr<size_t> PreadFull(int fd, char* out, size_t n, uint64_t off,
                            const std::filesystem::path& path);
+
+// Reads up to `n` bytes of a spool at `off` into `out`; fewer only at its
+// end. What a reader reads through: a file (pread) or memory.
+using SpoolReadAt = std::function<StatusOr<size_t>(char* out, size_t n, uint64_t off)>;
+
+// A SpoolReader over bytes in the spool file format, read through
+// `read_at` (which it keeps, with whatever that owns). `path` names the
+// spool in messages. Checks the header as SpoolReader::Open says.
+StatusOr<std::unique_ptr<SpoolReader>> OpenSpoolBytes(SpoolReadAt read_at,
+                                                      const std::filesystem::path& path,
+                                                      const SpoolIdentity& expect);
+
+// The argument checks of SpoolWriter::Create and Resume, shared by every
+// SpoolStore (the same InvalidArgument texts).
+Status CheckCreateArgs(const SpoolIdentity& id, const SpoolOptions& options);
+Status CheckResumeArgs(const SpoolOptions& options);
+
+// The quota check of Append: kResourceExhausted "spool quota exceeded" with
+// Reason kSpoolQuota if a spool of `appended` frame bytes would pass
+// `max_bytes` (0: no limit) once `frame_bytes` more are synced.
+Status CheckSpoolQuota(const std::filesystem::path& path, uint64_t appended, uint64_t frame_bytes,
+                       uint64_t max_bytes);
 
 }  // namespace cairn::spool_internal

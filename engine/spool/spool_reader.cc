@@ -30,9 +30,8 @@ namespace {
 // Reads larger than the buffer go straight to the caller's memory.
 class FileSource final : public ByteSource {
  public:
-  FileSource(int fd, const std::filesystem::path& path, uint64_t start)
-      : fd_(fd),
-        path_(path),
+  FileSource(const SpoolReadAt& read_at, uint64_t start)
+      : read_at_(read_at),
         read_off_(start),
         position_(start),
         buf_(std::make_unique_for_overwrite<char[]>(kReadBufferBytes)) {}
@@ -50,18 +49,16 @@ class FileSource final : public ByteSource {
   // Reads more into the buffer at end_; returns the byte count (0 at EOF).
   StatusOr<size_t> FillSome();
 
-  const int fd_;
-  const std::filesystem::path path_;  // for error messages
-  uint64_t read_off_;                 // file offset of buf_[end_]
-  uint64_t position_;                 // file offset of buf_[begin_]
+  const SpoolReadAt& read_at_;  // owned by the reader
+  uint64_t read_off_;           // file offset of buf_[end_]
+  uint64_t position_;           // file offset of buf_[begin_]
   std::unique_ptr<char[]> buf_;
   size_t begin_ = 0;
   size_t end_ = 0;
 };
 
 StatusOr<size_t> FileSource::FillSome() {
-  ASSIGN_OR_RETURN(size_t n,
-                   PreadFull(fd_, buf_.get() + end_, kReadBufferBytes - end_, read_off_, path_));
+  ASSIGN_OR_RETURN(size_t n, read_at_(buf_.get() + end_, kReadBufferBytes - end_, read_off_));
   end_ += n;
   read_off_ += n;
   return n;
@@ -90,7 +87,7 @@ Status FileSource::ReadExact(std::span<char> out) {
       const size_t want = out.size() - got;
       size_t n = 0;
       if (want >= kReadBufferBytes) {
-        ASSIGN_OR_RETURN(n, PreadFull(fd_, out.data() + got, want, read_off_, path_));
+        ASSIGN_OR_RETURN(n, read_at_(out.data() + got, want, read_off_));
         read_off_ += n;
         position_ += n;
         got += n;
@@ -113,9 +110,8 @@ Status FileSource::ReadExact(std::span<char> out) {
 
 class FileSpoolReader final : public SpoolReader {
  public:
-  FileSpoolReader(std::filesystem::path path, int fd, SpoolIdentity id)
-      : path_(std::move(path)), fd_(fd), id_(std::move(id)), src_(fd_, path_, kSpoolHeaderSize) {}
-  ~FileSpoolReader() override { ::close(fd_); }
+  FileSpoolReader(SpoolReadAt read_at, SpoolIdentity id)
+      : read_at_(std::move(read_at)), id_(std::move(id)), src_(read_at_, kSpoolHeaderSize) {}
   FileSpoolReader(const FileSpoolReader&) = delete;
   FileSpoolReader& operator=(const FileSpoolReader&) = delete;
 
@@ -124,8 +120,7 @@ class FileSpoolReader final : public SpoolReader {
   uint64_t offset() const override { return offset_; }
 
  private:
-  const std::filesystem::path path_;
-  const int fd_;
+  const SpoolReadAt read_at_;
   const SpoolIdentity id_;
   FileSource src_;
   uint64_t offset_ = 0;
@@ -156,23 +151,31 @@ StatusOr<Frame> FileSpoolReader::Next() {
 
 }  // namespace
 
-StatusOr<std::unique_ptr<SpoolReader>> SpoolReader::Open(const std::filesystem::path& path,
-                                                         const SpoolIdentity& expect) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return SpoolErrno(errno, fmt::format("opening spool {}", path.string()));
+StatusOr<std::unique_ptr<SpoolReader>> spool_internal::OpenSpoolBytes(
+    SpoolReadAt read_at, const std::filesystem::path& path, const SpoolIdentity& expect) {
   char block[kSpoolHeaderSize];
-  StatusOr<size_t> n = PreadFull(fd, block, sizeof block, 0, path);
+  StatusOr<size_t> n = read_at(block, sizeof block, 0);
   StatusOr<SpoolIdentity> id =
       n.ok() ? DecodeSpoolHeader(block, *n, path) : StatusOr<SpoolIdentity>(n.status());
   if (id.ok() && !expect.volume.empty() && (id->volume != expect.volume || id->seq != expect.seq)) {
     id = DataLoss(fmt::format("spool belongs to volume {} epoch {}, expected {} epoch {}",
                               id->volume, id->seq, expect.volume, expect.seq));
   }
-  if (!id.ok()) {
-    ::close(fd);
-    return id.status();
-  }
-  return std::unique_ptr<SpoolReader>(new FileSpoolReader(path, fd, std::move(id).value()));
+  if (!id.ok()) return id.status();
+  return std::unique_ptr<SpoolReader>(
+      new FileSpoolReader(std::move(read_at), std::move(id).value()));
+}
+
+StatusOr<std::unique_ptr<SpoolReader>> SpoolReader::Open(const std::filesystem::path& path,
+                                                         const SpoolIdentity& expect) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return SpoolErrno(errno, fmt::format("opening spool {}", path.string()));
+  // The descriptor lives as long as the reader's read function.
+  auto closer = std::shared_ptr<void>(nullptr, [fd](void*) { ::close(fd); });
+  SpoolReadAt read_at = [fd, path, closer](char* out, size_t n, uint64_t off) {
+    return PreadFull(fd, out, n, off, path);
+  };
+  return OpenSpoolBytes(std::move(read_at), path, expect);
 }
 
 }  // namespace cairn

@@ -341,18 +341,8 @@ Status UringSpoolWriter::Append(std::span<const char> header, std::string_view b
   assert(GetLE<uint32_t>(header.data() + 8) == body.size());
   assert(GetLE<uint32_t>(header.data() + 12) == payload.size());
   RETURN_IF_ERROR(error_);
-  if (max_bytes_ > 0) {
-    // What the file will take once this frame is synced (padded to a block).
-    const uint64_t grows_to = RoundUp(
-        kSpoolHeaderSize + appended_ + header.size() + body.size() + payload.size(), kAlign);
-    if (grows_to > max_bytes_) {
-      return ResourceExhausted(
-                 fmt::format("spool quota exceeded: spool {} would grow to {} bytes, over the "
-                             "limit of {} bytes",
-                             path_.string(), grows_to, max_bytes_))
-          .WithReason(Reason::kSpoolQuota);
-    }
-  }
+  RETURN_IF_ERROR(
+      CheckSpoolQuota(path_, appended_, header.size() + body.size() + payload.size(), max_bytes_));
   RETURN_IF_ERROR(Copy(header.data(), header.size()));
   RETURN_IF_ERROR(Copy(body.data(), body.size()));
   RETURN_IF_ERROR(Copy(payload.data(), payload.size()));
@@ -441,16 +431,7 @@ Status UringSpoolWriter::SyncWritten() {
 StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Create(const std::filesystem::path& path,
                                                            const SpoolIdentity& id,
                                                            const SpoolOptions& options) {
-  if (options.buffer_bytes < kAlign || options.buffer_bytes % kAlign != 0 ||
-      options.buffer_bytes > kMaxBufferBytes) {
-    return InvalidArgument(
-        fmt::format("spool buffer_bytes must be a multiple of {} between {} and {}, got {}", kAlign,
-                    kAlign, kMaxBufferBytes, options.buffer_bytes));
-  }
-  if (id.volume.size() > kMaxVolumeName) {
-    return InvalidArgument(fmt::format("spool volume name too long: {} bytes (max {})",
-                                       id.volume.size(), kMaxVolumeName));
-  }
+  RETURN_IF_ERROR(CheckCreateArgs(id, options));
   auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes, options.max_bytes);
   RETURN_IF_ERROR(w->Init(id, options.direct_io));
   return std::unique_ptr<SpoolWriter>(std::move(w));
@@ -459,10 +440,7 @@ StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Create(const std::filesystem
 StatusOr<std::unique_ptr<SpoolWriter>> SpoolWriter::Resume(const std::filesystem::path& path,
                                                            uint64_t logical_end,
                                                            const SpoolOptions& options) {
-  if (options.buffer_bytes < kAlign || options.buffer_bytes % kAlign != 0 ||
-      options.buffer_bytes > kMaxBufferBytes) {
-    return InvalidArgument(fmt::format("spool buffer_bytes must be a multiple of {}", kAlign));
-  }
+  RETURN_IF_ERROR(CheckResumeArgs(options));
   auto w = std::make_unique<UringSpoolWriter>(path, options.buffer_bytes, options.max_bytes);
   RETURN_IF_ERROR(w->InitResume(logical_end, options.direct_io));
   return std::unique_ptr<SpoolWriter>(std::move(w));

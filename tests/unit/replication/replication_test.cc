@@ -17,6 +17,7 @@
 #include "engine/link/fault_link.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
+#include "engine/spool/file_spool_store.h"
 #include "engine/volume/fault_pool.h"
 #include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
@@ -61,7 +62,7 @@ class ReplicationTest : public ::testing::Test {
     catalog_ = std::make_shared<MemoryKvStore>();
     SinkEnv env;
     env.site = "b";
-    env.spool_dir = spool_;
+    env.spools = std::make_shared<FileSpoolStore>(spool_);
     env.pools = {"rbd"};
     env.open_pool = [this](const std::string& p) -> StatusOr<std::shared_ptr<Pool>> {
       if (p != "rbd") return NotFound("pool " + p + " does not exist");

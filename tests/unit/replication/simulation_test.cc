@@ -21,6 +21,7 @@
 #include "engine/link/fault_link.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
+#include "engine/spool/file_spool_store.h"
 #include "engine/volume/fault_pool.h"
 #include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
@@ -95,7 +96,7 @@ class World {
     JoinSessions();
     SinkEnv env;
     env.site = "b";
-    env.spool_dir = spool_;
+    env.spools = std::make_shared<FileSpoolStore>(spool_);
     env.pools = {"rbd"};
     env.open_pool = [this](const std::string&) -> StatusOr<std::shared_ptr<Pool>> {
       return std::shared_ptr<Pool>(fault_b_);
