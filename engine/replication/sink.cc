@@ -148,7 +148,7 @@ Status Sink::OpenTarget(Target& t) {
         "release it (failback) before it replicates again",
         t.volume, env_.site, promoted->seq, promoted->pool, promoted->image));
   }
-  return OkStatus();
+  return env_.spools->AddVolume(t.volume);
 }
 
 Status Sink::AnswerProbe(Link& link, const Target& t) {

@@ -144,6 +144,8 @@ Status FaultSpoolStore::Remove(const std::string& volume, uint64_t seq) {
   return inner_.Remove(volume, seq);
 }
 
+Status FaultSpoolStore::AddVolume(const std::string& volume) { return inner_.AddVolume(volume); }
+
 uint64_t FaultSpoolStore::FreeBytes() { return inner_.FreeBytes(); }
 
 Status FaultSpoolStore::CheckWritable(const std::string& volume) {

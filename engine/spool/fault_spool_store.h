@@ -15,7 +15,8 @@
 //    is torn as a crash during the sync would leave it: the bytes synced
 //    before and the first `*tear` bytes appended since are durable, zeros
 //    follow up to the next 4 KiB boundary, the rest is lost.
-// List, Volumes, FreeBytes and CheckWritable pass straight through.
+// AddVolume, List, Volumes, FreeBytes and CheckWritable pass straight
+// through.
 //
 // Ownership: a FaultSpoolStore does not own the store it wraps, which must
 // outlive it and every writer and reader made through it.
@@ -77,6 +78,7 @@ class FaultSpoolStore final : public SpoolStore {
   // made through it, before or after; an empty `fn` removes it.
   void SetFault(SpoolFaultFn fn);
 
+  Status AddVolume(const std::string& volume) override;
   StatusOr<std::unique_ptr<SpoolWriter>> Create(const std::string& volume, uint64_t seq,
                                                 const SpoolOptions& options) override;
   StatusOr<std::unique_ptr<SpoolWriter>> Resume(const std::string& volume, uint64_t seq,

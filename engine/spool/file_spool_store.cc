@@ -45,10 +45,7 @@ std::filesystem::path FileSpoolStore::PathOf(const std::string& volume, uint64_t
   return dir_ / volume / fmt::format("{}.spool", seq);
 }
 
-StatusOr<std::unique_ptr<SpoolWriter>> FileSpoolStore::Create(const std::string& volume,
-                                                              uint64_t seq,
-                                                              const SpoolOptions& options) {
-  RETURN_IF_ERROR(spool_internal::CheckCreateArgs(SpoolIdentity{volume, seq}, options));
+Status FileSpoolStore::AddVolume(const std::string& volume) {
   const std::filesystem::path vdir = dir_ / volume;
   std::error_code ec;
   std::filesystem::create_directories(vdir, ec);
@@ -56,6 +53,14 @@ StatusOr<std::unique_ptr<SpoolWriter>> FileSpoolStore::Create(const std::string&
     return FailedPrecondition(
         fmt::format("cannot create spool directory {}: {}", vdir.string(), ec.message()));
   }
+  return OkStatus();
+}
+
+StatusOr<std::unique_ptr<SpoolWriter>> FileSpoolStore::Create(const std::string& volume,
+                                                              uint64_t seq,
+                                                              const SpoolOptions& options) {
+  RETURN_IF_ERROR(spool_internal::CheckCreateArgs(SpoolIdentity{volume, seq}, options));
+  RETURN_IF_ERROR(AddVolume(volume));
   return SpoolWriter::Create(PathOf(volume, seq), SpoolIdentity{volume, seq}, options);
 }
 

@@ -26,6 +26,7 @@ class FileSpoolStore final : public SpoolStore {
   // The file of a spool: <dir>/<volume>/<seq>.spool.
   std::filesystem::path PathOf(const std::string& volume, uint64_t seq) const;
 
+  Status AddVolume(const std::string& volume) override;
   StatusOr<std::unique_ptr<SpoolWriter>> Create(const std::string& volume, uint64_t seq,
                                                 const SpoolOptions& options) override;
   StatusOr<std::unique_ptr<SpoolWriter>> Resume(const std::string& volume, uint64_t seq,

@@ -202,6 +202,8 @@ uint64_t MemorySpoolStore::FreeBytes() {
 
 Status MemorySpoolStore::CheckWritable(const std::string&) { return OkStatus(); }
 
+Status MemorySpoolStore::AddVolume(const std::string&) { return OkStatus(); }
+
 void MemorySpoolStore::DropUnsynced() {
   std::lock_guard lock(mu_);
   for (auto it = spools_.begin(); it != spools_.end();) {

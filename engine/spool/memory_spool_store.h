@@ -36,6 +36,8 @@ class MemorySpoolStore final : public SpoolStore {
                             uint64_t capacity = uint64_t{1} << 40);
   ~MemorySpoolStore() override;
 
+  // Always OK: a volume's place is its name.
+  Status AddVolume(const std::string& volume) override;
   StatusOr<std::unique_ptr<SpoolWriter>> Create(const std::string& volume, uint64_t seq,
                                                 const SpoolOptions& options) override;
   StatusOr<std::unique_ptr<SpoolWriter>> Resume(const std::string& volume, uint64_t seq,

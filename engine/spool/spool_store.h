@@ -34,13 +34,19 @@ class SpoolStore {
  public:
   virtual ~SpoolStore() = default;
 
+  // Makes the place of `volume`'s spools if it is missing (FileSpoolStore:
+  // <dir>/<volume>). kFailedPrecondition "cannot create spool directory
+  // DIR: WHY" if it cannot be made. Cost: a mkdir, no write or sync.
+  virtual Status AddVolume(const std::string& volume) = 0;
+
   // Starts the spool of epoch `seq` of `volume`, replacing any spool of
   // that epoch, and writes its header. The volume's place in the store is
-  // made if missing. Nothing is durable until the writer's first Sync.
+  // made if missing (as AddVolume). Nothing is durable until the writer's first Sync.
   // Failure: kInvalidArgument for bad options or a volume name over 256
   // bytes; kResourceExhausted "spool disk full: ..." (Reason
-  // kSpoolDiskFull); kFailedPrecondition "spool directory missing" or "...
-  // not writable" when an operator must act. Cost: one 4 KiB write.
+  // kSpoolDiskFull); kFailedPrecondition when an operator must act ("cannot
+  // create spool directory ...", "spool directory not writable: ...").
+  // Cost: one 4 KiB write (and the volume's directory, the first time).
   virtual StatusOr<std::unique_ptr<SpoolWriter>> Create(const std::string& volume, uint64_t seq,
                                                         const SpoolOptions& options) = 0;
 

@@ -292,6 +292,10 @@ TEST_P(SpoolStoreConformanceTest, HasRoomAndIsWritable) {
   EXPECT_TRUE(store().CheckWritable("vol1").ok());
   EXPECT_TRUE(store().CheckWritable("").ok());
   EXPECT_TRUE(store().List("vol1")->empty());  // the probe is not a spool
+  EXPECT_TRUE(store().AddVolume("vol2").ok());
+  EXPECT_TRUE(store().AddVolume("vol2").ok());  // there already: OK
+  EXPECT_TRUE(store().List("vol2")->empty());
+  EXPECT_TRUE(store().Volumes()->empty());  // a volume without spools is not listed
 }
 
 }  // namespace cairn

@@ -136,6 +136,24 @@ TEST(FileSpoolStoreTest, NamesThatAreNotSpoolsAreNotListed) {
   fs::remove_all(dir);
 }
 
+TEST(FileSpoolStoreTest, AVolumeWhoseDirectoryCannotBeMadeIsRefused) {
+  const fs::path dir = FreshDir();
+  FileSpoolStore files(dir);
+  fs::create_directories(dir);
+  std::ofstream(dir / "vol1") << "in the way";
+  const std::string want =
+      fmt::format("cannot create spool directory {}: ", (dir / "vol1").string());
+  const Status added = files.AddVolume("vol1");
+  EXPECT_EQ(added.code(), Code::kFailedPrecondition);
+  EXPECT_TRUE(added.message().starts_with(want)) << added.ToString();
+  const Status created = files.Create("vol1", 1, SmallBuffers()).status();
+  EXPECT_EQ(created.ToString(), added.ToString());
+  EXPECT_TRUE(files.AddVolume("vol2").ok());
+  EXPECT_TRUE(fs::is_directory(dir / "vol2"));
+  EXPECT_TRUE(files.List("vol2")->empty());
+  fs::remove_all(dir);
+}
+
 // ---------------------------------------------------------------------------
 // Injected faults, over the twin (a crash is DropUnsynced) and the files
 // (nothing of the epoch after the fault reaches them).
