@@ -392,20 +392,20 @@ EpochBed& Bed() {
     for (uint64_t c : changed) WriteAt(*b->vol, c * kChunk, RandomBytes(kChunk, 100 + c));
     Check(b->vol->CreateSnap(SnapName(2)), "taking snapshot 2");
 
-    b->full.volume = kVolume;
-    b->full.seq = 1;
+    b->full.id.volume = kVolume;
+    b->full.id.seq = 1;
     b->full.to_snap = SnapName(1);
     const std::vector<SnapInfo> snaps = Must(b->vol->ListSnaps(), "listing the snapshots");
     b->full.to_snap_id = snaps.at(0).id;
-    b->full.image_size = kImageSize;
-    b->full.source_site = "a";
+    b->full.id.image_size = kImageSize;
+    b->full.id.source_site = "a";
     CapturingFrameWriter full_out;
     b->full_sent = Must(SendEpoch(*b->vol, b->full, {}, full_out), "sending the full epoch");
     b->full_frames = std::move(full_out.frames);
 
     b->incr = b->full;
-    b->incr.seq = 2;
-    b->incr.base_seq = 1;
+    b->incr.id.seq = 2;
+    b->incr.id.base_seq = 1;
     b->incr.from_snap = SnapName(1);
     b->incr.to_snap = SnapName(2);
     b->incr.from_snap_id = snaps.at(0).id;

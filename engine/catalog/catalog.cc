@@ -38,23 +38,27 @@ bool ParseInt(std::string_view v, int64_t* out) {
 
 }  // namespace
 
+void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m) {
+  m->set_volume(p.epoch.volume);
+  m->set_seq(p.epoch.seq);
+  m->set_base_seq(p.epoch.base_seq);
+  m->set_source_time_ns(p.epoch.snap_time_ns);
+  m->set_created_time_ns(p.created_time_ns);
+  m->set_pool(p.pool);
+  m->set_image(p.image);
+  m->set_snap(p.snap);
+  m->set_image_size(p.epoch.image_size);
+  m->set_data_bytes(p.data_bytes);
+  m->set_zero_bytes(p.zero_bytes);
+  m->set_epoch_digest(p.epoch_digest.AsBytes());
+  m->set_chain_digest(p.chain_digest.AsBytes());
+  m->set_state(pb::RestorePoint::COMPLETE);
+  m->set_source_site(p.epoch.source_site);
+}
+
 std::string EncodeRestorePoint(const RestorePoint& p) {
   pb::RestorePoint m;
-  m.set_volume(p.volume);
-  m.set_seq(p.seq);
-  m.set_base_seq(p.base_seq);
-  m.set_source_time_ns(p.source_time_ns);
-  m.set_created_time_ns(p.created_time_ns);
-  m.set_pool(p.pool);
-  m.set_image(p.image);
-  m.set_snap(p.snap);
-  m.set_image_size(p.image_size);
-  m.set_data_bytes(p.data_bytes);
-  m.set_zero_bytes(p.zero_bytes);
-  m.set_epoch_digest(p.epoch_digest.AsBytes());
-  m.set_chain_digest(p.chain_digest.AsBytes());
-  m.set_state(pb::RestorePoint::COMPLETE);
-  m.set_source_site(p.source_site);
+  RestorePointToProto(p, &m);
   std::string out(1, static_cast<char>(kCatalogVersion));
   m.AppendToString(&out);
   const uint64_t h = XXH3_64bits(out.data(), out.size());
@@ -81,18 +85,18 @@ StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_vi
     return DataLoss(fmt::format("catalog record {} does not parse", key));
   }
   RestorePoint p;
-  p.volume = m.volume();
-  p.seq = m.seq();
-  p.base_seq = m.base_seq();
-  p.source_time_ns = m.source_time_ns();
+  p.epoch = EpochId{.volume = m.volume(),
+                    .seq = m.seq(),
+                    .base_seq = m.base_seq(),
+                    .image_size = m.image_size(),
+                    .snap_time_ns = m.source_time_ns(),
+                    .source_site = m.source_site()};
   p.created_time_ns = m.created_time_ns();
   p.pool = m.pool();
   p.image = m.image();
   p.snap = m.snap();
-  p.image_size = m.image_size();
   p.data_bytes = m.data_bytes();
   p.zero_bytes = m.zero_bytes();
-  p.source_site = m.source_site();
   if (!EpochDigest::FromString(m.epoch_digest(), &p.epoch_digest) ||
       !ChainDigest::FromString(m.chain_digest(), &p.chain_digest)) {
     return DataLoss(fmt::format("catalog record {} has a malformed digest", key));
@@ -200,8 +204,8 @@ std::optional<uint64_t> ParseSnapName(std::string_view snap) {
 }
 
 Status Catalog::AddPoint(const RestorePoint& p) {
-  RETURN_IF_ERROR(ValidateVolumeId(p.volume));
-  return kv_.Commit({{PointKey(p.volume, p.seq), EncodeRestorePoint(p)}}, {});
+  RETURN_IF_ERROR(ValidateVolumeId(p.epoch.volume));
+  return kv_.Commit({{PointKey(p.epoch.volume, p.epoch.seq), EncodeRestorePoint(p)}}, {});
 }
 
 Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {

@@ -25,29 +25,32 @@
 #include "engine/base/checksum.h"
 #include "engine/base/status.h"
 #include "engine/catalog/kv_store.h"
+#include "engine/epoch/epoch_id.h"
 
 namespace cairn {
+namespace pb {
+class RestorePoint;
+}
 
 inline constexpr char kCatalogObject[] = "cairn.catalog";
 
+// An epoch applied at the standby site: the snapshot `snap` of `image`.
 struct RestorePoint {
-  std::string volume;
-  uint64_t seq = 0;
-  uint64_t base_seq = 0;
-  int64_t source_time_ns = 0;   // when the source snapshot was taken
+  EpochId epoch;
   int64_t created_time_ns = 0;  // when the sink made the restore point
   std::string pool;
   std::string image;
   std::string snap;
-  uint64_t image_size = 0;
   uint64_t data_bytes = 0;
   uint64_t zero_bytes = 0;
   EpochDigest epoch_digest;
   ChainDigest chain_digest;
-  std::string source_site;
   friend bool operator==(const RestorePoint&, const RestorePoint&) = default;
 };
 
+// The point as protobuf: the body of its catalog record, and what the
+// control socket reports.
+void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m);
 std::string EncodeRestorePoint(const RestorePoint& p);
 // kDataLoss on a bad version, checksum or protobuf; `key` names the record
 // in the error.

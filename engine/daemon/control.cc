@@ -7,24 +7,6 @@
 namespace cairn {
 namespace {
 
-void FillPoint(const RestorePoint& p, pb::RestorePoint* m) {
-  m->set_volume(p.volume);
-  m->set_seq(p.seq);
-  m->set_base_seq(p.base_seq);
-  m->set_source_time_ns(p.source_time_ns);
-  m->set_created_time_ns(p.created_time_ns);
-  m->set_pool(p.pool);
-  m->set_image(p.image);
-  m->set_snap(p.snap);
-  m->set_image_size(p.image_size);
-  m->set_data_bytes(p.data_bytes);
-  m->set_zero_bytes(p.zero_bytes);
-  m->set_epoch_digest(p.epoch_digest.AsBytes());
-  m->set_chain_digest(p.chain_digest.AsBytes());
-  m->set_state(pb::RestorePoint::COMPLETE);
-  m->set_source_site(p.source_site);
-}
-
 void FillStatus(const VolumeStatusInfo& s, pb::VolumeStatus* v) {
   v->set_volume(s.volume);
   v->set_role(s.role);
@@ -66,7 +48,7 @@ Status AnswerStatus(ControlService& service, const pb::StatusRequest& q, pb::Con
 Status AnswerPoints(ControlService& service, const pb::PointsRequest& q, pb::ControlReply& reply) {
   ASSIGN_OR_RETURN(const auto points, service.Points(q.volume()));
   auto* m = reply.mutable_points();
-  for (const auto& p : points) FillPoint(p, m->add_points());
+  for (const auto& p : points) RestorePointToProto(p, m->add_points());
   return OkStatus();
 }
 
@@ -77,9 +59,9 @@ Status AnswerRestore(ControlService& service, const pb::RestoreRequest& q,
   auto* m = reply.mutable_restore();
   m->set_pool(r.pool);
   m->set_image(r.image);
-  m->set_seq(r.point.seq);
+  m->set_seq(r.point.epoch.seq);
   m->set_mode(r.mode);
-  m->set_source_time_ns(r.point.source_time_ns);
+  m->set_source_time_ns(r.point.epoch.snap_time_ns);
   return OkStatus();
 }
 
@@ -110,7 +92,7 @@ Status AnswerPromote(ControlService& service, const pb::PromoteRequest& q,
   ASSIGN_OR_RETURN(const PromoteResult r,
                    service.Promote(q.volume(), q.seq(), q.pool(), q.to_image()));
   auto* m = reply.mutable_promote();
-  FillPoint(r.point, m->mutable_point());
+  RestorePointToProto(r.point, m->mutable_point());
   m->set_pool(r.pool);
   m->set_image(r.image);
   m->set_again(r.again);

@@ -35,6 +35,7 @@
 #include "engine/base/checksum.h"
 #include "engine/base/clock.h"
 #include "engine/base/status.h"
+#include "engine/epoch/epoch_id.h"
 #include "engine/format/frame.h"
 #include "engine/spool/spool.h"
 #include "engine/volume/volume.h"
@@ -73,9 +74,7 @@ Status WriteLinkError(FrameWriter& out, const Status& st);
 Status StatusFromLinkError(const Frame& f, std::string_view who);
 
 struct EpochPlan {
-  std::string volume;
-  uint64_t seq = 0;
-  uint64_t base_seq = 0;  // 0: full epoch (no base)
+  EpochId id;
   std::string from_snap;  // empty for a full epoch
   std::string to_snap;
   // The snapshots' ids as listed when the epoch was planned: after its
@@ -83,10 +82,7 @@ struct EpochPlan {
   // (Volume::ConfirmSnap). Required for every snapshot named.
   uint64_t from_snap_id = 0;
   uint64_t to_snap_id = 0;
-  uint64_t image_size = 0;  // at to_snap
-  int64_t snap_time_ns = 0;
   ChainDigest prev_chain;  // chain digest of base_seq (zero if none)
-  std::string source_site;
   // Records before this index are built and hashed but not written: the
   // receiver already holds them (resume after a cut).
   uint64_t skip_records = 0;
@@ -132,17 +128,13 @@ struct ApplyOptions {
 };
 
 struct EpochSummary {
-  uint64_t seq = 0;
-  uint64_t base_seq = 0;
-  uint64_t image_size = 0;
-  int64_t snap_time_ns = 0;
+  EpochId id;
   uint64_t records = 0;
   uint64_t data_bytes = 0;
   uint64_t zero_bytes = 0;
   EpochDigest epoch_digest;
   ChainDigest prev_chain;
   ChainDigest chain;
-  std::string source_site;
   uint32_t max_block = 0;
   uint64_t resume_from = 0;  // as announced by EpochBegin
 };

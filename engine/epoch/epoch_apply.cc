@@ -83,7 +83,7 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
     if (!next.ok()) {
       if (next.status().code() == Code::kAborted) {
         return DataLoss(fmt::format("spool ends before the end of epoch {} (incomplete epoch)",
-                                    verifier.begin().seq));
+                                    verifier.begin().id.seq));
       }
       return next.status();
     }
@@ -91,7 +91,7 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
     if (!step.ok()) return step.status().Annotate(fmt::format("spool offset {}", spool.offset()));
     switch (*step) {
       case EpochVerifier::Step::kBegin:
-        RETURN_IF_ERROR(apply.Begin(verifier.begin().image_size));
+        RETURN_IF_ERROR(apply.Begin(verifier.begin().id.image_size));
         break;
       case EpochVerifier::Step::kRecord:
         RETURN_IF_ERROR(apply.Add(verifier.record(), std::move(next).value()));

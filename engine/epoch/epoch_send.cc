@@ -108,13 +108,9 @@ constexpr uint64_t kMaxReadsInFlight = 64;
 class RecordPipeline {
  public:
   RecordPipeline(const EpochPlan& plan, const SendOptions& opt, FrameWriter& out)
-      : plan_(plan), opt_(opt), out_(out), hasher_(plan.seq, plan.image_size) {
-    summary_.seq = plan.seq;
-    summary_.base_seq = plan.base_seq;
-    summary_.image_size = plan.image_size;
-    summary_.snap_time_ns = plan.snap_time_ns;
+      : plan_(plan), opt_(opt), out_(out), hasher_(plan.id.seq, plan.id.image_size) {
+    summary_.id = plan.id;
     summary_.prev_chain = plan.prev_chain;
-    summary_.source_site = plan.source_site;
   }
 
   // The source's memory: `window` blocks of `block_size`.
@@ -161,9 +157,9 @@ class RecordPipeline {
   StatusOr<EpochSummary> Finish() {
     assert(io_->InFlight() == 0 && queue_.empty());
     summary_.epoch_digest = hasher_.Finish();
-    summary_.chain = NextChain(plan_.prev_chain, summary_.epoch_digest, plan_.seq);
+    summary_.chain = NextChain(plan_.prev_chain, summary_.epoch_digest, plan_.id.seq);
     pb::EpochEnd end;
-    end.set_seq(plan_.seq);
+    end.set_seq(plan_.id.seq);
     end.set_records(summary_.records);
     end.set_data_bytes(summary_.data_bytes);
     end.set_zero_bytes(summary_.zero_bytes);
@@ -250,7 +246,7 @@ class RecordPipeline {
     record_.set_length(length);
     record_.set_kind(kind == RecordKind::kData ? pb::DATA : pb::ZERO);
     record_.set_xxh3(h.value());
-    record_.set_seq(plan_.seq);
+    record_.set_seq(plan_.id.seq);
     record_.SerializeToString(&body_);
     if (summary_.records >= plan_.skip_records) {
       const auto t0 = opt_.clock->Now();
@@ -286,18 +282,18 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const SendO
   assert(options.block_size > 0 && options.block_size <= kMaxPayload);
   assert(options.window > 0);
   pb::EpochBegin begin;
-  begin.set_volume(plan.volume);
-  begin.set_seq(plan.seq);
-  begin.set_base_seq(plan.base_seq);
-  begin.set_image_size(plan.image_size);
-  begin.set_snap_time_ns(plan.snap_time_ns);
+  begin.set_volume(plan.id.volume);
+  begin.set_seq(plan.id.seq);
+  begin.set_base_seq(plan.id.base_seq);
+  begin.set_image_size(plan.id.image_size);
+  begin.set_snap_time_ns(plan.id.snap_time_ns);
   begin.set_max_block(options.block_size);
-  begin.set_source_site(plan.source_site);
+  begin.set_source_site(plan.id.source_site);
   begin.set_resume_from(plan.skip_records);
 
   if (plan.to_snap_id == 0 || (!plan.from_snap.empty() && plan.from_snap_id == 0)) {
     return InvalidArgument(
-        fmt::format("epoch {} of {}: the plan lacks a snapshot's id", plan.seq, plan.volume));
+        fmt::format("epoch {} of {}: the plan lacks a snapshot's id", plan.id.seq, plan.id.volume));
   }
   WatchedWriter writer(out);
   RecordPipeline pipe(plan, options, writer);
@@ -322,8 +318,8 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const SendO
       covered = e.offset + e.length;
       return pipe.AddExtent(e);
     }));
-    if (covered < plan.image_size) {
-      RETURN_IF_ERROR(pipe.AddExtent({covered, plan.image_size - covered, RecordKind::kZero}));
+    if (covered < plan.id.image_size) {
+      RETURN_IF_ERROR(pipe.AddExtent({covered, plan.id.image_size - covered, RecordKind::kZero}));
     }
     return pipe.WaitReads();
   }();
@@ -336,7 +332,7 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const SendO
   if (gone.ok() && !plan.from_snap.empty())
     gone = vol.ConfirmSnap(plan.from_snap, plan.from_snap_id);
   if (gone.code() == Code::kNotFound || (streamed.ok() && !gone.ok())) {
-    return gone.Annotate(fmt::format("epoch {} of {} is discarded", plan.seq, plan.volume));
+    return gone.Annotate(fmt::format("epoch {} of {} is discarded", plan.id.seq, plan.id.volume));
   }
   RETURN_IF_ERROR(streamed);
   auto sum = pipe.Finish();

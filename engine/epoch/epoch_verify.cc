@@ -22,8 +22,8 @@ Status Parse(const Frame& f, Msg& m) {
 // the previous record leaves off.
 Status CheckRecordPlace(const pb::Record& r, const EpochSummary& epoch, uint64_t next_index,
                         uint64_t next_offset) {
-  if (r.seq() != epoch.seq) {
-    return DataLoss(fmt::format("record of epoch {} inside epoch {}", r.seq(), epoch.seq));
+  if (r.seq() != epoch.id.seq) {
+    return DataLoss(fmt::format("record of epoch {} inside epoch {}", r.seq(), epoch.id.seq));
   }
   if (r.index() != next_index) {
     return DataLoss(
@@ -35,9 +35,9 @@ Status CheckRecordPlace(const pb::Record& r, const EpochSummary& epoch, uint64_t
     return DataLoss(fmt::format("record {} at offset {} overlaps the previous record (ends at {})",
                                 r.index(), r.offset(), next_offset));
   }
-  if (r.offset() > epoch.image_size || r.length() > epoch.image_size - r.offset()) {
+  if (r.offset() > epoch.id.image_size || r.length() > epoch.id.image_size - r.offset()) {
     return DataLoss(fmt::format("record {} [{}, +{}) lies beyond the image size {}", r.index(),
-                                r.offset(), r.length(), epoch.image_size));
+                                r.offset(), r.length(), epoch.id.image_size));
   }
   return OkStatus();
 }
@@ -118,12 +118,13 @@ StatusOr<EpochVerifier::Step> EpochVerifier::CheckBegin(const Frame& f) {
   }
   begun_ = true;
   summary_ = EpochSummary{};
-  summary_.seq = b.seq();
-  summary_.base_seq = b.base_seq();
-  summary_.image_size = b.image_size();
-  summary_.snap_time_ns = b.snap_time_ns();
+  summary_.id = EpochId{.volume = b.volume(),
+                        .seq = b.seq(),
+                        .base_seq = b.base_seq(),
+                        .image_size = b.image_size(),
+                        .snap_time_ns = b.snap_time_ns(),
+                        .source_site = b.source_site()};
   summary_.prev_chain = prev_chain_;
-  summary_.source_site = b.source_site();
   summary_.max_block = b.max_block();
   summary_.resume_from = b.resume_from();
   hasher_ = std::make_unique<EpochHasher>(b.seq(), b.image_size());
@@ -149,8 +150,8 @@ StatusOr<EpochVerifier::Step> EpochVerifier::CheckEnd(const Frame& f) {
   if (!begun_) return DataLoss("EpochEnd frame before EpochBegin");
   pb::EpochEnd e;
   RETURN_IF_ERROR(Parse(f, e));
-  if (e.seq() != summary_.seq) {
-    return DataLoss(fmt::format("end of epoch {} inside epoch {}", e.seq(), summary_.seq));
+  if (e.seq() != summary_.id.seq) {
+    return DataLoss(fmt::format("end of epoch {} inside epoch {}", e.seq(), summary_.id.seq));
   }
   if (e.records() != summary_.records || e.data_bytes() != summary_.data_bytes ||
       e.zero_bytes() != summary_.zero_bytes) {
@@ -176,7 +177,7 @@ StatusOr<EpochVerifier::Step> EpochVerifier::CheckEnd(const Frame& f) {
         fmt::format("epoch {} chains from {}, but restore point {} here has chain {}", e.seq(),
                     prev.ToHex(), base_seq_, prev_chain_.ToHex()));
   }
-  summary_.chain = NextChain(prev_chain_, summary_.epoch_digest, summary_.seq);
+  summary_.chain = NextChain(prev_chain_, summary_.epoch_digest, summary_.id.seq);
   if (chain != summary_.chain) {
     return DataLoss(fmt::format("epoch {} chain digest mismatch", e.seq()));
   }

@@ -314,10 +314,10 @@ StatusOr<std::optional<RestorePoint>> Sink::LoadLatest(Target& t) {
   auto latest = t.catalog->Latest(t.volume);
   if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
   if (*latest) {
-    t.last_seq = (*latest)->seq;
+    t.last_seq = (*latest)->epoch.seq;
     t.chain = (*latest)->chain_digest;
     // Two primaries for one volume would interleave two histories.
-    const std::string& from = (*latest)->source_site;
+    const std::string& from = (*latest)->epoch.source_site;
     if (!from.empty() && !t.source_site.empty() && from != t.source_site) {
       return FailedPrecondition(fmt::format(
           "volume '{}' is replicated from site '{}'; refusing a second source at site '{}'",
@@ -337,7 +337,7 @@ Status Sink::Session(Link& link, Target& t) {
     s.image = t.image;
     s.peer = link.peer();
     s.last_seq = t.last_seq;
-    if (latest) s.last_point_time_ns = latest->source_time_ns;
+    if (latest) s.last_point_time_ns = latest->epoch.snap_time_ns;
     if (t.last_point_time_ns > 0) s.last_point_time_ns = t.last_point_time_ns;
     // The last error stays until a point is made: a source that fails each
     // epoch (its image gone) reconnects, and must not wipe out why.
@@ -367,20 +367,20 @@ Status Sink::Session(Link& link, Target& t) {
     }
     const auto t0 = env_.clock->Now();
     ASSIGN_OR_RETURN(EpochSummary sum, ReceiveEpoch(link, t, std::move(f).value()));
-    RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::DURABLE, sum.chain));
+    RETURN_IF_ERROR(SendAck(link, sum.id.seq, pb::EpochAck::DURABLE, sum.chain));
     SetState(t.volume, [&](VolumeStatusInfo& s) { s.state = VolumeState::kApplying; });
-    if (Status st = ApplyAndCommit(t, sum.seq); !st.ok()) {
-      return ClusterError(t, st, fmt::format("applying epoch {}", sum.seq));
+    if (Status st = ApplyAndCommit(t, sum.id.seq); !st.ok()) {
+      return ClusterError(t, st, fmt::format("applying epoch {}", sum.id.seq));
     }
-    RETURN_IF_ERROR(SendAck(link, sum.seq, pb::EpochAck::APPLIED, t.chain));
+    RETURN_IF_ERROR(SendAck(link, sum.id.seq, pb::EpochAck::APPLIED, t.chain));
     PruneCommitted(t);
     t.spool_removal = {};  // joined here: an ended thread keeps its stack
     const double secs = env_.clock->SecondsSince(t0);
     SetState(t.volume, [&](VolumeStatusInfo& s) {
       s.state = VolumeState::kIdle;
-      s.last_seq = sum.seq;
+      s.last_seq = sum.id.seq;
       s.unchanged_as_of_ns = 0;
-      s.last_point_time_ns = sum.snap_time_ns;
+      s.last_point_time_ns = sum.id.snap_time_ns;
       s.bytes_total += sum.data_bytes;
       s.epochs_total += 1;
       if (t.resumed) s.resumed_epochs_total += 1;

@@ -181,7 +181,8 @@ class Sink {
     std::string phases;  // where its time went, for the log
   };
   StatusOr<WrittenEpoch> WriteEpoch(Target& t, uint64_t seq);
-  RestorePoint PointOf(const Target& t, uint64_t seq, const EpochSummary& sum) const;
+  // The restore point epoch `sum` becomes: a snapshot of t's standby image.
+  RestorePoint PointOf(const Target& t, const EpochSummary& sum) const;
   // Unlinks epoch seq's spool on a thread of its own (t.spool_removal).
   void RemoveSpoolBeside(Target& t, uint64_t seq);
   // The standby image of `t`, checked to be the one this volume's points

@@ -153,22 +153,17 @@ StatusOr<Sink::WrittenEpoch> Sink::WriteEpoch(Target& t, uint64_t seq) {
   return w;
 }
 
-RestorePoint Sink::PointOf(const Target& t, uint64_t seq, const EpochSummary& sum) const {
+RestorePoint Sink::PointOf(const Target& t, const EpochSummary& sum) const {
   RestorePoint p;
-  p.volume = t.volume;
-  p.seq = seq;
-  p.base_seq = sum.base_seq;
-  p.source_time_ns = sum.snap_time_ns;
+  p.epoch = sum.id;
   p.created_time_ns = env_.clock->UnixNs();
   p.pool = t.pool_name;
   p.image = t.image;
-  p.snap = SnapName(seq);
-  p.image_size = sum.image_size;
+  p.snap = SnapName(sum.id.seq);
   p.data_bytes = sum.data_bytes;
   p.zero_bytes = sum.zero_bytes;
   p.epoch_digest = sum.epoch_digest;
   p.chain_digest = sum.chain;
-  p.source_site = sum.source_site;
   return p;
 }
 
@@ -189,6 +184,10 @@ void Sink::RemoveSpoolBeside(Target& t, uint64_t seq) {
 Status Sink::ApplyAndCommit(Target& t, uint64_t seq) {
   t.durable_seq = seq;  // until it is a restore point
   ASSIGN_OR_RETURN(WrittenEpoch w, WriteEpoch(t, seq));
+  if (w.summary.id.seq != seq || w.summary.id.volume != t.volume) {
+    return DataLoss(fmt::format("the spool of epoch {} of {} holds epoch {} of {}", seq, t.volume,
+                                w.summary.id.seq, w.summary.id.volume));
+  }
   Clock& clock = *env_.clock;
   const auto t_snap = clock.Now();
   // A crash after the snapshot but before the catalog leaves the snapshot:
@@ -201,12 +200,12 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq) {
   }
   const double snap_secs = clock.SecondsSince(t_snap);
   const auto t_catalog = clock.Now();
-  RETURN_IF_ERROR(t.catalog->AddPoint(PointOf(t, seq, w.summary)));
+  RETURN_IF_ERROR(t.catalog->AddPoint(PointOf(t, w.summary)));
   const double catalog_secs = clock.SecondsSince(t_catalog);
   const EpochSummary& sum = w.summary;
   t.last_seq = seq;
   t.chain = sum.chain;
-  t.last_point_time_ns = sum.snap_time_ns;
+  t.last_point_time_ns = sum.id.snap_time_ns;
   t.head_at_point = true;
   t.durable_seq = 0;
   RemoveSpoolBeside(t, seq);
@@ -230,11 +229,11 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   }
   if (points->empty()) return;
   const size_t drop = points->size() > env_.keep_points ? points->size() - env_.keep_points : 0;
-  const uint64_t oldest_kept = (*points)[drop].seq;
+  const uint64_t oldest_kept = (*points)[drop].epoch.seq;
   for (size_t i = 0; i < drop; ++i) {
-    if (Status st = t.catalog->RemovePoint(t.volume, (*points)[i].seq); !st.ok()) {
+    if (Status st = t.catalog->RemovePoint(t.volume, (*points)[i].epoch.seq); !st.ok()) {
       spdlog::warn("volume {}: retention: removing restore point {} from the catalog: {}", t.volume,
-                   (*points)[i].seq, st.message());
+                   (*points)[i].epoch.seq, st.message());
       return;
     }
   }
@@ -253,7 +252,7 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   }
   if (drop > 0) {
     spdlog::info("volume {}: retention keeps {} restore points: removed {} up to {}", t.volume,
-                 env_.keep_points, drop, (*points)[drop - 1].seq);
+                 env_.keep_points, drop, (*points)[drop - 1].epoch.seq);
   }
 }
 

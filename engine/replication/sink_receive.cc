@@ -95,7 +95,7 @@ Status Sink::Reception::AdviseSpoolRefusal(const Status& st, uint64_t kept, uint
 Status Sink::Reception::Fail(const Status& cause) {
   streamed_.reset();  // its writes end first; the head stays between two points
   Status st = cause;
-  const uint64_t seq = verifier_.begin().seq;
+  const uint64_t seq = verifier_.begin().id.seq;
   // Keep what was verified and spooled, durably: the source re-sends only
   // the rest. If it cannot be made durable it is worth nothing, and an
   // epoch whose end does not verify as a whole starts over (resuming it
@@ -134,19 +134,20 @@ Status Sink::Reception::Fail(const Status& cause) {
 }
 
 Status Sink::Reception::ResumeSpool(const EpochSummary& announced) {
-  if (t_.partial.seq != announced.seq || t_.partial.records != announced.resume_from) {
+  if (t_.partial.seq != announced.id.seq || t_.partial.records != announced.resume_from) {
     return Fail(DataLoss(fmt::format(
         "source resumes epoch {} at record {}, but this sink holds {} records of epoch {}",
-        announced.seq, announced.resume_from, t_.partial.records, t_.partial.seq)));
+        announced.id.seq, announced.resume_from, t_.partial.records, t_.partial.seq)));
   }
   if (Status st = sink_.ReplayPrefix(t_, verifier_); !st.ok()) return Fail(st);
   const EpochSummary& had = verifier_.begin();
-  if (had.base_seq != announced.base_seq || had.image_size != announced.image_size ||
-      had.snap_time_ns != announced.snap_time_ns || had.max_block != announced.max_block) {
+  if (had.id.base_seq != announced.id.base_seq || had.id.image_size != announced.id.image_size ||
+      had.id.snap_time_ns != announced.id.snap_time_ns || had.max_block != announced.max_block) {
     return Fail(
-        DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.seq)));
+        DataLoss(fmt::format("resumed epoch {} differs from the spooled one", announced.id.seq)));
   }
-  auto w = sink_.env_.spools->Resume(t_.volume, announced.seq, t_.partial.offset, sink_.env_.spool);
+  auto w =
+      sink_.env_.spools->Resume(t_.volume, announced.id.seq, t_.partial.offset, sink_.env_.spool);
   if (!w.ok()) return FailSpool(w.status());
   spool_ = std::move(w).value();
   spooled_records_ = t_.partial.records;
@@ -157,12 +158,12 @@ void Sink::Reception::StartStreaming(const EpochSummary& announced, const ApplyO
   auto prepared = sink_.PrepareTarget(t_);
   if (!prepared.ok()) return;
   streamed_ = std::make_unique<Target::Streamed>();
-  streamed_->seq = announced.seq;
+  streamed_->seq = announced.id.seq;
   streamed_->vol = std::move(prepared->vol);
   streamed_->memory = std::move(memory_);
   streamed_->apply = std::make_unique<ApplyStream>(*streamed_->vol, opt, prepared->state);
-  if (Status st = streamed_->apply->Begin(announced.image_size); !st.ok()) {
-    WarnAppliedFromSpool(t_.volume, announced.seq, st);
+  if (Status st = streamed_->apply->Begin(announced.id.image_size); !st.ok()) {
+    WarnAppliedFromSpool(t_.volume, announced.id.seq, st);
     streamed_.reset();
   }
 }
@@ -174,20 +175,20 @@ Status Sink::Reception::Begin(const Frame& begin) {
     return Fail(DataLoss("epoch does not start with EpochBegin"));
   }
   const EpochSummary announced = verifier_.begin();
-  spool_seq_ = announced.seq;
+  spool_seq_ = announced.id.seq;
   // The epoch's memory (spool buffers, apply window) before anything is
   // made of it: a session that waits for its share holds nothing meanwhile
   // (a thousand of them, each with its spool's buffers, were most of a
   // sink's peak RSS).
   ApplyOptions opt;
-  auto memory = sink_.BorrowApplyMemory(announced.max_block, announced.image_size, &opt);
+  auto memory = sink_.BorrowApplyMemory(announced.max_block, announced.id.image_size, &opt);
   if (!memory.ok()) return Fail(memory.status());
   memory_ = std::move(memory).value();
   t_.resumed = announced.resume_from > 0;
   if (t_.resumed) {
     RETURN_IF_ERROR(ResumeSpool(announced));
   } else {
-    auto w = sink_.env_.spools->Create(t_.volume, announced.seq, sink_.env_.spool);
+    auto w = sink_.env_.spools->Create(t_.volume, announced.id.seq, sink_.env_.spool);
     if (!w.ok()) return FailSpool(w.status());
     spool_ = std::move(w).value();
     const auto header = EncodeHeader(begin.type, begin.body, 0);
@@ -201,7 +202,7 @@ Status Sink::Reception::Begin(const Frame& begin) {
 }
 
 Status Sink::Reception::ReceiveRecords(Link& link) {
-  const uint64_t seq = verifier_.begin().seq;
+  const uint64_t seq = verifier_.begin().id.seq;
   while (true) {
     auto next = link.Receive(sink_.env_.timeouts.stall);
     Lap(times_.link);
@@ -253,7 +254,7 @@ StatusOr<EpochSummary> Sink::Reception::Finish() {
   auto synced = spool_->Sync();
   if (drained.valid()) {
     if (Status st = drained.get(); !st.ok()) {
-      WarnAppliedFromSpool(t_.volume, verifier_.begin().seq, st);
+      WarnAppliedFromSpool(t_.volume, verifier_.begin().id.seq, st);
       streamed_.reset();
     }
   }

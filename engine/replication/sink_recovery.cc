@@ -43,7 +43,7 @@ Sink::SpoolScan Sink::ScanSpool(const Target& t, uint64_t seq, uint64_t until) {
     scan.end = (*reader)->offset();
     scan.complete = scan.verifier.done();
   }
-  if (scan.verifier.begin().seq == seq) scan.records = scan.verifier.begin().records;
+  if (scan.verifier.begin().id.seq == seq) scan.records = scan.verifier.begin().records;
   return scan;
 }
 
@@ -210,9 +210,9 @@ Status Sink::RetryApply(const std::string& volume, const Pending& p, Target& t) 
   auto latest = t.catalog->Latest(volume);
   if (!latest.ok()) return ClusterError(t, latest.status(), "reading the catalog");
   if (*latest) {
-    t.last_seq = (*latest)->seq;
+    t.last_seq = (*latest)->epoch.seq;
     t.chain = (*latest)->chain_digest;
-    t.source_site = (*latest)->source_site;
+    t.source_site = (*latest)->epoch.source_site;
     if (t.image.empty()) t.image = (*latest)->image;
   }
   if (t.image.empty()) return OkStatus();  // no point yet: its source names the image

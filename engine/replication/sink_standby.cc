@@ -89,7 +89,7 @@ StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
   }
   // Fence first: from here on the volume's source is refused, and a session
   // in progress is ended, so the promoted point is the volume's last word.
-  RETURN_IF_ERROR(catalog.SetPromotion(volume, {point.seq, pool_name, to_image}));
+  RETURN_IF_ERROR(catalog.SetPromotion(volume, {point.epoch.seq, pool_name, to_image}));
   {
     std::lock_guard lock(mu_);
     if (auto it = active_.find(volume); it != active_.end() && it->second != nullptr) {
@@ -98,12 +98,12 @@ StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
   }
   if (Status st = pool->Clone(point.image, point.snap, to_image); !st.ok()) {
     (void)catalog.ClearPromotion(volume);
-    return st.Annotate(fmt::format("promoting restore point {} of '{}'", point.seq, volume));
+    return st.Annotate(fmt::format("promoting restore point {} of '{}'", point.epoch.seq, volume));
   }
   spdlog::warn(
       "volume {}: FAILED OVER to site {}: restore point {} (source time {} ns) promoted "
       "into {}/{}; its source is refused until it is released",
-      volume, env_.site, point.seq, point.source_time_ns, pool_name, to_image);
+      volume, env_.site, point.epoch.seq, point.epoch.snap_time_ns, pool_name, to_image);
   return PromoteResult{pool_name, to_image, point, false};
 }
 
@@ -155,8 +155,8 @@ StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
   } else {
     RETURN_IF_ERROR(pool->Clone(point.image, point.snap, to_image));
   }
-  spdlog::info("volume {}: restore point {} restored to {}/{} ({})", volume, point.seq, pool_name,
-               to_image, full ? "full copy" : "clone");
+  spdlog::info("volume {}: restore point {} restored to {}/{} ({})", volume, point.epoch.seq,
+               pool_name, to_image, full ? "full copy" : "clone");
   return RestoreResult{pool_name, to_image, point, full ? "full" : "clone"};
 }
 

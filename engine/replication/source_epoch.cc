@@ -170,18 +170,18 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
     status_.state = VolumeState::kSyncing;
   }
   EpochPlan& plan = e.plan;
-  plan.volume = config_.id;
-  plan.seq = seq;
-  plan.base_seq = sink_seq_;
+  plan.id.volume = config_.id;
+  plan.id.seq = seq;
+  plan.id.base_seq = sink_seq_;
   plan.from_snap = sink_seq_ && !resync ? SnapName(sink_seq_) : "";
   plan.resync = resync;
   plan.to_snap = e.to.name;
   plan.to_snap_id = e.to.id;
   if (!plan.from_snap.empty()) plan.from_snap_id = e.ours.at(sink_seq_).id;
-  plan.image_size = e.to.size;
-  plan.snap_time_ns = e.to.time_ns;
+  plan.id.image_size = e.to.size;
+  plan.id.snap_time_ns = e.to.time_ns;
   plan.prev_chain = sink_chain_;
-  plan.source_site = site_;
+  plan.id.source_site = site_;
   // After a cut the sink keeps what it verified and made durable: send the
   // rest only. (The same snapshots and options rebuild the same records; if
   // they did not, the sink's verifier refuses and the epoch starts over.)
@@ -300,7 +300,7 @@ StatusOr<EpochSummary> SourceReplicator::SendAndAwaitAcks(Volume& vol, const Epo
   vol.CloseSnapshotHandles();
   ahead.SendDone();
   const auto t_durable = clock_->Now();
-  RETURN_IF_ERROR(AwaitAck(plan.seq, pb::EpochAck::DURABLE, nullptr));
+  RETURN_IF_ERROR(AwaitAck(plan.id.seq, pb::EpochAck::DURABLE, nullptr));
   times->durable = clock_->SecondsSince(t_durable);
   const auto t_applied = clock_->Now();
   {
@@ -308,17 +308,17 @@ StatusOr<EpochSummary> SourceReplicator::SendAndAwaitAcks(Volume& vol, const Epo
     status_.state = VolumeState::kApplying;
   }
   ChainDigest applied_chain;
-  RETURN_IF_ERROR(AwaitAck(plan.seq, pb::EpochAck::APPLIED, &applied_chain));
+  RETURN_IF_ERROR(AwaitAck(plan.id.seq, pb::EpochAck::APPLIED, &applied_chain));
   if (applied_chain != sent->chain) {
-    return DataLoss(fmt::format("sink applied epoch {} with chain {}, source computed {}", plan.seq,
-                                applied_chain.ToHex(), sent->chain.ToHex()));
+    return DataLoss(fmt::format("sink applied epoch {} with chain {}, source computed {}",
+                                plan.id.seq, applied_chain.ToHex(), sent->chain.ToHex()));
   }
   times->applied = clock_->SecondsSince(t_applied);
   return sent;
 }
 
 void SourceReplicator::RecordPoint(const EpochStart& start, const EpochSummary& sum, double secs) {
-  const uint64_t seq = start.plan.seq;
+  const uint64_t seq = start.plan.id.seq;
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
   point_snap_ = start.to;
@@ -342,7 +342,7 @@ void SourceReplicator::LogEpoch(const EpochStart& start, const EpochSummary& sum
       "volume {}: epoch {} applied at the sink: {} records{}, {} data bytes, {} zero bytes, "
       "{:.2f} s (snapshot and plan {:.2f} s, send {:.2f} s [waiting for reads {:.2f} s, "
       "for the link {:.2f} s], then durable {:.2f} s, applied {:.2f} s{}{})",
-      config_.id, plan.seq, sum.records,
+      config_.id, plan.id.seq, sum.records,
       plan.skip_records ? fmt::format(" (resumed at record {})", plan.skip_records) : "",
       sum.data_bytes, sum.zero_bytes, times.total, times.plan, times.send, times.send_detail.reads,
       times.send_detail.link, times.durable, times.applied,
@@ -359,7 +359,7 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   EpochTimes times;
   const auto t_plan = clock_->Now();
   ASSIGN_OR_RETURN(const EpochStart start, PlanEpoch(vol));
-  const uint64_t seq = start.plan.seq;
+  const uint64_t seq = start.plan.id.seq;
   SendOptions opt;
   opt.block_size = config_.block_size;
   opt.window = config_.window;

@@ -14,21 +14,21 @@ using ::testing::HasSubstr;
 
 RestorePoint Point(const std::string& vol, uint64_t seq) {
   RestorePoint p;
-  p.volume = vol;
-  p.seq = seq;
-  p.base_seq = seq - 1;
-  p.source_time_ns = 1'700'000'000'000'000'000 + seq;
-  p.created_time_ns = p.source_time_ns + 5;
+  p.epoch.volume = vol;
+  p.epoch.seq = seq;
+  p.epoch.base_seq = seq - 1;
+  p.epoch.snap_time_ns = 1'700'000'000'000'000'000 + seq;
+  p.created_time_ns = p.epoch.snap_time_ns + 5;
   p.pool = "rbd";
   p.image = vol + "-standby";
   p.snap = SnapName(seq);
-  p.image_size = 10 << 20;
+  p.epoch.image_size = 10 << 20;
   p.data_bytes = seq * 4096;
   p.zero_bytes = 512;
   EpochHasher h(seq, 1);
   p.epoch_digest = h.Finish();
   p.chain_digest = NextChain(ChainDigest(), p.epoch_digest, seq);
-  p.source_site = "a";
+  p.epoch.source_site = "a";
   return p;
 }
 
@@ -60,18 +60,18 @@ TEST(Catalog, PointsAreOrderedPerVolume) {
   auto pts = c.Points("a");
   ASSERT_TRUE(pts.ok());
   ASSERT_EQ(pts->size(), 4u);
-  EXPECT_EQ((*pts)[0].seq, 1u);
-  EXPECT_EQ((*pts)[3].seq, 12u);  // numeric, not lexical, order
+  EXPECT_EQ((*pts)[0].epoch.seq, 1u);
+  EXPECT_EQ((*pts)[3].epoch.seq, 12u);  // numeric, not lexical, order
   auto latest = c.Latest("a");
   ASSERT_TRUE(latest.ok() && latest->has_value());
-  EXPECT_EQ((*latest)->seq, 12u);
-  EXPECT_EQ(c.Get("a", 2)->seq, 2u);
+  EXPECT_EQ((*latest)->epoch.seq, 12u);
+  EXPECT_EQ(c.Get("a", 2)->epoch.seq, 2u);
   EXPECT_EQ(c.Get("a", 4).status().message(), "volume a has no restore point 4");
   auto vols = c.Volumes();
   ASSERT_TRUE(vols.ok());
   EXPECT_EQ(*vols, (std::vector<std::string>{"a", "ab"}));
   ASSERT_TRUE(c.RemovePoint("a", 12).ok());
-  EXPECT_EQ((*c.Latest("a"))->seq, 3u);
+  EXPECT_EQ((*c.Latest("a"))->epoch.seq, 3u);
   EXPECT_FALSE(c.Latest("none")->has_value());
 }
 

@@ -54,15 +54,15 @@ class EpochTest : public ::testing::Test {
   StatusOr<EpochSummary> Ship(Volume& src, Volume& dst, uint64_t base, uint64_t seq,
                               TargetState state, SendOptions send = {}, ApplyOptions apply = {}) {
     EpochPlan plan;
-    plan.volume = "vol";
-    plan.seq = seq;
-    plan.base_seq = base;
+    plan.id.volume = "vol";
+    plan.id.seq = seq;
+    plan.id.base_seq = base;
     plan.from_snap = base ? SnapName(base) : "";
     plan.to_snap = SnapName(seq);
     ASSIGN_OR_RETURN(auto snaps, src.ListSnaps());
     for (auto& s : snaps) {
       if (s.name == plan.to_snap) {
-        plan.image_size = s.size;
+        plan.id.image_size = s.size;
         plan.to_snap_id = s.id;
       }
       if (s.name == plan.from_snap) plan.from_snap_id = s.id;
@@ -305,11 +305,11 @@ class VerifierTest : public ::testing::Test {
     Write(*src, 0, testing::RandomBytes(rng, 3 * kMiB));
     ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
     EpochPlan plan;
-    plan.volume = "vol";
-    plan.seq = 1;
+    plan.id.volume = "vol";
+    plan.id.seq = 1;
     plan.to_snap = "cairn.1";
     plan.to_snap_id = testing::MustSnapId(*src, "cairn.1");
-    plan.image_size = 4 * kMiB;
+    plan.id.image_size = 4 * kMiB;
     SendOptions opt;
     opt.block_size = 1 * kMiB;
     ASSERT_TRUE(SendEpoch(*src, plan, opt, out_).ok());

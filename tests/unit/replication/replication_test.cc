@@ -138,9 +138,9 @@ class ReplicationTest : public ::testing::Test {
     }
     auto dst = testing::MustOpen(*site_b_, "img-standby");
     for (const auto& p : *pts) {
-      EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.image_size),
-                testing::ImageHash(src, SnapName(p.seq), p.image_size))
-          << "restore point " << p.seq;
+      EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.epoch.image_size),
+                testing::ImageHash(src, SnapName(p.epoch.seq), p.epoch.image_size))
+          << "restore point " << p.epoch.seq;
     }
   }
 
@@ -209,7 +209,7 @@ TEST_F(ReplicationTest, FiveEpochsEveryPointEqualsItsSourceSnapshot) {
     testing::RandomChanges(*src, rng, size, 25);
     auto sum = rep.RunOnce();
     ASSERT_TRUE(sum.ok()) << "epoch " << i << ": " << sum.status().ToString();
-    EXPECT_EQ(sum->seq, static_cast<uint64_t>(i));
+    EXPECT_EQ(sum->id.seq, static_cast<uint64_t>(i));
   }
   VerifyAllPoints(*src, 6);
   EXPECT_EQ(rep.Report().last_seq, 6u);
@@ -221,12 +221,13 @@ TEST_F(ReplicationTest, FiveEpochsEveryPointEqualsItsSourceSnapshot) {
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   auto full = sink_->Restore("vol1", 0, "restored-latest", true, nullptr);
   ASSERT_TRUE(full.ok()) << full.status().ToString();
-  EXPECT_EQ(full->point.seq, 6u);
-  EXPECT_EQ(testing::ImageHash(*testing::MustOpen(*site_b_, "restored-3"), "", pts[2].image_size),
-            testing::ImageHash(*src, "cairn.3", pts[2].image_size));
+  EXPECT_EQ(full->point.epoch.seq, 6u);
   EXPECT_EQ(
-      testing::ImageHash(*testing::MustOpen(*site_b_, "restored-latest"), "", pts[5].image_size),
-      testing::ImageHash(*src, "cairn.6", pts[5].image_size));
+      testing::ImageHash(*testing::MustOpen(*site_b_, "restored-3"), "", pts[2].epoch.image_size),
+      testing::ImageHash(*src, "cairn.3", pts[2].epoch.image_size));
+  EXPECT_EQ(testing::ImageHash(*testing::MustOpen(*site_b_, "restored-latest"), "",
+                               pts[5].epoch.image_size),
+            testing::ImageHash(*src, "cairn.6", pts[5].epoch.image_size));
   auto again = sink_->Restore("vol1", 3, "restored-3", false, nullptr);
   EXPECT_EQ(again.status().code(), Code::kAlreadyExists);
   EXPECT_EQ(sink_->Restore("vol1", 99, "x", false, nullptr).status().message(),
@@ -251,8 +252,8 @@ TEST_F(ReplicationTest, SourceRestartResumesFromTheSinksNewestPoint) {
   SourceReplicator rep(Config(), "a", site_a_, Connector());
   auto sum = rep.RunOnce();
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
-  EXPECT_EQ(sum->seq, 3u);       // the pending snapshot, not a new one
-  EXPECT_EQ(sum->base_seq, 2u);  // an increment, not a full resend
+  EXPECT_EQ(sum->id.seq, 3u);       // the pending snapshot, not a new one
+  EXPECT_EQ(sum->id.base_seq, 2u);  // an increment, not a full resend
   ASSERT_TRUE(rep.RunOnce().ok());
   VerifyAllPoints(*src, 4);
 }
@@ -274,7 +275,7 @@ TEST_F(ReplicationTest, CorruptFrameIsRefusedCountedAndResent) {
                sink_->Points("vol1").ok());  // nothing applied
   auto good = rep.RunOnce();
   ASSERT_TRUE(good.ok()) << good.status().ToString();
-  EXPECT_EQ(good->seq, 1u);  // the same epoch, sent again
+  EXPECT_EQ(good->id.seq, 1u);  // the same epoch, sent again
   VerifyAllPoints(*src, 1);
 }
 
@@ -291,7 +292,7 @@ TEST_F(ReplicationTest, CutMidEpochResumesFromTheSpooledPrefix) {
   EXPECT_EQ(cut.status().code(), Code::kAborted) << cut.status().ToString();
   auto resumed = rep.RunOnce();
   ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
-  EXPECT_EQ(resumed->seq, 1u);
+  EXPECT_EQ(resumed->id.seq, 1u);
   EXPECT_EQ(resumed->records, 12u);
   EXPECT_EQ(*sent_records_, 12 - 7);  // only what the sink did not hold
   VerifyAllPoints(*src, 1);
@@ -341,7 +342,7 @@ TEST_F(ReplicationTest, ACutFirstEpochReplannedFromAnotherSnapshotLeavesNothingS
   SourceReplicator rep(Config(), "a", site_a_, Connector());
   auto sum = rep.RunOnce();
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
-  EXPECT_EQ(sum->base_seq, 0u);
+  EXPECT_EQ(sum->id.base_seq, 0u);
   VerifyAllPoints(*src, 1);  // the first MiB reads as zeros at site B too
 }
 
@@ -383,7 +384,7 @@ TEST_F(ReplicationTest, RetentionKeepsTheNewestPointsAndTheirSnapshotsOnly) {
   // RunOnce returns.
   auto dst = testing::MustOpen(*site_b_, "img-standby");
   WaitFor("retention keeping points 4 and 5 and their snapshots only", [&] {
-    return sink_->Points("vol1")->front().seq == 4 &&
+    return sink_->Points("vol1")->front().epoch.seq == 4 &&
            CairnSnaps(*dst) == std::vector<uint64_t>{4, 5};
   });
   VerifyAllPoints(*src, 2);
@@ -417,7 +418,7 @@ TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
       testing::Write(*src, (seq * 200 * 1024) % size, testing::RandomBytes(rng, 64 * 1024));
       auto sum = rep.RunOnce();
       ASSERT_TRUE(sum.ok()) << sum.status().ToString();
-      EXPECT_EQ(sum->seq, seq);
+      EXPECT_EQ(sum->id.seq, seq);
       want[seq] = testing::ImageHash(*src, SnapName(seq), size);
       // cairn.<seq+1> was taken while the sink applied epoch seq.
       EXPECT_EQ(CairnSnaps(*src), (seq == 1 ? std::vector<uint64_t>{1, 2}
@@ -436,13 +437,14 @@ TEST_F(ReplicationTest, BehindScheduleTheNextSnapshotIsTakenAheadAndShipped) {
   SourceReplicator fresh(Config(), "a", site_a_, Connector());
   auto sum = fresh.RunOnce();
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
-  EXPECT_EQ(sum->seq, 4u);
+  EXPECT_EQ(sum->id.seq, 4u);
   auto pts = sink_->Points("vol1");
   ASSERT_TRUE(pts.ok()) << pts.status().ToString();
   ASSERT_EQ(pts->size(), 4u);
   auto dst = testing::MustOpen(*site_b_, "img-standby");
   for (const auto& p : *pts) {
-    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.image_size), want[p.seq]) << "point " << p.seq;
+    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.epoch.image_size), want[p.epoch.seq])
+        << "point " << p.epoch.seq;
   }
 }
 
@@ -566,7 +568,7 @@ TEST_F(ReplicationTest, BackToBackTheOlderSnapshotsGoWhileTheNextEpochIsSent) {
     testing::Write(*src, (sending * 300 * 1024) % size, testing::RandomBytes(rng, 64 * 1024));
     auto sum = rep.RunOnce();
     ASSERT_TRUE(sum.ok()) << sum.status().ToString();
-    EXPECT_EQ(sum->seq, sending);
+    EXPECT_EQ(sum->id.seq, sending);
   }
   // cairn.2 (the base) and cairn.3 (being sent) stayed; cairn.4 was taken
   // once the send was through.
@@ -626,14 +628,14 @@ TEST_F(ReplicationTest, OutageKeepsTheScheduleBoundedAndResumesTheEpochInFlight)
   rep.Stop();
   auto pts = sink_->Points("vol1").value();
   ASSERT_GE(pts.size(), 3u);
-  EXPECT_EQ(pts[1].seq, 2u);
+  EXPECT_EQ(pts[1].epoch.seq, 2u);
   EXPECT_EQ(rep.Report().resumed_epochs_total, 1u) << "epoch 2 did not resume from its prefix";
-  for (size_t i = 1; i < pts.size(); ++i) EXPECT_EQ(pts[i].base_seq, pts[i - 1].seq);
+  for (size_t i = 1; i < pts.size(); ++i) EXPECT_EQ(pts[i].epoch.base_seq, pts[i - 1].epoch.seq);
   auto dst = testing::MustOpen(*site_b_, "img-standby");
   for (const auto& p : pts) {
-    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.image_size),
-              testing::ImageHash(*src, SnapName(p.seq), p.image_size))
-        << "restore point " << p.seq;
+    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.epoch.image_size),
+              testing::ImageHash(*src, SnapName(p.epoch.seq), p.epoch.image_size))
+        << "restore point " << p.epoch.seq;
   }
   EXPECT_EQ(testing::ImageHash(*dst, pts.back().snap, size), testing::ImageHash(*src, "", size))
       << "the newest point is not the image as it was after the last write";
@@ -656,14 +658,14 @@ TEST_F(ReplicationTest, PromoteFencesTheSourceAndReleaseKeepsThePromotedImage) {
 
   auto p = sink_->Promote("vol1", 1, "", "img-b");  // an older point, on purpose
   ASSERT_TRUE(p.ok()) << p.status().ToString();
-  EXPECT_EQ(p->point.seq, 1u);
+  EXPECT_EQ(p->point.epoch.seq, 1u);
   EXPECT_FALSE(p->again);
   EXPECT_EQ(testing::ImageHash(*testing::MustOpen(*site_b_, "img-b"), "", size),
             testing::ImageHash(*src, "cairn.1", size));
   auto again = sink_->Promote("vol1", 0, "", "img-b");
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_TRUE(again->again);
-  EXPECT_EQ(again->point.seq, 1u);
+  EXPECT_EQ(again->point.epoch.seq, 1u);
   EXPECT_EQ(sink_->Promote("vol1", 0, "", "img-c").status().code(), Code::kFailedPrecondition);
 
   // Fenced: the source is refused, and nothing reaches the standby.
@@ -690,7 +692,7 @@ TEST_F(ReplicationTest, PromoteFencesTheSourceAndReleaseKeepsThePromotedImage) {
   // Replication goes on from where it was.
   auto next = rep.RunOnce();
   ASSERT_TRUE(next.ok()) << next.status().ToString();
-  EXPECT_EQ(next->base_seq, 2u);
+  EXPECT_EQ(next->id.base_seq, 2u);
   VerifyAllPoints(*src, 3);
 }
 
@@ -714,8 +716,8 @@ TEST_F(ReplicationTest, ARecreatedImageIsResyncedWholeOverItsOldStandby) {
   SourceReplicator rep(Config(), "a", site_a_, Connector());
   auto sum = rep.RunOnce();
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
-  EXPECT_EQ(sum->seq, 2u);
-  EXPECT_EQ(sum->base_seq, 1u);                        // the chain goes on
+  EXPECT_EQ(sum->id.seq, 2u);
+  EXPECT_EQ(sum->id.base_seq, 1u);                     // the chain goes on
   EXPECT_EQ(sum->zero_bytes, size - sum->data_bytes);  // the old data is zeroed
   auto dst = testing::MustOpen(*site_b_, "img-standby");
   EXPECT_EQ(testing::ImageHash(*dst, "cairn.2", size), testing::ImageHash(*src, "cairn.2", size));
@@ -724,7 +726,7 @@ TEST_F(ReplicationTest, ARecreatedImageIsResyncedWholeOverItsOldStandby) {
   testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
   auto next = rep.RunOnce();
   ASSERT_TRUE(next.ok()) << next.status().ToString();
-  EXPECT_EQ(next->base_seq, 2u);
+  EXPECT_EQ(next->id.base_seq, 2u);
   EXPECT_LE(next->data_bytes + next->zero_bytes, 256 * 1024u);
 }
 
@@ -742,7 +744,7 @@ TEST_F(ReplicationTest, RequestNowPromisesAPointNewerThanEverySnapshot) {
   EXPECT_EQ(*promised, 3u);
   auto r = rep.RunOnce();
   ASSERT_TRUE(r.ok()) << r.status().ToString();
-  EXPECT_EQ(r->seq, 3u);
+  EXPECT_EQ(r->id.seq, 3u);
 }
 
 // A snapshot's point in time is when its creation starts; until it is
@@ -764,7 +766,7 @@ TEST_F(ReplicationTest, RequestNowDuringASnapshotsCreationPromisesTheNextOne) {
   auto r = rep.RunOnce();
   fault_a->SetFault(nullptr);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
-  EXPECT_EQ(r->seq, 2u);
+  EXPECT_EQ(r->id.seq, 2u);
   EXPECT_EQ(promised, 3u);
 }
 
@@ -988,7 +990,7 @@ TEST_F(ReplicationTest, SpoolQuotaRefusesTheEpochAndTheSourceResumesOnceRaised) 
   RestartSink(env);
   auto resumed = rep.RunOnce();
   ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
-  EXPECT_EQ(resumed->seq, 1u);
+  EXPECT_EQ(resumed->id.seq, 1u);
   EXPECT_EQ(*sent_records_, 12 - 3);  // only what the sink did not hold
   VerifyAllPoints(*src, 1);
 }

@@ -278,17 +278,17 @@ class World {
     uint64_t prev = 0;
     for (const auto& p : *points) {
       // A chain with no gaps: never a full resend after the first point.
-      EXPECT_EQ(p.base_seq, prev) << "restore point " << p.seq;
-      prev = p.seq;
-      EXPECT_EQ(testing::ImageHash(*standby, p.snap, p.image_size),
-                testing::ImageHash(src, SnapName(p.seq), p.image_size))
-          << "restore point " << p.seq << " differs from its source snapshot";
+      EXPECT_EQ(p.epoch.base_seq, prev) << "restore point " << p.epoch.seq;
+      prev = p.epoch.seq;
+      EXPECT_EQ(testing::ImageHash(*standby, p.snap, p.epoch.image_size),
+                testing::ImageHash(src, SnapName(p.epoch.seq), p.epoch.image_size))
+          << "restore point " << p.epoch.seq << " differs from its source snapshot";
       ++counters.points_verified;
-      counters.bytes_compared += 2 * p.image_size;
+      counters.bytes_compared += 2 * p.epoch.image_size;
     }
     auto snaps = src.ListSnaps();
     ASSERT_TRUE(snaps.ok());
-    EXPECT_EQ(SnapName(points->back().seq), snaps->back().name)
+    EXPECT_EQ(SnapName(points->back().epoch.seq), snaps->back().name)
         << "the newest source snapshot is not a restore point";
   }
 

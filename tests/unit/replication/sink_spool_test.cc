@@ -102,8 +102,8 @@ class SinkSpoolTest : public ::testing::Test {
     ASSERT_EQ(pts->size(), 1u);
     auto dst = testing::MustOpen(*site_b_, "img-standby");
     const RestorePoint& p = (*pts)[0];
-    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.image_size),
-              testing::ImageHash(*src_, SnapName(p.seq), p.image_size));
+    EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.epoch.image_size),
+              testing::ImageHash(*src_, SnapName(p.epoch.seq), p.epoch.image_size));
   }
 
   std::shared_ptr<MemorySpoolStore> memory_ = std::make_shared<MemorySpoolStore>("/memory/spool");
@@ -137,7 +137,7 @@ TEST_F(SinkSpoolTest, DiskFullMidEpochKeepsTheVerifiedPrefixAndTheSourceResumes)
   EXPECT_EQ(WholeFrames(1), std::make_pair(4, std::string("Aborted: end of spool")));
   auto resumed = rep->RunOnce();
   ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
-  EXPECT_EQ(resumed->seq, 1u);
+  EXPECT_EQ(resumed->id.seq, 1u);
   VerifyPoint();
   rep.reset();  // its link closes: the session ends
   StopSink();   // and its spool removal has run
@@ -163,7 +163,7 @@ TEST_F(SinkSpoolTest, ATornSyncAtEpochEndKeepsTheWholeRecordsBeforeTheTear) {
   EXPECT_TRUE(end.starts_with("DataLoss: torn or corrupt frame at spool offset ")) << end;
   auto resumed = rep.RunOnce();
   ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
-  EXPECT_EQ(resumed->seq, 1u);
+  EXPECT_EQ(resumed->id.seq, 1u);
   VerifyPoint();
 }
 
