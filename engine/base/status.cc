@@ -17,6 +17,8 @@ std::string_view CodeName(Code code) {
       return "NotFound";
     case Code::kAlreadyExists:
       return "AlreadyExists";
+    case Code::kPermissionDenied:
+      return "PermissionDenied";
     case Code::kResourceExhausted:
       return "ResourceExhausted";
     case Code::kFailedPrecondition:

@@ -11,6 +11,10 @@
 //                       must act (missing pool, wrong key, full disk...).
 //   kNotFound           the named thing does not exist.
 //   kAlreadyExists      the named thing exists already.
+//   kPermissionDenied   the peer is not who may do this (no certificate, one
+//                       not allowed for the pool or volume, a caller outside
+//                       the control socket's groups): fix the grant or the
+//                       caller, never retry as is.
 //   kResourceExhausted  out of space or quota: free some, then retry.
 //   kInternal           a bug: an invariant did not hold.
 //
@@ -31,6 +35,7 @@ enum class Code : int {
   kInvalidArgument = 3,
   kNotFound = 5,
   kAlreadyExists = 6,
+  kPermissionDenied = 7,
   kResourceExhausted = 8,
   kFailedPrecondition = 9,
   kAborted = 10,
@@ -81,6 +86,7 @@ inline Status InvalidArgument(std::string m) { return {Code::kInvalidArgument, s
 inline Status NotFound(std::string m) { return {Code::kNotFound, std::move(m)}; }
 inline Status AlreadyExists(std::string m) { return {Code::kAlreadyExists, std::move(m)}; }
 inline Status ResourceExhausted(std::string m) { return {Code::kResourceExhausted, std::move(m)}; }
+inline Status PermissionDenied(std::string m) { return {Code::kPermissionDenied, std::move(m)}; }
 inline Status FailedPrecondition(std::string m) {
   return {Code::kFailedPrecondition, std::move(m)};
 }

@@ -46,6 +46,8 @@ int ExitCode(Code c) {
       return 6;
     case Code::kDataLoss:
       return 7;
+    case Code::kPermissionDenied:
+      return 8;
     case Code::kInternal:
       return 1;
   }

@@ -7,7 +7,10 @@
 namespace cairn {
 
 FaultLink::FaultLink(std::unique_ptr<Link> inner, WireFaultFn fault)
-    : fault_(std::move(fault)), peer_(inner->peer()), inner_(std::move(inner)) {}
+    : fault_(std::move(fault)),
+      peer_(inner->peer()),
+      peer_names_(inner->peer_names()),
+      inner_(std::move(inner)) {}
 
 FaultLink::~FaultLink() = default;
 
@@ -45,6 +48,13 @@ Status FaultLink::Apply(std::string bytes) {
   broken->Close();
   broken.reset();  // a socket closes only with its link
   return CutStatus();
+}
+
+Status FaultLink::Handshake() {
+  if (!inner_) return CutStatus();
+  Status st = inner_->Handshake();
+  peer_names_ = inner_->peer_names();
+  return st;
 }
 
 StatusOr<Frame> FaultLink::Receive(std::chrono::milliseconds timeout) {

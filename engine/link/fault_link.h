@@ -19,6 +19,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "engine/base/status.h"
 #include "engine/link/link.h"
@@ -60,6 +61,9 @@ class FaultLink final : public Link {
   void Close() override;
   // The wrapped link's peer, also after a cut.
   const std::string& peer() const override { return peer_; }
+  // The wrapped link's handshake; its names are kept after a cut.
+  Status Handshake() override;
+  const std::vector<std::string>& peer_names() const override { return peer_names_; }
 
  private:
   Status Apply(std::string bytes);
@@ -67,6 +71,7 @@ class FaultLink final : public Link {
 
   WireFaultFn fault_;
   const std::string peer_;
+  std::vector<std::string> peer_names_;
   // Written (reset by a cut) only by the sending thread, with mu_ held;
   // read by it without the lock, and by Close with it.
   std::mutex mu_;

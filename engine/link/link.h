@@ -22,6 +22,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "engine/base/status.h"
 #include "engine/epoch/epoch.h"
@@ -56,6 +57,17 @@ class Link : public FrameWriter {
   virtual StatusOr<Frame> Receive(std::chrono::milliseconds timeout) = 0;
   virtual void Close() = 0;
   virtual const std::string& peer() const = 0;
+  // Completes the link's handshake if one is left to do: a TLS link that
+  // a Listener accepted, whose handshake runs on the session's thread so
+  // that a slow peer holds up no other. Send and Receive call it first.
+  // kPermissionDenied if the peer could not be authenticated.
+  virtual Status Handshake() { return OkStatus(); }
+  // The peer's authenticated names (its certificate's CN, then its DNS and
+  // IP subjectAltNames), after Handshake; empty on a link without TLS.
+  virtual const std::vector<std::string>& peer_names() const {
+    static const std::vector<std::string> kNone;
+    return kNone;
+  }
 
   Status Write(FrameType type, std::string_view body, std::span<const char> payload) final {
     return Send(type, body, payload);

@@ -1,13 +1,29 @@
 #include "engine/link/link_server.h"
 
+#include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
 namespace cairn {
 
-LinkServer::LinkServer(std::string name, std::unique_ptr<Listener> listener, ServeFn serve)
-    : name_(std::move(name)), listener_(std::move(listener)), serve_(std::move(serve)) {}
+std::string PeerAddress(const std::string& peer) {
+  const auto colon = peer.rfind(':');
+  if (colon == std::string::npos || peer.find('/') != std::string::npos) return peer;
+  return peer.substr(0, colon);
+}
+
+LinkServer::LinkServer(std::string name, std::unique_ptr<Listener> listener, ServeFn serve,
+                       LinkServerLimits limits)
+    : name_(std::move(name)),
+      listener_(std::move(listener)),
+      serve_(std::move(serve)),
+      limits_(limits) {}
 
 LinkServer::~LinkServer() { Stop(); }
+
+uint64_t LinkServer::refused() const {
+  std::lock_guard lock(mu_);
+  return refused_;
+}
 
 void LinkServer::Reap(const Session* self) {
   // REQUIRES: mu_ held.
@@ -21,6 +37,56 @@ void LinkServer::Reap(const Session* self) {
   }
 }
 
+std::string LinkServer::OverLimitLocked(const std::string& address) const {
+  if (sessions_.size() >= limits_.max_sessions) {
+    return fmt::format("{} connections are open, the most this server takes", limits_.max_sessions);
+  }
+  if (auto it = handshaking_.find(address);
+      it != handshaking_.end() && it->second >= limits_.max_handshakes_per_address) {
+    return fmt::format("{} connections from {} have not finished their handshake", it->second,
+                       address);
+  }
+  return "";
+}
+
+// One line a second at most: a flood must not fill the log.
+void LinkServer::LogRefusalLocked(const std::string& peer, const std::string& why) {
+  ++refused_;
+  const auto now = std::chrono::steady_clock::now();
+  if (now - last_refusal_log_ < std::chrono::seconds(1)) {
+    ++refused_unlogged_;
+    return;
+  }
+  last_refusal_log_ = now;
+  spdlog::warn("{}: closed the connection from {} at once: {}{}", name_, peer, why,
+               refused_unlogged_
+                   ? fmt::format(" ({} more refused since the last report)", refused_unlogged_)
+                   : "");
+  refused_unlogged_ = 0;
+}
+
+void LinkServer::RunSession(Session* s, std::unique_ptr<Link> link, std::string address) {
+  const Status hs = link->Handshake();
+  {
+    std::lock_guard lock(mu_);
+    if (--handshaking_[address] == 0) handshaking_.erase(address);
+  }
+  if (hs.ok()) {
+    serve_(*link);
+  } else {
+    spdlog::warn("{}: refused {}: {}", name_, link->peer(), hs.ToString());
+  }
+  std::lock_guard lock(mu_);
+  s->link = nullptr;
+  s->done = true;
+  // The sessions that ended before this one are joined now, not at the
+  // next accept: an ended thread keeps its stack until it is joined (a
+  // thousand replaced sessions held 50 MiB).
+  if (!stopping_) Reap(s);
+  // `link` is destroyed when this thread's function returns, after the
+  // link pointer is gone from the table Stop() walks.
+}
+
 void LinkServer::Start() {
   accept_thread_ = std::thread([this] {
     while (true) {
@@ -32,21 +98,17 @@ void LinkServer::Start() {
         continue;
       }
       Reap();
+      std::string address = PeerAddress((*link)->peer());
+      if (std::string why = OverLimitLocked(address); !why.empty()) {
+        LogRefusalLocked((*link)->peer(), why);
+        continue;  // the link closes as it goes
+      }
+      ++handshaking_[address];
       auto session = std::make_unique<Session>();
       Session* s = session.get();
       s->link = link->get();
-      s->thread = std::thread([this, s, l = std::move(link).value()]() mutable {
-        serve_(*l);
-        std::lock_guard lock(mu_);
-        s->link = nullptr;
-        s->done = true;
-        // The sessions that ended before this one are joined now, not at
-        // the next accept: an ended thread keeps its stack until it is
-        // joined (a thousand replaced sessions held 50 MiB).
-        if (!stopping_) Reap(s);
-        // `l` is destroyed when this lambda's thread ends, after the link
-        // pointer is gone from the table Stop() walks.
-      });
+      s->thread = std::thread(&LinkServer::RunSession, this, s, std::move(link).value(),
+                              std::move(address));
       sessions_.push_back(std::move(session));
     }
   });

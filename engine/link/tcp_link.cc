@@ -9,6 +9,9 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/read.hpp>
+#include <boost/asio/ssl/error.hpp>
+#include <boost/asio/ssl/host_name_verification.hpp>
+#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <charconv>
@@ -16,16 +19,26 @@
 #include <filesystem>
 #include <optional>
 
+#include "engine/link/tls_impl.h"
+
 namespace cairn {
 namespace asio = boost::asio;
 using boost::system::error_code;
 
 namespace {
 
+using TlsStream = asio::ssl::stream<asio::ip::tcp::socket>;
+
+// The peer closed: an end of stream, or a TLS peer that closed without
+// saying so first (as cairnd does: it closes the socket).
+bool IsEof(const error_code& ec) {
+  return ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
+}
+
 Status FromAsio(const error_code& ec, std::string_view what) {
   if (ec == asio::error::operation_aborted) return Aborted(fmt::format("{}: cancelled", what));
-  if (ec == asio::error::eof || ec == asio::error::connection_reset ||
-      ec == asio::error::broken_pipe || ec == asio::error::bad_descriptor) {
+  if (IsEof(ec) || ec == asio::error::connection_reset || ec == asio::error::broken_pipe ||
+      ec == asio::error::bad_descriptor) {
     return Aborted(fmt::format("{}: connection closed ({})", what, ec.message()));
   }
   if (ec == asio::error::connection_refused || ec == asio::error::timed_out ||
@@ -68,25 +81,54 @@ bool RunFor(asio::io_context& ctx, const bool* done, std::chrono::milliseconds t
   return !timed_out;
 }
 
-template <typename Protocol>
-class SocketLink final : public Link {
+// A link over a byte stream: a TCP or Unix socket, or TLS over TCP.
+template <typename Stream>
+class StreamLink final : public Link {
  public:
-  using Socket = typename Protocol::socket;
+  static constexpr bool kTls = std::is_same_v<Stream, TlsStream>;
 
-  SocketLink(std::unique_ptr<asio::io_context> ctx, Socket socket, std::string peer,
+  StreamLink(std::unique_ptr<asio::io_context> ctx, Stream stream, std::string peer,
              LinkOptions options)
       : ctx_(std::move(ctx)),
-        socket_(std::move(socket)),
+        stream_(std::move(stream)),
         peer_(std::move(peer)),
-        options_(options),
+        options_(std::move(options)),
         buf_(kBufSize) {}
 
-  ~SocketLink() override {
+  ~StreamLink() override {
     error_code ignored;
-    socket_.close(ignored);
+    stream_.lowest_layer().close(ignored);
   }
 
+  // The server's half of the TLS handshake, on the session's own thread.
+  // Until it succeeds nothing is sent or received.
+  Status Handshake() override {
+    if constexpr (kTls) {
+      if (!handshake_pending_) return handshake_;
+      handshake_pending_ = false;
+      handshake_ = RunHandshake(asio::ssl::stream_base::server, options_.handshake_timeout);
+      return handshake_;
+    }
+    return OkStatus();
+  }
+
+  // The client's half, before the link is handed out.
+  Status ClientHandshake(const std::string& name) {
+    if constexpr (kTls) {
+      stream_.set_verify_callback(asio::ssl::host_name_verification(name));
+      handshake_pending_ = false;
+      handshake_ = RunHandshake(asio::ssl::stream_base::client, options_.connect_timeout);
+      return handshake_;
+    }
+    return OkStatus();
+  }
+
+  void SetHandshakePending() { handshake_pending_ = true; }
+
+  const std::vector<std::string>& peer_names() const override { return peer_names_; }
+
   Status Send(FrameType type, std::string_view body, std::span<const char> payload) override {
+    RETURN_IF_ERROR(Handshake());
     const auto header = EncodeHeader(type, body, static_cast<uint32_t>(payload.size()));
     return WriteAll(std::array<asio::const_buffer, 3>{
         asio::buffer(header.data(), header.size()), asio::buffer(body.data(), body.size()),
@@ -94,10 +136,12 @@ class SocketLink final : public Link {
   }
 
   Status SendEncoded(std::string_view frame) override {
+    RETURN_IF_ERROR(Handshake());
     return WriteAll(asio::buffer(frame.data(), frame.size()));
   }
 
   StatusOr<Frame> Receive(std::chrono::milliseconds timeout) override {
+    RETURN_IF_ERROR(Handshake());
     if (closed_) return Aborted(fmt::format("link to {} is closed", peer_));
     if (end_ == begin_) {
       // Wait for the first byte of the next frame with the caller's timeout.
@@ -114,8 +158,8 @@ class SocketLink final : public Link {
     closed_ = true;
     asio::post(*ctx_, [this] {
       error_code ignored;
-      socket_.shutdown(Socket::shutdown_both, ignored);
-      socket_.close(ignored);
+      stream_.lowest_layer().shutdown(asio::socket_base::shutdown_both, ignored);
+      stream_.lowest_layer().close(ignored);
     });
     // If no thread runs the context now, close directly on the next call.
   }
@@ -130,10 +174,44 @@ class SocketLink final : public Link {
   static constexpr size_t kBufSize = 16 * 1024;
 
   struct Source final : ByteSource {
-    explicit Source(SocketLink& l) : link(l) {}
+    explicit Source(StreamLink& l) : link(l) {}
     Status ReadExact(std::span<char> out) override { return link.ReadExact(out); }
-    SocketLink& link;
+    StreamLink& link;
   };
+
+  Status RunHandshake(asio::ssl::stream_base::handshake_type side,
+                      std::chrono::milliseconds timeout) {
+    bool done = false;
+    error_code result;
+    stream_.async_handshake(side, [&](const error_code& ec) {
+      result = ec;
+      done = true;
+    });
+    if (!RunFor(*ctx_, &done, timeout, [&] { CancelSocket(); })) {
+      closed_ = true;
+      return Aborted(
+          fmt::format("{} did not finish its TLS handshake within {} ms", peer_, timeout.count()));
+    }
+    if (result) {
+      closed_ = true;
+      return PermissionDenied(fmt::format(
+          "TLS handshake with {} failed: {}: does its certificate come from [tls] ca{}?", peer_,
+          result.message(),
+          side == asio::ssl::stream_base::client ? ", and name the host connected to" : ""));
+    }
+    X509* cert = SSL_get1_peer_certificate(stream_.native_handle());
+    if (cert == nullptr) {
+      closed_ = true;
+      return PermissionDenied(fmt::format("{} presented no certificate", peer_));
+    }
+    peer_names_ = CertificateNames(cert);
+    X509_free(cert);
+    if (peer_names_.empty()) {
+      closed_ = true;
+      return PermissionDenied(fmt::format("the certificate of {} names no one", peer_));
+    }
+    return OkStatus();
+  }
 
   // Writes all of `bufs`, or breaks the link.
   template <typename Buffers>
@@ -141,7 +219,7 @@ class SocketLink final : public Link {
     if (closed_) return Aborted(fmt::format("link to {} is closed", peer_));
     bool done = false;
     error_code result;
-    asio::async_write(socket_, bufs, [&](const error_code& ec, size_t) {
+    asio::async_write(stream_, bufs, [&](const error_code& ec, size_t) {
       result = ec;
       done = true;
     });
@@ -159,7 +237,7 @@ class SocketLink final : public Link {
 
   void CancelSocket() {
     error_code ignored;
-    socket_.cancel(ignored);
+    stream_.lowest_layer().cancel(ignored);
   }
 
   // Reads until the buffer holds at least `want` bytes (want <= kBufSize).
@@ -173,7 +251,7 @@ class SocketLink final : public Link {
       bool done = false;
       error_code result;
       size_t got = 0;
-      socket_.async_read_some(asio::buffer(buf_.data() + end_, buf_.size() - end_),
+      stream_.async_read_some(asio::buffer(buf_.data() + end_, buf_.size() - end_),
                               [&](const error_code& ec, size_t n) {
                                 result = ec;
                                 got = n;
@@ -189,12 +267,12 @@ class SocketLink final : public Link {
       }
       end_ += got;
       if (result) {
-        if (result == asio::error::eof && end_ == 0 && first) {
+        if (IsEof(result) && end_ == 0 && first) {
           closed_ = true;
           return Aborted(fmt::format("{} closed the link", peer_));
         }
         closed_ = true;
-        if (result == asio::error::eof) {
+        if (IsEof(result)) {
           return DataLoss(fmt::format("truncated frame: {} closed the link mid-frame", peer_));
         }
         return FromAsio(result, fmt::format("receive from {}", peer_));
@@ -215,7 +293,7 @@ class SocketLink final : public Link {
           bool done = false;
           error_code result;
           size_t got = 0;
-          asio::async_read(socket_, asio::buffer(out.data() + pos, left),
+          asio::async_read(stream_, asio::buffer(out.data() + pos, left),
                            [&](const error_code& ec, size_t n) {
                              result = ec;
                              got = n;
@@ -227,7 +305,7 @@ class SocketLink final : public Link {
           }
           if (result) {
             closed_ = true;
-            if (result == asio::error::eof) {
+            if (IsEof(result)) {
               return DataLoss(fmt::format("truncated frame: {} closed the link mid-frame", peer_));
             }
             return FromAsio(result, fmt::format("receive from {}", peer_));
@@ -246,9 +324,12 @@ class SocketLink final : public Link {
   }
 
   std::unique_ptr<asio::io_context> ctx_;
-  Socket socket_;
+  Stream stream_;
   std::string peer_;
   LinkOptions options_;
+  bool handshake_pending_ = false;
+  Status handshake_;
+  std::vector<std::string> peer_names_;
   std::atomic<bool> closed_{false};
   std::vector<char> buf_;
   size_t begin_ = 0, end_ = 0;
@@ -284,8 +365,17 @@ class SocketListener final : public Listener {
       sock.set_option(asio::ip::tcp::no_delay(true), ec);
       sock.set_option(asio::socket_base::keep_alive(true), ec);
     }
-    return std::unique_ptr<Link>(
-        new SocketLink<Protocol>(std::move(link_ctx), std::move(sock), peer, options_));
+    if constexpr (std::is_same_v<Protocol, asio::ip::tcp>) {
+      if (options_.tls) {
+        auto link = std::make_unique<StreamLink<TlsStream>>(
+            std::move(link_ctx), TlsStream(std::move(sock), options_.tls->impl().ctx), peer,
+            options_);
+        link->SetHandshakePending();
+        return std::unique_ptr<Link>(std::move(link));
+      }
+    }
+    return std::unique_ptr<Link>(new StreamLink<typename Protocol::socket>(
+        std::move(link_ctx), std::move(sock), peer, options_));
   }
 
   void Close() override {
@@ -352,8 +442,15 @@ StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t por
   if (result) return FromAsio(result, fmt::format("connect to {}", peer));
   sock.set_option(asio::ip::tcp::no_delay(true), ec);
   sock.set_option(asio::socket_base::keep_alive(true), ec);
-  return std::unique_ptr<Link>(
-      new SocketLink<asio::ip::tcp>(std::move(ctx), std::move(sock), peer, options));
+  if (!options.tls) {
+    return std::unique_ptr<Link>(
+        new StreamLink<asio::ip::tcp::socket>(std::move(ctx), std::move(sock), peer, options));
+  }
+  TlsStream stream(std::move(sock), options.tls->impl().ctx);
+  auto link =
+      std::make_unique<StreamLink<TlsStream>>(std::move(ctx), std::move(stream), peer, options);
+  RETURN_IF_ERROR(link->ClientHandshake(options.peer_name.empty() ? host : options.peer_name));
+  return std::unique_ptr<Link>(std::move(link));
 }
 
 StatusOr<std::unique_ptr<Link>> ConnectUnix(const std::string& path, const LinkOptions& options) {
@@ -369,8 +466,8 @@ StatusOr<std::unique_ptr<Link>> ConnectUnix(const std::string& path, const LinkO
     }
     return FromAsio(ec, fmt::format("connect to {}", path));
   }
-  return std::unique_ptr<Link>(
-      new SocketLink<asio::local::stream_protocol>(std::move(io), std::move(sock), path, options));
+  return std::unique_ptr<Link>(new StreamLink<asio::local::stream_protocol::socket>(
+      std::move(io), std::move(sock), path, options));
 }
 
 StatusOr<std::unique_ptr<Listener>> Listener::ListenTcp(const std::string& host, uint16_t port,

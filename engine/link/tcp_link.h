@@ -18,18 +18,28 @@
 
 #include "engine/base/status.h"
 #include "engine/link/link.h"
+#include "engine/link/tls.h"
 
 namespace cairn {
 
 struct LinkOptions {
-  std::chrono::milliseconds connect_timeout{5000};
+  std::chrono::milliseconds connect_timeout{5000};  // TCP connect, then the TLS handshake
   std::chrono::milliseconds stall_timeout{60000};
+  // Mutual TLS on TCP links (tls.h); null: plaintext. A Listener's links
+  // finish their handshake in Link::Handshake, within handshake_timeout.
+  std::shared_ptr<const TlsContext> tls;
+  std::chrono::milliseconds handshake_timeout{10000};
+  // ConnectTcp with TLS: the name the server's certificate must carry (a
+  // DNS or IP subjectAltName); empty: the host connected to.
+  std::string peer_name;
 };
 
 // "host:port" -> (host, port). kInvalidArgument naming the text otherwise.
 StatusOr<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& text);
 
-// kUnavailable if nothing listens there or the connect times out.
+// kUnavailable if nothing listens there or the connect times out. With
+// TLS: kPermissionDenied if the handshake fails (the server's certificate
+// is not from the CA or does not carry the expected name).
 StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t port,
                                            const LinkOptions& options = {});
 StatusOr<std::unique_ptr<Link>> ConnectUnix(const std::string& path,

@@ -1,5 +1,5 @@
 // FaultLink (engine/link/fault_link.h) stacked on each transport: the
-// in-process pair and a real TCP connection over loopback. What the hook
+// in-process pair, a real TCP connection over loopback, and mutual TLS on it. What the hook
 // decides must reach the peer the same way over both: a dropped frame is
 // missing, a duplicated one comes twice, a flipped bit fails the peer's
 // checks, and after a cut the peer gets what came before, then kAborted.
@@ -18,6 +18,7 @@
 
 #include "engine/link/link.h"
 #include "engine/link/tcp_link.h"
+#include "tests/unit/link/test_certs.h"
 #include "tests/unit/test_util.h"
 
 namespace cairn {
@@ -39,18 +40,32 @@ StatusOr<LinkPair> MemoryPair() {
   return LinkPair{std::move(a), std::move(b)};
 }
 
-// Both ends of one TCP connection on 127.0.0.1.
-StatusOr<LinkPair> TcpPair() {
-  ASSIGN_OR_RETURN(std::unique_ptr<Listener> listener, Listener::ListenTcp("127.0.0.1", 0));
+// Both ends of one TCP connection on 127.0.0.1; with `tls`, mutual TLS
+// between site-a (connecting) and site-b.
+StatusOr<LinkPair> SocketPair(bool tls) {
+  LinkOptions server, client;
+  if (tls) {
+    server.tls = testing::TestCerts::Get().Context("site-b");
+    client.tls = testing::TestCerts::Get().Context("site-a");
+  }
+  ASSIGN_OR_RETURN(std::unique_ptr<Listener> listener, Listener::ListenTcp("127.0.0.1", 0, server));
   StatusOr<std::unique_ptr<Link>> accepted = Internal("not accepted");
-  std::thread acceptor([&] { accepted = listener->Accept(); });
-  StatusOr<std::unique_ptr<Link>> connected = ConnectTcp("127.0.0.1", listener->port());
+  std::thread acceptor([&] {
+    accepted = listener->Accept();
+    if (accepted.ok()) {
+      if (Status st = (*accepted)->Handshake(); !st.ok()) accepted = st;
+    }
+  });
+  StatusOr<std::unique_ptr<Link>> connected = ConnectTcp("127.0.0.1", listener->port(), client);
   if (!connected.ok()) listener->Close();  // wakes the Accept
   acceptor.join();
   RETURN_IF_ERROR(connected.status());
   RETURN_IF_ERROR(accepted.status());
   return LinkPair{std::move(*connected), std::move(*accepted)};
 }
+
+StatusOr<LinkPair> TcpPair() { return SocketPair(false); }
+StatusOr<LinkPair> TlsPair() { return SocketPair(true); }
 
 struct Transport {
   std::string label;
@@ -176,7 +191,7 @@ TEST_P(FaultLinkTest, FaultLinksStack) {
 
 INSTANTIATE_TEST_SUITE_P(Transports, FaultLinkTest,
                          ::testing::Values(Transport{"Memory", MemoryPair},
-                                           Transport{"Tcp", TcpPair}),
+                                           Transport{"Tcp", TcpPair}, Transport{"Tls", TlsPair}),
                          [](const ::testing::TestParamInfo<Transport>& info) {
                            return info.param.label;
                          });

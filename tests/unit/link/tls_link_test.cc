@@ -1,0 +1,217 @@
+// Mutual TLS on TCP links (engine/link/tls.h, tcp_link.cc) and the limits
+// LinkServer puts on peers before they authenticate, over loopback with
+// certificates made by deploy/cairn-certs. A peer that is not
+// authenticated never gets a frame read.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/link/link_server.h"
+#include "engine/link/tcp_link.h"
+#include "engine/link/tls.h"
+#include "tests/unit/link/test_certs.h"
+
+namespace cairn {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::TestCerts;
+
+LinkOptions Tls(const std::string& name) {
+  LinkOptions o;
+  o.tls = TestCerts::Get().Context(name);
+  return o;
+}
+
+// The server's end of one connection: accepted and its handshake run, on
+// a thread of its own as LinkServer does.
+struct ServerEnd {
+  explicit ServerEnd(const LinkOptions& options) {
+    auto l = Listener::ListenTcp("127.0.0.1", 0, options);
+    EXPECT_TRUE(l.ok()) << l.status().ToString();
+    listener = std::move(*l);
+    thread = std::thread([this] {
+      accepted = listener->Accept();
+      if (accepted.ok()) handshake = (*accepted)->Handshake();
+    });
+  }
+  ~ServerEnd() { Join(); }
+  void Join() {
+    if (thread.joinable()) thread.join();
+  }
+  uint16_t port() const { return listener->port(); }
+
+  std::unique_ptr<Listener> listener;
+  StatusOr<std::unique_ptr<Link>> accepted = Internal("not accepted");
+  Status handshake = Internal("no handshake");
+  std::thread thread;
+};
+
+TEST(TlsLinkTest, FramesCrossAndEachEndKnowsTheOther) {
+  ServerEnd server(Tls("site-b"));
+  auto client = ConnectTcp("127.0.0.1", server.port(), Tls("site-a"));
+  server.Join();
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  ASSERT_TRUE(server.handshake.ok()) << server.handshake.ToString();
+  Link& s = **server.accepted;
+  EXPECT_EQ(s.peer_names(), (std::vector<std::string>{"site-a", "127.0.0.1", "localhost"}));
+  EXPECT_EQ((*client)->peer_names().front(), "site-b");
+
+  const std::string payload(300 * 1024, 'x');  // many TLS records
+  ASSERT_TRUE((*client)->Send(FrameType::kHello, "hello", payload).ok());
+  auto got = s.Receive(5s);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->body, "hello");
+  EXPECT_EQ(std::string(got->payload.begin(), got->payload.end()), payload);
+  ASSERT_TRUE(s.Send(FrameType::kHelloReply, "reply", {}).ok());
+  auto back = (*client)->Receive(5s);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->body, "reply");
+}
+
+TEST(TlsLinkTest, PlaintextPeerIsRefusedAndItsFrameNeverRead) {
+  ServerEnd server(Tls("site-b"));
+  auto client = ConnectTcp("127.0.0.1", server.port());  // no TLS
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  (void)(*client)->Send(FrameType::kHello, "forged hello", {});
+  server.Join();
+  EXPECT_EQ(server.handshake.code(), Code::kPermissionDenied) << server.handshake.ToString();
+  ASSERT_TRUE(server.accepted.ok());
+  EXPECT_TRUE((*server.accepted)->peer_names().empty());
+  auto f = (*server.accepted)->Receive(1s);
+  EXPECT_EQ(f.status().code(), Code::kPermissionDenied) << "a frame was read: " << f.ok();
+}
+
+TEST(TlsLinkTest, CertificateOfAnotherCaIsRefusedByBothEnds) {
+  ServerEnd server(Tls("site-b"));
+  auto client = ConnectTcp("127.0.0.1", server.port(), Tls("other/site-a"));
+  server.Join();
+  EXPECT_EQ(client.status().code(), Code::kPermissionDenied) << client.status().ToString();
+  EXPECT_EQ(server.handshake.code(), Code::kPermissionDenied) << server.handshake.ToString();
+}
+
+TEST(TlsLinkTest, ClientCertificateOfAnotherCaIsRefusedBeforeAnyFrame) {
+  // The client trusts the server's CA, but its own certificate is not
+  // from it: the server refuses in the handshake.
+  const TlsFiles own = TestCerts::Get().Files("other/site-a");
+  auto ctx = TlsContext::Load({TestCerts::Get().Files("site-a").ca, own.cert, own.key});
+  ASSERT_TRUE(ctx.ok()) << ctx.status().ToString();
+  LinkOptions o;
+  o.tls = *ctx;
+  ServerEnd server(Tls("site-b"));
+  auto client = ConnectTcp("127.0.0.1", server.port(), o);
+  if (client.ok()) (void)(*client)->Send(FrameType::kHello, "hello", {});
+  server.Join();
+  EXPECT_EQ(server.handshake.code(), Code::kPermissionDenied) << server.handshake.ToString();
+  ASSERT_TRUE(server.accepted.ok());
+  EXPECT_FALSE((*server.accepted)->Receive(1s).ok());
+  if (client.ok()) {
+    EXPECT_FALSE((*client)->Receive(5s).ok()) << "the refused client got a frame";
+  }
+}
+
+TEST(TlsLinkTest, ServerMustCarryTheExpectedName) {
+  {
+    ServerEnd server(Tls("site-b"));
+    LinkOptions o = Tls("site-a");
+    o.peer_name = "site-c";
+    auto client = ConnectTcp("127.0.0.1", server.port(), o);
+    EXPECT_EQ(client.status().code(), Code::kPermissionDenied) << client.status().ToString();
+  }
+  ServerEnd server(Tls("site-b"));
+  LinkOptions o = Tls("site-a");
+  o.peer_name = "site-b";
+  auto client = ConnectTcp("127.0.0.1", server.port(), o);
+  EXPECT_TRUE(client.ok()) << client.status().ToString();
+}
+
+TEST(TlsLinkTest, HandshakeNeverStartedTimesOut) {
+  LinkOptions o = Tls("site-b");
+  o.handshake_timeout = 200ms;
+  ServerEnd server(o);
+  auto client = ConnectTcp("127.0.0.1", server.port());  // connects, says nothing
+  ASSERT_TRUE(client.ok());
+  server.Join();
+  EXPECT_EQ(server.handshake.code(), Code::kAborted) << server.handshake.ToString();
+}
+
+TEST(TlsLinkTest, BadFilesAreNamedInTheError) {
+  TlsFiles f = TestCerts::Get().Files("site-a");
+  f.key = TestCerts::Get().Files("site-b").key;
+  auto ctx = TlsContext::Load(f);
+  EXPECT_EQ(ctx.status().code(), Code::kInvalidArgument);
+  EXPECT_NE(ctx.status().message().find("does not belong to cert"), std::string::npos)
+      << ctx.status().ToString();
+  f = TestCerts::Get().Files("site-a");
+  f.ca = "/nonexistent/ca.pem";
+  ctx = TlsContext::Load(f);
+  EXPECT_NE(ctx.status().message().find("[tls] ca = /nonexistent/ca.pem"), std::string::npos)
+      << ctx.status().ToString();
+  f = TestCerts::Get().Files("site-a");
+  f.cert = f.key;  // a key where a certificate belongs
+  ctx = TlsContext::Load(f);
+  EXPECT_NE(ctx.status().message().find("not a PEM certificate"), std::string::npos)
+      << ctx.status().ToString();
+}
+
+// Polls `pred` until it holds or `deadline` passes.
+template <typename Pred>
+bool WaitFor(Pred pred, std::chrono::seconds deadline) {
+  const auto end = std::chrono::steady_clock::now() + deadline;
+  while (!pred()) {
+    if (std::chrono::steady_clock::now() > end) return false;
+    std::this_thread::yield();
+  }
+  return true;
+}
+
+TEST(LinkServerTest, FloodThatNeverHandshakesIsClosedAtAcceptAndServiceResumes) {
+  LinkOptions o = Tls("site-b");
+  o.handshake_timeout = 1s;
+  auto listener = Listener::ListenTcp("127.0.0.1", 0, o);
+  ASSERT_TRUE(listener.ok());
+  std::atomic<int> served{0};
+  LinkServerLimits limits;
+  limits.max_handshakes_per_address = 4;
+  LinkServer server(
+      "test", std::move(*listener),
+      [&](Link& l) {
+        ++served;
+        auto f = l.Receive(5s);
+        if (f.ok()) (void)l.Send(FrameType::kHelloReply, f->body, {});
+      },
+      limits);
+  server.Start();
+  std::vector<std::unique_ptr<Link>> flood;
+  for (int i = 0; i < 20; ++i) {
+    auto c = ConnectTcp("127.0.0.1", server.port());
+    ASSERT_TRUE(c.ok()) << c.status().ToString();
+    flood.push_back(std::move(*c));
+  }
+  ASSERT_TRUE(WaitFor([&] { return server.refused() >= 16; }, 20s))
+      << "only " << server.refused() << " of the 16 connections over the limit were closed";
+  EXPECT_EQ(served, 0);
+  // The 4 admitted time out of their handshake; then a real peer is served.
+  StatusOr<std::string> echoed = Internal("never connected");
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto c = ConnectTcp("127.0.0.1", server.port(), Tls("site-a"));
+        if (!c.ok()) return false;
+        if (!(*c)->Send(FrameType::kHello, "after the flood", {}).ok()) return false;
+        auto f = (*c)->Receive(5s);
+        if (f.ok()) echoed = f->body;
+        return f.ok();
+      },
+      30s))
+      << "no authenticated peer was served after the flood";
+  EXPECT_EQ(*echoed, "after the flood");
+  EXPECT_EQ(served, 1);
+  server.Stop();
+}
+
+}  // namespace
+}  // namespace cairn
