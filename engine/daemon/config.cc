@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <ini.h>
 
+#include <algorithm>
 #include <charconv>
 #include <fstream>
 #include <map>
@@ -284,6 +285,7 @@ Status ReadSourceSection(SectionReader& r, DaemonConfig& cfg) {
   }
   RETURN_IF_ERROR(r.Size32("keep_snapshots", 0, 100000, &src.keep_snapshots));
   RETURN_IF_ERROR(r.Size32("outage_snapshots", 1, 10000, &src.outage_snapshots));
+  RETURN_IF_ERROR(r.String("peer_name", &src.peer_name));
   cfg.source = src;
   return OkStatus();
 }
@@ -301,6 +303,7 @@ StatusOr<VolumeConfig> ReadVolume(SectionReader& r, std::string_view origin,
   if (v.image.empty()) return r.Missing("image", "the RBD image to replicate");
   if (!r.Get("peer")) return r.Missing("peer", "the sink's HOST:PORT");
   RETURN_IF_ERROR(r.HostPort("peer", &v.peer_host, &v.peer_port));
+  RETURN_IF_ERROR(r.String("peer_name", &v.peer_name));
   RETURN_IF_ERROR(r.String("target_pool", &v.target_pool));
   RETURN_IF_ERROR(r.String("target_image", &v.target_image));
   if (v.target_pool.empty()) v.target_pool = v.pool;
@@ -346,6 +349,41 @@ Status ReadVolumeSection(SectionReader& r, std::string_view origin, const std::s
   return OkStatus();
 }
 
+Status ReadTlsSection(SectionReader& r, DaemonConfig& cfg) {
+  RETURN_IF_ERROR(r.String("ca", &cfg.tls.files.ca));
+  RETURN_IF_ERROR(r.String("cert", &cfg.tls.files.cert));
+  RETURN_IF_ERROR(r.String("key", &cfg.tls.files.key));
+  if (auto e = r.Get("insecure")) {
+    if (e->value != "true" && e->value != "false") return r.Error("insecure", "is true or false");
+    cfg.tls.insecure = e->value == "true";
+  }
+  return OkStatus();
+}
+
+Status ReadPeerSection(SectionReader& r, std::string_view origin, const std::string& name,
+                       DaemonConfig& cfg) {
+  PeerGrant g;
+  g.name = Trim(std::string_view(name).substr(5));
+  if (g.name.empty()) return InvalidArgument(fmt::format("{}: [peer] needs a NAME", origin));
+  for (const PeerGrant& other : cfg.peers) {
+    if (other.name == g.name) {
+      return InvalidArgument(fmt::format("{}: [{}] is defined twice", origin, name));
+    }
+  }
+  RETURN_IF_ERROR(r.String("site", &g.site));
+  if (g.site.empty()) return r.Missing("site", "the source site this peer may be");
+  if (auto e = r.Get("pools")) {
+    g.pools = SplitList(e->value);
+    if (g.pools.empty()) return r.Error("pools", "lists no pool");
+  }
+  if (auto e = r.Get("volumes")) {
+    g.volumes = SplitList(e->value);
+    if (g.volumes.empty()) return r.Error("volumes", "lists no volume (use * for all)");
+  }
+  cfg.peers.push_back(g);
+  return OkStatus();
+}
+
 Status ReadSection(SectionReader& r, std::string_view origin, const std::string& name,
                    DaemonConfig& cfg) {
   if (name == "cairnd") {
@@ -358,14 +396,67 @@ Status ReadSection(SectionReader& r, std::string_view origin, const std::string&
     RETURN_IF_ERROR(ReadSourceSection(r, cfg));
   } else if (name.starts_with("volume ")) {
     RETURN_IF_ERROR(ReadVolumeSection(r, origin, name, cfg));
+  } else if (name == "tls") {
+    RETURN_IF_ERROR(ReadTlsSection(r, cfg));
+  } else if (name == "peer" || name.starts_with("peer ")) {
+    RETURN_IF_ERROR(ReadPeerSection(r, origin, name, cfg));
   } else {
-    return InvalidArgument(fmt::format(
-        "{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME)", origin, name));
+    return InvalidArgument(
+        fmt::format("{}: unknown section [{}] (known: cairnd, ceph, sink, source, volume NAME, "
+                    "tls, peer NAME)",
+                    origin, name));
   }
   return r.RefuseUnknown();
 }
 
 }  // namespace
+
+// The links' security as a whole: TLS files unless insecure, and grants
+// exactly when a sink checks them.
+Status CheckSecurity(const DaemonConfig& cfg, std::string_view origin) {
+  const TlsFiles& f = cfg.tls.files;
+  const bool any = !f.ca.empty() || !f.cert.empty() || !f.key.empty();
+  if (cfg.tls.insecure) {
+    if (any) {
+      return InvalidArgument(fmt::format(
+          "{}: [tls] insecure = true, yet ca, cert or key is set: say which one is meant", origin));
+    }
+    if (!cfg.peers.empty()) {
+      return InvalidArgument(fmt::format(
+          "{}: [peer {}] cannot be checked over plaintext links ([tls] insecure = true)", origin,
+          cfg.peers.front().name));
+    }
+    return OkStatus();
+  }
+  if (f.ca.empty() || f.cert.empty() || f.key.empty()) {
+    return InvalidArgument(fmt::format(
+        "{}: [tls] needs ca, cert and key: links between sites are mutual TLS (deploy/cairn-certs "
+        "makes them); insecure = true allows plaintext, which anyone on the network can read and "
+        "forge",
+        origin));
+  }
+  if (!cfg.sink && !cfg.peers.empty()) {
+    return InvalidArgument(fmt::format(
+        "{}: [peer {}] grants what a source may write to this node's sink, but there is no [sink]",
+        origin, cfg.peers.front().name));
+  }
+  if (cfg.sink && cfg.peers.empty()) {
+    return InvalidArgument(fmt::format(
+        "{}: [sink] needs a [peer NAME] section for each source that may replicate here (NAME: a "
+        "name its certificate carries)",
+        origin));
+  }
+  for (const PeerGrant& g : cfg.peers) {
+    for (const std::string& pool : g.pools) {
+      if (std::find(cfg.sink->pools.begin(), cfg.sink->pools.end(), pool) ==
+          cfg.sink->pools.end()) {
+        return InvalidArgument(fmt::format("{}: [peer {}] pools: '{}' is not one of [sink] pools",
+                                           origin, g.name, pool));
+      }
+    }
+  }
+  return OkStatus();
+}
 
 StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origin) {
   RETURN_IF_ERROR(CheckLengths(text, origin));
@@ -388,6 +479,7 @@ StatusOr<DaemonConfig> ParseConfig(std::string_view text, std::string_view origi
         "{}: nothing to do: add a [sink] section, a [source] or [volume NAME] section, or both",
         origin));
   }
+  RETURN_IF_ERROR(CheckSecurity(cfg, origin));
   return cfg;
 }
 

@@ -10,8 +10,13 @@
 //                       outage_snapshots (volumes registered at run time)
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
 //                       interval = 5s; keep_snapshots = 0; outage_snapshots = 1;
-//                       block_size = 4M; window = 4
+//                       block_size = 4M; window = 4; peer_name
+//   [tls]               ca = PATH; cert = PATH; key = PATH; insecure = false
+//   [peer NAME]         site = a; pools = rbd; volumes = * (a sink's grant to
+//                       the source whose certificate carries NAME)
 //
+// Links between sites are mutual TLS unless [tls] says insecure = true; a
+// sink then needs a [peer NAME] grant for each source that may write.
 // A node is a sink if it has a [sink] section and a source for every
 // [volume NAME] section; it may be both. docs/OPERATIONS.md documents every
 // key. Unknown sections and keys are errors (a typo must not silently
@@ -28,6 +33,8 @@
 #include <vector>
 
 #include "engine/base/status.h"
+#include "engine/link/tls.h"
+#include "engine/replication/peer_grants.h"
 #include "engine/replication/volume_config.h"
 
 namespace cairn {
@@ -60,6 +67,13 @@ struct SinkConfig {
   uint64_t window_bytes = kDefaultApplyWindowBytes;
 };
 
+struct TlsConfig {
+  TlsFiles files;
+  // Plaintext links: anyone who reaches the port may read and forge
+  // epochs. Logged as an error at every start.
+  bool insecure = false;
+};
+
 struct DaemonConfig {
   std::string site = "default";
   std::string control_socket = "/run/cairn/cairnd.sock";
@@ -79,9 +93,12 @@ struct DaemonConfig {
     std::chrono::milliseconds interval{5000};
     uint32_t keep_snapshots = 0;
     uint32_t outage_snapshots = 1;
+    std::string peer_name;  // see VolumeConfig::peer_name
   };
   std::optional<Source> source;
   std::vector<VolumeConfig> volumes;
+  TlsConfig tls;
+  std::vector<PeerGrant> peers;  // [peer NAME] sections: a sink's grants
 };
 
 // Parses INI text. `origin` names the file in errors, which read like

@@ -1,6 +1,7 @@
 #include "engine/daemon/daemon.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
@@ -18,6 +19,17 @@ StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   if (!cluster.ok()) return cluster.status().Annotate("connecting to the local Ceph cluster");
   d->cluster_ = *cluster;
   d->budget_ = std::make_shared<MemoryBudget>(d->config_.memory_budget);
+  if (d->config_.tls.insecure) {
+    spdlog::error(
+        "[tls] insecure = true: links between sites are plaintext; anyone who reaches them can "
+        "read every block and forge restore points");
+  } else {
+    auto tls = TlsContext::Load(d->config_.tls.files);
+    if (!tls.ok()) return tls.status();
+    d->tls_ = *tls;
+    spdlog::info("links are mutual TLS; this node's certificate names {}",
+                 fmt::join(d->tls_->own_names(), ", "));
+  }
   if (d->config_.sink) {
     for (const auto& pool : d->config_.sink->pools) {
       auto p = d->OpenPool(pool);
@@ -66,7 +78,9 @@ Status Daemon::Start() {
     }
     // Port first: a second cairnd started by mistake with this config on
     // this host stops here, before it fences the one that runs.
-    auto listener = Listener::ListenTcp(sc.listen_host, sc.listen_port);
+    LinkOptions lo;
+    lo.tls = tls_;
+    auto listener = Listener::ListenTcp(sc.listen_host, sc.listen_port, lo);
     if (!listener.ok()) return listener.status().Annotate("[sink] listen");
     // Before any source is served and any spool recovered, the previous
     // instance must be unable to touch the standby images.
@@ -84,6 +98,7 @@ Status Daemon::Start() {
     env.budget = budget_;
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
+    if (tls_) env.grants = config_.peers;
     sink_ = std::make_unique<Sink>(env);
     sink_server_ =
         std::make_unique<LinkServer>("sink", std::move(listener).value(), [this](Link& l) {
@@ -197,6 +212,15 @@ StatusOr<uint64_t> Daemon::Replicate(const std::string& volume) {
                   volume, volume));
 }
 
+LinkOptions Daemon::LinkTo(const VolumeConfig& v, std::chrono::milliseconds stall) const {
+  LinkOptions lo;
+  lo.connect_timeout = std::chrono::seconds(5);
+  lo.stall_timeout = stall;
+  lo.tls = tls_;
+  lo.peer_name = v.peer_name;
+  return lo;
+}
+
 Status Daemon::Check(std::vector<std::string>* report) {
   Status first;
   const auto note = [&](const std::string& what, const Status& st) {
@@ -237,9 +261,7 @@ Status Daemon::Check(std::vector<std::string>* report) {
   }
   for (const auto& v : volumes) {
     ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
-    LinkOptions lo;
-    lo.connect_timeout = std::chrono::seconds(5);
-    lo.stall_timeout = std::chrono::seconds(10);
+    const LinkOptions lo = LinkTo(v, std::chrono::seconds(10));
     LinkTimeouts timeouts;
     timeouts.hello = std::chrono::seconds(10);
     SourceReplicator probe(

@@ -86,7 +86,11 @@ class Daemon final : public ControlService {
 
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;
-  std::shared_ptr<MemoryBudget> budget_;  // [cairnd] memory_budget
+  std::shared_ptr<MemoryBudget> budget_;   // [cairnd] memory_budget
+  std::shared_ptr<const TlsContext> tls_;  // [tls]; null if insecure
+  // How a source of `v` connects to its sink: TLS, and the name the
+  // sink's certificate must carry.
+  LinkOptions LinkTo(const VolumeConfig& v, std::chrono::milliseconds stall) const;
   std::mutex mu_;
   std::map<std::string, std::shared_ptr<Pool>> pools_;
   std::map<std::string, std::shared_ptr<KvStore>> catalogs_;

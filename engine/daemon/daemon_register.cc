@@ -14,9 +14,7 @@ namespace cairn {
 
 StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConfig& v) {
   ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
-  LinkOptions lo;
-  lo.connect_timeout = std::chrono::seconds(5);
-  lo.stall_timeout = std::chrono::seconds(120);
+  const LinkOptions lo = LinkTo(v, std::chrono::seconds(120));
   auto src = std::make_shared<SourceReplicator>(
       v, config_.site, pool, [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); });
   src->set_memory_budget(budget_);
@@ -34,6 +32,7 @@ VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
   v.image = r.image;
   v.peer_host = src.peer_host;
   v.peer_port = src.peer_port;
+  v.peer_name = src.peer_name;
   v.target_pool = r.target_pool.empty() ? r.pool : r.target_pool;
   v.target_image = r.target_image.empty() ? r.image + ".standby" : r.target_image;
   v.interval = src.interval;

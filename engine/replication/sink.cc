@@ -97,6 +97,16 @@ uint64_t Sink::corrupt_frames() const {
   return corrupt_frames_;
 }
 
+namespace {
+
+// Who a session's peer is: the first name of its certificate ("" on a
+// link without TLS).
+std::string PeerIdentity(const Link& link) {
+  return link.peer_names().empty() ? std::string() : link.peer_names().front();
+}
+
+}  // namespace
+
 StatusOr<pb::Hello> Sink::ReceiveHello(Link& link) {
   auto first = link.Receive(env_.timeouts.hello);
   if (!first.ok()) {
@@ -185,6 +195,11 @@ Status Sink::ClaimVolume(Link& link, const Target& t) {
   // A source that reconnects after a cut replaces its old session, which
   // may not have noticed the cut yet (a half-open TCP connection).
   if (auto it = active_.find(t.volume); it != active_.end()) {
+    if (it->second != nullptr && PeerIdentity(*it->second) != PeerIdentity(link)) {
+      return PermissionDenied(
+          fmt::format("volume '{}' is replicated here by {}; a session of {} may not replace it",
+                      t.volume, PeerIdentity(*it->second), PeerIdentity(link)));
+    }
     if (it->second != nullptr) {
       spdlog::warn("volume {}: new connection from {} replaces the session of {}", t.volume,
                    link.peer(), it->second->peer());
@@ -272,6 +287,14 @@ Status Sink::Serve(Link& link) {
     SendError(link, st);
     return st;
   };
+  // Before any state of the volume is read: may this peer write it?
+  if (Status st =
+          AuthorizeSource(env_.grants, link.peer_names(), t.source_site, t.pool_name, t.volume);
+      !st.ok()) {
+    spdlog::warn("refusing source {} for volume '{}': {}", link.peer(), t.volume, st.message());
+    SendError(link, st);
+    return st;
+  }
   if (Status st = OpenTarget(t); !st.ok()) return refuse(st);
   if (hello.probe()) {
     if (Status st = CheckProbe(t); !st.ok()) return refuse(st);

@@ -48,6 +48,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <string_view>
@@ -61,6 +62,7 @@
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
 #include "engine/link/tcp_link.h"
+#include "engine/replication/peer_grants.h"
 #include "engine/replication/replication.h"
 #include "engine/spool/spool.h"
 #include "engine/spool/spool_store.h"
@@ -97,6 +99,10 @@ struct SinkEnv {
   // What retries, refusals, lag and point times read and wait on (tests:
   // a ManualClock that outlives the sink).
   Clock* clock = &RealClock();
+  // Which authenticated sources may write what (peer_grants.h); nullopt:
+  // links without TLS, everyone may. A live session of a volume is
+  // replaced only by a session of the same peer.
+  std::optional<std::vector<PeerGrant>> grants;
 };
 
 struct PromoteResult {

@@ -19,6 +19,9 @@ struct VolumeConfig {
   std::string image;
   std::string peer_host;
   uint16_t peer_port = 0;
+  // The name the sink's certificate must carry (a DNS or IP
+  // subjectAltName); empty: peer_host.
+  std::string peer_name;
   std::string target_pool;                   // default: pool
   std::string target_image;                  // default: image
   std::chrono::milliseconds interval{5000};  // 0: on demand only

@@ -8,6 +8,12 @@ namespace {
 
 using ::testing::HasSubstr;
 
+// A source's links: mutual TLS with these files (not read by ParseConfig).
+const std::string kTls =
+    "[tls]\nca = /etc/cairn/ca.pem\ncert = /etc/cairn/b.pem\nkey = /etc/cairn/b.key\n";
+// A sink's: the same, and a grant to site a's source.
+const std::string kSinkSecure = kTls + "[peer site-a]\nsite = a\n";
+
 TEST(Config, FullExample) {
   auto c = ParseConfig(R"(
 [cairnd]
@@ -31,6 +37,17 @@ peer = 10.0.0.2:7410
 interval = 1s
 keep_snapshots = 3
 block_size = 512K
+peer_name = site-b.example
+
+[tls]
+ca = /etc/cairn/ca.pem
+cert = /etc/cairn/a.pem
+key = /etc/cairn/a.key
+
+[peer site-b]
+site = b
+pools = volumes
+volumes = volume-*, vol1
 )",
                        "test.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
@@ -48,6 +65,14 @@ block_size = 512K
   EXPECT_EQ(v.keep_snapshots, 3u);
   EXPECT_EQ(v.block_size, 512u * 1024);
   EXPECT_EQ(v.peer_host, "10.0.0.2");
+  EXPECT_EQ(v.peer_name, "site-b.example");
+  EXPECT_FALSE(c->tls.insecure);
+  EXPECT_EQ(c->tls.files.key, "/etc/cairn/a.key");
+  ASSERT_EQ(c->peers.size(), 1u);
+  EXPECT_EQ(c->peers[0].name, "site-b");
+  EXPECT_EQ(c->peers[0].site, "b");
+  EXPECT_EQ(c->peers[0].pools, (std::vector<std::string>{"volumes"}));
+  EXPECT_EQ(c->peers[0].volumes, (std::vector<std::string>{"volume-*", "vol1"}));
 }
 
 std::string Error(const std::string& text) {
@@ -109,7 +134,7 @@ TEST(Config, LongNamesAreRefusedNotTruncated) {
   auto d = ParseConfig("[sink]\nspool_dir = /" + std::string(250, 'x') + "\n", "f.conf");
   EXPECT_THAT(d.status().message(), ::testing::HasSubstr("f.conf:2: line is longer"));
   const std::string ok_id(42, 'v');
-  EXPECT_TRUE(ParseConfig("[volume " + ok_id + "]\nimage = i\npeer = h:1\n", "f.conf").ok());
+  EXPECT_TRUE(ParseConfig(kTls + "[volume " + ok_id + "]\nimage = i\npeer = h:1\n", "f.conf").ok());
 }
 
 }  // namespace
@@ -119,7 +144,7 @@ namespace cairn {
 namespace {
 
 TEST(Config, CephOpTimeout) {
-  const std::string sink = "[sink]\npools = rbd\n";
+  const std::string sink = kSinkSecure + "[sink]\npools = rbd\n";
   auto d = ParseConfig(sink, "f.conf");
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   EXPECT_EQ(d->ceph.op_timeout, std::chrono::seconds(30));
@@ -138,20 +163,21 @@ TEST(Config, CephOpTimeout) {
 
 TEST(Config, SpoolMaxBytes) {
   auto max = [](const std::string& value) {
-    auto c = ParseConfig("[sink]\npools = rbd\n" + value, "f.conf");
+    auto c = ParseConfig(kSinkSecure + "[sink]\npools = rbd\n" + value, "f.conf");
     EXPECT_TRUE(c.ok()) << c.status().ToString();
     return c.ok() ? c->sink->spool_max_bytes : ~0ull;
   };
   EXPECT_EQ(max(""), 0u);
   EXPECT_EQ(max("spool_max_bytes = 20G\n"), 20ull << 30);
   EXPECT_EQ(max("spool_max_bytes = 0\n"), 0u);
-  EXPECT_THAT(Error("[sink]\npools = rbd\nspool_max_bytes = 64K\n"),
+  EXPECT_THAT(Error(kSinkSecure + "[sink]\npools = rbd\nspool_max_bytes = 64K\n"),
               HasSubstr("[sink] spool_max_bytes: must be 0 (no limit) or at least 1M"));
-  EXPECT_THAT(Error("[sink]\npools = rbd\nspool_max_bytes = lots\n"), HasSubstr("is not a size"));
+  EXPECT_THAT(Error(kSinkSecure + "[sink]\npools = rbd\nspool_max_bytes = lots\n"),
+              HasSubstr("is not a size"));
 }
 
 TEST(Config, VolumeReadsWholeObjectsByDefault) {
-  auto c = ParseConfig("[volume v]\nimage = i\npeer = h:1\n", "f.conf");
+  auto c = ParseConfig(kTls + "[volume v]\nimage = i\npeer = h:1\n", "f.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   ASSERT_EQ(c->volumes.size(), 1u);
   EXPECT_EQ(c->volumes[0].block_size, 4u << 20);  // an RBD object
@@ -159,22 +185,69 @@ TEST(Config, VolumeReadsWholeObjectsByDefault) {
 }
 
 TEST(Config, SinkRetentionAndWindow) {
-  auto c = ParseConfig("[sink]\npools = rbd\n", "f.conf");
+  auto c = ParseConfig(kSinkSecure + "[sink]\npools = rbd\n", "f.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->sink->keep_points, 24u);  // bounded unless asked
   EXPECT_EQ(c->sink->window, 32u);
   EXPECT_EQ(c->sink->window_bytes, 32u << 20);
-  c = ParseConfig("[sink]\npools = rbd\nkeep_points = 48\nwindow = 8\nwindow_bytes = 64M\n",
-                  "f.conf");
+  c = ParseConfig(
+      kSinkSecure + "[sink]\npools = rbd\nkeep_points = 48\nwindow = 8\nwindow_bytes = 64M\n",
+      "f.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
   EXPECT_EQ(c->sink->keep_points, 48u);
   EXPECT_EQ(c->sink->window, 8u);
   EXPECT_EQ(c->sink->window_bytes, 64u << 20);
-  EXPECT_THAT(Error("[sink]\npools = rbd\nwindow_bytes = 64K\n"),
+  EXPECT_THAT(Error(kSinkSecure + "[sink]\npools = rbd\nwindow_bytes = 64K\n"),
               HasSubstr("[sink] window_bytes: 65536 is out of range [1048576, 1073741824]"));
-  EXPECT_THAT(Error("[sink]\npools = rbd\nwindow = 0\n"),
+  EXPECT_THAT(Error(kSinkSecure + "[sink]\npools = rbd\nwindow = 0\n"),
               HasSubstr("[sink] window: 0 is out of range [1, 256]"));
-  EXPECT_THAT(Error("[sink]\npools = rbd\nkeep_points = -1\n"), HasSubstr("keep_points"));
+  EXPECT_THAT(Error(kSinkSecure + "[sink]\npools = rbd\nkeep_points = -1\n"),
+              HasSubstr("keep_points"));
+}
+
+}  // namespace
+}  // namespace cairn
+
+namespace cairn {
+namespace {
+
+TEST(Config, LinksAreMutualTlsUnlessExplicitlyInsecure) {
+  const std::string volume = "[volume v]\nimage = i\npeer = h:1\n";
+  EXPECT_THAT(Error(volume), HasSubstr("f.conf: [tls] needs ca, cert and key"));
+  EXPECT_THAT(Error("[tls]\nca = /x/ca.pem\n" + volume), HasSubstr("[tls] needs ca, cert and key"));
+  auto c = ParseConfig("[tls]\ninsecure = true\n" + volume, "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_TRUE(c->tls.insecure);
+  EXPECT_THAT(Error("[tls]\ninsecure = yes\n" + volume),
+              HasSubstr("[tls] insecure: is true or false"));
+  EXPECT_THAT(Error("[tls]\ninsecure = true\nca = /x/ca.pem\n" + volume),
+              HasSubstr("say which one is meant"));
+  EXPECT_THAT(Error("[tls]\ninsecure = true\n[peer a]\nsite = a\n[sink]\npools = rbd\n"),
+              HasSubstr("[peer a] cannot be checked over plaintext links"));
+}
+
+TEST(Config, SinkGrantsEachSourceWhatItMayWrite) {
+  EXPECT_THAT(Error(kTls + "[sink]\npools = rbd\n"),
+              HasSubstr("[sink] needs a [peer NAME] section for each source"));
+  EXPECT_THAT(Error(kSinkSecure + "[volume v]\nimage = i\npeer = h:1\n"),
+              HasSubstr("[peer site-a] grants what a source may write to this node's sink, but "
+                        "there is no [sink]"));
+  EXPECT_THAT(Error(kTls + "[peer x]\npools = rbd\n[sink]\npools = rbd\n"),
+              HasSubstr("[peer x] needs 'site'"));
+  EXPECT_THAT(Error(kTls + "[peer x]\nsite = a\npools = other\n[sink]\npools = rbd\n"),
+              HasSubstr("[peer x] pools: 'other' is not one of [sink] pools"));
+  EXPECT_THAT(Error(kTls + "[peer x]\nsite = a\n[peer x]\nsite = b\n[sink]\npools = rbd\n"),
+              HasSubstr("set twice"));
+  EXPECT_THAT(Error(kTls + "[peer x]\nsite = a\nvolumes = ,\n[sink]\npools = rbd\n"),
+              HasSubstr("lists no volume"));
+  EXPECT_THAT(Error(kTls + "[peer x]\nsite = a\nrole = sink\n[sink]\npools = rbd\n"),
+              HasSubstr("[peer x] has unknown key 'role'"));
+  auto c = ParseConfig(
+      kSinkSecure + "[sink]\npools = rbd\n[source]\npeer = h:1\npeer_name = site-b\n", "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->source->peer_name, "site-b");
+  EXPECT_EQ(c->peers[0].volumes, (std::vector<std::string>{"*"}));
+  EXPECT_TRUE(c->peers[0].pools.empty());  // every pool of the sink
 }
 
 }  // namespace
