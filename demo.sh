@@ -2,7 +2,7 @@
 # Cairn's main job, end to end, on this machine:
 #   two single-node Ceph clusters on loopback (site A, site B), an RBD image
 #   at A with data on it, cairnd as source at A and as sink at B replicating
-#   every second while writes go on, the restore points listed at B, one of
+#   every second over mutual TLS while writes go on, the restore points listed at B, one of
 #   them restored to a new image at B, and its content proven equal to the
 #   source snapshot it stands for. Everything it started is stopped at the end.
 # Usage: ./demo.sh     (installs what it needs with apt, builds, runs)
@@ -37,6 +37,12 @@ say "creating image rbd/demo (256 MiB) at site A and writing 64 MiB to it"
 rbd -c "$A" create rbd/demo --size 256M
 rbd -c "$A" bench --io-type write --io-pattern rand --io-size 64K --io-total 64M rbd/demo >/dev/null
 
+say "making a CA and the certificates of site-a and site-b (deploy/cairn-certs)"
+PKI=$RUN/pki
+deploy/cairn-certs ca "$PKI" >/dev/null
+deploy/cairn-certs cert "$PKI" site-a IP:127.0.0.1 >/dev/null
+deploy/cairn-certs cert "$PKI" site-b IP:127.0.0.1 >/dev/null
+
 PORT=$(( ${CAIRN_DEMO_BASE_PORT:-24789} + 500 ))
 cat > "$RUN/cairnd-b.conf" <<CONF
 [cairnd]
@@ -44,6 +50,13 @@ site = b
 control_socket = $RUN/b.sock
 [ceph]
 conf = $B
+[tls]
+ca = $PKI/ca.pem
+cert = $PKI/site-b.pem
+key = $PKI/site-b.key
+[peer site-a]
+site = a
+pools = rbd
 [sink]
 listen = 127.0.0.1:$PORT
 spool_dir = $RUN/spool
@@ -55,6 +68,10 @@ site = a
 control_socket = $RUN/a.sock
 [ceph]
 conf = $A
+[tls]
+ca = $PKI/ca.pem
+cert = $PKI/site-a.pem
+key = $PKI/site-a.key
 [volume demo]
 pool = rbd
 image = demo
@@ -63,7 +80,7 @@ interval = 1s
 keep_snapshots = 100
 CONF
 CAIRN=build/engine/cairn
-say "starting cairnd: sink at site B (127.0.0.1:$PORT), source at site A (every 1 s)"
+say "starting cairnd: sink at site B (127.0.0.1:$PORT), source at site A (every 1 s), over mutual TLS"
 build/engine/cairnd -c "$RUN/cairnd-b.conf" >"$RUN/cairnd-b.log" 2>&1 & PIDS+=($!)
 build/engine/cairnd -c "$RUN/cairnd-a.conf" >"$RUN/cairnd-a.log" 2>&1 & PIDS+=($!)
 # Both answer on their control sockets before anything is asked of them.

@@ -29,6 +29,10 @@ wait_socket() {  # SOCKET: until cairnd answers, 30 s at most
 
 printf '| image | written | time to first point | source peak RSS | sink peak RSS |\n|---|---|---|---|---|\n'
 port=$(( ${CAIRN_BENCH_BASE_PORT:-23789} + 500 ))
+PKI=$RUN/pki  # the links are mutual TLS, as deployed
+deploy/cairn-certs ca "$PKI" >/dev/null
+for s in a b; do deploy/cairn-certs cert "$PKI" "site-$s" IP:127.0.0.1 >/dev/null; done
+tls() { printf '[tls]\nca=%s/ca.pem\ncert=%s/site-%s.pem\nkey=%s/site-%s.key\n' "$PKI" "$PKI" "$1" "$PKI" "$1"; }
 for size in 1G 1T; do
   name=mem-$size; w=$RUN/$name; mkdir -p "$w"; port=$((port + 1))
   rbd -c "$CEPH_CONF_A" create "rbd/$name" --size "$size"
@@ -36,8 +40,10 @@ for size in 1G 1T; do
     "rbd/$name" >/dev/null
   printf '[cairnd]\nsite=b\ncontrol_socket=%s/b.sock\n[ceph]\nconf=%s\n[sink]\nlisten=127.0.0.1:%s\nspool_dir=%s/spool\n' \
     "$w" "$CEPH_CONF_B" "$port" "$w" >"$w/b.conf"
+  { tls b; printf '[peer site-a]\nsite=a\n'; } >>"$w/b.conf"
   printf '[cairnd]\nsite=a\ncontrol_socket=%s/a.sock\n[ceph]\nconf=%s\n[volume %s]\nimage=%s\npeer=127.0.0.1:%s\ninterval=0\n' \
     "$w" "$CEPH_CONF_A" "$name" "$name" "$port" >"$w/a.conf"
+  tls a >>"$w/a.conf"
   "$CAIRND" -c "$w/b.conf" >"$w/b.log" 2>&1 & b=$!; PIDS+=("$b")
   "$CAIRND" -c "$w/a.conf" >"$w/a.log" 2>&1 & a=$!; PIDS+=("$a")
   wait_socket "$w/a.sock"; wait_socket "$w/b.sock"

@@ -1,5 +1,6 @@
 """Bad input gets a clear error, a trustworthy exit code, and touches no data."""
 import os
+import ssl
 import subprocess
 
 import cairn_testlib as lib
@@ -101,17 +102,17 @@ def _wire():
 
 
 def _talk(port, data, timeout=10):
-    """Sends raw bytes to 127.0.0.1:port; returns the frames answered until
-    the peer closes (or a WireError)."""
+    """Sends raw bytes to 127.0.0.1:port over mutual TLS as site a's source;
+    returns the frames answered until the peer closes (or a WireError)."""
     import socket
     wire, _ = _wire()
     got = []
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+    with lib.tls_client(socket.create_connection(("127.0.0.1", port), timeout=timeout)) as s:
         s.sendall(data)
         try:
             while (f := wire.read_frame(s)) is not None:
                 got.append(f)
-        except (wire.WireError, ConnectionResetError):
+        except (wire.WireError, ConnectionResetError, ssl.SSLError):
             pass
     return got
 
@@ -126,12 +127,14 @@ def _link_error(frames):
 
 
 class _FakeSink:
-    """A TCP server that answers every connection with `answer(data)`."""
+    """A TLS server with site b's certificate (a sink that authenticates but
+    lies) that answers every connection with `answer(data)`."""
 
     def __init__(self, answer):
         import socket
         import threading
         self.answer = answer
+        self.tls = lib.tls_server_context("b")
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.stopping = False
@@ -144,12 +147,12 @@ class _FakeSink:
                 conn, _ = self.server.accept()
             except OSError:
                 return
-            with conn:
-                try:
-                    conn.settimeout(5)
-                    conn.sendall(self.answer(conn.recv(65536)))
-                except OSError:
-                    pass
+            try:
+                conn.settimeout(5)
+                with self.tls.wrap_socket(conn, server_side=True) as tls:
+                    tls.sendall(self.answer(tls.recv(65536)))
+            except OSError:
+                conn.close()
 
     def stop(self):
         self.stopping = True

@@ -5,11 +5,14 @@ tests/cluster/testbed.sh, real cairnd processes, the real `cairn` CLI.
 Waiting is always on a condition with a deadline and a message that says
 what did not happen; never a bare sleep.
 """
+import atexit
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 
 import rados
@@ -21,6 +24,71 @@ CAIRND = os.path.join(BUILD, "engine", "cairnd")
 CAIRN = os.path.join(BUILD, "engine", "cairn")
 TESTBED = os.path.join(ROOT, "tests", "cluster", "testbed.sh")
 SHIM = os.path.join(ROOT, "cinder_driver_shim")  # cairn_cinder: frames, control client
+CERTS = os.path.join(ROOT, "deploy", "cairn-certs")
+
+_pki = None
+
+
+def pki():
+    """The certificates of this test run, made once by deploy/cairn-certs:
+    DIR/ca.pem with site-a and site-b (both name 127.0.0.1 and localhost),
+    and DIR/rogue/, another CA with its own site-a."""
+    global _pki
+    if _pki is None:
+        d = tempfile.mkdtemp(prefix="cairn-pki.")
+        atexit.register(shutil.rmtree, d, True)
+        for args in (["ca", d], ["cert", d, "site-a", "IP:127.0.0.1", "DNS:localhost"],
+                     ["cert", d, "site-b", "IP:127.0.0.1", "DNS:localhost"],
+                     ["ca", f"{d}/rogue", "--name", "Rogue CA"],
+                     ["cert", f"{d}/rogue", "site-a", "IP:127.0.0.1", "DNS:localhost"]):
+            subprocess.run([CERTS, *args], check=True, capture_output=True, text=True)
+        _pki = d
+    return _pki
+
+
+def tls_config(site, pki_dir=None):
+    """The [tls] section of site `site`'s cairnd: mutual TLS with the
+    certificate of site-<site>."""
+    d = pki_dir or pki()
+    return f"[tls]\nca = {d}/ca.pem\ncert = {d}/site-{site}.pem\nkey = {d}/site-{site}.key\n\n"
+
+
+def grant_config(source_site, pools="", volumes=""):
+    """A sink's [peer site-<source_site>] grant: that site's source may write
+    `pools` (default: all of [sink] pools) and `volumes` (default: all)."""
+    return (f"[peer site-{source_site}]\nsite = {source_site}\n"
+            + (f"pools = {pools}\n" if pools else "")
+            + (f"volumes = {volumes}\n" if volumes else "") + "\n")
+
+
+def tls_client(sock, site="a", pki_dir=None, cert=True, server_name="127.0.0.1"):
+    """`sock` wrapped in TLS 1.3 as cairnd's source does: it trusts DIR/ca.pem
+    and presents site-<site>'s certificate (none if not `cert`)."""
+    import ssl
+    d = pki_dir or pki()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_verify_locations(f"{d}/ca.pem")
+    if cert:
+        ctx.load_cert_chain(f"{d}/site-{site}.pem", f"{d}/site-{site}.key")
+    return ctx.wrap_socket(sock, server_hostname=server_name)
+
+
+def tls_server_context(site="b", pki_dir=None):
+    """A TLS 1.3 server context as cairnd's sink has: site-<site>'s
+    certificate, and a client certificate from DIR/ca.pem required."""
+    import ssl
+    d = pki_dir or pki()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(f"{d}/site-{site}.pem", f"{d}/site-{site}.key")
+    ctx.load_verify_locations(f"{d}/ca.pem")
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def other_site(site):
+    return {"a": "b", "b": "a"}.get(site, "a")
 
 BLOCK = 64 * 1024
 
@@ -204,7 +272,7 @@ def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, extra
     extra: more "key = value" lines for every [volume] section; ceph_extra:
     for [ceph] (e.g. "op_timeout = 5s\n")."""
     text = (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
-            f"[ceph]\nconf = {conf}\nclient = admin\n{ceph_extra}\n")
+            f"[ceph]\nconf = {conf}\nclient = admin\n{ceph_extra}\n" + tls_config(site))
     for vid, (image, target) in volumes.items():
         text += (f"[volume {vid}]\npool = rbd\nimage = {image}\ntarget_image = {target}\n"
                  f"peer = 127.0.0.1:{peer_port}\ninterval = {interval}\n"
@@ -212,15 +280,19 @@ def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, extra
     return text
 
 
-def sink_config(site, conf, port, spool_dir, pools="rbd", extra="", ceph_extra=""):
+def sink_config(site, conf, port, spool_dir, pools="rbd", extra="", ceph_extra="", grants=None):
     """cairnd.conf of a sink node; extra: more "key = value" lines for
     [sink] (e.g. "spool_max_bytes = 8M\n"); ceph_extra: for [ceph].
     Every point is kept (keep_points = 0) unless extra says otherwise: the
-    tests compare each point with its source snapshot."""
+    tests compare each point with its source snapshot. grants: the [peer]
+    sections (default: the other site's source may write anything)."""
     if "keep_points" not in extra:
         extra = "keep_points = 0\n" + extra
+    if grants is None:
+        grants = grant_config(other_site(site))
     return (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
             f"[ceph]\nconf = {conf}\nclient = admin\n{ceph_extra}\n"
+            + tls_config(site) + grants +
             f"[sink]\nlisten = 127.0.0.1:{port}\nspool_dir = {spool_dir}\npools = {pools}\n"
             f"{extra}")
 

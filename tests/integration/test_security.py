@@ -1,0 +1,154 @@
+"""Trust nobody on the wire: a sink serves only sources that authenticate
+with a certificate from its CA and that a [peer NAME] grant allows. Every
+refused peer gets nothing (no seq, no digest), writes nothing, and leaves
+the live session of the volume as it was."""
+import socket
+import ssl
+import sys
+import threading
+
+import rbd
+
+import cairn_testlib as lib
+
+sys.path.insert(0, lib.SHIM)
+from cairn_cinder import cairn_pb2 as pb, wire  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _hello(volume, image, site="a", pool="rbd"):
+    h = pb.Hello(protocol_version=1, volume=volume, pool=pool, image=image, source_site=site)
+    return wire.encode(wire.HELLO, h.SerializeToString())
+
+
+def _answer(sock, data):
+    """What the sink answers `data` on `sock`: its frames until it closes."""
+    got = []
+    try:
+        sock.sendall(data)
+        while (f := wire.read_frame(sock)) is not None:
+            got.append(f)
+    except (wire.WireError, OSError):
+        pass
+    return got
+
+
+def _tls_refused(port, **tls):
+    """A TLS client as `tls` says; returns the frames it got (none expected)
+    or the handshake's error."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s = lib.tls_client(raw, **tls)
+    except (ssl.SSLError, OSError) as e:
+        raw.close()
+        return e
+    with s:
+        return _answer(s, _hello("any", "any-s"))
+
+
+def _link_error(frames):
+    assert [f[0] for f in frames] == [wire.LINK_ERROR], f"not one LinkError: {frames}"
+    e = pb.LinkError()
+    e.ParseFromString(frames[0][1])
+    return wire.CODES[e.code], e.message
+
+
+def test_only_granted_sources_get_anything(site_a, site_b, workdir, daemons, name):
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool",
+        grants=lib.grant_config("a", pools="rbd", volumes=f"{name}*"))))
+    site_a.create(name, 8 * MiB)
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(b"before the intruders" * 4096, 0)
+    source = daemons(lib.Cairnd(workdir, "src", lib.source_config(
+        "a", site_a.conf, port, {name: (name, name + "-s")})))
+    first = source.json("replicate", name, "--wait", "--timeout", "60")["seq"]
+    points = sink.json("points", name)
+
+    # 1. Plaintext: the sink's handshake fails; a Cairn Hello is never read.
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        got = _answer(s, _hello(name, name + "-s"))
+    assert got == [], f"a plaintext peer got frames: {got}"
+    # 2. TLS without a client certificate, 3. a certificate of another CA.
+    no_cert = _tls_refused(port, cert=False)
+    assert isinstance(no_cert, Exception) or no_cert == [], no_cert
+    rogue = _tls_refused(port, pki_dir=f"{lib.pki()}/rogue")
+    assert isinstance(rogue, Exception) or rogue == [], rogue
+    lib.wait_for("the sink logging the refused handshakes",
+                 lambda: sink.log_text().count("TLS handshake with") >= 3, timeout=20)
+    # 4. A valid certificate that no grant names (site-b's), 5. site a's own
+    # certificate for a volume, a site or a pool its grant does not allow.
+    cases = [("b", name, "a", "rbd", "no [peer NAME] grant"),
+             ("a", "other-volume", "a", "rbd", "does not allow site 'a' to write volume"),
+             ("a", name, "c", "rbd", "does not allow site 'c'")]
+    for cert_site, volume, claimed, pool, want in cases:
+        with lib.tls_client(socket.create_connection(("127.0.0.1", port), timeout=10),
+                            site=cert_site) as s:
+            code, msg = _link_error(_answer(s, _hello(volume, volume + "-s", claimed, pool)))
+        assert code == "PermissionDenied" and want in msg, (cert_site, volume, code, msg)
+        assert str(first) not in msg, f"a refusal revealed the newest seq: {msg}"
+
+    # Nothing was written, and the live session carries on.
+    assert sink.json("points", name) == points
+    assert "other-volume-s" not in site_b.images()
+    st = source.json("status", name)[0]
+    assert st["state"] != "error" and st["errors_total"] == 0, st
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(b"after the intruders" * 4096, 3 * MiB)
+    seq = source.json("replicate", name, "--wait", "--timeout", "60")["seq"]
+    assert seq == first + 1
+    p = sink.json("points", name)[-1]
+    assert p["seq"] == seq and p["source_site"] == "a", p
+    assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{seq}")
+
+
+def _threads(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("Threads:")).split()[1])
+
+
+def test_a_flood_of_connections_is_closed_before_it_costs_threads(site_a, site_b, workdir,
+                                                                  daemons, name):
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool")))
+    base = _threads(sink.proc.pid)
+    most = base
+    flood = []
+    stop = threading.Event()
+
+    def watch():
+        nonlocal most
+        while not stop.is_set():
+            most = max(most, _threads(sink.proc.pid))
+            stop.wait(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(300):  # connect, then say nothing
+            flood.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        lib.wait_for("the sink closing the connections over its limit at once",
+                     lambda: "at once" in sink.log_text(), timeout=30)
+        lib.wait_for("the 8 admitted connections timing out of their handshake",
+                     lambda: sink.log_text().count("did not finish its TLS handshake") >= 8,
+                     timeout=60)
+    finally:
+        stop.set()
+        watcher.join()
+        for s in flood:
+            s.close()
+    # At most 8 unauthenticated connections from one address got a thread.
+    assert most <= base + 8 + 1, f"the flood grew the sink from {base} to {most} threads"
+    # A real source is served after the flood.
+    site_a.create(name, 4 * MiB)
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(b"after the flood" * 1000, 4096)
+    source = daemons(lib.Cairnd(workdir, "src", lib.source_config(
+        "a", site_a.conf, port, {name: (name, name + "-s")})))
+    seq = source.json("replicate", name, "--wait", "--timeout", "90")["seq"]
+    p = sink.json("points", name)[-1]
+    assert p["seq"] == seq
+    assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{seq}")
