@@ -50,6 +50,8 @@ site = b
 control_socket = $RUN/b.sock
 [ceph]
 conf = $B
+client = cairn
+keyring = $CAIRN_KEYRING_B
 [tls]
 ca = $PKI/ca.pem
 cert = $PKI/site-b.pem
@@ -68,6 +70,8 @@ site = a
 control_socket = $RUN/a.sock
 [ceph]
 conf = $A
+client = cairn
+keyring = $CAIRN_KEYRING_A
 [tls]
 ca = $PKI/ca.pem
 cert = $PKI/site-a.pem
@@ -80,7 +84,7 @@ interval = 1s
 keep_snapshots = 100
 CONF
 CAIRN=build/engine/cairn
-say "starting cairnd: sink at site B (127.0.0.1:$PORT), source at site A (every 1 s), over mutual TLS"
+say "starting cairnd as client.cairn (caps: profile rbd): sink at site B (127.0.0.1:$PORT), source at site A (every 1 s), over mutual TLS"
 build/engine/cairnd -c "$RUN/cairnd-b.conf" >"$RUN/cairnd-b.log" 2>&1 & PIDS+=($!)
 build/engine/cairnd -c "$RUN/cairnd-a.conf" >"$RUN/cairnd-a.log" 2>&1 & PIDS+=($!)
 # Both answer on their control sockets before anything is asked of them.

@@ -38,11 +38,11 @@ for size in 1G 1T; do
   rbd -c "$CEPH_CONF_A" create "rbd/$name" --size "$size"
   rbd -c "$CEPH_CONF_A" bench --io-type write --io-pattern rand --io-size 1M --io-total 64M \
     "rbd/$name" >/dev/null
-  printf '[cairnd]\nsite=b\ncontrol_socket=%s/b.sock\n[ceph]\nconf=%s\n[sink]\nlisten=127.0.0.1:%s\nspool_dir=%s/spool\n' \
-    "$w" "$CEPH_CONF_B" "$port" "$w" >"$w/b.conf"
+  printf '[cairnd]\nsite=b\ncontrol_socket=%s/b.sock\n[ceph]\nconf=%s\nclient=cairn\nkeyring=%s\n[sink]\nlisten=127.0.0.1:%s\nspool_dir=%s/spool\n' \
+    "$w" "$CEPH_CONF_B" "$CAIRN_KEYRING_B" "$port" "$w" >"$w/b.conf"
   { tls b; printf '[peer site-a]\nsite=a\n'; } >>"$w/b.conf"
-  printf '[cairnd]\nsite=a\ncontrol_socket=%s/a.sock\n[ceph]\nconf=%s\n[volume %s]\nimage=%s\npeer=127.0.0.1:%s\ninterval=0\n' \
-    "$w" "$CEPH_CONF_A" "$name" "$name" "$port" >"$w/a.conf"
+  printf '[cairnd]\nsite=a\ncontrol_socket=%s/a.sock\n[ceph]\nconf=%s\nclient=cairn\nkeyring=%s\n[volume %s]\nimage=%s\npeer=127.0.0.1:%s\ninterval=0\n' \
+    "$w" "$CEPH_CONF_A" "$CAIRN_KEYRING_A" "$name" "$name" "$port" >"$w/a.conf"
   tls a >>"$w/a.conf"
   "$CAIRND" -c "$w/b.conf" >"$w/b.log" 2>&1 & b=$!; PIDS+=("$b")
   "$CAIRND" -c "$w/a.conf" >"$w/a.log" 2>&1 & a=$!; PIDS+=("$a")

@@ -107,7 +107,7 @@ def source_config(conf, peer_port, interval="1s", extra=""):
     """cairnd.conf of site A: no [volume] sections; the driver registers
     volumes in the [source] pools."""
     return (f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n"
-            f"[ceph]\nconf = {conf}\nclient = admin\n\n" + lib.tls_config("a") +
+            lib.ceph_config(conf) + lib.tls_config("a") +
             f"[source]\npools = rbd\npeer = 127.0.0.1:{peer_port}\n"
             f"interval = {interval}\n{extra}")
 

@@ -25,7 +25,7 @@ def services(testbed, tmp_path):
     sink = lib.Cairnd(work, "sink-b", lib.sink_config("b", site_b.conf, port, f"{work}/spool"))
     source = lib.Cairnd(work, "source-a", (
         f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n"
-        f"[ceph]\nconf = {site_a.conf}\nclient = admin\n\n" + lib.tls_config("a") +
+        lib.ceph_config(site_a.conf) + lib.tls_config("a") +
         f"[source]\npools = rbd\npeer = 127.0.0.1:{port}\ninterval = 1s\n"
         f"keep_snapshots = 100\n"))
     sink.start()

@@ -602,12 +602,20 @@ cmd_start() {
     exit 1
   fi
 
+  # cairnd's own least-privilege user at each site (never client.admin).
+  local s
+  for s in a b; do
+    cmd_user "$dir" "$s" cairn >/dev/null || { stop_dir "$dir" >&2; exit 1; }
+  done
+
   {
     echo "# Written by $PROG start; source it (set -a to export)."
     printf 'CEPH_CONF_A=%q\n' "$dir/a/ceph.conf"
     printf 'CEPH_CONF_B=%q\n' "$dir/b/ceph.conf"
     printf 'CEPH_KEYRING_A=%q\n' "$dir/a/ceph.client.admin.keyring"
     printf 'CEPH_KEYRING_B=%q\n' "$dir/b/ceph.client.admin.keyring"
+    printf 'CAIRN_KEYRING_A=%q\n' "$dir/a/ceph.client.cairn.keyring"
+    printf 'CAIRN_KEYRING_B=%q\n' "$dir/b/ceph.client.cairn.keyring"
     printf 'CEPH_MON_A=%q\n' "v2:127.0.0.1:$base"
     printf 'CEPH_MON_B=%q\n' "v2:127.0.0.1:$((base + 1))"
   } >"$dir/env"

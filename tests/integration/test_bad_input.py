@@ -1,5 +1,6 @@
 """Bad input gets a clear error, a trustworthy exit code, and touches no data."""
 import os
+import re
 import ssl
 import subprocess
 
@@ -39,13 +40,14 @@ def test_missing_pool_and_wrong_key(tmp_path, testbed):
     assert "nosuchpool" in r.stderr, r.stderr
 
     bad_keyring = tmp_path / "bad.keyring"
-    bad_keyring.write_text("[client.admin]\n\tkey = AQBSdFhiAAAAABAAd4kWm9LzLP5W0cpM2y+M3A==\n")
-    p.write_text(lib.sink_config("b", testbed["CEPH_CONF_B"], 1, str(tmp_path))
-                 .replace("@SOCKET@", str(tmp_path / "s.sock"))
-                 .replace("client = admin\n", f"client = admin\nkeyring = {bad_keyring}\n"))
+    bad_keyring.write_text("[client.cairn]\n\tkey = AQBSdFhiAAAAABAAd4kWm9LzLP5W0cpM2y+M3A==\n")
+    text = lib.sink_config("b", testbed["CEPH_CONF_B"], 1, str(tmp_path))
+    good_keyring = re.search(r"^keyring = (.*)$", text, re.M).group(1)
+    p.write_text(text.replace("@SOCKET@", str(tmp_path / "s.sock"))
+                 .replace(good_keyring, str(bad_keyring)))
     r = run_cairnd(str(p))
     assert r.returncode == 1
-    assert "key" in r.stderr.lower() and "admin" in r.stderr, r.stderr
+    assert "key" in r.stderr.lower() and "cairn" in r.stderr, r.stderr
 
 
 def test_cli_exit_codes(site_a, site_b, workdir, daemons, name):

@@ -46,6 +46,14 @@ def pki():
     return _pki
 
 
+def ceph_config(conf, extra=""):
+    """The [ceph] section of a cairnd on the cluster of `conf`: as the
+    least-privilege user client.cairn (mon and osd 'profile rbd') that
+    testbed.sh start makes at each site, never client.admin."""
+    keyring = os.path.join(os.path.dirname(conf), "ceph.client.cairn.keyring")
+    return f"[ceph]\nconf = {conf}\nclient = cairn\nkeyring = {keyring}\n{extra}\n"
+
+
 def tls_config(site, pki_dir=None):
     """The [tls] section of site `site`'s cairnd: mutual TLS with the
     certificate of site-<site>."""
@@ -272,7 +280,7 @@ def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, extra
     extra: more "key = value" lines for every [volume] section; ceph_extra:
     for [ceph] (e.g. "op_timeout = 5s\n")."""
     text = (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
-            f"[ceph]\nconf = {conf}\nclient = admin\n{ceph_extra}\n" + tls_config(site))
+            + ceph_config(conf, ceph_extra) + tls_config(site))
     for vid, (image, target) in volumes.items():
         text += (f"[volume {vid}]\npool = rbd\nimage = {image}\ntarget_image = {target}\n"
                  f"peer = 127.0.0.1:{peer_port}\ninterval = {interval}\n"
@@ -291,7 +299,7 @@ def sink_config(site, conf, port, spool_dir, pools="rbd", extra="", ceph_extra="
     if grants is None:
         grants = grant_config(other_site(site))
     return (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
-            f"[ceph]\nconf = {conf}\nclient = admin\n{ceph_extra}\n"
+            + ceph_config(conf, ceph_extra)
             + tls_config(site) + grants +
             f"[sink]\nlisten = 127.0.0.1:{port}\nspool_dir = {spool_dir}\npools = {pools}\n"
             f"{extra}")
