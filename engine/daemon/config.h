@@ -1,6 +1,7 @@
 // cairnd's configuration: an INI file, like ceph.conf and cinder.conf.
 //
-//   [cairnd]            site = a; control_socket = PATH; log_level = info
+//   [cairnd]            site = a; control_socket = PATH; log_level = info;
+//                       control_group; admin_group
 //   [ceph]              conf = /etc/ceph/ceph.conf; client = admin; keyring = PATH;
 //                       op_timeout = 30s
 //   [sink]              listen = HOST:PORT; spool_dir = PATH; pools = rbd,volumes;
@@ -77,6 +78,12 @@ struct TlsConfig {
 struct DaemonConfig {
   std::string site = "default";
   std::string control_socket = "/run/cairn/cairnd.sock";
+  // The control socket is 0660 in this group (who may connect and read:
+  // status, points); empty: 0600, cairnd's own user and root only.
+  std::string control_group;
+  // Who may also change (replicate, restore, register, unregister, promote,
+  // release): root, cairnd's own user, and the members of this group.
+  std::string admin_group;
   std::string log_level = "info";
   // Buffer memory lent to the epochs in flight, all volumes together
   // (source read windows, sink apply windows and spool buffers): the

@@ -1,6 +1,13 @@
 #include "engine/daemon/control.h"
 
 #include <fmt/format.h>
+#include <grp.h>
+#include <pwd.h>
+#include <spdlog/spdlog.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <utility>
 
 #include "proto/cairn.pb.h"
 
@@ -132,15 +139,86 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
       "register_volume, unregister_volume, promote, release)");
 }
 
+// What a changing request is called and the volume it names; nullopt for
+// the read-only ones.
+std::optional<std::pair<std::string_view, std::string>> Change(const pb::ControlRequest& req) {
+  switch (req.request_case()) {
+    case pb::ControlRequest::kRestore:
+      return std::make_pair("restore", req.restore().volume());
+    case pb::ControlRequest::kReplicate:
+      return std::make_pair("replicate", req.replicate().volume());
+    case pb::ControlRequest::kRegisterVolume:
+      return std::make_pair("register_volume", req.register_volume().volume());
+    case pb::ControlRequest::kUnregisterVolume:
+      return std::make_pair("unregister_volume", req.unregister_volume().volume());
+    case pb::ControlRequest::kPromote:
+      return std::make_pair("promote", req.promote().volume());
+    case pb::ControlRequest::kRelease:
+      return std::make_pair("release", req.release().volume());
+    default:
+      return std::nullopt;
+  }
+}
+
+// The name of user `uid` in the user database, or nullopt.
+std::optional<std::string> UserName(uid_t uid) {
+  std::vector<char> buf(16384);
+  passwd pw{};
+  passwd* found = nullptr;
+  if (getpwuid_r(uid, &pw, buf.data(), buf.size(), &found) != 0 || found == nullptr) {
+    return std::nullopt;
+  }
+  return std::string(pw.pw_name);
+}
+
+// The groups of user `uid` in the user database (primary `gid` included).
+std::vector<gid_t> GroupsOf(uid_t uid, gid_t gid) {
+  const std::optional<std::string> name = UserName(uid);
+  if (!name) return {gid};
+  int n = 64;
+  std::vector<gid_t> groups(n);
+  if (getgrouplist(name->c_str(), gid, groups.data(), &n) < 0) {
+    groups.resize(n);
+    if (getgrouplist(name->c_str(), gid, groups.data(), &n) < 0) return {gid};
+  }
+  groups.resize(n);
+  return groups;
+}
+
 }  // namespace
 
-std::string HandleControl(ControlService& service, const Frame& request) {
+ControlCaller CallerOf(const PeerCredentials& c, std::optional<uint32_t> admin_gid) {
+  ControlCaller caller;
+  caller.who = fmt::format("pid {} uid {} ({})", c.pid, c.uid, UserName(c.uid).value_or("?"));
+  if (c.uid == 0 || c.uid == ::geteuid()) {
+    caller.admin = true;
+  } else if (admin_gid) {
+    const auto groups = GroupsOf(c.uid, c.gid);
+    caller.admin = std::find(groups.begin(), groups.end(), *admin_gid) != groups.end();
+  }
+  return caller;
+}
+
+std::string HandleControl(ControlService& service, const Frame& request,
+                          const ControlCaller& caller) {
   pb::ControlReply reply;
   pb::ControlRequest req;
   if (request.type != FrameType::kControlRequest || !req.ParseFromString(request.body)) {
     return Reply(InvalidArgument(fmt::format("malformed control request ({} frame of {} bytes)",
                                              FrameTypeName(request.type), request.body.size())),
                  reply);
+  }
+  if (const auto change = Change(req)) {
+    if (!caller.admin) {
+      spdlog::warn("control: refused {} of '{}' by {}: not in [cairnd] admin_group", change->first,
+                   change->second, caller.who);
+      return Reply(PermissionDenied(fmt::format(
+                       "{} changes replication: the caller ({}) must be root, cairnd's own user "
+                       "or a member of [cairnd] admin_group",
+                       change->first, caller.who)),
+                   reply);
+    }
+    spdlog::info("control: {} of '{}' by {}", change->first, change->second, caller.who);
   }
   return Reply(Answer(service, req, reply), reply);
 }

@@ -6,12 +6,15 @@
 // service is thread-safe.
 #pragma once
 
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "engine/base/status.h"
 #include "engine/catalog/catalog.h"
 #include "engine/format/frame.h"
+#include "engine/link/link.h"
 #include "engine/replication/replication.h"
 #include "engine/replication/sink.h"
 
@@ -48,8 +51,25 @@ class ControlService {
   virtual StatusOr<std::string> Release(const std::string& volume) = 0;
 };
 
+// Who sent a control request, and what they may do: every caller may read
+// (status, points); only an admin may change anything (replicate, restore,
+// register, unregister, promote, release).
+struct ControlCaller {
+  bool admin = false;
+  std::string who;  // for the log: "pid 123 uid 0 (root)"
+};
+
+// Whether the process `c` may change: root, cairnd's own user, or a member
+// of `admin_gid` (its primary group, or a supplementary one in the user
+// database).
+ControlCaller CallerOf(const PeerCredentials& c, std::optional<uint32_t> admin_gid);
+
 // Decodes a ControlRequest frame, runs it, returns the ControlReply body.
-// A malformed request gets a reply with kInvalidArgument, never a crash.
-std::string HandleControl(ControlService& service, const Frame& request);
+// A malformed request gets a reply with kInvalidArgument, never a crash; a
+// changing request from a caller that is not an admin gets
+// kPermissionDenied and runs nothing. Changing requests are logged with
+// their caller.
+std::string HandleControl(ControlService& service, const Frame& request,
+                          const ControlCaller& caller);
 
 }  // namespace cairn

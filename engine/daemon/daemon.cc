@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+#include <grp.h>
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
@@ -12,8 +13,28 @@
 
 namespace cairn {
 
+namespace {
+
+// The id of group `name` ("" : none). kFailedPrecondition naming `key` if
+// the host has no such group.
+StatusOr<std::optional<uint32_t>> GroupId(const std::string& name, std::string_view key) {
+  if (name.empty()) return std::optional<uint32_t>();
+  std::vector<char> buf(16384);
+  group g{};
+  group* found = nullptr;
+  if (getgrnam_r(name.c_str(), &g, buf.data(), buf.size(), &found) != 0 || found == nullptr) {
+    return FailedPrecondition(fmt::format(
+        "[cairnd] {} '{}' is not a group on this host (getent group {})", key, name, name));
+  }
+  return std::optional<uint32_t>(g.gr_gid);
+}
+
+}  // namespace
+
 StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   std::unique_ptr<Daemon> d(new Daemon(std::move(config)));
+  ASSIGN_OR_RETURN(d->control_gid_, GroupId(d->config_.control_group, "control_group"));
+  ASSIGN_OR_RETURN(d->admin_gid_, GroupId(d->config_.admin_group, "admin_group"));
   const CephConfig& ceph = d->config_.ceph;
   auto cluster = RbdCluster::Connect(ceph.conf, ceph.client, ceph.keyring, ceph.op_timeout);
   if (!cluster.ok()) return cluster.status().Annotate("connecting to the local Ceph cluster");
@@ -119,14 +140,20 @@ Status Daemon::Start() {
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(config_.control_socket).parent_path(),
                                       ec);
-  auto control = Listener::ListenUnix(config_.control_socket);
+  auto control =
+      Listener::ListenUnix(config_.control_socket, {}, control_gid_ ? 0660 : 0600, control_gid_);
   if (!control.ok()) return control.status().Annotate("[cairnd] control_socket");
   control_server_ =
       std::make_unique<LinkServer>("control", std::move(control).value(), [this](Link& l) {
+        const auto creds = l.credentials();
+        const ControlCaller caller =
+            creds ? CallerOf(*creds, admin_gid_) : ControlCaller{false, "an unknown process"};
+        spdlog::debug("control: connection from {}{}", caller.who,
+                      caller.admin ? " (admin)" : " (read only)");
         while (true) {
           auto f = l.Receive(std::chrono::minutes(10));
           if (!f.ok()) return;
-          const std::string reply = HandleControl(*this, *f);
+          const std::string reply = HandleControl(*this, *f, caller);
           if (!l.Send(FrameType::kControlReply, reply, {}).ok()) return;
         }
       });

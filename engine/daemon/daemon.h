@@ -88,6 +88,8 @@ class Daemon final : public ControlService {
   std::shared_ptr<RbdCluster> cluster_;
   std::shared_ptr<MemoryBudget> budget_;   // [cairnd] memory_budget
   std::shared_ptr<const TlsContext> tls_;  // [tls]; null if insecure
+  std::optional<uint32_t> control_gid_;    // [cairnd] control_group
+  std::optional<uint32_t> admin_gid_;      // [cairnd] admin_group
   // How a source of `v` connects to its sink: TLS, and the name the
   // sink's certificate must carry.
   LinkOptions LinkTo(const VolumeConfig& v, std::chrono::milliseconds stall) const;

@@ -10,6 +10,7 @@ FaultLink::FaultLink(std::unique_ptr<Link> inner, WireFaultFn fault)
     : fault_(std::move(fault)),
       peer_(inner->peer()),
       peer_names_(inner->peer_names()),
+      credentials_(inner->credentials()),
       inner_(std::move(inner)) {}
 
 FaultLink::~FaultLink() = default;

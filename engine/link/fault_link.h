@@ -64,6 +64,7 @@ class FaultLink final : public Link {
   // The wrapped link's handshake; its names are kept after a cut.
   Status Handshake() override;
   const std::vector<std::string>& peer_names() const override { return peer_names_; }
+  std::optional<PeerCredentials> credentials() const override { return credentials_; }
 
  private:
   Status Apply(std::string bytes);
@@ -72,6 +73,7 @@ class FaultLink final : public Link {
   WireFaultFn fault_;
   const std::string peer_;
   std::vector<std::string> peer_names_;
+  const std::optional<PeerCredentials> credentials_;
   // Written (reset by a cut) only by the sending thread, with mu_ held;
   // read by it without the lock, and by Close with it.
   std::mutex mu_;

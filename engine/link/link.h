@@ -17,7 +17,9 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -29,6 +31,14 @@
 #include "engine/format/frame.h"
 
 namespace cairn {
+
+// Who is at the other end of a local (Unix) socket, as the kernel says
+// (SO_PEERCRED) when it connected.
+struct PeerCredentials {
+  int pid = 0;
+  uint32_t uid = 0;
+  uint32_t gid = 0;
+};
 
 class Link : public FrameWriter {
  public:
@@ -68,6 +78,8 @@ class Link : public FrameWriter {
     static const std::vector<std::string> kNone;
     return kNone;
   }
+  // The peer process of a Unix socket; nullopt on other links.
+  virtual std::optional<PeerCredentials> credentials() const { return std::nullopt; }
 
   Status Write(FrameType type, std::string_view body, std::span<const char> payload) final {
     return Send(type, body, payload);

@@ -1,6 +1,9 @@
 #include "engine/link/tcp_link.h"
 
 #include <fmt/format.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <boost/asio/connect.hpp>
@@ -14,6 +17,7 @@
 #include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
+#include <cerrno>
 #include <charconv>
 #include <cstring>
 #include <filesystem>
@@ -126,6 +130,18 @@ class StreamLink final : public Link {
   void SetHandshakePending() { handshake_pending_ = true; }
 
   const std::vector<std::string>& peer_names() const override { return peer_names_; }
+
+  std::optional<PeerCredentials> credentials() const override {
+    if constexpr (std::is_same_v<Stream, asio::local::stream_protocol::socket>) {
+      ucred c{};
+      socklen_t len = sizeof c;
+      if (getsockopt(const_cast<Stream&>(stream_).native_handle(), SOL_SOCKET, SO_PEERCRED, &c,
+                     &len) == 0) {
+        return PeerCredentials{c.pid, c.uid, c.gid};
+      }
+    }
+    return std::nullopt;
+  }
 
   Status Send(FrameType type, std::string_view body, std::span<const char> payload) override {
     RETURN_IF_ERROR(Handshake());
@@ -464,6 +480,12 @@ StatusOr<std::unique_ptr<Link>> ConnectUnix(const std::string& path, const LinkO
       return Unavailable(fmt::format("cairnd is not running at {} ({}): start it, or pass --socket",
                                      path, ec.message()));
     }
+    if (ec == asio::error::access_denied || ec.value() == EACCES) {
+      return PermissionDenied(
+          fmt::format("may not connect to the control socket {}: run as root, cairnd's user or a "
+                      "member of its [cairnd] control_group",
+                      path));
+    }
     return FromAsio(ec, fmt::format("connect to {}", path));
   }
   return std::unique_ptr<Link>(new StreamLink<asio::local::stream_protocol::socket>(
@@ -489,7 +511,8 @@ StatusOr<std::unique_ptr<Listener>> Listener::ListenTcp(const std::string& host,
 }
 
 StatusOr<std::unique_ptr<Listener>> Listener::ListenUnix(const std::string& path,
-                                                         const LinkOptions& options) {
+                                                         const LinkOptions& options, uint32_t mode,
+                                                         std::optional<uint32_t> group) {
   auto ctx = std::make_unique<asio::io_context>();
   error_code ec;
   if (std::filesystem::exists(path)) {
@@ -506,7 +529,16 @@ StatusOr<std::unique_ptr<Listener>> Listener::ListenUnix(const std::string& path
   asio::local::stream_protocol::endpoint ep(path);
   acc.open(ep.protocol(), ec);
   if (!ec) acc.bind(ep, ec);
-  if (!ec) acc.listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) return FromAsio(ec, fmt::format("listen on {}", path));
+  // Before the socket listens: nobody connects through wider permissions.
+  if (group && ::chown(path.c_str(), static_cast<uid_t>(-1), *group) != 0) {
+    return ErrnoStatus(-errno,
+                       fmt::format("giving the control socket {} group id {}", path, *group));
+  }
+  if (::chmod(path.c_str(), mode) != 0) {
+    return ErrnoStatus(-errno, fmt::format("setting the mode of the control socket {}", path));
+  }
+  acc.listen(asio::socket_base::max_listen_connections, ec);
   if (ec) return FromAsio(ec, fmt::format("listen on {}", path));
   return std::unique_ptr<Listener>(new SocketListener<asio::local::stream_protocol>(
       std::move(ctx), std::move(acc), options, path));

@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "engine/base/status.h"
@@ -52,9 +53,13 @@ class Listener {
   static StatusOr<std::unique_ptr<Listener>> ListenTcp(const std::string& host, uint16_t port,
                                                        const LinkOptions& options = {});
   // Replaces a stale socket file at `path`; refuses (kFailedPrecondition)
-  // if another process still answers there.
+  // if another process still answers there. The socket file gets `mode`
+  // and, if `group` is set, that group (who may connect at all); its links
+  // carry the peer's credentials (Link::credentials).
   static StatusOr<std::unique_ptr<Listener>> ListenUnix(const std::string& path,
-                                                        const LinkOptions& options = {});
+                                                        const LinkOptions& options = {},
+                                                        uint32_t mode = 0600,
+                                                        std::optional<uint32_t> group = {});
   virtual ~Listener() = default;
   // Blocks until a peer connects. kAborted after Close.
   virtual StatusOr<std::unique_ptr<Link>> Accept() = 0;

@@ -46,7 +46,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   cairn::Frame f;
   f.type = cairn::FrameType::kControlRequest;
   f.body.assign(reinterpret_cast<const char*>(data), size);
-  const std::string reply = cairn::HandleControl(service, f);
+  // Every request as an admin's (all run), then as a reader's (changes refused).
+  std::string reply = cairn::HandleControl(service, f, {true, "fuzz"});
+  reply += cairn::HandleControl(service, f, {false, "fuzz"});
   if (reply.empty() && size > 0) __builtin_trap();  // a reply always has a code or a payload
   return 0;
 }

@@ -1,10 +1,16 @@
 """Trust nobody on the wire: a sink serves only sources that authenticate
 with a certificate from its CA and that a [peer NAME] grant allows. Every
 refused peer gets nothing (no seq, no digest), writes nothing, and leaves
-the live session of the volume as it was."""
+the live session of the volume as it was. On the control socket, whoever
+may connect may read; only admins may change."""
+import os
+import shutil
 import socket
 import ssl
+import stat
+import subprocess
 import sys
+import tempfile
 import threading
 
 import rbd
@@ -152,3 +158,52 @@ def test_a_flood_of_connections_is_closed_before_it_costs_threads(site_a, site_b
     p = sink.json("points", name)[-1]
     assert p["seq"] == seq
     assert site_b.digest(p["image"], p["snap"]) == site_a.digest(name, f"cairn.{seq}")
+
+
+def _as_nobody(sink, *args):
+    """The real `cairn` CLI run as uid nobody, gid nogroup."""
+    return subprocess.run([lib.CAIRN, "--socket", sink.socket, *args], capture_output=True,
+                          text=True, timeout=60, user=65534, group=65534, extra_groups=[])
+
+
+def test_the_control_socket_lets_readers_read_and_only_admins_change(site_b, daemons, name):
+    # A directory others may traverse, as /run/cairn is.
+    work = tempfile.mkdtemp(prefix="cairn-control.")
+    os.chmod(work, 0o755)
+    try:
+        port = lib.free_port()
+        base = lib.sink_config("b", site_b.conf, port, f"{work}/spool")
+        # control_group only: nobody (gid nogroup) may read, not change.
+        sink = daemons(lib.Cairnd(work, "sink", base.replace(
+            "control_socket = @SOCKET@\n", "control_socket = @SOCKET@\ncontrol_group = nogroup\n")))
+        assert stat.S_IMODE(os.stat(sink.socket).st_mode) == 0o660
+        assert os.stat(sink.socket).st_gid == 65534
+        r = _as_nobody(sink, "status")
+        assert r.returncode == 0, r.stderr
+        for args in (["promote", name, "--to", name + "-p"], ["release", name],
+                     ["restore", name, "1", "--to", name + "-r"]):
+            r = _as_nobody(sink, *args)
+            assert r.returncode == 8 and "admin_group" in r.stderr, (args, r.returncode, r.stderr)
+        lib.wait_for("the sink logging the refused promote by uid 65534",
+                     lambda: "refused promote of" in sink.log_text()
+                     and "uid 65534 (nobody)" in sink.log_text(), timeout=10)
+        assert name + "-p" not in site_b.images()
+        sink.stop()
+
+        # admin_group too: the same request now runs (and finds no such volume).
+        sink = daemons(lib.Cairnd(work, "sink2", base.replace(
+            "control_socket = @SOCKET@\n",
+            "control_socket = @SOCKET@\ncontrol_group = nogroup\nadmin_group = nogroup\n")))
+        r = _as_nobody(sink, "promote", name, "--to", name + "-p")
+        assert r.returncode == 3, (r.returncode, r.stderr)  # NotFound: it ran
+        lib.wait_for("the sink logging the promote and its caller",
+                     lambda: f"control: promote of '{name}' by pid" in sink.log_text(), timeout=10)
+        sink.stop()
+
+        # Neither: the socket is 0600 and nobody may not even connect.
+        sink = daemons(lib.Cairnd(work, "sink3", base))
+        assert stat.S_IMODE(os.stat(sink.socket).st_mode) == 0o600
+        r = _as_nobody(sink, "status")
+        assert r.returncode == 8 and "may not connect" in r.stderr, (r.returncode, r.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

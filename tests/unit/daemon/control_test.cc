@@ -1,0 +1,179 @@
+// The control socket's access (engine/daemon/control.h, Listener::ListenUnix):
+// every caller may read, only an admin may change, and the kernel says who
+// the caller is (SO_PEERCRED), checked with a child process that connects
+// as the user nobody.
+#include "engine/daemon/control.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <thread>
+
+#include "engine/link/tcp_link.h"
+#include "proto/cairn.pb.h"
+
+namespace cairn {
+namespace {
+
+using ::testing::HasSubstr;
+using namespace std::chrono_literals;
+
+constexpr uint32_t kNobody = 65534;  // uid nobody, gid nogroup (Debian)
+
+// Counts what ran; answers with empty results.
+class CountingService final : public ControlService {
+ public:
+  StatusOr<std::vector<VolumeStatusInfo>> VolumeStatus(const std::string&) override {
+    ++reads;
+    return std::vector<VolumeStatusInfo>{};
+  }
+  StatusOr<std::vector<RestorePoint>> Points(const std::string&) override {
+    ++reads;
+    return std::vector<RestorePoint>{};
+  }
+  StatusOr<RestoreResult> Restore(const std::string&, uint64_t, const std::string&, bool) override {
+    ++changes;
+    return RestoreResult{};
+  }
+  StatusOr<uint64_t> Replicate(const std::string&) override {
+    ++changes;
+    return 1;
+  }
+  StatusOr<VolumeStatusInfo> Register(const Registration&) override {
+    ++changes;
+    return VolumeStatusInfo{};
+  }
+  Status Unregister(const std::string&, bool) override {
+    ++changes;
+    return OkStatus();
+  }
+  StatusOr<PromoteResult> Promote(const std::string&, uint64_t, const std::string&,
+                                  const std::string&) override {
+    ++changes;
+    return PromoteResult{};
+  }
+  StatusOr<std::string> Release(const std::string&) override {
+    ++changes;
+    return std::string("kept");
+  }
+  int reads = 0;
+  int changes = 0;
+};
+
+Frame Request(const pb::ControlRequest& r) {
+  Frame f;
+  f.type = FrameType::kControlRequest;
+  f.body = r.SerializeAsString();
+  return f;
+}
+
+pb::ControlReply Ask(ControlService& service, const pb::ControlRequest& r,
+                     const ControlCaller& caller) {
+  pb::ControlReply reply;
+  EXPECT_TRUE(reply.ParseFromString(HandleControl(service, Request(r), caller)));
+  return reply;
+}
+
+TEST(Control, ReadersReadAndOnlyAdminsChange) {
+  CountingService service;
+  const ControlCaller reader{false, "pid 1 uid 1000 (cinder)"};
+  const ControlCaller admin{true, "pid 2 uid 0 (root)"};
+  pb::ControlRequest status, points, promote, release, replicate, restore;
+  status.mutable_status();
+  points.mutable_points()->set_volume("v");
+  promote.mutable_promote()->set_volume("v");
+  release.mutable_release()->set_volume("v");
+  replicate.mutable_replicate()->set_volume("v");
+  restore.mutable_restore()->set_volume("v");
+  EXPECT_EQ(Ask(service, status, reader).code(), 0);
+  EXPECT_EQ(Ask(service, points, reader).code(), 0);
+  EXPECT_EQ(service.reads, 2);
+  for (const auto* r : {&promote, &release, &replicate, &restore}) {
+    const pb::ControlReply reply = Ask(service, *r, reader);
+    EXPECT_EQ(reply.code(), static_cast<int>(Code::kPermissionDenied));
+    EXPECT_THAT(reply.message(), HasSubstr("admin_group"));
+    EXPECT_THAT(reply.message(), HasSubstr("uid 1000 (cinder)"));
+  }
+  EXPECT_EQ(service.changes, 0) << "a reader's request changed something";
+  for (const auto* r : {&promote, &release, &replicate, &restore}) {
+    EXPECT_EQ(Ask(service, *r, admin).code(), 0);
+  }
+  EXPECT_EQ(service.changes, 4);
+}
+
+TEST(Control, AdminsAreRootOurselvesOrMembersOfTheAdminGroup) {
+  EXPECT_TRUE(CallerOf({1, 0, 0}, std::nullopt).admin);
+  EXPECT_TRUE(CallerOf({1, ::geteuid(), 0}, std::nullopt).admin);
+  EXPECT_FALSE(CallerOf({1, kNobody, kNobody}, std::nullopt).admin);
+  EXPECT_TRUE(CallerOf({1, kNobody, kNobody}, kNobody).admin);  // its primary group
+  EXPECT_FALSE(CallerOf({1, kNobody, kNobody}, 0u).admin);      // nobody is not in root
+  EXPECT_THAT(CallerOf({42, kNobody, kNobody}, std::nullopt).who,
+              HasSubstr("pid 42 uid 65534 (nobody)"));
+}
+
+// Connects to `path` as uid/gid nobody in a child process (raw syscalls
+// only: the parent has threads); returns the child's exit status.
+int ConnectAsNobody(const std::string& path) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    if (setgid(kNobody) != 0 || setuid(kNobody) != 0) _exit(2);
+    const int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) _exit(3);
+    char b = 0;
+    _exit(read(fd, &b, 1) >= 0 ? 0 : 4);  // until the parent closes
+  }
+  int st = 0;
+  waitpid(pid, &st, 0);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : 100;
+}
+
+TEST(Control, SocketHasItsModeAndGroupAndTheKernelNamesTheCaller) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to connect as another user";
+  char tmpl[] = "/tmp/cairn-control.XXXXXX";
+  const std::string dir = ::mkdtemp(tmpl);
+  ::chmod(dir.c_str(), 0755);
+  const std::string path = dir + "/cairnd.sock";
+  {
+    auto l = Listener::ListenUnix(path, {}, 0660, kNobody);
+    ASSERT_TRUE(l.ok()) << l.status().ToString();
+    struct stat st {};
+    ASSERT_EQ(::stat(path.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0777, 0660u);
+    EXPECT_EQ(st.st_gid, kNobody);
+    StatusOr<std::unique_ptr<Link>> accepted = Internal("not accepted");
+    std::thread t([&] { accepted = (*l)->Accept(); });
+    std::thread child([&] { EXPECT_EQ(ConnectAsNobody(path), 0); });
+    t.join();
+    ASSERT_TRUE(accepted.ok()) << accepted.status().ToString();
+    const auto creds = (*accepted)->credentials();
+    ASSERT_TRUE(creds.has_value());
+    EXPECT_EQ(creds->uid, kNobody);
+    EXPECT_EQ(creds->gid, kNobody);
+    EXPECT_GT(creds->pid, 0);
+    (*accepted)->Close();
+    accepted->reset();
+    child.join();
+  }
+  {
+    // 0600: nobody may not even connect.
+    auto l = Listener::ListenUnix(path, {}, 0600);
+    ASSERT_TRUE(l.ok()) << l.status().ToString();
+    EXPECT_EQ(ConnectAsNobody(path), 3);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace cairn
