@@ -106,7 +106,7 @@ def ctx():
 def source_config(conf, peer_port, interval="1s", extra=""):
     """cairnd.conf of site A: no [volume] sections; the driver registers
     volumes in the [source] pools."""
-    return (f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n"
+    return (f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n" +
             lib.ceph_config(conf) + lib.tls_config("a") +
             f"[source]\npools = rbd\npeer = 127.0.0.1:{peer_port}\n"
             f"interval = {interval}\n{extra}")

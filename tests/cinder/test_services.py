@@ -24,7 +24,7 @@ def services(testbed, tmp_path):
     port = lib.free_port()
     sink = lib.Cairnd(work, "sink-b", lib.sink_config("b", site_b.conf, port, f"{work}/spool"))
     source = lib.Cairnd(work, "source-a", (
-        f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n"
+        f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n" +
         lib.ceph_config(site_a.conf) + lib.tls_config("a") +
         f"[source]\npools = rbd\npeer = 127.0.0.1:{port}\ninterval = 1s\n"
         f"keep_snapshots = 100\n"))

@@ -15,7 +15,7 @@ MiB = 1 << 20
 
 
 def source_with_registry(site_a, peer_port):
-    return (f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n"
+    return (f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n" +
             lib.ceph_config(site_a.conf) + lib.tls_config("a") +
             f"[source]\npools = rbd\npeer = 127.0.0.1:{peer_port}\ninterval = 0\n"
             f"keep_snapshots = 100\n")
