@@ -110,7 +110,7 @@ class StreamLink final : public Link {
     if constexpr (kTls) {
       if (!handshake_pending_) return handshake_;
       handshake_pending_ = false;
-      handshake_ = RunHandshake(asio::ssl::stream_base::server, options_.handshake_timeout);
+      handshake_ = RunHandshake(asio::ssl::stream_base::server, options_.handshake_timeout, "");
       return handshake_;
     }
     return OkStatus();
@@ -121,7 +121,7 @@ class StreamLink final : public Link {
     if constexpr (kTls) {
       stream_.set_verify_callback(asio::ssl::host_name_verification(name));
       handshake_pending_ = false;
-      handshake_ = RunHandshake(asio::ssl::stream_base::client, options_.connect_timeout);
+      handshake_ = RunHandshake(asio::ssl::stream_base::client, options_.connect_timeout, name);
       return handshake_;
     }
     return OkStatus();
@@ -195,8 +195,9 @@ class StreamLink final : public Link {
     StreamLink& link;
   };
 
+  // `name`: the name the server must carry (client side).
   Status RunHandshake(asio::ssl::stream_base::handshake_type side,
-                      std::chrono::milliseconds timeout) {
+                      std::chrono::milliseconds timeout, const std::string& name) {
     bool done = false;
     error_code result;
     stream_.async_handshake(side, [&](const error_code& ec) {
@@ -210,10 +211,16 @@ class StreamLink final : public Link {
     }
     if (result) {
       closed_ = true;
-      return PermissionDenied(fmt::format(
-          "TLS handshake with {} failed: {}: does its certificate come from [tls] ca{}?", peer_,
-          result.message(),
-          side == asio::ssl::stream_base::client ? ", and name the host connected to" : ""));
+      if (side == asio::ssl::stream_base::client) {
+        return PermissionDenied(fmt::format(
+            "TLS handshake with {} failed ({}): is it a Cairn sink, with a certificate from "
+            "[tls] ca that names {}?",
+            peer_, result.message(), name));
+      }
+      return PermissionDenied(
+          fmt::format("TLS handshake with {} failed ({}): is it a Cairn source, with a "
+                      "certificate from [tls] ca?",
+                      peer_, result.message()));
     }
     X509* cert = SSL_get1_peer_certificate(stream_.native_handle());
     if (cert == nullptr) {
@@ -249,6 +256,21 @@ class StreamLink final : public Link {
       return FromAsio(result, fmt::format("send to {}", peer_));
     }
     return OkStatus();
+  }
+
+  // A read that failed mid-stream breaks the link. Bytes changed on the
+  // way fail TLS's record check before any frame check sees them: data
+  // loss, as a frame that fails its checksum would be.
+  Status ReceiveError(const error_code& result) {
+    closed_ = true;
+    if (IsEof(result)) {
+      return DataLoss(fmt::format("truncated frame: {} closed the link mid-frame", peer_));
+    }
+    if (result.category() == asio::error::get_ssl_category()) {
+      return DataLoss(fmt::format("a TLS record from {} failed its integrity check ({})", peer_,
+                                  result.message()));
+    }
+    return FromAsio(result, fmt::format("receive from {}", peer_));
   }
 
   void CancelSocket() {
@@ -287,11 +309,7 @@ class StreamLink final : public Link {
           closed_ = true;
           return Aborted(fmt::format("{} closed the link", peer_));
         }
-        closed_ = true;
-        if (IsEof(result)) {
-          return DataLoss(fmt::format("truncated frame: {} closed the link mid-frame", peer_));
-        }
-        return FromAsio(result, fmt::format("receive from {}", peer_));
+        return ReceiveError(result);
       }
       first = false;
       timeout = options_.stall_timeout;
@@ -319,13 +337,7 @@ class StreamLink final : public Link {
             closed_ = true;
             return Aborted(fmt::format("{} stalled mid-frame", peer_));
           }
-          if (result) {
-            closed_ = true;
-            if (IsEof(result)) {
-              return DataLoss(fmt::format("truncated frame: {} closed the link mid-frame", peer_));
-            }
-            return FromAsio(result, fmt::format("receive from {}", peer_));
-          }
+          if (result) return ReceiveError(result);
           pos += got;
           continue;
         }

@@ -8,10 +8,13 @@ cd "$(dirname "$0")/../.."
 secs=${1:-30}
 CC=clang CXX=clang++ cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
   -DCAIRN_FUZZ=ON -DCAIRN_TESTS=OFF >/dev/null
-ninja -C build-fuzz frame_fuzz spool_fuzz control_fuzz
-for t in frame_fuzz spool_fuzz control_fuzz; do
+ninja -C build-fuzz frame_fuzz spool_fuzz control_fuzz session_fuzz source_fuzz
+for t in frame_fuzz spool_fuzz control_fuzz session_fuzz source_fuzz; do
   corpus=build-fuzz/corpus/$t
   mkdir -p "$corpus"
+  # session_fuzz and source_fuzz write their seeds (a real session, a
+  # sink's real answers) into the corpus as they start.
+  export CAIRN_FUZZ_SEED_DIR=$PWD/$corpus
   echo "== fuzzing $t for $secs s"
   (cd build-fuzz && tests/fuzz/$t -max_total_time="$secs" -rss_limit_mb=1024 -timeout=10 \
      -print_final_stats=1 "corpus/$t" 2>&1 | grep -E "^(stat::number_of_executed_units|==|SUMMARY|Done)" | tail -n 4)
