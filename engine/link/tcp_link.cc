@@ -451,6 +451,10 @@ StatusOr<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& text
 StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t port,
                                            const LinkOptions& options) {
   auto ctx = std::make_unique<asio::io_context>();
+  // Holds the link (and so `ctx`) until every local bound to `ctx` below
+  // is destroyed, also when the handshake fails: a moved-from socket or
+  // stream still refers to the context's services.
+  std::unique_ptr<Link> kept;
   error_code ec;
   asio::ip::tcp::resolver resolver(*ctx);
   auto endpoints = resolver.resolve(host, std::to_string(port), ec);
@@ -474,11 +478,13 @@ StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t por
     return std::unique_ptr<Link>(
         new StreamLink<asio::ip::tcp::socket>(std::move(ctx), std::move(sock), peer, options));
   }
-  TlsStream stream(std::move(sock), options.tls->impl().ctx);
-  auto link =
-      std::make_unique<StreamLink<TlsStream>>(std::move(ctx), std::move(stream), peer, options);
-  RETURN_IF_ERROR(link->ClientHandshake(options.peer_name.empty() ? host : options.peer_name));
-  return std::unique_ptr<Link>(std::move(link));
+  auto link = std::make_unique<StreamLink<TlsStream>>(
+      std::move(ctx), TlsStream(std::move(sock), options.tls->impl().ctx), peer, options);
+  const Status handshake =
+      link->ClientHandshake(options.peer_name.empty() ? host : options.peer_name);
+  kept = std::move(link);
+  if (!handshake.ok()) return handshake;
+  return kept;
 }
 
 StatusOr<std::unique_ptr<Link>> ConnectUnix(const std::string& path, const LinkOptions& options) {
