@@ -38,7 +38,7 @@ ninja -C build-tsan unit_tests
 CAIRN_SIM_SEEDS=25 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
   build-tsan/tests/unit_tests --gtest_brief=1
 
-echo "== fuzzing: frame parser, spool reader, control decoder (libFuzzer, bounded)"
+echo "== fuzzing: frames, spool, control, the sink's session, the source's replies (libFuzzer, bounded)"
 tests/fuzz/run.sh "${CAIRN_FUZZ_SECONDS:-30}"
 
 tb=$(mktemp -d /tmp/cairn-test.XXXXXX)
