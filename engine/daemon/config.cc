@@ -365,7 +365,8 @@ Status ReadTlsSection(SectionReader& r, DaemonConfig& cfg) {
 Status ReadPeerSection(SectionReader& r, std::string_view origin, const std::string& name,
                        DaemonConfig& cfg) {
   PeerGrant g;
-  g.name = Trim(std::string_view(name).substr(5));
+  // "[peer]" alone names no one (and is shorter than "peer ").
+  g.name = name.size() > 5 ? Trim(std::string_view(name).substr(5)) : "";
   if (g.name.empty()) return InvalidArgument(fmt::format("{}: [peer] needs a NAME", origin));
   for (const PeerGrant& other : cfg.peers) {
     if (other.name == g.name) {

@@ -242,6 +242,8 @@ TEST(Config, SinkGrantsEachSourceWhatItMayWrite) {
               HasSubstr("lists no volume"));
   EXPECT_THAT(Error(kTls + "[peer x]\nsite = a\nrole = sink\n[sink]\npools = rbd\n"),
               HasSubstr("[peer x] has unknown key 'role'"));
+  EXPECT_THAT(Error(kTls + "[peer]\nsite = a\n[sink]\npools = rbd\n"),
+              HasSubstr("[peer] needs a NAME"));
   auto c = ParseConfig(
       kSinkSecure + "[sink]\npools = rbd\n[source]\npeer = h:1\npeer_name = site-b\n", "f.conf");
   ASSERT_TRUE(c.ok()) << c.status().ToString();
