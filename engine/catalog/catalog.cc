@@ -170,6 +170,9 @@ std::string DescribeSinkInstance(const SinkInstance& si) {
   gmtime_r(&t, &tm);
   char when[32];
   std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  if (si.pid == 0 && si.host.empty() && si.started_ns == 0) {
+    return fmt::format("{} (no instance record describes it)", si.addr);
+  }
   return fmt::format("{} (cairnd pid {} on host {}, site {}, started {})", si.addr, si.pid,
                      si.host.empty() ? "?" : si.host, si.site.empty() ? "?" : si.site, when);
 }
@@ -316,59 +319,108 @@ Status Catalog::ReplaceSinkInstance(const std::optional<std::string>& expected_r
                       {{kSinkInstanceKey, EncodeSinkInstance(self)}}, {});
 }
 
-StatusOr<std::vector<FencedSink>> FenceAndRegisterSink(
-    const std::vector<std::pair<std::string, KvStore*>>& catalogs, const SinkInstance& self,
-    const FenceFn& fence) {
+namespace {
+
+// The instance record of `kv` (nullopt: none) and its raw bytes for
+// CommitIf; an unreadable record is described in `warning`.
+struct RecordRead {
+  std::optional<SinkInstance> instance;
+  std::optional<std::string> raw;
+};
+StatusOr<RecordRead> ReadSinkRecord(KvStore& kv, const std::string& pool, std::string* warning) {
+  RecordRead r;
+  auto v = kv.Get(kSinkInstanceKey);
+  if (!v.ok() && v.status().code() != Code::kNotFound) {
+    return v.status().Annotate(fmt::format("pool {}: reading the sink instance record", pool));
+  }
+  if (!v.ok() || v->empty()) return r;
+  auto si = DecodeSinkInstance(*v, kSinkInstanceKey);
+  if (si.ok()) {
+    r.instance = std::move(si).value();
+  } else {
+    *warning = fmt::format(
+        "pool {}: the sink instance record is unreadable ({}); replaced (it only describes the "
+        "sink, the sink lock says whom to fence)",
+        pool, si.status().ToString());
+  }
+  r.raw = std::move(v).value();
+  return r;
+}
+
+}  // namespace
+
+StatusOr<SinkRegistration> FenceAndRegisterSink(const std::vector<SinkCatalog>& catalogs,
+                                                const SinkInstance& self, const FenceFn& fence) {
   if (self.addr.empty()) return InvalidArgument("registering a sink instance without an address");
-  // Another sink replacing the record between our read and our write makes
-  // us read again; a handful of rounds means sinks are restarting in a loop.
+  // Another sink taking the lock between our look and our take makes us
+  // look again; a handful of rounds means sinks are restarting in a loop.
   constexpr int kRounds = 5;
-  std::vector<FencedSink> fenced;
+  SinkRegistration out;
   std::set<std::string> fenced_addrs;
-  for (const auto& [pool, kv] : catalogs) {
-    Catalog catalog(*kv);
+  for (const SinkCatalog& c : catalogs) {
+    if (c.lock->self_addr() != self.addr) {
+      return InvalidArgument(fmt::format("pool {}: the sink lock is taken as {}, not as {}", c.pool,
+                                         c.lock->self_addr(), self.addr));
+    }
     bool registered = false;
     for (int round = 0; round < kRounds && !registered; ++round) {
-      auto rec = catalog.SinkInstanceRecord();
-      if (!rec.ok()) {
-        return rec.status().Annotate(fmt::format(
-            "pool {}: reading which sink to fence; if no other sink cairnd serves pool {}, "
-            "remove the record (rados -p {} rmomapkey {} {}) and start again",
-            pool, pool, pool, kCatalogObject, kSinkInstanceKey));
+      std::string warning;
+      ASSIGN_OR_RETURN(RecordRead rec, ReadSinkRecord(*c.kv, c.pool, &warning));
+      auto holders = c.lock->Holders();
+      if (!holders.ok()) {
+        return holders.status().Annotate(
+            fmt::format("pool {}: reading who holds the sink lock", c.pool));
       }
-      std::optional<std::string> expected;
-      if (*rec) {
-        expected = (*rec)->raw;
-        const SinkInstance& prev = (*rec)->instance;
-        if (prev.addr != self.addr) {
-          if (!fenced_addrs.count(prev.addr)) {
-            if (Status st = fence(prev); !st.ok()) {
-              return st.Annotate(fmt::format("pool {}: fencing the previous sink {}", pool,
-                                             DescribeSinkInstance(prev)));
-            }
-            fenced_addrs.insert(prev.addr);
-            fenced.push_back({prev, {}});
+      bool recorded_holds = false;
+      for (const SinkLockHolder& h : *holders) {
+        if (rec.instance && rec.instance->addr == h.addr) recorded_holds = true;
+        if (h.addr == self.addr) continue;
+        SinkInstance prev;
+        prev.addr = h.addr;
+        if (rec.instance && rec.instance->addr == h.addr) prev = *rec.instance;
+        if (!fenced_addrs.count(h.addr)) {
+          if (Status st = fence(prev); !st.ok()) {
+            return st.Annotate(fmt::format("pool {}: fencing the previous sink {}", c.pool,
+                                           DescribeSinkInstance(prev)));
           }
-          for (auto& f : fenced) {
-            if (f.instance.addr == prev.addr) f.pools.push_back(pool);
+          fenced_addrs.insert(h.addr);
+          out.fenced.push_back({prev, {}});
+        }
+        for (auto& f : out.fenced) {
+          if (f.instance.addr == h.addr && (f.pools.empty() || f.pools.back() != c.pool)) {
+            f.pools.push_back(c.pool);
           }
         }
+        if (Status st = c.lock->Break(h); !st.ok()) {
+          return st.Annotate(fmt::format("pool {}: fenced {}", c.pool, h.addr));
+        }
       }
-      Status st = catalog.ReplaceSinkInstance(expected, self);
+      if (rec.instance && !recorded_holds && rec.instance->addr != self.addr) {
+        warning = fmt::format(
+            "pool {}: the sink instance record names {}, which holds no sink lock: not fenced "
+            "(a sink that stops cleanly gives its lock up; a record is never acted on by itself)",
+            c.pool, DescribeSinkInstance(*rec.instance));
+      }
+      if (Status st = c.lock->Take(); !st.ok()) {
+        if (st.code() == Code::kAborted) continue;
+        return st.Annotate(fmt::format("pool {}: taking the sink lock", c.pool));
+      }
+      Status st = Catalog(*c.kv).ReplaceSinkInstance(rec.raw, self);
       if (st.ok()) {
         registered = true;
+        if (!warning.empty()) out.warnings.push_back(std::move(warning));
       } else if (st.code() != Code::kAborted) {
-        return st.Annotate(fmt::format("pool {}: recording this sink instance", pool));
+        return st.Annotate(fmt::format("pool {}: recording this sink instance", c.pool));
       }
     }
     if (!registered) {
       return Unavailable(fmt::format(
-          "pool {}: the sink instance record changed {} times while this sink started: is "
-          "another sink cairnd for pool {} restarting in a loop?",
-          pool, kRounds, pool));
+          "pool {}: the sink lock changed hands {} times while this sink started: is another "
+          "sink cairnd for pool {} restarting in a loop?",
+          c.pool, kRounds, c.pool));
     }
   }
-  return fenced;
+  return out;
 }
 
 }  // namespace cairn

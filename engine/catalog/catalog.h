@@ -25,6 +25,7 @@
 #include "engine/base/checksum.h"
 #include "engine/base/status.h"
 #include "engine/catalog/kv_store.h"
+#include "engine/catalog/sink_lock.h"
 #include "engine/epoch/epoch_id.h"
 
 namespace cairn {
@@ -66,7 +67,8 @@ std::string SnapName(uint64_t seq);
 std::optional<uint64_t> ParseSnapName(std::string_view snap);
 
 // The sink cairnd that last started on a catalog, recorded so that the
-// next one can fence it (FenceAndRegisterSink).
+// next one can say in its log whom it fenced (FenceAndRegisterSink fences
+// the holder of the sink lock, never what this record names).
 struct SinkInstance {
   std::string addr;  // its RADOS client address, e.g. "127.0.0.1:0/3215435001"
   std::string site;
@@ -82,7 +84,8 @@ struct SinkInstance {
 // bad checksum or a record without an address.
 std::string EncodeSinkInstance(const SinkInstance& s);
 StatusOr<SinkInstance> DecodeSinkInstance(std::string_view bytes, std::string_view key);
-// "ADDR (cairnd pid P on host H, site S, started 2026-11-25T04:50:15Z)", for logs.
+// "ADDR (cairnd pid P on host H, site S, started 2026-11-25T04:50:15Z)", for
+// logs; "ADDR (no instance record describes it)" for a bare address.
 std::string DescribeSinkInstance(const SinkInstance& s);
 
 class Catalog {
@@ -134,27 +137,40 @@ class Catalog {
   KvStore& kv_;
 };
 
-// A sink fenced by FenceAndRegisterSink, and the pools whose catalogs named it.
+// A sink fenced by FenceAndRegisterSink, and the pools whose lock it held.
 struct FencedSink {
-  SinkInstance instance;
+  SinkInstance instance;  // as recorded; only `addr` if no record names it
   std::vector<std::string> pools;
 };
 
+// One pool's catalog and the sink lock on it (engine/catalog/sink_lock.h).
+struct SinkCatalog {
+  std::string pool;
+  KvStore* kv = nullptr;
+  SinkLock* lock = nullptr;
+};
+
+struct SinkRegistration {
+  std::vector<FencedSink> fenced;  // in the order met
+  // What was recorded but not acted on (a record naming a client that holds
+  // no lock, an unreadable record), one line each, for the log.
+  std::vector<std::string> warnings;
+};
+
 // Fencing at a sink's start, before it touches any standby image or spool.
-// For each catalog (pool name, store): reads the sink instance recorded
-// there; one recorded under another address than self.addr is passed to
+// For each catalog: every other client holding its sink lock is passed to
 // `fence` (once per address: it must cut that client off the cluster, e.g.
-// blocklist it), then `self` replaces it. The replacement is atomic against
-// another sink starting at the same time (KvStore::CommitIf): if the record
-// changed meanwhile it is read again and the newcomer is fenced too, so of
-// sinks started together the last to register is the one left running.
-// A catalog whose instance could not be fenced is left as it was and the
-// error returned (annotated with the pool); so is an unreadable record (an
-// operator must say whom to fence). Returns the instances fenced, in the
-// order met.
+// blocklist it), its hold is broken, `self` takes the lock and replaces the
+// instance record. Only a lock holder is ever fenced: the cluster says who
+// holds a lock, while the instance record (host, pid, start time) is any
+// pool writer's to forge, so it only describes a holder in logs. Of sinks
+// started together the last to take the lock is the one left running: a
+// lock taken meanwhile by another makes this one fence that one too.
+// A catalog whose holder could not be fenced is left as it was and the
+// error returned (annotated with the pool). self.addr must be the address
+// every lock takes in.
 using FenceFn = std::function<Status(const SinkInstance& previous)>;
-StatusOr<std::vector<FencedSink>> FenceAndRegisterSink(
-    const std::vector<std::pair<std::string, KvStore*>>& catalogs, const SinkInstance& self,
-    const FenceFn& fence);
+StatusOr<SinkRegistration> FenceAndRegisterSink(const std::vector<SinkCatalog>& catalogs,
+                                                const SinkInstance& self, const FenceFn& fence);
 
 }  // namespace cairn

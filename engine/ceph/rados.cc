@@ -118,19 +118,23 @@ StatusOr<std::string> RbdCluster::ClientAddress() const {
   }
   std::string addrs = raw != nullptr ? raw : "";
   std::free(raw);
+  std::string a = PlainClientAddr(addrs);
+  if (a.empty() || a.find('/') == std::string::npos) {
+    return Internal(
+        fmt::format("{} has no usable client address (librados says '{}')", client_name_, addrs));
+  }
+  return a;
+}
+
+std::string PlainClientAddr(std::string_view a) {
   // Usually one address; an address vector "[v2:IP:0/N,v1:IP:0/N]" names one
   // client too: its first entry, without the type, is what the OSDs list.
-  std::string_view a = addrs;
   if (a.starts_with('[')) {
     a.remove_prefix(1);
     a = a.substr(0, std::min(a.find(','), a.find(']')));
   }
   for (std::string_view type : {"any:", "v1:", "v2:"}) {
     if (a.starts_with(type)) a.remove_prefix(type.size());
-  }
-  if (a.empty() || a.find('/') == std::string_view::npos) {
-    return Internal(
-        fmt::format("{} has no usable client address (librados says '{}')", client_name_, addrs));
   }
   return std::string(a);
 }

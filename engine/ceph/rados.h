@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "engine/base/status.h"
 #include "engine/catalog/kv_store.h"
@@ -101,6 +102,10 @@ class RbdCluster : public std::enable_shared_from_this<RbdCluster> {
   const std::string conf_path_;
   const std::string client_name_;
 };
+
+// A client address as librados prints it ("v1:IP:0/N", "[v2:..,v1:..]")
+// in the form the OSDs list and Blocklist takes ("IP:0/N").
+std::string PlainClientAddr(std::string_view addr);
 
 // An I/O context on one pool. Keeps its cluster connected while it lives.
 class RadosIoCtx {

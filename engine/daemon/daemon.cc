@@ -186,6 +186,8 @@ void Daemon::Stop() {
   for (auto& s : sources) s->Stop();
   if (sink_server_) sink_server_->Stop();
   sink_server_.reset();
+  sink_.reset();  // its retry thread ends: nothing writes the standby images now
+  ReleaseSinkLocks();
 }
 
 std::shared_ptr<SourceReplicator> Daemon::FindSource(const std::string& volume) {

@@ -4,9 +4,10 @@
 //
 // A sink fences the sink instance that ran before it (docs/OPERATIONS.md,
 // "Fencing"): at Start, before it serves any source, it blocklists the RADOS
-// client recorded in each of its pools' catalogs (a cairnd killed with -9
-// otherwise keeps its watches, and the exclusive lock of the standby image it
-// was applying to, for the OSD's 30 s watch timeout) and records its own.
+// client that holds the sink lock of each of its pools' catalogs (a cairnd
+// killed with -9 otherwise keeps its watches, and the exclusive lock of the
+// standby image it was applying to, for the OSD's 30 s watch timeout), then
+// takes the locks itself; a clean Stop gives them up.
 // A sink that later finds itself fenced by a newer instance stops its whole
 // process: it sends itself SIGTERM, which cairnd_main waits for.
 //
@@ -23,6 +24,7 @@
 #include <thread>
 #include <vector>
 
+#include "engine/catalog/sink_lock.h"
 #include "engine/ceph/rbd_volume.h"
 #include "engine/daemon/config.h"
 #include "engine/daemon/control.h"
@@ -75,6 +77,8 @@ class Daemon final : public ControlService {
   // blocklisted), or "" if it is not.
   std::string FencedBy();
   void WatchFencing();
+  // Gives up the sink locks (a clean stop: the next sink fences nobody).
+  void ReleaseSinkLocks();
   // A started replicator of `v`; the caller adds it to sources_.
   StatusOr<std::shared_ptr<SourceReplicator>> StartSource(const VolumeConfig& v);
   // The replicator of `volume`, or null. Takes sources_mu_ only to look.
@@ -107,6 +111,7 @@ class Daemon final : public ControlService {
   std::vector<std::shared_ptr<SourceReplicator>> sources_;
   std::map<std::string, Registration> registered_;  // by volume id
   SinkInstance sink_instance_;                      // this sink, as recorded in the catalogs
+  std::map<std::string, std::unique_ptr<SinkLock>> sink_locks_;  // by pool
   std::thread fence_watch_;
   std::mutex fence_mu_;
   std::condition_variable fence_cv_;

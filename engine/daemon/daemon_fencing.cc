@@ -6,10 +6,12 @@
 #include <spdlog/spdlog.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <fstream>
 
 #include "engine/base/clock.h"
+#include "engine/ceph/rados_sink_lock.h"
 #include "engine/daemon/daemon.h"
 
 namespace cairn {
@@ -60,19 +62,25 @@ Status Daemon::FencePreviousSink() {
   self.boot_id = BootId();
   self.started_ns = RealClock().UnixNs();
   std::vector<std::shared_ptr<KvStore>> stores;
-  std::vector<std::pair<std::string, KvStore*>> catalogs;
+  std::vector<SinkCatalog> catalogs;
   for (const auto& pool : sc.pools) {
     ASSIGN_OR_RETURN(auto kv, OpenCatalog(pool));
-    catalogs.emplace_back(pool, kv.get());
+    ASSIGN_OR_RETURN(auto io, cluster_->OpenIoCtx(pool));
+    ASSIGN_OR_RETURN(auto lock, RadosSinkLock::Open(std::move(io), kCatalogObject,
+                                                    fmt::format("cairnd pid {} on host {}, site {}",
+                                                                self.pid, self.host, self.site)));
+    catalogs.push_back({pool, kv.get(), lock.get()});
     stores.push_back(std::move(kv));
+    sink_locks_[pool] = std::move(lock);
   }
   const auto t0 = RealClock().Now();
   auto fenced = FenceAndRegisterSink(catalogs, self, [this](const SinkInstance& prev) {
     return cluster_->Blocklist(prev.addr, kFenceExpire);
   });
   if (!fenced.ok()) return fenced.status();
+  for (const std::string& w : fenced->warnings) spdlog::warn("sink: {}", w);
   const double ms = RealClock().SecondsSince(t0) * 1000;
-  for (const FencedSink& f : *fenced) {
+  for (const FencedSink& f : fenced->fenced) {
     if (CertainlyGone(f.instance, self)) {
       spdlog::info(
           "sink: fenced the previous sink instance {} of pool(s) {} ({:.0f} ms): it no longer "
@@ -86,7 +94,7 @@ Status Daemon::FencePreviousSink() {
           DescribeSinkInstance(f.instance), fmt::join(f.pools, ", "), ms, kFenceExpire.count());
     }
   }
-  if (fenced->empty()) {
+  if (fenced->fenced.empty()) {
     // Nothing to fence (a first start): check now that this user may, so
     // that a missing cap shows today rather than after a crash.
     if (Status st = cluster_->Blocklist(kProbeAddr, std::chrono::seconds(1)); !st.ok()) {
@@ -103,27 +111,44 @@ Status Daemon::FencePreviousSink() {
 }
 
 std::string Daemon::FencedBy() {
-  for (const auto& pool : config_.sink->pools) {
-    auto kv = OpenCatalog(pool);
-    if (!kv.ok()) continue;
-    auto rec = Catalog(**kv).SinkInstanceRecord();
-    if (rec.ok()) {
-      if (*rec && (*rec)->instance.addr != sink_instance_.addr) {
-        return fmt::format(
-            "sink instance {} registered in pool {} after this one ({}) and fenced it",
-            DescribeSinkInstance((*rec)->instance), pool, sink_instance_.addr);
+  for (const auto& [pool, lock] : sink_locks_) {
+    auto holders = lock->Holders();
+    if (holders.ok()) {
+      if (std::none_of(holders->begin(), holders->end(),
+                       [&](const SinkLockHolder& h) { return h.addr == sink_instance_.addr; })) {
+        std::string by = "nobody holds it now";
+        if (!holders->empty()) {
+          SinkInstance who;
+          who.addr = holders->front().addr;
+          auto kv = OpenCatalog(pool);
+          auto rec = kv.ok() ? Catalog(**kv).SinkInstanceRecord() : kv.status();
+          if (rec.ok() && *rec && (*rec)->instance.addr == who.addr) who = (*rec)->instance;
+          by = "sink instance " + DescribeSinkInstance(who) + " holds it now";
+        }
+        return fmt::format("the sink lock of pool {} was taken from this sink ({}): {}", pool,
+                           sink_instance_.addr, by);
       }
       continue;
     }
     auto blocklisted = cluster_->Blocklisted(pool, kCatalogObject);
     if (blocklisted.ok() && *blocklisted) {
       return fmt::format(
-          "this sink ({}) was blocklisted by another client (the catalog of pool "
-          "{} answers: {})",
-          sink_instance_.addr, pool, rec.status().ToString());
+          "this sink ({}) was blocklisted by another client (the sink lock of pool {} "
+          "answers: {})",
+          sink_instance_.addr, pool, holders.status().ToString());
     }
   }
   return "";
+}
+
+void Daemon::ReleaseSinkLocks() {
+  for (const auto& [pool, lock] : sink_locks_) {
+    if (Status st = lock->Release(); !st.ok()) {
+      spdlog::warn("sink: giving up the sink lock of pool {}: {} (the next sink fences this one)",
+                   pool, st.ToString());
+    }
+  }
+  sink_locks_.clear();
 }
 
 void Daemon::WatchFencing() {

@@ -1,5 +1,6 @@
 // The KvStore conformance suite over RadosKvStore on a real cluster, plus
-// what only RADOS has: durability across clients, key rules.
+// what only RADOS has: durability across clients, key rules; and the sink
+// lock (RadosSinkLock) that a starting sink fences through.
 //
 // Needs CAIRN_TEST_CEPH_CONF (see tests/ceph/volume_rbd_test.cc); without it
 // every test fails, saying so. Objects are named cairn-test-kv-<pid>-<n> and
@@ -12,7 +13,9 @@
 #include <cstdlib>
 #include <mutex>
 
+#include "engine/catalog/catalog.h"
 #include "engine/ceph/rados_kv_store.h"
+#include "engine/ceph/rados_sink_lock.h"
 #include "engine/ceph/rbd_volume.h"
 #include "tests/unit/catalog/kv_store_conformance.h"
 
@@ -115,6 +118,85 @@ TEST_F(RadosKvStoreTest, ErrorsNameThePoolAndObject) {
   const Status s = kv.Get("missing").status();
   EXPECT_EQ(s.code(), Code::kNotFound);
   EXPECT_NE(s.message().find(io_->pool() + "/" + object_), std::string::npos) << s.ToString();
+}
+
+// --- the sink lock ----------------------------------------------------------
+
+StatusOr<std::unique_ptr<RadosSinkLock>> LockOf(const std::shared_ptr<RbdCluster>& c,
+                                                const std::string& object) {
+  ASSIGN_OR_RETURN(auto io, c->OpenIoCtx(EnvOr("CAIRN_TEST_POOL", "rbd")));
+  return RadosSinkLock::Open(std::move(io), object, "test");
+}
+
+TEST_F(RadosKvStoreTest, TheSinkLockNamesWhoTookItAndIsExclusive) {
+  StatusOr<std::shared_ptr<RbdCluster>> a = ConnectTestCluster();
+  StatusOr<std::shared_ptr<RbdCluster>> b = ConnectTestCluster();
+  ASSERT_TRUE(a.ok() && b.ok());
+  auto la = LockOf(*a, object_);
+  auto lb = LockOf(*b, object_);
+  ASSERT_TRUE(la.ok() && lb.ok()) << la.status().ToString() << lb.status().ToString();
+  EXPECT_EQ((*la)->self_addr(), *(*a)->ClientAddress());
+  EXPECT_TRUE((*la)->Holders()->empty());
+  ASSERT_TRUE((*la)->Take().ok());
+  ASSERT_TRUE((*la)->Take().ok()) << "taking it again must be a no-op";
+  EXPECT_EQ((*lb)->Take().code(), Code::kAborted);
+  auto holders = (*lb)->Holders();
+  ASSERT_TRUE(holders.ok()) << holders.status().ToString();
+  ASSERT_EQ(holders->size(), 1u);
+  // The address the OSD recorded, which Blocklist takes.
+  EXPECT_EQ((*holders)[0].addr, (*la)->self_addr());
+  ASSERT_TRUE((*lb)->Break((*holders)[0]).ok());
+  ASSERT_TRUE((*lb)->Break((*holders)[0]).ok()) << "breaking a gone hold must be a no-op";
+  ASSERT_TRUE((*lb)->Take().ok());
+  EXPECT_EQ((*lb)->Holders()->at(0).addr, (*lb)->self_addr());
+  ASSERT_TRUE((*lb)->Release().ok());
+  EXPECT_TRUE((*la)->Holders()->empty());
+}
+
+// The threat: a client that may write the pool (a hypervisor's) forges the
+// sink instance record to name another client. The starting sink fences
+// the real previous sink (the lock holder) and nobody else.
+TEST_F(RadosKvStoreTest, AStartingSinkFencesTheHolderNeverWhatAForgedRecordNames) {
+  std::shared_ptr<RbdCluster> clients[3];  // the previous sink, a hypervisor, the new sink
+  for (auto& c : clients) {
+    auto r = ConnectTestCluster();
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    c = *r;
+  }
+  const std::string pool = EnvOr("CAIRN_TEST_POOL", "rbd");
+  auto old_lock = LockOf(clients[0], object_);
+  ASSERT_TRUE(old_lock.ok());
+  ASSERT_TRUE((*old_lock)->Take().ok());
+  SinkInstance forged;
+  forged.addr = *clients[1]->ClientAddress();
+  forged.pid = 1;
+  forged.host = "compute-7";
+  RadosKvStore kv(io_, object_);
+  ASSERT_TRUE(Catalog(kv).ReplaceSinkInstance(std::nullopt, forged).ok());
+
+  auto new_lock = LockOf(clients[2], object_);
+  ASSERT_TRUE(new_lock.ok());
+  SinkInstance self;
+  self.addr = (*new_lock)->self_addr();
+  self.pid = 2;
+  auto r =
+      FenceAndRegisterSink({{pool, &kv, new_lock->get()}}, self, [&](const SinkInstance& prev) {
+        return clients[2]->Blocklist(prev.addr, std::chrono::minutes(10));
+      });
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  ASSERT_EQ(r->fenced.size(), 1u);
+  EXPECT_EQ(r->fenced[0].instance.addr, (*old_lock)->self_addr());
+  ASSERT_EQ(r->warnings.size(), 1u);
+  EXPECT_NE(r->warnings[0].find(forged.addr + " (cairnd pid 1 on host compute-7"),
+            std::string::npos)
+      << r->warnings[0];
+  auto fenced = clients[0]->Blocklisted(pool, object_);
+  auto hypervisor = clients[1]->Blocklisted(pool, object_);
+  ASSERT_TRUE(fenced.ok() && hypervisor.ok());
+  EXPECT_TRUE(*fenced) << "the previous sink was not fenced";
+  EXPECT_FALSE(*hypervisor) << "the client a forged record named was fenced";
+  EXPECT_EQ((*new_lock)->Holders()->at(0).addr, self.addr);
+  EXPECT_EQ((*Catalog(kv).SinkInstanceRecord())->instance.addr, self.addr);
 }
 
 }  // namespace

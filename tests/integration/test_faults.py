@@ -679,7 +679,7 @@ def test_a_second_sink_fences_the_first(site_b, workdir, name, daemons):
         f"the second sink did not warn that it fenced the first (pid {first_pid}):\n"
         + second.log_tail())
     # Its reads are refused (blocklisted) or, later, show the newer sink.
-    assert re.search(r"sink: .*(was blocklisted|registered in pool rbd after this one).*; "
+    assert re.search(r"sink: .*(was blocklisted|the sink lock of pool rbd was taken from this sink).*; "
                      r"stopping this cairnd", first.log_text()), first.log_tail()
     assert second.cli("status").returncode == 0, second.log_tail()
 

@@ -2,8 +2,11 @@
 with a certificate from its CA and that a [peer NAME] grant allows. Every
 refused peer gets nothing (no seq, no digest), writes nothing, and leaves
 the live session of the volume as it was. On the control socket, whoever
-may connect may read; only admins may change."""
+may connect may read; only admins may change. A starting sink fences only
+the client that holds its lock, never one a forgeable record names."""
+import json
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -208,3 +211,61 @@ def test_the_control_socket_lets_readers_read_and_only_admins_change(site_b, dae
         assert r.returncode == 8 and "may not connect" in r.stderr, (r.returncode, r.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _sink_lock_holders(site):
+    """Addresses holding the sink lock on site's catalog, as the OSD says."""
+    r = subprocess.run(["rados", "-c", site.conf, "-p", site.pool, "lock", "info",
+                        "cairn.catalog", "cairn.sink"], capture_output=True, text=True,
+                       timeout=60)
+    if r.returncode != 0:
+        assert "No such file" in r.stderr, r.stderr
+        return []
+    return [locker["addr"] for locker in json.loads(r.stdout)["lockers"]]
+
+
+def _blocklist(site):
+    rc, out, why = site.cluster.mon_command(
+        json.dumps({"prefix": "osd blocklist ls", "format": "json"}), b"", timeout=60)
+    assert rc == 0, why
+    # The addresses, then (newer Ceph) a second array of address ranges.
+    entries, _ = json.JSONDecoder().raw_decode(out.decode())
+    return [e["addr"] for e in entries]
+
+
+def test_a_starting_sink_fences_only_the_holder_of_its_lock(site_b, workdir, daemons):
+    """The sink instance record in the catalog is any pool writer's to
+    forge, so it is never acted on: a starting sink fences (blocklists) the
+    client holding the sink lock, which the OSD records. A clean stop gives
+    the lock up; the next start fences nobody, though the record still names
+    the stopped sink; after kill -9 the lock holder is fenced."""
+    sink = daemons(lib.Cairnd(workdir, "sink", lib.sink_config(
+        "b", site_b.conf, lib.free_port(), f"{workdir}/spool")))
+
+    def registered(since):
+        m = re.findall(r"registered as sink instance (\S+) ", sink.log_text()[since:])
+        assert len(m) == 1, sink.log_tail()
+        return m[0]
+
+    first = registered(0)
+    assert _sink_lock_holders(site_b) == [first]
+    sink.stop()
+    assert _sink_lock_holders(site_b) == [], "a clean stop kept the sink lock"
+
+    mark = len(sink.log_text())
+    sink.start()
+    second = registered(mark)
+    log = sink.log_text()[mark:]
+    assert (f"the sink instance record names {first}" in log
+            and "holds no sink lock: not fenced" in log), sink.log_tail()
+    assert "fenced the previous sink instance" not in log, sink.log_tail()
+    assert first not in _blocklist(site_b)
+    assert _sink_lock_holders(site_b) == [second]
+
+    sink.kill9()
+    mark = len(sink.log_text())
+    sink.start()
+    log = sink.log_text()[mark:]
+    assert f"fenced the previous sink instance {second}" in log, sink.log_tail()
+    assert second in _blocklist(site_b)
+    assert _sink_lock_holders(site_b) == [registered(mark)]
