@@ -184,6 +184,8 @@ class Bench:
             "cpus": os.cpu_count(), "sections": {}}
         self.port = lib.free_port()
         self.sink = None
+        self.plain_port = lib.free_port()  # the sink without TLS (tool cairn_plain)
+        self.plain_sink = None
         self.mirror = None
         self.randfile = os.path.join(self.work, "random-1g.bin")
         # Volume ids and images are new in every invocation: the sink's
@@ -282,7 +284,19 @@ class Bench:
                 c.wait_for_complete_and_cb()
             img.flush()
 
-    def start_sink(self):
+    def start_sink(self, tls=True):
+        # One sink per pool (a second one fences the first): the sink with
+        # TLS and the one without take turns.
+        other = "plain_sink" if tls else "sink"
+        if getattr(self, other) is not None:
+            getattr(self, other).stop()
+            setattr(self, other, None)
+        if not tls:
+            if self.plain_sink is None:
+                self.plain_sink = lib.Cairnd(self.work, "sink-b-plain", lib.sink_config(
+                    "b", self.conf_b, self.plain_port, os.path.join(self.work, "spool-plain"),
+                    extra="keep_points = 3\n", tls=False)).start()
+            return self.plain_sink
         if self.sink is None:
             # Retention keeps the standby's snapshots (memstore is RAM) bounded
             # under the RPO load: one point a second.
@@ -292,10 +306,10 @@ class Bench:
                 "".join(f"{o}\n" for o in self.args.sink_option))).start()
         return self.sink
 
-    def start_source(self, name, volumes, interval="0"):
+    def start_source(self, name, volumes, interval="0", tls=True):
         src = lib.Cairnd(self.work, name, lib.source_config(
-            "a", self.conf_a, self.port, volumes, interval=interval, keep=0,
-            extra="".join(f"{o}\n" for o in self.args.volume_option)))
+            "a", self.conf_a, self.port if tls else self.plain_port, volumes, interval=interval,
+            keep=0, extra="".join(f"{o}\n" for o in self.args.volume_option), tls=tls))
         return src.start()
 
     def cairn_replicate(self, src, vol):
@@ -439,12 +453,14 @@ class Bench:
         self.results.setdefault("verified", []).append(what)
         self.results["bytes_compared"] = self.results.get("bytes_compared", 0) + 2 * FULL_SIZE
 
-    def _cairn_round(self, run_no):
-        """Full sync of a 1 GiB random image, then 128 MiB of 64 KiB writes."""
-        vol, img, tgt = self.names("c", run_no)
+    def _cairn_round(self, run_no, tls=True):
+        """Full sync of a 1 GiB random image, then 128 MiB of 64 KiB writes;
+        over mutual TLS, or (tls=False) plaintext to measure what TLS costs."""
+        vol, img, tgt = self.names("c" if tls else "p", run_no)
         self.make_full_image(img)
-        sink = self.start_sink()
-        src = self.start_source(f"src-{run_no}", {vol: (img, tgt)})
+        sink = self.start_sink(tls)
+        src = self.start_source(f"src-{'' if tls else 'plain-'}{run_no}", {vol: (img, tgt)},
+                                tls=tls)
         try:
             cpu_a0, cpu_b0 = proc_cpu_seconds(src.proc.pid), proc_cpu_seconds(sink.proc.pid)
             osd0 = self.osd_cpu()
@@ -535,13 +551,14 @@ class Bench:
     def section_sync(self):
         """Full and incremental, each tool once per run, interleaved."""
         self.ensure_random_file()
-        tools = {"cairn": self._cairn_round, "export": self._export_round}
+        tools = {"cairn": self._cairn_round, "export": self._export_round,
+                 "cairn_plain": lambda r: self._cairn_round(r, tls=False)}
         if not self.args.no_mirror:
             tools["rbd_mirror"] = self._mirror_round
         tools = {t: fn for t, fn in tools.items() if t in self.args.tools.split(",")}
         full = {t: [] for t in tools}
         incr = {t: [] for t in tools}
-        cpu = []
+        cpu = {}
         osd = {t: [] for t in tools}
         for r in range(1, self.args.runs + 1):
             # The order turns each run: memstore's OSD slows as it takes
@@ -553,17 +570,16 @@ class Bench:
                 full[t].append(FULL_SIZE / res[0] / MiB)
                 incr[t].append(INCR_BYTES / res[1] / MiB)
                 osd[t].append(res[2])
-                if t == "cairn":
-                    cpu.append(res[3])
+                if t.startswith("cairn"):
+                    cpu.setdefault(t, []).append(res[3])
                 log(f"run {r} {t}: full {full[t][-1]:.0f} MiB/s ({res[0]:.2f} s), "
                     f"incremental {incr[t][-1]:.0f} MiB/s ({res[1]:.2f} s)")
         self.results["sections"]["full"] = {t: stats(v) for t, v in full.items()}
         self.results["sections"]["full_cpu"] = {
             t: {k: stats([o[k] for o in v]) for k in v[0]} for t, v in osd.items()}
         self.results["sections"]["incremental"] = {t: stats(v) for t, v in incr.items()}
-        if cpu:  # Cairn was among --tools
-            self.results["sections"]["cairn_cost"] = {
-                k: stats([c[k] for c in cpu]) for k in cpu[0]}
+        for t, v in cpu.items():  # Cairn was among --tools
+            self.results["sections"][f"{t}_cost"] = {k: stats([c[k] for c in v]) for k in v[0]}
 
     def section_sparse(self):
         """10 GiB sparse image with 10 MiB written: time to the first point."""
@@ -1006,8 +1022,9 @@ class Bench:
         self.results["sections"]["memory"] = out
 
     def close(self):
-        if self.sink:
-            self.sink.stop()
+        for sink in (self.sink, self.plain_sink):
+            if sink:
+                sink.stop()
         self.stop_mirror()
 
 
@@ -1057,7 +1074,8 @@ def report(results):
         c = t["cairn"]["median"] if "cairn" in t else None  # --tools without cairn: no ratios
         lines += [f"| {title} | MiB/s | Cairn ÷ peer |", "|---|---:|---:|"]
         names = {"cairn": "Cairn", "export": "`rbd export \\| import`" if key == "full" else
-                 "`rbd export-diff \\| import-diff`", "rbd_mirror": "rbd-mirror (snapshot mode)"}
+                 "`rbd export-diff \\| import-diff`", "rbd_mirror": "rbd-mirror (snapshot mode)",
+                 "cairn_plain": "Cairn without TLS (`insecure = true`)"}
         for tool, st in t.items():
             ratio = "" if tool == "cairn" or c is None else f"{c / st['median']:.2f}×"
             lines.append(f"| {names[tool]} | {fmt_stat(st)} | {ratio} |")
@@ -1079,12 +1097,17 @@ def report(results):
             ratio = c / t["export"]["median"]
             targets.append(("incremental ≥ 2× export-diff|import-diff", f"{ratio:.2f}×",
                             ratio >= 2))
+        if "cairn_plain" in t:
+            ratio = c / t["cairn_plain"]["median"]
+            targets.append((f"{key}: mutual TLS costs < 10 % of throughput (TLS ÷ plaintext "
+                            "≥ 0.9)", f"{ratio:.2f}×", ratio >= 0.9))
         if "rbd_mirror" in t:
             ratio = c / t["rbd_mirror"]["median"]
             targets.append((f"{key} ≥ 2× rbd-mirror snapshot mode", f"{ratio:.2f}×", ratio >= 2))
     if "full_cpu" in s:
         names = {"cairn": "Cairn (both cairnd)", "export": "export \\| import (both rbd)",
-                 "rbd_mirror": "rbd-mirror (the daemon)"}
+                 "rbd_mirror": "rbd-mirror (the daemon)",
+                 "cairn_plain": "Cairn without TLS (both cairnd)"}
         lines += ["| CPU seconds during the 1 GiB full sync | OSD site A | OSD site B | "
                   "the tool's own |", "|---|---:|---:|---:|"]
         for t, v in s["full_cpu"].items():
@@ -1097,8 +1120,13 @@ def report(results):
         lines += ["| Cairn's cost, full sync of 1 GiB | source (site A) | sink (site B) |",
                   "|---|---:|---:|",
                   f"| CPU seconds per GiB | {fmt_stat(k['source_cpu_s_per_gib'], '', 2)} | "
-                  f"{fmt_stat(k['sink_cpu_s_per_gib'], '', 2)} |",
-                  f"| peak RSS MiB | {fmt_stat(k['source_peak_rss_mib'])} | "
+                  f"{fmt_stat(k['sink_cpu_s_per_gib'], '', 2)} |"]
+        if "cairn_plain_cost" in s:
+            p = s["cairn_plain_cost"]
+            lines.append(f"| CPU seconds per GiB without TLS | "
+                         f"{fmt_stat(p['source_cpu_s_per_gib'], '', 2)} | "
+                         f"{fmt_stat(p['sink_cpu_s_per_gib'], '', 2)} |")
+        lines += [f"| peak RSS MiB | {fmt_stat(k['source_peak_rss_mib'])} | "
                   f"{fmt_stat(k['sink_peak_rss_mib'])} |", ""]
     if "sparse" in s:
         sp = s["sparse"]
@@ -1231,7 +1259,8 @@ def chart(results, path):
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     if len(panels) == 1:
         axes = [axes]
-    names = {"cairn": "Cairn", "export": "export|import\n(-diff)", "rbd_mirror": "rbd-mirror\nsnapshot"}
+    names = {"cairn": "Cairn", "export": "export|import\n(-diff)", "rbd_mirror": "rbd-mirror\nsnapshot",
+             "cairn_plain": "Cairn\nno TLS"}
     for ax, key in zip(axes, panels):
         tools = list(s[key])
         med = [s[key][t]["median"] for t in tools]
@@ -1351,7 +1380,7 @@ def main():
     ap.add_argument("--no-mirror", action="store_true", help="leave rbd-mirror out")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep OUT/work (cairnd logs and configs)")
-    ap.add_argument("--tools", default="cairn,export,rbd_mirror",
+    ap.add_argument("--tools", default="cairn,cairn_plain,export,rbd_mirror",
                     help="the tools of the full and incremental sections")
     ap.add_argument("--volume-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a [volume] setting for Cairn's sources (tuning experiments), "

@@ -274,13 +274,17 @@ class Cairnd:
         return json.loads(self.cli("--json", *args, check=True).stdout)
 
 
+INSECURE = "[tls]\ninsecure = true\n\n"
+
+
 def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, extra="",
-                  ceph_extra=""):
+                  ceph_extra="", tls=True):
     """cairnd.conf of a source node; volumes: {id: (image, target_image)};
     extra: more "key = value" lines for every [volume] section; ceph_extra:
-    for [ceph] (e.g. "op_timeout = 5s\n")."""
+    for [ceph] (e.g. "op_timeout = 5s\n"). tls=False: plaintext links
+    (insecure = true), only for the bench's TLS on/off row."""
     text = (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
-            + ceph_config(conf, ceph_extra) + tls_config(site))
+            + ceph_config(conf, ceph_extra) + (tls_config(site) if tls else INSECURE))
     for vid, (image, target) in volumes.items():
         text += (f"[volume {vid}]\npool = rbd\nimage = {image}\ntarget_image = {target}\n"
                  f"peer = 127.0.0.1:{peer_port}\ninterval = {interval}\n"
@@ -288,19 +292,21 @@ def source_config(site, conf, peer_port, volumes, interval="0", keep=1000, extra
     return text
 
 
-def sink_config(site, conf, port, spool_dir, pools="rbd", extra="", ceph_extra="", grants=None):
+def sink_config(site, conf, port, spool_dir, pools="rbd", extra="", ceph_extra="", grants=None,
+                tls=True):
     """cairnd.conf of a sink node; extra: more "key = value" lines for
     [sink] (e.g. "spool_max_bytes = 8M\n"); ceph_extra: for [ceph].
     Every point is kept (keep_points = 0) unless extra says otherwise: the
     tests compare each point with its source snapshot. grants: the [peer]
-    sections (default: the other site's source may write anything)."""
+    sections (default: the other site's source may write anything). tls:
+    as source_config's."""
     if "keep_points" not in extra:
         extra = "keep_points = 0\n" + extra
     if grants is None:
-        grants = grant_config(other_site(site))
+        grants = grant_config(other_site(site)) if tls else ""
     return (f"[cairnd]\nsite = {site}\ncontrol_socket = @SOCKET@\n\n"
             + ceph_config(conf, ceph_extra)
-            + tls_config(site) + grants +
+            + (tls_config(site) if tls else INSECURE) + grants +
             f"[sink]\nlisten = 127.0.0.1:{port}\nspool_dir = {spool_dir}\npools = {pools}\n"
             f"{extra}")
 
