@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/io_context.hpp>
@@ -146,6 +147,20 @@ class StreamLink final : public Link {
   Status Send(FrameType type, std::string_view body, std::span<const char> payload) override {
     RETURN_IF_ERROR(Handshake());
     const auto header = EncodeHeader(type, body, static_cast<uint32_t>(payload.size()));
+    if constexpr (kTls) {
+      // Asio's TLS stream makes a record (and a send(2)) of each buffer it
+      // is given, at most 16 KiB each: header and body go in one record
+      // with the payload's start, so a small frame costs one record, not three.
+      const size_t head = header.size() + body.size();
+      const size_t first = std::min(payload.size(), kCoalesce - std::min(kCoalesce, head));
+      send_buf_.resize(head + first);
+      std::memcpy(send_buf_.data(), header.data(), header.size());
+      std::memcpy(send_buf_.data() + header.size(), body.data(), body.size());
+      std::memcpy(send_buf_.data() + head, payload.data(), first);
+      return WriteAll(std::array<asio::const_buffer, 2>{
+          asio::buffer(send_buf_.data(), send_buf_.size()),
+          asio::buffer(payload.data() + first, payload.size() - first)});
+    }
     return WriteAll(std::array<asio::const_buffer, 3>{
         asio::buffer(header.data(), header.size()), asio::buffer(body.data(), body.size()),
         asio::buffer(payload.data(), payload.size())});
@@ -188,6 +203,9 @@ class StreamLink final : public Link {
   // empty and go straight from the socket into the frame (ReadExact). 16
   // KiB still carries a few hundred small frames (zero records) per read.
   static constexpr size_t kBufSize = 16 * 1024;
+  // What a TLS Send copies to put the frame's header and body in one record
+  // with the payload's start: one TLS record's worth.
+  static constexpr size_t kCoalesce = 16 * 1024;
 
   struct Source final : ByteSource {
     explicit Source(StreamLink& l) : link(l) {}
@@ -361,6 +379,7 @@ class StreamLink final : public Link {
   std::atomic<bool> closed_{false};
   std::vector<char> buf_;
   size_t begin_ = 0, end_ = 0;
+  std::vector<char> send_buf_;  // TLS: header, body and the payload's start
 };
 
 template <typename Protocol>
