@@ -3,7 +3,8 @@
 the two local test clusters (tests/cluster/testbed.sh): rbd bench (the raw
 limits), `rbd export | rbd import`, `rbd export-diff | rbd import-diff` and
 rbd-mirror in snapshot mode (one daemon at site B), and fio (rbd engine)
-for the load on the primary.
+for the load on the primary. Cairn runs over mutual TLS, and (tool
+cairn_plain) without it, for what TLS costs.
 
 Every measurement runs `--runs` times (3 by default) and is reported as
 median and min-max; every replica is compared with its source by a hash of
