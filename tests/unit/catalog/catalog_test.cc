@@ -110,7 +110,9 @@ TEST(SinkInstanceRecord, DoesNotClashWithPointsOrOwners) {
   ASSERT_TRUE(c.AddPoint(Point("instance", 1)).ok());
   ASSERT_TRUE(c.SetImageOwner("rbd", "sink", "instance").ok());
   EXPECT_FALSE(c.SinkInstanceRecord()->has_value());
-  ASSERT_TRUE(c.ReplaceSinkInstance(std::nullopt, SinkInstance{.addr = "a:0/1"}).ok());
+  SinkInstance self;
+  self.addr = "a:0/1";
+  ASSERT_TRUE(c.ReplaceSinkInstance(std::nullopt, self).ok());
   EXPECT_EQ(*c.Volumes(), std::vector<std::string>{"instance"});
   EXPECT_EQ(c.Points("instance")->size(), 1u);
   EXPECT_EQ(*c.ImageOwner("rbd", "sink"), "instance");
