@@ -155,8 +155,9 @@ class StreamLink final : public Link {
       const size_t first = std::min(payload.size(), kCoalesce - std::min(kCoalesce, head));
       send_buf_.resize(head + first);
       std::memcpy(send_buf_.data(), header.data(), header.size());
-      std::memcpy(send_buf_.data() + header.size(), body.data(), body.size());
-      std::memcpy(send_buf_.data() + head, payload.data(), first);
+      // (an empty body or payload may have no storage at all)
+      if (!body.empty()) std::memcpy(send_buf_.data() + header.size(), body.data(), body.size());
+      if (first > 0) std::memcpy(send_buf_.data() + head, payload.data(), first);
       return WriteAll(std::array<asio::const_buffer, 2>{
           asio::buffer(send_buf_.data(), send_buf_.size()),
           asio::buffer(payload.data() + first, payload.size() - first)});
