@@ -66,6 +66,27 @@ std::string EncodeRestorePoint(const RestorePoint& p) {
   return out;
 }
 
+StatusOr<RestorePoint> RestorePointFromProto(const pb::RestorePoint& m, std::string_view what) {
+  RestorePoint p;
+  p.epoch = EpochId{.volume = m.volume(),
+                    .seq = m.seq(),
+                    .base_seq = m.base_seq(),
+                    .image_size = m.image_size(),
+                    .snap_time_ns = m.source_time_ns(),
+                    .source_site = m.source_site()};
+  p.created_time_ns = m.created_time_ns();
+  p.pool = m.pool();
+  p.image = m.image();
+  p.snap = m.snap();
+  p.data_bytes = m.data_bytes();
+  p.zero_bytes = m.zero_bytes();
+  if (!EpochDigest::FromString(m.epoch_digest(), &p.epoch_digest) ||
+      !ChainDigest::FromString(m.chain_digest(), &p.chain_digest)) {
+    return DataLoss(fmt::format("{} has a malformed digest", what));
+  }
+  return p;
+}
+
 StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_view key) {
   if (bytes.size() < 1 + sizeof(uint64_t)) {
     return DataLoss(fmt::format("catalog record {} is truncated ({} bytes)", key, bytes.size()));
@@ -84,24 +105,7 @@ StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_vi
   if (!m.ParseFromArray(covered.data() + 1, static_cast<int>(covered.size() - 1))) {
     return DataLoss(fmt::format("catalog record {} does not parse", key));
   }
-  RestorePoint p;
-  p.epoch = EpochId{.volume = m.volume(),
-                    .seq = m.seq(),
-                    .base_seq = m.base_seq(),
-                    .image_size = m.image_size(),
-                    .snap_time_ns = m.source_time_ns(),
-                    .source_site = m.source_site()};
-  p.created_time_ns = m.created_time_ns();
-  p.pool = m.pool();
-  p.image = m.image();
-  p.snap = m.snap();
-  p.data_bytes = m.data_bytes();
-  p.zero_bytes = m.zero_bytes();
-  if (!EpochDigest::FromString(m.epoch_digest(), &p.epoch_digest) ||
-      !ChainDigest::FromString(m.chain_digest(), &p.chain_digest)) {
-    return DataLoss(fmt::format("catalog record {} has a malformed digest", key));
-  }
-  return p;
+  return RestorePointFromProto(m, fmt::format("catalog record {}", key));
 }
 
 std::string EncodeSinkInstance(const SinkInstance& si) {

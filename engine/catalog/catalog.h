@@ -53,6 +53,8 @@ struct RestorePoint {
 // control socket reports.
 void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m);
 std::string EncodeRestorePoint(const RestorePoint& p);
+// kDataLoss (naming `what`) on a malformed digest.
+StatusOr<RestorePoint> RestorePointFromProto(const pb::RestorePoint& m, std::string_view what);
 // kDataLoss on a bad version, checksum or protobuf; `key` names the record
 // in the error.
 StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_view key);

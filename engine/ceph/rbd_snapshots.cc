@@ -304,4 +304,14 @@ Status RbdVolume::RemoveSnap(const std::string& snap) {
   return OkStatus();
 }
 
+Status RbdVolume::RenameSnap(const std::string& from, const std::string& to) {
+  if (from == snap_name_) snap_.reset();
+  ASSIGN_OR_RETURN(auto h, Head());
+  const int rc = rbd_snap_rename(h->get(), from.c_str(), to.c_str());
+  if (rc == -ENOENT) return NotFound(fmt::format("snapshot {} does not exist", Spec(from)));
+  if (rc == -EEXIST) return AlreadyExists(fmt::format("snapshot {} already exists", Spec(to)));
+  if (rc < 0) return ErrnoStatus(rc, fmt::format("renaming snapshot {} to {}", Spec(from), to));
+  return OkStatus();
+}
+
 }  // namespace cairn

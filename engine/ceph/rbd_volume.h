@@ -132,6 +132,7 @@ class RbdVolume final : public Volume {
   Status CreateSnap(const std::string& snap, Writers writers) override;
   // kFailedPrecondition if a clone depends on the snapshot.
   Status RemoveSnap(const std::string& snap) override;
+  Status RenameSnap(const std::string& from, const std::string& to) override;
   // An empty `to_snap` means the head. kNotFound if a snapshot is missing;
   // kInvalidArgument if `from_snap` is newer than `to_snap`. Objects that
   // changed in between go whole if this process saw clients open the image

@@ -71,6 +71,12 @@ class Daemon final : public ControlService {
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
   StatusOr<std::shared_ptr<Pool>> OpenPool(const std::string& name);
   StatusOr<std::shared_ptr<KvStore>> OpenCatalog(const std::string& pool);
+  // The restore point of volume `v` that its image holds as cairn.<seq>,
+  // from the catalog of its pool at this site (SourceReplicator::
+  // set_base_point): the point it was promoted from here, or the newest
+  // one replication in reverse made on it. nullopt for a volume that only
+  // ever was a primary here.
+  StatusOr<std::optional<RestorePoint>> BasePointOf(const VolumeConfig& v);
   // Fences the previous sink instance of every [sink] pool, records this one.
   Status FencePreviousSink();
   // Why this sink is fenced (another instance registered, or this client is

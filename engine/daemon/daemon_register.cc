@@ -18,10 +18,28 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConf
   auto src = std::make_shared<SourceReplicator>(
       v, config_.site, pool, [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); });
   src->set_memory_budget(budget_);
+  src->set_base_point([this, v]() { return BasePointOf(v); });
   src->Start();
   spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
                v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
   return src;
+}
+
+StatusOr<std::optional<RestorePoint>> Daemon::BasePointOf(const VolumeConfig& v) {
+  ASSIGN_OR_RETURN(auto kv, OpenCatalog(v.pool));
+  Catalog catalog(*kv);
+  // Failed over here into this very image: the point it was cloned from.
+  ASSIGN_OR_RETURN(auto promoted, catalog.GetPromotion(v.id));
+  if (promoted && promoted->pool == v.pool && promoted->image == v.image) {
+    ASSIGN_OR_RETURN(RestorePoint p, catalog.Get(v.id, promoted->seq));
+    return std::optional<RestorePoint>(std::move(p));
+  }
+  // Written here by replication in reverse: its newest point.
+  ASSIGN_OR_RETURN(auto points, catalog.Points(v.id));
+  for (auto it = points.rbegin(); it != points.rend(); ++it) {
+    if (it->pool == v.pool && it->image == v.image) return std::optional<RestorePoint>(*it);
+  }
+  return std::optional<RestorePoint>();
 }
 
 VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {

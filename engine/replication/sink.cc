@@ -304,7 +304,12 @@ Status Sink::Serve(Link& link) {
     SendError(link, st);
     return st;
   }
-  Status st = Session(link, t);
+  Status st = hello.has_base_point() ? AdoptBase(t, hello.base_point()) : OkStatus();
+  if (st.ok()) {
+    st = Session(link, t);
+  } else {
+    spdlog::error("refusing source {} for volume '{}': {}", link.peer(), t.volume, st.message());
+  }
   {
     std::lock_guard lock(mu_);
     st = ReleaseVolumeLocked(t, st);

@@ -71,6 +71,7 @@
 namespace cairn {
 namespace pb {
 class Hello;  // proto/cairn.proto
+class RestorePoint;
 }  // namespace pb
 
 struct SinkEnv {
@@ -168,6 +169,13 @@ class Sink {
   // retries a spooled epoch or its spool refused the last one; an older
   // session of the volume is closed and waited for (30 s at most).
   Status ClaimVolume(Link& link, const Target& t);
+  // Replication in reverse (failback, sink_failback.cc): if this sink has
+  // no point of t.volume and t's image holds the source's base point as
+  // its own cairn.<seq> snapshot (same time taken), records that point as
+  // this sink's, so the next epoch is a delta from it. What the image
+  // holds beyond the point (writes since, later cairn.<N> snapshots) is
+  // kept as cairn-divergent-<time> snapshots first, never destroyed.
+  Status AdoptBase(Target& t, const pb::RestorePoint& base);
   // The session of `t` ended with `st` (mu_ held): the status says how,
   // and an epoch left durable is retried. Returns what the source is told.
   Status ReleaseVolumeLocked(const Target& t, Status st);

@@ -7,6 +7,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -29,6 +30,24 @@ StatusOr<RestorePoint> PointOrNewest(Catalog& catalog, const std::string& volume
   ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
   if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
   return *latest;
+}
+
+// Clones point `p` into `to_image` in `pool` (unless a clone is there
+// already) and snapshots it as cairn.<seq>: the promoted image can then
+// replicate back (failback) as a delta from that point.
+Status ClonePromoted(Pool& pool, const RestorePoint& p, const std::string& to_image) {
+  ASSIGN_OR_RETURN(bool exists, pool.Exists(to_image));
+  if (!exists) RETURN_IF_ERROR(pool.Clone(p.image, p.snap, to_image));
+  ASSIGN_OR_RETURN(auto vol, pool.Open(to_image));
+  ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
+  const std::string name = SnapName(p.epoch.seq);
+  if (std::none_of(snaps.begin(), snaps.end(), [&](const SnapInfo& s) { return s.name == name; })) {
+    // Before anyone writes it: nobody else has it open yet (or, promoted
+    // again after a crash, the snapshot comes after such writes; replicating
+    // back then starts over from a full copy rather than miss them).
+    if (!exists) RETURN_IF_ERROR(vol->CreateSnap(name, Volume::Writers::kThisProcessOnly));
+  }
+  return OkStatus();
 }
 
 }  // namespace
@@ -72,10 +91,7 @@ StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
     }
     ASSIGN_OR_RETURN(RestorePoint point, catalog.Get(volume, promoted->seq));
     ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
-    ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
-    if (!exists) {  // a crash between the fence and the clone
-      RETURN_IF_ERROR(pool->Clone(point.image, point.snap, to_image));
-    }
+    RETURN_IF_ERROR(ClonePromoted(*pool, point, to_image));  // a crash after the fence
     return PromoteResult{pool_name, to_image, point, true};
   }
   ASSIGN_OR_RETURN(RestorePoint point, PointOrNewest(catalog, volume, seq));
@@ -96,7 +112,7 @@ StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
       it->second->Close();
     }
   }
-  if (Status st = pool->Clone(point.image, point.snap, to_image); !st.ok()) {
+  if (Status st = ClonePromoted(*pool, point, to_image); !st.ok()) {
     (void)catalog.ClearPromotion(volume);
     return st.Annotate(fmt::format("promoting restore point {} of '{}'", point.epoch.seq, volume));
   }

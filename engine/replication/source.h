@@ -39,6 +39,7 @@
 
 #include "engine/base/clock.h"
 #include "engine/base/memory_budget.h"
+#include "engine/catalog/catalog.h"
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
 #include "engine/replication/replication.h"
@@ -61,6 +62,14 @@ class SourceReplicator {
   // The clock the schedule reads and waits on (tests: a ManualClock; it
   // must outlive the replicator). Before Start.
   void set_clock(Clock& clock) { clock_ = &clock; }
+  // Replication in reverse (failback): what tells, at every connect, which
+  // restore point of this volume the image holds as its cairn.<seq>
+  // snapshot (the point it was promoted from, or one a reverse epoch
+  // made here). The Hello carries it, and a sink without points of the
+  // volume adopts it as the base instead of asking for a full copy.
+  // nullopt: none. Before Start.
+  using BasePointFn = std::function<StatusOr<std::optional<RestorePoint>>()>;
+  void set_base_point(BasePointFn fn) { base_point_ = std::move(fn); }
 
   void Start();
   // Tells the replicator to stop (its link is closed at once) and returns;
@@ -211,6 +220,7 @@ class SourceReplicator {
   Clock* clock_ = &RealClock();
 
   std::shared_ptr<MemoryBudget> budget_;
+  BasePointFn base_point_;
   std::unique_ptr<Link> link_;
   // The image, opened once per link and used only to read snapshots (list
   // them, diff them, read them); closed with the link. It never holds a

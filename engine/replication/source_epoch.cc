@@ -24,6 +24,11 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   hello.set_image(config_.target_image);
   hello.set_source_site(site_);
   hello.set_probe(probe);
+  if (base_point_) {
+    auto base = base_point_();
+    if (!base.ok()) return base.status().Annotate("looking up the point this image holds");
+    if (*base) RestorePointToProto(**base, hello.mutable_base_point());
+  }
   RETURN_IF_ERROR(link.Send(FrameType::kHello, hello.SerializeAsString(), {}));
   auto f = link.Receive(timeouts_.hello);
   if (!f.ok()) {

@@ -109,6 +109,11 @@ Status FaultVolume::RemoveSnap(const std::string& snap) {
   return inner_->RemoveSnap(snap);
 }
 
+Status FaultVolume::RenameSnap(const std::string& from, const std::string& to) {
+  RETURN_IF_ERROR(fault_->Check(VolumeOp::kRenameSnap, name(), from));
+  return inner_->RenameSnap(from, to);
+}
+
 Status FaultVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                                 const std::function<Status(const Extent&)>& fn) {
   RETURN_IF_ERROR(fault_->Check(VolumeOp::kDiff, name(), to_snap));

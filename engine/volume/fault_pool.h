@@ -60,6 +60,7 @@ enum class VolumeOp {
   kWrite,
   kZero,
   kDrain,
+  kRenameSnap,
 };
 
 struct VolumeFaultPoint {
@@ -125,6 +126,7 @@ class FaultVolume final : public Volume {
   using Volume::CreateSnap;
   Status CreateSnap(const std::string& snap, Writers writers) override;
   Status RemoveSnap(const std::string& snap) override;
+  Status RenameSnap(const std::string& from, const std::string& to) override;
   Status DiffExtents(const std::string& from_snap, const std::string& to_snap,
                      const std::function<Status(const Extent&)>& fn) override;
   // A FaultAsyncIo over the wrapped volume's.

@@ -272,6 +272,18 @@ Status MemoryVolume::RemoveSnap(const std::string& snap) {
   return OkStatus();
 }
 
+Status MemoryVolume::RenameSnap(const std::string& from, const std::string& to) {
+  std::lock_guard lock(pool_->mu);
+  if (image_->removed) return ImageNotFound(*pool_, name_);
+  SnapState* s = FindSnap(*image_, from);
+  if (s == nullptr) return SnapNotFound(*pool_, name_, from);
+  if (FindSnap(*image_, to) != nullptr) {
+    return AlreadyExists(fmt::format("snapshot {}/{}@{} already exists", pool_->name, name_, to));
+  }
+  s->name = to;
+  return OkStatus();
+}
+
 Status MemoryVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                                  const std::function<Status(const Extent&)>& fn) {
   ChunkMap from;

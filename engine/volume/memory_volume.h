@@ -116,6 +116,7 @@ class MemoryVolume final : public Volume {
   Status CreateSnap(const std::string& snap, Writers writers) override;
   // kFailedPrecondition if a clone of the snapshot exists.
   Status RemoveSnap(const std::string& snap) override;
+  Status RenameSnap(const std::string& from, const std::string& to) override;
   // An empty `to_snap` means the head. kNotFound if either snapshot is
   // missing; kInvalidArgument if `from_snap` is newer than `to_snap`.
   // Cost: O(allocated chunks of both) under the lock, then the comparison

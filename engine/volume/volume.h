@@ -113,6 +113,9 @@ class Volume {
   Status CreateSnap(const std::string& snap) { return CreateSnap(snap, Writers::kOthers); }
   // kNotFound if there is no such snapshot.
   virtual Status RemoveSnap(const std::string& snap) = 0;
+  // kNotFound if there is no `from`, kAlreadyExists if there is a `to`.
+  // Clones of the snapshot keep their parent (they name it by id).
+  virtual Status RenameSnap(const std::string& from, const std::string& to) = 0;
 
   // Calls `fn` with the extents that differ between `from_snap` and
   // `to_snap`, ascending and non-overlapping, clipped to the size at

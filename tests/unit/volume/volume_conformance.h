@@ -821,6 +821,41 @@ TEST_P(VolumeConformanceTest, CloneReadsAsTheSnapshotAndPinsIt) {
   CAIRN_ASSERT_OK(src->RemoveSnap("s1"));
 }
 
+// Failback keeps a divergent primary's later snapshots under new names;
+// a clone of a renamed snapshot keeps reading it.
+TEST_P(VolumeConformanceTest, RenameSnapKeepsItsContentTimeAndClones) {
+  using namespace volume_test;
+  const uint64_t size = 4 * kMiB;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, CreateAndOpen("rename", size));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(130, kMiB)));
+  CAIRN_ASSERT_OK(v->CreateSnap("cairn.3"));
+  CAIRN_ASSERT_OK(v->CreateSnap("other"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t h, HashImage(*v, "cairn.3"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> before, v->ListSnaps());
+  const std::string clone_name = NewName("renamedclone");
+  CAIRN_ASSERT_OK(pool().Clone(v->name(), "cairn.3", clone_name));
+  CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(131, kMiB)));
+
+  CAIRN_EXPECT_CODE(v->RenameSnap("nope", "x"), Code::kNotFound);
+  CAIRN_EXPECT_CODE(v->RenameSnap("cairn.3", "other"), Code::kAlreadyExists);
+  CAIRN_ASSERT_OK(v->RenameSnap("cairn.3", "cairn-divergent-x.cairn.3"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> after, v->ListSnaps());
+  ASSERT_EQ(after.size(), 2u);
+  EXPECT_EQ(after[0].name, "cairn-divergent-x.cairn.3");
+  EXPECT_EQ(after[0].id, before[0].id);
+  EXPECT_EQ(after[0].time_ns, before[0].time_ns);
+  CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t renamed, HashImage(*v, "cairn-divergent-x.cairn.3"));
+  EXPECT_EQ(renamed, h);
+  {
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> clone, pool().Open(clone_name));
+    CAIRN_ASSERT_OK_AND_ASSIGN(uint64_t c, HashImage(*clone, ""));
+    EXPECT_EQ(c, h);
+  }
+  CAIRN_ASSERT_OK(pool().Remove(clone_name));
+  CAIRN_ASSERT_OK(v->RemoveSnap("cairn-divergent-x.cairn.3"));
+  CAIRN_ASSERT_OK(v->RemoveSnap("other"));
+}
+
 TEST_P(VolumeConformanceTest, CopyIsAnIndependentSparseCopy) {
   using namespace volume_test;
   const uint64_t size = 20 * kMiB + 12345;

@@ -1,0 +1,207 @@
+// Replication in reverse after a failover, over the in-process link and
+// in-memory volumes: site B's promoted image replicates back into site A's
+// original image as a delta from the point both share, and what A wrote
+// after that point is kept as snapshots, never lost.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <random>
+#include <thread>
+
+#include "engine/link/link.h"
+#include "engine/replication/sink.h"
+#include "engine/replication/source.h"
+#include "engine/spool/file_spool_store.h"
+#include "engine/volume/memory_volume.h"
+#include "tests/unit/test_util.h"
+
+namespace cairn {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::StartsWith;
+
+constexpr uint64_t kMiB = 1 << 20;
+constexpr uint64_t kSize = 4 * kMiB;
+
+// One site: its pool, its catalog, and a sink serving them.
+struct Site {
+  Site(const std::string& name, const std::filesystem::path& spool)
+      : pool(std::make_shared<MemoryPool>("rbd")), catalog(std::make_shared<MemoryKvStore>()) {
+    SinkEnv env;
+    env.site = name;
+    env.spools = std::make_shared<FileSpoolStore>(spool);
+    env.pools = {"rbd"};
+    env.open_pool = [p = pool](const std::string&) -> StatusOr<std::shared_ptr<Pool>> {
+      return std::shared_ptr<Pool>(p);
+    };
+    env.open_catalog = [c = catalog](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
+      return std::shared_ptr<KvStore>(c);
+    };
+    sink = std::make_unique<Sink>(env);
+  }
+  std::shared_ptr<MemoryPool> pool;
+  std::shared_ptr<MemoryKvStore> catalog;
+  std::unique_ptr<Sink> sink;
+};
+
+class FailbackTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::temp_directory_path() /
+           ("cairn-failback-" + std::to_string(getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    a_ = std::make_unique<Site>("a", dir_ / "a");
+    b_ = std::make_unique<Site>("b", dir_ / "b");
+  }
+  void TearDown() override {
+    for (auto& t : sessions_) t.join();
+    std::filesystem::remove_all(dir_);
+  }
+
+  // Each connect serves the other end with `to`'s sink on a thread.
+  SourceReplicator::Connector ConnectTo(Site& to) {
+    return [this, &to]() -> StatusOr<std::unique_ptr<Link>> {
+      auto [src, dst] = MakeMemoryLinkPair(16u << 20);
+      sessions_.emplace_back([&to, l = std::move(dst)]() mutable {
+        [[maybe_unused]] const Status ended = to.sink->Serve(*l);
+      });
+      return std::move(src);
+    };
+  }
+
+  static VolumeConfig Config(const std::string& image, const std::string& target) {
+    VolumeConfig c;
+    c.id = "vol1";
+    c.pool = "rbd";
+    c.image = image;
+    c.target_pool = "rbd";
+    c.target_image = target;
+    c.keep_snapshots = 100;
+    c.block_size = 64 * 1024;
+    return c;
+  }
+
+  // Site A replicates points 1 and 2 to B, then B fails over to point 2
+  // in "img-p", and each site writes. Returns A's head hash before the
+  // failback.
+  std::string FailOverWithWritesOnBothSides(bool a_writes) {
+    EXPECT_TRUE(a_->pool->Create("img", kSize).ok());
+    auto img = testing::MustOpen(*a_->pool, "img");
+    SourceReplicator forward(Config("img", "img-standby"), "a", a_->pool, ConnectTo(*b_));
+    for (int i = 0; i < 2; ++i) {
+      testing::RandomChanges(*img, rng_, kSize, 8);
+      auto sum = forward.RunOnce();
+      EXPECT_TRUE(sum.ok()) << sum.status().ToString();
+    }
+    forward.Disconnect();
+    if (a_writes) {  // the tail that never reached B, and a snapshot of it
+      testing::Write(*img, kMiB, testing::RandomBytes(rng_, 3 * 65536));
+      EXPECT_TRUE(img->CreateSnap("cairn.3").ok());
+      testing::Write(*img, 2 * kMiB, testing::RandomBytes(rng_, 65536));
+    }
+    auto promoted = b_->sink->Promote("vol1", 0, "", "img-p");
+    EXPECT_TRUE(promoted.ok()) << promoted.status().ToString();
+    return testing::ImageHash(*img, "", kSize);
+  }
+
+  // B's source for the promoted image, as cairnd makes it: its base point
+  // is the one it was promoted from.
+  std::unique_ptr<SourceReplicator> Reverse() {
+    auto rep =
+        std::make_unique<SourceReplicator>(Config("img-p", "img"), "b", b_->pool, ConnectTo(*a_));
+    rep->set_base_point([this]() -> StatusOr<std::optional<RestorePoint>> {
+      ASSIGN_OR_RETURN(auto p, Catalog(*b_->catalog).Get("vol1", 2));
+      return std::optional<RestorePoint>(p);
+    });
+    return rep;
+  }
+
+  std::vector<std::string> SnapNames(Volume& v) {
+    std::vector<std::string> out;
+    const std::vector<SnapInfo> snaps = v.ListSnaps().value();
+    for (const auto& s : snaps) out.push_back(s.name);
+    return out;
+  }
+
+  std::filesystem::path dir_;
+  std::unique_ptr<Site> a_, b_;
+  std::vector<std::thread> sessions_;
+  std::mt19937_64 rng_{24};
+};
+
+TEST_F(FailbackTest, ThePromotedImageReplicatesBackAsADeltaAndADivergenceIsKept) {
+  const std::string a_before = FailOverWithWritesOnBothSides(/*a_writes=*/true);
+  auto p = testing::MustOpen(*b_->pool, "img-p");
+  EXPECT_EQ(SnapNames(*p), std::vector<std::string>{"cairn.2"}) << "promote takes cairn.<seq>";
+  testing::Write(*p, 0, testing::RandomBytes(rng_, 2 * 65536));
+
+  auto rep = Reverse();
+  auto sum = rep->RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->id.seq, 3u);
+  EXPECT_EQ(sum->id.base_seq, 2u);
+  EXPECT_LE(sum->data_bytes, 2 * 65536u) << "more than B wrote went back";
+  auto img = testing::MustOpen(*a_->pool, "img");
+  EXPECT_EQ(testing::ImageHash(*img, "cairn.3", kSize), testing::ImageHash(*p, "cairn.3", kSize));
+  EXPECT_EQ(testing::ImageHash(*img, "", kSize), testing::ImageHash(*p, "", kSize));
+
+  // A's writes since point 2 are kept: its head as it was, and its own
+  // later snapshot under a new name.
+  std::string head_kept, snap_kept;
+  for (const auto& name : SnapNames(*img)) {
+    if (name.starts_with("cairn-divergent-") && name.ends_with(".cairn.3")) snap_kept = name;
+    if (name.starts_with("cairn-divergent-") && !name.ends_with(".cairn.3")) head_kept = name;
+  }
+  ASSERT_FALSE(head_kept.empty()) << ::testing::PrintToString(SnapNames(*img));
+  ASSERT_FALSE(snap_kept.empty()) << ::testing::PrintToString(SnapNames(*img));
+  EXPECT_EQ(testing::ImageHash(*img, head_kept, kSize), a_before);
+
+  // The points at A go on as a chain from the adopted one.
+  auto pts = a_->sink->Points("vol1");
+  ASSERT_TRUE(pts.ok()) << pts.status().ToString();
+  ASSERT_EQ(pts->size(), 2u);
+  EXPECT_EQ((*pts)[0].epoch.seq, 2u);
+  EXPECT_EQ((*pts)[0].image, "img");
+  EXPECT_EQ((*pts)[0].chain_digest, b_->sink->Points("vol1")->back().chain_digest);
+  testing::RandomChanges(*p, rng_, kSize, 4);
+  auto next = rep->RunOnce();
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  EXPECT_EQ(next->id.base_seq, 3u);
+  EXPECT_EQ(testing::ImageHash(*img, "cairn.4", kSize), testing::ImageHash(*p, "cairn.4", kSize));
+}
+
+TEST_F(FailbackTest, WithoutWritesAtANothingIsKeptAndOnlyBsChangesMove) {
+  FailOverWithWritesOnBothSides(/*a_writes=*/false);
+  auto p = testing::MustOpen(*b_->pool, "img-p");
+  testing::Write(*p, 3 * kMiB, testing::RandomBytes(rng_, 65536));
+  auto sum = Reverse()->RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->data_bytes, 65536u);
+  auto img = testing::MustOpen(*a_->pool, "img");
+  EXPECT_EQ(testing::ImageHash(*img, "", kSize), testing::ImageHash(*p, "", kSize));
+  for (const auto& name : SnapNames(*img)) EXPECT_THAT(name, StartsWith("cairn."));
+}
+
+TEST_F(FailbackTest, AnImageWithoutTheSameSnapshotIsNotAdoptedNorWritten) {
+  FailOverWithWritesOnBothSides(/*a_writes=*/false);
+  // A's image was recreated meanwhile: same snapshot name, another time.
+  ASSERT_TRUE(a_->pool->Open("img").value()->RemoveSnap("cairn.2").ok());
+  ASSERT_TRUE(a_->pool->Open("img").value()->RemoveSnap("cairn.1").ok());
+  ASSERT_TRUE(a_->pool->Remove("img").ok());
+  ASSERT_TRUE(a_->pool->Create("img", kSize).ok());
+  auto img = testing::MustOpen(*a_->pool, "img");
+  testing::Write(*img, 0, "another volume's data");
+  ASSERT_TRUE(img->CreateSnap("cairn.2").ok());
+  const std::string before = testing::ImageHash(*img, "", kSize);
+  auto sum = Reverse()->RunOnce();
+  ASSERT_FALSE(sum.ok());
+  EXPECT_EQ(sum.status().code(), Code::kFailedPrecondition) << sum.status().ToString();
+  EXPECT_THAT(sum.status().message(), HasSubstr("has no snapshot cairn.2 taken at"));
+  EXPECT_EQ(testing::ImageHash(*img, "", kSize), before);
+  EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
+}
+
+}  // namespace
+}  // namespace cairn
