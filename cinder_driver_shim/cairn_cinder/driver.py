@@ -344,7 +344,21 @@ class CairnRBDDriver(rbd.RBDDriver):
                 LOG.warning('Cairn: %s; deleting the failed-over volume at %s '
                             'anyway: unregister it at site A once it is back',
                             e.msg, self._active_backend_id)
+            if self._failed_over():
+                self._remove_cairn_snapshots(volume)
         super().delete_volume(volume)
+
+    def _remove_cairn_snapshots(self, volume):
+        """A failed-over volume is the promoted image at site B, with the
+        snapshot cairn.<N> of the point it came from (for failback): it
+        goes with the volume, which RBD removes only without snapshots."""
+        try:
+            with rbd.RBDVolumeProxy(self, volume.name) as image:
+                for snap in image.list_snaps():
+                    if snap['name'].startswith('cairn.'):
+                        image.remove_snap(snap['name'])
+        except self.rbd.ImageNotFound:
+            pass  # nothing to delete: the parent says so
 
     # -- failover and failback ------------------------------------------------
 

@@ -191,6 +191,12 @@ def test_failover_to_an_older_point_named_in_metadata(site_a, site_b, cairn, vol
     assert bad.name not in site_b.images(), "an image was made for a volume not failed over"
     assert "neither a restore point number" in caplog.text
 
+    # A failed-over volume is deleted at site B, with the point's snapshot.
+    assert f"cairn.{first[by_seq.id].seq}" in site_b.snaps(by_seq.name)
+    by_seq.update(u[by_seq.id])
+    drv.delete_volume(by_seq)
+    assert by_seq.name not in site_b.images()
+
 
 def test_volume_without_a_restore_point_is_not_failed_over(site_a, site_b, cairn, volumes,
                                                           make_driver, ctx, caplog):
