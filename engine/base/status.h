@@ -52,6 +52,7 @@ enum class Reason : int {
   kNone = 0,
   kSpoolDiskFull,  // kResourceExhausted: the spool's file system is full
   kSpoolQuota,     // kResourceExhausted: an epoch would pass spool_max_bytes
+  kSplitBrain,     // kFailedPrecondition: both sites wrote since their shared point
 };
 
 class [[nodiscard]] Status {

@@ -303,7 +303,20 @@ Status Catalog::SetPromotion(std::string_view volume, const Promotion& p) {
 
 Status Catalog::ClearPromotion(std::string_view volume) {
   RETURN_IF_ERROR(ValidateVolumeId(volume));
-  return kv_.Commit({}, {fmt::format("promoted/{}", volume)});
+  return kv_.Commit({}, {fmt::format("promoted/{}", volume), fmt::format("resolved/{}", volume)});
+}
+
+// resolved/<volume> -> site name
+StatusOr<std::string> Catalog::Resolution(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  auto v = kv_.Get(fmt::format("resolved/{}", volume));
+  if (!v.ok() && v.status().code() == Code::kNotFound) return std::string();
+  return v;
+}
+
+Status Catalog::SetResolution(std::string_view volume, std::string_view site) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  return kv_.Commit({{fmt::format("resolved/{}", volume), std::string(site)}}, {});
 }
 
 StatusOr<std::optional<Catalog::SinkRecord>> Catalog::SinkInstanceRecord() {

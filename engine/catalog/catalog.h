@@ -121,7 +121,13 @@ class Catalog {
   };
   StatusOr<std::optional<Promotion>> GetPromotion(std::string_view volume);
   Status SetPromotion(std::string_view volume, const Promotion& p);
+  // Also forgets the volume's Resolution.
   Status ClearPromotion(std::string_view volume);
+  // The operator's choice in a split brain of `volume` (cairn resolve
+  // --keep SITE, resolved/<volume>): the site whose writes win; "" if none
+  // was made.
+  StatusOr<std::string> Resolution(std::string_view volume);
+  Status SetResolution(std::string_view volume, std::string_view site);
 
   // The sink instance recorded (instance/sink) and its stored bytes, or
   // nullopt if no sink ever registered here.

@@ -149,6 +149,7 @@ struct Args {
   std::string point;                     // restore: seq or "latest"
   std::string promote_point = "latest";  // promote: seq or "latest"
   std::string to;                        // restore, promote: the new image
+  std::string keep;                      // resolve: the site whose writes win
   bool full = false;                     // restore
   bool wait = false;                     // replicate
   double timeout = 300;                  // replicate --wait, seconds
@@ -162,6 +163,7 @@ struct Commands {
   CLI::App* replicate;
   CLI::App* promote;
   CLI::App* release;
+  CLI::App* resolve;
 };
 
 Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
@@ -200,6 +202,12 @@ Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
       "release",
       "failback of one volume: lift the fence, keep the promoted image under a new name");
   c.release->add_option("volume", args.volume, "the volume")->required();
+
+  c.resolve = app.add_subcommand(
+      "resolve",
+      "split brain after a failover: whose writes win (the loser's are kept as a snapshot)");
+  c.resolve->add_option("volume", args.volume, "the volume")->required();
+  c.resolve->add_option("--keep", args.keep, "the site whose writes win")->required();
   return c;
 }
 
@@ -317,6 +325,26 @@ int RunPromote(const Cli& cli, const Args& args) {
   return 0;
 }
 
+int RunResolve(const Cli& cli, const Args& args) {
+  cairn::pb::ControlRequest req;
+  req.mutable_resolve()->set_volume(args.volume);
+  req.mutable_resolve()->set_keep_site(args.keep);
+  auto reply = cli.Call(req);
+  if (!reply.ok()) return cli.Fail(reply.status());
+  const auto& r = reply->resolve();
+  if (cli.json) {
+    std::printf("%s\n", json({{"volume", args.volume},
+                              {"keep", args.keep},
+                              {"kept_as", r.kept_as()},
+                              {"outcome", r.outcome()}})
+                            .dump()
+                            .c_str());
+  } else {
+    std::printf("%s: %s\n", args.volume.c_str(), r.outcome().c_str());
+  }
+  return 0;
+}
+
 int RunRelease(const Cli& cli, const Args& args) {
   cairn::pb::ControlRequest req;
   req.mutable_release()->set_volume(args.volume);
@@ -409,6 +437,7 @@ int main(int argc, char** argv) {
   if (*c.restore) return RunRestore(cli, args);
   if (*c.promote) return RunPromote(cli, args);
   if (*c.release) return RunRelease(cli, args);
+  if (*c.resolve) return RunResolve(cli, args);
   if (*c.replicate) return RunReplicate(cli, args);
   return 2;
 }

@@ -113,6 +113,14 @@ Status AnswerRelease(ControlService& service, const pb::ReleaseRequest& q,
   return OkStatus();
 }
 
+Status AnswerResolve(ControlService& service, const pb::ResolveRequest& q,
+                     pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const ControlService::Resolved r, service.Resolve(q.volume(), q.keep_site()));
+  reply.mutable_resolve()->set_kept_as(r.kept_as);
+  reply.mutable_resolve()->set_outcome(r.outcome);
+  return OkStatus();
+}
+
 Status Answer(ControlService& service, const pb::ControlRequest& req, pb::ControlReply& reply) {
   switch (req.request_case()) {
     case pb::ControlRequest::kStatus:
@@ -131,12 +139,14 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
       return AnswerPromote(service, req.promote(), reply);
     case pb::ControlRequest::kRelease:
       return AnswerRelease(service, req.release(), reply);
+    case pb::ControlRequest::kResolve:
+      return AnswerResolve(service, req.resolve(), reply);
     case pb::ControlRequest::REQUEST_NOT_SET:
       break;
   }
   return InvalidArgument(
       "control request names no operation (status, points, restore, replicate, "
-      "register_volume, unregister_volume, promote, release)");
+      "register_volume, unregister_volume, promote, release, resolve)");
 }
 
 // What a changing request is called and the volume it names; nullopt for
@@ -155,6 +165,8 @@ std::optional<std::pair<std::string_view, std::string>> Change(const pb::Control
       return std::make_pair("promote", req.promote().volume());
     case pb::ControlRequest::kRelease:
       return std::make_pair("release", req.release().volume());
+    case pb::ControlRequest::kResolve:
+      return std::make_pair("resolve", req.resolve().volume());
     default:
       return std::nullopt;
   }

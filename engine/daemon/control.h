@@ -49,11 +49,17 @@ class ControlService {
   virtual StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,
                                           const std::string& pool, const std::string& to_image) = 0;
   virtual StatusOr<std::string> Release(const std::string& volume) = 0;
+  // Standby side: the operator's choice in a split brain (ResolveRequest).
+  struct Resolved {
+    std::string kept_as;
+    std::string outcome;
+  };
+  virtual StatusOr<Resolved> Resolve(const std::string& volume, const std::string& keep_site) = 0;
 };
 
 // Who sent a control request, and what they may do: every caller may read
 // (status, points); only an admin may change anything (replicate, restore,
-// register, unregister, promote, release).
+// register, unregister, promote, release, resolve).
 struct ControlCaller {
   bool admin = false;
   std::string who;  // for the log: "pid 123 uid 0 (root)"

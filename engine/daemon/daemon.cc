@@ -312,6 +312,27 @@ StatusOr<PromoteResult> Daemon::Promote(const std::string& volume, uint64_t seq,
   return sink_->Promote(volume, seq, pool, to_image);
 }
 
+StatusOr<ControlService::Resolved> Daemon::Resolve(const std::string& volume,
+                                                   const std::string& keep_site) {
+  if (!sink_) {
+    return FailedPrecondition(
+        "this cairnd is not a sink: resolve on the cairnd of the site the volume failed over to");
+  }
+  if (keep_site.empty()) return InvalidArgument("resolve: say whose writes win (--keep SITE)");
+  if (keep_site != config_.site) {
+    ASSIGN_OR_RETURN(std::string kept, sink_->Release(volume));
+    return Resolved{kept, fmt::format("site {} wins: this site's image is kept as {}; site {} "
+                                      "replicates again from its newest restore point here",
+                                      keep_site, kept, keep_site)};
+  }
+  ASSIGN_OR_RETURN(const std::string pool, sink_->KeepPromoted(volume, keep_site));
+  return Resolved{"", fmt::format("site {} wins: its source replicates back; what the other site "
+                                  "wrote since the shared point is kept there as a "
+                                  "cairn-divergent-<time> snapshot (pool {} catalog records the "
+                                  "choice)",
+                                  keep_site, pool)};
+}
+
 StatusOr<std::string> Daemon::Release(const std::string& volume) {
   if (!sink_) {
     return FailedPrecondition("this cairnd is not a sink: release on the standby site's cairnd");

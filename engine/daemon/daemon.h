@@ -66,6 +66,7 @@ class Daemon final : public ControlService {
   StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq, const std::string& pool,
                                   const std::string& to_image) override;
   StatusOr<std::string> Release(const std::string& volume) override;
+  StatusOr<Resolved> Resolve(const std::string& volume, const std::string& keep_site) override;
 
  private:
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
@@ -76,7 +77,8 @@ class Daemon final : public ControlService {
   // set_base_point): the point it was promoted from here, or the newest
   // one replication in reverse made on it. nullopt for a volume that only
   // ever was a primary here.
-  StatusOr<std::optional<RestorePoint>> BasePointOf(const VolumeConfig& v);
+  // keep_source: `cairn resolve VOLUME --keep <this site>` was said here.
+  StatusOr<std::optional<SourceReplicator::BasePoint>> BasePointOf(const VolumeConfig& v);
   // Fences the previous sink instance of every [sink] pool, records this one.
   Status FencePreviousSink();
   // Why this sink is fenced (another instance registered, or this client is

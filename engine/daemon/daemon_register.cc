@@ -25,21 +25,23 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConf
   return src;
 }
 
-StatusOr<std::optional<RestorePoint>> Daemon::BasePointOf(const VolumeConfig& v) {
+StatusOr<std::optional<SourceReplicator::BasePoint>> Daemon::BasePointOf(const VolumeConfig& v) {
+  using Base = SourceReplicator::BasePoint;
   ASSIGN_OR_RETURN(auto kv, OpenCatalog(v.pool));
   Catalog catalog(*kv);
   // Failed over here into this very image: the point it was cloned from.
   ASSIGN_OR_RETURN(auto promoted, catalog.GetPromotion(v.id));
   if (promoted && promoted->pool == v.pool && promoted->image == v.image) {
     ASSIGN_OR_RETURN(RestorePoint p, catalog.Get(v.id, promoted->seq));
-    return std::optional<RestorePoint>(std::move(p));
+    ASSIGN_OR_RETURN(std::string keep, catalog.Resolution(v.id));
+    return std::optional<Base>(Base{std::move(p), keep == config_.site});
   }
   // Written here by replication in reverse: its newest point.
   ASSIGN_OR_RETURN(auto points, catalog.Points(v.id));
   for (auto it = points.rbegin(); it != points.rend(); ++it) {
-    if (it->pool == v.pool && it->image == v.image) return std::optional<RestorePoint>(*it);
+    if (it->pool == v.pool && it->image == v.image) return std::optional<Base>(Base{*it, false});
   }
-  return std::optional<RestorePoint>();
+  return std::optional<Base>();
 }
 
 VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {

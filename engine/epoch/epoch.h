@@ -270,5 +270,9 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
 // Cost: listing the head's changes since `point` (cheap with fast-diff),
 // plus one read and one write of each changed byte; 0 when none changed.
 StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point);
+// Bytes of `vol`'s head that differ from its snapshot `snap`, as
+// RevertToPoint would count them (a resize counts the bytes gained or
+// lost), without reading any; 0 if ChangedSince says nothing changed.
+StatusOr<uint64_t> BytesSince(Volume& vol, const SnapInfo& snap);
 
 }  // namespace cairn

@@ -128,4 +128,16 @@ StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point) {
   return bytes;
 }
 
+StatusOr<uint64_t> BytesSince(Volume& vol, const SnapInfo& snap) {
+  ASSIGN_OR_RETURN(bool changed, vol.ChangedSince(snap));
+  if (!changed) return uint64_t{0};
+  ASSIGN_OR_RETURN(const uint64_t size, vol.Size());
+  uint64_t bytes = std::max(size, snap.size) - std::min(size, snap.size);
+  RETURN_IF_ERROR(vol.DiffExtents(snap.name, "", [&](const Extent& e) {
+    bytes += e.length;
+    return OkStatus();
+  }));
+  return bytes;
+}
+
 }  // namespace cairn

@@ -304,11 +304,16 @@ Status Sink::Serve(Link& link) {
     SendError(link, st);
     return st;
   }
-  Status st = hello.has_base_point() ? AdoptBase(t, hello.base_point()) : OkStatus();
+  Status st = hello.has_base_point() ? AdoptBase(t, hello) : OkStatus();
   if (st.ok()) {
     st = Session(link, t);
   } else {
     spdlog::error("refusing source {} for volume '{}': {}", link.peer(), t.volume, st.message());
+    t.source_fault = true;                         // waits for an operator: an error, not a cut
+    SetState(t.volume, [&](VolumeStatusInfo& s) {  // its status shows why
+      s.pool = t.pool_name;
+      s.image = t.image;
+    });
   }
   {
     std::lock_guard lock(mu_);

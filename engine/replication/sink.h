@@ -151,6 +151,10 @@ class Sink {
   // <image>.failback-<UTC time>, never deleted; returns that name ("" if
   // the image was gone).
   StatusOr<std::string> Release(const std::string& volume);
+  // A split brain of a volume promoted here is resolved for this site
+  // (`site`): its source's Hellos say so from now on. Returns the pool of
+  // the promotion. FailedPrecondition if the volume is not promoted here.
+  StatusOr<std::string> KeepPromoted(const std::string& volume, const std::string& site);
   // Frames refused for failing verification, since start.
   uint64_t corrupt_frames() const;
 
@@ -174,8 +178,11 @@ class Sink {
   // its own cairn.<seq> snapshot (same time taken), records that point as
   // this sink's, so the next epoch is a delta from it. What the image
   // holds beyond the point (writes since, later cairn.<N> snapshots) is
-  // kept as cairn-divergent-<time> snapshots first, never destroyed.
-  Status AdoptBase(Target& t, const pb::RestorePoint& base);
+  // kept as cairn-divergent-<time> snapshots first, never destroyed. If
+  // both this image and the source's changed since the point (a split
+  // brain), refuses with Reason::kSplitBrain, changing nothing, unless the
+  // operator chose the source's side (Hello.keep_source).
+  Status AdoptBase(Target& t, const pb::Hello& hello);
   // The session of `t` ended with `st` (mu_ held): the status says how,
   // and an epoch left durable is retried. Returns what the source is told.
   Status ReleaseVolumeLocked(const Target& t, Status st);

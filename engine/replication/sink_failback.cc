@@ -25,23 +25,10 @@ std::string UtcStamp(int64_t unix_ns) {
   return stamp;
 }
 
-// Bytes of `vol`'s head that differ from snapshot `snap` (resizes count
-// as the bytes gained or lost).
-StatusOr<uint64_t> BytesSince(Volume& vol, const SnapInfo& snap) {
-  ASSIGN_OR_RETURN(bool changed, vol.ChangedSince(snap));
-  if (!changed) return uint64_t{0};
-  ASSIGN_OR_RETURN(const uint64_t size, vol.Size());
-  uint64_t bytes = std::max(size, snap.size) - std::min(size, snap.size);
-  RETURN_IF_ERROR(vol.DiffExtents(snap.name, "", [&](const Extent& e) {
-    bytes += e.length;
-    return OkStatus();
-  }));
-  return bytes;
-}
-
 }  // namespace
 
-Status Sink::AdoptBase(Target& t, const pb::RestorePoint& m) {
+Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
+  const pb::RestorePoint& m = hello.base_point();
   ASSIGN_OR_RETURN(auto latest, t.catalog->Latest(t.volume));
   if (latest) return OkStatus();  // the volume's points are here: the usual chain
   ASSIGN_OR_RETURN(RestorePoint base, RestorePointFromProto(m, "the base point of the Hello"));
@@ -71,6 +58,20 @@ Status Sink::AdoptBase(Target& t, const pb::RestorePoint& m) {
         t.pool_name, t.image, name, base.epoch.snap_time_ns, base.epoch.seq, t.volume));
   }
   const SnapInfo point = *snap;
+  ASSIGN_OR_RETURN(const uint64_t divergent, BytesSince(*vol, point));
+  if (divergent > 0 && hello.base_written_bytes() > 0 && !hello.keep_source()) {
+    return FailedPrecondition(
+               fmt::format(
+                   "split brain: since restore point {} of volume '{}', site {} changed {} bytes "
+                   "of {}/{} and site {} changed {} bytes of its image; nothing moves until you "
+                   "choose, at site {}'s cairnd: `cairn resolve {} --keep {}` (site {}'s "
+                   "writes are kept here as a snapshot) or `cairn resolve {} --keep {}` (site "
+                   "{}'s image is kept aside there and site {} replicates again)",
+                   base.epoch.seq, t.volume, env_.site, divergent, t.pool_name, t.image,
+                   t.source_site, hello.base_written_bytes(), t.source_site, t.volume,
+                   t.source_site, env_.site, t.volume, env_.site, t.source_site, env_.site))
+        .WithReason(Reason::kSplitBrain);
+  }
   // What the image holds beyond the point is kept, under names no epoch
   // uses: the later snapshots renamed, the head snapshotted.
   const int64_t now = env_.clock->UnixNs();
@@ -82,7 +83,6 @@ Status Sink::AdoptBase(Target& t, const pb::RestorePoint& m) {
     RETURN_IF_ERROR(vol->RenameSnap(s.name, kept + "." + s.name));
     renamed.push_back(kept + "." + s.name);
   }
-  ASSIGN_OR_RETURN(const uint64_t divergent, BytesSince(*vol, point));
   if (divergent > 0) RETURN_IF_ERROR(vol->CreateSnap(kept));
 
   RestorePoint adopted = base;

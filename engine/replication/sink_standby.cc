@@ -152,6 +152,24 @@ StatusOr<std::string> Sink::Release(const std::string& volume) {
   return kept;
 }
 
+StatusOr<std::string> Sink::KeepPromoted(const std::string& volume, const std::string& site) {
+  ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  ASSIGN_OR_RETURN(auto promoted, catalog.GetPromotion(volume));
+  if (!promoted) {
+    return FailedPrecondition(fmt::format(
+        "volume '{}' is not failed over at site {}: there is no split brain to resolve here",
+        volume, env_.site));
+  }
+  RETURN_IF_ERROR(catalog.SetResolution(volume, site));
+  spdlog::warn(
+      "volume {}: split brain resolved for site {}: {}/{} replicates back; the old primary keeps "
+      "its own writes since restore point {} as a snapshot",
+      volume, site, promoted->pool, promoted->image, promoted->seq);
+  return pool_name;
+}
+
 StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
                                       const std::string& to_image, bool full,
                                       const ProgressFn& progress) {

@@ -67,8 +67,13 @@ class SourceReplicator {
   // snapshot (the point it was promoted from, or one a reverse epoch
   // made here). The Hello carries it, and a sink without points of the
   // volume adopts it as the base instead of asking for a full copy.
-  // nullopt: none. Before Start.
-  using BasePointFn = std::function<StatusOr<std::optional<RestorePoint>>()>;
+  // nullopt: none. `keep_source`: the operator chose this site's writes in
+  // a split brain (cairn resolve). Before Start.
+  struct BasePoint {
+    RestorePoint point;
+    bool keep_source = false;
+  };
+  using BasePointFn = std::function<StatusOr<std::optional<BasePoint>>()>;
   void set_base_point(BasePointFn fn) { base_point_ = std::move(fn); }
 
   void Start();
@@ -110,6 +115,9 @@ class SourceReplicator {
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).
   StatusOr<SinkHello> Handshake(Link& link, bool probe);
+  // Bytes of the image's head changed since its snapshot cairn.<seq> (0 if
+  // it has none: then it cannot replicate from there anyway).
+  StatusOr<uint64_t> WrittenSince(uint64_t seq);
   // One epoch: plans it, sends it with a helper beside it (AheadThread),
   // waits for the sink's acks, records the point and prunes.
   StatusOr<EpochSummary> ShipEpoch(Volume& vol);

@@ -16,6 +16,16 @@
 
 namespace cairn {
 
+StatusOr<uint64_t> SourceReplicator::WrittenSince(uint64_t seq) {
+  ASSIGN_OR_RETURN(auto vol, pool_->Open(config_.image));
+  ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
+  const std::string name = SnapName(seq);
+  for (const SnapInfo& s : snaps) {
+    if (s.name == name) return BytesSince(*vol, s);
+  }
+  return uint64_t{0};
+}
+
 StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bool probe) {
   pb::Hello hello;
   hello.set_protocol_version(kProtocolVersion);
@@ -27,7 +37,12 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   if (base_point_) {
     auto base = base_point_();
     if (!base.ok()) return base.status().Annotate("looking up the point this image holds");
-    if (*base) RestorePointToProto(**base, hello.mutable_base_point());
+    if (*base) {
+      RestorePointToProto((*base)->point, hello.mutable_base_point());
+      ASSIGN_OR_RETURN(const uint64_t written, WrittenSince((*base)->point.epoch.seq));
+      hello.set_base_written_bytes(written);
+      hello.set_keep_source((*base)->keep_source);
+    }
   }
   RETURN_IF_ERROR(link.Send(FrameType::kHello, hello.SerializeAsString(), {}));
   auto f = link.Receive(timeouts_.hello);

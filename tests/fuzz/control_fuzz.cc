@@ -37,6 +37,9 @@ class NullService final : public cairn::ControlService {
   cairn::StatusOr<std::string> Release(const std::string&) override {
     return cairn::FailedPrecondition("not promoted");
   }
+  cairn::StatusOr<Resolved> Resolve(const std::string&, const std::string&) override {
+    return cairn::FailedPrecondition("not promoted");
+  }
 };
 
 }  // namespace

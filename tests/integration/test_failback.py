@@ -1,9 +1,11 @@
 """Failback by replication in reverse: after a failover to site B, site B's
 cairnd replicates the promoted image back into site A's original image, as
-a delta from the restore point both sites share. What site A wrote after
-that point is kept there as snapshots, never lost. Real cairnd processes
+a delta from the restore point both sites share. If both sites wrote since
+that point (a split brain) nothing moves until the operator chooses; what
+site A wrote after the point is then kept there as snapshots, never lost. Real cairnd processes
 over mutual TLS, real clusters, images compared by whole-image hash."""
 import random
+import re
 
 import rbd
 
@@ -50,6 +52,24 @@ def test_the_promoted_image_flows_back_as_a_delta(site_a, site_b, workdir, daemo
         "a", site_a.conf, a_port, f"{workdir}/spool-a")))
     src_b = daemons(lib.Cairnd(workdir, "src-b", lib.source_config(
         "b", site_b.conf, a_port, {name: (promoted, name)})))
+
+    # Both sites wrote since the shared point: a split brain. Both sites'
+    # status say so with the byte counts, and nothing moves.
+    assert src_b.cli("replicate", name).returncode == 0
+    said = re.compile(rf"split brain: .* site a changed \d+ bytes of rbd/{name} and site b "
+                      r"changed \d+ bytes")
+
+    def split_brain(d):
+        return [s for s in d.json("status", name) if said.search(s["error"])]
+
+    lib.wait_for("site A's sink reporting the split brain", lambda: split_brain(sink_a), timeout=60)
+    lib.wait_for("site B's source reporting it", lambda: split_brain(src_b), timeout=60)
+    assert split_brain(sink_a)[0]["state"] == "error"
+    assert site_a.digest(name) == a_divergent
+    assert not [s for s in site_a.snaps(name) if s.startswith("cairn-divergent-")]
+    # The operator chooses site B, at site B (where the volume failed over).
+    r = sink_b.json("resolve", name, "--keep", "b")
+    assert r["kept_as"] == "" and "site b wins" in r["outcome"], r
     back = src_b.json("replicate", name, "--wait", "--timeout", "120")["seq"]
     assert back == seq + 1
     pts = {p["seq"]: p for p in sink_a.json("points", name)}

@@ -65,6 +65,10 @@ class CountingService final : public ControlService {
     ++changes;
     return std::string("kept");
   }
+  StatusOr<Resolved> Resolve(const std::string&, const std::string&) override {
+    ++changes;
+    return Resolved{};
+  }
   int reads = 0;
   int changes = 0;
 };
@@ -87,27 +91,28 @@ TEST(Control, ReadersReadAndOnlyAdminsChange) {
   CountingService service;
   const ControlCaller reader{false, "pid 1 uid 1000 (cinder)"};
   const ControlCaller admin{true, "pid 2 uid 0 (root)"};
-  pb::ControlRequest status, points, promote, release, replicate, restore;
+  pb::ControlRequest status, points, promote, release, replicate, restore, resolve;
   status.mutable_status();
   points.mutable_points()->set_volume("v");
   promote.mutable_promote()->set_volume("v");
   release.mutable_release()->set_volume("v");
   replicate.mutable_replicate()->set_volume("v");
   restore.mutable_restore()->set_volume("v");
+  resolve.mutable_resolve()->set_volume("v");
   EXPECT_EQ(Ask(service, status, reader).code(), 0);
   EXPECT_EQ(Ask(service, points, reader).code(), 0);
   EXPECT_EQ(service.reads, 2);
-  for (const auto* r : {&promote, &release, &replicate, &restore}) {
+  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve}) {
     const pb::ControlReply reply = Ask(service, *r, reader);
     EXPECT_EQ(reply.code(), static_cast<int>(Code::kPermissionDenied));
     EXPECT_THAT(reply.message(), HasSubstr("admin_group"));
     EXPECT_THAT(reply.message(), HasSubstr("uid 1000 (cinder)"));
   }
   EXPECT_EQ(service.changes, 0) << "a reader's request changed something";
-  for (const auto* r : {&promote, &release, &replicate, &restore}) {
+  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve}) {
     EXPECT_EQ(Ask(service, *r, admin).code(), 0);
   }
-  EXPECT_EQ(service.changes, 4);
+  EXPECT_EQ(service.changes, 5);
 }
 
 TEST(Control, AdminsAreRootOurselvesOrMembersOfTheAdminGroup) {

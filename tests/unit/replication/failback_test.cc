@@ -111,9 +111,9 @@ class FailbackTest : public ::testing::Test {
   std::unique_ptr<SourceReplicator> Reverse() {
     auto rep =
         std::make_unique<SourceReplicator>(Config("img-p", "img"), "b", b_->pool, ConnectTo(*a_));
-    rep->set_base_point([this]() -> StatusOr<std::optional<RestorePoint>> {
+    rep->set_base_point([this]() -> StatusOr<std::optional<SourceReplicator::BasePoint>> {
       ASSIGN_OR_RETURN(auto p, Catalog(*b_->catalog).Get("vol1", 2));
-      return std::optional<RestorePoint>(p);
+      return std::optional<SourceReplicator::BasePoint>({p, keep_b_});
     });
     return rep;
   }
@@ -129,6 +129,7 @@ class FailbackTest : public ::testing::Test {
   std::unique_ptr<Site> a_, b_;
   std::vector<std::thread> sessions_;
   std::mt19937_64 rng_{24};
+  bool keep_b_ = false;  // the operator chose site B's writes
 };
 
 TEST_F(FailbackTest, ThePromotedImageReplicatesBackAsADeltaAndADivergenceIsKept) {
@@ -137,7 +138,24 @@ TEST_F(FailbackTest, ThePromotedImageReplicatesBackAsADeltaAndADivergenceIsKept)
   EXPECT_EQ(SnapNames(*p), std::vector<std::string>{"cairn.2"}) << "promote takes cairn.<seq>";
   testing::Write(*p, 0, testing::RandomBytes(rng_, 2 * 65536));
 
+  // Both sites wrote since point 2: a split brain, and nothing moves.
   auto rep = Reverse();
+  auto refused = rep->RunOnce();
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), Code::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(),
+              HasSubstr("split brain: since restore point 2 of volume 'vol1', site a changed "
+                        "262144 bytes of rbd/img and site b changed 131072 bytes"));
+  EXPECT_THAT(refused.status().message(), HasSubstr("cairn resolve vol1 --keep b"));
+  EXPECT_THAT(a_->sink->Report()[0].error, HasSubstr("split brain"));
+  EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
+  auto img_before = testing::MustOpen(*a_->pool, "img");
+  EXPECT_EQ(SnapNames(*img_before), (std::vector<std::string>{"cairn.1", "cairn.2", "cairn.3"}));
+  EXPECT_EQ(testing::ImageHash(*img_before, "", kSize), a_before);
+
+  // The operator chooses site B.
+  keep_b_ = true;
+  rep->Disconnect();
   auto sum = rep->RunOnce();
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
   EXPECT_EQ(sum->id.seq, 3u);
