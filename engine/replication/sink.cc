@@ -327,12 +327,7 @@ Status Sink::Serve(Link& link) {
 
 Status Sink::CheckProbe(Target& t) {
   RETURN_IF_ERROR(LoadLatest(t).status());
-  ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
-  if (!owner.empty() && owner != t.volume) {
-    return FailedPrecondition(fmt::format(
-        "image {}/{} is the standby of volume '{}', not of '{}': set another target_image",
-        t.pool_name, t.image, owner, t.volume));
-  }
+  ASSIGN_OR_RETURN(std::string owner, ImageOwnerFor(t));
   ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
   if (exists && owner.empty()) {
     return FailedPrecondition(

@@ -216,6 +216,9 @@ class Sink {
   // What a probe Hello (cairnd --check at the source) is told: would an
   // epoch of t.volume into t.pool/t.image be taken, spool included.
   Status CheckProbe(Target& t);
+  // Which volume t's image is the standby of ("" if none): FailedPrecondition
+  // if it is another volume's.
+  static StatusOr<std::string> ImageOwnerFor(const Target& t);
   // The volume's newest point from the catalog (into t.last_seq, t.chain);
   // FailedPrecondition if it came from another source site than t's.
   StatusOr<std::optional<RestorePoint>> LoadLatest(Target& t);

@@ -40,12 +40,7 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
         "{}: it was removed outside Cairn; a full resync is needed",
         t.pool_name, t.image, t.volume, t.last_seq));
   }
-  ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
-  if (!owner.empty() && owner != t.volume) {
-    return FailedPrecondition(fmt::format(
-        "image {}/{} is the standby of volume '{}', not of '{}': set another target_image",
-        t.pool_name, t.image, owner, t.volume));
-  }
+  ASSIGN_OR_RETURN(std::string owner, ImageOwnerFor(t));
   if (exists && owner == t.volume && t.last_seq == 0) {
     // Ours, with no restore point yet: a first epoch that was cut after
     // some of its records were written. The first epoch lists only the

@@ -14,8 +14,6 @@
 #include "proto/cairn.pb.h"
 
 namespace cairn {
-namespace {
-
 std::string UtcStamp(int64_t unix_ns) {
   const std::time_t t = static_cast<std::time_t>(unix_ns / 1'000'000'000);
   std::tm tm{};
@@ -25,7 +23,15 @@ std::string UtcStamp(int64_t unix_ns) {
   return stamp;
 }
 
-}  // namespace
+StatusOr<std::string> Sink::ImageOwnerFor(const Target& t) {
+  ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
+  if (!owner.empty() && owner != t.volume) {
+    return FailedPrecondition(fmt::format(
+        "image {}/{} is the standby of volume '{}', not of '{}': set another target_image",
+        t.pool_name, t.image, owner, t.volume));
+  }
+  return owner;
+}
 
 Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
   const pb::RestorePoint& m = hello.base_point();
@@ -36,12 +42,7 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
     return InvalidArgument(fmt::format("the Hello of volume '{}' names base point {} of '{}'",
                                        t.volume, base.epoch.seq, base.epoch.volume));
   }
-  ASSIGN_OR_RETURN(std::string owner, t.catalog->ImageOwner(t.pool_name, t.image));
-  if (!owner.empty() && owner != t.volume) {
-    return FailedPrecondition(fmt::format(
-        "image {}/{} is the standby of volume '{}', not of '{}': set another target_image",
-        t.pool_name, t.image, owner, t.volume));
-  }
+  RETURN_IF_ERROR(ImageOwnerFor(t).status());
   ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
   if (!exists) return OkStatus();  // nothing to adopt: a first, full epoch makes it
   ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));

@@ -137,12 +137,7 @@ StatusOr<std::string> Sink::Release(const std::string& volume) {
   ASSIGN_OR_RETURN(bool exists, pool->Exists(promoted->image));
   if (exists) {
     // Kept, never deleted: it may hold writes made here while failed over.
-    const std::time_t now = std::time(nullptr);
-    std::tm tm{};
-    gmtime_r(&now, &tm);
-    char stamp[32];
-    std::strftime(stamp, sizeof stamp, "%Y%m%dT%H%M%SZ", &tm);
-    kept = fmt::format("{}.failback-{}", promoted->image, stamp);
+    kept = fmt::format("{}.failback-{}", promoted->image, UtcStamp(env_.clock->UnixNs()));
     RETURN_IF_ERROR(pool->Rename(promoted->image, kept));
   }
   RETURN_IF_ERROR(catalog.ClearPromotion(volume));

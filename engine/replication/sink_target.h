@@ -17,6 +17,10 @@
 
 namespace cairn {
 
+// "20261206T114500Z": the UTC time of `unix_ns`, for the names of images
+// and snapshots kept aside (failback, divergence).
+std::string UtcStamp(int64_t unix_ns);
+
 // Writing the epoch to the standby head as it arrives stopped: the epoch is
 // still spooled, and ApplyAndCommit replays it from there.
 void WarnAppliedFromSpool(const std::string& volume, uint64_t seq, const Status& why);
