@@ -219,6 +219,17 @@ Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
   return kv_.Commit({}, {PointKey(volume, seq)});
 }
 
+Status Catalog::HandBack(std::string_view volume, std::string_view pool, std::string_view image) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  ASSIGN_OR_RETURN(auto kvs, kv_.Scan(PointPrefix(volume)));
+  std::vector<std::string> gone;
+  gone.reserve(kvs.size() + 2);
+  for (const auto& [k, v] : kvs) gone.push_back(k);
+  gone.push_back(fmt::format("owner/{}/{}", pool, image));
+  gone.push_back(fmt::format("resolved/{}", volume));
+  return kv_.Commit({}, gone);
+}
+
 StatusOr<std::vector<RestorePoint>> Catalog::Points(std::string_view volume) {
   RETURN_IF_ERROR(ValidateVolumeId(volume));
   ASSIGN_OR_RETURN(auto kvs, kv_.Scan(PointPrefix(volume)));

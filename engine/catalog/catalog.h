@@ -110,6 +110,10 @@ class Catalog {
   // create. Empty string if none.
   Status SetImageOwner(std::string_view pool, std::string_view image, std::string_view volume);
   StatusOr<std::string> ImageOwner(std::string_view pool, std::string_view image);
+  // Planned failback: pool/image, the standby of `volume` here, is its
+  // primary again. Forgets, in one commit, the volume's points (their
+  // snapshots stay on the image), the image's owner and any Resolution.
+  Status HandBack(std::string_view volume, std::string_view pool, std::string_view image);
 
   // A volume failed over at this site (promoted/<volume>): the point and
   // the image it was promoted into. While it is recorded the sink refuses

@@ -4,12 +4,18 @@
 //   cairn points VOLUME
 //   cairn restore VOLUME POINT --to NEW_IMAGE [--full]
 //   cairn replicate VOLUME [--wait] [--timeout SECONDS]
+//   cairn promote VOLUME [POINT] --to IMAGE
+//   cairn release VOLUME
+//   cairn resolve VOLUME --keep SITE
+//   cairn failover VOLUME [POINT] --to IMAGE [--back-to IMAGE] [--no-back]
+//   cairn failback VOLUME [--timeout SECONDS]
 //
 // Exit codes (scripts may rely on them): 0 success; 1 internal error;
 // 2 usage error; 3 not found; 4 cairnd or a peer unavailable (retry);
 // 5 operator action needed (bad input, failed precondition); 6 already
 // exists; 7 data failed verification.
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
@@ -140,6 +146,7 @@ json StatusJson(const cairn::pb::VolumeStatus& v) {
           {"resumed_epochs_total", v.resumed_epochs_total()},
           {"pending_snapshots", v.pending_snapshots()},
           {"unchanged_checks_total", v.unchanged_checks_total()},
+          {"epoch_sent_bytes", v.epoch_sent_bytes()},
           {"error", v.error()}};
 }
 
@@ -151,8 +158,10 @@ struct Args {
   std::string to;                        // restore, promote: the new image
   std::string keep;                      // resolve: the site whose writes win
   bool full = false;                     // restore
+  std::string back_to;                   // failover: the image at the other site
+  bool no_back = false;                  // failover: no replication back
   bool wait = false;                     // replicate
-  double timeout = 300;                  // replicate --wait, seconds
+  double timeout = 300;                  // replicate --wait, failback: seconds
 };
 
 // The subcommands, to tell which one was given.
@@ -164,6 +173,8 @@ struct Commands {
   CLI::App* promote;
   CLI::App* release;
   CLI::App* resolve;
+  CLI::App* failover;
+  CLI::App* failback;
 };
 
 Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
@@ -208,6 +219,25 @@ Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
       "split brain after a failover: whose writes win (the loser's are kept as a snapshot)");
   c.resolve->add_option("volume", args.volume, "the volume")->required();
   c.resolve->add_option("--keep", args.keep, "the site whose writes win")->required();
+
+  c.failover = app.add_subcommand(
+      "failover",
+      "promote, then replicate the promoted image back to the other site as soon as it is "
+      "reachable (on the standby's cairnd, with a [source] section)");
+  c.failover->add_option("volume", args.volume, "the volume")->required();
+  c.failover->add_option("point", args.promote_point,
+                         "the restore point's seq, or 'latest' (default)");
+  c.failover->add_option("--to", args.to, "the image to create")->required();
+  c.failover->add_option("--back-to", args.back_to,
+                         "the volume's image at the other site (default: the --to name)");
+  c.failover->add_flag("--no-back", args.no_back, "do not replicate back");
+
+  c.failback = app.add_subcommand(
+      "failback",
+      "planned failback with nothing lost: final delta back, the other site's image becomes "
+      "the primary, replication resumes from there as a delta (writers detached first)");
+  c.failback->add_option("volume", args.volume, "the volume")->required();
+  c.failback->add_option("--timeout", args.timeout, "seconds to wait for the final delta");
   return c;
 }
 
@@ -299,17 +329,22 @@ int RunRestore(const Cli& cli, const Args& args) {
   return 0;
 }
 
-int RunPromote(const Cli& cli, const Args& args) {
-  const auto seq = ParsePoint(args.promote_point, args.volume);
-  if (!seq.ok()) return cli.Fail(seq.status());
+// promote (and failover): the point args name into the image args.to.
+cairn::StatusOr<cairn::pb::PromoteReply> Promote(const Cli& cli, const Args& args) {
+  ASSIGN_OR_RETURN(const uint64_t seq, ParsePoint(args.promote_point, args.volume));
   cairn::pb::ControlRequest req;
   auto* r = req.mutable_promote();
   r->set_volume(args.volume);
-  r->set_seq(*seq);
+  r->set_seq(seq);
   r->set_to_image(args.to);
-  auto reply = cli.Call(req);
+  ASSIGN_OR_RETURN(const cairn::pb::ControlReply reply, cli.Call(req));
+  return reply.promote();
+}
+
+int RunPromote(const Cli& cli, const Args& args) {
+  auto reply = Promote(cli, args);
   if (!reply.ok()) return cli.Fail(reply.status());
-  const auto& pr = reply->promote();
+  const auto& pr = *reply;
   if (cli.json) {
     json out = PointJson(pr.point());
     out["promoted_pool"] = pr.pool();
@@ -364,7 +399,7 @@ int RunRelease(const Cli& cli, const Args& args) {
 // one, and returns the newest it holds; kUnavailable after `timeout`
 // seconds.
 cairn::StatusOr<uint64_t> WaitForPoint(const Cli& cli, const std::string& volume, uint64_t want,
-                                       double timeout) {
+                                       double timeout, bool progress = false) {
   // Poll the source's status (held in memory: a cheap local call) until
   // the point exists or the deadline passes (a failed step is retried by
   // the source, so its error is reported only then); 10 ms adds little
@@ -382,9 +417,17 @@ cairn::StatusOr<uint64_t> WaitForPoint(const Cli& cli, const std::string& volume
       if (v.role() == "source") {
         have = v.last_seq();
         error = v.error();
+        if (progress) {
+          std::fprintf(stderr, "\r%s: restore point %lu: %-12s %10s sent  ", volume.c_str(),
+                       static_cast<unsigned long>(want), v.state().c_str(),
+                       Bytes(static_cast<double>(v.epoch_sent_bytes())).c_str());
+        }
       }
     }
-    if (have >= want) return have;
+    if (have >= want) {
+      if (progress) std::fprintf(stderr, "\n");
+      return have;
+    }
     if (clock.Now() > deadline) {
       return cairn::Unavailable(fmt::format(
           "restore point {} of {} did not appear within {} s (newest: {}; last error: {})", want,
@@ -392,6 +435,86 @@ cairn::StatusOr<uint64_t> WaitForPoint(const Cli& cli, const std::string& volume
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
+}
+
+int RunFailover(const Cli& cli, const Args& args) {
+  auto reply = Promote(cli, args);
+  if (!reply.ok()) return cli.Fail(reply.status());
+  const auto& pr = *reply;
+  json out = {{"volume", args.volume},
+              {"seq", pr.point().seq()},
+              {"source_time", Time(pr.point().source_time_ns())},
+              {"from_site", pr.point().source_site()},
+              {"pool", pr.pool()},
+              {"image", pr.image()},
+              {"again", pr.again()},
+              {"back_to", nullptr}};
+  std::string back = "not replicated back (--no-back)";
+  if (!args.no_back) {
+    // Back into the volume's image at the site it came from, from the
+    // point both share: as soon as that site's sink answers.
+    cairn::pb::ControlRequest reg;
+    auto* g = reg.mutable_register_volume();
+    g->set_volume(args.volume);
+    g->set_pool(pr.pool());
+    g->set_image(pr.image());
+    g->set_target_pool(pr.pool());
+    g->set_target_image(args.back_to.empty() ? args.to : args.back_to);
+    auto registered = cli.Call(reg);
+    if (registered.ok()) {
+      const auto& st = registered->register_volume().status();
+      out["back_to"] = fmt::format("{}/{}", pr.pool(), g->target_image());
+      back = fmt::format("replicates back to site {} into {}/{} via {} (state {})",
+                         pr.point().source_site(), pr.pool(), g->target_image(), st.peer(),
+                         st.state());
+    } else {
+      out["back_error"] = registered.status().message();
+      back = fmt::format("NOT replicated back: {}", registered.status().message());
+    }
+  }
+  if (cli.json) {
+    std::printf("%s\n", out.dump(2).c_str());
+  } else {
+    std::printf("%s: FAILED OVER: restore point %lu (source time %s) is now %s/%s%s; %s\n",
+                args.volume.c_str(), static_cast<unsigned long>(pr.point().seq()),
+                Time(pr.point().source_time_ns()).c_str(), pr.pool().c_str(), pr.image().c_str(),
+                pr.again() ? " (promoted before)" : "", back.c_str());
+  }
+  return 0;
+}
+
+int RunFailback(const Cli& cli, const Args& args) {
+  // The final delta: a point holding every write made before now.
+  cairn::pb::ControlRequest req;
+  req.mutable_replicate()->set_volume(args.volume);
+  auto replicated = cli.Call(req);
+  if (!replicated.ok()) return cli.Fail(replicated.status());
+  auto have = WaitForPoint(cli, args.volume, replicated->replicate().seq(), args.timeout,
+                           !cli.json && isatty(STDERR_FILENO));
+  if (!have.ok()) return cli.Fail(have.status());
+  cairn::pb::ControlRequest fb;
+  fb.mutable_failback()->set_volume(args.volume);
+  fb.mutable_failback()->set_seq(*have);
+  auto reply = cli.Call(fb);
+  if (!reply.ok()) return cli.Fail(reply.status());
+  const auto& r = reply->failback();
+  if (cli.json) {
+    std::printf("%s\n", json({{"volume", args.volume},
+                              {"seq", r.seq()},
+                              {"primary_site", r.primary_site()},
+                              {"kept_as", r.kept_as()},
+                              {"copied_bytes", r.copied_bytes()}})
+                            .dump(2)
+                            .c_str());
+  } else {
+    std::printf(
+        "%s: FAILED BACK to site %s at restore point %lu, nothing lost; replication from there "
+        "resumes as a delta from that point (%s taken into the standby image here); the "
+        "promoted image is kept as %s\n",
+        args.volume.c_str(), r.primary_site().c_str(), static_cast<unsigned long>(r.seq()),
+        Bytes(static_cast<double>(r.copied_bytes())).c_str(), r.kept_as().c_str());
+  }
+  return 0;
 }
 
 int RunReplicate(const Cli& cli, const Args& args) {
@@ -439,5 +562,7 @@ int main(int argc, char** argv) {
   if (*c.release) return RunRelease(cli, args);
   if (*c.resolve) return RunResolve(cli, args);
   if (*c.replicate) return RunReplicate(cli, args);
+  if (*c.failover) return RunFailover(cli, args);
+  if (*c.failback) return RunFailback(cli, args);
   return 2;
 }

@@ -33,6 +33,7 @@ void FillStatus(const VolumeStatusInfo& s, pb::VolumeStatus* v) {
   v->set_resumed_epochs_total(s.resumed_epochs_total);
   v->set_pending_snapshots(s.pending_snapshots);
   v->set_unchanged_checks_total(s.unchanged_checks_total);
+  v->set_epoch_sent_bytes(s.epoch_sent_bytes);
 }
 
 std::string Reply(const Status& st, pb::ControlReply& reply) {
@@ -121,6 +122,17 @@ Status AnswerResolve(ControlService& service, const pb::ResolveRequest& q,
   return OkStatus();
 }
 
+Status AnswerFailback(ControlService& service, const pb::FailbackRequest& q,
+                      pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const ControlService::FailedBack r, service.Failback(q.volume(), q.seq()));
+  auto* m = reply.mutable_failback();
+  m->set_seq(r.seq);
+  m->set_primary_site(r.primary_site);
+  m->set_kept_as(r.kept_as);
+  m->set_copied_bytes(r.copied_bytes);
+  return OkStatus();
+}
+
 Status Answer(ControlService& service, const pb::ControlRequest& req, pb::ControlReply& reply) {
   switch (req.request_case()) {
     case pb::ControlRequest::kStatus:
@@ -141,12 +153,14 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
       return AnswerRelease(service, req.release(), reply);
     case pb::ControlRequest::kResolve:
       return AnswerResolve(service, req.resolve(), reply);
+    case pb::ControlRequest::kFailback:
+      return AnswerFailback(service, req.failback(), reply);
     case pb::ControlRequest::REQUEST_NOT_SET:
       break;
   }
   return InvalidArgument(
       "control request names no operation (status, points, restore, replicate, "
-      "register_volume, unregister_volume, promote, release, resolve)");
+      "register_volume, unregister_volume, promote, release, resolve, failback)");
 }
 
 // What a changing request is called and the volume it names; nullopt for
@@ -167,6 +181,8 @@ std::optional<std::pair<std::string_view, std::string>> Change(const pb::Control
       return std::make_pair("release", req.release().volume());
     case pb::ControlRequest::kResolve:
       return std::make_pair("resolve", req.resolve().volume());
+    case pb::ControlRequest::kFailback:
+      return std::make_pair("failback", req.failback().volume());
     default:
       return std::nullopt;
   }

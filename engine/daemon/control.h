@@ -55,11 +55,20 @@ class ControlService {
     std::string outcome;
   };
   virtual StatusOr<Resolved> Resolve(const std::string& volume, const std::string& keep_site) = 0;
+  // Standby side, planned failback of a volume failed over here and
+  // replicating back (FailbackRequest).
+  struct FailedBack {
+    uint64_t seq = 0;
+    std::string primary_site;
+    std::string kept_as;
+    uint64_t copied_bytes = 0;
+  };
+  virtual StatusOr<FailedBack> Failback(const std::string& volume, uint64_t seq) = 0;
 };
 
 // Who sent a control request, and what they may do: every caller may read
 // (status, points); only an admin may change anything (replicate, restore,
-// register, unregister, promote, release, resolve).
+// register, unregister, promote, release, resolve, failback).
 struct ControlCaller {
   bool admin = false;
   std::string who;  // for the log: "pid 123 uid 0 (root)"

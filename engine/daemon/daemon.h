@@ -67,6 +67,7 @@ class Daemon final : public ControlService {
                                   const std::string& to_image) override;
   StatusOr<std::string> Release(const std::string& volume) override;
   StatusOr<Resolved> Resolve(const std::string& volume, const std::string& keep_site) override;
+  StatusOr<FailedBack> Failback(const std::string& volume, uint64_t seq) override;
 
  private:
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
@@ -79,6 +80,13 @@ class Daemon final : public ControlService {
   // ever was a primary here.
   // keep_source: `cairn resolve VOLUME --keep <this site>` was said here.
   StatusOr<std::optional<SourceReplicator::BasePoint>> BasePointOf(const VolumeConfig& v);
+  // Why the source of `v` must stand by (SourceReplicator::set_stand_down):
+  // this site's sink owns its image, as the standby of a volume failed
+  // over to another site. "" if not.
+  StatusOr<std::string> StandDownReason(const VolumeConfig& v);
+  // Stops the replicator of `volume` and forgets it (its registration
+  // too, if it was registered): a planned failback ended it. Returns it.
+  StatusOr<std::shared_ptr<SourceReplicator>> RetireSource(const std::string& volume);
   // Fences the previous sink instance of every [sink] pool, records this one.
   Status FencePreviousSink();
   // Why this sink is fenced (another instance registered, or this client is

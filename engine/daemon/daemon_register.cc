@@ -19,29 +19,15 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConf
       v, config_.site, pool, [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); });
   src->set_memory_budget(budget_);
   src->set_base_point([this, v]() { return BasePointOf(v); });
+  if (config_.sink && std::find(config_.sink->pools.begin(), config_.sink->pools.end(), v.pool) !=
+                          config_.sink->pools.end()) {
+    // Only a sink of this site can write the image (failed over elsewhere).
+    src->set_stand_down([this, v]() { return StandDownReason(v); });
+  }
   src->Start();
   spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
                v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
   return src;
-}
-
-StatusOr<std::optional<SourceReplicator::BasePoint>> Daemon::BasePointOf(const VolumeConfig& v) {
-  using Base = SourceReplicator::BasePoint;
-  ASSIGN_OR_RETURN(auto kv, OpenCatalog(v.pool));
-  Catalog catalog(*kv);
-  // Failed over here into this very image: the point it was cloned from.
-  ASSIGN_OR_RETURN(auto promoted, catalog.GetPromotion(v.id));
-  if (promoted && promoted->pool == v.pool && promoted->image == v.image) {
-    ASSIGN_OR_RETURN(RestorePoint p, catalog.Get(v.id, promoted->seq));
-    ASSIGN_OR_RETURN(std::string keep, catalog.Resolution(v.id));
-    return std::optional<Base>(Base{std::move(p), keep == config_.site});
-  }
-  // Written here by replication in reverse: its newest point.
-  ASSIGN_OR_RETURN(auto points, catalog.Points(v.id));
-  for (auto it = points.rbegin(); it != points.rend(); ++it) {
-    if (it->pool == v.pool && it->image == v.image) return std::optional<Base>(Base{*it, false});
-  }
-  return std::optional<Base>();
 }
 
 VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {

@@ -24,6 +24,7 @@
 // Thread-safety: none; one epoch is handled by one thread.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -50,19 +51,23 @@ class FrameWriter {
 };
 
 // Passes frames on to `out` and remembers whether a write failed: tells a
-// failure of the writer (the link) from one of the epoch itself.
+// failure of the writer (the link) from one of the epoch itself. Adds the
+// payload bytes written to `sent`, if given (progress, read by others).
 class WatchedWriter final : public FrameWriter {
  public:
-  explicit WatchedWriter(FrameWriter& out) : out_(out) {}
+  explicit WatchedWriter(FrameWriter& out, std::atomic<uint64_t>* sent = nullptr)
+      : out_(out), sent_(sent) {}
   Status Write(FrameType type, std::string_view body, std::span<const char> payload) override {
     Status st = out_.Write(type, body, payload);
     failed_ = failed_ || !st.ok();
+    if (st.ok() && sent_) sent_->fetch_add(payload.size(), std::memory_order_relaxed);
     return st;
   }
   bool failed() const { return failed_; }
 
  private:
   FrameWriter& out_;
+  std::atomic<uint64_t>* sent_;
   bool failed_ = false;
 };
 
@@ -274,5 +279,15 @@ StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point);
 // RevertToPoint would count them (a resize counts the bytes gained or
 // lost), without reading any; 0 if ChangedSince says nothing changed.
 StatusOr<uint64_t> BytesSince(Volume& vol, const SnapInfo& snap);
+// Writes onto the head of `dst` what `src` changed from its snapshot `from`
+// to its snapshot `to` (sized as `to`), and returns the data bytes written
+// (64 KiB pieces that read as zeros are not counted; zero ranges are made
+// thin).
+// Every piece is read back from `dst` and compared with what was read by
+// XXH3 (kDataLoss naming the offset if it differs), and the reads of `to`
+// are confirmed (Volume::ConfirmSnap) before it returns: nothing read from
+// a snapshot removed meanwhile counts. `dst`'s head must hold what `src`
+// held at `from` for the result to equal `to`. One 4 MiB buffer at a time.
+StatusOr<uint64_t> CopyChanges(Volume& src, const SnapInfo& from, const SnapInfo& to, Volume& dst);
 
 }  // namespace cairn

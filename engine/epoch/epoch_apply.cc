@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "engine/epoch/epoch.h"
@@ -103,28 +104,70 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
   }
 }
 
-StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point) {
+namespace {
+
+// Writes onto the head of `dst`, sized `size` first, what `src` holds at
+// `snap` in the extents src.DiffExtents(diff_from, diff_to) lists (zero
+// extents as zeros, unread), each piece read back and checked by XXH3;
+// `written` sees each piece. One 4 MiB buffer at a time.
+Status CopyExtents(Volume& src, const std::string& snap, const std::string& diff_from,
+                   const std::string& diff_to, Volume& dst, uint64_t size,
+                   const std::function<void(std::span<const char>)>& written) {
   constexpr uint64_t kPiece = 4ull << 20;
-  ASSIGN_OR_RETURN(const uint64_t size, target.Size());
-  if (size != point.size) RETURN_IF_ERROR(target.Resize(point.size));
-  ASSIGN_OR_RETURN(auto from, target.OpenIo(point.name));
-  ASSIGN_OR_RETURN(auto to, target.OpenIo(""));
+  ASSIGN_OR_RETURN(const uint64_t had, dst.Size());
+  if (had != size) RETURN_IF_ERROR(dst.Resize(size));
+  ASSIGN_OR_RETURN(auto in, src.OpenIo(snap));
+  ASSIGN_OR_RETURN(auto out, dst.OpenIo(""));
   std::vector<char> buf;
-  uint64_t bytes = size != point.size ? std::max(size, point.size) - std::min(size, point.size) : 0;
-  RETURN_IF_ERROR(target.DiffExtents(point.name, "", [&](const Extent& e) -> Status {
+  std::vector<char> back;
+  RETURN_IF_ERROR(src.DiffExtents(diff_from, diff_to, [&](const Extent& e) -> Status {
     for (uint64_t off = e.offset; off < e.offset + e.length;) {
       const uint64_t n = std::min(kPiece, e.offset + e.length - off);
       buf.resize(n);
-      RETURN_IF_ERROR(from->StartRead(0, off, buf));
-      RETURN_IF_ERROR(from->WaitOne().status);
-      RETURN_IF_ERROR(IsAllZero(buf) ? to->StartZero(0, off, n) : to->StartWrite(0, off, buf));
-      RETURN_IF_ERROR(to->WaitOne().status);
+      if (e.kind == RecordKind::kData) {
+        RETURN_IF_ERROR(in->StartRead(0, off, buf));
+        RETURN_IF_ERROR(in->WaitOne().status);
+      } else {
+        std::fill(buf.begin(), buf.end(), 0);
+      }
+      RETURN_IF_ERROR(IsAllZero(buf) ? out->StartZero(0, off, n) : out->StartWrite(0, off, buf));
+      RETURN_IF_ERROR(out->WaitOne().status);
+      back.resize(n);
+      RETURN_IF_ERROR(out->StartRead(0, off, back));
+      RETURN_IF_ERROR(out->WaitOne().status);
+      if (BlockHash::Of(back) != BlockHash::Of(buf)) {
+        return DataLoss(fmt::format("{} bytes at offset {} of {} read back other than written", n,
+                                    off, dst.name()));
+      }
+      written(buf);
       off += n;
-      bytes += n;
     }
     return OkStatus();
   }));
-  RETURN_IF_ERROR(to->Drain());
+  return out->Drain();
+}
+
+}  // namespace
+
+StatusOr<uint64_t> RevertToPoint(Volume& target, const SnapInfo& point) {
+  ASSIGN_OR_RETURN(const uint64_t size, target.Size());
+  uint64_t bytes = std::max(size, point.size) - std::min(size, point.size);
+  RETURN_IF_ERROR(CopyExtents(target, point.name, point.name, "", target, point.size,
+                              [&](std::span<const char> piece) { bytes += piece.size(); }));
+  return bytes;
+}
+
+StatusOr<uint64_t> CopyChanges(Volume& src, const SnapInfo& from, const SnapInfo& to, Volume& dst) {
+  constexpr uint64_t kCounted = 64ull << 10;  // as an epoch's records count data
+  uint64_t bytes = 0;
+  RETURN_IF_ERROR(
+      CopyExtents(src, to.name, from.name, to.name, dst, to.size, [&](std::span<const char> b) {
+        for (uint64_t i = 0; i < b.size(); i += kCounted) {
+          const auto part = b.subspan(i, std::min<uint64_t>(kCounted, b.size() - i));
+          if (!IsAllZero(part)) bytes += part.size();
+        }
+      }));
+  RETURN_IF_ERROR(src.ConfirmSnap(to.name, to.id));
   return bytes;
 }
 

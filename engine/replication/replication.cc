@@ -18,6 +18,8 @@ std::string_view StateName(VolumeState state) {
       return "disconnected";
     case VolumeState::kError:
       return "error";
+    case VolumeState::kStandby:
+      return "standby";
   }
   return "unknown";
 }

@@ -30,9 +30,13 @@ enum class VolumeState {
   kApplying,      // the epoch is durable at the sink, its point being made
   kDisconnected,  // the peer cannot be reached: retried with backoff
   kError,         // the last attempt failed on this side (see error)
+  kStandby,       // source: the other site is the primary and replicates
+                  // into this image (failed over); nothing is sent or
+                  // snapshotted until it hands the image back (failback)
 };
 
-// "idle", "syncing", "receiving", "applying", "disconnected", "error".
+// "idle", "syncing", "receiving", "applying", "disconnected", "error",
+// "standby".
 std::string_view StateName(VolumeState state);
 
 // What `cairn status` shows for one volume on one node.
@@ -61,6 +65,8 @@ struct VolumeStatusInfo {
   // sink: when the source last found the image unchanged since last_seq
   // (source time; 0: never since that point)
   int64_t unchanged_as_of_ns = 0;
+  // source, while syncing: data bytes of the epoch in progress sent so far
+  uint64_t epoch_sent_bytes = 0;
   std::string error;  // the last error, empty if the last step succeeded
 };
 

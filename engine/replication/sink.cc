@@ -304,6 +304,18 @@ Status Sink::Serve(Link& link) {
     SendError(link, st);
     return st;
   }
+  if (hello.hand_back_seq() != 0) {
+    Status st = HandBack(link, t, hello);
+    {
+      std::lock_guard lock(mu_);
+      active_.erase(t.volume);
+      active_images_.erase(t.volume);
+      if (st.ok()) status_.erase(t.volume);  // no longer this sink's
+    }
+    released_.notify_all();
+    if (!st.ok()) return refuse(st);
+    return OkStatus();
+  }
   Status st = hello.has_base_point() ? AdoptBase(t, hello) : OkStatus();
   if (st.ok()) {
     st = Session(link, t);

@@ -155,6 +155,23 @@ class Sink {
   // (`site`): its source's Hellos say so from now on. Returns the pool of
   // the promotion. FailedPrecondition if the volume is not promoted here.
   StatusOr<std::string> KeepPromoted(const std::string& volume, const std::string& site);
+  // Planned failback, at the site a volume failed over to, once its
+  // source here replicated restore point `seq` of the promoted image back
+  // and the other site took the image back (Hello.hand_back_seq): copies
+  // what the promoted image changed from its promotion point to its
+  // cairn.<seq> into the standby image, each block read back and checked
+  // by hash, makes it restore point `seq` from `source_site` (so that
+  // site's source resumes with a delta from it), then releases the
+  // volume. FailedPrecondition, changing nothing, if the volume is not
+  // promoted here or its standby image moved past the promotion point
+  // (promoted from an older point: then release it, and the other site
+  // resends what changed since its own newest point there).
+  struct FoldedBack {
+    std::string kept_as;  // Release's
+    uint64_t copied_bytes = 0;
+  };
+  StatusOr<FoldedBack> FoldBack(const std::string& volume, uint64_t seq, ChainDigest chain,
+                                const std::string& source_site);
   // Frames refused for failing verification, since start.
   uint64_t corrupt_frames() const;
 
@@ -183,6 +200,14 @@ class Sink {
   // brain), refuses with Reason::kSplitBrain, changing nothing, unless the
   // operator chose the source's side (Hello.keep_source).
   Status AdoptBase(Target& t, const pb::Hello& hello);
+  // A planned failback's Hello (hand_back_seq): t's image is the volume's
+  // primary again at this site. Its newest point must be hand_back_seq,
+  // on t's image, from t's source site; the head is put back to it if an
+  // epoch left writes beyond, and the catalog forgets the volume
+  // (Catalog::HandBack). Answers HelloReply with the point and its chain;
+  // the same again once done (the image holds the snapshot, nobody owns
+  // it).
+  Status HandBack(Link& link, Target& t, const pb::Hello& hello);
   // The session of `t` ended with `st` (mu_ held): the status says how,
   // and an epoch left durable is retried. Returns what the source is told.
   Status ReleaseVolumeLocked(const Target& t, Status st);

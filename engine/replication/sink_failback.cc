@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <ctime>
+#include <optional>
 
 #include "engine/replication/sink.h"
 #include "engine/replication/sink_target.h"
@@ -107,6 +108,162 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
       "(taken {} ns), the base of the next epoch",
       t.volume, t.source_site, base.epoch.seq, t.pool_name, t.image, name, point.time_ns);
   return OkStatus();
+}
+
+Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
+  const uint64_t seq = hello.hand_back_seq();
+  const std::string name = SnapName(seq);
+  auto answer = [&](const ChainDigest& chain) {
+    pb::HelloReply reply;
+    reply.set_protocol_version(kProtocolVersion);
+    reply.set_last_applied_seq(seq);
+    reply.set_last_chain(chain.AsBytes());
+    reply.set_sink_site(env_.site);
+    return link.Send(FrameType::kHelloReply, reply.SerializeAsString(), {});
+  };
+  auto has_point_snap = [&](Volume& vol) -> StatusOr<std::optional<SnapInfo>> {
+    ASSIGN_OR_RETURN(auto snaps, vol.ListSnaps());
+    for (const SnapInfo& s : snaps) {
+      if (s.name == name) return std::optional<SnapInfo>(s);
+    }
+    return std::optional<SnapInfo>();
+  };
+  ASSIGN_OR_RETURN(const std::optional<RestorePoint> latest, LoadLatest(t));
+  if (!latest) {
+    // Asked again after it was done: the image is nobody's standby and
+    // holds the point.
+    ASSIGN_OR_RETURN(const std::string owner, ImageOwnerFor(t));
+    ASSIGN_OR_RETURN(const bool exists, t.pool->Exists(t.image));
+    if (owner.empty() && exists) {
+      ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
+      ASSIGN_OR_RETURN(auto snap, has_point_snap(*vol));
+      if (snap) {
+        spdlog::info("volume {}: {}/{} was handed back at restore point {} before; said again",
+                     t.volume, t.pool_name, t.image, seq);
+        return answer(ChainDigest());
+      }
+    }
+    return FailedPrecondition(fmt::format(
+        "volume '{}' has no restore point at site {} to hand back as {}/{}: replicate it here "
+        "first",
+        t.volume, env_.site, t.pool_name, t.image));
+  }
+  if (latest->epoch.seq != seq) {
+    return FailedPrecondition(fmt::format(
+        "the newest restore point of volume '{}' at site {} is {}, not {}: the final epoch did "
+        "not complete here; replicate again, then fail back",
+        t.volume, env_.site, latest->epoch.seq, seq));
+  }
+  if (latest->pool != t.pool_name || latest->image != t.image) {
+    return FailedPrecondition(
+        fmt::format("restore point {} of volume '{}' is on {}/{} here, not on {}/{}", seq, t.volume,
+                    latest->pool, latest->image, t.pool_name, t.image));
+  }
+  ASSIGN_OR_RETURN(const auto spooled, env_.spools->List(t.volume));
+  for (const uint64_t s : spooled) {
+    if (s > seq) {
+      return FailedPrecondition(fmt::format(
+          "epoch {} of volume '{}' is spooled at site {}, after restore point {}: let it be "
+          "applied (replicate again), then fail back",
+          s, t.volume, env_.site, seq));
+    }
+  }
+  ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
+  ASSIGN_OR_RETURN(const std::optional<SnapInfo> point, has_point_snap(*vol));
+  if (!point) {
+    return FailedPrecondition(fmt::format("{}/{} has no snapshot {} of restore point {}",
+                                          t.pool_name, t.image, name, seq));
+  }
+  // The head becomes the primary: exactly the point, not what an epoch
+  // that never completed left on it.
+  ASSIGN_OR_RETURN(const uint64_t reverted, RevertToPoint(*vol, *point));
+  if (reverted > 0) {
+    spdlog::warn(
+        "volume {}: {}/{} held {} bytes written after restore point {} by an epoch "
+        "that did not complete; put back as in the point before the hand-back",
+        t.volume, t.pool_name, t.image, reverted, seq);
+  }
+  RETURN_IF_ERROR(t.catalog->HandBack(t.volume, t.pool_name, t.image));
+  for (const uint64_t s : spooled) (void)env_.spools->Remove(t.volume, s);
+  spdlog::warn(
+      "volume {}: FAILED BACK to site {}: {}/{} is the volume's primary again, at restore point "
+      "{} from site {} (snapshot {}); this sink no longer takes the volume into it",
+      t.volume, env_.site, t.pool_name, t.image, seq, t.source_site, name);
+  return answer(latest->chain_digest);
+}
+
+StatusOr<Sink::FoldedBack> Sink::FoldBack(const std::string& volume, uint64_t seq,
+                                          ChainDigest chain, const std::string& source_site) {
+  ASSIGN_OR_RETURN(const std::string pool_name, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  ASSIGN_OR_RETURN(const auto promoted, catalog.GetPromotion(volume));
+  if (!promoted) {
+    return FailedPrecondition(fmt::format(
+        "volume '{}' is not failed over at site {}: nothing to fail back", volume, env_.site));
+  }
+  ASSIGN_OR_RETURN(const auto latest, catalog.Latest(volume));
+  if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
+  FoldedBack out;
+  if (latest->epoch.seq != seq) {  // else folded back before: only the release is left
+    if (seq <= promoted->seq || latest->epoch.seq != promoted->seq) {
+      return FailedPrecondition(fmt::format(
+          "volume '{}' was promoted from restore point {} but its newest point here is {}: its "
+          "standby image cannot take point {} as a delta; release it (`cairn release {}`), and "
+          "site {} resends what changed since its own newest point here",
+          volume, promoted->seq, latest->epoch.seq, seq, volume, source_site));
+    }
+    ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
+    ASSIGN_OR_RETURN(auto promoted_vol, pool->Open(promoted->image));
+    ASSIGN_OR_RETURN(auto promoted_snaps, promoted_vol->ListSnaps());
+    auto find = [](const std::vector<SnapInfo>& snaps, const std::string& name) {
+      auto it = std::find_if(snaps.begin(), snaps.end(),
+                             [&](const SnapInfo& s) { return s.name == name; });
+      return it == snaps.end() ? std::nullopt : std::optional<SnapInfo>(*it);
+    };
+    const auto from = find(promoted_snaps, SnapName(promoted->seq));
+    const auto to = find(promoted_snaps, SnapName(seq));
+    if (!from || !to) {
+      return FailedPrecondition(
+          fmt::format("the promoted image {}/{} has no snapshot {}: release the volume instead",
+                      pool_name, promoted->image, SnapName(from ? seq : promoted->seq)));
+    }
+    ASSIGN_OR_RETURN(auto standby, pool->Open(latest->image));
+    ASSIGN_OR_RETURN(auto standby_snaps, standby->ListSnaps());
+    const auto base = find(standby_snaps, latest->snap);
+    if (!base) {
+      return FailedPrecondition(fmt::format("standby image {}/{} has no snapshot {} of its point",
+                                            pool_name, latest->image, latest->snap));
+    }
+    if (find(standby_snaps, SnapName(seq))) {
+      // Taken by an earlier attempt that stopped before the catalog record.
+      RETURN_IF_ERROR(standby->RemoveSnap(SnapName(seq)));
+    }
+    RETURN_IF_ERROR(RevertToPoint(*standby, *base).status());
+    ASSIGN_OR_RETURN(out.copied_bytes, CopyChanges(*promoted_vol, *from, *to, *standby));
+    RETURN_IF_ERROR(standby->CreateSnap(SnapName(seq), Volume::Writers::kThisProcessOnly));
+    RestorePoint p;
+    p.epoch.volume = volume;
+    p.epoch.seq = seq;
+    p.epoch.base_seq = promoted->seq;
+    p.epoch.image_size = to->size;
+    p.epoch.snap_time_ns = to->time_ns;
+    p.epoch.source_site = source_site;  // the chain goes on from there
+    p.created_time_ns = env_.clock->UnixNs();
+    p.pool = pool_name;
+    p.image = latest->image;
+    p.snap = SnapName(seq);
+    p.data_bytes = out.copied_bytes;
+    p.chain_digest = chain;
+    RETURN_IF_ERROR(catalog.AddPoint(p));
+    spdlog::warn(
+        "volume {}: what {}/{} changed from restore point {} to {} ({} bytes) copied into the "
+        "standby image {}/{}, checked by hash: restore point {}; site {} replicates from it",
+        volume, pool_name, promoted->image, promoted->seq, seq, out.copied_bytes, pool_name,
+        latest->image, seq, source_site);
+  }
+  ASSIGN_OR_RETURN(out.kept_as, Release(volume));
+  return out;
 }
 
 }  // namespace cairn

@@ -62,7 +62,37 @@ void SourceReplicator::Stop() {
   }
 }
 
+StatusOr<bool> SourceReplicator::StandingDown() {
+  if (!stand_down_) return false;
+  ASSIGN_OR_RETURN(const std::string why, stand_down_());
+  std::lock_guard lock(mu_);
+  if (!why.empty()) {
+    if (status_.state != VolumeState::kStandby) {
+      spdlog::warn("volume {}: standing by: {}", config_.id, why);
+    }
+    status_.state = VolumeState::kStandby;
+    status_.error.clear();
+    return true;
+  }
+  if (status_.state == VolumeState::kStandby) {
+    // Handed back: the other site's sink took snapshots of this image
+    // meanwhile; promises come from a fresh listing.
+    spdlog::warn("volume {}: {}/{} is this volume's primary again: replicating", config_.id,
+                 config_.pool, config_.image);
+    snaps_known_ = false;
+    status_.state = VolumeState::kIdle;
+  }
+  return false;
+}
+
 StatusOr<uint64_t> SourceReplicator::RequestNow() {
+  ASSIGN_OR_RETURN(const bool standing_down, StandingDown());
+  if (standing_down) {
+    return FailedPrecondition(fmt::format(
+        "volume {}: {}/{} is the standby of the volume's primary at another site (failed over); "
+        "fail back there (`cairn failback {}`) before it replicates from here",
+        config_.id, config_.pool, config_.image, config_.id));
+  }
   // Every cairn.<N> snapshot that exists now may predate the caller's
   // writes; a snapshot created from here on gets a higher seq (new ones are
   // numbered max + 1) and holds them. So the promise is max + 1, from the
@@ -100,6 +130,9 @@ StatusOr<uint64_t> SourceReplicator::RequestNow() {
 VolumeStatusInfo SourceReplicator::Report() const {
   std::lock_guard lock(mu_);
   VolumeStatusInfo s = status_;
+  if (s.state == VolumeState::kSyncing) {
+    s.epoch_sent_bytes = epoch_sent_bytes_.load(std::memory_order_relaxed);
+  }
   if (s.last_point_time_ns > 0) {
     s.lag_seconds = (clock_->UnixNs() - std::max(s.last_point_time_ns, unchanged_at_ns_)) / 1e9;
   }
@@ -239,7 +272,29 @@ void SourceReplicator::Loop() {
   std::unique_lock lock(mu_);
   while (!stop_) {
     const auto now = clock_->Now();
-    if (s.outage && periodic && now >= s.next && now < s.retry_at) {
+    const bool outage_snapshot = s.outage && periodic && now >= s.next && now < s.retry_at;
+    if (stand_down_ && (outage_snapshot || (now >= s.retry_at && (wanted_seq_ > status_.last_seq ||
+                                                                  (periodic && now >= s.next))))) {
+      // Nothing is sent or snapshotted while another site's sink writes
+      // this image (failed over there, replicating back here).
+      lock.unlock();
+      auto standing_down = StandingDown();
+      if (!standing_down.ok() || *standing_down) Disconnect();
+      lock.lock();
+      if (!standing_down.ok() || *standing_down) {
+        if (!standing_down.ok()) {
+          status_.error = standing_down.status()
+                              .Annotate("cannot tell whether this image is another site's standby")
+                              .ToString();
+          status_.state = VolumeState::kError;
+        }
+        s.outage = false;
+        s.next = s.retry_at =
+            clock_->Now() + std::max<Clock::Duration>(config_.interval, std::chrono::seconds(1));
+        continue;
+      }
+    }
+    if (outage_snapshot) {
       // The schedule goes on while the sink is unreachable.
       lock.unlock();
       TakeOutageSnapshot();

@@ -75,6 +75,13 @@ class SourceReplicator {
   };
   using BasePointFn = std::function<StatusOr<std::optional<BasePoint>>()>;
   void set_base_point(BasePointFn fn) { base_point_ = std::move(fn); }
+  // Whether another site's sink writes this image now (the volume failed
+  // over there and replicates back here): a reason, or "" if not. While
+  // it says so, the replicator sends nothing, takes no snapshot, refuses
+  // RequestNow and shows state standby. Asked before every due epoch or
+  // outage snapshot. Before Start.
+  using StandDownFn = std::function<StatusOr<std::string>()>;
+  void set_stand_down(StandDownFn fn) { stand_down_ = std::move(fn); }
 
   void Start();
   // Tells the replicator to stop (its link is closed at once) and returns;
@@ -86,6 +93,12 @@ class SourceReplicator {
   // take this volume (a probe Hello: no session is replaced). Returns what
   // the sink said (its site, the newest point) or why it would not.
   StatusOr<std::string> Probe();
+
+  // Planned failback: tells the sink that this volume's replication ends at
+  // restore point `seq`, which it applied, and that its image is the
+  // volume's primary again (Hello.hand_back_seq). Returns the point's
+  // chain digest as the sink has it. Only once this replicator is stopped.
+  StatusOr<ChainDigest> HandBack(uint64_t seq);
 
   // Asks for a new epoch now. Returns the seq of a restore point that will
   // contain every write completed before this call (a later point does too).
@@ -103,6 +116,8 @@ class SourceReplicator {
 
  private:
   Status Connect();
+  // stand_down_ asked, the state set to match: true while standing by.
+  StatusOr<bool> StandingDown();
   // What a sink's HelloReply says.
   struct SinkHello {
     std::string site;
@@ -114,7 +129,8 @@ class SourceReplicator {
   };
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).
-  StatusOr<SinkHello> Handshake(Link& link, bool probe);
+  // hand_back_seq: a planned failback's Hello (HandBack), not a session.
+  StatusOr<SinkHello> Handshake(Link& link, bool probe, uint64_t hand_back_seq = 0);
   // Bytes of the image's head changed since its snapshot cairn.<seq> (0 if
   // it has none: then it cannot replicate from there anyway).
   StatusOr<uint64_t> WrittenSince(uint64_t seq);
@@ -229,6 +245,9 @@ class SourceReplicator {
 
   std::shared_ptr<MemoryBudget> budget_;
   BasePointFn base_point_;
+  StandDownFn stand_down_;
+  std::atomic<uint64_t> epoch_sent_bytes_{0};  // of the epoch being sent (Report)
+  std::atomic<uint64_t> pinned_seq_{0};        // base point's cairn.<seq>: never pruned
   std::unique_ptr<Link> link_;
   // The image, opened once per link and used only to read snapshots (list
   // them, diff them, read them); closed with the link. It never holds a

@@ -26,7 +26,8 @@ StatusOr<uint64_t> SourceReplicator::WrittenSince(uint64_t seq) {
   return uint64_t{0};
 }
 
-StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bool probe) {
+StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bool probe,
+                                                                  uint64_t hand_back_seq) {
   pb::Hello hello;
   hello.set_protocol_version(kProtocolVersion);
   hello.set_volume(config_.id);
@@ -34,10 +35,14 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   hello.set_image(config_.target_image);
   hello.set_source_site(site_);
   hello.set_probe(probe);
-  if (base_point_) {
+  hello.set_hand_back_seq(hand_back_seq);
+  if (base_point_ && hand_back_seq == 0) {
     auto base = base_point_();
     if (!base.ok()) return base.status().Annotate("looking up the point this image holds");
     if (*base) {
+      // Kept while it is the base: a planned failback copies what the image
+      // changed since it into the other site's standby (Sink::FoldBack).
+      pinned_seq_.store((*base)->point.epoch.seq, std::memory_order_relaxed);
       RestorePointToProto((*base)->point, hello.mutable_base_point());
       ASSIGN_OR_RETURN(const uint64_t written, WrittenSince((*base)->point.epoch.seq));
       hello.set_base_written_bytes(written);
@@ -95,6 +100,24 @@ StatusOr<std::string> SourceReplicator::Probe() {
   return fmt::format("sink of site '{}' at {} takes volume '{}' into {}/{} (newest point {})",
                      reply.site, link->peer(), config_.id, config_.target_pool,
                      config_.target_image, reply.last_applied_seq);
+}
+
+StatusOr<ChainDigest> SourceReplicator::HandBack(uint64_t seq) {
+  if (seq == 0) return InvalidArgument("hand back: no restore point");
+  ASSIGN_OR_RETURN(auto link, connect_());
+  ASSIGN_OR_RETURN(const SinkHello reply, Handshake(*link, false, seq));
+  link->Close();
+  if (reply.last_applied_seq != seq) {
+    return FailedPrecondition(
+        fmt::format("sink of site '{}' answered the hand-back of restore "
+                    "point {} of '{}' with point {}",
+                    reply.site, seq, config_.id, reply.last_applied_seq));
+  }
+  spdlog::warn(
+      "volume {}: handed back to site '{}' at restore point {}: {}/{} there is the "
+      "volume's primary again",
+      config_.id, reply.site, seq, config_.target_pool, config_.target_image);
+  return reply.last_chain;
 }
 
 Status SourceReplicator::Connect() {
@@ -297,7 +320,8 @@ StatusOr<EpochSummary> SourceReplicator::SendAndAwaitAcks(Volume& vol, const Epo
                                                           const SendOptions& opt,
                                                           AheadThread& ahead, EpochTimes* times) {
   const EpochPlan& plan = start.plan;
-  WatchedWriter wire(*link_);
+  epoch_sent_bytes_.store(0, std::memory_order_relaxed);
+  WatchedWriter wire(*link_, &epoch_sent_bytes_);
   auto sent = SendEpoch(vol, plan, opt, wire, &times->send_detail);
   if (!sent.ok()) {
     if (!wire.failed()) {
@@ -441,7 +465,9 @@ bool SourceReplicator::PruneSnapshots(uint64_t applied) {
   std::vector<uint64_t> older;
   for (auto& s : *snaps) {
     auto seq = ParseSnapName(s.name);
-    if (seq && *seq < applied) older.push_back(*seq);
+    if (seq && *seq < applied && *seq != pinned_seq_.load(std::memory_order_relaxed)) {
+      older.push_back(*seq);
+    }
   }
   std::sort(older.begin(), older.end());
   const size_t drop =

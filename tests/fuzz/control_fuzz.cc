@@ -40,6 +40,9 @@ class NullService final : public cairn::ControlService {
   cairn::StatusOr<Resolved> Resolve(const std::string&, const std::string&) override {
     return cairn::FailedPrecondition("not promoted");
   }
+  cairn::StatusOr<FailedBack> Failback(const std::string&, uint64_t) override {
+    return cairn::FailedPrecondition("not promoted");
+  }
 };
 
 }  // namespace

@@ -91,3 +91,72 @@ def test_the_promoted_image_flows_back_as_a_delta(site_a, site_b, workdir, daemo
     p = {p["seq"]: p for p in sink_a.json("points", name)}[again]
     assert p["base_seq"] == back and p["data_bytes"] <= 512 * 1024, p
     assert site_a.digest(name, f"cairn.{again}") == site_b.digest(promoted, f"cairn.{again}")
+
+
+def _one_node_per_site(site, conf, listen_port, peer_port, workdir, volumes=None):
+    """One cairnd per site, as deployed: the sink for volumes failed over
+    from the other site, the [source] volumes are registered into (a
+    failover sets one up to replicate back), and `volumes` of its own."""
+    return lib.sink_config(site, conf, listen_port, f"{workdir}/spool-{site}") + (
+        f"\n[source]\npools = rbd\npeer = 127.0.0.1:{peer_port}\ninterval = 0\n"
+    ) + "".join(f"\n[volume {vid}]\npool = rbd\nimage = {image}\ntarget_image = {target}\n"
+                f"peer = 127.0.0.1:{peer_port}\ninterval = 0\nkeep_snapshots = 1000\n"
+                for vid, (image, target) in (volumes or {}).items())
+
+
+def test_a_planned_failback_brings_every_write_home_and_resumes_as_a_delta(
+        site_a, site_b, workdir, daemons, name):
+    rng = random.Random(25)
+    site_a.create(name, SIZE)
+    _write(site_a, name, 0, rng.randbytes(16 * MiB))
+    a_port, b_port = lib.free_port(), lib.free_port()
+    a_conf = _one_node_per_site("a", site_a.conf, a_port, b_port, workdir,
+                                {name: (name, name + "-standby")})
+    node_a = daemons(lib.Cairnd(workdir, "node-a", a_conf))
+    node_b = daemons(lib.Cairnd(workdir, "node-b", _one_node_per_site(
+        "b", site_b.conf, b_port, a_port, workdir)))
+    first = node_a.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+
+    # Site A is lost; site B fails over, sets up replication back, and is
+    # written while A is away.
+    node_a.stop()
+    out = node_b.json("failover", name, "--to", name)
+    assert out["seq"] == first and out["back_to"] == f"rbd/{name}", out
+    b_writes = 3 * 256 * 1024
+    for i in range(3):
+        _write(site_b, name, (40 + 2 * i) * MiB, rng.randbytes(256 * 1024))
+
+    # Site A is back: its sink takes B's writes as a delta from the point
+    # both hold; its own source stands by meanwhile.
+    node_a = daemons(lib.Cairnd(workdir, "node-a2", a_conf))
+    back = node_b.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    pts = {p["seq"]: p for p in node_a.json("points", name)}
+    assert sorted(pts) == [first, back], pts
+    assert pts[back]["data_bytes"] <= b_writes, pts[back]
+    assert site_a.digest(name) == site_b.digest(name)
+    refused = node_a.cli("replicate", name)
+    assert refused.returncode == 5 and f"cairn failback {name}" in refused.stderr, refused
+    assert [s for s in node_a.json("status", name) if s["role"] == "source"][0]["state"] == \
+        "standby"
+
+    # Planned failback: B's last writes go home in the final delta, A's
+    # image is the primary again, and B's standby image takes that point.
+    _write(site_b, name, 50 * MiB, rng.randbytes(256 * 1024))
+    fb = node_b.json("failback", name, "--timeout", "120")
+    final = fb["seq"]
+    assert final == back + 1 and fb["primary_site"] == "a", fb
+    assert 0 < fb["copied_bytes"] <= b_writes + 256 * 1024, fb
+    home = site_a.digest(name)
+    assert home == site_b.digest(name + "-standby", f"cairn.{final}")
+    assert fb["kept_as"].startswith(f"{name}.failback-")
+    assert site_b.digest(fb["kept_as"]) == home
+    assert node_a.cli("points", name).returncode == 3  # A's sink let it go
+    assert not [s for s in node_b.json("status", name) if s["role"] == "source"]
+
+    # A replicates to B again, as a delta from the final point.
+    _write(site_a, name, 8 * MiB, rng.randbytes(512 * 1024))
+    nxt = node_a.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    p = {p["seq"]: p for p in node_b.json("points", name)}[nxt]
+    assert nxt == final + 1 and p["base_seq"] == final and p["source_site"] == "a", p
+    assert p["data_bytes"] <= 512 * 1024, p
+    assert site_b.digest(name + "-standby", f"cairn.{nxt}") == site_a.digest(name)

@@ -267,6 +267,7 @@ class Cairnd:
                            text=True, timeout=timeout)
         if check and r.returncode != 0:
             raise RuntimeError(f"cairn {' '.join(args)} exited {r.returncode}: {r.stderr}"
+                               f"{r.stdout}"
                                f"\n--- {self.name} log ---\n{self.log_tail()}")
         return r
 

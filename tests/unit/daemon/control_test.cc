@@ -69,6 +69,10 @@ class CountingService final : public ControlService {
     ++changes;
     return Resolved{};
   }
+  StatusOr<FailedBack> Failback(const std::string&, uint64_t) override {
+    ++changes;
+    return FailedBack{};
+  }
   int reads = 0;
   int changes = 0;
 };
@@ -91,7 +95,7 @@ TEST(Control, ReadersReadAndOnlyAdminsChange) {
   CountingService service;
   const ControlCaller reader{false, "pid 1 uid 1000 (cinder)"};
   const ControlCaller admin{true, "pid 2 uid 0 (root)"};
-  pb::ControlRequest status, points, promote, release, replicate, restore, resolve;
+  pb::ControlRequest status, points, promote, release, replicate, restore, resolve, failback;
   status.mutable_status();
   points.mutable_points()->set_volume("v");
   promote.mutable_promote()->set_volume("v");
@@ -99,20 +103,21 @@ TEST(Control, ReadersReadAndOnlyAdminsChange) {
   replicate.mutable_replicate()->set_volume("v");
   restore.mutable_restore()->set_volume("v");
   resolve.mutable_resolve()->set_volume("v");
+  failback.mutable_failback()->set_volume("v");
   EXPECT_EQ(Ask(service, status, reader).code(), 0);
   EXPECT_EQ(Ask(service, points, reader).code(), 0);
   EXPECT_EQ(service.reads, 2);
-  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve}) {
+  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve, &failback}) {
     const pb::ControlReply reply = Ask(service, *r, reader);
     EXPECT_EQ(reply.code(), static_cast<int>(Code::kPermissionDenied));
     EXPECT_THAT(reply.message(), HasSubstr("admin_group"));
     EXPECT_THAT(reply.message(), HasSubstr("uid 1000 (cinder)"));
   }
   EXPECT_EQ(service.changes, 0) << "a reader's request changed something";
-  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve}) {
+  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve, &failback}) {
     EXPECT_EQ(Ask(service, *r, admin).code(), 0);
   }
-  EXPECT_EQ(service.changes, 5);
+  EXPECT_EQ(service.changes, 6);
 }
 
 TEST(Control, AdminsAreRootOurselvesOrMembersOfTheAdminGroup) {

@@ -221,5 +221,69 @@ TEST_F(FailbackTest, AnImageWithoutTheSameSnapshotIsNotAdoptedNorWritten) {
   EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
 }
 
+TEST_F(FailbackTest, APlannedFailbackHandsTheImageBackAndResumesAsADeltaBothWays) {
+  FailOverWithWritesOnBothSides(/*a_writes=*/false);
+  auto p = testing::MustOpen(*b_->pool, "img-p");
+  auto rep = Reverse();
+  testing::Write(*p, 0, testing::RandomBytes(rng_, 2 * 65536));
+  ASSERT_TRUE(rep->RunOnce().ok());
+  testing::Write(*p, 3 * kMiB, testing::RandomBytes(rng_, 65536));
+  auto last = rep->RunOnce();
+  ASSERT_TRUE(last.ok()) << last.status().ToString();
+  ASSERT_EQ(last->id.seq, 4u);
+  rep->Disconnect();
+
+  // Site A's own source stands by while A's sink owns its image.
+  SourceReplicator home(Config("img", "img-standby"), "a", a_->pool, ConnectTo(*b_));
+  home.set_stand_down([this]() -> StatusOr<std::string> {
+    ASSIGN_OR_RETURN(std::string owner, Catalog(*a_->catalog).ImageOwner("rbd", "img"));
+    return owner.empty() ? std::string() : "the standby of " + owner;
+  });
+  auto refused = home.RequestNow();
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("cairn failback vol1"));
+  EXPECT_EQ(home.Report().state, VolumeState::kStandby);
+
+  // Only the newest point A applied can be handed back.
+  auto early = rep->HandBack(3);
+  ASSERT_FALSE(early.ok());
+  EXPECT_THAT(early.status().message(), HasSubstr("is 4, not 3"));
+  auto chain = rep->HandBack(4);
+  ASSERT_TRUE(chain.ok()) << chain.status().ToString();
+  EXPECT_EQ(*chain, last->chain) << "the chain of point 4 as site A applied it";
+  EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
+  EXPECT_EQ(Catalog(*a_->catalog).ImageOwner("rbd", "img").value(), "");
+  ASSERT_TRUE(rep->HandBack(4).ok()) << "asked again once done, the same answer";
+  ASSERT_TRUE(home.RequestNow().ok());
+  EXPECT_NE(home.Report().state, VolumeState::kStandby);
+
+  // Site B takes point 4 into its standby image from the promoted one.
+  auto folded = b_->sink->FoldBack("vol1", 4, *chain, "a");
+  ASSERT_TRUE(folded.ok()) << folded.status().ToString();
+  EXPECT_EQ(folded->copied_bytes, 3 * 65536u) << "what B wrote since the promotion, no more";
+  EXPECT_THAT(folded->kept_as, StartsWith("img-p.failback-"));
+  auto pts = b_->sink->Points("vol1").value();
+  EXPECT_EQ(pts.back().epoch.seq, 4u);
+  EXPECT_EQ(pts.back().epoch.source_site, "a");
+  EXPECT_EQ(pts.back().chain_digest, *chain);
+  auto standby = testing::MustOpen(*b_->pool, "img-standby");
+  auto img = testing::MustOpen(*a_->pool, "img");
+  const std::string at4 = testing::ImageHash(*img, "", kSize);
+  EXPECT_EQ(testing::ImageHash(*standby, "cairn.4", kSize), at4);
+  auto kept = testing::MustOpen(*b_->pool, folded->kept_as);
+  EXPECT_EQ(testing::ImageHash(*kept, "", kSize), at4) << "the promoted image is kept as it was";
+
+  // A replicates to B again, as a delta from point 4.
+  testing::Write(*img, 2 * kMiB, testing::RandomBytes(rng_, 65536));
+  auto next = home.RunOnce();
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  EXPECT_EQ(next->id.seq, 5u);
+  EXPECT_EQ(next->id.base_seq, 4u);
+  EXPECT_EQ(next->data_bytes, 65536u);
+  EXPECT_EQ(testing::ImageHash(*standby, "cairn.5", kSize), testing::ImageHash(*img, "", kSize));
+  EXPECT_EQ(b_->sink->FoldBack("vol1", 4, *chain, "a").status().code(), Code::kFailedPrecondition)
+      << "not failed over any more";
+}
+
 }  // namespace
 }  // namespace cairn
