@@ -11,8 +11,13 @@ mirror promote/demote) it asks cairnd over its control socket:
 - failover promotes, at the site B cairnd (sink), the newest restore point
   of each such volume (or the one named by its `cairn_failover_point`
   metadata) into the image name Cinder uses, in the same pool of cluster B;
-- failback ('default') releases them at site B: the promoted images are
-  kept there under a new name, replication from site A resumes.
+  and has site B's cairnd replicate each promoted image back into its image
+  at site A as soon as site A's cairnd answers;
+- failback ('default') brings each volume home with nothing lost: a final
+  delta from site B, site A's image the primary again, site B's standby
+  image at that same point, replication from site A resumed as a delta
+  (cairn failback). A volume that was not replicated back is released
+  instead: its image at site B is kept under a new name.
 
 All replication logic lives in cairnd; this module only maps Cinder's calls
 to control requests and cairnd's answers to Cinder's volume states.
@@ -66,6 +71,13 @@ CAIRN_OPTS = [
                  min=1.0,
                  help='Seconds to wait for cairnd to answer one control '
                       'request.'),
+    cfg.FloatOpt('cairn_failback_timeout',
+                 default=600.0,
+                 min=1.0,
+                 help='Seconds a failback waits for the final delta of one '
+                      'volume to reach site A (and for site B to take it '
+                      'into its standby image) before it gives up on that '
+                      'volume.'),
 ]
 
 CONF = cfg.CONF
@@ -81,6 +93,7 @@ FAILOVER_POINT_KEY = 'cairn_failover_point'
 _DRIVER_DATA_MAX = 255
 
 ENABLED = fields.ReplicationStatus.ENABLED
+ERROR = fields.ReplicationStatus.ERROR
 DISABLED = fields.ReplicationStatus.DISABLED
 FAILED_OVER = fields.ReplicationStatus.FAILED_OVER
 FAILOVER_ERROR = fields.ReplicationStatus.FAILOVER_ERROR
@@ -122,6 +135,12 @@ def _driver_data(**values):
         if len(text) <= _DRIVER_DATA_MAX:
             return text
     return json.dumps({'cairn': 1})
+
+
+def _broken(status):
+    """A source volume whose replication does not work: its last attempt
+    failed on site A's side, or it fails and never made a restore point."""
+    return status.state == 'error' or (status.last_seq == 0 and status.errors_total > 0)
 
 
 def _load_driver_data(volume):
@@ -440,11 +459,32 @@ class CairnRBDDriver(rbd.RBDDriver):
                     self._standby_name(), point.seq, when,
                     ' (chosen by its %s metadata)' % FAILOVER_POINT_KEY if seq else '',
                     reply.pool, reply.image, ' (promoted before)' if reply.again else '')
+        self._replicate_back(standby, volume, reply)
         return {'volume_id': volume.id,
                 'updates': {'replication_status': FAILED_OVER,
                             'replication_driver_data': _driver_data(
                                 target=self._target_image(volume),
                                 seq=point.seq, point_time=when)}}
+
+    def _replicate_back(self, standby, volume, promoted):
+        """Has site B's cairnd replicate the promoted image back into the
+        volume's image at site A, from the point both hold, as soon as site
+        A's cairnd answers: failback then loses nothing. Without it (no
+        [source] section at site B) failback keeps B's writes aside."""
+        try:
+            standby.register(volume.id, promoted.pool, promoted.image,
+                             target_pool=self.configuration.rbd_pool,
+                             target_image=volume.name)
+        except wire.CairnError as e:
+            LOG.warning('Cairn: volume %s is not replicated back to site A '
+                        '(%s): a failback keeps what is written at %s aside '
+                        'there, not in the volume; give the site B cairnd a '
+                        '[source] section whose peer is the site A cairnd\'s '
+                        'sink', volume.id, e, self._standby_name())
+            return
+        LOG.info('Cairn: volume %s replicates back from %s into %s/%s at site '
+                 'A once its cairnd answers', volume.id, self._standby_name(),
+                 self.configuration.rbd_pool, volume.name)
 
     def _failover_seq(self, standby, volume):
         """The restore point asked for by the volume's cairn_failover_point
@@ -488,6 +528,12 @@ class CairnRBDDriver(rbd.RBDDriver):
             return {'volume_id': volume.id,
                     'updates': dict(restore, replication_status=NOT_CAPABLE)}
         try:
+            back = [v for v in standby.status(volume.id) if v.role == 'source']
+        except wire.CairnError:
+            back = []
+        if back and not restore:
+            return self._fail_back_home(standby, volume, data)
+        try:
             kept = standby.release(volume.id).kept_as
         except wire.CairnError as e:
             if e.code in ('FailedPrecondition', 'NotFound'):
@@ -512,6 +558,33 @@ class CairnRBDDriver(rbd.RBDDriver):
                                 replication_driver_data=_driver_data(
                                     target=data.get('target'),
                                     kept_as=kept or None))}
+
+    def _fail_back_home(self, standby, volume, data):
+        """cairn failback: the final delta from site B (every write made
+        there, the volume detached), then site A's image is the primary
+        again and replication from A resumes as a delta."""
+        timeout = self.configuration.cairn_failback_timeout
+        try:
+            want = standby.replicate(volume.id).seq
+            have = standby.wait_for_point(volume.id, want, timeout)
+            reply = wire.ControlClient(standby.socket_path, timeout).failback(
+                volume.id, have)
+        except wire.CairnError as e:
+            LOG.error('Cairn: volume %s is NOT failed back: %s; it stays at '
+                      '%s, which keeps replicating it back to site A: detach '
+                      'it there (its writers) and fail back again', volume.id,
+                      e, self._standby_name())
+            return self._error_update(volume, FAILOVER_ERROR)
+        LOG.warning('Cairn: volume %s FAILED BACK to site %s at restore point '
+                    '%d with every write made at %s; replication from site A '
+                    'resumes as a delta; the image there is kept as %s',
+                    volume.id, reply.primary_site, reply.seq,
+                    self._standby_name(), reply.kept_as)
+        return {'volume_id': volume.id,
+                'updates': {'replication_status': ENABLED,
+                            'replication_driver_data': _driver_data(
+                                target=data.get('target'), seq=reply.seq,
+                                kept_as=reply.kept_as or None)}}
 
     def _warn_if_source_down(self):
         try:
@@ -545,16 +618,45 @@ class CairnRBDDriver(rbd.RBDDriver):
             LOG.warning('Cairn: no replication figures for backend %s: %s',
                         self._backend_name, e)
             return {'cairn_state': 'down', 'cairn_lag_seconds': None}
-        mine = [v for v in volumes
-                if v.role == 'source' and v.pool == self.configuration.rbd_pool]
+        mine = self._mine(volumes)
         lags = [v.lag_seconds for v in mine if v.last_seq > 0]
         states = {v.state for v in mine}
         state = ('error' if 'error' in states
                  else 'disconnected' if 'disconnected' in states else 'ok')
-        return {'cairn_state': state,
-                'cairn_lag_seconds': round(max(lags), 3) if lags else None,
-                'cairn_volumes': len(mine),
-                'cairn_volumes_without_point': len(mine) - len(lags)}
+        stats = {'cairn_state': state,
+                 'cairn_lag_seconds': round(max(lags), 3) if lags else None,
+                 'cairn_volumes': len(mine),
+                 'cairn_volumes_without_point': len(mine) - len(lags)}
+        if any(_broken(v) for v in mine):
+            # Cinder's manager then asks get_replication_error_status.
+            stats['replication_status'] = ERROR
+        return stats
+
+    def _mine(self, volumes):
+        return [v for v in volumes
+                if v.role == 'source' and v.pool == self.configuration.rbd_pool]
+
+    def get_replication_error_status(self, context, groups):
+        """The volumes whose replication is broken (their source at site A
+        in error, or failing with no restore point made yet) as error, the
+        others with a point as enabled again. Returns (group updates,
+        volume updates), as Cinder's manager unpacks them."""
+        if self._failed_over():
+            return [], []
+        try:
+            mine = self._mine(self._source().status())
+        except wire.CairnError as e:
+            LOG.warning('Cairn: cannot tell which volumes fail: %s', e)
+            return [], []
+        updates = []
+        for v in mine:
+            if _broken(v):
+                LOG.error('Cairn: replication of volume %s is broken: %s',
+                          v.volume, v.error or v.state)
+                updates.append({'volume_id': v.volume, 'replication_status': ERROR})
+            elif v.last_seq > 0:
+                updates.append({'volume_id': v.volume, 'replication_status': ENABLED})
+        return [], updates
 
     # -- group replication (not yet) -------------------------------------
 

@@ -7,6 +7,7 @@ frame answered by one ControlReply frame, over cairnd's Unix socket.
 """
 import socket
 import struct
+import time
 
 import xxhash
 
@@ -167,6 +168,33 @@ class ControlClient:
         p = req.promote
         p.volume, p.seq, p.pool, p.to_image = volume, seq, pool, to_image
         return self.call(req).promote
+
+    def failback(self, volume, seq=0):
+        """Standby side (planned failback): restore point `seq` (0: the
+        newest) of the volume's source here reached the primary site; that
+        site's image becomes the primary again, this site's standby image
+        takes the point, the volume is released. Returns the FailbackReply
+        (seq, primary_site, kept_as, copied_bytes)."""
+        req = pb.ControlRequest()
+        req.failback.volume, req.failback.seq = volume, seq
+        return self.call(req).failback
+
+    def wait_for_point(self, volume, seq, timeout):
+        """Source side: waits until `volume`'s newest restore point is `seq`
+        or later (polling status, a local in-memory read) and returns it;
+        raises CairndUnavailable after `timeout` seconds, with the source's
+        last error."""
+        deadline = time.monotonic() + timeout
+        while True:
+            mine = [v for v in self.status(volume) if v.role == "source"]
+            have = mine[0].last_seq if mine else 0
+            if have >= seq:
+                return have
+            if time.monotonic() > deadline:
+                raise CairndUnavailable(
+                    f"restore point {seq} of {volume} was not made within {timeout:.0f} s "
+                    f"(newest: {have}; last error: {(mine[0].error if mine else '') or 'none'})")
+            time.sleep(0.05)
 
     def release(self, volume):
         """Standby side (failback): lift the fence of `volume`; the promoted

@@ -140,21 +140,23 @@ StatusOr<ControlService::FailedBack> Daemon::Failback(const std::string& volume,
     }
   }
   src->Stop();  // nothing more goes back from here
-  auto chain = src->HandBack(want);
-  if (!chain.ok()) {
+  auto home_said = src->HandBack(want);
+  if (!home_said.ok()) {
     // Nothing changed at either site: the volume goes on replicating back.
     auto again = StartSource(src->config());
     if (again.ok()) {
       std::lock_guard lock(sources_mu_);
       std::replace(sources_.begin(), sources_.end(), src, *again);
     }
-    return chain.status().Annotate(fmt::format(
+    return home_said.status().Annotate(fmt::format(
         "handing '{}' back to site {}; nothing changed, it still replicates there", volume, home));
   }
   if (auto retired = RetireSource(volume); !retired.ok()) {
     spdlog::error("volume {}: {}", volume, retired.status().ToString());
   }
-  auto folded = sink_->FoldBack(volume, want, *chain, home);
+  HandedBack said = *home_said;
+  said.site = home;  // the site its points came from, as its catalog names it
+  auto folded = sink_->FoldBack(volume, want, said);
   if (!folded.ok()) {
     return folded.status().Annotate(fmt::format(
         "site {} has '{}' back as its primary at restore point {}, but this site could not make "

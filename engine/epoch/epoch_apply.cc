@@ -107,12 +107,15 @@ StatusOr<EpochSummary> ApplyEpoch(SpoolReader& spool, EpochVerifier& verifier, V
 namespace {
 
 // Writes onto the head of `dst`, sized `size` first, what `src` holds at
-// `snap` in the extents src.DiffExtents(diff_from, diff_to) lists (zero
-// extents as zeros, unread), each piece read back and checked by XXH3;
-// `written` sees each piece. One 4 MiB buffer at a time.
+// `snap` in the extents src.DiffExtents(diff_from, diff_to) lists, each
+// piece read back and checked by XXH3; `written` sees each piece. Zero
+// extents are written as zeros unread if `snap` is diff_to (the extents'
+// kinds describe it); else every extent is read. One 4 MiB buffer at a
+// time.
 Status CopyExtents(Volume& src, const std::string& snap, const std::string& diff_from,
                    const std::string& diff_to, Volume& dst, uint64_t size,
                    const std::function<void(std::span<const char>)>& written) {
+  const bool kinds_of_snap = snap == diff_to;
   constexpr uint64_t kPiece = 4ull << 20;
   ASSIGN_OR_RETURN(const uint64_t had, dst.Size());
   if (had != size) RETURN_IF_ERROR(dst.Resize(size));
@@ -124,7 +127,7 @@ Status CopyExtents(Volume& src, const std::string& snap, const std::string& diff
     for (uint64_t off = e.offset; off < e.offset + e.length;) {
       const uint64_t n = std::min(kPiece, e.offset + e.length - off);
       buf.resize(n);
-      if (e.kind == RecordKind::kData) {
+      if (e.kind == RecordKind::kData || !kinds_of_snap) {
         RETURN_IF_ERROR(in->StartRead(0, off, buf));
         RETURN_IF_ERROR(in->WaitOne().status);
       } else {

@@ -6,6 +6,8 @@
 #include <string>
 #include <string_view>
 
+#include "engine/base/checksum.h"
+
 namespace cairn {
 
 // Version of the link protocol (Hello/HelloReply/EpochAck and the journal
@@ -20,6 +22,15 @@ struct LinkTimeouts {
   std::chrono::milliseconds stall{120'000};   // between frames of one epoch
   std::chrono::milliseconds ack{1'800'000};   // EpochEnd -> EpochAck APPLIED
   std::chrono::milliseconds idle{3'600'000};  // sink: between epochs
+};
+
+// What a sink that took a volume's image back as the primary answered a
+// hand-back (Hello.hand_back_seq): its site, the point's chain digest, and
+// when its own snapshot of the point was taken.
+struct HandedBack {
+  std::string site;
+  ChainDigest chain;
+  int64_t snap_time_ns = 0;
 };
 
 // Where one volume is, on one node. `cairn status` shows StateName().

@@ -368,9 +368,12 @@ StatusOr<std::optional<RestorePoint>> Sink::LoadLatest(Target& t) {
 }
 
 Status Sink::Session(Link& link, Target& t) {
-  ASSIGN_OR_RETURN(const std::optional<RestorePoint> latest, LoadLatest(t));
+  ASSIGN_OR_RETURN(std::optional<RestorePoint> latest, LoadLatest(t));
   RETURN_IF_ERROR(RecoverSpool(t));
   t.recovered = true;
+  if (t.last_seq != (latest ? latest->epoch.seq : 0)) {  // a spooled epoch became a point
+    ASSIGN_OR_RETURN(latest, LoadLatest(t));
+  }
   SetState(t.volume, [&](VolumeStatusInfo& s) {
     s.state = VolumeState::kIdle;
     s.pool = t.pool_name;
@@ -388,6 +391,7 @@ Status Sink::Session(Link& link, Target& t) {
   reply.set_last_chain(t.chain.AsBytes());
   reply.set_sink_site(env_.site);
   reply.set_takes_unchanged(true);
+  if (latest) reply.set_last_point_time_ns(latest->epoch.snap_time_ns);
   if (t.partial.records > 0) {
     reply.set_resume_seq(t.partial.seq);
     reply.set_resume_records(t.partial.records);

@@ -157,11 +157,13 @@ class Sink {
   StatusOr<std::string> KeepPromoted(const std::string& volume, const std::string& site);
   // Planned failback, at the site a volume failed over to, once its
   // source here replicated restore point `seq` of the promoted image back
-  // and the other site took the image back (Hello.hand_back_seq): copies
+  // and the other site (`home`) took the image back (Hello.hand_back_seq,
+  // SourceReplicator::HandBack): copies
   // what the promoted image changed from its promotion point to its
   // cairn.<seq> into the standby image, each block read back and checked
-  // by hash, makes it restore point `seq` from `source_site` (so that
-  // site's source resumes with a delta from it), then releases the
+  // by hash, makes it restore point `seq` from home.site, with home's
+  // chain and the time of home's own snapshot of it (so that site's
+  // source resumes with a delta from it), then releases the
   // volume. FailedPrecondition, changing nothing, if the volume is not
   // promoted here or its standby image moved past the promotion point
   // (promoted from an older point: then release it, and the other site
@@ -170,8 +172,7 @@ class Sink {
     std::string kept_as;  // Release's
     uint64_t copied_bytes = 0;
   };
-  StatusOr<FoldedBack> FoldBack(const std::string& volume, uint64_t seq, ChainDigest chain,
-                                const std::string& source_site);
+  StatusOr<FoldedBack> FoldBack(const std::string& volume, uint64_t seq, const HandedBack& home);
   // Frames refused for failing verification, since start.
   uint64_t corrupt_frames() const;
 

@@ -113,12 +113,13 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
 Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
   const uint64_t seq = hello.hand_back_seq();
   const std::string name = SnapName(seq);
-  auto answer = [&](const ChainDigest& chain) {
+  auto answer = [&](const ChainDigest& chain, const SnapInfo& snap) {
     pb::HelloReply reply;
     reply.set_protocol_version(kProtocolVersion);
     reply.set_last_applied_seq(seq);
     reply.set_last_chain(chain.AsBytes());
     reply.set_sink_site(env_.site);
+    reply.set_last_point_time_ns(snap.time_ns);
     return link.Send(FrameType::kHelloReply, reply.SerializeAsString(), {});
   };
   auto has_point_snap = [&](Volume& vol) -> StatusOr<std::optional<SnapInfo>> {
@@ -140,7 +141,7 @@ Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
       if (snap) {
         spdlog::info("volume {}: {}/{} was handed back at restore point {} before; said again",
                      t.volume, t.pool_name, t.image, seq);
-        return answer(ChainDigest());
+        return answer(ChainDigest(), *snap);
       }
     }
     return FailedPrecondition(fmt::format(
@@ -189,11 +190,12 @@ Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
       "volume {}: FAILED BACK to site {}: {}/{} is the volume's primary again, at restore point "
       "{} from site {} (snapshot {}); this sink no longer takes the volume into it",
       t.volume, env_.site, t.pool_name, t.image, seq, t.source_site, name);
-  return answer(latest->chain_digest);
+  return answer(latest->chain_digest, *point);
 }
 
 StatusOr<Sink::FoldedBack> Sink::FoldBack(const std::string& volume, uint64_t seq,
-                                          ChainDigest chain, const std::string& source_site) {
+                                          const HandedBack& home) {
+  const std::string& source_site = home.site;
   ASSIGN_OR_RETURN(const std::string pool_name, FindVolumePool(volume));
   ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
   Catalog catalog(*kv);
@@ -247,14 +249,14 @@ StatusOr<Sink::FoldedBack> Sink::FoldBack(const std::string& volume, uint64_t se
     p.epoch.seq = seq;
     p.epoch.base_seq = promoted->seq;
     p.epoch.image_size = to->size;
-    p.epoch.snap_time_ns = to->time_ns;
-    p.epoch.source_site = source_site;  // the chain goes on from there
+    p.epoch.snap_time_ns = home.snap_time_ns;  // its snapshot there, which the next epoch diffs
+    p.epoch.source_site = source_site;         // the chain goes on from there
     p.created_time_ns = env_.clock->UnixNs();
     p.pool = pool_name;
     p.image = latest->image;
     p.snap = SnapName(seq);
     p.data_bytes = out.copied_bytes;
-    p.chain_digest = chain;
+    p.chain_digest = home.chain;
     RETURN_IF_ERROR(catalog.AddPoint(p));
     spdlog::warn(
         "volume {}: what {}/{} changed from restore point {} to {} ({} bytes) copied into the "

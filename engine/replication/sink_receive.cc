@@ -99,10 +99,14 @@ Status Sink::Reception::Fail(const Status& cause) {
   // Keep what was verified and spooled, durably: the source re-sends only
   // the rest. If it cannot be made durable it is worth nothing, and an
   // epoch whose end does not verify as a whole starts over (resuming it
-  // would fail the same way every time). Nor is anything kept of an epoch
-  // its source abandoned: what it read may not be its snapshot's.
+  // would fail the same way every time), as does a resumed epoch whose
+  // records do not verify after the prefix (its source planned it anew,
+  // and otherwise: a resend beats resuming a prefix of another plan over
+  // and over). Nor is anything kept of an epoch its source abandoned: what
+  // it read may not be its snapshot's.
   uint64_t kept = 0;
-  if (spool_ && !t_.source_fault && !(at_end_ && st.code() == Code::kDataLoss)) {
+  const bool bad = st.code() == Code::kDataLoss && (at_end_ || t_.resumed);
+  if (spool_ && !t_.source_fault && !bad) {
     if (spool_->Sync().ok()) {
       kept = spooled_records_;
     } else if (spool_->SyncWritten().ok()) {

@@ -97,8 +97,9 @@ class SourceReplicator {
   // Planned failback: tells the sink that this volume's replication ends at
   // restore point `seq`, which it applied, and that its image is the
   // volume's primary again (Hello.hand_back_seq). Returns the point's
-  // chain digest as the sink has it. Only once this replicator is stopped.
-  StatusOr<ChainDigest> HandBack(uint64_t seq);
+  // chain digest and site, and when its own snapshot of it was taken. Only
+  // once this replicator is stopped.
+  StatusOr<HandedBack> HandBack(uint64_t seq);
 
   // Asks for a new epoch now. Returns the seq of a restore point that will
   // contain every write completed before this call (a later point does too).
@@ -126,6 +127,7 @@ class SourceReplicator {
     uint64_t resume_seq = 0;
     uint64_t resume_records = 0;
     bool takes_unchanged = false;
+    int64_t last_point_time_ns = 0;
   };
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).
@@ -247,6 +249,7 @@ class SourceReplicator {
   BasePointFn base_point_;
   StandDownFn stand_down_;
   std::atomic<uint64_t> epoch_sent_bytes_{0};  // of the epoch being sent (Report)
+  int64_t sink_point_time_ns_ = 0;             // when the sink's newest point's snapshot was taken
   std::atomic<uint64_t> pinned_seq_{0};        // base point's cairn.<seq>: never pruned
   std::unique_ptr<Link> link_;
   // The image, opened once per link and used only to read snapshots (list

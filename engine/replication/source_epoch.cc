@@ -39,6 +39,7 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   if (base_point_ && hand_back_seq == 0) {
     auto base = base_point_();
     if (!base.ok()) return base.status().Annotate("looking up the point this image holds");
+    pinned_seq_.store(0, std::memory_order_relaxed);
     if (*base) {
       // Kept while it is the base: a planned failback copies what the image
       // changed since it into the other site's standby (Sink::FoldBack).
@@ -90,6 +91,7 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   out.resume_seq = reply.resume_seq();
   out.resume_records = reply.resume_records();
   out.takes_unchanged = reply.takes_unchanged();
+  out.last_point_time_ns = reply.last_point_time_ns();
   return out;
 }
 
@@ -102,7 +104,7 @@ StatusOr<std::string> SourceReplicator::Probe() {
                      config_.target_image, reply.last_applied_seq);
 }
 
-StatusOr<ChainDigest> SourceReplicator::HandBack(uint64_t seq) {
+StatusOr<HandedBack> SourceReplicator::HandBack(uint64_t seq) {
   if (seq == 0) return InvalidArgument("hand back: no restore point");
   ASSIGN_OR_RETURN(auto link, connect_());
   ASSIGN_OR_RETURN(const SinkHello reply, Handshake(*link, false, seq));
@@ -117,7 +119,7 @@ StatusOr<ChainDigest> SourceReplicator::HandBack(uint64_t seq) {
       "volume {}: handed back to site '{}' at restore point {}: {}/{} there is the "
       "volume's primary again",
       config_.id, reply.site, seq, config_.target_pool, config_.target_image);
-  return reply.last_chain;
+  return HandedBack{reply.site, reply.last_chain, reply.last_point_time_ns};
 }
 
 Status SourceReplicator::Connect() {
@@ -128,6 +130,7 @@ Status SourceReplicator::Connect() {
   resume_seq_ = reply.resume_seq;
   resume_records_ = reply.resume_records;
   sink_takes_unchanged_ = reply.takes_unchanged;
+  sink_point_time_ns_ = reply.last_point_time_ns;
   std::lock_guard lock(mu_);
   link_ = std::move(link);
   return OkStatus();
@@ -195,13 +198,26 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
     if (auto seq = ParseSnapName(s.name)) e.ours[*seq] = s;
   }
   // The base of the next epoch is gone (the image was recreated, or its
-  // snapshot removed by hand): the next epoch resends the whole image.
-  const bool resync = sink_seq_ > 0 && !e.ours.count(sink_seq_);
+  // snapshot removed by hand), or the snapshot of that name is of another
+  // history (taken at another time than the sink's point: a recreated
+  // image, or numbers reused across a failover): the next epoch resends
+  // the whole image.
+  // (The base point this source named in its Hello was checked by the sink
+  // itself, against its own snapshot: the two were taken at two times.)
+  auto base = e.ours.find(sink_seq_);
+  const bool other = base != e.ours.end() && sink_point_time_ns_ != 0 &&
+                     sink_seq_ != pinned_seq_.load(std::memory_order_relaxed) &&
+                     base->second.time_ns != sink_point_time_ns_;
+  const bool resync = sink_seq_ > 0 && (base == e.ours.end() || other);
   if (resync) {
     spdlog::warn(
         "volume {}: the sink's newest restore point is {} but image {}/{} has no "
-        "snapshot {}: resyncing the whole image",
-        config_.id, sink_seq_, config_.pool, config_.image, SnapName(sink_seq_));
+        "snapshot {}{}: resyncing the whole image",
+        config_.id, sink_seq_, config_.pool, config_.image, SnapName(sink_seq_),
+        other ? fmt::format(" taken at {} ns (its snapshot of that name was taken at "
+                            "{} ns: another history)",
+                            sink_point_time_ns_, base->second.time_ns)
+              : "");
   }
   ASSIGN_OR_RETURN(e.to, SnapshotToShip(e.ours));
   const uint64_t seq = ParseSnapName(e.to.name).value();
@@ -365,6 +381,7 @@ void SourceReplicator::RecordPoint(const EpochStart& start, const EpochSummary& 
   const uint64_t seq = start.plan.id.seq;
   sink_seq_ = seq;
   sink_chain_ = sum.chain;
+  sink_point_time_ns_ = start.plan.id.snap_time_ns;
   point_snap_ = start.to;
   std::lock_guard lock(mu_);
   status_.state = VolumeState::kIdle;

@@ -2,7 +2,9 @@
 cinder-scheduler, cinder-volume with Cairn's driver, a private RabbitMQ and
 PostgreSQL), driven with the cinder CLI: a volume type with replication, a
 volume written at site A, `cinder failover-host` to site B, the data checked
-at site B by whole-image hash, failback."""
+at site B by whole-image hash, written there, and `cinder failover-host
+default` back: site B's writes are in the volume at site A. One cairnd per
+site, each a source and a sink, as deployed."""
 import os
 import random
 
@@ -21,13 +23,15 @@ HOST = f"{CinderServices.HOST}@{CinderServices.BACKEND}"
 def services(testbed, tmp_path):
     site_a, site_b = lib.Site(testbed["CEPH_CONF_A"]), lib.Site(testbed["CEPH_CONF_B"])
     work = str(tmp_path)
-    port = lib.free_port()
-    sink = lib.Cairnd(work, "sink-b", lib.sink_config("b", site_b.conf, port, f"{work}/spool"))
-    source = lib.Cairnd(work, "source-a", (
-        f"[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n" +
-        lib.ceph_config(site_a.conf) + lib.tls_config("a") +
-        f"[source]\npools = rbd\npeer = 127.0.0.1:{port}\ninterval = 1s\n"
-        f"keep_snapshots = 100\n"))
+    port, a_port = lib.free_port(), lib.free_port()
+    # Site B's [source] replicates failed-over volumes back to site A's sink.
+    sink = lib.Cairnd(work, "node-b", lib.sink_config(
+        "b", site_b.conf, port, f"{work}/spool-b") +
+        f"\n[source]\npools = rbd\npeer = 127.0.0.1:{a_port}\ninterval = 1s\n")
+    source = lib.Cairnd(work, "node-a", lib.sink_config(
+        "a", site_a.conf, a_port, f"{work}/spool-a") +
+        f"\n[source]\npools = rbd\npeer = 127.0.0.1:{port}\ninterval = 1s\n"
+        f"keep_snapshots = 100\n")
     sink.start()
     source.start()
     svc = CinderServices(os.path.join(work, "cinder"), int(os.environ.get(
@@ -41,13 +45,13 @@ def services(testbed, tmp_path):
         svc.stop()
         # Registrations live in RADOS: forget this test's, or later cairnds
         # would go on replicating images that are removed below.
-        client = wire.ControlClient(source.socket)
-        for image in made:
-            try:
-                client.unregister(image[len("volume-"):])
-            except wire.CairnError as e:
-                if e.code != "NotFound":
-                    print(f"unregister {image}: {e}")
+        for client in (wire.ControlClient(source.socket), wire.ControlClient(sink.socket)):
+            for image in made:
+                try:
+                    client.unregister(image[len("volume-"):])
+                except wire.CairnError as e:
+                    if e.code != "NotFound":
+                        print(f"unregister {image}: {e}")
         source.stop()
         sink.stop()
         for site in (site_a, site_b):
@@ -121,9 +125,27 @@ def test_failover_host_and_back_with_real_cinder(services):
     assert plain["status"] == "error", plain
     assert f"volume-{pid}" not in site_b.images()
 
+    # The guest writes at site B; the volume replicates back to site A
+    # meanwhile, site A's own replication of it standing by.
+    with rbd.Image(site_b.ioctx, image) as img:
+        img.write(rng.randbytes(2 * MiB), 500 * MiB)
+    at_b = site_b.digest(image)
+    lib.wait_for("site A's source of the volume standing by", lambda: [
+        s for s in source.json("status", rid) if s["role"] == "source"
+        and s["state"] == "standby"], timeout=60)
+
     svc.cli("failover-host", HOST, "--backend_id", "default")
     _wait_service(svc, "enabled")
     svc.cli("service-enable", HOST, "cinder-volume", check=False)
     st = svc.show("", rid)
     assert st["replication_status"] == "enabled", st
-    assert site_a.digest(image) == want
+    assert site_a.digest(image) == at_b, "site B's writes did not come home"
+    assert at_b != want
+
+    # Site A is the primary again; its next point at site B is a delta.
+    with rbd.Image(site_a.ioctx, image) as img:
+        img.write(rng.randbytes(MiB), 700 * MiB)
+    nxt = source.json("replicate", rid, "--wait", "--timeout", "120")["seq"]
+    p = {p["seq"]: p for p in sink.json("points", rid)}[nxt]
+    assert p["source_site"] == "a" and p["data_bytes"] <= 4 * MiB, p
+    assert site_b.digest(f"{image}.standby", f"cairn.{nxt}") == site_a.digest(image)

@@ -250,7 +250,8 @@ TEST_F(FailbackTest, APlannedFailbackHandsTheImageBackAndResumesAsADeltaBothWays
   EXPECT_THAT(early.status().message(), HasSubstr("is 4, not 3"));
   auto chain = rep->HandBack(4);
   ASSERT_TRUE(chain.ok()) << chain.status().ToString();
-  EXPECT_EQ(*chain, last->chain) << "the chain of point 4 as site A applied it";
+  EXPECT_EQ(chain->chain, last->chain) << "the chain of point 4 as site A applied it";
+  EXPECT_EQ(chain->site, "a");
   EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
   EXPECT_EQ(Catalog(*a_->catalog).ImageOwner("rbd", "img").value(), "");
   ASSERT_TRUE(rep->HandBack(4).ok()) << "asked again once done, the same answer";
@@ -258,14 +259,14 @@ TEST_F(FailbackTest, APlannedFailbackHandsTheImageBackAndResumesAsADeltaBothWays
   EXPECT_NE(home.Report().state, VolumeState::kStandby);
 
   // Site B takes point 4 into its standby image from the promoted one.
-  auto folded = b_->sink->FoldBack("vol1", 4, *chain, "a");
+  auto folded = b_->sink->FoldBack("vol1", 4, *chain);
   ASSERT_TRUE(folded.ok()) << folded.status().ToString();
   EXPECT_EQ(folded->copied_bytes, 3 * 65536u) << "what B wrote since the promotion, no more";
   EXPECT_THAT(folded->kept_as, StartsWith("img-p.failback-"));
   auto pts = b_->sink->Points("vol1").value();
   EXPECT_EQ(pts.back().epoch.seq, 4u);
   EXPECT_EQ(pts.back().epoch.source_site, "a");
-  EXPECT_EQ(pts.back().chain_digest, *chain);
+  EXPECT_EQ(pts.back().chain_digest, chain->chain);
   auto standby = testing::MustOpen(*b_->pool, "img-standby");
   auto img = testing::MustOpen(*a_->pool, "img");
   const std::string at4 = testing::ImageHash(*img, "", kSize);
@@ -281,8 +282,36 @@ TEST_F(FailbackTest, APlannedFailbackHandsTheImageBackAndResumesAsADeltaBothWays
   EXPECT_EQ(next->id.base_seq, 4u);
   EXPECT_EQ(next->data_bytes, 65536u);
   EXPECT_EQ(testing::ImageHash(*standby, "cairn.5", kSize), testing::ImageHash(*img, "", kSize));
-  EXPECT_EQ(b_->sink->FoldBack("vol1", 4, *chain, "a").status().code(), Code::kFailedPrecondition)
+  EXPECT_EQ(b_->sink->FoldBack("vol1", 4, *chain).status().code(), Code::kFailedPrecondition)
       << "not failed over any more";
+}
+
+TEST_F(FailbackTest, ASnapshotOfTheSameNameFromAnotherHistoryIsNoBaseForADelta) {
+  ASSERT_TRUE(a_->pool->Create("img", kSize).ok());
+  {
+    auto img = testing::MustOpen(*a_->pool, "img");
+    testing::Write(*img, 0, testing::RandomBytes(rng_, kSize));
+  }
+  SourceReplicator forward(Config("img", "img-standby"), "a", a_->pool, ConnectTo(*b_));
+  ASSERT_TRUE(forward.RunOnce().ok());
+  forward.Disconnect();
+  // The image is made anew under its name, with a cairn.1 of its own.
+  for (const auto& s : SnapNames(*testing::MustOpen(*a_->pool, "img"))) {
+    ASSERT_TRUE(a_->pool->Open("img").value()->RemoveSnap(s).ok());
+  }
+  ASSERT_TRUE(a_->pool->Remove("img").ok());
+  ASSERT_TRUE(a_->pool->Create("img", kSize).ok());
+  auto img = testing::MustOpen(*a_->pool, "img");
+  testing::Write(*img, kMiB, testing::RandomBytes(rng_, 65536));
+  ASSERT_TRUE(img->CreateSnap("cairn.1").ok());
+  testing::Write(*img, 2 * kMiB, testing::RandomBytes(rng_, 65536));
+  auto sum = forward.RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->id.seq, 2u);
+  auto standby = testing::MustOpen(*b_->pool, "img-standby");
+  EXPECT_EQ(testing::ImageHash(*standby, "cairn.2", kSize),
+            testing::ImageHash(*img, "cairn.2", kSize))
+      << "a delta from another history's cairn.1 made a wrong point";
 }
 
 }  // namespace
