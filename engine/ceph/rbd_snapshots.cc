@@ -304,6 +304,21 @@ Status RbdVolume::RemoveSnap(const std::string& snap) {
   return OkStatus();
 }
 
+StatusOr<std::vector<std::string>> RbdVolume::OtherClients() {
+  ASSIGN_OR_RETURN(auto h, HeadForReading());
+  std::vector<rbd_image_watcher_t> w(8);
+  size_t n = w.size();
+  int rc;
+  while ((rc = rbd_watchers_list(h->get(), w.data(), &n)) == -ERANGE) w.resize(n);
+  if (rc < 0) return ErrnoStatus(rc, "listing the clients that hold " + Spec() + " open");
+  std::vector<std::string> out;
+  for (size_t i = 0; i < n; ++i) out.push_back(PlainClientAddr(w[i].addr ? w[i].addr : ""));
+  rbd_watchers_list_cleanup(w.data(), n);
+  ASSIGN_OR_RETURN(const std::string self, io_->cluster().ClientAddress());
+  std::erase(out, self);
+  return out;
+}
+
 Status RbdVolume::RenameSnap(const std::string& from, const std::string& to) {
   if (from == snap_name_) snap_.reset();
   ASSIGN_OR_RETURN(auto h, Head());

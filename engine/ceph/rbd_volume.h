@@ -133,6 +133,8 @@ class RbdVolume final : public Volume {
   // kFailedPrecondition if a clone depends on the snapshot.
   Status RemoveSnap(const std::string& snap) override;
   Status RenameSnap(const std::string& from, const std::string& to) override;
+  // The header's watchers but this process's RADOS client.
+  StatusOr<std::vector<std::string>> OtherClients() override;
   // An empty `to_snap` means the head. kNotFound if a snapshot is missing;
   // kInvalidArgument if `from_snap` is newer than `to_snap`. Objects that
   // changed in between go whole if this process saw clients open the image

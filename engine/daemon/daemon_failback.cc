@@ -3,6 +3,7 @@
 // site's sink writes stands by (StandDownReason); a planned failback ends
 // the replication in reverse and hands the volume back (Failback).
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -130,6 +131,13 @@ StatusOr<ControlService::FailedBack> Daemon::Failback(const std::string& volume,
     if (snap == snaps.end()) {
       return FailedPrecondition(fmt::format("{}/{} has no snapshot {} of restore point {}",
                                             promoted->pool, promoted->image, SnapName(want), want));
+    }
+    ASSIGN_OR_RETURN(const auto clients, vol->OtherClients());
+    if (!clients.empty()) {
+      return FailedPrecondition(fmt::format(
+          "{}/{} is held open by {}: detach the volume (stop its writers), then fail back; "
+          "writes made after the final delta would not reach site {}",
+          promoted->pool, promoted->image, fmt::join(clients, ", "), home));
     }
     ASSIGN_OR_RETURN(const uint64_t written, BytesSince(*vol, *snap));
     if (written > 0) {

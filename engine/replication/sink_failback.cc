@@ -60,6 +60,15 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
         t.pool_name, t.image, name, base.epoch.snap_time_ns, base.epoch.seq, t.volume));
   }
   const SnapInfo point = *snap;
+  // Written from now on by this sink: a guest still on it would see its
+  // disk change under it, and its writes would be lost.
+  ASSIGN_OR_RETURN(const auto clients, vol->OtherClients());
+  if (!clients.empty()) {
+    return FailedPrecondition(fmt::format(
+        "{}/{} is held open by {} (a guest still attached to the old primary?): detach it; "
+        "replication back from site {} starts then",
+        t.pool_name, t.image, fmt::join(clients, ", "), t.source_site));
+  }
   ASSIGN_OR_RETURN(const uint64_t divergent, BytesSince(*vol, point));
   if (divergent > 0 && hello.base_written_bytes() > 0 && !hello.keep_source()) {
     return FailedPrecondition(

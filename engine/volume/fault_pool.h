@@ -127,6 +127,7 @@ class FaultVolume final : public Volume {
   Status CreateSnap(const std::string& snap, Writers writers) override;
   Status RemoveSnap(const std::string& snap) override;
   Status RenameSnap(const std::string& from, const std::string& to) override;
+  StatusOr<std::vector<std::string>> OtherClients() override { return inner_->OtherClients(); }
   Status DiffExtents(const std::string& from_snap, const std::string& to_snap,
                      const std::function<Status(const Extent&)>& fn) override;
   // A FaultAsyncIo over the wrapped volume's.

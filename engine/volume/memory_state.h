@@ -46,6 +46,7 @@ struct ImageState {
   // snapshots, head I/O) and head AsyncIos.
   int head_handles = 0;
   bool removed = false;
+  std::vector<std::string> other_clients;  // MemoryPool::SetOtherClients
 };
 
 struct PoolState {

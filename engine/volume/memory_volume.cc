@@ -97,6 +97,13 @@ Status MemoryPool::Create(const std::string& image, uint64_t size) {
   return OkStatus();
 }
 
+Status MemoryPool::SetOtherClients(const std::string& image, std::vector<std::string> clients) {
+  std::lock_guard lock(state_->mu);
+  ASSIGN_OR_RETURN(std::shared_ptr<ImageState> state, FindImage(*state_, image));
+  state->other_clients = std::move(clients);
+  return OkStatus();
+}
+
 Status MemoryPool::Rename(const std::string& from, const std::string& to) {
   if (to.empty()) return InvalidArgument("renaming an image: empty name");
   std::lock_guard lock(state_->mu);
@@ -282,6 +289,12 @@ Status MemoryVolume::RenameSnap(const std::string& from, const std::string& to) 
   }
   s->name = to;
   return OkStatus();
+}
+
+StatusOr<std::vector<std::string>> MemoryVolume::OtherClients() {
+  std::lock_guard lock(pool_->mu);
+  if (image_->removed) return ImageNotFound(*pool_, name_);
+  return image_->other_clients;
 }
 
 Status MemoryVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,

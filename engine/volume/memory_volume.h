@@ -93,6 +93,9 @@ class MemoryPool final : public Pool {
   // empty): what a sparse store would hold. kNotFound if there is no such
   // image or snapshot.
   StatusOr<uint64_t> AllocatedBytes(const std::string& image, const std::string& snap = "");
+  // What Volume::OtherClients of `image` answers from now on (tests: a
+  // guest that holds it open). kNotFound if there is no such image.
+  Status SetOtherClients(const std::string& image, std::vector<std::string> clients);
 
  private:
   std::shared_ptr<memory_internal::PoolState> state_;
@@ -117,6 +120,7 @@ class MemoryVolume final : public Volume {
   // kFailedPrecondition if a clone of the snapshot exists.
   Status RemoveSnap(const std::string& snap) override;
   Status RenameSnap(const std::string& from, const std::string& to) override;
+  StatusOr<std::vector<std::string>> OtherClients() override;
   // An empty `to_snap` means the head. kNotFound if either snapshot is
   // missing; kInvalidArgument if `from_snap` is newer than `to_snap`.
   // Cost: O(allocated chunks of both) under the lock, then the comparison

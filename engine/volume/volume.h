@@ -117,6 +117,11 @@ class Volume {
   // Clones of the snapshot keep their parent (they name it by id).
   virtual Status RenameSnap(const std::string& from, const std::string& to) = 0;
 
+  // The clients other than this process that hold the image open (RBD:
+  // the watchers of its header, by address): a guest still attached. Asked
+  // before the image is written as a standby or handed over.
+  virtual StatusOr<std::vector<std::string>> OtherClients() = 0;
+
   // Calls `fn` with the extents that differ between `from_snap` and
   // `to_snap`, ascending and non-overlapping, clipped to the size at
   // `to_snap`. An empty `from_snap` means the empty image: then only the

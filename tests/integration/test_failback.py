@@ -142,9 +142,13 @@ def test_a_planned_failback_brings_every_write_home_and_resumes_as_a_delta(
     # Planned failback: B's last writes go home in the final delta, A's
     # image is the primary again, and B's standby image takes that point.
     _write(site_b, name, 50 * MiB, rng.randbytes(256 * 1024))
+    with rbd.Image(site_b.ioctx, name):  # a guest still attached at B
+        held = node_b.cli("failback", name, "--timeout", "120")
+    assert held.returncode == 5 and "is held open by" in held.stderr, held
+    assert [s for s in node_b.json("status", name) if s["role"] == "source"]
     fb = node_b.json("failback", name, "--timeout", "120")
     final = fb["seq"]
-    assert final == back + 1 and fb["primary_site"] == "a", fb
+    assert final > back and fb["primary_site"] == "a", fb
     assert 0 < fb["copied_bytes"] <= b_writes + 256 * 1024, fb
     home = site_a.digest(name)
     assert home == site_b.digest(name + "-standby", f"cairn.{final}")

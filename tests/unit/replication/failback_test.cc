@@ -202,6 +202,25 @@ TEST_F(FailbackTest, WithoutWritesAtANothingIsKeptAndOnlyBsChangesMove) {
   for (const auto& name : SnapNames(*img)) EXPECT_THAT(name, StartsWith("cairn."));
 }
 
+TEST_F(FailbackTest, AnImageAGuestHoldsOpenIsNotWritten) {
+  FailOverWithWritesOnBothSides(/*a_writes=*/true);
+  ASSERT_TRUE(a_->pool->SetOtherClients("img", {"10.0.0.9:0/4242"}).ok());
+  auto img = testing::MustOpen(*a_->pool, "img");
+  const std::string before = testing::ImageHash(*img, "", kSize);
+  auto rep = Reverse();
+  auto refused = rep->RunOnce();
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("rbd/img is held open by 10.0.0.9:0/4242"));
+  EXPECT_EQ(testing::ImageHash(*img, "", kSize), before);
+  EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
+  rep->Disconnect();
+  ASSERT_TRUE(a_->pool->SetOtherClients("img", {}).ok());  // the guest detached
+  auto sum = rep->RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(testing::ImageHash(*img, "", kSize),
+            testing::ImageHash(*testing::MustOpen(*b_->pool, "img-p"), "", kSize));
+}
+
 TEST_F(FailbackTest, AnImageWithoutTheSameSnapshotIsNotAdoptedNorWritten) {
   FailOverWithWritesOnBothSides(/*a_writes=*/false);
   // A's image was recreated meanwhile: same snapshot name, another time.
