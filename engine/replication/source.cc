@@ -273,8 +273,14 @@ void SourceReplicator::Loop() {
   while (!stop_) {
     const auto now = clock_->Now();
     const bool outage_snapshot = s.outage && periodic && now >= s.next && now < s.retry_at;
-    if (stand_down_ && (outage_snapshot || (now >= s.retry_at && (wanted_seq_ > status_.last_seq ||
-                                                                  (periodic && now >= s.next))))) {
+    // Asked only after something went wrong, or while standing by: the
+    // other site must have failed the volume over (its sink refuses this
+    // one from then on) before a sink here can own the image. So a
+    // healthy volume's idle checks cost no catalog read.
+    const bool unwell = s.outage || status_.state != VolumeState::kIdle || !status_.error.empty();
+    if (stand_down_ && unwell &&
+        (outage_snapshot ||
+         (now >= s.retry_at && (wanted_seq_ > status_.last_seq || (periodic && now >= s.next))))) {
       // Nothing is sent or snapshotted while another site's sink writes
       // this image (failed over there, replicating back here).
       lock.unlock();

@@ -78,8 +78,11 @@ class SourceReplicator {
   // Whether another site's sink writes this image now (the volume failed
   // over there and replicates back here): a reason, or "" if not. While
   // it says so, the replicator sends nothing, takes no snapshot, refuses
-  // RequestNow and shows state standby. Asked before every due epoch or
-  // outage snapshot. Before Start.
+  // RequestNow and shows state standby. Asked by RequestNow, and before a
+  // due epoch or outage snapshot once an attempt failed or while standing
+  // by (a sink here can own the image only after the other site failed
+  // the volume over, which its sink refuses this source from then on).
+  // Before Start.
   using StandDownFn = std::function<StatusOr<std::string>()>;
   void set_stand_down(StandDownFn fn) { stand_down_ = std::move(fn); }
 

@@ -4,12 +4,14 @@ a delta from the restore point both sites share. If both sites wrote since
 that point (a split brain) nothing moves until the operator chooses; what
 site A wrote after the point is then kept there as snapshots, never lost. Real cairnd processes
 over mutual TLS, real clusters, images compared by whole-image hash."""
+import os
 import random
 import re
 
 import rbd
 
 import cairn_testlib as lib
+from fault_proxy import FaultProxy
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -164,3 +166,52 @@ def test_a_planned_failback_brings_every_write_home_and_resumes_as_a_delta(
     assert nxt == final + 1 and p["base_seq"] == final and p["source_site"] == "a", p
     assert p["data_bytes"] <= 512 * 1024, p
     assert site_b.digest(name + "-standby", f"cairn.{nxt}") == site_a.digest(name)
+
+
+def test_a_cut_reverse_delta_resumes_from_what_site_a_holds(site_a, site_b, workdir, daemons,
+                                                           name):
+    rng = random.Random(26)
+    site_a.create(name, SIZE)
+    _write(site_a, name, 0, rng.randbytes(8 * MiB))
+    a_port, b_port = lib.free_port(), lib.free_port()
+    proxy = FaultProxy(a_port, seed=26).start()  # site B's way to site A's sink
+    try:
+        node_a = daemons(lib.Cairnd(workdir, "node-a", _one_node_per_site(
+            "a", site_a.conf, a_port, b_port, workdir, {name: (name, name + "-standby")})))
+        node_b = daemons(lib.Cairnd(workdir, "node-b", _one_node_per_site(
+            "b", site_b.conf, b_port, proxy.port, workdir)))
+        node_a.json("replicate", name, "--wait", "--timeout", "120")
+        node_b.json("failover", name, "--to", name)
+        b_writes = 6 * MiB
+        _write(site_b, name, 16 * MiB, rng.randbytes(b_writes))
+
+        # The reverse delta, slowed on the wire, cut once site A's sink holds
+        # part of it durably.
+        proxy.delay(0.02)
+        assert node_b.cli("replicate", name).returncode == 0
+        spool = f"{workdir}/spool-a/{name}"
+
+        def spooled():
+            files = [f for f in os.listdir(spool) if f.endswith(".spool")] \
+                if os.path.isdir(spool) else []
+            return sum(os.path.getsize(os.path.join(spool, f)) for f in files)
+        lib.wait_for("1 MiB of the reverse delta in site A's spool",
+                     lambda: spooled() >= MiB, 60, 0.01)
+        proxy.cut()
+        proxy.delay(0)
+
+        def back():
+            return [s for s in node_b.json("status", name) if s["role"] == "source"][0]
+        lib.wait_for("site B's source noticing the cut",
+                     lambda: back()["state"] in ("disconnected", "error"), timeout=30)
+        proxy.heal()
+        seq = node_b.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+        assert back()["resumed_epochs_total"] >= 1, back()
+        pts = node_a.json("points", name)
+        assert pts[-1]["seq"] == seq and site_a.digest(name) == site_b.digest(name)
+        # Only B's writes crossed, once: no full resend, the prefix not resent.
+        assert sum(p["data_bytes"] for p in pts[1:]) <= b_writes, pts
+        resumed = [line for line in node_b.log_text().splitlines() if "resumed at record" in line]
+        assert resumed, "the reverse epoch did not resume from site A's durable prefix"
+    finally:
+        proxy.stop()
