@@ -87,6 +87,14 @@ class Daemon final : public ControlService {
   // Stops the replicator of `volume` and forgets it (its registration
   // too, if it was registered): a planned failback ended it. Returns it.
   StatusOr<std::shared_ptr<SourceReplicator>> RetireSource(const std::string& volume);
+  // The promotion of `volume` at this sink and the point it was promoted
+  // from; FailedPrecondition if it is not failed over here.
+  StatusOr<std::pair<Catalog::Promotion, RestorePoint>> FindPromotion(const std::string& volume);
+  // Nothing is left behind by a failback at point `seq`: the promoted
+  // image has that snapshot, no other client holds it open, and nothing
+  // was written since. Else FailedPrecondition saying what to do.
+  Status CheckNothingLeftBehind(const Catalog::Promotion& promoted, uint64_t seq,
+                                const std::string& home);
   // Fences the previous sink instance of every [sink] pool, records this one.
   Status FencePreviousSink();
   // Why this sink is fenced (another instance registered, or this client is

@@ -80,6 +80,48 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::RetireSource(const std::stri
   return src;
 }
 
+StatusOr<std::pair<Catalog::Promotion, RestorePoint>> Daemon::FindPromotion(
+    const std::string& volume) {
+  for (const auto& pool : config_.sink->pools) {
+    ASSIGN_OR_RETURN(auto kv, OpenCatalog(pool));
+    Catalog catalog(*kv);
+    ASSIGN_OR_RETURN(const auto promoted, catalog.GetPromotion(volume));
+    if (!promoted) continue;
+    ASSIGN_OR_RETURN(RestorePoint from, catalog.Get(volume, promoted->seq));
+    return std::make_pair(*promoted, std::move(from));
+  }
+  return FailedPrecondition(fmt::format(
+      "volume '{}' is not failed over to site {}: nothing to fail back", volume, config_.site));
+}
+
+Status Daemon::CheckNothingLeftBehind(const Catalog::Promotion& promoted, uint64_t seq,
+                                      const std::string& home) {
+  ASSIGN_OR_RETURN(auto pool, OpenPool(promoted.pool));
+  ASSIGN_OR_RETURN(auto vol, pool->Open(promoted.image));
+  ASSIGN_OR_RETURN(const auto snaps, vol->ListSnaps());
+  const auto snap = std::find_if(snaps.begin(), snaps.end(),
+                                 [&](const SnapInfo& s) { return s.name == SnapName(seq); });
+  if (snap == snaps.end()) {
+    return FailedPrecondition(fmt::format("{}/{} has no snapshot {} of restore point {}",
+                                          promoted.pool, promoted.image, SnapName(seq), seq));
+  }
+  ASSIGN_OR_RETURN(const auto clients, vol->OtherClients());
+  if (!clients.empty()) {
+    return FailedPrecondition(fmt::format(
+        "{}/{} is held open by {}: detach the volume (stop its writers), then fail back; "
+        "writes made after the final delta would not reach site {}",
+        promoted.pool, promoted.image, fmt::join(clients, ", "), home));
+  }
+  ASSIGN_OR_RETURN(const uint64_t written, BytesSince(*vol, *snap));
+  if (written > 0) {
+    return FailedPrecondition(fmt::format(
+        "{}/{} was written after restore point {} ({} bytes): stop its writers (detach the "
+        "volume), then fail back again; the final delta carries those writes",
+        promoted.pool, promoted.image, seq, written));
+  }
+  return OkStatus();
+}
+
 StatusOr<ControlService::FailedBack> Daemon::Failback(const std::string& volume, uint64_t seq) {
   if (!sink_) {
     return FailedPrecondition(
@@ -87,66 +129,27 @@ StatusOr<ControlService::FailedBack> Daemon::Failback(const std::string& volume,
         "to");
   }
   RETURN_IF_ERROR(ValidateVolumeId(volume));
-  std::optional<Catalog::Promotion> promoted;
-  std::string pool_name;
-  for (const auto& pool : config_.sink->pools) {
-    ASSIGN_OR_RETURN(auto kv, OpenCatalog(pool));
-    ASSIGN_OR_RETURN(promoted, Catalog(*kv).GetPromotion(volume));
-    if (promoted) {
-      pool_name = pool;
-      break;
-    }
-  }
-  if (!promoted) {
-    return FailedPrecondition(fmt::format(
-        "volume '{}' is not failed over to site {}: nothing to fail back", volume, config_.site));
-  }
-  ASSIGN_OR_RETURN(auto kv, OpenCatalog(pool_name));
-  ASSIGN_OR_RETURN(const RestorePoint from, Catalog(*kv).Get(volume, promoted->seq));
+  ASSIGN_OR_RETURN(const auto found, FindPromotion(volume));
+  const auto& [promoted, from] = found;
   const std::string& home = from.epoch.source_site;
   std::lock_guard registering(register_mu_);  // not beside a (un)registration
   const auto src = FindSource(volume);
-  if (!src || src->config().pool != promoted->pool || src->config().image != promoted->image) {
+  if (!src || src->config().pool != promoted.pool || src->config().image != promoted.image) {
     return FailedPrecondition(fmt::format(
         "no source at this cairnd replicates the promoted image {}/{} of '{}' back to site {}: "
         "`cairn failover` sets one up (with a [source] section), or register it (`cairn "
         "register`); once it has replicated, fail back",
-        promoted->pool, promoted->image, volume, home));
+        promoted.pool, promoted.image, volume, home));
   }
   const VolumeStatusInfo now = src->Report();
   const uint64_t want = seq != 0 ? seq : now.last_seq;
-  if (want <= promoted->seq || now.last_seq < want) {
+  if (want <= promoted.seq || now.last_seq < want) {
     return FailedPrecondition(fmt::format(
         "restore point {} of '{}' has not reached site {} yet (newest there: {}{}): replicate "
         "(`cairn replicate {} --wait`), then fail back",
         want, volume, home, now.last_seq, now.error.empty() ? "" : "; " + now.error, volume));
   }
-  {
-    // Zero loss: the point handed back holds every write to the image.
-    ASSIGN_OR_RETURN(auto pool, OpenPool(promoted->pool));
-    ASSIGN_OR_RETURN(auto vol, pool->Open(promoted->image));
-    ASSIGN_OR_RETURN(const auto snaps, vol->ListSnaps());
-    const auto snap = std::find_if(snaps.begin(), snaps.end(),
-                                   [&](const SnapInfo& s) { return s.name == SnapName(want); });
-    if (snap == snaps.end()) {
-      return FailedPrecondition(fmt::format("{}/{} has no snapshot {} of restore point {}",
-                                            promoted->pool, promoted->image, SnapName(want), want));
-    }
-    ASSIGN_OR_RETURN(const auto clients, vol->OtherClients());
-    if (!clients.empty()) {
-      return FailedPrecondition(fmt::format(
-          "{}/{} is held open by {}: detach the volume (stop its writers), then fail back; "
-          "writes made after the final delta would not reach site {}",
-          promoted->pool, promoted->image, fmt::join(clients, ", "), home));
-    }
-    ASSIGN_OR_RETURN(const uint64_t written, BytesSince(*vol, *snap));
-    if (written > 0) {
-      return FailedPrecondition(fmt::format(
-          "{}/{} was written after restore point {} ({} bytes): stop its writers (detach the "
-          "volume), then fail back again; the final delta carries those writes",
-          promoted->pool, promoted->image, want, written));
-    }
-  }
+  RETURN_IF_ERROR(CheckNothingLeftBehind(promoted, want, home));
   src->Stop();  // nothing more goes back from here
   auto home_said = src->HandBack(want);
   if (!home_said.ok()) {
@@ -170,7 +173,7 @@ StatusOr<ControlService::FailedBack> Daemon::Failback(const std::string& volume,
         "site {} has '{}' back as its primary at restore point {}, but this site could not make "
         "that point its own; `cairn release {}` here lets site {} replicate again, resending what "
         "changed since point {}",
-        home, volume, want, volume, home, promoted->seq));
+        home, volume, want, volume, home, promoted.seq));
   }
   spdlog::warn(
       "volume {}: FAILED BACK to site {} at restore point {} with nothing lost; {} bytes taken "

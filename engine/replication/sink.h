@@ -209,6 +209,14 @@ class Sink {
   // the same again once done (the image holds the snapshot, nobody owns
   // it).
   Status HandBack(Link& link, Target& t, const pb::Hello& hello);
+  // A hand-back of point `seq` asked again once done: its snapshot on t's
+  // image, which nobody owns; nullopt if it is not so.
+  StatusOr<std::optional<SnapInfo>> HandedBackBefore(const Target& t, uint64_t seq);
+  // Before an adoption: the image's cairn.<N> snapshots after `seq` are
+  // renamed cairn-divergent-<time>.cairn.<N>, and the head, if `divergent`
+  // bytes differ from the point, is snapshotted cairn-divergent-<time>.
+  Status KeepDivergent(const Target& t, Volume& vol, const std::vector<SnapInfo>& snaps,
+                       uint64_t seq, uint64_t divergent, int64_t now);
   // The session of `t` ended with `st` (mu_ held): the status says how,
   // and an epoch left durable is retried. Returns what the source is told.
   Status ReleaseVolumeLocked(const Target& t, Status st);

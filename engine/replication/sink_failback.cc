@@ -34,6 +34,28 @@ StatusOr<std::string> Sink::ImageOwnerFor(const Target& t) {
   return owner;
 }
 
+Status Sink::KeepDivergent(const Target& t, Volume& vol, const std::vector<SnapInfo>& snaps,
+                           uint64_t seq, uint64_t divergent, int64_t now) {
+  const std::string kept = "cairn-divergent-" + UtcStamp(now);
+  std::vector<std::string> renamed;
+  for (const SnapInfo& s : snaps) {
+    const auto n = ParseSnapName(s.name);
+    if (!n || *n <= seq) continue;
+    RETURN_IF_ERROR(vol.RenameSnap(s.name, kept + "." + s.name));
+    renamed.push_back(kept + "." + s.name);
+  }
+  if (divergent > 0) RETURN_IF_ERROR(vol.CreateSnap(kept));
+  if (divergent > 0 || !renamed.empty()) {
+    spdlog::warn(
+        "volume {}: {}/{} had {} bytes written since restore point {} and {} later snapshot(s): "
+        "kept as snapshot {}{}{} before replication from site {} puts it back to the point",
+        t.volume, t.pool_name, t.image, divergent, seq, renamed.size(),
+        divergent > 0 ? kept : "(none: the head held the point)", renamed.empty() ? "" : ", ",
+        fmt::join(renamed, ", "), t.source_site);
+  }
+  return OkStatus();
+}
+
 Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
   const pb::RestorePoint& m = hello.base_point();
   ASSIGN_OR_RETURN(auto latest, t.catalog->Latest(t.volume));
@@ -83,19 +105,8 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
                    t.source_site, env_.site, t.volume, env_.site, t.source_site, env_.site))
         .WithReason(Reason::kSplitBrain);
   }
-  // What the image holds beyond the point is kept, under names no epoch
-  // uses: the later snapshots renamed, the head snapshotted.
   const int64_t now = env_.clock->UnixNs();
-  const std::string kept = "cairn-divergent-" + UtcStamp(now);
-  std::vector<std::string> renamed;
-  for (const SnapInfo& s : snaps) {
-    const auto seq = ParseSnapName(s.name);
-    if (!seq || *seq <= base.epoch.seq) continue;
-    RETURN_IF_ERROR(vol->RenameSnap(s.name, kept + "." + s.name));
-    renamed.push_back(kept + "." + s.name);
-  }
-  if (divergent > 0) RETURN_IF_ERROR(vol->CreateSnap(kept));
-
+  RETURN_IF_ERROR(KeepDivergent(t, *vol, snaps, base.epoch.seq, divergent, now));
   RestorePoint adopted = base;
   adopted.pool = t.pool_name;
   adopted.image = t.image;
@@ -104,19 +115,37 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
   adopted.epoch.source_site = t.source_site;  // the chain goes on from this source
   RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
   RETURN_IF_ERROR(t.catalog->AddPoint(adopted));
-  if (divergent > 0 || !renamed.empty()) {
-    spdlog::warn(
-        "volume {}: {}/{} had {} bytes written since restore point {} and {} later snapshot(s): "
-        "kept as snapshot {}{}{} before replication from site {} puts it back to the point",
-        t.volume, t.pool_name, t.image, divergent, base.epoch.seq, renamed.size(),
-        divergent > 0 ? kept : "(none: the head held the point)", renamed.empty() ? "" : ", ",
-        fmt::join(renamed, ", "), t.source_site);
-  }
   spdlog::warn(
       "volume {}: replication in reverse from site {}: restore point {} adopted as {}/{}@{} "
       "(taken {} ns), the base of the next epoch",
       t.volume, t.source_site, base.epoch.seq, t.pool_name, t.image, name, point.time_ns);
   return OkStatus();
+}
+
+namespace {
+
+StatusOr<std::optional<SnapInfo>> FindSnap(Volume& vol, const std::string& name) {
+  ASSIGN_OR_RETURN(auto snaps, vol.ListSnaps());
+  for (const SnapInfo& s : snaps) {
+    if (s.name == name) return std::optional<SnapInfo>(s);
+  }
+  return std::optional<SnapInfo>();
+}
+
+}  // namespace
+
+StatusOr<std::optional<SnapInfo>> Sink::HandedBackBefore(const Target& t, uint64_t seq) {
+  // The image is nobody's standby and holds the point.
+  ASSIGN_OR_RETURN(const std::string owner, ImageOwnerFor(t));
+  ASSIGN_OR_RETURN(const bool exists, t.pool->Exists(t.image));
+  if (!owner.empty() || !exists) return std::optional<SnapInfo>();
+  ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
+  ASSIGN_OR_RETURN(auto snap, FindSnap(*vol, SnapName(seq)));
+  if (snap) {
+    spdlog::info("volume {}: {}/{} was handed back at restore point {} before; said again",
+                 t.volume, t.pool_name, t.image, seq);
+  }
+  return snap;
 }
 
 Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
@@ -131,28 +160,10 @@ Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
     reply.set_last_point_time_ns(snap.time_ns);
     return link.Send(FrameType::kHelloReply, reply.SerializeAsString(), {});
   };
-  auto has_point_snap = [&](Volume& vol) -> StatusOr<std::optional<SnapInfo>> {
-    ASSIGN_OR_RETURN(auto snaps, vol.ListSnaps());
-    for (const SnapInfo& s : snaps) {
-      if (s.name == name) return std::optional<SnapInfo>(s);
-    }
-    return std::optional<SnapInfo>();
-  };
   ASSIGN_OR_RETURN(const std::optional<RestorePoint> latest, LoadLatest(t));
   if (!latest) {
-    // Asked again after it was done: the image is nobody's standby and
-    // holds the point.
-    ASSIGN_OR_RETURN(const std::string owner, ImageOwnerFor(t));
-    ASSIGN_OR_RETURN(const bool exists, t.pool->Exists(t.image));
-    if (owner.empty() && exists) {
-      ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
-      ASSIGN_OR_RETURN(auto snap, has_point_snap(*vol));
-      if (snap) {
-        spdlog::info("volume {}: {}/{} was handed back at restore point {} before; said again",
-                     t.volume, t.pool_name, t.image, seq);
-        return answer(ChainDigest(), *snap);
-      }
-    }
+    ASSIGN_OR_RETURN(const auto before, HandedBackBefore(t, seq));
+    if (before) return answer(ChainDigest(), *before);
     return FailedPrecondition(fmt::format(
         "volume '{}' has no restore point at site {} to hand back as {}/{}: replicate it here "
         "first",
@@ -179,7 +190,7 @@ Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
     }
   }
   ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
-  ASSIGN_OR_RETURN(const std::optional<SnapInfo> point, has_point_snap(*vol));
+  ASSIGN_OR_RETURN(const std::optional<SnapInfo> point, FindSnap(*vol, name));
   if (!point) {
     return FailedPrecondition(fmt::format("{}/{} has no snapshot {} of restore point {}",
                                           t.pool_name, t.image, name, seq));

@@ -62,6 +62,24 @@ void SourceReplicator::Stop() {
   }
 }
 
+StatusOr<HandedBack> SourceReplicator::HandBack(uint64_t seq) {
+  if (seq == 0) return InvalidArgument("hand back: no restore point");
+  ASSIGN_OR_RETURN(auto link, connect_());
+  ASSIGN_OR_RETURN(const SinkHello reply, Handshake(*link, false, seq));
+  link->Close();
+  if (reply.last_applied_seq != seq) {
+    return FailedPrecondition(
+        fmt::format("sink of site '{}' answered the hand-back of restore "
+                    "point {} of '{}' with point {}",
+                    reply.site, seq, config_.id, reply.last_applied_seq));
+  }
+  spdlog::warn(
+      "volume {}: handed back to site '{}' at restore point {}: {}/{} there is the "
+      "volume's primary again",
+      config_.id, reply.site, seq, config_.target_pool, config_.target_image);
+  return HandedBack{reply.site, reply.last_chain, reply.last_point_time_ns};
+}
+
 StatusOr<bool> SourceReplicator::StandingDown() {
   if (!stand_down_) return false;
   ASSIGN_OR_RETURN(const std::string why, stand_down_());
