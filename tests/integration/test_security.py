@@ -165,8 +165,14 @@ def test_a_flood_of_connections_is_closed_before_it_costs_threads(site_a, site_b
 
 
 def _as_nobody(sink, *args):
-    """The real `cairn` CLI run as uid nobody, gid nogroup."""
-    return subprocess.run([lib.CAIRN, "--socket", sink.socket, *args], capture_output=True,
+    """The real `cairn` CLI run as uid nobody, gid nogroup: a copy beside the
+    socket, as nobody may not traverse to the build (a checkout in a 0700
+    directory)."""
+    cli = os.path.join(os.path.dirname(sink.socket), "cairn")
+    if not os.path.exists(cli):
+        shutil.copy(lib.CAIRN, cli)
+        os.chmod(cli, 0o755)
+    return subprocess.run([cli, "--socket", sink.socket, *args], capture_output=True,
                           text=True, timeout=60, user=65534, group=65534, extra_groups=[])
 
 
