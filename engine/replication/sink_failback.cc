@@ -124,12 +124,16 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
 
 namespace {
 
+std::optional<SnapInfo> Named(const std::vector<SnapInfo>& snaps, const std::string& name) {
+  for (const SnapInfo& s : snaps) {
+    if (s.name == name) return s;
+  }
+  return std::nullopt;
+}
+
 StatusOr<std::optional<SnapInfo>> FindSnap(Volume& vol, const std::string& name) {
   ASSIGN_OR_RETURN(auto snaps, vol.ListSnaps());
-  for (const SnapInfo& s : snaps) {
-    if (s.name == name) return std::optional<SnapInfo>(s);
-  }
-  return std::optional<SnapInfo>();
+  return Named(snaps, name);
 }
 
 }  // namespace
@@ -238,13 +242,8 @@ StatusOr<Sink::FoldedBack> Sink::FoldBack(const std::string& volume, uint64_t se
     ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
     ASSIGN_OR_RETURN(auto promoted_vol, pool->Open(promoted->image));
     ASSIGN_OR_RETURN(auto promoted_snaps, promoted_vol->ListSnaps());
-    auto find = [](const std::vector<SnapInfo>& snaps, const std::string& name) {
-      auto it = std::find_if(snaps.begin(), snaps.end(),
-                             [&](const SnapInfo& s) { return s.name == name; });
-      return it == snaps.end() ? std::nullopt : std::optional<SnapInfo>(*it);
-    };
-    const auto from = find(promoted_snaps, SnapName(promoted->seq));
-    const auto to = find(promoted_snaps, SnapName(seq));
+    const auto from = Named(promoted_snaps, SnapName(promoted->seq));
+    const auto to = Named(promoted_snaps, SnapName(seq));
     if (!from || !to) {
       return FailedPrecondition(
           fmt::format("the promoted image {}/{} has no snapshot {}: release the volume instead",
@@ -252,12 +251,12 @@ StatusOr<Sink::FoldedBack> Sink::FoldBack(const std::string& volume, uint64_t se
     }
     ASSIGN_OR_RETURN(auto standby, pool->Open(latest->image));
     ASSIGN_OR_RETURN(auto standby_snaps, standby->ListSnaps());
-    const auto base = find(standby_snaps, latest->snap);
+    const auto base = Named(standby_snaps, latest->snap);
     if (!base) {
       return FailedPrecondition(fmt::format("standby image {}/{} has no snapshot {} of its point",
                                             pool_name, latest->image, latest->snap));
     }
-    if (find(standby_snaps, SnapName(seq))) {
+    if (Named(standby_snaps, SnapName(seq))) {
       // Taken by an earlier attempt that stopped before the catalog record.
       RETURN_IF_ERROR(standby->RemoveSnap(SnapName(seq)));
     }
