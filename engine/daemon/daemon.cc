@@ -320,7 +320,7 @@ StatusOr<ControlService::Resolved> Daemon::Resolve(const std::string& volume,
   }
   if (keep_site.empty()) return InvalidArgument("resolve: say whose writes win (--keep SITE)");
   if (keep_site != config_.site) {
-    ASSIGN_OR_RETURN(std::string kept, sink_->Release(volume));
+    ASSIGN_OR_RETURN(std::string kept, ReleaseFailedOver(volume));
     return Resolved{kept, fmt::format("site {} wins: this site's image is kept as {}; site {} "
                                       "replicates again from its newest restore point here",
                                       keep_site, kept, keep_site)};
@@ -337,7 +337,7 @@ StatusOr<std::string> Daemon::Release(const std::string& volume) {
   if (!sink_) {
     return FailedPrecondition("this cairnd is not a sink: release on the standby site's cairnd");
   }
-  return sink_->Release(volume);
+  return ReleaseFailedOver(volume);
 }
 
 }  // namespace cairn

@@ -87,6 +87,10 @@ class Daemon final : public ControlService {
   // Stops the replicator of `volume` and forgets it (its registration
   // too, if it was registered): a planned failback ended it. Returns it.
   StatusOr<std::shared_ptr<SourceReplicator>> RetireSource(const std::string& volume);
+  // Release (and resolve for the other site): the sink's Release, and the
+  // source that replicated the promoted image back stops and is forgotten
+  // (restarted if the release fails).
+  StatusOr<std::string> ReleaseFailedOver(const std::string& volume);
   // The promotion of `volume` at this sink and the point it was promoted
   // from; FailedPrecondition if it is not failed over here.
   StatusOr<std::pair<Catalog::Promotion, RestorePoint>> FindPromotion(const std::string& volume);

@@ -94,6 +94,41 @@ StatusOr<std::pair<Catalog::Promotion, RestorePoint>> Daemon::FindPromotion(
       "volume '{}' is not failed over to site {}: nothing to fail back", volume, config_.site));
 }
 
+StatusOr<std::string> Daemon::ReleaseFailedOver(const std::string& volume) {
+  std::lock_guard registering(register_mu_);  // not beside a (un)registration
+  // The source that replicates the promoted image back (cairn failover)
+  // ends with the promotion: its image is renamed away.
+  std::shared_ptr<SourceReplicator> back;
+  if (auto found = FindPromotion(volume); found.ok()) {
+    const auto& promoted = found->first;
+    back = FindSource(volume);
+    if (back && (back->config().pool != promoted.pool || back->config().image != promoted.image)) {
+      back.reset();
+    }
+  }
+  if (back) back->Stop();
+  auto kept = sink_->Release(volume);
+  if (!kept.ok()) {
+    if (back) {  // nothing changed: it goes on replicating back
+      auto again = StartSource(back->config());
+      if (again.ok()) {
+        std::lock_guard lock(sources_mu_);
+        std::replace(sources_.begin(), sources_.end(), back, *again);
+      }
+    }
+    return kept.status();
+  }
+  if (back) {
+    if (auto retired = RetireSource(volume); !retired.ok()) {
+      spdlog::error("volume {}: {}", volume, retired.status().ToString());
+    } else {
+      spdlog::warn("volume {}: no longer replicated back from {}/{}: released", volume,
+                   back->config().pool, back->config().image);
+    }
+  }
+  return kept;
+}
+
 Status Daemon::CheckNothingLeftBehind(const Catalog::Promotion& promoted, uint64_t seq,
                                       const std::string& home) {
   ASSIGN_OR_RETURN(auto pool, OpenPool(promoted.pool));

@@ -43,6 +43,8 @@
 
 namespace cairn {
 
+class BaseDigests;
+
 // Where SendEpoch writes its frames: a Link, a spool, a test buffer.
 class FrameWriter {
  public:
@@ -122,6 +124,10 @@ struct SendOptions {
   uint32_t window = kDefaultReadWindow;
   // What SendTimes are measured on.
   Clock* clock = &RealClock();
+  // A resync (plan.resync) by digests: each grain is compared with the
+  // receiver's base (block_digests.h) and sent only if it differs. None:
+  // every byte is sent.
+  BaseDigests* base = nullptr;
 };
 
 struct ApplyOptions {

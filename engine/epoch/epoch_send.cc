@@ -8,7 +8,9 @@
 #include <cstdlib>
 #include <deque>
 #include <memory>
+#include <optional>
 
+#include "engine/epoch/block_digests.h"
 #include "engine/epoch/epoch.h"
 #include "engine/epoch/zeros.h"
 #include "proto/cairn.pb.h"
@@ -17,8 +19,8 @@ namespace cairn {
 namespace {
 
 // Zero detection granularity: runs of zeros at least this aligned and
-// long travel as zero records.
-constexpr uint64_t kZeroGrain = 64 * 1024;
+// long travel as zero records. The grain of digests too.
+constexpr uint64_t kZeroGrain = kDigestGrain;
 
 struct AlignedFree {
   void operator()(char* p) const { std::free(p); }
@@ -111,10 +113,18 @@ class RecordPipeline {
       : plan_(plan), opt_(opt), out_(out), hasher_(plan.id.seq, plan.id.image_size) {
     summary_.id = plan.id;
     summary_.prev_chain = plan.prev_chain;
+    if (opt.base) {
+      base_.emplace(*opt.base, plan.id.image_size);
+      // Reads of whole grains, so that each grain is in one buffer.
+      read_unit_ = std::max<uint64_t>(kDigestGrain, opt.block_size / kDigestGrain * kDigestGrain);
+    }
   }
 
-  // The source's memory: `window` blocks of `block_size`.
-  Status Init() { return arena_.Init(uint64_t{opt_.window} * opt_.block_size); }
+  // The source's memory: `window` blocks of `block_size` (two reads, at
+  // least, when reads are of whole grains).
+  Status Init() {
+    return arena_.Init(std::max(uint64_t{opt_.window} * opt_.block_size, 2 * read_unit_));
+  }
 
   const SendTimes& times() const { return times_; }
 
@@ -131,7 +141,7 @@ class RecordPipeline {
     const uint64_t end = e.offset + e.length;
     while (off < end) {
       // Cut blocks at multiples of block_size so they line up with objects.
-      const uint64_t boundary = (off / opt_.block_size + 1) * opt_.block_size;
+      const uint64_t boundary = (off / read_unit_ + 1) * read_unit_;
       const uint64_t len = std::min(end, boundary) - off;
       char* buf = nullptr;
       while (reads_ >= kMaxReadsInFlight || (buf = arena_.Take(len)) == nullptr) {
@@ -197,7 +207,10 @@ class RecordPipeline {
   Status Emit() {
     while (!queue_.empty() && queue_.front().done) {
       const Pending& p = queue_.front();
-      if (p.buf == nullptr) {
+      if (base_) {
+        RETURN_IF_ERROR(SendAgainstBase(p));
+        if (p.buf != nullptr) arena_.GiveBackOldest();
+      } else if (p.buf == nullptr) {
         RETURN_IF_ERROR(SendRecord(p.offset, p.length, RecordKind::kZero, {}));
       } else {
         RETURN_IF_ERROR(SendData(p.offset, std::span<const char>(p.buf, p.length)));
@@ -228,6 +241,44 @@ class RecordPipeline {
       pos += grain;
     }
     return SendRun(offset, bytes, run_start, pos, run_zero);
+  }
+
+  // Resync by digests: each grain of `p` (whole grains, or the image's
+  // last) is compared with the base's, and only those that differ are
+  // sent, as zeros or as data; runs of them are merged.
+  Status SendAgainstBase(const Pending& p) {
+    assert(p.offset % kDigestGrain == 0);
+    uint64_t run_from = p.offset;
+    uint64_t run_to = p.offset;
+    bool run_zero = false;
+    for (uint64_t at = p.offset; at < p.offset + p.length; at += kDigestGrain) {
+      const uint64_t len = std::min<uint64_t>(kDigestGrain, p.offset + p.length - at);
+      const std::span<const char> bytes =
+          p.buf ? std::span<const char>(p.buf + (at - p.offset), len) : std::span<const char>();
+      const GrainDigest mine = p.buf ? DigestOfGrain(bytes) : GrainDigest();
+      ASSIGN_OR_RETURN(const GrainDigest theirs, base_->At(at));
+      if (mine == theirs) continue;
+      const bool zero = mine.IsZero();
+      if (run_to != at || zero != run_zero) {
+        RETURN_IF_ERROR(SendBaseRun(p, run_from, run_to, run_zero));
+        run_from = at;
+        run_zero = zero;
+      }
+      run_to = at + len;
+    }
+    return SendBaseRun(p, run_from, run_to, run_zero);
+  }
+
+  // Data runs leave in records of block_size at most.
+  Status SendBaseRun(const Pending& p, uint64_t from, uint64_t to, bool zero) {
+    if (zero) return from == to ? OkStatus() : SendRecord(from, to - from, RecordKind::kZero, {});
+    for (uint64_t at = from; at < to;) {
+      const uint64_t len = std::min<uint64_t>(opt_.block_size, to - at);
+      RETURN_IF_ERROR(SendRecord(at, len, RecordKind::kData,
+                                 std::span<const char>(p.buf + (at - p.offset), len)));
+      at += len;
+    }
+    return OkStatus();
   }
 
   Status SendRun(uint64_t offset, std::span<const char> bytes, size_t from, size_t to, bool zero) {
@@ -272,8 +323,37 @@ class RecordPipeline {
   uint64_t reads_ = 0;      // in flight
   pb::Record record_;
   std::string body_;
+  // Resync by digests: the base's, and reads of whole grains.
+  std::optional<DigestCursor> base_;
+  uint64_t read_unit_ = opt_.block_size;
   std::unique_ptr<AsyncIo> io_;
 };
+
+// Resync by digests: the allocated extents of `snap`, grown to whole
+// grains (what they add reads as zeros) and merged, as data; the gaps
+// between them as zeros. `covered`: where the last one ends.
+Status AddGrainAligned(Volume& vol, const std::string& snap, uint64_t size, RecordPipeline& pipe,
+                       uint64_t* covered) {
+  std::optional<Extent> data;  // not added yet: the next may join it
+  RETURN_IF_ERROR(vol.DiffExtents("", snap, [&](const Extent& e) -> Status {
+    const uint64_t from = e.offset / kDigestGrain * kDigestGrain;
+    const uint64_t to =
+        std::min(size, (e.offset + e.length + kDigestGrain - 1) / kDigestGrain * kDigestGrain);
+    if (from < *covered && !data) return Internal("DiffExtents listed extents out of order");
+    if (data && from <= *covered) {
+      data->length = std::max(*covered, to) - data->offset;
+    } else {
+      if (data) RETURN_IF_ERROR(pipe.AddExtent(*data));
+      if (from > *covered) {
+        RETURN_IF_ERROR(pipe.AddExtent({*covered, from - *covered, RecordKind::kZero}));
+      }
+      data = Extent{from, to - from, RecordKind::kData};
+    }
+    *covered = data->offset + data->length;
+    return OkStatus();
+  }));
+  return data ? pipe.AddExtent(*data) : OkStatus();
+}
 
 }  // namespace
 
@@ -309,18 +389,22 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const SendO
       return pipe.WaitReads();
     }
     // Resync: the gaps between allocated extents travel as zero records.
+    const uint64_t size = plan.id.image_size;
     uint64_t covered = 0;
-    RETURN_IF_ERROR(vol.DiffExtents("", plan.to_snap, [&](const Extent& e) -> Status {
-      if (e.offset < covered) return Internal("DiffExtents listed extents out of order");
-      if (e.offset > covered) {
-        RETURN_IF_ERROR(pipe.AddExtent({covered, e.offset - covered, RecordKind::kZero}));
-      }
-      covered = e.offset + e.length;
-      return pipe.AddExtent(e);
-    }));
-    if (covered < plan.id.image_size) {
-      RETURN_IF_ERROR(pipe.AddExtent({covered, plan.id.image_size - covered, RecordKind::kZero}));
+    if (!options.base) {
+      RETURN_IF_ERROR(vol.DiffExtents("", plan.to_snap, [&](const Extent& e) -> Status {
+        if (e.offset < covered) return Internal("DiffExtents listed extents out of order");
+        if (e.offset > covered) {
+          RETURN_IF_ERROR(pipe.AddExtent({covered, e.offset - covered, RecordKind::kZero}));
+        }
+        covered = e.offset + e.length;
+        return pipe.AddExtent(e);
+      }));
+    } else {
+      RETURN_IF_ERROR(AddGrainAligned(vol, plan.to_snap, size, pipe, &covered));
     }
+    if (covered < size)
+      RETURN_IF_ERROR(pipe.AddExtent({covered, size - covered, RecordKind::kZero}));
     return pipe.WaitReads();
   }();
   if (writer.failed()) return streamed;

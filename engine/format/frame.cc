@@ -40,6 +40,10 @@ std::string_view FrameTypeName(FrameType t) {
       return "LinkError";
     case FrameType::kUnchanged:
       return "Unchanged";
+    case FrameType::kDigestRequest:
+      return "DigestRequest";
+    case FrameType::kDigestReply:
+      return "DigestReply";
     case FrameType::kControlRequest:
       return "ControlRequest";
     case FrameType::kControlReply:

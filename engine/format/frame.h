@@ -49,6 +49,8 @@ enum class FrameType : uint16_t {
   kEpochAck = 12,
   kLinkError = 13,
   kUnchanged = 14,
+  kDigestRequest = 15,
+  kDigestReply = 16,
   kControlRequest = 20,
   kControlReply = 21,
 };

@@ -337,6 +337,17 @@ Status Sink::Serve(Link& link) {
   return st.code() == Code::kAborted ? OkStatus() : st;
 }
 
+StatusOr<bool> Sink::HasResyncBase(const Target& t) {
+  if (t.last_seq > 0) return false;
+  auto vol = t.pool->Open(t.image);
+  if (vol.status().code() == Code::kNotFound) return false;
+  RETURN_IF_ERROR(vol.status());
+  ASSIGN_OR_RETURN(const auto snaps, (*vol)->ListSnaps());
+  if (!ResyncBaseOf(snaps)) return false;
+  ASSIGN_OR_RETURN(const std::string owner, ImageOwnerFor(t));
+  return owner == t.volume;
+}
+
 Status Sink::CheckProbe(Target& t) {
   RETURN_IF_ERROR(LoadLatest(t).status());
   ASSIGN_OR_RETURN(std::string owner, ImageOwnerFor(t));
@@ -391,6 +402,9 @@ Status Sink::Session(Link& link, Target& t) {
   reply.set_last_chain(t.chain.AsBytes());
   reply.set_sink_site(env_.site);
   reply.set_takes_unchanged(true);
+  reply.set_serves_digests(true);
+  ASSIGN_OR_RETURN(t.resync_base, HasResyncBase(t));
+  reply.set_resync_base(t.resync_base);
   if (latest) reply.set_last_point_time_ns(latest->epoch.snap_time_ns);
   if (t.partial.records > 0) {
     reply.set_resume_seq(t.partial.seq);

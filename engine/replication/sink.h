@@ -200,7 +200,19 @@ class Sink {
   // both this image and the source's changed since the point (a split
   // brain), refuses with Reason::kSplitBrain, changing nothing, unless the
   // operator chose the source's side (Hello.keep_source).
+  // If the image has no snapshot of the point (pruned, or another image),
+  // AdoptWithoutPoint.
   Status AdoptBase(Target& t, const pb::Hello& hello);
+  // An adoption where t's image does not hold the source's base point: it
+  // cannot tell what this site wrote since (nor whether the image is the
+  // volume's), so it refuses unless the operator chose the source's side
+  // (keep_source, `cairn resolve`). Then the head and its
+  // cairn.<N> snapshots are kept (cairn-divergent-<time>) and t's image
+  // becomes the volume's standby with no point: the first epoch is
+  // compared by digests with that snapshot (ResyncBaseOf) and writes only
+  // what differs. Adopted so before: nothing more.
+  Status AdoptWithoutPoint(Target& t, const pb::Hello& hello, const std::string& owner, Volume& vol,
+                           const std::vector<SnapInfo>& snaps);
   // A planned failback's Hello (hand_back_seq): t's image is the volume's
   // primary again at this site. Its newest point must be hand_back_seq,
   // on t's image, from t's source site; the head is put back to it if an
@@ -250,6 +262,9 @@ class Sink {
   // What a probe Hello (cairnd --check at the source) is told: would an
   // epoch of t.volume into t.pool/t.image be taken, spool included.
   Status CheckProbe(Target& t);
+  // t has no point and its image was adopted without one: it holds a
+  // ResyncBaseOf snapshot the first epoch is compared with.
+  StatusOr<bool> HasResyncBase(const Target& t);
   // Which volume t's image is the standby of ("" if none): FailedPrecondition
   // if it is another volume's.
   static StatusOr<std::string> ImageOwnerFor(const Target& t);

@@ -68,6 +68,12 @@ StatusOr<Sink::PreparedTarget> Sink::PrepareTarget(Target& t) {
   if (!vol) {
     ASSIGN_OR_RETURN(vol, t.pool->Open(t.image));
   }
+  if (t.last_seq == 0 && state == TargetState::kHasData) {
+    // Adopted without a point: the first epoch, compared with the image as
+    // adopted, goes onto exactly that.
+    ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
+    if (auto base = ResyncBaseOf(snaps)) RETURN_IF_ERROR(RevertToPoint(*vol, *base).status());
+  }
   if (t.last_seq > 0) {
     ASSIGN_OR_RETURN(auto before, vol->ListSnaps());
     const std::string base = SnapName(t.last_seq);

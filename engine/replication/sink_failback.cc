@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <ctime>
 #include <optional>
+#include <string_view>
 
 #include "engine/replication/sink.h"
 #include "engine/replication/sink_target.h"
@@ -45,7 +46,7 @@ Status Sink::KeepDivergent(const Target& t, Volume& vol, const std::vector<SnapI
     renamed.push_back(kept + "." + s.name);
   }
   if (divergent > 0) RETURN_IF_ERROR(vol.CreateSnap(kept));
-  if (divergent > 0 || !renamed.empty()) {
+  if (seq > 0 && (divergent > 0 || !renamed.empty())) {
     spdlog::warn(
         "volume {}: {}/{} had {} bytes written since restore point {} and {} later snapshot(s): "
         "kept as snapshot {}{}{} before replication from site {} puts it back to the point",
@@ -53,6 +54,54 @@ Status Sink::KeepDivergent(const Target& t, Volume& vol, const std::vector<SnapI
         divergent > 0 ? kept : "(none: the head held the point)", renamed.empty() ? "" : ", ",
         fmt::join(renamed, ", "), t.source_site);
   }
+  return OkStatus();
+}
+
+std::optional<SnapInfo> ResyncBaseOf(const std::vector<SnapInfo>& snaps) {
+  constexpr std::string_view kPrefix = "cairn-divergent-";
+  std::optional<SnapInfo> newest;
+  for (const SnapInfo& s : snaps) {
+    const std::string_view n = s.name;
+    if (n.starts_with(kPrefix) && n.find('.') == std::string_view::npos &&
+        (!newest || s.name > newest->name)) {
+      newest = s;
+    }
+  }
+  return newest;
+}
+
+Status Sink::AdoptWithoutPoint(Target& t, const pb::Hello& hello, const std::string& owner,
+                               Volume& vol, const std::vector<SnapInfo>& snaps) {
+  const uint64_t seq = hello.base_point().seq();
+  if (owner == t.volume && ResyncBaseOf(snaps)) return OkStatus();  // adopted so before
+  // Nothing tells what this image holds: the volume as this site wrote it
+  // since the point, or another image under its name. Only an operator
+  // says it may be written.
+  if (!hello.keep_source()) {
+    return FailedPrecondition(
+               fmt::format(
+                   "image {}/{} has no snapshot of restore point {} of volume '{}' (site {} "
+                   "changed {} bytes of its image since): what this site wrote since cannot be "
+                   "told apart, and nothing moves until you choose, at site {}'s cairnd: `cairn "
+                   "resolve {} --keep {}` (this image is kept here as a snapshot and compared "
+                   "block by block: only blocks that differ move) or `cairn resolve {} --keep {}` "
+                   "(site {}'s image is kept aside there and site {} replicates again)",
+                   t.pool_name, t.image, seq, t.volume, t.source_site, hello.base_written_bytes(),
+                   t.source_site, t.volume, t.source_site, t.volume, env_.site, t.source_site,
+                   env_.site))
+        .WithReason(Reason::kSplitBrain);
+  }
+  // The head as it is, and every cairn.<N> (none of them is the point),
+  // are kept; the first epoch compares the head, as kept, with the
+  // source's image by digests and writes only the blocks that differ.
+  const int64_t now = env_.clock->UnixNs();
+  RETURN_IF_ERROR(KeepDivergent(t, vol, snaps, 0, 1, now));
+  RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
+  spdlog::warn(
+      "volume {}: replication in reverse from site {}: {}/{} has no snapshot of restore point {} "
+      "the source's image comes from; it is kept as snapshot cairn-divergent-{} and resynced by "
+      "block digests (only blocks that differ move)",
+      t.volume, t.source_site, t.pool_name, t.image, seq, UtcStamp(now));
   return OkStatus();
 }
 
@@ -65,7 +114,7 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
     return InvalidArgument(fmt::format("the Hello of volume '{}' names base point {} of '{}'",
                                        t.volume, base.epoch.seq, base.epoch.volume));
   }
-  RETURN_IF_ERROR(ImageOwnerFor(t).status());
+  ASSIGN_OR_RETURN(const std::string owner, ImageOwnerFor(t));
   ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
   if (!exists) return OkStatus();  // nothing to adopt: a first, full epoch makes it
   ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
@@ -74,14 +123,6 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
   auto snap = std::find_if(snaps.begin(), snaps.end(), [&](const SnapInfo& s) {
     return s.name == name && s.time_ns == base.epoch.snap_time_ns;
   });
-  if (snap == snaps.end()) {
-    return FailedPrecondition(fmt::format(
-        "image {}/{} has no snapshot {} taken at {} ns, the restore point {} of volume '{}' the "
-        "source's image comes from: it is not the image the volume was replicated from, or "
-        "that snapshot is gone; give the source another target_image (a full copy)",
-        t.pool_name, t.image, name, base.epoch.snap_time_ns, base.epoch.seq, t.volume));
-  }
-  const SnapInfo point = *snap;
   // Written from now on by this sink: a guest still on it would see its
   // disk change under it, and its writes would be lost.
   ASSIGN_OR_RETURN(const auto clients, vol->OtherClients());
@@ -91,6 +132,10 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
         "replication back from site {} starts then",
         t.pool_name, t.image, fmt::join(clients, ", "), t.source_site));
   }
+  // The point is gone here (pruned, or the image is another): resynced
+  // by digests from the image as it is.
+  if (snap == snaps.end()) return AdoptWithoutPoint(t, hello, owner, *vol, snaps);
+  const SnapInfo point = *snap;
   ASSIGN_OR_RETURN(const uint64_t divergent, BytesSince(*vol, point));
   if (divergent > 0 && hello.base_written_bytes() > 0 && !hello.keep_source()) {
     return FailedPrecondition(

@@ -4,13 +4,16 @@
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <future>
 #include <optional>
 #include <system_error>
 
+#include "engine/epoch/block_digests.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/sink_target.h"
+#include "proto/cairn.pb.h"
 
 namespace cairn {
 
@@ -50,6 +53,21 @@ class Sink::Reception {
   // replays it (and reports why).
   // Takes memory_ along.
   void StartStreaming(const EpochSummary& announced, const ApplyOptions& opt);
+  // The base point's snapshot, while the source asks for its digests.
+  struct DigestBase {
+    std::unique_ptr<Volume> vol;
+    std::unique_ptr<AsyncIo> io;
+    SnapInfo snap;
+    uint64_t served_bytes = 0;
+  };
+  StatusOr<DigestBase> OpenDigestBase(uint64_t base_seq);
+  // A resync by digests (block_digests.h): the digests of the epoch's
+  // base point asked for by `request`, read from the point's snapshot.
+  Status AnswerDigests(Link& link, const Frame& request);
+  // After the epoch's last frame: the base point's snapshot that answered
+  // digests is still there, with the id it had (else what it read may
+  // have been zeros, and the source left out grains on their word).
+  Status ConfirmDigestBase();
   // What a spool refusal tells the operator to do.
   Status AdviseSpoolRefusal(const Status& st, uint64_t kept, uint64_t seq) const;
   // Adds the time since the previous lap to `stage`.
@@ -71,6 +89,7 @@ class Sink::Reception {
   MemoryBudget::Lease memory_;
   std::unique_ptr<Target::Streamed> streamed_;
   Target::ReceiveTimes times_;
+  std::optional<DigestBase> digest_base_;
   Clock::TimePoint begun_;
   Clock::TimePoint lap_;
 };
@@ -223,7 +242,24 @@ Status Sink::Reception::ReceiveRecords(Link& link) {
                          fmt::format("epoch {} abandoned by its {}; no restore point is made of it",
                                      seq, why.message())));
     }
+    if (f.type == FrameType::kDigestRequest) {
+      Status st = AnswerDigests(link, f);
+      Lap(times_.verify);
+      if (!st.ok()) return Fail(st);
+      continue;
+    }
     at_end_ = f.type == FrameType::kEpochEnd;
+    if (at_end_ && t_.resync_base && verifier_.begin().id.base_seq == 0 &&
+        (!digest_base_ || digest_base_->served_bytes < verifier_.begin().id.image_size)) {
+      return Fail(DataLoss(fmt::format(
+          "epoch {} is a first epoch onto {}/{}, which holds the data it was adopted with, but "
+          "was not compared with all of it by digests: it would leave blocks the source does "
+          "not have",
+          seq, t_.pool_name, t_.image)));
+    }
+    if (at_end_ && digest_base_) {
+      if (Status st = ConfirmDigestBase(); !st.ok()) return Fail(st);
+    }
     auto step = verifier_.Check(f);
     Lap(times_.verify);
     if (!step.ok()) return Fail(step.status());
@@ -243,6 +279,83 @@ Status Sink::Reception::ReceiveRecords(Link& link) {
       }
     }
   }
+}
+
+Status Sink::Reception::AnswerDigests(Link& link, const Frame& request) {
+  const EpochSummary& epoch = verifier_.begin();
+  pb::DigestRequest rq;
+  if (!rq.ParseFromString(request.body)) return DataLoss("a DigestRequest that does not parse");
+  if (rq.base_seq() != epoch.id.base_seq || rq.image_size() != epoch.id.image_size ||
+      (rq.base_seq() == 0 && !t_.resync_base)) {
+    return DataLoss(fmt::format(
+        "a DigestRequest for point {} of an image of {} bytes inside epoch {} (base {}, {} bytes)",
+        rq.base_seq(), rq.image_size(), epoch.id.seq, epoch.id.base_seq, epoch.id.image_size));
+  }
+  if (!digest_base_) {
+    ASSIGN_OR_RETURN(digest_base_, OpenDigestBase(rq.base_seq()));
+  }
+  ASSIGN_OR_RETURN(std::string digests,
+                   DigestRange(*digest_base_->io, digest_base_->snap.size, rq.offset(), rq.length(),
+                               rq.grain(), rq.image_size()));
+  digest_base_->served_bytes += rq.length();
+  pb::DigestReply reply;
+  reply.set_offset(rq.offset());
+  reply.set_grain(rq.grain());
+  reply.set_digests(std::move(digests));
+  return link.Send(FrameType::kDigestReply, reply.SerializeAsString(), {});
+}
+
+StatusOr<Sink::Reception::DigestBase> Sink::Reception::OpenDigestBase(uint64_t base_seq) {
+  // The base point's snapshot; with no point, the image as adopted.
+  std::string image = t_.image;
+  std::string snap;
+  if (base_seq > 0) {
+    ASSIGN_OR_RETURN(const auto latest, t_.catalog->Latest(t_.volume));
+    if (!latest || latest->epoch.seq != base_seq || latest->pool != t_.pool_name) {
+      return FailedPrecondition(
+          fmt::format("restore point {} of volume '{}' is not the newest here: no digests of it",
+                      base_seq, t_.volume));
+    }
+    image = latest->image;
+    snap = latest->snap;
+  }
+  DigestBase b;
+  ASSIGN_OR_RETURN(b.vol, t_.pool->Open(image));
+  ASSIGN_OR_RETURN(const auto snaps, b.vol->ListSnaps());
+  std::optional<SnapInfo> found;
+  if (base_seq == 0) {
+    found = ResyncBaseOf(snaps);
+  } else {
+    auto it =
+        std::find_if(snaps.begin(), snaps.end(), [&](const SnapInfo& s) { return s.name == snap; });
+    if (it != snaps.end()) found = *it;
+  }
+  if (!found) {
+    return FailedPrecondition(
+        fmt::format("{}/{} has no snapshot {} to take digests of for volume "
+                    "'{}'",
+                    t_.pool_name, image, base_seq ? snap : "cairn-divergent-<time>", t_.volume));
+  }
+  b.snap = *found;
+  ASSIGN_OR_RETURN(b.io, b.vol->OpenIo(b.snap.name));
+  return b;
+}
+
+Status Sink::Reception::ConfirmDigestBase() {
+  DigestBase& b = *digest_base_;
+  b.io.reset();
+  // What the source sent on their word is worth nothing then: the epoch
+  // starts over (kDataLoss at its end keeps no prefix).
+  if (Status gone = b.vol->ConfirmSnap(b.snap.name, b.snap.id); !gone.ok()) {
+    return DataLoss(
+        fmt::format("the digests of restore point {} were read from a snapshot that "
+                    "is no longer there: {}",
+                    verifier_.begin().id.base_seq, gone.message()));
+  }
+  spdlog::info("volume {}: epoch {} compared by digests with {}@{}: {} bytes", t_.volume,
+               verifier_.begin().id.seq, b.vol->name(), b.snap.name, b.served_bytes);
+  digest_base_.reset();
+  return OkStatus();
 }
 
 StatusOr<EpochSummary> Sink::Reception::Finish() {

@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "engine/replication/sink.h"
 
@@ -20,6 +21,11 @@ namespace cairn {
 // "20261206T114500Z": the UTC time of `unix_ns`, for the names of images
 // and snapshots kept aside (failback, divergence).
 std::string UtcStamp(int64_t unix_ns);
+
+// The snapshot a standby image with no restore point yet was adopted
+// from (Sink::AdoptWithoutPoint): its newest cairn-divergent-<time>. The
+// first epoch is compared with it by digests; none if there is none.
+std::optional<SnapInfo> ResyncBaseOf(const std::vector<SnapInfo>& snaps);
 
 // Writing the epoch to the standby head as it arrives stopped: the epoch is
 // still spooled, and ApplyAndCommit replays it from there.
@@ -62,6 +68,9 @@ struct Sink::Target {
   // (this Target took the point's snapshot right after a whole apply and
   // has written nothing since); else PrepareTarget puts it back first.
   bool head_at_point = false;
+  // No point yet, and the image holds data it was adopted with
+  // (ResyncBaseOf): the first epoch must be compared with it by digests.
+  bool resync_base = false;
   // Why the spool refused the epoch: kSpoolDiskFull, kSpoolQuota (else kNone).
   Reason spool_refused = Reason::kNone;
   // The epoch whose records were written to the standby image as they

@@ -40,6 +40,7 @@
 #include "engine/base/clock.h"
 #include "engine/base/memory_budget.h"
 #include "engine/catalog/catalog.h"
+#include "engine/epoch/block_digests.h"
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
 #include "engine/replication/replication.h"
@@ -131,6 +132,8 @@ class SourceReplicator {
     uint64_t resume_records = 0;
     bool takes_unchanged = false;
     int64_t last_point_time_ns = 0;
+    bool serves_digests = false;
+    bool resync_base = false;
   };
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).
@@ -178,6 +181,9 @@ class SourceReplicator {
   // The point is made: the status says so.
   void RecordPoint(const EpochStart& start, const EpochSummary& sum, double secs);
   Status AwaitAck(uint64_t seq, int stage, ChainDigest* chain);
+  // A resync's base digests (the sink's newest point, or what its image
+  // held if it has none), asked of the sink over link_.
+  std::unique_ptr<BaseDigests> SinkDigests();
   // Removes cairn.<N> older than `applied` beyond keep_snapshots, through a
   // volume of its own. False if the image could not be opened.
   bool PruneSnapshots(uint64_t applied);
@@ -269,6 +275,8 @@ class SourceReplicator {
   uint64_t sink_seq_ = 0;
   ChainDigest sink_chain_;
   bool sink_takes_unchanged_ = false;  // the linked sink takes Unchanged frames
+  bool sink_serves_digests_ = false;   // ... and answers DigestRequest (resync by digests)
+  bool sink_resync_base_ = false;      // ... and has data but no point: resync the first epoch
   // The snapshot of the newest point this process shipped (id 0: none yet).
   SnapInfo point_snap_;
   uint64_t resume_seq_ = 0;      // an epoch the sink holds a prefix of

@@ -7,133 +7,16 @@
 #include <algorithm>
 #include <chrono>
 #include <map>
+#include <optional>
 #include <system_error>
 
 #include "engine/base/thread_stack.h"
 #include "engine/catalog/catalog.h"
+#include "engine/epoch/block_digests.h"
 #include "engine/replication/source.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {
-
-StatusOr<uint64_t> SourceReplicator::WrittenSince(uint64_t seq) {
-  ASSIGN_OR_RETURN(auto vol, pool_->Open(config_.image));
-  ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
-  const std::string name = SnapName(seq);
-  for (const SnapInfo& s : snaps) {
-    if (s.name == name) return BytesSince(*vol, s);
-  }
-  return uint64_t{0};
-}
-
-StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bool probe,
-                                                                  uint64_t hand_back_seq) {
-  pb::Hello hello;
-  hello.set_protocol_version(kProtocolVersion);
-  hello.set_volume(config_.id);
-  hello.set_pool(config_.target_pool);
-  hello.set_image(config_.target_image);
-  hello.set_source_site(site_);
-  hello.set_probe(probe);
-  hello.set_hand_back_seq(hand_back_seq);
-  if (base_point_ && hand_back_seq == 0) {
-    auto base = base_point_();
-    if (!base.ok()) return base.status().Annotate("looking up the point this image holds");
-    pinned_seq_.store(0, std::memory_order_relaxed);
-    if (*base) {
-      // Kept while it is the base: a planned failback copies what the image
-      // changed since it into the other site's standby (Sink::FoldBack).
-      pinned_seq_.store((*base)->point.epoch.seq, std::memory_order_relaxed);
-      RestorePointToProto((*base)->point, hello.mutable_base_point());
-      ASSIGN_OR_RETURN(const uint64_t written, WrittenSince((*base)->point.epoch.seq));
-      hello.set_base_written_bytes(written);
-      hello.set_keep_source((*base)->keep_source);
-    }
-  }
-  RETURN_IF_ERROR(link.Send(FrameType::kHello, hello.SerializeAsString(), {}));
-  auto f = link.Receive(timeouts_.hello);
-  if (!f.ok()) {
-    // Whatever answers here is not a Cairn sink, or not one that works: its
-    // bytes are no corruption of ours.
-    const Code code = f.status().code();
-    if (code == Code::kDataLoss) {
-      return FailedPrecondition(fmt::format(
-          "{} answered Hello with bytes that are not a Cairn frame ({}): is another service "
-          "listening there? The peer must be a Cairn sink's [sink] listen address",
-          link.peer(), f.status().message()));
-    }
-    if (code == Code::kAborted) {
-      return Unavailable(
-          fmt::format("{} closed the link without answering Hello ({}): is it a "
-                      "Cairn sink?",
-                      link.peer(), f.status().message()));
-    }
-    return f.status();
-  }
-  if (f->type == FrameType::kLinkError) return StatusFromLinkError(*f, "sink refused");
-  pb::HelloReply reply;
-  if (f->type != FrameType::kHelloReply || !reply.ParseFromString(f->body)) {
-    return FailedPrecondition(
-        fmt::format("{} did not answer Hello with HelloReply (got {}): is it a "
-                    "Cairn sink?",
-                    link.peer(), FrameTypeName(f->type)));
-  }
-  if (reply.protocol_version() != kProtocolVersion) {
-    return FailedPrecondition(fmt::format("sink speaks protocol {}, this source {}: upgrade one",
-                                          reply.protocol_version(), kProtocolVersion));
-  }
-  SinkHello out;
-  if (!ChainDigest::FromString(reply.last_chain(), &out.last_chain)) {
-    return DataLoss("HelloReply carries a malformed chain digest");
-  }
-  out.site = reply.sink_site();
-  out.last_applied_seq = reply.last_applied_seq();
-  out.resume_seq = reply.resume_seq();
-  out.resume_records = reply.resume_records();
-  out.takes_unchanged = reply.takes_unchanged();
-  out.last_point_time_ns = reply.last_point_time_ns();
-  return out;
-}
-
-StatusOr<std::string> SourceReplicator::Probe() {
-  ASSIGN_OR_RETURN(auto link, connect_());
-  ASSIGN_OR_RETURN(const SinkHello reply, Handshake(*link, true));
-  link->Close();
-  return fmt::format("sink of site '{}' at {} takes volume '{}' into {}/{} (newest point {})",
-                     reply.site, link->peer(), config_.id, config_.target_pool,
-                     config_.target_image, reply.last_applied_seq);
-}
-
-Status SourceReplicator::Connect() {
-  ASSIGN_OR_RETURN(auto link, connect_());
-  ASSIGN_OR_RETURN(const SinkHello reply, Handshake(*link, false));
-  sink_seq_ = reply.last_applied_seq;
-  sink_chain_ = reply.last_chain;
-  resume_seq_ = reply.resume_seq;
-  resume_records_ = reply.resume_records;
-  sink_takes_unchanged_ = reply.takes_unchanged;
-  sink_point_time_ns_ = reply.last_point_time_ns;
-  std::lock_guard lock(mu_);
-  link_ = std::move(link);
-  return OkStatus();
-}
-
-Status SourceReplicator::AwaitAck(uint64_t seq, int stage, ChainDigest* chain) {
-  ASSIGN_OR_RETURN(Frame f, link_->Receive(timeouts_.ack));
-  if (f.type == FrameType::kLinkError) return StatusFromLinkError(f, "sink");
-  pb::EpochAck ack;
-  if (f.type != FrameType::kEpochAck || !ack.ParseFromString(f.body)) {
-    return DataLoss(fmt::format("expected EpochAck, got {}", FrameTypeName(f.type)));
-  }
-  if (ack.seq() != seq || ack.stage() != stage) {
-    return DataLoss(fmt::format("ack for epoch {} stage {}, expected epoch {} stage {}", ack.seq(),
-                                static_cast<int>(ack.stage()), seq, stage));
-  }
-  if (chain && !ChainDigest::FromString(ack.chain_digest(), chain)) {
-    return DataLoss("EpochAck carries a malformed chain digest");
-  }
-  return OkStatus();
-}
 
 StatusOr<SnapInfo> SourceReplicator::SnapshotToShip(const std::map<uint64_t, SnapInfo>& ours) {
   // A snapshot taken but not yet applied at the sink is shipped first.
@@ -190,16 +73,25 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
   const bool other = base != e.ours.end() && sink_point_time_ns_ != 0 &&
                      sink_seq_ != pinned_seq_.load(std::memory_order_relaxed) &&
                      base->second.time_ns != sink_point_time_ns_;
-  const bool resync = sink_seq_ > 0 && (base == e.ours.end() || other);
-  if (resync) {
+  const bool resync =
+      (sink_seq_ > 0 && (base == e.ours.end() || other)) || (sink_seq_ == 0 && sink_resync_base_);
+  if (sink_seq_ == 0 && sink_resync_base_) {
+    spdlog::warn(
+        "volume {}: the sink's image {}/{} holds data of its own and no restore point: the first "
+        "epoch compares the whole image with it by block digests (only blocks that differ are "
+        "sent)",
+        config_.id, config_.target_pool, config_.target_image);
+  } else if (resync) {
     spdlog::warn(
         "volume {}: the sink's newest restore point is {} but image {}/{} has no "
-        "snapshot {}{}: resyncing the whole image",
+        "snapshot {}{}: resyncing the whole image{}",
         config_.id, sink_seq_, config_.pool, config_.image, SnapName(sink_seq_),
         other ? fmt::format(" taken at {} ns (its snapshot of that name was taken at "
                             "{} ns: another history)",
                             sink_point_time_ns_, base->second.time_ns)
-              : "");
+              : "",
+        sink_serves_digests_ ? " by block digests (only blocks that differ are sent)"
+                             : " (the sink takes no digests: every byte is sent)");
   }
   ASSIGN_OR_RETURN(e.to, SnapshotToShip(e.ours));
   const uint64_t seq = ParseSnapName(e.to.name).value();
@@ -407,6 +299,13 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   opt.block_size = config_.block_size;
   opt.window = config_.window;
   ASSIGN_OR_RETURN(const auto memory, BorrowReadWindow(start.to.size, &opt));
+  // A resync compares block digests with the sink's point: only the blocks
+  // that differ travel.
+  std::unique_ptr<BaseDigests> digests;
+  if (start.plan.resync && sink_serves_digests_) {
+    digests = SinkDigests();
+    opt.base = digests.get();
+  }
   times.plan = clock_->SecondsSince(t_plan);
   times.begun = clock_->Now();
   // A snapshot of the primary, and a removal, go through the image's lock

@@ -106,18 +106,27 @@ def _one_node_per_site(site, conf, listen_port, peer_port, workdir, volumes=None
                 for vid, (image, target) in (volumes or {}).items())
 
 
-def test_a_planned_failback_brings_every_write_home_and_resumes_as_a_delta(
-        site_a, site_b, workdir, daemons, name):
-    rng = random.Random(25)
+def _replicated_pair(site_a, site_b, workdir, daemons, name, rng, data):
+    """A volume of SIZE with `data` bytes written at its start, replicated
+    once from site A to site B, one cairnd per site. Returns site A's
+    config (to start it again), both cairnds and the restore point."""
     site_a.create(name, SIZE)
-    _write(site_a, name, 0, rng.randbytes(16 * MiB))
+    _write(site_a, name, 0, rng.randbytes(data))
     a_port, b_port = lib.free_port(), lib.free_port()
     a_conf = _one_node_per_site("a", site_a.conf, a_port, b_port, workdir,
                                 {name: (name, name + "-standby")})
     node_a = daemons(lib.Cairnd(workdir, "node-a", a_conf))
     node_b = daemons(lib.Cairnd(workdir, "node-b", _one_node_per_site(
         "b", site_b.conf, b_port, a_port, workdir)))
-    first = node_a.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    seq = node_a.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    return a_conf, node_a, node_b, seq
+
+
+def test_a_planned_failback_brings_every_write_home_and_resumes_as_a_delta(
+        site_a, site_b, workdir, daemons, name):
+    rng = random.Random(25)
+    a_conf, node_a, node_b, first = _replicated_pair(
+        site_a, site_b, workdir, daemons, name, rng, 16 * MiB)
 
     # Site A is lost; site B fails over, sets up replication back, and is
     # written while A is away.
@@ -215,3 +224,126 @@ def test_a_cut_reverse_delta_resumes_from_what_site_a_holds(site_a, site_b, work
         assert resumed, "the reverse epoch did not resume from site A's durable prefix"
     finally:
         proxy.stop()
+
+
+def test_a_split_brain_resolved_for_site_a_keeps_both_and_a_replicates_on(
+        site_a, site_b, workdir, daemons, name):
+    rng = random.Random(27)
+    a_conf, node_a, node_b, seq = _replicated_pair(
+        site_a, site_b, workdir, daemons, name, rng, 16 * MiB)
+
+    # Site A is lost; site B fails over, sets up replication back, and is
+    # written. Site A's guest wrote too, cut off from B: a split brain.
+    node_a.stop()
+    out = node_b.json("failover", name, "--to", name)
+    assert out["seq"] == seq and out["back_to"] == f"rbd/{name}", out
+    b_writes = 3 * 256 * 1024
+    for i in range(3):
+        _write(site_b, name, (40 + 2 * i) * MiB, rng.randbytes(256 * 1024))
+    a_writes = MiB
+    _write(site_a, name, 30 * MiB, rng.randbytes(a_writes))
+    a_head, b_head = site_a.digest(name), site_b.digest(name)
+    assert a_head != b_head
+
+    # Site A is back. Both sites' status say split brain, with the bytes
+    # each wrote since the shared point; nothing moves.
+    node_a = daemons(lib.Cairnd(workdir, "node-a2", a_conf))
+    assert node_b.cli("replicate", name).returncode == 0
+    said = re.compile(rf"split brain: since restore point {seq} .* site a changed (\d+) bytes "
+                      rf"of rbd/{name} and site b changed (\d+) bytes")
+
+    def split_brain(d):
+        return [(s, m) for s in d.json("status", name) if (m := said.search(s["error"]))]
+
+    for site, d, role in (("A", node_a, "sink"), ("B", node_b, "source")):
+        found = lib.wait_for(f"site {site}'s {role} reporting the split brain",
+                             lambda: split_brain(d), timeout=60)
+        assert [s["role"] for s, _ in found] == [role], found
+        # As the images' diffs list them: at least what was written, at
+        # most the 4 MiB objects it was written in (A: one, B: two).
+        a_said, b_said = map(int, found[0][1].groups())
+        assert a_writes <= a_said <= 4 * MiB and b_writes <= b_said <= 8 * MiB, found
+    assert site_a.digest(name) == a_head and site_b.digest(name) == b_head
+    assert node_a.cli("points", name).returncode == 3  # A's sink took nothing
+
+    # The operator chooses site A, at site B: B's promoted image, with B's
+    # writes, is kept aside there, byte for byte.
+    r = node_b.json("resolve", name, "--keep", "a")
+    kept = r["kept_as"]
+    assert kept.startswith(f"{name}.failback-") and "site a wins" in r["outcome"], r
+    assert name not in site_b.images() and site_b.digest(kept) == b_head
+    assert "released at site b" in node_b.log_text()
+
+    # Site A's source replicates again, a delta from B's newest point: A's
+    # writes since it, only those.
+    nxt = node_a.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    pts = {p["seq"]: p for p in node_b.json("points", name)}
+    assert sorted(pts) == [seq, nxt] and nxt == seq + 1, pts
+    assert pts[nxt]["base_seq"] == seq and pts[nxt]["source_site"] == "a", pts[nxt]
+    assert 0 < pts[nxt]["data_bytes"] <= a_writes, pts[nxt]
+    assert site_b.digest(name + "-standby", f"cairn.{nxt}") == a_head == site_a.digest(name)
+    assert site_a.digest(name, f"cairn.{nxt}") == a_head
+
+    # Nothing moved back to site A: its image holds its own writes, its
+    # sink holds no point and kept no divergent snapshot, and the source
+    # the failover set up at B went with the release.
+    assert not [s for s in node_b.json("status", name) if s["role"] == "source"]
+    assert "no longer replicated back" in node_b.log_text()
+    again = node_b.cli("replicate", name, "--wait", "--timeout", "60")
+    assert again.returncode != 0, again
+    assert site_a.digest(name) == a_head and site_b.digest(kept) == b_head
+    assert node_a.cli("points", name).returncode == 3
+    assert not [s for s in site_a.snaps(name) if s.startswith("cairn-divergent-")]
+
+
+def test_site_a_without_the_shared_point_is_resynced_by_block_digests_once_chosen(
+        site_a, site_b, workdir, daemons, name):
+    """Site A's image lost the point it shares with B (its cairn.<N>
+    snapshots pruned or removed) and was written after it. Nothing moves
+    until the operator chooses B; then A's image, kept as a snapshot, is
+    compared with B's block by block and only the blocks that differ
+    move."""
+    rng = random.Random(28)
+    a_conf, node_a, node_b, seq = _replicated_pair(
+        site_a, site_b, workdir, daemons, name, rng, 24 * MiB)
+
+    node_a.stop()
+    out = node_b.json("failover", name, "--to", name)
+    assert out["seq"] == seq, out
+    b_writes = 512 * 1024
+    _write(site_b, name, 40 * MiB, rng.randbytes(b_writes))
+    # At A: the shared point's snapshot is gone, and A wrote after it.
+    with rbd.Image(site_a.ioctx, name) as img:
+        for s in [s["name"] for s in img.list_snaps() if s["name"].startswith("cairn.")]:
+            img.remove_snap(s)
+    a_writes = MiB
+    _write(site_a, name, 30 * MiB, rng.randbytes(a_writes))
+    a_head = site_a.digest(name)
+
+    node_a = daemons(lib.Cairnd(workdir, "node-a2", a_conf))
+    assert node_b.cli("replicate", name).returncode == 0
+    lib.wait_for("site A's sink refusing an image without the shared point",
+                 lambda: [s for s in node_a.json("status", name)
+                          if f"has no snapshot of restore point {seq}" in s["error"]
+                          and f"cairn resolve {name} --keep b" in s["error"]], timeout=60)
+    assert site_a.digest(name) == a_head
+    assert node_a.cli("points", name).returncode == 3
+
+    node_b.json("resolve", name, "--keep", "b")
+    lib.wait_for(f"site A's sink taking restore point {seq} back",
+                 lambda: node_a.cli("points", name).returncode == 0, timeout=120)
+    back = node_b.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    assert site_a.digest(name) == site_b.digest(name)
+    pts = node_a.json("points", name)
+    assert pts[0]["seq"] == seq and pts[-1]["seq"] == back, pts
+    # The promoted point, made of A's image by the blocks A wrote since
+    # (64 KiB grains), then B's writes as deltas (the snapshot B's refused
+    # attempt took, then the one asked for).
+    first = pts[0]
+    assert first["base_seq"] == 0 and 0 < first["data_bytes"] + first["zero_bytes"] <= \
+        a_writes + 128 * 1024, first
+    assert [p["base_seq"] for p in pts[1:]] == [p["seq"] for p in pts[:-1]], pts
+    assert sum(p["data_bytes"] for p in pts[1:]) <= b_writes, pts
+    kept = [s for s in site_a.snaps(name) if s.startswith("cairn-divergent-") and "." not in s]
+    assert len(kept) == 1 and site_a.digest(name, kept[0]) == a_head, site_a.snaps(name)
+    assert "compared by digests with" in node_a.log_text()

@@ -8,8 +8,12 @@
 
 #include <filesystem>
 #include <random>
+#include <string_view>
+#include <tuple>
+#include <vector>
 
 #include "engine/catalog/catalog.h"
+#include "engine/epoch/block_digests.h"
 #include "engine/volume/memory_volume.h"
 #include "tests/unit/test_util.h"
 
@@ -57,7 +61,8 @@ class EpochTest : public ::testing::Test {
     plan.id.volume = "vol";
     plan.id.seq = seq;
     plan.id.base_seq = base;
-    plan.from_snap = base ? SnapName(base) : "";
+    plan.from_snap = base && !send.base ? SnapName(base) : "";
+    plan.resync = send.base != nullptr;
     plan.to_snap = SnapName(seq);
     ASSIGN_OR_RETURN(auto snaps, src.ListSnaps());
     for (auto& s : snaps) {
@@ -273,6 +278,123 @@ TEST_F(EpochTest, FourMiBRecordsThroughAOneWriteWindow) {
   ASSERT_TRUE(sum.ok()) << sum.status().ToString();
   EXPECT_EQ(sum->records, 3u);  // 4 MiB, 4 MiB, 2 MiB + 4 KiB
   EXPECT_EQ(ImageHash(*dst, "", size), ImageHash(*src, "cairn.1", size));
+}
+
+// The base's digests as a sink answers them: from its point's snapshot.
+class SnapDigests final : public BaseDigests {
+ public:
+  SnapDigests(Volume& vol, const std::string& snap) : io_(vol.OpenIo(snap).value()) {
+    const std::vector<SnapInfo> snaps = vol.ListSnaps().value();
+    for (const SnapInfo& s : snaps) {
+      if (s.name == snap) size_ = s.size;
+    }
+  }
+  StatusOr<std::string> Fetch(uint64_t offset, uint64_t length, uint32_t grain,
+                              uint64_t image_size) override {
+    ++fetches;
+    return DigestRange(*io_, size_, offset, length, grain, image_size);
+  }
+  int fetches = 0;
+
+ private:
+  std::unique_ptr<AsyncIo> io_;
+  uint64_t size_ = 0;
+};
+
+// The digests of a whole image, as DigestRange must give them.
+std::string ExpectedDigests(const std::string& bytes, uint64_t image_size) {
+  std::string padded = bytes;
+  padded.resize(image_size, '\0');
+  std::string out;
+  for (uint64_t at = 0; at < image_size; at += kDigestGrain) {
+    const uint64_t len = std::min<uint64_t>(kDigestGrain, image_size - at);
+    const GrainDigest d = DigestOfGrain(std::span<const char>(padded.data() + at, len));
+    out += std::string(reinterpret_cast<const char*>(d.bytes().data()), d.bytes().size());
+  }
+  return out;
+}
+
+TEST(BlockDigestsTest, DigestsOfASnapshotPastItsOwnSize) {
+  MemoryPool pool;
+  const uint64_t size = 5 * kMiB + 12345;  // not a multiple of a grain
+  ASSERT_TRUE(pool.Create("img", size).ok());
+  auto vol = testing::MustOpen(pool, "img");
+  std::mt19937_64 rng(40);
+  Write(*vol, 0, testing::RandomBytes(rng, size));
+  Write(*vol, kMiB, std::string(2 * kDigestGrain, '\0'));  // written zeros: the zero digest
+  ASSERT_TRUE(vol->CreateSnap("s").ok());
+  std::string bytes(size, '\0');
+  auto io = vol->OpenIo("s").value();
+  ASSERT_TRUE(io->StartRead(0, 0, std::span<char>(bytes.data(), size)).ok());
+  ASSERT_TRUE(io->WaitOne().status.ok());
+  // The image grew to `bigger` since: its new bytes read as zeros.
+  const uint64_t bigger = size + 3 * kDigestGrain + 99;
+  const std::string want = ExpectedDigests(bytes, bigger);
+  std::string got;
+  for (uint64_t at = 0; at < bigger; at += kMiB) {
+    auto part = DigestRange(*io, size, at, std::min(kMiB, bigger - at), kDigestGrain, bigger);
+    ASSERT_TRUE(part.ok()) << part.status().ToString();
+    got += *part;
+  }
+  EXPECT_EQ(got, want);
+  EXPECT_TRUE(std::string_view(got).substr(kMiB / kDigestGrain * GrainDigest::kSize, 32) ==
+              std::string(32, '\0'));
+  // Requests no epoch makes.
+  for (auto [off, len, grain] : std::vector<std::tuple<uint64_t, uint64_t, uint32_t>>{
+           {4096, kMiB, kDigestGrain},                // not on a grain
+           {0, bigger + kDigestGrain, kDigestGrain},  // past the image
+           {0, 100, kDigestGrain},                    // a piece of a grain, not the image's end
+           {0, kMiB, 3 * 4096},                       // not a power of two
+           {0, 0, kDigestGrain},
+       }) {
+    EXPECT_EQ(DigestRange(*io, size, off, len, grain, bigger).status().code(),
+              Code::kInvalidArgument)
+        << off << " +" << len << " grain " << grain;
+  }
+  EXPECT_EQ(DigestRange(*io, size, 0, 2ull << 30, 4096, 4ull << 30).status().code(),
+            Code::kInvalidArgument);  // too many digests for one reply
+}
+
+// A resync whose base (the receiver's point) holds most of the image
+// already: only the grains that differ travel, as data or as zeros, in
+// records no longer than block_size, and the receiver ends equal.
+TEST_F(EpochTest, AResyncByDigestsSendsOnlyTheGrainsThatDiffer) {
+  for (const uint32_t block : {4096u, kDefaultBlockSize}) {
+    SCOPED_TRACE(block);
+    const uint64_t size = 6 * kMiB + 511;
+    MemoryPool pool;
+    ASSERT_TRUE(pool.Create("src", size).ok());
+    ASSERT_TRUE(pool.Create("dst", 0).ok());
+    auto src = testing::MustOpen(pool, "src");
+    auto dst = testing::MustOpen(pool, "dst");
+    std::mt19937_64 rng(41);
+    Write(*src, 0, testing::RandomBytes(rng, 4 * kMiB));
+    ASSERT_TRUE(src->CreateSnap("cairn.1").ok());
+    chain_ = {};
+    ASSERT_TRUE(Ship(*src, *dst, 0, 1, TargetState::kFreshImage).ok());
+    ASSERT_TRUE(dst->CreateSnap("cairn.1").ok());  // the receiver's point
+    // The source loses its snapshot, then: two small writes, a discarded
+    // grain, data past the old end of the data, and it grows.
+    ASSERT_TRUE(src->RemoveSnap("cairn.1").ok());
+    Write(*src, 100, "changed");
+    Write(*src, 3 * kMiB + 5, testing::RandomBytes(rng, 4096));
+    Zero(*src, kMiB, kDigestGrain);
+    Write(*src, 5 * kMiB, testing::RandomBytes(rng, 10));
+    const uint64_t grown = size + kMiB;
+    ASSERT_TRUE(src->Resize(grown).ok());
+    Write(*src, grown - 7, "tail");
+    ASSERT_TRUE(src->CreateSnap("cairn.2").ok());
+    SnapDigests base(*dst, "cairn.1");
+    SendOptions send;
+    send.block_size = block;
+    send.base = &base;
+    auto sum = Ship(*src, *dst, 1, 2, TargetState::kHasData, send);
+    ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+    EXPECT_EQ(ImageHash(*dst, "", grown), ImageHash(*src, "cairn.2", grown));
+    EXPECT_EQ(sum->data_bytes, 3 * kDigestGrain + (grown - grown / kDigestGrain * kDigestGrain));
+    EXPECT_EQ(sum->zero_bytes, kDigestGrain);
+    EXPECT_EQ(base.fetches, 1);  // one window of digests covers 7 MiB
+  }
 }
 
 TEST_F(EpochTest, EmptyEpochIsValid) {

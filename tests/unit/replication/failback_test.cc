@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <random>
 #include <thread>
@@ -235,9 +236,59 @@ TEST_F(FailbackTest, AnImageWithoutTheSameSnapshotIsNotAdoptedNorWritten) {
   auto sum = Reverse()->RunOnce();
   ASSERT_FALSE(sum.ok());
   EXPECT_EQ(sum.status().code(), Code::kFailedPrecondition) << sum.status().ToString();
-  EXPECT_THAT(sum.status().message(), HasSubstr("has no snapshot cairn.2 taken at"));
+  EXPECT_THAT(sum.status().message(), HasSubstr("has no snapshot of restore point 2"));
+  EXPECT_THAT(sum.status().message(), HasSubstr("`cairn resolve vol1 --keep b`"));
   EXPECT_EQ(testing::ImageHash(*img, "", kSize), before);
+  EXPECT_EQ(SnapNames(*img), std::vector<std::string>{"cairn.2"});
   EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
+}
+
+// A's image lost the point it shares with B (its snapshots pruned) and A
+// wrote after it. Once the operator chooses B's side, A's image as it was
+// is kept as a snapshot, and the first epoch back compares the two images
+// block by block: only the blocks that differ move.
+TEST_F(FailbackTest, AnImageThatLostTheSharedPointIsResyncedByDigestsOnceChosen) {
+  FailOverWithWritesOnBothSides(/*a_writes=*/true);
+  auto img = testing::MustOpen(*a_->pool, "img");
+  for (const char* snap : {"cairn.1", "cairn.2"}) ASSERT_TRUE(img->RemoveSnap(snap).ok());
+  const std::string a_before = testing::ImageHash(*img, "", kSize);
+  auto p = testing::MustOpen(*b_->pool, "img-p");
+  testing::Write(*p, 3 * kMiB, testing::RandomBytes(rng_, 2 * 65536));
+  auto rep = Reverse();
+  auto refused = rep->RunOnce();
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("has no snapshot of restore point 2"));
+  EXPECT_EQ(testing::ImageHash(*img, "", kSize), a_before);
+  rep->Disconnect();
+  keep_b_ = true;  // cairn resolve vol1 --keep b
+  // The first epoch back is the promoted point itself, made from A's image
+  // by the 4 grains A wrote since (as data, or zeros where the point has
+  // none), not by a copy.
+  auto sum = rep->RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->id.seq, 2u);
+  EXPECT_EQ(sum->id.base_seq, 0u);
+  EXPECT_GE(sum->data_bytes + sum->zero_bytes, 65536u);
+  EXPECT_LE(sum->data_bytes + sum->zero_bytes, 4 * 65536u);
+  EXPECT_EQ(testing::ImageHash(*img, "", kSize), testing::ImageHash(*p, "cairn.2", kSize));
+  // A's image as it was, and its later snapshot, are kept.
+  std::vector<std::string> kept;
+  for (const std::string& n : SnapNames(*img)) {
+    if (n.starts_with("cairn-divergent-")) kept.push_back(n);
+  }
+  std::sort(kept.begin(), kept.end());
+  ASSERT_EQ(kept.size(), 2u) << ::testing::PrintToString(SnapNames(*img));
+  EXPECT_EQ(kept[0] + ".cairn.3", kept[1]);
+  EXPECT_EQ(testing::ImageHash(*img, kept[0], kSize), a_before);
+  // Then deltas, as after any adoption: B's writes, then one more.
+  for (const uint64_t grains : {2, 1}) {
+    auto next = rep->RunOnce();
+    ASSERT_TRUE(next.ok()) << next.status().ToString();
+    EXPECT_EQ(next->id.base_seq, next->id.seq - 1);
+    EXPECT_EQ(next->data_bytes + next->zero_bytes, grains * 65536u);
+    EXPECT_EQ(testing::ImageHash(*img, "", kSize), testing::ImageHash(*p, "", kSize));
+    testing::Write(*p, 0, testing::RandomBytes(rng_, 4096));
+  }
 }
 
 TEST_F(FailbackTest, APlannedFailbackHandsTheImageBackAndResumesAsADeltaBothWays) {
