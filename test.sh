@@ -8,7 +8,9 @@
 #   4. integration tests (pytest): two real Ceph clusters on loopback,
 #      real cairnd processes over TCP, every restore point checked by hash;
 #   5. Cinder: Cairn's driver on real python3-cinder classes, and real
-#      cinder-api/scheduler/volume with RabbitMQ driven by the cinder CLI.
+#      cinder-api/scheduler/volume with RabbitMQ driven by the cinder CLI;
+#   6. deployment: the Debian packages built (cpack) and installed, and
+#      cairnd run exactly as its systemd unit says.
 # Usage: ./test.sh            (CI sets CI=true: warnings are errors)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -57,3 +59,7 @@ CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/inte
 
 echo "== Cinder: the driver on real python3-cinder classes, then real Cinder services"
 CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/cinder
+
+echo "== deployment: the Debian packages installed, cairnd run as its systemd unit says"
+(cd build && cpack -G DEB -B packages >/dev/null)
+CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/deploy

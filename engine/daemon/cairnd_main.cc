@@ -4,6 +4,8 @@
 #include <malloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
+#include <systemd/sd-daemon.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <cstdio>
@@ -134,8 +136,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "cairnd: %s\n", st.ToString().c_str());
     return 1;
   }
+  // Under systemd (Type=notify): ready once the control socket, the
+  // listener and every volume are up. A no-op without $NOTIFY_SOCKET.
+  sd_notifyf(0, "READY=1\nSTATUS=site %s: serving\nMAINPID=%lu", cfg->site.c_str(),
+             static_cast<unsigned long>(getpid()));
   const int sig = WaitForStop(stop_signals);
   spdlog::info("signal {}: stopping", strsignal(sig));
+  sd_notify(0, "STOPPING=1\nSTATUS=stopping");
   (*daemon)->Stop();
   return 0;
 }
