@@ -13,8 +13,9 @@ PKGS=(
   librbd-dev librados-dev liburing-dev libxxhash-dev
   libboost1.81-dev libprotobuf-dev protobuf-compiler
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libinih-dev libssl-dev libsystemd-dev
-  # the Debian packages (cpack; dpkg-shlibdeps) and the systemd unit's check
-  dpkg-dev systemd
+  # the Debian packages (cpack; dpkg-shlibdeps), the systemd unit's check,
+  # and deploy/ansible (run and linted by tests/deploy)
+  dpkg-dev systemd ansible ansible-lint
   # certificates for mutual TLS (deploy/cairn-certs)
   openssl
   # the Cinder driver shim (Python): frames and control messages

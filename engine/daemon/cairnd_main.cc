@@ -1,12 +1,13 @@
 // cairnd: Cairn's replicator daemon. See docs/OPERATIONS.md.
 //
-//   cairnd -c /etc/cairn/cairnd.conf [--check]
+//   cairnd -c /etc/cairn/cairnd.conf [--check | --check-config]
 #include <malloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -18,33 +19,27 @@
 
 namespace {
 
-int Usage() {
-  std::fprintf(stderr,
-               "usage: cairnd -c CONFIG [--check]\n"
-               "  -c, --config CONFIG  the INI file (see docs/OPERATIONS.md)\n"
-               "  --check              validate the config and the cluster, then exit\n");
-  return 2;
-}
-
-// The command line: the config file and whether only to check it.
+// The command line: the config file and what to do with it.
 struct Args {
   std::string config_path;
-  bool check_only = false;
+  bool check_only = false;   // check the config and the cluster, then exit
+  bool config_only = false;  // parse the config only, then exit
 };
 
-std::optional<Args> ParseArgs(int argc, char** argv) {
+// nullopt: exit with `*code` (usage, or --help).
+std::optional<Args> ParseArgs(int argc, char** argv, int* code) {
   Args args;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if ((a == "-c" || a == "--config") && i + 1 < argc) {
-      args.config_path = argv[++i];
-    } else if (a == "--check") {
-      args.check_only = true;
-    } else {
-      return std::nullopt;
-    }
+  CLI::App app{"cairnd: Cairn's replicator daemon (docs/OPERATIONS.md)", "cairnd"};
+  app.add_option("-c,--config", args.config_path, "the INI file (docs/OPERATIONS.md)")->required();
+  app.add_flag("--check", args.check_only, "validate the config and the cluster, then exit");
+  app.add_flag("--check-config", args.config_only,
+               "validate the config file alone (no cluster, no files it names), then exit");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    *code = app.exit(e) == 0 ? 0 : 2;
+    return std::nullopt;
   }
-  if (args.config_path.empty()) return std::nullopt;
   return args;
 }
 
@@ -113,13 +108,18 @@ int WaitForStop(const sigset_t& stop_signals) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::optional<Args> args = ParseArgs(argc, argv);
-  if (!args) return Usage();
+  int code = 0;
+  const std::optional<Args> args = ParseArgs(argc, argv, &code);
+  if (!args) return code;
 
   auto cfg = cairn::LoadConfig(args->config_path);
   if (!cfg.ok()) {
     std::fprintf(stderr, "cairnd: %s\n", cfg.status().message().c_str());
     return 2;
+  }
+  if (args->config_only) {
+    std::printf("cairnd: %s parses\n", args->config_path.c_str());
+    return 0;
   }
   spdlog::set_level(spdlog::level::from_str(cfg->log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ [" + cfg->site + "] %v");
