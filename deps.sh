@@ -16,6 +16,8 @@ PKGS=(
   # the Debian packages (cpack; dpkg-shlibdeps), the systemd unit's check,
   # and deploy/ansible (run and linted by tests/deploy)
   dpkg-dev systemd ansible ansible-lint
+  # metrics: a real Prometheus server and promtool, and a strict parser
+  prometheus python3-prometheus-client
   # certificates for mutual TLS (deploy/cairn-certs)
   openssl
   # the Cinder driver shim (Python): frames and control messages

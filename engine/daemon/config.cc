@@ -228,6 +228,7 @@ Status ReadCairndSection(SectionReader& r, std::string_view origin, DaemonConfig
   RETURN_IF_ERROR(r.String("control_group", &cfg.control_group));
   RETURN_IF_ERROR(r.String("admin_group", &cfg.admin_group));
   RETURN_IF_ERROR(r.String("log_level", &cfg.log_level));
+  RETURN_IF_ERROR(r.HostPort("metrics_listen", &cfg.metrics_host, &cfg.metrics_port));
   RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
   static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
   if (!kLevels.count(cfg.log_level)) {

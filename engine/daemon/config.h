@@ -85,6 +85,10 @@ struct DaemonConfig {
   // release): root, cairnd's own user, and the members of this group.
   std::string admin_group;
   std::string log_level = "info";
+  // Prometheus metrics over HTTP (GET /metrics) on this address; port 0:
+  // none (metrics_listen unset).
+  std::string metrics_host;
+  uint16_t metrics_port = 0;
   // Buffer memory lent to the epochs in flight, all volumes together
   // (source read windows, sink apply windows and spool buffers): the
   // daemon's memory does not grow with the number of volumes syncing.

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "engine/ceph/rados_kv_store.h"
+#include "engine/daemon/metrics.h"
 #include "engine/daemon/registry.h"
 #include "engine/spool/file_spool_store.h"
 
@@ -158,13 +159,39 @@ Status Daemon::Start() {
         }
       });
   control_server_->Start();
+  if (config_.metrics_port != 0) {
+    ASSIGN_OR_RETURN(metrics_, MetricsServer::Start(config_.metrics_host, config_.metrics_port,
+                                                    [this] { return Metrics(); }));
+    spdlog::info("metrics on http://{}:{}/metrics", config_.metrics_host, metrics_->port());
+  }
 
   spdlog::info("cairnd (site {}) ready; control socket {}", config_.site, config_.control_socket);
   return OkStatus();
 }
 
+std::string Daemon::Metrics() {
+  MetricsInput in;
+  in.site = config_.site;
+  in.now_ns = RealClock().UnixNs();
+  if (auto all = VolumeStatus(""); all.ok()) in.volumes = std::move(all).value();
+  if (config_.sink) {
+    // The spool's files: <spool_dir>/<volume>/<seq>.spool.
+    std::error_code ec;
+    for (const auto& dir : std::filesystem::directory_iterator(config_.sink->spool_dir, ec)) {
+      if (!dir.is_directory(ec)) continue;
+      uint64_t bytes = 0;
+      for (const auto& f : std::filesystem::directory_iterator(dir.path(), ec)) {
+        if (f.is_regular_file(ec)) bytes += f.file_size(ec);
+      }
+      in.spool_bytes[dir.path().filename().string()] = bytes;
+    }
+  }
+  return RenderMetrics(in);
+}
+
 void Daemon::Stop() {
-  // The control server goes first: its requests walk sources_ and sink_.
+  // The control and metrics servers go first: they walk sources_ and sink_.
+  metrics_.reset();
   if (control_server_) control_server_->Stop();
   control_server_.reset();
   if (fence_watch_.joinable()) {

@@ -28,6 +28,7 @@
 #include "engine/ceph/rbd_volume.h"
 #include "engine/daemon/config.h"
 #include "engine/daemon/control.h"
+#include "engine/daemon/metrics_http.h"
 #include "engine/link/link_server.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
@@ -57,6 +58,8 @@ class Daemon final : public ControlService {
   void Stop();
 
   StatusOr<std::vector<VolumeStatusInfo>> VolumeStatus(const std::string& volume) override;
+  // The Prometheus page (metrics.h) of every volume, now.
+  std::string Metrics();
   StatusOr<std::vector<RestorePoint>> Points(const std::string& volume) override;
   StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
                                   const std::string& to_image, bool full) override;
@@ -131,6 +134,7 @@ class Daemon final : public ControlService {
   std::unique_ptr<Sink> sink_;
   std::unique_ptr<LinkServer> sink_server_;
   std::unique_ptr<LinkServer> control_server_;
+  std::unique_ptr<MetricsServer> metrics_;  // [cairnd] metrics_listen
   // One registration or unregistration at a time (held across their RADOS
   // calls); sources_mu_ is only ever held to read or change the two below,
   // never across a call to Ceph, so status and points never wait on one.

@@ -1,6 +1,7 @@
 // Shared vocabulary of the source and sink roles.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <string>
@@ -78,6 +79,19 @@ struct VolumeStatusInfo {
   int64_t unchanged_as_of_ns = 0;
   // source, while syncing: data bytes of the epoch in progress sent so far
   uint64_t epoch_sent_bytes = 0;
+  // How long the epochs took (source: send began to APPLIED; sink:
+  // EpochBegin to the point made), counted in buckets of at most
+  // kEpochSecondsBuckets[i] seconds (the last: any), and their sum.
+  static constexpr std::array<double, 12> kEpochSecondsBuckets = {0.1, 0.25, 0.5, 1,   2.5, 5,
+                                                                  10,  30,   60,  120, 300, 600};
+  std::array<uint64_t, kEpochSecondsBuckets.size() + 1> epoch_seconds_count{};
+  double epoch_seconds_sum = 0;
+  void CountEpochSeconds(double secs) {
+    size_t i = 0;
+    while (i < kEpochSecondsBuckets.size() && secs > kEpochSecondsBuckets[i]) ++i;
+    epoch_seconds_count[i] += 1;
+    epoch_seconds_sum += secs;
+  }
   std::string error;  // the last error, empty if the last step succeeded
 };
 

@@ -443,6 +443,7 @@ Status Sink::Session(Link& link, Target& t) {
       s.epochs_total += 1;
       if (t.resumed) s.resumed_epochs_total += 1;
       s.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
+      s.CountEpochSeconds(secs);
       s.error.clear();
     });
   }

@@ -264,6 +264,7 @@ void SourceReplicator::RecordPoint(const EpochStart& start, const EpochSummary& 
   status_.bytes_total += sum.data_bytes;
   status_.epochs_total += 1;
   status_.throughput_bps = secs > 0 ? sum.data_bytes / secs : 0;
+  status_.CountEpochSeconds(secs);
   status_.error.clear();
   if (start.plan.skip_records > 0) status_.resumed_epochs_total += 1;
   status_.pending_snapshots = static_cast<uint64_t>(std::count_if(

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 
 import rbd
 
@@ -45,6 +46,7 @@ def _inventory(d, testbed, pki, ports, name, cinder_conf):
             "cairn_cephx_pools": ["rbd"],
             "cairn_tls_source_dir": pki,
             "cairn_sink_listen": f"127.0.0.1:{ports[site]}",
+            "cairn_metrics_listen": f"127.0.0.1:{ports['metrics-' + site]}",
             "cairn_sink_pools": ["rbd"],
             "cairn_sink_keep_points": 0,
             "cairn_peers": [{"name": f"site-{other}", "site": other, "pools": ["rbd"]}],
@@ -95,7 +97,7 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
     cinder_conf = os.path.join(work, "cinder.conf")
     with open(cinder_conf, "w") as f:
         f.write("[DEFAULT]\nenabled_backends = lvm\n\n[lvm]\nvolume_driver = x\n")
-    ports = {"a": lib.free_port(), "b": lib.free_port()}
+    ports = {k: lib.free_port() for k in ("a", "b", "metrics-a", "metrics-b")}
     name = f"ansible-{os.getpid()}"
     inventory, ceph_user = _inventory(work, testbed, pki, ports, name, cinder_conf)
     site_a = lib.Site(testbed["CEPH_CONF_A"])
@@ -146,6 +148,12 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
         assert site_b.digest(point["image"], point["snap"]) == site_a.digest(name, f"cairn.{seq}")
         restored = b.cli("restore", name, str(seq), "--to", f"{name}-restored", "--full")
         assert site_b.digest(restored["image"]) == site_a.digest(name, f"cairn.{seq}")
+        # And its metrics, where the role put them.
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics-b']}/metrics",
+                                    timeout=10) as r:
+            page = r.read().decode()
+        assert f'cairn_volume_last_point_seq{{site="b",volume="{name}",role="sink"}} {seq}' \
+            in page, page[:2000]
     finally:
         stopped = [_quietly(inst.stop) for inst in started]
         site_a.remove_all(name)
