@@ -71,7 +71,10 @@ std::vector<PerVolume> PerVolumeFamilies(const MetricsInput& in) {
        [](const auto& v) { return v.lag_seconds; }, true},
       {"cairn_volume_point_age_seconds", "gauge",
        "Now minus when the source snapshot of the newest restore point was taken.",
-       [&](const auto& v) { return (in.now_ns - v.last_point_time_ns) / 1e9; }, true},
+       [&](const auto& v) {
+         return v.last_point_time_ns > 0 ? (in.now_ns - v.last_point_time_ns) / 1e9 : 0.0;
+       },
+       true},
       {"cairn_volume_up", "gauge",
        "1 unless the volume's replication is disconnected or failing (state error).",
        [](const auto& v) {

@@ -9,6 +9,8 @@
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
 #include <chrono>
+#include <exception>
+#include <string>
 #include <thread>
 
 namespace cairn {
@@ -43,10 +45,24 @@ class Exchange : public std::enable_shared_from_this<Exchange> {
     response_.version(request_.version());
     response_.keep_alive(false);
     response_.set(http::field::server, "cairnd");
+    std::string page;
+    std::string failed;
     if (metrics && get) {
+      try {  // a page that cannot be made is an error of this request, not of cairnd
+        page = render_();
+      } catch (const std::exception& e) {
+        failed = e.what();
+      }
+    }
+    if (metrics && get && failed.empty()) {
       response_.result(http::status::ok);
       response_.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
-      response_.body() = render_();
+      response_.body() = std::move(page);
+    } else if (!failed.empty()) {
+      spdlog::warn("metrics: the page could not be made: {}", failed);
+      response_.result(http::status::internal_server_error);
+      response_.set(http::field::content_type, "text/plain; charset=utf-8");
+      response_.body() = "cairnd could not make its metrics: " + failed + "\n";
     } else {
       response_.result(get ? http::status::not_found : http::status::method_not_allowed);
       response_.set(http::field::content_type, "text/plain; charset=utf-8");

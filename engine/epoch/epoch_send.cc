@@ -335,11 +335,13 @@ class RecordPipeline {
 Status AddGrainAligned(Volume& vol, const std::string& snap, uint64_t size, RecordPipeline& pipe,
                        uint64_t* covered) {
   std::optional<Extent> data;  // not added yet: the next may join it
+  uint64_t listed = 0;         // where the last extent listed ends
   RETURN_IF_ERROR(vol.DiffExtents("", snap, [&](const Extent& e) -> Status {
+    if (e.offset < listed) return Internal("DiffExtents listed extents out of order");
+    listed = e.offset + e.length;
     const uint64_t from = e.offset / kDigestGrain * kDigestGrain;
     const uint64_t to =
         std::min(size, (e.offset + e.length + kDigestGrain - 1) / kDigestGrain * kDigestGrain);
-    if (from < *covered && !data) return Internal("DiffExtents listed extents out of order");
     if (data && from <= *covered) {
       data->length = std::max(*covered, to) - data->offset;
     } else {

@@ -294,6 +294,12 @@ Status Sink::Reception::AnswerDigests(Link& link, const Frame& request) {
   if (!digest_base_) {
     ASSIGN_OR_RETURN(digest_base_, OpenDigestBase(rq.base_seq()));
   }
+  // In order and without gaps: at the epoch's end, served_bytes up to the
+  // image size means every grain was compared.
+  if (rq.offset() != digest_base_->served_bytes) {
+    return DataLoss(fmt::format("a DigestRequest at {} after digests up to {} in epoch {}",
+                                rq.offset(), digest_base_->served_bytes, epoch.id.seq));
+  }
   ASSIGN_OR_RETURN(std::string digests,
                    DigestRange(*digest_base_->io, digest_base_->snap.size, rq.offset(), rq.length(),
                                rq.grain(), rq.image_size()));
@@ -306,18 +312,19 @@ Status Sink::Reception::AnswerDigests(Link& link, const Frame& request) {
 }
 
 StatusOr<Sink::Reception::DigestBase> Sink::Reception::OpenDigestBase(uint64_t base_seq) {
-  // The base point's snapshot; with no point, the image as adopted.
-  std::string image = t_.image;
-  std::string snap;
+  // What PrepareTarget puts the head back to before the epoch's writes:
+  // the point's snapshot on t's image; with no point, the image as
+  // adopted.
+  const std::string& image = t_.image;
+  const std::string snap = SnapName(base_seq);
   if (base_seq > 0) {
     ASSIGN_OR_RETURN(const auto latest, t_.catalog->Latest(t_.volume));
-    if (!latest || latest->epoch.seq != base_seq || latest->pool != t_.pool_name) {
-      return FailedPrecondition(
-          fmt::format("restore point {} of volume '{}' is not the newest here: no digests of it",
-                      base_seq, t_.volume));
+    if (!latest || latest->epoch.seq != base_seq || latest->pool != t_.pool_name ||
+        latest->image != t_.image || latest->snap != snap) {
+      return FailedPrecondition(fmt::format(
+          "restore point {} of volume '{}' is not the newest here as {}/{}@{}: no digests of it",
+          base_seq, t_.volume, t_.pool_name, t_.image, snap));
     }
-    image = latest->image;
-    snap = latest->snap;
   }
   DigestBase b;
   ASSIGN_OR_RETURN(b.vol, t_.pool->Open(image));

@@ -176,7 +176,9 @@ class LinkDigests final : public BaseDigests {
 }  // namespace
 
 std::unique_ptr<BaseDigests> SourceReplicator::SinkDigests() {
-  return std::make_unique<LinkDigests>(*link_, sink_seq_, timeouts_.ack);
+  // A window's digests take the sink one read of 64 MiB: as long as a
+  // stall between frames may last, not an apply.
+  return std::make_unique<LinkDigests>(*link_, sink_seq_, timeouts_.stall);
 }
 
 }  // namespace cairn
