@@ -9,6 +9,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
+
 #include "engine/daemon/metrics_http.h"
 
 namespace cairn {
@@ -90,7 +92,7 @@ std::string Get(uint16_t port, const std::string& request) {
 }
 
 TEST(Metrics, ServedOverHttp) {
-  int renders = 0;
+  std::atomic<int> renders = 0;  // counted on the server's thread
   auto server = MetricsServer::Start("127.0.0.1", 0, [&] {
     ++renders;
     return RenderMetrics(Input());
