@@ -63,7 +63,7 @@ Status CheckDigestRequest(uint64_t offset, uint64_t length, uint32_t grain, uint
                       offset % grain == 0 && length > 0 && offset < image_size &&
                       length <= image_size - offset &&
                       (length % grain == 0 || offset + length == image_size) &&
-                      (length + grain - 1) / grain <= kMaxGrainsPerRequest;
+                      length <= kMaxGrainsPerRequest * grain;  // grain <= 4 MiB: no overflow
   if (shaped) return OkStatus();
   return InvalidArgument(
       fmt::format("a digest request for [{}, +{}) in grains of {} bytes of an image of {} bytes "

@@ -353,6 +353,8 @@ TEST(BlockDigestsTest, DigestsOfASnapshotPastItsOwnSize) {
   }
   EXPECT_EQ(DigestRange(*io, size, 0, 2ull << 30, 4096, 4ull << 30).status().code(),
             Code::kInvalidArgument);  // too many digests for one reply
+  EXPECT_EQ(DigestRange(*io, size, 0, UINT64_MAX, kDigestGrain, UINT64_MAX).status().code(),
+            Code::kInvalidArgument);  // ... however the count is reckoned
 }
 
 // A resync whose base (the receiver's point) holds most of the image
