@@ -15,7 +15,7 @@ PKGS=(
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libinih-dev libssl-dev libsystemd-dev
   # the Debian packages (cpack; dpkg-shlibdeps), the systemd unit's check,
   # and deploy/ansible (run and linted by tests/deploy)
-  dpkg-dev systemd ansible ansible-lint
+  dpkg-dev systemd adduser ansible ansible-lint
   # metrics: a real Prometheus server and promtool, and a strict parser
   prometheus python3-prometheus-client
   # certificates for mutual TLS (deploy/cairn-certs)
