@@ -61,5 +61,6 @@ echo "== Cinder: the driver on real python3-cinder classes, then real Cinder ser
 CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/cinder
 
 echo "== deployment: the Debian packages installed, cairnd run as its systemd unit says"
+rm -rf build/packages  # one version of each package: this checkout's
 (cd build && cpack -G DEB -B packages >/dev/null)
 CAIRN_TESTBED="$tb" /usr/bin/python3 -m pytest -v -p no:cacheprovider tests/deploy

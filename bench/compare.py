@@ -10,7 +10,8 @@ Every measurement runs `--runs` times (3 by default) and is reported as
 median and min-max; every replica is compared with its source by a hash of
 the whole image, and a run that does not verify raises: it does not count.
 Results: OUT/results.json, OUT/results.md (with ratios against each peer
-measured in the same run) and OUT/performance.png; a run that fails writes
+measured in the same run), OUT/performance.png and OUT/lag.png (the lag over
+time of the RPO runs, scraped from both cairnds' /metrics); a run that fails writes
 the sections it finished to OUT/results.partial.json instead.
 
 Usage (bench/run.sh does all of it, test bed included):
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                 "tools"))
@@ -103,6 +105,53 @@ def window_mean(samples, start, seconds):
         raise RuntimeError(f"fio logged {len(inside)} samples in a {seconds} s window "
                            f"(of {len(samples)}): its log does not cover the window")
     return statistics.mean(inside)
+
+
+def with_metrics(config_text, port):
+    """A cairnd config that also serves Prometheus metrics on 127.0.0.1:PORT."""
+    return config_text.replace("[cairnd]\n", f"[cairnd]\nmetrics_listen = 127.0.0.1:{port}\n", 1)
+
+
+def scrape(port, name, **labels):
+    """The value of one sample of cairnd's /metrics page (None if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+class LagSampler:
+    """Scrapes cairn_volume_lag_seconds from the sink's and the source's
+    /metrics every PERIOD seconds, in a thread, from start to stop: the lag
+    over time, as an operator's Prometheus would see it."""
+
+    def __init__(self, vol, sink_port, source_port, period=0.25):
+        self.series = []  # (seconds since start, lag at site B, lag at site A)
+        self.errors = []
+        self._stop = threading.Event()
+        t0 = time.monotonic()
+
+        def sample():
+            while not self._stop.wait(period):
+                try:
+                    b = scrape(sink_port, "cairn_volume_lag_seconds", volume=vol, role="sink")
+                    a = scrape(source_port, "cairn_volume_lag_seconds", volume=vol,
+                               role="source")
+                    self.series.append((round(time.monotonic() - t0, 3), b, a))
+                except OSError as e:  # a scrape that fails is a gap, said in the results
+                    self.errors.append(f"{time.monotonic() - t0:.1f} s: {e}")
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        self.t0 = t0
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.series
 
 
 class RunningFio:
@@ -187,6 +236,7 @@ class Bench:
         self.sink = None
         self.plain_port = lib.free_port()  # the sink without TLS (tool cairn_plain)
         self.plain_sink = None
+        self.sink_metrics = lib.free_port()  # the TLS sink's /metrics (the lag chart)
         self.mirror = None
         self.randfile = os.path.join(self.work, "random-1g.bin")
         # Volume ids and images are new in every invocation: the sink's
@@ -301,17 +351,19 @@ class Bench:
         if self.sink is None:
             # Retention keeps the standby's snapshots (memstore is RAM) bounded
             # under the RPO load: one point a second.
-            self.sink = lib.Cairnd(self.work, "sink-b", lib.sink_config(
+            self.sink = lib.Cairnd(self.work, "sink-b", with_metrics(lib.sink_config(
                 "b", self.conf_b, self.port, os.path.join(self.work, "spool"),
                 extra="keep_points = 3\n" +
-                "".join(f"{o}\n" for o in self.args.sink_option))).start()
+                "".join(f"{o}\n" for o in self.args.sink_option)), self.sink_metrics)).start()
         return self.sink
 
-    def start_source(self, name, volumes, interval="0", tls=True):
-        src = lib.Cairnd(self.work, name, lib.source_config(
+    def start_source(self, name, volumes, interval="0", tls=True, metrics_port=None):
+        config = lib.source_config(
             "a", self.conf_a, self.port if tls else self.plain_port, volumes, interval=interval,
-            keep=0, extra="".join(f"{o}\n" for o in self.args.volume_option), tls=tls))
-        return src.start()
+            keep=0, extra="".join(f"{o}\n" for o in self.args.volume_option), tls=tls)
+        if metrics_port:
+            config = with_metrics(config, metrics_port)
+        return lib.Cairnd(self.work, name, config).start()
 
     def cairn_replicate(self, src, vol):
         t0 = time.monotonic()
@@ -649,6 +701,7 @@ class Bench:
     def _rpo_runs(self, img, fraction, placement, sink, seconds, pct):
         p50s, p99s, maxs, caught_up, written, caps, rates = [], [], [], [], [], [], []
         samples = []  # each run's ages, in sampling order (for a look at the backlog)
+        lags = []  # each run's lag over time, scraped from both cairnds' /metrics
         for r in range(1, self.args.runs + 1):
             vol, _, tgt = self.names(f"rpo{pct}{placement[0]}-", r)
             for s in self.a.snaps(img):
@@ -666,10 +719,12 @@ class Bench:
             log(f"rpo run {r} ({placement} cores): primary capacity {cap / MiB:.1f} MiB/s "
                 f"(64 KiB random writes, iodepth 16); load at {rate / MiB:.1f} MiB/s")
             guest = self.start_fio(img, f"rpo{pct}{placement[0]}{r}", rate, prefix=fio)
-            src = None
+            src = sampler = None
+            source_metrics = lib.free_port()
             try:
                 src = self.start_source(f"src-rpo{pct}{placement[0]}-{r}", {vol: (img, tgt)},
-                                        interval="1s")
+                                        interval="1s", metrics_port=source_metrics)
+                sampler = LagSampler(vol, self.sink_metrics, source_metrics)
                 self.place(placement, sink, src)
                 lib.wait_for("the first restore point of the RPO image",
                              lambda: sink.json("status", vol)[0]["last_seq"] > 0, timeout=300)
@@ -683,6 +738,7 @@ class Bench:
                 # began with the backlog epoch and its 4-7 s ages.)
                 t_first = time.monotonic()
                 t_first_wall = time.time()
+                lag = {"first_point_s": round(t_first - sampler.t0, 3)}
 
                 def point_time():
                     guest.check_running("replication caught up")
@@ -708,12 +764,18 @@ class Bench:
                 jitter = random.Random(f"{img}-{r}")
                 ages = []
                 t_second = time.monotonic()
+                lag["window_s"] = [round(t_second - sampler.t0, 3),
+                                   round(t_second + seconds - sampler.t0, 3)]
                 for _ in range(seconds):
                     t_sample = t_second + jitter.random()
                     time.sleep(max(0, t_sample - time.monotonic()))  # the sampling period
                     ages.append(age())
                     t_second += 1
                 t_window = time.time() - seconds
+                lag["series"] = sampler.stop()
+                lag["scrape_errors"] = sampler.errors[:20]
+                sampler = None
+                lags.append(lag)
                 src.stop()  # before fio closes its image (_window_with_snapshots says why)
                 src = None
                 load = window_mean(guest.stop(), t_window, seconds) * 64 * 1024
@@ -722,6 +784,8 @@ class Bench:
                 log(f"rpo run {r}: fio wrote {load / MiB:.1f} MiB/s while sampled")
                 seq = self._last_point(f"src-rpo{pct}{placement[0]}-{r}-last", vol, img, tgt)
             finally:
+                if sampler:
+                    sampler.stop()
                 if guest:
                     guest.kill()
                 if src:
@@ -755,7 +819,7 @@ class Bench:
                                                                   for c in caught_up) else None),
                                            "not_caught_up": caught_up.count(None),
                                            "written_mib_s": stats(written),
-                                           "ages_s": samples}
+                                           "ages_s": samples, "lag_over_time": lags}
 
     def section_penalty(self):
         """fio write IOPS at the primary: no replication, Cairn at 1 s,
@@ -1280,7 +1344,41 @@ def chart(results, path):
     return True
 
 
-def update_docs(md, png):
+def chart_lag(results, path):
+    """The lag over time of every RPO run, as both cairnds' /metrics said it
+    (cairn_volume_lag_seconds): one panel per load and placement."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    s = results["sections"]
+    keys = [k for k in sorted(s) if k.startswith("rpo_") and s[k].get("lag_over_time")]
+    if not keys:
+        return False
+    fig, axes = plt.subplots(len(keys), 1, figsize=(9, 2.8 * len(keys)), squeeze=False)
+    for ax, key in zip(axes[:, 0], keys):
+        sec = s[key]
+        for r, run in enumerate(sec["lag_over_time"], 1):
+            t = [p[0] for p in run["series"]]
+            line, = ax.plot(t, [p[1] for p in run["series"]], linewidth=1,
+                            label=f"run {r}, site B (sink)")
+            ax.plot(t, [p[2] for p in run["series"]], linewidth=0.8, linestyle=":",
+                    color=line.get_color(), label=f"run {r}, site A (source)")
+            ax.axvline(run["first_point_s"], color=line.get_color(), linewidth=0.6,
+                       linestyle="--")
+        w = sec["lag_over_time"][0]["window_s"]
+        ax.axvspan(w[0], w[1], color="#dddddd", alpha=0.5, label="run 1's sampled window")
+        ax.set_title(f"lag at {sec['fraction'] * 100:.0f} % of the primary's capacity "
+                     f"({sec['load_mib_s']:.0f} MiB/s), {sec['placement']} cores; "
+                     f"dashed: first point")
+        ax.set_ylabel("cairn_volume_lag_seconds")
+        ax.set_xlabel("seconds since the source started")
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def update_docs(md, png, lag_png=None):
     doc = os.path.join(lib.ROOT, "docs", "PERFORMANCE.md")
     with open(doc) as f:
         text = f.read()
@@ -1290,9 +1388,13 @@ def update_docs(md, png):
     head, rest = text.split(begin, 1)
     _, tail = rest.split(end, 1)
     with open(doc, "w") as f:
-        f.write(f"{head}{begin}\n{md}\n![Cairn against its peers](performance.png)\n\n{end}{tail}")
+        lag = "![Lag over time, from /metrics](lag.png)\n\n" if lag_png else ""
+        f.write(f"{head}{begin}\n{md}\n![Cairn against its peers](performance.png)\n\n{lag}"
+                f"{end}{tail}")
     if png:
         shutil.copy(png, os.path.join(lib.ROOT, "docs", "performance.png"))
+    if lag_png:
+        shutil.copy(lag_png, os.path.join(lib.ROOT, "docs", "lag.png"))
 
 
 # The sections each step of main() writes.
@@ -1469,9 +1571,12 @@ def main():
     png = os.path.join(args.out, "performance.png")
     if not chart(b.results, png):
         png = None
+    lag_png = os.path.join(args.out, "lag.png")
+    if not chart_lag(b.results, lag_png):
+        lag_png = None
     print(md)
     if args.update_docs:
-        update_docs(md, png)
+        update_docs(md, png, lag_png)
     if not args.keep_work:
         shutil.rmtree(b.work, ignore_errors=True)
 

@@ -20,7 +20,27 @@ install(FILES README.md docs/OPERATIONS.md docs/SECURITY.md docs/FORMAT.md docs/
 install(DIRECTORY cinder_driver_shim/cairn_cinder DESTINATION lib/python3/dist-packages
         COMPONENT cinder FILES_MATCHING PATTERN "*.py")
 
+# Every build from a git checkout has its own, increasing version
+# (0.1.0+git<commits>.<hash>): apt on a node upgrades to a newer build and
+# `dpkg -l cairn` names the commit. A new commit reconfigures (.git/logs/HEAD).
+set(CAIRN_PACKAGE_VERSION ${PROJECT_VERSION})
+find_package(Git QUIET)
+if(GIT_FOUND AND EXISTS "${CMAKE_CURRENT_SOURCE_DIR}/.git/logs/HEAD")
+  execute_process(COMMAND ${GIT_EXECUTABLE} rev-list --count HEAD
+                  WORKING_DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR} OUTPUT_VARIABLE commits
+                  RESULT_VARIABLE commits_rc OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  execute_process(COMMAND ${GIT_EXECUTABLE} rev-parse --short=10 HEAD
+                  WORKING_DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR} OUTPUT_VARIABLE hash
+                  RESULT_VARIABLE hash_rc OUTPUT_STRIP_TRAILING_WHITESPACE ERROR_QUIET)
+  if(commits_rc EQUAL 0 AND hash_rc EQUAL 0)
+    set(CAIRN_PACKAGE_VERSION "${PROJECT_VERSION}+git${commits}.${hash}")
+  endif()
+  set_property(DIRECTORY APPEND PROPERTY CMAKE_CONFIGURE_DEPENDS
+               "${CMAKE_CURRENT_SOURCE_DIR}/.git/logs/HEAD")
+endif()
+
 set(CPACK_GENERATOR DEB)
+set(CPACK_PACKAGE_VERSION ${CAIRN_PACKAGE_VERSION})
 set(CPACK_PACKAGE_NAME cairn)
 set(CPACK_PACKAGE_VENDOR "Cairn")
 set(CPACK_PACKAGE_CONTACT "Cairn maintainers <cairn@localhost>")

@@ -162,7 +162,10 @@ StatusOr<EpochSummary> SourceReplicator::RunOnce() {
     Status st = Connect();
     if (!st.ok()) return st.Annotate(fmt::format("connecting to sink {}", status_.peer));
     std::lock_guard lock(mu_);
-    if (sink_seq_ > status_.last_seq) status_.last_seq = sink_seq_;
+    if (sink_seq_ > status_.last_seq) {  // a restarted source learns its newest point
+      status_.last_seq = sink_seq_;
+      status_.last_point_time_ns = sink_point_time_ns_;
+    }
   }
   const bool stopping = [&] {
     std::lock_guard lock(mu_);

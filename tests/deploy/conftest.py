@@ -23,6 +23,9 @@ def packages():
     for path in glob.glob(os.path.join(d, "*.deb")):
         name = subprocess.run(["dpkg-deb", "-f", path, "Package"], capture_output=True,
                               text=True, check=True).stdout.strip()
+        if name in debs:
+            pytest.fail(f"two builds of {name} in {d} ({debs[name]}, {path}): remove the "
+                        f"older (test.sh empties {d} before cpack)")
         debs[name] = path
     if set(debs) != {"cairn", "python3-cairn-cinder"}:
         pytest.fail(f"expected the cairn and python3-cairn-cinder packages in {d} "

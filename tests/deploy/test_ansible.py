@@ -7,7 +7,6 @@ says, for each site, replicates a volume from A to B, and a restore point
 is restored and compared by hash. A second run changes nothing, and
 ansible-lint finds nothing."""
 import configparser
-import glob
 import json
 import os
 import random
@@ -26,9 +25,8 @@ ANSIBLE = os.path.join(lib.ROOT, "deploy", "ansible")
 MiB = 1 << 20
 
 
-def _inventory(d, testbed, pki, ports, name, cinder_conf):
-    deb = glob.glob(os.path.join(lib.BUILD, "packages", "cairn_*.deb"))[0]
-    driver = glob.glob(os.path.join(lib.BUILD, "packages", "python3-cairn-cinder_*.deb"))[0]
+def _inventory(d, testbed, pki, ports, name, cinder_conf, packages):
+    deb, driver = packages["cairn"], packages["python3-cairn-cinder"]
     ceph_user = f"cairn-ansible-{os.getpid()}"
     hosts = {}
     for site, other in (("a", "b"), ("b", "a")):
@@ -99,7 +97,7 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
         f.write("[DEFAULT]\nenabled_backends = lvm\n\n[lvm]\nvolume_driver = x\n")
     ports = {k: lib.free_port() for k in ("a", "b", "metrics-a", "metrics-b")}
     name = f"ansible-{os.getpid()}"
-    inventory, ceph_user = _inventory(work, testbed, pki, ports, name, cinder_conf)
+    inventory, ceph_user = _inventory(work, testbed, pki, ports, name, cinder_conf, packages)
     site_a = lib.Site(testbed["CEPH_CONF_A"])
     site_b = lib.Site(testbed["CEPH_CONF_B"])
     # The packages as Ansible installs them, not as an earlier test did.

@@ -51,6 +51,20 @@ def test_the_packages_hold_the_programs_the_unit_and_the_driver(packages):
         assert _field(deb, "Description").splitlines()[0] == synopsis
 
 
+def test_the_version_names_the_commit_it_was_built_from(packages):
+    """Each build's version is newer than the last one's (apt upgrades a node)
+    and names its commit: 0.1.0+git<commits>.<hash>."""
+    def git(*args):
+        return subprocess.run(["git", "-C", lib.ROOT, *args], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    want = f"+git{git('rev-list', '--count', 'HEAD')}.{git('rev-parse', '--short=10', 'HEAD')}"
+    for deb in packages.values():
+        version = _field(deb, "Version")
+        assert version.endswith(want), f"{deb}: version {version}, not ...{want}"
+    older = f"{version.split('+')[0]}+git{int(git('rev-list', '--count', 'HEAD')) - 1}.0"
+    assert subprocess.run(["dpkg", "--compare-versions", version, "gt", older]).returncode == 0
+
+
 def test_the_example_configuration_is_the_documented_one(installed):
     """The package's example holds every key of docs/OPERATIONS.md's
     configuration, as documented there."""

@@ -258,6 +258,27 @@ TEST_F(ReplicationTest, SourceRestartResumesFromTheSinksNewestPoint) {
   VerifyAllPoints(*src, 4);
 }
 
+// A restarted source that cannot ship (its image is gone) still reports the
+// newest point the sink holds, and its time: the lag counts from that point,
+// not from nothing.
+TEST_F(ReplicationTest, RestartedSourceReportsTheSinksNewestPointAndItsTime) {
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  int64_t point_time = 0;
+  {
+    SourceReplicator rep(Config(), "a", site_a_, Connector());
+    ASSERT_TRUE(rep.RunOnce().ok());
+    point_time = rep.Report().last_point_time_ns;
+    ASSERT_GT(point_time, 0);
+  }
+  ASSERT_TRUE(site_a_->Remove("img").ok());
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  EXPECT_FALSE(rep.RunOnce().ok());
+  const VolumeStatusInfo s = rep.Report();
+  EXPECT_EQ(s.last_seq, 1u);
+  EXPECT_EQ(s.last_point_time_ns, point_time);
+  EXPECT_GE(s.lag_seconds, 0);
+}
+
 TEST_F(ReplicationTest, CorruptFrameIsRefusedCountedAndResent) {
   const uint64_t size = 4 * kMiB;
   ASSERT_TRUE(site_a_->Create("img", size).ok());
