@@ -19,6 +19,51 @@ std::string PointKey(std::string_view volume, uint64_t seq) {
   return fmt::format("point/{}/{:020}", volume, seq);
 }
 std::string PointPrefix(std::string_view volume) { return fmt::format("point/{}/", volume); }
+std::string VerifiedKey(std::string_view volume, uint64_t seq) {
+  return fmt::format("verified/{}/{:020}", volume, seq);
+}
+std::string VerifiedPrefix(std::string_view volume) { return fmt::format("verified/{}/", volume); }
+
+// A record's stored form: the version byte, the body, and the XXH3-64 of
+// both.
+std::string Seal(const google::protobuf::MessageLite& m) {
+  std::string out(1, static_cast<char>(kCatalogVersion));
+  m.AppendToString(&out);
+  const uint64_t h = XXH3_64bits(out.data(), out.size());
+  out.append(reinterpret_cast<const char*>(&h), sizeof h);
+  return out;
+}
+
+// Parses a sealed record into `m`; kDataLoss (naming `key`) if truncated,
+// damaged or unparsable.
+Status Unseal(std::string_view bytes, std::string_view key, google::protobuf::MessageLite* m) {
+  if (bytes.size() < 1 + sizeof(uint64_t)) {
+    return DataLoss(fmt::format("catalog record {} is truncated ({} bytes)", key, bytes.size()));
+  }
+  uint64_t stored;
+  std::memcpy(&stored, bytes.data() + bytes.size() - sizeof stored, sizeof stored);
+  const std::string_view covered = bytes.substr(0, bytes.size() - sizeof stored);
+  if (XXH3_64bits(covered.data(), covered.size()) != stored) {
+    return DataLoss(fmt::format("catalog record {} checksum mismatch", key));
+  }
+  if (static_cast<uint8_t>(covered[0]) != kCatalogVersion) {
+    return FailedPrecondition(fmt::format("catalog record {} has version {}, this build reads {}",
+                                          key, static_cast<uint8_t>(covered[0]), kCatalogVersion));
+  }
+  if (!m->ParseFromArray(covered.data() + 1, static_cast<int>(covered.size() - 1))) {
+    return DataLoss(fmt::format("catalog record {} does not parse", key));
+  }
+  return OkStatus();
+}
+
+StatusOr<PointVerification> DecodeVerification(std::string_view bytes, std::string_view key) {
+  pb::VerifyEnd m;
+  RETURN_IF_ERROR(Unseal(bytes, key, &m));
+  return PointVerification{.recorded_ns = m.recorded_ns(),
+                           .compared_bytes = m.compared_bytes(),
+                           .mismatched_grains = m.mismatched_grains(),
+                           .grain = m.grain()};
+}
 
 constexpr char kSinkInstanceKey[] = "instance/sink";
 constexpr uint8_t kSinkInstanceVersion = 1;
@@ -54,16 +99,19 @@ void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m) {
   m->set_chain_digest(p.chain_digest.AsBytes());
   m->set_state(pb::RestorePoint::COMPLETE);
   m->set_source_site(p.epoch.source_site);
+  if (p.verification) {
+    m->set_verified_ns(p.verification->recorded_ns);
+    m->set_verify_mismatched_grains(p.verification->mismatched_grains);
+    m->set_verify_grain(p.verification->grain);
+  }
 }
 
 std::string EncodeRestorePoint(const RestorePoint& p) {
   pb::RestorePoint m;
-  RestorePointToProto(p, &m);
-  std::string out(1, static_cast<char>(kCatalogVersion));
-  m.AppendToString(&out);
-  const uint64_t h = XXH3_64bits(out.data(), out.size());
-  out.append(reinterpret_cast<const char*>(&h), sizeof h);
-  return out;
+  RestorePoint bare = p;
+  bare.verification.reset();  // a record of its own
+  RestorePointToProto(bare, &m);
+  return Seal(m);
 }
 
 StatusOr<RestorePoint> RestorePointFromProto(const pb::RestorePoint& m, std::string_view what) {
@@ -80,6 +128,11 @@ StatusOr<RestorePoint> RestorePointFromProto(const pb::RestorePoint& m, std::str
   p.snap = m.snap();
   p.data_bytes = m.data_bytes();
   p.zero_bytes = m.zero_bytes();
+  if (m.verified_ns() != 0) {
+    p.verification = PointVerification{.recorded_ns = m.verified_ns(),
+                                       .mismatched_grains = m.verify_mismatched_grains(),
+                                       .grain = m.verify_grain()};
+  }
   if (!EpochDigest::FromString(m.epoch_digest(), &p.epoch_digest) ||
       !ChainDigest::FromString(m.chain_digest(), &p.chain_digest)) {
     return DataLoss(fmt::format("{} has a malformed digest", what));
@@ -88,23 +141,8 @@ StatusOr<RestorePoint> RestorePointFromProto(const pb::RestorePoint& m, std::str
 }
 
 StatusOr<RestorePoint> DecodeRestorePoint(std::string_view bytes, std::string_view key) {
-  if (bytes.size() < 1 + sizeof(uint64_t)) {
-    return DataLoss(fmt::format("catalog record {} is truncated ({} bytes)", key, bytes.size()));
-  }
-  uint64_t stored;
-  std::memcpy(&stored, bytes.data() + bytes.size() - sizeof stored, sizeof stored);
-  const std::string_view covered = bytes.substr(0, bytes.size() - sizeof stored);
-  if (XXH3_64bits(covered.data(), covered.size()) != stored) {
-    return DataLoss(fmt::format("catalog record {} checksum mismatch", key));
-  }
-  if (static_cast<uint8_t>(covered[0]) != kCatalogVersion) {
-    return FailedPrecondition(fmt::format("catalog record {} has version {}, this build reads {}",
-                                          key, static_cast<uint8_t>(covered[0]), kCatalogVersion));
-  }
   pb::RestorePoint m;
-  if (!m.ParseFromArray(covered.data() + 1, static_cast<int>(covered.size() - 1))) {
-    return DataLoss(fmt::format("catalog record {} does not parse", key));
-  }
+  RETURN_IF_ERROR(Unseal(bytes, key, &m));
   return RestorePointFromProto(m, fmt::format("catalog record {}", key));
 }
 
@@ -216,7 +254,18 @@ Status Catalog::AddPoint(const RestorePoint& p) {
 }
 
 Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
-  return kv_.Commit({}, {PointKey(volume, seq)});
+  return kv_.Commit({}, {PointKey(volume, seq), VerifiedKey(volume, seq)});
+}
+
+Status Catalog::SetVerification(std::string_view volume, uint64_t seq, const PointVerification& v) {
+  RETURN_IF_ERROR(Get(volume, seq).status());
+  pb::VerifyEnd m;
+  m.set_seq(seq);
+  m.set_compared_bytes(v.compared_bytes);
+  m.set_mismatched_grains(v.mismatched_grains);
+  m.set_grain(v.grain);
+  m.set_recorded_ns(v.recorded_ns);
+  return kv_.Commit({{VerifiedKey(volume, seq), Seal(m)}}, {});
 }
 
 Status Catalog::HandBack(std::string_view volume, std::string_view pool, std::string_view image) {
@@ -225,6 +274,8 @@ Status Catalog::HandBack(std::string_view volume, std::string_view pool, std::st
   std::vector<std::string> gone;
   gone.reserve(kvs.size() + 2);
   for (const auto& [k, v] : kvs) gone.push_back(k);
+  ASSIGN_OR_RETURN(auto verified, kv_.Scan(VerifiedPrefix(volume)));
+  for (const auto& [k, v] : verified) gone.push_back(k);
   gone.push_back(fmt::format("owner/{}/{}", pool, image));
   gone.push_back(fmt::format("resolved/{}", volume));
   return kv_.Commit({}, gone);
@@ -233,10 +284,15 @@ Status Catalog::HandBack(std::string_view volume, std::string_view pool, std::st
 StatusOr<std::vector<RestorePoint>> Catalog::Points(std::string_view volume) {
   RETURN_IF_ERROR(ValidateVolumeId(volume));
   ASSIGN_OR_RETURN(auto kvs, kv_.Scan(PointPrefix(volume)));
+  ASSIGN_OR_RETURN(const auto verified, kv_.Scan(VerifiedPrefix(volume)));
   std::vector<RestorePoint> out;
   out.reserve(kvs.size());
   for (const auto& [k, v] : kvs) {
     ASSIGN_OR_RETURN(RestorePoint p, DecodeRestorePoint(v, k));
+    const std::string vkey = VerifiedKey(volume, p.epoch.seq);
+    if (auto it = verified.find(vkey); it != verified.end()) {
+      ASSIGN_OR_RETURN(p.verification, DecodeVerification(it->second, vkey));
+    }
     out.push_back(std::move(p));
   }
   return out;
@@ -258,7 +314,15 @@ StatusOr<RestorePoint> Catalog::Get(std::string_view volume, uint64_t seq) {
     }
     return v.status();
   }
-  return DecodeRestorePoint(*v, key);
+  ASSIGN_OR_RETURN(RestorePoint p, DecodeRestorePoint(*v, key));
+  const std::string vkey = VerifiedKey(volume, seq);
+  auto verified = kv_.Get(vkey);
+  if (verified.ok()) {
+    ASSIGN_OR_RETURN(p.verification, DecodeVerification(*verified, vkey));
+  } else if (verified.status().code() != Code::kNotFound) {
+    return verified.status();
+  }
+  return p;
 }
 
 StatusOr<std::vector<std::string>> Catalog::Volumes() {

@@ -36,6 +36,16 @@ class RestorePoint;
 inline constexpr char kCatalogObject[] = "cairn.catalog";
 
 // An epoch applied at the standby site: the snapshot `snap` of `image`.
+// The last verify of a restore point: its blocks compared by digest with
+// the source snapshot it came from (cairn verify).
+struct PointVerification {
+  int64_t recorded_ns = 0;  // when the sink recorded it
+  uint64_t compared_bytes = 0;
+  uint64_t mismatched_grains = 0;  // 0: the point equals its source
+  uint32_t grain = 0;
+  friend bool operator==(const PointVerification&, const PointVerification&) = default;
+};
+
 struct RestorePoint {
   EpochId epoch;
   int64_t created_time_ns = 0;  // when the sink made the restore point
@@ -46,6 +56,9 @@ struct RestorePoint {
   uint64_t zero_bytes = 0;
   EpochDigest epoch_digest;
   ChainDigest chain_digest;
+  // Kept in a record of its own (Catalog::SetVerification), filled in by
+  // Points and Get; never part of the point's record.
+  std::optional<PointVerification> verification;
   friend bool operator==(const RestorePoint&, const RestorePoint&) = default;
 };
 
@@ -95,8 +108,11 @@ class Catalog {
   explicit Catalog(KvStore& kv) : kv_(kv) {}
 
   Status AddPoint(const RestorePoint& p);
+  // Also forgets the point's verification.
   Status RemovePoint(std::string_view volume, uint64_t seq);
-  // Points of `volume`, oldest first.
+  // Records the last verify of point `seq` (which must exist: kNotFound).
+  Status SetVerification(std::string_view volume, uint64_t seq, const PointVerification& v);
+  // Points of `volume`, oldest first, each with its verification.
   StatusOr<std::vector<RestorePoint>> Points(std::string_view volume);
   // The newest point, or nullopt if the volume has none.
   StatusOr<std::optional<RestorePoint>> Latest(std::string_view volume);

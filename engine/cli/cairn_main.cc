@@ -2,18 +2,16 @@
 //
 //   cairn [--socket PATH] [--json] status [VOLUME]
 //   cairn points VOLUME
-//   cairn restore VOLUME POINT --to NEW_IMAGE [--full]
+//   cairn restore VOLUME POINT --to NEW_IMAGE [--full] [--force]
 //   cairn replicate VOLUME [--wait] [--timeout SECONDS]
 //   cairn promote VOLUME [POINT] --to IMAGE
 //   cairn release VOLUME
 //   cairn resolve VOLUME --keep SITE
 //   cairn failover VOLUME [POINT] --to IMAGE [--back-to IMAGE] [--no-back]
 //   cairn failback VOLUME [--timeout SECONDS]
+//   cairn verify VOLUME [POINT] [--repair] [--timeout SECONDS]
 //
-// Exit codes (scripts may rely on them): 0 success; 1 internal error;
-// 2 usage error; 3 not found; 4 cairnd or a peer unavailable (retry);
-// 5 operator action needed (bad input, failed precondition); 6 already
-// exists; 7 data failed verification.
+// Exit codes: engine/cli/cli.h.
 #include <fmt/format.h>
 #include <unistd.h>
 
@@ -27,89 +25,17 @@
 #include <thread>
 
 #include "engine/base/clock.h"
-#include "engine/link/tcp_link.h"
+#include "engine/cli/cli.h"
 #include "proto/cairn.pb.h"
 
 namespace {
 
 using cairn::Code;
+using cairn::cli::Bytes;
+using cairn::cli::Cli;
+using cairn::cli::Time;
+using cairn::cli::VerifyJson;
 using nlohmann::json;
-
-int ExitCode(Code c) {
-  switch (c) {
-    case Code::kOk:
-      return 0;
-    case Code::kNotFound:
-      return 3;
-    case Code::kUnavailable:
-    case Code::kAborted:
-      return 4;
-    case Code::kInvalidArgument:
-    case Code::kFailedPrecondition:
-    case Code::kResourceExhausted:
-      return 5;
-    case Code::kAlreadyExists:
-      return 6;
-    case Code::kDataLoss:
-      return 7;
-    case Code::kPermissionDenied:
-      return 8;
-    case Code::kInternal:
-      return 1;
-  }
-  return 1;
-}
-
-struct Cli {
-  std::string socket;
-  bool json = false;
-
-  int Fail(const cairn::Status& st) const {
-    if (json) {
-      std::printf("%s\n", json::object({{"error", std::string(cairn::CodeName(st.code()))},
-                                        {"message", st.message()}})
-                              .dump()
-                              .c_str());
-    } else {
-      std::fprintf(stderr, "cairn: %s\n", st.message().c_str());
-    }
-    return ExitCode(st.code());
-  }
-
-  // One request, one reply.
-  cairn::StatusOr<cairn::pb::ControlReply> Call(const cairn::pb::ControlRequest& req) const {
-    ASSIGN_OR_RETURN(auto link, cairn::ConnectUnix(socket));
-    RETURN_IF_ERROR(link->Send(cairn::FrameType::kControlRequest, req.SerializeAsString(), {}));
-    // A full restore copies the whole image before it answers.
-    ASSIGN_OR_RETURN(cairn::Frame f, link->Receive(std::chrono::hours(24)));
-    cairn::pb::ControlReply reply;
-    if (f.type != cairn::FrameType::kControlReply || !reply.ParseFromString(f.body)) {
-      return cairn::DataLoss(fmt::format("{} did not answer with a control reply", socket));
-    }
-    if (reply.code() != 0) return cairn::Status(static_cast<Code>(reply.code()), reply.message());
-    return reply;
-  }
-};
-
-std::string Time(int64_t ns) {
-  if (ns <= 0) return "-";
-  const std::time_t t = ns / 1'000'000'000;
-  std::tm tm;
-  gmtime_r(&t, &tm);
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
-  return buf;
-}
-
-std::string Bytes(double b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-  int i = 0;
-  while (b >= 1024 && i < 4) {
-    b /= 1024;
-    ++i;
-  }
-  return fmt::format("{:.1f} {}", b, units[i]);
-}
 
 json PointJson(const cairn::pb::RestorePoint& p) {
   return {{"volume", p.volume()},
@@ -124,7 +50,17 @@ json PointJson(const cairn::pb::RestorePoint& p) {
           {"image_size", p.image_size()},
           {"data_bytes", p.data_bytes()},
           {"zero_bytes", p.zero_bytes()},
-          {"source_site", p.source_site()}};
+          {"source_site", p.source_site()},
+          {"verified", p.verified_ns() ? json(Time(p.verified_ns())) : json(nullptr)},
+          {"verified_ns", p.verified_ns()},
+          {"verify_mismatched_grains", p.verify_mismatched_grains()}};
+}
+
+// "-" never verified, "equal", or "DIFFERS (N grains)".
+std::string Verified(const cairn::pb::RestorePoint& p) {
+  if (p.verified_ns() == 0) return "-";
+  if (p.verify_mismatched_grains() == 0) return "equal " + Time(p.verified_ns());
+  return fmt::format("DIFFERS ({} grains) {}", p.verify_mismatched_grains(), Time(p.verified_ns()));
 }
 
 json StatusJson(const cairn::pb::VolumeStatus& v) {
@@ -147,7 +83,8 @@ json StatusJson(const cairn::pb::VolumeStatus& v) {
           {"pending_snapshots", v.pending_snapshots()},
           {"unchanged_checks_total", v.unchanged_checks_total()},
           {"epoch_sent_bytes", v.epoch_sent_bytes()},
-          {"error", v.error()}};
+          {"error", v.error()},
+          {"verify", VerifyJson(v.verify())}};
 }
 
 // The options of every subcommand (CLI11 writes them as it parses).
@@ -158,6 +95,8 @@ struct Args {
   std::string to;                        // restore, promote: the new image
   std::string keep;                      // resolve: the site whose writes win
   bool full = false;                     // restore
+  bool force = false;                    // restore: a point a verify found differs
+  bool repair = false;                   // verify
   std::string back_to;                   // failover: the image at the other site
   bool no_back = false;                  // failover: no replication back
   bool wait = false;                     // replicate
@@ -175,6 +114,7 @@ struct Commands {
   CLI::App* resolve;
   CLI::App* failover;
   CLI::App* failback;
+  CLI::App* verify;
 };
 
 Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
@@ -194,6 +134,8 @@ Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
   c.restore->add_option("point", args.point, "the restore point's seq, or 'latest'")->required();
   c.restore->add_option("--to", args.to, "the new image's name")->required();
   c.restore->add_flag("--full", args.full, "copy all data (default: instant clone)");
+  c.restore->add_flag("--force", args.force,
+                      "restore a point even though a verify found it differs from its source");
 
   c.replicate = app.add_subcommand("replicate", "start an epoch now (on the source's cairnd)");
   c.replicate->add_option("volume", args.volume, "the volume")->required();
@@ -238,6 +180,17 @@ Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
       "the primary, replication resumes from there as a delta (writers detached first)");
   c.failback->add_option("volume", args.volume, "the volume")->required();
   c.failback->add_option("--timeout", args.timeout, "seconds to wait for the final delta");
+
+  c.verify = app.add_subcommand(
+      "verify",
+      "compare a restore point at the standby with its source snapshot block by block, by "
+      "digests only (on the source's cairnd)");
+  c.verify->add_option("volume", args.volume, "the volume")->required();
+  c.verify->add_option("point", args.promote_point,
+                       "the restore point's seq, or 'latest' (default)");
+  c.verify->add_flag("--repair", args.repair,
+                     "on a mismatch, make a new point sending only the blocks that differ");
+  c.verify->add_option("--timeout", args.timeout, "seconds to wait for the verify (and repair)");
   return c;
 }
 
@@ -290,12 +243,13 @@ int RunPoints(const Cli& cli, const Args& args) {
     std::printf("%s\n", out.dump(2).c_str());
     return 0;
   }
-  std::printf("%8s  %-21s %-28s %12s %12s\n", "POINT", "SOURCE TIME", "SNAPSHOT", "SIZE", "DATA");
+  std::printf("%8s  %-21s %-28s %12s %12s  %s\n", "POINT", "SOURCE TIME", "SNAPSHOT", "SIZE",
+              "DATA", "VERIFIED");
   for (const auto& p : r->points().points()) {
-    std::printf("%8lu  %-21s %-28s %12s %12s\n", static_cast<unsigned long>(p.seq()),
+    std::printf("%8lu  %-21s %-28s %12s %12s  %s\n", static_cast<unsigned long>(p.seq()),
                 Time(p.source_time_ns()).c_str(),
                 fmt::format("{}/{}@{}", p.pool(), p.image(), p.snap()).c_str(),
-                Bytes(p.image_size()).c_str(), Bytes(p.data_bytes()).c_str());
+                Bytes(p.image_size()).c_str(), Bytes(p.data_bytes()).c_str(), Verified(p).c_str());
   }
   return 0;
 }
@@ -309,6 +263,7 @@ int RunRestore(const Cli& cli, const Args& args) {
   r->set_seq(*seq);
   r->set_to_image(args.to);
   r->set_full(args.full);
+  r->set_force(args.force);
   auto reply = cli.Call(req);
   if (!reply.ok()) return cli.Fail(reply.status());
   const auto& rr = reply->restore();
@@ -564,5 +519,10 @@ int main(int argc, char** argv) {
   if (*c.replicate) return RunReplicate(cli, args);
   if (*c.failover) return RunFailover(cli, args);
   if (*c.failback) return RunFailback(cli, args);
+  if (*c.verify) {
+    const auto seq = ParsePoint(args.promote_point, args.volume);
+    if (!seq.ok()) return cli.Fail(seq.status());
+    return cairn::cli::RunVerify(cli, args.volume, *seq, args.repair, args.timeout);
+  }
   return 2;
 }

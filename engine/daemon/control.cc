@@ -34,6 +34,24 @@ void FillStatus(const VolumeStatusInfo& s, pb::VolumeStatus* v) {
   v->set_pending_snapshots(s.pending_snapshots);
   v->set_unchanged_checks_total(s.unchanged_checks_total);
   v->set_epoch_sent_bytes(s.epoch_sent_bytes);
+  if (s.verify.id != 0) {
+    auto* m = v->mutable_verify();
+    m->set_id(s.verify.id);
+    m->set_seq(s.verify.seq);
+    m->set_running(s.verify.running);
+    m->set_done_bytes(s.verify.done_bytes);
+    m->set_total_bytes(s.verify.total_bytes);
+    m->set_mismatched_grains(s.verify.mismatched_grains);
+    m->set_grain(s.verify.grain);
+    for (const Extent& e : s.verify.mismatches) {
+      m->add_mismatch_offsets(e.offset);
+      m->add_mismatch_lengths(e.length);
+    }
+    m->set_error(s.verify.error);
+    m->set_seconds(s.verify.seconds);
+    m->set_repair(s.verify.repair);
+    m->set_repaired_seq(s.verify.repaired_seq);
+  }
 }
 
 std::string Reply(const Status& st, pb::ControlReply& reply) {
@@ -63,13 +81,21 @@ Status AnswerPoints(ControlService& service, const pb::PointsRequest& q, pb::Con
 Status AnswerRestore(ControlService& service, const pb::RestoreRequest& q,
                      pb::ControlReply& reply) {
   ASSIGN_OR_RETURN(const RestoreResult r,
-                   service.Restore(q.volume(), q.seq(), q.to_image(), q.full()));
+                   service.Restore(q.volume(), q.seq(), q.to_image(), q.full(), q.force()));
   auto* m = reply.mutable_restore();
   m->set_pool(r.pool);
   m->set_image(r.image);
   m->set_seq(r.point.epoch.seq);
   m->set_mode(r.mode);
   m->set_source_time_ns(r.point.epoch.snap_time_ns);
+  return OkStatus();
+}
+
+Status AnswerVerify(ControlService& service, const pb::VerifyRequest& q, pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const ControlService::VerifyStarted v,
+                   service.Verify(q.volume(), q.seq(), q.repair()));
+  reply.mutable_verify()->set_id(v.id);
+  reply.mutable_verify()->set_seq(v.seq);
   return OkStatus();
 }
 
@@ -155,12 +181,14 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
       return AnswerResolve(service, req.resolve(), reply);
     case pb::ControlRequest::kFailback:
       return AnswerFailback(service, req.failback(), reply);
+    case pb::ControlRequest::kVerify:
+      return AnswerVerify(service, req.verify(), reply);
     case pb::ControlRequest::REQUEST_NOT_SET:
       break;
   }
   return InvalidArgument(
       "control request names no operation (status, points, restore, replicate, "
-      "register_volume, unregister_volume, promote, release, resolve, failback)");
+      "register_volume, unregister_volume, promote, release, resolve, failback, verify)");
 }
 
 // What a changing request is called and the volume it names; nullopt for
@@ -183,6 +211,8 @@ std::optional<std::pair<std::string_view, std::string>> Change(const pb::Control
       return std::make_pair("resolve", req.resolve().volume());
     case pb::ControlRequest::kFailback:
       return std::make_pair("failback", req.failback().volume());
+    case pb::ControlRequest::kVerify:
+      return std::make_pair("verify", req.verify().volume());
     default:
       return std::nullopt;
   }

@@ -38,7 +38,14 @@ class ControlService {
   virtual StatusOr<std::vector<VolumeStatusInfo>> VolumeStatus(const std::string& volume) = 0;
   virtual StatusOr<std::vector<RestorePoint>> Points(const std::string& volume) = 0;
   virtual StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
-                                          const std::string& to_image, bool full) = 0;
+                                          const std::string& to_image, bool full, bool force) = 0;
+  // Source side: starts a verify of restore point `seq` (0: the newest);
+  // returns its id and the point (SourceReplicator::StartVerify).
+  struct VerifyStarted {
+    uint64_t id = 0;
+    uint64_t seq = 0;
+  };
+  virtual StatusOr<VerifyStarted> Verify(const std::string& volume, uint64_t seq, bool repair) = 0;
   // Starts an epoch now; returns the seq of the point that will hold every
   // write made before the call.
   virtual StatusOr<uint64_t> Replicate(const std::string& volume) = 0;

@@ -254,11 +254,23 @@ StatusOr<std::vector<RestorePoint>> Daemon::Points(const std::string& volume) {
 }
 
 StatusOr<RestoreResult> Daemon::Restore(const std::string& volume, uint64_t seq,
-                                        const std::string& to_image, bool full) {
+                                        const std::string& to_image, bool full, bool force) {
   if (!sink_) {
     return FailedPrecondition("this cairnd is not a sink: restore on the standby site's cairnd");
   }
-  return sink_->Restore(volume, seq, to_image, full, nullptr);
+  return sink_->Restore(volume, seq, to_image, full, nullptr, force);
+}
+
+StatusOr<ControlService::VerifyStarted> Daemon::Verify(const std::string& volume, uint64_t seq,
+                                                       bool repair) {
+  auto s = FindSource(volume);
+  if (!s) {
+    return NotFound(fmt::format(
+        "volume '{}' is not replicated from this cairnd: verify on the source site's cairnd",
+        volume));
+  }
+  ASSIGN_OR_RETURN(const uint64_t id, s->StartVerify(seq, repair));
+  return VerifyStarted{id, s->Report().verify.seq};
 }
 
 StatusOr<uint64_t> Daemon::Replicate(const std::string& volume) {

@@ -62,8 +62,9 @@ class Daemon final : public ControlService {
   std::string Metrics();
   StatusOr<std::vector<RestorePoint>> Points(const std::string& volume) override;
   StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
-                                  const std::string& to_image, bool full) override;
+                                  const std::string& to_image, bool full, bool force) override;
   StatusOr<uint64_t> Replicate(const std::string& volume) override;
+  StatusOr<VerifyStarted> Verify(const std::string& volume, uint64_t seq, bool repair) override;
   StatusOr<VolumeStatusInfo> Register(const Registration& r) override;
   Status Unregister(const std::string& volume, bool remove_snapshots) override;
   StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq, const std::string& pool,

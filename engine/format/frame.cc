@@ -44,6 +44,8 @@ std::string_view FrameTypeName(FrameType t) {
       return "DigestRequest";
     case FrameType::kDigestReply:
       return "DigestReply";
+    case FrameType::kVerifyEnd:
+      return "VerifyEnd";
     case FrameType::kControlRequest:
       return "ControlRequest";
     case FrameType::kControlReply:

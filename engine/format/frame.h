@@ -51,6 +51,7 @@ enum class FrameType : uint16_t {
   kUnchanged = 14,
   kDigestRequest = 15,
   kDigestReply = 16,
+  kVerifyEnd = 17,
   kControlRequest = 20,
   kControlReply = 21,
 };

@@ -6,8 +6,10 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "engine/base/checksum.h"
+#include "engine/volume/volume.h"
 
 namespace cairn {
 
@@ -51,6 +53,24 @@ enum class VolumeState {
 // "standby".
 std::string_view StateName(VolumeState state);
 
+// A source's verify of one restore point (cairn verify): in progress, or
+// the last one.
+struct VerifyStatusInfo {
+  uint64_t id = 0;  // 0: none since cairnd started
+  uint64_t seq = 0;
+  bool running = false;
+  uint64_t done_bytes = 0;
+  uint64_t total_bytes = 0;
+  uint64_t mismatched_grains = 0;
+  uint32_t grain = 0;
+  std::vector<Extent> mismatches;  // the first kListed merged ranges
+  static constexpr size_t kListed = 16;
+  std::string error;  // it could not finish
+  double seconds = 0;
+  bool repair = false;        // a repair epoch was asked for the mismatch
+  uint64_t repaired_seq = 0;  // the point that holds the repair (0: none yet)
+};
+
 // What `cairn status` shows for one volume on one node.
 struct VolumeStatusInfo {
   std::string volume;
@@ -92,7 +112,8 @@ struct VolumeStatusInfo {
     epoch_seconds_count[i] += 1;
     epoch_seconds_sum += secs;
   }
-  std::string error;  // the last error, empty if the last step succeeded
+  std::string error;        // the last error, empty if the last step succeeded
+  VerifyStatusInfo verify;  // source
 };
 
 }  // namespace cairn

@@ -296,6 +296,15 @@ Status Sink::Serve(Link& link) {
     return st;
   }
   if (Status st = OpenTarget(t); !st.ok()) return refuse(st);
+  if (hello.verify_seq() != 0) {
+    Status st = ServeVerify(link, t, hello.verify_seq());
+    if (!st.ok()) {
+      spdlog::error("volume {}: verify of restore point {} for {} failed: {}", t.volume,
+                    hello.verify_seq(), link.peer(), st.ToString());
+      SendError(link, st);
+    }
+    return st;
+  }
   if (hello.probe()) {
     if (Status st = CheckProbe(t); !st.ok()) return refuse(st);
     return AnswerProbe(link, t);
@@ -403,6 +412,7 @@ Status Sink::Session(Link& link, Target& t) {
   reply.set_sink_site(env_.site);
   reply.set_takes_unchanged(true);
   reply.set_serves_digests(true);
+  reply.set_serves_verify(true);
   ASSIGN_OR_RETURN(t.resync_base, HasResyncBase(t));
   reply.set_resync_base(t.resync_base);
   if (latest) reply.set_last_point_time_ns(latest->epoch.snap_time_ns);

@@ -136,10 +136,12 @@ class Sink {
 
   std::vector<VolumeStatusInfo> Report() const;
   StatusOr<std::vector<RestorePoint>> Points(const std::string& volume);
-  // seq 0: the newest point. kAlreadyExists if `to_image` exists.
+  // seq 0: the newest point. kAlreadyExists if `to_image` exists;
+  // kFailedPrecondition if a verify found the point differs from its
+  // source, unless `force`.
   StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
                                   const std::string& to_image, bool full,
-                                  const ProgressFn& progress);
+                                  const ProgressFn& progress, bool force = false);
   // Failover of one volume: fences it (its source is refused from now on)
   // and clones restore point `seq` (0: the newest) into pool/to_image. The
   // same call again returns the same promotion (again = true); another
@@ -187,6 +189,14 @@ class Sink {
   Status OpenTarget(Target& t);
   // The HelloReply of a probe that CheckProbe passed.
   Status AnswerProbe(Link& link, const Target& t);
+  // A verify Hello (Hello.verify_seq, sink_verify.cc): answers the digests
+  // of t.volume's restore point `seq` from its snapshot, in order from
+  // offset 0, then checks the source's VerifyEnd (every grain served, the
+  // snapshot still the one read) and records its verdict in the catalog.
+  // The point is held against retention meanwhile. No session is replaced.
+  Status ServeVerify(Link& link, Target& t, uint64_t seq);
+  // The points of `volume` a verify holds now.
+  std::set<uint64_t> VerifyingPoints(const std::string& volume) const;
   // Makes `link` the volume's live session: refused while the sink itself
   // retries a spooled epoch or its spool refused the last one; an older
   // session of the volume is closed and waited for (30 s at most).
@@ -334,6 +344,7 @@ class Sink {
   std::map<std::string, VolumeStatusInfo> status_;
   uint64_t corrupt_frames_ = 0;
   std::map<std::string, Pending> pending_;
+  std::multiset<std::pair<std::string, uint64_t>> verifying_;  // (volume, seq) held by a verify
   // A volume whose last epoch was refused for want of spool space. Until
   // the disk has 4 MiB more free than then (a quota: until cairnd restarts
   // with another), a source that connects again is refused at its Hello:

@@ -231,7 +231,11 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   if (points->empty()) return;
   const size_t drop = points->size() > env_.keep_points ? points->size() - env_.keep_points : 0;
   const uint64_t oldest_kept = (*points)[drop].epoch.seq;
+  // A point being verified stays until the verify ends (the next pass
+  // drops it).
+  const std::set<uint64_t> held = VerifyingPoints(t.volume);
   for (size_t i = 0; i < drop; ++i) {
+    if (held.count((*points)[i].epoch.seq)) continue;
     if (Status st = t.catalog->RemovePoint(t.volume, (*points)[i].epoch.seq); !st.ok()) {
       spdlog::warn("volume {}: retention: removing restore point {} from the catalog: {}", t.volume,
                    (*points)[i].epoch.seq, st.message());
@@ -245,7 +249,7 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   }
   for (const auto& s : *snaps) {
     const auto seq = ParseSnapName(s.name);
-    if (!seq || *seq >= oldest_kept) continue;
+    if (!seq || *seq >= oldest_kept || held.count(*seq)) continue;
     if (Status st = vol.RemoveSnap(s.name); !st.ok() && st.code() != Code::kNotFound) {
       spdlog::warn("volume {}: retention: removing snapshot {} (no longer a restore point): {}",
                    t.volume, s.name, st.message());

@@ -2,6 +2,7 @@
 // promote (fail over) and release.
 
 #include <fcntl.h>
+#include <fmt/chrono.h>
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 #include <sys/statvfs.h>
@@ -167,12 +168,20 @@ StatusOr<std::string> Sink::KeepPromoted(const std::string& volume, const std::s
 
 StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
                                       const std::string& to_image, bool full,
-                                      const ProgressFn& progress) {
+                                      const ProgressFn& progress, bool force) {
   if (to_image.empty()) return InvalidArgument("no image name to restore to");
   ASSIGN_OR_RETURN(std::string pool_name, FindVolumePool(volume));
   ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
   Catalog catalog(*kv);
   ASSIGN_OR_RETURN(RestorePoint point, PointOrNewest(catalog, volume, seq));
+  if (const auto& v = point.verification; v && v->mismatched_grains > 0 && !force) {
+    return FailedPrecondition(fmt::format(
+        "restore point {} of volume '{}' differs from its source in {} grains of {} bytes (found "
+        "by a verify at {:%Y-%m-%dT%H:%M:%SZ}): restore a later point (one made after `cairn "
+        "verify --repair`), or pass --force to restore it anyway",
+        point.epoch.seq, volume, v->mismatched_grains, v->grain,
+        fmt::gmtime(static_cast<time_t>(v->recorded_ns / 1'000'000'000))));
+  }
   ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
   ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
   if (exists) {

@@ -54,6 +54,10 @@ void SourceReplicator::RequestStop() {
 
 void SourceReplicator::Stop() {
   RequestStop();
+  {
+    std::lock_guard lock(verify_mu_);
+    if (verify_thread_.joinable()) verify_thread_.join();
+  }
   if (thread_.joinable()) {
     thread_.join();
     // As with the link: a later Start opens the image and lists anew.

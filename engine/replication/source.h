@@ -110,6 +110,22 @@ class SourceReplicator {
   // Fails if the image's snapshots cannot be listed (no safe promise then).
   StatusOr<uint64_t> RequestNow();
 
+  // Verify (source_verify.cc): compares restore point `seq` (0: the
+  // newest) at the sink with this image's snapshot cairn.<seq>, by block
+  // digests (kDigestGrain), over a connection of its own beside the
+  // replication (Hello.verify_seq): no data moves, and the sink records
+  // the verdict with the point. Runs on a thread of its own; Report().verify
+  // shows its progress and result. `repair`: on a mismatch, the next epoch
+  // is compared by digests with the sink's newest point (RequestRepair).
+  // Returns the verify's id; kAlreadyExists while one runs,
+  // kFailedPrecondition if there is no point to verify.
+  StatusOr<uint64_t> StartVerify(uint64_t seq, bool repair);
+  // The next epoch (asked for now) compares this image with the sink's
+  // newest point by block digests and sends only the blocks that differ:
+  // a point found to differ from its source is repaired by what the next
+  // point holds.
+  Status RequestRepair();
+
   // One step: connect if needed, ship one epoch, wait until applied.
   StatusOr<EpochSummary> RunOnce();
   // Closes the link to the sink and the image (the next step reconnects
@@ -134,11 +150,18 @@ class SourceReplicator {
     int64_t last_point_time_ns = 0;
     bool serves_digests = false;
     bool resync_base = false;
+    bool serves_verify = false;
   };
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).
   // hand_back_seq: a planned failback's Hello (HandBack), not a session.
-  StatusOr<SinkHello> Handshake(Link& link, bool probe, uint64_t hand_back_seq = 0);
+  StatusOr<SinkHello> Handshake(Link& link, bool probe, uint64_t hand_back_seq = 0,
+                                uint64_t verify_seq = 0);
+  // The verify StartVerify runs (on verify_thread_), and its comparison.
+  void RunVerify(uint64_t seq, bool repair);
+  Status Verify(uint64_t seq);
+  // Compares the digests of one window and notes what differs in verify_.
+  Status CompareWindow(uint64_t offset, std::string_view ours, std::string_view theirs);
   // Bytes of the image's head changed since its snapshot cairn.<seq> (0 if
   // it has none: then it cannot replicate from there anyway).
   StatusOr<uint64_t> WrittenSince(uint64_t seq);
@@ -151,8 +174,15 @@ class SourceReplicator {
     EpochPlan plan;
     SnapInfo to;
     std::map<uint64_t, SnapInfo> ours;
+    bool repair = false;  // compared by digests with the sink's point (RequestRepair)
   };
   StatusOr<EpochStart> PlanEpoch(Volume& vol);
+  // Whether the epoch planned in `e` (its snapshots listed) compares the
+  // whole image with the sink's point instead of sending a diff: the base
+  // snapshot is gone or of another history, the sink's image was adopted
+  // without a point, or a repair was asked for (e.repair). Says why in the
+  // log.
+  bool DecideResync(EpochStart& e);
   // The snapshot the next epoch ships: the oldest one the sink does not
   // have yet, or a new one taken now.
   StatusOr<SnapInfo> SnapshotToShip(const std::map<uint64_t, SnapInfo>& ours);
@@ -260,6 +290,7 @@ class SourceReplicator {
   std::atomic<uint64_t> epoch_sent_bytes_{0};  // of the epoch being sent (Report)
   int64_t sink_point_time_ns_ = 0;             // when the sink's newest point's snapshot was taken
   std::atomic<uint64_t> pinned_seq_{0};        // base point's cairn.<seq>: never pruned
+  std::atomic<uint64_t> verify_pin_{0};        // cairn.<seq> being verified: never pruned
   std::unique_ptr<Link> link_;
   // The image, opened once per link and used only to read snapshots (list
   // them, diff them, read them); closed with the link. It never holds a
@@ -305,7 +336,11 @@ class SourceReplicator {
   // no listing (no librbd call in a control call).
   bool snaps_known_ = false;
   AheadMode ahead_mode_ = AheadMode::kSending;
-  VolumeStatusInfo status_;
+  VolumeStatusInfo status_;  // status_.verify: the verify's, updated as it goes
+  bool repair_ = false;      // the next epoch is a repair (RequestRepair)
+  uint64_t verify_ids_ = 0;
+  std::mutex verify_mu_;  // held to start a verify, and to join its thread
+  std::thread verify_thread_;
   // When a check last found the image unchanged since the newest point
   // (it holds the image as of then: the lag counts from there).
   int64_t unchanged_at_ns_ = 0;

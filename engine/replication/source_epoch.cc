@@ -47,21 +47,7 @@ StatusOr<SnapInfo> SourceReplicator::SnapshotToShip(const std::map<uint64_t, Sna
   return *it;
 }
 
-StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) {
-  // Listed already: by the helper of the epoch before as it took this
-  // epoch's snapshot, or by RunOnce as it checked the image is the one
-  // kept open. Another listing would cost an image open more.
-  std::vector<SnapInfo> snaps;
-  if (ahead_snaps_) {
-    snaps = std::move(*ahead_snaps_);
-    ahead_snaps_.reset();
-  } else {
-    ASSIGN_OR_RETURN(snaps, vol.ListSnaps());
-  }
-  EpochStart e;
-  for (auto& s : snaps) {
-    if (auto seq = ParseSnapName(s.name)) e.ours[*seq] = s;
-  }
+bool SourceReplicator::DecideResync(EpochStart& e) {
   // The base of the next epoch is gone (the image was recreated, or its
   // snapshot removed by hand), or the snapshot of that name is of another
   // history (taken at another time than the sink's point: a recreated
@@ -73,9 +59,20 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
   const bool other = base != e.ours.end() && sink_point_time_ns_ != 0 &&
                      sink_seq_ != pinned_seq_.load(std::memory_order_relaxed) &&
                      base->second.time_ns != sink_point_time_ns_;
-  const bool resync =
-      (sink_seq_ > 0 && (base == e.ours.end() || other)) || (sink_seq_ == 0 && sink_resync_base_);
-  if (sink_seq_ == 0 && sink_resync_base_) {
+  {
+    std::lock_guard lock(mu_);
+    // A repair compares with the sink's point by digests, even though the
+    // base snapshot is here: what the sink holds is in question.
+    e.repair = repair_ && sink_seq_ > 0 && sink_serves_digests_;
+  }
+  const bool resync = (sink_seq_ > 0 && (base == e.ours.end() || other)) ||
+                      (sink_seq_ == 0 && sink_resync_base_) || e.repair;
+  if (e.repair) {
+    spdlog::warn(
+        "volume {}: repair: the next epoch compares the whole image with restore point {} at the "
+        "sink by block digests and sends only the blocks that differ",
+        config_.id, sink_seq_);
+  } else if (sink_seq_ == 0 && sink_resync_base_) {
     spdlog::warn(
         "volume {}: the sink's image {}/{} holds data of its own and no restore point: the first "
         "epoch compares the whole image with it by block digests (only blocks that differ are "
@@ -93,6 +90,25 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
         sink_serves_digests_ ? " by block digests (only blocks that differ are sent)"
                              : " (the sink takes no digests: every byte is sent)");
   }
+  return resync;
+}
+
+StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) {
+  // Listed already: by the helper of the epoch before as it took this
+  // epoch's snapshot, or by RunOnce as it checked the image is the one
+  // kept open. Another listing would cost an image open more.
+  std::vector<SnapInfo> snaps;
+  if (ahead_snaps_) {
+    snaps = std::move(*ahead_snaps_);
+    ahead_snaps_.reset();
+  } else {
+    ASSIGN_OR_RETURN(snaps, vol.ListSnaps());
+  }
+  EpochStart e;
+  for (auto& s : snaps) {
+    if (auto seq = ParseSnapName(s.name)) e.ours[*seq] = s;
+  }
+  const bool resync = DecideResync(e);
   ASSIGN_OR_RETURN(e.to, SnapshotToShip(e.ours));
   const uint64_t seq = ParseSnapName(e.to.name).value();
   {
@@ -267,6 +283,10 @@ void SourceReplicator::RecordPoint(const EpochStart& start, const EpochSummary& 
   status_.CountEpochSeconds(secs);
   status_.error.clear();
   if (start.plan.skip_records > 0) status_.resumed_epochs_total += 1;
+  if (start.repair) {
+    repair_ = false;
+    status_.verify.repaired_seq = seq;
+  }
   status_.pending_snapshots = static_cast<uint64_t>(std::count_if(
       start.ours.begin(), start.ours.end(), [&](const auto& kv) { return kv.first > seq; }));
 }
@@ -364,7 +384,8 @@ bool SourceReplicator::PruneSnapshots(uint64_t applied) {
   std::vector<uint64_t> older;
   for (auto& s : *snaps) {
     auto seq = ParseSnapName(s.name);
-    if (seq && *seq < applied && *seq != pinned_seq_.load(std::memory_order_relaxed)) {
+    if (seq && *seq < applied && *seq != pinned_seq_.load(std::memory_order_relaxed) &&
+        *seq != verify_pin_.load(std::memory_order_relaxed)) {
       older.push_back(*seq);
     }
   }

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "engine/epoch/block_digests.h"
+#include "engine/replication/digest_link.h"
 #include "engine/replication/source.h"
 #include "proto/cairn.pb.h"
 
@@ -25,7 +26,8 @@ StatusOr<uint64_t> SourceReplicator::WrittenSince(uint64_t seq) {
 }
 
 StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bool probe,
-                                                                  uint64_t hand_back_seq) {
+                                                                  uint64_t hand_back_seq,
+                                                                  uint64_t verify_seq) {
   pb::Hello hello;
   hello.set_protocol_version(kProtocolVersion);
   hello.set_volume(config_.id);
@@ -34,7 +36,8 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   hello.set_source_site(site_);
   hello.set_probe(probe);
   hello.set_hand_back_seq(hand_back_seq);
-  if (base_point_ && hand_back_seq == 0) {
+  hello.set_verify_seq(verify_seq);
+  if (base_point_ && hand_back_seq == 0 && verify_seq == 0) {
     auto base = base_point_();
     if (!base.ok()) return base.status().Annotate("looking up the point this image holds");
     pinned_seq_.store(0, std::memory_order_relaxed);
@@ -92,6 +95,7 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   out.last_point_time_ns = reply.last_point_time_ns();
   out.serves_digests = reply.serves_digests();
   out.resync_base = reply.resync_base();
+  out.serves_verify = reply.serves_verify();
   return out;
 }
 
@@ -137,6 +141,30 @@ Status SourceReplicator::AwaitAck(uint64_t seq, int stage, ChainDigest* chain) {
   return OkStatus();
 }
 
+Status AskDigests(Link& link, uint64_t seq, uint64_t offset, uint64_t length, uint32_t grain,
+                  uint64_t image_size) {
+  pb::DigestRequest rq;
+  rq.set_base_seq(seq);
+  rq.set_offset(offset);
+  rq.set_length(length);
+  rq.set_grain(grain);
+  rq.set_image_size(image_size);
+  return link.Send(FrameType::kDigestRequest, rq.SerializeAsString(), {});
+}
+
+StatusOr<std::string> TakeDigests(Link& link, uint64_t offset, uint64_t length, uint32_t grain,
+                                  std::chrono::milliseconds timeout) {
+  ASSIGN_OR_RETURN(Frame f, link.Receive(timeout));
+  if (f.type == FrameType::kLinkError) return StatusFromLinkError(f, "sink");
+  pb::DigestReply reply;
+  if (f.type != FrameType::kDigestReply || !reply.ParseFromString(f.body) ||
+      reply.offset() != offset || reply.grain() != grain) {
+    return DataLoss(fmt::format("expected the digests of [{}, +{}) from the sink, got {}", offset,
+                                length, FrameTypeName(f.type)));
+  }
+  return std::move(*reply.mutable_digests());
+}
+
 namespace {
 
 // A resync's base digests, asked of the sink over the epoch's link
@@ -149,22 +177,8 @@ class LinkDigests final : public BaseDigests {
 
   StatusOr<std::string> Fetch(uint64_t offset, uint64_t length, uint32_t grain,
                               uint64_t image_size) override {
-    pb::DigestRequest rq;
-    rq.set_base_seq(base_seq_);
-    rq.set_offset(offset);
-    rq.set_length(length);
-    rq.set_grain(grain);
-    rq.set_image_size(image_size);
-    RETURN_IF_ERROR(link_.Send(FrameType::kDigestRequest, rq.SerializeAsString(), {}));
-    ASSIGN_OR_RETURN(Frame f, link_.Receive(timeout_));
-    if (f.type == FrameType::kLinkError) return StatusFromLinkError(f, "sink");
-    pb::DigestReply reply;
-    if (f.type != FrameType::kDigestReply || !reply.ParseFromString(f.body) ||
-        reply.offset() != offset || reply.grain() != grain) {
-      return DataLoss(fmt::format("expected the digests of [{}, +{}) from the sink, got {}", offset,
-                                  length, FrameTypeName(f.type)));
-    }
-    return std::move(*reply.mutable_digests());
+    RETURN_IF_ERROR(AskDigests(link_, base_seq_, offset, length, grain, image_size));
+    return TakeDigests(link_, offset, length, grain, timeout_);
   }
 
  private:

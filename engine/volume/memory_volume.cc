@@ -203,6 +203,27 @@ StatusOr<uint64_t> MemoryPool::AllocatedBytes(const std::string& image, const st
   return AllocatedBytesOf(s->chunks, state_->options.chunk_size);
 }
 
+Status MemoryPool::RotByte(const std::string& image, const std::string& snap, uint64_t offset) {
+  std::lock_guard lock(state_->mu);
+  ASSIGN_OR_RETURN(std::shared_ptr<ImageState> state, FindImage(*state_, image));
+  ChunkMap* chunks = &state->head;
+  if (!snap.empty()) {
+    SnapState* s = FindSnap(*state, snap);
+    if (s == nullptr) return SnapNotFound(*state_, image, snap);
+    chunks = &s->chunks;
+  }
+  const uint64_t size = state_->options.chunk_size;
+  auto it = chunks->find(offset / size);  // keyed by chunk index
+  if (it == chunks->end()) {
+    return NotFound(
+        fmt::format("{}/{}@{} holds no chunk at {}", state_->name, image, snap, offset));
+  }
+  // Chunks are immutable by contract; rot is what breaks contracts.
+  auto& bytes = const_cast<std::string&>(*it->second);
+  bytes[offset % size] = static_cast<char>(~bytes[offset % size]);
+  return OkStatus();
+}
+
 // --- MemoryVolume ----------------------------------------------------------
 
 MemoryVolume::MemoryVolume(std::shared_ptr<PoolState> pool, std::shared_ptr<ImageState> image,

@@ -96,6 +96,12 @@ class MemoryPool final : public Pool {
   // What Volume::OtherClients of `image` answers from now on (tests: a
   // guest that holds it open). kNotFound if there is no such image.
   Status SetOtherClients(const std::string& image, std::vector<std::string> clients);
+  // Tests: bit rot. Flips the bits of the byte at `offset` of image@snap
+  // (the head if `snap` is empty) where it is stored, so every snapshot
+  // and head sharing that chunk reads it changed, as an object that rots
+  // under RBD. kNotFound if there is no such image or snapshot, or the
+  // chunk was never written.
+  Status RotByte(const std::string& image, const std::string& snap, uint64_t offset);
 
  private:
   std::shared_ptr<memory_internal::PoolState> state_;

@@ -17,8 +17,11 @@ class NullService final : public cairn::ControlService {
     if (auto st = cairn::ValidateVolumeId(v); !st.ok()) return st;
     return std::vector<cairn::RestorePoint>(1);
   }
+  cairn::StatusOr<VerifyStarted> Verify(const std::string&, uint64_t, bool) override {
+    return cairn::NotFound("no such volume");
+  }
   cairn::StatusOr<cairn::RestoreResult> Restore(const std::string&, uint64_t, const std::string&,
-                                                bool) override {
+                                                bool, bool) override {
     return cairn::NotFound("no such point");
   }
   cairn::StatusOr<uint64_t> Replicate(const std::string&) override { return uint64_t{1}; }

@@ -83,6 +83,35 @@ TEST(Catalog, CorruptRecordInStoreIsReportedNotSkipped) {
   EXPECT_THAT(pts.status().message(), HasSubstr("point/a/00000000000000000001 checksum mismatch"));
 }
 
+TEST(Catalog, AVerificationIsKeptBesideItsPointAndGoesWithIt) {
+  MemoryKvStore kv;
+  Catalog c(kv);
+  ASSERT_TRUE(c.AddPoint(Point("a", 1)).ok());
+  ASSERT_TRUE(c.AddPoint(Point("a", 2)).ok());
+  const PointVerification v{.recorded_ns = 1'800'000'000'000'000'000,
+                            .compared_bytes = 10 << 20,
+                            .mismatched_grains = 3,
+                            .grain = 65536};
+  ASSERT_TRUE(c.SetVerification("a", 2, v).ok());
+  EXPECT_EQ(c.SetVerification("a", 9, v).code(), Code::kNotFound);
+  auto pts = c.Points("a");
+  ASSERT_TRUE(pts.ok());
+  EXPECT_FALSE((*pts)[0].verification.has_value());
+  ASSERT_TRUE((*pts)[1].verification.has_value());
+  EXPECT_EQ(*(*pts)[1].verification, v);
+  EXPECT_EQ(c.Get("a", 2)->verification, v);
+  // Not part of the point's own record.
+  EXPECT_FALSE(
+      DecodeRestorePoint(*kv.Get("point/a/00000000000000000002"), "k")->verification.has_value());
+  // A damaged verification record is reported, not taken as "never verified".
+  std::string raw = *kv.Get("verified/a/00000000000000000002");
+  raw[2] ^= 1;
+  ASSERT_TRUE(kv.Commit({{"verified/a/00000000000000000002", raw}}, {}).ok());
+  EXPECT_EQ(c.Points("a").status().code(), Code::kDataLoss);
+  ASSERT_TRUE(c.RemovePoint("a", 2).ok());
+  EXPECT_EQ(kv.Get("verified/a/00000000000000000002").status().code(), Code::kNotFound);
+}
+
 TEST(Catalog, ImageOwner) {
   MemoryKvStore kv;
   Catalog c(kv);

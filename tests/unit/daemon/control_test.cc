@@ -40,7 +40,12 @@ class CountingService final : public ControlService {
     ++reads;
     return std::vector<RestorePoint>{};
   }
-  StatusOr<RestoreResult> Restore(const std::string&, uint64_t, const std::string&, bool) override {
+  StatusOr<VerifyStarted> Verify(const std::string&, uint64_t, bool) override {
+    ++changes;
+    return VerifyStarted{1, 1};
+  }
+  StatusOr<RestoreResult> Restore(const std::string&, uint64_t, const std::string&, bool,
+                                  bool) override {
     ++changes;
     return RestoreResult{};
   }

@@ -1,0 +1,78 @@
+"""cairn verify on the two real clusters, over mutual TLS as client.cairn:
+a restore point is compared with its source snapshot by block digests (no
+data shipped), the verdict is recorded with the point at site B; a block
+that rots in site B's RADOS object is found at its offset, the point is
+then refused by restore unless forced, and `--repair` makes a new point
+that carries only that block and equals its source by hash."""
+import json
+import random
+
+import rbd
+
+import cairn_testlib as lib
+
+MiB = 1 << 20
+GRAIN = 64 * 1024
+
+
+def _rot(site, image, offset, length=4096):
+    """Overwrites `length` bytes at `offset` of the standby image's RADOS
+    object in place, with no snapshot context: the snapshot that shares the
+    object (no write since it was taken) reads them too, as bit rot under
+    RBD would show."""
+    with rbd.Image(site.ioctx, image, read_only=True) as img:
+        order = img.stat()["order"]
+        prefix = img.stat()["block_name_prefix"]
+    obj = f"{prefix}.{offset >> order:016x}"
+    site.ioctx.write(obj, random.Random(5).randbytes(length), offset & ((1 << order) - 1))
+
+
+def test_verify_finds_a_rotten_block_at_site_b_and_repair_sends_only_it(
+        site_a, site_b, workdir, daemons, name):
+    size = 32 * MiB
+    site_a.create(name, size)
+    rng = random.Random(26)
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(16 * MiB), 0)
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool")))
+    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
+        "a", site_a.conf, port, {name: (name, name + "-standby")})))
+    source.json("replicate", name, "--wait", "--timeout", "120")
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(256 * 1024), 20 * MiB)
+    seq = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+
+    good = source.json("verify", name, "--timeout", "120")
+    assert good["seq"] == seq and good["mismatched_grains"] == 0, good
+    assert good["done_bytes"] == good["total_bytes"] == size, good
+    assert good["error"] == "" and good["mismatches"] == [], good
+    point = sink.json("points", name)[-1]
+    assert point["seq"] == seq and point["verified_ns"] > 0, point
+    assert point["verify_mismatched_grains"] == 0, point
+
+    rotten = 9 * MiB + 12345
+    _rot(site_b, name + "-standby", rotten)
+    bad = source.cli("--json", "verify", name, "--timeout", "120")
+    assert bad.returncode == 7, (bad.returncode, bad.stdout, bad.stderr)
+    found = json.loads(bad.stdout)
+    assert found["mismatched_grains"] == 1, found
+    assert found["mismatches"] == [{"offset": rotten // GRAIN * GRAIN, "length": GRAIN}], found
+    assert sink.json("points", name)[-1]["verify_mismatched_grains"] == 1
+
+    refused = sink.cli("restore", name, str(seq), "--to", f"{name}-r")
+    assert refused.returncode == 5 and "differs from its source" in refused.stderr, refused
+    forced = sink.json("restore", name, str(seq), "--to", f"{name}-r", "--force")
+    assert forced["seq"] == seq
+
+    repaired = source.json("verify", name, "--repair", "--timeout", "120")
+    assert repaired["mismatched_grains"] == 1 and repaired["repaired_seq"] == seq + 1, repaired
+    fixed = sink.json("points", name)[-1]
+    assert fixed["seq"] == seq + 1 and fixed["base_seq"] == seq, fixed
+    assert fixed["data_bytes"] == GRAIN and fixed["zero_bytes"] == 0, fixed
+    assert site_b.digest(name + "-standby", f"cairn.{seq + 1}") == \
+        site_a.digest(name, f"cairn.{seq + 1}")
+    again = source.json("verify", name, "--timeout", "120")
+    assert again["seq"] == seq + 1 and again["mismatched_grains"] == 0, again
+    assert "DIFFERS" in sink.log_text() and "by block digests" in source.log_text()
