@@ -55,8 +55,15 @@ struct PerVolume {
   std::string_view type;
   std::string_view help;
   std::function<double(const VolumeStatusInfo&)> value;
-  bool only_with_point = false;
+  // Which volumes have a sample (all if empty).
+  std::function<bool(const VolumeStatusInfo&)> present = nullptr;
 };
+
+bool HasPoint(const VolumeStatusInfo& v) { return v.last_seq > 0; }
+// A verify ended and said what it found.
+bool HasVerdict(const VolumeStatusInfo& v) {
+  return v.verify.id != 0 && !v.verify.running && v.verify.error.empty();
+}
 
 // The families with one sample per volume (some only once it has a point).
 std::vector<PerVolume> PerVolumeFamilies(const MetricsInput& in) {
@@ -68,13 +75,13 @@ std::vector<PerVolume> PerVolumeFamilies(const MetricsInput& in) {
        [](const auto& v) { return double(v.last_seq); }},
       {"cairn_volume_lag_seconds", "gauge",
        "Now minus the last moment the newest restore point was known to hold the image.",
-       [](const auto& v) { return v.lag_seconds; }, true},
+       [](const auto& v) { return v.lag_seconds; }, HasPoint},
       {"cairn_volume_point_age_seconds", "gauge",
        "Now minus when the source snapshot of the newest restore point was taken.",
        [&](const auto& v) {
          return v.last_point_time_ns > 0 ? (in.now_ns - v.last_point_time_ns) / 1e9 : 0.0;
        },
-       true},
+       HasPoint},
       {"cairn_volume_up", "gauge",
        "1 unless the volume's replication is disconnected or failing (state error).",
        [](const auto& v) {
@@ -104,6 +111,12 @@ std::vector<PerVolume> PerVolumeFamilies(const MetricsInput& in) {
        [](const auto& v) { return double(v.epoch_sent_bytes); }},
       {"cairn_volume_throughput_bytes_per_second", "gauge", "Throughput of the last epoch.",
        [](const auto& v) { return v.throughput_bps; }},
+      {"cairn_volume_verify_mismatched_grains", "gauge",
+       "Grains of the point the last cairn verify compared that differ from its source "
+       "(source; 0: equal).",
+       [](const auto& v) { return double(v.verify.mismatched_grains); }, HasVerdict},
+      {"cairn_volume_verify_seq", "gauge", "The restore point the last cairn verify compared.",
+       [](const auto& v) { return double(v.verify.seq); }, HasVerdict},
   };
 }
 
@@ -135,7 +148,7 @@ std::string RenderMetrics(const MetricsInput& in) {
   for (const PerVolume& f : families) {
     w.Family(f.name, f.type, f.help);
     for (const VolumeStatusInfo& v : in.volumes) {
-      if (!f.only_with_point || v.last_seq > 0) w.Sample(f.name, v, f.value(v));
+      if (!f.present || f.present(v)) w.Sample(f.name, v, f.value(v));
     }
   }
   w.Family("cairn_volume_state", "gauge", "1 for the volume's state, 0 for the others.");

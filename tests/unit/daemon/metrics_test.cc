@@ -75,6 +75,22 @@ TEST(Metrics, GaugesCountersAndAHistogramPerVolume) {
   EXPECT_THAT(page, HasSubstr("cairn_spool_bytes" + f + " 4096\n"));
 }
 
+TEST(Metrics, TheLastVerifysVerdictOnlyOnceItEnded) {
+  MetricsInput in = Input();
+  const std::string v = R"({site="a",volume="vol\"1",role="source"})";
+  in.volumes[0].verify.id = 1;
+  in.volumes[0].verify.seq = 7;
+  in.volumes[0].verify.running = true;
+  EXPECT_THAT(RenderMetrics(in), Not(HasSubstr("cairn_volume_verify_mismatched_grains" + v)));
+  in.volumes[0].verify.running = false;
+  in.volumes[0].verify.mismatched_grains = 3;
+  const std::string page = RenderMetrics(in);
+  EXPECT_THAT(page, HasSubstr("cairn_volume_verify_mismatched_grains" + v + " 3\n"));
+  EXPECT_THAT(page, HasSubstr("cairn_volume_verify_seq" + v + " 7\n"));
+  in.volumes[0].verify.error = "Unavailable: the sink did not answer";
+  EXPECT_THAT(RenderMetrics(in), Not(HasSubstr("cairn_volume_verify_mismatched_grains" + v)));
+}
+
 // A GET over a real socket; the whole answer.
 std::string Get(uint16_t port, const std::string& request) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
