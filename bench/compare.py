@@ -42,7 +42,7 @@ GiB = 1 << 30
 FULL_SIZE = 1 * GiB
 INCR_BYTES = 128 * MiB
 INCR_BLOCK = 64 * 1024
-SECTIONS = ["raw", "full", "incremental", "sparse", "rpo", "penalty", "memory"]
+SECTIONS = ["raw", "full", "incremental", "sparse", "verify", "rpo", "penalty", "memory"]
 
 
 def log(msg):
@@ -673,6 +673,59 @@ class Bench:
         self.results["sections"]["sparse"] = {"cairn_s": stats(cairn),
                                               "export_diff_s": stats(export)}
 
+    def section_verify(self):
+        """cairn verify of a replicated 1 GiB point (MiB/s), against its peer:
+        `rbd export | md5sum` of the point at both sites at once (what an
+        operator would otherwise run); then one 4 KiB block rotted in site
+        B's RADOS object and `cairn verify --repair`: the bytes its point
+        sends."""
+        self.ensure_random_file()
+        cairn, peer, repair = [], [], []
+        for r in range(1, self.args.runs + 1):
+            vol, img, tgt = self.names("v", r)
+            self.make_full_image(img)
+            self.start_sink()
+            src = self.start_source(f"src-v{r}", {vol: (img, tgt)})
+            try:
+                _, seq = self.cairn_replicate(src, vol)
+                t0 = time.monotonic()
+                v = src.json("verify", vol, "--timeout", "1200")
+                cairn.append(time.monotonic() - t0)
+                if v["mismatched_grains"] != 0 or v["done_bytes"] != FULL_SIZE:
+                    raise RuntimeError(f"verify run {r}: {v}")
+                t0 = time.monotonic()
+                both = [subprocess.Popen(f"rbd -c {conf} export --no-progress rbd/{name}@cairn.{seq} "
+                                         f"- | md5sum", shell=True, stdout=subprocess.PIPE, text=True)
+                        for conf, name in ((self.conf_a, img), (self.conf_b, tgt))]
+                sums = [p.communicate()[0].split()[0] for p in both]
+                peer.append(time.monotonic() - t0)
+                if sums[0] != sums[1]:
+                    raise RuntimeError(f"verify run {r}: the point differs from its source")
+                with rbd.Image(self.b.ioctx, tgt, read_only=True) as im:
+                    prefix = im.stat()["block_name_prefix"]
+                self.b.ioctx.write(f"{prefix}.{(FULL_SIZE // 2) >> 22:016x}", b"\xff" * 4096, 12345)
+                fixed = src.cli("--json", "verify", vol, "--repair", "--timeout", "1200")
+                v = json.loads(fixed.stdout)
+                if fixed.returncode != 0 or v["mismatched_grains"] != 1 or not v["repaired_seq"]:
+                    raise RuntimeError(f"verify run {r}: the repair did not go as it should: {v}")
+                point = [p for p in self.sink.json("points", vol) if p["seq"] == v["repaired_seq"]][0]
+                repair.append(point["data_bytes"] + point["zero_bytes"])
+                if self.b.digest(tgt, f"cairn.{point['seq']}") != \
+                        self.a.digest(img, f"cairn.{point['seq']}"):
+                    raise RuntimeError(f"verify run {r}: the repaired point differs from its source")
+            finally:
+                src.stop()
+            self.results.setdefault("verified", []).append(f"verify run {r}")
+            log(f"verify run {r}: cairn verify {FULL_SIZE / MiB / cairn[-1]:.0f} MiB/s, "
+                f"export|md5sum at both sites {FULL_SIZE / MiB / peer[-1]:.0f} MiB/s; "
+                f"repair sent {repair[-1]} bytes")
+            self.remove(self.a, img)
+            self.remove(self.b, tgt)
+        self.results["sections"]["verify"] = {
+            "cairn_mib_s": stats([FULL_SIZE / MiB / t for t in cairn]),
+            "export_md5_mib_s": stats([FULL_SIZE / MiB / t for t in peer]),
+            "repair_bytes": stats(repair)}
+
     def _fio_image(self, name, journaling=False):
         self.remove(self.a, name)
         feats = "layering,exclusive-lock,object-map,fast-diff" + (",journaling" if journaling
@@ -1202,6 +1255,17 @@ def report(results):
                   ""]
         targets.append(("10 GiB sparse: first point ≤ 2 s", f"{sp['cairn_s']['median']:.2f} s",
                         sp["cairn_s"]["max"] <= 2))
+    if "verify" in s:
+        vf = s["verify"]
+        ratio = vf["cairn_mib_s"]["median"] / vf["export_md5_mib_s"]["median"]
+        lines += ["| verify a 1 GiB restore point with its source | MiB/s |",
+                  "|---|---:|",
+                  f"| `cairn verify` (digests only cross the link) | "
+                  f"{fmt_stat(vf['cairn_mib_s'])} ({ratio:.2f}x) |",
+                  f"| `rbd export \\| md5sum` at both sites at once | "
+                  f"{fmt_stat(vf['export_md5_mib_s'])} |",
+                  f"| bytes the repair of one rotten 4 KiB block sent | "
+                  f"{fmt_stat(vf['repair_bytes'])} |", ""]
     rpos = sorted((k for k in s if k.startswith("rpo_")),
                   key=lambda k: (s[k].get("placement", "shared") != "per-site", -s[k]["fraction"]))
     if rpos:
@@ -1399,10 +1463,12 @@ def update_docs(md, png, lag_png=None):
 
 # The sections each step of main() writes.
 STEP_SECTIONS = {"raw": ("raw",), "sync": ("full", "full_cpu", "incremental", "cairn_cost"),
-                 "sparse": ("sparse",), "penalty": ("penalty",), "memory": ("memory",)}
+                 "sparse": ("sparse",), "verify": ("verify",), "penalty": ("penalty",),
+                 "memory": ("memory",)}
 # The comparisons each step records (the prefixes of their names).
 STEP_VERIFIED = {"raw": (), "sync": ("cairn full", "cairn incremental", "export", "rbd-mirror"),
-                 "sparse": ("sparse",), "rpo": ("rpo",), "penalty": ("penalty",),
+                 "sparse": ("sparse",), "verify": ("verify",), "rpo": ("rpo",),
+                 "penalty": ("penalty",),
                  "memory": ("memory",)}
 
 
@@ -1533,6 +1599,9 @@ def main():
         if "sparse" in only:
             b.section_sparse()
             finished("sparse")
+        if "verify" in only:
+            b.section_verify()
+            finished("verify")
         if "rpo" in only:
             for placement in args.rpo_placements:
                 for fraction in args.rpo_loads:

@@ -23,6 +23,10 @@ std::string VerifiedKey(std::string_view volume, uint64_t seq) {
   return fmt::format("verified/{}/{:020}", volume, seq);
 }
 std::string VerifiedPrefix(std::string_view volume) { return fmt::format("verified/{}/", volume); }
+std::string HoldPrefix(std::string_view volume) { return fmt::format("hold/{}/", volume); }
+std::string HoldKey(std::string_view volume, uint64_t seq, std::string_view image) {
+  return fmt::format("hold/{}/{:020}/{}", volume, seq, image);
+}
 
 // A record's stored form: the version byte, the body, and the XXH3-64 of
 // both.
@@ -99,6 +103,7 @@ void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m) {
   m->set_chain_digest(p.chain_digest.AsBytes());
   m->set_state(pb::RestorePoint::COMPLETE);
   m->set_source_site(p.epoch.source_site);
+  for (const std::string& image : p.held_by) m->add_held_by(image);
   if (p.verification) {
     m->set_verified_ns(p.verification->recorded_ns);
     m->set_verify_mismatched_grains(p.verification->mismatched_grains);
@@ -109,7 +114,8 @@ void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m) {
 std::string EncodeRestorePoint(const RestorePoint& p) {
   pb::RestorePoint m;
   RestorePoint bare = p;
-  bare.verification.reset();  // a record of its own
+  bare.verification.reset();  // records of their own
+  bare.held_by.clear();
   RestorePointToProto(bare, &m);
   return Seal(m);
 }
@@ -128,6 +134,7 @@ StatusOr<RestorePoint> RestorePointFromProto(const pb::RestorePoint& m, std::str
   p.snap = m.snap();
   p.data_bytes = m.data_bytes();
   p.zero_bytes = m.zero_bytes();
+  p.held_by.assign(m.held_by().begin(), m.held_by().end());
   if (m.verified_ns() != 0) {
     p.verification = PointVerification{.recorded_ns = m.verified_ns(),
                                        .mismatched_grains = m.verify_mismatched_grains(),
@@ -257,6 +264,34 @@ Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
   return kv_.Commit({}, {PointKey(volume, seq), VerifiedKey(volume, seq)});
 }
 
+Status Catalog::AddHold(std::string_view volume, uint64_t seq, std::string_view image) {
+  RETURN_IF_ERROR(Get(volume, seq).status());
+  return kv_.Commit({{HoldKey(volume, seq, image), std::string(image)}}, {});
+}
+
+Status Catalog::RemoveHold(std::string_view volume, uint64_t seq, std::string_view image) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  return kv_.Commit({}, {HoldKey(volume, seq, image)});
+}
+
+StatusOr<std::vector<std::pair<uint64_t, std::string>>> Catalog::Holds(std::string_view volume) {
+  RETURN_IF_ERROR(ValidateVolumeId(volume));
+  const std::string prefix = HoldPrefix(volume);
+  ASSIGN_OR_RETURN(const auto kvs, kv_.Scan(prefix));
+  std::vector<std::pair<uint64_t, std::string>> out;
+  for (const auto& [k, image] : kvs) {
+    // hold/<volume>/<seq as 20 digits>/<image>
+    const std::string_view seq = std::string_view(k).substr(prefix.size(), 20);
+    uint64_t n = 0;
+    auto [end, ec] = std::from_chars(seq.data(), seq.data() + seq.size(), n);
+    if (ec != std::errc() || end != seq.data() + seq.size()) {
+      return DataLoss(fmt::format("catalog record {} names no restore point", k));
+    }
+    out.emplace_back(n, image);
+  }
+  return out;
+}
+
 Status Catalog::SetVerification(std::string_view volume, uint64_t seq, const PointVerification& v) {
   RETURN_IF_ERROR(Get(volume, seq).status());
   pb::VerifyEnd m;
@@ -285,6 +320,7 @@ StatusOr<std::vector<RestorePoint>> Catalog::Points(std::string_view volume) {
   RETURN_IF_ERROR(ValidateVolumeId(volume));
   ASSIGN_OR_RETURN(auto kvs, kv_.Scan(PointPrefix(volume)));
   ASSIGN_OR_RETURN(const auto verified, kv_.Scan(VerifiedPrefix(volume)));
+  ASSIGN_OR_RETURN(const auto holds, Holds(volume));
   std::vector<RestorePoint> out;
   out.reserve(kvs.size());
   for (const auto& [k, v] : kvs) {
@@ -292,6 +328,9 @@ StatusOr<std::vector<RestorePoint>> Catalog::Points(std::string_view volume) {
     const std::string vkey = VerifiedKey(volume, p.epoch.seq);
     if (auto it = verified.find(vkey); it != verified.end()) {
       ASSIGN_OR_RETURN(p.verification, DecodeVerification(it->second, vkey));
+    }
+    for (const auto& [seq, image] : holds) {
+      if (seq == p.epoch.seq) p.held_by.push_back(image);
     }
     out.push_back(std::move(p));
   }
@@ -315,6 +354,10 @@ StatusOr<RestorePoint> Catalog::Get(std::string_view volume, uint64_t seq) {
     return v.status();
   }
   ASSIGN_OR_RETURN(RestorePoint p, DecodeRestorePoint(*v, key));
+  ASSIGN_OR_RETURN(const auto holds, Holds(volume));
+  for (const auto& [held, image] : holds) {
+    if (held == seq) p.held_by.push_back(image);
+  }
   const std::string vkey = VerifiedKey(volume, seq);
   auto verified = kv_.Get(vkey);
   if (verified.ok()) {

@@ -59,6 +59,9 @@ struct RestorePoint {
   // Kept in a record of its own (Catalog::SetVerification), filled in by
   // Points and Get; never part of the point's record.
   std::optional<PointVerification> verification;
+  // The images that hold the point against retention (drill clones,
+  // Catalog::AddHold), filled in by Points and Get.
+  std::vector<std::string> held_by;
   friend bool operator==(const RestorePoint&, const RestorePoint&) = default;
 };
 
@@ -112,6 +115,12 @@ class Catalog {
   Status RemovePoint(std::string_view volume, uint64_t seq);
   // Records the last verify of point `seq` (which must exist: kNotFound).
   Status SetVerification(std::string_view volume, uint64_t seq, const PointVerification& v);
+  // Point `seq` (which must exist: kNotFound) is held by `image` (a drill's
+  // clone of it): retention keeps it until the hold is removed.
+  Status AddHold(std::string_view volume, uint64_t seq, std::string_view image);
+  Status RemoveHold(std::string_view volume, uint64_t seq, std::string_view image);
+  // The holds of `volume`: (seq, image), by seq.
+  StatusOr<std::vector<std::pair<uint64_t, std::string>>> Holds(std::string_view volume);
   // Points of `volume`, oldest first, each with its verification.
   StatusOr<std::vector<RestorePoint>> Points(std::string_view volume);
   // The newest point, or nullopt if the volume has none.

@@ -10,6 +10,7 @@
 //   cairn failover VOLUME [POINT] --to IMAGE [--back-to IMAGE] [--no-back]
 //   cairn failback VOLUME [--timeout SECONDS]
 //   cairn verify VOLUME [POINT] [--repair] [--timeout SECONDS]
+//   cairn drill start VOLUME [POINT] [--to IMAGE] / drill stop VOLUME [--image IMAGE]
 //
 // Exit codes: engine/cli/cli.h.
 #include <fmt/format.h>
@@ -53,14 +54,22 @@ json PointJson(const cairn::pb::RestorePoint& p) {
           {"source_site", p.source_site()},
           {"verified", p.verified_ns() ? json(Time(p.verified_ns())) : json(nullptr)},
           {"verified_ns", p.verified_ns()},
-          {"verify_mismatched_grains", p.verify_mismatched_grains()}};
+          {"verify_mismatched_grains", p.verify_mismatched_grains()},
+          {"held_by", p.held_by()}};
 }
 
-// "-" never verified, "equal", or "DIFFERS (N grains)".
+// "-" never verified, "equal <time>", or "DIFFERS (N grains) <time>"; and
+// the drills that hold it.
 std::string Verified(const cairn::pb::RestorePoint& p) {
-  if (p.verified_ns() == 0) return "-";
-  if (p.verify_mismatched_grains() == 0) return "equal " + Time(p.verified_ns());
-  return fmt::format("DIFFERS ({} grains) {}", p.verify_mismatched_grains(), Time(p.verified_ns()));
+  std::string out = "-";
+  if (p.verified_ns() != 0 && p.verify_mismatched_grains() == 0) {
+    out = "equal " + Time(p.verified_ns());
+  } else if (p.verified_ns() != 0) {
+    out =
+        fmt::format("DIFFERS ({} grains) {}", p.verify_mismatched_grains(), Time(p.verified_ns()));
+  }
+  for (const auto& image : p.held_by()) out += ", held by drill " + image;
+  return out;
 }
 
 json StatusJson(const cairn::pb::VolumeStatus& v) {
@@ -115,6 +124,7 @@ struct Commands {
   CLI::App* failover;
   CLI::App* failback;
   CLI::App* verify;
+  cairn::cli::Drill drill;
 };
 
 Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
@@ -191,6 +201,7 @@ Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
   c.verify->add_flag("--repair", args.repair,
                      "on a mismatch, make a new point sending only the blocks that differ");
   c.verify->add_option("--timeout", args.timeout, "seconds to wait for the verify (and repair)");
+  cairn::cli::DefineDrill(app, c.drill);
   return c;
 }
 
@@ -504,7 +515,7 @@ int main(int argc, char** argv) {
   cli.socket = env_socket ? env_socket : "/run/cairn/cairnd.sock";
   Args args;
   CLI::App app{"cairn: cross-site replication of Ceph RBD volumes"};
-  const Commands c = DefineCommands(app, cli, args);
+  Commands c = DefineCommands(app, cli, args);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -519,6 +530,7 @@ int main(int argc, char** argv) {
   if (*c.replicate) return RunReplicate(cli, args);
   if (*c.failover) return RunFailover(cli, args);
   if (*c.failback) return RunFailback(cli, args);
+  if (auto drilled = cairn::cli::RunDrill(cli, c.drill)) return *drilled;
   if (*c.verify) {
     const auto seq = ParsePoint(args.promote_point, args.volume);
     if (!seq.ok()) return cli.Fail(seq.status());

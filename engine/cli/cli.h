@@ -4,10 +4,15 @@
 
 #include <cstdint>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 
 #include "engine/base/status.h"
 #include "proto/cairn.pb.h"
+
+namespace CLI {
+class App;
+}  // namespace CLI
 
 namespace cairn::cli {
 
@@ -31,6 +36,20 @@ struct Cli {
 std::string Time(int64_t ns);
 // "1.5 GiB"
 std::string Bytes(double b);
+
+// cairn drill start|stop (cairn_drill.cc), on the standby's cairnd.
+struct Drill {
+  CLI::App* start = nullptr;
+  CLI::App* stop = nullptr;
+  std::string volume;
+  std::string point = "latest";
+  std::string image;
+};
+// Adds `drill start VOLUME [POINT] [--to IMAGE]` and `drill stop VOLUME
+// [--image IMAGE]` to `app`; the parse fills `d`.
+void DefineDrill(CLI::App& app, Drill& d);
+// Runs the drill subcommand given, if one was; nullopt if none.
+std::optional<int> RunDrill(const Cli& cli, const Drill& d);
 
 // A volume's verify as `cairn status --json` shows it (null: none).
 nlohmann::json VerifyJson(const pb::VerifyStatus& v);

@@ -99,6 +99,21 @@ Status AnswerVerify(ControlService& service, const pb::VerifyRequest& q, pb::Con
   return OkStatus();
 }
 
+Status AnswerDrill(ControlService& service, const pb::DrillRequest& q, pb::ControlReply& reply) {
+  auto* m = reply.mutable_drill();
+  if (q.stop()) {
+    ASSIGN_OR_RETURN(const auto removed, service.DrillStop(q.volume(), q.image()));
+    for (const auto& image : removed) m->add_images(image);
+    return OkStatus();
+  }
+  ASSIGN_OR_RETURN(const DrillResult r, service.DrillStart(q.volume(), q.seq(), q.image()));
+  m->set_pool(r.pool);
+  m->add_images(r.image);
+  m->set_seq(r.point.epoch.seq);
+  m->set_source_time_ns(r.point.epoch.snap_time_ns);
+  return OkStatus();
+}
+
 Status AnswerReplicate(ControlService& service, const pb::ReplicateRequest& q,
                        pb::ControlReply& reply) {
   ASSIGN_OR_RETURN(const uint64_t seq, service.Replicate(q.volume()));
@@ -183,12 +198,14 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
       return AnswerFailback(service, req.failback(), reply);
     case pb::ControlRequest::kVerify:
       return AnswerVerify(service, req.verify(), reply);
+    case pb::ControlRequest::kDrill:
+      return AnswerDrill(service, req.drill(), reply);
     case pb::ControlRequest::REQUEST_NOT_SET:
       break;
   }
   return InvalidArgument(
       "control request names no operation (status, points, restore, replicate, "
-      "register_volume, unregister_volume, promote, release, resolve, failback, verify)");
+      "register_volume, unregister_volume, promote, release, resolve, failback, verify, drill)");
 }
 
 // What a changing request is called and the volume it names; nullopt for
@@ -213,6 +230,8 @@ std::optional<std::pair<std::string_view, std::string>> Change(const pb::Control
       return std::make_pair("failback", req.failback().volume());
     case pb::ControlRequest::kVerify:
       return std::make_pair("verify", req.verify().volume());
+    case pb::ControlRequest::kDrill:
+      return std::make_pair("drill", req.drill().volume());
     default:
       return std::nullopt;
   }

@@ -46,6 +46,11 @@ class ControlService {
     uint64_t seq = 0;
   };
   virtual StatusOr<VerifyStarted> Verify(const std::string& volume, uint64_t seq, bool repair) = 0;
+  // Standby side: drills (Sink::DrillStart, DrillStop).
+  virtual StatusOr<DrillResult> DrillStart(const std::string& volume, uint64_t seq,
+                                           const std::string& image) = 0;
+  virtual StatusOr<std::vector<std::string>> DrillStop(const std::string& volume,
+                                                       const std::string& image) = 0;
   // Starts an epoch now; returns the seq of the point that will hold every
   // write made before the call.
   virtual StatusOr<uint64_t> Replicate(const std::string& volume) = 0;

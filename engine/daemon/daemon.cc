@@ -261,6 +261,18 @@ StatusOr<RestoreResult> Daemon::Restore(const std::string& volume, uint64_t seq,
   return sink_->Restore(volume, seq, to_image, full, nullptr, force);
 }
 
+StatusOr<DrillResult> Daemon::DrillStart(const std::string& volume, uint64_t seq,
+                                         const std::string& image) {
+  if (!sink_) return FailedPrecondition("this cairnd is not a sink: drill on the standby's cairnd");
+  return sink_->DrillStart(volume, seq, image);
+}
+
+StatusOr<std::vector<std::string>> Daemon::DrillStop(const std::string& volume,
+                                                     const std::string& image) {
+  if (!sink_) return FailedPrecondition("this cairnd is not a sink: drill on the standby's cairnd");
+  return sink_->DrillStop(volume, image);
+}
+
 StatusOr<ControlService::VerifyStarted> Daemon::Verify(const std::string& volume, uint64_t seq,
                                                        bool repair) {
   auto s = FindSource(volume);

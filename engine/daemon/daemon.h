@@ -65,6 +65,10 @@ class Daemon final : public ControlService {
                                   const std::string& to_image, bool full, bool force) override;
   StatusOr<uint64_t> Replicate(const std::string& volume) override;
   StatusOr<VerifyStarted> Verify(const std::string& volume, uint64_t seq, bool repair) override;
+  StatusOr<DrillResult> DrillStart(const std::string& volume, uint64_t seq,
+                                   const std::string& image) override;
+  StatusOr<std::vector<std::string>> DrillStop(const std::string& volume,
+                                               const std::string& image) override;
   StatusOr<VolumeStatusInfo> Register(const Registration& r) override;
   Status Unregister(const std::string& volume, bool remove_snapshots) override;
   StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq, const std::string& pool,

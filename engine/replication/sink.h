@@ -113,6 +113,13 @@ struct PromoteResult {
   bool again = false;  // the volume was already promoted so
 };
 
+// A drill: a restore point cloned while replication goes on (Sink::DrillStart).
+struct DrillResult {
+  std::string pool;
+  std::string image;
+  RestorePoint point;
+};
+
 struct RestoreResult {
   std::string pool;
   std::string image;
@@ -142,6 +149,17 @@ class Sink {
   StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
                                   const std::string& to_image, bool full,
                                   const ProgressFn& progress, bool force = false);
+  // A non-disruptive drill (sink_drill.cc): clones restore point `seq` (0:
+  // the newest) of `volume` into `to_image` ("" = <standby image>-drill-<seq>)
+  // while replication goes on, and holds the point against retention
+  // (Catalog::AddHold) until DrillStop. kAlreadyExists if the image exists;
+  // kFailedPrecondition for a point a verify found differs.
+  StatusOr<DrillResult> DrillStart(const std::string& volume, uint64_t seq,
+                                   const std::string& to_image);
+  // Removes the drill image `image` of `volume` ("" = all of its drills)
+  // and lifts its hold; returns the images removed. kNotFound if there is
+  // no such drill.
+  StatusOr<std::vector<std::string>> DrillStop(const std::string& volume, const std::string& image);
   // Failover of one volume: fences it (its source is refused from now on)
   // and clones restore point `seq` (0: the newest) into pool/to_image. The
   // same call again returns the same promotion (again = true); another

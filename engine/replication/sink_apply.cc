@@ -232,8 +232,14 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   const size_t drop = points->size() > env_.keep_points ? points->size() - env_.keep_points : 0;
   const uint64_t oldest_kept = (*points)[drop].epoch.seq;
   // A point being verified stays until the verify ends (the next pass
-  // drops it).
-  const std::set<uint64_t> held = VerifyingPoints(t.volume);
+  // drops it), and one a drill holds until the drill stops.
+  std::set<uint64_t> held = VerifyingPoints(t.volume);
+  auto holds = t.catalog->Holds(t.volume);
+  if (!holds.ok()) {
+    spdlog::warn("volume {}: retention skipped: {}", t.volume, holds.status().message());
+    return;
+  }
+  for (const auto& [seq, image] : *holds) held.insert(seq);
   for (size_t i = 0; i < drop; ++i) {
     if (held.count((*points)[i].epoch.seq)) continue;
     if (Status st = t.catalog->RemovePoint(t.volume, (*points)[i].epoch.seq); !st.ok()) {

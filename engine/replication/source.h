@@ -160,6 +160,9 @@ class SourceReplicator {
   // The verify StartVerify runs (on verify_thread_), and its comparison.
   void RunVerify(uint64_t seq, bool repair);
   Status Verify(uint64_t seq);
+  // Compares the point `seq` at the sink, window by window, with this
+  // site's snapshot of it open in `io` (`size` bytes).
+  Status CompareAll(Link& link, AsyncIo& io, uint64_t seq, uint64_t size);
   // Compares the digests of one window and notes what differs in verify_.
   Status CompareWindow(uint64_t offset, std::string_view ours, std::string_view theirs);
   // Bytes of the image's head changed since its snapshot cairn.<seq> (0 if

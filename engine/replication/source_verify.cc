@@ -118,22 +118,10 @@ Status SourceReplicator::Verify(uint64_t seq) {
   }
   spdlog::info("volume {}: verifying restore point {} at site '{}' against {}@{} ({} bytes)",
                config_.id, seq, hello.site, config_.image, name, snap.size);
-  ASSIGN_OR_RETURN(auto io, vol->OpenIo(snap.name));
-  for (uint64_t off = 0; off < snap.size; off += kDigestWindow) {
-    {
-      std::lock_guard lock(mu_);
-      if (stop_) return Aborted("cairnd stops");
-    }
-    const uint64_t len = std::min(kDigestWindow, snap.size - off);
-    // Asked first: the sink reads its window while this side reads ours.
-    RETURN_IF_ERROR(AskDigests(*link, seq, off, len, kDigestGrain, snap.size));
-    ASSIGN_OR_RETURN(const std::string ours,
-                     DigestRange(*io, snap.size, off, len, kDigestGrain, snap.size));
-    ASSIGN_OR_RETURN(const std::string theirs,
-                     TakeDigests(*link, off, len, kDigestGrain, timeouts_.stall));
-    RETURN_IF_ERROR(CompareWindow(off, ours, theirs));
+  {
+    ASSIGN_OR_RETURN(auto io, vol->OpenIo(snap.name));
+    RETURN_IF_ERROR(CompareAll(*link, *io, seq, snap.size));
   }
-  io.reset();
   RETURN_IF_ERROR(vol->ConfirmSnap(snap.name, snap.id).Annotate("the snapshot verified"));
   VerifyStatusInfo found;
   {
@@ -164,6 +152,28 @@ Status SourceReplicator::Verify(uint64_t seq) {
         "bytes (first at {})",
         config_.id, seq, hello.site, config_.image, name, found.mismatched_grains, kDigestGrain,
         found.mismatches.front().offset);
+  }
+  return OkStatus();
+}
+
+Status SourceReplicator::CompareAll(Link& link, AsyncIo& io, uint64_t seq, uint64_t size) {
+  const auto window = [&](uint64_t off) { return std::min(kDigestWindow, size - off); };
+  if (size > 0) RETURN_IF_ERROR(AskDigests(link, seq, 0, window(0), kDigestGrain, size));
+  for (uint64_t off = 0; off < size; off += kDigestWindow) {
+    {
+      std::lock_guard lock(mu_);
+      if (stop_) return Aborted("cairnd stops");
+    }
+    const uint64_t len = window(off);
+    // The sink is asked a window ahead: it reads the next one while this
+    // side reads the current one, and neither waits for the round trip.
+    if (const uint64_t next = off + kDigestWindow; next < size) {
+      RETURN_IF_ERROR(AskDigests(link, seq, next, window(next), kDigestGrain, size));
+    }
+    ASSIGN_OR_RETURN(const std::string ours, DigestRange(io, size, off, len, kDigestGrain, size));
+    ASSIGN_OR_RETURN(const std::string theirs,
+                     TakeDigests(link, off, len, kDigestGrain, timeouts_.stall));
+    RETURN_IF_ERROR(CompareWindow(off, ours, theirs));
   }
   return OkStatus();
 }

@@ -17,6 +17,14 @@ class NullService final : public cairn::ControlService {
     if (auto st = cairn::ValidateVolumeId(v); !st.ok()) return st;
     return std::vector<cairn::RestorePoint>(1);
   }
+  cairn::StatusOr<cairn::DrillResult> DrillStart(const std::string&, uint64_t,
+                                                 const std::string&) override {
+    return cairn::NotFound("no such volume");
+  }
+  cairn::StatusOr<std::vector<std::string>> DrillStop(const std::string&,
+                                                      const std::string&) override {
+    return cairn::NotFound("no such volume");
+  }
   cairn::StatusOr<VerifyStarted> Verify(const std::string&, uint64_t, bool) override {
     return cairn::NotFound("no such volume");
   }

@@ -76,3 +76,41 @@ def test_verify_finds_a_rotten_block_at_site_b_and_repair_sends_only_it(
     again = source.json("verify", name, "--timeout", "120")
     assert again["seq"] == seq + 1 and again["mismatched_grains"] == 0, again
     assert "DIFFERS" in sink.log_text() and "by block digests" in source.log_text()
+
+
+def test_a_drill_clones_a_point_while_replication_goes_on_and_holds_it(
+        site_a, site_b, workdir, daemons, name):
+    """cairn drill start clones a point at site B while the volume replicates
+    on; retention (keep_points = 2) keeps that point as long as the drill
+    holds it, and cairn drill stop removes the clone and lets it go."""
+    size = 16 * MiB
+    site_a.create(name, size)
+    rng = random.Random(27)
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(4 * MiB), 0)
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool", extra="keep_points = 2\n")))
+    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
+        "a", site_a.conf, port, {name: (name, name + "-standby")})))
+    first = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    drill = sink.json("drill", "start", name)
+    clone = f"{name}-standby-drill-{first}"
+    assert drill["seq"] == first and drill["images"] == [clone], drill
+    for i in range(3):
+        with rbd.Image(site_a.ioctx, name) as img:
+            img.write(rng.randbytes(256 * 1024), (5 + i) * MiB)
+        last = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    lib.wait_for("retention keeping the held point and the newest two",
+                 lambda: [p["seq"] for p in sink.json("points", name)] == [first, last - 1, last])
+    points = sink.json("points", name)
+    assert points[0]["held_by"] == [clone] and points[1]["held_by"] == [], points
+    assert site_b.digest(clone) == site_a.digest(name, f"cairn.{first}")
+    stopped = sink.json("drill", "stop", name)
+    assert stopped["images"] == [clone], stopped
+    assert clone not in site_b.images()
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(4096), 0)
+    newest = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    lib.wait_for("retention letting the released point go",
+                 lambda: [p["seq"] for p in sink.json("points", name)] == [newest - 1, newest])

@@ -40,6 +40,14 @@ class CountingService final : public ControlService {
     ++reads;
     return std::vector<RestorePoint>{};
   }
+  StatusOr<DrillResult> DrillStart(const std::string&, uint64_t, const std::string&) override {
+    ++changes;
+    return DrillResult{};
+  }
+  StatusOr<std::vector<std::string>> DrillStop(const std::string&, const std::string&) override {
+    ++changes;
+    return std::vector<std::string>{};
+  }
   StatusOr<VerifyStarted> Verify(const std::string&, uint64_t, bool) override {
     ++changes;
     return VerifyStarted{1, 1};
