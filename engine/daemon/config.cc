@@ -270,6 +270,11 @@ Status ReadSinkSection(SectionReader& r, DaemonConfig& cfg) {
   RETURN_IF_ERROR(r.Size32("window", 1, 256, &s.window));
   RETURN_IF_ERROR(r.Size("window_bytes", 1u << 20, uint64_t{1} << 30, &s.window_bytes));
   RETURN_IF_ERROR(r.Size32("keep_points", 0, 1000000, &s.keep_points));
+  if (auto e = r.Get("retention")) {
+    auto tiers = ParseRetentionTiers(e->value);
+    if (!tiers.ok()) return r.Error("retention", tiers.status().message());
+    s.retention_tiers = std::move(tiers).value();
+  }
   cfg.sink = s;
   return OkStatus();
 }

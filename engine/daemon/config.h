@@ -36,6 +36,7 @@
 #include "engine/base/status.h"
 #include "engine/link/tls.h"
 #include "engine/replication/peer_grants.h"
+#include "engine/replication/retention.h"
 #include "engine/replication/volume_config.h"
 
 namespace cairn {
@@ -62,6 +63,9 @@ struct SinkConfig {
   // (asked for explicitly; the catalog and the snapshots then grow without
   // bound). Points are made only when the image changed.
   uint32_t keep_points = 24;
+  // Retention tiers besides (`retention = 10m*6 1h*24 1d*365`): the newest
+  // point of each of the last COUNT periods is kept too.
+  std::vector<RetentionTier> retention_tiers;
   // Concurrent writes to a standby image while an epoch is applied, and
   // the bytes they hold at most (see kDefaultApplyWindow).
   uint32_t window = kDefaultApplyWindow;

@@ -115,6 +115,7 @@ Status Daemon::Start() {
     env.cluster = config_.ceph.conf;
     env.spool.max_bytes = sc.spool_max_bytes;
     env.keep_points = sc.keep_points;
+    env.retention_tiers = sc.retention_tiers;
     env.apply.window = sc.window;
     env.apply.window_bytes = sc.window_bytes;
     env.budget = budget_;

@@ -64,6 +64,7 @@
 #include "engine/link/tcp_link.h"
 #include "engine/replication/peer_grants.h"
 #include "engine/replication/replication.h"
+#include "engine/replication/retention.h"
 #include "engine/spool/spool.h"
 #include "engine/spool/spool_store.h"
 #include "engine/volume/volume.h"
@@ -93,6 +94,9 @@ struct SinkEnv {
   std::chrono::milliseconds retry_max{15000};
   // Restore points kept per volume (0: all); see PrunePoints.
   uint32_t keep_points = 0;
+  // ... and the newest point of each of the last periods of each tier
+  // (retention.h); points any rule keeps are kept.
+  std::vector<RetentionTier> retention_tiers;
   // Where an epoch's apply window and spool buffers come from (shared with
   // the daemon's other epochs); none: each takes what `apply` and `spool`
   // say.
@@ -305,12 +309,13 @@ class Sink {
   // `opt` says how much was had.
   StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
                                                   ApplyOptions* opt);
-  // Retention (SinkEnv::keep_points): removes the oldest points of `t`
-  // beyond the newest keep_points, each from the catalog first and then its
-  // snapshot on `vol`, so a crash between leaves a stray snapshot (removed
-  // by the next pass: every cairn.<N> snapshot older than the oldest point
-  // kept goes), never a listed point without its data. Best effort: a
-  // failure is logged, the new point stands.
+  // Retention (SinkEnv::keep_points, retention_tiers): removes the points
+  // of `t` that no rule keeps (PointsToKeep), nor a drill or verify holds,
+  // each from the catalog first and then its snapshot on `vol`, so a crash
+  // between leaves a stray snapshot (removed by the next pass: every
+  // cairn.<N> snapshot below the newest point that is no point kept goes),
+  // never a listed point without its data. Best effort: a failure is
+  // logged, the new point stands.
   void PrunePoints(Target& t, Volume& vol);
   // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
   void PruneCommitted(Target& t);

@@ -15,6 +15,7 @@
 #include <future>
 #include <system_error>
 
+#include "engine/replication/retention.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/sink_target.h"
 #include "proto/cairn.pb.h"
@@ -214,7 +215,7 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq) {
       "volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
       "{:.2f} s, catalog {:.2f} s)",
       t.volume, seq, sum.data_bytes, sum.zero_bytes, w.phases, snap_secs, catalog_secs);
-  if (env_.keep_points > 0) t.committed = std::move(w.vol);
+  if (env_.keep_points > 0 || !env_.retention_tiers.empty()) t.committed = std::move(w.vol);
   return OkStatus();
 }
 
@@ -229,41 +230,45 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
     return;
   }
   if (points->empty()) return;
-  const size_t drop = points->size() > env_.keep_points ? points->size() - env_.keep_points : 0;
-  const uint64_t oldest_kept = (*points)[drop].epoch.seq;
+  std::set<uint64_t> keep = PointsToKeep(*points, env_.keep_points, env_.retention_tiers);
   // A point being verified stays until the verify ends (the next pass
   // drops it), and one a drill holds until the drill stops.
-  std::set<uint64_t> held = VerifyingPoints(t.volume);
-  auto holds = t.catalog->Holds(t.volume);
-  if (!holds.ok()) {
-    spdlog::warn("volume {}: retention skipped: {}", t.volume, holds.status().message());
-    return;
+  keep.merge(VerifyingPoints(t.volume));
+  for (const auto& p : *points) {
+    if (!p.held_by.empty()) keep.insert(p.epoch.seq);
   }
-  for (const auto& [seq, image] : *holds) held.insert(seq);
-  for (size_t i = 0; i < drop; ++i) {
-    if (held.count((*points)[i].epoch.seq)) continue;
-    if (Status st = t.catalog->RemovePoint(t.volume, (*points)[i].epoch.seq); !st.ok()) {
+  std::vector<uint64_t> dropped;
+  for (const auto& p : *points) {
+    if (keep.count(p.epoch.seq)) continue;
+    if (Status st = t.catalog->RemovePoint(t.volume, p.epoch.seq); !st.ok()) {
       spdlog::warn("volume {}: retention: removing restore point {} from the catalog: {}", t.volume,
-                   (*points)[i].epoch.seq, st.message());
+                   p.epoch.seq, st.message());
       return;
     }
+    dropped.push_back(p.epoch.seq);
   }
   auto snaps = vol.ListSnaps();
   if (!snaps.ok()) {
     spdlog::warn("volume {}: retention: listing snapshots: {}", t.volume, snaps.status().message());
     return;
   }
+  // Every cairn.<N> below the newest point that is no point kept: those of
+  // the points dropped, and strays of a pass cut between catalog and
+  // snapshot. (One above the newest may be a point being made.)
+  const uint64_t newest = points->back().epoch.seq;
   for (const auto& s : *snaps) {
     const auto seq = ParseSnapName(s.name);
-    if (!seq || *seq >= oldest_kept || held.count(*seq)) continue;
+    if (!seq || *seq >= newest || keep.count(*seq)) continue;
     if (Status st = vol.RemoveSnap(s.name); !st.ok() && st.code() != Code::kNotFound) {
       spdlog::warn("volume {}: retention: removing snapshot {} (no longer a restore point): {}",
                    t.volume, s.name, st.message());
     }
   }
-  if (drop > 0) {
-    spdlog::info("volume {}: retention keeps {} restore points: removed {} up to {}", t.volume,
-                 env_.keep_points, drop, (*points)[drop - 1].epoch.seq);
+  if (!dropped.empty()) {
+    spdlog::info("volume {}: retention keeps {} restore points ({} newest{}): removed {} ({}..{})",
+                 t.volume, keep.size(), env_.keep_points,
+                 env_.retention_tiers.empty() ? "" : " and the retention tiers'", dropped.size(),
+                 dropped.front(), dropped.back());
   }
 }
 

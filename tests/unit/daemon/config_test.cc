@@ -203,6 +203,12 @@ TEST(Config, SinkRetentionAndWindow) {
               HasSubstr("[sink] window: 0 is out of range [1, 256]"));
   EXPECT_THAT(Error(kSinkSecure + "[sink]\npools = rbd\nkeep_points = -1\n"),
               HasSubstr("keep_points"));
+  c = ParseConfig(kSinkSecure + "[sink]\npools = rbd\nretention = 10m*6 1h*24 1d*30\n", "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  ASSERT_EQ(c->sink->retention_tiers.size(), 3u);
+  EXPECT_EQ(c->sink->retention_tiers[2].count, 30u);
+  EXPECT_THAT(Error(kSinkSecure + "[sink]\npools = rbd\nretention = 1d\n"),
+              HasSubstr("[sink] retention: retention tier '1d' has no '*'"));
 }
 
 }  // namespace

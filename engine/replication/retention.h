@@ -1,0 +1,37 @@
+// Retention tiers: which restore points a sink keeps. The newest
+// `keep_last` always; then, per tier, the newest point of each of the last
+// `count` periods that hold one (10-minute periods for an hour, hours for a
+// day, days for a year...), by the time the point's source snapshot was
+// taken, in UTC. A point any rule keeps is kept; points held by drills or
+// verifies are kept besides (the caller's). As restic's and borg's
+// `forget --keep-*`, which operators know.
+#pragma once
+
+#include <cstdint>
+#include <set>
+#include <string_view>
+#include <vector>
+
+#include "engine/base/status.h"
+#include "engine/catalog/catalog.h"
+
+namespace cairn {
+
+struct RetentionTier {
+  int64_t period_ns = 0;  // fixed periods from the Unix epoch (weeks from a Monday)
+  bool months = false;    // calendar months instead (period_ns unused)
+  uint32_t count = 0;
+  friend bool operator==(const RetentionTier&, const RetentionTier&) = default;
+};
+
+// "10m*6 1h*24 1d*365 1w*52 1mo*12": PERIOD*COUNT, separated by spaces or
+// commas; periods in m, h, d, w (whole multiples) or mo (calendar months).
+// kInvalidArgument, saying what is wrong, on anything else.
+StatusOr<std::vector<RetentionTier>> ParseRetentionTiers(std::string_view spec);
+
+// The seqs of `points` to keep: the newest `keep_last` and those the tiers
+// keep. `points` in any order.
+std::set<uint64_t> PointsToKeep(const std::vector<RestorePoint>& points, uint32_t keep_last,
+                                const std::vector<RetentionTier>& tiers);
+
+}  // namespace cairn

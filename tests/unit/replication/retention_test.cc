@@ -1,0 +1,111 @@
+// Retention tiers: which points a sink keeps (PointsToKeep), the tiers'
+// syntax, and the sink pruning by them.
+#include "engine/replication/retention.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include "tests/unit/replication/replication_fixture.h"
+
+namespace cairn {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int64_t kMin = 60'000'000'000;
+// 2026-12-07T00:00:00Z, a Monday.
+constexpr int64_t kMonday = 1'796'601'600'000'000'000;
+
+std::vector<RestorePoint> PointsAt(const std::vector<int64_t>& times) {
+  std::vector<RestorePoint> out;
+  for (size_t i = 0; i < times.size(); ++i) {
+    RestorePoint p;
+    p.epoch.seq = i + 1;
+    p.epoch.snap_time_ns = times[i];
+    out.push_back(p);
+  }
+  return out;
+}
+
+TEST(Retention, TiersParseAndBadOnesSayWhy) {
+  auto t = ParseRetentionTiers("10m*6 1h*24, 1d*365  1w*52 1mo*12");
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  ASSERT_EQ(t->size(), 5u);
+  EXPECT_EQ((*t)[0], (RetentionTier{10 * kMin, false, 6}));
+  EXPECT_EQ((*t)[3], (RetentionTier{7 * 24 * 60 * kMin, false, 52}));
+  EXPECT_EQ((*t)[4], (RetentionTier{0, true, 12}));
+  EXPECT_TRUE(ParseRetentionTiers("")->empty());
+  for (const char* bad : {"1h", "1h*0", "0h*3", "1y*2", "2mo*3", "h*3", "1h*x"}) {
+    auto r = ParseRetentionTiers(bad);
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;
+    EXPECT_THAT(r.status().message(), HasSubstr("PERIOD*COUNT")) << bad;
+  }
+}
+
+TEST(Retention, TheNewestOfEachPeriodAndTheNewestN) {
+  // A point every 5 minutes for 3 hours: 36 points, the newest at 02:55.
+  std::vector<int64_t> times;
+  for (int i = 0; i < 36; ++i) times.push_back(kMonday + i * 5 * kMin);
+  const auto points = PointsAt(times);
+  // The newest 2; 10-minute periods for the last 6 (02:50, 02:40, ... 02:00:
+  // the later point of each pair); hours for the last 3 (02:55, 01:55, 00:55).
+  const auto keep = PointsToKeep(points, 2, *ParseRetentionTiers("10m*6 1h*3"));
+  EXPECT_EQ(keep, (std::set<uint64_t>{36, 35, 34, 32, 30, 28, 26, 24, 12}));
+  EXPECT_EQ(PointsToKeep(points, 0, {}), std::set<uint64_t>{});
+  EXPECT_EQ(PointsToKeep(points, 40, {}).size(), 36u);
+}
+
+TEST(Retention, DaysWeeksAndMonthsFollowTheCalendarInUtc) {
+  const int64_t day = 24 * 60 * kMin;
+  // Sun 2026-12-06 23:00, Mon 12-07 01:00, Mon 12-07 22:00, Wed 12-09,
+  // Thu 2027-01-07.
+  const auto points = PointsAt({kMonday - 60 * kMin, kMonday + 60 * kMin, kMonday + 22 * 60 * kMin,
+                                kMonday + 2 * day, kMonday + 31 * day});
+  EXPECT_EQ(PointsToKeep(points, 0, *ParseRetentionTiers("1d*10")),
+            (std::set<uint64_t>{1, 3, 4, 5}));
+  EXPECT_EQ(PointsToKeep(points, 0, *ParseRetentionTiers("1w*10")),
+            (std::set<uint64_t>{1, 4, 5}));  // weeks from Monday
+  EXPECT_EQ(PointsToKeep(points, 0, *ParseRetentionTiers("1mo*10")), (std::set<uint64_t>{4, 5}));
+  EXPECT_EQ(PointsToKeep(points, 0, *ParseRetentionTiers("1mo*1")), std::set<uint64_t>{5});
+}
+
+// The sink prunes by the tiers: points a minute apart (site A's snapshots
+// stamped by the test's clock), an hourly tier and the newest two.
+TEST_F(ReplicationTest, TheSinkKeepsTheTiersPointsAndTheirSnapshots) {
+  UseManualClock();
+  SinkEnv env = sink_env_;
+  env.keep_points = 2;
+  env.retention_tiers = *ParseRetentionTiers("1h*3");
+  RestartSink(env);
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(81);
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  rep.set_clock(clock_);
+  // Points at 00:30, 00:50, 01:10, 01:30, 01:50, 02:10, 02:30 of some day.
+  clock_.Advance(std::chrono::minutes(30) -
+                 std::chrono::nanoseconds(clock_.UnixNs() % 3'600'000'000'000));
+  for (int i = 0; i < 7; ++i) {
+    testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+    ASSERT_TRUE(rep.RunOnce().ok());
+    clock_.Advance(std::chrono::minutes(20));
+  }
+  // Hours: 02 -> point 7, 01 -> point 5, 00 -> point 2; the newest two: 6, 7.
+  auto dst = testing::MustOpen(*site_b_, "img-standby");
+  PollUntil("retention keeping points 2, 5, 6, 7", [&] {
+    std::vector<uint64_t> seqs;
+    const std::vector<RestorePoint> points = sink_->Points("vol1").value();
+    for (const auto& p : points) seqs.push_back(p.epoch.seq);
+    return seqs == std::vector<uint64_t>{2, 5, 6, 7};
+  });
+  std::vector<std::string> snaps;
+  const std::vector<SnapInfo> listed = dst->ListSnaps().value();
+  for (const auto& s : listed) snaps.push_back(s.name);
+  EXPECT_EQ(snaps, (std::vector<std::string>{"cairn.2", "cairn.5", "cairn.6", "cairn.7"}));
+  VerifyAllPoints(*src, 4);
+}
+
+}  // namespace
+}  // namespace cairn
