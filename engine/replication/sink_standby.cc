@@ -121,6 +121,13 @@ StatusOr<PromoteResult> Sink::Promote(const std::string& volume, uint64_t seq,
       "volume {}: FAILED OVER to site {}: restore point {} (source time {} ns) promoted "
       "into {}/{}; its source is refused until it is released",
       volume, env_.site, point.epoch.seq, point.epoch.snap_time_ns, pool_name, to_image);
+  if (const auto& v = point.verification; v && v->mismatched_grains > 0) {
+    // At a disaster the operator chooses; the log says what a verify found.
+    spdlog::error(
+        "volume {}: the promoted restore point {} differs from its source in {} grains (cairn "
+        "verify): check the data, or promote another point",
+        volume, point.epoch.seq, v->mismatched_grains);
+  }
   return PromoteResult{pool_name, to_image, point, false};
 }
 
