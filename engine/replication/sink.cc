@@ -389,6 +389,10 @@ StatusOr<std::optional<RestorePoint>> Sink::LoadLatest(Target& t) {
 
 Status Sink::Session(Link& link, Target& t) {
   ASSIGN_OR_RETURN(std::optional<RestorePoint> latest, LoadLatest(t));
+  ASSIGN_OR_RETURN(const bool forgot, ForgetLostPoints(t));
+  if (forgot) {
+    ASSIGN_OR_RETURN(latest, LoadLatest(t));
+  }
   RETURN_IF_ERROR(RecoverSpool(t));
   t.recovered = true;
   if (t.last_seq != (latest ? latest->epoch.seq : 0)) {  // a spooled epoch became a point

@@ -320,6 +320,14 @@ class Sink {
   // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
   void PruneCommitted(Target& t);
   Status RecoverSpool(Target& t);
+  // The newest points of t.volume whose snapshot is gone from t's image
+  // (removed outside Cairn) are forgotten, so the newest point left is the
+  // base the source replicates from (a delta, or a resync by digests if the
+  // source lost that snapshot too). If none is left, the head is kept as a
+  // cairn-divergent-<time> snapshot and the next epoch resyncs by digests
+  // against it. True if any was forgotten (t.last_seq, t.chain reset:
+  // LoadLatest again).
+  StatusOr<bool> ForgetLostPoints(Target& t);
   // How much of the spool of epoch `seq` of t.volume is whole and verifies,
   // read from its start up to the first frame that does not, up to offset
   // `until`, or to its EpochEnd. The one reading of a spool before apply.

@@ -7,6 +7,7 @@
 #include <sys/statvfs.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -29,6 +30,44 @@ std::string SpoolName(const SpoolStore& spools, const std::string& volume, uint6
 }
 
 }  // namespace
+
+StatusOr<bool> Sink::ForgetLostPoints(Target& t) {
+  if (t.last_seq == 0) return false;
+  auto vol = t.pool->Open(t.image);
+  if (vol.status().code() == Code::kNotFound) return false;  // PrepareTarget says so
+  RETURN_IF_ERROR(vol.status());
+  ASSIGN_OR_RETURN(const auto snaps, (*vol)->ListSnaps());
+  ASSIGN_OR_RETURN(const auto points, t.catalog->Points(t.volume));
+  size_t forgot = 0;
+  for (auto p = points.rbegin(); p != points.rend(); ++p) {
+    if (p->image != t.image) break;
+    const bool there = std::any_of(snaps.begin(), snaps.end(),
+                                   [&](const SnapInfo& s) { return s.name == p->snap; });
+    if (there) break;
+    RETURN_IF_ERROR(t.catalog->RemovePoint(t.volume, p->epoch.seq));
+    spdlog::error(
+        "volume {}: restore point {} is forgotten: its snapshot {}/{}@{} was removed outside "
+        "Cairn",
+        t.volume, p->epoch.seq, t.pool_name, t.image, p->snap);
+    ++forgot;
+  }
+  if (forgot == 0) return false;
+  t.last_seq = 0;
+  t.chain = ChainDigest();
+  if (forgot == points.size()) {
+    // No point is left to say what the head holds: it is kept as it is, as
+    // a resync base, and the first epoch compares the whole image with it by
+    // digests (only what differs is written), as for an image adopted
+    // without a point.
+    const std::string kept = "cairn-divergent-" + UtcStamp(env_.clock->UnixNs());
+    RETURN_IF_ERROR((*vol)->CreateSnap(kept));
+    spdlog::warn(
+        "volume {}: no restore point is left on {}/{}: its head is kept as {} and the "
+        "next epoch resyncs by block digests against it",
+        t.volume, t.pool_name, t.image, kept);
+  }
+  return true;
+}
 
 Sink::SpoolScan Sink::ScanSpool(const Target& t, uint64_t seq, uint64_t until) {
   SpoolScan scan(EpochVerifier(t.volume, t.last_seq, t.chain));

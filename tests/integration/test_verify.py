@@ -114,3 +114,38 @@ def test_a_drill_clones_a_point_while_replication_goes_on_and_holds_it(
     newest = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
     lib.wait_for("retention letting the released point go",
                  lambda: [p["seq"] for p in sink.json("points", name)] == [newest - 1, newest])
+
+
+def test_a_point_whose_snapshot_is_removed_at_site_b_is_forgotten_not_resent(
+        site_a, site_b, workdir, daemons, name):
+    """Someone removes the snapshot of the newest point at site B by hand:
+    that point is forgotten, the one before is the base, and what is sent
+    is a delta from it, never the whole image."""
+    size = 32 * MiB
+    site_a.create(name, size)
+    rng = random.Random(28)
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(16 * MiB), 0)
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool")))
+    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
+        "a", site_a.conf, port, {name: (name, name + "-standby")})))
+    first = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(512 * 1024), 20 * MiB)
+    second = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    with rbd.Image(site_b.ioctx, name + "-standby") as img:
+        img.remove_snap(f"cairn.{second}")
+    sink.stop()  # a new session: the sink looks at its points as it starts one
+    sink.start()
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(4096), 0)
+    newest = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
+    points = sink.json("points", name)
+    assert [p["seq"] for p in points][0] == first, points
+    assert all(p["data_bytes"] <= 1 * MiB for p in points[1:]), points  # deltas, not 32 MiB
+    assert points[-1]["seq"] == newest
+    assert site_b.digest(name + "-standby", f"cairn.{newest}") == \
+        site_a.digest(name, f"cairn.{newest}")
+    assert "is forgotten: its snapshot" in sink.log_text()

@@ -126,6 +126,68 @@ TEST_F(VerifyTest, APointWhoseSourceSnapshotIsGoneCannotBeVerified) {
   EXPECT_THAT(rep.Report().verify.error, HasSubstr("cairn.7"));
 }
 
+// The standby lost the snapshot of its newest point (removed by hand): the
+// point is forgotten and the next epoch is a delta from the point before.
+TEST_F(VerifyTest, APointWhoseSnapshotIsGoneAtTheSinkIsForgottenAndTheOneBeforeIsTheBase) {
+  std::mt19937_64 rng(65);
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  TwoPoints(rep, rng);
+  ASSERT_TRUE(testing::MustOpen(*site_b_, "img-standby")->RemoveSnap("cairn.2").ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+  rep.Disconnect();  // a new session: the sink looks at its points then
+  // The source still has cairn.2: it ships it again, as a delta from 1.
+  auto again = rep.RunOnce();
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(again->id.seq, 2u);
+  EXPECT_EQ(again->id.base_seq, 1u);
+  EXPECT_EQ(again->data_bytes, 256 * 1024u);  // point 2's own delta, not the image
+  auto next = rep.RunOnce();
+  ASSERT_TRUE(next.ok()) << next.status().ToString();
+  EXPECT_EQ(next->id.base_seq, 2u);
+  std::vector<uint64_t> seqs;
+  const std::vector<RestorePoint> points = sink_->Points("vol1").value();
+  for (const auto& p : points) seqs.push_back(p.epoch.seq);
+  EXPECT_EQ(seqs, (std::vector<uint64_t>{1, 2, 3}));
+  auto dst = testing::MustOpen(*site_b_, "img-standby");
+  for (const char* snap : {"cairn.2", "cairn.3"}) {
+    EXPECT_EQ(testing::ImageHash(*dst, snap, size_), testing::ImageHash(*src, snap, size_)) << snap;
+  }
+}
+
+// Every point's snapshot is gone at the standby: the head is kept as a
+// resync base and compared by digests: only what differs is sent.
+TEST_F(VerifyTest, NoPointLeftAtTheSinkResyncsByDigestsAgainstItsHead) {
+  std::mt19937_64 rng(66);
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  TwoPoints(rep, rng);
+  {
+    auto dst = testing::MustOpen(*site_b_, "img-standby");
+    ASSERT_TRUE(dst->RemoveSnap("cairn.1").ok());
+    ASSERT_TRUE(dst->RemoveSnap("cairn.2").ok());
+  }
+  auto src = testing::MustOpen(*site_a_, "img");
+  testing::Write(*src, 3 * kMiB, testing::RandomBytes(rng, 4096));
+  rep.Disconnect();
+  // The source ships its snapshots again from cairn.1, the first compared
+  // by digests with the head (which holds point 2): only the 256 KiB where
+  // they differ travel, not the 3 MiB of data.
+  auto sum = rep.RunOnce();
+  ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+  EXPECT_EQ(sum->id.seq, 1u);
+  EXPECT_EQ(sum->id.base_seq, 0u);
+  EXPECT_EQ(sum->data_bytes, 256 * 1024u);
+  EXPECT_EQ(sum->zero_bytes, 0u);
+  for (uint64_t seq = 2; seq <= 3; ++seq) {
+    auto next = rep.RunOnce();
+    ASSERT_TRUE(next.ok()) << next.status().ToString();
+    EXPECT_EQ(next->id.seq, seq);
+    EXPECT_LE(next->data_bytes, Config().block_size);
+  }
+  auto dst = testing::MustOpen(*site_b_, "img-standby");
+  EXPECT_EQ(testing::ImageHash(*dst, "cairn.3", size_), testing::ImageHash(*src, "cairn.3", size_));
+}
+
 TEST_F(VerifyTest, ASourceThatEndsAVerifyEarlyHasNothingRecorded) {
   std::mt19937_64 rng(64);
   {
