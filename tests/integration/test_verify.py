@@ -15,6 +15,21 @@ MiB = 1 << 20
 GRAIN = 64 * 1024
 
 
+def _pair(site_a, site_b, workdir, daemons, name, size, data, seed, sink_extra=""):
+    """A SIZE image at site A with DATA random bytes from offset 0, and the
+    sink at B and source at A that replicate it (nothing replicated yet)."""
+    site_a.create(name, size)
+    rng = random.Random(seed)
+    with rbd.Image(site_a.ioctx, name) as img:
+        img.write(rng.randbytes(data), 0)
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool", extra=sink_extra)))
+    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
+        "a", site_a.conf, port, {name: (name, name + "-standby")})))
+    return source, sink, rng
+
+
 def _rot(site, image, offset, length=4096):
     """Overwrites `length` bytes at `offset` of the standby image's RADOS
     object in place, with no snapshot context: the snapshot that shares the
@@ -30,15 +45,7 @@ def _rot(site, image, offset, length=4096):
 def test_verify_finds_a_rotten_block_at_site_b_and_repair_sends_only_it(
         site_a, site_b, workdir, daemons, name):
     size = 32 * MiB
-    site_a.create(name, size)
-    rng = random.Random(26)
-    with rbd.Image(site_a.ioctx, name) as img:
-        img.write(rng.randbytes(16 * MiB), 0)
-    port = lib.free_port()
-    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
-        "b", site_b.conf, port, f"{workdir}/spool")))
-    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
-        "a", site_a.conf, port, {name: (name, name + "-standby")})))
+    source, sink, rng = _pair(site_a, site_b, workdir, daemons, name, size, 16 * MiB, 26)
     source.json("replicate", name, "--wait", "--timeout", "120")
     with rbd.Image(site_a.ioctx, name) as img:
         img.write(rng.randbytes(256 * 1024), 20 * MiB)
@@ -84,15 +91,7 @@ def test_a_drill_clones_a_point_while_replication_goes_on_and_holds_it(
     on; retention (keep_points = 2) keeps that point as long as the drill
     holds it, and cairn drill stop removes the clone and lets it go."""
     size = 16 * MiB
-    site_a.create(name, size)
-    rng = random.Random(27)
-    with rbd.Image(site_a.ioctx, name) as img:
-        img.write(rng.randbytes(4 * MiB), 0)
-    port = lib.free_port()
-    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
-        "b", site_b.conf, port, f"{workdir}/spool", extra="keep_points = 2\n")))
-    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
-        "a", site_a.conf, port, {name: (name, name + "-standby")})))
+    source, sink, rng = _pair(site_a, site_b, workdir, daemons, name, size, 4 * MiB, 27, sink_extra="keep_points = 2\n")
     first = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
     drill = sink.json("drill", "start", name)
     clone = f"{name}-standby-drill-{first}"
@@ -122,15 +121,7 @@ def test_a_point_whose_snapshot_is_removed_at_site_b_is_forgotten_not_resent(
     that point is forgotten, the one before is the base, and what is sent
     is a delta from it, never the whole image."""
     size = 32 * MiB
-    site_a.create(name, size)
-    rng = random.Random(28)
-    with rbd.Image(site_a.ioctx, name) as img:
-        img.write(rng.randbytes(16 * MiB), 0)
-    port = lib.free_port()
-    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
-        "b", site_b.conf, port, f"{workdir}/spool")))
-    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
-        "a", site_a.conf, port, {name: (name, name + "-standby")})))
+    source, sink, rng = _pair(site_a, site_b, workdir, daemons, name, size, 16 * MiB, 28)
     first = source.json("replicate", name, "--wait", "--timeout", "120")["seq"]
     with rbd.Image(site_a.ioctx, name) as img:
         img.write(rng.randbytes(512 * 1024), 20 * MiB)
