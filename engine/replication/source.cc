@@ -47,6 +47,7 @@ void SourceReplicator::RequestStop() {
     std::lock_guard lock(mu_);
     stop_ = true;
     if (link_) link_->Close();
+    if (verify_link_) verify_link_->Close();
   }
   cv_.notify_all();
   if (budget_) budget_->Wake();  // an epoch waiting for memory gives up

@@ -344,6 +344,7 @@ class SourceReplicator {
   uint64_t verify_ids_ = 0;
   std::mutex verify_mu_;  // held to start a verify, and to join its thread
   std::thread verify_thread_;
+  Link* verify_link_ = nullptr;  // the verify's own link while it runs
   // When a check last found the image unchanged since the newest point
   // (it holds the image as of then: the lag counts from there).
   int64_t unchanged_at_ns_ = 0;

@@ -101,6 +101,18 @@ Status SourceReplicator::Verify(uint64_t seq) {
   }
   const SnapInfo snap = *it;
   ASSIGN_OR_RETURN(auto link, connect_());
+  {
+    std::lock_guard lock(mu_);
+    if (stop_) return Aborted("cairnd stops");
+    verify_link_ = link.get();  // RequestStop closes it
+  }
+  struct Forget {
+    SourceReplicator* r;
+    ~Forget() {
+      std::lock_guard lock(r->mu_);
+      r->verify_link_ = nullptr;
+    }
+  } forget{this};
   ASSIGN_OR_RETURN(const SinkHello hello, Handshake(*link, false, 0, seq));
   if (!hello.serves_verify) {
     return FailedPrecondition(
