@@ -1,6 +1,5 @@
 // cairn drill start|stop: a restore point cloned for a test while the
 // volume replicates on, and held against retention until the drill stops.
-#include <fmt/format.h>
 
 #include <CLI/CLI.hpp>
 #include <cstdio>
@@ -32,16 +31,10 @@ std::optional<int> RunDrill(const Cli& cli, const Drill& d) {
   q->set_volume(d.volume);
   q->set_image(d.image);
   q->set_stop(stop);
-  if (!stop && d.point != "latest") {
-    try {
-      size_t used = 0;
-      q->set_seq(std::stoull(d.point, &used));
-      if (used != d.point.size() || q->seq() == 0) throw std::invalid_argument(d.point);
-    } catch (const std::exception&) {
-      return cli.Fail(InvalidArgument(fmt::format(
-          "'{}' is not a restore point: give its number (see `cairn points {}`) or 'latest'",
-          d.point, d.volume)));
-    }
+  if (!stop) {
+    const auto seq = ParsePoint(d.point, d.volume);
+    if (!seq.ok()) return cli.Fail(seq.status());
+    q->set_seq(*seq);
   }
   auto reply = cli.Call(req);
   if (!reply.ok()) return cli.Fail(reply.status());

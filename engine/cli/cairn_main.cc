@@ -34,6 +34,7 @@ namespace {
 using cairn::Code;
 using cairn::cli::Bytes;
 using cairn::cli::Cli;
+using cairn::cli::ParsePoint;
 using cairn::cli::Time;
 using cairn::cli::VerifyJson;
 using nlohmann::json;
@@ -203,21 +204,6 @@ Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
   c.verify->add_option("--timeout", args.timeout, "seconds to wait for the verify (and repair)");
   cairn::cli::DefineDrill(app, c.drill);
   return c;
-}
-
-// The seq a POINT argument names: 0 for "latest".
-cairn::StatusOr<uint64_t> ParsePoint(const std::string& point, const std::string& volume) {
-  if (point == "latest") return 0;
-  try {
-    size_t used = 0;
-    const uint64_t seq = std::stoull(point, &used);
-    if (used != point.size() || seq == 0) throw std::invalid_argument(point);
-    return seq;
-  } catch (const std::exception&) {
-    return cairn::InvalidArgument(fmt::format(
-        "'{}' is not a restore point: give its number (see `cairn points {}`) or 'latest'", point,
-        volume));
-  }
 }
 
 int RunStatus(const Cli& cli, const Args& args) {

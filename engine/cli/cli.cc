@@ -61,6 +61,21 @@ StatusOr<pb::ControlReply> Cli::Call(const pb::ControlRequest& req) const {
   return reply;
 }
 
+// The seq a POINT argument names: 0 for "latest".
+StatusOr<uint64_t> ParsePoint(const std::string& point, const std::string& volume) {
+  if (point == "latest") return 0;
+  try {
+    size_t used = 0;
+    const uint64_t seq = std::stoull(point, &used);
+    if (used != point.size() || seq == 0) throw std::invalid_argument(point);
+    return seq;
+  } catch (const std::exception&) {
+    return InvalidArgument(fmt::format(
+        "'{}' is not a restore point: give its number (see `cairn points {}`) or 'latest'", point,
+        volume));
+  }
+}
+
 std::string Time(int64_t ns) {
   if (ns <= 0) return "-";
   const std::time_t t = ns / 1'000'000'000;

@@ -32,6 +32,10 @@ struct Cli {
   StatusOr<pb::ControlReply> Call(const pb::ControlRequest& req) const;
 };
 
+// The seq a POINT argument names: 0 for "latest"; kInvalidArgument, naming
+// `volume`'s points, otherwise.
+StatusOr<uint64_t> ParsePoint(const std::string& point, const std::string& volume);
+
 // "2026-12-06T22:45:02Z"; "-" for 0.
 std::string Time(int64_t ns);
 // "1.5 GiB"

@@ -1,5 +1,5 @@
 // Sink: the standby site's operations on restore points: list, restore,
-// promote (fail over) and release.
+// drills, promote (fail over) and release.
 
 #include <fcntl.h>
 #include <fmt/chrono.h>
@@ -31,6 +31,18 @@ StatusOr<RestorePoint> PointOrNewest(Catalog& catalog, const std::string& volume
   ASSIGN_OR_RETURN(auto latest, catalog.Latest(volume));
   if (!latest) return NotFound(fmt::format("volume '{}' has no restore point", volume));
   return *latest;
+}
+
+// kFailedPrecondition if a verify found `p` differs from its source;
+// `instead` tells the operator what to do.
+Status RefuseDiffering(const RestorePoint& p, std::string_view instead) {
+  const auto& v = p.verification;
+  if (!v || v->mismatched_grains == 0) return OkStatus();
+  return FailedPrecondition(fmt::format(
+      "restore point {} of volume '{}' differs from its source in {} grains of {} bytes (found by "
+      "a verify at {:%Y-%m-%dT%H:%M:%SZ}): {}",
+      p.epoch.seq, p.epoch.volume, v->mismatched_grains, v->grain,
+      fmt::gmtime(static_cast<time_t>(v->recorded_ns / 1'000'000'000)), instead));
 }
 
 // Clones point `p` into `to_image` in `pool` (unless a clone is there
@@ -181,13 +193,10 @@ StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
   ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
   Catalog catalog(*kv);
   ASSIGN_OR_RETURN(RestorePoint point, PointOrNewest(catalog, volume, seq));
-  if (const auto& v = point.verification; v && v->mismatched_grains > 0 && !force) {
-    return FailedPrecondition(fmt::format(
-        "restore point {} of volume '{}' differs from its source in {} grains of {} bytes (found "
-        "by a verify at {:%Y-%m-%dT%H:%M:%SZ}): restore a later point (one made after `cairn "
-        "verify --repair`), or pass --force to restore it anyway",
-        point.epoch.seq, volume, v->mismatched_grains, v->grain,
-        fmt::gmtime(static_cast<time_t>(v->recorded_ns / 1'000'000'000))));
+  if (!force) {
+    RETURN_IF_ERROR(RefuseDiffering(point,
+                                    "restore a later point (one made after `cairn verify "
+                                    "--repair`), or pass --force to restore it anyway"));
   }
   ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
   ASSIGN_OR_RETURN(bool exists, pool->Exists(to_image));
@@ -203,6 +212,64 @@ StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
   spdlog::info("volume {}: restore point {} restored to {}/{} ({})", volume, point.epoch.seq,
                pool_name, to_image, full ? "full copy" : "clone");
   return RestoreResult{pool_name, to_image, point, full ? "full" : "clone"};
+}
+
+// Drills: a point cloned into an image of its own while the volume
+// replicates on, held against retention (a catalog hold, taken before the
+// clone) until the drill stops, which removes the clone and the hold.
+
+StatusOr<DrillResult> Sink::DrillStart(const std::string& volume, uint64_t seq,
+                                       const std::string& to_image) {
+  ASSIGN_OR_RETURN(const std::string pool_name, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  ASSIGN_OR_RETURN(const RestorePoint point, PointOrNewest(catalog, volume, seq));
+  RETURN_IF_ERROR(RefuseDiffering(point, "drill another"));
+  const std::string image =
+      to_image.empty() ? fmt::format("{}-drill-{}", point.image, point.epoch.seq) : to_image;
+  ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
+  ASSIGN_OR_RETURN(const bool exists, pool->Exists(image));
+  if (exists) {
+    return AlreadyExists(
+        fmt::format("image {}/{} already exists: stop that drill first, or "
+                    "choose another name with --to",
+                    pool_name, image));
+  }
+  // Held first: retention between the clone and the hold would remove the
+  // point under the clone.
+  RETURN_IF_ERROR(catalog.AddHold(volume, point.epoch.seq, image));
+  if (Status st = pool->Clone(point.image, point.snap, image); !st.ok()) {
+    (void)catalog.RemoveHold(volume, point.epoch.seq, image);
+    return st;
+  }
+  spdlog::info("volume {}: drill of restore point {} started as {}/{} (held against retention)",
+               volume, point.epoch.seq, pool_name, image);
+  return DrillResult{pool_name, image, point};
+}
+
+StatusOr<std::vector<std::string>> Sink::DrillStop(const std::string& volume,
+                                                   const std::string& image) {
+  ASSIGN_OR_RETURN(const std::string pool_name, FindVolumePool(volume));
+  ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
+  Catalog catalog(*kv);
+  ASSIGN_OR_RETURN(const auto holds, catalog.Holds(volume));
+  ASSIGN_OR_RETURN(auto pool, env_.open_pool(pool_name));
+  std::vector<std::string> removed;
+  for (const auto& [seq, held] : holds) {
+    if (!image.empty() && held != image) continue;
+    if (Status st = pool->Remove(held); !st.ok() && st.code() != Code::kNotFound) {
+      return st.Annotate(fmt::format("removing drill image {}/{}", pool_name, held));
+    }
+    RETURN_IF_ERROR(catalog.RemoveHold(volume, seq, held));
+    spdlog::info("volume {}: drill {}/{} of restore point {} stopped; the point is no longer held",
+                 volume, pool_name, held, seq);
+    removed.push_back(held);
+  }
+  if (removed.empty()) {
+    return NotFound(image.empty() ? fmt::format("volume '{}' has no drill", volume)
+                                  : fmt::format("volume '{}' has no drill {}", volume, image));
+  }
+  return removed;
 }
 
 }  // namespace cairn

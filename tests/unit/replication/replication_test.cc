@@ -196,15 +196,6 @@ TEST_F(ReplicationTest, ACutFirstEpochReplannedFromAnotherSnapshotLeavesNothingS
   VerifyAllPoints(*src, 1);  // the first MiB reads as zeros at site B too
 }
 
-// Polls `pred` until it holds; fails the test with `what` after 10 s.
-void WaitFor(const std::string& what, const std::function<bool()>& pred) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-  while (!pred()) {
-    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "timed out waiting for " << what;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
-
 // The cairn.<N> seqs that exist on `vol`, ascending.
 std::vector<uint64_t> CairnSnaps(Volume& vol) {
   std::vector<uint64_t> out;
@@ -233,7 +224,7 @@ TEST_F(ReplicationTest, RetentionKeepsTheNewestPointsAndTheirSnapshotsOnly) {
   // Retention runs after the APPLIED ack, so it may still be at work when
   // RunOnce returns.
   auto dst = testing::MustOpen(*site_b_, "img-standby");
-  WaitFor("retention keeping points 4 and 5 and their snapshots only", [&] {
+  PollUntil("retention keeping points 4 and 5 and their snapshots only", [&] {
     return sink_->Points("vol1")->front().epoch.seq == 4 &&
            CairnSnaps(*dst) == std::vector<uint64_t>{4, 5};
   });
@@ -242,7 +233,7 @@ TEST_F(ReplicationTest, RetentionKeepsTheNewestPointsAndTheirSnapshotsOnly) {
   ASSERT_TRUE(dst->CreateSnap("cairn.3").ok());
   testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
   ASSERT_TRUE(rep.RunOnce().ok());
-  WaitFor("retention removing the stray cairn.3 and point 4", [&] {
+  PollUntil("retention removing the stray cairn.3 and point 4", [&] {
     return CairnSnaps(*dst) == std::vector<uint64_t>{5, 6};
   });
   VerifyAllPoints(*src, 2);
@@ -322,7 +313,7 @@ TEST_F(ReplicationTest, BehindScheduleSnapshotsStayAnIntervalApart) {
   SourceReplicator rep(c, "a", site_a_, Connector());
   rep.set_clock(clock_);
   rep.Start();
-  WaitFor("six restore points", [&] { return rep.Report().last_seq >= 6; });
+  PollUntil("six restore points", [&] { return rep.Report().last_seq >= 6; });
   rep.Stop();
   for (auto& t : sessions_) t.join();  // none is left in on_ack_, which uses guest
   sessions_.clear();
@@ -357,19 +348,19 @@ TEST_F(ReplicationTest, AnIdleVolumeTakesNoSnapshotAndMakesNoPoint) {
   SourceReplicator rep(c, "a", site_a_, Connector());
   rep.set_clock(clock_);
   rep.Start();
-  WaitFor("the first restore point", [&] { return rep.Report().last_seq >= 1; });
+  PollUntil("the first restore point", [&] { return rep.Report().last_seq >= 1; });
   const uint64_t first = rep.Report().last_seq;
   for (uint64_t i = 1; i <= 20; ++i) {
     ASSERT_TRUE(AdvanceWhenParked(c.interval));
-    WaitFor(fmt::format("due check {} skipped, the image unchanged", i),
-            [&] { return rep.Report().unchanged_checks_total >= i; });
+    PollUntil(fmt::format("due check {} skipped, the image unchanged", i),
+              [&] { return rep.Report().unchanged_checks_total >= i; });
   }
   EXPECT_EQ(rep.Report().last_seq, first) << "a point made of an unchanged image";
   EXPECT_EQ(CairnSnaps(*src).back(), first) << "a snapshot taken of an unchanged image";
   // The lag counts from the last check (200 s after the point's
   // snapshot), at the standby too: the source tells it of each check.
   EXPECT_EQ(rep.Report().lag_seconds, 0.0);
-  WaitFor("the sink told of 20 checks", [&] {
+  PollUntil("the sink told of 20 checks", [&] {
     const auto st = sink_->Report();
     return st.size() == 1 && st[0].unchanged_checks_total >= 20;
   });
@@ -379,12 +370,12 @@ TEST_F(ReplicationTest, AnIdleVolumeTakesNoSnapshotAndMakesNoPoint) {
   EXPECT_EQ(at_sink.lag_seconds, 0.0);
   testing::Write(*src, kMiB, testing::RandomBytes(rng, 4096));
   ASSERT_TRUE(AdvanceWhenParked(c.interval));
-  WaitFor("a point after the write", [&] { return rep.Report().last_seq > first; });
+  PollUntil("a point after the write", [&] { return rep.Report().last_seq > first; });
   const uint64_t second = rep.Report().last_seq;
   const uint64_t checks = rep.Report().unchanged_checks_total;
   for (uint64_t i = 1; i <= 10; ++i) {
     ASSERT_TRUE(AdvanceWhenParked(c.interval));
-    WaitFor("idle again", [&] { return rep.Report().unchanged_checks_total >= checks + i; });
+    PollUntil("idle again", [&] { return rep.Report().unchanged_checks_total >= checks + i; });
   }
   rep.Stop();
   EXPECT_EQ(rep.Report().last_seq, second);
@@ -408,8 +399,8 @@ TEST_F(ReplicationTest, BackToBackTheOlderSnapshotsGoWhileTheNextEpochIsSent) {
       // The epoch's last frame waits here until the helper has removed
       // cairn.1: a source that removed it only after the send hangs, and
       // the wait fails.
-      WaitFor("cairn.1 removed while epoch 3 was being sent",
-              [&] { return CairnSnaps(*src).front() == 2; });
+      PollUntil("cairn.1 removed while epoch 3 was being sent",
+                [&] { return CairnSnaps(*src).front() == 2; });
       at_epoch_end = CairnSnaps(*src);
     }
     ASSERT_TRUE(rep.RequestNow().ok());  // the next epoch is due at once
