@@ -142,7 +142,7 @@ class LagSampler:
                     a = scrape(source_port, "cairn_volume_lag_seconds", volume=vol,
                                role="source")
                     self.series.append((round(time.monotonic() - t0, 3), b, a))
-                except OSError as e:  # a scrape that fails is a gap, said in the results
+                except (OSError, ValueError) as e:  # a failed scrape is a gap, said in the results
                     self.errors.append(f"{time.monotonic() - t0:.1f} s: {e}")
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
