@@ -8,36 +8,12 @@
 #include <string_view>
 #include <utility>
 
+#include "engine/ceph/omap_read.h"
+
 namespace cairn {
 namespace {
 
 constexpr uint64_t kPage = 512;  // omap pairs per read
-
-// Owns a read or write op and its omap iterator.
-struct ReadOp {
-  rados_read_op_t op = rados_create_read_op();
-  rados_omap_iter_t iter = nullptr;
-  ~ReadOp() {
-    if (iter != nullptr) rados_omap_get_end(iter);
-    rados_release_read_op(op);
-  }
-
-  // Calls fn(key, value) for each key the operated op read, in order,
-  // until fn returns false. The librados error of the iteration, if any.
-  template <typename Fn>
-  int ForEachValue(Fn fn) {
-    while (true) {
-      char* key = nullptr;
-      char* val = nullptr;
-      size_t key_len = 0;
-      size_t val_len = 0;
-      if (int rc = rados_omap_get_next2(iter, &key, &val, &key_len, &val_len); rc < 0) return rc;
-      if (key == nullptr || !fn(std::string_view(key, key_len), std::string_view(val, val_len))) {
-        return 0;
-      }
-    }
-  }
-};
 
 struct WriteOp {
   rados_write_op_t op = rados_create_write_op();
@@ -135,7 +111,7 @@ StatusOr<std::map<std::string, std::string>> RadosKvStore::Scan(const std::strin
   std::map<std::string, std::string> out;
   std::string after;  // "" starts at the first key
   while (true) {
-    ReadOp r;
+    OmapRead r;
     unsigned char more = 0;
     int prval = 0;
     rados_read_op_omap_get_vals2(r.op, after.c_str(), prefix.c_str(), kPage, &r.iter, &more,
@@ -161,7 +137,7 @@ StatusOr<std::map<std::string, std::string>> RadosKvStore::Scan(const std::strin
 }
 
 StatusOr<std::string> RadosKvStore::Get(const std::string& key) {
-  ReadOp r;
+  OmapRead r;
   int prval = 0;
   const char* keys[] = {key.data()};
   const size_t lens[] = {key.size()};

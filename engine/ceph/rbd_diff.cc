@@ -156,6 +156,9 @@ struct DiffPlan {
   uint64_t size = 0;  // of the image at `to_snap`
   uint64_t object_size = 1;
   bool nothing = false;  // `from_snap` is `to_snap`: nothing changed
+  // The ids of the two points (the empty image 0, the head UINT64_MAX).
+  uint64_t from_id = 0;
+  uint64_t to_id = UINT64_MAX;
   // The object maps of both points are valid: the object-map pass finds the
   // changed objects, the exact pass lists only those.
   bool fast = false;
@@ -165,37 +168,45 @@ struct DiffPlan {
   std::optional<Extent> suspect;  // see ShrinkSuspect
 };
 
-// Checks that `from_snap` exists and is not newer than `to_snap`; true if
-// they are the same snapshot.
-static StatusOr<bool> FromIsTo(rbd_image_t h, const std::string& pool, const std::string& image,
-                               const std::string& from_snap, const std::string& to_snap,
-                               const std::string& what) {
+// Checks that `from_snap` exists and is not newer than `to_snap`, and
+// finds their ids. `to_snap` may be a share of a group snapshot; `from_snap`
+// may not: rbd_diff_iterate2 names its start by user snapshot name.
+static Status FindPoints(rbd_image_t h, const std::string& pool, const std::string& image,
+                         const std::string& from_snap, const std::string& to_snap, DiffPlan& plan) {
+  if (IsGroupSnapName(from_snap)) {
+    return InvalidArgument(plan.what + ": a diff starts at a user snapshot, not a group snapshot");
+  }
   const char* from = from_snap.c_str();
   bool exists = false;
-  if (int rc = rbd_snap_exists(h, from, &exists); rc < 0) return ErrnoStatus(rc, what);
+  if (int rc = rbd_snap_exists(h, from, &exists); rc < 0) return ErrnoStatus(rc, plan.what);
   if (!exists) {
-    return NotFound(
-        fmt::format("{}: snapshot {} does not exist", what, ImageSpec(pool, image, from_snap)));
+    return NotFound(fmt::format("{}: snapshot {} does not exist", plan.what,
+                                ImageSpec(pool, image, from_snap)));
   }
-  if (to_snap.empty()) return false;
-  uint64_t from_id = 0;
-  uint64_t to_id = 0;
-  if (int rc = rbd_snap_get_id(h, from, &from_id); rc < 0) return ErrnoStatus(rc, what);
-  if (int rc = rbd_snap_get_id(h, to_snap.c_str(), &to_id); rc < 0) {
-    return ErrnoStatus(rc, what);
+  if (int rc = rbd_snap_get_id(h, from, &plan.from_id); rc < 0) return ErrnoStatus(rc, plan.what);
+  if (!to_snap.empty()) {
+    ASSIGN_OR_RETURN(plan.to_id, SnapIdOf(h, to_snap, ImageSpec(pool, image)));
   }
-  if (from_id > to_id) return InvalidArgument(what + ": " + from_snap + " is the newer one");
-  return from_id == to_id;
+  if (plan.from_id > plan.to_id) {
+    return InvalidArgument(plan.what + ": " + from_snap + " is the newer one");
+  }
+  plan.nothing = plan.from_id == plan.to_id;
+  return OkStatus();
+}
+
+// Moves `h` to snapshot `id` (UINT64_MAX: the head).
+static int SetSnapById(rbd_image_t h, uint64_t id) {
+  return id == UINT64_MAX ? rbd_snap_set(h, nullptr) : rbd_snap_set_by_id(h, id);
 }
 
 // The flags of `from_snap`: fast-diff also reads the object map of the
-// start point. `h` is moved there and back to `to_snap`.
+// start point. `h` is moved there and back to `to_snap` (by id: a share of
+// a group snapshot has no name librbd resolves).
 static StatusOr<uint64_t> FlagsAtFrom(rbd_image_t h, const std::string& spec,
-                                      const std::string& from_snap, const std::string& to_snap,
-                                      const std::string& what) {
-  if (int rc = rbd_snap_set(h, from_snap.c_str()); rc < 0) return ErrnoStatus(rc, what);
+                                      const std::string& from_snap, const DiffPlan& plan) {
+  if (int rc = rbd_snap_set(h, from_snap.c_str()); rc < 0) return ErrnoStatus(rc, plan.what);
   StatusOr<uint64_t> from_flags = FlagsAt(h, spec);
-  if (int rc = rbd_snap_set(h, SnapOrNull(to_snap)); rc < 0) return ErrnoStatus(rc, what);
+  if (int rc = SetSnapById(h, plan.to_id); rc < 0) return ErrnoStatus(rc, plan.what);
   return from_flags;
 }
 
@@ -203,28 +214,20 @@ static StatusOr<uint64_t> FlagsAtFrom(rbd_image_t h, const std::string& spec,
 // snapshot between the two points removed, once the image grew back (it
 // resets them to "unchanged" instead of "hole"). Only the range between
 // the smallest size in between and the end of the compared range can be
-// hit: it always gets the exact pass. Returns that range, if any.
+// hit: it always gets the exact pass. Returns that range, if any. Every
+// snapshot in between counts, of whatever namespace: each has its object
+// map.
 static StatusOr<std::optional<Extent>> ShrinkSuspect(rbd_image_t h, const std::string& spec,
-                                                     const std::string& from_snap,
-                                                     const std::string& to_snap, uint64_t size,
-                                                     uint64_t object_size) {
-  ASSIGN_OR_RETURN(std::vector<SnapInfo> snaps, ListSnapsOf(h, spec));
-  uint64_t from_id = 0;
+                                                     const DiffPlan& plan) {
+  ASSIGN_OR_RETURN(std::vector<RawSnap> snaps, ListAllSnapsOf(h, spec));
   uint64_t from_size = 0;
-  uint64_t to_id = UINT64_MAX;  // the head
-  for (const auto& s : snaps) {
-    if (s.name == from_snap) {
-      from_id = s.id;
-      from_size = s.size;
-    }
-    if (!to_snap.empty() && s.name == to_snap) to_id = s.id;
-  }
   uint64_t smallest = UINT64_MAX;
   for (const auto& s : snaps) {
-    if (s.id > from_id && s.id < to_id) smallest = std::min(smallest, s.size);
+    if (s.id == plan.from_id) from_size = s.size;
+    if (s.id > plan.from_id && s.id < plan.to_id) smallest = std::min(smallest, s.size);
   }
-  const uint64_t limit = std::min(from_size, size);
-  const uint64_t start = smallest / object_size * object_size;
+  const uint64_t limit = std::min(from_size, plan.size);
+  const uint64_t start = smallest / plan.object_size * plan.object_size;
   if (smallest < limit && start < limit) {
     return std::optional<Extent>(Extent{start, limit - start, RecordKind::kData});
   }
@@ -241,10 +244,9 @@ static StatusOr<DiffPlan> PlanDiff(rbd_image_t h, const std::string& pool, const
   uint64_t flags = 0;
   ASSIGN_OR_RETURN(flags, FlagsAt(h, spec));
   if (!from_snap.empty()) {
-    ASSIGN_OR_RETURN(plan.nothing, FromIsTo(h, pool, image, from_snap, to_snap, plan.what));
+    RETURN_IF_ERROR(FindPoints(h, pool, image, from_snap, to_snap, plan));
     if (plan.nothing) return plan;
-    ASSIGN_OR_RETURN(const uint64_t from_flags,
-                     FlagsAtFrom(h, spec, from_snap, to_snap, plan.what));
+    ASSIGN_OR_RETURN(const uint64_t from_flags, FlagsAtFrom(h, spec, from_snap, plan));
     flags |= from_flags;
   }
   uint64_t features = 0;
@@ -258,8 +260,7 @@ static StatusOr<DiffPlan> PlanDiff(rbd_image_t h, const std::string& pool, const
     ASSIGN_OR_RETURN(plan.whole_objects_only, HasParent(h, spec));
   }
   if (plan.fast && !from_snap.empty()) {
-    ASSIGN_OR_RETURN(plan.suspect,
-                     ShrinkSuspect(h, spec, from_snap, to_snap, plan.size, plan.object_size));
+    ASSIGN_OR_RETURN(plan.suspect, ShrinkSuspect(h, spec, plan));
   }
   return plan;
 }
@@ -419,6 +420,11 @@ using namespace rbd_internal;  // the adapters' shared helpers (rbd_internal.h)
 
 Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                               const std::function<Status(const Extent&)>& fn) {
+  if (IsGroupSnapName(from_snap)) {
+    return InvalidArgument(
+        fmt::format("diffing {} from {}: a diff starts at a user snapshot, not a group snapshot",
+                    Spec(to_snap), from_snap));
+  }
   // The head's changes are listed on a fresh handle; a snapshot's on the
   // handle at it that OpenIo shares. DiffImage moves that handle to
   // `from_snap` and back before it lists anything, so reads started from
@@ -430,10 +436,10 @@ Status RbdVolume::DiffExtents(const std::string& from_snap, const std::string& t
   if (!from_snap.empty()) {
     // DiffImage reports a missing snapshot.
     uint64_t from = 0;
-    uint64_t to = UINT64_MAX;  // the head
-    if (rbd_snap_get_id(at->get(), from_snap.c_str(), &from) == 0 &&
-        (to_snap.empty() || rbd_snap_get_id(at->get(), to_snap.c_str(), &to) == 0)) {
-      whole = book_->AnyUnsettled(name_, from, to);
+    StatusOr<uint64_t> to = UINT64_MAX;  // the head
+    if (!to_snap.empty()) to = SnapIdOf(at->get(), to_snap, Spec());
+    if (rbd_snap_get_id(at->get(), from_snap.c_str(), &from) == 0 && to.ok()) {
+      whole = book_->AnyUnsettled(name_, from, *to);
     }
   }
   Status st = DiffImage(at->get(), io_->pool(), name_, from_snap, to_snap, fn, whole);

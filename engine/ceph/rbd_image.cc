@@ -80,6 +80,15 @@ const char* SnapOrNull(const std::string& snap) { return snap.empty() ? nullptr 
 // Opens pool/image at `snap` (the head if empty).
 StatusOr<std::shared_ptr<Image>> OpenImage(const RadosIoCtx& io, const std::string& image,
                                            const std::string& snap, bool read_only) {
+  if (IsGroupSnapName(snap)) {
+    ASSIGN_OR_RETURN(std::shared_ptr<Image> h, OpenImage(io, image, "", true));
+    const std::string spec = ImageSpec(io.pool(), image, snap);
+    ASSIGN_OR_RETURN(const uint64_t id, SnapIdOf(h->get(), snap, spec));
+    const int rc = rbd_snap_set_by_id(h->get(), id);
+    if (rc == -ENOENT) return NotFound(fmt::format("snapshot {} does not exist", spec));
+    if (rc < 0) return ErrnoStatus(rc, "opening " + spec);
+    return h;
+  }
   rbd_image_t h = nullptr;
   const int rc = [&] {
     const auto lock = rbd_internal::ImageContextLock();
@@ -115,7 +124,7 @@ StatusOr<uint64_t> ImageSize(rbd_image_t h, const std::string& spec) {
   return size;
 }
 
-StatusOr<std::vector<SnapInfo>> ListSnapsOf(rbd_image_t h, const std::string& spec) {
+StatusOr<std::vector<RawSnap>> ListAllSnapsOf(rbd_image_t h, const std::string& spec) {
   int max = 16;
   std::vector<rbd_snap_info_t> raw;
   int n = 0;
@@ -125,22 +134,67 @@ StatusOr<std::vector<SnapInfo>> ListSnapsOf(rbd_image_t h, const std::string& sp
     if (n != -ERANGE) break;
   }
   if (n < 0) return ErrnoStatus(n, "listing the snapshots of " + spec);
-  std::vector<SnapInfo> out;
+  std::vector<RawSnap> out;
   out.reserve(n);
-  Status st;
-  for (int i = 0; i < n && st.ok(); ++i) {
-    timespec ts{};
-    if (int rc = rbd_snap_get_timestamp(h, raw[i].id, &ts); rc < 0) {
-      st = ErrnoStatus(rc, fmt::format("getting the time of snapshot {}@{}", spec, raw[i].name));
-    }
-    out.push_back({raw[i].name, raw[i].id, raw[i].size,
-                   static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec});
-  }
+  for (int i = 0; i < n; ++i) out.push_back({raw[i].id, raw[i].size, raw[i].name});
   rbd_snap_list_end(raw.data());
-  if (!st.ok()) return st;
-  std::sort(out.begin(), out.end(),
-            [](const SnapInfo& a, const SnapInfo& b) { return a.id < b.id; });
+  std::sort(out.begin(), out.end(), [](const RawSnap& a, const RawSnap& b) { return a.id < b.id; });
   return out;
+}
+
+static StatusOr<rbd_snap_namespace_type_t> NamespaceOf(rbd_image_t h, const RawSnap& s,
+                                                       const std::string& spec) {
+  rbd_snap_namespace_type_t type{};
+  if (int rc = rbd_snap_get_namespace_type(h, s.id, &type); rc < 0) {
+    return ErrnoStatus(rc, fmt::format("getting the namespace of snapshot {} of {}", s.id, spec));
+  }
+  return type;
+}
+
+// Pacific's rbd_snap_list lists the snapshots of every namespace.
+StatusOr<std::vector<SnapInfo>> ListSnapsOf(rbd_image_t h, const std::string& spec) {
+  ASSIGN_OR_RETURN(std::vector<RawSnap> all, ListAllSnapsOf(h, spec));
+  std::vector<SnapInfo> out;
+  for (const auto& s : all) {
+    ASSIGN_OR_RETURN(const rbd_snap_namespace_type_t type, NamespaceOf(h, s, spec));
+    if (type != RBD_SNAP_NAMESPACE_TYPE_USER) continue;
+    timespec ts{};
+    if (int rc = rbd_snap_get_timestamp(h, s.id, &ts); rc < 0) {
+      return ErrnoStatus(rc, fmt::format("getting the time of snapshot {}@{}", spec, s.name));
+    }
+    out.push_back(
+        {s.name, s.id, s.size, static_cast<int64_t>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec});
+  }
+  return out;
+}
+
+StatusOr<uint64_t> SnapIdOf(rbd_image_t h, const std::string& snap, const std::string& spec) {
+  const auto missing = [&] {
+    return NotFound(fmt::format("snapshot {}@{} does not exist", spec, snap));
+  };
+  if (!IsGroupSnapName(snap)) {
+    uint64_t id = 0;
+    const int rc = rbd_snap_get_id(h, snap.c_str(), &id);
+    if (rc == -ENOENT) return missing();
+    if (rc < 0) return ErrnoStatus(rc, fmt::format("getting the id of snapshot {}@{}", spec, snap));
+    return id;
+  }
+  ASSIGN_OR_RETURN(std::vector<RawSnap> all, ListAllSnapsOf(h, spec));
+  // Newest first: the share asked for is most often the latest.
+  for (auto it = all.rbegin(); it != all.rend(); ++it) {
+    ASSIGN_OR_RETURN(const rbd_snap_namespace_type_t type, NamespaceOf(h, *it, spec));
+    if (type != RBD_SNAP_NAMESPACE_TYPE_GROUP) continue;
+    rbd_snap_group_namespace_t ns{};
+    const int rc = rbd_snap_get_group_namespace(h, it->id, &ns, sizeof ns);
+    if (rc == -ENOENT) continue;  // its group snapshot is being removed
+    if (rc < 0) {
+      return ErrnoStatus(rc, fmt::format("getting the group snapshot of {}@{}", spec, it->name));
+    }
+    const bool found = ns.group_snap_name != nullptr && GroupSnapName(ns.group_snap_name) == snap;
+    rbd_snap_group_namespace_cleanup(&ns, sizeof ns);
+    if (found) return it->id;
+  }
+  return missing();
 }
 
 StatusOr<bool> IsProtected(rbd_image_t h, const std::string& spec, const std::string& snap) {
@@ -203,7 +257,8 @@ StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> DecodeSnapContext(std::stri
 // copies the client's whole configuration and, in this process, waits for
 // every other open and close (ImageContextLock).
 
-constexpr uint32_t kUserSnapshotNamespace = 0;  // SNAPSHOT_NAMESPACE_TYPE_USER
+constexpr uint32_t kUserSnapshotNamespace = 0;   // SNAPSHOT_NAMESPACE_TYPE_USER
+constexpr uint32_t kGroupSnapshotNamespace = 1;  // SNAPSHOT_NAMESPACE_TYPE_GROUP
 
 // A u64 answer of cls_rbd (flags, features), little-endian.
 StatusOr<uint64_t> DecodeFlags(std::string_view out, const std::string& header) {
@@ -262,49 +317,40 @@ StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(rados_ioctx
   return DecodeSnapContext(context[0].out, spec);
 }
 
-// Reads little-endian values and Ceph-encoded strings out of a cls answer.
-class ClsReader {
- public:
-  explicit ClsReader(std::string_view in) : in_(in) {}
-  bool U8(uint8_t* v) { return Take(v, 1); }
-  bool U32(uint32_t* v) {
-    if (!Take(v, 4)) return false;
-    *v = le32toh(*v);
-    return true;
-  }
-  bool U64(uint64_t* v) {
-    if (!Take(v, 8)) return false;
-    *v = le64toh(*v);
-    return true;
-  }
-  bool String(std::string* v) {
-    uint32_t n = 0;
-    if (!U32(&n) || in_.size() - at_ < n) return false;
-    v->assign(in_.substr(at_, n));
-    at_ += n;
-    return true;
-  }
-  // A versioned struct's header (ENCODE_START): version, compat, length.
-  // Returns where the struct ends.
-  bool Struct(size_t* end) {
-    uint8_t v = 0, compat = 0;
-    uint32_t len = 0;
-    if (!U8(&v) || !U8(&compat) || !U32(&len) || in_.size() - at_ < len) return false;
-    *end = at_ + len;
-    return true;
-  }
-  void Seek(size_t at) { at_ = at; }
+bool ClsReader::U32(uint32_t* v) {
+  if (!Take(v, 4)) return false;
+  *v = le32toh(*v);
+  return true;
+}
 
- private:
-  bool Take(void* v, size_t n) {
-    if (in_.size() - at_ < n) return false;
-    std::memcpy(v, in_.data() + at_, n);
-    at_ += n;
-    return true;
-  }
-  std::string_view in_;
-  size_t at_ = 0;
-};
+bool ClsReader::U64(uint64_t* v) {
+  if (!Take(v, 8)) return false;
+  *v = le64toh(*v);
+  return true;
+}
+
+bool ClsReader::String(std::string* v) {
+  uint32_t n = 0;
+  if (!U32(&n) || in_.size() - at_ < n) return false;
+  v->assign(in_.substr(at_, n));
+  at_ += n;
+  return true;
+}
+
+bool ClsReader::Struct(size_t* end) {
+  uint8_t v = 0, compat = 0;
+  uint32_t len = 0;
+  if (!U8(&v) || !U8(&compat) || !U32(&len) || in_.size() - at_ < len) return false;
+  *end = at_ + len;
+  return true;
+}
+
+bool ClsReader::Take(void* v, size_t n) {
+  if (in_.size() - at_ < n) return false;
+  std::memcpy(v, in_.data() + at_, n);
+  at_ += n;
+  return true;
+}
 
 // The id of the image named `name` (cls_rbd get_id on its rbd_id object).
 StatusOr<std::string> ReadImageId(rados_ioctx_t io, const std::string& name,
@@ -328,25 +374,65 @@ StatusOr<std::string> ReadImageId(rados_ioctx_t io, const std::string& name,
 }
 
 // One snapshot as cls_rbd snapshot_get answers it (SnapshotInfo v1: id,
-// namespace, name, size, timestamp, child count); nullopt for snapshots
-// outside the user namespace (trash, group, mirror), which librbd's
-// listing leaves out too.
-static StatusOr<std::optional<SnapInfo>> DecodeSnapshotInfo(std::string_view in,
-                                                            const std::string& spec) {
+// namespace, name, size, timestamp, child count) and, for a share of a group
+// snapshot, the group snapshot it belongs to.
+struct HeaderSnap {
+  SnapInfo info;  // named as librbd names it
+  uint32_t ns_type = kUserSnapshotNamespace;
+  GroupShareRef group;  // kGroupSnapshotNamespace only
+};
+
+static StatusOr<HeaderSnap> DecodeSnapshotInfo(std::string_view in, const std::string& spec) {
   const auto bad = [&] { return DataLoss("a snapshot of " + spec + " does not decode"); };
   ClsReader r(in);
   size_t end = 0, ns_end = 0;
-  SnapInfo s;
-  uint32_t ns_type = 0, sec = 0, nsec = 0;
-  if (!r.Struct(&end) || !r.U64(&s.id) || !r.Struct(&ns_end) || !r.U32(&ns_type)) return bad();
+  HeaderSnap h;
+  SnapInfo& s = h.info;
+  uint32_t sec = 0, nsec = 0;
+  if (!r.Struct(&end) || !r.U64(&s.id) || !r.Struct(&ns_end) || !r.U32(&h.ns_type)) return bad();
+  if (h.ns_type == kGroupSnapshotNamespace) {
+    uint64_t pool = 0;
+    if (!r.U64(&pool) || !r.String(&h.group.group_id) || !r.String(&h.group.group_snap_id)) {
+      return bad();
+    }
+    h.group.group_pool = static_cast<int64_t>(pool);
+  }
   r.Seek(ns_end);
   if (!r.String(&s.name) || !r.U64(&s.size) || !r.U32(&sec) || !r.U32(&nsec)) return bad();
-  if (ns_type != kUserSnapshotNamespace) return std::optional<SnapInfo>();
   s.time_ns = static_cast<int64_t>(sec) * 1'000'000'000 + nsec;
-  return std::optional<SnapInfo>(std::move(s));
+  return h;
 }
 
-// The image's user snapshots, in id order, from its header: the snapshot
+// The snapshots of `snaps` listed by ListSnapsOfHeader: user snapshots, and
+// the shares of group snapshots NameGroupShares names.
+static StatusOr<std::vector<SnapInfo>> Listed(rados_ioctx_t io, std::vector<HeaderSnap> snaps,
+                                              const std::string& spec) {
+  std::vector<GroupShareRef> refs;
+  for (const auto& h : snaps) {
+    if (h.ns_type == kGroupSnapshotNamespace) refs.push_back(h.group);
+  }
+  std::vector<std::optional<std::string>> names;
+  if (!refs.empty()) {
+    ASSIGN_OR_RETURN(names, NameGroupShares(io, refs, spec));
+  }
+  std::vector<SnapInfo> out;
+  size_t share = 0;
+  for (auto& h : snaps) {
+    if (h.ns_type == kGroupSnapshotNamespace) {
+      const std::optional<std::string>& name = names[share++];
+      if (!name) continue;
+      h.info.name = *name;
+    } else if (h.ns_type != kUserSnapshotNamespace) {
+      continue;  // trash, mirror: librbd's listing leaves them out too
+    }
+    out.push_back(std::move(h.info));
+  }
+  std::sort(out.begin(), out.end(),
+            [](const SnapInfo& a, const SnapInfo& b) { return a.id < b.id; });
+  return out;
+}
+
+// The image's snapshots, in id order, from its header: the snapshot
 // context, then every snapshot in one op (one removed in between is left
 // out, as it would be a moment later).
 StatusOr<std::vector<SnapInfo>> ListSnapsOfHeader(rados_ioctx_t io, const std::string& id,
@@ -359,20 +445,18 @@ StatusOr<std::vector<SnapInfo>> ListSnapsOfHeader(rados_ioctx_t io, const std::s
     }
     return snapc.status();
   }
-  std::vector<SnapInfo> out;
-  if (snapc->second.empty()) return out;
+  if (snapc->second.empty()) return std::vector<SnapInfo>();
   std::vector<HeaderCall> calls;
   for (uint64_t snap_id : snapc->second) calls.push_back({"snapshot_get", snap_id, {}});
   std::vector<int> missing;
   RETURN_IF_ERROR(CallHeader(io, header, calls, spec, &missing));
+  std::vector<HeaderSnap> snaps;
   for (size_t i = 0; i < calls.size(); ++i) {
     if (missing[i]) continue;
-    ASSIGN_OR_RETURN(auto s, DecodeSnapshotInfo(calls[i].out, spec));
-    if (s) out.push_back(std::move(*s));
+    ASSIGN_OR_RETURN(HeaderSnap s, DecodeSnapshotInfo(calls[i].out, spec));
+    snaps.push_back(std::move(s));
   }
-  std::sort(out.begin(), out.end(),
-            [](const SnapInfo& a, const SnapInfo& b) { return a.id < b.id; });
-  return out;
+  return Listed(io, std::move(snaps), spec);
 }
 
 // Writes several pieces of one RADOS object of an image as one op.

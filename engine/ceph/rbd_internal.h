@@ -100,7 +100,10 @@ inline constexpr uint64_t kCopyPiece = 4ull << 20;
 // "pool/image" or "pool/image@snap", for messages.
 std::string ImageSpec(const std::string& pool, const std::string& image,
                       const std::string& snap = "");
-// Opens pool/image at `snap` (the head if empty).
+// Opens pool/image at `snap` (the head if empty). A share of a group
+// snapshot (IsGroupSnapName) is opened read-only whatever `read_only` says:
+// librbd opens at user snapshots by name only, so the image is opened at
+// its head and moved to the share by id.
 StatusOr<std::shared_ptr<Image>> OpenImage(const RadosIoCtx& io, const std::string& image,
                                            const std::string& snap, bool read_only);
 // The image's id: unlike its name, never given to another image.
@@ -108,8 +111,25 @@ StatusOr<std::string> ImageId(rbd_image_t h, const std::string& spec);
 StatusOr<uint64_t> ImageSize(rbd_image_t h, const std::string& spec);
 // librbd's snapshot argument: null for the head.
 const char* SnapOrNull(const std::string& snap);
-// The image's user snapshots through its handle, in id order.
+// One snapshot as rbd_snap_list lists it: every namespace (user, group,
+// trash, mirror), under librbd's own name (".group.<pool>_<group id>_<id>"
+// for a share of a group snapshot).
+struct RawSnap {
+  uint64_t id = 0;
+  uint64_t size = 0;
+  std::string name;
+};
+// Every snapshot of the image through its handle, in id order.
+StatusOr<std::vector<RawSnap>> ListAllSnapsOf(rbd_image_t h, const std::string& spec);
+// The image's user snapshots through its handle, in id order (not the
+// shares of group snapshots, nor trash or mirror snapshots: librbd removes,
+// protects and clones by name only user snapshots).
 StatusOr<std::vector<SnapInfo>> ListSnapsOf(rbd_image_t h, const std::string& spec);
+// The id of snapshot `snap` through the handle: a user snapshot, or the
+// share of group snapshot G named GroupSnapName(G). kNotFound if there is
+// none. Cost: none for a user snapshot (librbd knows it); for a share, two
+// RADOS reads per share looked at, newest first.
+StatusOr<uint64_t> SnapIdOf(rbd_image_t h, const std::string& snap, const std::string& spec);
 StatusOr<bool> IsProtected(rbd_image_t h, const std::string& spec, const std::string& snap);
 // How many images are cloned from image@snap (trashed ones included).
 StatusOr<size_t> CountClones(const RadosIoCtx& io, const std::string& image,
@@ -144,9 +164,47 @@ StatusOr<std::pair<uint64_t, std::vector<uint64_t>>> ReadSnapContext(rados_ioctx
 // The id of the image named `name` (rbd_id.<name>), or kNotFound.
 StatusOr<std::string> ReadImageId(rados_ioctx_t io, const std::string& name,
                                   const std::string& spec);
-// The image's user snapshots, in id order, from its header.
+// The image's user snapshots and its shares of complete group snapshots
+// (named GroupSnapName(group snapshot)), in id order, from its header.
+// Trash and mirror snapshots are left out.
 StatusOr<std::vector<SnapInfo>> ListSnapsOfHeader(rados_ioctx_t io, const std::string& id,
                                                   const std::string& spec);
+
+// Reads little-endian values and Ceph-encoded strings out of a cls answer
+// or an omap value.
+class ClsReader {
+ public:
+  explicit ClsReader(std::string_view in) : in_(in) {}
+  bool U8(uint8_t* v) { return Take(v, 1); }
+  bool U32(uint32_t* v);
+  bool U64(uint64_t* v);
+  bool String(std::string* v);
+  // A versioned struct's header (ENCODE_START): version, compat, length.
+  // Returns where the struct ends.
+  bool Struct(size_t* end);
+  void Seek(size_t at) { at_ = at; }
+
+ private:
+  bool Take(void* v, size_t n);
+  std::string_view in_;
+  size_t at_ = 0;
+};
+
+// --- Groups (rbd_group.cc) -----------------------------------------------------
+
+// What an image's header records of one of its shares of a group snapshot
+// (cls_rbd GroupSnapshotNamespace).
+struct GroupShareRef {
+  int64_t group_pool = -1;
+  std::string group_id;
+  std::string group_snap_id;
+};
+// The names the shares `refs` of the image `spec` are listed under:
+// GroupSnapName(name of the group snapshot) if it is complete, nullopt if
+// it is gone or incomplete (being taken, or a take that died midway): such a
+// share is no instant of the group. One omap read per group.
+StatusOr<std::vector<std::optional<std::string>>> NameGroupShares(
+    rados_ioctx_t io, const std::vector<GroupShareRef>& refs, const std::string& spec);
 
 // --- I/O (rbd_io.cc) ---------------------------------------------------------
 
@@ -172,6 +230,34 @@ Status DiffImage(rbd_image_t h, const std::string& pool, const std::string& imag
 
 struct Settled;
 
+// Settles one snapshot of one image (see "Settling a snapshot"), in two
+// steps around taking it. The caller keeps `h` open until Finish returns.
+class SnapSettler {
+ public:
+  // Just before the snapshot: lists who watches the image and tells `book`.
+  SnapSettler(rbd_image_t h, const RadosIoCtx& io, SettleBook& book, std::string image,
+              std::string spec);
+  // Once the snapshot exists (`snap_id`, or why its id is unknown): tells
+  // the clients that began watching since, and returns no sooner than the
+  // settling ends; then records in the book what it saw. Its failures are
+  // logged, not returned: the snapshot exists, and the diff from it sends
+  // whole the objects that changed.
+  void Finish(const StatusOr<uint64_t>& snap_id, const std::string& snap_spec);
+
+ private:
+  // `w` but this process's own watches: its handles come and go with every
+  // epoch, and it knows of every snapshot it takes.
+  std::set<WatcherId> Others(std::set<WatcherId> w) const;
+
+  rbd_image_t h_;
+  const RadosIoCtx& io_;
+  SettleBook& book_;
+  const std::string image_;
+  const std::string spec_;
+  const uint64_t self_;  // this process's RADOS client id
+  StatusOr<std::set<WatcherId>> before_;
+};
+
 // Per image, the snapshots (by id) after which clients may have written
 // with a snapshot context that lacks them (see "Settling a snapshot"), and
 // who watched the newest one when its settling ended. Only what this
@@ -190,6 +276,8 @@ class SettleBook {
   // Whether a snapshot with id in [from, to) is unsettled.
   bool AnyUnsettled(const std::string& image, uint64_t from, uint64_t to) const;
   void Forget(const std::string& image, uint64_t id);
+  // The same for whichever image has snapshot `id` (ids are unique in a pool).
+  void Forget(uint64_t id);
 
  private:
   struct Entry {

@@ -71,6 +71,38 @@ Status CreateImage(const RadosIoCtx& io, const std::string& image, uint64_t size
   return OkStatus();
 }
 
+// librbd refuses to remove an image of a group, or one that holds shares of
+// group snapshots; RbdPool::Remove asks first, so that it removes no user
+// snapshot of an image it then cannot remove.
+Status CheckNoGroup(rbd_image_t h, const std::string& spec) {
+  rbd_group_info_t group{};
+  if (int rc = rbd_get_group(h, &group, sizeof group); rc < 0) {
+    return ErrnoStatus(rc, "getting the group of " + spec);
+  }
+  const std::string name = group.name != nullptr ? group.name : "";
+  const bool in_group = group.pool >= 0;
+  rbd_group_info_cleanup(&group, sizeof group);
+  if (in_group) {
+    return FailedPrecondition(fmt::format(
+        "removing image {}: it is in group {}; take it out first (rbd group image remove)", spec,
+        name));
+  }
+  ASSIGN_OR_RETURN(std::vector<RawSnap> snaps, ListAllSnapsOf(h, spec));
+  for (const auto& s : snaps) {
+    rbd_snap_namespace_type_t type{};
+    if (int rc = rbd_snap_get_namespace_type(h, s.id, &type); rc < 0) {
+      return ErrnoStatus(rc, "getting the namespace of a snapshot of " + spec);
+    }
+    if (type == RBD_SNAP_NAMESPACE_TYPE_GROUP) {
+      return FailedPrecondition(fmt::format(
+          "removing image {}: it holds a share of a group snapshot ({}); remove that with its "
+          "group first",
+          spec, s.name));
+    }
+  }
+  return OkStatus();
+}
+
 }  // namespace
 
 Status RbdPool::Create(const std::string& image, uint64_t size) {
@@ -117,6 +149,7 @@ Status RbdPool::Remove(const std::string& image) {
       return FailedPrecondition(
           fmt::format("removing image {}: {} client(s) have it open; close them first", spec, max));
     }
+    RETURN_IF_ERROR(CheckNoGroup(h->get(), spec));
     ASSIGN_OR_RETURN(snaps, ListSnapsOf(h->get(), spec));
     for (const auto& s : snaps) {
       ASSIGN_OR_RETURN(bool prot, IsProtected(h->get(), spec, s.name));
@@ -153,8 +186,14 @@ Status RbdPool::Remove(const std::string& image) {
     return FailedPrecondition(fmt::format("removing image {}: a client has it open", spec));
   }
   if (rc == -ENOTEMPTY) {
-    return FailedPrecondition(
-        fmt::format("removing image {}: it has snapshots (one was taken meanwhile?)", spec));
+    return FailedPrecondition(fmt::format(
+        "removing image {}: it has snapshots (one taken meanwhile, or a share of a group "
+        "snapshot: remove that with the group)",
+        spec));
+  }
+  if (rc == -EMLINK) {
+    return FailedPrecondition(fmt::format(
+        "removing image {}: it is in a group; take it out first (rbd group image remove)", spec));
   }
   if (rc < 0) return ErrnoStatus(rc, "removing image " + spec);
   return OkStatus();
@@ -164,6 +203,10 @@ Status RbdPool::Clone(const std::string& image, const std::string& snap, const s
   if (snap.empty()) return InvalidArgument("cloning " + Spec(image) + ": a snapshot is required");
   if (dest.empty()) return InvalidArgument("cloning " + Spec(image) + ": empty destination name");
   const std::string spec = Spec(image, snap);
+  if (IsGroupSnapName(snap)) {
+    return InvalidArgument("cloning " + spec +
+                           ": librbd clones only from user snapshots, not group snapshots");
+  }
   ASSIGN_OR_RETURN(bool dest_exists, Exists(dest));
   if (dest_exists) return AlreadyExists(fmt::format("image {} already exists", Spec(dest)));
   {
@@ -204,10 +247,7 @@ Status RbdPool::Copy(const std::string& image, const std::string& snap, const st
   ASSIGN_OR_RETURN(std::shared_ptr<Image> src, OpenImage(*io_, image, snap, true));
   ASSIGN_OR_RETURN(const uint64_t size, ImageSize(src->get(), Spec(image, snap)));
   ASSIGN_OR_RETURN(std::string src_id, ImageId(src->get(), Spec(image)));
-  uint64_t snap_id = 0;
-  if (int rc = rbd_snap_get_id(src->get(), snap.c_str(), &snap_id); rc < 0) {
-    return ErrnoStatus(rc, what + ": getting the snapshot's id");
-  }
+  ASSIGN_OR_RETURN(const uint64_t snap_id, SnapIdOf(src->get(), snap, Spec(image)));
   rbd_image_info_t info{};
   if (int rc = rbd_stat(src->get(), &info, sizeof info); rc < 0) return ErrnoStatus(rc, what);
   RETURN_IF_ERROR(CreateImage(*io_, dest, size, options_.features, info.order));

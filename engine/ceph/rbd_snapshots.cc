@@ -206,9 +206,58 @@ void SettleBook::Forget(const std::string& image, uint64_t id) {
   if (it != images_.end()) it->second.unsettled.erase(id);
 }
 
+void SettleBook::Forget(uint64_t id) {
+  std::lock_guard lock(mu_);
+  for (auto& [image, e] : images_) e.unsettled.erase(id);
+}
+
+SnapSettler::SnapSettler(rbd_image_t h, const RadosIoCtx& io, SettleBook& book, std::string image,
+                         std::string spec)
+    : h_(h),
+      io_(io),
+      book_(book),
+      image_(std::move(image)),
+      spec_(std::move(spec)),
+      self_(rados_get_instance_id(rados_ioctx_get_cluster(io.get()))),
+      // Those watching the header now hear of the snapshot from librbd itself.
+      before_(Watchers(h, spec_)) {
+  const std::optional<std::set<WatcherId>> seen =
+      before_.ok() ? std::optional(Others(*before_)) : std::nullopt;
+  book_.BeforeSnapshot(image_, seen ? &*seen : nullptr);
+}
+
+std::set<WatcherId> SnapSettler::Others(std::set<WatcherId> w) const {
+  std::erase_if(w, [this](const WatcherId& x) { return x.first == self_; });
+  return w;
+}
+
+void SnapSettler::Finish(const StatusOr<uint64_t>& snap_id, const std::string& snap_spec) {
+  StatusOr<Settled> settled =
+      before_.ok() ? Settle(h_, io_, *before_, snap_spec) : before_.status();
+  if (!settled.ok()) {
+    spdlog::warn(
+        "snapshot {} taken, but clients that opened the image meanwhile may not know "
+        "of it: {}",
+        snap_spec, settled.status().ToString());
+  }
+  if (!snap_id.ok()) {
+    spdlog::warn("snapshot {} taken, but its id is unknown ({}): what its settling saw is not kept",
+                 snap_spec, snap_id.status().ToString());
+    return;
+  }
+  if (settled.ok()) settled->watchers = Others(std::move(settled->watchers));
+  book_.AfterSettling(image_, *snap_id, settled.ok() ? &*settled : nullptr);
+}
+
 }  // namespace rbd_internal
 
 using namespace rbd_internal;  // the adapters' shared helpers (rbd_internal.h)
+
+// A share of a group snapshot comes and goes only with the group's.
+static Status GroupShare(const std::string& spec) {
+  return InvalidArgument(fmt::format(
+      "{} names a group snapshot: it is created, removed and renamed only with its group", spec));
+}
 
 Status RbdVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
   // From the header as it is now, not through a handle that read: those
@@ -228,53 +277,27 @@ Status RbdVolume::ConfirmSnap(const std::string& snap, uint64_t snap_id) {
 
 Status RbdVolume::CreateSnap(const std::string& snap, Writers writers) {
   if (snap.empty()) return InvalidArgument("creating a snapshot of " + Spec() + ": empty name");
+  if (IsGroupSnapName(snap)) return GroupShare(Spec(snap));
   ASSIGN_OR_RETURN(auto h, Head());
   // Only other clients need settling: our own handle learns of the
   // snapshot as it takes it.
-  const bool settle = writers == Writers::kOthers;
-  // Those watching the header now hear of the snapshot from librbd itself.
-  StatusOr<std::set<WatcherId>> before =
-      settle ? Watchers(h->get(), Spec()) : std::set<WatcherId>{};
-  const uint64_t self = rados_get_instance_id(rados_ioctx_get_cluster(io_->get()));
-  const auto others = [self](std::set<WatcherId> w) {
-    std::erase_if(w, [self](const WatcherId& x) { return x.first == self; });
-    return w;
-  };
-  if (settle) {
-    const std::optional<std::set<WatcherId>> seen =
-        before.ok() ? std::optional(others(*before)) : std::nullopt;
-    book_->BeforeSnapshot(name_, seen ? &*seen : nullptr);
-  }
+  std::optional<SnapSettler> settler;
+  if (writers == Writers::kOthers) settler.emplace(h->get(), *io_, *book_, name_, Spec());
   const int rc = rbd_snap_create(h->get(), snap.c_str());
   if (rc == -EEXIST) return AlreadyExists(fmt::format("snapshot {} already exists", Spec(snap)));
   if (rc < 0) return ErrnoStatus(rc, "creating snapshot " + Spec(snap));
-  if (!settle) return OkStatus();
-  // The snapshot exists: a failure to settle it is worth a warning, not a
-  // failed epoch (the diff from it sends whole the objects that changed).
-  StatusOr<Settled> settled =
-      before.ok() ? Settle(h->get(), *io_, *before, Spec(snap)) : before.status();
-  if (!settled.ok()) {
-    spdlog::warn(
-        "snapshot {} taken, but clients that opened the image meanwhile may not know "
-        "of it: {}",
-        Spec(snap), settled.status().ToString());
-  }
+  if (!settler) return OkStatus();
   // librbd knows the id of a snapshot it just took (no I/O); should it not,
-  // the snapshot still exists and the epoch goes on, as above.
+  // the snapshot still exists and the epoch goes on.
   uint64_t id = 0;
-  if (int err = rbd_snap_get_id(h->get(), snap.c_str(), &id); err < 0) {
-    spdlog::warn(
-        "snapshot {} taken, but its id is unknown ({}): what its settling saw is "
-        "not kept",
-        Spec(snap), std::strerror(-err));
-    return OkStatus();
-  }
-  if (settled.ok()) settled->watchers = others(std::move(settled->watchers));
-  book_->AfterSettling(name_, id, settled.ok() ? &*settled : nullptr);
+  const int err = rbd_snap_get_id(h->get(), snap.c_str(), &id);
+  settler->Finish(err < 0 ? StatusOr<uint64_t>(ErrnoStatus(err, "getting its id")) : id,
+                  Spec(snap));
   return OkStatus();
 }
 
 Status RbdVolume::RemoveSnap(const std::string& snap) {
+  if (IsGroupSnapName(snap)) return GroupShare(Spec(snap));
   if (snap == snap_name_) snap_.reset();
   const std::string spec = Spec(snap);
   ASSIGN_OR_RETURN(auto h, Head());
@@ -320,6 +343,8 @@ StatusOr<std::vector<std::string>> RbdVolume::OtherClients() {
 }
 
 Status RbdVolume::RenameSnap(const std::string& from, const std::string& to) {
+  if (IsGroupSnapName(from)) return GroupShare(Spec(from));
+  if (IsGroupSnapName(to)) return GroupShare(Spec(to));
   if (from == snap_name_) snap_.reset();
   ASSIGN_OR_RETURN(auto h, Head());
   const int rc = rbd_snap_rename(h->get(), from.c_str(), to.c_str());

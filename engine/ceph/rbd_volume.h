@@ -6,7 +6,8 @@
 // rbd_copy.cc (sparse copies), rbd_diff.cc (DiffExtents),
 // rbd_changed_since.cc (ChangedSince),
 // rbd_snapshots.cc (CreateSnap and its settling, RemoveSnap, ConfirmSnap),
-// rbd_pool.cc (RbdPool), rbd_volume.cc (handles, size, snapshot list).
+// rbd_pool.cc (RbdPool), rbd_group.cc (RbdPool's group snapshots),
+// rbd_volume.cc (handles, size, snapshot list).
 //
 // How the Volume contract maps onto librbd:
 //  - DiffExtents opens the image read-only at `to_snap` and works in two
@@ -43,6 +44,15 @@
 //  - Remove also removes the image's snapshots, but first checks that no
 //    client has the image open and no clone depends on a snapshot, so that
 //    a refused Remove changes nothing.
+//  - Groups are RBD groups (`rbd group create`, `rbd group image add`).
+//    CreateGroupSnap is rbd_group_snap_create (librbd takes the exclusive
+//    lock of every member, then snapshots them), and settles every member's
+//    share as CreateSnap does. librbd names a share
+//    ".group.<pool>_<group id>_<group snapshot id>" and resolves only user
+//    snapshots by name, so ListSnaps names a share GroupSnapName(group
+//    snapshot) from the group's record, and a handle is moved to a share by
+//    id (OpenImage). Shares of incomplete group snapshots (being taken, or a
+//    take that died midway) are not listed, nor are those group snapshots.
 //
 // Every librbd/librados error becomes a Status through ErrnoStatus, with a
 // message naming pool/image@snap.
@@ -93,13 +103,31 @@ class RbdPool final : public Pool {
   Status Rename(const std::string& from, const std::string& to) override;
   StatusOr<bool> Exists(const std::string& image) override;
   // Protects image@snap if needed, then clones it into this pool.
-  // kInvalidArgument if `snap` is empty.
+  // kInvalidArgument if `snap` is empty or a share of a group snapshot
+  // (librbd clones only from user snapshots).
   Status Clone(const std::string& image, const std::string& snap, const std::string& dest) override;
   // kInvalidArgument if `snap` is empty. A failed copy removes what it
   // created. `progress` (if set) gets the offset below which the copy is
   // complete, and the size.
   Status Copy(const std::string& image, const std::string& snap, const std::string& dest,
               const ProgressFn& progress) override;
+
+  // The group's images in this pool (a group may hold images of other
+  // pools: those are snapshotted with it, but not listed here).
+  StatusOr<std::vector<std::string>> GroupImages(const std::string& group) override;
+  // kInvalidArgument if `snap` is empty; kAlreadyExists also if a member
+  // holds a share of an older group snapshot named so (of a group it
+  // left). Cost: a read-only open of every member, librbd's group snapshot
+  // (an exclusive-lock handover per member), then the settling of each
+  // member in turn (>= 50 ms each).
+  Status CreateGroupSnap(const std::string& group, const std::string& snap) override;
+  // From every image it was taken of, members now or not (librbd's record).
+  Status RemoveGroupSnap(const std::string& group, const std::string& snap) override;
+  // Complete group snapshots only. Creation order: librbd's record keeps
+  // no time and its ids are random, so they are ordered by the snapshot ids
+  // of their shares in this pool (allocated in order by the pool); those
+  // with no share here (a group that had no image here) come last, by name.
+  StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override;
 
   const RbdPoolOptions& options() const { return options_; }
 
@@ -126,8 +154,9 @@ class RbdVolume final : public Volume {
   StatusOr<uint64_t> Size() override;
   Status Resize(uint64_t new_size) override;
   StatusOr<std::vector<SnapInfo>> ListSnaps() override;
-  // kAlreadyExists if it exists; kInvalidArgument if `snap` is empty.
-  // kThisProcessOnly skips the settling.
+  // kAlreadyExists if it exists; kInvalidArgument if `snap` is empty or a
+  // group snapshot's name (IsGroupSnapName), here and in RemoveSnap and
+  // RenameSnap. kThisProcessOnly skips the settling.
   using Volume::CreateSnap;
   Status CreateSnap(const std::string& snap, Writers writers) override;
   // kFailedPrecondition if a clone depends on the snapshot.
@@ -136,7 +165,8 @@ class RbdVolume final : public Volume {
   // The header's watchers but this process's RADOS client.
   StatusOr<std::vector<std::string>> OtherClients() override;
   // An empty `to_snap` means the head. kNotFound if a snapshot is missing;
-  // kInvalidArgument if `from_snap` is newer than `to_snap`. Objects that
+  // kInvalidArgument if `from_snap` is newer than `to_snap` or a share of a
+  // group snapshot (rbd_diff_iterate2 starts at user snapshots only). Objects that
   // changed in between go whole if this process saw clients open the image
   // around a snapshot from `from_snap` on (CreateSnap; the .cc says why).
   Status DiffExtents(const std::string& from_snap, const std::string& to_snap,

@@ -82,6 +82,24 @@ Status FaultPool::Copy(const std::string& image, const std::string& snap, const 
   return inner_.Copy(image, snap, dest, progress);
 }
 
+StatusOr<std::vector<std::string>> FaultPool::GroupImages(const std::string& group) {
+  return inner_.GroupImages(group);
+}
+
+Status FaultPool::CreateGroupSnap(const std::string& group, const std::string& snap) {
+  RETURN_IF_ERROR(fault_->Check(VolumeOp::kCreateGroupSnap, group, snap));
+  return inner_.CreateGroupSnap(group, snap);
+}
+
+Status FaultPool::RemoveGroupSnap(const std::string& group, const std::string& snap) {
+  RETURN_IF_ERROR(fault_->Check(VolumeOp::kRemoveGroupSnap, group, snap));
+  return inner_.RemoveGroupSnap(group, snap);
+}
+
+StatusOr<std::vector<std::string>> FaultPool::GroupSnaps(const std::string& group) {
+  return inner_.GroupSnaps(group);
+}
+
 // --- FaultVolume -------------------------------------------------------------
 
 FaultVolume::FaultVolume(std::unique_ptr<Volume> inner, std::string pool_name,

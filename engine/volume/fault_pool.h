@@ -12,7 +12,8 @@
 //    or zeroed.
 //  - every other operation returns the fault and does nothing.
 // The others (Size, ListSnaps, ConfirmSnap, ChangedSince,
-// CloseSnapshotHandles, CloseHandles, Exists, Rename) are not fault points:
+// CloseSnapshotHandles, CloseHandles, Exists, Rename, GroupImages,
+// GroupSnaps) are not fault points:
 // they pass straight through, as they did in the in-memory store's hook
 // that this layer replaced. The fault is asked before the wrapped store
 // checks the arguments, so a faulted operation fails with the fault even
@@ -61,6 +62,8 @@ enum class VolumeOp {
   kZero,
   kDrain,
   kRenameSnap,
+  kCreateGroupSnap,  // `image` is the group, `snap` the group snapshot
+  kRemoveGroupSnap,  // likewise
 };
 
 struct VolumeFaultPoint {
@@ -103,6 +106,11 @@ class FaultPool : public Pool {
   Status Clone(const std::string& image, const std::string& snap, const std::string& dest) override;
   Status Copy(const std::string& image, const std::string& snap, const std::string& dest,
               const ProgressFn& progress) override;
+  StatusOr<std::vector<std::string>> GroupImages(const std::string& group) override;
+  // A fault fails the whole group snapshot: no member gets a share.
+  Status CreateGroupSnap(const std::string& group, const std::string& snap) override;
+  Status RemoveGroupSnap(const std::string& group, const std::string& snap) override;
+  StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override;
 
  private:
   Pool& inner_;

@@ -1,9 +1,10 @@
 // The state of MemoryPool (memory_volume.h), shared by the files of the
 // in-memory store: memory_volume.cc (pools, images, snapshots) and
-// memory_io.cc (AsyncIo on chunk maps). Not for other users.
+// memory_io.cc (AsyncIo on chunk maps) and memory_group.cc (groups and their
+// snapshots). Not for other users.
 //
-// Thread-safety: every field of an ImageState or SnapState, and the pool's
-// map of images, is guarded by the PoolState's mutex.
+// Thread-safety: every field of an ImageState, SnapState or GroupState, and
+// the pool's maps of images and groups, is guarded by the PoolState's mutex.
 #pragma once
 
 #include <cstdint>
@@ -47,6 +48,20 @@ struct ImageState {
   int head_handles = 0;
   bool removed = false;
   std::vector<std::string> other_clients;  // MemoryPool::SetOtherClients
+  std::string group;                       // the group it is in, or ""
+};
+
+// A group snapshot: its name, and the images it was taken of (each holds a
+// snapshot named GroupSnapName(name)). As in RBD, the images are those of
+// the group when it was taken: one that left the group since keeps its
+// share, and removing the group snapshot removes that too.
+struct GroupSnapState {
+  std::string name;
+  std::vector<std::shared_ptr<ImageState>> images;
+};
+
+struct GroupState {
+  std::vector<GroupSnapState> snaps;  // creation order
 };
 
 struct PoolState {
@@ -55,6 +70,7 @@ struct PoolState {
   const MemoryPoolOptions options;
   std::mutex mu;
   std::map<std::string, std::shared_ptr<ImageState>> images;  // guarded by mu
+  std::map<std::string, GroupState> groups;                   // guarded by mu
   uint64_t next_snap_id = 1;                                  // guarded by mu
 };
 

@@ -58,6 +58,13 @@ Status SnapNotFound(const PoolState& pool, const std::string& image, const std::
   return NotFound(fmt::format("snapshot {}/{}@{} does not exist", pool.name, image, snap));
 }
 
+// A share of a group snapshot comes and goes only with the group's.
+Status GroupShare(const PoolState& pool, const std::string& image, const std::string& snap) {
+  return InvalidArgument(fmt::format(
+      "{}/{}@{} names a group snapshot: it is created, removed and renamed only with its group",
+      pool.name, image, snap));
+}
+
 // Looks up a live image. REQUIRES: pool.mu held.
 StatusOr<std::shared_ptr<ImageState>> FindImage(PoolState& pool, const std::string& image) {
   auto it = pool.images.find(image);
@@ -137,6 +144,7 @@ Status MemoryPool::Remove(const std::string& image) {
     state->parent.reset();
   }
   state->removed = true;
+  state->group.clear();
   state->snaps.clear();
   state->head.clear();
   state_->images.erase(image);
@@ -152,6 +160,11 @@ Status MemoryPool::Clone(const std::string& image, const std::string& snap,
                          const std::string& dest) {
   if (snap.empty()) return InvalidArgument("cloning " + image + ": a snapshot is required");
   if (dest.empty()) return InvalidArgument("cloning " + image + ": empty destination name");
+  if (IsGroupSnapName(snap)) {
+    return InvalidArgument(
+        fmt::format("cloning {}/{}@{}: librbd clones only from user snapshots, not group snapshots",
+                    state_->name, image, snap));
+  }
   std::lock_guard lock(state_->mu);
   ASSIGN_OR_RETURN(std::shared_ptr<ImageState> parent, FindImage(*state_, image));
   SnapState* s = FindSnap(*parent, snap);
@@ -273,6 +286,7 @@ StatusOr<std::vector<SnapInfo>> MemoryVolume::ListSnaps() {
 
 Status MemoryVolume::CreateSnap(const std::string& snap, Writers) {
   if (snap.empty()) return InvalidArgument("creating a snapshot of " + name_ + ": empty name");
+  if (IsGroupSnapName(snap)) return GroupShare(*pool_, name_, snap);
   const int64_t now = pool_->options.now_ns();
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
@@ -285,6 +299,7 @@ Status MemoryVolume::CreateSnap(const std::string& snap, Writers) {
 }
 
 Status MemoryVolume::RemoveSnap(const std::string& snap) {
+  if (IsGroupSnapName(snap)) return GroupShare(*pool_, name_, snap);
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
   HoldHeadLocked();
@@ -301,6 +316,8 @@ Status MemoryVolume::RemoveSnap(const std::string& snap) {
 }
 
 Status MemoryVolume::RenameSnap(const std::string& from, const std::string& to) {
+  if (IsGroupSnapName(from)) return GroupShare(*pool_, name_, from);
+  if (IsGroupSnapName(to)) return GroupShare(*pool_, name_, to);
   std::lock_guard lock(pool_->mu);
   if (image_->removed) return ImageNotFound(*pool_, name_);
   SnapState* s = FindSnap(*image_, from);
@@ -320,6 +337,11 @@ StatusOr<std::vector<std::string>> MemoryVolume::OtherClients() {
 
 Status MemoryVolume::DiffExtents(const std::string& from_snap, const std::string& to_snap,
                                  const std::function<Status(const Extent&)>& fn) {
+  if (IsGroupSnapName(from_snap)) {
+    return InvalidArgument(
+        fmt::format("diffing {}/{} from {}: a diff starts at a user snapshot, not a group snapshot",
+                    pool_->name, name_, from_snap));
+  }
   ChunkMap from;
   ChunkMap to;
   uint64_t to_size = 0;

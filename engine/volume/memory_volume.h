@@ -34,6 +34,13 @@
 //    ConfirmSnap is what reports the loss.
 //  - AsyncIo applies each operation when it starts; WaitOne returns the
 //    completions in start order (RBD returns them in any order).
+//  - Groups (CreateGroup, AddToGroup; an image is in at most one group):
+//    CreateGroupSnap snapshots every member under the pool's lock, so no
+//    write lands between two members. A member's share of a group snapshot
+//    is one of its snapshots, listed and read like any other, and created,
+//    removed and renamed only with the group (kInvalidArgument otherwise).
+//    Neither Clone nor DiffExtents' `from_snap` takes a share
+//    (kInvalidArgument): librbd cannot either.
 //
 // Handles opened on the same image share its state: a write through one is
 // seen through every other, opened before or after.
@@ -82,12 +89,34 @@ class MemoryPool final : public Pool {
   Status Remove(const std::string& image) override;
   Status Rename(const std::string& from, const std::string& to) override;
   StatusOr<bool> Exists(const std::string& image) override;
-  // kInvalidArgument if `snap` is empty: only a snapshot can be cloned.
+  // kInvalidArgument if `snap` is empty (only a snapshot can be cloned) or
+  // a share of a group snapshot.
   Status Clone(const std::string& image, const std::string& snap, const std::string& dest) override;
   // kInvalidArgument if `snap` is empty. Calls `progress` (if set) with
   // (0, size) and (size, size).
   Status Copy(const std::string& image, const std::string& snap, const std::string& dest,
               const ProgressFn& progress) override;
+
+  StatusOr<std::vector<std::string>> GroupImages(const std::string& group) override;
+  // kInvalidArgument if `snap` is empty; kAlreadyExists also if a member
+  // still holds a share of an older group snapshot `snap` (of a group it
+  // left). Cost: O(allocated chunks of the members), under the lock.
+  Status CreateGroupSnap(const std::string& group, const std::string& snap) override;
+  // From every image it was taken of that still exists, members or not.
+  Status RemoveGroupSnap(const std::string& group, const std::string& snap) override;
+  StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override;
+
+  // Tests: an empty group. kAlreadyExists if it exists; kInvalidArgument if
+  // `group` is empty.
+  Status CreateGroup(const std::string& group);
+  // Tests: `image` joins `group`. kNotFound if either is missing;
+  // kAlreadyExists if it is in `group` already, kFailedPrecondition if it
+  // is in another. Removing or renaming the image keeps it out of, or in,
+  // the group, as RBD's group membership follows the image (by id).
+  Status AddToGroup(const std::string& group, const std::string& image);
+  // Tests: `image` leaves `group`, keeping its shares of the group's
+  // snapshots. kNotFound if either is missing or the image is not in it.
+  Status RemoveFromGroup(const std::string& group, const std::string& image);
 
   // Bytes of the allocated chunks of image@snap (the head if `snap` is
   // empty): what a sparse store would hold. kNotFound if there is no such
@@ -119,8 +148,11 @@ class MemoryVolume final : public Volume {
   const std::string& name() const override { return name_; }
   StatusOr<uint64_t> Size() override;
   Status Resize(uint64_t new_size) override;
+  // Shares of group snapshots included, named GroupSnapName(group snapshot).
   StatusOr<std::vector<SnapInfo>> ListSnaps() override;
-  // kAlreadyExists if `snap` exists; kInvalidArgument if it is empty.
+  // kAlreadyExists if `snap` exists; kInvalidArgument if it is empty or a
+  // group snapshot's name (IsGroupSnapName), here and in RemoveSnap and
+  // RenameSnap.
   using Volume::CreateSnap;
   Status CreateSnap(const std::string& snap, Writers writers) override;
   // kFailedPrecondition if a clone of the snapshot exists.
@@ -128,7 +160,8 @@ class MemoryVolume final : public Volume {
   Status RenameSnap(const std::string& from, const std::string& to) override;
   StatusOr<std::vector<std::string>> OtherClients() override;
   // An empty `to_snap` means the head. kNotFound if either snapshot is
-  // missing; kInvalidArgument if `from_snap` is newer than `to_snap`.
+  // missing; kInvalidArgument if `from_snap` is newer than `to_snap` or is
+  // a share of a group snapshot.
   // Cost: O(allocated chunks of both) under the lock, then the comparison
   // of the chunks that are not shared.
   Status DiffExtents(const std::string& from_snap, const std::string& to_snap,

@@ -18,6 +18,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "engine/base/checksum.h"
@@ -193,6 +194,22 @@ class ExtentMerger {
   std::optional<Extent> pending_;
 };
 
+// Group snapshots: one instant across several images (a database's data
+// and log volumes). A store groups images (RBD: an RBD group, whose
+// membership the operator manages with `rbd group image add/remove`);
+// Pool::CreateGroupSnap snapshots every image of a group at once, after
+// quiescing their writers, so the snapshots together are crash-consistent.
+// Each image lists its share of the group snapshot `snap` as a snapshot
+// named GroupSnapName(snap). That name is read like any snapshot (OpenIo,
+// DiffExtents' `to_snap`, ConfirmSnap, ChangedSince), but it is not a diff's
+// `from_snap` (librbd diffs only from user snapshots: kInvalidArgument) and
+// it is created, removed and renamed only with the group.
+inline constexpr std::string_view kGroupSnapPrefix = "group:";
+inline std::string GroupSnapName(std::string_view group_snap) {
+  return std::string(kGroupSnapPrefix) + std::string(group_snap);
+}
+inline bool IsGroupSnapName(std::string_view snap) { return snap.starts_with(kGroupSnapPrefix); }
+
 // Progress of a long copy: bytes done of total.
 using ProgressFn = std::function<void(uint64_t done, uint64_t total)>;
 
@@ -219,6 +236,20 @@ class Pool {
   // Cost: proportional to the allocated data of the snapshot.
   virtual Status Copy(const std::string& image, const std::string& snap, const std::string& dest,
                       const ProgressFn& progress) = 0;
+
+  // The images of group `group`, by name, sorted. kNotFound if there is no
+  // such group.
+  virtual StatusOr<std::vector<std::string>> GroupImages(const std::string& group) = 0;
+  // Snapshots every image of `group` at one instant as group snapshot
+  // `snap` (see GroupSnapName). kNotFound if there is no such group,
+  // kAlreadyExists if it has a snapshot `snap`. All or nothing: on an
+  // error no image keeps a share of it.
+  virtual Status CreateGroupSnap(const std::string& group, const std::string& snap) = 0;
+  // Removes group snapshot `snap` from every image of the group. kNotFound
+  // if there is no such group or snapshot.
+  virtual Status RemoveGroupSnap(const std::string& group, const std::string& snap) = 0;
+  // The group's snapshots, by name, in creation order.
+  virtual StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) = 0;
 };
 
 }  // namespace cairn

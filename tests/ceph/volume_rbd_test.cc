@@ -26,6 +26,7 @@
 #include "engine/ceph/rbd_volume.h"
 #include "engine/volume/fault_pool.h"
 #include "tests/unit/volume/volume_conformance.h"
+#include "tests/unit/volume/volume_group_conformance.h"
 
 namespace cairn {
 namespace {
@@ -84,12 +85,36 @@ StatusOr<std::shared_ptr<RadosIoCtx>> TestIoCtx() {
 
 std::string RunPrefix() { return fmt::format("cairn-test-{}-", getpid()); }
 
+// What an operator does with `rbd group create` and `rbd group image add`.
+Status MakeRbdGroup(const RadosIoCtx& io, const std::string& group,
+                    const std::vector<std::string>& images) {
+  if (int rc = rbd_group_create(io.get(), group.c_str()); rc < 0) {
+    return ErrnoStatus(rc, "creating group " + group);
+  }
+  for (const auto& image : images) {
+    if (int rc = rbd_group_image_add(io.get(), group.c_str(), io.get(), image.c_str()); rc < 0) {
+      return ErrnoStatus(rc, fmt::format("adding {} to group {}", image, group));
+    }
+  }
+  return OkStatus();
+}
+
+// `rbd group remove`: its snapshots and memberships go with it.
+Status RemoveRbdGroup(const RadosIoCtx& io, const std::string& group) {
+  const int rc = rbd_group_remove(io.get(), group.c_str());
+  return rc < 0 ? ErrnoStatus(rc, "removing group " + group) : OkStatus();
+}
+
 VolumeConformanceParam RbdParam(std::string label, uint64_t features) {
   return {label, [label, features]() -> StatusOr<VolumeTestTarget> {
             ASSIGN_OR_RETURN(std::shared_ptr<RadosIoCtx> io, TestIoCtx());
             RbdPoolOptions options;
             options.features = features;
             VolumeTestTarget t;
+            t.make_group = [io](const std::string& group, const std::vector<std::string>& images) {
+              return MakeRbdGroup(*io, group, images);
+            };
+            t.remove_group = [io](const std::string& group) { return RemoveRbdGroup(*io, group); };
             t.pool = std::make_unique<RbdPool>(std::move(io), options);
             t.diff_granularity = 4 * kMiB;  // the object size
             t.tells_unchanged = (features & RBD_FEATURE_FAST_DIFF) != 0;
@@ -241,6 +266,10 @@ class RbdVolumeTest : public ::testing::Test {
   }
   void TearDown() override {
     if (!pool_) return;
+    for (const auto& group : groups_) {
+      const Status s = RemoveRbdGroup(*io_, group);
+      EXPECT_TRUE(s.ok()) << s.ToString();
+    }
     for (auto it = names_.rbegin(); it != names_.rend(); ++it) {
       StatusOr<bool> exists = pool_->Exists(*it);
       if (exists.ok() && *exists) {
@@ -273,9 +302,19 @@ class RbdVolumeTest : public ::testing::Test {
     return a;
   }
 
+  // An RBD group of `images`, removed (with its snapshots) by TearDown.
+  StatusOr<std::string> NewGroup(const std::string& hint, const std::vector<std::string>& images) {
+    static int counter = 0;
+    std::string group = RunPrefix() + "group-" + std::to_string(counter++) + "-" + hint;
+    RETURN_IF_ERROR(MakeRbdGroup(*io_, group, images));
+    groups_.push_back(group);
+    return group;
+  }
+
   std::shared_ptr<RadosIoCtx> io_;
   std::unique_ptr<RbdPool> pool_;
   std::vector<std::string> names_;
+  std::vector<std::string> groups_;
 };
 
 // Between snapshots librbd lists exactly the bytes written or zeroed, but
@@ -343,13 +382,14 @@ void WriteWithOutOfDateSnapContext(RbdCluster& cluster, const std::string& pool,
   ASSERT_EQ(rados_write(io->get(), object.c_str(), data.data(), data.size(), offset), 0);
 }
 
-// The diff s1 -> s2 of `v`, applied to `replica` (the image at s1), must
-// give the image at s2, which holds the emulated write at object 2, 65536.
-void ExpectDiffRebuildsS2(Volume& v, std::string replica, uint64_t object_size) {
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> d, CollectDiff(v, "s1", "s2"));
-  CAIRN_ASSERT_OK_AND_ASSIGN(std::string target, volume_test::ReadImage(v, "s2"));
+// The diff s1 -> `s2` of `v`, applied to `replica` (the image at s1), must
+// give the image at `s2`, which holds the emulated write at object 2, 65536.
+void ExpectDiffRebuildsS2(Volume& v, std::string replica, uint64_t object_size,
+                          const std::string& s2 = "s2") {
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> d, CollectDiff(v, "s1", s2));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string target, volume_test::ReadImage(v, s2));
   ASSERT_TRUE(target.compare(2 * object_size + 65536, 8192, Pattern(12, 8192)) == 0)
-      << "the emulated write is not in s2";
+      << "the emulated write is not in " << s2;
   for (const auto& e : d) {
     if (e.kind == RecordKind::kData) {
       std::memcpy(replica.data() + e.offset, target.data() + e.offset, e.length);
@@ -894,6 +934,188 @@ TEST_F(RbdClusterTest, ProfileRbdMayBlocklistAndWithoutItTheErrorNamesTheCap) {
   EXPECT_EQ(s.code(), Code::kFailedPrecondition) << s.ToString();
   EXPECT_NE(s.message().find("mon cap 'profile rbd'"), std::string::npos) << s.ToString();
   EXPECT_NE(s.message().find("osd blocklist"), std::string::npos) << s.ToString();
+}
+
+// --- group snapshots -------------------------------------------------------------
+
+// librbd's own view of the image's snapshots: (name, namespace) in id order.
+std::vector<std::pair<std::string, rbd_snap_namespace_type_t>> RawSnaps(const RadosIoCtx& io,
+                                                                        const std::string& image) {
+  std::vector<std::pair<std::string, rbd_snap_namespace_type_t>> out;
+  rbd_image_t h = nullptr;
+  if (rbd_open_read_only(io.get(), image.c_str(), &h, nullptr) < 0) return {{"<open failed>", {}}};
+  std::vector<rbd_snap_info_t> snaps(16);
+  int max = static_cast<int>(snaps.size());
+  const int n = rbd_snap_list(h, snaps.data(), &max);
+  for (int i = 0; i < n; ++i) {
+    rbd_snap_namespace_type_t type{};
+    rbd_snap_get_namespace_type(h, snaps[i].id, &type);
+    out.emplace_back(snaps[i].name, type);
+  }
+  if (n >= 0) rbd_snap_list_end(snaps.data());
+  rbd_close(h);
+  return out;
+}
+
+// The operator's case: two images in an RBD group, each with a user snapshot
+// from an earlier epoch; the group snapshot reads the instant, the diff from
+// the user snapshot to it is exact, and it goes from both with the group's.
+TEST_F(RbdVolumeTest, AGroupSnapshotOfTwoImagesReadsDiffsAndGoes) {
+  const std::string a = NewName("group-a");
+  const std::string b = NewName("group-b");
+  CAIRN_ASSERT_OK(pool_->Create(a, 16 * kMiB));
+  CAIRN_ASSERT_OK(pool_->Create(b, 16 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> va, pool_->Open(a));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> vb, pool_->Open(b));
+  CAIRN_ASSERT_OK(WriteAt(*va, 0, Pattern(1, 8 * kMiB)));
+  CAIRN_ASSERT_OK(WriteAt(*vb, 4 * kMiB, Pattern(2, 4 * kMiB)));
+  CAIRN_ASSERT_OK(va->CreateSnap("s0"));
+  CAIRN_ASSERT_OK(vb->CreateSnap("s0"));
+  CAIRN_ASSERT_OK(WriteAt(*va, 100, Pattern(3, 4096)));
+  CAIRN_ASSERT_OK(ZeroAt(*va, 4 * kMiB, 4 * kMiB));  // a whole object
+  CAIRN_ASSERT_OK(WriteAt(*vb, 4 * kMiB + 4096, Pattern(4, 8192)));
+  CAIRN_ASSERT_OK_AND_ASSIGN(const std::string group, NewGroup("pair", {a, b}));
+  CAIRN_ASSERT_OK(pool_->CreateGroupSnap(group, "g1"));
+  CAIRN_ASSERT_OK(WriteAt(*va, 100, Pattern(5, 4096)));
+  CAIRN_ASSERT_OK(WriteAt(*vb, 12 * kMiB, Pattern(6, 4096)));
+
+  const std::string share = GroupSnapName("g1");
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got, volume_test::ReadAt(*va, share, 100, 4096));
+  EXPECT_TRUE(got == Pattern(3, 4096));
+  CAIRN_ASSERT_OK_AND_ASSIGN(got, volume_test::ReadAt(*vb, share, 4 * kMiB + 4096, 8192));
+  EXPECT_TRUE(got == Pattern(4, 8192));
+  CAIRN_ASSERT_OK_AND_ASSIGN(got, volume_test::ReadAt(*vb, share, 12 * kMiB, 4096));
+  EXPECT_EQ(got, std::string(4096, '\0'));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<Extent> d, CollectDiff(*va, "s0", share));
+  EXPECT_EQ(d, (std::vector<Extent>{{100, 4096, RecordKind::kData},
+                                    {4 * kMiB, 4 * kMiB, RecordKind::kZero}}))
+      << volume_test::Describe(d);
+  CAIRN_ASSERT_OK_AND_ASSIGN(d, CollectDiff(*vb, "s0", share));
+  EXPECT_EQ(d, (std::vector<Extent>{{4 * kMiB + 4096, 8192, RecordKind::kData}}))
+      << volume_test::Describe(d);
+
+  for (Volume* v : {va.get(), vb.get()}) {
+    SCOPED_TRACE(v->name());
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, v->ListSnaps());
+    ASSERT_EQ(snaps.size(), 2u);
+    EXPECT_EQ(snaps[0].name, "s0");
+    EXPECT_EQ(snaps[1].name, share);
+    CAIRN_EXPECT_OK(v->ConfirmSnap(share, snaps[1].id));
+    // librbd lists the share under its own name, in the group namespace.
+    const auto raw = RawSnaps(*io_, v->name());
+    ASSERT_EQ(raw.size(), 2u);
+    EXPECT_EQ(raw[1].first.rfind(".group.", 0), 0u) << raw[1].first;
+    EXPECT_EQ(raw[1].second, RBD_SNAP_NAMESPACE_TYPE_GROUP);
+  }
+  // Nor is the image removed from under its group, or with a user
+  // snapshot gone before librbd refuses.
+  vb->CloseHandles();
+  const Status removed = pool_->Remove(b);
+  EXPECT_EQ(removed.code(), Code::kFailedPrecondition) << removed.ToString();
+  EXPECT_NE(removed.message().find("group"), std::string::npos) << removed.ToString();
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> left, vb->ListSnaps());
+  EXPECT_EQ(left.size(), 2u);
+  // Out of the group, it still holds its share: librbd would refuse too.
+  ASSERT_EQ(rbd_group_image_remove(io_->get(), group.c_str(), io_->get(), b.c_str()), 0);
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<std::string> members, pool_->GroupImages(group));
+  EXPECT_EQ(members, std::vector<std::string>{a});
+  const Status holding = pool_->Remove(b);
+  EXPECT_EQ(holding.code(), Code::kFailedPrecondition) << holding.ToString();
+  EXPECT_NE(holding.message().find("share of a group snapshot"), std::string::npos)
+      << holding.ToString();
+  CAIRN_ASSERT_OK_AND_ASSIGN(left, vb->ListSnaps());
+  EXPECT_EQ(left.size(), 2u);
+
+  // The group snapshot goes from the images it was taken of, members or not.
+  CAIRN_ASSERT_OK(pool_->RemoveGroupSnap(group, "g1"));
+  for (Volume* v : {va.get(), vb.get()}) {
+    const auto raw = RawSnaps(*io_, v->name());
+    ASSERT_EQ(raw.size(), 1u) << v->name();
+    EXPECT_EQ(raw[0].first, "s0");
+  }
+}
+
+// A client that has a member open and writes (holding its exclusive lock:
+// a guest) goes on writing across the group snapshot, which librbd takes
+// by asking it for the lock; the share holds its writes up to then.
+TEST_F(RbdVolumeTest, AGroupSnapshotTakesTheLockFromAWritingClientAndGivesItBack) {
+  const std::string name = NewName("group-guest");
+  CAIRN_ASSERT_OK(pool_->Create(name, 8 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(OtherClient guest, ConnectOtherClient());
+  rbd_image_t h = nullptr;
+  ASSERT_EQ(rbd_open(guest.io->get(), name.c_str(), &h, nullptr), 0);
+  const std::string first = Pattern(40, 4096);
+  ASSERT_EQ(rbd_write(h, 0, first.size(), first.data()), static_cast<ssize_t>(first.size()));
+  int owner = 0;
+  ASSERT_EQ(rbd_is_exclusive_lock_owner(h, &owner), 0);
+  EXPECT_EQ(owner, 1);
+  CAIRN_ASSERT_OK_AND_ASSIGN(const std::string group, NewGroup("guest", {name}));
+  const auto start = std::chrono::steady_clock::now();
+  CAIRN_ASSERT_OK(pool_->CreateGroupSnap(group, "g1"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(15));
+  const std::string second = Pattern(41, 4096);
+  ASSERT_EQ(rbd_write(h, 0, second.size(), second.data()), static_cast<ssize_t>(second.size()));
+  ASSERT_EQ(rbd_flush(h), 0);
+  rbd_close(h);
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::string got,
+                             volume_test::ReadAt(*v, GroupSnapName("g1"), 0, 4096));
+  EXPECT_TRUE(got == first);
+  CAIRN_ASSERT_OK_AND_ASSIGN(got, volume_test::ReadAt(*v, "", 0, 4096));
+  EXPECT_TRUE(got == second);
+}
+
+// As DiffSendsChangedObjectsWholeOnceAClientAppearedSinceTheSnapshot, with
+// a group snapshot as s2: its shares are settled as CreateSnap's snapshots.
+TEST_F(RbdVolumeTest, DiffToAGroupSnapshotSendsChangedObjectsWholeOnceAClientAppeared) {
+  constexpr uint64_t kObject = 4 * kMiB;
+  CAIRN_ASSERT_OK_AND_ASSIGN(AtS1 a, ImageAtS1("group-appeared"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(const std::string group, NewGroup("appeared", {a.name}));
+  CAIRN_ASSERT_OK_AND_ASSIGN(OtherClient other, ConnectOtherClient());
+  rbd_image_t h = nullptr;
+  ASSERT_EQ(rbd_open(other.io->get(), a.name.c_str(), &h, nullptr), 0);
+  char id[64] = {};
+  ASSERT_EQ(rbd_get_id(h, id, sizeof id), 0);
+  WriteWithOutOfDateSnapContext(*other.cluster, other.io->pool(), id, 2, 65536, Pattern(12, 8192));
+  const std::string later = Pattern(13, 4096);
+  ASSERT_EQ(rbd_write(h, 2 * kObject + kMiB, later.size(), later.data()),
+            static_cast<ssize_t>(later.size()));
+  CAIRN_ASSERT_OK(pool_->CreateGroupSnap(group, "g2"));  // `h` watches: it appeared since s1
+  rbd_close(h);
+  ExpectDiffRebuildsS2(*a.v, a.replica, kObject, GroupSnapName("g2"));
+}
+
+// The caps docs/OPERATIONS.md asks for (mon and osd 'profile rbd') are
+// enough to take, list, read and remove group snapshots.
+TEST_F(RbdVolumeTest, ProfileRbdMayTakeReadAndRemoveGroupSnapshots) {
+  CAIRN_ASSERT_OK_AND_ASSIGN(CephTestEnv env, TestEnv());
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::shared_ptr<RbdCluster> admin, TestCluster());
+  TestUser user(admin, env, "profile rbd");
+  if (user.status().code() == Code::kFailedPrecondition) {
+    GTEST_SKIP() << "client." << env.user
+                 << " may not create users here: " << user.status().ToString();
+  }
+  CAIRN_ASSERT_OK(user.status());
+  const std::string name = NewName("group-caps");
+  CAIRN_ASSERT_OK(pool_->Create(name, 4 * kMiB));
+  {
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool_->Open(name));
+    CAIRN_ASSERT_OK(WriteAt(*v, 0, Pattern(50, 4096)));
+  }
+  CAIRN_ASSERT_OK_AND_ASSIGN(const std::string group, NewGroup("caps", {name}));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::shared_ptr<RbdPool> pool, user.cluster->OpenPool(env.pool));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<std::string> images, pool->GroupImages(group));
+  EXPECT_EQ(images, std::vector<std::string>{name});
+  CAIRN_ASSERT_OK(pool->CreateGroupSnap(group, "g1"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<std::string> snaps, pool->GroupSnaps(group));
+  EXPECT_EQ(snaps, std::vector<std::string>{"g1"});
+  {
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool->Open(name));
+    CAIRN_ASSERT_OK_AND_ASSIGN(std::string got,
+                               volume_test::ReadAt(*v, GroupSnapName("g1"), 0, 4096));
+    EXPECT_TRUE(got == Pattern(50, 4096));
+  }
+  CAIRN_ASSERT_OK(pool->RemoveGroupSnap(group, "g1"));
 }
 
 }  // namespace

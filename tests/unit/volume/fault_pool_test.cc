@@ -164,5 +164,41 @@ TEST(FaultPoolTest, EveryOperationAsksTheFaultAndAFaultedOneDoesNothing) {
                    }));
 }
 
+// A group snapshot is one fault point for the whole group: faulted, no
+// member gets a share. Listing the group is no fault point.
+TEST(FaultPoolTest, AFaultedGroupSnapshotLeavesNoShare) {
+  MemoryPool memory;
+  FaultPool pool(memory);
+  CAIRN_ASSERT_OK(memory.Create("a", kMiB));
+  CAIRN_ASSERT_OK(memory.CreateGroup("g"));
+  CAIRN_ASSERT_OK(memory.AddToGroup("g", "a"));
+  std::vector<VolumeFaultPoint> asked;
+  pool.SetFault([&](const VolumeFaultPoint& p) {
+    asked.push_back(p);
+    if (p.op == VolumeOp::kCreateGroupSnap || p.op == VolumeOp::kRemoveGroupSnap) {
+      return Unavailable("injected");
+    }
+    return OkStatus();
+  });
+  CAIRN_EXPECT_CODE(pool.CreateGroupSnap("g", "s"), Code::kUnavailable);
+  ASSERT_EQ(asked.size(), 1u);
+  EXPECT_EQ(asked[0].image, "g");
+  EXPECT_EQ(asked[0].snap, "s");
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<std::string> snaps, pool.GroupSnaps("g"));
+  EXPECT_TRUE(snaps.empty());
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<std::string> images, pool.GroupImages("g"));
+  EXPECT_EQ(images, std::vector<std::string>{"a"});
+  EXPECT_EQ(asked.size(), 1u);
+
+  CAIRN_ASSERT_OK(memory.CreateGroupSnap("g", "s"));
+  CAIRN_EXPECT_CODE(pool.RemoveGroupSnap("g", "s"), Code::kUnavailable);
+  pool.SetFault(nullptr);
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> v, pool.Open("a"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> shares, v->ListSnaps());
+  ASSERT_EQ(shares.size(), 1u);
+  EXPECT_EQ(shares[0].name, GroupSnapName("s"));
+  CAIRN_ASSERT_OK(pool.RemoveGroupSnap("g", "s"));
+}
+
 }  // namespace
 }  // namespace cairn
