@@ -8,6 +8,7 @@
 #include <ctime>
 #include <set>
 
+#include "engine/catalog/catalog_internal.h"
 #include "proto/cairn.pb.h"
 
 namespace cairn {
@@ -27,6 +28,10 @@ std::string HoldPrefix(std::string_view volume) { return fmt::format("hold/{}/",
 std::string HoldKey(std::string_view volume, uint64_t seq, std::string_view image) {
   return fmt::format("hold/{}/{:020}/{}", volume, seq, image);
 }
+
+}  // namespace
+
+namespace catalog_internal {
 
 // A record's stored form: the version byte, the body, and the XXH3-64 of
 // both.
@@ -59,6 +64,13 @@ Status Unseal(std::string_view bytes, std::string_view key, google::protobuf::Me
   }
   return OkStatus();
 }
+
+}  // namespace catalog_internal
+
+namespace {
+
+using catalog_internal::Seal;
+using catalog_internal::Unseal;
 
 StatusOr<PointVerification> DecodeVerification(std::string_view bytes, std::string_view key) {
   pb::VerifyEnd m;
@@ -103,6 +115,8 @@ void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m) {
   m->set_chain_digest(p.chain_digest.AsBytes());
   m->set_state(pb::RestorePoint::COMPLETE);
   m->set_source_site(p.epoch.source_site);
+  m->set_group(p.epoch.group);
+  m->set_group_members(p.epoch.group_members);
   for (const std::string& image : p.held_by) m->add_held_by(image);
   if (p.verification) {
     m->set_verified_ns(p.verification->recorded_ns);
@@ -127,7 +141,9 @@ StatusOr<RestorePoint> RestorePointFromProto(const pb::RestorePoint& m, std::str
                     .base_seq = m.base_seq(),
                     .image_size = m.image_size(),
                     .snap_time_ns = m.source_time_ns(),
-                    .source_site = m.source_site()};
+                    .source_site = m.source_site(),
+                    .group = m.group(),
+                    .group_members = m.group_members()};
   p.created_time_ns = m.created_time_ns();
   p.pool = m.pool();
   p.image = m.image();
@@ -257,11 +273,30 @@ std::optional<uint64_t> ParseSnapName(std::string_view snap) {
 
 Status Catalog::AddPoint(const RestorePoint& p) {
   RETURN_IF_ERROR(ValidateVolumeId(p.epoch.volume));
-  return kv_.Commit({{PointKey(p.epoch.volume, p.epoch.seq), EncodeRestorePoint(p)}}, {});
+  if (p.epoch.group.empty()) {
+    return kv_.Commit({{PointKey(p.epoch.volume, p.epoch.seq), EncodeRestorePoint(p)}}, {});
+  }
+  RETURN_IF_ERROR(ValidateVolumeId(p.epoch.group).Annotate("group name"));
+  RETURN_IF_ERROR(
+      kv_.Commit({{PointKey(p.epoch.volume, p.epoch.seq), EncodeRestorePoint(p)},
+                  {catalog_internal::GroupMemberKey(p.epoch.group, p.epoch.seq, p.epoch.volume),
+                   EncodeRestorePoint(p)}},
+                 {}));
+  return CompleteGroupPoint(p.epoch.group, p.epoch.seq, p.epoch.group_members);
 }
 
 Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
-  return kv_.Commit({}, {PointKey(volume, seq), VerifiedKey(volume, seq)});
+  const std::string key = PointKey(volume, seq);
+  std::vector<std::string> remove = {key, VerifiedKey(volume, seq)};
+  // A group member's point takes its group point with it: the group can no
+  // longer be restored at that instant.
+  if (auto v = kv_.Get(key); v.ok()) {
+    if (auto p = DecodeRestorePoint(*v, key); p.ok() && !p->epoch.group.empty()) {
+      remove.push_back(catalog_internal::GroupMemberKey(p->epoch.group, seq, volume));
+      remove.push_back(catalog_internal::GroupPointKey(p->epoch.group, seq));
+    }
+  }
+  return kv_.Commit({}, remove);
 }
 
 Status Catalog::AddHold(std::string_view volume, uint64_t seq, std::string_view image) {

@@ -6,6 +6,8 @@
 // Keys:   point/<volume>/<seq, 20 digits>  ->  EncodeRestorePoint(...)
 //         owner/<pool>/<image>             ->  volume id
 //         instance/sink                    ->  EncodeSinkInstance(...)
+//         groupmember/<group>/<seq>/<volume> -> the member's point (as point/)
+//         grouppoint/<group>/<seq>         ->  pb::GroupPoint
 // Values: [u8 version=1][protobuf RestorePoint][u64 XXH3-64 of the bytes
 //         before it, little-endian]. A value that fails its checksum is
 //         reported as kDataLoss naming its key, never silently skipped.
@@ -65,6 +67,16 @@ struct RestorePoint {
   friend bool operator==(const RestorePoint&, const RestorePoint&) = default;
 };
 
+// A consistency group's restore point: every member volume has its point
+// of the group's instant `seq` (all taken at once at the source).
+struct GroupPoint {
+  std::string group;
+  uint64_t seq = 0;
+  int64_t source_time_ns = 0;        // the latest of the members' snapshot times
+  std::vector<std::string> volumes;  // sorted
+  friend bool operator==(const GroupPoint&, const GroupPoint&) = default;
+};
+
 // The point as protobuf: the body of its catalog record, and what the
 // control socket reports.
 void RestorePointToProto(const RestorePoint& p, pb::RestorePoint* m);
@@ -110,9 +122,21 @@ class Catalog {
  public:
   explicit Catalog(KvStore& kv) : kv_(kv) {}
 
+  // A point of a group's instant (p.epoch.group) is also recorded as a
+  // member of it, and once every member of the instant (group_members) has
+  // its point, the group point is recorded in one write: it exists only
+  // whole.
   Status AddPoint(const RestorePoint& p);
-  // Also forgets the point's verification.
+  // Also forgets the point's verification, and the group point of its
+  // instant (no longer whole).
   Status RemovePoint(std::string_view volume, uint64_t seq);
+
+  // The group points of `group`, oldest first.
+  StatusOr<std::vector<GroupPoint>> GroupPoints(std::string_view group);
+  // kNotFound "group G has no restore point N" if absent.
+  StatusOr<GroupPoint> GetGroupPoint(std::string_view group, uint64_t seq);
+  // Every group with at least one group point.
+  StatusOr<std::vector<std::string>> Groups();
   // Records the last verify of point `seq` (which must exist: kNotFound).
   Status SetVerification(std::string_view volume, uint64_t seq, const PointVerification& v);
   // Point `seq` (which must exist: kNotFound) is held by `image` (a drill's
@@ -171,6 +195,10 @@ class Catalog {
                              const SinkInstance& self);
 
  private:
+  // Records group point `seq` of `group` if `members` member points of it
+  // exist (catalog_group.cc).
+  Status CompleteGroupPoint(std::string_view group, uint64_t seq, uint32_t members);
+
   KvStore& kv_;
 };
 

@@ -11,6 +11,8 @@
 //   cairn failback VOLUME [--timeout SECONDS]
 //   cairn verify VOLUME [POINT] [--repair] [--timeout SECONDS]
 //   cairn drill start VOLUME [POINT] [--to IMAGE] / drill stop VOLUME [--image IMAGE]
+//   cairn group status [GROUP] / points GROUP / replicate GROUP [--wait]
+//   cairn group restore GROUP [POINT] [--suffix S] [--full] [--force]
 //
 // Exit codes: engine/cli/cli.h.
 #include <fmt/format.h>
@@ -126,6 +128,7 @@ struct Commands {
   CLI::App* failback;
   CLI::App* verify;
   cairn::cli::Drill drill;
+  cairn::cli::Group group;
 };
 
 Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
@@ -203,6 +206,7 @@ Commands DefineCommands(CLI::App& app, Cli& cli, Args& args) {
                      "on a mismatch, make a new point sending only the blocks that differ");
   c.verify->add_option("--timeout", args.timeout, "seconds to wait for the verify (and repair)");
   cairn::cli::DefineDrill(app, c.drill);
+  cairn::cli::DefineGroup(app, c.group);
   return c;
 }
 
@@ -517,6 +521,7 @@ int main(int argc, char** argv) {
   if (*c.failover) return RunFailover(cli, args);
   if (*c.failback) return RunFailback(cli, args);
   if (auto drilled = cairn::cli::RunDrill(cli, c.drill)) return *drilled;
+  if (auto grouped = cairn::cli::RunGroup(cli, c.group)) return *grouped;
   if (*c.verify) {
     const auto seq = ParsePoint(args.promote_point, args.volume);
     if (!seq.ok()) return cli.Fail(seq.status());

@@ -55,6 +55,24 @@ void DefineDrill(CLI::App& app, Drill& d);
 // Runs the drill subcommand given, if one was; nullopt if none.
 std::optional<int> RunDrill(const Cli& cli, const Drill& d);
 
+// cairn group status|points|replicate|restore (cairn_group.cc).
+struct Group {
+  CLI::App* status = nullptr;
+  CLI::App* points = nullptr;
+  CLI::App* replicate = nullptr;
+  CLI::App* restore = nullptr;
+  std::string group;
+  std::string point = "latest";
+  std::string suffix;
+  bool full = false;
+  bool force = false;
+  bool wait = false;
+  double timeout = 300;
+};
+void DefineGroup(CLI::App& app, Group& g);
+// Runs the group subcommand given, if one was; nullopt if none.
+std::optional<int> RunGroup(const Cli& cli, const Group& g);
+
 // A volume's verify as `cairn status --json` shows it (null: none).
 nlohmann::json VerifyJson(const pb::VerifyStatus& v);
 

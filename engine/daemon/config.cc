@@ -328,6 +328,10 @@ StatusOr<VolumeConfig> ReadVolume(SectionReader& r, std::string_view origin,
         fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
   }
   RETURN_IF_ERROR(r.Size32("window", 1, 256, &v.window));
+  RETURN_IF_ERROR(r.String("group", &v.group));
+  if (Status st = v.group.empty() ? OkStatus() : ValidateVolumeId(v.group); !st.ok()) {
+    return r.Error("group", std::string(st.message()));
+  }
   return v;
 }
 
@@ -335,6 +339,16 @@ StatusOr<VolumeConfig> ReadVolume(SectionReader& r, std::string_view origin,
 Status CheckVolumeIsNew(const VolumeConfig& v, const std::vector<VolumeConfig>& volumes,
                         std::string_view origin) {
   for (const auto& other : volumes) {
+    if (!v.group.empty() && other.group == v.group &&
+        (other.pool != v.pool || other.target_pool != v.target_pool ||
+         other.peer_host != v.peer_host || other.peer_port != v.peer_port)) {
+      return InvalidArgument(fmt::format(
+          "{}: volumes '{}' and '{}' are both in group {}, but not in one pool at both sites "
+          "to one peer ({} -> {}/{}:{}, {} -> {}/{}:{}): a group's points are recorded in one "
+          "catalog",
+          origin, other.id, v.id, v.group, other.pool, other.target_pool, other.peer_host,
+          other.peer_port, v.pool, v.target_pool, v.peer_host, v.peer_port));
+    }
     if (other.id == v.id) {
       return InvalidArgument(fmt::format("{}: volume '{}' is defined twice", origin, v.id));
     }

@@ -11,7 +11,7 @@
 //                       outage_snapshots (volumes registered at run time)
 //   [volume NAME]       pool; image; peer = HOST:PORT; target_pool; target_image;
 //                       interval = 5s; keep_snapshots = 0; outage_snapshots = 1;
-//                       block_size = 4M; window = 4; peer_name
+//                       block_size = 4M; window = 4; peer_name; group
 //   [tls]               ca = PATH; cert = PATH; key = PATH; insecure = false
 //   [peer NAME]         site = a; pools = rbd; volumes = * (a sink's grant to
 //                       the source whose certificate carries NAME)

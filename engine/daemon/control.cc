@@ -174,6 +174,57 @@ Status AnswerFailback(ControlService& service, const pb::FailbackRequest& q,
   return OkStatus();
 }
 
+void FillGroupPoint(const GroupPoint& g, pb::GroupPoint* m) {
+  m->set_group(g.group);
+  m->set_seq(g.seq);
+  m->set_source_time_ns(g.source_time_ns);
+  for (const auto& v : g.volumes) m->add_volumes(v);
+}
+
+void FillGroupStatus(const GroupStatusInfo& g, pb::GroupStatus* m) {
+  m->set_group(g.group);
+  m->set_pool(g.pool);
+  for (const auto& v : g.volumes) m->add_volumes(v);
+  m->set_instant_seq(g.instant_seq);
+  m->set_instant_time_ns(g.instant_time_ns);
+  m->set_last_seq(g.last_seq);
+  m->set_instants_total(g.instants_total);
+  m->set_error(g.error);
+  for (const auto& v : g.waiting_for) m->add_waiting_for(v);
+}
+
+Status AnswerGroup(ControlService& service, const pb::GroupRequest& q, pb::ControlReply& reply) {
+  auto* m = reply.mutable_group();
+  switch (q.action()) {
+    case pb::GroupRequest::STATUS: {
+      ASSIGN_OR_RETURN(const auto groups, service.GroupStatus(q.group()));
+      for (const auto& g : groups) FillGroupStatus(g, m->add_status());
+      return OkStatus();
+    }
+    case pb::GroupRequest::POINTS: {
+      ASSIGN_OR_RETURN(const auto points, service.GroupPoints(q.group()));
+      for (const auto& g : points) FillGroupPoint(g, m->add_points());
+      return OkStatus();
+    }
+    case pb::GroupRequest::REPLICATE: {
+      ASSIGN_OR_RETURN(const uint64_t seq, service.ReplicateGroup(q.group()));
+      m->set_seq(seq);
+      return OkStatus();
+    }
+    case pb::GroupRequest::RESTORE: {
+      ASSIGN_OR_RETURN(const auto restored,
+                       service.RestoreGroup(q.group(), q.seq(), q.suffix(), q.full(), q.force()));
+      for (const auto& r : restored) {
+        m->add_images(r.pool + "/" + r.image);
+        m->set_seq(r.point.epoch.seq);
+      }
+      return OkStatus();
+    }
+    default:
+      return InvalidArgument("group request names no action (status, points, replicate, restore)");
+  }
+}
+
 Status Answer(ControlService& service, const pb::ControlRequest& req, pb::ControlReply& reply) {
   switch (req.request_case()) {
     case pb::ControlRequest::kStatus:
@@ -200,12 +251,15 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
       return AnswerVerify(service, req.verify(), reply);
     case pb::ControlRequest::kDrill:
       return AnswerDrill(service, req.drill(), reply);
+    case pb::ControlRequest::kGroup:
+      return AnswerGroup(service, req.group(), reply);
     case pb::ControlRequest::REQUEST_NOT_SET:
       break;
   }
   return InvalidArgument(
       "control request names no operation (status, points, restore, replicate, "
-      "register_volume, unregister_volume, promote, release, resolve, failback, verify, drill)");
+      "register_volume, unregister_volume, promote, release, resolve, failback, verify, drill, "
+      "group)");
 }
 
 // What a changing request is called and the volume it names; nullopt for
@@ -232,6 +286,12 @@ std::optional<std::pair<std::string_view, std::string>> Change(const pb::Control
       return std::make_pair("verify", req.verify().volume());
     case pb::ControlRequest::kDrill:
       return std::make_pair("drill", req.drill().volume());
+    case pb::ControlRequest::kGroup:
+      if (req.group().action() == pb::GroupRequest::STATUS ||
+          req.group().action() == pb::GroupRequest::POINTS) {
+        return std::nullopt;
+      }
+      return std::make_pair("group", req.group().group());
     default:
       return std::nullopt;
   }

@@ -15,6 +15,7 @@
 #include "engine/catalog/catalog.h"
 #include "engine/format/frame.h"
 #include "engine/link/link.h"
+#include "engine/replication/group_source.h"
 #include "engine/replication/replication.h"
 #include "engine/replication/sink.h"
 
@@ -76,6 +77,15 @@ class ControlService {
     uint64_t copied_bytes = 0;
   };
   virtual StatusOr<FailedBack> Failback(const std::string& volume, uint64_t seq) = 0;
+  // Consistency groups (GroupRequest): the source's groups ("" = all),
+  // an instant now, and at the standby the group points and a restore of
+  // one (Sink::GroupPoints, RestoreGroup).
+  virtual StatusOr<std::vector<GroupStatusInfo>> GroupStatus(const std::string& group) = 0;
+  virtual StatusOr<uint64_t> ReplicateGroup(const std::string& group) = 0;
+  virtual StatusOr<std::vector<GroupPoint>> GroupPoints(const std::string& group) = 0;
+  virtual StatusOr<std::vector<RestoreResult>> RestoreGroup(const std::string& group, uint64_t seq,
+                                                            const std::string& suffix, bool full,
+                                                            bool force) = 0;
 };
 
 // Who sent a control request, and what they may do: every caller may read

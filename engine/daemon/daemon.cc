@@ -133,11 +133,7 @@ Status Daemon::Start() {
                  sc.spool_dir);
   }
 
-  for (const auto& v : config_.volumes) {
-    ASSIGN_OR_RETURN(auto src, StartSource(v));
-    std::lock_guard lock(sources_mu_);
-    sources_.push_back(std::move(src));
-  }
+  RETURN_IF_ERROR(StartVolumes());
   RETURN_IF_ERROR(StartRegistered());
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(config_.control_socket).parent_path(),
@@ -204,10 +200,13 @@ void Daemon::Stop() {
     fence_watch_.join();
   }
   std::vector<std::shared_ptr<SourceReplicator>> sources;
+  std::vector<std::shared_ptr<GroupSource>> groups;
   {
     std::lock_guard lock(sources_mu_);
     sources.swap(sources_);
+    groups.swap(groups_);
   }
+  for (auto& g : groups) g->Stop();  // no instant is taken from now on
   // All at once: each ends what it is doing (a read window, a snapshot)
   // while the others do the same.
   for (auto& s : sources) s->RequestStop();

@@ -76,6 +76,12 @@ class Daemon final : public ControlService {
   StatusOr<std::string> Release(const std::string& volume) override;
   StatusOr<Resolved> Resolve(const std::string& volume, const std::string& keep_site) override;
   StatusOr<FailedBack> Failback(const std::string& volume, uint64_t seq) override;
+  StatusOr<std::vector<GroupStatusInfo>> GroupStatus(const std::string& group) override;
+  StatusOr<uint64_t> ReplicateGroup(const std::string& group) override;
+  StatusOr<std::vector<GroupPoint>> GroupPoints(const std::string& group) override;
+  StatusOr<std::vector<RestoreResult>> RestoreGroup(const std::string& group, uint64_t seq,
+                                                    const std::string& suffix, bool full,
+                                                    bool force) override;
 
  private:
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
@@ -117,6 +123,12 @@ class Daemon final : public ControlService {
   void ReleaseSinkLocks();
   // A started replicator of `v`; the caller adds it to sources_.
   StatusOr<std::shared_ptr<SourceReplicator>> StartSource(const VolumeConfig& v);
+  // The same, not started yet.
+  StatusOr<std::shared_ptr<SourceReplicator>> MakeSource(const VolumeConfig& v);
+  // Starts the replicators of the [volume] sections, and the consistency
+  // groups of those that name one (daemon_group.cc).
+  Status StartVolumes();
+  std::shared_ptr<GroupSource> FindGroup(const std::string& group);
   // The replicator of `volume`, or null. Takes sources_mu_ only to look.
   std::shared_ptr<SourceReplicator> FindSource(const std::string& volume);
   // The [source] settings applied to a registration.
@@ -146,8 +158,9 @@ class Daemon final : public ControlService {
   std::mutex register_mu_;
   std::mutex sources_mu_;  // guards sources_ and registered_
   std::vector<std::shared_ptr<SourceReplicator>> sources_;
-  std::map<std::string, Registration> registered_;  // by volume id
-  SinkInstance sink_instance_;                      // this sink, as recorded in the catalogs
+  std::vector<std::shared_ptr<GroupSource>> groups_;  // guarded by sources_mu_
+  std::map<std::string, Registration> registered_;    // by volume id
+  SinkInstance sink_instance_;                        // this sink, as recorded in the catalogs
   std::map<std::string, std::unique_ptr<SinkLock>> sink_locks_;  // by pool
   std::thread fence_watch_;
   std::mutex fence_mu_;

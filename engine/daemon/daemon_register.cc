@@ -13,6 +13,14 @@
 namespace cairn {
 
 StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConfig& v) {
+  ASSIGN_OR_RETURN(auto src, MakeSource(v));
+  src->Start();
+  spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
+               v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
+  return src;
+}
+
+StatusOr<std::shared_ptr<SourceReplicator>> Daemon::MakeSource(const VolumeConfig& v) {
   ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
   const LinkOptions lo = LinkTo(v, std::chrono::seconds(120));
   auto src = std::make_shared<SourceReplicator>(
@@ -24,9 +32,6 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::StartSource(const VolumeConf
     // Only a sink of this site can write the image (failed over elsewhere).
     src->set_stand_down([this, v]() { return StandDownReason(v); });
   }
-  src->Start();
-  spdlog::info("volume {}: replicating {}/{} to {}:{} as {}/{} every {} ms", v.id, v.pool, v.image,
-               v.peer_host, v.peer_port, v.target_pool, v.target_image, v.interval.count());
   return src;
 }
 

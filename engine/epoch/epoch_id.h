@@ -16,6 +16,10 @@ struct EpochId {
   uint64_t image_size = 0;   // of the source snapshot
   int64_t snap_time_ns = 0;  // unix ns: when the source snapshot was taken
   std::string source_site;   // the site whose cairnd sent it
+  // A consistency group's instant (snapshot `seq` of `group_members`
+  // volumes at once), or "" for a volume on its own.
+  std::string group;
+  uint32_t group_members = 0;
   friend bool operator==(const EpochId&, const EpochId&) = default;
 };
 

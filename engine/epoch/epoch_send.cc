@@ -372,6 +372,8 @@ StatusOr<EpochSummary> SendEpoch(Volume& vol, const EpochPlan& plan, const SendO
   begin.set_max_block(options.block_size);
   begin.set_source_site(plan.id.source_site);
   begin.set_resume_from(plan.skip_records);
+  begin.set_group(plan.id.group);
+  begin.set_group_members(plan.id.group_members);
 
   if (plan.to_snap_id == 0 || (!plan.from_snap.empty() && plan.from_snap_id == 0)) {
     return InvalidArgument(

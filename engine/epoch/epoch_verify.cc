@@ -113,6 +113,10 @@ StatusOr<EpochVerifier::Step> EpochVerifier::CheckBegin(const Frame& f) {
   if (b.seq() <= b.base_seq()) {
     return DataLoss(fmt::format("epoch {} does not follow its base {}", b.seq(), b.base_seq()));
   }
+  if (b.group().empty() != (b.group_members() == 0)) {
+    return DataLoss(fmt::format("epoch {} names group '{}' of {} members", b.seq(), b.group(),
+                                b.group_members()));
+  }
   if (b.max_block() == 0 || b.max_block() > kMaxPayload) {
     return DataLoss(fmt::format("epoch {} announces blocks of {} bytes", b.seq(), b.max_block()));
   }
@@ -123,7 +127,9 @@ StatusOr<EpochVerifier::Step> EpochVerifier::CheckBegin(const Frame& f) {
                         .base_seq = b.base_seq(),
                         .image_size = b.image_size(),
                         .snap_time_ns = b.snap_time_ns(),
-                        .source_site = b.source_site()};
+                        .source_site = b.source_site(),
+                        .group = b.group(),
+                        .group_members = b.group_members()};
   summary_.prev_chain = prev_chain_;
   summary_.max_block = b.max_block();
   summary_.resume_from = b.resume_from();

@@ -153,6 +153,16 @@ class Sink {
   StatusOr<RestoreResult> Restore(const std::string& volume, uint64_t seq,
                                   const std::string& to_image, bool full,
                                   const ProgressFn& progress, bool force = false);
+  // Consistency groups (sink_group.cc). The group points of `group`,
+  // oldest first (from whichever served pool holds them).
+  StatusOr<std::vector<GroupPoint>> GroupPoints(const std::string& group);
+  // Restores every member of group point `seq` (0: the newest) at once:
+  // member M's point into <M's standby image>-<suffix> (suffix "" =
+  // "restore-<seq>"). All or nothing: if one member cannot be restored,
+  // those restored are removed and the error returned.
+  StatusOr<std::vector<RestoreResult>> RestoreGroup(const std::string& group, uint64_t seq,
+                                                    const std::string& suffix, bool full,
+                                                    bool force);
   // A non-disruptive drill (sink_drill.cc): clones restore point `seq` (0:
   // the newest) of `volume` into `to_image` ("" = <standby image>-drill-<seq>)
   // while replication goes on, and holds the point against retention
@@ -317,6 +327,12 @@ class Sink {
   // never a listed point without its data. Best effort: a failure is
   // logged, the new point stands.
   void PrunePoints(Target& t, Volume& vol);
+  // Adds to `keep` the points of `t` (`points`, oldest first) that its
+  // consistency group still needs: those of the group's newest whole
+  // instant and newer (all of the group's if it has none, or it cannot be
+  // read).
+  void KeepGroupPoints(Target& t, const std::vector<RestorePoint>& points,
+                       std::set<uint64_t>* keep);
   // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
   void PruneCommitted(Target& t);
   Status RecoverSpool(Target& t);

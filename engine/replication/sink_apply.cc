@@ -223,6 +223,24 @@ void Sink::PruneCommitted(Target& t) {
   if (auto vol = std::move(t.committed)) PrunePoints(t, *vol);
 }
 
+void Sink::KeepGroupPoints(Target& t, const std::vector<RestorePoint>& points,
+                           std::set<uint64_t>* keep) {
+  // A group member's point of the group's newest whole instant stays, and
+  // its newer ones (the other members may still be making theirs): the
+  // group must not lose its newest point while it makes the next.
+  const std::string& group = points.back().epoch.group;
+  if (group.empty()) return;
+  auto whole = t.catalog->GroupPoints(group);
+  if (!whole.ok()) {
+    spdlog::warn("volume {}: retention: the points of group {}: {}", t.volume, group,
+                 whole.status().message());
+  }
+  const uint64_t from = whole.ok() && !whole->empty() ? whole->back().seq : 0;
+  for (const auto& p : points) {
+    if (p.epoch.group == group && p.epoch.seq >= from) keep->insert(p.epoch.seq);
+  }
+}
+
 void Sink::PrunePoints(Target& t, Volume& vol) {
   auto points = t.catalog->Points(t.volume);
   if (!points.ok()) {
@@ -237,6 +255,7 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   for (const auto& p : *points) {
     if (!p.held_by.empty()) keep.insert(p.epoch.seq);
   }
+  KeepGroupPoints(t, *points, &keep);
   std::vector<uint64_t> dropped;
   for (const auto& p : *points) {
     if (keep.count(p.epoch.seq)) continue;

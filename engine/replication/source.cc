@@ -108,7 +108,15 @@ StatusOr<bool> SourceReplicator::StandingDown() {
   return false;
 }
 
+void SourceReplicator::ShipInstant(uint64_t seq) {
+  std::lock_guard lock(mu_);
+  wanted_seq_ = std::max(wanted_seq_, seq);
+  cv_.notify_all();
+}
+
 StatusOr<uint64_t> SourceReplicator::RequestNow() {
+  // A group member's points are the group's instants.
+  if (member()) return group_.request_now();
   ASSIGN_OR_RETURN(const bool standing_down, StandingDown());
   if (standing_down) {
     return FailedPrecondition(fmt::format(
@@ -269,7 +277,7 @@ void SourceReplicator::ConnectFirst(Schedule& s) {
 }
 
 Clock::TimePoint SourceReplicator::WakeAt(const Schedule& s, Clock::TimePoint now, bool due) const {
-  const bool periodic = config_.interval.count() > 0;
+  const bool periodic = config_.interval.count() > 0 && !member();
   if (now < s.retry_at) {
     auto wake = due || !periodic ? s.retry_at : std::max(s.next, s.retry_at);
     if (s.outage && periodic) wake = std::min(wake, s.next);
@@ -291,7 +299,9 @@ Clock::TimePoint SourceReplicator::NextIdleCheck() const {
 }
 
 void SourceReplicator::Loop() {
-  const bool periodic = config_.interval.count() > 0;
+  // A group member ships the instants its group takes, on no schedule of
+  // its own.
+  const bool periodic = config_.interval.count() > 0 && !member();
   Schedule s;
   s.next = s.retry_at = clock_->Now();
   ConnectFirst(s);
@@ -358,7 +368,7 @@ void SourceReplicator::Loop() {
 }
 
 void SourceReplicator::RunScheduledEpoch(Schedule& s, std::unique_lock<std::mutex>& lock) {
-  const bool periodic = config_.interval.count() > 0;
+  const bool periodic = config_.interval.count() > 0 && !member();
   lock.unlock();
   const auto started = clock_->Now();
   // The next snapshot is due an interval after this epoch's: taken at its

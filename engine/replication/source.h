@@ -87,6 +87,28 @@ class SourceReplicator {
   using StandDownFn = std::function<StatusOr<std::string>()>;
   void set_stand_down(StandDownFn fn) { stand_down_ = std::move(fn); }
 
+  // A member of a consistency group (GroupSource, group_source.h): the
+  // group takes this image's snapshots, all members at one instant, and
+  // tells it which to ship (ShipInstant); it takes none of its own. An
+  // instant's snapshot is read from the group snapshot (GroupSnapName of
+  // cairn.<seq>); the image's own cairn.<seq>, taken just before it, is
+  // only the base the next epoch diffs from. Before Start.
+  struct GroupMembership {
+    std::string group;  // the store's group of this image (RBD group)
+    // How many volumes instant `seq` took (the sink counts the members'
+    // points against it).
+    std::function<uint32_t(uint64_t seq)> members_at;
+    // The group's RequestNow (a member's is the group's).
+    std::function<StatusOr<uint64_t>()> request_now;
+    // This volume's point of instant `seq` is made.
+    std::function<void(uint64_t seq)> on_point;
+  };
+  void set_group(GroupMembership g) { group_ = std::move(g); }
+  const std::string& group() const { return group_.group; }
+  // The group took instant `seq` (this image's cairn.<seq> and its group
+  // snapshot): ship it.
+  void ShipInstant(uint64_t seq);
+
   void Start();
   // Tells the replicator to stop (its link is closed at once) and returns;
   // Stop() then waits for it. A daemon stops all its volumes in parallel.
@@ -177,6 +199,9 @@ class SourceReplicator {
     EpochPlan plan;
     SnapInfo to;
     std::map<uint64_t, SnapInfo> ours;
+    // A group member's: the group snapshots of its instants, by seq (an
+    // instant's point is read from there, and its time is the point's).
+    std::map<uint64_t, SnapInfo> instants;
     bool repair = false;  // compared by digests with the sink's point (RequestRepair)
   };
   StatusOr<EpochStart> PlanEpoch(Volume& vol);
@@ -189,6 +214,18 @@ class SourceReplicator {
   // The snapshot the next epoch ships: the oldest one the sink does not
   // have yet, or a new one taken now.
   StatusOr<SnapInfo> SnapshotToShip(const std::map<uint64_t, SnapInfo>& ours);
+  // A group member's: the oldest instant the sink does not have yet (its
+  // group snapshot). None: kFailedPrecondition (the group takes them).
+  StatusOr<SnapInfo> InstantToShip(const EpochStart& e) const;
+  // The snapshots of the image as a group member sees them: its instants
+  // into e->instants, and from e->ours the cairn.<N> newer than the sink's
+  // point that no group snapshot completes (an instant whose group
+  // snapshot failed: never shipped).
+  void SortInstants(const std::vector<SnapInfo>& snaps, EpochStart* e) const;
+  // The snapshot point `seq` was read from: cairn.<seq>, or for a group
+  // member its instant's group snapshot.
+  std::string PointSnapName(uint64_t seq) const;
+  bool member() const { return !group_.group.empty(); }
   // The read window out of the daemon's memory budget (into opt->window):
   // at least one block, as much of the configured window as is free, never
   // more than an image of `image_size` holds. None without a budget;
@@ -290,6 +327,7 @@ class SourceReplicator {
   std::shared_ptr<MemoryBudget> budget_;
   BasePointFn base_point_;
   StandDownFn stand_down_;
+  GroupMembership group_;
   std::atomic<uint64_t> epoch_sent_bytes_{0};  // of the epoch being sent (Report)
   int64_t sink_point_time_ns_ = 0;             // when the sink's newest point's snapshot was taken
   std::atomic<uint64_t> pinned_seq_{0};        // base point's cairn.<seq>: never pruned

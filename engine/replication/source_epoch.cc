@@ -47,6 +47,32 @@ StatusOr<SnapInfo> SourceReplicator::SnapshotToShip(const std::map<uint64_t, Sna
   return *it;
 }
 
+StatusOr<SnapInfo> SourceReplicator::InstantToShip(const EpochStart& e) const {
+  auto pending = e.ours.upper_bound(sink_seq_);
+  if (pending == e.ours.end()) {
+    return FailedPrecondition(
+        fmt::format("volume {}: group {} has taken no instant after restore point {} yet",
+                    config_.id, group_.group, sink_seq_));
+  }
+  return e.instants.at(pending->first);
+}
+
+void SourceReplicator::SortInstants(const std::vector<SnapInfo>& snaps, EpochStart* e) const {
+  for (const auto& s : snaps) {
+    if (!IsGroupSnapName(s.name)) continue;
+    if (auto seq = ParseSnapName(std::string_view(s.name).substr(kGroupSnapPrefix.size()))) {
+      e->instants[*seq] = s;
+    }
+  }
+  std::erase_if(e->ours, [&](const auto& kv) {
+    return kv.first > sink_seq_ && !e->instants.contains(kv.first);
+  });
+}
+
+std::string SourceReplicator::PointSnapName(uint64_t seq) const {
+  return member() ? GroupSnapName(SnapName(seq)) : SnapName(seq);
+}
+
 bool SourceReplicator::DecideResync(EpochStart& e) {
   // The base of the next epoch is gone (the image was recreated, or its
   // snapshot removed by hand), or the snapshot of that name is of another
@@ -56,9 +82,17 @@ bool SourceReplicator::DecideResync(EpochStart& e) {
   // (The base point this source named in its Hello was checked by the sink
   // itself, against its own snapshot: the two were taken at two times.)
   auto base = e.ours.find(sink_seq_);
-  const bool other = base != e.ours.end() && sink_point_time_ns_ != 0 &&
+  // A group member's point was read from its instant's group snapshot:
+  // that is the one whose time the sink's point carries.
+  const SnapInfo* read = nullptr;
+  if (member()) {
+    if (auto i = e.instants.find(sink_seq_); i != e.instants.end()) read = &i->second;
+  } else if (base != e.ours.end()) {
+    read = &base->second;
+  }
+  const bool other = base != e.ours.end() && read && sink_point_time_ns_ != 0 &&
                      sink_seq_ != pinned_seq_.load(std::memory_order_relaxed) &&
-                     base->second.time_ns != sink_point_time_ns_;
+                     read->time_ns != sink_point_time_ns_;
   {
     std::lock_guard lock(mu_);
     // A repair compares with the sink's point by digests, even though the
@@ -108,9 +142,17 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
   for (auto& s : snaps) {
     if (auto seq = ParseSnapName(s.name)) e.ours[*seq] = s;
   }
+  if (member()) SortInstants(snaps, &e);
   const bool resync = DecideResync(e);
-  ASSIGN_OR_RETURN(e.to, SnapshotToShip(e.ours));
-  const uint64_t seq = ParseSnapName(e.to.name).value();
+  if (member()) {
+    ASSIGN_OR_RETURN(e.to, InstantToShip(e));
+  } else {
+    ASSIGN_OR_RETURN(e.to, SnapshotToShip(e.ours));
+  }
+  const uint64_t seq =
+      ParseSnapName(member() ? std::string_view(e.to.name).substr(kGroupSnapPrefix.size())
+                             : std::string_view(e.to.name))
+          .value();
   {
     std::lock_guard lock(mu_);
     highest_snap_ =
@@ -131,6 +173,10 @@ StatusOr<SourceReplicator::EpochStart> SourceReplicator::PlanEpoch(Volume& vol) 
   plan.id.snap_time_ns = e.to.time_ns;
   plan.prev_chain = sink_chain_;
   plan.id.source_site = site_;
+  if (member()) {
+    plan.id.group = group_.group;
+    plan.id.group_members = group_.members_at(seq);
+  }
   // After a cut the sink keeps what it verified and made durable: send the
   // rest only. (The same snapshots and options rebuild the same records; if
   // they did not, the sink's verifier refuses and the epoch starts over.)
@@ -335,12 +381,15 @@ StatusOr<EpochSummary> SourceReplicator::ShipEpoch(Volume& vol) {
   // helper thread does both beside the epoch (TakeAhead): the older
   // snapshots go while it is sent, the next epoch's snapshot is taken while
   // the sink finishes, and ships as pending right after this one.
-  AheadThread ahead(*this, seq, start.to, start.ours.empty() || start.ours.rbegin()->first <= seq,
+  // A group member takes no snapshot of its own: the group does.
+  AheadThread ahead(*this, seq, start.to,
+                    !member() && (start.ours.empty() || start.ours.rbegin()->first <= seq),
                     prune_deferred_ ? sink_seq_ : 0);
   ASSIGN_OR_RETURN(const EpochSummary sum, SendAndAwaitAcks(vol, start, opt, ahead, &times));
   // The point is made: said at once, not after the helper.
   times.total = clock_->SecondsSince(times.begun);
   RecordPoint(start, sum, times.total);
+  if (group_.on_point) group_.on_point(seq);
   ahead.PointMade();
   const Ahead& took = ahead.result();
   if (took.took) {

@@ -90,7 +90,7 @@ void SourceReplicator::RunVerify(uint64_t seq, bool repair) {
 Status SourceReplicator::Verify(uint64_t seq) {
   ASSIGN_OR_RETURN(auto vol, pool_->Open(config_.image));
   ASSIGN_OR_RETURN(const auto snaps, vol->ListSnaps());
-  const std::string name = SnapName(seq);
+  const std::string name = PointSnapName(seq);
   auto it =
       std::find_if(snaps.begin(), snaps.end(), [&](const SnapInfo& s) { return s.name == name; });
   if (it == snaps.end()) {

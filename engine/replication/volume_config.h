@@ -35,6 +35,9 @@ struct VolumeConfig {
   // The source's read memory for an epoch: window x block_size (see
   // kDefaultReadWindow).
   uint32_t window = kDefaultReadWindow;
+  // A member of this consistency group (the RBD group of `pool` at the
+  // source, GroupSource): its points are the group's instants. "": none.
+  std::string group;
 };
 
 }  // namespace cairn

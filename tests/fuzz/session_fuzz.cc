@@ -85,14 +85,14 @@ std::string SeedScript() {
   SendOptions opt;
   opt.block_size = 64 * 1024;
   EpochPlan plan;
-  plan.id = EpochId{"vol", 1, 0, kImageSize, 1, "a"};
+  plan.id = EpochId{"vol", 1, 0, kImageSize, 1, "a", "", 0};
   plan.to_snap = "cairn.1";
   plan.to_snap_id = (*vol->ListSnaps())[0].id;
   auto first = SendEpoch(*vol, plan, opt, out);
   write(4096, 'c');
   (void)vol->CreateSnap("cairn.2");
   EpochPlan next;
-  next.id = EpochId{"vol", 2, 1, kImageSize, 2, "a"};
+  next.id = EpochId{"vol", 2, 1, kImageSize, 2, "a", "", 0};
   next.from_snap = "cairn.1";
   next.from_snap_id = plan.to_snap_id;
   next.to_snap = "cairn.2";

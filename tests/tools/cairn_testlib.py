@@ -174,15 +174,28 @@ class Site:
         with rbd.Image(self.ioctx, name, read_only=True) as img:
             return [s["name"] for s in img.list_snaps()]
 
-    def digest(self, name, snap=None):
+    def group_snap_id(self, name, group_snap):
+        """The id of image NAME's share of group snapshot GROUP_SNAP (its
+        name in the group namespace is librbd's own, not GROUP_SNAP)."""
+        with rbd.Image(self.ioctx, name, read_only=True) as img:
+            for s in img.list_snaps():
+                if s.get("namespace") == rbd.RBD_SNAP_NAMESPACE_TYPE_GROUP and \
+                        s["group"]["snap_name"] == group_snap:
+                    return s["id"]
+        raise KeyError(f"{name} has no share of group snapshot {group_snap}")
+
+    def digest(self, name, snap=None, snap_id=None):
         """Content hash of the whole image (holes read as zeros) and its size.
 
         Equal digests <=> equal sizes and equal bytes everywhere. Sparse-aware:
         the allocated extents (from diff_iterate, parents included) are read in
         64 KiB blocks and every block that is not all zeros enters the hash with
         its offset; holes and zero blocks contribute nothing on either side, so
-        a 10 GiB sparse image hashes in the time of its data."""
+        a 10 GiB sparse image hashes in the time of its data. snap_id: a
+        snapshot by id (a group snapshot's share, which has no usable name)."""
         with rbd.Image(self.ioctx, name, snapshot=snap, read_only=True) as img:
+            if snap_id is not None:
+                img.set_snap_by_id(snap_id)
             size = img.size()
             blocks = set()
 

@@ -106,6 +106,22 @@ TEST(Config, ErrorsNameWhatIsWrong) {
               HasSubstr("too long"));
 }
 
+TEST(Config, GroupMembersShareOnePoolAndPeer) {
+  auto c = ParseConfig(
+      "[tls]\ninsecure = true\n"
+      "[volume data]\nimage = d\npeer = h:1\ngroup = db1\n"
+      "[volume log]\nimage = l\npeer = h:1\ngroup = db1\n",
+      "cairnd.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->volumes[0].group, "db1");
+  EXPECT_EQ(c->volumes[1].group, "db1");
+  EXPECT_THAT(Error("[volume data]\nimage = d\npeer = h:1\ngroup = db1\n"
+                    "[volume log]\npool = other\nimage = l\npeer = h:1\ngroup = db1\n"),
+              HasSubstr("are both in group db1, but not in one pool"));
+  EXPECT_THAT(Error("[volume v]\nimage = i\npeer = h:1\ngroup = a/b\n"),
+              HasSubstr("[volume v] group:"));
+}
+
 TEST(Config, MissingFile) {
   auto c = LoadConfig("/nonexistent/cairnd.conf");
   EXPECT_EQ(c.status().code(), Code::kNotFound);

@@ -86,6 +86,23 @@ class CountingService final : public ControlService {
     ++changes;
     return FailedBack{};
   }
+  StatusOr<std::vector<GroupStatusInfo>> GroupStatus(const std::string&) override {
+    ++reads;
+    return std::vector<GroupStatusInfo>{};
+  }
+  StatusOr<uint64_t> ReplicateGroup(const std::string&) override {
+    ++changes;
+    return 1;
+  }
+  StatusOr<std::vector<GroupPoint>> GroupPoints(const std::string&) override {
+    ++reads;
+    return std::vector<GroupPoint>{};
+  }
+  StatusOr<std::vector<RestoreResult>> RestoreGroup(const std::string&, uint64_t,
+                                                    const std::string&, bool, bool) override {
+    ++changes;
+    return std::vector<RestoreResult>{};
+  }
   int reads = 0;
   int changes = 0;
 };

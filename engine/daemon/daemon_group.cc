@@ -1,0 +1,91 @@
+// Daemon: consistency groups. [volume] sections that name one `group` are
+// its members: their replicators start under a GroupSource that takes
+// their snapshots at one instant.
+#include <fmt/format.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <map>
+
+#include "engine/daemon/daemon.h"
+
+namespace cairn {
+
+Status Daemon::StartVolumes() {
+  std::map<std::string, std::vector<VolumeConfig>> groups;
+  for (const auto& v : config_.volumes) {
+    if (!v.group.empty()) {
+      groups[v.group].push_back(v);
+      continue;
+    }
+    ASSIGN_OR_RETURN(auto src, StartSource(v));
+    std::lock_guard lock(sources_mu_);
+    sources_.push_back(std::move(src));
+  }
+  for (const auto& [name, members] : groups) {
+    ASSIGN_OR_RETURN(auto pool, OpenPool(members.front().pool));
+    std::vector<std::shared_ptr<SourceReplicator>> sources;
+    std::chrono::milliseconds interval{0};
+    for (const auto& v : members) {
+      ASSIGN_OR_RETURN(auto src, MakeSource(v));
+      sources.push_back(std::move(src));
+      // The group's instants come as often as its most frequent member asks.
+      if (v.interval.count() > 0 && (interval.count() == 0 || v.interval < interval)) {
+        interval = v.interval;
+      }
+    }
+    auto group = std::make_shared<GroupSource>(name, pool, interval, sources);
+    for (auto& src : sources) src->Start();
+    group->Start();
+    spdlog::info("group {}: {} volumes of RBD group {}/{} replicate at one instant every {} ms",
+                 name, sources.size(), members.front().pool, name, interval.count());
+    std::lock_guard lock(sources_mu_);
+    sources_.insert(sources_.end(), sources.begin(), sources.end());
+    groups_.push_back(std::move(group));
+  }
+  return OkStatus();
+}
+
+std::shared_ptr<GroupSource> Daemon::FindGroup(const std::string& group) {
+  std::lock_guard lock(sources_mu_);
+  for (const auto& g : groups_) {
+    if (g->name() == group) return g;
+  }
+  return nullptr;
+}
+
+StatusOr<std::vector<GroupStatusInfo>> Daemon::GroupStatus(const std::string& group) {
+  std::vector<std::shared_ptr<GroupSource>> groups;
+  {
+    std::lock_guard lock(sources_mu_);
+    groups = groups_;
+  }
+  std::vector<GroupStatusInfo> out;
+  for (const auto& g : groups) {
+    if (group.empty() || g->name() == group) out.push_back(g->Report());
+  }
+  if (!group.empty() && out.empty()) {
+    return NotFound(fmt::format("no group '{}' replicates from this cairnd", group));
+  }
+  return out;
+}
+
+StatusOr<uint64_t> Daemon::ReplicateGroup(const std::string& group) {
+  auto g = FindGroup(group);
+  if (!g) return NotFound(fmt::format("no group '{}' replicates from this cairnd", group));
+  return g->RequestNow();
+}
+
+StatusOr<std::vector<GroupPoint>> Daemon::GroupPoints(const std::string& group) {
+  if (!sink_) return FailedPrecondition("this cairnd is no sink: group points are at the standby");
+  return sink_->GroupPoints(group);
+}
+
+StatusOr<std::vector<RestoreResult>> Daemon::RestoreGroup(const std::string& group, uint64_t seq,
+                                                          const std::string& suffix, bool full,
+                                                          bool force) {
+  if (!sink_) return FailedPrecondition("this cairnd is no sink: group points are at the standby");
+  return sink_->RestoreGroup(group, seq, suffix, full, force);
+}
+
+}  // namespace cairn

@@ -1,0 +1,141 @@
+"""Consistency groups on the two real clusters, over mutual TLS as
+client.cairn: the members of an RBD group at site A replicate at one
+instant (`rbd group snap create`), under dependent writes to all of them;
+every group point at site B equals, member by member and by hash, the
+group snapshot at A, and holds the members at one instant; a group point
+is restored whole."""
+import random
+import struct
+import threading
+
+import pytest
+import rbd
+
+import cairn_testlib as lib
+
+MiB = 1 << 20
+SIZE = 16 * MiB
+
+
+@pytest.fixture
+def rbd_groups(site_a, name):
+    """Creates RBD groups at site A; removes them after the daemons stop
+    (requested before `daemons`) and before the images go."""
+    made = []
+
+    def make(group, images):
+        rbd.RBD().group_create(site_a.ioctx, group)
+        made.append(group)
+        g = rbd.Group(site_a.ioctx, group)
+        for image in images:
+            g.add_image(site_a.ioctx, image)
+
+    yield make
+    for group in made:
+        rbd.RBD().group_remove(site_a.ioctx, group)
+
+
+class CounterWriter:
+    """Dependent writes, each begun once the one before completed: write k
+    puts k at offset 0 of image k % n (and random bytes elsewhere). At one
+    instant the images hold the last n writes: n consecutive numbers."""
+
+    def __init__(self, site, images, seed):
+        self.images = [rbd.Image(site.ioctx, i) for i in images]
+        self.rng = random.Random(seed)
+        self.k = 0
+        self.stopped = threading.Event()
+        for _ in images:
+            self._write()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _write(self):
+        img = self.images[self.k % len(self.images)]
+        img.write(struct.pack("<Q", self.k), 0)
+        img.write(self.rng.randbytes(4096), self.rng.randrange(1, SIZE // 4096) * 4096)
+        self.k += 1
+
+    def _run(self):
+        while not self.stopped.is_set():
+            self._write()
+
+    def stop(self):
+        self.stopped.set()
+        self.thread.join(timeout=60)
+        assert not self.thread.is_alive(), "the writer did not stop"
+        for img in self.images:
+            img.close()
+
+
+def _counter(site, image, snap):
+    with rbd.Image(site.ioctx, image, snapshot=snap, read_only=True) as img:
+        return struct.unpack("<Q", img.read(0, 8))[0]
+
+
+def test_group_points_equal_the_group_snapshot_at_one_instant_and_restore_whole(
+        site_a, site_b, workdir, rbd_groups, daemons, name):
+    images = [f"{name}-{m}" for m in ("data", "log", "idx")]
+    for image in images:
+        site_a.create(image, SIZE)
+    group = f"{name}-g"
+    rbd_groups(group, images)
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool")))
+    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
+        "a", site_a.conf, port, {i: (i, i + "-standby") for i in images},
+        extra=f"group = {group}\n")))
+
+    writer = CounterWriter(site_a, images, 31)
+    writer.thread.start()
+    try:
+        seqs = [source.json("group", "replicate", group, "--wait", "--timeout", "180")["seq"]
+                for _ in range(3)]
+    finally:
+        writer.stop()
+    assert writer.k > 100, f"only {writer.k} writes ran beside three instants"
+
+    points = sink.json("group", "points", group)
+    assert [p["seq"] for p in points] == seqs, (points, seqs)
+    for p in points:
+        assert sorted(p["volumes"]) == sorted(images), p
+        counters = []
+        for image in images:
+            snap = f"cairn.{p['seq']}"
+            at_a = site_a.digest(image, snap_id=site_a.group_snap_id(image, snap))
+            assert site_b.digest(image + "-standby", snap) == at_a, (image, p)
+            counters.append(_counter(site_b, image + "-standby", snap))
+        counters.sort()
+        assert counters == list(range(counters[0], counters[0] + len(images))), \
+            f"group point {p['seq']} holds {counters}: not one instant"
+
+    status = source.json("group", "status", group)[0]
+    assert status["last_seq"] == seqs[-1] and status["error"] == "", status
+
+    restored = sink.json("group", "restore", group, str(seqs[1]), "--suffix", "r")
+    assert restored["seq"] == seqs[1], restored
+    assert sorted(restored["images"]) == sorted(f"rbd/{i}-standby-r" for i in images), restored
+    for image in images:
+        assert site_b.digest(f"{image}-standby-r") == \
+            site_b.digest(image + "-standby", f"cairn.{seqs[1]}"), image
+
+
+def test_a_group_whose_rbd_group_lacks_a_member_takes_no_instant_and_says_why(
+        site_a, site_b, workdir, rbd_groups, daemons, name):
+    images = [f"{name}-{m}" for m in ("a", "b")]
+    for image in images:
+        site_a.create(image, SIZE)
+    group = f"{name}-g"
+    rbd_groups(group, images[:1])
+    port = lib.free_port()
+    daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool")))
+    source = daemons(lib.Cairnd(workdir, "source-a", lib.source_config(
+        "a", site_a.conf, port, {i: (i, i + "-standby") for i in images},
+        extra=f"group = {group}\n")))
+    source.json("group", "replicate", group)
+    lib.wait_for("the group's error", lambda: source.json("group", "status", group)[0]["error"])
+    error = source.json("group", "status", group)[0]["error"]
+    assert images[1] in error and "rbd group image add" in error, error
+    for image in images:
+        assert not site_a.snaps(image), f"{image} got a snapshot of an instant never taken"

@@ -1,0 +1,344 @@
+// Consistency groups over the in-memory store: a group point holds every
+// member at one instant (the group snapshot), under concurrent dependent
+// writes to all members; it exists only whole; members join without a
+// resync of the others; a store group that disagrees with the members
+// takes no instant.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+
+#include "engine/replication/group_source.h"
+#include "tests/unit/replication/replication_fixture.h"
+
+namespace cairn {
+namespace {
+
+constexpr uint64_t kSize = 4 * kMiB;
+
+// Site A's pool, with a write to every member of a group between the
+// members' own snapshots and the group snapshot: what a guest writes while
+// an instant is taken.
+class WritesBeforeInstant final : public Pool {
+ public:
+  explicit WritesBeforeInstant(std::shared_ptr<MemoryPool> inner) : inner_(std::move(inner)) {}
+  const std::string& name() const override { return inner_->name(); }
+  StatusOr<std::unique_ptr<Volume>> Open(const std::string& image) override {
+    return inner_->Open(image);
+  }
+  Status Create(const std::string& image, uint64_t size) override {
+    return inner_->Create(image, size);
+  }
+  Status Remove(const std::string& image) override { return inner_->Remove(image); }
+  StatusOr<bool> Exists(const std::string& image) override { return inner_->Exists(image); }
+  Status Rename(const std::string& from, const std::string& to) override {
+    return inner_->Rename(from, to);
+  }
+  Status Clone(const std::string& image, const std::string& snap,
+               const std::string& dest) override {
+    return inner_->Clone(image, snap, dest);
+  }
+  Status Copy(const std::string& image, const std::string& snap, const std::string& dest,
+              const ProgressFn& progress) override {
+    return inner_->Copy(image, snap, dest, progress);
+  }
+  StatusOr<std::vector<std::string>> GroupImages(const std::string& group) override {
+    return inner_->GroupImages(group);
+  }
+  Status CreateGroupSnap(const std::string& group, const std::string& snap) override {
+    auto images = inner_->GroupImages(group);
+    if (images.ok()) {
+      for (const auto& image : *images) {
+        auto vol = testing::MustOpen(*inner_, image);
+        testing::Write(*vol, 1 * kMiB, "written as the instant was taken: " + snap);
+      }
+    }
+    return inner_->CreateGroupSnap(group, snap);
+  }
+  Status RemoveGroupSnap(const std::string& group, const std::string& snap) override {
+    return inner_->RemoveGroupSnap(group, snap);
+  }
+  StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override {
+    return inner_->GroupSnaps(group);
+  }
+
+ private:
+  std::shared_ptr<MemoryPool> inner_;
+};
+
+class GroupTest : public ReplicationTest {
+ protected:
+  void TearDown() override {
+    if (group_) group_->Stop();
+    for (auto& m : members_) m->Stop();
+    // Gone, with their links: the sink's sessions end.
+    group_.reset();
+    members_.clear();
+    {
+      std::lock_guard lock(links_mu_);
+      for (auto& t : links_) t.join();
+    }
+    ReplicationTest::TearDown();
+  }
+
+  void MakeImages(const std::vector<std::string>& images) {
+    ASSERT_TRUE(site_a_->CreateGroup("app").ok());
+    for (const auto& image : images) {
+      ASSERT_TRUE(site_a_->Create(image, kSize).ok());
+      ASSERT_TRUE(site_a_->AddToGroup("app", image).ok());
+    }
+  }
+
+  // The fixture's Connector shares its fault state between links; members
+  // connect at once, each on its own thread.
+  SourceReplicator::Connector Links() {
+    return [this]() -> StatusOr<std::unique_ptr<Link>> {
+      auto [a, b] = MakeMemoryLinkPair(16u << 20);
+      std::lock_guard lock(links_mu_);
+      links_.emplace_back([this, l = std::move(b)]() mutable {
+        [[maybe_unused]] const Status ended = sink_->Serve(*l);
+      });
+      return std::move(a);
+    };
+  }
+
+  VolumeConfig Member(const std::string& image) {
+    VolumeConfig c = Config();
+    c.id = "vol-" + image;
+    c.image = image;
+    c.target_image = image + "-standby";
+    c.interval = std::chrono::milliseconds(0);
+    c.group = "app";
+    return c;
+  }
+
+  void StartGroup(const std::vector<std::string>& images, std::shared_ptr<Pool> pool = nullptr) {
+    if (!pool) pool = site_a_;
+    for (const auto& image : images) {
+      members_.push_back(std::make_shared<SourceReplicator>(Member(image), "a", pool, Links()));
+    }
+    group_ = std::make_unique<GroupSource>("app", pool, std::chrono::milliseconds(0), members_);
+    for (auto& m : members_) m->Start();
+    group_->Start();
+  }
+
+  void StopGroup() {
+    group_->Stop();
+    for (auto& m : members_) m->Stop();
+    group_.reset();
+    members_.clear();
+  }
+
+  // Asks for an instant and waits until the sink has the group point.
+  GroupPoint Instant() {
+    auto seq = group_->RequestNow();
+    EXPECT_TRUE(seq.ok()) << seq.status().ToString();
+    // Longer than PollUntil's: 200 members under TSan take a while.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+    while (std::chrono::steady_clock::now() < deadline) {
+      auto points = sink_->GroupPoints("app");
+      if (points.ok() && !points->empty() && points->back().seq >= *seq) return points->back();
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    ADD_FAILURE() << "no group point " << *seq << " within 120 s";
+    return GroupPoint{};
+  }
+
+  // The 8 bytes at offset 0 of image@snap at site B, as a number.
+  uint64_t CounterAtB(const std::string& image, const std::string& snap) {
+    auto vol = testing::MustOpen(*site_b_, image);
+    auto io = vol->OpenIo(snap);
+    EXPECT_TRUE(io.ok()) << io.status().ToString();
+    char buf[8] = {};
+    EXPECT_TRUE((*io)->StartRead(0, 0, std::span<char>(buf, 8)).ok());
+    EXPECT_TRUE((*io)->WaitOne().status.ok());
+    uint64_t v = 0;
+    std::memcpy(&v, buf, 8);
+    return v;
+  }
+
+  std::vector<std::shared_ptr<SourceReplicator>> members_;
+  std::unique_ptr<GroupSource> group_;
+  std::mutex links_mu_;
+  std::vector<std::thread> links_;
+};
+
+TEST_F(GroupTest, GroupPointsHoldEveryMemberAtOneInstantUnderDependentWrites) {
+  const std::vector<std::string> images = {"d0", "d1", "d2"};
+  MakeImages(images);
+  StartGroup(images);
+  // Dependent writes, each begun once the one before completed: write k
+  // goes to member k % 3. At any one instant the members hold the last
+  // three writes: three consecutive numbers. Snapshots taken one member
+  // after the other would not.
+  const auto write = [](Volume& vol, uint64_t k) {
+    std::string bytes(8, '\0');
+    std::memcpy(bytes.data(), &k, 8);
+    testing::Write(vol, 0, bytes);
+  };
+  for (uint64_t k = 0; k < 3; ++k) write(*testing::MustOpen(*site_a_, images[k]), k);
+  std::atomic<bool> stop = false;
+  std::thread writer([&] {
+    std::vector<std::unique_ptr<Volume>> vols;
+    for (const auto& image : images) vols.push_back(testing::MustOpen(*site_a_, image));
+    for (uint64_t k = 3; !stop; ++k) write(*vols[k % 3], k);
+  });
+  std::vector<GroupPoint> made;
+  for (int i = 0; i < 4; ++i) made.push_back(Instant());
+  stop = true;
+  writer.join();
+  for (const auto& g : made) {
+    ASSERT_EQ(g.volumes, (std::vector<std::string>{"vol-d0", "vol-d1", "vol-d2"}));
+    std::vector<uint64_t> counters;
+    for (const auto& image : images) {
+      counters.push_back(CounterAtB(image + "-standby", SnapName(g.seq)));
+      // The point is the group snapshot, byte for byte.
+      auto a = testing::MustOpen(*site_a_, image);
+      auto b = testing::MustOpen(*site_b_, image + "-standby");
+      EXPECT_EQ(testing::ImageHash(*b, SnapName(g.seq), kSize),
+                testing::ImageHash(*a, GroupSnapName(SnapName(g.seq)), kSize))
+          << image << " at group point " << g.seq;
+    }
+    std::sort(counters.begin(), counters.end());
+    EXPECT_EQ(counters[1], counters[0] + 1) << "group point " << g.seq << " is no one instant";
+    EXPECT_EQ(counters[2], counters[1] + 1) << "group point " << g.seq << " is no one instant";
+  }
+}
+
+TEST_F(GroupTest, APointIsReadFromTheGroupSnapshotNotTheMembersOwnSnapshot) {
+  const std::vector<std::string> images = {"d0", "d1"};
+  MakeImages(images);
+  StartGroup(images, std::make_shared<WritesBeforeInstant>(site_a_));
+  const GroupPoint first = Instant();
+  const GroupPoint second = Instant();
+  EXPECT_GT(second.seq, first.seq);
+  for (const auto& g : {first, second}) {
+    for (const auto& image : images) {
+      auto a = testing::MustOpen(*site_a_, image);
+      auto b = testing::MustOpen(*site_b_, image + "-standby");
+      const std::string point = testing::ImageHash(*b, SnapName(g.seq), kSize);
+      EXPECT_EQ(point, testing::ImageHash(*a, GroupSnapName(SnapName(g.seq)), kSize));
+      // The member's own cairn.<seq> (the next diff's base) was taken
+      // before the write the instant holds.
+      EXPECT_NE(point, testing::ImageHash(*a, SnapName(g.seq), kSize));
+    }
+  }
+  // The second instant was a diff from the first (the write between the
+  // member's snapshot and the group snapshot of the first was sent again).
+  auto p = sink_->Points("vol-d0");
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ(p->back().epoch.base_seq, first.seq);
+}
+
+TEST_F(GroupTest, AGroupPointExistsOnlyOnceEveryMemberHasItsPoint) {
+  Catalog catalog(*catalog_);
+  RestorePoint p;
+  p.epoch.volume = "vol-d0";
+  p.epoch.seq = 7;
+  p.epoch.group = "app";
+  p.epoch.group_members = 2;
+  p.pool = "rbd";
+  p.image = "d0-standby";
+  p.snap = SnapName(7);
+  ASSERT_TRUE(catalog.AddPoint(p).ok());
+  auto none = catalog.GroupPoints("app");
+  ASSERT_TRUE(none.ok());
+  EXPECT_TRUE(none->empty()) << "one member of two made a group point";
+  p.epoch.volume = "vol-d1";
+  p.image = "d1-standby";
+  ASSERT_TRUE(catalog.AddPoint(p).ok());
+  auto whole = catalog.GroupPoints("app");
+  ASSERT_TRUE(whole.ok());
+  ASSERT_EQ(whole->size(), 1u);
+  EXPECT_EQ(whole->front().volumes, (std::vector<std::string>{"vol-d0", "vol-d1"}));
+  // A member's point gone (retention, a lost snapshot): no group point.
+  ASSERT_TRUE(catalog.RemovePoint("vol-d1", 7).ok());
+  auto gone = catalog.GroupPoints("app");
+  ASSERT_TRUE(gone.ok());
+  EXPECT_TRUE(gone->empty());
+  EXPECT_EQ(catalog.GetGroupPoint("app", 7).status().code(), Code::kNotFound);
+}
+
+TEST_F(GroupTest, AMemberJoinsWithoutAResyncOfTheOthers) {
+  MakeImages({"d0", "d1"});
+  StartGroup({"d0", "d1"});
+  const GroupPoint before = Instant();
+  StopGroup();
+  ASSERT_TRUE(site_a_->Create("d2", kSize).ok());
+  std::mt19937_64 rng(7);
+  testing::RandomChanges(*testing::MustOpen(*site_a_, "d2"), rng, kSize, 20);
+  ASSERT_TRUE(site_a_->AddToGroup("app", "d2").ok());
+  StartGroup({"d0", "d1", "d2"});
+  const GroupPoint after = Instant();
+  EXPECT_EQ(after.volumes, (std::vector<std::string>{"vol-d0", "vol-d1", "vol-d2"}));
+  auto d0 = sink_->Points("vol-d0");
+  ASSERT_TRUE(d0.ok());
+  EXPECT_EQ(d0->back().epoch.base_seq, before.seq) << "an old member was resynced";
+  auto d2 = sink_->Points("vol-d2");
+  ASSERT_TRUE(d2.ok());
+  EXPECT_EQ(d2->back().epoch.base_seq, 0u) << "the new member's first epoch is a full one";
+  auto a = testing::MustOpen(*site_a_, "d2");
+  auto b = testing::MustOpen(*site_b_, "d2-standby");
+  EXPECT_EQ(testing::ImageHash(*b, SnapName(after.seq), kSize),
+            testing::ImageHash(*a, GroupSnapName(SnapName(after.seq)), kSize));
+}
+
+TEST_F(GroupTest, AStoreGroupThatDisagreesWithTheMembersTakesNoInstant) {
+  MakeImages({"d0", "d1"});
+  ASSERT_TRUE(site_a_->Create("stray", kSize).ok());
+  ASSERT_TRUE(site_a_->AddToGroup("app", "stray").ok());
+  std::vector<std::shared_ptr<SourceReplicator>> members;
+  for (const auto& image : {"d0", "d1"}) {
+    members.push_back(std::make_shared<SourceReplicator>(Member(image), "a", site_a_, Links()));
+  }
+  GroupSource group("app", site_a_, std::chrono::milliseconds(0), members);
+  auto taken = group.TakeInstant();
+  ASSERT_EQ(taken.status().code(), Code::kFailedPrecondition);
+  EXPECT_NE(taken.status().message().find("stray"), std::string_view::npos)
+      << taken.status().ToString();
+  for (const auto& image : {"d0", "d1", "stray"}) {
+    auto snaps = testing::MustOpen(*site_a_, image)->ListSnaps();
+    ASSERT_TRUE(snaps.ok());
+    EXPECT_TRUE(snaps->empty()) << image << " got a snapshot of an instant never taken";
+  }
+}
+
+}  // namespace
+}  // namespace cairn
+
+namespace cairn {
+namespace {
+
+TEST_F(GroupTest, TwoHundredMembersMakeOneGroupPointPerInstant) {
+  std::vector<std::string> images;
+  for (int i = 0; i < 200; ++i) images.push_back(fmt::format("m{:03}", i));
+  ASSERT_TRUE(site_a_->CreateGroup("app").ok());
+  for (const auto& image : images) {
+    ASSERT_TRUE(site_a_->Create(image, 64 * 1024).ok());
+    ASSERT_TRUE(site_a_->AddToGroup("app", image).ok());
+    testing::Write(*testing::MustOpen(*site_a_, image), 0, "first " + image);
+  }
+  StartGroup(images);
+  const GroupPoint first = Instant();
+  for (const auto& image : images) {
+    testing::Write(*testing::MustOpen(*site_a_, image), 4096, "second " + image);
+  }
+  const GroupPoint second = Instant();
+  ASSERT_EQ(second.volumes.size(), 200u);
+  auto points = sink_->GroupPoints("app");
+  ASSERT_TRUE(points.ok());
+  EXPECT_EQ(points->size(), 2u);
+  for (const auto& image : {images.front(), images.back()}) {
+    auto a = testing::MustOpen(*site_a_, image);
+    auto b = testing::MustOpen(*site_b_, image + "-standby");
+    for (const auto& g : {first, second}) {
+      EXPECT_EQ(testing::ImageHash(*b, SnapName(g.seq), 64 * 1024),
+                testing::ImageHash(*a, GroupSnapName(SnapName(g.seq)), 64 * 1024))
+          << image << " at group point " << g.seq;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cairn
