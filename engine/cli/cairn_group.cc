@@ -119,11 +119,27 @@ void DefineGroup(CLI::App& app, Group& g) {
                         "member M goes to <M's standby image>-SUFFIX (default: restore-<seq>)");
   g.restore->add_flag("--full", g.full, "copy all data (default: instant clones)");
   g.restore->add_flag("--force", g.force, "even a point a verify found differs");
+  CLI::App* drill = group->add_subcommand(
+      "drill", "a drill of every member at one group point, while replication goes on");
+  drill->require_subcommand(1);
+  g.drill_start = drill->add_subcommand("start", "clone every member's point, held until stop");
+  g.drill_start->add_option("group", g.group, "the group")->required();
+  g.drill_start->add_option("point", g.point, "the group point's seq, or 'latest' (default)");
+  g.drill_stop = drill->add_subcommand("stop", "remove the group's drill clones, lift the holds");
+  g.drill_stop->add_option("group", g.group, "the group")->required();
+  g.failover = group->add_subcommand(
+      "failover",
+      "fence every member and promote it at one group point into <standby image>-SUFFIX, all "
+      "or nothing (on the standby)");
+  g.failover->add_option("group", g.group, "the group")->required();
+  g.failover->add_option("point", g.point, "the group point's seq, or 'latest' (default)");
+  g.failover->add_option("--suffix", g.suffix, "the promoted images' suffix (default: failover)");
 }
 
 std::optional<int> RunGroup(const Cli& cli, const Group& g) {
   if (!g.status ||
-      !(g.status->parsed() || g.points->parsed() || g.replicate->parsed() || g.restore->parsed())) {
+      !(g.status->parsed() || g.points->parsed() || g.replicate->parsed() || g.restore->parsed() ||
+        g.drill_start->parsed() || g.drill_stop->parsed() || g.failover->parsed())) {
     return std::nullopt;
   }
   pb::ControlRequest req;
@@ -132,6 +148,14 @@ std::optional<int> RunGroup(const Cli& cli, const Group& g) {
   if (g.status->parsed()) q->set_action(pb::GroupRequest::STATUS);
   if (g.points->parsed()) q->set_action(pb::GroupRequest::POINTS);
   if (g.replicate->parsed()) q->set_action(pb::GroupRequest::REPLICATE);
+  if (g.drill_stop->parsed()) q->set_action(pb::GroupRequest::DRILL_STOP);
+  if (g.drill_start->parsed() || g.failover->parsed()) {
+    q->set_action(g.failover->parsed() ? pb::GroupRequest::PROMOTE : pb::GroupRequest::DRILL_START);
+    const auto seq = ParsePoint(g.point, g.group);
+    if (!seq.ok()) return cli.Fail(seq.status());
+    q->set_seq(*seq);
+    q->set_suffix(g.suffix);
+  }
   if (g.restore->parsed()) {
     q->set_action(pb::GroupRequest::RESTORE);
     const auto seq = ParsePoint(g.point, g.group);
@@ -163,9 +187,13 @@ std::optional<int> RunGroup(const Cli& cli, const Group& g) {
                     .c_str());
     return 0;
   }
+  const char* done = g.restore->parsed()       ? "restored to"
+                     : g.drill_start->parsed() ? "drill is"
+                     : g.drill_stop->parsed()  ? "drill stopped, removed"
+                                               : "FAILED OVER: promoted into";
   for (const auto& image : r.images()) {
-    std::printf("%s: group point %lu restored to %s\n", g.group.c_str(),
-                static_cast<unsigned long>(r.seq()), image.c_str());
+    std::printf("%s: group point %lu %s %s\n", g.group.c_str(), static_cast<unsigned long>(r.seq()),
+                done, image.c_str());
   }
   return 0;
 }

@@ -13,6 +13,8 @@
 //   cairn drill start VOLUME [POINT] [--to IMAGE] / drill stop VOLUME [--image IMAGE]
 //   cairn group status [GROUP] / points GROUP / replicate GROUP [--wait]
 //   cairn group restore GROUP [POINT] [--suffix S] [--full] [--force]
+//   cairn group drill start GROUP [POINT] / drill stop GROUP
+//   cairn group failover GROUP [POINT] [--suffix S]
 //
 // Exit codes: engine/cli/cli.h.
 #include <fmt/format.h>

@@ -61,6 +61,9 @@ struct Group {
   CLI::App* points = nullptr;
   CLI::App* replicate = nullptr;
   CLI::App* restore = nullptr;
+  CLI::App* drill_start = nullptr;
+  CLI::App* drill_stop = nullptr;
+  CLI::App* failover = nullptr;
   std::string group;
   std::string point = "latest";
   std::string suffix;

@@ -220,8 +220,25 @@ Status AnswerGroup(ControlService& service, const pb::GroupRequest& q, pb::Contr
       }
       return OkStatus();
     }
+    case pb::GroupRequest::DRILL_START:
+    case pb::GroupRequest::DRILL_STOP: {
+      ASSIGN_OR_RETURN(
+          const auto drilled,
+          service.DrillGroup(q.group(), q.seq(), q.action() == pb::GroupRequest::DRILL_STOP));
+      m->set_seq(drilled.seq);
+      for (const auto& image : drilled.images) m->add_images(image);
+      return OkStatus();
+    }
+    case pb::GroupRequest::PROMOTE: {
+      ASSIGN_OR_RETURN(const auto promoted, service.PromoteGroup(q.group(), q.seq(), q.suffix()));
+      m->set_seq(promoted.seq);
+      for (const auto& image : promoted.images) m->add_images(image);
+      return OkStatus();
+    }
     default:
-      return InvalidArgument("group request names no action (status, points, replicate, restore)");
+      return InvalidArgument(
+          "group request names no action (status, points, replicate, restore, drill_start, "
+          "drill_stop, promote)");
   }
 }
 

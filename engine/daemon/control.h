@@ -86,6 +86,14 @@ class ControlService {
   virtual StatusOr<std::vector<RestoreResult>> RestoreGroup(const std::string& group, uint64_t seq,
                                                             const std::string& suffix, bool full,
                                                             bool force) = 0;
+  // The images made (or, stop: removed), as pool/image; and the point.
+  struct GroupImages {
+    uint64_t seq = 0;
+    std::vector<std::string> images;
+  };
+  virtual StatusOr<GroupImages> DrillGroup(const std::string& group, uint64_t seq, bool stop) = 0;
+  virtual StatusOr<GroupImages> PromoteGroup(const std::string& group, uint64_t seq,
+                                             const std::string& suffix) = 0;
 };
 
 // Who sent a control request, and what they may do: every caller may read

@@ -82,6 +82,9 @@ class Daemon final : public ControlService {
   StatusOr<std::vector<RestoreResult>> RestoreGroup(const std::string& group, uint64_t seq,
                                                     const std::string& suffix, bool full,
                                                     bool force) override;
+  StatusOr<GroupImages> DrillGroup(const std::string& group, uint64_t seq, bool stop) override;
+  StatusOr<GroupImages> PromoteGroup(const std::string& group, uint64_t seq,
+                                     const std::string& suffix) override;
 
  private:
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}

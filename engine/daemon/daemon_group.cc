@@ -88,4 +88,34 @@ StatusOr<std::vector<RestoreResult>> Daemon::RestoreGroup(const std::string& gro
   return sink_->RestoreGroup(group, seq, suffix, full, force);
 }
 
+StatusOr<ControlService::GroupImages> Daemon::DrillGroup(const std::string& group, uint64_t seq,
+                                                         bool stop) {
+  if (!sink_) return FailedPrecondition("this cairnd is no sink: drills run at the standby");
+  GroupImages out;
+  if (stop) {
+    ASSIGN_OR_RETURN(out.images, sink_->StopGroupDrills(group));
+    return out;
+  }
+  ASSIGN_OR_RETURN(const auto drills, sink_->DrillGroup(group, seq));
+  for (const auto& d : drills) {
+    out.seq = d.point.epoch.seq;
+    out.images.push_back(d.pool + "/" + d.image);
+  }
+  return out;
+}
+
+StatusOr<ControlService::GroupImages> Daemon::PromoteGroup(const std::string& group, uint64_t seq,
+                                                           const std::string& suffix) {
+  if (!sink_) {
+    return FailedPrecondition("this cairnd is not a sink: fail a group over on the standby's");
+  }
+  ASSIGN_OR_RETURN(const auto promoted, sink_->PromoteGroup(group, seq, suffix));
+  GroupImages out;
+  for (const auto& p : promoted) {
+    out.seq = p.point.epoch.seq;
+    out.images.push_back(p.pool + "/" + p.image);
+  }
+  return out;
+}
+
 }  // namespace cairn

@@ -163,6 +163,17 @@ class Sink {
   StatusOr<std::vector<RestoreResult>> RestoreGroup(const std::string& group, uint64_t seq,
                                                     const std::string& suffix, bool full,
                                                     bool force);
+  // A drill of every member at group point `seq` (0: the newest), all or
+  // nothing (DrillStart per member, default clone names).
+  StatusOr<std::vector<DrillResult>> DrillGroup(const std::string& group, uint64_t seq);
+  // Stops every drill of the group's members; returns the images removed.
+  StatusOr<std::vector<std::string>> StopGroupDrills(const std::string& group);
+  // Failover of a whole group at one point: every member's point `seq` (0:
+  // the newest group point) promoted into <member's standby image>-<suffix>
+  // ("" = "failover"). All or nothing: if one member cannot be promoted,
+  // those promoted are released again (their images kept, as Release does).
+  StatusOr<std::vector<PromoteResult>> PromoteGroup(const std::string& group, uint64_t seq,
+                                                    const std::string& suffix);
   // A non-disruptive drill (sink_drill.cc): clones restore point `seq` (0:
   // the newest) of `volume` into `to_image` ("" = <standby image>-drill-<seq>)
   // while replication goes on, and holds the point against retention
@@ -327,6 +338,12 @@ class Sink {
   // never a listed point without its data. Best effort: a failure is
   // logged, the new point stands.
   void PrunePoints(Target& t, Volume& vol);
+  // Runs `act` on every member's point of group point `seq` (0: the
+  // newest), all or nothing: once one fails, `undo` runs for each member
+  // done (newest first) and the error is returned. The group point acted on.
+  StatusOr<GroupPoint> OnWholeGroup(const std::string& group, uint64_t seq, std::string_view what,
+                                    const std::function<Status(const RestorePoint&)>& act,
+                                    const std::function<void(const RestorePoint&)>& undo);
   // Adds to `keep` the points of `t` (`points`, oldest first) that its
   // consistency group still needs: those of the group's newest whole
   // instant and newer (all of the group's if it has none, or it cannot be

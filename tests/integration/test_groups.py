@@ -3,7 +3,7 @@ client.cairn: the members of an RBD group at site A replicate at one
 instant (`rbd group snap create`), under dependent writes to all of them;
 every group point at site B equals, member by member and by hash, the
 group snapshot at A, and holds the members at one instant; a group point
-is restored whole."""
+is restored, drilled and failed over whole."""
 import random
 import struct
 import threading
@@ -72,7 +72,7 @@ def _counter(site, image, snap):
         return struct.unpack("<Q", img.read(0, 8))[0]
 
 
-def test_group_points_equal_the_group_snapshot_at_one_instant_and_restore_whole(
+def test_group_points_equal_the_group_snapshot_at_one_instant_and_act_whole(
         site_a, site_b, workdir, rbd_groups, daemons, name):
     images = [f"{name}-{m}" for m in ("data", "log", "idx")]
     for image in images:
@@ -118,6 +118,20 @@ def test_group_points_equal_the_group_snapshot_at_one_instant_and_restore_whole(
     for image in images:
         assert site_b.digest(f"{image}-standby-r") == \
             site_b.digest(image + "-standby", f"cairn.{seqs[1]}"), image
+
+    drill = sink.json("group", "drill", "start", group)
+    assert drill["seq"] == seqs[-1] and len(drill["images"]) == len(images), drill
+    for image in images:
+        point = [p for p in sink.json("points", image) if p["seq"] == seqs[-1]][0]
+        assert point["held_by"], point
+    stopped = sink.json("group", "drill", "stop", group)
+    assert sorted(stopped["images"]) == sorted(i.split("/")[1] for i in drill["images"]), stopped
+
+    failed_over = sink.json("group", "failover", group)
+    assert failed_over["seq"] == seqs[-1], failed_over
+    for image in images:
+        assert site_b.digest(f"{image}-standby-failover") == \
+            site_b.digest(image + "-standby", f"cairn.{seqs[-1]}"), image
 
 
 def test_a_group_whose_rbd_group_lacks_a_member_takes_no_instant_and_says_why(

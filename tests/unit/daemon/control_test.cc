@@ -103,6 +103,14 @@ class CountingService final : public ControlService {
     ++changes;
     return std::vector<RestoreResult>{};
   }
+  StatusOr<GroupImages> DrillGroup(const std::string&, uint64_t, bool) override {
+    ++changes;
+    return GroupImages{};
+  }
+  StatusOr<GroupImages> PromoteGroup(const std::string&, uint64_t, const std::string&) override {
+    ++changes;
+    return GroupImages{};
+  }
   int reads = 0;
   int changes = 0;
 };
