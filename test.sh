@@ -37,7 +37,8 @@ echo "== unit tests under ThreadSanitizer"
 cmake -S . -B build-tsan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DCAIRN_TSAN=ON \
   -DCAIRN_WERROR=$werror >/dev/null
 ninja -C build-tsan unit_tests
-CAIRN_SIM_SEEDS=25 TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 \
+CAIRN_SIM_SEEDS=25 \
+  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1:suppressions=tests/tsan.supp \
   build-tsan/tests/unit_tests --gtest_brief=1
 
 echo "== fuzzing: frames, spool, control, the sink's session, the source's replies (libFuzzer, bounded)"

@@ -171,6 +171,7 @@ std::string Daemon::Metrics() {
   in.site = config_.site;
   in.now_ns = RealClock().UnixNs();
   if (auto all = VolumeStatus(""); all.ok()) in.volumes = std::move(all).value();
+  if (auto groups = GroupStatus(""); groups.ok()) in.groups = std::move(groups).value();
   if (config_.sink) {
     // The spool's files: <spool_dir>/<volume>/<seq>.spool.
     std::error_code ec;

@@ -40,6 +40,10 @@ class Writer {
     out_ += fmt::format("{}{{site=\"{}\",volume=\"{}\",role=\"{}\"{}}} {}\n", name, site_,
                         Escape(v.volume), Escape(v.role), extra, value);
   }
+  void GroupSample(std::string_view name, const GroupStatusInfo& g, double value) {
+    out_ += fmt::format("{}{{site=\"{}\",group=\"{}\"}} {}\n", name, site_, Escape(g.group),
+                        value);
+  }
   void SiteSample(std::string_view name, double value) {
     out_ += fmt::format("{}{{site=\"{}\"}} {}\n", name, site_, value);
   }
@@ -138,6 +142,27 @@ void EpochHistograms(const MetricsInput& in, Writer& w) {
   }
 }
 
+// The source's consistency groups.
+void GroupFamilies(const MetricsInput& in, Writer& w) {
+  w.Family("cairn_group_point_seq", "gauge",
+           "The newest instant of the group every member has made a point of.");
+  for (const auto& g : in.groups) w.GroupSample("cairn_group_point_seq", g, double(g.last_seq));
+  w.Family("cairn_group_point_age_seconds", "gauge",
+           "Now minus when the group's newest whole instant was taken (taken by this process).");
+  for (const auto& g : in.groups) {
+    if (g.last_time_ns > 0) {
+      w.GroupSample("cairn_group_point_age_seconds", g, (in.now_ns - g.last_time_ns) / 1e9);
+    }
+  }
+  w.Family("cairn_group_waiting_members", "gauge",
+           "Members without their point of the group's newest instant (the next waits).");
+  for (const auto& g : in.groups) {
+    w.GroupSample("cairn_group_waiting_members", g, double(g.waiting_for.size()));
+  }
+  w.Family("cairn_group_up", "gauge", "0 while the group's last instant could not be taken.");
+  for (const auto& g : in.groups) w.GroupSample("cairn_group_up", g, g.error.empty() ? 1 : 0);
+}
+
 }  // namespace
 
 std::string RenderMetrics(const MetricsInput& in) {
@@ -161,6 +186,7 @@ std::string RenderMetrics(const MetricsInput& in) {
     }
   }
   EpochHistograms(in, w);
+  GroupFamilies(in, w);
   w.Family("cairn_spool_bytes", "gauge",
            "Bytes of the sink's spool files of the volume (received, not yet a point or kept "
            "for a resume).");

@@ -18,6 +18,7 @@ namespace cairn {
 struct MetricsInput {
   std::string site;
   std::vector<VolumeStatusInfo> volumes;
+  std::vector<GroupStatusInfo> groups;  // source: the consistency groups
   // sink: bytes of spool files per volume (epochs received, not yet
   // points or kept for a resume)
   std::map<std::string, uint64_t> spool_bytes;

@@ -108,6 +108,8 @@ void GroupSource::OnPoint(const std::string& volume, uint64_t seq) {
     uint64_t whole = UINT64_MAX;
     for (const auto& [v, s] : points_) whole = std::min(whole, s);
     status_.last_seq = whole;
+    auto t = taken_at_ns_.find(whole);
+    status_.last_time_ns = t != taken_at_ns_.end() ? t->second : 0;
   }
   cv_.notify_all();
 }
@@ -151,7 +153,7 @@ StatusOr<uint64_t> GroupSource::TakeInstant() {
   uint64_t seq = 0;
   {
     std::lock_guard lock(mu_);
-    seq = instant_seq_;
+    seq = std::max(instant_seq_, failed_seq_);
   }
   // Numbered above every snapshot of every member: a member that
   // replicated on its own before has points of its own numbers.
@@ -175,6 +177,17 @@ StatusOr<uint64_t> GroupSource::TakeInstant() {
   }
   if (st.ok()) st = pool_->CreateGroupSnap(group_, SnapName(seq));
   if (!st.ok()) {
+    // Never numbered again: a group snapshot that failed half way may
+    // still hold its name in the store until it is removed.
+    {
+      std::lock_guard lock(mu_);
+      failed_seq_ = std::max(failed_seq_, seq);
+    }
+    if (Status rm = pool_->RemoveGroupSnap(group_, SnapName(seq));
+        !rm.ok() && rm.code() != Code::kNotFound) {
+      spdlog::warn("group {}: removing group snapshot {} of the failed instant: {}", group_,
+                   SnapName(seq), rm.ToString());
+    }
     for (const auto& image : taken) {
       auto vol = pool_->Open(image);
       Status rm = vol.ok() ? (*vol)->RemoveSnap(SnapName(seq)) : vol.status();
@@ -189,9 +202,11 @@ StatusOr<uint64_t> GroupSource::TakeInstant() {
     std::lock_guard lock(mu_);
     instant_seq_ = seq;
     members_at_[seq] = static_cast<uint32_t>(members_.size());
+    taken_at_ns_[seq] = clock_->UnixNs();
     while (members_at_.size() > 64) members_at_.erase(members_at_.begin());
+    while (taken_at_ns_.size() > 64) taken_at_ns_.erase(taken_at_ns_.begin());
     status_.instant_seq = seq;
-    status_.instant_time_ns = clock_->UnixNs();
+    status_.instant_time_ns = taken_at_ns_[seq];
     status_.instants_total += 1;
     status_.error.clear();
   }

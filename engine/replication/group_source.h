@@ -41,21 +41,6 @@
 
 namespace cairn {
 
-struct GroupStatusInfo {
-  std::string group;
-  std::string pool;
-  std::vector<std::string> volumes;  // the members, by volume id
-  uint64_t instant_seq = 0;          // the newest instant taken (0: none yet)
-  int64_t instant_time_ns = 0;       // when it was taken
-  // The newest instant every member has made a point of: the group's
-  // newest point (0: none yet, or not since this process started).
-  uint64_t last_seq = 0;
-  uint64_t instants_total = 0;
-  // The members that have not made their point of the newest instant yet
-  // (the next instant waits for them).
-  std::vector<std::string> waiting_for;
-  std::string error;  // why the last instant could not be taken
-};
 
 class GroupSource {
  public:
@@ -106,8 +91,12 @@ class GroupSource {
   bool stop_ = false;
   std::mutex instant_mu_;  // one instant at a time
   uint64_t instant_seq_ = 0;
+  uint64_t failed_seq_ = 0;  // the newest instant that could not be taken
   uint64_t wanted_seq_ = 0;                  // RequestNow's promise
-  std::map<uint64_t, uint32_t> members_at_;  // instants this process took: how many members
+  // The instants this process took (the newest 64): how many members, and
+  // when.
+  std::map<uint64_t, uint32_t> members_at_;
+  std::map<uint64_t, int64_t> taken_at_ns_;
   std::map<std::string, uint64_t> points_;   // member volume -> its newest point (instants)
   GroupStatusInfo status_;
   std::thread thread_;

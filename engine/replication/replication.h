@@ -116,4 +116,22 @@ struct VolumeStatusInfo {
   VerifyStatusInfo verify;  // source
 };
 
+// A consistency group's source side (GroupSource::Report).
+struct GroupStatusInfo {
+  std::string group;
+  std::string pool;
+  std::vector<std::string> volumes;  // the members, by volume id
+  uint64_t instant_seq = 0;          // the newest instant taken (0: none yet)
+  int64_t instant_time_ns = 0;       // when it was taken
+  // The newest instant every member has made a point of: the group's
+  // newest point (0: none yet, or not since this process started).
+  uint64_t last_seq = 0;
+  int64_t last_time_ns = 0;  // when that instant was taken (0: not known here)
+  uint64_t instants_total = 0;
+  // The members that have not made their point of the newest instant yet
+  // (the next instant waits for them).
+  std::vector<std::string> waiting_for;
+  std::string error;  // why the last instant could not be taken
+};
+
 }  // namespace cairn

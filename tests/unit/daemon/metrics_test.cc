@@ -91,6 +91,23 @@ TEST(Metrics, TheLastVerifysVerdictOnlyOnceItEnded) {
   EXPECT_THAT(RenderMetrics(in), Not(HasSubstr("cairn_volume_verify_mismatched_grains" + v)));
 }
 
+TEST(Metrics, GroupsTheirNewestWholeInstantAndWhoTheyWaitFor) {
+  MetricsInput in = Input();
+  GroupStatusInfo g;
+  g.group = "db1";
+  g.last_seq = 12;
+  g.last_time_ns = in.now_ns - 4'000'000'000;
+  g.waiting_for = {"db1-log"};
+  g.error = "FailedPrecondition: group db1 in pool rbd: ...";
+  in.groups.push_back(g);
+  const std::string page = RenderMetrics(in);
+  const std::string l = R"({site="a",group="db1"})";
+  EXPECT_THAT(page, HasSubstr("cairn_group_point_seq" + l + " 12\n"));
+  EXPECT_THAT(page, HasSubstr("cairn_group_point_age_seconds" + l + " 4\n"));
+  EXPECT_THAT(page, HasSubstr("cairn_group_waiting_members" + l + " 1\n"));
+  EXPECT_THAT(page, HasSubstr("cairn_group_up" + l + " 0\n"));
+}
+
 // A GET over a real socket; the whole answer.
 std::string Get(uint16_t port, const std::string& request) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);

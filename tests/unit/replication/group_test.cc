@@ -395,3 +395,46 @@ TEST_F(GroupTest, RestoreDrillAndFailoverActOnEveryMemberOrNone) {
 
 }  // namespace
 }  // namespace cairn
+
+namespace cairn {
+namespace {
+
+TEST_F(GroupTest, AFailedGroupSnapshotLeavesNoPointAndTheNextInstantShipsWhole) {
+  const std::vector<std::string> images = {"d0", "d1"};
+  MakeImages(images);
+  auto faulty = std::make_shared<FaultPool>(*site_a_);
+  std::atomic<int> refused = 0;
+  faulty->SetFault([&](const VolumeFaultPoint& p) {
+    if (p.op == VolumeOp::kCreateGroupSnap && refused++ == 0) {
+      return Unavailable("injected: the group snapshot failed");
+    }
+    return OkStatus();
+  });
+  StartGroup(images, faulty);
+  // The first instant fails after every member's own snapshot was taken;
+  // they are removed again and no member ships them.
+  const GroupPoint g = Instant();
+  EXPECT_GE(refused.load(), 2);
+  auto points = sink_->GroupPoints("app");
+  ASSERT_TRUE(points.ok());
+  ASSERT_EQ(points->size(), 1u) << "the failed instant made a point";
+  for (const auto& image : images) {
+    auto ps = sink_->Points("vol-" + image);
+    ASSERT_TRUE(ps.ok());
+    ASSERT_EQ(ps->size(), 1u);
+    EXPECT_EQ(ps->front().epoch.seq, g.seq);
+    auto a = testing::MustOpen(*site_a_, image);
+    auto b = testing::MustOpen(*site_b_, image + "-standby");
+    EXPECT_EQ(testing::ImageHash(*b, SnapName(g.seq), kSize),
+              testing::ImageHash(*a, GroupSnapName(SnapName(g.seq)), kSize));
+    auto snaps = a->ListSnaps();
+    ASSERT_TRUE(snaps.ok());
+    for (const auto& s : *snaps) {
+      EXPECT_TRUE(s.name == SnapName(g.seq) || s.name == GroupSnapName(SnapName(g.seq)))
+          << image << " keeps " << s.name << " of the failed instant";
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cairn
