@@ -41,8 +41,7 @@ class Writer {
                         Escape(v.volume), Escape(v.role), extra, value);
   }
   void GroupSample(std::string_view name, const GroupStatusInfo& g, double value) {
-    out_ += fmt::format("{}{{site=\"{}\",group=\"{}\"}} {}\n", name, site_, Escape(g.group),
-                        value);
+    out_ += fmt::format("{}{{site=\"{}\",group=\"{}\"}} {}\n", name, site_, Escape(g.group), value);
   }
   void SiteSample(std::string_view name, double value) {
     out_ += fmt::format("{}{{site=\"{}\"}} {}\n", name, site_, value);
