@@ -277,12 +277,10 @@ Status Catalog::AddPoint(const RestorePoint& p) {
     return kv_.Commit({{PointKey(p.epoch.volume, p.epoch.seq), EncodeRestorePoint(p)}}, {});
   }
   RETURN_IF_ERROR(ValidateVolumeId(p.epoch.group).Annotate("group name"));
-  RETURN_IF_ERROR(
-      kv_.Commit({{PointKey(p.epoch.volume, p.epoch.seq), EncodeRestorePoint(p)},
-                  {catalog_internal::GroupMemberKey(p.epoch.group, p.epoch.seq, p.epoch.volume),
-                   EncodeRestorePoint(p)}},
-                 {}));
-  return CompleteGroupPoint(p.epoch.group, p.epoch.seq, p.epoch.group_members);
+  return kv_.Commit({{PointKey(p.epoch.volume, p.epoch.seq), EncodeRestorePoint(p)},
+                     {catalog_internal::GroupMemberKey(p.epoch.group, p.epoch.seq, p.epoch.volume),
+                      EncodeRestorePoint(p)}},
+                    {});
 }
 
 Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
@@ -293,7 +291,6 @@ Status Catalog::RemovePoint(std::string_view volume, uint64_t seq) {
   if (auto v = kv_.Get(key); v.ok()) {
     if (auto p = DecodeRestorePoint(*v, key); p.ok() && !p->epoch.group.empty()) {
       remove.push_back(catalog_internal::GroupMemberKey(p->epoch.group, seq, volume));
-      remove.push_back(catalog_internal::GroupPointKey(p->epoch.group, seq));
     }
   }
   return kv_.Commit({}, remove);

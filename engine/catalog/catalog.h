@@ -6,8 +6,8 @@
 // Keys:   point/<volume>/<seq, 20 digits>  ->  EncodeRestorePoint(...)
 //         owner/<pool>/<image>             ->  volume id
 //         instance/sink                    ->  EncodeSinkInstance(...)
-//         groupmember/<group>/<seq>/<volume> -> the member's point (as point/)
-//         grouppoint/<group>/<seq>         ->  pb::GroupPoint
+//         groupmember/<group>/<seq>/<volume> -> the member's point (as point/):
+//                                          the group points derive from them
 // Values: [u8 version=1][protobuf RestorePoint][u64 XXH3-64 of the bytes
 //         before it, little-endian]. A value that fails its checksum is
 //         reported as kDataLoss naming its key, never silently skipped.
@@ -122,13 +122,13 @@ class Catalog {
  public:
   explicit Catalog(KvStore& kv) : kv_(kv) {}
 
-  // A point of a group's instant (p.epoch.group) is also recorded as a
-  // member of it, and once every member of the instant (group_members) has
-  // its point, the group point is recorded in one write: it exists only
-  // whole.
+  // A point of a group's instant (p.epoch.group) is also recorded, in the
+  // same commit, as a member of it: once every member of the instant
+  // (group_members, one source site) has its point, the group point
+  // exists, made by the last member's commit; it exists only whole.
   Status AddPoint(const RestorePoint& p);
-  // Also forgets the point's verification, and the group point of its
-  // instant (no longer whole).
+  // Also forgets the point's verification and its group membership (the
+  // group point of its instant is no longer whole).
   Status RemovePoint(std::string_view volume, uint64_t seq);
 
   // The group points of `group`, oldest first.
@@ -195,10 +195,6 @@ class Catalog {
                              const SinkInstance& self);
 
  private:
-  // Records group point `seq` of `group` if `members` member points of it
-  // exist (catalog_group.cc).
-  Status CompleteGroupPoint(std::string_view group, uint64_t seq, uint32_t members);
-
   KvStore& kv_;
 };
 

@@ -1,12 +1,20 @@
 // Group points: a consistency group's instant, restorable only whole.
+//
+// A group point is not a record of its own: it is derived from its
+// members' records (groupmember/<group>/<seq>/<volume>, each written in the
+// same commit as that member's point). It exists exactly when the members
+// of one instant, as many as the instant took and all from one source
+// site, have theirs: made by the last member's commit, gone with any
+// member's point. So no crash between two writes can leave every member's
+// point of an instant without the group point, or the reverse.
 #include <fmt/format.h>
 
 #include <algorithm>
 #include <charconv>
+#include <map>
 
 #include "engine/catalog/catalog.h"
 #include "engine/catalog/catalog_internal.h"
-#include "proto/cairn.pb.h"
 
 namespace cairn {
 namespace catalog_internal {
@@ -15,83 +23,71 @@ std::string GroupMemberKey(std::string_view group, uint64_t seq, std::string_vie
   return fmt::format("groupmember/{}/{:020}/{}", group, seq, volume);
 }
 
-std::string GroupPointKey(std::string_view group, uint64_t seq) {
-  return fmt::format("grouppoint/{}/{:020}", group, seq);
-}
-
 }  // namespace catalog_internal
 
 namespace {
 
-using catalog_internal::GroupPointKey;
-
-std::string EncodeGroupPoint(const GroupPoint& g) {
-  pb::GroupPoint m;
-  m.set_group(g.group);
-  m.set_seq(g.seq);
-  m.set_source_time_ns(g.source_time_ns);
-  for (const auto& v : g.volumes) m.add_volumes(v);
-  return catalog_internal::Seal(m);
-}
-
-StatusOr<GroupPoint> DecodeGroupPoint(std::string_view bytes, std::string_view key) {
-  pb::GroupPoint m;
-  RETURN_IF_ERROR(catalog_internal::Unseal(bytes, key, &m));
-  return GroupPoint{.group = m.group(),
-                    .seq = m.seq(),
-                    .source_time_ns = m.source_time_ns(),
-                    .volumes = {m.volumes().begin(), m.volumes().end()}};
+// The group points among the member records `kvs` (one group's, in key
+// order: by seq), oldest first.
+StatusOr<std::vector<GroupPoint>> WholeInstants(std::string_view group,
+                                                const std::map<std::string, std::string>& kvs) {
+  std::map<uint64_t, std::vector<RestorePoint>> by_seq;
+  for (const auto& [key, value] : kvs) {
+    ASSIGN_OR_RETURN(RestorePoint p, DecodeRestorePoint(value, key));
+    by_seq[p.epoch.seq].push_back(std::move(p));
+  }
+  std::vector<GroupPoint> out;
+  for (const auto& [seq, members] : by_seq) {
+    // Whole: as many members as the instant took, of one instant of one
+    // source site (a same-named group of another site is not this one).
+    const RestorePoint& first = members.front();
+    const bool whole = members.size() == first.epoch.group_members &&
+                       std::all_of(members.begin(), members.end(), [&](const RestorePoint& p) {
+                         return p.epoch.group_members == first.epoch.group_members &&
+                                p.epoch.source_site == first.epoch.source_site;
+                       });
+    if (!whole) continue;
+    GroupPoint g;
+    g.group = std::string(group);
+    g.seq = seq;
+    for (const auto& p : members) {
+      g.volumes.push_back(p.epoch.volume);
+      g.source_time_ns = std::max(g.source_time_ns, p.epoch.snap_time_ns);
+    }
+    std::sort(g.volumes.begin(), g.volumes.end());
+    out.push_back(std::move(g));
+  }
+  return out;
 }
 
 }  // namespace
 
-Status Catalog::CompleteGroupPoint(std::string_view group, uint64_t seq, uint32_t members) {
-  const std::string prefix = fmt::format("groupmember/{}/{:020}/", group, seq);
-  ASSIGN_OR_RETURN(const auto kvs, kv_.Scan(prefix));
-  if (kvs.size() < members) return OkStatus();  // not whole yet
-  // Each member that completes it writes the same record: two members
-  // applied at once both find it whole, and neither's write is wrong.
-  GroupPoint g;
-  g.group = std::string(group);
-  g.seq = seq;
-  for (const auto& [key, value] : kvs) {
-    ASSIGN_OR_RETURN(const RestorePoint p, DecodeRestorePoint(value, key));
-    g.volumes.push_back(p.epoch.volume);
-    g.source_time_ns = std::max(g.source_time_ns, p.epoch.snap_time_ns);
-  }
-  std::sort(g.volumes.begin(), g.volumes.end());
-  return kv_.Commit({{GroupPointKey(group, seq), EncodeGroupPoint(g)}}, {});
-}
-
 StatusOr<std::vector<GroupPoint>> Catalog::GroupPoints(std::string_view group) {
   RETURN_IF_ERROR(ValidateVolumeId(group).Annotate("group name"));
-  ASSIGN_OR_RETURN(const auto kvs, kv_.Scan(fmt::format("grouppoint/{}/", group)));
-  std::vector<GroupPoint> out;
-  for (const auto& [key, value] : kvs) {
-    ASSIGN_OR_RETURN(GroupPoint g, DecodeGroupPoint(value, key));
-    out.push_back(std::move(g));
-  }
-  return out;  // keys sort by seq (20 digits)
+  ASSIGN_OR_RETURN(const auto kvs, kv_.Scan(fmt::format("groupmember/{}/", group)));
+  return WholeInstants(group, kvs);
 }
 
 StatusOr<GroupPoint> Catalog::GetGroupPoint(std::string_view group, uint64_t seq) {
   RETURN_IF_ERROR(ValidateVolumeId(group).Annotate("group name"));
-  const std::string key = GroupPointKey(group, seq);
-  auto v = kv_.Get(key);
-  if (!v.ok() && v.status().code() == Code::kNotFound) {
-    return NotFound(fmt::format("group {} has no restore point {}", group, seq));
-  }
-  RETURN_IF_ERROR(v.status());
-  return DecodeGroupPoint(*v, key);
+  ASSIGN_OR_RETURN(const auto kvs, kv_.Scan(fmt::format("groupmember/{}/{:020}/", group, seq)));
+  ASSIGN_OR_RETURN(const auto whole, WholeInstants(group, kvs));
+  if (whole.empty()) return NotFound(fmt::format("group {} has no restore point {}", group, seq));
+  return whole.front();
 }
 
 StatusOr<std::vector<std::string>> Catalog::Groups() {
-  ASSIGN_OR_RETURN(const auto kvs, kv_.Scan("grouppoint/"));
-  std::vector<std::string> out;
+  ASSIGN_OR_RETURN(const auto kvs, kv_.Scan("groupmember/"));
+  std::vector<std::string> names;
   for (const auto& [key, value] : kvs) {
-    std::string_view rest = std::string_view(key).substr(std::string_view("grouppoint/").size());
+    std::string_view rest = std::string_view(key).substr(std::string_view("groupmember/").size());
     std::string name(rest.substr(0, rest.find('/')));
-    if (out.empty() || out.back() != name) out.push_back(std::move(name));
+    if (names.empty() || names.back() != name) names.push_back(std::move(name));
+  }
+  std::vector<std::string> out;
+  for (const auto& name : names) {
+    ASSIGN_OR_RETURN(const auto points, GroupPoints(name));
+    if (!points.empty()) out.push_back(name);
   }
   return out;
 }

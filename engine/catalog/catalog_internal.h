@@ -1,5 +1,5 @@
 // What the catalog's translation units share (catalog.cc, catalog_group.cc):
-// the stored form of records and the keys of group points.
+// the stored form of records and the key of a group member's point.
 #pragma once
 
 #include <cstdint>
@@ -22,7 +22,5 @@ Status Unseal(std::string_view bytes, std::string_view key, google::protobuf::Me
 
 // groupmember/<group>/<seq, 20 digits>/<volume> -> the member's point
 std::string GroupMemberKey(std::string_view group, uint64_t seq, std::string_view volume);
-// grouppoint/<group>/<seq, 20 digits> -> GroupPoint
-std::string GroupPointKey(std::string_view group, uint64_t seq);
 
 }  // namespace cairn::catalog_internal

@@ -84,7 +84,7 @@ StatusOr<uint64_t> GroupSource::RequestNow() {
   }
   std::lock_guard lock(mu_);
   if (stop_) return Aborted("cairnd stops");
-  wanted_seq_ = std::max({wanted_seq_, instant_seq_ + 1, listed + 1});
+  wanted_seq_ = std::max({wanted_seq_, instant_seq_ + 1, listed + 1, taking_seq_ + 1});
   cv_.notify_all();
   return wanted_seq_;
 }
@@ -147,24 +147,43 @@ Status GroupSource::CheckMembers() {
       group_));
 }
 
-StatusOr<uint64_t> GroupSource::TakeInstant() {
-  std::lock_guard one(instant_mu_);
-  RETURN_IF_ERROR(CheckMembers());
+StatusOr<uint64_t> GroupSource::NextSeq(std::vector<std::vector<SnapInfo>>* listed) {
   uint64_t seq = 0;
   {
     std::lock_guard lock(mu_);
     seq = std::max(instant_seq_, failed_seq_);
   }
-  // Numbered above every snapshot of every member: a member that
-  // replicated on its own before has points of its own numbers.
-  std::vector<std::vector<SnapInfo>> listed;
+  // Numbered above every snapshot of every member and every point its sink
+  // has: a member that replicated on its own before has points of its own
+  // numbers, and one whose snapshots are gone still must ship above them.
   for (const auto& m : members_) {
+    seq = std::max(seq, m->Report().last_seq);
     ASSIGN_OR_RETURN(auto vol, pool_->Open(m->config().image));
     ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
     for (const auto& s : snaps) seq = std::max(seq, InstantSeq(s.name).value_or(0));
-    listed.push_back(std::move(snaps));
+    listed->push_back(std::move(snaps));
   }
-  seq += 1;
+  return seq + 1;
+}
+
+StatusOr<uint64_t> GroupSource::TakeInstant() {
+  std::lock_guard one(instant_mu_);
+  RETURN_IF_ERROR(CheckMembers());
+  std::vector<std::vector<SnapInfo>> listed;
+  ASSIGN_OR_RETURN(const uint64_t seq, NextSeq(&listed));
+  {
+    // A RequestNow from here on may come after writes this instant misses:
+    // it promises the next one.
+    std::lock_guard lock(mu_);
+    taking_seq_ = seq;
+  }
+  struct Taken {
+    GroupSource* g;
+    ~Taken() {
+      std::lock_guard lock(g->mu_);
+      g->taking_seq_ = 0;
+    }
+  } taken_done{this};
   // Each member's own cairn.<seq> first: the next instant diffs from it,
   // and it is older than this instant, so that diff misses nothing.
   std::vector<std::string> taken;
@@ -176,6 +195,10 @@ StatusOr<uint64_t> GroupSource::TakeInstant() {
     taken.push_back(m->config().image);
   }
   if (st.ok()) st = pool_->CreateGroupSnap(group_, SnapName(seq));
+  // An image added to or removed from the store's group meanwhile: some
+  // member has no share of this instant (or an image not replicated has
+  // one), and the instant is no group point. Taken again next time.
+  if (st.ok()) st = CheckMembers();
   if (!st.ok()) {
     // Never numbered again: a group snapshot that failed half way may
     // still hold its name in the store until it is removed.

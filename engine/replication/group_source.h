@@ -41,7 +41,6 @@
 
 namespace cairn {
 
-
 class GroupSource {
  public:
   // `group`: the store's group in `pool`; `members`: the replicators of its
@@ -73,6 +72,9 @@ class GroupSource {
   // Whether any member's image changed since its share of the newest
   // instant (true if that cannot be told).
   bool AnyChanged();
+  // The next instant's number: above every instant and failed one, every
+  // member's snapshots (listed into `listed`) and its sink's points.
+  StatusOr<uint64_t> NextSeq(std::vector<std::vector<SnapInfo>>* listed);
   // The members' images must be the store's group, no more, no less.
   Status CheckMembers();
   // Removes group snapshots that no member still has the cairn.<N> of
@@ -92,12 +94,13 @@ class GroupSource {
   std::mutex instant_mu_;  // one instant at a time
   uint64_t instant_seq_ = 0;
   uint64_t failed_seq_ = 0;  // the newest instant that could not be taken
-  uint64_t wanted_seq_ = 0;                  // RequestNow's promise
+  uint64_t taking_seq_ = 0;  // the instant being taken now (0: none)
+  uint64_t wanted_seq_ = 0;  // RequestNow's promise
   // The instants this process took (the newest 64): how many members, and
   // when.
   std::map<uint64_t, uint32_t> members_at_;
   std::map<uint64_t, int64_t> taken_at_ns_;
-  std::map<std::string, uint64_t> points_;   // member volume -> its newest point (instants)
+  std::map<std::string, uint64_t> points_;  // member volume -> its newest point (instants)
   GroupStatusInfo status_;
   std::thread thread_;
 };

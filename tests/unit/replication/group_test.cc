@@ -259,6 +259,17 @@ TEST_F(GroupTest, AGroupPointExistsOnlyOnceEveryMemberHasItsPoint) {
   ASSERT_TRUE(whole.ok());
   ASSERT_EQ(whole->size(), 1u);
   EXPECT_EQ(whole->front().volumes, (std::vector<std::string>{"vol-d0", "vol-d1"}));
+  // A same-named group of another source site (a second primary writing
+  // into this pool) never completes this one's instant.
+  p.epoch.seq = 8;
+  p.epoch.volume = "vol-d0";
+  ASSERT_TRUE(catalog.AddPoint(p).ok());
+  p.epoch.volume = "vol-x1";
+  p.epoch.source_site = "c";
+  ASSERT_TRUE(catalog.AddPoint(p).ok());
+  auto mixed = catalog.GroupPoints("app");
+  ASSERT_TRUE(mixed.ok());
+  EXPECT_EQ(mixed->size(), 1u) << "two sites' members made one group point";
   // A member's point gone (retention, a lost snapshot): no group point.
   ASSERT_TRUE(catalog.RemovePoint("vol-d1", 7).ok());
   auto gone = catalog.GroupPoints("app");
