@@ -54,6 +54,27 @@ class NullService final : public cairn::ControlService {
   cairn::StatusOr<FailedBack> Failback(const std::string&, uint64_t) override {
     return cairn::FailedPrecondition("not promoted");
   }
+  cairn::StatusOr<std::vector<cairn::GroupStatusInfo>> GroupStatus(const std::string&) override {
+    return std::vector<cairn::GroupStatusInfo>{};
+  }
+  cairn::StatusOr<uint64_t> ReplicateGroup(const std::string&) override {
+    return cairn::NotFound("no such group");
+  }
+  cairn::StatusOr<std::vector<cairn::GroupPoint>> GroupPoints(const std::string&) override {
+    return std::vector<cairn::GroupPoint>{};
+  }
+  cairn::StatusOr<std::vector<cairn::RestoreResult>> RestoreGroup(const std::string&, uint64_t,
+                                                                  const std::string&, bool,
+                                                                  bool) override {
+    return cairn::NotFound("no such group");
+  }
+  cairn::StatusOr<GroupImages> DrillGroup(const std::string&, uint64_t, bool) override {
+    return cairn::NotFound("no such group");
+  }
+  cairn::StatusOr<GroupImages> PromoteGroup(const std::string&, uint64_t,
+                                            const std::string&) override {
+    return cairn::NotFound("no such group");
+  }
 };
 
 }  // namespace
