@@ -230,12 +230,21 @@ void Sink::KeepGroupPoints(Target& t, const std::vector<RestorePoint>& points,
   // group must not lose its newest point while it makes the next.
   const std::string& group = points.back().epoch.group;
   if (group.empty()) return;
-  auto whole = t.catalog->GroupPoints(group);
-  if (!whole.ok()) {
-    spdlog::warn("volume {}: retention: the points of group {}: {}", t.volume, group,
-                 whole.status().message());
+  // The newest of this member's instants that is whole: asked seq by seq,
+  // newest first (usually the first or second), so a pass reads one
+  // instant's member records, not every record of the group.
+  uint64_t from = 0;
+  for (auto it = points.rbegin(); it != points.rend() && from == 0; ++it) {
+    if (it->epoch.group != group) continue;
+    auto whole = t.catalog->GetGroupPoint(group, it->epoch.seq);
+    if (whole.ok()) {
+      from = it->epoch.seq;
+    } else if (whole.status().code() != Code::kNotFound) {
+      spdlog::warn("volume {}: retention: group {} point {}: {}", t.volume, group, it->epoch.seq,
+                   whole.status().message());
+      break;  // unknown: every point of the group stays
+    }
   }
-  const uint64_t from = whole.ok() && !whole->empty() ? whole->back().seq : 0;
   for (const auto& p : points) {
     if (p.epoch.group == group && p.epoch.seq >= from) keep->insert(p.epoch.seq);
   }
