@@ -344,12 +344,21 @@ class Sink {
   StatusOr<GroupPoint> OnWholeGroup(const std::string& group, uint64_t seq, std::string_view what,
                                     const std::function<Status(const RestorePoint&)>& act,
                                     const std::function<void(const RestorePoint&)>& undo);
-  // Adds to `keep` the points of `t` (`points`, oldest first) that its
-  // consistency group still needs: those of the group's newest whole
-  // instant and newer (all of the group's if it has none, or it cannot be
-  // read).
+  // For a member of a consistency group: its group's rules decide which
+  // of its points of the group's instants stay (`keep`, from this member's
+  // rules, is changed for those only). Kept: the instants the retention
+  // rules keep among the group's whole points, each at the group point's
+  // time, so every member keeps the same instants; and the newest whole
+  // instant's and newer ones (the other members may still be making
+  // theirs). All of them if the group has no whole point yet, or it cannot
+  // be read.
   void KeepGroupPoints(Target& t, const std::vector<RestorePoint>& points,
                        std::set<uint64_t>* keep);
+  // The instants the retention rules keep among group `group`'s whole
+  // points up to `whole` (its newest), computed once per newest whole
+  // instant and shared by the members.
+  StatusOr<std::set<uint64_t>> GroupInstantsToKeep(Target& t, const std::string& group,
+                                                   uint64_t whole);
   // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
   void PruneCommitted(Target& t);
   Status RecoverSpool(Target& t);
@@ -421,6 +430,13 @@ class Sink {
     Clock::TimePoint until;
   };
   std::map<std::string, SpoolRefusal> spool_refusals_;
+  // GroupInstantsToKeep's last answer per "<target pool>/<group>": for
+  // which newest whole instant, and the instants kept.
+  struct GroupKeep {
+    uint64_t whole = 0;
+    std::set<uint64_t> instants;
+  };
+  std::map<std::string, GroupKeep> group_keep_;
   std::condition_variable retry_cv_;
   bool stopping_ = false;
   std::thread retrier_;  // last: started once everything above exists

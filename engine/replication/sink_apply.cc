@@ -223,33 +223,6 @@ void Sink::PruneCommitted(Target& t) {
   if (auto vol = std::move(t.committed)) PrunePoints(t, *vol);
 }
 
-void Sink::KeepGroupPoints(Target& t, const std::vector<RestorePoint>& points,
-                           std::set<uint64_t>* keep) {
-  // A group member's point of the group's newest whole instant stays, and
-  // its newer ones (the other members may still be making theirs): the
-  // group must not lose its newest point while it makes the next.
-  const std::string& group = points.back().epoch.group;
-  if (group.empty()) return;
-  // The newest of this member's instants that is whole: asked seq by seq,
-  // newest first (usually the first or second), so a pass reads one
-  // instant's member records, not every record of the group.
-  uint64_t from = 0;
-  for (auto it = points.rbegin(); it != points.rend() && from == 0; ++it) {
-    if (it->epoch.group != group) continue;
-    auto whole = t.catalog->GetGroupPoint(group, it->epoch.seq);
-    if (whole.ok()) {
-      from = it->epoch.seq;
-    } else if (whole.status().code() != Code::kNotFound) {
-      spdlog::warn("volume {}: retention: group {} point {}: {}", t.volume, group, it->epoch.seq,
-                   whole.status().message());
-      break;  // unknown: every point of the group stays
-    }
-  }
-  for (const auto& p : points) {
-    if (p.epoch.group == group && p.epoch.seq >= from) keep->insert(p.epoch.seq);
-  }
-}
-
 void Sink::PrunePoints(Target& t, Volume& vol) {
   auto points = t.catalog->Points(t.volume);
   if (!points.ok()) {
@@ -258,13 +231,13 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
   }
   if (points->empty()) return;
   std::set<uint64_t> keep = PointsToKeep(*points, env_.keep_points, env_.retention_tiers);
+  KeepGroupPoints(t, *points, &keep);
   // A point being verified stays until the verify ends (the next pass
   // drops it), and one a drill holds until the drill stops.
   keep.merge(VerifyingPoints(t.volume));
   for (const auto& p : *points) {
     if (!p.held_by.empty()) keep.insert(p.epoch.seq);
   }
-  KeepGroupPoints(t, *points, &keep);
   std::vector<uint64_t> dropped;
   for (const auto& p : *points) {
     if (keep.count(p.epoch.seq)) continue;

@@ -1,7 +1,8 @@
 // Sink: consistency groups at the standby site. A group point is recorded
 // by the catalog once every member's point of one instant is made
 // (Catalog::AddPoint); here it is found, and restored, drilled or promoted
-// whole: every member at the same point, or none.
+// whole: every member at the same point, or none; and its members keep
+// the same instants against retention.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
@@ -9,7 +10,9 @@
 #include <algorithm>
 #include <set>
 
+#include "engine/replication/retention.h"
 #include "engine/replication/sink.h"
+#include "engine/replication/sink_target.h"
 
 namespace cairn {
 
@@ -140,6 +143,69 @@ StatusOr<std::vector<PromoteResult>> Sink::PromoteGroup(const std::string& group
   };
   RETURN_IF_ERROR(OnWholeGroup(group, seq, "failover", act, undo).status());
   return out;
+}
+
+void Sink::KeepGroupPoints(Target& t, const std::vector<RestorePoint>& points,
+                           std::set<uint64_t>* keep) {
+  const std::string& group = points.back().epoch.group;
+  if (group.empty()) return;
+  // The newest of this member's instants that is whole: asked seq by seq,
+  // newest first (usually the first or second), so a pass reads one
+  // instant's member records, not every record of the group.
+  uint64_t whole = 0;
+  Status unknown;
+  for (auto it = points.rbegin(); it != points.rend() && whole == 0 && unknown.ok(); ++it) {
+    if (it->epoch.group != group) continue;
+    auto gp = t.catalog->GetGroupPoint(group, it->epoch.seq);
+    if (gp.ok()) {
+      whole = it->epoch.seq;
+    } else if (gp.status().code() != Code::kNotFound) {
+      unknown = gp.status();
+    }
+  }
+  StatusOr<std::set<uint64_t>> instants = std::set<uint64_t>{};
+  if (unknown.ok() && whole != 0) instants = GroupInstantsToKeep(t, group, whole);
+  if (!instants.ok()) unknown = instants.status();
+  if (!unknown.ok()) {
+    spdlog::warn("volume {}: retention keeps every point of group {}: {}", t.volume, group,
+                 unknown.message());
+  }
+  for (const auto& p : points) {
+    if (p.epoch.group != group) continue;
+    if (!unknown.ok() || whole == 0 || p.epoch.seq >= whole || instants->count(p.epoch.seq)) {
+      keep->insert(p.epoch.seq);
+    } else {
+      keep->erase(p.epoch.seq);
+    }
+  }
+}
+
+StatusOr<std::set<uint64_t>> Sink::GroupInstantsToKeep(Target& t, const std::string& group,
+                                                       uint64_t whole) {
+  const std::string key = t.pool_name + "/" + group;
+  {
+    std::lock_guard lock(mu_);
+    auto it = group_keep_.find(key);
+    if (it != group_keep_.end() && it->second.whole == whole) return it->second.instants;
+  }
+  // Every member's rules run on the same list: the whole points up to
+  // `whole`, each at its group point's time (the latest of its members'
+  // snapshot times; a member's own can fall in another hour). Points the
+  // rules drop never change what they keep, so a member that computes
+  // this after another member's pass keeps the same instants.
+  ASSIGN_OR_RETURN(const auto group_points, t.catalog->GroupPoints(group));
+  std::vector<RestorePoint> instants;
+  for (const auto& g : group_points) {
+    if (g.seq > whole) break;
+    RestorePoint p;
+    p.epoch.seq = g.seq;
+    p.epoch.snap_time_ns = g.source_time_ns;
+    instants.push_back(std::move(p));
+  }
+  std::set<uint64_t> kept = PointsToKeep(instants, env_.keep_points, env_.retention_tiers);
+  std::lock_guard lock(mu_);
+  group_keep_[key] = GroupKeep{whole, kept};
+  return kept;
 }
 
 }  // namespace cairn

@@ -94,7 +94,6 @@ Status MemoryPool::CreateGroupSnap(const std::string& group, const std::string& 
         fmt::format("creating a snapshot of group {}/{}: empty name", state_->name, group));
   }
   const std::string share = GroupSnapName(snap);
-  const int64_t now = state_->options.now_ns();
   // One critical section from the checks to the last member's share: no
   // write (it takes the same lock) lands between two members.
   std::lock_guard lock(state_->mu);
@@ -114,8 +113,10 @@ Status MemoryPool::CreateGroupSnap(const std::string& group, const std::string& 
     }
     taken.images.push_back(image);
   }
+  // Each share stamped at its own time, as librbd stamps each image's.
   for (const auto& image : taken.images) {
-    image->snaps.push_back({share, state_->next_snap_id++, image->size, now, image->head, 0});
+    image->snaps.push_back(
+        {share, state_->next_snap_id++, image->size, state_->options.now_ns(), image->head, 0});
   }
   g->snaps.push_back(std::move(taken));
   return OkStatus();

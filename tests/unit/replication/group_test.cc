@@ -8,9 +8,11 @@
 
 #include <atomic>
 #include <cstring>
+#include <functional>
 #include <mutex>
 
 #include "engine/replication/group_source.h"
+#include "engine/replication/retention.h"
 #include "tests/unit/replication/replication_fixture.h"
 
 namespace cairn {
@@ -18,12 +20,12 @@ namespace {
 
 constexpr uint64_t kSize = 4 * kMiB;
 
-// Site A's pool, with a write to every member of a group between the
-// members' own snapshots and the group snapshot: what a guest writes while
-// an instant is taken.
-class WritesBeforeInstant final : public Pool {
+// Site A's pool, with `hook` run around each group snapshot: hook(true)
+// before it is taken, hook(false) after.
+class AroundGroupSnaps final : public Pool {
  public:
-  explicit WritesBeforeInstant(std::shared_ptr<MemoryPool> inner) : inner_(std::move(inner)) {}
+  AroundGroupSnaps(std::shared_ptr<MemoryPool> inner, std::function<void(bool before)> hook)
+      : inner_(std::move(inner)), hook_(std::move(hook)) {}
   const std::string& name() const override { return inner_->name(); }
   StatusOr<std::unique_ptr<Volume>> Open(const std::string& image) override {
     return inner_->Open(image);
@@ -48,14 +50,10 @@ class WritesBeforeInstant final : public Pool {
     return inner_->GroupImages(group);
   }
   Status CreateGroupSnap(const std::string& group, const std::string& snap) override {
-    auto images = inner_->GroupImages(group);
-    if (images.ok()) {
-      for (const auto& image : *images) {
-        auto vol = testing::MustOpen(*inner_, image);
-        testing::Write(*vol, 1 * kMiB, "written as the instant was taken: " + snap);
-      }
-    }
-    return inner_->CreateGroupSnap(group, snap);
+    hook_(true);
+    Status st = inner_->CreateGroupSnap(group, snap);
+    hook_(false);
+    return st;
   }
   Status RemoveGroupSnap(const std::string& group, const std::string& snap) override {
     return inner_->RemoveGroupSnap(group, snap);
@@ -66,6 +64,7 @@ class WritesBeforeInstant final : public Pool {
 
  private:
   std::shared_ptr<MemoryPool> inner_;
+  std::function<void(bool before)> hook_;
 };
 
 class GroupTest : public ReplicationTest {
@@ -216,7 +215,18 @@ TEST_F(GroupTest, GroupPointsHoldEveryMemberAtOneInstantUnderDependentWrites) {
 TEST_F(GroupTest, APointIsReadFromTheGroupSnapshotNotTheMembersOwnSnapshot) {
   const std::vector<std::string> images = {"d0", "d1"};
   MakeImages(images);
-  StartGroup(images, std::make_shared<WritesBeforeInstant>(site_a_));
+  // A write to every member between the members' own snapshots and the
+  // group snapshot: what a guest writes while an instant is taken.
+  int instant = 0;
+  StartGroup(images, std::make_shared<AroundGroupSnaps>(site_a_, [&](bool before) {
+               if (!before) return;
+               ++instant;
+               for (const auto& image : images) {
+                 auto vol = testing::MustOpen(*site_a_, image);
+                 testing::Write(*vol, 1 * kMiB,
+                                fmt::format("written as instant {} was taken", instant));
+               }
+             }));
   const GroupPoint first = Instant();
   const GroupPoint second = Instant();
   EXPECT_GT(second.seq, first.seq);
@@ -363,6 +373,61 @@ TEST_F(GroupTest, TwoHundredMembersMakeOneGroupPointPerInstant) {
 
 namespace cairn {
 namespace {
+
+TEST_F(GroupTest, MembersKeepTheSameInstantsWhenTheirSnapshotTimesStraddleAnHour) {
+  // Site A on clock_; while shares_from_ns is set, a group snapshot's
+  // shares are stamped 1 ms apart from it (librbd stamps each image's).
+  struct Stamps {
+    std::atomic<bool> in_group_snap{false};
+    std::atomic<int64_t> shares_from_ns{0};
+    std::atomic<int64_t> share{0};
+  };
+  auto stamps = std::make_shared<Stamps>();  // outlives the test's body with site A
+  MemoryPoolOptions o;
+  o.now_ns = [this, stamps] {
+    if (!stamps->in_group_snap || stamps->shares_from_ns == 0) return clock_.UnixNs();
+    return stamps->shares_from_ns + 1'000'000 * stamps->share++;
+  };
+  site_a_ = std::make_shared<MemoryPool>("rbd", o);
+  sink_env_.clock = &clock_;
+  sink_env_.keep_points = 1;
+  sink_env_.retention_tiers = *ParseRetentionTiers("1h*3");
+  RestartSink(sink_env_);
+  const std::vector<std::string> images = {"m1", "m2"};
+  MakeImages(images);
+  StartGroup(images, std::make_shared<AroundGroupSnaps>(
+                         site_a_, [stamps](bool before) { stamps->in_group_snap = before; }));
+  constexpr int64_t kHour = 3'600'000'000'000;
+  const int64_t h1 = clock_.UnixNs() - clock_.UnixNs() % kHour + kHour;
+  // Instant 1 at 0:30; instant 2 at 1:00, m1's share 1 ms before the hour
+  // and m2's on it; 3 at 1:30; 4 at 2:30.
+  clock_.Advance(std::chrono::nanoseconds(h1 - kHour / 2 - clock_.UnixNs()));
+  EXPECT_EQ(Instant().seq, 1u);
+  stamps->shares_from_ns = h1 - 1'000'000;
+  EXPECT_EQ(Instant().seq, 2u);
+  stamps->shares_from_ns = 0;
+  clock_.Advance(std::chrono::hours(1));
+  EXPECT_EQ(Instant().seq, 3u);
+  clock_.Advance(std::chrono::hours(1));
+  EXPECT_EQ(Instant().seq, 4u);
+  // By its own times m1 would keep 2 for hour 0 and m2 would keep 1, and
+  // the group would have no point of hour 0. At the group points' times
+  // (the later share): hour 0 -> 1, hour 1 -> 3, hour 2 -> 4.
+  const std::vector<uint64_t> kept = {1, 3, 4};
+  PollUntil("both members keeping the instants 1, 3, 4", [&] {
+    for (const auto& image : images) {
+      std::vector<uint64_t> seqs;
+      const std::vector<RestorePoint> points = sink_->Points("vol-" + image).value();
+      for (const auto& p : points) seqs.push_back(p.epoch.seq);
+      if (seqs != kept) return false;
+    }
+    return true;
+  });
+  std::vector<uint64_t> group_seqs;
+  const std::vector<GroupPoint> group_points = sink_->GroupPoints("app").value();
+  for (const auto& g : group_points) group_seqs.push_back(g.seq);
+  EXPECT_EQ(group_seqs, kept);
+}
 
 TEST_F(GroupTest, RestoreDrillAndFailoverActOnEveryMemberOrNone) {
   const std::vector<std::string> images = {"d0", "d1"};
