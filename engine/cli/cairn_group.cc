@@ -20,6 +20,7 @@ nlohmann::json GroupStatusJson(const pb::GroupStatus& g) {
           {"instant_seq", g.instant_seq()},
           {"instant_time", Time(g.instant_time_ns())},
           {"last_seq", g.last_seq()},
+          {"unchanged_as_of", g.unchanged_at_ns() ? Time(g.unchanged_at_ns()) : ""},
           {"instants_total", g.instants_total()},
           {"waiting_for", g.waiting_for()},
           {"error", g.error()}};

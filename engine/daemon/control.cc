@@ -188,6 +188,7 @@ void FillGroupStatus(const GroupStatusInfo& g, pb::GroupStatus* m) {
   m->set_instant_seq(g.instant_seq);
   m->set_instant_time_ns(g.instant_time_ns);
   m->set_last_seq(g.last_seq);
+  m->set_unchanged_at_ns(g.unchanged_at_ns);
   m->set_instants_total(g.instants_total);
   m->set_error(g.error);
   for (const auto& v : g.waiting_for) m->add_waiting_for(v);

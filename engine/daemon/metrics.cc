@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <functional>
 #include <string_view>
 
@@ -151,6 +152,15 @@ void GroupFamilies(const MetricsInput& in, Writer& w) {
   for (const auto& g : in.groups) {
     if (g.last_time_ns > 0) {
       w.GroupSample("cairn_group_point_age_seconds", g, (in.now_ns - g.last_time_ns) / 1e9);
+    }
+  }
+  w.Family("cairn_group_lag_seconds", "gauge",
+           "Now minus the last moment the group's newest whole instant was known to hold every "
+           "member (taken, or found unchanged since).");
+  for (const auto& g : in.groups) {
+    if (g.last_time_ns > 0) {
+      w.GroupSample("cairn_group_lag_seconds", g,
+                    (in.now_ns - std::max(g.last_time_ns, g.unchanged_at_ns)) / 1e9);
     }
   }
   w.Family("cairn_group_waiting_members", "gauge",

@@ -295,9 +295,15 @@ void GroupSource::Loop() {
       continue;
     }
     lock.unlock();
+    const int64_t asked_at = clock_->UnixNs();  // what was written before is seen
     const bool take = asked || AnyChanged();
     StatusOr<uint64_t> r = take ? TakeInstant() : StatusOr<uint64_t>(uint64_t{0});
+    if (!take) {
+      // Idle: every member still holds the newest instant's point.
+      for (const auto& m : members_) m->NoteUnchanged(asked_at);
+    }
     lock.lock();
+    if (!take) status_.unchanged_at_ns = asked_at;
     if (r.ok()) {
       backoff = std::chrono::milliseconds(500);
       last_error.clear();

@@ -127,6 +127,9 @@ struct GroupStatusInfo {
   // newest point (0: none yet, or not since this process started).
   uint64_t last_seq = 0;
   int64_t last_time_ns = 0;  // when that instant was taken (0: not known here)
+  // When a check last found no member changed since instant last_seq
+  // (the group held that point as of then).
+  int64_t unchanged_at_ns = 0;
   uint64_t instants_total = 0;
   // The members that have not made their point of the newest instant yet
   // (the next instant waits for them).

@@ -10,6 +10,7 @@
 #include <chrono>
 #include <map>
 #include <system_error>
+#include <utility>
 
 #include "engine/base/thread_stack.h"
 #include "engine/catalog/catalog.h"
@@ -243,23 +244,35 @@ bool SourceReplicator::UnchangedSincePoint() {
     return false;
   }
   if (*changed) return false;
+  SendUnchanged(asked_at);
+  return true;
+}
+
+void SourceReplicator::NoteUnchanged(int64_t as_of_ns) {
+  std::lock_guard lock(mu_);
+  group_unchanged_ns_ = std::max(group_unchanged_ns_, as_of_ns);
+  cv_.notify_all();
+}
+
+void SourceReplicator::SendUnchanged(int64_t as_of_ns) {
   {
     std::lock_guard lock(mu_);
-    unchanged_at_ns_ = asked_at;
+    // Only with everything shipped: the newest snapshot is the point.
+    if (sink_seq_ == 0 || highest_snap_ != sink_seq_) return;
+    unchanged_at_ns_ = std::max(unchanged_at_ns_, as_of_ns);
     ++status_.unchanged_checks_total;
   }
   if (link_ && sink_takes_unchanged_) {
-    // The standby hears it too: its lag for this volume counts from now.
+    // The standby hears it too: its lag for this volume counts from then.
     pb::Unchanged u;
     u.set_seq(sink_seq_);
-    u.set_as_of_ns(asked_at);
+    u.set_as_of_ns(as_of_ns);
     if (Status st = link_->Send(FrameType::kUnchanged, u.SerializeAsString(), {}); !st.ok()) {
       spdlog::debug("volume {}: could not tell the sink the image is unchanged: {}", config_.id,
                     st.ToString());
       Disconnect();  // the next epoch connects afresh
     }
   }
-  return true;
 }
 
 void SourceReplicator::ConnectFirst(Schedule& s) {
@@ -345,6 +358,13 @@ void SourceReplicator::Loop() {
       continue;
     }
     const bool due = wanted_seq_ > status_.last_seq || (periodic && now >= s.next);
+    if (!due && group_unchanged_ns_ != 0) {
+      const int64_t as_of = std::exchange(group_unchanged_ns_, 0);
+      lock.unlock();
+      SendUnchanged(as_of);
+      lock.lock();
+      continue;
+    }
     if (now < s.retry_at || !due) {
       // Most of a volume's life is this wait: its deep stack goes back.
       ReleaseStackBelowHere();

@@ -108,6 +108,10 @@ class SourceReplicator {
   // The group took instant `seq` (this image's cairn.<seq> and its group
   // snapshot): ship it.
   void ShipInstant(uint64_t seq);
+  // The group found no member changed since its newest instant, as of
+  // `as_of_ns`: this member's lag counts from then, here and at the sink
+  // (sent from the member's own thread), as an idle volume's does.
+  void NoteUnchanged(int64_t as_of_ns);
 
   void Start();
   // Tells the replicator to stop (its link is closed at once) and returns;
@@ -296,6 +300,9 @@ class SourceReplicator {
   // A periodic epoch is due: true if the image has not changed since the
   // newest point (then no snapshot is taken, at either site).
   bool UnchangedSincePoint();
+  // The image held the newest point as of `as_of_ns` (unix ns): the lag
+  // counts from then; the sink is told, if it takes word of it.
+  void SendUnchanged(int64_t as_of_ns);
   // The Loop's schedule (its thread's own).
   struct Schedule {
     Clock::TimePoint next;      // the next periodic epoch (or outage snapshot)
@@ -386,6 +393,7 @@ class SourceReplicator {
   // When a check last found the image unchanged since the newest point
   // (it holds the image as of then: the lag counts from there).
   int64_t unchanged_at_ns_ = 0;
+  int64_t group_unchanged_ns_ = 0;  // NoteUnchanged's, for the loop to send
   std::thread thread_;
 };
 

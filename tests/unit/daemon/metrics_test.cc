@@ -97,6 +97,7 @@ TEST(Metrics, GroupsTheirNewestWholeInstantAndWhoTheyWaitFor) {
   g.group = "db1";
   g.last_seq = 12;
   g.last_time_ns = in.now_ns - 4'000'000'000;
+  g.unchanged_at_ns = in.now_ns - 1'000'000'000;  // found unchanged since, 1 s ago
   g.waiting_for = {"db1-log"};
   g.error = "FailedPrecondition: group db1 in pool rbd: ...";
   in.groups.push_back(g);
@@ -104,6 +105,7 @@ TEST(Metrics, GroupsTheirNewestWholeInstantAndWhoTheyWaitFor) {
   const std::string l = R"({site="a",group="db1"})";
   EXPECT_THAT(page, HasSubstr("cairn_group_point_seq" + l + " 12\n"));
   EXPECT_THAT(page, HasSubstr("cairn_group_point_age_seconds" + l + " 4\n"));
+  EXPECT_THAT(page, HasSubstr("cairn_group_lag_seconds" + l + " 1\n"));
   EXPECT_THAT(page, HasSubstr("cairn_group_waiting_members" + l + " 1\n"));
   EXPECT_THAT(page, HasSubstr("cairn_group_up" + l + " 0\n"));
 }

@@ -429,6 +429,43 @@ TEST_F(GroupTest, MembersKeepTheSameInstantsWhenTheirSnapshotTimesStraddleAnHour
   EXPECT_EQ(group_seqs, kept);
 }
 
+TEST_F(GroupTest, AnIdleGroupsLagStaysLowAtBothSites) {
+  UseManualClock();
+  const std::vector<std::string> images = {"i1", "i2"};
+  MakeImages(images);
+  for (const auto& image : images) {
+    members_.push_back(std::make_shared<SourceReplicator>(Member(image), "a", site_a_, Links()));
+    members_.back()->set_clock(clock_);
+  }
+  const auto interval = std::chrono::seconds(10);
+  group_ = std::make_unique<GroupSource>("app", site_a_, interval, members_);
+  group_->set_clock(clock_);
+  for (auto& m : members_) m->Start();
+  group_->Start();
+  PollUntil("the first group point", [&] { return group_->Report().last_seq == 1; });
+  // An hour without a write: the group takes no instant, and its lag and
+  // its members' (at both sites) count from the last check, not the point.
+  clock_.Advance(std::chrono::hours(1));
+  PollUntil("the group finding its members unchanged",
+            [&] { return group_->Report().unchanged_at_ns == clock_.UnixNs(); });
+  PollUntil("the sink told that both members are unchanged", [&] {
+    const auto st = sink_->Report();
+    return st.size() == 2 && std::all_of(st.begin(), st.end(), [&](const VolumeStatusInfo& v) {
+             return v.unchanged_as_of_ns == clock_.UnixNs();
+           });
+  });
+  for (const auto& v : sink_->Report()) {
+    EXPECT_EQ(v.last_seq, 1u) << v.volume;
+    EXPECT_EQ(v.lag_seconds, 0.0) << v.volume;
+  }
+  for (const auto& m : members_) EXPECT_EQ(m->Report().lag_seconds, 0.0) << m->config().id;
+  EXPECT_EQ(group_->Report().instant_seq, 1u) << "an instant taken of idle members";
+  // A write: the next check takes an instant.
+  testing::Write(*testing::MustOpen(*site_a_, "i2"), 0, "a write");
+  clock_.Advance(interval);
+  PollUntil("group point 2 after the write", [&] { return group_->Report().last_seq == 2; });
+}
+
 TEST_F(GroupTest, RestoreDrillAndFailoverActOnEveryMemberOrNone) {
   const std::vector<std::string> images = {"d0", "d1"};
   MakeImages(images);
