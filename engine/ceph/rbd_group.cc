@@ -17,7 +17,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -171,6 +173,20 @@ class PoolIo {
   rados_ioctx_t own_ = nullptr;
 };
 
+// Once per group and process at warn (a listing comes with every epoch),
+// at debug after.
+void WarnSharesLeftOut(const std::string& what, const Status& why) {
+  static std::mutex mu;
+  static std::set<std::string> warned;
+  bool first = false;
+  {
+    std::lock_guard lock(mu);
+    first = warned.insert(what).second;
+  }
+  spdlog::log(first ? spdlog::level::warn : spdlog::level::debug,
+              "the shares of group {} are left out of its snapshots: {}", what, why.ToString());
+}
+
 }  // namespace
 
 StatusOr<std::vector<std::optional<std::string>>> NameGroupShares(
@@ -183,12 +199,22 @@ StatusOr<std::vector<std::optional<std::string>>> NameGroupShares(
     auto it = groups.find(key);
     if (it == groups.end()) {
       it = groups.emplace(key, std::map<std::string, GroupSnapRecord>()).first;
-      ASSIGN_OR_RETURN(std::unique_ptr<PoolIo> pool, PoolIo::Open(io, ref.group_pool));
-      if (pool->get() != nullptr) {
-        const std::string what = fmt::format("{} (of {})", ref.group_id, spec);
-        ASSIGN_OR_RETURN(std::vector<GroupSnapRecord> records,
-                         ReadGroupSnaps(pool->get(), ref.group_id, what));
-        for (auto& g : records) it->second.emplace(g.id, std::move(g));
+      // A group whose header cannot be read (no caps on its pool) or
+      // decoded (a newer format) leaves its shares out of the listing, not
+      // the image's own snapshots: the image replicates on. Cairn's own
+      // group operations read the header themselves and fail, saying why.
+      const std::string what = fmt::format("{} (of {})", ref.group_id, spec);
+      StatusOr<std::unique_ptr<PoolIo>> pool = PoolIo::Open(io, ref.group_pool);
+      StatusOr<std::vector<GroupSnapRecord>> records = std::vector<GroupSnapRecord>{};
+      if (!pool.ok()) {
+        records = pool.status();
+      } else if ((*pool)->get() != nullptr) {
+        records = ReadGroupSnaps((*pool)->get(), ref.group_id, what);
+      }
+      if (records.ok()) {
+        for (auto& g : *records) it->second.emplace(g.id, std::move(g));
+      } else {
+        WarnSharesLeftOut(what, records.status());
       }
     }
     auto g = it->second.find(ref.group_snap_id);

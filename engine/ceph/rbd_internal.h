@@ -202,7 +202,8 @@ struct GroupShareRef {
 // The names the shares `refs` of the image `spec` are listed under:
 // GroupSnapName(name of the group snapshot) if it is complete, nullopt if
 // it is gone or incomplete (being taken, or a take that died midway): such a
-// share is no instant of the group. One omap read per group.
+// share is no instant of the group; so are the shares of a group whose
+// header cannot be read or decoded (logged). One omap read per group.
 StatusOr<std::vector<std::optional<std::string>>> NameGroupShares(
     rados_ioctx_t io, const std::vector<GroupShareRef>& refs, const std::string& spec);
 

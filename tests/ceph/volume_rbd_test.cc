@@ -19,10 +19,13 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "engine/catalog/catalog.h"
+#include "engine/ceph/omap_read.h"
 #include "engine/ceph/rbd_volume.h"
 #include "engine/volume/fault_pool.h"
 #include "tests/unit/volume/volume_conformance.h"
@@ -1033,6 +1036,69 @@ TEST_F(RbdVolumeTest, AGroupSnapshotOfTwoImagesReadsDiffsAndGoes) {
     ASSERT_EQ(raw.size(), 1u) << v->name();
     EXPECT_EQ(raw[0].first, "s0");
   }
+}
+
+// The omap of `object`: key -> value (what `rados listomapvals` shows).
+std::map<std::string, std::string> OmapOf(const RadosIoCtx& io, const std::string& object) {
+  std::map<std::string, std::string> out;
+  OmapRead r;
+  unsigned char more = 0;
+  int prval = 0;
+  rados_read_op_omap_get_vals2(r.op, "", "", 1000, &r.iter, &more, &prval);
+  if (rados_read_op_operate(r.op, io.get(), object.c_str(), 0) < 0 || prval < 0) return out;
+  r.ForEachValue([&](std::string_view k, std::string_view v) {
+    out.emplace(k, v);
+    return true;
+  });
+  return out;
+}
+
+Status SetOmap(const RadosIoCtx& io, const std::string& object, const std::string& key,
+               const std::string& value) {
+  rados_write_op_t op = rados_create_write_op();
+  const char* keys[] = {key.c_str()};
+  const char* values[] = {value.data()};
+  const size_t key_lens[] = {key.size()};
+  const size_t value_lens[] = {value.size()};
+  rados_write_op_omap_set2(op, keys, values, key_lens, value_lens, 1);
+  const int rc = rados_write_op_operate(op, io.get(), object.c_str(), nullptr, 0);
+  rados_release_write_op(op);
+  return rc < 0 ? ErrnoStatus(rc, "setting omap of " + object) : OkStatus();
+}
+
+// A group header Cairn cannot decode (a newer Ceph's format, or damage)
+// costs the listing its shares only: the image's own snapshots are still
+// listed and it replicates on; the group's own operations fail, saying so.
+TEST_F(RbdVolumeTest, AGroupHeaderThatDoesNotDecodeLeavesOnlyItsSharesOutOfTheListing) {
+  const std::string a = NewName("undecodable");
+  CAIRN_ASSERT_OK(pool_->Create(a, 4 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> va, pool_->Open(a));
+  CAIRN_ASSERT_OK(va->CreateSnap("s0"));
+  CAIRN_ASSERT_OK_AND_ASSIGN(const std::string group, NewGroup("undecodable", {a}));
+  CAIRN_ASSERT_OK(pool_->CreateGroupSnap(group, "g1"));
+  const auto directory = OmapOf(*io_, "rbd_group_directory");
+  const auto id = directory.find("name_" + group);
+  ASSERT_NE(id, directory.end()) << "group " << group << " is not in rbd_group_directory";
+  ASSERT_GT(id->second.size(), 4u);
+  const std::string header = "rbd_group_header." + id->second.substr(4);  // after its length
+  std::string key, original;
+  for (const auto& [k, v] : OmapOf(*io_, header)) {
+    if (k.rfind("snapshot_", 0) == 0) std::tie(key, original) = std::tie(k, v);
+  }
+  ASSERT_FALSE(key.empty()) << header << " holds no snapshot record";
+  CAIRN_ASSERT_OK(SetOmap(*io_, header, key, "\x01"));  // a record cut short
+
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<SnapInfo> snaps, va->ListSnaps());
+  ASSERT_EQ(snaps.size(), 1u);
+  EXPECT_EQ(snaps[0].name, "s0");
+  const auto listed = pool_->GroupSnaps(group);
+  EXPECT_EQ(listed.status().code(), Code::kDataLoss) << listed.status().ToString();
+  EXPECT_NE(listed.status().message().find("does not decode"), std::string::npos)
+      << listed.status().ToString();
+
+  CAIRN_ASSERT_OK(SetOmap(*io_, header, key, original));  // TearDown removes the group
+  CAIRN_ASSERT_OK_AND_ASSIGN(snaps, va->ListSnaps());
+  EXPECT_EQ(snaps.size(), 2u);
 }
 
 // A client that has a member open and writes (holding its exclusive lock:
