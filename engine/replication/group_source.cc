@@ -29,22 +29,40 @@ GroupSource::GroupSource(std::string group, std::shared_ptr<Pool> pool,
       members_(std::move(members)) {
   status_.group = group_;
   status_.pool = pool_->name();
+  self_->group = this;
+  // The members may outlive this group (held elsewhere, a call in
+  // flight): their calls reach it only while it exists.
   for (const auto& m : members_) {
     status_.volumes.push_back(m->config().id);
     SourceReplicator::GroupMembership g;
     g.group = group_;
-    g.members_at = [this](uint64_t seq) {
-      std::lock_guard lock(mu_);
-      auto it = members_at_.find(seq);
-      return it != members_at_.end() ? it->second : static_cast<uint32_t>(members_.size());
+    g.members_at = [self = self_](uint64_t seq) -> uint32_t {
+      std::shared_lock alive(self->mu);
+      if (self->group == nullptr) return 0;  // no instant: the sink refuses the epoch
+      std::lock_guard lock(self->group->mu_);
+      auto it = self->group->members_at_.find(seq);
+      return it != self->group->members_at_.end()
+                 ? it->second
+                 : static_cast<uint32_t>(self->group->members_.size());
     };
-    g.request_now = [this] { return RequestNow(); };
-    g.on_point = [this, volume = m->config().id](uint64_t seq) { OnPoint(volume, seq); };
+    g.request_now = [self = self_, name = group_]() -> StatusOr<uint64_t> {
+      std::shared_lock alive(self->mu);
+      if (self->group == nullptr) return Aborted(fmt::format("group {} is stopped", name));
+      return self->group->RequestNow();
+    };
+    g.on_point = [self = self_, volume = m->config().id](uint64_t seq) {
+      std::shared_lock alive(self->mu);
+      if (self->group != nullptr) self->group->OnPoint(volume, seq);
+    };
     m->set_group(std::move(g));
   }
 }
 
-GroupSource::~GroupSource() { Stop(); }
+GroupSource::~GroupSource() {
+  Stop();
+  std::unique_lock gone(self_->mu);  // waits for the members' calls in flight
+  self_->group = nullptr;
+}
 
 void GroupSource::Start() {
   thread_ = std::thread([this] { Loop(); });

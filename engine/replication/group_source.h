@@ -31,6 +31,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -82,6 +83,12 @@ class GroupSource {
   void PruneGroupSnaps(const std::vector<std::vector<SnapInfo>>& listed);
   void OnPoint(const std::string& volume, uint64_t seq);
 
+  // What the members' calls hold: this group while it exists.
+  struct Self {
+    std::shared_mutex mu;
+    GroupSource* group = nullptr;
+  };
+  const std::shared_ptr<Self> self_ = std::make_shared<Self>();
   const std::string group_;
   std::shared_ptr<Pool> pool_;
   const std::chrono::milliseconds interval_;

@@ -466,6 +466,19 @@ TEST_F(GroupTest, AnIdleGroupsLagStaysLowAtBothSites) {
   PollUntil("group point 2 after the write", [&] { return group_->Report().last_seq == 2; });
 }
 
+TEST_F(GroupTest, AMemberThatOutlivesItsGroupIsToldSoNotLeftDangling) {
+  const std::vector<std::string> images = {"o1", "o2"};
+  MakeImages(images);
+  StartGroup(images);
+  EXPECT_EQ(Instant().seq, 1u);
+  group_->Stop();
+  group_.reset();  // its members still run (held elsewhere: a call in flight)
+  const auto asked = members_[0]->RequestNow();
+  EXPECT_EQ(asked.status().code(), Code::kAborted) << asked.status().ToString();
+  EXPECT_NE(asked.status().message().find("group app is stopped"), std::string::npos)
+      << asked.status().ToString();
+}
+
 TEST_F(GroupTest, RestoreDrillAndFailoverActOnEveryMemberOrNone) {
   const std::vector<std::string> images = {"d0", "d1"};
   MakeImages(images);
