@@ -141,14 +141,18 @@ class ControlClient:
         req.replicate.volume = volume
         return self.call(req).replicate
 
-    def register(self, volume, pool, image, target_pool="", target_image=""):
+    def register(self, volume, pool, image, target_pool="", target_image="", group=""):
         """Source side: replicate pool/image as `volume` from now on (it
         persists across cairnd restarts). Empty targets take cairnd's
-        defaults (pool; image + ".standby"). Returns the RegisterReply."""
+        defaults (pool; image + ".standby"). group: a member of that
+        consistency group (the RBD group of that name in pool, which must
+        hold the image); a registered volume registered again with another
+        group (or none) moves. Returns the RegisterReply."""
         req = pb.ControlRequest()
         r = req.register_volume
         r.volume, r.pool, r.image = volume, pool, image
         r.target_pool, r.target_image = target_pool, target_image
+        r.group = group
         return self.call(req).register_volume
 
     def unregister(self, volume, remove_snapshots=True):

@@ -123,8 +123,9 @@ Status AnswerReplicate(ControlService& service, const pb::ReplicateRequest& q,
 
 Status AnswerRegister(ControlService& service, const pb::RegisterRequest& q,
                       pb::ControlReply& reply) {
-  ASSIGN_OR_RETURN(const VolumeStatusInfo s, service.Register({q.volume(), q.pool(), q.image(),
-                                                               q.target_pool(), q.target_image()}));
+  ASSIGN_OR_RETURN(const VolumeStatusInfo s,
+                   service.Register({q.volume(), q.pool(), q.image(), q.target_pool(),
+                                     q.target_image(), q.group()}));
   FillStatus(s, reply.mutable_register_volume()->mutable_status());
   return OkStatus();
 }

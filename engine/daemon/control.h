@@ -29,6 +29,9 @@ struct Registration {
   std::string image;
   std::string target_pool;   // empty: pool
   std::string target_image;  // empty: image + ".standby"
+  // A member of this consistency group (the RBD group of that name in
+  // `pool`, which must hold the image); empty: none.
+  std::string group;
 };
 
 // What cairnd offers on its control socket.

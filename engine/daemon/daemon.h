@@ -131,6 +131,14 @@ class Daemon final : public ControlService {
   // Starts the replicators of the [volume] sections, and the consistency
   // groups of those that name one (daemon_group.cc).
   Status StartVolumes();
+  // Starts group `name` of `members` (one pool), adding them to sources_
+  // and groups_.
+  Status StartGroup(const std::string& name, const std::vector<VolumeConfig>& members);
+  // Stops group `name` and its members' replicators, and forgets them.
+  void StopGroup(const std::string& name);
+  // Starts registered group `name` again with its registered members now
+  // (none: it stays stopped). register_mu_ held.
+  Status RestartRegisteredGroup(const std::string& name);
   std::shared_ptr<GroupSource> FindGroup(const std::string& group);
   // The replicator of `volume`, or null. Takes sources_mu_ only to look.
   std::shared_ptr<SourceReplicator> FindSource(const std::string& volume);
@@ -138,6 +146,12 @@ class Daemon final : public ControlService {
   VolumeConfig RegisteredVolume(const Registration& r) const;
   // Loads and starts every volume registered in the [source] pools.
   Status StartRegistered();
+  // A registration's group, if it names one, exists in its pool, holds
+  // its image, is no [volume] group, and its other members share the
+  // pool and target pool.
+  Status CheckGroupRegistration(const Registration& r, Pool& pool);
+  // Stops the replicator of `volume` (on its own schedule) and forgets it.
+  void StopSource(const std::string& volume);
 
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;

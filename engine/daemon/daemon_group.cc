@@ -1,6 +1,9 @@
 // Daemon: consistency groups. [volume] sections that name one `group` are
-// its members: their replicators start under a GroupSource that takes
-// their snapshots at one instant.
+// its members, and so are the volumes registered with one: their
+// replicators start under a GroupSource that takes their snapshots at one
+// instant. A registered group starts again, with its members as they are
+// now, whenever one is registered, moved or unregistered: the others go
+// on from their points (no resync).
 #include <fmt/format.h>
 #include <spdlog/spdlog.h>
 
@@ -22,28 +25,67 @@ Status Daemon::StartVolumes() {
     std::lock_guard lock(sources_mu_);
     sources_.push_back(std::move(src));
   }
-  for (const auto& [name, members] : groups) {
-    ASSIGN_OR_RETURN(auto pool, OpenPool(members.front().pool));
-    std::vector<std::shared_ptr<SourceReplicator>> sources;
-    std::chrono::milliseconds interval{0};
-    for (const auto& v : members) {
-      ASSIGN_OR_RETURN(auto src, MakeSource(v));
-      sources.push_back(std::move(src));
-      // The group's instants come as often as its most frequent member asks.
-      if (v.interval.count() > 0 && (interval.count() == 0 || v.interval < interval)) {
-        interval = v.interval;
-      }
-    }
-    auto group = std::make_shared<GroupSource>(name, pool, interval, sources);
-    for (auto& src : sources) src->Start();
-    group->Start();
-    spdlog::info("group {}: {} volumes of RBD group {}/{} replicate at one instant every {} ms",
-                 name, sources.size(), members.front().pool, name, interval.count());
-    std::lock_guard lock(sources_mu_);
-    sources_.insert(sources_.end(), sources.begin(), sources.end());
-    groups_.push_back(std::move(group));
-  }
+  for (const auto& [name, members] : groups) RETURN_IF_ERROR(StartGroup(name, members));
   return OkStatus();
+}
+
+Status Daemon::StartGroup(const std::string& name, const std::vector<VolumeConfig>& members) {
+  ASSIGN_OR_RETURN(auto pool, OpenPool(members.front().pool));
+  std::vector<std::shared_ptr<SourceReplicator>> sources;
+  std::chrono::milliseconds interval{0};
+  for (const auto& v : members) {
+    ASSIGN_OR_RETURN(auto src, MakeSource(v));
+    sources.push_back(std::move(src));
+    // The group's instants come as often as its most frequent member asks.
+    if (v.interval.count() > 0 && (interval.count() == 0 || v.interval < interval)) {
+      interval = v.interval;
+    }
+  }
+  auto group = std::make_shared<GroupSource>(name, pool, interval, sources);
+  for (auto& src : sources) src->Start();
+  group->Start();
+  spdlog::info("group {}: {} volumes of RBD group {}/{} replicate at one instant every {} ms", name,
+               sources.size(), members.front().pool, name, interval.count());
+  std::lock_guard lock(sources_mu_);
+  sources_.insert(sources_.end(), sources.begin(), sources.end());
+  groups_.push_back(std::move(group));
+  return OkStatus();
+}
+
+void Daemon::StopGroup(const std::string& name) {
+  std::shared_ptr<GroupSource> group;
+  std::vector<std::shared_ptr<SourceReplicator>> members;
+  {
+    std::lock_guard lock(sources_mu_);
+    auto g = std::find_if(groups_.begin(), groups_.end(),
+                          [&](const auto& g) { return g->name() == name; });
+    if (g == groups_.end()) return;
+    group = std::move(*g);
+    groups_.erase(g);
+    auto moved = std::stable_partition(sources_.begin(), sources_.end(),
+                                       [&](const auto& s) { return s->group() != name; });
+    members.assign(std::make_move_iterator(moved), std::make_move_iterator(sources_.end()));
+    sources_.erase(moved, sources_.end());
+  }
+  group->Stop();  // no instant is taken from now on
+  for (auto& s : members) s->RequestStop();
+  for (auto& s : members) s->Stop();
+}
+
+Status Daemon::RestartRegisteredGroup(const std::string& name) {
+  StopGroup(name);
+  std::vector<VolumeConfig> members;
+  {
+    std::lock_guard lock(sources_mu_);
+    for (const auto& [volume, r] : registered_) {
+      if (r.group == name) members.push_back(RegisteredVolume(r));
+    }
+  }
+  if (members.empty()) {
+    spdlog::info("group {}: no member left; its schedule stops", name);
+    return OkStatus();
+  }
+  return StartGroup(name, members);
 }
 
 std::shared_ptr<GroupSource> Daemon::FindGroup(const std::string& group) {

@@ -1,11 +1,14 @@
 // Daemon: volumes registered at run time (`cairn register` and
 // `unregister`), recorded in the registry of their [source] pool and
-// started again from it when cairnd starts.
+// started again from it when cairnd starts; a registration may name a
+// consistency group (daemon_group.cc).
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <map>
+#include <optional>
 
 #include "engine/daemon/daemon.h"
 #include "engine/daemon/registry.h"
@@ -49,11 +52,13 @@ VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
   v.interval = src.interval;
   v.keep_snapshots = src.keep_snapshots;
   v.outage_snapshots = src.outage_snapshots;
+  v.group = r.group;
   return v;
 }
 
 Status Daemon::StartRegistered() {
   if (!config_.source) return OkStatus();
+  std::map<std::string, std::vector<VolumeConfig>> groups;
   for (const auto& pool : config_.source->pools) {
     auto kv = cluster_->OpenKvStore(pool, kRegistryObject);
     if (!kv.ok()) return kv.status().Annotate("[source] pools: " + pool);
@@ -63,6 +68,12 @@ Status Daemon::StartRegistered() {
       auto r = DecodeRegistration(key, text);
       if (!r.ok()) {
         spdlog::error("pool {}: skipping a registration: {}", pool, r.status().ToString());
+        continue;
+      }
+      if (!r->group.empty()) {
+        groups[r->group].push_back(RegisteredVolume(*r));
+        std::lock_guard lock(sources_mu_);
+        registered_[r->volume] = *r;
         continue;
       }
       auto src = StartSource(RegisteredVolume(*r));
@@ -76,7 +87,59 @@ Status Daemon::StartRegistered() {
       registered_[r->volume] = *r;
     }
   }
+  for (const auto& [name, members] : groups) {
+    if (Status st = StartGroup(name, members); !st.ok()) {
+      spdlog::error("group {}: registered but cannot start: {}", name, st.ToString());
+    }
+  }
   return OkStatus();
+}
+
+Status Daemon::CheckGroupRegistration(const Registration& r, Pool& pool) {
+  if (r.group.empty()) return OkStatus();
+  RETURN_IF_ERROR(ValidateVolumeId(r.group).Annotate("group name"));
+  for (const auto& v : config_.volumes) {
+    if (v.group == r.group) {
+      return FailedPrecondition(fmt::format(
+          "group '{}' is defined in this cairnd's config file: add members there", r.group));
+    }
+  }
+  auto images = pool.GroupImages(r.group);
+  if (!images.ok()) {
+    return images.status().Annotate(
+        fmt::format("volume {} in group {}: create it first (`rbd group create {}/{}`)", r.volume,
+                    r.group, r.pool, r.group));
+  }
+  if (std::find(images->begin(), images->end(), r.image) == images->end()) {
+    return FailedPrecondition(fmt::format(
+        "image {}/{} is not in RBD group {}/{}: add it first (`rbd group image add {}/{} {}/{}`)",
+        r.pool, r.image, r.pool, r.group, r.pool, r.group, r.pool, r.image));
+  }
+  std::lock_guard lock(sources_mu_);
+  for (const auto& [volume, other] : registered_) {
+    if (volume == r.volume || other.group != r.group) continue;
+    if (other.pool != r.pool || other.target_pool != r.target_pool) {
+      return InvalidArgument(fmt::format(
+          "group '{}' replicates pool {} to pool {} (volume {}): its members share both", r.group,
+          other.pool, other.target_pool, volume));
+    }
+  }
+  return OkStatus();
+}
+
+void Daemon::StopSource(const std::string& volume) {
+  std::shared_ptr<SourceReplicator> stopped;
+  {
+    std::lock_guard lock(sources_mu_);
+    for (auto s = sources_.begin(); s != sources_.end(); ++s) {
+      if ((*s)->config().id == volume) {
+        stopped = std::move(*s);
+        sources_.erase(s);
+        break;
+      }
+    }
+  }
+  if (stopped) stopped->Stop();
 }
 
 StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
@@ -104,6 +167,7 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
   }
   std::lock_guard registering(register_mu_);
   bool known = false;
+  std::optional<Registration> moved_from;  // registered already, in another group (or none)
   {
     std::lock_guard lock(sources_mu_);
     if (auto it = registered_.find(r.volume); it != registered_.end()) {
@@ -112,7 +176,8 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
             "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first", r.volume,
             it->second.pool, it->second.image, it->second.target_pool, it->second.target_image));
       }
-      known = true;
+      known = it->second.group == r.group;
+      if (!known) moved_from = it->second;
     } else {
       for (const auto& s : sources_) {
         const auto& c = s->config();
@@ -128,12 +193,28 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
     }
   }
   if (!known) {
+    RETURN_IF_ERROR(CheckGroupRegistration(r, *pool));
     ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r.pool, kRegistryObject));
     RETURN_IF_ERROR(kv->Commit({{"volume/" + r.volume, EncodeRegistration(r)}}, {}));
-    ASSIGN_OR_RETURN(auto src, StartSource(v));
-    std::lock_guard lock(sources_mu_);
-    sources_.push_back(std::move(src));
-    registered_[r.volume] = r;
+    {
+      std::lock_guard lock(sources_mu_);
+      registered_[r.volume] = r;
+    }
+    // A move: the volume leaves its own schedule or its old group (which
+    // goes on without it), then joins the new one, from its point.
+    if (moved_from && moved_from->group.empty()) StopSource(r.volume);
+    if (moved_from && !moved_from->group.empty()) {
+      RETURN_IF_ERROR(RestartRegisteredGroup(moved_from->group));
+    }
+    if (r.group.empty()) {
+      ASSIGN_OR_RETURN(auto src, StartSource(v));
+      std::lock_guard lock(sources_mu_);
+      sources_.push_back(std::move(src));
+    } else {
+      RETURN_IF_ERROR(RestartRegisteredGroup(r.group));
+    }
+    spdlog::info("volume {}: registered ({}/{}{})", r.volume, r.pool, r.image,
+                 r.group.empty() ? "" : ", a member of group " + r.group);
   }
   if (auto s = FindSource(r.volume)) return s->Report();
   return Internal("registered volume vanished");
@@ -142,7 +223,6 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
 Status Daemon::Unregister(const std::string& volume, bool remove_snapshots) {
   RETURN_IF_ERROR(ValidateVolumeId(volume));
   std::lock_guard registering(register_mu_);
-  std::shared_ptr<SourceReplicator> stopped;
   Registration r;
   {
     std::lock_guard lock(sources_mu_);
@@ -164,15 +244,14 @@ Status Daemon::Unregister(const std::string& volume, bool remove_snapshots) {
   {
     std::lock_guard lock(sources_mu_);
     registered_.erase(volume);
-    for (auto s = sources_.begin(); s != sources_.end(); ++s) {
-      if ((*s)->config().id == volume) {
-        stopped = std::move(*s);
-        sources_.erase(s);
-        break;
-      }
-    }
   }
-  if (stopped) stopped->Stop();
+  if (r.group.empty()) {
+    StopSource(volume);
+  } else {
+    // The group goes on without it (the RBD group should lose it too:
+    // until then the group takes no instant, and its status says why).
+    RETURN_IF_ERROR(RestartRegisteredGroup(r.group));
+  }
   if (remove_snapshots) {
     ASSIGN_OR_RETURN(auto pool, OpenPool(r.pool));
     auto vol = pool->Open(r.image);

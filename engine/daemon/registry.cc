@@ -5,9 +5,11 @@
 namespace cairn {
 
 // registry omap: volume/<id> -> "pool=P\nimage=I\ntarget_pool=TP\ntarget_image=TI\n"
+// and "group=G\n" for a member of a consistency group.
 std::string EncodeRegistration(const Registration& r) {
-  return fmt::format("pool={}\nimage={}\ntarget_pool={}\ntarget_image={}\n", r.pool, r.image,
-                     r.target_pool, r.target_image);
+  return fmt::format("pool={}\nimage={}\ntarget_pool={}\ntarget_image={}\n{}", r.pool, r.image,
+                     r.target_pool, r.target_image,
+                     r.group.empty() ? "" : fmt::format("group={}\n", r.group));
 }
 
 StatusOr<Registration> DecodeRegistration(const std::string& key, const std::string& text) {
@@ -32,6 +34,8 @@ StatusOr<Registration> DecodeRegistration(const std::string& key, const std::str
       r.target_pool = v;
     else if (k == "target_image")
       r.target_image = v;
+    else if (k == "group")
+      r.group = v;
   }
   if (r.pool.empty() || r.image.empty()) {
     return DataLoss(fmt::format("{} {}: no pool or image in '{}'", kRegistryObject, key, text));

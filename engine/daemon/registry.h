@@ -22,7 +22,8 @@ std::string EncodeRegistration(const Registration& r);
 // kDataLoss if a line is malformed or the pool or image is missing.
 StatusOr<Registration> DecodeRegistration(const std::string& key, const std::string& text);
 
-// True if `a` and `b` replicate the same image to the same target.
+// True if `a` and `b` replicate the same image to the same target (in
+// whichever group).
 bool SameRegistration(const Registration& a, const Registration& b);
 
 }  // namespace cairn

@@ -3,15 +3,21 @@ client.cairn: the members of an RBD group at site A replicate at one
 instant (`rbd group snap create`), under dependent writes to all of them;
 every group point at site B equals, member by member and by hash, the
 group snapshot at A, and holds the members at one instant; a group point
-is restored, drilled and failed over whole."""
+is restored, drilled and failed over whole; members registered at run time
+join and leave a group without a resync of the others, and the group
+starts again with cairnd."""
 import random
 import struct
+import sys
 import threading
 
 import pytest
 import rbd
 
 import cairn_testlib as lib
+
+sys.path.insert(0, lib.SHIM)
+from cairn_cinder import wire  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 16 * MiB
@@ -153,3 +159,89 @@ def test_a_group_whose_rbd_group_lacks_a_member_takes_no_instant_and_says_why(
     assert images[1] in error and "rbd group image add" in error, error
     for image in images:
         assert not site_a.snaps(image), f"{image} got a snapshot of an instant never taken"
+
+
+def _points(sink, volume):
+    return {p["seq"]: p for p in sink.json("points", volume)}
+
+
+def test_members_registered_at_run_time_join_and_leave_without_a_resync_of_the_others(
+        site_a, site_b, workdir, rbd_groups, daemons, name):
+    images = [f"{name}-{m}" for m in ("m1", "m2", "m3")]
+    single = f"{name}-m4"  # replicated on its own first, then moved into the group
+    rng = random.Random(43)
+    for image in images + [single]:
+        site_a.create(image, SIZE)
+        with rbd.Image(site_a.ioctx, image) as img:
+            img.write(rng.randbytes(2 * MiB), rng.randrange(0, 8) * MiB)
+    group = f"{name}-g"
+    rbd_groups(group, images[:2])
+    port = lib.free_port()
+    sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
+        "b", site_b.conf, port, f"{workdir}/spool")))
+    source = daemons(lib.Cairnd(workdir, "source-a", (
+        "[cairnd]\nsite = a\ncontrol_socket = @SOCKET@\n\n" + lib.ceph_config(site_a.conf)
+        + lib.tls_config("a")
+        + f"[source]\npools = rbd\npeer = 127.0.0.1:{port}\ninterval = 0\n")))
+    a = wire.ControlClient(source.socket)
+
+    def register(image):
+        return a.register(image, "rbd", image, target_image=image + "-standby", group=group)
+
+    def expect_refused(image, grp, words):
+        try:
+            a.register(image, "rbd", image, target_image=image + "-standby", group=grp)
+        except wire.CairnError as e:
+            assert all(w in str(e) for w in words), e
+            return
+        raise AssertionError(f"{image} registered into group {grp}")
+
+    expect_refused(images[2], group, [images[2], "rbd group image add"])
+    expect_refused(images[2], f"{name}-nosuch", ["rbd group create"])
+    for image in images[:2]:
+        register(image)
+    a.register(single, "rbd", single, target_image=single + "-standby")
+    alone = source.json("replicate", single, "--wait", "--timeout", "180")["seq"]
+
+    def replicate_and_check(members):
+        seq = source.json("group", "replicate", group, "--wait", "--timeout", "180")["seq"]
+        point = [p for p in sink.json("group", "points", group) if p["seq"] == seq]
+        assert point and sorted(point[0]["volumes"]) == sorted(members), (seq, point)
+        for image in members:
+            snap = f"cairn.{seq}"
+            assert site_b.digest(image + "-standby", snap) == \
+                site_a.digest(image, snap_id=site_a.group_snap_id(image, snap)), (image, seq)
+        return seq
+
+    first = replicate_and_check(images[:2])
+    # A third member joins (a full sync of its own), and a volume that
+    # replicated on its own moves in: it and the others diff from their
+    # points.
+    for image in images + [single]:
+        with rbd.Image(site_a.ioctx, image) as img:
+            img.write(rng.randbytes(64 * 1024), rng.randrange(0, SIZE // MiB) * MiB)
+    for image in (images[2], single):
+        rbd.Group(site_a.ioctx, group).add_image(site_a.ioctx, image)
+        register(image)
+    images.append(single)
+    second = replicate_and_check(images)
+    for image in images[:2]:
+        assert _points(sink, image)[second]["base_seq"] == first, image
+    assert _points(sink, images[2])[second]["base_seq"] == 0
+    assert _points(sink, single)[second]["base_seq"] == alone
+    # One leaves (the RBD group first): the others go on from their points.
+    rbd.Group(site_a.ioctx, group).remove_image(site_a.ioctx, images[1])
+    a.unregister(images[1])
+    with rbd.Image(site_a.ioctx, images[0]) as img:
+        img.write(rng.randbytes(4096), 0)
+    members = [images[0], images[2], single]
+    third = replicate_and_check(members)
+    for image in members:
+        assert _points(sink, image)[third]["base_seq"] == second, image
+    status = source.json("group", "status", group)[0]
+    assert sorted(status["volumes"]) == sorted(members), status
+    # The group is registered: it starts again with cairnd.
+    source.stop()
+    source.start()
+    fourth = replicate_and_check(members)
+    assert _points(sink, images[0])[fourth]["base_seq"] == third
