@@ -17,7 +17,9 @@ mirror promote/demote) it asks cairnd over its control socket:
   delta from site B, site A's image the primary again, site B's standby
   image at that same point, replication from site A resumed as a delta
   (cairn failback). A volume that was not replicated back is released
-  instead: its image at site B is kept under a new name.
+  instead: its image at site B is kept under a new name;
+- generic volume groups of a type with consistent_group_replication_enabled
+  replicate at one instant, and fail over and back whole (groups.py).
 
 All replication logic lives in cairnd; this module only maps Cinder's calls
 to control requests and cairnd's answers to Cinder's volume states.
@@ -41,6 +43,7 @@ from cinder.objects import fields
 from cinder.volume import configuration
 from cinder.volume.drivers import rbd
 
+from cairn_cinder import groups as cairn_groups
 from cairn_cinder import wire
 
 LOG = logging.getLogger(__name__)
@@ -100,11 +103,6 @@ FAILOVER_ERROR = fields.ReplicationStatus.FAILOVER_ERROR
 NOT_CAPABLE = fields.ReplicationStatus.NOT_CAPABLE
 
 
-class CairnGroupReplicationNotSupported(exception.VolumeDriverException,
-                                        NotImplementedError):
-    message = 'Cairn: group replication is not supported yet'
-
-
 class _PointChoiceError(Exception):
     """The cairn_failover_point metadata names no usable restore point."""
 
@@ -152,10 +150,16 @@ def _load_driver_data(volume):
 
 
 @interface.volumedriver
-class CairnRBDDriver(rbd.RBDDriver):
-    """RBD driver whose replication is Cairn's (see the module docstring)."""
+class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
+    """RBD driver whose replication is Cairn's (see the module docstring);
+    group replication in groups.py."""
 
     VERSION = '0.1.0'
+
+    # For groups.py.
+    _group_data = staticmethod(_driver_data)
+    _load_data = staticmethod(_load_driver_data)
+    _iso = staticmethod(_iso)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -657,15 +661,3 @@ class CairnRBDDriver(rbd.RBDDriver):
             elif v.last_seq > 0:
                 updates.append({'volume_id': v.volume, 'replication_status': ENABLED})
         return [], updates
-
-    # -- group replication (not yet) -------------------------------------
-
-    def enable_replication(self, context, group, volumes):
-        raise CairnGroupReplicationNotSupported()
-
-    def disable_replication(self, context, group, volumes):
-        raise CairnGroupReplicationNotSupported()
-
-    def failover_replication(self, context, group, volumes,
-                             secondary_backend_id=None):
-        raise CairnGroupReplicationNotSupported()

@@ -206,3 +206,17 @@ class ControlClient:
         req = pb.ControlRequest()
         req.release.volume = volume
         return self.call(req).release
+
+    def group_points(self, group):
+        """Standby side: the group points of consistency group `group`,
+        oldest first (each: seq, source_time_ns, volumes)."""
+        req = pb.ControlRequest()
+        req.group.group, req.group.action = group, pb.GroupRequest.POINTS
+        return list(self.call(req).group.points)
+
+    def group_replicate(self, group):
+        """Source side: takes an instant of `group` now; the GroupReply's
+        seq is the group point it will make."""
+        req = pb.ControlRequest()
+        req.group.group, req.group.action = group, pb.GroupRequest.REPLICATE
+        return self.call(req).group

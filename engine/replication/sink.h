@@ -263,9 +263,12 @@ class Sink {
   // cairn.<N> snapshots are kept (cairn-divergent-<time>) and t's image
   // becomes the volume's standby with no point: the first epoch is
   // compared by digests with that snapshot (ResyncBaseOf) and writes only
-  // what differs. Adopted so before: nothing more.
+  // what differs. Adopted so before: nothing more. With `share` (the
+  // image's share of the group snapshot the point came from) the image is
+  // the volume's: no operator is needed unless both sites wrote since.
   Status AdoptWithoutPoint(Target& t, const pb::Hello& hello, const std::string& owner, Volume& vol,
-                           const std::vector<SnapInfo>& snaps);
+                           const std::vector<SnapInfo>& snaps,
+                           const std::optional<SnapInfo>& share);
   // A planned failback's Hello (hand_back_seq): t's image is the volume's
   // primary again at this site. Its newest point must be hand_back_seq,
   // on t's image, from t's source site; the head is put back to it if an

@@ -71,13 +71,34 @@ std::optional<SnapInfo> ResyncBaseOf(const std::vector<SnapInfo>& snaps) {
 }
 
 Status Sink::AdoptWithoutPoint(Target& t, const pb::Hello& hello, const std::string& owner,
-                               Volume& vol, const std::vector<SnapInfo>& snaps) {
+                               Volume& vol, const std::vector<SnapInfo>& snaps,
+                               const std::optional<SnapInfo>& share) {
   const uint64_t seq = hello.base_point().seq();
   if (owner == t.volume && ResyncBaseOf(snaps)) return OkStatus();  // adopted so before
+  // A group member's point came from its share of the group snapshot:
+  // that share is here, so the image is the volume's, at the point or
+  // written since. It cannot be the head's base (no rollback to a share),
+  // but it tells whether this site wrote since: if only one side did, the
+  // image is resynced by digests with no operator.
+  bool lineage = false;
+  if (share) {
+    ASSIGN_OR_RETURN(const bool written_here, vol.ChangedSince(*share));
+    if (written_here && hello.base_written_bytes() > 0 && !hello.keep_source()) {
+      return FailedPrecondition(
+                 fmt::format("split brain: since group restore point {} of volume '{}' ({}), "
+                             "both this site and site {} wrote to the volume; nothing moves "
+                             "until you choose, at site {}'s cairnd: `cairn resolve {} --keep {}` "
+                             "or `cairn resolve {} --keep {}`",
+                             seq, t.volume, share->name, t.source_site, t.source_site, t.volume,
+                             t.source_site, t.volume, env_.site))
+          .WithReason(Reason::kSplitBrain);
+    }
+    lineage = true;
+  }
   // Nothing tells what this image holds: the volume as this site wrote it
   // since the point, or another image under its name. Only an operator
   // says it may be written.
-  if (!hello.keep_source()) {
+  if (!lineage && !hello.keep_source()) {
     return FailedPrecondition(
                fmt::format(
                    "image {}/{} has no snapshot of restore point {} of volume '{}' (site {} "
@@ -132,9 +153,18 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
         "replication back from site {} starts then",
         t.pool_name, t.image, fmt::join(clients, ", "), t.source_site));
   }
-  // The point is gone here (pruned, or the image is another): resynced
-  // by digests from the image as it is.
-  if (snap == snaps.end()) return AdoptWithoutPoint(t, hello, owner, *vol, snaps);
+  // The point is gone here (pruned, or the image is another), or it is a
+  // group member's share: resynced by digests from the image as it is.
+  if (snap == snaps.end()) {
+    std::optional<SnapInfo> share;
+    if (!base.epoch.group.empty()) {
+      auto it = std::find_if(snaps.begin(), snaps.end(), [&](const SnapInfo& s) {
+        return s.name == GroupSnapName(name) && s.time_ns == base.epoch.snap_time_ns;
+      });
+      if (it != snaps.end()) share = *it;
+    }
+    return AdoptWithoutPoint(t, hello, owner, *vol, snaps, share);
+  }
   const SnapInfo point = *snap;
   ASSIGN_OR_RETURN(const uint64_t divergent, BytesSince(*vol, point));
   if (divergent > 0 && hello.base_written_bytes() > 0 && !hello.keep_source()) {

@@ -369,16 +369,63 @@ def test_retype_back_to_replicated_replicates_again(site_a, site_b, cairn, volum
     assert site_b.digest(got.image, got.snap) == site_a.digest(vol.name)
 
 
-def test_group_replication_is_not_supported(make_driver, ctx):
-    drv = make_driver("/nonexistent/cairnd.sock", setup=False)
-    calls = [lambda: drv.enable_replication(ctx, None, []),
-             lambda: drv.disable_replication(ctx, None, []),
-             lambda: drv.failover_replication(ctx, None, [], BACKEND_ID)]
-    for call in calls:
-        with pytest.raises(exception.VolumeDriverException) as e:
-            call()
-        assert isinstance(e.value, NotImplementedError)
-        assert str(e.value) == "Cairn: group replication is not supported yet"
+class _Group:
+    """What the driver reads of a Cinder group object."""
+
+    def __init__(self, replication_status="enabled"):
+        self.id = str(uuid.uuid4())
+        self.replication_status = replication_status
+
+
+def test_a_failed_over_groups_volumes_attach_at_site_b(site_a, site_b, cairn, volumes,
+                                                       make_driver, testbed, ctx):
+    drv = make_driver(cairn.source.socket, cairn.sink.socket, setup=False)
+    drv.do_setup(ctx)
+    vol = volumes.new()
+    at_a = drv.initialize_connection(vol, {})["data"]
+    vol.replication_status = "failed-over"
+    vol.replication_driver_data = json.dumps({"group": "group-x", "site": BACKEND_ID})
+    at_b = drv.initialize_connection(vol, {})["data"]
+    mon_b = testbed["CEPH_MON_B"].split(":")
+    assert (at_b["hosts"], at_b["ports"]) == ([mon_b[1]], [mon_b[2]]), at_b
+    assert at_a["ports"] != at_b["ports"], (at_a, at_b)
+    assert at_b["name"] == f"rbd/{vol.name}" and "keyring" not in at_b, at_b
+    # Not failed over (or the whole backend is): the active site's.
+    vol.replication_status = "enabled"
+    assert drv.initialize_connection(vol, {})["data"]["ports"] == at_a["ports"]
+
+
+def test_a_group_is_not_failed_over_without_a_point_holding_every_volume(
+        site_a, site_b, cairn, volumes, make_driver, ctx):
+    cairn.start()
+    drv = make_driver(cairn.source.socket, cairn.sink.socket)
+    vols = [volumes.new(), volumes.new()]
+    for v in vols:
+        v.update(drv.create_volume(v))
+    group = _Group()
+    try:
+        with pytest.raises(exception.ReplicationGroupError) as e:
+            drv.failover_replication(ctx, group, vols, BACKEND_ID)
+        assert "NOT failed over" in str(e.value) and group.id in str(e.value), e.value
+        for v in vols:
+            assert v.name not in site_b.images(), "a volume promoted without its group's point"
+    finally:
+        for v in vols:
+            drv.delete_volume(v)
+
+
+def test_enabling_group_replication_names_a_missing_cairnd(make_driver, volumes, ctx,
+                                                           site_a, site_b, tmp_path):
+    drv = make_driver(str(tmp_path / "nosuch.sock"))
+    vol = volumes.new()
+    site_a.create(vol.name, 1 << 20)
+    group = _Group("disabled")
+    try:
+        with pytest.raises(exception.ReplicationGroupError) as e:
+            drv.enable_replication(ctx, group, [vol])
+        assert "nosuch.sock" in str(e.value) and vol.id in str(e.value), e.value
+    finally:
+        rbd.RBD().group_remove(site_a.ioctx, f"group-{group.id}")
 
 
 def test_driver_options_are_registered_with_help(make_driver):

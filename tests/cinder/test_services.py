@@ -149,3 +149,100 @@ def test_failover_host_and_back_with_real_cinder(services):
     p = {p["seq"]: p for p in sink.json("points", rid)}[nxt]
     assert p["source_site"] == "a" and p["data_bytes"] <= 4 * MiB, p
     assert site_b.digest(f"{image}.standby", f"cairn.{nxt}") == site_a.digest(image)
+
+
+def _wait_group(svc, gid, replication_status, timeout=120):
+    def check():
+        st = svc.show("group", gid)
+        if st.get("status") == "error":
+            raise AssertionError(f"group {gid} went to error: {st}\n{svc.logs()}")
+        return st if st.get("replication_status") == replication_status else None
+    try:
+        return lib.wait_for(f"group {gid} replication {replication_status}", check,
+                            timeout=timeout, interval=0.5)
+    except TimeoutError as e:
+        raise AssertionError(f"{e}: {svc.show('group', gid)}\n{svc.logs()}") from None
+
+
+def _created_id(result):
+    return result.stdout.split("| id ")[1].split("|")[1].strip()
+
+
+def test_group_replication_fails_over_and_back_whole_with_real_cinder(services):
+    """cinder group-create of a group type with consistent group
+    replication, group-enable-replication, group-failover-replication to
+    site B (every volume at one group point, by hash) and back ('default',
+    site B's writes home), group-disable-replication."""
+    svc, site_a, site_b, source, sink, made = services
+    svc.cli("type-create", "cairn-repl")
+    svc.cli("type-key", "cairn-repl", "set", "replication_enabled=<is> True",
+            f"volume_backend_name={CinderServices.BACKEND}")
+    svc.cli("group-type-create", "cairn-cg")
+    svc.cli("group-type-key", "cairn-cg", "set",
+            "consistent_group_replication_enabled=<is> True")
+    gid = _created_id(svc.cli("group-create", "--name", "db", "cairn-cg", "cairn-repl"))
+    lib.wait_for("group db available",
+                 lambda: svc.show("group", gid).get("status") == "available", 60, 0.5)
+    vids = [_created_id(svc.cli("create", "--volume-type", "cairn-repl", "--group-id", gid,
+                                "--name", f"db-{i}", "1")) for i in range(2)]
+    images = [f"volume-{v}" for v in vids]
+    made += images
+    try:
+        _group_replication_round_trip(svc, site_a, site_b, source, sink, gid, vids, images)
+    finally:
+        try:  # a failure midway leaves the RBD group: its images could not go
+            rbd.RBD().group_remove(site_a.ioctx, f"group-{gid}")
+        except rbd.ObjectNotFound:
+            pass
+
+
+def _group_replication_round_trip(svc, site_a, site_b, source, sink, gid, vids, images):
+    for v in vids:
+        _wait_status(svc, v, "available")
+
+    svc.cli("group-enable-replication", gid)
+    _wait_group(svc, gid, "enabled")
+    group = f"group-{gid}"
+    rng = random.Random(9)
+    for image in images:
+        with rbd.Image(site_a.ioctx, image) as img:
+            img.write(rng.randbytes(2 * MiB), rng.randrange(0, 500) * MiB)
+    seq = source.json("group", "replicate", group, "--wait", "--timeout", "180")["seq"]
+    points = {p["seq"]: p for p in sink.json("group", "points", group)}
+    assert sorted(points[seq]["volumes"]) == sorted(vids), points
+    at_point = {}
+    for image in images:
+        at_point[image] = site_a.digest(image, snap_id=site_a.group_snap_id(
+            image, f"cairn.{seq}"))
+        assert site_b.digest(f"{image}.standby", f"cairn.{seq}") == at_point[image], image
+    svc.cli("group-failover-replication", gid, "--secondary-backend-id", "site-b")
+    _wait_group(svc, gid, "failed-over")
+    # Every volume at the newest group point (the group is idle since, so
+    # it took no other), equal to the group snapshot at site A.
+    b = wire.ControlClient(sink.socket)
+    promoted = {b.promote(v, image, pool="rbd").point.seq for v, image in zip(vids, images)}
+    assert promoted == {seq}, promoted
+    for v, image in zip(vids, images):
+        assert svc.show("", v)["replication_status"] == "failed-over", v
+        assert site_b.digest(image) == at_point[image], f"{image} at site B is not group point {seq}"
+
+    # Written at site B while failed over; the group fails back with it.
+    with rbd.Image(site_b.ioctx, images[1]) as img:
+        img.write(rng.randbytes(MiB), 100 * MiB)
+    at_b = {image: site_b.digest(image) for image in images}
+    for v in vids:
+        lib.wait_for(f"site A's source of {v} standing by", lambda v=v: [
+            s for s in source.json("status", v) if s["role"] == "source"
+            and s["state"] == "standby"], timeout=60)
+    svc.cli("group-failover-replication", gid, "--secondary-backend-id", "default")
+    _wait_group(svc, gid, "enabled")
+    for image in images:
+        assert site_a.digest(image) == at_b[image], f"site B's writes to {image} did not come home"
+
+    svc.cli("group-disable-replication", gid)
+    _wait_group(svc, gid, "disabled")
+    # Each volume replicates on its own again; no group is left.
+    assert source.cli("group", "status", group).returncode == 3
+    for v in vids:
+        assert [s for s in source.json("status", v) if s["role"] == "source"], v
+    assert source.json("replicate", vids[0], "--wait", "--timeout", "120")["seq"] > seq
