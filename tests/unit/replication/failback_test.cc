@@ -6,11 +6,13 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <random>
 #include <thread>
 
 #include "engine/link/link.h"
+#include "engine/replication/group_source.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
 #include "engine/spool/file_spool_store.h"
@@ -288,6 +290,77 @@ TEST_F(FailbackTest, AnImageThatLostTheSharedPointIsResyncedByDigestsOnceChosen)
     EXPECT_EQ(next->data_bytes + next->zero_bytes, grains * 65536u);
     EXPECT_EQ(testing::ImageHash(*img, "", kSize), testing::ImageHash(*p, "", kSize));
     testing::Write(*p, 0, testing::RandomBytes(rng_, 4096));
+  }
+}
+
+// A member of a consistency group: its point 2 was read from its share of
+// the group snapshot, so A's image has no cairn.2 of that time to adopt.
+// The share proves the image is the volume's: with writes at B only, the
+// way back needs no operator (a resync by digests, only what differs
+// moves); with writes at both sites, it is a split brain.
+TEST_F(FailbackTest, AGroupMembersShareOfThePointLetsItResyncByDigestsWithoutAnOperator) {
+  for (const bool a_writes : {true, false}) {
+    SCOPED_TRACE(a_writes ? "both sites wrote" : "site B wrote");
+    for (auto& t : sessions_) t.join();  // the last round's links are closed
+    sessions_.clear();
+    a_ = std::make_unique<Site>("a", dir_ / (a_writes ? "a1" : "a2"));
+    b_ = std::make_unique<Site>("b", dir_ / (a_writes ? "b1" : "b2"));
+    ASSERT_TRUE(a_->pool->Create("img", kSize).ok());
+    ASSERT_TRUE(a_->pool->CreateGroup("app").ok());
+    ASSERT_TRUE(a_->pool->AddToGroup("app", "img").ok());
+    auto img = testing::MustOpen(*a_->pool, "img");
+    VolumeConfig c = Config("img", "img-standby");
+    c.group = "app";
+    auto member = std::make_shared<SourceReplicator>(c, "a", a_->pool, ConnectTo(*b_));
+    {
+      GroupSource group("app", a_->pool, std::chrono::milliseconds(0), {member});
+      member->Start();
+      for (uint64_t seq = 1; seq <= 2; ++seq) {
+        testing::RandomChanges(*img, rng_, kSize, 8);
+        ASSERT_TRUE(group.TakeInstant().ok());
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        while (true) {
+          auto points = b_->sink->Points("vol1");
+          if (points.ok() && points->back().epoch.seq == seq) break;
+          ASSERT_LT(std::chrono::steady_clock::now(), deadline) << "no point " << seq << " at B";
+          std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+      }
+      member->Stop();
+    }
+    ASSERT_EQ(Catalog(*b_->catalog).Get("vol1", 2).value().epoch.group, "app");
+    ASSERT_TRUE(b_->sink->Promote("vol1", 0, "", "img-p").ok());
+    auto p = testing::MustOpen(*b_->pool, "img-p");
+    testing::Write(*p, 0, testing::RandomBytes(rng_, 2 * 65536));
+    if (a_writes) testing::Write(*img, kMiB, testing::RandomBytes(rng_, 65536));
+    const std::string a_before = testing::ImageHash(*img, "", kSize);
+    auto rep = Reverse();
+    auto sum = rep->RunOnce();
+    if (a_writes) {
+      ASSERT_FALSE(sum.ok());
+      EXPECT_EQ(sum.status().code(), Code::kFailedPrecondition) << sum.status().ToString();
+      EXPECT_THAT(sum.status().message(),
+                  HasSubstr("split brain: since group restore point 2 of volume 'vol1'"));
+      EXPECT_THAT(sum.status().message(), HasSubstr("cairn resolve vol1 --keep b"));
+      EXPECT_EQ(testing::ImageHash(*img, "", kSize), a_before);
+      EXPECT_EQ(a_->sink->Points("vol1").status().code(), Code::kNotFound);
+      rep->Disconnect();
+      continue;
+    }
+    // The first epoch back is the point itself, compared by digests: A's
+    // image holds it (its share), so nothing moves.
+    ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+    EXPECT_EQ(sum->id.seq, 2u);
+    EXPECT_EQ(sum->id.base_seq, 0u) << "a resync by digests";
+    EXPECT_EQ(sum->data_bytes + sum->zero_bytes, 0u);
+    EXPECT_EQ(testing::ImageHash(*img, "", kSize), testing::ImageHash(*p, "cairn.2", kSize));
+    // Then deltas: what B wrote, only.
+    auto next = rep->RunOnce();
+    ASSERT_TRUE(next.ok()) << next.status().ToString();
+    EXPECT_EQ(next->id.base_seq, 2u);
+    EXPECT_EQ(next->data_bytes + next->zero_bytes, 2 * 65536u);
+    EXPECT_EQ(testing::ImageHash(*img, "", kSize), testing::ImageHash(*p, "", kSize));
+    rep->Disconnect();
   }
 }
 
