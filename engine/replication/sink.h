@@ -420,7 +420,8 @@ class Sink {
   std::map<std::string, VolumeStatusInfo> status_;
   uint64_t corrupt_frames_ = 0;
   std::map<std::string, Pending> pending_;
-  std::multiset<std::pair<std::string, uint64_t>> verifying_;  // (volume, seq) held by a verify
+  // (volume, seq) held against retention by a verify or a restore.
+  std::multiset<std::pair<std::string, uint64_t>> verifying_;
   // A volume whose last epoch was refused for want of spool space. Until
   // the disk has 4 MiB more free than then (a quota: until cairnd restarts
   // with another), a source that connects again is refused at its Hello:

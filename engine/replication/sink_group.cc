@@ -39,18 +39,31 @@ StatusOr<GroupPoint> Sink::OnWholeGroup(const std::string& group, uint64_t seq,
     return NotFound(fmt::format("group '{}' has no restore point {} (it has {}..{})", group, seq,
                                 points.front().seq, points.back().seq));
   }
-  std::vector<RestorePoint> done;
-  Status failed;
+  // Every member's point is held against retention until the last member
+  // is done, and read once held: one removed before that fails the group
+  // before anything is done.
+  std::vector<std::unique_ptr<PointHold>> holds;
+  std::vector<RestorePoint> members;
   for (const auto& volume : gp->volumes) {
+    holds.push_back(std::make_unique<PointHold>(mu_, verifying_, volume, gp->seq));
     StatusOr<std::string> pool = FindVolumePool(volume);
     StatusOr<std::shared_ptr<KvStore>> kv = pool.ok() ? env_.open_catalog(*pool) : pool.status();
     StatusOr<RestorePoint> point = kv.ok() ? Catalog(**kv).Get(volume, gp->seq) : kv.status();
-    failed = point.ok() ? act(*point) : point.status();
+    if (!point.ok()) {
+      return point.status().Annotate(
+          fmt::format("group {}: {} of group point {}: member {}", group, what, gp->seq, volume));
+    }
+    members.push_back(std::move(point).value());
+  }
+  std::vector<RestorePoint> done;
+  Status failed;
+  for (const auto& point : members) {
+    failed = act(point);
     if (!failed.ok()) {
-      failed = failed.Annotate(fmt::format("member {}", volume));
+      failed = failed.Annotate(fmt::format("member {}", point.epoch.volume));
       break;
     }
-    done.push_back(std::move(point).value());
+    done.push_back(point);
   }
   if (failed.ok()) {
     spdlog::info("group {}: {} of group point {}: {} volumes", group, what, gp->seq, done.size());

@@ -193,6 +193,10 @@ StatusOr<RestoreResult> Sink::Restore(const std::string& volume, uint64_t seq,
   ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
   Catalog catalog(*kv);
   ASSIGN_OR_RETURN(RestorePoint point, PointOrNewest(catalog, volume, seq));
+  // Held against retention while it is copied (a full copy takes a
+  // while); read again once held, so one removed in between shows.
+  PointHold hold(mu_, verifying_, volume, point.epoch.seq);
+  ASSIGN_OR_RETURN(point, catalog.Get(volume, point.epoch.seq));
   if (!force) {
     RETURN_IF_ERROR(RefuseDiffering(point,
                                     "restore a later point (one made after `cairn verify "

@@ -10,13 +10,40 @@
 #include <filesystem>
 #include <future>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/replication/sink.h"
 
 namespace cairn {
+
+// Holds (volume, seq) in `held` for its lifetime, under `mu`: retention
+// keeps a held point (Sink::verifying_: verifies and restores).
+class PointHold {
+ public:
+  PointHold(std::mutex& mu, std::multiset<std::pair<std::string, uint64_t>>& held,
+            std::string volume, uint64_t seq)
+      : mu_(mu), held_(held), key_(std::move(volume), seq) {
+    std::lock_guard lock(mu_);
+    it_ = held_.insert(key_);
+  }
+  ~PointHold() {
+    std::lock_guard lock(mu_);
+    held_.erase(it_);
+  }
+  PointHold(const PointHold&) = delete;
+  PointHold& operator=(const PointHold&) = delete;
+
+ private:
+  std::mutex& mu_;
+  std::multiset<std::pair<std::string, uint64_t>>& held_;
+  std::pair<std::string, uint64_t> key_;
+  std::multiset<std::pair<std::string, uint64_t>>::iterator it_;
+};
 
 // "20261206T114500Z": the UTC time of `unix_ns`, for the names of images
 // and snapshots kept aside (failback, divergence).

@@ -41,29 +41,6 @@ StatusOr<PointSnap> OpenPointSnap(Pool& pool, const RestorePoint& p) {
   return out;
 }
 
-// Holds (volume, seq) in `held` for its lifetime, under `mu`.
-class PointHold {
- public:
-  PointHold(std::mutex& mu, std::multiset<std::pair<std::string, uint64_t>>& held,
-            std::string volume, uint64_t seq)
-      : mu_(mu), held_(held), key_(std::move(volume), seq) {
-    std::lock_guard lock(mu_);
-    it_ = held_.insert(key_);
-  }
-  ~PointHold() {
-    std::lock_guard lock(mu_);
-    held_.erase(it_);
-  }
-  PointHold(const PointHold&) = delete;
-  PointHold& operator=(const PointHold&) = delete;
-
- private:
-  std::mutex& mu_;
-  std::multiset<std::pair<std::string, uint64_t>>& held_;
-  std::pair<std::string, uint64_t> key_;
-  std::multiset<std::pair<std::string, uint64_t>>::iterator it_;
-};
-
 }  // namespace
 
 std::set<uint64_t> Sink::VerifyingPoints(const std::string& volume) const {

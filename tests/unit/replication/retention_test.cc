@@ -107,5 +107,44 @@ TEST_F(ReplicationTest, TheSinkKeepsTheTiersPointsAndTheirSnapshots) {
   VerifyAllPoints(*src, 4);
 }
 
+// A restore holds its point against retention until its copy is made:
+// points made meanwhile (with keep_points 1) do not take it away midway.
+TEST_F(ReplicationTest, ARestoreHoldsItsPointWhileItCopies) {
+  SinkEnv env = sink_env_;
+  env.keep_points = 1;
+  RestartSink(env);
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(82);
+  SourceReplicator rep(Config(), "a", site_a_, Connector());
+  testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+  ASSERT_TRUE(rep.RunOnce().ok());
+  const std::string want = testing::ImageHash(*src, SnapName(1), kMiB);
+  // As the copy starts, two more points are made: retention would keep
+  // only the newest.
+  bool ran = false;
+  fault_b_->SetFault([&](const VolumeFaultPoint& f) -> Status {
+    if (f.op != VolumeOp::kCopy || ran) return OkStatus();
+    ran = true;
+    for (int i = 0; i < 2; ++i) {
+      testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+      if (auto r = rep.RunOnce(); !r.ok()) return r.status();
+    }
+    return OkStatus();
+  });
+  auto restored = sink_->Restore("vol1", 1, "img-restored", /*full=*/true, nullptr);
+  fault_b_->SetFault(nullptr);
+  ASSERT_TRUE(ran);
+  ASSERT_TRUE(restored.ok()) << restored.status().ToString();
+  EXPECT_EQ(testing::ImageHash(*testing::MustOpen(*site_b_, "img-restored"), "", kMiB), want);
+  // Released: the next pass lets it go.
+  testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+  ASSERT_TRUE(rep.RunOnce().ok());
+  PollUntil("retention keeping only the newest point", [&] {
+    const std::vector<RestorePoint> points = sink_->Points("vol1").value();
+    return points.size() == 1 && points[0].epoch.seq == 4;
+  });
+}
+
 }  // namespace
 }  // namespace cairn
