@@ -213,10 +213,3 @@ class ControlClient:
         req = pb.ControlRequest()
         req.group.group, req.group.action = group, pb.GroupRequest.POINTS
         return list(self.call(req).group.points)
-
-    def group_replicate(self, group):
-        """Source side: takes an instant of `group` now; the GroupReply's
-        seq is the group point it will make."""
-        req = pb.ControlRequest()
-        req.group.group, req.group.action = group, pb.GroupRequest.REPLICATE
-        return self.call(req).group
