@@ -59,7 +59,16 @@ def log(msg):
 
 
 def rbd_cmd(conf, keyring, *args):
-    return ["rbd", "--no-progress", "--conf", conf, "--keyring", keyring, "--id", "admin", *args]
+    return ["rbd", "--conf", conf, "--keyring", keyring, "--id", "admin", *args]
+
+
+def quiet(cmd, shell=False):
+    """Runs an rbd command (or pipeline) with its progress lines kept out
+    of the log, shown only if it fails."""
+    r = subprocess.run(cmd, shell=shell, capture_output=True, text=True,
+                       executable="/bin/bash" if shell else None)
+    if r.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {r.returncode}: {r.stderr[-2000:]}")
 
 
 class Bench:
@@ -121,8 +130,8 @@ class Bench:
 
     def group_snap(self, name):
         t0 = time.monotonic()
-        subprocess.run(rbd_cmd(self.a.conf, self.env["CEPH_KEYRING_A"], "group", "snap",
-                               "create", f"rbd/{self.group}@{name}"), check=True)
+        quiet(rbd_cmd(self.a.conf, self.env["CEPH_KEYRING_A"], "group", "snap", "create",
+                      f"rbd/{self.group}@{name}"))
         return time.monotonic() - t0
 
     def peer_round(self, prev, snap):
@@ -133,14 +142,13 @@ class Bench:
         t0 = time.monotonic()
         ka, kb = self.env["CEPH_KEYRING_A"], self.env["CEPH_KEYRING_B"]
         for image in self.images:
-            subprocess.run(rbd_cmd(self.a.conf, ka, "snap", "create", f"rbd/{image}@{snap}"),
-                           check=True)
+            quiet(rbd_cmd(self.a.conf, ka, "snap", "create", f"rbd/{image}@{snap}"))
             frm = ["--from-snap", prev] if prev else []
             cmd = (" ".join(rbd_cmd(self.a.conf, ka, "export-diff", *frm,
                                     f"rbd/{image}@{snap}", "-"))
                    + " | " + " ".join(rbd_cmd(self.b.conf, kb, "import-diff", "-",
                                               f"rbd/{image}-peer")))
-            subprocess.run(cmd, shell=True, check=True)
+            quiet("set -o pipefail; " + cmd, shell=True)
         return time.monotonic() - t0
 
     def run(self):

@@ -14,9 +14,9 @@ groups: the group's volumes replicate at one instant.
   backend is not, its volumes attach at site B. Failback ('default') brings
   each volume home with every write made at site B (the final delta of
   failover-host's failback).
-- disable_replication takes the volumes out of the group: each replicates
-  on its own again (its volume type asks for replication), and the RBD
-  group goes.
+- disable_replication takes the volumes out of the group: each of a
+  replicated volume type replicates on its own again, the others are
+  unregistered; the RBD group goes.
 
 Thread-safety: as the driver (groups.py is a mixin of CairnRBDDriver).
 """
@@ -89,6 +89,20 @@ class GroupReplicationMixin:
             except lib.ObjectNotFound:
                 pass
 
+    def _leave_group(self, src, v):
+        """Out of its group: on its own schedule again if its volume type
+        asks for replication, else no longer replicated (its points at
+        site B stay)."""
+        if self._is_replicated_type(v.volume_type):
+            src.register(v.id, self.configuration.rbd_pool, v.name,
+                         target_image=self._target_image(v))
+            return
+        try:
+            src.unregister(v.id, remove_snapshots=True)
+        except wire.CairnError as e:
+            if e.code != 'NotFound':
+                raise
+
     def _replicating_group(self, group):
         return group.replication_status in (ENABLED, FAILED_OVER)
 
@@ -114,8 +128,7 @@ class GroupReplicationMixin:
                     src.register(v.id, pool, v.name,
                                  target_image=self._target_image(v), group=name)
                 for v in remove_volumes or []:
-                    src.register(v.id, pool, v.name,
-                                 target_image=self._target_image(v))
+                    self._leave_group(src, v)
                 if remove_volumes:
                     self._rbd_group_remove(name, remove_volumes)
             except Exception as e:
@@ -161,17 +174,15 @@ class GroupReplicationMixin:
         src = self._source()
         updates = []
         for v in volumes:
-            target = self._target_image(v)
             try:
-                # Out of the group, on its own schedule again.
-                src.register(v.id, pool, v.name, target_image=target)
+                self._leave_group(src, v)
             except wire.CairnError as e:
                 raise self._group_error(group, (
                     'cairnd at %s did not take volume %s out of group %s: %s'
                     % (src.socket_path, v.id, name, e)))
             updates.append({'id': v.id, 'replication_status': DISABLED,
                             'replication_driver_data': self._group_data(
-                                target=target)})
+                                target=self._target_image(v))})
         try:
             self._rbd_group_remove(name)
         except Exception as e:

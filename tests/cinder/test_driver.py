@@ -414,6 +414,54 @@ def test_a_group_is_not_failed_over_without_a_point_holding_every_volume(
             drv.delete_volume(v)
 
 
+def test_volumes_leave_a_replicating_group_by_their_type(site_a, site_b, cairn, volumes,
+                                                         make_driver, ctx):
+    """update_group and disable_replication: a volume of a replicated type
+    goes back to its own schedule, a plain one stops replicating; the RBD
+    group follows, and goes at disable."""
+    cairn.start()
+    drv = make_driver(cairn.source.socket, cairn.sink.socket)
+    repl, plain, added = volumes.new(), volumes.new(replicated=False), volumes.new()
+    for v in (repl, plain, added):
+        v.update(drv.create_volume(v) or {})
+    group = _Group("disabled")
+    name = f"group-{group.id}"
+    src = cairn.source_client()
+
+    def members():
+        return sorted(i["name"] for i in rbd.Group(site_a.ioctx, name).list_images())
+
+    def registered(v):
+        try:
+            return [s for s in src.status(v.id) if s.role == "source"]
+        except wire.CairnError as e:
+            assert e.code == "NotFound", e
+            return []
+
+    try:
+        model, updates = drv.enable_replication(ctx, group, [repl, plain])
+        assert model == {"replication_status": "enabled"}, model
+        assert {u["id"] for u in updates} == {repl.id, plain.id}, updates
+        assert members() == sorted([repl.name, plain.name])
+        group.replication_status = "enabled"
+        with pytest.raises(NotImplementedError):  # Cinder records it (generic)
+            drv.update_group(ctx, group, add_volumes=[added], remove_volumes=[plain])
+        assert members() == sorted([repl.name, added.name])
+        assert not registered(plain), "a plain volume still replicated after leaving"
+        assert registered(added) and registered(repl)
+        model, _ = drv.disable_replication(ctx, group, [repl, added])
+        assert model == {"replication_status": "disabled"}, model
+        assert registered(repl) and registered(added), "replicated types replicate on their own"
+        assert name not in rbd.RBD().group_list(site_a.ioctx)
+    finally:
+        try:
+            rbd.RBD().group_remove(site_a.ioctx, name)
+        except rbd.ObjectNotFound:
+            pass
+        for v in (repl, plain, added):
+            drv.delete_volume(v)
+
+
 def test_enabling_group_replication_names_a_missing_cairnd(make_driver, volumes, ctx,
                                                            site_a, site_b, tmp_path):
     drv = make_driver(str(tmp_path / "nosuch.sock"))
