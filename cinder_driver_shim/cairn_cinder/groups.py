@@ -26,6 +26,7 @@ from oslo_log import log as logging
 
 from cinder import exception
 from cinder.objects import fields
+from cinder.volume import group_types
 from cinder.volume.drivers import rbd
 
 from cairn_cinder import wire
@@ -95,13 +96,25 @@ class GroupReplicationMixin:
         site B stay)."""
         if self._is_replicated_type(v.volume_type):
             src.register(v.id, self.configuration.rbd_pool, v.name,
-                         target_image=self._target_image(v))
+                         target_image=self._target_image(v),
+                         retention=self._volume_retention(v))
             return
         try:
             src.unregister(v.id, remove_snapshots=True)
         except wire.CairnError as e:
             if e.code != 'NotFound':
                 raise
+
+    def _group_retention(self, group):
+        """Its group type's group specs cairn:keep_points and
+        cairn:retention: every member keeps the same instants."""
+        if not group.group_type_id:
+            return None
+        specs = group_types.get_group_type_specs(group.group_type_id)
+        try:
+            return wire.retention_of_specs(specs)
+        except ValueError as e:
+            raise self._group_error(group, 'group type %s: %s' % (group.group_type_id, e))
 
     def _replicating_group(self, group):
         return group.replication_status in (ENABLED, FAILED_OVER)
@@ -124,9 +137,10 @@ class GroupReplicationMixin:
             try:
                 if add_volumes:
                     self._rbd_group_add(name, add_volumes)
+                retention = self._group_retention(group)
                 for v in add_volumes or []:
-                    src.register(v.id, pool, v.name,
-                                 target_image=self._target_image(v), group=name)
+                    src.register(v.id, pool, v.name, target_image=self._target_image(v),
+                                 group=name, retention=retention)
                 for v in remove_volumes or []:
                     self._leave_group(src, v)
                 if remove_volumes:
@@ -148,11 +162,13 @@ class GroupReplicationMixin:
                 'cannot make RBD group %s/%s of the volumes\' images: %s'
                 % (pool, name, e)))
         src = self._source()
+        retention = self._group_retention(group)
         updates = []
         for v in volumes:
             target = self._target_image(v)
             try:
-                src.register(v.id, pool, v.name, target_image=target, group=name)
+                src.register(v.id, pool, v.name, target_image=target, group=name,
+                             retention=retention)
             except wire.CairnError as e:
                 raise self._group_error(group, (
                     'cairnd at %s did not register volume %s (%s/%s) in group '

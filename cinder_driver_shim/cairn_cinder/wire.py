@@ -29,6 +29,25 @@ CODES = {0: "OK", 1: "Cancelled", 2: "Unknown", 3: "InvalidArgument", 4: "Deadli
          13: "Internal", 14: "Unavailable", 15: "DataLoss"}
 
 
+def retention_of_specs(specs):
+    """A volume type's extra specs (or a group type's group specs)
+    'cairn:keep_points' and 'cairn:retention' ("1h*24 1d*30") as the
+    (keep_points, tiers) of register(); None if neither is set. keep_points
+    defaults to 24. ValueError, saying which spec, if keep_points is not a
+    count (cairnd checks the tiers)."""
+    specs = specs or {}
+    keep, tiers = specs.get('cairn:keep_points'), specs.get('cairn:retention')
+    if keep is None and tiers is None:
+        return None
+    try:
+        count = 24 if keep is None else int(keep)
+        if count < 0:
+            raise ValueError(keep)
+    except ValueError:
+        raise ValueError("spec cairn:keep_points=%r is not a count of restore points" % keep)
+    return count, tiers or ""
+
+
 class WireError(Exception):
     """A frame that is not what it claims (DataLoss in cairnd's terms)."""
 
@@ -141,18 +160,23 @@ class ControlClient:
         req.replicate.volume = volume
         return self.call(req).replicate
 
-    def register(self, volume, pool, image, target_pool="", target_image="", group=""):
+    def register(self, volume, pool, image, target_pool="", target_image="", group="",
+                 retention=None):
         """Source side: replicate pool/image as `volume` from now on (it
         persists across cairnd restarts). Empty targets take cairnd's
         defaults (pool; image + ".standby"). group: a member of that
         consistency group (the RBD group of that name in pool, which must
         hold the image); a registered volume registered again with another
-        group (or none) moves. Returns the RegisterReply."""
+        group (or none) moves. retention: (keep_points, tiers) kept at the
+        standby for this volume (retention_of_specs); None: cairnd's
+        [source] rules, else the sink's. Returns the RegisterReply."""
         req = pb.ControlRequest()
         r = req.register_volume
         r.volume, r.pool, r.image = volume, pool, image
         r.target_pool, r.target_image = target_pool, target_image
         r.group = group
+        if retention is not None:
+            r.retention.keep_points, r.retention.tiers = retention
         return self.call(req).register_volume
 
     def unregister(self, volume, remove_snapshots=True):

@@ -279,6 +279,23 @@ Status ReadSinkSection(SectionReader& r, DaemonConfig& cfg) {
   return OkStatus();
 }
 
+// A [source] or [volume] section's own retention rules (keep_points,
+// retention), if it sets either; keep_points defaults to 24.
+Status ReadRetentionRules(SectionReader& r, std::optional<RetentionRules>* out) {
+  const bool keep = r.Get("keep_points").has_value();
+  const auto tiers = r.Get("retention");
+  if (!keep && !tiers) return OkStatus();
+  RetentionRules rules;
+  RETURN_IF_ERROR(r.Size32("keep_points", 0, 1000000, &rules.keep_last));
+  if (tiers) {
+    auto parsed = ParseRetentionTiers(tiers->value);
+    if (!parsed.ok()) return r.Error("retention", parsed.status().message());
+    rules.tiers = std::move(parsed).value();
+  }
+  *out = std::move(rules);
+  return OkStatus();
+}
+
 Status ReadSourceSection(SectionReader& r, DaemonConfig& cfg) {
   DaemonConfig::Source src;
   if (auto e = r.Get("pools")) {
@@ -294,6 +311,7 @@ Status ReadSourceSection(SectionReader& r, DaemonConfig& cfg) {
   RETURN_IF_ERROR(r.Size32("keep_snapshots", 0, 100000, &src.keep_snapshots));
   RETURN_IF_ERROR(r.Size32("outage_snapshots", 1, 10000, &src.outage_snapshots));
   RETURN_IF_ERROR(r.String("peer_name", &src.peer_name));
+  RETURN_IF_ERROR(ReadRetentionRules(r, &src.retention));
   cfg.source = src;
   return OkStatus();
 }
@@ -328,6 +346,7 @@ StatusOr<VolumeConfig> ReadVolume(SectionReader& r, std::string_view origin,
         fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
   }
   RETURN_IF_ERROR(r.Size32("window", 1, 256, &v.window));
+  RETURN_IF_ERROR(ReadRetentionRules(r, &v.retention));
   RETURN_IF_ERROR(r.String("group", &v.group));
   if (Status st = v.group.empty() ? OkStatus() : ValidateVolumeId(v.group); !st.ok()) {
     return r.Error("group", std::string(st.message()));
@@ -348,6 +367,12 @@ Status CheckVolumeIsNew(const VolumeConfig& v, const std::vector<VolumeConfig>& 
           "catalog",
           origin, other.id, v.id, v.group, other.pool, other.target_pool, other.peer_host,
           other.peer_port, v.pool, v.target_pool, v.peer_host, v.peer_port));
+    }
+    if (!v.group.empty() && other.group == v.group && other.retention != v.retention) {
+      return InvalidArgument(fmt::format(
+          "{}: volumes '{}' and '{}' are both in group {} but keep points by other rules: give "
+          "every member the same keep_points and retention (a group keeps whole instants)",
+          origin, other.id, v.id, v.group));
     }
     if (other.id == v.id) {
       return InvalidArgument(fmt::format("{}: volume '{}' is defined twice", origin, v.id));

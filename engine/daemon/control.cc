@@ -123,9 +123,14 @@ Status AnswerReplicate(ControlService& service, const pb::ReplicateRequest& q,
 
 Status AnswerRegister(ControlService& service, const pb::RegisterRequest& q,
                       pb::ControlReply& reply) {
-  ASSIGN_OR_RETURN(const VolumeStatusInfo s,
-                   service.Register({q.volume(), q.pool(), q.image(), q.target_pool(),
-                                     q.target_image(), q.group()}));
+  Registration r{q.volume(),       q.pool(),  q.image(),   q.target_pool(),
+                 q.target_image(), q.group(), std::nullopt};
+  if (q.has_retention()) {
+    auto tiers = ParseRetentionTiers(q.retention().tiers());
+    if (!tiers.ok()) return tiers.status().Annotate("register: retention");
+    r.retention = RetentionRules{q.retention().keep_points(), std::move(tiers).value()};
+  }
+  ASSIGN_OR_RETURN(const VolumeStatusInfo s, service.Register(r));
   FillStatus(s, reply.mutable_register_volume()->mutable_status());
   return OkStatus();
 }

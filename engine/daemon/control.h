@@ -32,6 +32,9 @@ struct Registration {
   // A member of this consistency group (the RBD group of that name in
   // `pool`, which must hold the image); empty: none.
   std::string group;
+  // Its own retention at the sink; none: [source] keep_points and
+  // retention (none there: the sink's). A group's members share theirs.
+  std::optional<RetentionRules> retention;
 };
 
 // What cairnd offers on its control socket.

@@ -53,6 +53,7 @@ VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
   v.keep_snapshots = src.keep_snapshots;
   v.outage_snapshots = src.outage_snapshots;
   v.group = r.group;
+  v.retention = r.retention ? r.retention : src.retention;
   return v;
 }
 
@@ -123,6 +124,16 @@ Status Daemon::CheckGroupRegistration(const Registration& r, Pool& pool) {
           "group '{}' replicates pool {} to pool {} (volume {}): its members share both", r.group,
           other.pool, other.target_pool, volume));
     }
+    const auto theirs = RegisteredVolume(other).retention, mine = RegisteredVolume(r).retention;
+    if (theirs != mine) {
+      const auto describe = [](const std::optional<RetentionRules>& rules) {
+        return rules ? DescribeRetention(*rules) : std::string("the sink's rules");
+      };
+      return InvalidArgument(fmt::format(
+          "group '{}' keeps {} (volume {}), this volume {}: a group keeps whole instants, so its "
+          "members share their retention",
+          r.group, describe(theirs), volume, describe(mine)));
+    }
   }
   return OkStatus();
 }
@@ -176,7 +187,7 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
             "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first", r.volume,
             it->second.pool, it->second.image, it->second.target_pool, it->second.target_image));
       }
-      known = it->second.group == r.group;
+      known = it->second.group == r.group && it->second.retention == r.retention;
       if (!known) moved_from = it->second;
     } else {
       for (const auto& s : sources_) {
@@ -203,7 +214,7 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
     // A move: the volume leaves its own schedule or its old group (which
     // goes on without it), then joins the new one, from its point.
     if (moved_from && moved_from->group.empty()) StopSource(r.volume);
-    if (moved_from && !moved_from->group.empty()) {
+    if (moved_from && !moved_from->group.empty() && moved_from->group != r.group) {
       RETURN_IF_ERROR(RestartRegisteredGroup(moved_from->group));
     }
     if (r.group.empty()) {

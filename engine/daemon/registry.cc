@@ -2,14 +2,40 @@
 
 #include <fmt/format.h>
 
+#include <charconv>
+#include <utility>
+
 namespace cairn {
+namespace {
+
+Status DecodeRetention(const std::string& k, const std::string& v, RetentionRules* out) {
+  if (k == "retention") {
+    auto tiers = ParseRetentionTiers(v);
+    if (!tiers.ok()) return DataLoss(tiers.status().message());
+    out->tiers = std::move(tiers).value();
+    return OkStatus();
+  }
+  auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out->keep_last);
+  if (ec != std::errc() || end != v.data() + v.size()) {
+    return DataLoss(fmt::format("keep_points '{}' is not a count", v));
+  }
+  return OkStatus();
+}
+
+}  // namespace
 
 // registry omap: volume/<id> -> "pool=P\nimage=I\ntarget_pool=TP\ntarget_image=TI\n"
-// and "group=G\n" for a member of a consistency group.
+// and "group=G\n" for a member of a consistency group, "keep_points=N\n"
+// and "retention=TIERS\n" for its own retention rules.
 std::string EncodeRegistration(const Registration& r) {
-  return fmt::format("pool={}\nimage={}\ntarget_pool={}\ntarget_image={}\n{}", r.pool, r.image,
-                     r.target_pool, r.target_image,
-                     r.group.empty() ? "" : fmt::format("group={}\n", r.group));
+  std::string out = fmt::format("pool={}\nimage={}\ntarget_pool={}\ntarget_image={}\n{}", r.pool,
+                                r.image, r.target_pool, r.target_image,
+                                r.group.empty() ? "" : fmt::format("group={}\n", r.group));
+  if (r.retention) {
+    out += fmt::format("keep_points={}\nretention={}\n", r.retention->keep_last,
+                       FormatRetentionTiers(r.retention->tiers));
+  }
+  return out;
 }
 
 StatusOr<Registration> DecodeRegistration(const std::string& key, const std::string& text) {
@@ -36,6 +62,11 @@ StatusOr<Registration> DecodeRegistration(const std::string& key, const std::str
       r.target_image = v;
     else if (k == "group")
       r.group = v;
+    else if (k == "keep_points" || k == "retention") {
+      if (!r.retention) r.retention = RetentionRules{};
+      RETURN_IF_ERROR(DecodeRetention(k, v, &*r.retention)
+                          .Annotate(fmt::format("{} {}", kRegistryObject, key)));
+    }
   }
   if (r.pool.empty() || r.image.empty()) {
     return DataLoss(fmt::format("{} {}: no pool or image in '{}'", kRegistryObject, key, text));

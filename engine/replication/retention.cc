@@ -6,6 +6,7 @@
 #include <charconv>
 #include <ctime>
 #include <string>
+#include <utility>
 
 namespace cairn {
 namespace {
@@ -74,6 +75,36 @@ StatusOr<std::vector<RetentionTier>> ParseRetentionTiers(std::string_view spec) 
     }
     i = j;
   }
+  return out;
+}
+
+std::string FormatRetentionTiers(const std::vector<RetentionTier>& tiers) {
+  std::string out;
+  for (const RetentionTier& t : tiers) {
+    if (!out.empty()) out += ' ';
+    if (t.months) {
+      out += fmt::format("1mo*{}", t.count);
+      continue;
+    }
+    int64_t n = t.period_ns / kMinuteNs;
+    const char* unit = "m";
+    for (const auto& [scale, name] :
+         {std::pair<int64_t, const char*>{7 * 24 * 60, "w"}, {24 * 60, "d"}, {60, "h"}}) {
+      if (n % scale == 0) {
+        n /= scale;
+        unit = name;
+        break;
+      }
+    }
+    out += fmt::format("{}{}*{}", n, unit, t.count);
+  }
+  return out;
+}
+
+std::string DescribeRetention(const RetentionRules& rules) {
+  if (rules.keep_last == 0 && rules.tiers.empty()) return "every point";
+  std::string out = fmt::format("the {} newest", rules.keep_last);
+  if (!rules.tiers.empty()) out += " and " + FormatRetentionTiers(rules.tiers);
   return out;
 }
 

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <set>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -24,14 +25,35 @@ struct RetentionTier {
   friend bool operator==(const RetentionTier&, const RetentionTier&) = default;
 };
 
+// A volume's own rules (its source's `keep_points` and `retention`), which
+// its Hello carries to the sink; a volume without them follows the sink's.
+// A consistency group's members share theirs.
+struct RetentionRules {
+  uint32_t keep_last = 24;  // 0: all (with no tiers)
+  std::vector<RetentionTier> tiers;
+  friend bool operator==(const RetentionRules&, const RetentionRules&) = default;
+};
+
 // "10m*6 1h*24 1d*365 1w*52 1mo*12": PERIOD*COUNT, separated by spaces or
 // commas; periods in m, h, d, w (whole multiples) or mo (calendar months).
 // kInvalidArgument, saying what is wrong, on anything else.
 StatusOr<std::vector<RetentionTier>> ParseRetentionTiers(std::string_view spec);
 
+// The spec of `tiers`, as ParseRetentionTiers reads it back (each period in
+// the largest unit it is a whole multiple of): "10m*6 1h*24".
+std::string FormatRetentionTiers(const std::vector<RetentionTier>& tiers);
+
+// "24 newest and 1h*24 1d*30", for logs and status.
+std::string DescribeRetention(const RetentionRules& rules);
+
 // The seqs of `points` to keep: the newest `keep_last` and those the tiers
 // keep. `points` in any order.
 std::set<uint64_t> PointsToKeep(const std::vector<RestorePoint>& points, uint32_t keep_last,
                                 const std::vector<RetentionTier>& tiers);
+
+inline std::set<uint64_t> PointsToKeep(const std::vector<RestorePoint>& points,
+                                       const RetentionRules& rules) {
+  return PointsToKeep(points, rules.keep_last, rules.tiers);
+}
 
 }  // namespace cairn

@@ -265,6 +265,22 @@ Status Sink::ReleaseVolumeLocked(const Target& t, Status st) {
   return st;
 }
 
+namespace {
+
+// Which points of the volume of `hello` retention keeps: its source's
+// rules, else the sink's.
+StatusOr<RetentionRules> RulesOf(const pb::Hello& hello, const SinkEnv& env) {
+  if (!hello.has_retention()) return RetentionRules{env.keep_points, env.retention_tiers};
+  auto tiers = ParseRetentionTiers(hello.retention().tiers());
+  if (!tiers.ok()) return tiers.status().Annotate("the source's retention rules");
+  RetentionRules rules{hello.retention().keep_points(), std::move(tiers).value()};
+  spdlog::debug("volume {}: retention by its source's rules: {}", hello.volume(),
+                DescribeRetention(rules));
+  return rules;
+}
+
+}  // namespace
+
 Status Sink::Serve(Link& link) {
   ASSIGN_OR_RETURN(const pb::Hello hello, ReceiveHello(link));
   Target t;
@@ -295,6 +311,9 @@ Status Sink::Serve(Link& link) {
     SendError(link, st);
     return st;
   }
+  auto rules = RulesOf(hello, env_);
+  if (!rules.ok()) return refuse(rules.status());
+  t.rules = std::move(rules).value();
   if (Status st = OpenTarget(t); !st.ok()) return refuse(st);
   if (hello.verify_seq() != 0) {
     Status st = ServeVerify(link, t, hello.verify_seq());
@@ -315,13 +334,7 @@ Status Sink::Serve(Link& link) {
   }
   if (hello.hand_back_seq() != 0) {
     Status st = HandBack(link, t, hello);
-    {
-      std::lock_guard lock(mu_);
-      active_.erase(t.volume);
-      active_images_.erase(t.volume);
-      if (st.ok()) status_.erase(t.volume);  // no longer this sink's
-    }
-    released_.notify_all();
+    EndHandBack(t, st.ok());
     if (!st.ok()) return refuse(st);
     return OkStatus();
   }
@@ -344,6 +357,16 @@ Status Sink::Serve(Link& link) {
   retry_cv_.notify_all();
   if (!st.ok() && st.code() != Code::kAborted) SendError(link, st);
   return st.code() == Code::kAborted ? OkStatus() : st;
+}
+
+void Sink::EndHandBack(const Target& t, bool handed) {
+  {
+    std::lock_guard lock(mu_);
+    active_.erase(t.volume);
+    active_images_.erase(t.volume);
+    if (handed) status_.erase(t.volume);  // no longer this sink's
+  }
+  released_.notify_all();
 }
 
 StatusOr<bool> Sink::HasResyncBase(const Target& t) {

@@ -277,6 +277,9 @@ class Sink {
   // the same again once done (the image holds the snapshot, nobody owns
   // it).
   Status HandBack(Link& link, Target& t, const pb::Hello& hello);
+  // After HandBack: the volume's claim goes, and its status if `handed`
+  // (no longer this sink's).
+  void EndHandBack(const Target& t, bool handed);
   // A hand-back of point `seq` asked again once done: its snapshot on t's
   // image, which nobody owns; nullopt if it is not so.
   StatusOr<std::optional<SnapInfo>> HandedBackBefore(const Target& t, uint64_t seq);
@@ -333,8 +336,9 @@ class Sink {
   // `opt` says how much was had.
   StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
                                                   ApplyOptions* opt);
-  // Retention (SinkEnv::keep_points, retention_tiers): removes the points
-  // of `t` that no rule keeps (PointsToKeep), nor a drill or verify holds,
+  // Retention (t.rules: its source's, else SinkEnv::keep_points and
+  // retention_tiers; none if unknown): removes the points of `t` that no
+  // rule keeps (PointsToKeep), nor a drill or verify holds,
   // each from the catalog first and then its snapshot on `vol`, so a crash
   // between leaves a stray snapshot (removed by the next pass: every
   // cairn.<N> snapshot below the newest point that is no point kept goes),
@@ -403,7 +407,8 @@ class Sink {
     uint64_t seq = 0;  // the epoch (0: not known yet)
     Clock::TimePoint next;
     std::chrono::milliseconds backoff{0};
-    Status error;  // the last attempt's, as sources are told
+    Status error;                         // the last attempt's, as sources are told
+    std::optional<RetentionRules> rules;  // the last session's (Target::rules)
   };
   // After a failed attempt on `volume` (mu_ held): the next one after backoff.
   // Returns `st` with what the operator is told about the retry.
@@ -438,6 +443,7 @@ class Sink {
   // which newest whole instant, and the instants kept.
   struct GroupKeep {
     uint64_t whole = 0;
+    RetentionRules rules;
     std::set<uint64_t> instants;
   };
   std::map<std::string, GroupKeep> group_keep_;

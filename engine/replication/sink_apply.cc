@@ -215,7 +215,9 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq) {
       "volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
       "{:.2f} s, catalog {:.2f} s)",
       t.volume, seq, sum.data_bytes, sum.zero_bytes, w.phases, snap_secs, catalog_secs);
-  if (env_.keep_points > 0 || !env_.retention_tiers.empty()) t.committed = std::move(w.vol);
+  if (t.rules && (t.rules->keep_last > 0 || !t.rules->tiers.empty())) {
+    t.committed = std::move(w.vol);
+  }
   return OkStatus();
 }
 
@@ -224,13 +226,14 @@ void Sink::PruneCommitted(Target& t) {
 }
 
 void Sink::PrunePoints(Target& t, Volume& vol) {
+  if (!t.rules) return;  // its source has not said yet: its next point prunes
   auto points = t.catalog->Points(t.volume);
   if (!points.ok()) {
     spdlog::warn("volume {}: retention skipped: {}", t.volume, points.status().message());
     return;
   }
   if (points->empty()) return;
-  std::set<uint64_t> keep = PointsToKeep(*points, env_.keep_points, env_.retention_tiers);
+  std::set<uint64_t> keep = PointsToKeep(*points, *t.rules);
   KeepGroupPoints(t, *points, &keep);
   // A point being verified stays until the verify ends (the next pass
   // drops it), and one a drill holds until the drill stops.
@@ -266,10 +269,9 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
     }
   }
   if (!dropped.empty()) {
-    spdlog::info("volume {}: retention keeps {} restore points ({} newest{}): removed {} ({}..{})",
-                 t.volume, keep.size(), env_.keep_points,
-                 env_.retention_tiers.empty() ? "" : " and the retention tiers'", dropped.size(),
-                 dropped.front(), dropped.back());
+    spdlog::info("volume {}: retention keeps {} restore points ({}): removed {} ({}..{})", t.volume,
+                 keep.size(), DescribeRetention(*t.rules), dropped.size(), dropped.front(),
+                 dropped.back());
   }
 }
 

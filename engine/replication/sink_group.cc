@@ -199,7 +199,9 @@ StatusOr<std::set<uint64_t>> Sink::GroupInstantsToKeep(Target& t, const std::str
   {
     std::lock_guard lock(mu_);
     auto it = group_keep_.find(key);
-    if (it != group_keep_.end() && it->second.whole == whole) return it->second.instants;
+    if (it != group_keep_.end() && it->second.whole == whole && it->second.rules == *t.rules) {
+      return it->second.instants;
+    }
   }
   // Every member's rules run on the same list: the whole points up to
   // `whole`, each at its group point's time (the latest of its members'
@@ -215,9 +217,9 @@ StatusOr<std::set<uint64_t>> Sink::GroupInstantsToKeep(Target& t, const std::str
     p.epoch.snap_time_ns = g.source_time_ns;
     instants.push_back(std::move(p));
   }
-  std::set<uint64_t> kept = PointsToKeep(instants, env_.keep_points, env_.retention_tiers);
+  std::set<uint64_t> kept = PointsToKeep(instants, *t.rules);
   std::lock_guard lock(mu_);
-  group_keep_[key] = GroupKeep{whole, kept};
+  group_keep_[key] = GroupKeep{whole, *t.rules, kept};
   return kept;
 }
 

@@ -154,6 +154,7 @@ Status Sink::ScheduleRetryLocked(const std::string& volume, const Target& t, con
     p.image = t.image;
   }
   if (t.durable_seq != 0) p.seq = t.durable_seq;
+  if (t.rules) p.rules = t.rules;
   p.backoff = p.backoff.count() == 0 ? env_.retry_min : std::min(p.backoff * 2, env_.retry_max);
   p.next = env_.clock->Now() + p.backoff;
   const Status out(
@@ -229,6 +230,7 @@ Status Sink::RetryApply(const std::string& volume, const Pending& p, Target& t) 
   t.volume = volume;
   t.pool_name = p.pool;
   t.image = p.image;
+  t.rules = p.rules;
   if (t.pool_name.empty()) {
     auto pool = FindVolumePool(volume);
     if (pool.status().code() == Code::kNotFound) {

@@ -88,9 +88,12 @@ struct Sink::Target {
   // A complete epoch is durable in the spool and not applied yet.
   uint64_t durable_seq = 0;
   int64_t last_point_time_ns = 0;  // of the newest point this Target made
-  bool recovered = false;          // RecoverSpool ran to its end
-  bool sink_fault = false;         // the failure is the sink's (cluster, spool), not the link's
-  bool source_fault = false;       // the source abandoned the epoch and said why
+  // Which of its points retention keeps: its source's rules (Hello), else
+  // the sink's. Unknown (a spool applied before its source said): none go.
+  std::optional<RetentionRules> rules;
+  bool recovered = false;     // RecoverSpool ran to its end
+  bool sink_fault = false;    // the failure is the sink's (cluster, spool), not the link's
+  bool source_fault = false;  // the source abandoned the epoch and said why
   // The standby image's head is known equal to restore point last_seq
   // (this Target took the point's snapshot right after a whole apply and
   // has written nothing since); else PrepareTarget puts it back first.

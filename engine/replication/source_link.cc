@@ -37,6 +37,10 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   hello.set_probe(probe);
   hello.set_hand_back_seq(hand_back_seq);
   hello.set_verify_seq(verify_seq);
+  if (config_.retention) {
+    hello.mutable_retention()->set_keep_points(config_.retention->keep_last);
+    hello.mutable_retention()->set_tiers(FormatRetentionTiers(config_.retention->tiers));
+  }
   if (base_point_ && hand_back_seq == 0 && verify_seq == 0) {
     auto base = base_point_();
     if (!base.ok()) return base.status().Annotate("looking up the point this image holds");

@@ -7,9 +7,11 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "engine/epoch/epoch.h"
+#include "engine/replication/retention.h"
 
 namespace cairn {
 
@@ -38,6 +40,9 @@ struct VolumeConfig {
   // A member of this consistency group (the RBD group of `pool` at the
   // source, GroupSource): its points are the group's instants. "": none.
   std::string group;
+  // Its restore points' own retention at the sink (carried in Hello);
+  // none: the sink's [sink] keep_points and retention.
+  std::optional<RetentionRules> retention;
 };
 
 }  // namespace cairn

@@ -173,10 +173,11 @@ class Volumes:
         self.ctx = ctx
         self.made = []
 
-    def new(self, replicated=True, size_gib=1, metadata=None):
+    def new(self, replicated=True, size_gib=1, metadata=None, specs=None):
+        """specs: more extra specs of its volume type."""
         vtype = fake_volume.fake_volume_type_obj(
             self.ctx, id=str(uuid.uuid4()), name="cairn-replicated" if replicated else "plain",
-            extra_specs=dict(REPLICATED) if replicated else {})
+            extra_specs={**(REPLICATED if replicated else {}), **(specs or {})})
         vol = fake_volume.fake_volume_obj(
             self.ctx, id=str(uuid.uuid4()), size=size_gib, volume_type_id=vtype.id,
             host="cinder@cairn#cairn", status="available")

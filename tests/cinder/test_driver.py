@@ -369,12 +369,53 @@ def test_retype_back_to_replicated_replicates_again(site_a, site_b, cairn, volum
     assert site_b.digest(got.image, got.snap) == site_a.digest(vol.name)
 
 
+def test_a_volume_types_retention_specs_decide_its_points_at_site_b(
+        site_a, site_b, cairn, volumes, make_driver, ctx):
+    """cairn:keep_points in a volume type's extra specs: site B keeps that
+    many of the volume's points (the sink's own rule here keeps all), after
+    a restart of the site A cairnd too (the registry holds the rules). A
+    spec that is no count is refused, naming it."""
+    cairn.start()
+    drv = make_driver(cairn.source.socket, cairn.sink.socket)
+    own = volumes.new(specs={"cairn:keep_points": "2", "cairn:retention": "1d*7"})
+    plain = volumes.new()
+    for v in (own, plain):
+        v.update(drv.create_volume(v))
+    sink = cairn.sink_client()
+
+    def seqs(v):
+        return sorted(p.seq for p in sink.points(v.id))
+
+    for seed in range(3):
+        for v in (own, plain):
+            write(site_a, v.name, seed=40 + seed)
+            replicate_and_wait(cairn, v)
+        if seed == 1:
+            cairn.source.stop()
+            cairn.source.start()
+    newest = lib.wait_for(
+        f"volume {own.id} keeping 2 points at site B (its type's cairn:keep_points)\n"
+        f"{cairn.logs()}",
+        lambda: (lambda s: s if len(s) == 2 else None)(seqs(own)), 60)
+    # 1d*7 keeps the newest of today, which is the newest point anyway.
+    assert newest[1] == max(p.seq for p in sink.points(own.id))
+    assert len(seqs(plain)) >= 3, "a volume without specs lost points to another's rules"
+    point = max(sink.points(own.id), key=lambda p: p.seq)
+    assert site_b.digest(point.image, point.snap) == site_a.digest(own.name)
+
+    bad = volumes.new(specs={"cairn:keep_points": "many"})
+    with pytest.raises(exception.ReplicationError) as e:
+        drv.create_volume(bad)
+    assert "cairn:keep_points='many'" in str(e.value), e.value
+
+
 class _Group:
     """What the driver reads of a Cinder group object."""
 
     def __init__(self, replication_status="enabled"):
         self.id = str(uuid.uuid4())
         self.replication_status = replication_status
+        self.group_type_id = None  # no group specs
 
 
 def test_a_failed_over_groups_volumes_attach_at_site_b(site_a, site_b, cairn, volumes,

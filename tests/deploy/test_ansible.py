@@ -52,9 +52,10 @@ def _inventory(d, testbed, pki, ports, name, cinder_conf, packages):
             "cairn_source_peer": f"127.0.0.1:{ports[other]}",
             "cairn_source_peer_name": f"site-{other}",
             "cairn_source_interval": "0",
+            "cairn_source_retention": {"keep_points": 2, "retention": "1d*7"},
             "cairn_volumes": [] if site == "b" else [
                 {"id": name, "pool": "rbd", "image": name, "target_image": name + "-standby",
-                 "interval": "0"}],
+                 "interval": "0", "keep_points": 1}],
         }
     inv = {"all": {"children": {
         "cairn_nodes": {"hosts": hosts},
@@ -129,6 +130,12 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
         assert cp["cairn"]["replication_device"].startswith("backend_id:site-b,")
         assert cp["cairn"]["cairn_standby_control_socket"] == "/run/cairn/site-b.sock"
 
+        # Retention rules of the volume's own and of registered volumes.
+        conf = configparser.ConfigParser(interpolation=None)
+        conf.read("/etc/cairn/site-a.conf")
+        assert conf[f"volume {name}"]["keep_points"] == "1"
+        assert (conf["source"]["keep_points"], conf["source"]["retention"]) == ("2", "1d*7")
+
         # cairnd at each site, exactly as the installed unit starts it.
         site_a.create(name, 32 * MiB)
         rng = random.Random(26)
@@ -141,8 +148,16 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
             inst.wait_said("READY=1", inst.unit.seconds("timeoutstartsec"))
         a = started[1]
         b = started[0]
+        first = a.cli("replicate", name, "--wait", "--timeout", "120")["seq"]
+        with rbd.Image(site_a.ioctx, name) as img:
+            img.write(rng.randbytes(MiB), 0)
         seq = a.cli("replicate", name, "--wait", "--timeout", "120")["seq"]
-        point = [p for p in b.cli("points", name) if p["seq"] == seq][0]
+        assert seq > first
+        # Its own rule (keep_points 1), not the sink's (keep all).
+        point = lib.wait_for(
+            f"site B keeping only point {seq} of {name} (its keep_points = 1)",
+            lambda: (lambda ps: ps[0] if [p["seq"] for p in ps] == [seq] else None)(
+                b.cli("points", name)), 60)
         assert site_b.digest(point["image"], point["snap"]) == site_a.digest(name, f"cairn.{seq}")
         restored = b.cli("restore", name, str(seq), "--to", f"{name}-restored", "--full")
         assert site_b.digest(restored["image"]) == site_a.digest(name, f"cairn.{seq}")

@@ -275,4 +275,28 @@ TEST(Config, SinkGrantsEachSourceWhatItMayWrite) {
 }
 
 }  // namespace
+TEST(Config, AVolumesOwnRetentionAndAGroupsMembersShareTheirs) {
+  const std::string member = "[volume a]\nimage = a\npeer = h:1\ngroup = db\n";
+  auto c = ParseConfig(kTls + "[volume v]\nimage = i\npeer = h:1\n", "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_FALSE(c->volumes[0].retention.has_value()) << "none of its own: the sink's";
+  c = ParseConfig(kTls + "[volume v]\nimage = i\npeer = h:1\nretention = 1h*24 1d*7\n", "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  ASSERT_TRUE(c->volumes[0].retention.has_value());
+  EXPECT_EQ(c->volumes[0].retention->keep_last, 24u);
+  EXPECT_EQ(FormatRetentionTiers(c->volumes[0].retention->tiers), "1h*24 1d*7");
+  c = ParseConfig(kTls + member + "keep_points = 3\n" +
+                      "[volume b]\nimage = b\npeer = h:1\ngroup = db\nkeep_points = 3\n" +
+                      "[source]\npeer = h:1\nkeep_points = 0\n",
+                  "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->volumes[1].retention, (RetentionRules{3, {}}));
+  EXPECT_EQ(c->source->retention, (RetentionRules{0, {}}));
+  EXPECT_THAT(Error(kTls + member + "[volume b]\nimage = b\npeer = h:1\ngroup = db\n" +
+                    "retention = 1h*2\n"),
+              HasSubstr("volumes 'a' and 'b' are both in group db but keep points by other rules"));
+  EXPECT_THAT(Error(kTls + "[volume v]\nimage = i\npeer = h:1\nretention = 2mo*3\n"),
+              HasSubstr("[volume v] retention: retention tier '2mo*3'"));
+}
+
 }  // namespace cairn

@@ -4,11 +4,14 @@
 
 #include <gtest/gtest.h>
 
+#include <optional>
+#include <string>
+
 namespace cairn {
 namespace {
 
 TEST(Registry, ARegistrationRoundTripsWithAndWithoutAGroup) {
-  Registration r{"vol-1", "volumes", "volume-1", "standby", "volume-1.b", ""};
+  Registration r{"vol-1", "volumes", "volume-1", "standby", "volume-1.b", "", std::nullopt};
   auto back = DecodeRegistration("volume/vol-1", EncodeRegistration(r));
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(back->volume, "vol-1");
@@ -22,9 +25,31 @@ TEST(Registry, ARegistrationRoundTripsWithAndWithoutAGroup) {
   EXPECT_EQ(back->group, "db1");
   // Another group is the same image to the same target: a move.
   EXPECT_TRUE(SameRegistration(
-      r, Registration{"vol-1", "volumes", "volume-1", "standby", "volume-1.b", ""}));
-  EXPECT_FALSE(SameRegistration(
-      r, Registration{"vol-1", "volumes", "volume-1", "standby", "volume-2.b", "db1"}));
+      r, Registration{"vol-1", "volumes", "volume-1", "standby", "volume-1.b", "", std::nullopt}));
+  EXPECT_FALSE(SameRegistration(r, Registration{"vol-1", "volumes", "volume-1", "standby",
+                                                "volume-2.b", "db1", std::nullopt}));
+}
+
+TEST(Registry, ItsOwnRetentionRulesRoundTripAndBadOnesAreDataLoss) {
+  Registration r{"vol-1", "volumes", "volume-1", "standby", "volume-1.b", "db1", std::nullopt};
+  EXPECT_EQ(EncodeRegistration(r).find("keep_points"), std::string::npos)
+      << "a registration without rules of its own reads as an older version wrote it";
+  r.retention = RetentionRules{3, *ParseRetentionTiers("10m*6 60m*24 7d*4 1mo*12")};
+  const std::string text = EncodeRegistration(r);
+  EXPECT_NE(text.find("retention=10m*6 1h*24 1w*4 1mo*12\n"), std::string::npos) << text;
+  auto back = DecodeRegistration("volume/vol-1", text);
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->retention, r.retention);
+  r.retention = RetentionRules{0, {}};  // keep every point
+  back = DecodeRegistration("volume/vol-1", EncodeRegistration(r));
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->retention, r.retention);
+  for (const char* bad : {"keep_points=x\n", "keep_points=-1\n", "retention=1h\n"}) {
+    auto broken = DecodeRegistration("volume/vol-1", "pool=p\nimage=i\n" + std::string(bad));
+    EXPECT_EQ(broken.status().code(), Code::kDataLoss) << bad;
+    EXPECT_NE(broken.status().message().find("volume/vol-1"), std::string::npos)
+        << broken.status().ToString();
+  }
 }
 
 TEST(Registry, AMalformedRecordIsDataLossNamingIt) {

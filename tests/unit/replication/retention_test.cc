@@ -107,6 +107,56 @@ TEST_F(ReplicationTest, TheSinkKeepsTheTiersPointsAndTheirSnapshots) {
   VerifyAllPoints(*src, 4);
 }
 
+// A volume's own rules (its source's, carried in Hello) replace the sink's
+// for that volume only: a volume of its own keeps 2 points, one without
+// keeps the sink's 3, and a source whose rules do not parse is refused
+// before anything of the volume is read.
+TEST_F(ReplicationTest, AVolumesOwnRulesReplaceTheSinksForItAlone) {
+  SinkEnv env = sink_env_;
+  env.keep_points = 3;
+  RestartSink(env);
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  ASSERT_TRUE(site_a_->Create("other", kMiB).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  auto other_src = testing::MustOpen(*site_a_, "other");
+  VolumeConfig own = Config();
+  own.retention = RetentionRules{2, {}};
+  VolumeConfig other = Config();
+  other.id = "vol2";
+  other.image = "other";
+  other.target_image = "other-standby";
+  SourceReplicator rep(own, "a", site_a_, Connector());
+  SourceReplicator other_rep(other, "a", site_a_, Connector());
+  std::mt19937_64 rng(83);
+  for (int i = 0; i < 5; ++i) {
+    testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+    testing::Write(*other_src, 0, testing::RandomBytes(rng, 4096));
+    ASSERT_TRUE(rep.RunOnce().ok());
+    ASSERT_TRUE(other_rep.RunOnce().ok());
+  }
+  const auto seqs = [&](const std::string& volume) {
+    std::vector<uint64_t> out;
+    const std::vector<RestorePoint> points = sink_->Points(volume).value();
+    for (const auto& p : points) out.push_back(p.epoch.seq);
+    return out;
+  };
+  PollUntil("vol1 keeping its own 2 newest points, vol2 the sink's 3", [&] {
+    return seqs("vol1") == std::vector<uint64_t>{4, 5} &&
+           seqs("vol2") == std::vector<uint64_t>{3, 4, 5};
+  });
+  VerifyAllPoints(*src, 2);
+  VolumeConfig bad = Config();
+  bad.id = "vol3";
+  bad.image = "other";
+  bad.target_image = "bad-standby";
+  bad.retention = RetentionRules{2, {RetentionTier{0, false, 3}}};  // a zero period
+  SourceReplicator bad_rep(bad, "a", site_a_, Connector());
+  auto refused = bad_rep.RunOnce();
+  ASSERT_FALSE(refused.ok());
+  EXPECT_THAT(refused.status().message(), HasSubstr("the source's retention rules"));
+  EXPECT_FALSE(site_b_->Exists("bad-standby").value()) << "a refused source wrote the sink";
+}
+
 // A restore holds its point against retention until its copy is made:
 // points made meanwhile (with keep_points 1) do not take it away midway.
 TEST_F(ReplicationTest, ARestoreHoldsItsPointWhileItCopies) {
