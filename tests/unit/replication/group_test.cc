@@ -3,6 +3,7 @@
 // writes to all members; it exists only whole; members join without a
 // resync of the others; a store group that disagrees with the members
 // takes no instant.
+#include <fmt/ranges.h>
 #include <gtest/gtest.h>
 #include <spdlog/spdlog.h>
 
@@ -10,6 +11,8 @@
 #include <cstring>
 #include <functional>
 #include <mutex>
+#include <optional>
+#include <set>
 
 #include "engine/replication/group_source.h"
 #include "engine/replication/retention.h"
@@ -116,8 +119,10 @@ class GroupTest : public ReplicationTest {
     c.target_image = image + "-standby";
     c.interval = std::chrono::milliseconds(0);
     c.group = "app";
+    c.retention = member_rules_;
     return c;
   }
+  std::optional<RetentionRules> member_rules_;  // Member()'s own rules
 
   void StartGroup(const std::vector<std::string>& images, std::shared_ptr<Pool> pool = nullptr) {
     if (!pool) pool = site_a_;
@@ -427,6 +432,41 @@ TEST_F(GroupTest, MembersKeepTheSameInstantsWhenTheirSnapshotTimesStraddleAnHour
   const std::vector<GroupPoint> group_points = sink_->GroupPoints("app").value();
   for (const auto& g : group_points) group_seqs.push_back(g.seq);
   EXPECT_EQ(group_seqs, kept);
+}
+
+// The members' own rules (in their Hello) decide, not the sink's (keep
+// all here): of 4 instants both keep the two newest whole ones. (A member
+// that made its point of instant 4 before the other did keeps instant 2
+// too, until its next pass: 4 was not whole yet.)
+TEST_F(GroupTest, MembersKeepTheInstantsOfTheirOwnRules) {
+  ASSERT_EQ(sink_env_.keep_points, 0u);
+  member_rules_ = RetentionRules{2, {}};
+  const std::vector<std::string> images = {"r1", "r2"};
+  MakeImages(images);
+  StartGroup(images);
+  for (uint64_t i = 1; i <= 4; ++i) EXPECT_EQ(Instant().seq, i);
+  const auto seqs = [&](const std::string& image) {
+    std::set<uint64_t> out;
+    const std::vector<RestorePoint> points = sink_->Points("vol-" + image).value();
+    for (const auto& p : points) out.insert(p.epoch.seq);
+    return out;
+  };
+  const std::set<uint64_t> kept = {3, 4}, lagging = {2, 3, 4};
+  PollUntil("each member keeping instants 3 and 4 (and 2 at most besides)", [&] {
+    int exact = 0;
+    for (const auto& image : images) {
+      const auto s = seqs(image);
+      if (s != kept && s != lagging) return false;
+      exact += s == kept;
+    }
+    return exact >= 1;  // the last member to make its point of 4 pruned by 4
+  });
+  std::vector<uint64_t> group_seqs;
+  const std::vector<GroupPoint> group_points = sink_->GroupPoints("app").value();
+  for (const auto& g : group_points) group_seqs.push_back(g.seq);
+  const std::vector<uint64_t> whole = {3, 4}, whole_lagging = {2, 3, 4};
+  EXPECT_TRUE(group_seqs == whole || group_seqs == whole_lagging)
+      << fmt::format("{}", fmt::join(group_seqs, ","));
 }
 
 TEST_F(GroupTest, AnIdleGroupsLagStaysLowAtBothSites) {
