@@ -279,6 +279,17 @@ Status ReadSinkSection(SectionReader& r, DaemonConfig& cfg) {
   return OkStatus();
 }
 
+// A [source] or [volume] section's snapshot_retention (tiers of the
+// source's own snapshots).
+Status ReadSnapshotTiers(SectionReader& r, std::vector<RetentionTier>* out) {
+  if (auto e = r.Get("snapshot_retention")) {
+    auto tiers = ParseRetentionTiers(e->value);
+    if (!tiers.ok()) return r.Error("snapshot_retention", tiers.status().message());
+    *out = std::move(tiers).value();
+  }
+  return OkStatus();
+}
+
 // A [source] or [volume] section's own retention rules (keep_points,
 // retention), if it sets either; keep_points defaults to 24.
 Status ReadRetentionRules(SectionReader& r, std::optional<RetentionRules>* out) {
@@ -312,6 +323,7 @@ Status ReadSourceSection(SectionReader& r, DaemonConfig& cfg) {
   RETURN_IF_ERROR(r.Size32("outage_snapshots", 1, 10000, &src.outage_snapshots));
   RETURN_IF_ERROR(r.String("peer_name", &src.peer_name));
   RETURN_IF_ERROR(ReadRetentionRules(r, &src.retention));
+  RETURN_IF_ERROR(ReadSnapshotTiers(r, &src.snapshot_tiers));
   cfg.source = src;
   return OkStatus();
 }
@@ -347,6 +359,7 @@ StatusOr<VolumeConfig> ReadVolume(SectionReader& r, std::string_view origin,
   }
   RETURN_IF_ERROR(r.Size32("window", 1, 256, &v.window));
   RETURN_IF_ERROR(ReadRetentionRules(r, &v.retention));
+  RETURN_IF_ERROR(ReadSnapshotTiers(r, &v.snapshot_tiers));
   RETURN_IF_ERROR(r.String("group", &v.group));
   if (Status st = v.group.empty() ? OkStatus() : ValidateVolumeId(v.group); !st.ok()) {
     return r.Error("group", std::string(st.message()));

@@ -108,8 +108,9 @@ struct DaemonConfig {
     std::chrono::milliseconds interval{5000};
     uint32_t keep_snapshots = 0;
     uint32_t outage_snapshots = 1;
-    std::string peer_name;                    // see VolumeConfig::peer_name
-    std::optional<RetentionRules> retention;  // registered volumes' default
+    std::string peer_name;                      // see VolumeConfig::peer_name
+    std::optional<RetentionRules> retention;    // registered volumes' default
+    std::vector<RetentionTier> snapshot_tiers;  // as VolumeConfig's
   };
   std::optional<Source> source;
   std::vector<VolumeConfig> volumes;

@@ -51,6 +51,7 @@ VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
   v.target_image = r.target_image.empty() ? r.image + ".standby" : r.target_image;
   v.interval = src.interval;
   v.keep_snapshots = src.keep_snapshots;
+  v.snapshot_tiers = src.snapshot_tiers;
   v.outage_snapshots = src.outage_snapshots;
   v.group = r.group;
   v.retention = r.retention ? r.retention : src.retention;

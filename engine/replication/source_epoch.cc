@@ -8,6 +8,7 @@
 #include <chrono>
 #include <map>
 #include <optional>
+#include <set>
 #include <system_error>
 
 #include "engine/base/thread_stack.h"
@@ -430,21 +431,24 @@ bool SourceReplicator::PruneSnapshots(uint64_t applied) {
   Volume& vol = **head;
   auto snaps = vol.ListSnaps();
   if (!snaps.ok()) return true;
-  std::vector<uint64_t> older;
+  // The older snapshots, as points at the times they were taken: the
+  // newest keep_snapshots and those the tiers keep stay.
+  std::vector<RestorePoint> older;
   for (auto& s : *snaps) {
     auto seq = ParseSnapName(s.name);
     if (seq && *seq < applied && *seq != pinned_seq_.load(std::memory_order_relaxed) &&
         *seq != verify_pin_.load(std::memory_order_relaxed)) {
-      older.push_back(*seq);
+      older.emplace_back().epoch.seq = *seq;
+      older.back().epoch.snap_time_ns = s.time_ns;
     }
   }
-  std::sort(older.begin(), older.end());
-  const size_t drop =
-      older.size() > config_.keep_snapshots ? older.size() - config_.keep_snapshots : 0;
-  for (size_t i = 0; i < drop; ++i) {
-    Status st = vol.RemoveSnap(SnapName(older[i]));
+  const std::set<uint64_t> keep =
+      PointsToKeep(older, config_.keep_snapshots, config_.snapshot_tiers);
+  for (const auto& p : older) {
+    if (keep.contains(p.epoch.seq)) continue;
+    Status st = vol.RemoveSnap(SnapName(p.epoch.seq));
     if (!st.ok())
-      spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(older[i]),
+      spdlog::warn("volume {}: cannot remove {}: {}", config_.id, SnapName(p.epoch.seq),
                    st.ToString());
   }
   return true;

@@ -96,7 +96,7 @@ Status SourceReplicator::Verify(uint64_t seq) {
   if (it == snaps.end()) {
     return FailedPrecondition(fmt::format(
         "{}/{} has no snapshot {} any more: only the points whose source snapshot this site keeps "
-        "can be verified (the newest, and keep_snapshots older ones)",
+        "can be verified (the newest, and older ones by keep_snapshots, snapshot_retention)",
         config_.pool, config_.image, name));
   }
   const SnapInfo snap = *it;

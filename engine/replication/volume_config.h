@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "engine/epoch/epoch.h"
 #include "engine/replication/retention.h"
@@ -28,6 +29,9 @@ struct VolumeConfig {
   std::string target_image;                  // default: image
   std::chrono::milliseconds interval{5000};  // 0: on demand only
   uint32_t keep_snapshots = 0;               // older source snapshots kept beyond the base
+  // ... and the newest older one of each of the last periods of each tier
+  // (retention.h), by when it was taken: restore points at the source.
+  std::vector<RetentionTier> snapshot_tiers;
   // While the sink cannot be reached the source goes on taking a snapshot
   // every `interval`; it keeps the newest `outage_snapshots` of them (1:
   // one coalesced epoch when the link returns; N: up to N points in time).

@@ -52,7 +52,8 @@ def _inventory(d, testbed, pki, ports, name, cinder_conf, packages):
             "cairn_source_peer": f"127.0.0.1:{ports[other]}",
             "cairn_source_peer_name": f"site-{other}",
             "cairn_source_interval": "0",
-            "cairn_source_retention": {"keep_points": 2, "retention": "1d*7"},
+            "cairn_source_retention": {"keep_points": 2, "retention": "1d*7",
+                                       "snapshot_retention": "1h*24"},
             "cairn_volumes": [] if site == "b" else [
                 {"id": name, "pool": "rbd", "image": name, "target_image": name + "-standby",
                  "interval": "0", "keep_points": 1}],
@@ -134,7 +135,8 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
         conf = configparser.ConfigParser(interpolation=None)
         conf.read("/etc/cairn/site-a.conf")
         assert conf[f"volume {name}"]["keep_points"] == "1"
-        assert (conf["source"]["keep_points"], conf["source"]["retention"]) == ("2", "1d*7")
+        assert (conf["source"]["keep_points"], conf["source"]["retention"],
+                conf["source"]["snapshot_retention"]) == ("2", "1d*7", "1h*24")
 
         # cairnd at each site, exactly as the installed unit starts it.
         site_a.create(name, 32 * MiB)

@@ -297,6 +297,15 @@ TEST(Config, AVolumesOwnRetentionAndAGroupsMembersShareTheirs) {
               HasSubstr("volumes 'a' and 'b' are both in group db but keep points by other rules"));
   EXPECT_THAT(Error(kTls + "[volume v]\nimage = i\npeer = h:1\nretention = 2mo*3\n"),
               HasSubstr("[volume v] retention: retention tier '2mo*3'"));
+  c = ParseConfig(kTls + "[volume v]\nimage = i\npeer = h:1\nsnapshot_retention = 1d*7\n" +
+                      "[source]\npeer = h:1\nsnapshot_retention = 1h*24\n",
+                  "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(FormatRetentionTiers(c->volumes[0].snapshot_tiers), "1d*7");
+  EXPECT_FALSE(c->volumes[0].retention.has_value()) << "the source's snapshots only";
+  EXPECT_EQ(FormatRetentionTiers(c->source->snapshot_tiers), "1h*24");
+  EXPECT_THAT(Error(kTls + "[source]\npeer = h:1\nsnapshot_retention = 1h\n"),
+              HasSubstr("[source] snapshot_retention: retention tier '1h' has no '*'"));
 }
 
 }  // namespace cairn

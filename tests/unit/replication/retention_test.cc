@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <map>
 #include <random>
 
 #include "tests/unit/replication/replication_fixture.h"
@@ -105,6 +106,40 @@ TEST_F(ReplicationTest, TheSinkKeepsTheTiersPointsAndTheirSnapshots) {
   for (const auto& s : listed) snaps.push_back(s.name);
   EXPECT_EQ(snaps, (std::vector<std::string>{"cairn.2", "cairn.5", "cairn.6", "cairn.7"}));
   VerifyAllPoints(*src, 4);
+}
+
+// The source keeps its own snapshots by tiers too: besides the base and
+// the newest keep_snapshots older one, the newest older one of each of the
+// last 3 hours. Points a minute apart, as above.
+TEST_F(ReplicationTest, TheSourceKeepsItsSnapshotsByTheirOwnTiers) {
+  UseManualClock();
+  ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
+  auto src = testing::MustOpen(*site_a_, "img");
+  std::mt19937_64 rng(84);
+  VolumeConfig c = Config();
+  c.keep_snapshots = 1;
+  c.snapshot_tiers = *ParseRetentionTiers("1h*3");
+  SourceReplicator rep(c, "a", site_a_, Connector());
+  rep.set_clock(clock_);
+  // Snapshots at 00:30, 00:50, 01:10, 01:30, 01:50, 02:10, 02:30.
+  clock_.Advance(std::chrono::minutes(30) -
+                 std::chrono::nanoseconds(clock_.UnixNs() % 3'600'000'000'000));
+  std::map<uint64_t, std::string> want;
+  for (int i = 0; i < 7; ++i) {
+    testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
+    auto sum = rep.RunOnce();
+    ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+    want[sum->id.seq] = testing::ImageHash(*src, SnapName(sum->id.seq), kMiB);
+    clock_.Advance(std::chrono::minutes(20));
+  }
+  // The base 7 and the newest older one, 6; hours 02 -> 6, 01 -> 5, 00 -> 2.
+  std::vector<std::string> snaps;
+  const std::vector<SnapInfo> listed = src->ListSnaps().value();
+  for (const auto& s : listed) snaps.push_back(s.name);
+  EXPECT_EQ(snaps, (std::vector<std::string>{"cairn.2", "cairn.5", "cairn.6", "cairn.7"}));
+  for (uint64_t seq : {2, 5, 6, 7}) {
+    EXPECT_EQ(testing::ImageHash(*src, SnapName(seq), kMiB), want[seq]) << "cairn." << seq;
+  }
 }
 
 // A volume's own rules (its source's, carried in Hello) replace the sink's
