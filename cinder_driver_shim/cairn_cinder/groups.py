@@ -137,10 +137,10 @@ class GroupReplicationMixin:
             try:
                 if add_volumes:
                     self._rbd_group_add(name, add_volumes)
-                retention = self._group_retention(group)
-                for v in add_volumes or []:
-                    src.register(v.id, pool, v.name, target_image=self._target_image(v),
-                                 group=name, retention=retention)
+                if add_volumes:
+                    src.register_many(
+                        [(v.id, pool, v.name, self._target_image(v)) for v in add_volumes],
+                        name, retention=self._group_retention(group))
                 for v in remove_volumes or []:
                     self._leave_group(src, v)
                 if remove_volumes:
@@ -163,21 +163,19 @@ class GroupReplicationMixin:
                 % (pool, name, e)))
         src = self._source()
         retention = self._group_retention(group)
-        updates = []
-        for v in volumes:
-            target = self._target_image(v)
-            try:
-                src.register(v.id, pool, v.name, target_image=target, group=name,
-                             retention=retention)
-            except wire.CairnError as e:
-                raise self._group_error(group, (
-                    'cairnd at %s did not register volume %s (%s/%s) in group '
-                    '%s: %s; the volumes registered before it are in the group, '
-                    'enable replication again once this is fixed'
-                    % (src.socket_path, v.id, pool, v.name, name, e)))
-            updates.append({'id': v.id, 'replication_status': ENABLED,
-                            'replication_driver_data': self._group_data(
-                                target=target, group=name)})
+        targets = {v.id: self._target_image(v) for v in volumes}
+        try:
+            # All at once: the group's schedule starts once, not per volume.
+            src.register_many([(v.id, pool, v.name, targets[v.id]) for v in volumes],
+                              name, retention=retention)
+        except wire.CairnError as e:
+            raise self._group_error(group, (
+                'cairnd at %s did not register the volumes of group %s: %s; '
+                'enable replication again once this is fixed'
+                % (src.socket_path, name, e)))
+        updates = [{'id': v.id, 'replication_status': ENABLED,
+                    'replication_driver_data': self._group_data(
+                        target=targets[v.id], group=name)} for v in volumes]
         LOG.info('Cairn: group %s (%d volumes) replicates at one instant to '
                  '%s as Cairn group %s', group.id, len(volumes),
                  self._standby_name(), name)

@@ -179,6 +179,21 @@ class ControlClient:
             r.retention.keep_points, r.retention.tiers = retention
         return self.call(req).register_volume
 
+    def register_many(self, volumes, group, retention=None):
+        """Source side: the members of consistency group `group` registered
+        at once, all or none, in one pool: volumes are (volume, pool, image,
+        target_image) tuples; retention as register()'s, for every member.
+        The group's schedule starts once with all of them (register() one
+        by one restarts it each time). Returns the members' VolumeStatus."""
+        req = pb.ControlRequest()
+        for volume, pool, image, target_image in volumes:
+            r = req.register_volumes.volumes.add()
+            r.volume, r.pool, r.image, r.target_image = volume, pool, image, target_image
+            r.group = group
+            if retention is not None:
+                r.retention.keep_points, r.retention.tiers = retention
+        return list(self.call(req).register_volumes.status)
+
     def unregister(self, volume, remove_snapshots=True):
         """Source side: stop replicating `volume` and forget it; with
         remove_snapshots its cairn.<N> snapshots go too. Restore points at

@@ -121,17 +121,35 @@ Status AnswerReplicate(ControlService& service, const pb::ReplicateRequest& q,
   return OkStatus();
 }
 
-Status AnswerRegister(ControlService& service, const pb::RegisterRequest& q,
-                      pb::ControlReply& reply) {
+StatusOr<Registration> RegistrationOf(const pb::RegisterRequest& q) {
   Registration r{q.volume(),       q.pool(),  q.image(),   q.target_pool(),
                  q.target_image(), q.group(), std::nullopt};
   if (q.has_retention()) {
     auto tiers = ParseRetentionTiers(q.retention().tiers());
-    if (!tiers.ok()) return tiers.status().Annotate("register: retention");
+    if (!tiers.ok()) return tiers.status().Annotate("register " + q.volume() + ": retention");
     r.retention = RetentionRules{q.retention().keep_points(), std::move(tiers).value()};
   }
+  return r;
+}
+
+Status AnswerRegister(ControlService& service, const pb::RegisterRequest& q,
+                      pb::ControlReply& reply) {
+  ASSIGN_OR_RETURN(const Registration r, RegistrationOf(q));
   ASSIGN_OR_RETURN(const VolumeStatusInfo s, service.Register(r));
   FillStatus(s, reply.mutable_register_volume()->mutable_status());
+  return OkStatus();
+}
+
+Status AnswerRegisterMany(ControlService& service, const pb::RegisterVolumesRequest& q,
+                          pb::ControlReply& reply) {
+  std::vector<Registration> rs;
+  for (const auto& v : q.volumes()) {
+    ASSIGN_OR_RETURN(Registration r, RegistrationOf(v));
+    rs.push_back(std::move(r));
+  }
+  ASSIGN_OR_RETURN(const std::vector<VolumeStatusInfo> statuses, service.RegisterMany(rs));
+  auto* out = reply.mutable_register_volumes();
+  for (const auto& s : statuses) FillStatus(s, out->add_status());
   return OkStatus();
 }
 
@@ -261,6 +279,8 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
       return AnswerReplicate(service, req.replicate(), reply);
     case pb::ControlRequest::kRegisterVolume:
       return AnswerRegister(service, req.register_volume(), reply);
+    case pb::ControlRequest::kRegisterVolumes:
+      return AnswerRegisterMany(service, req.register_volumes(), reply);
     case pb::ControlRequest::kUnregisterVolume:
       return AnswerUnregister(service, req.unregister_volume(), reply);
     case pb::ControlRequest::kPromote:
@@ -282,8 +302,8 @@ Status Answer(ControlService& service, const pb::ControlRequest& req, pb::Contro
   }
   return InvalidArgument(
       "control request names no operation (status, points, restore, replicate, "
-      "register_volume, unregister_volume, promote, release, resolve, failback, verify, drill, "
-      "group)");
+      "register_volume, register_volumes, unregister_volume, promote, release, resolve, failback, "
+      "verify, drill, group)");
 }
 
 // What a changing request is called and the volume it names; nullopt for
@@ -296,6 +316,10 @@ std::optional<std::pair<std::string_view, std::string>> Change(const pb::Control
       return std::make_pair("replicate", req.replicate().volume());
     case pb::ControlRequest::kRegisterVolume:
       return std::make_pair("register_volume", req.register_volume().volume());
+    case pb::ControlRequest::kRegisterVolumes:
+      return std::make_pair("register_volumes", req.register_volumes().volumes().empty()
+                                                    ? std::string()
+                                                    : req.register_volumes().volumes(0).group());
     case pb::ControlRequest::kUnregisterVolume:
       return std::make_pair("unregister_volume", req.unregister_volume().volume());
     case pb::ControlRequest::kPromote:

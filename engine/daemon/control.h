@@ -63,6 +63,17 @@ class ControlService {
   virtual StatusOr<uint64_t> Replicate(const std::string& volume) = 0;
   // Source side: replicate a volume from now on (persisted in RADOS).
   virtual StatusOr<VolumeStatusInfo> Register(const Registration& r) = 0;
+  // The members of one consistency group, all or none, their group started
+  // once. By default: Register, one by one.
+  virtual StatusOr<std::vector<VolumeStatusInfo>> RegisterMany(
+      const std::vector<Registration>& rs) {
+    std::vector<VolumeStatusInfo> out;
+    for (const auto& r : rs) {
+      ASSIGN_OR_RETURN(VolumeStatusInfo s, Register(r));
+      out.push_back(std::move(s));
+    }
+    return out;
+  }
   virtual Status Unregister(const std::string& volume, bool remove_snapshots) = 0;
   // Standby side: failover / failback of one volume (Sink::Promote/Release).
   virtual StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq,

@@ -70,6 +70,8 @@ class Daemon final : public ControlService {
   StatusOr<std::vector<std::string>> DrillStop(const std::string& volume,
                                                const std::string& image) override;
   StatusOr<VolumeStatusInfo> Register(const Registration& r) override;
+  StatusOr<std::vector<VolumeStatusInfo>> RegisterMany(
+      const std::vector<Registration>& rs) override;
   Status Unregister(const std::string& volume, bool remove_snapshots) override;
   StatusOr<PromoteResult> Promote(const std::string& volume, uint64_t seq, const std::string& pool,
                                   const std::string& to_image) override;
@@ -152,6 +154,18 @@ class Daemon final : public ControlService {
   Status CheckGroupRegistration(const Registration& r, Pool& pool);
   // Stops the replicator of `volume` (on its own schedule) and forgets it.
   void StopSource(const std::string& volume);
+  // A registration checked, with what it changes (register_mu_ held).
+  struct Prepared {
+    Registration r;                          // with its targets filled in
+    VolumeConfig v;                          // as it replicates
+    bool known = false;                      // registered already, just so: nothing changes
+    std::optional<Registration> moved_from;  // registered already, otherwise
+  };
+  StatusOr<Prepared> PrepareRegistration(const Registration& req);
+  // Records `ps` (none known) in their pool's registry in one commit and
+  // in registered_; those moved leave their own schedule or old group
+  // (which goes on without them, restarted unless it is `except`).
+  Status RecordRegistrations(const std::vector<Prepared>& ps, const std::string& except);
 
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <map>
 #include <optional>
+#include <set>
+#include <utility>
 
 #include "engine/daemon/daemon.h"
 #include "engine/daemon/registry.h"
@@ -154,7 +156,7 @@ void Daemon::StopSource(const std::string& volume) {
   if (stopped) stopped->Stop();
 }
 
-StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
+StatusOr<Daemon::Prepared> Daemon::PrepareRegistration(const Registration& req) {
   if (!config_.source) {
     return FailedPrecondition(
         "this cairnd takes no registrations: add a [source] section (pools, peer) to its config");
@@ -167,19 +169,16 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
         fmt::format("pool '{}' is not one of this cairnd's [source] pools ({}): add it there",
                     req.pool, fmt::join(pools, ", ")));
   }
-  Registration r = req;
-  const VolumeConfig v = RegisteredVolume(r);
-  r.target_pool = v.target_pool;
-  r.target_image = v.target_image;
+  Prepared p{req, RegisteredVolume(req), false, std::nullopt};
+  Registration& r = p.r;
+  r.target_pool = p.v.target_pool;
+  r.target_image = p.v.target_image;
   ASSIGN_OR_RETURN(auto pool, OpenPool(r.pool));
   ASSIGN_OR_RETURN(bool exists, pool->Exists(r.image));
   if (!exists) {
     return NotFound(
         fmt::format("image {}/{} does not exist at site {}", r.pool, r.image, config_.site));
   }
-  std::lock_guard registering(register_mu_);
-  bool known = false;
-  std::optional<Registration> moved_from;  // registered already, in another group (or none)
   {
     std::lock_guard lock(sources_mu_);
     if (auto it = registered_.find(r.volume); it != registered_.end()) {
@@ -188,8 +187,8 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
             "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first", r.volume,
             it->second.pool, it->second.image, it->second.target_pool, it->second.target_image));
       }
-      known = it->second.group == r.group && it->second.retention == r.retention;
-      if (!known) moved_from = it->second;
+      p.known = it->second.group == r.group && it->second.retention == r.retention;
+      if (!p.known) p.moved_from = it->second;
     } else {
       for (const auto& s : sources_) {
         const auto& c = s->config();
@@ -204,22 +203,42 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
       }
     }
   }
-  if (!known) {
-    RETURN_IF_ERROR(CheckGroupRegistration(r, *pool));
-    ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r.pool, kRegistryObject));
-    RETURN_IF_ERROR(kv->Commit({{"volume/" + r.volume, EncodeRegistration(r)}}, {}));
-    {
-      std::lock_guard lock(sources_mu_);
-      registered_[r.volume] = r;
+  if (!p.known) RETURN_IF_ERROR(CheckGroupRegistration(r, *pool));
+  return p;
+}
+
+Status Daemon::RecordRegistrations(const std::vector<Prepared>& ps, const std::string& except) {
+  if (ps.empty()) return OkStatus();
+  std::map<std::string, std::string> entries;
+  for (const auto& p : ps) entries["volume/" + p.r.volume] = EncodeRegistration(p.r);
+  ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(ps.front().r.pool, kRegistryObject));
+  RETURN_IF_ERROR(kv->Commit(entries, {}));
+  std::set<std::string> left;  // old groups that go on without a member
+  {
+    std::lock_guard lock(sources_mu_);
+    for (const auto& p : ps) registered_[p.r.volume] = p.r;
+  }
+  // A move: the volume leaves its own schedule or its old group, then
+  // joins the new one, from its point.
+  for (const auto& p : ps) {
+    if (!p.moved_from) continue;
+    if (p.moved_from->group.empty()) StopSource(p.r.volume);
+    if (!p.moved_from->group.empty() && p.moved_from->group != except) {
+      left.insert(p.moved_from->group);
     }
-    // A move: the volume leaves its own schedule or its old group (which
-    // goes on without it), then joins the new one, from its point.
-    if (moved_from && moved_from->group.empty()) StopSource(r.volume);
-    if (moved_from && !moved_from->group.empty() && moved_from->group != r.group) {
-      RETURN_IF_ERROR(RestartRegisteredGroup(moved_from->group));
-    }
+  }
+  for (const auto& g : left) RETURN_IF_ERROR(RestartRegisteredGroup(g));
+  return OkStatus();
+}
+
+StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
+  std::lock_guard registering(register_mu_);
+  ASSIGN_OR_RETURN(const Prepared p, PrepareRegistration(req));
+  const Registration& r = p.r;
+  if (!p.known) {
+    RETURN_IF_ERROR(RecordRegistrations({p}, r.group));
     if (r.group.empty()) {
-      ASSIGN_OR_RETURN(auto src, StartSource(v));
+      ASSIGN_OR_RETURN(auto src, StartSource(p.v));
       std::lock_guard lock(sources_mu_);
       sources_.push_back(std::move(src));
     } else {
@@ -230,6 +249,48 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
   }
   if (auto s = FindSource(r.volume)) return s->Report();
   return Internal("registered volume vanished");
+}
+
+StatusOr<std::vector<VolumeStatusInfo>> Daemon::RegisterMany(const std::vector<Registration>& rs) {
+  const std::string group = rs.empty() ? "" : rs.front().group;
+  std::set<std::string> volumes, images;
+  for (const auto& r : rs) {
+    if (group.empty() || r.group != group || r.pool != rs.front().pool) {
+      return InvalidArgument(
+          "register_volumes takes the members of one consistency group, in one pool (each names "
+          "it): register other volumes one by one");
+    }
+    if (!volumes.insert(r.volume).second || !images.insert(r.image).second) {
+      return InvalidArgument(
+          fmt::format("register_volumes names volume '{}' or image '{}' twice", r.volume, r.image));
+    }
+  }
+  std::lock_guard registering(register_mu_);
+  std::vector<Prepared> changed;
+  const VolumeConfig first = RegisteredVolume(rs.front());
+  for (const auto& r : rs) {
+    ASSIGN_OR_RETURN(Prepared p, PrepareRegistration(r));
+    if (p.v.target_pool != first.target_pool || p.v.retention != first.retention) {
+      return InvalidArgument(fmt::format(
+          "volumes '{}' and '{}' of group {} differ in target pool or retention: a group's members "
+          "share both",
+          first.id, r.volume, group));
+    }
+    if (!p.known) changed.push_back(std::move(p));
+  }
+  if (!changed.empty()) {
+    RETURN_IF_ERROR(RecordRegistrations(changed, group));
+    RETURN_IF_ERROR(RestartRegisteredGroup(group));
+    spdlog::info("group {}: {} volumes registered at once ({} already were)", group, changed.size(),
+                 rs.size() - changed.size());
+  }
+  std::vector<VolumeStatusInfo> out;
+  for (const auto& r : rs) {
+    auto s = FindSource(r.volume);
+    if (!s) return Internal(fmt::format("registered volume {} vanished", r.volume));
+    out.push_back(s->Report());
+  }
+  return out;
 }
 
 Status Daemon::Unregister(const std::string& volume, bool remove_snapshots) {

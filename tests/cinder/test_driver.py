@@ -512,7 +512,7 @@ def test_enabling_group_replication_names_a_missing_cairnd(make_driver, volumes,
     try:
         with pytest.raises(exception.ReplicationGroupError) as e:
             drv.enable_replication(ctx, group, [vol])
-        assert "nosuch.sock" in str(e.value) and vol.id in str(e.value), e.value
+        assert "nosuch.sock" in str(e.value) and f"group-{group.id}" in str(e.value), e.value
     finally:
         rbd.RBD().group_remove(site_a.ioctx, f"group-{group.id}")
 

@@ -7,6 +7,7 @@ is restored, drilled and failed over whole; members registered at run time
 join and leave a group without a resync of the others, and the group
 starts again with cairnd."""
 import random
+import re
 import struct
 import sys
 import threading
@@ -216,13 +217,32 @@ def test_members_registered_at_run_time_join_and_leave_without_a_resync_of_the_o
     first = replicate_and_check(images[:2])
     # A third member joins (a full sync of its own), and a volume that
     # replicated on its own moves in: it and the others diff from their
-    # points.
+    # points. Both at once (register_volumes), the group started once; a
+    # batch with an image outside the RBD group changes nothing.
     for image in images + [single]:
         with rbd.Image(site_a.ioctx, image) as img:
             img.write(rng.randbytes(64 * 1024), rng.randrange(0, SIZE // MiB) * MiB)
-    for image in (images[2], single):
-        rbd.Group(site_a.ioctx, group).add_image(site_a.ioctx, image)
-        register(image)
+    batch = [(image, "rbd", image, image + "-standby") for image in (images[2], single)]
+    rbd.Group(site_a.ioctx, group).add_image(site_a.ioctx, single)
+    try:
+        a.register_many(batch, group)
+        raise AssertionError(f"{images[2]} registered while outside RBD group {group}")
+    except wire.CairnError as e:
+        assert images[2] in str(e) and "rbd group image add" in str(e), e
+    by_volume = {s.volume: s for s in a.status()}
+    assert images[2] not in by_volume, "a refused batch registered a volume"
+    assert sorted(source.json("group", "status", group)[0]["volumes"]) == sorted(images[:2])
+
+    def starts():
+        return len(re.findall(rf"group {re.escape(group)}: \d+ volumes of RBD group",
+                              source.log_text()))
+
+    before = starts()
+    rbd.Group(site_a.ioctx, group).add_image(site_a.ioctx, images[2])
+    statuses = a.register_many(batch, group)
+    assert sorted(s.volume for s in statuses) == sorted([images[2], single]), statuses
+    lib.wait_for(f"group {group} started again in the log", lambda: starts() > before, 30)
+    assert starts() == before + 1, "registering two members at once restarted the group twice"
     images.append(single)
     second = replicate_and_check(images)
     for image in images[:2]:

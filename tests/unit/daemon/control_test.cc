@@ -133,7 +133,8 @@ TEST(Control, ReadersReadAndOnlyAdminsChange) {
   CountingService service;
   const ControlCaller reader{false, "pid 1 uid 1000 (cinder)"};
   const ControlCaller admin{true, "pid 2 uid 0 (root)"};
-  pb::ControlRequest status, points, promote, release, replicate, restore, resolve, failback;
+  pb::ControlRequest status, points, promote, release, replicate, restore, resolve, failback,
+      register_many;
   status.mutable_status();
   points.mutable_points()->set_volume("v");
   promote.mutable_promote()->set_volume("v");
@@ -142,20 +143,25 @@ TEST(Control, ReadersReadAndOnlyAdminsChange) {
   restore.mutable_restore()->set_volume("v");
   resolve.mutable_resolve()->set_volume("v");
   failback.mutable_failback()->set_volume("v");
+  for (const char* v : {"v1", "v2"}) {
+    auto* r = register_many.mutable_register_volumes()->add_volumes();
+    r->set_volume(v);
+    r->set_group("g");
+  }
   EXPECT_EQ(Ask(service, status, reader).code(), 0);
   EXPECT_EQ(Ask(service, points, reader).code(), 0);
   EXPECT_EQ(service.reads, 2);
-  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve, &failback}) {
+  const auto all = {&promote, &release, &replicate, &restore, &resolve, &failback, &register_many};
+  for (const auto* r : all) {
     const pb::ControlReply reply = Ask(service, *r, reader);
     EXPECT_EQ(reply.code(), static_cast<int>(Code::kPermissionDenied));
     EXPECT_THAT(reply.message(), HasSubstr("admin_group"));
     EXPECT_THAT(reply.message(), HasSubstr("uid 1000 (cinder)"));
   }
   EXPECT_EQ(service.changes, 0) << "a reader's request changed something";
-  for (const auto* r : {&promote, &release, &replicate, &restore, &resolve, &failback}) {
-    EXPECT_EQ(Ask(service, *r, admin).code(), 0);
-  }
-  EXPECT_EQ(service.changes, 6);
+  for (const auto* r : all) EXPECT_EQ(Ask(service, *r, admin).code(), 0);
+  EXPECT_EQ(service.changes, 8);  // register_volumes: each volume's (by default)
+  EXPECT_EQ(Ask(service, register_many, admin).register_volumes().status_size(), 2);
 }
 
 TEST(Control, AdminsAreRootOurselvesOrMembersOfTheAdminGroup) {
