@@ -301,11 +301,11 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
                 % (self._backend_name, self._active_backend_id)))
         pool = self.configuration.rbd_pool
         target = self._target_image(volume)
-        retention = self._volume_retention(volume)
+        retention = self._retention_args(volume)
         src = self._source()
         try:
             src.register(volume.id, pool, volume.name, target_image=target,
-                         retention=retention)
+                         **retention)
         except wire.CairndUnavailable as e:
             raise exception.ReplicationError(volume_id=volume.id, reason=(
                 'Cairn: cannot register %s/%s for replication: %s; start '
@@ -322,20 +322,19 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
         return {'replication_status': ENABLED,
                 'replication_driver_data': _driver_data(target=target)}
 
-    def _volume_retention(self, volume):
-        """Its type's extra specs cairn:keep_points and cairn:retention
-        (wire.retention_of_specs): how many restore points site B keeps."""
+    def _retention_args(self, volume):
+        """register()'s retention and snapshot_retention from its type's
+        extra specs cairn:keep_points, cairn:retention (how many restore
+        points site B keeps) and cairn:snapshot_retention (its snapshots
+        kept at site A)."""
         vtype = volume.volume_type
-        return self._retention_of(vtype.extra_specs if vtype else {},
-                                  'volume type %s' % (vtype.name if vtype else None),
-                                  volume.id)
-
-    def _retention_of(self, specs, what, volume_id):
+        specs = vtype.extra_specs if vtype else {}
         try:
-            return wire.retention_of_specs(specs)
+            return {'retention': wire.retention_of_specs(specs),
+                    'snapshot_retention': wire.snapshot_retention_of_specs(specs)}
         except ValueError as e:
-            raise exception.ReplicationError(volume_id=volume_id, reason=(
-                'Cairn: %s: %s' % (what, e)))
+            raise exception.ReplicationError(volume_id=volume.id, reason=(
+                'Cairn: volume type %s: %s' % (vtype.name if vtype else None, e)))
 
     def _disable_replication(self, volume):
         """Unregisters the volume (its cairn.<N> snapshots go; the restore
@@ -496,7 +495,7 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
             standby.register(volume.id, promoted.pool, promoted.image,
                              target_pool=self.configuration.rbd_pool,
                              target_image=volume.name,
-                             retention=self._volume_retention(volume))
+                             **self._retention_args(volume))
         except wire.CairnError as e:
             LOG.warning('Cairn: volume %s is not replicated back to site A '
                         '(%s): a failback keeps what is written at %s aside '

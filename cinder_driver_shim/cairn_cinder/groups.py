@@ -97,7 +97,7 @@ class GroupReplicationMixin:
         if self._is_replicated_type(v.volume_type):
             src.register(v.id, self.configuration.rbd_pool, v.name,
                          target_image=self._target_image(v),
-                         retention=self._volume_retention(v))
+                         **self._retention_args(v))
             return
         try:
             src.unregister(v.id, remove_snapshots=True)
@@ -105,14 +105,16 @@ class GroupReplicationMixin:
             if e.code != 'NotFound':
                 raise
 
-    def _group_retention(self, group):
-        """Its group type's group specs cairn:keep_points and
-        cairn:retention: every member keeps the same instants."""
+    def _group_retention_args(self, group):
+        """register_many()'s retention and snapshot_retention from its group
+        type's group specs of the names a volume type's take
+        (_retention_args): every member keeps the same instants."""
         if not group.group_type_id:
-            return None
+            return {}
         specs = group_types.get_group_type_specs(group.group_type_id)
         try:
-            return wire.retention_of_specs(specs)
+            return {'retention': wire.retention_of_specs(specs),
+                    'snapshot_retention': wire.snapshot_retention_of_specs(specs)}
         except ValueError as e:
             raise self._group_error(group, 'group type %s: %s' % (group.group_type_id, e))
 
@@ -140,7 +142,7 @@ class GroupReplicationMixin:
                 if add_volumes:
                     src.register_many(
                         [(v.id, pool, v.name, self._target_image(v)) for v in add_volumes],
-                        name, retention=self._group_retention(group))
+                        name, **self._group_retention_args(group))
                 for v in remove_volumes or []:
                     self._leave_group(src, v)
                 if remove_volumes:
@@ -162,12 +164,12 @@ class GroupReplicationMixin:
                 'cannot make RBD group %s/%s of the volumes\' images: %s'
                 % (pool, name, e)))
         src = self._source()
-        retention = self._group_retention(group)
+        retention = self._group_retention_args(group)
         targets = {v.id: self._target_image(v) for v in volumes}
         try:
             # All at once: the group's schedule starts once, not per volume.
             src.register_many([(v.id, pool, v.name, targets[v.id]) for v in volumes],
-                              name, retention=retention)
+                              name, **retention)
         except wire.CairnError as e:
             raise self._group_error(group, (
                 'cairnd at %s did not register the volumes of group %s: %s; '

@@ -48,6 +48,12 @@ def retention_of_specs(specs):
     return count, tiers or ""
 
 
+def snapshot_retention_of_specs(specs):
+    """Spec 'cairn:snapshot_retention' ("1d*7"): tiers of the volume's
+    snapshots kept at the source, as register()'s snapshot_retention."""
+    return (specs or {}).get('cairn:snapshot_retention', "")
+
+
 class WireError(Exception):
     """A frame that is not what it claims (DataLoss in cairnd's terms)."""
 
@@ -161,7 +167,7 @@ class ControlClient:
         return self.call(req).replicate
 
     def register(self, volume, pool, image, target_pool="", target_image="", group="",
-                 retention=None):
+                 retention=None, snapshot_retention=""):
         """Source side: replicate pool/image as `volume` from now on (it
         persists across cairnd restarts). Empty targets take cairnd's
         defaults (pool; image + ".standby"). group: a member of that
@@ -169,7 +175,9 @@ class ControlClient:
         hold the image); a registered volume registered again with another
         group (or none) moves. retention: (keep_points, tiers) kept at the
         standby for this volume (retention_of_specs); None: cairnd's
-        [source] rules, else the sink's. Returns the RegisterReply."""
+        [source] rules, else the sink's. snapshot_retention: tiers of its
+        snapshots kept at the source ("": [source]'s). Returns the
+        RegisterReply."""
         req = pb.ControlRequest()
         r = req.register_volume
         r.volume, r.pool, r.image = volume, pool, image
@@ -177,12 +185,14 @@ class ControlClient:
         r.group = group
         if retention is not None:
             r.retention.keep_points, r.retention.tiers = retention
+        r.snapshot_retention = snapshot_retention
         return self.call(req).register_volume
 
-    def register_many(self, volumes, group, retention=None):
+    def register_many(self, volumes, group, retention=None, snapshot_retention=""):
         """Source side: the members of consistency group `group` registered
         at once, all or none, in one pool: volumes are (volume, pool, image,
-        target_image) tuples; retention as register()'s, for every member.
+        target_image) tuples; retention and snapshot_retention as
+        register()'s, for every member.
         The group's schedule starts once with all of them (register() one
         by one restarts it each time). Returns the members' VolumeStatus."""
         req = pb.ControlRequest()
@@ -192,6 +202,7 @@ class ControlClient:
             r.group = group
             if retention is not None:
                 r.retention.keep_points, r.retention.tiers = retention
+            r.snapshot_retention = snapshot_retention
         return list(self.call(req).register_volumes.status)
 
     def unregister(self, volume, remove_snapshots=True):

@@ -122,8 +122,13 @@ Status AnswerReplicate(ControlService& service, const pb::ReplicateRequest& q,
 }
 
 StatusOr<Registration> RegistrationOf(const pb::RegisterRequest& q) {
-  Registration r{q.volume(),       q.pool(),  q.image(),   q.target_pool(),
-                 q.target_image(), q.group(), std::nullopt};
+  Registration r{q.volume(),       q.pool(),  q.image(),    q.target_pool(),
+                 q.target_image(), q.group(), std::nullopt, {}};
+  auto snapshot_tiers = ParseRetentionTiers(q.snapshot_retention());
+  if (!snapshot_tiers.ok()) {
+    return snapshot_tiers.status().Annotate("register " + q.volume() + ": snapshot_retention");
+  }
+  r.snapshot_tiers = std::move(snapshot_tiers).value();
   if (q.has_retention()) {
     auto tiers = ParseRetentionTiers(q.retention().tiers());
     if (!tiers.ok()) return tiers.status().Annotate("register " + q.volume() + ": retention");

@@ -35,6 +35,8 @@ struct Registration {
   // Its own retention at the sink; none: [source] keep_points and
   // retention (none there: the sink's). A group's members share theirs.
   std::optional<RetentionRules> retention;
+  // Tiers of its snapshots kept at the source; empty: [source]'s.
+  std::vector<RetentionTier> snapshot_tiers;
 };
 
 // What cairnd offers on its control socket.

@@ -53,7 +53,7 @@ VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
   v.target_image = r.target_image.empty() ? r.image + ".standby" : r.target_image;
   v.interval = src.interval;
   v.keep_snapshots = src.keep_snapshots;
-  v.snapshot_tiers = src.snapshot_tiers;
+  v.snapshot_tiers = r.snapshot_tiers.empty() ? src.snapshot_tiers : r.snapshot_tiers;
   v.outage_snapshots = src.outage_snapshots;
   v.group = r.group;
   v.retention = r.retention ? r.retention : src.retention;
@@ -187,7 +187,8 @@ StatusOr<Daemon::Prepared> Daemon::PrepareRegistration(const Registration& req) 
             "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first", r.volume,
             it->second.pool, it->second.image, it->second.target_pool, it->second.target_image));
       }
-      p.known = it->second.group == r.group && it->second.retention == r.retention;
+      p.known = it->second.group == r.group && it->second.retention == r.retention &&
+                it->second.snapshot_tiers == r.snapshot_tiers;
       if (!p.known) p.moved_from = it->second;
     } else {
       for (const auto& s : sources_) {

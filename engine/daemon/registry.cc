@@ -26,7 +26,8 @@ Status DecodeRetention(const std::string& k, const std::string& v, RetentionRule
 
 // registry omap: volume/<id> -> "pool=P\nimage=I\ntarget_pool=TP\ntarget_image=TI\n"
 // and "group=G\n" for a member of a consistency group, "keep_points=N\n"
-// and "retention=TIERS\n" for its own retention rules.
+// and "retention=TIERS\n" for its own retention rules,
+// "snapshot_retention=TIERS\n" for its own snapshot tiers at the source.
 std::string EncodeRegistration(const Registration& r) {
   std::string out = fmt::format("pool={}\nimage={}\ntarget_pool={}\ntarget_image={}\n{}", r.pool,
                                 r.image, r.target_pool, r.target_image,
@@ -34,6 +35,9 @@ std::string EncodeRegistration(const Registration& r) {
   if (r.retention) {
     out += fmt::format("keep_points={}\nretention={}\n", r.retention->keep_last,
                        FormatRetentionTiers(r.retention->tiers));
+  }
+  if (!r.snapshot_tiers.empty()) {
+    out += fmt::format("snapshot_retention={}\n", FormatRetentionTiers(r.snapshot_tiers));
   }
   return out;
 }
@@ -62,7 +66,13 @@ StatusOr<Registration> DecodeRegistration(const std::string& key, const std::str
       r.target_image = v;
     else if (k == "group")
       r.group = v;
-    else if (k == "keep_points" || k == "retention") {
+    else if (k == "snapshot_retention") {
+      auto tiers = ParseRetentionTiers(v);
+      if (!tiers.ok()) {
+        return DataLoss(fmt::format("{} {}: {}", kRegistryObject, key, tiers.status().message()));
+      }
+      r.snapshot_tiers = std::move(tiers).value();
+    } else if (k == "keep_points" || k == "retention") {
       if (!r.retention) r.retention = RetentionRules{};
       RETURN_IF_ERROR(DecodeRetention(k, v, &*r.retention)
                           .Annotate(fmt::format("{} {}", kRegistryObject, key)));

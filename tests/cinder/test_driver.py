@@ -373,11 +373,14 @@ def test_a_volume_types_retention_specs_decide_its_points_at_site_b(
         site_a, site_b, cairn, volumes, make_driver, ctx):
     """cairn:keep_points in a volume type's extra specs: site B keeps that
     many of the volume's points (the sink's own rule here keeps all), after
-    a restart of the site A cairnd too (the registry holds the rules). A
-    spec that is no count is refused, naming it."""
+    a restart of the site A cairnd too (the registry holds the rules); and
+    cairn:snapshot_retention keeps today's newest older snapshot at site A
+    beside the base (without it, the base alone). A spec that is no count
+    is refused, naming it."""
     cairn.start()
     drv = make_driver(cairn.source.socket, cairn.sink.socket)
-    own = volumes.new(specs={"cairn:keep_points": "2", "cairn:retention": "1d*7"})
+    own = volumes.new(specs={"cairn:keep_points": "2", "cairn:retention": "1d*7",
+                             "cairn:snapshot_retention": "1d*7"})
     plain = volumes.new()
     for v in (own, plain):
         v.update(drv.create_volume(v))
@@ -400,6 +403,14 @@ def test_a_volume_types_retention_specs_decide_its_points_at_site_b(
     # 1d*7 keeps the newest of today, which is the newest point anyway.
     assert newest[1] == max(p.seq for p in sink.points(own.id))
     assert len(seqs(plain)) >= 3, "a volume without specs lost points to another's rules"
+
+    def cairn_snaps(v):
+        return sorted(s for s in site_a.snaps(v.name) if s.startswith("cairn."))
+
+    lib.wait_for(f"site A keeping 2 snapshots of {own.name} (base and today's)",
+                 lambda: len(cairn_snaps(own)) == 2, 60)
+    lib.wait_for(f"site A keeping only the base snapshot of {plain.name}",
+                 lambda: len(cairn_snaps(plain)) == 1, 60)
     point = max(sink.points(own.id), key=lambda p: p.seq)
     assert site_b.digest(point.image, point.snap) == site_a.digest(own.name)
 
