@@ -164,6 +164,7 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.configuration.append_config_values(CAIRN_OPTS)
+        self._retype_to = {}  # volume id -> the type a retype sets up
 
     @classmethod
     def get_driver_options(cls):
@@ -236,7 +237,11 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
     def _setup_volume(self, volume, volume_type=None):
         # The parent wraps any failure of _enable/_disable_replication in a
         # ReplicationError of its own ("Failed to enable image replication");
-        # surface ours, which says what went wrong and what to do.
+        # surface ours, which says what went wrong and what to do. A retype
+        # (volume_type: the new one; volume.volume_type is still the old
+        # one until it returns) registers with the new type's specs.
+        if volume_type is not None:
+            self._retype_to[volume.id] = volume_type
         try:
             return super()._setup_volume(volume, volume_type)
         except exception.ReplicationError as e:
@@ -244,6 +249,8 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
             if isinstance(cause, exception.ReplicationError) and cause is not e:
                 raise cause from None
             raise
+        finally:
+            self._retype_to.pop(volume.id, None)
 
     # Cinder 21's RBDDriver.create_volume and _clone remove the new image
     # when _setup_volume fails, but through an ioctx whose RADOS client
@@ -327,7 +334,7 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
         extra specs cairn:keep_points, cairn:retention (how many restore
         points site B keeps) and cairn:snapshot_retention (its snapshots
         kept at site A)."""
-        vtype = volume.volume_type
+        vtype = self._retype_to.get(volume.id, volume.volume_type)
         specs = vtype.extra_specs if vtype else {}
         try:
             return {'retention': wire.retention_of_specs(specs),
@@ -492,10 +499,17 @@ class CairnRBDDriver(cairn_groups.GroupReplicationMixin, rbd.RBDDriver):
         A's cairnd answers: failback then loses nothing. Without it (no
         [source] section at site B) failback keeps B's writes aside."""
         try:
+            retention = self._retention_args(volume)
+        except exception.ReplicationError as e:
+            # The volume is promoted already: it replicates back by
+            # cairnd's rules rather than not at all.
+            LOG.warning('Cairn: volume %s replicates back by cairnd\'s '
+                        'retention rules: %s', volume.id, e)
+            retention = {}
+        try:
             standby.register(volume.id, promoted.pool, promoted.image,
                              target_pool=self.configuration.rbd_pool,
-                             target_image=volume.name,
-                             **self._retention_args(volume))
+                             target_image=volume.name, **retention)
         except wire.CairnError as e:
             LOG.warning('Cairn: volume %s is not replicated back to site A '
                         '(%s): a failback keeps what is written at %s aside '

@@ -163,6 +163,8 @@ class GroupReplicationMixin:
             raise self._group_error(group, (
                 'cannot make RBD group %s/%s of the volumes\' images: %s'
                 % (pool, name, e)))
+        if not volumes:
+            return {'replication_status': ENABLED}, []
         src = self._source()
         retention = self._group_retention_args(group)
         targets = {v.id: self._target_image(v) for v in volumes}

@@ -162,6 +162,8 @@ class Daemon final : public ControlService {
     std::optional<Registration> moved_from;  // registered already, otherwise
   };
   StatusOr<Prepared> PrepareRegistration(const Registration& req);
+  // kFailedPrecondition, saying what to add, without a [source] section.
+  Status TakesRegistrations() const;
   // Records `ps` (none known) in their pool's registry in one commit and
   // in registered_; those moved leave their own schedule or old group
   // (which goes on without them, restarted unless it is `except`).

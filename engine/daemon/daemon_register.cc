@@ -127,8 +127,10 @@ Status Daemon::CheckGroupRegistration(const Registration& r, Pool& pool) {
           "group '{}' replicates pool {} to pool {} (volume {}): its members share both", r.group,
           other.pool, other.target_pool, volume));
     }
+    // Their own rules, not only as [source] resolves them now: a member
+    // that inherits [source]'s would differ once [source] changes.
     const auto theirs = RegisteredVolume(other).retention, mine = RegisteredVolume(r).retention;
-    if (theirs != mine) {
+    if (theirs != mine || other.retention != r.retention) {
       const auto describe = [](const std::optional<RetentionRules>& rules) {
         return rules ? DescribeRetention(*rules) : std::string("the sink's rules");
       };
@@ -156,11 +158,14 @@ void Daemon::StopSource(const std::string& volume) {
   if (stopped) stopped->Stop();
 }
 
+Status Daemon::TakesRegistrations() const {
+  if (config_.source) return OkStatus();
+  return FailedPrecondition(
+      "this cairnd takes no registrations: add a [source] section (pools, peer) to its config");
+}
+
 StatusOr<Daemon::Prepared> Daemon::PrepareRegistration(const Registration& req) {
-  if (!config_.source) {
-    return FailedPrecondition(
-        "this cairnd takes no registrations: add a [source] section (pools, peer) to its config");
-  }
+  RETURN_IF_ERROR(TakesRegistrations());
   RETURN_IF_ERROR(ValidateVolumeId(req.volume));
   if (req.image.empty()) return InvalidArgument("register: no image");
   const auto& pools = config_.source->pools;
@@ -187,7 +192,11 @@ StatusOr<Daemon::Prepared> Daemon::PrepareRegistration(const Registration& req) 
             "volume '{}' is registered already, for {}/{} -> {}/{}: unregister it first", r.volume,
             it->second.pool, it->second.image, it->second.target_pool, it->second.target_image));
       }
-      p.known = it->second.group == r.group && it->second.retention == r.retention &&
+      // Known only if it also runs: a registration whose start failed
+      // (its group's restart) is started again.
+      const bool runs = std::any_of(sources_.begin(), sources_.end(),
+                                    [&](const auto& s) { return s->config().id == r.volume; });
+      p.known = runs && it->second.group == r.group && it->second.retention == r.retention &&
                 it->second.snapshot_tiers == r.snapshot_tiers;
       if (!p.known) p.moved_from = it->second;
     } else {
@@ -228,8 +237,13 @@ Status Daemon::RecordRegistrations(const std::vector<Prepared>& ps, const std::s
       left.insert(p.moved_from->group);
     }
   }
-  for (const auto& g : left) RETURN_IF_ERROR(RestartRegisteredGroup(g));
-  return OkStatus();
+  // Every old group restarted, even after one fails: none may go on
+  // running a member the registry has moved.
+  Status out;
+  for (const auto& g : left) {
+    if (Status st = RestartRegisteredGroup(g); !st.ok() && out.ok()) out = st;
+  }
+  return out;
 }
 
 StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
@@ -253,7 +267,9 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
 }
 
 StatusOr<std::vector<VolumeStatusInfo>> Daemon::RegisterMany(const std::vector<Registration>& rs) {
-  const std::string group = rs.empty() ? "" : rs.front().group;
+  RETURN_IF_ERROR(TakesRegistrations());
+  if (rs.empty()) return InvalidArgument("register_volumes names no volume");
+  const std::string group = rs.front().group;
   std::set<std::string> volumes, images;
   for (const auto& r : rs) {
     if (group.empty() || r.group != group || r.pool != rs.front().pool) {

@@ -78,6 +78,16 @@ StatusOr<std::vector<RetentionTier>> ParseRetentionTiers(std::string_view spec) 
   return out;
 }
 
+std::set<uint64_t> PointsToKeep(const std::vector<RestorePoint>& points,
+                                const RetentionRules& rules) {
+  if (KeepsAll(rules)) {
+    std::set<uint64_t> all;
+    for (const auto& p : points) all.insert(p.epoch.seq);
+    return all;
+  }
+  return PointsToKeep(points, rules.keep_last, rules.tiers);
+}
+
 std::string FormatRetentionTiers(const std::vector<RetentionTier>& tiers) {
   std::string out;
   for (const RetentionTier& t : tiers) {

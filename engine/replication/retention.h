@@ -51,9 +51,13 @@ std::string DescribeRetention(const RetentionRules& rules);
 std::set<uint64_t> PointsToKeep(const std::vector<RestorePoint>& points, uint32_t keep_last,
                                 const std::vector<RetentionTier>& tiers);
 
-inline std::set<uint64_t> PointsToKeep(const std::vector<RestorePoint>& points,
-                                       const RetentionRules& rules) {
-  return PointsToKeep(points, rules.keep_last, rules.tiers);
+// True if `rules` keep every point (0 newest, no tiers).
+inline bool KeepsAll(const RetentionRules& rules) {
+  return rules.keep_last == 0 && rules.tiers.empty();
 }
+
+// As above, by `rules`; every point if they keep all.
+std::set<uint64_t> PointsToKeep(const std::vector<RestorePoint>& points,
+                                const RetentionRules& rules);
 
 }  // namespace cairn

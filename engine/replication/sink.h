@@ -336,13 +336,12 @@ class Sink {
   // `opt` says how much was had.
   StatusOr<MemoryBudget::Lease> BorrowApplyMemory(uint64_t max_block, uint64_t image_size,
                                                   ApplyOptions* opt);
-  // Retention (t.rules: its source's, else SinkEnv::keep_points and
-  // retention_tiers; none if unknown): removes the points of `t` that no
-  // rule keeps (PointsToKeep), nor a drill or verify holds,
-  // each from the catalog first and then its snapshot on `vol`, so a crash
-  // between leaves a stray snapshot (removed by the next pass: every
-  // cairn.<N> snapshot below the newest point that is no point kept goes),
-  // never a listed point without its data. Best effort: a failure is
+  // Retention (t.rules, its source's, and the sink's own SinkEnv::keep_points
+  // and retention_tiers, which a source's never undercut; none while t.rules
+  // is unknown): removes the points of `t` that no rule keeps (PointsToKeep), nor a drill or verify
+  // holds, each from the catalog first and then its snapshot on `vol`, so a crash between leaves a
+  // stray snapshot (removed by the next pass: every cairn.<N> snapshot below the newest point that
+  // is no point kept goes), never a listed point without its data. Best effort: a failure is
   // logged, the new point stands.
   void PrunePoints(Target& t, Volume& vol);
   // Runs `act` on every member's point of group point `seq` (0: the
@@ -366,6 +365,10 @@ class Sink {
   // instant and shared by the members.
   StatusOr<std::set<uint64_t>> GroupInstantsToKeep(Target& t, const std::string& group,
                                                    uint64_t whole);
+  // The seqs of `points` that `own` (a volume's rules) or the sink's rules
+  // keep.
+  std::set<uint64_t> KeptByRules(const std::vector<RestorePoint>& points,
+                                 const RetentionRules& own) const;
   // PrunePoints on the image ApplyAndCommit left in t.committed, if any.
   void PruneCommitted(Target& t);
   Status RecoverSpool(Target& t);

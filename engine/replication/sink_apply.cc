@@ -215,10 +215,18 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq) {
       "volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
       "{:.2f} s, catalog {:.2f} s)",
       t.volume, seq, sum.data_bytes, sum.zero_bytes, w.phases, snap_secs, catalog_secs);
-  if (t.rules && (t.rules->keep_last > 0 || !t.rules->tiers.empty())) {
+  const RetentionRules sink_rules{env_.keep_points, env_.retention_tiers};
+  if (t.rules && !KeepsAll(*t.rules) && !KeepsAll(sink_rules)) {
     t.committed = std::move(w.vol);
   }
   return OkStatus();
+}
+
+std::set<uint64_t> Sink::KeptByRules(const std::vector<RestorePoint>& points,
+                                     const RetentionRules& own) const {
+  std::set<uint64_t> keep = PointsToKeep(points, own);
+  keep.merge(PointsToKeep(points, RetentionRules{env_.keep_points, env_.retention_tiers}));
+  return keep;
 }
 
 void Sink::PruneCommitted(Target& t) {
@@ -233,7 +241,7 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
     return;
   }
   if (points->empty()) return;
-  std::set<uint64_t> keep = PointsToKeep(*points, *t.rules);
+  std::set<uint64_t> keep = KeptByRules(*points, *t.rules);
   KeepGroupPoints(t, *points, &keep);
   // A point being verified stays until the verify ends (the next pass
   // drops it), and one a drill holds until the drill stops.

@@ -217,7 +217,7 @@ StatusOr<std::set<uint64_t>> Sink::GroupInstantsToKeep(Target& t, const std::str
     p.epoch.snap_time_ns = g.source_time_ns;
     instants.push_back(std::move(p));
   }
-  std::set<uint64_t> kept = PointsToKeep(instants, *t.rules);
+  std::set<uint64_t> kept = KeptByRules(instants, *t.rules);
   std::lock_guard lock(mu_);
   group_keep_[key] = GroupKeep{whole, *t.rules, kept};
   return kept;

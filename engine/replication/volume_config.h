@@ -44,8 +44,9 @@ struct VolumeConfig {
   // A member of this consistency group (the RBD group of `pool` at the
   // source, GroupSource): its points are the group's instants. "": none.
   std::string group;
-  // Its restore points' own retention at the sink (carried in Hello);
-  // none: the sink's [sink] keep_points and retention.
+  // Its restore points' own retention at the sink (carried in Hello),
+  // besides the sink's own [sink] keep_points and retention; none: those
+  // alone.
   std::optional<RetentionRules> retention;
 };
 

@@ -46,7 +46,7 @@ def _inventory(d, testbed, pki, ports, name, cinder_conf, packages):
             "cairn_sink_listen": f"127.0.0.1:{ports[site]}",
             "cairn_metrics_listen": f"127.0.0.1:{ports['metrics-' + site]}",
             "cairn_sink_pools": ["rbd"],
-            "cairn_sink_keep_points": 0,
+            "cairn_sink_keep_points": 1,
             "cairn_peers": [{"name": f"site-{other}", "site": other, "pools": ["rbd"]}],
             "cairn_source_pools": ["rbd"],
             "cairn_source_peer": f"127.0.0.1:{ports[other]}",
@@ -56,7 +56,7 @@ def _inventory(d, testbed, pki, ports, name, cinder_conf, packages):
                                        "snapshot_retention": "1h*24"},
             "cairn_volumes": [] if site == "b" else [
                 {"id": name, "pool": "rbd", "image": name, "target_image": name + "-standby",
-                 "interval": "0", "keep_points": 1}],
+                 "interval": "0", "keep_points": 2}],
         }
     inv = {"all": {"children": {
         "cairn_nodes": {"hosts": hosts},
@@ -134,7 +134,7 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
         # Retention rules of the volume's own and of registered volumes.
         conf = configparser.ConfigParser(interpolation=None)
         conf.read("/etc/cairn/site-a.conf")
-        assert conf[f"volume {name}"]["keep_points"] == "1"
+        assert conf[f"volume {name}"]["keep_points"] == "2"
         assert (conf["source"]["keep_points"], conf["source"]["retention"],
                 conf["source"]["snapshot_retention"]) == ("2", "1d*7", "1h*24")
 
@@ -150,15 +150,16 @@ def test_the_roles_deploy_both_sites_and_a_second_run_changes_nothing(packages, 
             inst.wait_said("READY=1", inst.unit.seconds("timeoutstartsec"))
         a = started[1]
         b = started[0]
-        first = a.cli("replicate", name, "--wait", "--timeout", "120")["seq"]
-        with rbd.Image(site_a.ioctx, name) as img:
-            img.write(rng.randbytes(MiB), 0)
-        seq = a.cli("replicate", name, "--wait", "--timeout", "120")["seq"]
-        assert seq > first
-        # Its own rule (keep_points 1), not the sink's (keep all).
+        seqs = []
+        for offset in range(3):
+            with rbd.Image(site_a.ioctx, name) as img:
+                img.write(rng.randbytes(MiB), offset * MiB)
+            seqs.append(a.cli("replicate", name, "--wait", "--timeout", "120")["seq"])
+        seq = seqs[-1]
+        # Its own rule (keep_points 2) beside the sink's (1).
         point = lib.wait_for(
-            f"site B keeping only point {seq} of {name} (its keep_points = 1)",
-            lambda: (lambda ps: ps[0] if [p["seq"] for p in ps] == [seq] else None)(
+            f"site B keeping points {seqs[1:]} of {name} (its keep_points = 2)",
+            lambda: (lambda ps: ps[-1] if [p["seq"] for p in ps] == seqs[1:] else None)(
                 b.cli("points", name)), 60)
         assert site_b.digest(point["image"], point["snap"]) == site_a.digest(name, f"cairn.{seq}")
         restored = b.cli("restore", name, str(seq), "--to", f"{name}-restored", "--full")

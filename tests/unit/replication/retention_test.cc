@@ -142,32 +142,37 @@ TEST_F(ReplicationTest, TheSourceKeepsItsSnapshotsByTheirOwnTiers) {
   }
 }
 
-// A volume's own rules (its source's, carried in Hello) replace the sink's
-// for that volume only: a volume of its own keeps 2 points, one without
-// keeps the sink's 3, and a source whose rules do not parse is refused
-// before anything of the volume is read.
-TEST_F(ReplicationTest, AVolumesOwnRulesReplaceTheSinksForItAlone) {
+// A volume's own rules (its source's, carried in Hello) add to the sink's
+// for that volume alone, never undercut them: with the sink's 2 newest, a
+// volume asking for 3 keeps 3, one asking for 1 keeps 2, and one without
+// keeps 2; a source whose rules do not parse is refused before anything
+// of the volume is read.
+TEST_F(ReplicationTest, AVolumesOwnRulesAddToTheSinksForItAlone) {
   SinkEnv env = sink_env_;
-  env.keep_points = 3;
+  env.keep_points = 2;
   RestartSink(env);
   ASSERT_TRUE(site_a_->Create("img", kMiB).ok());
-  ASSERT_TRUE(site_a_->Create("other", kMiB).ok());
   auto src = testing::MustOpen(*site_a_, "img");
-  auto other_src = testing::MustOpen(*site_a_, "other");
   VolumeConfig own = Config();
-  own.retention = RetentionRules{2, {}};
-  VolumeConfig other = Config();
-  other.id = "vol2";
-  other.image = "other";
-  other.target_image = "other-standby";
-  SourceReplicator rep(own, "a", site_a_, Connector());
-  SourceReplicator other_rep(other, "a", site_a_, Connector());
+  own.retention = RetentionRules{3, {}};
+  std::vector<VolumeConfig> others(2, Config());
+  for (int i = 0; i < 2; ++i) {
+    others[i].id = fmt::format("vol{}", i + 2);
+    others[i].image = fmt::format("other{}", i + 2);
+    others[i].target_image = others[i].image + "-standby";
+    ASSERT_TRUE(site_a_->Create(others[i].image, kMiB).ok());
+  }
+  others[1].retention = RetentionRules{1, {}};
+  std::vector<std::unique_ptr<SourceReplicator>> reps;
+  for (const auto& c : {own, others[0], others[1]}) {
+    reps.push_back(std::make_unique<SourceReplicator>(c, "a", site_a_, Connector()));
+  }
   std::mt19937_64 rng(83);
   for (int i = 0; i < 5; ++i) {
-    testing::Write(*src, 0, testing::RandomBytes(rng, 4096));
-    testing::Write(*other_src, 0, testing::RandomBytes(rng, 4096));
-    ASSERT_TRUE(rep.RunOnce().ok());
-    ASSERT_TRUE(other_rep.RunOnce().ok());
+    for (const auto& c : {own, others[0], others[1]}) {
+      testing::Write(*testing::MustOpen(*site_a_, c.image), 0, testing::RandomBytes(rng, 4096));
+    }
+    for (auto& rep : reps) ASSERT_TRUE(rep->RunOnce().ok());
   }
   const auto seqs = [&](const std::string& volume) {
     std::vector<uint64_t> out;
@@ -175,14 +180,15 @@ TEST_F(ReplicationTest, AVolumesOwnRulesReplaceTheSinksForItAlone) {
     for (const auto& p : points) out.push_back(p.epoch.seq);
     return out;
   };
-  PollUntil("vol1 keeping its own 2 newest points, vol2 the sink's 3", [&] {
-    return seqs("vol1") == std::vector<uint64_t>{4, 5} &&
-           seqs("vol2") == std::vector<uint64_t>{3, 4, 5};
+  PollUntil("vol1 keeping its own 3 newest points, vol2 and vol3 the sink's 2", [&] {
+    return seqs("vol1") == std::vector<uint64_t>{3, 4, 5} &&
+           seqs("vol2") == std::vector<uint64_t>{4, 5} &&
+           seqs("vol3") == std::vector<uint64_t>{4, 5};
   });
-  VerifyAllPoints(*src, 2);
+  VerifyAllPoints(*src, 3);
   VolumeConfig bad = Config();
-  bad.id = "vol3";
-  bad.image = "other";
+  bad.id = "vol4";
+  bad.image = "other2";
   bad.target_image = "bad-standby";
   bad.retention = RetentionRules{2, {RetentionTier{0, false, 3}}};  // a zero period
   SourceReplicator bad_rep(bad, "a", site_a_, Connector());
