@@ -4,15 +4,21 @@
 
 #include <charconv>
 #include <utility>
+#include <vector>
 
 namespace cairn {
 namespace {
 
+// Tiers as the registry holds them; a bad spec is DataLoss.
+StatusOr<std::vector<RetentionTier>> DecodeTiers(const std::string& v) {
+  auto tiers = ParseRetentionTiers(v);
+  if (!tiers.ok()) return DataLoss(tiers.status().message());
+  return tiers;
+}
+
 Status DecodeRetention(const std::string& k, const std::string& v, RetentionRules* out) {
   if (k == "retention") {
-    auto tiers = ParseRetentionTiers(v);
-    if (!tiers.ok()) return DataLoss(tiers.status().message());
-    out->tiers = std::move(tiers).value();
+    ASSIGN_OR_RETURN(out->tiers, DecodeTiers(v));
     return OkStatus();
   }
   auto [end, ec] = std::from_chars(v.data(), v.data() + v.size(), out->keep_last);
@@ -67,10 +73,8 @@ StatusOr<Registration> DecodeRegistration(const std::string& key, const std::str
     else if (k == "group")
       r.group = v;
     else if (k == "snapshot_retention") {
-      auto tiers = ParseRetentionTiers(v);
-      if (!tiers.ok()) {
-        return DataLoss(fmt::format("{} {}: {}", kRegistryObject, key, tiers.status().message()));
-      }
+      auto tiers = DecodeTiers(v);
+      if (!tiers.ok()) return tiers.status().Annotate(fmt::format("{} {}", kRegistryObject, key));
       r.snapshot_tiers = std::move(tiers).value();
     } else if (k == "keep_points" || k == "retention") {
       if (!r.retention) r.retention = RetentionRules{};

@@ -112,7 +112,7 @@ std::string FormatRetentionTiers(const std::vector<RetentionTier>& tiers) {
 }
 
 std::string DescribeRetention(const RetentionRules& rules) {
-  if (rules.keep_last == 0 && rules.tiers.empty()) return "every point";
+  if (KeepsAll(rules)) return "every point";
   std::string out = fmt::format("the {} newest", rules.keep_last);
   if (!rules.tiers.empty()) out += " and " + FormatRetentionTiers(rules.tiers);
   return out;

@@ -267,10 +267,10 @@ Status Sink::ReleaseVolumeLocked(const Target& t, Status st) {
 
 namespace {
 
-// Which points of the volume of `hello` retention keeps: its source's
-// rules, else the sink's.
-StatusOr<RetentionRules> RulesOf(const pb::Hello& hello, const SinkEnv& env) {
-  if (!hello.has_retention()) return RetentionRules{env.keep_points, env.retention_tiers};
+// The volume's own retention rules in `hello`, else `sink_rules` (the
+// sink keeps what either keeps: Sink::KeptByRules).
+StatusOr<RetentionRules> RulesOf(const pb::Hello& hello, const RetentionRules& sink_rules) {
+  if (!hello.has_retention()) return sink_rules;
   auto tiers = ParseRetentionTiers(hello.retention().tiers());
   if (!tiers.ok()) return tiers.status().Annotate("the source's retention rules");
   RetentionRules rules{hello.retention().keep_points(), std::move(tiers).value()};
@@ -311,7 +311,7 @@ Status Sink::Serve(Link& link) {
     SendError(link, st);
     return st;
   }
-  auto rules = RulesOf(hello, env_);
+  auto rules = RulesOf(hello, SinkRules());
   if (!rules.ok()) return refuse(rules.status());
   t.rules = std::move(rules).value();
   if (Status st = OpenTarget(t); !st.ok()) return refuse(st);

@@ -365,6 +365,8 @@ class Sink {
   // instant and shared by the members.
   StatusOr<std::set<uint64_t>> GroupInstantsToKeep(Target& t, const std::string& group,
                                                    uint64_t whole);
+  // The sink's own rules (SinkEnv::keep_points, retention_tiers).
+  RetentionRules SinkRules() const { return {env_.keep_points, env_.retention_tiers}; }
   // The seqs of `points` that `own` (a volume's rules) or the sink's rules
   // keep.
   std::set<uint64_t> KeptByRules(const std::vector<RestorePoint>& points,

@@ -215,8 +215,7 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq) {
       "volume {}: restore point {} made ({} data bytes, {} zero bytes; {}, snapshot "
       "{:.2f} s, catalog {:.2f} s)",
       t.volume, seq, sum.data_bytes, sum.zero_bytes, w.phases, snap_secs, catalog_secs);
-  const RetentionRules sink_rules{env_.keep_points, env_.retention_tiers};
-  if (t.rules && !KeepsAll(*t.rules) && !KeepsAll(sink_rules)) {
+  if (t.rules && !KeepsAll(*t.rules) && !KeepsAll(SinkRules())) {
     t.committed = std::move(w.vol);
   }
   return OkStatus();
@@ -225,7 +224,7 @@ Status Sink::ApplyAndCommit(Target& t, uint64_t seq) {
 std::set<uint64_t> Sink::KeptByRules(const std::vector<RestorePoint>& points,
                                      const RetentionRules& own) const {
   std::set<uint64_t> keep = PointsToKeep(points, own);
-  keep.merge(PointsToKeep(points, RetentionRules{env_.keep_points, env_.retention_tiers}));
+  keep.merge(PointsToKeep(points, SinkRules()));
   return keep;
 }
 
@@ -277,9 +276,12 @@ void Sink::PrunePoints(Target& t, Volume& vol) {
     }
   }
   if (!dropped.empty()) {
+    const std::string rules =
+        *t.rules == SinkRules() ? DescribeRetention(*t.rules)
+                                : fmt::format("its {}, the sink's {}", DescribeRetention(*t.rules),
+                                              DescribeRetention(SinkRules()));
     spdlog::info("volume {}: retention keeps {} restore points ({}): removed {} ({}..{})", t.volume,
-                 keep.size(), DescribeRetention(*t.rules), dropped.size(), dropped.front(),
-                 dropped.back());
+                 keep.size(), rules, dropped.size(), dropped.front(), dropped.back());
   }
 }
 
