@@ -241,9 +241,9 @@ class GroupReplicationMixin:
                 'group %s is NOT failed over: promoting group point %d of '
                 'volume %s at %s failed: %s' % (group.id, point.seq, v.id,
                                                 self._standby_name(), e)))
+        self._replicate_group_back(group, standby, name, promoted)
         updates = []
         for v, reply in promoted:
-            self._replicate_back(standby, v, reply)
             updates.append({'id': v.id, 'replication_status': FAILED_OVER,
                             'replication_driver_data': self._group_data(
                                 target=self._target_image(v), group=name,
@@ -253,6 +253,32 @@ class GroupReplicationMixin:
                     group.id, self._standby_name(), point.seq,
                     self._iso(point.source_time_ns))
         return {'replication_status': FAILED_OVER}, updates
+
+    def _replicate_group_back(self, group, standby, name, promoted):
+        """The promoted volumes replicate back into their images at site A
+        as one group (its instants taken at site B), so that site A gets
+        group points and failback brings every volume home at one. If
+        site B's cairnd cannot, each replicates back on its own."""
+        pool = self.configuration.rbd_pool
+        try:
+            retention = self._group_retention_args(group)
+        except exception.ReplicationGroupError as e:
+            LOG.warning('Cairn: group %s replicates back by cairnd\'s '
+                        'retention rules: %s', group.id, e)
+            retention = {}
+        try:
+            standby.group_replicate_back(
+                name, [(v.id, pool, v.name) for v, _reply in promoted], **retention)
+        except wire.CairnError as e:
+            LOG.warning('Cairn: group %s does not replicate back as a group (%s): '
+                        'each volume replicates back on its own, and fails back '
+                        'on its own', group.id, e)
+            for v, reply in promoted:
+                self._replicate_back(standby, v, reply)
+            return
+        LOG.info('Cairn: group %s replicates back from %s into %s at site A, '
+                 'its %d volumes at one instant', group.id, self._standby_name(),
+                 pool, len(promoted))
 
     def _whole_group_point(self, group, standby, name, volumes):
         """The newest group point of `name` at site B that holds every
@@ -274,6 +300,13 @@ class GroupReplicationMixin:
 
     def _group_failback(self, group, volumes):
         standby = self._standby()
+        name = cairn_group_name(group)
+        try:
+            back = standby.group_status(name)
+        except wire.CairnError:
+            back = []  # not replicating back as a group: volume by volume
+        if back:
+            return self._group_failback_at_one_point(group, volumes, standby, name)
         updates = []
         for v in volumes:
             u = self._failback_volume(standby, v)
@@ -283,6 +316,32 @@ class GroupReplicationMixin:
             LOG.error('Cairn: group %s: volumes %s did NOT fail back',
                       group.id, ', '.join(bad))
         return {'replication_status': ERROR if bad else ENABLED}, updates
+
+    def _group_failback_at_one_point(self, group, volumes, standby, name):
+        """Every volume's final delta at one instant of the group at site
+        B, then all handed back at that group point."""
+        timeout = self.configuration.cairn_failback_timeout
+        try:
+            done = wire.ControlClient(standby.socket_path, timeout).group_failback(
+                name, timeout)
+        except wire.CairnError as e:
+            raise self._group_error(group, (
+                'group %s is NOT failed back: %s; it stays at %s, which keeps '
+                'replicating it back to site A: detach its volumes there (their '
+                'writers) and fail back again' % (group.id, e, self._standby_name())))
+        kept = {image.rsplit('/', 1)[-1].split('.failback-')[0]: image
+                for image in done.images}
+        updates = []
+        for v in volumes:
+            data = self._load_data(v)
+            updates.append({'id': v.id, 'replication_status': ENABLED,
+                            'replication_driver_data': self._group_data(
+                                target=data.get('target'), seq=done.seq,
+                                kept_as=kept.get(v.name))})
+        LOG.warning('Cairn: group %s FAILED BACK to site %s at group point %d, '
+                    'every volume with every write made at %s', group.id,
+                    done.primary_site, done.seq, self._standby_name())
+        return {'replication_status': ENABLED}, updates
 
     def initialize_connection(self, volume, connector):
         """A volume of a group failed over on its own (the backend is not)

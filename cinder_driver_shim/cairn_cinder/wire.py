@@ -260,6 +260,54 @@ class ControlClient:
     def group_points(self, group):
         """Standby side: the group points of consistency group `group`,
         oldest first (each: seq, source_time_ns, volumes)."""
+        return list(self._group(group, pb.GroupRequest.POINTS).points)
+
+    def _group(self, group, action, **fields):
         req = pb.ControlRequest()
-        req.group.group, req.group.action = group, pb.GroupRequest.POINTS
-        return list(self.call(req).group.points)
+        req.group.group, req.group.action = group, action
+        for key, value in fields.items():
+            setattr(req.group, key, value)
+        return self.call(req).group
+
+    def group_status(self, group):
+        """Source side: the status of the consistency group `group` this
+        cairnd replicates (raises NotFound if none)."""
+        return list(self._group(group, pb.GroupRequest.STATUS).status)
+
+    def group_replicate_back(self, group, volumes, retention=None, snapshot_retention=""):
+        """Standby side, after each volume of `group` was promoted here:
+        the promoted images replicate back as one group (an RBD group of
+        them at this site), so the primary site gets group points and
+        group_failback brings all home at one. volumes: (volume,
+        home pool, home image) tuples; retention as register()'s. Returns
+        the members' VolumeStatus."""
+        req = pb.ControlRequest()
+        req.group.group, req.group.action = group, pb.GroupRequest.REPLICATE_BACK
+        for volume, pool, image in volumes:
+            r = req.group.back.volumes.add()
+            r.volume, r.target_pool, r.target_image = volume, pool, image
+            if retention is not None:
+                r.retention.keep_points, r.retention.tiers = retention
+            r.snapshot_retention = snapshot_retention
+        return list(self.call(req).group.back)
+
+    def group_failback(self, group, timeout):
+        """Standby side (planned failback of a group replicating back): an
+        instant of every member now, waited for until it is a group point
+        at the primary site (at most `timeout` s), then every member handed
+        back at it. Returns the GroupReply (seq, primary_site, images: the
+        promoted images as kept)."""
+        want = self._group(group, pb.GroupRequest.REPLICATE).seq
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.group_status(group)
+            have = status[0].last_seq if status else 0
+            if have >= want:
+                break
+            if time.monotonic() > deadline:
+                raise CairndUnavailable(
+                    f"group point {want} of {group} was not made within {timeout:.0f} s "
+                    f"(newest: {have}; last error: "
+                    f"{(status[0].error if status else '') or 'none'})")
+            time.sleep(0.05)
+        return self._group(group, pb.GroupRequest.FAILBACK, seq=want)

@@ -376,4 +376,55 @@ StatusOr<std::vector<std::string>> RbdPool::GroupSnaps(const std::string& group)
   return out;
 }
 
+Status RbdPool::JoinGroup(const std::string& group, const std::string& image) {
+  const std::string spec = GroupSpec(io_->pool(), group);
+  int rc = rbd_group_create(io_->get(), group.c_str());
+  if (rc < 0 && rc != -EEXIST) return ErrnoStatus(rc, "creating group " + spec);
+  ASSIGN_OR_RETURN(const std::vector<std::string> members, GroupImages(group));
+  if (std::find(members.begin(), members.end(), image) != members.end()) {
+    return AlreadyExists(fmt::format("{} is in group {} already", Spec(image), spec));
+  }
+  rc = [&] {
+    const auto lock = ImageContextLock();  // librbd opens the image
+    return rbd_group_image_add(io_->get(), group.c_str(), io_->get(), image.c_str());
+  }();
+  if (rc == -ENOENT) return NotFound(fmt::format("{} does not exist", Spec(image)));
+  if (rc == -EEXIST) {
+    return FailedPrecondition(fmt::format(
+        "adding {} to group {}: it is in another group; an image is in one group at most",
+        Spec(image), spec));
+  }
+  if (rc < 0) return ErrnoStatus(rc, fmt::format("adding {} to group {}", Spec(image), spec));
+  return OkStatus();
+}
+
+Status RbdPool::LeaveGroup(const std::string& group, const std::string& image) {
+  const std::string spec = GroupSpec(io_->pool(), group);
+  // librbd answers 0 for an image that is not in the group.
+  ASSIGN_OR_RETURN(const std::vector<std::string> members, GroupImages(group));
+  if (std::find(members.begin(), members.end(), image) == members.end()) {
+    return NotFound(fmt::format("{} is not in group {}", Spec(image), spec));
+  }
+  int rc = [&] {
+    const auto lock = ImageContextLock();
+    return rbd_group_image_remove(io_->get(), group.c_str(), io_->get(), image.c_str());
+  }();
+  if (rc == -ENOENT) {
+    return NotFound(fmt::format("{} is not in group {} (or either is missing)", Spec(image), spec));
+  }
+  if (rc < 0) return ErrnoStatus(rc, fmt::format("taking {} out of group {}", Spec(image), spec));
+  ASSIGN_OR_RETURN(const std::vector<std::string> left, GroupImages(group));
+  if (!left.empty()) return OkStatus();
+  // The last one left: the group goes, its snapshots first (each through
+  // RemoveGroupSnap, which forgets their shares' settling).
+  ASSIGN_OR_RETURN(const std::vector<std::string> snaps, GroupSnaps(group));
+  for (const auto& snap : snaps) RETURN_IF_ERROR(RemoveGroupSnap(group, snap));
+  rc = [&] {
+    const auto lock = ImageContextLock();
+    return rbd_group_remove(io_->get(), group.c_str());
+  }();
+  if (rc < 0 && rc != -ENOENT) return ErrnoStatus(rc, "removing the empty group " + spec);
+  return OkStatus();
+}
+
 }  // namespace cairn

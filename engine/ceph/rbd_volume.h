@@ -128,6 +128,10 @@ class RbdPool final : public Pool {
   // of their shares in this pool (allocated in order by the pool); those
   // with no share here (a group that had no image here) come last, by name.
   StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override;
+  // rbd group create (if there is none), then rbd group image add.
+  Status JoinGroup(const std::string& group, const std::string& image) override;
+  // rbd group image remove; the last image out removes the group.
+  Status LeaveGroup(const std::string& group, const std::string& image) override;
 
   const RbdPoolOptions& options() const { return options_; }
 

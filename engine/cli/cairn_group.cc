@@ -70,7 +70,7 @@ int PrintPoints(const Cli& cli, const pb::GroupReply& r) {
 }
 
 // Waits until every member holds group point `want` or a later one.
-int WaitForGroupPoint(const Cli& cli, const Group& g, uint64_t want) {
+int WaitForGroupPoint(const Cli& cli, const Group& g, uint64_t want, bool announce = true) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(g.timeout);
   pb::ControlRequest req;
   req.mutable_group()->set_group(g.group);
@@ -85,6 +85,7 @@ int WaitForGroupPoint(const Cli& cli, const Group& g, uint64_t want) {
       last_error = r->group().status(0).error();
     }
     if (have >= want) {
+      if (!announce) return 0;
       std::printf(cli.json ? "{\"group\": \"%s\", \"seq\": %lu}\n"
                            : "%s: group point %lu made (every member applied it)\n",
                   g.group.c_str(), static_cast<unsigned long>(have));
@@ -95,6 +96,96 @@ int WaitForGroupPoint(const Cli& cli, const Group& g, uint64_t want) {
   return cli.Fail(Unavailable(
       fmt::format("group point {} of {} was not made within {} s (newest: {}; last error: {})",
                   want, g.group, g.timeout, have, last_error.empty() ? "none" : last_error)));
+}
+
+// --back VOLUME=POOL/IMAGE, one per member.
+StatusOr<pb::RegisterVolumesRequest> BackTargets(const Group& g) {
+  pb::RegisterVolumesRequest out;
+  for (const auto& b : g.back) {
+    const auto eq = b.find('=');
+    const auto slash = b.find('/', eq == std::string::npos ? 0 : eq);
+    if (eq == std::string::npos || eq == 0 || slash == std::string::npos || slash == eq + 1 ||
+        slash + 1 == b.size()) {
+      return InvalidArgument(
+          fmt::format("--back {}: expected VOLUME=POOL/IMAGE (the member's image at home)", b));
+    }
+    auto* v = out.add_volumes();
+    v->set_volume(b.substr(0, eq));
+    v->set_target_pool(b.substr(eq + 1, slash - eq - 1));
+    v->set_target_image(b.substr(slash + 1));
+  }
+  return out;
+}
+
+// After the promotion: the promoted members replicate back as one group.
+int ReplicateBack(const Cli& cli, const Group& g, const pb::GroupReply& promoted,
+                  const pb::RegisterVolumesRequest& back) {
+  for (const auto& image : promoted.images()) {
+    std::fprintf(cli.json ? stderr : stdout, "%s: group point %lu FAILED OVER: promoted into %s\n",
+                 g.group.c_str(), static_cast<unsigned long>(promoted.seq()), image.c_str());
+  }
+  if (back.volumes_size() != promoted.images_size()) {
+    std::fprintf(stderr,
+                 "%s: %d members were promoted but --back names %d: only those named replicate "
+                 "back in the group\n",
+                 g.group.c_str(), promoted.images_size(), back.volumes_size());
+  }
+  pb::ControlRequest req;
+  req.mutable_group()->set_group(g.group);
+  req.mutable_group()->set_action(pb::GroupRequest::REPLICATE_BACK);
+  *req.mutable_group()->mutable_back() = back;
+  auto reply = cli.Call(req);
+  if (!reply.ok()) {
+    return cli.Fail(reply.status().Annotate(
+        "promoted, but not replicating back (fix what it says, then run the same failover "
+        "again: the promotions are kept)"));
+  }
+  nlohmann::json to = nlohmann::json::object();
+  for (const auto& v : back.volumes()) {
+    to[v.volume()] = v.target_pool() + "/" + v.target_image();
+    if (!cli.json) {
+      std::printf("%s: %s replicates back into %s/%s, one instant for the group\n", g.group.c_str(),
+                  v.volume().c_str(), v.target_pool().c_str(), v.target_image().c_str());
+    }
+  }
+  if (cli.json) {
+    std::printf("%s\n", nlohmann::json({{"group", g.group},
+                                        {"seq", promoted.seq()},
+                                        {"images", promoted.images()},
+                                        {"back_to", to}})
+                            .dump(2)
+                            .c_str());
+  }
+  return 0;
+}
+
+// cairn group failback: a final group point home, then the hand-back.
+int Failback(const Cli& cli, const Group& g) {
+  pb::ControlRequest req;
+  req.mutable_group()->set_group(g.group);
+  req.mutable_group()->set_action(pb::GroupRequest::REPLICATE);
+  auto asked = cli.Call(req);
+  if (!asked.ok()) return cli.Fail(asked.status());
+  const uint64_t want = asked->group().seq();
+  if (const int waited = WaitForGroupPoint(cli, g, want, false); waited != 0) return waited;
+  req.mutable_group()->set_action(pb::GroupRequest::FAILBACK);
+  req.mutable_group()->set_seq(want);
+  auto done = cli.Call(req);
+  if (!done.ok()) return cli.Fail(done.status());
+  const auto& r = done->group();
+  if (cli.json) {
+    std::printf("%s\n", nlohmann::json({{"group", g.group},
+                                        {"seq", r.seq()},
+                                        {"primary_site", r.primary_site()},
+                                        {"kept_as", r.images()}})
+                            .dump(2)
+                            .c_str());
+    return 0;
+  }
+  std::printf("%s: FAILED BACK to site %s at group point %lu, every member with nothing lost\n",
+              g.group.c_str(), r.primary_site().c_str(), static_cast<unsigned long>(r.seq()));
+  for (const auto& image : r.images()) std::printf("  kept here as %s\n", image.c_str());
+  return 0;
 }
 
 }  // namespace
@@ -135,13 +226,29 @@ void DefineGroup(CLI::App& app, Group& g) {
   g.failover->add_option("group", g.group, "the group")->required();
   g.failover->add_option("point", g.point, "the group point's seq, or 'latest' (default)");
   g.failover->add_option("--suffix", g.suffix, "the promoted images' suffix (default: failover)");
+  g.failover->add_option("--back", g.back,
+                         "VOLUME=POOL/IMAGE, one per member: replicate the promoted images back "
+                         "as one group, each into its image at home (default: promote only)");
+  g.failback = group->add_subcommand(
+      "failback",
+      "a final group point of every member home, then all handed back at it (on the standby the "
+      "group failed over to, each member detached)");
+  g.failback->add_option("group", g.group, "the group")->required();
+  g.failback->add_option("--timeout", g.timeout, "seconds to wait for the final group point");
 }
 
 std::optional<int> RunGroup(const Cli& cli, const Group& g) {
-  if (!g.status ||
-      !(g.status->parsed() || g.points->parsed() || g.replicate->parsed() || g.restore->parsed() ||
-        g.drill_start->parsed() || g.drill_stop->parsed() || g.failover->parsed())) {
+  if (!g.status || !(g.status->parsed() || g.points->parsed() || g.replicate->parsed() ||
+                     g.restore->parsed() || g.drill_start->parsed() || g.drill_stop->parsed() ||
+                     g.failover->parsed() || g.failback->parsed())) {
     return std::nullopt;
+  }
+  if (g.failback->parsed()) return Failback(cli, g);
+  std::optional<pb::RegisterVolumesRequest> back;
+  if (g.failover->parsed() && !g.back.empty()) {
+    auto parsed = BackTargets(g);
+    if (!parsed.ok()) return cli.Fail(parsed.status());
+    back = std::move(parsed).value();
   }
   pb::ControlRequest req;
   auto* q = req.mutable_group();
@@ -169,6 +276,7 @@ std::optional<int> RunGroup(const Cli& cli, const Group& g) {
   auto reply = cli.Call(req);
   if (!reply.ok()) return cli.Fail(reply.status());
   const auto& r = reply->group();
+  if (back) return ReplicateBack(cli, g, r, *back);
   if (g.status->parsed()) return PrintStatus(cli, r);
   if (g.points->parsed()) return PrintPoints(cli, r);
   if (g.replicate->parsed()) {

@@ -64,7 +64,9 @@ struct Group {
   CLI::App* drill_start = nullptr;
   CLI::App* drill_stop = nullptr;
   CLI::App* failover = nullptr;
+  CLI::App* failback = nullptr;
   std::string group;
+  std::vector<std::string> back;  // failover: VOLUME=POOL/IMAGE at home
   std::string point = "latest";
   std::string suffix;
   bool full = false;

@@ -265,10 +265,27 @@ Status AnswerGroup(ControlService& service, const pb::GroupRequest& q, pb::Contr
       for (const auto& image : promoted.images) m->add_images(image);
       return OkStatus();
     }
+    case pb::GroupRequest::REPLICATE_BACK: {
+      std::vector<Registration> back;
+      for (const auto& v : q.back().volumes()) {
+        ASSIGN_OR_RETURN(Registration r, RegistrationOf(v));
+        back.push_back(std::move(r));
+      }
+      ASSIGN_OR_RETURN(const auto statuses, service.ReplicateGroupBack(q.group(), back));
+      for (const auto& s : statuses) FillStatus(s, m->add_back());
+      return OkStatus();
+    }
+    case pb::GroupRequest::FAILBACK: {
+      ASSIGN_OR_RETURN(const auto done, service.FailbackGroup(q.group(), q.seq()));
+      m->set_seq(done.seq);
+      m->set_primary_site(done.primary_site);
+      for (const auto& image : done.images) m->add_images(image);
+      return OkStatus();
+    }
     default:
       return InvalidArgument(
           "group request names no action (status, points, replicate, restore, drill_start, "
-          "drill_stop, promote)");
+          "drill_stop, promote, replicate_back, failback)");
   }
 }
 

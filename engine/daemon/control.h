@@ -113,6 +113,25 @@ class ControlService {
   virtual StatusOr<GroupImages> DrillGroup(const std::string& group, uint64_t seq, bool stop) = 0;
   virtual StatusOr<GroupImages> PromoteGroup(const std::string& group, uint64_t seq,
                                              const std::string& suffix) = 0;
+  // Standby side: the members of `group` failed over here replicate back
+  // as one group (GroupRequest REPLICATE_BACK); each of `back` names a
+  // volume and its image at home (target_pool, target_image).
+  virtual StatusOr<std::vector<VolumeStatusInfo>> ReplicateGroupBack(
+      const std::string& group, const std::vector<Registration>& back) {
+    (void)back;
+    return FailedPrecondition("replicating group " + group + " back is not offered here");
+  }
+  // Standby side: planned failback of every member at group point `seq`
+  // (GroupRequest FAILBACK); `images`: the promoted images as kept.
+  struct GroupFailedBack {
+    uint64_t seq = 0;
+    std::string primary_site;
+    std::vector<std::string> images;
+  };
+  virtual StatusOr<GroupFailedBack> FailbackGroup(const std::string& group, uint64_t seq) {
+    (void)seq;
+    return FailedPrecondition("failing group " + group + " back is not offered here");
+  }
 };
 
 // Who sent a control request, and what they may do: every caller may read

@@ -87,6 +87,9 @@ class Daemon final : public ControlService {
   StatusOr<GroupImages> DrillGroup(const std::string& group, uint64_t seq, bool stop) override;
   StatusOr<GroupImages> PromoteGroup(const std::string& group, uint64_t seq,
                                      const std::string& suffix) override;
+  StatusOr<std::vector<VolumeStatusInfo>> ReplicateGroupBack(
+      const std::string& group, const std::vector<Registration>& back) override;
+  StatusOr<GroupFailedBack> FailbackGroup(const std::string& group, uint64_t seq) override;
 
  private:
   explicit Daemon(DaemonConfig config) : config_(std::move(config)) {}
@@ -106,6 +109,28 @@ class Daemon final : public ControlService {
   // Stops the replicator of `volume` and forgets it (its registration
   // too, if it was registered): a planned failback ended it. Returns it.
   StatusOr<std::shared_ptr<SourceReplicator>> RetireSource(const std::string& volume);
+  // Forgets the registration of `volume`, if it has one (registry and
+  // registered_). register_mu_ held.
+  Status ForgetRegistration(const std::string& volume);
+  // A member of a group failed over here (daemon_group_failback.cc): its
+  // promotion, the site its points came from, its source replicating back.
+  struct BackMember {
+    Catalog::Promotion promoted;
+    std::string home;
+    std::shared_ptr<SourceReplicator> src;
+  };
+  // The promoted images join the RBD group `group` here, which must hold
+  // no other; undone on an error. Returns those that joined now.
+  StatusOr<std::vector<std::string>> JoinBackGroup(const std::string& group,
+                                                   const std::vector<Registration>& rs);
+  // Every member can come home at group point `want`: it is each one's
+  // newest at home, and nothing is left behind (CheckNothingLeftBehind).
+  Status CheckGroupComesHome(const std::string& group, uint64_t want,
+                             const std::map<std::string, BackMember>& members);
+  // Hands every member back at `want` (the group stopped), then takes the
+  // point here for each (Sink::FoldBack). register_mu_ held.
+  StatusOr<GroupFailedBack> HandGroupBack(const std::string& group, uint64_t want,
+                                          const std::map<std::string, BackMember>& members);
   // Release (and resolve for the other site): the sink's Release, and the
   // source that replicated the promoted image back stops and is forgotten
   // (restarted if the release fails).
@@ -162,6 +187,8 @@ class Daemon final : public ControlService {
     std::optional<Registration> moved_from;  // registered already, otherwise
   };
   StatusOr<Prepared> PrepareRegistration(const Registration& req);
+  // RegisterMany, register_mu_ held.
+  StatusOr<std::vector<VolumeStatusInfo>> RegisterManyLocked(const std::vector<Registration>& rs);
   // kFailedPrecondition, saying what to add, without a [source] section.
   Status TakesRegistrations() const;
   // Records `ps` (none known) in their pool's registry in one commit and

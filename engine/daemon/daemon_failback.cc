@@ -64,8 +64,7 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::RetireSource(const std::stri
   }
   if (!src) return NotFound(fmt::format("volume '{}' has no source at this cairnd", volume));
   if (r) {
-    ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r->pool, kRegistryObject));
-    RETURN_IF_ERROR(kv->Commit({}, {"volume/" + volume}));
+    RETURN_IF_ERROR(ForgetRegistration(volume));
   } else {
     spdlog::warn(
         "volume {}: failed back; remove its [volume {}] section here, or it replicates "
@@ -74,10 +73,23 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::RetireSource(const std::stri
   }
   {
     std::lock_guard lock(sources_mu_);
-    registered_.erase(volume);
     sources_.erase(std::remove(sources_.begin(), sources_.end(), src), sources_.end());
   }
   return src;
+}
+
+Status Daemon::ForgetRegistration(const std::string& volume) {
+  std::optional<Registration> r;
+  {
+    std::lock_guard lock(sources_mu_);
+    if (auto it = registered_.find(volume); it != registered_.end()) r = it->second;
+  }
+  if (!r) return OkStatus();
+  ASSIGN_OR_RETURN(auto kv, cluster_->OpenKvStore(r->pool, kRegistryObject));
+  RETURN_IF_ERROR(kv->Commit({}, {"volume/" + volume}));
+  std::lock_guard lock(sources_mu_);
+  registered_.erase(volume);
+  return OkStatus();
 }
 
 StatusOr<std::pair<Catalog::Promotion, RestorePoint>> Daemon::FindPromotion(

@@ -268,6 +268,12 @@ StatusOr<VolumeStatusInfo> Daemon::Register(const Registration& req) {
 
 StatusOr<std::vector<VolumeStatusInfo>> Daemon::RegisterMany(const std::vector<Registration>& rs) {
   RETURN_IF_ERROR(TakesRegistrations());
+  std::lock_guard registering(register_mu_);
+  return RegisterManyLocked(rs);
+}
+
+StatusOr<std::vector<VolumeStatusInfo>> Daemon::RegisterManyLocked(
+    const std::vector<Registration>& rs) {
   if (rs.empty()) return InvalidArgument("register_volumes names no volume");
   const std::string group = rs.front().group;
   std::set<std::string> volumes, images;
@@ -282,7 +288,6 @@ StatusOr<std::vector<VolumeStatusInfo>> Daemon::RegisterMany(const std::vector<R
           fmt::format("register_volumes names volume '{}' or image '{}' twice", r.volume, r.image));
     }
   }
-  std::lock_guard registering(register_mu_);
   std::vector<Prepared> changed;
   const VolumeConfig first = RegisteredVolume(rs.front());
   for (const auto& r : rs) {

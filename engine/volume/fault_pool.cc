@@ -100,6 +100,14 @@ StatusOr<std::vector<std::string>> FaultPool::GroupSnaps(const std::string& grou
   return inner_.GroupSnaps(group);
 }
 
+Status FaultPool::JoinGroup(const std::string& group, const std::string& image) {
+  return inner_.JoinGroup(group, image);
+}
+
+Status FaultPool::LeaveGroup(const std::string& group, const std::string& image) {
+  return inner_.LeaveGroup(group, image);
+}
+
 // --- FaultVolume -------------------------------------------------------------
 
 FaultVolume::FaultVolume(std::unique_ptr<Volume> inner, std::string pool_name,

@@ -13,7 +13,7 @@
 //  - every other operation returns the fault and does nothing.
 // The others (Size, ListSnaps, ConfirmSnap, ChangedSince,
 // CloseSnapshotHandles, CloseHandles, Exists, Rename, GroupImages,
-// GroupSnaps) are not fault points:
+// GroupSnaps, JoinGroup, LeaveGroup) are not fault points:
 // they pass straight through, as they did in the in-memory store's hook
 // that this layer replaced. The fault is asked before the wrapped store
 // checks the arguments, so a faulted operation fails with the fault even
@@ -111,6 +111,8 @@ class FaultPool : public Pool {
   Status CreateGroupSnap(const std::string& group, const std::string& snap) override;
   Status RemoveGroupSnap(const std::string& group, const std::string& snap) override;
   StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override;
+  Status JoinGroup(const std::string& group, const std::string& image) override;
+  Status LeaveGroup(const std::string& group, const std::string& image) override;
 
  private:
   Pool& inner_;

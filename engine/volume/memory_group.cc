@@ -147,4 +147,30 @@ StatusOr<std::vector<std::string>> MemoryPool::GroupSnaps(const std::string& gro
   return out;
 }
 
+Status MemoryPool::JoinGroup(const std::string& group, const std::string& image) {
+  if (Status made = CreateGroup(group); !made.ok() && made.code() != Code::kAlreadyExists) {
+    return made;
+  }
+  return AddToGroup(group, image);
+}
+
+Status MemoryPool::LeaveGroup(const std::string& group, const std::string& image) {
+  RETURN_IF_ERROR(RemoveFromGroup(group, image));
+  std::lock_guard lock(state_->mu);
+  for (const auto& [name, img] : state_->images) {
+    if (img->group == group) return OkStatus();
+  }
+  // The last one left: the group goes, with its snapshots (as librbd's).
+  auto it = state_->groups.find(group);
+  if (it == state_->groups.end()) return OkStatus();
+  for (const auto& gs : it->second.snaps) {
+    const std::string share = GroupSnapName(gs.name);
+    for (const auto& img : gs.images) {
+      std::erase_if(img->snaps, [&](const SnapState& s) { return s.name == share; });
+    }
+  }
+  state_->groups.erase(it);
+  return OkStatus();
+}
+
 }  // namespace cairn

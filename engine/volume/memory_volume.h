@@ -105,6 +105,8 @@ class MemoryPool final : public Pool {
   // From every image it was taken of that still exists, members or not.
   Status RemoveGroupSnap(const std::string& group, const std::string& snap) override;
   StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override;
+  Status JoinGroup(const std::string& group, const std::string& image) override;
+  Status LeaveGroup(const std::string& group, const std::string& image) override;
 
   // Tests: an empty group. kAlreadyExists if it exists; kInvalidArgument if
   // `group` is empty.

@@ -225,6 +225,10 @@ def _group_replication_round_trip(svc, site_a, site_b, source, sink, gid, vids, 
     for v, image in zip(vids, images):
         assert svc.show("", v)["replication_status"] == "failed-over", v
         assert site_b.digest(image) == at_point[image], f"{image} at site B is not group point {seq}"
+    # They replicate back as one group: an RBD group of them at site B.
+    assert sorted(sink.json("group", "status", group)[0]["volumes"]) == sorted(vids)
+    assert sorted(i["name"] for i in rbd.Group(site_b.ioctx, group).list_images()) == \
+        sorted(images)
 
     # Written at site B while failed over; the group fails back with it.
     with rbd.Image(site_b.ioctx, images[1]) as img:
@@ -238,6 +242,13 @@ def _group_replication_round_trip(svc, site_a, site_b, source, sink, gid, vids, 
     _wait_group(svc, gid, "enabled")
     for image in images:
         assert site_a.digest(image) == at_b[image], f"site B's writes to {image} did not come home"
+    # All came home at one group point, which site B's standby images hold.
+    finals = {v: max(p["seq"] for p in sink.json("points", v)) for v in vids}
+    assert len(set(finals.values())) == 1 and min(finals.values()) > seq, finals
+    for v, image in zip(vids, images):
+        assert site_b.digest(f"{image}.standby", f"cairn.{finals[v]}") == at_b[image], image
+    assert sink.cli("group", "status", group).returncode == 3, "site B still runs the group"
+    assert group not in rbd.RBD().group_list(site_b.ioctx)
 
     svc.cli("group-disable-replication", gid)
     _wait_group(svc, gid, "disabled")

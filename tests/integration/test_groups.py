@@ -68,8 +68,9 @@ class CounterWriter:
 
     def stop(self):
         self.stopped.set()
-        self.thread.join(timeout=60)
-        assert not self.thread.is_alive(), "the writer did not stop"
+        if self.thread.ident is not None:
+            self.thread.join(timeout=60)
+            assert not self.thread.is_alive(), "the writer did not stop"
         for img in self.images:
             img.close()
 
@@ -79,13 +80,25 @@ def _counter(site, image, snap):
         return struct.unpack("<Q", img.read(0, 8))[0]
 
 
-def test_group_points_equal_the_group_snapshot_at_one_instant_and_act_whole(
-        site_a, site_b, workdir, rbd_groups, daemons, name):
+def _one_instant(site, images, snap):
+    counters = sorted(_counter(site, image, snap) for image in images)
+    assert counters == list(range(counters[0], counters[0] + len(images))), \
+        f"{snap} holds {counters}: not one instant"
+
+
+def _database(site_a, rbd_groups, name):
+    """A database's three volumes at site A, in one RBD group."""
     images = [f"{name}-{m}" for m in ("data", "log", "idx")]
     for image in images:
         site_a.create(image, SIZE)
     group = f"{name}-g"
     rbd_groups(group, images)
+    return images, group
+
+
+def test_group_points_equal_the_group_snapshot_at_one_instant_and_act_whole(
+        site_a, site_b, workdir, rbd_groups, daemons, name):
+    images, group = _database(site_a, rbd_groups, name)
     port = lib.free_port()
     sink = daemons(lib.Cairnd(workdir, "sink-b", lib.sink_config(
         "b", site_b.conf, port, f"{workdir}/spool")))
@@ -106,15 +119,11 @@ def test_group_points_equal_the_group_snapshot_at_one_instant_and_act_whole(
     assert [p["seq"] for p in points] == seqs, (points, seqs)
     for p in points:
         assert sorted(p["volumes"]) == sorted(images), p
-        counters = []
+        snap = f"cairn.{p['seq']}"
         for image in images:
-            snap = f"cairn.{p['seq']}"
             at_a = site_a.digest(image, snap_id=site_a.group_snap_id(image, snap))
             assert site_b.digest(image + "-standby", snap) == at_a, (image, p)
-            counters.append(_counter(site_b, image + "-standby", snap))
-        counters.sort()
-        assert counters == list(range(counters[0], counters[0] + len(images))), \
-            f"group point {p['seq']} holds {counters}: not one instant"
+        _one_instant(site_b, [i + "-standby" for i in images], snap)
 
     status = source.json("group", "status", group)[0]
     assert status["last_seq"] == seqs[-1] and status["error"] == "", status
@@ -265,3 +274,93 @@ def test_members_registered_at_run_time_join_and_leave_without_a_resync_of_the_o
     source.start()
     fourth = replicate_and_check(members)
     assert _points(sink, images[0])[fourth]["base_seq"] == third
+
+
+def _node(site, conf, listen_port, peer_port, workdir, volumes=None, group=None):
+    """One cairnd per site, as deployed: a sink (for a group failed over
+    from the other site), a [source] (to replicate it back), and `volumes`
+    of its own, members of `group`."""
+    return lib.sink_config(site, conf, listen_port, f"{workdir}/spool-{site}") + (
+        f"\n[source]\npools = rbd\npeer = 127.0.0.1:{peer_port}\ninterval = 0\n"
+    ) + "".join(f"\n[volume {image}]\npool = rbd\nimage = {image}\n"
+                f"target_image = {image}-standby\npeer = 127.0.0.1:{peer_port}\n"
+                f"interval = 0\ngroup = {group}\n" for image in (volumes or []))
+
+
+def test_a_failed_over_group_replicates_back_as_a_group_and_fails_back_at_one_instant(
+        site_a, site_b, workdir, rbd_groups, daemons, name):
+    images, group = _database(site_a, rbd_groups, name)
+    a_port, b_port = lib.free_port(), lib.free_port()
+    a_conf = _node("a", site_a.conf, a_port, b_port, workdir, images, group)
+    node_a = daemons(lib.Cairnd(workdir, "node-a", a_conf))
+    node_b = daemons(lib.Cairnd(workdir, "node-b", _node("b", site_b.conf, b_port, a_port,
+                                                         workdir)))
+    # A's writers stop before its last group point (else A would hold
+    # writes B never got: a split brain, tests/integration/test_failback.py).
+    CounterWriter(site_a, images, 47).stop()
+    first = node_a.json("group", "replicate", group, "--wait", "--timeout", "180")["seq"]
+
+    # Site A is lost. B fails the group over at its newest group point and
+    # replicates the promoted images back as one group, written meanwhile.
+    node_a.stop()
+    out = node_b.json("group", "failover", group, *[
+        a for i in images for a in ("--back", f"{i}=rbd/{i}")])
+    assert out["seq"] == first and sorted(out["back_to"]) == sorted(images), out
+    promoted = [f"{i}-standby-failover" for i in images]
+    assert sorted(out["images"]) == sorted(f"rbd/{p}" for p in promoted), out
+    assert sorted(i["name"] for i in rbd.Group(site_b.ioctx, group).list_images()) == \
+        sorted(promoted)
+    writer = CounterWriter(site_b, promoted, 53)
+    writer.thread.start()
+
+    # Site A is back: the group points it gets from B hold every member at
+    # one instant (B's group snapshot), equal by hash.
+    node_a = daemons(lib.Cairnd(workdir, "node-a2", a_conf))
+    try:
+        back = [node_b.json("group", "replicate", group, "--wait", "--timeout", "180")["seq"]
+                for _ in range(2)]
+    finally:
+        writer.stop()
+    at_a = {p["seq"]: p for p in node_a.json("group", "points", group)}
+    assert set(back) <= set(at_a), (back, at_a)
+    for seq in back:
+        assert sorted(at_a[seq]["volumes"]) == sorted(images), at_a[seq]
+        _one_instant(site_a, images, f"cairn.{seq}")
+        for image, p in zip(images, promoted):
+            share = site_b.group_snap_id(p, f"cairn.{seq}")
+            assert site_a.digest(image, f"cairn.{seq}") == site_b.digest(p, snap_id=share), image
+
+    # Failback waits for every member's writers to go: one held open at B
+    # refuses it all, and nothing changes.
+    with rbd.Image(site_b.ioctx, promoted[1]):
+        held = node_b.cli("group", "failback", group, "--timeout", "180")
+    assert held.returncode != 0 and "is held open by" in held.stderr, held
+    assert sorted(node_b.json("group", "status", group)[0]["volumes"]) == sorted(images)
+
+    fb = node_b.json("group", "failback", group, "--timeout", "180")
+    final = fb["seq"]
+    assert final > back[-1] and fb["primary_site"] == "a", fb
+    assert len(fb["kept_as"]) == len(images), fb
+    for image in images:
+        home = site_a.digest(image)
+        assert home == site_a.digest(image, f"cairn.{final}"), image
+        assert home == site_b.digest(image + "-standby", f"cairn.{final}"), image
+    _one_instant(site_a, images, f"cairn.{final}")
+    assert node_b.cli("group", "status", group).returncode != 0, "B still runs the group"
+    assert group not in rbd.RBD().group_list(site_b.ioctx), "B's RBD group outlived the failback"
+
+    # A's group replicates to B again, each member a delta from the final
+    # point, and the group point equals A's group snapshot.
+    writer = CounterWriter(site_a, images, 59)
+    writer.thread.start()
+    try:
+        nxt = node_a.json("group", "replicate", group, "--wait", "--timeout", "180")["seq"]
+    finally:
+        writer.stop()
+    point = [p for p in node_b.json("group", "points", group) if p["seq"] == nxt]
+    assert point and sorted(point[0]["volumes"]) == sorted(images), (nxt, point)
+    for image in images:
+        snap = f"cairn.{nxt}"
+        assert site_b.digest(image + "-standby", snap) == \
+            site_a.digest(image, snap_id=site_a.group_snap_id(image, snap)), image
+    _one_instant(site_b, [i + "-standby" for i in images], f"cairn.{nxt}")

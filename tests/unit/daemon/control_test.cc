@@ -111,8 +111,21 @@ class CountingService final : public ControlService {
     ++changes;
     return GroupImages{};
   }
+  StatusOr<std::vector<VolumeStatusInfo>> ReplicateGroupBack(
+      const std::string& group, const std::vector<Registration>& back) override {
+    ++changes;
+    back_group = group;
+    back_asked = back;
+    return std::vector<VolumeStatusInfo>(back.size());
+  }
+  StatusOr<GroupFailedBack> FailbackGroup(const std::string&, uint64_t seq) override {
+    ++changes;
+    return GroupFailedBack{seq, "a", {"rbd/x.failback-t"}};
+  }
   int reads = 0;
   int changes = 0;
+  std::string back_group;
+  std::vector<Registration> back_asked;
 };
 
 Frame Request(const pb::ControlRequest& r) {
@@ -162,6 +175,50 @@ TEST(Control, ReadersReadAndOnlyAdminsChange) {
   for (const auto* r : all) EXPECT_EQ(Ask(service, *r, admin).code(), 0);
   EXPECT_EQ(service.changes, 8);  // register_volumes: each volume's (by default)
   EXPECT_EQ(Ask(service, register_many, admin).register_volumes().status_size(), 2);
+}
+
+// A group failed over comes home: its members' targets at home reach the
+// service as registrations; the failback answers its point and the images
+// kept; a reader may do neither.
+TEST(Control, AGroupReplicatesBackAndFailsBackOnlyForAnAdmin) {
+  CountingService service;
+  const ControlCaller reader{false, "pid 1 uid 1000 (cinder)"};
+  const ControlCaller admin{true, "pid 2 uid 0 (root)"};
+  pb::ControlRequest back, failback;
+  back.mutable_group()->set_group("g");
+  back.mutable_group()->set_action(pb::GroupRequest::REPLICATE_BACK);
+  auto* v = back.mutable_group()->mutable_back()->add_volumes();
+  v->set_volume("v1");
+  v->set_target_pool("rbd");
+  v->set_target_image("volume-v1");
+  v->mutable_retention()->set_keep_points(3);
+  v->mutable_retention()->set_tiers("1h*24");
+  failback.mutable_group()->set_group("g");
+  failback.mutable_group()->set_action(pb::GroupRequest::FAILBACK);
+  failback.mutable_group()->set_seq(7);
+  for (const auto* r : {&back, &failback}) {
+    EXPECT_EQ(Ask(service, *r, reader).code(), static_cast<int>(Code::kPermissionDenied));
+  }
+  EXPECT_EQ(service.changes, 0);
+
+  EXPECT_EQ(Ask(service, back, admin).group().back_size(), 1);
+  EXPECT_EQ(service.back_group, "g");
+  ASSERT_EQ(service.back_asked.size(), 1u);
+  EXPECT_EQ(service.back_asked[0].volume, "v1");
+  EXPECT_EQ(service.back_asked[0].target_pool, "rbd");
+  EXPECT_EQ(service.back_asked[0].target_image, "volume-v1");
+  ASSERT_TRUE(service.back_asked[0].retention);
+  EXPECT_EQ(service.back_asked[0].retention->keep_last, 3u);
+  const pb::ControlReply done = Ask(service, failback, admin);
+  EXPECT_EQ(done.code(), 0);
+  EXPECT_EQ(done.group().seq(), 7u);
+  EXPECT_EQ(done.group().primary_site(), "a");
+  ASSERT_EQ(done.group().images_size(), 1);
+  EXPECT_EQ(done.group().images(0), "rbd/x.failback-t");
+
+  v->set_snapshot_retention("1x*2");  // no such period: refused before the service
+  EXPECT_EQ(Ask(service, back, admin).code(), static_cast<int>(Code::kInvalidArgument));
+  EXPECT_EQ(service.changes, 2);
 }
 
 TEST(Control, AdminsAreRootOurselvesOrMembersOfTheAdminGroup) {

@@ -64,6 +64,12 @@ class AroundGroupSnaps final : public Pool {
   StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) override {
     return inner_->GroupSnaps(group);
   }
+  Status JoinGroup(const std::string& group, const std::string& image) override {
+    return inner_->JoinGroup(group, image);
+  }
+  Status LeaveGroup(const std::string& group, const std::string& image) override {
+    return inner_->LeaveGroup(group, image);
+  }
 
  private:
   std::shared_ptr<MemoryPool> inner_;

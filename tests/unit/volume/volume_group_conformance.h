@@ -207,4 +207,35 @@ TEST_P(VolumeConformanceTest, GroupCallsSayWhatIsWrong) {
   CAIRN_ASSERT_OK(pool().RemoveGroupSnap(empty, "g1"));
 }
 
+// JoinGroup makes the group the first time; the last image to leave
+// takes it and its snapshots away (a failed-over group's images at the
+// standby site, once failed back).
+TEST_P(VolumeConformanceTest, JoiningMakesAGroupAndTheLastToLeaveRemovesIt) {
+  using namespace volume_test;
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> a, CreateAndOpen("join-a", 4 * kMiB));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::unique_ptr<Volume> b, CreateAndOpen("join-b", 4 * kMiB));
+  const std::string group = target().name_prefix + "joined";
+  CAIRN_EXPECT_CODE(pool().GroupImages(group).status(), Code::kNotFound);
+  CAIRN_EXPECT_CODE(pool().JoinGroup(group, target().name_prefix + "no-such-image"),
+                    Code::kNotFound);
+  CAIRN_ASSERT_OK(pool().JoinGroup(group, a->name()));
+  CAIRN_EXPECT_CODE(pool().JoinGroup(group, a->name()), Code::kAlreadyExists);
+  CAIRN_ASSERT_OK(pool().JoinGroup(group, b->name()));
+  CAIRN_ASSERT_OK_AND_ASSIGN(std::vector<std::string> images, pool().GroupImages(group));
+  std::vector<std::string> both{a->name(), b->name()};
+  std::sort(both.begin(), both.end());
+  EXPECT_EQ(images, both);
+  CAIRN_ASSERT_OK(pool().CreateGroupSnap(group, "g1"));
+  ASSERT_TRUE(OnlySnapNamed(*a, GroupSnapName("g1")));
+
+  CAIRN_ASSERT_OK(pool().LeaveGroup(group, a->name()));
+  CAIRN_EXPECT_CODE(pool().LeaveGroup(group, a->name()), Code::kNotFound);
+  CAIRN_ASSERT_OK_AND_ASSIGN(images, pool().GroupImages(group));
+  EXPECT_EQ(images, std::vector<std::string>{b->name()});
+  CAIRN_ASSERT_OK(pool().LeaveGroup(group, b->name()));
+  CAIRN_EXPECT_CODE(pool().GroupImages(group).status(), Code::kNotFound);
+  EXPECT_FALSE(OnlySnapNamed(*a, GroupSnapName("g1"))) << "a share outlived its group";
+  EXPECT_FALSE(OnlySnapNamed(*b, GroupSnapName("g1"))) << "a share outlived its group";
+}
+
 }  // namespace cairn
