@@ -9,11 +9,12 @@ groups: the group's volumes replicate at one instant.
   its own newest point (no resync).
 - failover_replication promotes, at site B, the group's newest group point
   that holds every volume: each volume's image there (the name Cinder uses)
-  holds the same instant, all or none; each is then replicated back to
-  site A, as failover-host does. While the group is failed over and the
-  backend is not, its volumes attach at site B. Failback ('default') brings
-  each volume home with every write made at site B (the final delta of
-  failover-host's failback).
+  holds the same instant, all or none; they then replicate back to site A
+  as one group (its instants taken at site B). While the group is failed
+  over and the backend is not, its volumes attach at site B, and what
+  would act on their stale images at site A (snapshots, extend, clones,
+  upload to an image, revert) is refused. Failback ('default') brings
+  every volume home at one group point with every write made at site B.
 - disable_replication takes the volumes out of the group: each of a
   replicated volume type replicates on its own again, the others are
   unregistered; the RBD group goes.
@@ -342,6 +343,47 @@ class GroupReplicationMixin:
                     'every volume with every write made at %s', group.id,
                     done.primary_site, done.seq, self._standby_name())
         return {'replication_status': ENABLED}, updates
+
+    # -- a group failed over on its own: its volumes live at site B -------
+
+    def _refuse_at_site_a(self, volume, what):
+        """Refuses to act at site A on a volume of a group failed over on
+        its own: its image there is stale (site B's writes are not in it)."""
+        if (volume is None or self._failed_over()
+                or volume.replication_status != FAILED_OVER
+                or not self._load_data(volume).get('site')):
+            return
+        raise exception.ReplicationError(volume_id=volume.id, reason=(
+            'Cairn: volume %s cannot be %s: its group is failed over to %s, '
+            'where it is written; its image at site A is stale. Fail the '
+            'group back first (cinder group-failover-replication GROUP '
+            '--secondary-backend-id default)' % (volume.id, what,
+                                                 self._standby_name())))
+
+    def create_snapshot(self, snapshot):
+        self._refuse_at_site_a(snapshot.volume, 'snapshotted')
+        return super().create_snapshot(snapshot)
+
+    def extend_volume(self, volume, new_size):
+        self._refuse_at_site_a(volume, 'extended')
+        return super().extend_volume(volume, new_size)
+
+    def create_cloned_volume(self, volume, src_vref):
+        self._refuse_at_site_a(src_vref, 'cloned')
+        return super().create_cloned_volume(volume, src_vref)
+
+    def copy_volume_to_image(self, context, volume, image_service, image_meta):
+        self._refuse_at_site_a(volume, 'uploaded to an image')
+        return super().copy_volume_to_image(context, volume, image_service, image_meta)
+
+    def revert_to_snapshot(self, context, volume, snapshot):
+        self._refuse_at_site_a(volume, 'reverted to a snapshot')
+        return super().revert_to_snapshot(context, volume, snapshot)
+
+    def create_group_snapshot(self, context, group_snapshot, snapshots):
+        for snapshot in snapshots:
+            self._refuse_at_site_a(snapshot.volume, 'snapshotted')
+        return super().create_group_snapshot(context, group_snapshot, snapshots)
 
     def initialize_connection(self, volume, connector):
         """A volume of a group failed over on its own (the backend is not)

@@ -7,6 +7,7 @@ deadline and a message, never on time."""
 import datetime
 import json
 import random
+import types
 import uuid
 
 import pytest
@@ -446,6 +447,15 @@ def test_a_failed_over_groups_volumes_attach_at_site_b(site_a, site_b, cairn, vo
     assert (at_b["hosts"], at_b["ports"]) == ([mon_b[1]], [mon_b[2]]), at_b
     assert at_a["ports"] != at_b["ports"], (at_a, at_b)
     assert at_b["name"] == f"rbd/{vol.name}" and "keyring" not in at_b, at_b
+    # What would act on its stale image at site A is refused, saying why.
+    snap = types.SimpleNamespace(volume=vol, name="snapshot-x", volume_name=vol.name)
+    for act in (lambda: drv.extend_volume(vol, 2), lambda: drv.create_snapshot(snap),
+                lambda: drv.create_cloned_volume(volumes.new(), vol),
+                lambda: drv.revert_to_snapshot(ctx, vol, snap),
+                lambda: drv.create_group_snapshot(ctx, None, [snap])):
+        with pytest.raises(exception.ReplicationError) as e:
+            act()
+        assert "failed over to" in str(e.value) and "stale" in str(e.value), e.value
     # Not failed over (or the whole backend is): the active site's.
     vol.replication_status = "enabled"
     assert drv.initialize_connection(vol, {})["data"]["ports"] == at_a["ports"]
