@@ -269,6 +269,13 @@ class Sink {
   Status AdoptWithoutPoint(Target& t, const pb::Hello& hello, const std::string& owner, Volume& vol,
                            const std::vector<SnapInfo>& snaps,
                            const std::optional<SnapInfo>& share);
+  // A group member's image here that nothing wrote since its share of the
+  // group snapshot the point came from: the head is the point. Its own
+  // cairn.<N> (N >= the point: the one taken just before the group's) are
+  // kept as cairn-divergent-<time>.cairn.<N>, the head is snapshotted as
+  // cairn.<point> and adopted, so the next epoch is a delta, not a resync.
+  Status AdoptShare(Target& t, const RestorePoint& base, Volume& vol,
+                    const std::vector<SnapInfo>& snaps);
   // A planned failback's Hello (hand_back_seq): t's image is the volume's
   // primary again at this site. Its newest point must be hand_back_seq,
   // on t's image, from t's source site; the head is put back to it if an

@@ -126,6 +126,33 @@ Status Sink::AdoptWithoutPoint(Target& t, const pb::Hello& hello, const std::str
   return OkStatus();
 }
 
+Status Sink::AdoptShare(Target& t, const RestorePoint& base, Volume& vol,
+                        const std::vector<SnapInfo>& snaps) {
+  const uint64_t seq = base.epoch.seq;
+  const std::string name = SnapName(seq);
+  const int64_t now = env_.clock->UnixNs();
+  const std::string kept = "cairn-divergent-" + UtcStamp(now);
+  for (const SnapInfo& s : snaps) {
+    if (s.name == name) RETURN_IF_ERROR(vol.RenameSnap(s.name, kept + "." + s.name));
+  }
+  RETURN_IF_ERROR(KeepDivergent(t, vol, snaps, seq, 0, now));
+  RETURN_IF_ERROR(vol.CreateSnap(name, Volume::Writers::kThisProcessOnly));
+  RestorePoint adopted = base;
+  adopted.pool = t.pool_name;
+  adopted.image = t.image;
+  adopted.snap = name;
+  adopted.created_time_ns = now;
+  adopted.epoch.source_site = t.source_site;  // the chain goes on from this source
+  RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
+  RETURN_IF_ERROR(t.catalog->AddPoint(adopted));
+  spdlog::warn(
+      "volume {}: replication in reverse from site {}: {}/{} is unchanged since its share of "
+      "group point {}: adopted as {} (its own earlier {} kept as {}.{}), the base of the next "
+      "epoch",
+      t.volume, t.source_site, t.pool_name, t.image, seq, name, name, kept, name);
+  return OkStatus();
+}
+
 Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
   const pb::RestorePoint& m = hello.base_point();
   ASSIGN_OR_RETURN(auto latest, t.catalog->Latest(t.volume));
@@ -162,6 +189,10 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
         return s.name == GroupSnapName(name) && s.time_ns == base.epoch.snap_time_ns;
       });
       if (it != snaps.end()) share = *it;
+    }
+    if (share && owner.empty()) {
+      ASSIGN_OR_RETURN(const bool written_here, vol->ChangedSince(*share));
+      if (!written_here) return AdoptShare(t, base, *vol, snaps);
     }
     return AdoptWithoutPoint(t, hello, owner, *vol, snaps, share);
   }

@@ -323,6 +323,8 @@ def test_a_failed_over_group_replicates_back_as_a_group_and_fails_back_at_one_in
         writer.stop()
     at_a = {p["seq"]: p for p in node_a.json("group", "points", group)}
     assert set(back) <= set(at_a), (back, at_a)
+    for image in images:  # A's images were idle: each adopted its share, then deltas
+        assert _points(node_a, image)[back[0]]["base_seq"] == first, image
     for seq in back:
         assert sorted(at_a[seq]["volumes"]) == sorted(images), at_a[seq]
         _one_instant(site_a, images, f"cairn.{seq}")
