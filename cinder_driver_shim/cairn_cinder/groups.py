@@ -271,6 +271,12 @@ class GroupReplicationMixin:
             standby.group_replicate_back(
                 name, [(v.id, pool, v.name) for v, _reply in promoted], **retention)
         except wire.CairnError as e:
+            if isinstance(e, wire.CairndUnavailable):
+                # It may have done it: a fallback would pull the volumes out.
+                LOG.error('Cairn: group %s: site B\'s cairnd did not answer whether '
+                          'the group replicates back (%s); see `cairn group status '
+                          '%s` there', group.id, e, name)
+                return
             LOG.warning('Cairn: group %s does not replicate back as a group (%s): '
                         'each volume replicates back on its own, and fails back '
                         'on its own', group.id, e)
@@ -304,7 +310,11 @@ class GroupReplicationMixin:
         name = cairn_group_name(group)
         try:
             back = standby.group_status(name)
-        except wire.CairnError:
+        except wire.CairnError as e:
+            if e.code != 'NotFound':  # not known: never guess volume by volume
+                raise self._group_error(group, (
+                    'group %s is NOT failed back: cannot tell how it replicates '
+                    'back from %s: %s' % (group.id, self._standby_name(), e)))
             back = []  # not replicating back as a group: volume by volume
         if back:
             return self._group_failback_at_one_point(group, volumes, standby, name)
@@ -326,10 +336,14 @@ class GroupReplicationMixin:
             done = wire.ControlClient(standby.socket_path, timeout).group_failback(
                 name, timeout)
         except wire.CairnError as e:
-            raise self._group_error(group, (
-                'group %s is NOT failed back: %s; it stays at %s, which keeps '
-                'replicating it back to site A: detach its volumes there (their '
-                'writers) and fail back again' % (group.id, e, self._standby_name())))
+            # Cinder marks the group error; its volumes stay failed-over
+            # (they live at site B, and attach there).
+            LOG.error('Cairn: group %s is NOT failed back: %s; it stays at %s, '
+                      'which keeps replicating it back to site A: detach its '
+                      'volumes there (their writers), then fail back again',
+                      group.id, e, self._standby_name())
+            return {'replication_status': ERROR}, [
+                {'id': v.id, 'replication_status': FAILED_OVER} for v in volumes]
         kept = {image.rsplit('/', 1)[-1].split('.failback-')[0]: image
                 for image in done.images}
         updates = []
@@ -350,7 +364,7 @@ class GroupReplicationMixin:
         """Refuses to act at site A on a volume of a group failed over on
         its own: its image there is stale (site B's writes are not in it)."""
         if (volume is None or self._failed_over()
-                or volume.replication_status != FAILED_OVER
+                or volume.replication_status not in (FAILED_OVER, ERROR)
                 or not self._load_data(volume).get('site')):
             return
         raise exception.ReplicationError(volume_id=volume.id, reason=(
@@ -391,7 +405,7 @@ class GroupReplicationMixin:
         data = super().initialize_connection(volume, connector)
         site = self._load_data(volume).get('site')
         if (not site or self._failed_over()
-                or volume.replication_status != FAILED_OVER):
+                or volume.replication_status not in (FAILED_OVER, ERROR)):
             return data
         remote = self._get_target_config(site)
         name, conf, user, secret_uuid = self._get_config_tuple(remote)

@@ -380,13 +380,16 @@ Status RbdPool::JoinGroup(const std::string& group, const std::string& image) {
   const std::string spec = GroupSpec(io_->pool(), group);
   int rc = rbd_group_create(io_->get(), group.c_str());
   if (rc < 0 && rc != -EEXIST) return ErrnoStatus(rc, "creating group " + spec);
+  const bool created = rc == 0;
   ASSIGN_OR_RETURN(const std::vector<std::string> members, GroupImages(group));
   if (std::find(members.begin(), members.end(), image) != members.end()) {
     return AlreadyExists(fmt::format("{} is in group {} already", Spec(image), spec));
   }
   rc = [&] {
     const auto lock = ImageContextLock();  // librbd opens the image
-    return rbd_group_image_add(io_->get(), group.c_str(), io_->get(), image.c_str());
+    const int added = rbd_group_image_add(io_->get(), group.c_str(), io_->get(), image.c_str());
+    if (added < 0 && created) rbd_group_remove(io_->get(), group.c_str());  // made for it
+    return added;
   }();
   if (rc == -ENOENT) return NotFound(fmt::format("{} does not exist", Spec(image)));
   if (rc == -EEXIST) {

@@ -109,6 +109,12 @@ class Daemon final : public ControlService {
   // Stops the replicator of `volume` and forgets it (its registration
   // too, if it was registered): a planned failback ended it. Returns it.
   StatusOr<std::shared_ptr<SourceReplicator>> RetireSource(const std::string& volume);
+  // ReleaseFailedOver of a member of `group` replicating back: the group
+  // stops, the promoted image leaves the RBD group here, the volume is
+  // released and forgotten, and the group goes on without it (all undone
+  // if the release fails). register_mu_ held.
+  StatusOr<std::string> ReleaseGroupMember(const std::string& volume, const std::string& group,
+                                           const Catalog::Promotion& promoted);
   // Forgets the registration of `volume`, if it has one (registry and
   // registered_). register_mu_ held.
   Status ForgetRegistration(const std::string& volume);

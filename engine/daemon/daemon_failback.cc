@@ -117,6 +117,7 @@ StatusOr<std::string> Daemon::ReleaseFailedOver(const std::string& volume) {
     if (back && (back->config().pool != promoted.pool || back->config().image != promoted.image)) {
       back.reset();
     }
+    if (back && !back->group().empty()) return ReleaseGroupMember(volume, back->group(), promoted);
   }
   if (back) back->Stop();
   auto kept = sink_->Release(volume);
@@ -181,6 +182,12 @@ StatusOr<ControlService::FailedBack> Daemon::Failback(const std::string& volume,
   const std::string& home = from.epoch.source_site;
   std::lock_guard registering(register_mu_);  // not beside a (un)registration
   const auto src = FindSource(volume);
+  if (src && !src->group().empty()) {
+    return FailedPrecondition(fmt::format(
+        "volume '{}' replicates back as a member of group {}: `cairn group failback {}` brings "
+        "the whole group home at one point (or `cairn release {}` takes it out of the group)",
+        volume, src->group(), src->group(), volume));
+  }
   if (!src || src->config().pool != promoted.pool || src->config().image != promoted.image) {
     return FailedPrecondition(fmt::format(
         "no source at this cairnd replicates the promoted image {}/{} of '{}' back to site {}: "

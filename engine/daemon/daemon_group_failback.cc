@@ -69,9 +69,8 @@ StatusOr<std::vector<VolumeStatusInfo>> Daemon::ReplicateGroupBack(
         "standby it failed over to");
   }
   RETURN_IF_ERROR(TakesRegistrations());
-  if (group.empty() || back.empty()) {
-    return InvalidArgument("replicate_back names no group, or none of its volumes");
-  }
+  if (back.empty()) return InvalidArgument("replicate_back names none of the group's volumes");
+  RETURN_IF_ERROR(ValidateVolumeId(group).Annotate("replicate_back: the group's name"));
   std::vector<Registration> rs;
   for (const auto& b : back) {
     RETURN_IF_ERROR(ValidateVolumeId(b.volume));
@@ -112,14 +111,16 @@ StatusOr<ControlService::GroupFailedBack> Daemon::FailbackGroup(const std::strin
         "to");
   }
   std::lock_guard registering(register_mu_);
+  const auto not_back = [&](const std::string& why) {
+    return FailedPrecondition(fmt::format(
+        "group '{}' does not replicate back from this cairnd ({}): `cairn group failover {} "
+        "--back ...` sets that up; volumes replicating back on their own fail back one by one "
+        "(`cairn failback VOLUME`)",
+        group, why, group));
+  };
   auto g = FindGroup(group);
-  if (!g) {
-    return NotFound(fmt::format(
-        "no group '{}' replicates back from this cairnd: `cairn group failover {} --back ...` "
-        "sets that up; volumes replicating back on their own fail back one by one (`cairn "
-        "failback VOLUME`)",
-        group, group));
-  }
+  if (!g) return not_back("no such group here");
+  const GroupStatusInfo now = g->Report();
   std::map<std::string, BackMember> members;  // by volume
   {
     std::lock_guard lock(sources_mu_);
@@ -127,23 +128,30 @@ StatusOr<ControlService::GroupFailedBack> Daemon::FailbackGroup(const std::strin
       if (r.group == group) members[volume] = BackMember{};
     }
   }
+  for (const auto& v : now.volumes) {
+    if (!members.count(v)) return not_back("member '" + v + "' is not registered");
+  }
+  if (members.empty()) return not_back("no member is registered");
   for (auto& [volume, m] : members) {
     auto found = FindPromotion(volume);
     m.src = FindSource(volume);
     if (!found.ok() || !m.src || m.src->config().pool != found->first.pool ||
         m.src->config().image != found->first.image) {
-      return FailedPrecondition(fmt::format(
-          "member '{}' of group {} is not an image failed over here replicating back{}: the "
-          "group fails back only as a whole",
-          volume, group, found.ok() ? "" : " (" + found.status().message() + ")"));
+      return not_back(fmt::format("member '{}' is not an image failed over here{}", volume,
+                                  found.ok() ? "" : ": " + found.status().message()));
     }
     m.promoted = found->first;
     m.home = found->second.epoch.source_site;
   }
-  const uint64_t want = seq != 0 ? seq : g->Report().last_seq;
-  RETURN_IF_ERROR(CheckGroupComesHome(group, want, members));
+  const uint64_t want = seq != 0 ? seq : now.last_seq;
   g.reset();
-  StopGroup(group);  // no instant from now on; the members' sources stop
+  StopGroup(group);  // no instant from now on: what is checked stays so
+  if (Status ready = CheckGroupComesHome(group, want, members); !ready.ok()) {
+    if (Status again = RestartRegisteredGroup(group); !again.ok()) {
+      spdlog::error("group {}: {}", group, again.ToString());
+    }
+    return ready.Annotate("nothing changed; the group still replicates back");
+  }
   return HandGroupBack(group, want, members);
 }
 
@@ -202,7 +210,7 @@ StatusOr<ControlService::GroupFailedBack> Daemon::HandGroupBack(
       spdlog::warn("group {}: {}/{} stays in the RBD group here: {}", group, m.promoted.pool,
                    m.promoted.image, left.ToString());
     }
-    auto folded = sink_->FoldBack(volume, want, said);
+    auto folded = sink_->FoldBack(volume, want, said, group, static_cast<uint32_t>(members.size()));
     if (!folded.ok()) {
       spdlog::error("volume {}: home at site {} at point {}, but not taken here: {}", volume,
                     m.home, want, folded.status().ToString());
@@ -217,10 +225,17 @@ StatusOr<ControlService::GroupFailedBack> Daemon::HandGroupBack(
     if (Status again = RestartRegisteredGroup(group); !again.ok()) {
       spdlog::error("group {}: {}", group, again.ToString());
     }
+    std::vector<std::string> home, left;
+    for (const auto& [volume, m] : members) {
+      const bool is_home = std::any_of(handed.begin(), handed.end(),
+                                       [&](const auto& h) { return h.first == volume; });
+      (is_home ? home : left).push_back(volume);
+    }
     return failed.Annotate(fmt::format(
-        "group {}: {} of {} members are home at group point {}; the others still replicate back "
-        "as group {}: run `cairn group failback {}` again",
-        group, handed.size(), members.size(), want, group, group));
+        "group {}: home at group point {}: {}; still replicating back as group {}: {}; run "
+        "`cairn group failback {}` again",
+        group, want, home.empty() ? "none" : fmt::format("{}", fmt::join(home, ", ")), group,
+        fmt::join(left, ", "), group));
   }
   if (!unfolded.empty()) {
     return FailedPrecondition(fmt::format(
@@ -231,6 +246,39 @@ StatusOr<ControlService::GroupFailedBack> Daemon::HandGroupBack(
   spdlog::warn("group {}: FAILED BACK to site {} at group point {}: {} members, nothing lost",
                group, out.primary_site, want, members.size());
   return out;
+}
+
+StatusOr<std::string> Daemon::ReleaseGroupMember(const std::string& volume,
+                                                 const std::string& group,
+                                                 const Catalog::Promotion& promoted) {
+  ASSIGN_OR_RETURN(auto pool, OpenPool(promoted.pool));
+  StopGroup(group);
+  const auto go_on = [&] {
+    if (Status again = RestartRegisteredGroup(group); !again.ok()) {
+      spdlog::error("group {}: {}", group, again.ToString());
+    }
+  };
+  if (Status left = pool->LeaveGroup(group, promoted.image);
+      !left.ok() && left.code() != Code::kNotFound) {
+    go_on();
+    return left.Annotate(
+        fmt::format("releasing '{}' from group {}; nothing changed", volume, group));
+  }
+  auto kept = sink_->Release(volume);
+  if (!kept.ok()) {
+    if (Status back = pool->JoinGroup(group, promoted.image); !back.ok()) {
+      spdlog::error("group {}: {}/{} did not join the RBD group again: {}", group, promoted.pool,
+                    promoted.image, back.ToString());
+    }
+    go_on();
+    return kept.status();
+  }
+  if (Status forgot = ForgetRegistration(volume); !forgot.ok()) {
+    spdlog::error("volume {}: {}", volume, forgot.ToString());
+  }
+  go_on();
+  spdlog::warn("volume {}: released; group {} replicates back without it", volume, group);
+  return kept;
 }
 
 }  // namespace cairn

@@ -217,7 +217,10 @@ class Sink {
     std::string kept_as;  // Release's
     uint64_t copied_bytes = 0;
   };
-  StatusOr<FoldedBack> FoldBack(const std::string& volume, uint64_t seq, const HandedBack& home);
+  // `group` (with its `group_members`): the point is that group's instant,
+  // so the group point is made here once every member's is.
+  StatusOr<FoldedBack> FoldBack(const std::string& volume, uint64_t seq, const HandedBack& home,
+                                const std::string& group = "", uint32_t group_members = 0);
   // Frames refused for failing verification, since start.
   uint64_t corrupt_frames() const;
 

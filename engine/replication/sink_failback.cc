@@ -190,7 +190,8 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
       });
       if (it != snaps.end()) share = *it;
     }
-    if (share && owner.empty()) {
+    // (Owned already with no resync begun: an adoption cut before its point.)
+    if (share && (owner.empty() || (owner == t.volume && !ResyncBaseOf(snaps)))) {
       ASSIGN_OR_RETURN(const bool written_here, vol->ChangedSince(*share));
       if (!written_here) return AdoptShare(t, base, *vol, snaps);
     }
@@ -324,7 +325,8 @@ Status Sink::HandBack(Link& link, Target& t, const pb::Hello& hello) {
 }
 
 StatusOr<Sink::FoldedBack> Sink::FoldBack(const std::string& volume, uint64_t seq,
-                                          const HandedBack& home) {
+                                          const HandedBack& home, const std::string& group,
+                                          uint32_t group_members) {
   const std::string& source_site = home.site;
   ASSIGN_OR_RETURN(const std::string pool_name, FindVolumePool(volume));
   ASSIGN_OR_RETURN(auto kv, env_.open_catalog(pool_name));
@@ -376,6 +378,8 @@ StatusOr<Sink::FoldedBack> Sink::FoldBack(const std::string& volume, uint64_t se
     p.epoch.image_size = to->size;
     p.epoch.snap_time_ns = home.snap_time_ns;  // its snapshot there, which the next epoch diffs
     p.epoch.source_site = source_site;         // the chain goes on from there
+    p.epoch.group = group;
+    p.epoch.group_members = group.empty() ? 0 : group_members;
     p.created_time_ns = env_.clock->UnixNs();
     p.pool = pool_name;
     p.image = latest->image;

@@ -148,10 +148,14 @@ StatusOr<std::vector<std::string>> MemoryPool::GroupSnaps(const std::string& gro
 }
 
 Status MemoryPool::JoinGroup(const std::string& group, const std::string& image) {
-  if (Status made = CreateGroup(group); !made.ok() && made.code() != Code::kAlreadyExists) {
-    return made;
+  Status made = CreateGroup(group);
+  if (!made.ok() && made.code() != Code::kAlreadyExists) return made;
+  Status added = AddToGroup(group, image);
+  if (!added.ok() && made.ok()) {  // made for it: gone again
+    std::lock_guard lock(state_->mu);
+    state_->groups.erase(group);
   }
-  return AddToGroup(group, image);
+  return added;
 }
 
 Status MemoryPool::LeaveGroup(const std::string& group, const std::string& image) {

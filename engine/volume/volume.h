@@ -251,13 +251,15 @@ class Pool {
   // The group's snapshots, by name, in creation order.
   virtual StatusOr<std::vector<std::string>> GroupSnaps(const std::string& group) = 0;
   // `image` joins `group`, which is created if there is none (a failed-over
-  // group replicating back). kNotFound if there is no such image;
+  // group replicating back; removed again if the image cannot join).
+  // kNotFound if there is no such image;
   // kAlreadyExists if it is in `group` already, kFailedPrecondition if it
   // is in another.
   virtual Status JoinGroup(const std::string& group, const std::string& image) = 0;
-  // `image` leaves `group` (keeping its shares of the group's snapshots);
-  // the group is removed once it has no image left. kNotFound if either is
-  // missing or the image is not in it.
+  // `image` leaves `group`, keeping its shares of the group's snapshots,
+  // unless it was the last: then the group is removed with its snapshots
+  // (every share of them). kNotFound if either is missing or the image is
+  // not in it.
   virtual Status LeaveGroup(const std::string& group, const std::string& image) = 0;
 };
 

@@ -332,6 +332,9 @@ def test_a_failed_over_group_replicates_back_as_a_group_and_fails_back_at_one_in
             share = site_b.group_snap_id(p, f"cairn.{seq}")
             assert site_a.digest(image, f"cairn.{seq}") == site_b.digest(p, snap_id=share), image
 
+    # A member alone does not fail back: the group comes home whole.
+    alone = node_b.cli("failback", images[0], "--timeout", "60")
+    assert alone.returncode != 0 and f"cairn group failback {group}" in alone.stderr, alone
     # Failback waits for every member's writers to go: one held open at B
     # refuses it all, and nothing changes.
     with rbd.Image(site_b.ioctx, promoted[1]):
@@ -348,6 +351,9 @@ def test_a_failed_over_group_replicates_back_as_a_group_and_fails_back_at_one_in
         assert home == site_a.digest(image, f"cairn.{final}"), image
         assert home == site_b.digest(image + "-standby", f"cairn.{final}"), image
     _one_instant(site_a, images, f"cairn.{final}")
+    # B's standby images hold it as a group point: a next failover can take it.
+    at_b = [p for p in node_b.json("group", "points", group) if p["seq"] == final]
+    assert at_b and sorted(at_b[0]["volumes"]) == sorted(images), at_b
     assert node_b.cli("group", "status", group).returncode != 0, "B still runs the group"
     assert group not in rbd.RBD().group_list(site_b.ioctx), "B's RBD group outlived the failback"
 
@@ -366,3 +372,30 @@ def test_a_failed_over_group_replicates_back_as_a_group_and_fails_back_at_one_in
         assert site_b.digest(image + "-standby", snap) == \
             site_a.digest(image, snap_id=site_a.group_snap_id(image, snap)), image
     _one_instant(site_b, [i + "-standby" for i in images], f"cairn.{nxt}")
+
+
+def test_a_member_released_from_a_group_replicating_back_leaves_the_others_going_on(
+        site_a, site_b, workdir, rbd_groups, daemons, name):
+    images, group = _database(site_a, rbd_groups, name)
+    a_port, b_port = lib.free_port(), lib.free_port()
+    node_a = daemons(lib.Cairnd(workdir, "node-a", _node(
+        "a", site_a.conf, a_port, b_port, workdir, images, group)))
+    node_b = daemons(lib.Cairnd(workdir, "node-b", _node("b", site_b.conf, b_port, a_port,
+                                                         workdir)))
+    CounterWriter(site_a, images, 61).stop()
+    node_a.json("group", "replicate", group, "--wait", "--timeout", "180")
+    node_a.stop()
+    node_b.json("group", "failover", group, *[
+        a for i in images for a in ("--back", f"{i}=rbd/{i}")])
+
+    released = node_b.json("release", images[2])
+    assert released["kept_as"].startswith(f"{images[2]}-standby-failover.failback-"), released
+    rest = sorted(images[:2])
+    assert sorted(node_b.json("group", "status", group)[0]["volumes"]) == rest
+    assert sorted(i["name"] for i in rbd.Group(site_b.ioctx, group).list_images()) == \
+        sorted(f"{i}-standby-failover" for i in rest)
+    sources = [s["volume"] for s in node_b.json("status")
+               if s["role"] == "source" and s["volume"] in images]
+    assert sorted(sources) == rest, sources
+    node_b.stop()
+    rbd.RBD().group_remove(site_b.ioctx, group)  # its images can go then
