@@ -226,7 +226,8 @@ StatusOr<ControlService::GroupFailedBack> Daemon::HandGroupBack(
       spdlog::error("group {}: {}", group, again.ToString());
     }
     std::vector<std::string> home, left;
-    for (const auto& [volume, m] : members) {
+    for (const auto& member : members) {
+      const std::string& volume = member.first;
       const bool is_home = std::any_of(handed.begin(), handed.end(),
                                        [&](const auto& h) { return h.first == volume; });
       (is_home ? home : left).push_back(volume);
