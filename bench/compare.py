@@ -395,7 +395,12 @@ class Bench:
         return RunningFio(self, image, label, rate_bps, prefix)
 
     # --- rbd-mirror ------------------------------------------------------------
-    def start_mirror(self):
+    def start_mirror(self, secure=False):
+        """rbd-mirror at site B; `secure`: every connection of it in msgr2's
+        secure mode (AES-GCM), as a link between sites would be encrypted."""
+        if self.mirror and getattr(self, "mirror_secure", False) != secure:
+            self.stop_mirror()
+        self.mirror_secure = secure
         if self.mirror:
             return
         d = os.path.join(self.work, "rbd-mirror")
@@ -420,7 +425,8 @@ class Bench:
         os.symlink(self.conf_b, link)
         logf = open(os.path.join(d, "rbd-mirror.log"), "a")
         self.mirror = subprocess.Popen(
-            ["rbd-mirror", "--id", "rbd-mirror.b", "--keyring", keyring, "-f"], cwd=d,
+            ["rbd-mirror", "--id", "rbd-mirror.b", "--keyring", keyring, "-f"]
+            + (["--ms_client_mode", "secure"] if secure else []), cwd=d,
             stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
 
         def up():
@@ -569,9 +575,9 @@ class Bench:
         self.remove(self.b, tgt)
         return full, incr, osd
 
-    def _mirror_round(self, run_no):
-        _, img, _ = self.names("m", run_no)
-        self.start_mirror()
+    def _mirror_round(self, run_no, secure=False):
+        _, img, _ = self.names("ms" if secure else "m", run_no)
+        self.start_mirror(secure)
         self.make_full_image(img)
         osd0 = self.osd_cpu()
         mirror0 = proc_cpu_seconds(self.mirror.pid)
@@ -608,6 +614,7 @@ class Bench:
                  "cairn_plain": lambda r: self._cairn_round(r, tls=False)}
         if not self.args.no_mirror:
             tools["rbd_mirror"] = self._mirror_round
+            tools["rbd_mirror_secure"] = lambda r: self._mirror_round(r, secure=True)
         tools = {t: fn for t, fn in tools.items() if t in self.args.tools.split(",")}
         full = {t: [] for t in tools}
         incr = {t: [] for t in tools}
@@ -1193,6 +1200,7 @@ def report(results):
         lines += [f"| {title} | MiB/s | Cairn ÷ peer |", "|---|---:|---:|"]
         names = {"cairn": "Cairn", "export": "`rbd export \\| import`" if key == "full" else
                  "`rbd export-diff \\| import-diff`", "rbd_mirror": "rbd-mirror (snapshot mode)",
+                 "rbd_mirror_secure": "rbd-mirror, its connections in msgr2 secure mode",
                  "cairn_plain": "Cairn without TLS (`insecure = true`)"}
         for tool, st in t.items():
             ratio = "" if tool == "cairn" or c is None else f"{c / st['median']:.2f}×"
@@ -1225,6 +1233,7 @@ def report(results):
     if "full_cpu" in s:
         names = {"cairn": "Cairn (both cairnd)", "export": "export \\| import (both rbd)",
                  "rbd_mirror": "rbd-mirror (the daemon)",
+                 "rbd_mirror_secure": "rbd-mirror in msgr2 secure mode (the daemon)",
                  "cairn_plain": "Cairn without TLS (both cairnd)"}
         lines += ["| CPU seconds during the 1 GiB full sync | OSD site A | OSD site B | "
                   "the tool's own |", "|---|---:|---:|---:|"]
@@ -1389,7 +1398,7 @@ def chart(results, path):
     if len(panels) == 1:
         axes = [axes]
     names = {"cairn": "Cairn", "export": "export|import\n(-diff)", "rbd_mirror": "rbd-mirror\nsnapshot",
-             "cairn_plain": "Cairn\nno TLS"}
+             "rbd_mirror_secure": "rbd-mirror\nsecure", "cairn_plain": "Cairn\nno TLS"}
     for ax, key in zip(axes, panels):
         tools = list(s[key])
         med = [s[key][t]["median"] for t in tools]
@@ -1550,7 +1559,8 @@ def main():
     ap.add_argument("--keep-work", action="store_true",
                     help="keep OUT/work (cairnd logs and configs)")
     ap.add_argument("--tools", default="cairn,cairn_plain,export,rbd_mirror",
-                    help="the tools of the full and incremental sections")
+                    help="the tools of the full and incremental sections (also: "
+                         "rbd_mirror_secure, rbd-mirror with msgr2 secure mode)")
     ap.add_argument("--volume-option", action="append", default=[], metavar="KEY=VALUE",
                     help="a [volume] setting for Cairn's sources (tuning experiments), "
                          "e.g. --volume-option 'window = 16'")
