@@ -279,6 +279,9 @@ class Sink {
   // cairn.<point> and adopted, so the next epoch is a delta, not a resync.
   Status AdoptShare(Target& t, const RestorePoint& base, Volume& vol,
                     const std::vector<SnapInfo>& snaps);
+  // An adoption's record: t's image is the volume's (its owner), and
+  // `base` is its point there, held by snapshot `snap`.
+  Status RecordAdoption(Target& t, const RestorePoint& base, const std::string& snap, int64_t now);
   // A planned failback's Hello (hand_back_seq): t's image is the volume's
   // primary again at this site. Its newest point must be hand_back_seq,
   // on t's image, from t's source site; the head is put back to it if an

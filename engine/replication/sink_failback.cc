@@ -126,6 +126,18 @@ Status Sink::AdoptWithoutPoint(Target& t, const pb::Hello& hello, const std::str
   return OkStatus();
 }
 
+Status Sink::RecordAdoption(Target& t, const RestorePoint& base, const std::string& snap,
+                            int64_t now) {
+  RestorePoint adopted = base;
+  adopted.pool = t.pool_name;
+  adopted.image = t.image;
+  adopted.snap = snap;
+  adopted.created_time_ns = now;
+  adopted.epoch.source_site = t.source_site;  // the chain goes on from this source
+  RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
+  return t.catalog->AddPoint(adopted);
+}
+
 Status Sink::AdoptShare(Target& t, const RestorePoint& base, Volume& vol,
                         const std::vector<SnapInfo>& snaps) {
   const uint64_t seq = base.epoch.seq;
@@ -137,14 +149,7 @@ Status Sink::AdoptShare(Target& t, const RestorePoint& base, Volume& vol,
   }
   RETURN_IF_ERROR(KeepDivergent(t, vol, snaps, seq, 0, now));
   RETURN_IF_ERROR(vol.CreateSnap(name, Volume::Writers::kThisProcessOnly));
-  RestorePoint adopted = base;
-  adopted.pool = t.pool_name;
-  adopted.image = t.image;
-  adopted.snap = name;
-  adopted.created_time_ns = now;
-  adopted.epoch.source_site = t.source_site;  // the chain goes on from this source
-  RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
-  RETURN_IF_ERROR(t.catalog->AddPoint(adopted));
+  RETURN_IF_ERROR(RecordAdoption(t, base, name, now));
   spdlog::warn(
       "volume {}: replication in reverse from site {}: {}/{} is unchanged since its share of "
       "group point {}: adopted as {} (its own earlier {} kept as {}.{}), the base of the next "
@@ -214,14 +219,7 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
   }
   const int64_t now = env_.clock->UnixNs();
   RETURN_IF_ERROR(KeepDivergent(t, *vol, snaps, base.epoch.seq, divergent, now));
-  RestorePoint adopted = base;
-  adopted.pool = t.pool_name;
-  adopted.image = t.image;
-  adopted.snap = name;
-  adopted.created_time_ns = now;
-  adopted.epoch.source_site = t.source_site;  // the chain goes on from this source
-  RETURN_IF_ERROR(t.catalog->SetImageOwner(t.pool_name, t.image, t.volume));
-  RETURN_IF_ERROR(t.catalog->AddPoint(adopted));
+  RETURN_IF_ERROR(RecordAdoption(t, base, name, now));
   spdlog::warn(
       "volume {}: replication in reverse from site {}: restore point {} adopted as {}/{}@{} "
       "(taken {} ns), the base of the next epoch",
