@@ -121,6 +121,7 @@ Status Daemon::Start() {
     env.budget = budget_;
     env.open_pool = [this](const std::string& p) { return OpenPool(p); };
     env.open_catalog = [this](const std::string& p) { return OpenCatalog(p); };
+    env.gate = gate_;
     if (tls_) env.grants = config_.peers;
     sink_ = std::make_unique<Sink>(env);
     sink_server_ =

@@ -204,7 +204,10 @@ class Daemon final : public ControlService {
 
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;
-  std::shared_ptr<MemoryBudget> budget_;   // [cairnd] memory_budget
+  std::shared_ptr<MemoryBudget> budget_;  // [cairnd] memory_budget
+  // Between the sink and the sources: an image the sink takes in reverse
+  // is snapshotted by no source meanwhile.
+  std::shared_ptr<ImageGate> gate_ = std::make_shared<ImageGate>();
   std::shared_ptr<const TlsContext> tls_;  // [tls]; null if insecure
   std::optional<uint32_t> control_gid_;    // [cairnd] control_group
   std::optional<uint32_t> admin_gid_;      // [cairnd] admin_group

@@ -36,6 +36,7 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::MakeSource(const VolumeConfi
                           config_.sink->pools.end()) {
     // Only a sink of this site can write the image (failed over elsewhere).
     src->set_stand_down([this, v]() { return StandDownReason(v); });
+    src->set_image_gate(gate_);
   }
   return src;
 }

@@ -187,6 +187,13 @@ StatusOr<uint64_t> GroupSource::NextSeq(std::vector<std::vector<SnapInfo>>* list
 StatusOr<uint64_t> GroupSource::TakeInstant() {
   std::lock_guard one(instant_mu_);
   RETURN_IF_ERROR(CheckMembers());
+  // No instant while a sink (another site's, or this one's taking it)
+  // writes any member: the group stands by with it.
+  std::vector<ImageGate::Token> passes;
+  for (const auto& m : members_) {
+    ASSIGN_OR_RETURN(ImageGate::Token pass, m->SnapshotPass());
+    passes.push_back(std::move(pass));
+  }
   std::vector<std::vector<SnapInfo>> listed;
   ASSIGN_OR_RETURN(const uint64_t seq, NextSeq(&listed));
   {

@@ -62,6 +62,7 @@
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
 #include "engine/link/tcp_link.h"
+#include "engine/replication/image_gate.h"
 #include "engine/replication/peer_grants.h"
 #include "engine/replication/replication.h"
 #include "engine/replication/retention.h"
@@ -83,6 +84,10 @@ struct SinkEnv {
   std::vector<std::string> pools;  // pools this sink serves
   std::function<StatusOr<std::shared_ptr<Pool>>(const std::string& pool)> open_pool;
   std::function<StatusOr<std::shared_ptr<KvStore>>(const std::string& pool)> open_catalog;
+  // Shared with this process's sources: an image of theirs that this sink
+  // takes in reverse (failback) is held while it adopts it. None: no
+  // source here.
+  std::shared_ptr<ImageGate> gate;
   ApplyOptions apply;
   SpoolOptions spool;
   LinkTimeouts timeouts;

@@ -170,6 +170,10 @@ Status Sink::AdoptBase(Target& t, const pb::Hello& hello) {
   ASSIGN_OR_RETURN(const std::string owner, ImageOwnerFor(t));
   ASSIGN_OR_RETURN(bool exists, t.pool->Exists(t.image));
   if (!exists) return OkStatus();  // nothing to adopt: a first, full epoch makes it
+  // A source of this process snapshotting the image is done first, and
+  // takes none while this runs; once the adoption is in the catalog, it
+  // stands by (image_gate.h).
+  const ImageGate::Token held = env_.gate ? env_.gate->Hold(t.pool_name, t.image) : nullptr;
   ASSIGN_OR_RETURN(auto vol, t.pool->Open(t.image));
   ASSIGN_OR_RETURN(auto snaps, vol->ListSnaps());
   const std::string name = SnapName(base.epoch.seq);

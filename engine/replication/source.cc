@@ -86,9 +86,9 @@ StatusOr<HandedBack> SourceReplicator::HandBack(uint64_t seq) {
   return HandedBack{reply.site, reply.last_chain, reply.last_point_time_ns};
 }
 
-StatusOr<bool> SourceReplicator::StandingDown() {
-  if (!stand_down_) return false;
-  ASSIGN_OR_RETURN(const std::string why, stand_down_());
+StatusOr<std::string> SourceReplicator::StandingDown() {
+  if (!stand_down_) return std::string();
+  ASSIGN_OR_RETURN(std::string why, stand_down_());
   std::lock_guard lock(mu_);
   if (!why.empty()) {
     if (status_.state != VolumeState::kStandby) {
@@ -96,7 +96,7 @@ StatusOr<bool> SourceReplicator::StandingDown() {
     }
     status_.state = VolumeState::kStandby;
     status_.error.clear();
-    return true;
+    return why;
   }
   if (status_.state == VolumeState::kStandby) {
     // Handed back: the other site's sink took snapshots of this image
@@ -106,7 +106,24 @@ StatusOr<bool> SourceReplicator::StandingDown() {
     snaps_known_ = false;
     status_.state = VolumeState::kIdle;
   }
-  return false;
+  return std::string();
+}
+
+StatusOr<ImageGate::Token> SourceReplicator::SnapshotPass() {
+  ImageGate::Token pass;
+  if (gate_) {
+    auto begun = gate_->BeginSnapshot(config_.pool, config_.image);
+    if (!begun.ok()) return begun.status().Annotate(fmt::format("volume {}", config_.id));
+    pass = std::move(begun).value();
+  }
+  // Asked with the pass held: a sink here that takes the image from now
+  // on finds the snapshot in its listing, or this finds the sink's claim.
+  ASSIGN_OR_RETURN(const std::string why, StandingDown());
+  if (!why.empty()) {
+    return FailedPrecondition(fmt::format("volume {}: no snapshot of {}/{} is taken from here: {}",
+                                          config_.id, config_.pool, config_.image, why));
+  }
+  return pass;
 }
 
 void SourceReplicator::ShipInstant(uint64_t seq) {
@@ -118,8 +135,8 @@ void SourceReplicator::ShipInstant(uint64_t seq) {
 StatusOr<uint64_t> SourceReplicator::RequestNow() {
   // A group member's points are the group's instants.
   if (member()) return group_.request_now();
-  ASSIGN_OR_RETURN(const bool standing_down, StandingDown());
-  if (standing_down) {
+  ASSIGN_OR_RETURN(const std::string standing_down, StandingDown());
+  if (!standing_down.empty()) {
     return FailedPrecondition(fmt::format(
         "volume {}: {}/{} is the standby of the volume's primary at another site (failed over); "
         "fail back there (`cairn failback {}`) before it replicates from here",
@@ -334,9 +351,9 @@ void SourceReplicator::Loop() {
       // this image (failed over there, replicating back here).
       lock.unlock();
       auto standing_down = StandingDown();
-      if (!standing_down.ok() || *standing_down) Disconnect();
+      if (!standing_down.ok() || !standing_down->empty()) Disconnect();
       lock.lock();
-      if (!standing_down.ok() || *standing_down) {
+      if (!standing_down.ok() || !standing_down->empty()) {
         if (!standing_down.ok()) {
           status_.error = standing_down.status()
                               .Annotate("cannot tell whether this image is another site's standby")

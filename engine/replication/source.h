@@ -43,6 +43,7 @@
 #include "engine/epoch/block_digests.h"
 #include "engine/epoch/epoch.h"
 #include "engine/link/link.h"
+#include "engine/replication/image_gate.h"
 #include "engine/replication/replication.h"
 #include "engine/replication/volume_config.h"
 #include "engine/volume/volume.h"
@@ -86,6 +87,14 @@ class SourceReplicator {
   // Before Start.
   using StandDownFn = std::function<StatusOr<std::string>()>;
   void set_stand_down(StandDownFn fn) { stand_down_ = std::move(fn); }
+  // This process's sink, which takes the image when it becomes another
+  // site's standby (image_gate.h). None: no sink here. Before Start.
+  void set_image_gate(std::shared_ptr<ImageGate> gate) { gate_ = std::move(gate); }
+  // Before any snapshot of the image, by this replicator or its group:
+  // a pass to hold until the snapshot is taken, or FailedPrecondition
+  // (nothing is taken) while another site's sink writes the image or
+  // this site's sink is taking it. Asks stand_down_ (a catalog read).
+  StatusOr<ImageGate::Token> SnapshotPass();
 
   // A member of a consistency group (GroupSource, group_source.h): the
   // group takes this image's snapshots, all members at one instant, and
@@ -163,8 +172,9 @@ class SourceReplicator {
 
  private:
   Status Connect();
-  // stand_down_ asked, the state set to match: true while standing by.
-  StatusOr<bool> StandingDown();
+  // stand_down_ asked, the state set to match: why it stands by, or ""
+  // if it does not.
+  StatusOr<std::string> StandingDown();
   // What a sink's HelloReply says.
   struct SinkHello {
     std::string site;
@@ -334,6 +344,7 @@ class SourceReplicator {
   std::shared_ptr<MemoryBudget> budget_;
   BasePointFn base_point_;
   StandDownFn stand_down_;
+  std::shared_ptr<ImageGate> gate_;
   GroupMembership group_;
   std::atomic<uint64_t> epoch_sent_bytes_{0};  // of the epoch being sent (Report)
   int64_t sink_point_time_ns_ = 0;             // when the sink's newest point's snapshot was taken

@@ -28,6 +28,7 @@ StatusOr<SnapInfo> SourceReplicator::SnapshotToShip(const std::map<uint64_t, Sna
     return pending->second;
   }
   const uint64_t seq = std::max(sink_seq_, ours.empty() ? 0 : ours.rbegin()->first) + 1;
+  ASSIGN_OR_RETURN(const ImageGate::Token pass, SnapshotPass());
   ReserveSnap(seq);
   // The next snapshot is due an interval after this one is begun (not
   // after the connect and the plan that came before it).
@@ -492,6 +493,8 @@ void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take
   }
   out->taken_at = clock_->Now();
   const std::string next = SnapName(seq + 1);
+  auto pass = SnapshotPass();
+  if (!pass.ok()) return;  // the next epoch says why
   ReserveSnap(seq + 1);
   Status st = head.ok() ? (*head)->CreateSnap(next) : head.status();
   out->snap_secs = clock_->SecondsSince(out->taken_at);
@@ -506,6 +509,11 @@ void SourceReplicator::TakeAhead(uint64_t seq, const SnapInfo& to, bool may_take
 }
 
 void SourceReplicator::TakeOutageSnapshot() {
+  auto pass = SnapshotPass();
+  if (!pass.ok()) {
+    spdlog::warn("{}", pass.status().ToString());
+    return;
+  }
   auto vol = pool_->Open(config_.image);
   if (!vol.ok()) {
     spdlog::warn("volume {}: no snapshot while replication is down: {}", config_.id,

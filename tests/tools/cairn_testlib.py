@@ -278,6 +278,12 @@ class Cairnd:
     def cli(self, *args, check=False, timeout=600):
         r = subprocess.run([CAIRN, "--socket", self.socket, *args], capture_output=True,
                            text=True, timeout=timeout)
+        if r.returncode != 0 and self.proc is not None and self.proc.poll() is not None:
+            # Died under the test (not stopped by it): say how, whatever
+            # the caller expected of the command.
+            raise RuntimeError(f"cairnd {self.name} died (exit {self.proc.returncode}) before "
+                               f"`cairn {' '.join(args)}`\n--- {self.name} log ---\n"
+                               f"{self.log_tail(80)}")
         if check and r.returncode != 0:
             raise RuntimeError(f"cairn {' '.join(args)} exited {r.returncode}: {r.stderr}"
                                f"{r.stdout}"

@@ -42,8 +42,10 @@ struct Site {
     env.open_catalog = [c = catalog](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
       return std::shared_ptr<KvStore>(c);
     };
+    env.gate = gate;
     sink = std::make_unique<Sink>(env);
   }
+  std::shared_ptr<ImageGate> gate = std::make_shared<ImageGate>();
   std::shared_ptr<MemoryPool> pool;
   std::shared_ptr<MemoryKvStore> catalog;
   std::unique_ptr<Sink> sink;
@@ -111,6 +113,25 @@ class FailbackTest : public ::testing::Test {
 
   // B's source for the promoted image, as cairnd makes it: its base point
   // is the one it was promoted from.
+  // Site A's image "img", the one member of its RBD group "app", and its
+  // replicator to B.
+  std::shared_ptr<SourceReplicator> GroupMemberAtA() {
+    EXPECT_TRUE(a_->pool->Create("img", kSize).ok());
+    EXPECT_TRUE(a_->pool->CreateGroup("app").ok());
+    EXPECT_TRUE(a_->pool->AddToGroup("app", "img").ok());
+    VolumeConfig c = Config("img", "img-standby");
+    c.group = "app";
+    return std::make_shared<SourceReplicator>(c, "a", a_->pool, ConnectTo(*b_));
+  }
+
+  // As cairnd's: A's source stands by while A's sink owns its image.
+  SourceReplicator::StandDownFn StandDownAtA() {
+    return [this]() -> StatusOr<std::string> {
+      ASSIGN_OR_RETURN(std::string owner, Catalog(*a_->catalog).ImageOwner("rbd", "img"));
+      return owner.empty() ? std::string() : "the standby of " + owner;
+    };
+  }
+
   std::unique_ptr<SourceReplicator> Reverse() {
     auto rep =
         std::make_unique<SourceReplicator>(Config("img-p", "img"), "b", b_->pool, ConnectTo(*a_));
@@ -305,13 +326,8 @@ TEST_F(FailbackTest, AGroupMembersShareOfThePointIsAdoptedWithoutAnOperator) {
     sessions_.clear();
     a_ = std::make_unique<Site>("a", dir_ / (a_writes ? "a1" : "a2"));
     b_ = std::make_unique<Site>("b", dir_ / (a_writes ? "b1" : "b2"));
-    ASSERT_TRUE(a_->pool->Create("img", kSize).ok());
-    ASSERT_TRUE(a_->pool->CreateGroup("app").ok());
-    ASSERT_TRUE(a_->pool->AddToGroup("app", "img").ok());
+    auto member = GroupMemberAtA();
     auto img = testing::MustOpen(*a_->pool, "img");
-    VolumeConfig c = Config("img", "img-standby");
-    c.group = "app";
-    auto member = std::make_shared<SourceReplicator>(c, "a", a_->pool, ConnectTo(*b_));
     {
       GroupSource group("app", a_->pool, std::chrono::milliseconds(0), {member});
       member->Start();
@@ -364,6 +380,49 @@ TEST_F(FailbackTest, AGroupMembersShareOfThePointIsAdoptedWithoutAnOperator) {
   }
 }
 
+// Site A's group goes on until it learns that B failed over. Once A's
+// sink took the image back, the group takes no instant of it: a cairn.<N>
+// of the group's would be taken by the sink for its point N (a snapshot
+// from before B's epoch N was written), or be removed, the sink's with
+// it, when the instant fails.
+TEST_F(FailbackTest, AGroupAtTheOldPrimaryTakesNoInstantOfAnImageTakenBack) {
+  auto member = GroupMemberAtA();
+  auto img = testing::MustOpen(*a_->pool, "img");
+  member->set_stand_down(StandDownAtA());
+  member->set_image_gate(a_->gate);
+  GroupSource group("app", a_->pool, std::chrono::milliseconds(0), {member});
+  for (uint64_t seq = 1; seq <= 2; ++seq) {
+    testing::RandomChanges(*img, rng_, kSize, 8);
+    ASSERT_TRUE(group.TakeInstant().ok());
+    auto sum = member->RunOnce();
+    ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+    ASSERT_EQ(sum->id.seq, seq);
+  }
+  member->Disconnect();
+  ASSERT_TRUE(b_->sink->Promote("vol1", 0, "", "img-p").ok());
+  auto p = testing::MustOpen(*b_->pool, "img-p");
+  auto rep = Reverse();
+  for (uint64_t seq = 3; seq <= 4; ++seq) {
+    testing::Write(*p, seq * 65536, testing::RandomBytes(rng_, 65536));
+    auto sum = rep->RunOnce();
+    ASSERT_TRUE(sum.ok()) << sum.status().ToString();
+    ASSERT_EQ(sum->id.seq, seq);
+    const std::vector<std::string> before = SnapNames(*img);
+    auto refused = group.TakeInstant();
+    ASSERT_FALSE(refused.ok()) << "group instant " << *refused << " of an image taken back";
+    EXPECT_EQ(refused.status().code(), Code::kFailedPrecondition);
+    EXPECT_THAT(refused.status().message(),
+                HasSubstr("no snapshot of rbd/img is taken from here: the standby of vol1"));
+    EXPECT_EQ(SnapNames(*img), before);
+    EXPECT_EQ(member->Report().state, VolumeState::kStandby);
+  }
+  rep->Disconnect();
+  for (const std::string snap : {"cairn.3", "cairn.4"}) {
+    EXPECT_EQ(testing::ImageHash(*img, snap, kSize), testing::ImageHash(*p, snap, kSize)) << snap;
+  }
+  EXPECT_EQ(a_->sink->Points("vol1").value().back().epoch.seq, 4u);
+}
+
 TEST_F(FailbackTest, APlannedFailbackHandsTheImageBackAndResumesAsADeltaBothWays) {
   FailOverWithWritesOnBothSides(/*a_writes=*/false);
   auto p = testing::MustOpen(*b_->pool, "img-p");
@@ -378,10 +437,7 @@ TEST_F(FailbackTest, APlannedFailbackHandsTheImageBackAndResumesAsADeltaBothWays
 
   // Site A's own source stands by while A's sink owns its image.
   SourceReplicator home(Config("img", "img-standby"), "a", a_->pool, ConnectTo(*b_));
-  home.set_stand_down([this]() -> StatusOr<std::string> {
-    ASSIGN_OR_RETURN(std::string owner, Catalog(*a_->catalog).ImageOwner("rbd", "img"));
-    return owner.empty() ? std::string() : "the standby of " + owner;
-  });
+  home.set_stand_down(StandDownAtA());
   auto refused = home.RequestNow();
   ASSERT_FALSE(refused.ok());
   EXPECT_THAT(refused.status().message(), HasSubstr("cairn failback vol1"));
