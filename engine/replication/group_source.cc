@@ -188,12 +188,19 @@ StatusOr<uint64_t> GroupSource::TakeInstant() {
   std::lock_guard one(instant_mu_);
   RETURN_IF_ERROR(CheckMembers());
   // No instant while a sink (another site's, or this one's taking it)
-  // writes any member: the group stands by with it.
+  // writes any member: the group stands by with it. Every member is
+  // asked, so that each one's state says whether it stands by.
   std::vector<ImageGate::Token> passes;
+  Status refused;
   for (const auto& m : members_) {
-    ASSIGN_OR_RETURN(ImageGate::Token pass, m->SnapshotPass());
-    passes.push_back(std::move(pass));
+    auto pass = m->SnapshotPass();
+    if (pass.ok()) {
+      passes.push_back(std::move(pass).value());
+    } else if (refused.ok()) {
+      refused = pass.status();
+    }
   }
+  RETURN_IF_ERROR(refused);
   std::vector<std::vector<SnapInfo>> listed;
   ASSIGN_OR_RETURN(const uint64_t seq, NextSeq(&listed));
   {

@@ -100,10 +100,12 @@ def daemons(name):  # needs `name` so that daemons stop before its images go
 def name(request, site_a, site_b):
     """A name unique to this test run, for images and volume ids. Every
     image whose name starts with it is removed from both sites afterwards
-    (after the daemons stopped), so the memstores do not fill up."""
+    (after the daemons stopped), so the memstores do not fill up, and so
+    is every registration of a volume named so."""
     n = f"{request.node.name[5:29]}-{os.getpid()}".replace("[", "-").replace("]", "")
     yield n
     for site in (site_a, site_b):
+        site.forget_registrations(n)
         site.remove_all(n)
 
 

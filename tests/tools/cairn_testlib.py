@@ -167,6 +167,22 @@ class Site:
         if left:
             raise RuntimeError(f"images not removed: {left}")
 
+    def forget_registrations(self, prefix):
+        """Drops the entries of volumes named prefix* from cairnd's registry
+        (cairn.registry) in this pool: a test's cairnd stopped with them
+        registered, and the next test's cairnd would start them."""
+        with rados.ReadOpCtx() as op:
+            keys, _ = self.ioctx.get_omap_vals(op, "", "volume/" + prefix, 10000)
+            try:
+                self.ioctx.operate_read_op(op, "cairn.registry")
+            except rados.ObjectNotFound:
+                return
+            mine = [k for k, _ in keys if k.startswith("volume/" + prefix)]
+        if mine:
+            with rados.WriteOpCtx() as op:
+                self.ioctx.remove_omap_keys(op, tuple(mine))
+                self.ioctx.operate_write_op(op, "cairn.registry")
+
     def images(self):
         return rbd.RBD().list(self.ioctx)
 
