@@ -184,9 +184,7 @@ StatusOr<uint64_t> GroupSource::NextSeq(std::vector<std::vector<SnapInfo>>* list
   return seq + 1;
 }
 
-StatusOr<uint64_t> GroupSource::TakeInstant() {
-  std::lock_guard one(instant_mu_);
-  RETURN_IF_ERROR(CheckMembers());
+StatusOr<std::vector<ImageGate::Token>> GroupSource::MemberPasses() {
   // No instant while a sink (another site's, or this one's taking it)
   // writes any member: the group stands by with it. Every member is
   // asked, so that each one's state says whether it stands by.
@@ -201,6 +199,13 @@ StatusOr<uint64_t> GroupSource::TakeInstant() {
     }
   }
   RETURN_IF_ERROR(refused);
+  return passes;
+}
+
+StatusOr<uint64_t> GroupSource::TakeInstant() {
+  std::lock_guard one(instant_mu_);
+  RETURN_IF_ERROR(CheckMembers());
+  ASSIGN_OR_RETURN(const std::vector<ImageGate::Token> passes, MemberPasses());
   std::vector<std::vector<SnapInfo>> listed;
   ASSIGN_OR_RETURN(const uint64_t seq, NextSeq(&listed));
   {

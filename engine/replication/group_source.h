@@ -78,6 +78,9 @@ class GroupSource {
   StatusOr<uint64_t> NextSeq(std::vector<std::vector<SnapInfo>>* listed);
   // The members' images must be the store's group, no more, no less.
   Status CheckMembers();
+  // Every member's SnapshotPass, held while the instant is taken; the
+  // first refusal if any member may not be snapshotted.
+  StatusOr<std::vector<ImageGate::Token>> MemberPasses();
   // Removes group snapshots that no member still has the cairn.<N> of
   // (the members prune those as their points are made).
   void PruneGroupSnaps(const std::vector<std::vector<SnapInfo>>& listed);
