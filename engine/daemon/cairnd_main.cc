@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "engine/daemon/daemon.h"
+#include "engine/format/payload_cache.h"
 
 namespace {
 
@@ -50,7 +51,9 @@ void TuneProcess() {
   // raises its mmap threshold after the first large free, and from then on
   // serves the frame and window buffers (MiBs each) from per-thread arenas
   // that keep what they once held: with a thousand volumes, GiBs of RSS
-  // for buffers long freed.
+  // for buffers long freed. Frame payloads of those sizes are kept for
+  // the next frame by the PayloadCache instead (bounded, trimmed when
+  // idle): a fresh mapping costs a page fault per 4 KiB.
   mallopt(M_MMAP_THRESHOLD, 256 * 1024);
   mallopt(M_ARENA_MAX, 4);
 
@@ -135,7 +138,10 @@ int WaitForStop(const sigset_t& stop_signals) {
   const timespec trim_every{10, 0};
   while (sig < 0) {
     sig = sigtimedwait(&stop_signals, nullptr, &trim_every);
-    if (sig < 0) malloc_trim(0);
+    if (sig < 0) {
+      cairn::payload_cache::TrimIdle();  // before the heap's, which it adds to
+      malloc_trim(0);
+    }
   }
   return sig;
 }

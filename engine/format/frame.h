@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "engine/base/status.h"
+#include "engine/format/payload_cache.h"
 
 namespace cairn {
 
@@ -65,15 +66,29 @@ struct FrameHeader {
   uint64_t body_xxh3;
 };
 
-// An allocator that leaves new elements default-initialized: a vector of
-// char then grows without zeroing what is about to be overwritten (a
-// payload read into, up to 8 MiB a frame).
+// The allocator of payloads: new elements are left default-initialized
+// (a vector of char then grows without zeroing what is about to be
+// overwritten, up to 8 MiB a frame), and large buffers come from and go
+// back to the PayloadCache (payload_cache.h) rather than the system.
 template <typename T>
-struct DefaultInitAllocator : std::allocator<T> {
+struct PayloadAllocator {
   using value_type = T;
-  DefaultInitAllocator() noexcept = default;
+  PayloadAllocator() noexcept = default;
   template <typename U>
-  DefaultInitAllocator(const DefaultInitAllocator<U>&) noexcept {}
+  PayloadAllocator(const PayloadAllocator<U>&) noexcept {}
+  T* allocate(size_t n) {
+    const size_t bytes = n * sizeof(T);
+    if (bytes >= payload_cache::kMinBytes) return static_cast<T*>(payload_cache::Take(bytes));
+    return std::allocator<T>().allocate(n);
+  }
+  void deallocate(T* p, size_t n) noexcept {
+    const size_t bytes = n * sizeof(T);
+    if (bytes >= payload_cache::kMinBytes) {
+      payload_cache::Give(p, bytes);
+      return;
+    }
+    std::allocator<T>().deallocate(p, n);
+  }
   template <typename U>
   void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
     ::new (static_cast<void*>(p)) U;
@@ -82,10 +97,14 @@ struct DefaultInitAllocator : std::allocator<T> {
   void construct(U* p, Args&&... args) {
     ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
   }
+  template <typename U>
+  bool operator==(const PayloadAllocator<U>&) const noexcept {
+    return true;
+  }
 };
 
 // A frame's payload bytes.
-using Payload = std::vector<char, DefaultInitAllocator<char>>;
+using Payload = std::vector<char, PayloadAllocator<char>>;
 
 // A decoded frame that owns its bytes. The body is verified against
 // body_xxh3; the payload is NOT verified here (its hash is in the body).
