@@ -47,14 +47,18 @@ std::optional<Args> ParseArgs(int argc, char** argv, int* code) {
 }
 
 void TuneProcess() {
-  // Memory goes back to the system when an epoch ends. glibc otherwise
-  // raises its mmap threshold after the first large free, and from then on
-  // serves the frame and window buffers (MiBs each) from per-thread arenas
-  // that keep what they once held: with a thousand volumes, GiBs of RSS
-  // for buffers long freed. Frame payloads of those sizes are kept for
-  // the next frame by the PayloadCache instead (bounded, trimmed when
-  // idle): a fresh mapping costs a page fault per 4 KiB.
+  // Memory goes back to the system when an epoch ends: glibc maps every
+  // buffer of 256 KiB or more on its own. It otherwise raises its mmap
+  // threshold after the first large free and serves the frame and read
+  // buffers (MiBs each) from its arenas, which hold what they once held
+  // until a trim: a thousand volumes syncing at once then peaked at 670
+  // MiB at the sink instead of 200 (bench/many_volumes.py). The price is
+  // a zeroed page fault per 4 KiB of each new buffer (docs/PERFORMANCE.md,
+  // "Where each CPU second goes"): frame payloads are kept for the next
+  // frame by the PayloadCache (bounded, emptied when idle) to spare it.
   mallopt(M_MMAP_THRESHOLD, 256 * 1024);
+  // Few arenas: each holds its freed pieces until the trim, and one per
+  // thread (a thousand volumes) would hold GiBs.
   mallopt(M_ARENA_MAX, 4);
 
   // Every volume holds a socket (and a sink one per source volume): the

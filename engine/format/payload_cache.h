@@ -1,15 +1,15 @@
 // PayloadCache: the large buffers of frame payloads, kept for the next
-// frame instead of going back to the system.
+// frame instead of going back to malloc.
 //
-// cairnd has glibc map every allocation of 256 KiB or more on its own
-// (M_MMAP_THRESHOLD, so that memory goes back when an epoch ends). A
-// fresh frame payload of 4 MiB then costs an mmap, a page fault and a
-// zeroed page per 4 KiB, and an munmap: at the sink every data record
-// took two (received, then read back from the spool), about as much CPU
-// as the copies themselves. The cache keeps freed payload buffers of
-// those sizes for the next frame, at most kMaxBytes in all, and gives
-// them back to the system once a trim finds them unused since the last
-// one (cairnd trims every few seconds while it waits for a signal).
+// A payload of 4 MiB that malloc takes from the system (a new mapping, or
+// heap pages it trimmed) costs a zeroed page fault per 4 KiB inside the
+// copy that first touches it, and its free may hand the pages back again:
+// at the sink every data record took two such buffers (received, then
+// read back from the spool), as much CPU as the copies themselves
+// (docs/PERFORMANCE.md, "Where each CPU second goes"). The cache keeps
+// freed payload buffers of 256 KiB or more, at most kMaxBytes in all,
+// and gives them back once a trim finds them unused since the last one
+// (cairnd trims every few seconds while it waits for a signal).
 //
 // Thread-safe: one mutex, taken once per large buffer.
 #ifndef CAIRN_ENGINE_FORMAT_PAYLOAD_CACHE_H_
@@ -22,8 +22,9 @@ namespace cairn::payload_cache {
 
 // Buffers below this size come from malloc as usual.
 inline constexpr size_t kMinBytes = 256 * 1024;
-// What the cache holds at most, all sizes together.
-inline constexpr size_t kMaxBytes = 64ull << 20;
+// What the cache holds at most, all sizes together: a few 4 MiB payloads,
+// what one stream of frames needs (the memory budget bounds those in use).
+inline constexpr size_t kMaxBytes = 16ull << 20;
 
 // A buffer of at least `n` bytes (n >= kMinBytes): a cached one of the
 // same size class if any, else a new one. Throws std::bad_alloc as new.
