@@ -29,6 +29,7 @@
 #include "engine/replication/source.h"
 #include "engine/spool/file_spool_store.h"
 #include "engine/volume/memory_volume.h"
+#include "tests/unit/replication/sim_util.h"
 #include "tests/unit/test_util.h"
 
 namespace cairn {
@@ -195,20 +196,8 @@ class TwoSites {
 
   void NewSink(Site& s) {
     JoinSessions();
-    SinkEnv env;
-    env.site = s.name;
-    env.spools = std::make_shared<FileSpoolStore>(dir_ / s.name);
-    env.pools = {"rbd"};
-    env.open_pool = [p = s.pool](const std::string&) -> StatusOr<std::shared_ptr<Pool>> {
-      return std::shared_ptr<Pool>(p);
-    };
-    env.open_catalog = [kv = s.kv](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
-      return std::shared_ptr<KvStore>(kv);
-    };
-    env.apply.window = 4;
-    env.spool.buffer_bytes = 64 * kKiB;
-    env.timeouts = timeouts_;
-    s.sink = std::make_unique<Sink>(env);
+    s.sink =
+        std::make_unique<Sink>(sim::SinkEnvFor(s.name, dir_ / s.name, s.pool, s.kv, timeouts_));
   }
 
   std::unique_ptr<SourceReplicator> Source(const std::string& image, const std::string& target,
@@ -359,24 +348,12 @@ class TwoSites {
 TEST(Simulation, FailoverAndFailbackBothWaysLoseNothing) {
   const auto dir =
       std::filesystem::temp_directory_path() / ("cairn-swap-" + std::to_string(getpid()));
-  std::vector<uint64_t> seeds;
-  if (const char* one = std::getenv("CAIRN_SIM_SEED")) {
-    seeds.push_back(std::strtoull(one, nullptr, 10));
-  } else {
-    const char* n = std::getenv("CAIRN_SIM_SEEDS");
-    const uint64_t count = std::max<uint64_t>(1, (n ? std::strtoull(n, nullptr, 10) : 200) / 10);
-    for (uint64_t s = 1; s <= count; ++s) seeds.push_back(s);
-  }
-  for (uint64_t seed : seeds) {
+  const std::vector<uint64_t> seeds = sim::Seeds(10);
+  sim::RunSeeds(seeds, "Simulation.FailoverAndFailback*", [&](uint64_t seed) {
     TwoSites w(seed, dir / std::to_string(seed));
     w.Run();
-    if (::testing::Test::HasFailure()) {
-      ADD_FAILURE() << "seed " << seed << " failed: " << w.trace()
-                    << "\nreplay with: CAIRN_SIM_SEED=" << seed
-                    << " build/tests/unit_tests --gtest_filter=Simulation.FailoverAndFailback*";
-      break;
-    }
-  }
+    return w.trace();
+  });
   std::printf("[          ] role swaps: %zu schedules of failover, split brain and failback\n",
               seeds.size());
 }

@@ -24,6 +24,7 @@
 #include "engine/spool/file_spool_store.h"
 #include "engine/volume/fault_pool.h"
 #include "engine/volume/memory_volume.h"
+#include "tests/unit/replication/sim_util.h"
 #include "tests/unit/test_util.h"
 
 namespace cairn {
@@ -73,7 +74,7 @@ struct Counters {
 class World {
  public:
   World(uint64_t seed, const std::filesystem::path& dir)
-      : seed_(seed), rng_(seed), spool_(dir / std::to_string(seed)) {
+      : rng_(seed), spool_(dir / std::to_string(seed)) {
     a_ = std::make_shared<MemoryPool>("rbd", MemoryPoolOptions{4096, Clock()});
     b_ = std::make_shared<MemoryPool>("rbd", MemoryPoolOptions{4096, Clock()});
     fault_a_ = std::make_shared<FaultPool>(*a_);
@@ -94,20 +95,7 @@ class World {
 
   void NewSink(LinkTimeouts t) {
     JoinSessions();
-    SinkEnv env;
-    env.site = "b";
-    env.spools = std::make_shared<FileSpoolStore>(spool_);
-    env.pools = {"rbd"};
-    env.open_pool = [this](const std::string&) -> StatusOr<std::shared_ptr<Pool>> {
-      return std::shared_ptr<Pool>(fault_b_);
-    };
-    env.open_catalog = [this](const std::string&) -> StatusOr<std::shared_ptr<KvStore>> {
-      return std::shared_ptr<KvStore>(kv_);
-    };
-    env.apply.window = 4;
-    env.spool.buffer_bytes = 64 * kKiB;
-    env.timeouts = t;
-    sink_ = std::make_unique<Sink>(env);
+    sink_ = std::make_unique<Sink>(sim::SinkEnvFor("b", spool_, fault_b_, kv_, t));
   }
 
   std::unique_ptr<SourceReplicator> NewSource(LinkTimeouts t) {
@@ -134,45 +122,38 @@ class World {
         t);
   }
 
-  // A hook that applies `what` to the n-th frame it sees.
-  WireFaultFn AtFrame(int n, std::function<WireFault(std::string&)> what) {
-    auto count = std::make_shared<int>(0);
-    return [count, n, what](std::string& bytes) {
-      return (*count)++ == n ? what(bytes) : WireFault::kDeliver;
-    };
-  }
-
   void Arm(Fault f) {
     const int n = static_cast<int>(rng_() % 12);
     const uint64_t r = rng_();
     switch (f) {
       case Fault::kFlipBit:
-        to_sink_ = AtFrame(n, [r](std::string& b) {
+        to_sink_ = sim::AtFrame(n, [r](std::string& b) {
           b[r % b.size()] ^= static_cast<char>(1 << (r >> 32) % 8);
           return WireFault::kDeliver;
         });
         break;
       case Fault::kDropFrame:
-        to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kDrop; });
+        to_sink_ = sim::AtFrame(n, [](std::string&) { return WireFault::kDrop; });
         break;
       case Fault::kDuplicateFrame:
-        to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kDuplicate; });
+        to_sink_ = sim::AtFrame(n, [](std::string&) { return WireFault::kDuplicate; });
         break;
       case Fault::kCutToSink:
-        to_sink_ = AtFrame(n, [](std::string&) { return WireFault::kCut; });
+        to_sink_ = sim::AtFrame(n, [](std::string&) { return WireFault::kCut; });
         break;
       case Fault::kCutToSource:
-        to_source_ = AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kCut; });
+        to_source_ =
+            sim::AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kCut; });
         break;
       case Fault::kDropAck:
         to_source_ =
-            AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kDrop; });
+            sim::AtFrame(static_cast<int>(r % 3), [](std::string&) { return WireFault::kDrop; });
         break;
       case Fault::kSourceReadError:
-        FailOnce(*fault_a_, VolumeOp::kRead, n);
+        sim::FailOnce(*fault_a_, VolumeOp::kRead, n);
         break;
       case Fault::kStandbyWriteError:
-        FailOnce(*fault_b_, VolumeOp::kWrite, n);
+        sim::FailOnce(*fault_b_, VolumeOp::kWrite, n);
         break;
       case Fault::kSnapshotGoneMidRead:
         RemoveSnapAtRead(n);
@@ -180,14 +161,6 @@ class World {
       default:
         break;
     }
-  }
-
-  void FailOnce(FaultPool& pool, VolumeOp op, int n) {
-    auto count = std::make_shared<std::atomic<int>>(0);
-    pool.SetFault([count, op, n](const VolumeFaultPoint& p) {
-      if (p.op == op && (*count)++ == n) return Unavailable("injected I/O error");
-      return OkStatus();
-    });
   }
 
   // The snapshot the source reads is removed under it at its n-th read
@@ -208,16 +181,6 @@ class World {
     to_sink_ = to_source_ = nullptr;
     fault_a_->SetFault(nullptr);
     fault_b_->SetFault(nullptr);
-  }
-
-  // Lost unsynced writes or a torn write: cut a spool file short.
-  void TearSpool() {
-    std::error_code ec;
-    for (auto& e : std::filesystem::recursive_directory_iterator(spool_, ec)) {
-      if (e.path().extension() != ".spool") continue;
-      const auto size = std::filesystem::file_size(e.path(), ec);
-      if (size > 4096) std::filesystem::resize_file(e.path(), 4096 + rng_() % (size - 4096), ec);
-    }
   }
 
   void JoinSessions() {
@@ -241,7 +204,7 @@ class World {
         NewSink(timeouts_);
       }
       if (f == Fault::kSourceRestart) source = NewSource(timeouts_);
-      if (f == Fault::kTornSpool) TearSpool();
+      if (f == Fault::kTornSpool) sim::TearSpools(spool_, rng_);
       Arm(f);
       trace_ += std::string(FaultName(f)) + " ";
       if (!source->RunOnce().ok()) ++counters.epochs_failed;
@@ -295,7 +258,6 @@ class World {
   const std::string& trace() const { return trace_; }
 
  private:
-  uint64_t seed_;
   std::mt19937_64 rng_;
   std::filesystem::path spool_;
   std::atomic<int64_t> now_ns_{1'700'000'000'000'000'000};
@@ -310,34 +272,16 @@ class World {
   std::string trace_;
 };
 
-uint64_t EnvOr(const char* name, uint64_t def) {
-  const char* v = std::getenv(name);
-  return v ? std::strtoull(v, nullptr, 10) : def;
-}
-
 TEST(Simulation, SeededFaultSchedulesLoseNothing) {
   const auto dir =
       std::filesystem::temp_directory_path() / ("cairn-sim-" + std::to_string(getpid()));
-  std::vector<uint64_t> seeds;
-  if (const char* one = std::getenv("CAIRN_SIM_SEED")) {
-    seeds.push_back(std::strtoull(one, nullptr, 10));
-  } else {
-    const uint64_t n = EnvOr("CAIRN_SIM_SEEDS", 200);
-    const uint64_t base = EnvOr("CAIRN_SIM_BASE", 1);
-    for (uint64_t s = base; s < base + n; ++s) seeds.push_back(s);
-  }
   Counters c;
-  for (uint64_t seed : seeds) {
+  sim::RunSeeds(sim::Seeds(1), "Simulation.SeededFaultSchedules*", [&](uint64_t seed) {
     World w(seed, dir);
     w.Run(c);
     ++c.schedules;
-    if (::testing::Test::HasFailure()) {
-      ADD_FAILURE() << "seed " << seed << " failed; faults: " << w.trace()
-                    << "\nreplay with: CAIRN_SIM_SEED=" << seed
-                    << " build/tests/unit_tests --gtest_filter=Simulation.*";
-      break;
-    }
-  }
+    return w.trace();
+  });
   std::filesystem::remove_all(dir);
   std::printf(
       "[          ] simulation: %lu schedules, %lu faults injected, %lu epochs failed and "
@@ -345,12 +289,8 @@ TEST(Simulation, SeededFaultSchedulesLoseNothing) {
       static_cast<unsigned long>(c.schedules), static_cast<unsigned long>(c.faults),
       static_cast<unsigned long>(c.epochs_failed), static_cast<unsigned long>(c.points_verified),
       static_cast<unsigned long>(c.bytes_compared));
-  std::string kinds;
-  for (int k = 1; k < static_cast<int>(Fault::kCount); ++k) {
-    kinds += std::string(k > 1 ? ", " : "") + FaultName(static_cast<Fault>(k)) + " " +
-             std::to_string(c.by_kind[k]);
-  }
-  std::printf("[          ] faults by kind: %s\n", kinds.c_str());
+  std::printf("[          ] faults by kind: %s\n",
+              sim::KindCounts(c.by_kind, static_cast<int>(Fault::kCount), FaultName).c_str());
 }
 
 }  // namespace
