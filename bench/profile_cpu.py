@@ -11,7 +11,7 @@ kernel's TCP and system calls, librados/librbd, XXH3, protobuf, Cairn's
 own code. Every replica is compared with its source by a hash of the
 whole image.
 
-    bench/profile_cpu.py --testbed DIR [--out DIR] [--runs N]
+    bench/profile_cpu.py --testbed DIR [--out DIR] [--runs N] [--volume-option LINE]
 
 writes OUT/profile.json and OUT/profile.md (the table docs/PERFORMANCE.md
 quotes) and prints the table.
@@ -233,10 +233,15 @@ def main():
     ap.add_argument("--out", default="bench/results/profile")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--freq", type=int, default=1999, help="samples a second a thread")
+    ap.add_argument("--volume-option", action="append", default=[],
+                    help="a [volume] line for the source (e.g. 'block_size = 1M'); repeatable")
+    ap.add_argument("--sink-option", action="append", default=[],
+                    help="a [sink] line; repeatable")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     bench = compare.Bench(types.SimpleNamespace(
-        testbed=args.testbed, out=args.out, runs=args.runs, sink_option=[], volume_option=[]))
+        testbed=args.testbed, out=args.out, runs=args.runs, sink_option=args.sink_option,
+        volume_option=args.volume_option))
     bench.ensure_random_file()
     runs = []
     try:
