@@ -2,7 +2,6 @@
 //
 //   cairnd -c /etc/cairn/cairnd.conf [--check | --check-config]
 #include <execinfo.h>
-#include <malloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
 #include <systemd/sd-daemon.h>
@@ -47,20 +46,6 @@ std::optional<Args> ParseArgs(int argc, char** argv, int* code) {
 }
 
 void TuneProcess() {
-  // Memory goes back to the system when an epoch ends: glibc maps every
-  // buffer of 256 KiB or more on its own. It otherwise raises its mmap
-  // threshold after the first large free and serves the frame and read
-  // buffers (MiBs each) from its arenas, which hold what they once held
-  // until a trim: a thousand volumes syncing at once then peaked at 670
-  // MiB at the sink instead of 200 (bench/many_volumes.py). The price is
-  // a zeroed page fault per 4 KiB of each new buffer (docs/PERFORMANCE.md,
-  // "Where each CPU second goes"): frame payloads are kept for the next
-  // frame by the PayloadCache (bounded, emptied when idle) to spare it.
-  mallopt(M_MMAP_THRESHOLD, 256 * 1024);
-  // Few arenas: each holds its freed pieces until the trim, and one per
-  // thread (a thousand volumes) would hold GiBs.
-  mallopt(M_ARENA_MAX, 4);
-
   // Every volume holds a socket (and a sink one per source volume): the
   // soft limit on open files (often 1024) goes up to the hard one.
   if (rlimit files{}; getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
@@ -134,18 +119,14 @@ int RunCheck(cairn::Daemon& daemon, const std::string& config_path) {
 
 // Returns the first of `stop_signals` to arrive.
 int WaitForStop(const sigset_t& stop_signals) {
-  // While it waits, the main thread hands the heap's free pages back to
-  // the system every few seconds: after a burst of epochs the arenas hold
-  // many small pieces freed between live ones (half the RSS of an idle
-  // source with a thousand volumes), which malloc never returns by itself.
+  // While it waits, the main thread frees the payload buffers kept for
+  // the next frame once they stay unused (payload_cache.h); the allocator
+  // hands freed pages back by itself (malloc_conf.cc).
   int sig = -1;
   const timespec trim_every{10, 0};
   while (sig < 0) {
     sig = sigtimedwait(&stop_signals, nullptr, &trim_every);
-    if (sig < 0) {
-      cairn::payload_cache::TrimIdle();  // before the heap's, which it adds to
-      malloc_trim(0);
-    }
+    if (sig < 0) cairn::payload_cache::TrimIdle();
   }
   return sig;
 }
