@@ -24,6 +24,7 @@
 #include <filesystem>
 #include <optional>
 
+#include "engine/link/handshake_slots.h"
 #include "engine/link/tls_impl.h"
 
 namespace cairn {
@@ -475,6 +476,19 @@ StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t por
   // is destroyed, also when the handshake fails: a moved-from socket or
   // stream still refers to the context's services.
   std::unique_ptr<Link> kept;
+  const std::string peer = fmt::format("{}:{}", host, port);
+  // Held until the handshake ends (this function returns).
+  std::optional<HandshakeSlots::Slot> slot;
+  if (options.tls) {
+    slot.emplace(
+        HandshakeSlots::Get().Acquire(peer, options.max_handshakes_per_peer,
+                                      std::chrono::steady_clock::now() + options.connect_timeout));
+    if (!slot->held()) {
+      return Unavailable(fmt::format(
+          "{} TLS handshakes of this process with {} are in flight; none finished within {} ms",
+          options.max_handshakes_per_peer, peer, options.connect_timeout.count()));
+    }
+  }
   error_code ec;
   asio::ip::tcp::resolver resolver(*ctx);
   auto endpoints = resolver.resolve(host, std::to_string(port), ec);
@@ -486,7 +500,6 @@ StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t por
     result = e;
     done = true;
   });
-  const std::string peer = fmt::format("{}:{}", host, port);
   if (!RunFor(*ctx, &done, options.connect_timeout, [&] { sock.close(ec); })) {
     return Unavailable(
         fmt::format("connect to {} timed out after {} ms", peer, options.connect_timeout.count()));

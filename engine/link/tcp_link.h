@@ -33,6 +33,11 @@ struct LinkOptions {
   // ConnectTcp with TLS: the name the server's certificate must carry (a
   // DNS or IP subjectAltName); empty: the host connected to.
   std::string peer_name;
+  // ConnectTcp with TLS: how many connects of this process to one
+  // host:port may be before the end of their handshake at once (a sink
+  // takes 8 from one address, LinkServerLimits); the others wait for one
+  // to finish, within connect_timeout (handshake_slots.h). 0: no bound.
+  size_t max_handshakes_per_peer = 4;
 };
 
 // "host:port" -> (host, port). kInvalidArgument naming the text otherwise.

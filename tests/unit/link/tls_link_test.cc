@@ -2,14 +2,18 @@
 // LinkServer puts on peers before they authenticate, over loopback with
 // certificates made by deploy/cairn-certs. A peer that is not
 // authenticated never gets a frame read.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "engine/link/handshake_slots.h"
 #include "engine/link/link_server.h"
 #include "engine/link/tcp_link.h"
 #include "engine/link/tls.h"
@@ -211,6 +215,65 @@ TEST(LinkServerTest, FloodThatNeverHandshakesIsClosedAtAcceptAndServiceResumes) 
   EXPECT_EQ(*echoed, "after the flood");
   EXPECT_EQ(served, 1);
   server.Stop();
+}
+
+TEST(LinkServerTest, ManyLinksOpenedAtOnceWaitForAHandshakeSlotInsteadOfBeingRefused) {
+  auto listener = Listener::ListenTcp("127.0.0.1", 0, Tls("site-b"));
+  ASSERT_TRUE(listener.ok());
+  LinkServerLimits limits;
+  limits.max_handshakes_per_address = 4;
+  LinkServer server(
+      "test", std::move(*listener),
+      [](Link& l) {
+        auto f = l.Receive(10s);
+        if (f.ok()) (void)l.Send(FrameType::kHelloReply, f->body, {});
+      },
+      limits);
+  server.Start();
+  // A source starting 32 volumes at once, from one address.
+  LinkOptions o = Tls("site-a");
+  o.max_handshakes_per_peer = 2;
+  o.connect_timeout = 30s;
+  std::atomic<int> echoed{0};
+  std::vector<std::string> errors(32);
+  std::vector<std::thread> volumes;
+  for (int i = 0; i < 32; ++i) {
+    volumes.emplace_back([&, i] {
+      auto c = ConnectTcp("127.0.0.1", server.port(), o);
+      if (!c.ok()) {
+        errors[i] = c.status().ToString();
+        return;
+      }
+      auto sent = (*c)->Send(FrameType::kHello, std::to_string(i), {});
+      auto f = (*c)->Receive(10s);
+      if (sent.ok() && f.ok() && f->body == std::to_string(i)) ++echoed;
+    });
+  }
+  for (auto& t : volumes) t.join();
+  for (int i = 0; i < 32; ++i) EXPECT_EQ(errors[i], "") << "link " << i;
+  EXPECT_EQ(echoed, 32);
+  EXPECT_EQ(server.refused(), 0u) << "the server closed links over its handshake limit";
+  EXPECT_EQ(HandshakeSlots::Get().InFlight(fmt::format("127.0.0.1:{}", server.port())), 0u);
+  server.Stop();
+}
+
+TEST(HandshakeSlotsTest, ASlotIsWaitedForUntilTheDeadlineAndFreedWithItsHolder) {
+  HandshakeSlots& slots = HandshakeSlots::Get();
+  const auto soon = [] { return std::chrono::steady_clock::now() + 20ms; };
+  std::optional<HandshakeSlots::Slot> first(slots.Acquire("peer:1", 1, soon()));
+  ASSERT_TRUE(first->held());
+  EXPECT_FALSE(slots.Acquire("peer:1", 1, soon()).held()) << "a second slot of one";
+  EXPECT_TRUE(slots.Acquire("peer:2", 1, soon()).held()) << "another peer has slots of its own";
+  EXPECT_TRUE(slots.Acquire("peer:1", 0, soon()).held()) << "0: no bound";
+  EXPECT_EQ(slots.InFlight("peer:1"), 1u);
+  // A waiter gets the slot once its holder lets go.
+  bool got = false;
+  std::thread waiter(
+      [&] { got = slots.Acquire("peer:1", 1, std::chrono::steady_clock::now() + 10s).held(); });
+  first.reset();
+  waiter.join();
+  EXPECT_TRUE(got);
+  EXPECT_EQ(slots.InFlight("peer:1"), 0u);
 }
 
 }  // namespace
