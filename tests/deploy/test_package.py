@@ -41,7 +41,8 @@ def test_the_packages_hold_the_programs_the_unit_and_the_driver(packages):
               "/usr/share/doc/cairn/OPERATIONS.md"):
         assert f in files, f"{f} is not in the cairn package"
     depends = _field(packages["cairn"], "Depends")
-    for lib_pkg in ("librbd1", "librados2", "liburing2", "libxxhash0", "libsystemd0", "adduser"):
+    for lib_pkg in ("librbd1", "librados2", "liburing2", "libxxhash0", "libsystemd0", "libjemalloc2",
+                    "adduser"):
         assert lib_pkg in depends, f"cairn does not depend on {lib_pkg}: {depends}"
     driver = _contents(packages["python3-cairn-cinder"])
     assert "/usr/lib/python3/dist-packages/cairn_cinder/driver.py" in driver
