@@ -24,7 +24,9 @@
 namespace cairn {
 
 struct LinkOptions {
-  std::chrono::milliseconds connect_timeout{5000};  // TCP connect, then the TLS handshake
+  // Each of: the wait for a handshake slot (TLS), the TCP connect, the
+  // TLS handshake.
+  std::chrono::milliseconds connect_timeout{5000};
   std::chrono::milliseconds stall_timeout{60000};
   // Mutual TLS on TCP links (tls.h); null: plaintext. A Listener's links
   // finish their handshake in Link::Handshake, within handshake_timeout.

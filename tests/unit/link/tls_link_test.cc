@@ -230,9 +230,11 @@ TEST(LinkServerTest, ManyLinksOpenedAtOnceWaitForAHandshakeSlotInsteadOfBeingRef
       },
       limits);
   server.Start();
-  // A source starting 32 volumes at once, from one address.
+  // A source starting 32 volumes at once, from one address. Its bound is
+  // well under the server's: the server still counts a link whose client
+  // has finished until it has read the client's last handshake message.
   LinkOptions o = Tls("site-a");
-  o.max_handshakes_per_peer = 2;
+  o.max_handshakes_per_peer = 1;
   o.connect_timeout = 30s;
   std::atomic<int> echoed{0};
   std::vector<std::string> errors(32);
@@ -268,11 +270,16 @@ TEST(HandshakeSlotsTest, ASlotIsWaitedForUntilTheDeadlineAndFreedWithItsHolder) 
   EXPECT_EQ(slots.InFlight("peer:1"), 1u);
   // A waiter gets the slot once its holder lets go.
   bool got = false;
-  std::thread waiter(
-      [&] { got = slots.Acquire("peer:1", 1, std::chrono::steady_clock::now() + 10s).held(); });
+  std::chrono::steady_clock::duration waited{};
+  std::thread waiter([&] {
+    const auto t0 = std::chrono::steady_clock::now();
+    got = slots.Acquire("peer:1", 1, t0 + 10s).held();
+    waited = std::chrono::steady_clock::now() - t0;
+  });
   first.reset();
   waiter.join();
   EXPECT_TRUE(got);
+  EXPECT_LT(waited, 5s) << "the waiter was not woken when the slot was let go";
   EXPECT_EQ(slots.InFlight("peer:1"), 0u);
 }
 

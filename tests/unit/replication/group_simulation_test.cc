@@ -109,6 +109,7 @@ class GroupWorld {
   ~GroupWorld() {
     StopGroup();
     JoinSessions();
+    sink_.reset();  // before its spool files go
     std::filesystem::remove_all(spool_);
   }
 
@@ -357,6 +358,7 @@ class GroupWorld {
     SinkEnv env = sim::SinkEnvFor("b", spool_, fault_b_, kv_, t);
     env.retry_min = std::chrono::milliseconds(5);  // the sink's own apply retries
     env.retry_max = std::chrono::milliseconds(50);
+    sink_.reset();  // a crashed sink is gone before the next one starts
     sink_ = std::make_unique<Sink>(env);
   }
 

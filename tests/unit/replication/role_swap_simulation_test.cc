@@ -51,6 +51,8 @@ class TwoSites {
   }
   ~TwoSites() {
     JoinSessions();
+    a_.sink.reset();  // before their spool files go
+    b_.sink.reset();
     std::filesystem::remove_all(dir_);
   }
 
@@ -196,6 +198,7 @@ class TwoSites {
 
   void NewSink(Site& s) {
     JoinSessions();
+    s.sink.reset();  // a crashed sink is gone before the next one starts
     s.sink =
         std::make_unique<Sink>(sim::SinkEnvFor(s.name, dir_ / s.name, s.pool, s.kv, timeouts_));
   }

@@ -86,6 +86,7 @@ class World {
   }
   ~World() {
     JoinSessions();
+    sink_.reset();  // before its spool files go
     std::filesystem::remove_all(spool_);
   }
 
@@ -95,6 +96,7 @@ class World {
 
   void NewSink(LinkTimeouts t) {
     JoinSessions();
+    sink_.reset();  // a crashed sink is gone before the next one starts
     sink_ = std::make_unique<Sink>(sim::SinkEnvFor("b", spool_, fault_b_, kv_, t));
   }
 
