@@ -220,8 +220,7 @@ TEST(LinkServerTest, FloodThatNeverHandshakesIsClosedAtAcceptAndServiceResumes) 
 TEST(LinkServerTest, ManyLinksOpenedAtOnceWaitForAHandshakeSlotInsteadOfBeingRefused) {
   auto listener = Listener::ListenTcp("127.0.0.1", 0, Tls("site-b"));
   ASSERT_TRUE(listener.ok());
-  LinkServerLimits limits;
-  limits.max_handshakes_per_address = 4;
+  LinkServerLimits limits;  // 8 handshakes from one address
   LinkServer server(
       "test", std::move(*listener),
       [](Link& l) {
