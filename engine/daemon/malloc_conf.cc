@@ -17,7 +17,7 @@
 //   threads, and a cache each (or an arena per quarter core) held 518 MiB
 //   at the peak of bench/many_volumes.py, against 252 without.
 extern "C" {
-// NOLINTNEXTLINE: the name and type jemalloc looks for.
+// The name and type jemalloc looks for.
 const char* malloc_conf =
     "background_thread:true,dirty_decay_ms:250,muzzy_decay_ms:0,tcache:false,narenas:2";
 }

@@ -10,11 +10,11 @@ HandshakeSlots& HandshakeSlots::Get() {
 HandshakeSlots::Slot HandshakeSlots::Acquire(const std::string& peer, size_t max,
                                              std::chrono::steady_clock::time_point deadline) {
   std::unique_lock lock(mu_);
-  const auto free = [&] {
+  const auto has_room = [&] {
     auto it = in_flight_.find(peer);
     return max == 0 || it == in_flight_.end() || it->second < max;
   };
-  if (!cv_.wait_until(lock, deadline, free)) return Slot();
+  if (!cv_.wait_until(lock, deadline, has_room)) return Slot();
   ++in_flight_[peer];
   return Slot(this, peer);
 }
