@@ -13,7 +13,7 @@ PKGS=(
   librbd-dev librados-dev liburing-dev libxxhash-dev
   libboost1.81-dev libprotobuf-dev protobuf-compiler
   libcli11-dev libspdlog-dev libfmt-dev nlohmann-json3-dev libinih-dev libssl-dev libsystemd-dev
-  libjemalloc-dev
+  libjemalloc-dev liblz4-dev libzstd-dev
   # the Debian packages (cpack; dpkg-shlibdeps), the systemd unit's check,
   # and deploy/ansible (run and linted by tests/deploy)
   dpkg-dev systemd adduser ansible ansible-lint

@@ -230,6 +230,12 @@ Status ReadCairndSection(SectionReader& r, std::string_view origin, DaemonConfig
   RETURN_IF_ERROR(r.String("log_level", &cfg.log_level));
   RETURN_IF_ERROR(r.HostPort("metrics_listen", &cfg.metrics_host, &cfg.metrics_port));
   RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
+  if (r.Get("max_send_rate")) {  // 0: no cap; else at least a record a minute
+    RETURN_IF_ERROR(r.Size("max_send_rate", 0, uint64_t{1} << 40, &cfg.max_send_rate));
+    if (cfg.max_send_rate != 0 && cfg.max_send_rate < 64 * 1024) {
+      return r.Error("max_send_rate", "is bytes a second: at least 64K (or 0 for no cap)");
+    }
+  }
   static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
   if (!kLevels.count(cfg.log_level)) {
     return InvalidArgument(
@@ -307,6 +313,18 @@ Status ReadRetentionRules(SectionReader& r, std::optional<RetentionRules>* out) 
   return OkStatus();
 }
 
+// `compression = none | lz4 | zstd` (codec_link.h), if given.
+Status ReadCompression(SectionReader& r, Compression* out) {
+  auto e = r.Get("compression");
+  if (!e) return OkStatus();
+  std::optional<Compression> c = ParseCompression(e->value);
+  if (!c) {
+    return r.Error("compression", fmt::format("'{}' is not a codec (none, lz4 or zstd)", e->value));
+  }
+  *out = *c;
+  return OkStatus();
+}
+
 Status ReadSourceSection(SectionReader& r, DaemonConfig& cfg) {
   DaemonConfig::Source src;
   if (auto e = r.Get("pools")) {
@@ -324,6 +342,7 @@ Status ReadSourceSection(SectionReader& r, DaemonConfig& cfg) {
   RETURN_IF_ERROR(r.String("peer_name", &src.peer_name));
   RETURN_IF_ERROR(ReadRetentionRules(r, &src.retention));
   RETURN_IF_ERROR(ReadSnapshotTiers(r, &src.snapshot_tiers));
+  RETURN_IF_ERROR(ReadCompression(r, &src.compression));
   cfg.source = src;
   return OkStatus();
 }
@@ -358,6 +377,7 @@ StatusOr<VolumeConfig> ReadVolume(SectionReader& r, std::string_view origin,
         fmt::format("{}: [{}] block_size must be a multiple of 512", origin, name));
   }
   RETURN_IF_ERROR(r.Size32("window", 1, 256, &v.window));
+  RETURN_IF_ERROR(ReadCompression(r, &v.compression));
   RETURN_IF_ERROR(ReadRetentionRules(r, &v.retention));
   RETURN_IF_ERROR(ReadSnapshotTiers(r, &v.snapshot_tiers));
   RETURN_IF_ERROR(r.String("group", &v.group));

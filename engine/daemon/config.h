@@ -97,6 +97,9 @@ struct DaemonConfig {
   // (source read windows, sink apply windows and spool buffers): the
   // daemon's memory does not grow with the number of volumes syncing.
   uint64_t memory_budget = 128u << 20;
+  // Bytes a second that all links to sinks carry together (link/paced_link.h),
+  // compressed records as compressed; 0: no cap.
+  uint64_t max_send_rate = 0;
   CephConfig ceph;
   std::optional<SinkConfig> sink;
   // [source]: volumes registered at run time (the Cinder shim) in these
@@ -108,9 +111,10 @@ struct DaemonConfig {
     std::chrono::milliseconds interval{5000};
     uint32_t keep_snapshots = 0;
     uint32_t outage_snapshots = 1;
-    std::string peer_name;                      // see VolumeConfig::peer_name
-    std::optional<RetentionRules> retention;    // registered volumes' default
-    std::vector<RetentionTier> snapshot_tiers;  // as VolumeConfig's
+    std::string peer_name;                         // see VolumeConfig::peer_name
+    std::optional<RetentionRules> retention;       // registered volumes' default
+    std::vector<RetentionTier> snapshot_tiers;     // as VolumeConfig's
+    Compression compression = Compression::kNone;  // registered volumes'
   };
   std::optional<Source> source;
   std::vector<VolumeConfig> volumes;

@@ -41,6 +41,9 @@ StatusOr<std::unique_ptr<Daemon>> Daemon::Create(DaemonConfig config) {
   if (!cluster.ok()) return cluster.status().Annotate("connecting to the local Ceph cluster");
   d->cluster_ = *cluster;
   d->budget_ = std::make_shared<MemoryBudget>(d->config_.memory_budget);
+  if (d->config_.max_send_rate > 0) {
+    d->pacer_ = std::make_shared<Pacer>(d->config_.max_send_rate);
+  }
   if (d->config_.tls.insecure) {
     spdlog::error(
         "[tls] insecure = true: links between sites are plaintext; anyone who reaches them can "

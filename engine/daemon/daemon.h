@@ -30,6 +30,7 @@
 #include "engine/daemon/control.h"
 #include "engine/daemon/metrics_http.h"
 #include "engine/link/link_server.h"
+#include "engine/link/paced_link.h"
 #include "engine/replication/sink.h"
 #include "engine/replication/source.h"
 
@@ -205,6 +206,7 @@ class Daemon final : public ControlService {
   DaemonConfig config_;
   std::shared_ptr<RbdCluster> cluster_;
   std::shared_ptr<MemoryBudget> budget_;  // [cairnd] memory_budget
+  std::shared_ptr<Pacer> pacer_;          // [cairnd] max_send_rate; null: no cap
   // Between the sink and the sources: an image the sink takes in reverse
   // is snapshotted by no source meanwhile.
   std::shared_ptr<ImageGate> gate_ = std::make_shared<ImageGate>();

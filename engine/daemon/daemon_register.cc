@@ -29,7 +29,11 @@ StatusOr<std::shared_ptr<SourceReplicator>> Daemon::MakeSource(const VolumeConfi
   ASSIGN_OR_RETURN(auto pool, OpenPool(v.pool));
   const LinkOptions lo = LinkTo(v, std::chrono::seconds(120));
   auto src = std::make_shared<SourceReplicator>(
-      v, config_.site, pool, [v, lo]() { return ConnectTcp(v.peer_host, v.peer_port, lo); });
+      v, config_.site, pool, [v, lo, pacer = pacer_]() -> StatusOr<std::unique_ptr<Link>> {
+        ASSIGN_OR_RETURN(std::unique_ptr<Link> link, ConnectTcp(v.peer_host, v.peer_port, lo));
+        if (!pacer) return link;
+        return std::unique_ptr<Link>(std::make_unique<PacedLink>(std::move(link), pacer));
+      });
   src->set_memory_budget(budget_);
   src->set_base_point([this, v]() { return BasePointOf(v); });
   if (config_.sink && std::find(config_.sink->pools.begin(), config_.sink->pools.end(), v.pool) !=
@@ -56,6 +60,7 @@ VolumeConfig Daemon::RegisteredVolume(const Registration& r) const {
   v.keep_snapshots = src.keep_snapshots;
   v.snapshot_tiers = r.snapshot_tiers.empty() ? src.snapshot_tiers : r.snapshot_tiers;
   v.outage_snapshots = src.outage_snapshots;
+  v.compression = src.compression;
   v.group = r.group;
   v.retention = r.retention ? r.retention : src.retention;
   return v;

@@ -30,6 +30,8 @@ std::string_view FrameTypeName(FrameType t) {
       return "Record";
     case FrameType::kEpochEnd:
       return "EpochEnd";
+    case FrameType::kCompressedRecord:
+      return "CompressedRecord";
     case FrameType::kHello:
       return "Hello";
     case FrameType::kHelloReply:

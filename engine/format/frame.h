@@ -45,6 +45,9 @@ enum class FrameType : uint16_t {
   kEpochBegin = 1,
   kRecord = 2,
   kEpochEnd = 3,
+  // A kRecord whose payload is compressed (engine/link/codec_link.h); on the
+  // wire only, never in a spool.
+  kCompressedRecord = 4,
   kHello = 10,
   kHelloReply = 11,
   kEpochAck = 12,

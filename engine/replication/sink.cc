@@ -19,6 +19,7 @@
 #include <system_error>
 
 #include "engine/base/thread_stack.h"
+#include "engine/link/codec_link.h"
 #include "engine/replication/sink_target.h"
 #include "proto/cairn.pb.h"
 
@@ -440,6 +441,7 @@ Status Sink::Session(Link& link, Target& t) {
   reply.set_takes_unchanged(true);
   reply.set_serves_digests(true);
   reply.set_serves_verify(true);
+  reply.set_takes_compressed(true);
   ASSIGN_OR_RETURN(t.resync_base, HasResyncBase(t));
   reply.set_resync_base(t.resync_base);
   if (latest) reply.set_last_point_time_ns(latest->epoch.snap_time_ns);
@@ -450,7 +452,13 @@ Status Sink::Session(Link& link, Target& t) {
   RETURN_IF_ERROR(link.Send(FrameType::kHelloReply, reply.SerializeAsString(), {}));
   spdlog::info("volume {}: source {} connected; newest restore point {}", t.volume, link.peer(),
                t.last_seq);
+  return ServeEpochs(link, t);
+}
 
+Status Sink::ServeEpochs(Link& wire, Target& t) {
+  // Records may come compressed (codec_link.h): decoded here, so that the
+  // verifier, the spool and the apply see each as the source read it.
+  CodecLink link(wire, Compression::kNone);
   while (true) {
     // Most of a session's life is this wait: its deep stack goes back.
     ReleaseStackBelowHere();

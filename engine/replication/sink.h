@@ -314,6 +314,8 @@ class Sink {
   // image as of its time (status and lag; nothing else changes).
   void NoteUnchanged(const Target& t, const Frame& f, const std::string& peer);
   StatusOr<EpochSummary> ReceiveEpoch(Link& link, Target& t, Frame begin);
+  // A session's epochs after its HelloReply, until the link fails.
+  Status ServeEpochs(Link& wire, Target& t);
   // Makes durable epoch `seq` restore point `seq`: its records on the
   // standby image (already, if streamed; else replayed from the spool),
   // the snapshot, the catalog record; then the spool goes.

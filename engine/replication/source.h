@@ -187,6 +187,7 @@ class SourceReplicator {
     bool serves_digests = false;
     bool resync_base = false;
     bool serves_verify = false;
+    bool takes_compressed = false;
   };
   // Sends this volume's Hello on `link` and returns the sink's answer, or
   // why not (a refusal, or a peer that is not a Cairn sink: said so).

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "engine/epoch/block_digests.h"
+#include "engine/link/codec_link.h"
 #include "engine/replication/digest_link.h"
 #include "engine/replication/source.h"
 #include "proto/cairn.pb.h"
@@ -100,6 +101,7 @@ StatusOr<SourceReplicator::SinkHello> SourceReplicator::Handshake(Link& link, bo
   out.serves_digests = reply.serves_digests();
   out.resync_base = reply.resync_base();
   out.serves_verify = reply.serves_verify();
+  out.takes_compressed = reply.takes_compressed();
   return out;
 }
 
@@ -123,6 +125,16 @@ Status SourceReplicator::Connect() {
   sink_point_time_ns_ = reply.last_point_time_ns;
   sink_serves_digests_ = reply.serves_digests;
   sink_resync_base_ = reply.resync_base;
+  if (config_.compression != Compression::kNone) {
+    if (reply.takes_compressed) {
+      link = std::make_unique<CodecLink>(std::move(link), config_.compression);
+    } else {
+      spdlog::warn(
+          "volume {}: sink {} does not take compressed records: sending them as they "
+          "are (compression = {} needs a newer sink)",
+          config_.id, link->peer(), CompressionName(config_.compression));
+    }
+  }
   std::lock_guard lock(mu_);
   link_ = std::move(link);
   return OkStatus();

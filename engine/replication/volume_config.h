@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "engine/epoch/epoch.h"
+#include "engine/link/codec_link.h"
 #include "engine/replication/retention.h"
 
 namespace cairn {
@@ -41,6 +42,10 @@ struct VolumeConfig {
   // The source's read memory for an epoch: window x block_size (see
   // kDefaultReadWindow).
   uint32_t window = kDefaultReadWindow;
+  // How data records travel to a sink that takes them compressed
+  // (codec_link.h): for links between sites slower than the volume's
+  // share of a core.
+  Compression compression = Compression::kNone;
   // A member of this consistency group (the RBD group of `pool` at the
   // source, GroupSource): its points are the group's instants. "": none.
   std::string group;

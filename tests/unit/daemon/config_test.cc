@@ -308,4 +308,23 @@ TEST(Config, AVolumesOwnRetentionAndAGroupsMembersShareTheirs) {
               HasSubstr("[source] snapshot_retention: retention tier '1h' has no '*'"));
 }
 
+TEST(Config, CompressionAndTheSendCapAreOffUnlessSet) {
+  auto c = ParseConfig(kTls + "[volume v]\nimage = i\npeer = h:1\n" +
+                           "[volume w]\nimage = j\npeer = h:1\ncompression = zstd\n" +
+                           "[source]\npeer = h:1\ncompression = lz4\n",
+                       "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->volumes[0].compression, Compression::kNone);
+  EXPECT_EQ(c->volumes[1].compression, Compression::kZstd);
+  EXPECT_EQ(c->source->compression, Compression::kLz4);
+  c = ParseConfig(kTls + "[cairnd]\nmax_send_rate = 12M\n[volume v]\nimage = i\npeer = h:1\n",
+                  "f.conf");
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  EXPECT_EQ(c->max_send_rate, 12u << 20);
+  EXPECT_THAT(Error(kTls + "[cairnd]\nmax_send_rate = 1K\n[volume v]\nimage = i\npeer = h:1\n"),
+              HasSubstr("[cairnd] max_send_rate: is bytes a second: at least 64K"));
+  EXPECT_THAT(Error(kTls + "[volume v]\nimage = i\npeer = h:1\ncompression = gzip\n"),
+              HasSubstr("[volume v] compression: 'gzip' is not a codec (none, lz4 or zstd)"));
+}
+
 }  // namespace cairn

@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <filesystem>
 #include <functional>
@@ -33,7 +34,8 @@ class FlipNthPayload final : public Link {
  public:
   FlipNthPayload(std::unique_ptr<Link> inner, int n) : inner_(std::move(inner)), n_(n) {}
   Status Send(FrameType t, std::string_view body, std::span<const char> payload) override {
-    if (t == FrameType::kRecord && !payload.empty() && n_-- == 0) {
+    const bool data = t == FrameType::kRecord || t == FrameType::kCompressedRecord;
+    if (data && !payload.empty() && n_-- == 0) {
       std::vector<char> copy(payload.begin(), payload.end());
       copy[copy.size() / 2] ^= 0x04;
       return inner_->Send(t, body, copy);
@@ -103,6 +105,10 @@ class ReplicationTest : public ::testing::Test {
             if (type == FrameType::kEpochEnd && on_epoch_end_) on_epoch_end_();
             if (cut >= 0 && (*frames) == cut) return WireFault::kCut;
             if (type == FrameType::kRecord) ++*frames;
+            if (type == FrameType::kCompressedRecord) {
+              ++*frames;
+              ++compressed_frames_;
+            }
             return WireFault::kDeliver;
           });
       auto b = std::make_unique<FaultLink>(std::move(memory_b), [this](std::string& bytes) {
@@ -135,16 +141,17 @@ class ReplicationTest : public ::testing::Test {
 
   // Every point in the catalog equals, by content, the source snapshot
   // of the same seq; there are `expect` of them (at least that many if
-  // `at_least`).
-  void VerifyAllPoints(Volume& src, size_t expect, bool at_least = false) {
-    auto pts = sink_->Points("vol1");
+  // `at_least`). Of volume `vol`, replicated into `target`.
+  void VerifyAllPoints(Volume& src, size_t expect, bool at_least = false,
+                       const std::string& vol = "vol1", const std::string& target = "img-standby") {
+    auto pts = sink_->Points(vol);
     ASSERT_TRUE(pts.ok()) << pts.status().ToString();
     if (at_least) {
       ASSERT_GE(pts->size(), expect);
     } else {
       ASSERT_EQ(pts->size(), expect);
     }
-    auto dst = testing::MustOpen(*site_b_, "img-standby");
+    auto dst = testing::MustOpen(*site_b_, target);
     for (const auto& p : *pts) {
       EXPECT_EQ(testing::ImageHash(*dst, p.snap, p.epoch.image_size),
                 testing::ImageHash(src, SnapName(p.epoch.seq), p.epoch.image_size))
@@ -201,10 +208,11 @@ class ReplicationTest : public ::testing::Test {
   std::unique_ptr<Sink> sink_;
   std::vector<std::thread> sessions_;
   int flip_next_ = -1;
-  int cut_at_frame_ = -1;               // cut the next link after this many records
-  std::function<void()> on_epoch_end_;  // runs as the source sends an EpochEnd
-  std::function<void()> on_ack_;        // runs as the sink sends an EpochAck
-  std::shared_ptr<int> sent_records_;   // records sent on the newest link
+  std::atomic<int> compressed_frames_{0};  // CompressedRecord frames the sources sent
+  int cut_at_frame_ = -1;                  // cut the next link after this many records
+  std::function<void()> on_epoch_end_;     // runs as the source sends an EpochEnd
+  std::function<void()> on_ack_;           // runs as the sink sends an EpochAck
+  std::shared_ptr<int> sent_records_;      // records sent on the newest link
 };
 
 }  // namespace cairn
