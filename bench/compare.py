@@ -28,6 +28,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -75,6 +76,42 @@ def proc_cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def pipe_cpu(producer, consumer, timeout=1800):
+    """Runs `producer | consumer`; both must succeed. Returns the CPU seconds
+    (user + system) each of the two processes used, from its own rusage."""
+    errs = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    a = subprocess.Popen(producer, stdout=subprocess.PIPE, stderr=errs[0])
+    b = subprocess.Popen(consumer, stdin=a.stdout, stdout=subprocess.DEVNULL, stderr=errs[1])
+    a.stdout.close()  # the consumer holds the pipe's read end alone
+    watchdog = threading.Timer(timeout, lambda: (a.kill(), b.kill()))
+    watchdog.start()
+    used = []
+    try:
+        for p, cmd, err in ((a, producer, errs[0]), (b, consumer, errs[1])):
+            _, status, ru = os.wait4(p.pid, 0)  # reaps it: Popen must not wait again
+            p.returncode = os.waitstatus_to_exitcode(status)
+            if p.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}: "
+                                   f"{err.read().decode(errors='replace')[-2000:]}")
+            used.append(ru.ru_utime + ru.ru_stime)
+    finally:
+        watchdog.cancel()
+        for f in errs:
+            f.close()
+    return tuple(used)
+
+
+def per_gib(used):
+    """CPU seconds of a round's two phases -> CPU seconds per GiB moved,
+    per side and both sides together."""
+    out = {}
+    for phase, moved in (("full", FULL_SIZE), ("incr", INCR_BYTES)):
+        a, b = used[f"{phase}_a"] * GiB / moved, used[f"{phase}_b"] * GiB / moved
+        out.update({f"{phase}_a": a, f"{phase}_b": b, f"{phase}_all": a + b})
+    return out
 
 
 def proc_peak_rss_mib(pid):
@@ -533,15 +570,19 @@ class Bench:
                    "sink_peak_rss_mib": proc_peak_rss_mib(sink.proc.pid)}
             self._verify(f"cairn full run {run_no}", self.conf_a, f"rbd/{img}@cairn.{seq}",
                          self.conf_b, f"rbd/{tgt}@cairn.{seq}")
+            used = {"full_a": cpu["source_cpu_s_per_gib"], "full_b": cpu["sink_cpu_s_per_gib"]}
             self.incremental_writes(img, seed=100 + run_no)
+            cpu_a0, cpu_b0 = proc_cpu_seconds(src.proc.pid), proc_cpu_seconds(sink.proc.pid)
             incr, seq2 = self.cairn_replicate(src, vol)
+            used["incr_a"] = proc_cpu_seconds(src.proc.pid) - cpu_a0
+            used["incr_b"] = proc_cpu_seconds(sink.proc.pid) - cpu_b0
             self._verify(f"cairn incremental run {run_no}", self.conf_a,
                          f"rbd/{img}@cairn.{seq2}", self.conf_b, f"rbd/{tgt}@cairn.{seq2}")
         finally:
             src.stop()
         self.remove(self.a, img)
         self.remove(self.b, tgt)
-        return full, incr, osd, cpu
+        return full, incr, osd, used, cpu
 
     def _export_round(self, run_no):
         _, img, tgt = self.names("e", run_no)
@@ -551,29 +592,31 @@ class Bench:
         # snapshot at site B that makes the copy a point (as rbd-mirror's).
         osd0 = self.osd_cpu()
         t0 = time.monotonic()
-        clk = os.times()
         self.rbd_a("snap", "create", f"rbd/{img}@s1")
-        sh(f"rbd -c {self.conf_a} export --no-progress rbd/{img}@s1 - | "
-           f"rbd -c {self.conf_b} import --no-progress - rbd/{tgt}")
+        full_a, full_b = pipe_cpu(["rbd", "-c", self.conf_a, "export", "--no-progress",
+                                   f"rbd/{img}@s1", "-"],
+                                  ["rbd", "-c", self.conf_b, "import", "--no-progress", "-",
+                                   f"rbd/{tgt}"])
         self.rbd_b("snap", "create", f"rbd/{tgt}@s1")
         full = time.monotonic() - t0
         osd = self.osd_cost(osd0)
-        after = os.times()  # the pipeline's processes are our children
-        osd["tool_cpu_s"] = (after.children_user - clk.children_user
-                             + after.children_system - clk.children_system)
+        osd["tool_cpu_s"] = full_a + full_b
+        used = {"full_a": full_a, "full_b": full_b}
         self._verify(f"export|import run {run_no}", self.conf_a, f"rbd/{img}@s1", self.conf_b,
                      f"rbd/{tgt}@s1")
         self.incremental_writes(img, seed=100 + run_no)
         t0 = time.monotonic()  # import-diff makes the snapshot at site B
         self.rbd_a("snap", "create", f"rbd/{img}@s2")
-        sh(f"rbd -c {self.conf_a} export-diff --no-progress --from-snap s1 rbd/{img}@s2 - | "
-           f"rbd -c {self.conf_b} import-diff --no-progress - rbd/{tgt}")
+        used["incr_a"], used["incr_b"] = pipe_cpu(
+            ["rbd", "-c", self.conf_a, "export-diff", "--no-progress", "--from-snap", "s1",
+             f"rbd/{img}@s2", "-"],
+            ["rbd", "-c", self.conf_b, "import-diff", "--no-progress", "-", f"rbd/{tgt}"])
         incr = time.monotonic() - t0
         self._verify(f"export-diff|import-diff run {run_no}", self.conf_a, f"rbd/{img}@s2",
                      self.conf_b, f"rbd/{tgt}@s2")
         self.remove(self.a, img)
         self.remove(self.b, tgt)
-        return full, incr, osd
+        return full, incr, osd, used
 
     def _mirror_round(self, run_no, secure=False):
         _, img, _ = self.names("ms" if secure else "m", run_no)
@@ -590,22 +633,25 @@ class Bench:
         full = time.monotonic() - t0
         osd = self.osd_cost(osd0)
         osd["tool_cpu_s"] = proc_cpu_seconds(self.mirror.pid) - mirror0
+        used = {"full_a": 0.0, "full_b": osd["tool_cpu_s"]}  # one daemon, at site B
         # No write at A since the mirror snapshot: A's head equals it, and
         # B's head equals its complete non-primary copy.
         self._verify(f"rbd-mirror full run {run_no}", self.conf_a, f"rbd/{img}", self.conf_b,
                      f"rbd/{img}")
         self.incremental_writes(img, seed=100 + run_no)
         t0 = time.monotonic()
+        mirror0 = proc_cpu_seconds(self.mirror.pid)
         with rbd.Image(self.a.ioctx, img) as im:
             im.mirror_image_create_snapshot()
         sid = self.newest_mirror_snap_id(img)
         lib.wait_for(f"rbd-mirror incremental sync of {img}",
                      lambda: self.mirror_synced(img, sid), timeout=1200, interval=0.02)
         incr = time.monotonic() - t0
+        used.update(incr_a=0.0, incr_b=proc_cpu_seconds(self.mirror.pid) - mirror0)
         self._verify(f"rbd-mirror incremental run {run_no}", self.conf_a, f"rbd/{img}",
                      self.conf_b, f"rbd/{img}")
         self.mirror_remove(img)
-        return full, incr, osd
+        return full, incr, osd, used
 
     def section_sync(self):
         """Full and incremental, each tool once per run, interleaved."""
@@ -619,6 +665,7 @@ class Bench:
         full = {t: [] for t in tools}
         incr = {t: [] for t in tools}
         cpu = {}
+        used = {t: [] for t in tools}
         osd = {t: [] for t in tools}
         for r in range(1, self.args.runs + 1):
             # The order turns each run: memstore's OSD slows as it takes
@@ -630,14 +677,19 @@ class Bench:
                 full[t].append(FULL_SIZE / res[0] / MiB)
                 incr[t].append(INCR_BYTES / res[1] / MiB)
                 osd[t].append(res[2])
+                used[t].append(per_gib(res[3]))
                 if t.startswith("cairn"):
-                    cpu.setdefault(t, []).append(res[3])
+                    cpu.setdefault(t, []).append(res[4])
                 log(f"run {r} {t}: full {full[t][-1]:.0f} MiB/s ({res[0]:.2f} s), "
-                    f"incremental {incr[t][-1]:.0f} MiB/s ({res[1]:.2f} s)")
+                    f"incremental {incr[t][-1]:.0f} MiB/s ({res[1]:.2f} s); CPU s per GiB "
+                    f"{used[t][-1]['full_all']:.2f} full, {used[t][-1]['incr_all']:.2f} "
+                    "incremental")
         self.results["sections"]["full"] = {t: stats(v) for t, v in full.items()}
         self.results["sections"]["full_cpu"] = {
             t: {k: stats([o[k] for o in v]) for k in v[0]} for t, v in osd.items()}
         self.results["sections"]["incremental"] = {t: stats(v) for t, v in incr.items()}
+        self.results["sections"]["cpu_per_gib"] = {
+            t: {k: stats([u[k] for u in v]) for k in v[0]} for t, v in used.items()}
         for t, v in cpu.items():  # Cairn was among --tools
             self.results["sections"][f"{t}_cost"] = {k: stats([c[k] for c in v]) for k in v[0]}
 
@@ -1174,6 +1226,40 @@ def target_line(ok):
     return "met" if ok else "**missed**"
 
 
+CPU_TOOLS = {"cairn": "Cairn over mutual TLS (source, sink)",
+             "cairn_plain": "Cairn without TLS (source, sink)",
+             "export": "`rbd export(-diff) \\| import(-diff)` (export, import)",
+             "rbd_mirror": "rbd-mirror, snapshot mode (–, the daemon)",
+             "rbd_mirror_secure": "rbd-mirror, msgr2 secure mode (–, the daemon)"}
+
+
+def cpu_table(cpu, targets):
+    """Markdown: each tool's own CPU seconds per GiB moved, per site and in
+    all, for the full sync and the incremental; Cairn's ratio against each
+    rbd-mirror measured, and the targets (Cairn's CPU at most rbd-mirror's)."""
+    lines = ["The tools' own processes, CPU seconds (user + system) per GiB moved "
+             "(site A: what runs there; site B: likewise; rbd-mirror runs at site B alone):", "",
+             "| CPU s per GiB | full: site A | full: site B | full: both | incremental: site A "
+             "| incremental: site B | incremental: both |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for tool, v in cpu.items():
+        cells = []
+        for phase in ("full", "incr"):
+            cells += ["–" if tool.startswith("rbd_mirror") else fmt_stat(v[f"{phase}_a"], "", 2),
+                      fmt_stat(v[f"{phase}_b"], "", 2), f"**{fmt_stat(v[f'{phase}_all'], '', 2)}**"]
+        lines.append(f"| {CPU_TOOLS[tool]} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for peer in ("rbd_mirror", "rbd_mirror_secure"):
+        if "cairn" not in cpu or peer not in cpu:
+            continue
+        for phase, what in (("full", "full sync"), ("incr", "incremental")):
+            ratio = cpu["cairn"][f"{phase}_all"]["median"] / cpu[peer][f"{phase}_all"]["median"]
+            whose = {"rbd_mirror": "rbd-mirror's",
+                     "rbd_mirror_secure": "rbd-mirror's in msgr2 secure mode"}[peer]
+            targets.append((f"{what}: CPU per GiB of both cairnd ≤ {whose}", f"{ratio:.2f}×",
+                            ratio <= 1))
+    return lines
+
+
 def report(results):
     """Markdown of the results, with ratios and the targets of docs/PERFORMANCE.md."""
     s = results["sections"]
@@ -1242,6 +1328,8 @@ def report(results):
                          f"{fmt_stat(v['osd_b_cpu_s'], '', 1)} | "
                          f"{fmt_stat(v['tool_cpu_s'], '', 1)} |")
         lines.append("")
+    if "cpu_per_gib" in s:
+        lines += cpu_table(s["cpu_per_gib"], targets)
     if "cairn_cost" in s:
         k = s["cairn_cost"]
         lines += ["| Cairn's cost, full sync of 1 GiB | source (site A) | sink (site B) |",
@@ -1471,7 +1559,8 @@ def update_docs(md, png, lag_png=None):
 
 
 # The sections each step of main() writes.
-STEP_SECTIONS = {"raw": ("raw",), "sync": ("full", "full_cpu", "incremental", "cairn_cost"),
+STEP_SECTIONS = {"raw": ("raw",), "sync": ("full", "full_cpu", "incremental", "cairn_cost",
+                                           "cairn_plain_cost", "cpu_per_gib"),
                  "sparse": ("sparse",), "verify": ("verify",), "penalty": ("penalty",),
                  "memory": ("memory",)}
 # The comparisons each step records (the prefixes of their names).
