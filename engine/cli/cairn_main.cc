@@ -97,6 +97,7 @@ json StatusJson(const cairn::pb::VolumeStatus& v) {
           {"pending_snapshots", v.pending_snapshots()},
           {"unchanged_checks_total", v.unchanged_checks_total()},
           {"epoch_sent_bytes", v.epoch_sent_bytes()},
+          {"wire_bytes_total", v.wire_bytes_total()},
           {"error", v.error()},
           {"verify", VerifyJson(v.verify())}};
 }

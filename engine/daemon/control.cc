@@ -34,6 +34,7 @@ void FillStatus(const VolumeStatusInfo& s, pb::VolumeStatus* v) {
   v->set_pending_snapshots(s.pending_snapshots);
   v->set_unchanged_checks_total(s.unchanged_checks_total);
   v->set_epoch_sent_bytes(s.epoch_sent_bytes);
+  v->set_wire_bytes_total(s.wire_bytes_total);
   if (s.verify.id != 0) {
     auto* m = v->mutable_verify();
     m->set_id(s.verify.id);

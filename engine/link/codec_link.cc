@@ -105,8 +105,9 @@ StatusOr<Payload> DecompressPayload(std::span<const char> wire) {
   return out;
 }
 
-CodecLink::CodecLink(std::unique_ptr<Link> inner, Compression send)
-    : owned_(std::move(inner)), inner_(*owned_), send_(send) {}
+CodecLink::CodecLink(std::unique_ptr<Link> inner, Compression send,
+                     std::atomic<uint64_t>* wire_bytes)
+    : owned_(std::move(inner)), inner_(*owned_), send_(send), wire_counter_(wire_bytes) {}
 
 CodecLink::CodecLink(Link& inner, Compression send) : inner_(inner), send_(send) {}
 
@@ -115,12 +116,17 @@ Status CodecLink::Send(FrameType type, std::string_view body, std::span<const ch
   record_bytes_ += payload.size();
   if (send_ != Compression::kNone && payload.size() >= kMinCompressedPayload) {
     if (std::optional<Payload> packed = CompressPayload(send_, payload)) {
-      wire_bytes_ += packed->size();
+      Count(packed->size());
       return inner_.Send(FrameType::kCompressedRecord, body, *packed);
     }
   }
-  wire_bytes_ += payload.size();
+  Count(payload.size());
   return inner_.Send(type, body, payload);
+}
+
+void CodecLink::Count(size_t wire) {
+  wire_bytes_ += wire;
+  if (wire_counter_ != nullptr) wire_counter_->fetch_add(wire, std::memory_order_relaxed);
 }
 
 StatusOr<Frame> CodecLink::Receive(std::chrono::milliseconds timeout) {

@@ -21,6 +21,7 @@
 // Thread-safety: as link.h.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <optional>
@@ -58,8 +59,10 @@ StatusOr<Payload> DecompressPayload(std::span<const char> wire);
 class CodecLink final : public Link {
  public:
   // Owns `inner`; compresses data records with `send` (kNone: sends them
-  // as they are, and only decodes).
-  CodecLink(std::unique_ptr<Link> inner, Compression send);
+  // as they are, and only decodes). `wire_bytes`, if given, counts the
+  // payload bytes of the data records sent, as they went on the wire.
+  CodecLink(std::unique_ptr<Link> inner, Compression send,
+            std::atomic<uint64_t>* wire_bytes = nullptr);
   // Borrows `inner`, which must outlive this layer.
   CodecLink(Link& inner, Compression send);
 
@@ -78,9 +81,12 @@ class CodecLink final : public Link {
   uint64_t wire_bytes() const { return wire_bytes_; }
 
  private:
+  void Count(size_t wire);
+
   std::unique_ptr<Link> owned_;
   Link& inner_;
   const Compression send_;
+  std::atomic<uint64_t>* const wire_counter_ = nullptr;
   uint64_t record_bytes_ = 0;
   uint64_t wire_bytes_ = 0;
 };

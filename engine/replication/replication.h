@@ -99,6 +99,10 @@ struct VolumeStatusInfo {
   int64_t unchanged_as_of_ns = 0;
   // source, while syncing: data bytes of the epoch in progress sent so far
   uint64_t epoch_sent_bytes = 0;
+  // source: payload bytes of the data records put on the link since cairnd
+  // started, compressed ones as compressed (against bytes_total: what
+  // `compression` saves; resent epochs count again)
+  uint64_t wire_bytes_total = 0;
   // How long the epochs took (source: send began to APPLIED; sink:
   // EpochBegin to the point made), counted in buckets of at most
   // kEpochSecondsBuckets[i] seconds (the last: any), and their sum.

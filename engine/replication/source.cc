@@ -182,6 +182,7 @@ VolumeStatusInfo SourceReplicator::Report() const {
   if (s.state == VolumeState::kSyncing) {
     s.epoch_sent_bytes = epoch_sent_bytes_.load(std::memory_order_relaxed);
   }
+  s.wire_bytes_total = wire_bytes_total_.load(std::memory_order_relaxed);
   if (s.last_point_time_ns > 0) {
     s.lag_seconds = (clock_->UnixNs() - std::max(s.last_point_time_ns, unchanged_at_ns_)) / 1e9;
   }

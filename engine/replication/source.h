@@ -348,6 +348,7 @@ class SourceReplicator {
   std::shared_ptr<ImageGate> gate_;
   GroupMembership group_;
   std::atomic<uint64_t> epoch_sent_bytes_{0};  // of the epoch being sent (Report)
+  std::atomic<uint64_t> wire_bytes_total_{0};  // data records' payloads on the link
   int64_t sink_point_time_ns_ = 0;             // when the sink's newest point's snapshot was taken
   std::atomic<uint64_t> pinned_seq_{0};        // base point's cairn.<seq>: never pruned
   std::atomic<uint64_t> verify_pin_{0};        // cairn.<seq> being verified: never pruned

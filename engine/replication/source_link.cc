@@ -125,16 +125,17 @@ Status SourceReplicator::Connect() {
   sink_point_time_ns_ = reply.last_point_time_ns;
   sink_serves_digests_ = reply.serves_digests;
   sink_resync_base_ = reply.resync_base;
-  if (config_.compression != Compression::kNone) {
-    if (reply.takes_compressed) {
-      link = std::make_unique<CodecLink>(std::move(link), config_.compression);
-    } else {
-      spdlog::warn(
-          "volume {}: sink {} does not take compressed records: sending them as they "
-          "are (compression = {} needs a newer sink)",
-          config_.id, link->peer(), CompressionName(config_.compression));
-    }
+  // Data records go through a CodecLink even uncompressed: it counts them
+  // on the wire (wire_bytes_total).
+  Compression codec = config_.compression;
+  if (codec != Compression::kNone && !reply.takes_compressed) {
+    spdlog::warn(
+        "volume {}: sink {} does not take compressed records: sending them as they "
+        "are (compression = {} needs a newer sink)",
+        config_.id, link->peer(), CompressionName(codec));
+    codec = Compression::kNone;
   }
+  link = std::make_unique<CodecLink>(std::move(link), codec, &wire_bytes_total_);
   std::lock_guard lock(mu_);
   link_ = std::move(link);
   return OkStatus();

@@ -292,6 +292,9 @@ def test_compressed_records_cross_the_link_smaller_and_make_equal_points(
             r = source.json("replicate", name, "--wait", "--timeout", "120")
             assert r["seq"] == seq
             wire.append(proxy.bytes_up - before)
+            st = source.json("status", name)[0]  # payloads only: less than the proxy counts
+            assert st["wire_bytes_total"] < st["bytes_total"] / 2, st
+            assert st["wire_bytes_total"] <= wire[-1], st
             assert site_b.digest(name + "-standby", f"cairn.{seq}") == \
                 site_a.digest(name, f"cairn.{seq}"), f"point {seq} ({codec}) differs"
             source.stop()

@@ -6,6 +6,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <chrono>
 #include <memory>
 #include <random>
@@ -46,9 +47,10 @@ class CodecLinkTest : public ::testing::TestWithParam<Compression> {
  protected:
   void SetUp() override {
     auto [a, b] = MakeMemoryLinkPair(32u << 20);
-    sender_ = std::make_unique<CodecLink>(std::move(a), GetParam());
+    sender_ = std::make_unique<CodecLink>(std::move(a), GetParam(), &counted_);
     wire_ = std::move(b);
   }
+  std::atomic<uint64_t> counted_{0};  // what the sender counts for the source's status
   std::unique_ptr<CodecLink> sender_;
   std::unique_ptr<Link> wire_;  // the receiving end, before any decoding
 };
@@ -69,6 +71,7 @@ TEST_P(CodecLinkTest, CompressibleRecordsLeaveSmallerAndArriveAsSent) {
   EXPECT_EQ(end->type, FrameType::kEpochEnd);
   EXPECT_EQ(sender_->record_bytes(), data.size());
   EXPECT_LT(sender_->wire_bytes(), data.size() / 2) << CompressionName(GetParam());
+  EXPECT_EQ(counted_.load(), sender_->wire_bytes());
 }
 
 TEST_P(CodecLinkTest, TheWireCarriesACompressedRecordFrame) {
@@ -95,6 +98,7 @@ TEST_P(CodecLinkTest, RandomAndSmallPayloadsLeaveAsTheyAre) {
     EXPECT_TRUE(std::equal(sent->begin(), sent->end(), f->payload.begin()));
   }
   EXPECT_EQ(sender_->wire_bytes(), sender_->record_bytes());
+  EXPECT_EQ(counted_.load(), random.size() + small.size());
 }
 
 TEST_P(CodecLinkTest, ADamagedCompressedPayloadIsDataLossNotOtherBytes) {
