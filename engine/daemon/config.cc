@@ -230,11 +230,10 @@ Status ReadCairndSection(SectionReader& r, std::string_view origin, DaemonConfig
   RETURN_IF_ERROR(r.String("log_level", &cfg.log_level));
   RETURN_IF_ERROR(r.HostPort("metrics_listen", &cfg.metrics_host, &cfg.metrics_port));
   RETURN_IF_ERROR(r.Size("memory_budget", 16u << 20, uint64_t{64} << 30, &cfg.memory_budget));
-  if (r.Get("max_send_rate")) {  // 0: no cap; else at least a record a minute
-    RETURN_IF_ERROR(r.Size("max_send_rate", 0, uint64_t{1} << 40, &cfg.max_send_rate));
-    if (cfg.max_send_rate != 0 && cfg.max_send_rate < 64 * 1024) {
-      return r.Error("max_send_rate", "is bytes a second: at least 64K (or 0 for no cap)");
-    }
+  // 0: no cap; else at least a 4 MiB record a minute.
+  RETURN_IF_ERROR(r.Size("max_send_rate", 0, uint64_t{1} << 40, &cfg.max_send_rate));
+  if (cfg.max_send_rate != 0 && cfg.max_send_rate < 64 * 1024) {
+    return r.Error("max_send_rate", "is bytes a second: at least 64K (or 0 for no cap)");
   }
   static const std::set<std::string> kLevels = {"trace", "debug", "info", "warn", "error"};
   if (!kLevels.count(cfg.log_level)) {
