@@ -2,7 +2,8 @@
 // processes (source <-> sink, or client <-> cairnd's control socket).
 //
 // Implementations: TCP and Unix-domain sockets over Boost.Asio
-// (engine/link/tcp_link.h; the only place Asio is compiled), and an in-process
+// (engine/link/tcp_link.h; the only place Asio is compiled), TLS over TCP
+// with OpenSSL on the socket (tls_link.h, made by tcp_link.h), an in-process
 // pair (MakeMemoryLinkPair) for tests. Fault layers wrap any Link
 // (engine/link/fault_link.h).
 //

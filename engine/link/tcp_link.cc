@@ -13,9 +13,6 @@
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/read.hpp>
-#include <boost/asio/ssl/error.hpp>
-#include <boost/asio/ssl/host_name_verification.hpp>
-#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/write.hpp>
 #include <cerrno>
@@ -25,7 +22,7 @@
 #include <optional>
 
 #include "engine/link/handshake_slots.h"
-#include "engine/link/tls_impl.h"
+#include "engine/link/tls_link.h"
 
 namespace cairn {
 namespace asio = boost::asio;
@@ -33,13 +30,7 @@ using boost::system::error_code;
 
 namespace {
 
-using TlsStream = asio::ssl::stream<asio::ip::tcp::socket>;
-
-// The peer closed: an end of stream, or a TLS peer that closed without
-// saying so first (as cairnd does: it closes the socket).
-bool IsEof(const error_code& ec) {
-  return ec == asio::error::eof || ec == asio::ssl::error::stream_truncated;
-}
+bool IsEof(const error_code& ec) { return ec == asio::error::eof; }
 
 Status FromAsio(const error_code& ec, std::string_view what) {
   if (ec == asio::error::operation_aborted) return Aborted(fmt::format("{}: cancelled", what));
@@ -87,12 +78,10 @@ bool RunFor(asio::io_context& ctx, const bool* done, std::chrono::milliseconds t
   return !timed_out;
 }
 
-// A link over a byte stream: a TCP or Unix socket, or TLS over TCP.
+// A link over a byte stream: a TCP or Unix socket (TLS: tls_link.h).
 template <typename Stream>
 class StreamLink final : public Link {
  public:
-  static constexpr bool kTls = std::is_same_v<Stream, TlsStream>;
-
   StreamLink(std::unique_ptr<asio::io_context> ctx, Stream stream, std::string peer,
              LinkOptions options)
       : ctx_(std::move(ctx)),
@@ -103,35 +92,8 @@ class StreamLink final : public Link {
 
   ~StreamLink() override {
     error_code ignored;
-    stream_.lowest_layer().close(ignored);
+    stream_.close(ignored);
   }
-
-  // The server's half of the TLS handshake, on the session's own thread.
-  // Until it succeeds nothing is sent or received.
-  Status Handshake() override {
-    if constexpr (kTls) {
-      if (!handshake_pending_) return handshake_;
-      handshake_pending_ = false;
-      handshake_ = RunHandshake(asio::ssl::stream_base::server, options_.handshake_timeout, "");
-      return handshake_;
-    }
-    return OkStatus();
-  }
-
-  // The client's half, before the link is handed out.
-  Status ClientHandshake(const std::string& name) {
-    if constexpr (kTls) {
-      stream_.set_verify_callback(asio::ssl::host_name_verification(name));
-      handshake_pending_ = false;
-      handshake_ = RunHandshake(asio::ssl::stream_base::client, options_.connect_timeout, name);
-      return handshake_;
-    }
-    return OkStatus();
-  }
-
-  void SetHandshakePending() { handshake_pending_ = true; }
-
-  const std::vector<std::string>& peer_names() const override { return peer_names_; }
 
   std::optional<PeerCredentials> credentials() const override {
     if constexpr (std::is_same_v<Stream, asio::local::stream_protocol::socket>) {
@@ -146,35 +108,17 @@ class StreamLink final : public Link {
   }
 
   Status Send(FrameType type, std::string_view body, std::span<const char> payload) override {
-    RETURN_IF_ERROR(Handshake());
     const auto header = EncodeHeader(type, body, static_cast<uint32_t>(payload.size()));
-    if constexpr (kTls) {
-      // Asio's TLS stream makes a record (and a send(2)) of each buffer it
-      // is given, at most 16 KiB each: header and body go in one record
-      // with the payload's start, so a small frame costs one record, not three.
-      const size_t head = header.size() + body.size();
-      const size_t first = std::min(payload.size(), kCoalesce - std::min(kCoalesce, head));
-      send_buf_.resize(head + first);
-      std::memcpy(send_buf_.data(), header.data(), header.size());
-      // (an empty body or payload may have no storage at all)
-      if (!body.empty()) std::memcpy(send_buf_.data() + header.size(), body.data(), body.size());
-      if (first > 0) std::memcpy(send_buf_.data() + head, payload.data(), first);
-      return WriteAll(std::array<asio::const_buffer, 2>{
-          asio::buffer(send_buf_.data(), send_buf_.size()),
-          asio::buffer(payload.data() + first, payload.size() - first)});
-    }
     return WriteAll(std::array<asio::const_buffer, 3>{
         asio::buffer(header.data(), header.size()), asio::buffer(body.data(), body.size()),
         asio::buffer(payload.data(), payload.size())});
   }
 
   Status SendEncoded(std::string_view frame) override {
-    RETURN_IF_ERROR(Handshake());
     return WriteAll(asio::buffer(frame.data(), frame.size()));
   }
 
   StatusOr<Frame> Receive(std::chrono::milliseconds timeout) override {
-    RETURN_IF_ERROR(Handshake());
     if (closed_) return Aborted(fmt::format("link to {} is closed", peer_));
     if (end_ == begin_) {
       // Wait for the first byte of the next frame with the caller's timeout.
@@ -191,8 +135,8 @@ class StreamLink final : public Link {
     closed_ = true;
     asio::post(*ctx_, [this] {
       error_code ignored;
-      stream_.lowest_layer().shutdown(asio::socket_base::shutdown_both, ignored);
-      stream_.lowest_layer().close(ignored);
+      stream_.shutdown(asio::socket_base::shutdown_both, ignored);
+      stream_.close(ignored);
     });
     // If no thread runs the context now, close directly on the next call.
   }
@@ -205,56 +149,12 @@ class StreamLink final : public Link {
   // empty and go straight from the socket into the frame (ReadExact). 16
   // KiB still carries a few hundred small frames (zero records) per read.
   static constexpr size_t kBufSize = 16 * 1024;
-  // What a TLS Send copies to put the frame's header and body in one record
-  // with the payload's start: one TLS record's worth.
-  static constexpr size_t kCoalesce = 16 * 1024;
 
   struct Source final : ByteSource {
     explicit Source(StreamLink& l) : link(l) {}
     Status ReadExact(std::span<char> out) override { return link.ReadExact(out); }
     StreamLink& link;
   };
-
-  // `name`: the name the server must carry (client side).
-  Status RunHandshake(asio::ssl::stream_base::handshake_type side,
-                      std::chrono::milliseconds timeout, const std::string& name) {
-    bool done = false;
-    error_code result;
-    stream_.async_handshake(side, [&](const error_code& ec) {
-      result = ec;
-      done = true;
-    });
-    if (!RunFor(*ctx_, &done, timeout, [&] { CancelSocket(); })) {
-      closed_ = true;
-      return Aborted(
-          fmt::format("{} did not finish its TLS handshake within {} ms", peer_, timeout.count()));
-    }
-    if (result) {
-      closed_ = true;
-      if (side == asio::ssl::stream_base::client) {
-        return PermissionDenied(fmt::format(
-            "TLS handshake with {} failed ({}): is it a Cairn sink, with a certificate from "
-            "[tls] ca that names {}?",
-            peer_, result.message(), name));
-      }
-      return PermissionDenied(
-          fmt::format("TLS handshake with {} failed ({}): is it a Cairn source, with a "
-                      "certificate from [tls] ca?",
-                      peer_, result.message()));
-    }
-    X509* cert = SSL_get1_peer_certificate(stream_.native_handle());
-    if (cert == nullptr) {
-      closed_ = true;
-      return PermissionDenied(fmt::format("{} presented no certificate", peer_));
-    }
-    peer_names_ = CertificateNames(cert);
-    X509_free(cert);
-    if (peer_names_.empty()) {
-      closed_ = true;
-      return PermissionDenied(fmt::format("the certificate of {} names no one", peer_));
-    }
-    return OkStatus();
-  }
 
   // Writes all of `bufs`, or breaks the link.
   template <typename Buffers>
@@ -278,24 +178,18 @@ class StreamLink final : public Link {
     return OkStatus();
   }
 
-  // A read that failed mid-stream breaks the link. Bytes changed on the
-  // way fail TLS's record check before any frame check sees them: data
-  // loss, as a frame that fails its checksum would be.
+  // A read that failed mid-stream breaks the link.
   Status ReceiveError(const error_code& result) {
     closed_ = true;
     if (IsEof(result)) {
       return DataLoss(fmt::format("truncated frame: {} closed the link mid-frame", peer_));
-    }
-    if (result.category() == asio::error::get_ssl_category()) {
-      return DataLoss(fmt::format("a TLS record from {} failed its integrity check ({})", peer_,
-                                  result.message()));
     }
     return FromAsio(result, fmt::format("receive from {}", peer_));
   }
 
   void CancelSocket() {
     error_code ignored;
-    stream_.lowest_layer().cancel(ignored);
+    stream_.cancel(ignored);
   }
 
   // Reads until the buffer holds at least `want` bytes (want <= kBufSize).
@@ -375,13 +269,9 @@ class StreamLink final : public Link {
   Stream stream_;
   std::string peer_;
   LinkOptions options_;
-  bool handshake_pending_ = false;
-  Status handshake_;
-  std::vector<std::string> peer_names_;
   std::atomic<bool> closed_{false};
   std::vector<char> buf_;
   size_t begin_ = 0, end_ = 0;
-  std::vector<char> send_buf_;  // TLS: header, body and the payload's start
 };
 
 template <typename Protocol>
@@ -416,11 +306,10 @@ class SocketListener final : public Listener {
     }
     if constexpr (std::is_same_v<Protocol, asio::ip::tcp>) {
       if (options_.tls) {
-        auto link = std::make_unique<StreamLink<TlsStream>>(
-            std::move(link_ctx), TlsStream(std::move(sock), options_.tls->impl().ctx), peer,
-            options_);
-        link->SetHandshakePending();
-        return std::unique_ptr<Link>(std::move(link));
+        error_code ec;
+        const int fd = sock.release(ec);
+        if (ec) return FromAsio(ec, fmt::format("accept on {}", name_));
+        return AcceptTls(fd, peer, options_);
       }
     }
     return std::unique_ptr<Link>(new StreamLink<typename Protocol::socket>(
@@ -472,10 +361,6 @@ StatusOr<std::pair<std::string, uint16_t>> ParseHostPort(const std::string& text
 StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t port,
                                            const LinkOptions& options) {
   auto ctx = std::make_unique<asio::io_context>();
-  // Holds the link (and so `ctx`) until every local bound to `ctx` below
-  // is destroyed, also when the handshake fails: a moved-from socket or
-  // stream still refers to the context's services.
-  std::unique_ptr<Link> kept;
   const std::string peer = fmt::format("{}:{}", host, port);
   // Held until the handshake ends (this function returns).
   std::optional<HandshakeSlots::Slot> slot;
@@ -511,13 +396,9 @@ StatusOr<std::unique_ptr<Link>> ConnectTcp(const std::string& host, uint16_t por
     return std::unique_ptr<Link>(
         new StreamLink<asio::ip::tcp::socket>(std::move(ctx), std::move(sock), peer, options));
   }
-  auto link = std::make_unique<StreamLink<TlsStream>>(
-      std::move(ctx), TlsStream(std::move(sock), options.tls->impl().ctx), peer, options);
-  const Status handshake =
-      link->ClientHandshake(options.peer_name.empty() ? host : options.peer_name);
-  kept = std::move(link);
-  if (!handshake.ok()) return handshake;
-  return kept;
+  const int fd = sock.release(ec);
+  if (ec) return FromAsio(ec, fmt::format("connect to {}", peer));
+  return ConnectTls(fd, peer, options, options.peer_name.empty() ? host : options.peer_name);
 }
 
 StatusOr<std::unique_ptr<Link>> ConnectUnix(const std::string& path, const LinkOptions& options) {

@@ -1,5 +1,6 @@
 // Socket links: TCP between sites, Unix-domain for the local control API.
-// Built on Boost.Asio, which only tcp_link.cc includes (it is heavy).
+// Built on Boost.Asio, which only tcp_link.cc includes (it is heavy); with
+// LinkOptions::tls a TCP link is tls_link.h's, which drives OpenSSL itself.
 //
 // Timeouts: Receive waits up to its timeout for the first byte of a frame
 // (kUnavailable after it, link still usable); once a frame has started, the

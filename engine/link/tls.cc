@@ -111,9 +111,16 @@ StatusOr<std::shared_ptr<const TlsContext>> TlsContext::Load(const TlsFiles& fil
   RETURN_IF_ERROR(ReadCertificate(files.ca, "ca").status());
   ASSIGN_OR_RETURN(auto own, ReadCertificate(files.cert, "cert"));
   auto impl = std::make_unique<Impl>();
-  SSL_CTX* ctx = impl->ctx.native_handle();
+  SSL_CTX* ctx = impl->ctx.get();
+  if (ctx == nullptr)
+    return Internal(fmt::format("OpenSSL has no TLS context ({})", OpenSslError()));
   SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
-  SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET | SSL_OP_NO_RENEGOTIATION);
+  // A peer that closes without TLS's close_notify (cairnd closes the
+  // socket) ends the stream as one that sent it; a frame it cut short is
+  // still a truncated frame.
+  SSL_CTX_set_options(ctx,
+                      SSL_OP_NO_TICKET | SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF);
+  SSL_CTX_set_num_tickets(ctx, 0);
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
   if (SSL_CTX_load_verify_locations(ctx, files.ca.c_str(), nullptr) != 1) {
     return InvalidArgument(

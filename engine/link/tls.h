@@ -7,7 +7,7 @@
 // subjectAltNames. What that peer may do is decided above the link (the
 // sink's [peer NAME] grants, replication/peer_policy.h).
 //
-// Only tls.cc and tcp_link.cc see OpenSSL and Asio's ssl headers.
+// Only tls.cc and tls_link.cc (the TLS link) see OpenSSL.
 //
 // Thread-safety: a loaded TlsContext is immutable and shared by every link.
 #pragma once

@@ -1,9 +1,10 @@
-// For tls.cc and tcp_link.cc only: the OpenSSL side of TlsContext.
+// For tls.cc and tls_link.cc only: the OpenSSL side of TlsContext.
 #pragma once
 
+#include <openssl/ssl.h>
 #include <openssl/x509.h>
 
-#include <boost/asio/ssl/context.hpp>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -12,8 +13,8 @@
 namespace cairn {
 
 struct TlsContext::Impl {
-  // Streams are made from it; OpenSSL's context is safe to share once set up.
-  mutable boost::asio::ssl::context ctx{boost::asio::ssl::context::tls};
+  // Links are made from it; OpenSSL's context is safe to share once set up.
+  std::unique_ptr<SSL_CTX, decltype(&SSL_CTX_free)> ctx{SSL_CTX_new(TLS_method()), &SSL_CTX_free};
 };
 
 // The names a certificate carries: the subject's CN, then its DNS and IP

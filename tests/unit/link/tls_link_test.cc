@@ -1,14 +1,23 @@
-// Mutual TLS on TCP links (engine/link/tls.h, tcp_link.cc) and the limits
+// Mutual TLS on TCP links (engine/link/tls.h, tls_link.cc) and the limits
 // LinkServer puts on peers before they authenticate, over loopback with
 // certificates made by deploy/cairn-certs. A peer that is not
 // authenticated never gets a frame read.
+#include <arpa/inet.h>
 #include <fmt/format.h>
+#include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <optional>
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -131,6 +140,204 @@ TEST(TlsLinkTest, ServerMustCarryTheExpectedName) {
   o.peer_name = "site-b";
   auto client = ConnectTcp("127.0.0.1", server.port(), o);
   EXPECT_TRUE(client.ok()) << client.status().ToString();
+}
+
+// Two ends of one TLS connection, both handshakes done.
+struct Pair {
+  std::unique_ptr<Link> client, server;
+};
+
+Pair Connect(LinkOptions client_options = Tls("site-a")) {
+  ServerEnd server(Tls("site-b"));
+  auto client = ConnectTcp("127.0.0.1", server.port(), client_options);
+  server.Join();
+  EXPECT_TRUE(client.ok()) << client.status().ToString();
+  EXPECT_TRUE(server.handshake.ok()) << server.handshake.ToString();
+  if (!client.ok() || !server.accepted.ok()) return {};
+  return {std::move(*client), std::move(*server.accepted)};
+}
+
+TEST(TlsLinkTest, FramesOfEverySizeCrossBothWaysIntact) {
+  Pair p = Connect();
+  ASSERT_TRUE(p.client && p.server);
+  // Around a record (16 KiB), around a send's batch (128 KiB), and a full
+  // sync's record with an odd tail.
+  const std::vector<size_t> sizes = {0,
+                                     1,
+                                     16 * 1024 - 1,
+                                     16 * 1024,
+                                     16 * 1024 + 1,
+                                     128 * 1024 - 1,
+                                     128 * 1024,
+                                     128 * 1024 + 7,
+                                     (4u << 20) + 3};
+  std::mt19937 rng(7);
+  std::thread echo([&] {
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      auto f = p.server->Receive(10s);
+      if (!f.ok()) return ADD_FAILURE() << "server: " << f.status().ToString();
+      if (!p.server->Send(FrameType::kHelloReply, f->body, f->payload).ok()) return;
+    }
+  });
+  for (size_t n : sizes) {
+    std::vector<char> payload(n);
+    for (char& c : payload) c = static_cast<char>(rng());
+    const std::string body = fmt::format("frame of {} bytes", n);
+    ASSERT_TRUE(p.client->Send(FrameType::kHello, body, payload).ok()) << n;
+    auto back = p.client->Receive(10s);
+    ASSERT_TRUE(back.ok()) << n << ": " << back.status().ToString();
+    EXPECT_EQ(back->type, FrameType::kHelloReply);
+    EXPECT_EQ(back->body, body);
+    EXPECT_TRUE(
+        std::equal(payload.begin(), payload.end(), back->payload.begin(), back->payload.end()))
+        << "the payload of " << n << " bytes came back changed";
+  }
+  echo.join();
+}
+
+TEST(TlsLinkTest, ReceiveTimesOutAndTheLinkStaysUsable) {
+  Pair p = Connect();
+  ASSERT_TRUE(p.client && p.server);
+  auto none = p.server->Receive(50ms);
+  EXPECT_EQ(none.status().code(), Code::kUnavailable) << none.status().ToString();
+  EXPECT_THAT(none.status().message(), ::testing::HasSubstr("no frame from"));
+  ASSERT_TRUE(p.client->Send(FrameType::kHello, "late", {}).ok());
+  auto f = p.server->Receive(10s);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  EXPECT_EQ(f->body, "late");
+}
+
+TEST(TlsLinkTest, CloseFromAnotherThreadEndsABlockedReceive) {
+  Pair p = Connect();
+  ASSERT_TRUE(p.client && p.server);
+  Status got = Internal("Receive never returned");
+  const auto t0 = std::chrono::steady_clock::now();
+  std::thread receiver([&] { got = p.server->Receive(60s).status(); });
+  p.server->Close();
+  receiver.join();
+  EXPECT_EQ(got.code(), Code::kAborted) << got.ToString();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 30s) << "Close did not wake the Receive";
+  EXPECT_EQ(p.server->Send(FrameType::kHello, "after close", {}).code(), Code::kAborted);
+}
+
+TEST(TlsLinkTest, APeerThatStopsReadingStallsTheSenderWithinItsTimeout) {
+  LinkOptions o = Tls("site-a");
+  o.stall_timeout = 300ms;
+  Pair p = Connect(o);
+  ASSERT_TRUE(p.client && p.server);
+  const std::vector<char> payload(4u << 20, 'x');
+  Status st;
+  int sent = 0;
+  // The server never reads: the socket buffers fill, then a Send waits
+  // out its stall timeout.
+  for (; sent < 256 && st.ok(); ++sent) st = p.client->Send(FrameType::kRecord, "", payload);
+  EXPECT_EQ(st.code(), Code::kAborted) << "after " << sent << " frames: " << st.ToString();
+  EXPECT_THAT(st.message(), ::testing::HasSubstr("stalled for 300 ms"));
+}
+
+TEST(TlsLinkTest, APeerClosingMidFrameIsATruncatedFrame) {
+  Pair p = Connect();
+  ASSERT_TRUE(p.client && p.server);
+  const std::vector<char> payload(100 * 1024, 'y');
+  const std::string frame = EncodeFrame(FrameType::kRecord, "body", payload);
+  ASSERT_TRUE(p.client->SendEncoded(std::string_view(frame).substr(0, frame.size() / 2)).ok());
+  p.client.reset();  // closes the socket, as a killed process would
+  auto f = p.server->Receive(10s);
+  EXPECT_EQ(f.status().code(), Code::kDataLoss) << f.status().ToString();
+  EXPECT_THAT(f.status().message(), ::testing::HasSubstr("truncated frame"));
+}
+
+// A TCP relay from a client to 127.0.0.1:`to` that can flip one bit of
+// what the client sends, as a damaged network path would.
+class FlippingRelay {
+ public:
+  explicit FlippingRelay(uint16_t to) {
+    listen_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    EXPECT_EQ(::bind(listen_, reinterpret_cast<sockaddr*>(&a), len), 0);
+    EXPECT_EQ(::listen(listen_, 1), 0);
+    EXPECT_EQ(::getsockname(listen_, reinterpret_cast<sockaddr*>(&a), &len), 0);
+    port_ = ntohs(a.sin_port);
+    thread_ = std::thread([this, to] { Run(to); });
+  }
+  ~FlippingRelay() {
+    stop_ = true;
+    ::shutdown(listen_, SHUT_RDWR);
+    thread_.join();
+    ::close(listen_);
+  }
+  uint16_t port() const { return port_; }
+  // Flips the lowest bit of the client's byte `ahead` bytes from now.
+  void FlipAhead(size_t ahead) { flip_at_ = up_ + ahead; }
+  bool flipped() const { return flipped_; }
+
+ private:
+  void Run(uint16_t to) {
+    const int c = ::accept(listen_, nullptr, nullptr);
+    if (c < 0) return;
+    const int s = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(to);
+    if (::connect(s, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) Relay(c, s);
+    ::close(c);
+    ::close(s);
+  }
+  void Relay(int c, int s) {
+    std::vector<char> buf(64 * 1024);
+    pollfd fds[2] = {{c, POLLIN, 0}, {s, POLLIN, 0}};
+    while (!stop_) {
+      if (::poll(fds, 2, 100) < 0) return;
+      for (int i = 0; i < 2; ++i) {
+        if (fds[i].revents == 0) continue;
+        const ssize_t n = ::read(fds[i].fd, buf.data(), buf.size());
+        if (n <= 0) return;
+        if (i == 0) {
+          const size_t at = flip_at_;
+          if (at >= up_ && at < up_ + static_cast<size_t>(n)) {
+            buf[at - up_] ^= 1;
+            flipped_ = true;
+          }
+          up_ += static_cast<size_t>(n);
+        }
+        for (ssize_t done = 0; done < n;) {
+          const ssize_t w = ::write(fds[1 - i].fd, buf.data() + done, n - done);
+          if (w <= 0) return;
+          done += w;
+        }
+      }
+    }
+  }
+
+  int listen_ = -1;
+  uint16_t port_ = 0;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<size_t> up_{0};
+  std::atomic<size_t> flip_at_{SIZE_MAX};
+  std::atomic<bool> flipped_{false};
+};
+
+TEST(TlsLinkTest, ABitFlippedOnTheWireFailsTheRecordCheck) {
+  ServerEnd server(Tls("site-b"));
+  FlippingRelay relay(server.port());
+  auto client = ConnectTcp("127.0.0.1", relay.port(), Tls("site-a"));
+  server.Join();
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  ASSERT_TRUE(server.handshake.ok()) << server.handshake.ToString();
+  relay.FlipAhead(1000);  // inside the payload's first record
+  const std::vector<char> payload(64 * 1024, 'z');
+  ASSERT_TRUE((*client)->Send(FrameType::kRecord, "body", payload).ok());
+  auto f = (*server.accepted)->Receive(10s);
+  EXPECT_TRUE(relay.flipped());
+  EXPECT_EQ(f.status().code(), Code::kDataLoss) << f.status().ToString();
+  EXPECT_THAT(f.status().message(), ::testing::HasSubstr("failed its integrity check"));
+  // The stream can no longer be trusted: the link stays broken.
+  EXPECT_FALSE((*server.accepted)->Receive(100ms).ok());
 }
 
 TEST(TlsLinkTest, HandshakeNeverStartedTimesOut) {
